@@ -1,0 +1,13 @@
+"""attnlib: one call that picks the fastest correct attention kernel. Public API only."""
+from . import kernels as _kernels  # noqa: F401  (names the kernel modules; imported lazily)
+from .api import (attention, block_sparse_attention, explain, flash_attention, linear_attention,
+                  sage_attention, sla_attention)
+from .dispatch import NoKernelError, available_kernels, use_backend
+from .varlen import flash_attention_varlen
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention", "flash_attention", "flash_attention_varlen", "sage_attention", "block_sparse_attention",
+    "linear_attention", "sla_attention", "explain", "available_kernels", "use_backend", "NoKernelError",
+]

@@ -1,0 +1,90 @@
+"""The public attention functions: validate, dispatch, return in the caller's layout."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from . import dispatch
+from .dispatch import check_method
+from .inputs import AttentionInputs, check_backend, from_bhsd, make_inputs
+from .options import NO_LSE, NO_SCALE, validate_options
+
+
+def build_inputs(q, k, v, *, method: str = "flash", layout: str = "bhsd", causal: bool = False, scale=None,
+                 return_lse: bool = False, **method_options: Any) -> AttentionInputs:
+    """Validate a call and normalise it into an :class:`AttentionInputs` (no kernel runs)."""
+    check_method(method)
+    if method in NO_SCALE and scale is not None:
+        raise ValueError(f"scale is not used by method {method!r}; leave it None")
+    if method in NO_LSE and return_lse:
+        raise ValueError(f"return_lse=True is not defined for method {method!r} (no softmax normaliser)")
+    inp = make_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
+                      return_lse=return_lse)
+    return replace(inp, options=validate_options(method, method_options, inp))
+
+
+def _finish(result, inp: AttentionInputs):
+    if inp.return_lse:
+        out, lse = result
+        return from_bhsd(out, inp.layout), lse
+    return from_bhsd(result, inp.layout)
+
+
+def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: str = "bhsd",
+              causal: bool = False, scale=None, return_lse: bool = False, **method_options: Any):
+    """Attention by any attnlib method; see the method functions for their options.
+
+    q: (B, Hq, Sq, D) for layout "bhsd" or (B, Sq, Hq, D) for "bshd"; k, v likewise with Hkv
+    heads (Hq a multiple of Hkv). causal is bottom-right aligned. Returns the output in the
+    input's layout and dtype, or (out, lse) with lse float32 (B, Hq, Sq) when return_lse.
+    """
+    check_backend(backend)
+    inp = build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
+                       return_lse=return_lse, **method_options)
+    return _finish(dispatch.run(inp, backend), inp)
+
+
+def flash_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = "bhsd",
+                    return_lse: bool = False, backend: str = "auto"):
+    """Exact softmax attention (FlashAttention-2 style kernels)."""
+    return attention(q, k, v, method="flash", backend=backend, layout=layout, causal=causal,
+                     scale=scale, return_lse=return_lse)
+
+
+def sage_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = "bhsd", smooth_k: bool = True,
+                   return_lse: bool = False, backend: str = "auto"):
+    """SageAttention: K smoothed by its token mean, INT8 QK^T per block, fp16 PV."""
+    return attention(q, k, v, method="sage", backend=backend, layout=layout, causal=causal, scale=scale,
+                     return_lse=return_lse, smooth_k=smooth_k)
+
+
+def block_sparse_attention(q, k, v, block_mask, *, block_size=(64, 64), causal: bool = False, scale=None,
+                           layout: str = "bhsd", return_lse: bool = False, backend: str = "auto"):
+    """Attention over the (query block, key block) pairs a bool block mask allows."""
+    return attention(q, k, v, method="block_sparse", backend=backend, layout=layout, causal=causal,
+                     scale=scale, return_lse=return_lse, block_mask=block_mask, block_size=block_size)
+
+
+def linear_attention(q, k, v, *, feature_map: str = "elu", causal: bool = False, layout: str = "bhsd",
+                     eps: float = 1e-6, backend: str = "auto"):
+    """phi(Q) (phi(K)^T V) / (phi(Q) . sum phi(K) + eps); causal uses prefix sums."""
+    return attention(q, k, v, method="linear", backend=backend, layout=layout, causal=causal,
+                     feature_map=feature_map, eps=eps)
+
+
+def sla_attention(q, k, v, proj_weight=None, proj_bias=None, *, critical: float = 0.05,
+                  negligible: float = 0.10, block_size=(64, 64), feature_map: str = "softmax", scale=None,
+                  layout: str = "bhsd", backend: str = "auto"):
+    """SLA: critical blocks exact, marginal blocks by linear attention (projected), rest skipped."""
+    return attention(q, k, v, method="sla", backend=backend, layout=layout, scale=scale,
+                     proj_weight=proj_weight, proj_bias=proj_bias, critical=critical, negligible=negligible,
+                     block_size=block_size, feature_map=feature_map)
+
+
+def explain(q, k, v, *, method: str = "flash", backend: str = "auto", layout: str = "bhsd",
+            causal: bool = False, scale=None, return_lse: bool = False, **method_options: Any
+            ) -> dispatch.Explanation:
+    """The kernel that would run and every rejected candidate with its reasons; runs nothing."""
+    inp = build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
+                       return_lse=return_lse, **method_options)
+    return dispatch.explain(inp, backend)

@@ -1,0 +1,224 @@
+"""One dataclass for an attention call's inputs: validation, layout and GQA normalisation.
+
+Everything below the public API sees tensors in the (batch, heads, seq, head_dim) view,
+whatever layout the caller used: a "bshd" tensor is viewed through ``transpose(1, 2)``,
+never copied. Kernels allocate their output with :meth:`AttentionInputs.new_output`, which
+lays the memory out in the caller's layout and returns the bhsd view of it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+LAYOUTS = ("bhsd", "bshd")
+BACKENDS = ("auto", "cuda", "triton", "torch")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+DTYPE_NAMES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+}
+
+
+def _require_tensor(name: str, x: Any) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_layout(layout: Any) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def check_backend(backend: Any) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
+    if not (0.0 <= float(value) <= 1.0):
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return float(value)
+
+
+def check_scale(scale: Any, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be finite and positive, got {scale}")
+    return float(scale)
+
+
+def check_block_size(block_size: Any) -> tuple[int, int]:
+    ok = (
+        isinstance(block_size, (tuple, list))
+        and len(block_size) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block_size)
+    )
+    if not ok:
+        raise ValueError(f"block_size must be a pair of positive ints (block_q, block_k), got {block_size!r}")
+    return int(block_size[0]), int(block_size[1])
+
+
+def to_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x if layout == "bhsd" else x.transpose(1, 2)
+
+
+def from_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x if layout == "bhsd" else x.transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """A validated attention call. q, k, v are bhsd views of the caller's tensors."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    method: str
+    layout: str = "bhsd"
+    causal: bool = False
+    scale: float = 1.0
+    return_lse: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    # -- shape facts ---------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads_q(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def heads_kv(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def seq_q(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def seq_k(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def head_dim_v(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def is_gqa(self) -> bool:
+        return self.heads_q != self.heads_kv
+
+    @property
+    def requires_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES.get(self.dtype, str(self.dtype))
+
+    def new_output(self, head_dim: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Empty output in the caller's layout, returned as a bhsd view."""
+        d = self.head_dim_v if head_dim is None else head_dim
+        dt = self.dtype if dtype is None else dtype
+        b, h, s = self.batch, self.heads_q, self.seq_q
+        if self.layout == "bhsd":
+            return torch.empty(b, h, s, d, dtype=dt, device=self.device)
+        return torch.empty(b, s, h, d, dtype=dt, device=self.device).transpose(1, 2)
+
+    def describe(self) -> str:
+        def one(name: str, t: torch.Tensor) -> str:
+            return (f"  {name}: shape(bhsd view)={tuple(t.shape)} dtype={t.dtype} "
+                    f"stride={tuple(t.stride())} device={t.device}")
+
+        lines = [
+            f"method={self.method} layout={self.layout} causal={self.causal} "
+            f"scale={self.scale:.6g} return_lse={self.return_lse} grad={self.requires_grad}",
+            one("q", self.q), one("k", self.k), one("v", self.v),
+        ]
+        if self.options:
+            opts = ", ".join(f"{k}={_short(v)}" for k, v in self.options.items())
+            lines.append(f"  options: {opts}")
+        return "\n".join(lines)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"Tensor{tuple(v.shape)}:{v.dtype}"
+    return repr(v)
+
+
+def validate_qkv(q: Any, k: Any, v: Any, layout: str, *, same_head_dim_v: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check rank, shapes, dtypes and devices; return bhsd views."""
+    q = _require_tensor("q", q)
+    k = _require_tensor("k", k)
+    v = _require_tensor("v", v)
+    layout = check_layout(layout)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            dims = "(batch, heads, seq, head_dim)" if layout == "bhsd" else "(batch, seq, heads, head_dim)"
+            raise ValueError(f"{name} must be 4-D {dims} for layout={layout!r}, got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    qb, kb, vb = to_bhsd(q, layout), to_bhsd(k, layout), to_bhsd(v, layout)
+    if not (qb.shape[0] == kb.shape[0] == vb.shape[0]):
+        raise ValueError(f"batch sizes differ: q={qb.shape[0]}, k={kb.shape[0]}, v={vb.shape[0]}")
+    if kb.shape[1] != vb.shape[1] or kb.shape[2] != vb.shape[2]:
+        raise ValueError(
+            f"k and v must agree on heads and seq: k (heads={kb.shape[1]}, seq={kb.shape[2]}), "
+            f"v (heads={vb.shape[1]}, seq={vb.shape[2]})")
+    if qb.shape[3] != kb.shape[3]:
+        raise ValueError(f"q and k must share head_dim, got q={qb.shape[3]}, k={kb.shape[3]}")
+    if same_head_dim_v and vb.shape[3] != qb.shape[3]:
+        raise ValueError(f"v must have the head_dim of q ({qb.shape[3]}), got {vb.shape[3]}")
+    if qb.shape[3] == 0:
+        raise ValueError("head_dim must be positive, got 0")
+    if kb.shape[1] == 0 or qb.shape[1] % kb.shape[1] != 0:
+        raise ValueError(
+            f"query heads ({qb.shape[1]}) must be a multiple of key/value heads ({kb.shape[1]}) for GQA/MQA")
+    return qb, kb, vb
+
+
+def make_inputs(q, k, v, *, method: str, layout: str = "bhsd", causal: bool = False, scale=None,
+                return_lse: bool = False, options: Mapping[str, Any] | None = None,
+                same_head_dim_v: bool = False) -> AttentionInputs:
+    qb, kb, vb = validate_qkv(q, k, v, layout, same_head_dim_v=same_head_dim_v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    return AttentionInputs(
+        q=qb, k=kb, v=vb, method=method, layout=layout, causal=causal,
+        scale=check_scale(scale, qb.shape[3]), return_lse=return_lse, options=dict(options or {}),
+    )

@@ -1,0 +1,1 @@
+"""Method flash in CUDA C++ (placeholder until the CUDA kernels land)."""

@@ -1,0 +1,1 @@
+"""Method flash on Triton (placeholder until the Triton kernels land)."""

@@ -1,0 +1,123 @@
+"""Per-method keyword options: names, defaults and validation against the call's inputs."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from .inputs import AttentionInputs, check_block_size, check_fraction
+
+FEATURE_MAPS = ("elu", "relu", "softmax", "identity")
+_REQUIRED = object()
+
+
+def _feature_map(v: Any, inp: AttentionInputs) -> str:
+    if v not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {v!r}")
+    return v
+
+
+def _bool(name: str) -> Callable[[Any, AttentionInputs], bool]:
+    def check(v: Any, inp: AttentionInputs) -> bool:
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+        return v
+    return check
+
+
+def _eps(v: Any, inp: AttentionInputs) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
+def _block_size(v: Any, inp: AttentionInputs) -> tuple[int, int]:
+    return check_block_size(v)
+
+
+def _fraction(name: str) -> Callable[[Any, AttentionInputs], float]:
+    return lambda v, inp: check_fraction(name, v)
+
+
+def check_block_mask(mask: Any, inp: AttentionInputs, block_size: tuple[int, int]) -> torch.Tensor:
+    """The canonical bool block mask (B or 1, H or 1, ceil(Sq/bq), ceil(Sk/bk))."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"block_mask must be a bool torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"block_mask must have dtype torch.bool, got {mask.dtype}")
+    bq, bk = block_size
+    mq, mk = -(-inp.seq_q // bq), -(-inp.seq_k // bk)
+    want = f"(1 or {inp.batch}, 1 or {inp.heads_q}, {mq}, {mk})"
+    if mask.dim() != 4:
+        raise ValueError(f"block_mask must be 4-D {want} for block_size={block_size}, got {tuple(mask.shape)}")
+    b, h, q, k = mask.shape
+    if b not in (1, inp.batch) or h not in (1, inp.heads_q) or q != mq or k != mk:
+        raise ValueError(f"block_mask must have shape {want} for block_size={block_size}, got {tuple(mask.shape)}")
+    if mask.device != inp.device:
+        raise ValueError(f"block_mask must be on {inp.device}, got {mask.device}")
+    return mask
+
+
+def _proj(name: str, ndim: int) -> Callable[[Any, AttentionInputs], Any]:
+    def check(v: Any, inp: AttentionInputs):
+        if v is None:
+            return None
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(v).__name__}")
+        d = inp.head_dim_v
+        want = (d, d) if ndim == 2 else (d,)
+        if tuple(v.shape) != want:
+            raise ValueError(f"{name} must have shape {want} (value head_dim {d}), got {tuple(v.shape)}")
+        if not v.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {v.dtype}")
+        if v.device != inp.device:
+            raise ValueError(f"{name} must be on {inp.device}, got {v.device}")
+        return v
+    return check
+
+
+# method -> {option: (default, validator)}
+METHOD_OPTIONS: dict[str, dict[str, tuple[Any, Callable[[Any, AttentionInputs], Any]]]] = {
+    "flash": {},
+    "sage": {"smooth_k": (True, _bool("smooth_k"))},
+    "block_sparse": {
+        "block_mask": (_REQUIRED, None),  # checked with block_size below
+        "block_size": ((64, 64), _block_size),
+    },
+    "linear": {"feature_map": ("elu", _feature_map), "eps": (1e-6, _eps)},
+    "sla": {
+        "proj_weight": (None, _proj("proj_weight", 2)),
+        "proj_bias": (None, _proj("proj_bias", 1)),
+        "critical": (0.05, _fraction("critical")),
+        "negligible": (0.10, _fraction("negligible")),
+        "block_size": ((64, 64), _block_size),
+        "feature_map": ("softmax", _feature_map),
+    },
+    "asymrnr": {},
+}
+
+# methods whose result has no log-sum-exp / no softmax scale
+NO_LSE = ("linear", "sla")
+NO_SCALE = ("linear",)
+
+
+def validate_options(method: str, options: dict[str, Any], inp: AttentionInputs) -> dict[str, Any]:
+    spec = METHOD_OPTIONS[method]
+    unknown = sorted(set(options) - set(spec))
+    if unknown:
+        allowed = ", ".join(sorted(spec)) or "none"
+        raise TypeError(f"unknown option(s) {unknown} for method {method!r} (allowed: {allowed})")
+    out = {}
+    for name, (default, check) in spec.items():
+        if name not in options:
+            if default is _REQUIRED:
+                raise TypeError(f"method {method!r} needs the option {name!r}")
+            out[name] = default
+        else:
+            out[name] = options[name] if check is None else check(options[name], inp)
+    if method == "block_sparse":
+        out["block_mask"] = check_block_mask(out["block_mask"], inp, out["block_size"])
+    if method == "sla" and out["critical"] + out["negligible"] > 1.0:
+        raise ValueError(f"critical + negligible must not exceed 1, got {out['critical']} + {out['negligible']}")
+    return out

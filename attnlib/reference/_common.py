@@ -1,0 +1,38 @@
+"""Shared pieces of the pure-PyTorch references: GQA expansion, causal masks, safe softmax."""
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """References compute in float64 when given float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def expand_kv(x: torch.Tensor, heads_q: int) -> torch.Tensor:
+    """(B, Hkv, S, D) -> (B, Hq, S, D): query head h reads kv head h // (Hq // Hkv)."""
+    group = heads_q // x.shape[1]
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def causal_mask(seq_q: int, seq_k: int, device) -> torch.Tensor:
+    """Bottom-right aligned: query i sees keys j <= i + seq_k - seq_q. True = visible."""
+    i = torch.arange(seq_q, device=device)[:, None]
+    j = torch.arange(seq_k, device=device)[None, :]
+    return j <= i + (seq_k - seq_q)
+
+
+def masked_softmax_attention(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+    """softmax(scores) @ v with a bool mask (True = visible); rows with nothing visible give
+    0 and lse = -inf, never NaN, also in gradients. Returns (out, lse) in scores' dtype."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(scores - m_safe)
+    l = p.sum(dim=-1, keepdim=True)
+    has = l > 0
+    l_safe = torch.where(has, l, torch.ones_like(l))
+    out = (p / l_safe) @ v
+    lse = torch.where(has, m_safe + torch.log(l_safe), torch.full_like(l, float("-inf")))
+    return out, lse.squeeze(-1)

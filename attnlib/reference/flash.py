@@ -1,0 +1,22 @@
+"""Exact softmax attention: the ground truth for method flash (and the CPU fallback)."""
+from __future__ import annotations
+
+import torch
+
+from ._common import causal_mask, compute_dtype, expand_kv, masked_softmax_attention
+
+
+def flash_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: float | None = None, return_lse: bool = False):
+    """q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D[v]) in bhsd. Output in q's dtype; lse float32
+    (float64 for float64 inputs), natural log, shape (B, Hq, Sq)."""
+    ct = compute_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qc, kc, vc = q.to(ct), expand_kv(k.to(ct), q.shape[1]), expand_kv(v.to(ct), q.shape[1])
+    scores = (qc @ kc.transpose(-1, -2)) * scale
+    mask = causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
+    out, lse = masked_softmax_attention(scores, vc, mask)
+    out = out.to(q.dtype)
+    if not return_lse:
+        return out
+    return out, lse.to(torch.float64 if ct == torch.float64 else torch.float32)

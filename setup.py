@@ -1,0 +1,65 @@
+"""attnlib: attention kernels for PyTorch. `pip install .` is pure Python; kernels compile at first use.
+
+The folder triton_kernels/ installs as attnlib.triton_kernels (the top-level import name
+`triton_kernels` belongs to another project) and csrc/ ships as package data, attnlib/_csrc.
+"""
+import os
+import sys
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_packages_under(root: str, prefix: str) -> list[str]:
+    pkgs = []
+    for dirpath, _dirs, files in os.walk(os.path.join(HERE, root)):
+        if "__init__.py" in files:
+            rel = os.path.relpath(dirpath, os.path.join(HERE, root))
+            pkgs.append(prefix if rel == "." else prefix + "." + rel.replace(os.sep, "."))
+    return sorted(pkgs)
+
+
+class BuildPyWithCubins(build_py):
+    """With ATTNLIB_CUDA_ARCHS="80;90" set, also compile csrc/ to cubins shipped in the package."""
+
+    def run(self):
+        super().run()
+        archs = os.environ.get("ATTNLIB_CUDA_ARCHS", "").strip()
+        if archs:
+            sys.path.insert(0, HERE)
+            from scripts.build_cubins import build_cubins  # noqa: E402
+
+            build_cubins(archs, os.path.join(self.build_lib, "attnlib", "_cubins"))
+
+
+PACKAGES = find_packages_under("attnlib", "attnlib") + find_packages_under(
+    "triton_kernels", "attnlib.triton_kernels") + ["attnlib._csrc"]
+
+setup(
+    name="attnlib",
+    version="0.1.0",
+    description="Attention kernels for PyTorch: flash, SageAttention INT8, block-sparse, linear, SLA, AsymRnR",
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=PACKAGES,
+    package_dir={"attnlib": "attnlib", "attnlib.triton_kernels": "triton_kernels", "attnlib._csrc": "csrc"},
+    package_data={"attnlib._csrc": ["*.cu", "*.cuh", "*.h", "**/*.cu", "**/*.cuh", "**/*.h"],
+                  "attnlib": ["_cubins/*.cubin"]},
+    include_package_data=False,
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "triton; platform_system == 'Linux'",
+    ],
+    extras_require={
+        # pick the CuPy wheel that matches your CUDA major version: cupy-cuda12x or cupy-cuda13x
+        "cuda": ["cupy-cuda13x"],
+        "cuda12": ["cupy-cuda12x"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+    },
+    entry_points={"console_scripts": ["attnlib=attnlib.__main__:main"]},
+    cmdclass={"build_py": BuildPyWithCubins},
+)

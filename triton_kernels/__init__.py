@@ -1,0 +1,1 @@
+"""Triton kernels, one folder per method; installed as attnlib.triton_kernels."""

@@ -1,0 +1,1 @@
+"""Triton FlashAttention-2 kernels."""
