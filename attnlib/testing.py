@@ -1,0 +1,113 @@
+"""Helpers shared by tests/ and bench/: input factories, accuracy metrics, tolerance rules."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+# Small absolute slack added to the flash_attn rule, per output dtype.
+ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-5, torch.float64: 1e-10}
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def make_qkv(batch: int = 1, heads: int = 2, seq_q: int = 64, head_dim: int = 64, *,
+             kv_heads: Optional[int] = None, seq_k: Optional[int] = None, head_dim_v: Optional[int] = None,
+             dtype: torch.dtype = torch.float32, device="cpu", layout: str = "bhsd", k_bias: float = 0.0,
+             requires_grad: bool = False, seed: Optional[int] = None):
+    """Fresh standard-normal q, k, v in the given layout (never zeros).
+
+    k_bias > 0 adds a large per-channel offset to K (shared by all tokens), as DiT activations
+    have; it is what SageAttention's K smoothing removes.
+    """
+    kv_heads = heads if kv_heads is None else kv_heads
+    seq_k = seq_q if seq_k is None else seq_k
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(torch.randint(0, 2**62, ()).item() if seed is None else seed)
+
+    def rnd(h, s, d):
+        return torch.randn(batch, h, s, d, generator=gen, dtype=torch.float32)
+
+    q, k, v = rnd(heads, seq_q, head_dim), rnd(kv_heads, seq_k, head_dim), rnd(kv_heads, seq_k, head_dim_v)
+    if k_bias:
+        k = k + k_bias * torch.randn(1, kv_heads, 1, head_dim, generator=gen)
+    out = []
+    for t in (q, k, v):
+        t = t.to(device=device, dtype=dtype)
+        if layout == "bshd":
+            t = t.transpose(1, 2).contiguous()
+        t.requires_grad_(requires_grad)
+        out.append(t)
+    return tuple(out)
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN (or the dtype's max for integers) so unwritten elements show."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(torch.iinfo(t.dtype).max)
+
+
+def metrics(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """max abs error, cosine similarity and relative L1 (sum|o - r| / sum|r|), in float64."""
+    o, r = out.detach().double().flatten(), ref.detach().double().flatten()
+    finite = bool(torch.isfinite(o).all())
+    diff = (o - r).abs()
+    cos = torch.nn.functional.cosine_similarity(o, r, dim=0, eps=1e-30).item() if o.numel() else 1.0
+    return {
+        "max_abs": diff.max().item() if o.numel() else 0.0,
+        "cos_sim": cos,
+        "rel_l1": (diff.sum() / r.abs().sum().clamp_min(1e-30)).item() if o.numel() else 0.0,
+        "finite": finite,
+    }
+
+
+def describe_mismatch(out: torch.Tensor, ref: torch.Tensor, name: str = "out", worst: int = 5) -> str:
+    """The worst elements with their indices, for assertion messages."""
+    o, r = out.detach().double(), ref.detach().double()
+    diff = (o - r).abs()
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, math.inf), diff)
+    flat = diff.flatten()
+    k = min(worst, flat.numel())
+    vals, idx = flat.topk(k)
+    lines = [f"{name}: shape {tuple(o.shape)}, {int((diff > 0).sum())} elements differ; worst:"]
+    for val, i in zip(vals.tolist(), idx.tolist()):
+        pos = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), o.shape))
+        lines.append(f"  {pos}: got {o[pos].item():.6g}, expected {r[pos].item():.6g}, |diff| {val:.3g}")
+    m = metrics(out, ref)
+    lines.append(f"  max_abs={m['max_abs']:.3g} cos_sim={m['cos_sim']:.6f} rel_l1={m['rel_l1']:.3g}")
+    return "\n".join(lines)
+
+
+def assert_verbose_allclose(out: torch.Tensor, ref: torch.Tensor, *, atol: float, rtol: float = 0.0,
+                            name: str = "out") -> None:
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    o, r = out.detach().double(), ref.detach().double()
+    ok = torch.isclose(o, r, atol=atol, rtol=rtol, equal_nan=False)
+    # -inf == -inf counts as equal (lse of fully masked rows)
+    ok |= (o == r)
+    if not bool(ok.all()):
+        raise AssertionError(describe_mismatch(out, ref, name) + f"\n  (atol={atol}, rtol={rtol})")
+
+
+def assert_flash_rule(out: torch.Tensor, ref64: torch.Tensor, torch_out: torch.Tensor, *,
+                      factor: float = 2.0, atol: Optional[float] = None, name: str = "out") -> None:
+    """flash_attn's rule: max|out - ref64| <= factor * max|torch_out - ref64| + atol, where
+    torch_out is PyTorch's answer in the kernel's dtype (the error a user already accepts)."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    atol = ATOL.get(out.dtype, 1e-5) if atol is None else atol
+    o, r, t = out.detach().double(), ref64.detach().double(), torch_out.detach().double()
+    both_inf = (o == r) & torch.isinf(r)
+    err = torch.where(both_inf, torch.zeros_like(o), (o - r).abs())
+    base = torch.where(both_inf, torch.zeros_like(o), (t - r).abs())
+    err_max = err.max().item() if err.numel() else 0.0
+    bound = factor * (base.max().item() if base.numel() else 0.0) + atol
+    if not (err_max <= bound):  # also catches NaN
+        raise AssertionError(describe_mismatch(out, ref64, name)
+                             + f"\n  flash rule: err {err_max:.3g} > {factor} x torch err "
+                               f"{base.max().item():.3g} + atol {atol:.3g}")
