@@ -36,3 +36,16 @@ def masked_softmax_attention(scores: torch.Tensor, v: torch.Tensor, mask: torch.
     out = (p / l_safe) @ v
     lse = torch.where(has, m_safe + torch.log(l_safe), torch.full_like(l, float("-inf")))
     return out, lse.squeeze(-1)
+
+
+def num_blocks(seq: int, block: int) -> int:
+    """ceil(seq / block): the last block may be ragged."""
+    return -(-seq // block)
+
+
+def block_mask_to_tokens(block_mask: torch.Tensor, block_size: tuple[int, int], seq_q: int,
+                         seq_k: int) -> torch.Tensor:
+    """(..., ceil(Sq/bq), ceil(Sk/bk)) block mask -> (..., Sq, Sk) token mask (ragged tails cut)."""
+    bq, bk = block_size
+    tok = block_mask.repeat_interleave(bq, dim=-2)[..., :seq_q, :]
+    return tok.repeat_interleave(bk, dim=-1)[..., :seq_k]

@@ -1,0 +1,148 @@
+"""Command line: python -m attnlib info | demo | bench."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def kernel_source_dirs() -> dict[str, str]:
+    """Where the installed package finds its kernel sources."""
+    import attnlib
+
+    out = {"attnlib": str(Path(attnlib.__file__).parent)}
+    for name in ("attnlib._csrc", "attnlib.triton_kernels"):
+        spec = importlib.util.find_spec(name)
+        locs = list(spec.submodule_search_locations or []) if spec else []
+        out[name] = locs[0] if locs else "(missing)"
+    return out
+
+
+def cmd_info(_args) -> int:
+    import torch
+
+    import attnlib
+
+    print(f"attnlib {attnlib.__version__} on Python {platform.python_version()} ({platform.machine()})")
+    print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    for mod in ("triton", "cupy", "numpy"):
+        spec = importlib.util.find_spec(mod)
+        ver = "not installed"
+        if spec is not None:
+            try:
+                ver = importlib.import_module(mod).__version__
+            except Exception as e:  # a broken install is worth showing, not crashing on
+                ver = f"import failed: {e}"
+        print(f"{mod}: {ver}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"cuda:{i} {p.name} sm_{p.major}{p.minor} {p.multi_processor_count} SMs")
+    print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} "
+          f"ATTNLIB_BACKEND={os.environ.get('ATTNLIB_BACKEND', '')!r}")
+    print("kernel sources:")
+    for k, v in kernel_source_dirs().items():
+        print(f"  {k}: {v}")
+    print("kernels:")
+    for k in attnlib.available_kernels():
+        state = "available" if k["available"] else "unavailable: " + "; ".join(k["reasons"])
+        print(f"  {k['method']:<13} {k['backend']:<7} {k['name']:<30} prio {k['priority']:>3}  {state}")
+    return 0
+
+
+def _demo_cases(device, dtype):
+    """(method, options, float64 reference function) for a small problem per method."""
+    import torch
+
+    from attnlib import reference as ref
+
+    bq = bk = 64
+    seq = 256
+    mq = mk = seq // bq
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(1, 1, mq, mk, generator=gen) < 0.5
+    mask[..., torch.arange(mq), torch.arange(mk)] = True  # keep the diagonal so no row is empty
+    mask = mask.to(device)
+    return [
+        ("flash", {}, lambda q, k, v: ref.flash_reference(q, k, v)),
+        ("flash", {"causal": True}, lambda q, k, v: ref.flash_reference(q, k, v, causal=True)),
+        # sage is judged against exact attention: that is its accuracy contract
+        ("sage", {}, lambda q, k, v: ref.flash_reference(q, k, v)),
+        ("block_sparse", {"block_mask": mask, "block_size": (bq, bk)},
+         lambda q, k, v: ref.block_sparse_reference(q, k, v, mask, block_size=(bq, bk))),
+        ("linear", {}, lambda q, k, v: ref.linear_reference(q, k, v)),
+        ("linear", {"causal": True}, lambda q, k, v: ref.linear_reference(q, k, v, causal=True)),
+        ("sla", {}, lambda q, k, v: ref.sla_reference(q, k, v)),
+    ], seq
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    import attnlib
+    from attnlib.testing import make_qkv, metrics
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    cases, seq = _demo_cases(device, dtype)
+    heads, head_dim = 4, 64
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    print(f"attnlib demo on {device} ({name}), {dtype}, batch 1, {heads} heads, seq {seq}, head_dim {head_dim}")
+    print(f"{'method':<22} {'kernel':<30} {'max err':>10} {'cos sim':>10} {'time ms':>9}")
+    failures = 0
+    for method, opts, ref_fn in cases:
+        q, k, v = make_qkv(1, heads, seq, head_dim, dtype=dtype, device=device, seed=1, k_bias=1.0)
+        label = method + (" causal" if opts.get("causal") else "")
+        try:
+            inp = attnlib.api.build_inputs(q, k, v, method=method, **opts)
+            kernel = attnlib.dispatch.select(inp, args.backend)
+            out = attnlib.attention(q, k, v, method=method, backend=args.backend, **opts)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            reps = 3
+            for _ in range(reps):
+                out = attnlib.attention(q, k, v, method=method, backend=args.backend, **opts)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) * 1e3 / reps
+            m = metrics(out, ref_fn(q.double(), k.double(), v.double()))
+            print(f"{label:<22} {kernel.name:<30} {m['max_abs']:>10.2e} {m['cos_sim']:>10.6f} {ms:>9.2f}")
+            if not m["finite"] or m["cos_sim"] < 0.99:
+                failures += 1
+        except Exception as e:  # the demo reports every method, it does not stop at the first problem
+            failures += 1
+            print(f"{label:<22} FAILED: {type(e).__name__}: {str(e).splitlines()[0]}")
+    print("all methods ran" if not failures else f"{failures} method(s) failed or were inaccurate")
+    return 1 if failures else 0
+
+
+def cmd_bench(args) -> int:
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / "bench" / "runner.py").exists():
+        print("python -m attnlib bench needs a source checkout (the bench/ folder is not installed)")
+        return 2
+    sys.path.insert(0, str(repo))
+    from bench.runner import main_cli
+
+    return main_cli(args.rest)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m attnlib", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, devices, kernel sources and every kernel's availability")
+    d = sub.add_parser("demo", help="every method on a small problem, checked against float64")
+    d.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "torch"))
+    b = sub.add_parser("bench", help="micro-benchmarks (from a source checkout)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    return {"info": cmd_info, "demo": cmd_demo, "bench": cmd_bench}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Softmax attention over the (query block, key block) pairs a bool block mask allows: the
+ground truth for method block_sparse."""
+from __future__ import annotations
+
+import torch
+
+from ._common import block_mask_to_tokens, causal_mask, compute_dtype, expand_kv, masked_softmax_attention
+
+
+def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, *,
+                           block_size: tuple[int, int] = (64, 64), causal: bool = False,
+                           scale: float | None = None, return_lse: bool = False):
+    """q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D[v]) bhsd; block_mask bool (B or 1, Hq or 1,
+    ceil(Sq/bq), ceil(Sk/bk)), True = the block pair is computed; the last blocks may be ragged.
+    causal (bottom-right) further masks tokens inside the allowed blocks. Rows with nothing
+    allowed give 0 and lse -inf (gradients finite). Output in q's dtype; lse float32 (float64 for
+    float64 inputs), natural log, (B, Hq, Sq)."""
+    ct = compute_dtype(q.dtype)
+    hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qc, kc, vc = q.to(ct), expand_kv(k.to(ct), hq), expand_kv(v.to(ct), hq)
+    mask = block_mask_to_tokens(block_mask.to(device=q.device, dtype=torch.bool), block_size, sq, sk)
+    if causal:
+        mask = mask & causal_mask(sq, sk, q.device)
+    scores = (qc @ kc.transpose(-1, -2)) * scale
+    out, lse = masked_softmax_attention(scores, vc, mask)
+    out = out.to(q.dtype)
+    if not return_lse:
+        return out
+    return out, lse.to(torch.float64 if ct == torch.float64 else torch.float32)

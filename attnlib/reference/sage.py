@@ -1,0 +1,112 @@
+"""SageAttention's INT8 algorithm, simulated exactly in PyTorch: the ground truth for method sage.
+
+SageAttention (Zhang et al., arXiv 2410.02367):
+  1. smooth K by subtracting its mean over tokens (per batch, kv head, channel) (§3.2);
+  2. fold the softmax scale and log2(e) into Q, so QK^T gives base-2 logits;
+  3. quantize Q and K to symmetric INT8 per block of tokens (§3.3): delta = max|x| / 127,
+     x_int = round-half-away-from-zero(x / delta) clamped to [-127, 127];
+  4. S = (Q_int K_int^T) * delta_q * delta_k, softmax in base 2;
+  5. P (unnormalised) and V in fp16, PV accumulated in fp32 (§3.4), divided by the row sum.
+
+Smoothing shifts every score of a query row by the same constant scale * (q . mean_k), so
+the output is unchanged and the log-sum-exp is corrected back by adding that constant.
+
+Autograd: q and k go through rounding, so no gradient flows to them (they are detached);
+v receives the gradient of the fp16 PV product (fp16 rounding treated as identity).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._common import causal_mask, compute_dtype, expand_kv, num_blocks
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+INT8_MAX = 127  # symmetric INT8: [-127, 127], -128 unused (SageAttention §3.3)
+
+
+def round_half_away(y: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties away from zero (CUDA roundf), exactly: 0.5 -> 1, -2.5 -> -3."""
+    t = torch.trunc(y)
+    frac = (y - t).abs()  # exact for floats: y and trunc(y) share exponent range
+    return torch.where(frac >= 0.5, t + torch.sign(y), t)
+
+
+def quantize_per_block(x: torch.Tensor, block: int, dim: int = -2):
+    """Symmetric INT8 quantization per block of `block` tokens along `dim`.
+
+    x (..., S, D) (token axis `dim`, -2 by default). Returns (x_int8, delta): x_int8 an int8
+    tensor shaped like x, delta float32 (..., ceil(S/block), 1) with the token axis moved to
+    -2, one scale per block over all its tokens and channels: delta = max|x| / 127 (computed in
+    x's precision, float32 for half inputs, then stored as float32). The division uses that
+    float32 delta. An all-zero block gets delta = 0 and x_int8 = 0 (dequantizes to 0 exactly).
+    """
+    xt = x.detach().movedim(dim, -2)
+    xt = xt.to(compute_dtype(xt.dtype))
+    s, d = xt.shape[-2], xt.shape[-1]
+    nb = num_blocks(s, block)
+    pad = nb * block - s
+    if pad:  # zero rows never change a block's max|x|
+        xt_p = torch.cat([xt, xt.new_zeros(*xt.shape[:-2], pad, d)], dim=-2)
+    else:
+        xt_p = xt
+    blocks = xt_p.reshape(*xt.shape[:-2], nb, block * d)
+    delta = (blocks.abs().amax(dim=-1, keepdim=True) / INT8_MAX).to(torch.float32)
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta)).to(xt.dtype)
+    y = blocks / safe
+    xi = round_half_away(y).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    xi = xi.reshape(*xt.shape[:-2], nb * block, d)[..., :s, :]
+    return xi.movedim(-2, dim), delta
+
+
+def _per_token(delta: torch.Tensor, block: int, seq: int) -> torch.Tensor:
+    """(..., nblocks, 1) -> (..., seq, 1): each token's block scale."""
+    return delta.repeat_interleave(block, dim=-2)[..., :seq, :]
+
+
+def sage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                   scale: float | None = None, smooth_k: bool = True, return_lse: bool = False,
+                   q_block: int = 128, k_block: int = 64):
+    """q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D[v]) bhsd. Output in q's dtype; lse (natural log, for
+    the unsmoothed scores) float32 (float64 for float64 inputs), shape (B, Hq, Sq). Rows with no
+    visible key give 0 and lse -inf. Blocks are per (batch, head); K is quantized per kv head."""
+    ct = compute_dtype(q.dtype)
+    hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qc, kc = q.detach().to(ct), k.detach().to(ct)
+
+    if smooth_k:  # SageAttention §3.2
+        k_mean = kc.mean(dim=-2, keepdim=True)  # (B, Hkv, 1, D)
+        kc = kc - k_mean
+    q_i8, dq = quantize_per_block(qc * (scale * LOG2E), q_block)
+    k_i8, dk = quantize_per_block(kc, k_block)
+
+    # exact integer dot products: |sum| <= 127^2 * D, far inside float64's 2^53
+    dots = q_i8.to(torch.float64) @ expand_kv(k_i8.to(torch.float64), hq).transpose(-1, -2)
+    dq_tok = _per_token(dq, q_block, sq).to(ct)                                  # (B, Hq, Sq, 1)
+    dk_tok = _per_token(expand_kv(dk, hq), k_block, sk).to(ct).transpose(-1, -2)  # (B, Hq, 1, Sk)
+    s2 = dots.to(ct) * dq_tok * dk_tok  # base-2 logits
+
+    if causal:
+        s2 = s2.masked_fill(~causal_mask(sq, sk, q.device), float("-inf"))
+    m = s2.amax(dim=-1, keepdim=True)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp2(s2 - m_safe)
+    l = p.sum(dim=-1, keepdim=True)
+    has = l > 0
+    l_safe = torch.where(has, l, torch.ones_like(l))
+
+    # SageAttention §3.4: P and V in fp16, accumulation in fp32 (float64 for float64 inputs)
+    p16 = p.to(torch.float16).to(ct)
+    v16 = expand_kv(v, hq).to(torch.float16).to(ct)
+    out = ((p16 @ v16) / l_safe).to(q.dtype)
+    if not return_lse:
+        return out
+
+    lse = (m_safe + torch.log2(l_safe)) * LN2
+    if smooth_k:  # undo the per-row shift scale * (q . mean_k) that smoothing introduced
+        lse = lse + scale * (qc @ expand_kv(k_mean, hq).transpose(-1, -2))
+    lse = torch.where(has, lse, torch.full_like(lse, float("-inf"))).squeeze(-1)
+    return out, lse.to(torch.float64 if ct == torch.float64 else torch.float32)

@@ -1,0 +1,105 @@
+"""The registry: selection, explanations, forced backends, overrides, logging."""
+import logging
+
+import pytest
+import torch
+
+import attnlib
+from attnlib import dispatch
+from attnlib.testing import make_qkv
+
+
+def test_every_method_has_a_torch_kernel_that_is_available():
+    names = {(k["method"], k["backend"]) for k in attnlib.available_kernels() if k["available"]}
+    for m in ("flash", "sage", "block_sparse", "linear", "sla"):
+        assert (m, "torch") in names
+
+
+def test_available_kernels_reports_reasons_for_unavailable(monkeypatch):
+    class Needs(dispatch.Kernel):
+        name, method, backend, requires = "flash-needs-missing", "flash", "cuda", ("no_such_module_xyz",)
+
+    k = Needs()
+    assert k.unavailable_reasons() == ["needs the 'no_such_module_xyz' package, which is not installed"]
+
+
+def test_fp64_on_cpu_goes_to_reference_and_explain_lists_rejections():
+    q, k, v = make_qkv(1, 2, 16, 16, dtype=torch.float64)
+    ex = attnlib.explain(q, k, v)
+    assert ex.chosen.name == "flash-torch-reference"
+    rejected = ex.reasons
+    assert "flash-torch-sdpa" in rejected
+    assert any("device cpu not supported" in r for r in rejected["flash-torch-sdpa"])
+
+
+def test_forced_backend_with_no_fitting_kernel_raises_listing_inputs_and_reasons():
+    q, k, v = make_qkv(1, 2, 16, 16, dtype=torch.float64)
+    with pytest.raises(attnlib.NoKernelError) as e:
+        attnlib.flash_attention(q, k, v, backend="cuda")
+    msg = str(e.value)
+    assert "stride=" in msg and "dtype=torch.float64" in msg and "cuda" in msg
+
+
+def test_explain_does_not_run(monkeypatch):
+    ran = []
+    k = dispatch.kernels("flash")[-1]
+    monkeypatch.setattr(type(k), "forward", lambda self, inp: ran.append(1))
+    q, k_, v = make_qkv(1, 2, 16, 16)
+    attnlib.explain(q, k_, v, backend="torch")
+    assert not ran
+
+
+def test_use_backend_context_manager_and_env_override(monkeypatch):
+    q, k, v = make_qkv(1, 2, 16, 16, dtype=torch.float64)
+    with attnlib.use_backend("cuda"):
+        with pytest.raises(attnlib.NoKernelError):
+            attnlib.flash_attention(q, k, v)
+    attnlib.flash_attention(q, k, v)  # restored
+    monkeypatch.setenv("ATTNLIB_BACKEND", "cuda")
+    with pytest.raises(attnlib.NoKernelError):
+        attnlib.flash_attention(q, k, v)
+    # an explicit backend beats the environment
+    attnlib.flash_attention(q, k, v, backend="torch")
+    monkeypatch.setenv("ATTNLIB_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="ATTNLIB_BACKEND"):
+        attnlib.flash_attention(q, k, v)
+
+
+def test_use_backend_rejects_unknown():
+    with pytest.raises(ValueError, match="backend"):
+        with attnlib.use_backend("metal"):
+            pass
+
+
+def test_choice_logged_once_per_method_kernel(caplog, monkeypatch):
+    monkeypatch.setattr(dispatch, "_logged", set())
+    q, k, v = make_qkv(1, 2, 16, 16, dtype=torch.float64)
+    with caplog.at_level(logging.INFO, logger="attnlib"):
+        attnlib.flash_attention(q, k, v)
+        attnlib.flash_attention(q, k, v)
+    lines = [r.getMessage() for r in caplog.records if "flash ->" in r.getMessage()]
+    assert lines == ["attnlib: flash -> flash-torch-reference (bhsd, fp64, hd16)"]
+
+
+def test_priority_order_and_capability_data():
+    ks = dispatch.kernels("flash")
+    assert [k.priority for k in ks] == sorted((k.priority for k in ks), reverse=True)
+    ref = next(k for k in ks if k.name == "flash-torch-reference")
+    assert torch.float64 in ref.dtypes
+
+
+def test_interpret_only_kernel_rejected_on_cpu_without_interpreter(monkeypatch):
+    class Interp(dispatch.Kernel):
+        name, method, backend, devices, interpret_ok = "x", "flash", "triton", ("cuda",), True
+
+    inp = attnlib.api.build_inputs(*make_qkv(1, 2, 16, 16))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert any("TRITON_INTERPRET" in r for r in Interp().not_supported_reasons(inp))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert Interp().not_supported_reasons(inp) == []
+
+
+def test_register_twice_is_an_error():
+    k = dispatch.kernels("flash")[0]
+    with pytest.raises(ValueError, match="twice"):
+        dispatch.register(k)
