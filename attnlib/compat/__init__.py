@@ -1,0 +1,31 @@
+"""Drop-in call signatures of other attention libraries, and import aliases for them."""
+from __future__ import annotations
+
+import sys
+import types
+
+from . import flash_attn
+
+
+def install_aliases(flash: bool = True) -> list[str]:
+    """Register modules so unchanged code importing flash_attn resolves to attnlib.
+
+    Returns the module names registered. Existing real installs are replaced only in this
+    process's sys.modules. The sageattention alias arrives with the sage kernels.
+    """
+    names = []
+    if flash:
+        pkg = types.ModuleType("flash_attn")
+        pkg.__doc__ = "attnlib alias of flash_attn (attnlib.compat.flash_attn)"
+        pkg.__path__ = []  # a package, so `import flash_attn.flash_attn_interface` works
+        pkg.__version__ = "2.6.3+attnlib"
+        for n in flash_attn.__all__:
+            setattr(pkg, n, getattr(flash_attn, n))
+        sys.modules["flash_attn"] = pkg
+        sys.modules["flash_attn.flash_attn_interface"] = flash_attn
+        pkg.flash_attn_interface = flash_attn
+        names += ["flash_attn", "flash_attn.flash_attn_interface"]
+    return names
+
+
+__all__ = ["flash_attn", "install_aliases"]

@@ -24,7 +24,8 @@ class FlashSDPA(Kernel):
         return r
 
     def forward(self, inp: AttentionInputs):
-        return torch.nn.functional.scaled_dot_product_attention(
+        # the builtin, not the torch.nn.functional attribute, which patch_sdpa may have replaced
+        return torch._C._nn.scaled_dot_product_attention(
             inp.q, inp.k, inp.v, is_causal=inp.causal, scale=inp.scale, enable_gqa=inp.is_gqa)
 
 

@@ -1,0 +1,131 @@
+"""torch SDPA compatibility: attnlib.scaled_dot_product_attention and patch_sdpa.
+
+The drop-in function keeps torch's exact semantics. Calls attnlib can serve exactly (no mask,
+no dropout, causal only with equal lengths because torch's is_causal is top-left aligned,
+4-D inputs) go through the dispatcher; every other call goes to torch's own kernel, with the
+reason logged once at INFO.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import torch
+
+from .. import api, dispatch
+from ..dispatch import NoKernelError
+
+log = logging.getLogger("attnlib")
+
+# The builtin itself: never replaced by patching, so fallbacks cannot recurse into attnlib.
+TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
+
+# Methods patch_sdpa accepts; approximate ones run only when named.
+PATCHABLE_METHODS = ("flash", "sage", "sla", "linear")
+_logged_reasons: set[str] = set()
+
+
+def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> str | None:
+    ts = (query, key, value)
+    if not all(isinstance(t, torch.Tensor) for t in ts):
+        return "inputs are not tensors"
+    if any(t.is_nested for t in ts):
+        return "nested tensors"
+    if not all(t.dim() == 4 for t in ts):
+        return "inputs are not 4-D (batch, heads, seq, head_dim)"
+    if attn_mask is not None:
+        return "an explicit attn_mask"
+    if dropout_p > 0.0:
+        return "dropout_p > 0"
+    if is_causal and query.shape[-2] != key.shape[-2]:
+        return "is_causal with seq_q != seq_k (torch aligns top-left, attnlib bottom-right)"
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        return "different query and key/value heads without enable_gqa"
+    if query.shape[:1] != key.shape[:1] or key.shape[:3] != value.shape[:3]:
+        return "shapes torch would broadcast or reject"
+    if query.shape[1] % max(key.shape[1], 1) != 0:
+        return "query heads not a multiple of key/value heads"
+    return None
+
+
+def _log_fallback(reason: str) -> None:
+    if reason not in _logged_reasons:
+        _logged_reasons.add(reason)
+        log.info("attnlib: scaled_dot_product_attention -> torch (%s)", reason)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False, *, method: str = "flash", backend: str = "auto",
+                                 **method_options: Any):
+    """torch.nn.functional.scaled_dot_product_attention with attnlib kernels where they apply.
+
+    method/backend/method_options are attnlib's extras (keyword-only); with the defaults the
+    result equals torch's up to the kernels' rounding.
+    """
+    reason = _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if reason is None:
+        inp = api.build_inputs(query, key, value, method=method, causal=bool(is_causal), scale=scale,
+                               **method_options)
+        try:
+            kernel = dispatch.select(inp, backend)
+        except NoKernelError as e:
+            if dispatch.effective_backend(backend) != "auto":
+                raise
+            reason = "no attnlib kernel fits: " + "; ".join(
+                r for rs in dispatch.explain(inp, backend).reasons.values() for r in rs)[:300]
+            del e
+        else:
+            return kernel.forward(inp)
+    _log_fallback(reason)
+    return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                      scale=scale, enable_gqa=enable_gqa)
+
+
+class patch_sdpa:
+    """Route torch.nn.functional.scaled_dot_product_attention through attnlib.
+
+    As a context manager it restores what was there before on exit (exceptions too; nesting
+    works); ``install()`` / ``uninstall()`` do the same for process-wide use.
+    """
+
+    _lock = threading.Lock()
+
+    def __init__(self, method: str = "flash", backend: str = "auto", **method_options: Any) -> None:
+        dispatch.check_method(method)
+        if method not in PATCHABLE_METHODS:
+            raise ValueError(f"patch_sdpa method must be one of {PATCHABLE_METHODS}, got {method!r}")
+        dispatch.check_backend(backend)
+        self.method, self.backend, self.method_options = method, backend, dict(method_options)
+        self._previous: list = []
+
+        def patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False):
+            return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                enable_gqa, method=self.method, backend=self.backend,
+                                                **self.method_options)
+
+        patched.__attnlib_patch__ = self
+        patched.__doc__ = TORCH_SDPA.__doc__
+        self._fn = patched
+
+    def install(self) -> "patch_sdpa":
+        with self._lock:
+            self._previous.append(torch.nn.functional.scaled_dot_product_attention)
+            torch.nn.functional.scaled_dot_product_attention = self._fn
+        return self
+
+    def uninstall(self) -> None:
+        with self._lock:
+            if not self._previous:
+                raise RuntimeError("patch_sdpa.uninstall() called without install()")
+            if torch.nn.functional.scaled_dot_product_attention is not self._fn:
+                raise RuntimeError("another patch of scaled_dot_product_attention was installed after this "
+                                   "one and is still in place; uninstall that one first")
+            torch.nn.functional.scaled_dot_product_attention = self._previous.pop()
+
+    def __enter__(self) -> "patch_sdpa":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
