@@ -4,9 +4,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from . import dispatch
+import torch
+
+from . import dispatch, ops
 from .dispatch import check_method
-from .inputs import AttentionInputs, check_backend, from_bhsd, make_inputs
+from .inputs import AttentionInputs, check_backend, make_inputs
 from .options import NO_LSE, NO_SCALE, validate_options
 
 
@@ -23,13 +25,6 @@ def build_inputs(q, k, v, *, method: str = "flash", layout: str = "bhsd", causal
     return replace(inp, options=validate_options(method, method_options, inp))
 
 
-def _finish(result, inp: AttentionInputs):
-    if inp.return_lse:
-        out, lse = result
-        return from_bhsd(out, inp.layout), lse
-    return from_bhsd(result, inp.layout)
-
-
 def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: str = "bhsd",
               causal: bool = False, scale=None, return_lse: bool = False, **method_options: Any):
     """Attention by any attnlib method; see the method functions for their options.
@@ -38,10 +33,18 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
     heads (Hq a multiple of Hkv). causal is bottom-right aligned. Returns the output in the
     input's layout and dtype, or (out, lse) with lse float32 (B, Hq, Sq) when return_lse.
     """
-    check_backend(backend)
-    inp = build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
-                       return_lse=return_lse, **method_options)
-    return _finish(dispatch.run(inp, backend), inp)
+    if not torch.compiler.is_compiling():
+        # eager: every check with its clear error before anything runs (under torch.compile
+        # the op's fake implementation runs the same checks while tracing)
+        check_backend(backend)
+        build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
+                     return_lse=return_lse, **method_options)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in method_options.values()))
+    out, lse = ops.attention_op(q, k, v, method=method, backend=backend, layout=layout, causal=causal,
+                                scale=scale, return_lse=return_lse, needs_grad=needs_grad,
+                                **ops.op_arguments(method, method_options))
+    return (out, lse) if return_lse else out
 
 
 def flash_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = "bhsd",

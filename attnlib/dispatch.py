@@ -12,7 +12,7 @@ import importlib.util
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -124,6 +124,29 @@ class Kernel:
     def forward(self, inp: AttentionInputs):
         """Return the bhsd output, or (output, lse) when inp.return_lse."""
         raise NotImplementedError
+
+    def backward(self, inp: AttentionInputs, out: torch.Tensor, lse: torch.Tensor | None, dout: torch.Tensor,
+                 dlse: torch.Tensor | None) -> tuple:
+        """Gradients (dq, dk, dv, d proj_weight, d proj_bias) for bhsd out/dout; None where unused.
+
+        The default recomputes this kernel's forward under autograd, which serves every kernel
+        made of differentiable torch operations; fused kernels override it.
+        """
+        opts = dict(inp.options)
+        extra = [n for n in ("proj_weight", "proj_bias") if opts.get(n) is not None]
+        with_lse = dlse is not None and self.supports_lse
+
+        def f(q, k, v, *proj):
+            o = dict(opts, **dict(zip(extra, proj)))
+            res = self.forward(replace(inp, q=q, k=k, v=v, options=o, return_lse=with_lse, grad=True))
+            return tuple(res) if with_lse else (res,)
+
+        # torch.func.vjp, not torch.autograd: this runs inside a custom op, where autograd is off
+        outs, vjp = torch.func.vjp(f, inp.q, inp.k, inp.v, *(opts[n] for n in extra))
+        cot = (dout.to(outs[0].dtype), dlse.to(outs[1].dtype)) if with_lse else (dout.to(outs[0].dtype),)
+        grads = vjp(cot)
+        proj = {n: g for n, g in zip(extra, grads[3:])}
+        return (grads[0], grads[1], grads[2], proj.get("proj_weight"), proj.get("proj_bias"))
 
     def __repr__(self) -> str:
         return f"<Kernel {self.name} method={self.method} backend={self.backend} priority={self.priority}>"

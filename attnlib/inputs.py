@@ -93,6 +93,9 @@ class AttentionInputs:
     scale: float = 1.0
     return_lse: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+    # whether a backward pass will follow; None = decide from the tensors and grad mode. Set
+    # explicitly inside custom ops, where grad mode is off while the forward runs.
+    grad: bool | None = None
 
     # -- shape facts ---------------------------------------------------------------
     @property
@@ -137,6 +140,8 @@ class AttentionInputs:
 
     @property
     def requires_grad(self) -> bool:
+        if self.grad is not None:
+            return self.grad
         return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
 
     @property

@@ -17,6 +17,8 @@ class ReferenceKernel(Kernel):
         self.method = method
         self.name = f"{method}-torch-reference"
         self.supports_lse = method not in NO_LSE
+        # SageAttention is an inference method: rounding to INT8 has no useful gradient
+        self.supports_backward = method != "sage"
 
     def forward(self, inp: AttentionInputs):
         from .. import reference
