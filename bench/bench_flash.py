@@ -1,0 +1,136 @@
+"""Benchmarks for method flash: forward and forward+backward over synthetic and real-model shapes.
+
+Two ways in:
+
+* ``pytest bench/`` (pytest-benchmark): one test per (case, provider); without CUDA only a tiny
+  shape on attnlib's torch backend runs. ``ATTNLIB_BENCH_FULL=1`` takes the long shape list,
+  ``ATTNLIB_BENCH_PROVIDERS=a,b`` narrows the providers.
+* :func:`run_flash_suite` (used by gpu_check.py and ``python -m attnlib bench``): the same cases
+  through :func:`bench.runner.run_suite`, CUDA-event timing, JSON records, a time budget.
+
+Synthetic shapes keep batch*heads*seq at 16k*32 token-heads so every sequence length fills the
+card; the real shapes come from workloads.json, taken when their estimated call time fits.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+
+try:  # the suite runs without pytest (python -m attnlib bench); the tests below need it
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
+
+from bench import runner
+from bench.runner import Case
+
+TOKEN_HEADS = 16384 * 32           # batch * heads * seq of the synthetic shapes
+HEADS = {64: 32, 128: 16}          # heads per head_dim, as a 2048-wide model has
+# (head_dim, seq) in the order they run, so a spent budget cuts the least telling ones
+QUICK_SHAPES = ((128, 4096), (128, 16384), (64, 4096), (128, 1024), (128, 32768), (64, 16384))
+FULL_SHAPES = tuple((d, s) for d in (128, 64) for s in (1024, 2048, 4096, 8192, 16384, 32768))
+MODES = ("fwd", "full")
+REAL_AFTER = 3                     # real workloads run after this many synthetic shapes
+# a real workload is taken when its estimated call time at this rate is under the cap
+ASSUMED_TFLOPS = 350.0
+WORKLOAD_CAP_S = {True: 0.25, False: 1.0}   # quick / full
+QUICK_BUDGET_S = 170.0
+
+GPU_PROVIDERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "attnlib-triton", "attnlib-cuda",
+                 "attnlib-auto", "flex", "sdpa-math")
+CPU_PROVIDERS = ("attnlib-torch",)
+CPU_CASE = dict(workload="cpu-tiny", batch=1, heads=2, seq_q=128, head_dim=64, dtype="fp32", device="cpu")
+
+
+def synthetic_case(head_dim: int, seq: int, causal: bool, mode: str, *, dtype: str = "bf16",
+                   device: str = "cuda") -> Case:
+    heads = max(1, min(HEADS.get(head_dim, 16), TOKEN_HEADS // seq))
+    batch = max(1, TOKEN_HEADS // (seq * heads))
+    return Case(workload=f"synth-hd{head_dim}-s{seq // 1024}k", batch=batch, heads=heads, seq_q=seq,
+                head_dim=head_dim, causal=causal, mode=mode, dtype=dtype, device=device)
+
+
+def flash_cases(quick: bool = True, *, device: Optional[str] = None, modes: Optional[Sequence[str]] = None,
+                dtype: str = "bf16") -> list[Case]:
+    """The benchmark cases, in run order: on CUDA the synthetic grid (x causal x modes) with the
+    workloads.json shapes whose estimated call time fits inserted after REAL_AFTER shapes; on CPU
+    one tiny shape."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    modes = tuple(modes or MODES)
+    if device == "cpu":
+        return [Case(**CPU_CASE, causal=c, mode=m) for c in (False, True) for m in modes]
+    shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    synth = [[synthetic_case(d, s, c, m, dtype=dtype, device=device) for c in (False, True) for m in modes]
+             for d, s in shapes]
+    cap = WORKLOAD_CAP_S[bool(quick)]
+    real = [case for w in runner.load_workloads() for m in modes
+            for case in [runner.workload_case(w, mode=m, dtype=dtype, device=device)]
+            if case.flops / (ASSUMED_TFLOPS * 1e12) <= cap]
+    # the first few synthetic shapes, then the real models, then the rest: a spent budget cuts
+    # the synthetic extremes (1k, 32k) before the model shapes
+    head = [c for group in synth[:REAL_AFTER] for c in group]
+    tail = [c for group in synth[REAL_AFTER:] for c in group]
+    return head + real + tail
+
+
+def default_providers(device: Optional[str] = None) -> list[str]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    env = os.environ.get("ATTNLIB_BENCH_PROVIDERS")
+    if env:
+        return [p.strip() for p in env.split(",") if p.strip()]
+    return list(GPU_PROVIDERS if device == "cuda" else CPU_PROVIDERS)
+
+
+def run_flash_suite(quick: bool = True, *, providers: Optional[Sequence[str]] = None,
+                    modes: Optional[Sequence[str]] = None, budget_s: Optional[float] = None,
+                    device: Optional[str] = None, log: Optional[Callable[[str], None]] = print,
+                    on_record: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """Run the flash cases on every provider; returns JSON-ready records (see runner.measure).
+
+    quick: the short shape list, and a default budget of QUICK_BUDGET_S seconds after which the
+    remaining cases are recorded as skipped. On CPU one tiny fp32 shape (budget irrelevant)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if budget_s is None and quick:
+        budget_s = QUICK_BUDGET_S
+    cases = flash_cases(quick, device=device, modes=modes)
+    timing = runner.TimingConfig(target_s=0.1, max_reps=50) if quick else runner.TimingConfig(target_s=0.5)
+    if device == "cpu":
+        timing = runner.TimingConfig(target_s=0.02, min_reps=3, max_reps=10)
+    return runner.run_suite(cases, list(providers or default_providers(device)), budget_s=budget_s,
+                            timing=timing, log=log, on_record=on_record)
+
+
+# ----------------------------------------------------------------------------------------------
+# pytest-benchmark
+def _params():
+    cuda = torch.cuda.is_available()
+    full = os.environ.get("ATTNLIB_BENCH_FULL") == "1"
+    cases = flash_cases(quick=not full, device="cuda" if cuda else "cpu")
+    return [pytest.param(c, p, id=f"{p}-{c.workload}-{c.shape}-{'causal' if c.causal else 'full'}-{c.mode}")
+            for c in cases for p in default_providers("cuda" if cuda else "cpu")]
+
+
+if pytest is not None:
+    @pytest.mark.parametrize("case,provider", _params())
+    def test_flash(benchmark, case: Case, provider: str) -> None:
+        inputs = runner.make_inputs(case)
+        try:
+            step, reset = runner.prepare(provider, case, inputs)
+        except runner.Skip as s:
+            pytest.skip(str(s))
+        device = torch.device(case.device)
+        _, _, once = runner.time_step(step, reset, device,
+                                      runner.TimingConfig(min_reps=1, max_reps=1, warmup=0))
+        rounds = int(min(50, max(3, 500.0 / max(once[0], 1e-3)))) if device.type == "cuda" else 3
+
+        def call():
+            step()
+            runner._sync(device)
+
+        benchmark.group = f"flash {case.workload} {case.shape} {case.mode}{' causal' if case.causal else ''}"
+        benchmark.pedantic(call, setup=reset, rounds=rounds, warmup_rounds=1, iterations=1)
+        median_s = benchmark.stats.stats.median
+        benchmark.extra_info.update(case.shape_fields(), provider=provider, flops=case.flops,
+                                    tflops=case.flops / median_s / 1e12 if median_s > 0 else None)

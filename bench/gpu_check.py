@@ -1,0 +1,309 @@
+"""The one command a GPU task runs: environment, GPU tests, flash benchmarks, results by card.
+
+    pip install --no-deps --no-build-isolation -e .
+    python bench/gpu_check.py            # results under $OUT, else ./gpu-results/
+
+Steps, each bounded in time so the whole run ends inside ~6.5 minutes (target 6) on an H100:
+
+1. print the environment (GPU, driver, CUDA, torch / triton / cupy versions, SM count, kernels);
+2. ``pytest -m gpu -x -q tests/`` in a subprocess, output teed to ``pytest-gpu.log``; at most
+   ``--pytest-budget`` seconds (killed after); a failure is counted, not fatal;
+3. the flash benchmarks (:func:`bench.bench_flash.run_flash_suite`, quick list) with a time
+   budget: cases past it are recorded as skipped, and say so;
+4. ``results.json`` (environment, test counts, every record) and ``summary.md`` (a markdown
+   table with the speed of each attnlib provider relative to the fastest SDPA backend), written
+   after every measurement so a run cut short still leaves its numbers, then copied into
+   ``bench/results/<gpu-name-slug>/``.
+
+On a lent device machine only $OUT comes back; afterwards, on the development machine,
+``python bench/gpu_check.py --import <fetched folder>`` files those results under
+``bench/results/<gpu-name-slug>/``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import runner  # noqa: E402
+
+TOTAL_TARGET_S = 360.0      # the whole script, well inside 8 minutes (one measurement may overrun)
+PYTEST_BUDGET_S = 180.0
+BENCH_BUDGET_S = 170.0
+PER_TEST_TIMEOUT_S = 120
+RESULT_FILES = ("results.json", "summary.md", "pytest-gpu.log")
+
+
+def say(*args) -> None:
+    print(*args, flush=True)
+
+
+def output_dir() -> Path:
+    out = os.environ.get("OUT")
+    return Path(out) if out else REPO / "gpu-results"
+
+
+# ----------------------------------------------------------------------------------------------
+def print_environment(env: dict) -> None:
+    say("== environment")
+    for key in ("gpu", "compute_capability", "sm_count", "gpu_memory_gib", "l2_cache_mib", "driver",
+                "sm_clock_max", "power_limit",
+                "torch", "torch_cuda", "cudnn", "triton", "cupy", "attnlib", "python", "platform", "time"):
+        say(f"  {key:<18} {env.get(key)}")
+    try:
+        import attnlib
+        for k in attnlib.available_kernels():
+            if k["method"] == "flash":
+                why = "" if k["available"] else "  (" + "; ".join(k["reasons"]) + ")"
+                say(f"  kernel {k['name']:<24} backend={k['backend']:<7} "
+                    f"{'available' if k['available'] else 'unavailable'}{why}")
+    except Exception as e:  # noqa: BLE001
+        say(f"  attnlib kernels: could not list ({type(e).__name__}: {e})")
+
+
+# ----------------------------------------------------------------------------------------------
+_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
+
+
+def parse_pytest_counts(text: str) -> dict:
+    """Counts from pytest's last summary line ('3 passed, 1 failed, 2 skipped in 4.2s')."""
+    for line in reversed(text.splitlines()):
+        found = _COUNT.findall(line)
+        if found and re.search(r" in [\d.]+s", line):
+            counts: dict = {}
+            for n, word in found:
+                word = "error" if word.startswith("error") else word
+                counts[word] = counts.get(word, 0) + int(n)
+            return counts
+    return {}
+
+
+def run_pytest(out: Path, budget_s: float, extra_args: Sequence[str] = ()) -> dict:
+    """``pytest -m gpu -x -q tests/`` with its output teed to out/pytest-gpu.log."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-x", "-q", "tests/", "-p", "no:cacheprovider"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        cmd.append(f"--timeout={PER_TEST_TIMEOUT_S}")
+    cmd += list(extra_args)
+    say("== tests: " + " ".join(cmd[2:]))
+    log_path = out / "pytest-gpu.log"
+    t0 = time.perf_counter()
+    lines: list[str] = []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    timed_out = False
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1, env=env, start_new_session=True)
+
+        def tee():
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                log.write(line)
+                log.flush()
+                sys.stdout.write("  | " + line)
+                sys.stdout.flush()
+        reader = threading.Thread(target=tee, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(proc.pid, sig)  # the pytest process group this script started
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        reader.join(timeout=10)
+        if timed_out:
+            log.write(f"\n[gpu_check] pytest stopped after its budget of {budget_s:.0f} s\n")
+    text = "".join(lines)
+    result = {"command": " ".join(cmd[2:]), "returncode": proc.returncode, "timed_out": timed_out,
+              "seconds": round(time.perf_counter() - t0, 1), "counts": parse_pytest_counts(text)}
+    say(f"== tests done: {describe_pytest(result)}")
+    return result
+
+
+def describe_pytest(p: Optional[dict]) -> str:
+    if not p:
+        return "not run"
+    counts = ", ".join(f"{n} {w}" for w, n in p.get("counts", {}).items()) or "no summary line"
+    extra = " — TIMED OUT, killed" if p.get("timed_out") else ""
+    return f"{counts} (exit code {p.get('returncode')}, {p.get('seconds')} s){extra}"
+
+
+# ----------------------------------------------------------------------------------------------
+def write_summary(path: os.PathLike, records: Sequence[dict], env: Optional[dict] = None,
+                  pytest_result: Optional[dict] = None, notes: Sequence[str] = ()) -> str:
+    """Write summary.md (header, test counts, speed ratios, the full table); returns the text."""
+    env = env or {}
+    gpu = env.get("gpu") or "no GPU"
+    lines = [f"# attnlib GPU check: {gpu}", "",
+             f"{env.get('time', '')}; {env.get('sm_count')} SMs, {env.get('compute_capability')}, "
+             f"driver {env.get('driver')}; torch {env.get('torch')} (CUDA {env.get('torch_cuda')}, "
+             f"cuDNN {env.get('cudnn')}), triton {env.get('triton')}, cupy {env.get('cupy')}, "
+             f"attnlib {env.get('attnlib')}", "",
+             f"**Tests** (`{(pytest_result or {}).get('command', 'pytest -m gpu -x -q tests/')}`): "
+             f"{describe_pytest(pytest_result)}", ""]
+    ok = sum(r.get("status") == "ok" for r in records)
+    skipped = sum(r.get("status") == "skipped" for r in records)
+    errors = sum(r.get("status") == "error" for r in records)
+    lines += ["## Flash benchmarks", "",
+              ("Median of CUDA-event timings after warm-up, L2 flushed before each call; " if env.get("gpu")
+               else "Median of wall-clock (perf_counter) timings on the CPU after warm-up; ") + "TFLOP/s from "
+              "`bench.runner.flops` (4·B·H·Sq·Sk·D forward, halved when causal; full = fwd+bwd = 3.5x). "
+              "*Speed vs fastest SDPA* = fastest SDPA backend's ms / attnlib's ms on the same shape "
+              "(above 1: attnlib faster). Peak MiB = memory allocated by one call at its peak.", "",
+              f"{len(records)} measurements: {ok} ok, {skipped} skipped, {errors} failed.", ""]
+    lines += [f"- {n}" for n in notes]
+    if notes:
+        lines.append("")
+    ratios = runner.speed_ratios(records)
+    if ratios:
+        lines += ["### attnlib vs fastest SDPA backend", "",
+                  "| provider | workload | shape | causal | mode | attnlib ms | fastest SDPA | SDPA ms | speed |",
+                  "|---|---|---|---|---|---:|---|---:|---:|"]
+        for x in ratios:
+            lines.append(f"| {x['provider']} | {x['workload']} | {x['shape']} | {'yes' if x['causal'] else 'no'} | "
+                         f"{x['mode']} | {x['ms']:.3f} | {x['baseline']} | {x['baseline_ms']:.3f} | "
+                         f"{x['ratio']:.2f}x |")
+        lines.append("")
+    lines += ["### All measurements", "", runner.markdown_table(records), ""]
+    text = "\n".join(lines)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+def save(out: Path, records: Sequence[dict], env: dict, pytest_result: Optional[dict],
+         notes: Sequence[str] = (), complete: bool = True) -> None:
+    runner.write_json(out / "results.json", records, env, pytest=pytest_result, notes=list(notes),
+                      complete=complete)
+    write_summary(out / "summary.md", records, env, pytest_result, notes)
+
+
+def file_results(src: Path, slug: Optional[str] = None) -> Path:
+    """Copy results.json, summary.md and pytest-gpu.log from src into bench/results/<slug>/."""
+    if slug is None:
+        data = json.loads((src / "results.json").read_text())
+        slug = runner.device_slug(data.get("env", {}).get("gpu"))
+    dest = REPO / "bench" / "results" / slug
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RESULT_FILES:
+        if (src / name).is_file() and (src / name).resolve() != (dest / name).resolve():
+            shutil.copyfile(src / name, dest / name)
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description="attnlib GPU check: env, GPU tests, flash benchmarks")
+    ap.add_argument("--pytest-budget", type=float, default=PYTEST_BUDGET_S)
+    ap.add_argument("--bench-budget", type=float, default=BENCH_BUDGET_S)
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--providers", default=None, help="comma list (default: bench_flash.GPU_PROVIDERS)")
+    ap.add_argument("--import", dest="import_dir", default=None,
+                    help="only file the results fetched into this folder under bench/results/<gpu>/")
+    args = ap.parse_args(argv)
+    if args.import_dir:
+        dest = file_results(Path(args.import_dir))
+        say(f"filed {args.import_dir} under {dest}")
+        return 0
+
+    t_start = time.perf_counter()
+    out = output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    env = runner.environment()
+    print_environment(env)
+    notes: list[str] = []
+    if not torch.cuda.is_available():
+        notes.append("CUDA is not available: GPU tests are skipped and benchmarks run the CPU shape only")
+        say("!! " + notes[-1])
+
+    pytest_result = None
+    if not args.skip_tests:
+        try:
+            pytest_result = run_pytest(out, args.pytest_budget)
+        except Exception as e:  # noqa: BLE001
+            pytest_result = {"command": "pytest -m gpu -x -q tests/", "error": f"{type(e).__name__}: {e}",
+                             "counts": {}}
+            say(f"!! could not run pytest: {pytest_result['error']}")
+    save(out, [], env, pytest_result, notes, complete=False)
+
+    records: list[dict] = []
+    if not args.skip_bench:
+        from bench.bench_flash import run_flash_suite
+
+        left = TOTAL_TARGET_S - (time.perf_counter() - t_start) - 20
+        budget = max(30.0, min(args.bench_budget, left))
+        say(f"== flash benchmarks (budget {budget:.0f} s)")
+        t0 = time.perf_counter()
+        live: list[dict] = []
+
+        def on_record(rec: dict) -> None:
+            live.append(rec)
+            try:
+                save(out, live, env, pytest_result, notes, complete=False)
+            except Exception as e:  # noqa: BLE001
+                say(f"!! could not write partial results: {e}")
+        try:
+            records = run_flash_suite(quick=True, budget_s=budget, on_record=on_record,
+                                      providers=args.providers.split(",") if args.providers else None,
+                                      log=lambda s: say("  " + s))
+        except Exception as e:  # noqa: BLE001 - keep what was measured
+            import traceback
+            records = runner.annotate_ratios(live)
+            notes.append(f"the benchmark suite stopped early: {type(e).__name__}: {e}")
+            say("!! " + notes[-1] + "\n" + traceback.format_exc())
+        over = [r for r in records if "time budget" in (r.get("reason") or "")]
+        if over:
+            notes.append(f"{len(over)} measurements skipped: the benchmark budget of {budget:.0f} s was spent")
+        notes.append(f"benchmarks took {time.perf_counter() - t0:.0f} s (budget {budget:.0f} s)")
+    notes.append(f"gpu_check took {time.perf_counter() - t_start:.0f} s in all")
+    save(out, records, env, pytest_result, notes, complete=True)
+    say(f"== wrote {out / 'results.json'} and {out / 'summary.md'}")
+    if env.get("gpu"):
+        try:
+            dest = file_results(out, runner.device_slug(env.get("gpu")))
+            say(f"== copied into {dest}")
+        except Exception as e:  # noqa: BLE001
+            say(f"!! could not copy into bench/results/: {e}")
+    else:
+        say("== no GPU: nothing filed under bench/results/")
+
+    say("")
+    for x in runner.speed_ratios(records):
+        say(f"  {x['provider']:<15} {x['workload']:<22} {x['shape']:<24} {'causal' if x['causal'] else 'full':<6} "
+            f"{x['mode']:<4} {x['ms']:9.3f} ms  {x['ratio']:.2f}x vs {x['baseline']}")
+    say(f"tests: {describe_pytest(pytest_result)}")
+    for n in notes:
+        say(f"note: {n}")
+    failed = (pytest_result or {}).get("returncode") not in (0, 5, None) or any(
+        r.get("status") == "error" for r in records)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""The benchmark runner (bench/runner.py) and the GPU script's summary writer, on the CPU."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+# bench/ lives beside the package, not inside it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import gpu_check, runner  # noqa: E402
+from bench.runner import Case  # noqa: E402
+
+TINY = dict(workload="tiny", batch=1, heads=2, seq_q=32, head_dim=16, dtype="fp32", device="cpu")
+FAST = runner.TimingConfig(target_s=0.0, min_reps=2, max_reps=2, warmup=1)
+
+
+def test_flops_forward_formula():
+    assert runner.flops(2, 3, 5, 7, 11) == 4 * 2 * 3 * 5 * 7 * 11
+    assert runner.flops(1, 16, 4096, 4096, 128, causal=False, mode="fwd") == 4 * 16 * 4096 ** 2 * 128
+
+
+def test_flops_causal_halves_and_backward_is_2_5x():
+    fwd = runner.flops(2, 8, 1024, 1024, 64)
+    assert runner.flops(2, 8, 1024, 1024, 64, causal=True) == fwd / 2
+    assert runner.flops(2, 8, 1024, 1024, 64, mode="bwd") == 2.5 * fwd
+    assert runner.flops(2, 8, 1024, 1024, 64, mode="full") == 3.5 * fwd
+    assert runner.flops(2, 8, 1024, 1024, 64, causal=True, mode="full") == 3.5 * fwd / 2
+    with pytest.raises(ValueError, match="mode"):
+        runner.flops(1, 1, 1, 1, 1, mode="sideways")
+
+
+def test_case_flops_uses_query_heads_and_seq_k():
+    c = Case(workload="gqa", batch=1, heads=32, kv_heads=8, seq_q=100, seq_k=300, head_dim=128, causal=True)
+    assert c.flops == runner.flops(1, 32, 100, 300, 128, True, "fwd")
+    assert c.is_gqa and c.shape == "B1xH32/8xSq100xSk300xD128"
+
+
+def test_registry_lists_the_named_providers():
+    names = runner.provider_names()
+    for n in ("attnlib-triton", "attnlib-cuda", "attnlib-auto", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient",
+              "sdpa-math", "flex"):
+        assert n in names
+
+
+def test_register_provider_rejects_duplicates_and_runs_custom(tmp_path):
+    import torch
+
+    name = "test-matmul-softmax"
+    runner.register_provider(name, lambda case, q, k, v: (lambda: torch.softmax(q @ k.transpose(-1, -2), -1) @ v),
+                             "plain torch", replace_existing=True)
+    try:
+        with pytest.raises(ValueError, match="twice"):
+            runner.register_provider(name, lambda *a: None)
+        rec = runner.measure(name, Case(**TINY), timing=FAST)
+        assert rec["status"] == "ok" and rec["ms"] > 0
+    finally:
+        runner.PROVIDERS.pop(name, None)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "full"])
+def test_cpu_record_for_torch_backend(mode):
+    rec = runner.measure("attnlib-torch", Case(**TINY, mode=mode), timing=FAST)
+    assert rec["status"] == "ok", rec.get("reason")
+    assert math.isfinite(rec["ms"]) and rec["ms"] > 0
+    assert math.isfinite(rec["tflops"]) and rec["tflops"] > 0
+    assert rec["flops"] == runner.flops(1, 2, 32, 32, 16, False, mode)
+    assert rec["timer"] == "cpu-perf_counter" and rec["peak_mib"] is None
+    assert rec["kernel"]  # the attnlib kernel that ran
+    for key in ("provider", "workload", "shape", "dtype", "causal", "mode", "ms", "tflops", "peak_mib", "status"):
+        assert key in rec
+    json.dumps(rec)
+
+
+def test_cpu_sdpa_math_runs():
+    rec = runner.measure("sdpa-math", Case(**TINY, causal=True), timing=FAST)
+    assert rec["status"] == "ok", rec.get("reason")
+
+
+@pytest.mark.parametrize("provider,words", [
+    ("attnlib-cuda", "backend='cuda'"),      # no CUDA kernel runs on CPU tensors
+    ("sdpa-cudnn", "No"),                    # SDPA: "No available kernel" / "No viable backend"
+    ("flex", "CUDA only"),
+])
+def test_unavailable_provider_is_a_skip_with_reason(provider, words):
+    rec = runner.measure(provider, Case(**TINY), timing=FAST)
+    assert rec["status"] == "skipped", rec
+    assert words in rec["reason"]
+    assert rec["ms"] is None
+
+
+def test_cuda_case_without_cuda_is_skipped_and_unknown_provider_is_an_error():
+    import torch
+
+    if not torch.cuda.is_available():
+        rec = runner.measure("sdpa-flash", Case(**{**TINY, "device": "cuda"}), timing=FAST)
+        assert rec["status"] == "skipped" and "CUDA" in rec["reason"]
+    rec = runner.measure("no-such-provider", Case(**TINY), timing=FAST)
+    assert rec["status"] == "error" and "unknown provider" in rec["reason"]
+
+
+def test_failing_provider_is_recorded_not_raised():
+    def boom(case, q, k, v):
+        def step():
+            raise ZeroDivisionError("kernel exploded")
+        return step
+    runner.register_provider("test-boom", boom, replace_existing=True)
+    try:
+        rec = runner.measure("test-boom", Case(**TINY), timing=FAST)
+    finally:
+        runner.PROVIDERS.pop("test-boom", None)
+    assert rec["status"] == "error" and "kernel exploded" in rec["reason"]
+
+
+def test_suite_budget_skips_the_rest_and_says_so():
+    import time
+
+    def slow(case, q, k, v):
+        def step():
+            time.sleep(0.02)
+            return q
+        return step
+    runner.register_provider("test-slow", slow, replace_existing=True)
+    try:
+        cases = [Case(**TINY), Case(**TINY, causal=True)]
+        recs = runner.run_suite(cases, ["test-slow"], budget_s=0.01, timing=FAST, log=None)
+    finally:
+        runner.PROVIDERS.pop("test-slow", None)
+    assert [r["status"] for r in recs] == ["ok", "skipped"]  # the first starts inside the budget
+    assert "time budget of 0.01 s spent" in recs[1]["reason"]
+
+
+def _rec(provider, ms, workload="w", mode="fwd", status="ok", **kw):
+    r = {"provider": provider, "workload": workload, "shape": "B1xH1xS1xD1", "batch": 1, "heads": 1, "kv_heads": 1,
+         "seq_q": 1, "seq_k": 1, "head_dim": 1, "dtype": "bf16", "causal": False, "mode": mode, "layout": "bhsd",
+         "device": "cuda", "ms": ms, "tflops": None if ms is None else 1.0 / ms, "peak_mib": 12.0,
+         "status": status, "reason": None if status == "ok" else "because"}
+    r.update(kw)
+    return r
+
+
+def test_speed_ratio_against_fastest_sdpa_per_shape():
+    recs = [_rec("sdpa-flash", 2.0), _rec("sdpa-cudnn", 1.5), _rec("sdpa-math", None, status="skipped"),
+            _rec("attnlib-triton", 1.0), _rec("attnlib-cuda", 3.0), _rec("flex", 0.5),
+            _rec("sdpa-flash", 4.0, mode="full"), _rec("attnlib-triton", 8.0, mode="full"),
+            _rec("attnlib-triton", 1.0, workload="no-baseline")]
+    ratios = {(x["provider"], x["mode"]): x for x in runner.speed_ratios(recs)}
+    assert set(ratios) == {("attnlib-triton", "fwd"), ("attnlib-cuda", "fwd"), ("attnlib-triton", "full")}
+    assert ratios[("attnlib-triton", "fwd")]["ratio"] == pytest.approx(1.5)       # 1.5 ms / 1.0 ms
+    assert ratios[("attnlib-triton", "fwd")]["baseline"] == "sdpa-cudnn"
+    assert ratios[("attnlib-cuda", "fwd")]["ratio"] == pytest.approx(0.5)
+    assert ratios[("attnlib-triton", "full")]["ratio"] == pytest.approx(0.5)
+    runner.annotate_ratios(recs)
+    assert recs[3]["speed_vs_sdpa"] == pytest.approx(1.5) and recs[3]["sdpa_best"] == "sdpa-cudnn"
+    assert "speed_vs_sdpa" not in recs[5] and "speed_vs_sdpa" not in recs[8]
+
+
+def test_gpu_check_summary_is_a_markdown_table(tmp_path):
+    recs = runner.annotate_ratios([_rec("sdpa-flash", 2.0), _rec("attnlib-triton", 1.0, kernel="flash-triton"),
+                                   _rec("attnlib-cuda", None, status="skipped", reason="no cuda | kernel")])
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "sm_count": 132, "torch": "2.11"}
+    pytest_result = {"command": "pytest -m gpu -x -q tests/", "returncode": 1, "seconds": 3.0,
+                     "counts": {"passed": 5, "failed": 1}}
+    path = tmp_path / "out" / "summary.md"
+    text = gpu_check.write_summary(path, recs, env, pytest_result, notes=["a note"])
+    assert path.read_text() == text
+    assert "NVIDIA H100 80GB HBM3" in text and "5 passed, 1 failed" in text and "a note" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| w |")]
+    assert len(rows) == 3
+    header = [ln for ln in text.splitlines() if ln.startswith("| workload |")][0]
+    ncols = header.count(" | ") + 1
+    assert all(r.replace("\\|", "").count(" | ") + 1 == ncols for r in rows)
+    assert "2.00x (sdpa-flash)" in text                         # the ratio column
+    assert "skipped [1]" in text and "no cuda \\| kernel" in text  # reason noted, pipe escaped
+    assert "| attnlib-triton | w |" in text                      # the ratio table
+
+
+def test_gpu_check_parses_pytest_counts_and_slugs():
+    assert gpu_check.parse_pytest_counts("....\n3 passed, 1 failed, 2 skipped, 4 deselected in 5.10s\n") == {
+        "passed": 3, "failed": 1, "skipped": 2, "deselected": 4}
+    assert gpu_check.parse_pytest_counts("== 1 failed, 2 errors in 0.3s ==") == {"failed": 1, "error": 2}
+    assert gpu_check.parse_pytest_counts("garbage") == {}
+    assert runner.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_gpu_check_files_results_by_card(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "REPO", tmp_path)
+    src = tmp_path / "fetched"
+    runner.write_json(src / "results.json", [_rec("sdpa-flash", 1.0)], {"gpu": "NVIDIA H200"})
+    (src / "summary.md").write_text("| x |")
+    dest = gpu_check.file_results(src)
+    assert dest == tmp_path / "bench" / "results" / "nvidia-h200"
+    assert json.loads((dest / "results.json").read_text())["records"][0]["provider"] == "sdpa-flash"
+    assert (dest / "summary.md").is_file()
+
+
+def test_flash_cases_cpu_and_gpu_lists():
+    from bench import bench_flash
+
+    cpu = bench_flash.flash_cases(device="cpu")
+    assert cpu and all(c.device == "cpu" and c.seq_q <= 256 for c in cpu)
+    gpu = bench_flash.flash_cases(quick=True, device="cuda")
+    synth = [c for c in gpu if c.workload.startswith("synth")]
+    assert {(c.head_dim, c.seq_q) for c in synth} == set(bench_flash.QUICK_SHAPES)
+    assert all(c.batch * c.heads * c.seq_q == bench_flash.TOKEN_HEADS for c in synth)
+    assert {c.mode for c in gpu} == {"fwd", "full"} and {c.causal for c in synth} == {False, True}
+    real = [c for c in gpu if not c.workload.startswith("synth")]
+    assert real and all(c.flops / 350e12 <= bench_flash.WORKLOAD_CAP_S[True] for c in real)
