@@ -1,0 +1,164 @@
+"""Communication pieces for sequence parallelism: a differentiable all-to-all, ring exchange
+with batched isend/irecv, shape agreement checks and the 2-D process-group layout."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group) -> int:
+    return dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return dist.get_rank(group)
+
+
+def global_rank(group, rank_in_group: int) -> int:
+    """The global rank of ``rank_in_group``; P2P ops address peers by global rank."""
+    if group is None or group is dist.group.WORLD:
+        return rank_in_group
+    return dist.get_global_rank(group, rank_in_group)
+
+
+def check_same_shapes(what: str, shapes: dict, group, device) -> None:
+    """Raise one ValueError on every rank when the ranks disagree on ``shapes`` (name -> int).
+
+    Uneven shards would otherwise make the collectives hang or fail with an opaque error; one
+    small all_gather of a few integers is cheap next to the attention it protects.
+    """
+    world = group_size(group)
+    if world == 1:
+        return
+    names = list(shapes)
+    mine = torch.tensor([int(shapes[n]) for n in names], dtype=torch.int64, device=device)
+    got = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(got, mine, group=group)
+    rows = [t.tolist() for t in got]
+    if any(r != rows[0] for r in rows):
+        table = "; ".join(f"rank {i}: " + ", ".join(f"{n}={v}" for n, v in zip(names, r))
+                          for i, r in enumerate(rows))
+        raise ValueError(f"{what}: every rank of the group must hold a shard of the same shape "
+                         f"(pad the sequence to a multiple of the group size); got {table}")
+
+
+# -- all-to-all with a backward ---------------------------------------------------------------
+def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    world = group_size(group)
+    if world == 1:
+        return x
+    send = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()  # (P, ...) chunk j -> rank j
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)                   # chunk i came from rank i
+
+
+class _AllToAll(torch.autograd.Function):
+    """Scatter ``scatter_dim`` over the group, gather ``gather_dim``. The adjoint of this
+    exchange is the same exchange with the two dims swapped (rank j's received chunk i is
+    rank i's sent chunk j), so backward is one more all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.group, ctx.scatter_dim, ctx.gather_dim = group, scatter_dim, gather_dim
+        return _all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad.contiguous(), ctx.group, ctx.gather_dim, ctx.scatter_dim), None, None, None
+
+
+def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Differentiable all-to-all: split ``x`` along ``scatter_dim`` into P chunks, send chunk j
+    to rank j, concatenate the chunks received along ``gather_dim`` in rank order."""
+    if x.shape[scatter_dim] % group_size(group):
+        raise ValueError(f"all_to_all: dim {scatter_dim} of size {x.shape[scatter_dim]} does not split "
+                         f"into {group_size(group)} equal parts")
+    return _AllToAll.apply(x, group, scatter_dim, gather_dim)
+
+
+# -- ring exchange ----------------------------------------------------------------------------
+def post_exchange(ops: Sequence[dist.P2POp]):
+    """Post a batch of isend/irecv and return the requests (a seam the tests instrument)."""
+    return dist.batch_isend_irecv(list(ops))
+
+
+def wait_all(reqs) -> None:
+    for r in reqs:
+        r.wait()
+
+
+class RingExchange:
+    """Send tensors to the next rank and receive same-shaped ones from the previous rank.
+
+    Every rank posts its sends and receives in the same order, which is what both NCCL
+    (ordered per communicator) and gloo (matched per peer and tag) need.
+    """
+
+    def __init__(self, group, *, tag: int = 0) -> None:
+        self.group, self.tag = group, tag
+        world, rank = group_size(group), group_rank(group)
+        self.next = global_rank(group, (rank + 1) % world)
+        self.prev = global_rank(group, (rank - 1) % world)
+        self._reqs = None
+
+    @property
+    def pending(self) -> bool:
+        return self._reqs is not None
+
+    def start(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Post the exchange; returns the receive buffers (valid after :meth:`wait`)."""
+        assert self._reqs is None, "previous ring exchange not waited for"
+        recv = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group, self.tag) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, b, self.prev, self.group, self.tag) for b in recv]
+        self._reqs = post_exchange(ops)
+        return recv
+
+    def wait(self) -> None:
+        if self._reqs is not None:
+            wait_all(self._reqs)
+            self._reqs = None
+
+
+# -- process groups ---------------------------------------------------------------------------
+class SPGroups(NamedTuple):
+    """The groups of this rank in the 2-D layout: global rank = ring_rank * ulysses_size + ulysses_rank."""
+
+    ulysses: Optional[dist.ProcessGroup]
+    ring: Optional[dist.ProcessGroup]
+    ulysses_rank: int
+    ring_rank: int
+
+
+def make_groups(ulysses_size: int, ring_size: int, *, backend: Optional[str] = None) -> SPGroups:
+    """Build the USP layout on the default group; every rank must call it (new_group is collective).
+
+    Ulysses groups are runs of consecutive ranks (keep them inside one machine: the all-to-all
+    is the heavy exchange), ring groups stride across them (one K/V pass per step suits the
+    slower links between machines).
+    """
+    for name, n in (("ulysses_size", ulysses_size), ("ring_size", ring_size)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if not dist.is_initialized():
+        raise RuntimeError("make_groups needs torch.distributed to be initialised (init_process_group)")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if ulysses_size * ring_size != world:
+        raise ValueError(f"make_groups: ulysses_size x ring_size = {ulysses_size} x {ring_size} = "
+                         f"{ulysses_size * ring_size} must equal the world size {world}")
+    mine_u = mine_r = None
+    for r in range(ring_size):
+        ranks = [r * ulysses_size + u for u in range(ulysses_size)]
+        g = dist.new_group(ranks, backend=backend)
+        if rank in ranks:
+            mine_u = g
+    for u in range(ulysses_size):
+        ranks = [r * ulysses_size + u for r in range(ring_size)]
+        g = dist.new_group(ranks, backend=backend)
+        if rank in ranks:
+            mine_r = g
+    return SPGroups(ulysses=mine_u, ring=mine_r, ulysses_rank=rank % ulysses_size,
+                    ring_rank=rank // ulysses_size)

@@ -1,0 +1,62 @@
+"""merge_attention: the exact log-sum-exp combine of attention results over disjoint key sets."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..inputs import check_layout
+
+
+def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], *, layout: str = "bhsd"):
+    """Combine partial attention results computed over disjoint key sets into the exact result.
+
+    If ``out_i, lse_i`` is softmax attention of the same queries over key set ``K_i``, then
+    attention over the union of the ``K_i`` is::
+
+        lse = log(sum_i exp(lse_i))
+        out = sum_i exp(lse_i - lse) * out_i
+
+    outs: each (B, H, S, D) for layout "bhsd" or (B, S, H, D) for "bshd"; lses: each float
+    (B, H, S) natural-log normaliser, as ``attnlib.attention(..., return_lse=True)`` returns.
+    A row whose lse is -inf (its shard had no visible key) contributes nothing; a row that
+    is -inf everywhere comes out as out = 0, lse = -inf, with no NaN in values or gradients
+    (its ``out_i`` must be finite, as attnlib returns 0 there). The combine runs in float32
+    (float64 when an input is float64) and is differentiable in every ``out_i`` and ``lse_i``.
+
+    Returns (out, lse): out in the layout and dtype of ``outs[0]``, lse float32 (float64 if
+    the lses were float64) of shape (B, H, S).
+    """
+    layout = check_layout(layout)
+    outs, lses = list(outs), list(lses)
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"merge_attention needs one lse per output and at least one of each, "
+                         f"got {len(outs)} outputs and {len(lses)} lses")
+    shape, lse_shape = outs[0].shape, lses[0].shape
+    want_lse = (shape[0], shape[1], shape[2]) if layout == "bhsd" else (shape[0], shape[2], shape[1])
+    for i, (o, l) in enumerate(zip(outs, lses)):
+        if o.shape != shape or l.shape != lse_shape:
+            raise ValueError(f"merge_attention: part {i} has out {tuple(o.shape)}, lse {tuple(l.shape)}; "
+                             f"part 0 has out {tuple(shape)}, lse {tuple(lse_shape)}")
+    if len(shape) != 4 or tuple(lse_shape) != want_lse:
+        raise ValueError(f"merge_attention ({layout}): out must be 4-D and lse (B, H, S) = {want_lse}, "
+                         f"got out {tuple(shape)}, lse {tuple(lse_shape)}")
+    if len(outs) == 1:
+        return outs[0], lses[0].float() if lses[0].dtype != torch.float64 else lses[0]
+
+    wide = any(t.dtype == torch.float64 for t in outs + lses)
+    ct = torch.float64 if wide else torch.float32
+    lse = torch.stack([l.to(ct) for l in lses])                        # (N, B, H, S)
+    # the max only keeps exp() in range; the result does not depend on it, so no gradient
+    m = lse.detach().amax(dim=0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse - m)                                              # 0 where lse_i = -inf
+    total = w.sum(dim=0)
+    has = total > 0
+    total_safe = torch.where(has, total, torch.ones_like(total))
+    lse_out = torch.where(has, m + torch.log(total_safe), torch.full_like(total, float("-inf")))
+    w = w / total_safe
+    if layout == "bshd":
+        w = w.transpose(-1, -2)                                         # (N, B, S, H)
+    out = sum(wi.unsqueeze(-1) * o.to(ct) for wi, o in zip(w.unbind(0), outs))
+    return out.to(outs[0].dtype), lse_out
