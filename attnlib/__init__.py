@@ -3,6 +3,7 @@ from . import kernels as _kernels  # noqa: F401  (names the kernel modules; impo
 from .api import (attention, block_sparse_attention, explain, flash_attention, linear_attention,
                   sage_attention, sla_attention)
 from .dispatch import NoKernelError, available_kernels, use_backend
+from .distributed import merge_attention, ring_attention, ulysses_attention, usp_attention
 from .integrations.sdpa import patch_sdpa, scaled_dot_product_attention
 from .varlen import flash_attention_varlen
 
@@ -11,4 +12,5 @@ __version__ = "0.1.0"
 __all__ = [
     "attention", "flash_attention", "flash_attention_varlen", "sage_attention", "block_sparse_attention",
     "linear_attention", "sla_attention", "scaled_dot_product_attention", "patch_sdpa", "explain", "available_kernels", "use_backend", "NoKernelError",
+    "merge_attention", "ulysses_attention", "ring_attention", "usp_attention",
 ]
