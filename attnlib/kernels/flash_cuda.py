@@ -1,1 +1,182 @@
-"""Method flash in CUDA C++ (placeholder until the CUDA kernels land)."""
+"""Method flash in CUDA C++ (csrc/flash): FlashAttention-2 forward for sm_80+, compiled with
+NVRTC through CuPy at first use (or shipped as cubins); backward on attnlib's Triton FA2
+backward from the saved out and lse.
+
+Imports without CuPy; a missing CuPy, NVRTC, arch or alignment shows up as a reason.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..dispatch import Kernel, register
+from ..inputs import AttentionInputs
+
+LOG2E = 1.4426950408889634
+_GRID_YZ_MAX = 65535
+
+
+def _spec_for(head_dim: int, dtype: torch.dtype, causal: bool):
+    from ..cuda.specs import flash_fwd_spec
+
+    return flash_fwd_spec(head_dim, "bf16" if dtype == torch.bfloat16 else "fp16", causal)
+
+
+def _alignment_reasons(inp: AttentionInputs) -> list[str]:
+    """cp.async moves 16-byte row chunks: each tensor must start on a 16-byte boundary and
+    its batch/head/seq strides must be multiples of 8 elements."""
+    r = []
+    for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
+        if t.numel() == 0:
+            continue
+        bad = [s for s, n in zip(t.stride()[:3], t.shape[:3]) if n > 1 and s % 8 != 0]
+        if t.data_ptr() % 16 != 0 or bad:
+            r.append(f"{name} rows are not 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}, strides "
+                     f"{tuple(t.stride())}; needs strides that are multiples of 8 elements; call .contiguous())")
+    return r
+
+
+def flash_fwd_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor | None, *, causal: bool, scale: float) -> None:
+    """Launch the forward kernel on bhsd views (unit last stride); writes out and, when given,
+    lse (dense float32 (B, Hq, Sq)). Runs on torch's current stream of q's device; no sync."""
+    import numpy as np
+
+    from ..cuda import loader
+
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    if batch == 0 or heads_q == 0 or seq_q == 0:
+        return
+    spec = _spec_for(head_dim, q.dtype, causal)
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    fn = loader.get_function(spec, dev, torch.cuda.get_device_capability(dev))
+    block_m = int(dict(spec.defines)["ATTNLIB_BLOCK_M"])
+    grid = (math.ceil(seq_q / block_m), heads_q, batch)
+
+    def ptr(t):
+        return np.uint64(t.data_ptr())
+
+    def strides(t):
+        return [np.int64(s) for s in t.stride()[:3]]
+
+    args = [ptr(q), ptr(k), ptr(v), ptr(out), np.uint64(0 if lse is None else lse.data_ptr()),
+            *strides(q), *strides(k), *strides(v), *strides(out),
+            np.int32(seq_q), np.int32(seq_k), np.int32(heads_q), np.int32(heads_q // heads_kv),
+            np.float32(scale * LOG2E)]
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    loader.launch(fn, grid, (spec.threads,), args, shared_mem=spec.smem_bytes, device_index=dev,
+                  stream_ptr=stream)
+
+
+def _forward(inp: AttentionInputs, q, k, v, want_lse: bool):
+    out = inp.new_output()
+    lse = torch.empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32, device=q.device) if want_lse else None
+    flash_fwd_cuda(q, k, v, out, lse, causal=inp.causal, scale=inp.scale)
+    return out, lse
+
+
+def _triton_backward():
+    """attnlib.triton_kernels.flash.backward.flash_bwd, or None where Triton's backward is absent."""
+    try:
+        from ..triton_kernels.flash.backward import flash_bwd
+    except ImportError:
+        return None
+    return flash_bwd
+
+
+def _reference_backward(inp: AttentionInputs, dout: torch.Tensor, dlse: torch.Tensor | None):
+    """Gradients by differentiating the float32 reference (slow, exact): the fallback where the
+    Triton backward cannot run. torch.func, since this may run inside a custom op."""
+    from ..reference import flash_reference
+
+    def f(q, k, v):
+        return flash_reference(q, k, v, causal=inp.causal, scale=inp.scale, return_lse=True)
+
+    (o, lse), vjp = torch.func.vjp(f, inp.q, inp.k, inp.v)
+    dl = torch.zeros_like(lse) if dlse is None else torch.where(torch.isfinite(lse), dlse.to(lse.dtype), 0.0)
+    return vjp((dout.to(o.dtype), dl))
+
+
+class _FlashCudaFunction(torch.autograd.Function):
+    """Autograd for direct kernel calls (dispatch.run with grad on); the public API goes through
+    attnlib.ops, which calls FlashCUDA.backward itself."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, inp):
+        out, lse = _forward(inp, q, k, v, want_lse=True)
+        ctx.save_for_backward(out, lse)
+        ctx.inp = inp
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = FLASH_CUDA.backward(ctx.inp, out, lse, dout, dlse)[:3]
+        return dq, dk, dv, None
+
+
+class FlashCUDA(Kernel):
+    name = "flash-cuda"
+    method = "flash"
+    backend = "cuda"
+    priority = 30
+    devices = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16)
+    head_dims = (64, 128)
+    head_dim_multiple = None
+    min_compute_capability = (8, 0)
+    needs_unit_last_stride = True
+    requires = ("cupy",)
+
+    def unavailable_reasons(self) -> list[str]:
+        r = super().unavailable_reasons()
+        if r:
+            return r
+        from ..cuda import loader
+
+        return loader.availability_reasons()
+
+    def extra_reasons(self, inp: AttentionInputs) -> list[str]:
+        r = []
+        if inp.head_dim_v != inp.head_dim:
+            r.append(f"value head_dim {inp.head_dim_v} differs from head_dim {inp.head_dim}")
+        if inp.heads_q > _GRID_YZ_MAX or inp.batch > _GRID_YZ_MAX:
+            r.append(f"batch and heads must be <= {_GRID_YZ_MAX} (grid limits)")
+        if max(inp.seq_q, inp.seq_k) >= 2**31:
+            r.append("sequence lengths must be < 2**31")
+        if inp.device.type != "cuda" or r:
+            return r
+        r.extend(_alignment_reasons(inp))
+        if inp.dtype in self.dtypes and inp.head_dim in self.head_dims and not self.unavailable_reasons():
+            from ..cuda import loader
+
+            cc = torch.cuda.get_device_capability(inp.device)
+            if cc >= self.min_compute_capability:
+                r.extend(loader.arch_reasons(_spec_for(inp.head_dim, inp.dtype, inp.causal), cc))
+        return r
+
+    def forward(self, inp: AttentionInputs):
+        if inp.requires_grad and torch.is_grad_enabled():
+            out, lse = _FlashCudaFunction.apply(inp.q, inp.k, inp.v, inp)
+        else:
+            out, lse = _forward(inp, inp.q, inp.k, inp.v, want_lse=inp.return_lse)
+        return (out, lse) if inp.return_lse else out
+
+    def backward(self, inp: AttentionInputs, out: torch.Tensor, lse: torch.Tensor | None, dout: torch.Tensor,
+                 dlse: torch.Tensor | None) -> tuple:
+        """The Triton FA2 backward from the saved out and lse (attnlib.triton_kernels.flash);
+        the float32 reference's gradients where Triton is not installed."""
+        bwd = _triton_backward()
+        if bwd is not None and lse is not None:
+            dq, dk, dv = bwd(dout, inp.q, inp.k, inp.v, out, lse, causal=inp.causal, scale=inp.scale, dlse=dlse)
+        else:
+            dq, dk, dv = _reference_backward(inp, dout, dlse)
+        return dq, dk, dv, None, None
+
+
+FLASH_CUDA = register(FlashCUDA())

@@ -1,0 +1,124 @@
+"""Compiled-kernel specialisations: source, entry point, -D defines, name, and the source hash.
+
+Standard library only: scripts/build_cubins.py loads this file by path, without importing
+attnlib (and so torch), inside pip's isolated build environment.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+DTYPES = ("fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One specialisation: compiled once per arch, cached and shipped under ``name``."""
+
+    name: str                       # encodes every template parameter, e.g. flash_fwd_hd64_fp16_causal0_bm64_bn64
+    source: str                     # entry source, relative to csrc/
+    entry: str                      # extern "C" kernel name
+    defines: tuple[tuple[str, str], ...] = ()
+    smem_bytes: int = 0             # dynamic shared memory per block
+    threads: int = 128
+    min_arch: int = 80              # lowest compute capability (major * 10 + minor)
+    needs_cuda_headers: bool = False  # does the source include toolkit headers (cuda_fp16.h, ...)?
+    extra_options: tuple[str, ...] = field(default=())
+
+    def define_options(self) -> list[str]:
+        return [f"-D{k}={v}" for k, v in self.defines]
+
+
+def flash_fwd_spec(head_dim: int, dtype: str, causal: bool, block_m: int = 64, block_n: int = 64) -> KernelSpec:
+    """The FlashAttention-2 forward kernel of csrc/flash/flash_fwd.cu for one parameter set."""
+    if head_dim not in (64, 128):
+        raise ValueError(f"flash_fwd is built for head dims 64 and 128, not {head_dim}")
+    if dtype not in DTYPES:
+        raise ValueError(f"flash_fwd dtype must be one of {DTYPES}, got {dtype!r}")
+    name = f"flash_fwd_hd{head_dim}_{dtype}_causal{int(causal)}_bm{block_m}_bn{block_n}"
+    return KernelSpec(
+        name=name,
+        source="flash/flash_fwd.cu",
+        entry="attnlib_flash_fwd",
+        defines=(("ATTNLIB_HEAD_DIM", str(head_dim)), ("ATTNLIB_BF16", str(int(dtype == "bf16"))),
+                 ("ATTNLIB_CAUSAL", str(int(causal))), ("ATTNLIB_BLOCK_M", str(block_m)),
+                 ("ATTNLIB_BLOCK_N", str(block_n))),
+        # Q tile + double-buffered K and V tiles, 2 bytes per element (flash_fwd_traits.cuh)
+        smem_bytes=2 * head_dim * (block_m + 4 * block_n),
+        threads=32 * (block_m // 16),
+        min_arch=80,
+    )
+
+
+FLASH_FWD_SPECS = tuple(flash_fwd_spec(hd, dt, c) for hd in (64, 128) for dt in DTYPES for c in (False, True))
+ALL_SPECS: tuple[KernelSpec, ...] = FLASH_FWD_SPECS
+
+
+# -- sources ------------------------------------------------------------------------------
+_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+def source_files(csrc: str, source: str) -> list[str]:
+    """The entry source and every header it pulls in with #include "..." (relative to the
+    including file, then to csrc/), as csrc-relative paths, sorted."""
+    seen: set[str] = set()
+    todo = [os.path.normpath(source)]
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        path = os.path.join(csrc, rel)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"attnlib CUDA source {rel!r} not found under {csrc}")
+        seen.add(rel)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        for inc in _INCLUDE.findall(text):
+            beside = os.path.normpath(os.path.join(os.path.dirname(rel), inc))
+            if os.path.isfile(os.path.join(csrc, beside)):
+                todo.append(beside)
+            elif os.path.isfile(os.path.join(csrc, inc)):
+                todo.append(os.path.normpath(inc))
+            # anything else is a system/toolkit header, found by the compiler's include path
+    return sorted(seen)
+
+
+def source_hash(csrc: str, spec: KernelSpec) -> str:
+    """sha256 over the spec's entry source, its included headers and its defines."""
+    h = hashlib.sha256()
+    for rel in source_files(csrc, spec.source):
+        with open(os.path.join(csrc, rel), "rb") as f:
+            data = f.read()
+        h.update(rel.replace(os.sep, "/").encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+    h.update(repr((spec.entry, spec.defines, spec.extra_options)).encode())
+    return h.hexdigest()
+
+
+# -- ahead-of-time cubins -----------------------------------------------------------------
+def parse_archs(archs: str | Iterable[str]) -> list[str]:
+    """"80;90", "8.0 9.0", "sm_80,sm_90a" -> ["80", "90", "90a"]."""
+    items = re.split(r"[;,\s]+", archs.strip()) if isinstance(archs, str) else list(archs)
+    out = []
+    for item in items:
+        a = item.strip().lower()
+        if not a:
+            continue
+        a = a.removeprefix("sm_").removeprefix("compute_").replace(".", "")
+        if not re.fullmatch(r"\d{2,3}[af]?", a):
+            raise ValueError(f"cannot read CUDA arch {item!r} (expected e.g. 80, 9.0, sm_90a)")
+        if a not in out:
+            out.append(a)
+    return out
+
+
+def arch_number(arch: str) -> int:
+    return int(re.match(r"\d+", arch).group(0))
+
+
+def cubin_filename(spec: KernelSpec, arch: str, src_hash: str) -> str:
+    """Name of a shipped cubin: specialisation, arch and a short source hash, so a cubin built
+    from other sources than the installed csrc/ is never picked up."""
+    return f"{spec.name}.sm_{arch}.{src_hash[:12]}.cubin"

@@ -1,0 +1,159 @@
+// The sm_80 main loop of the flash forward kernel: cp.async double-buffered K/V tiles,
+// ldmatrix fragments and mma.sync.m16n8k16 for S = Q K^T and O += P V.
+//
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), g = lane / 4, t = lane % 4:
+//   A 16x16: a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+//   B 16x8:  b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
+//   C 16x8:  c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
+// so the S accumulators of two neighbouring n-tiles are exactly the A fragment of P.
+#pragma once
+
+#include "flash_fwd_softmax.cuh"
+#include "flash_fwd_traits.cuh"
+
+namespace attnlib {
+
+// Copy rows [0, ROWS) of a (row_stride-strided, unit last stride) tile into swizzled shared
+// memory; rows >= rows_valid are zero-filled.
+template <class Traits, int ROWS>
+__device__ __forceinline__ void load_tile_async(u16* stile, const u16* gtile, i64 row_stride, i64 rows_valid) {
+  constexpr int CPR = Traits::CHUNKS_PER_ROW;
+#pragma unroll
+  for (int i = 0; i < ROWS * CPR / Traits::NUM_THREADS; ++i) {
+    const int idx = threadIdx.x + i * Traits::NUM_THREADS;
+    const int row = idx / CPR;
+    const int chunk = idx % CPR;
+    const bool valid = row < rows_valid;
+    const u16* src = valid ? gtile + row * row_stride + chunk * 8 : gtile;
+    cp_async_16(smem_addr(stile + Traits::smem_offset(row, chunk)), src, valid);
+  }
+}
+
+// Runs the key blocks this query tile can see and leaves O (unnormalised), the row max and
+// the row sums in st. smem holds Traits::SMEM_BYTES; on return the Q tile's rows of warp w
+// are free for warp w (the epilogue stages O there).
+template <class Traits>
+__device__ __forceinline__ void flash_fwd_mainloop_sm80(const FlashFwdParams& p, u16* smem, int b, int h, int m0,
+                                                        FlashFwdState<Traits>& st) {
+  using Dtype = typename Traits::Dtype;
+  constexpr int BLOCK_M = Traits::BLOCK_M;
+  constexpr int BLOCK_N = Traits::BLOCK_N;
+  u16* sQ = smem;
+  u16* sK = sQ + Traits::Q_ELEMS;             // two buffers
+  u16* sV = sK + 2 * Traits::KV_ELEMS;        // two buffers
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int hk = h / p.group;
+
+  const u16* gq = p.q + b * p.q_stride_b + h * p.q_stride_h + m0 * p.q_stride_s;
+  const u16* gk = p.k + b * p.k_stride_b + hk * p.k_stride_h;
+  const u16* gv = p.v + b * p.v_stride_b + hk * p.v_stride_h;
+
+  // Bottom-right causal: query i sees keys j <= i + diag. Key blocks past the last one the
+  // tile's bottom row can see are never loaded.
+  const i64 diag = (i64)p.seq_k - p.seq_q;
+  i64 n_end = p.seq_k;
+  if (Traits::CAUSAL) {
+    const i64 last = (i64)m0 + BLOCK_M + diag;
+    n_end = last < n_end ? last : n_end;
+  }
+  const int n_blocks = n_end > 0 ? (int)((n_end + BLOCK_N - 1) / BLOCK_N) : 0;
+
+#pragma unroll
+  for (int n = 0; n < Traits::N_TILES_O; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) st.acc_o[n][e] = 0.f;
+  }
+  st.row_max[0] = st.row_max[1] = neg_inf();
+  st.row_sum[0] = st.row_sum[1] = 0.f;
+
+  // Prologue: group 0 = Q, group 1 = K/V block 0 (empty when nothing is visible).
+  load_tile_async<Traits, BLOCK_M>(sQ, gq, p.q_stride_s, (i64)p.seq_q - m0);
+  cp_async_commit();
+  if (n_blocks > 0) {
+    load_tile_async<Traits, BLOCK_N>(sK, gk, p.k_stride_s, p.seq_k);
+    load_tile_async<Traits, BLOCK_N>(sV, gv, p.v_stride_s, p.seq_k);
+  }
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();
+
+  // Q stays in registers for the whole loop: ldmatrix matrices 0..3 = rows +0/+8 x k +0/+8.
+  u32 qf[Traits::K_STEPS_QK][4];
+#pragma unroll
+  for (int kk = 0; kk < Traits::K_STEPS_QK; ++kk) {
+    const int row = warp * Traits::WARP_ROWS + (lane % 16);
+    const int chunk = 2 * kk + lane / 16;
+    ldmatrix_x4(qf[kk], smem_addr(sQ + Traits::smem_offset(row, chunk)));
+  }
+
+  const i64 row0 = (i64)m0 + warp * Traits::WARP_ROWS + lane / 4;
+  for (int nb = 0; nb < n_blocks; ++nb) {
+    const int buf = nb & 1;
+    // Prefetch block nb + 1 into the other buffer (its readers passed the barrier that ended
+    // step nb - 1), then wait for block nb only.
+    if (nb + 1 < n_blocks) {
+      const int n1 = (nb + 1) * BLOCK_N;
+      load_tile_async<Traits, BLOCK_N>(sK + (buf ^ 1) * Traits::KV_ELEMS, gk + n1 * p.k_stride_s, p.k_stride_s,
+                                       (i64)p.seq_k - n1);
+      load_tile_async<Traits, BLOCK_N>(sV + (buf ^ 1) * Traits::KV_ELEMS, gv + n1 * p.v_stride_s, p.v_stride_s,
+                                       (i64)p.seq_k - n1);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const u16* cK = sK + buf * Traits::KV_ELEMS;
+    const u16* cV = sV + buf * Traits::KV_ELEMS;
+
+    // S = Q K^T. K is stored [key][d], i.e. B^T row-major: plain ldmatrix gives B fragments.
+    // Matrices: 0 = keys +0..7 / d +0..7 (b0 of n-tile 2np), 1 = keys +0..7 / d +8..15 (b1),
+    // 2 = keys +8..15 / d +0..7 (b0 of n-tile 2np+1), 3 = keys +8..15 / d +8..15 (b1).
+    float s[Traits::N_TILES_S][4];
+#pragma unroll
+    for (int nt = 0; nt < Traits::N_TILES_S; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < Traits::K_STEPS_QK; ++kk) {
+#pragma unroll
+      for (int np = 0; np < Traits::N_TILES_S / 2; ++np) {
+        u32 kf[4];
+        const int key = np * 16 + (lane / 16) * 8 + (lane % 8);
+        const int chunk = 2 * kk + (lane / 8) % 2;
+        ldmatrix_x4(kf, smem_addr(cK + Traits::smem_offset(key, chunk)));
+        mma_16816(s[2 * np], qf[kk], kf[0], kf[1], Dtype());
+        mma_16816(s[2 * np + 1], qf[kk], kf[2], kf[3], Dtype());
+      }
+    }
+
+    const int n0 = nb * BLOCK_N;
+    const bool need_mask = n0 + BLOCK_N > p.seq_k || (Traits::CAUSAL && n0 + BLOCK_N - 1 > (i64)m0 + diag);
+    online_softmax_step<Traits>(s, st, need_mask, n0, row0, p.seq_k, diag, p.scale_log2);
+
+    // O += P V. V is stored [key][d] = B row-major: ldmatrix.trans gives B fragments.
+    // Matrices: 0 = keys +0..7 / d +0..7 (b0 of d-tile 2dp), 1 = keys +8..15 / d +0..7 (b1),
+    // 2 = keys +0..7 / d +8..15 (b0 of d-tile 2dp+1), 3 = keys +8..15 / d +8..15 (b1).
+#pragma unroll
+    for (int kk = 0; kk < Traits::K_STEPS_PV; ++kk) {
+      u32 pf[4];
+      pf[0] = pack2(s[2 * kk][0], s[2 * kk][1], Dtype());
+      pf[1] = pack2(s[2 * kk][2], s[2 * kk][3], Dtype());
+      pf[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1], Dtype());
+      pf[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3], Dtype());
+#pragma unroll
+      for (int dp = 0; dp < Traits::N_TILES_O / 2; ++dp) {
+        u32 vf[4];
+        const int key = kk * 16 + ((lane / 8) % 2) * 8 + (lane % 8);
+        const int chunk = 2 * dp + lane / 16;
+        ldmatrix_x4_trans(vf, smem_addr(cV + Traits::smem_offset(key, chunk)));
+        mma_16816(st.acc_o[2 * dp], pf, vf[0], vf[1], Dtype());
+        mma_16816(st.acc_o[2 * dp + 1], pf, vf[2], vf[3], Dtype());
+      }
+    }
+    __syncthreads();  // everyone is done with buffer buf before step nb + 1 refills it
+  }
+  cp_async_wait<0>();
+}
+
+}  // namespace attnlib

@@ -1,0 +1,80 @@
+// Tile shapes, shared-memory layout and launch parameters of the flash forward kernel.
+//
+// These are shared by every main loop (the sm_80 mma.sync one today; an sm_90a wgmma/TMA one
+// can reuse the parameters and the epilogue and bring its own traits).
+#pragma once
+
+#include "ptx_sm80.cuh"
+
+namespace attnlib {
+
+// What the host passes: bhsd views by element strides (last-dim stride is 1), lse is a dense
+// (batch, heads_q, seq_q) float32 buffer or null.
+struct FlashFwdParams {
+  const u16* q;
+  const u16* k;
+  const u16* v;
+  u16* o;
+  float* lse;
+  i64 q_stride_b, q_stride_h, q_stride_s;
+  i64 k_stride_b, k_stride_h, k_stride_s;
+  i64 v_stride_b, v_stride_h, v_stride_s;
+  i64 o_stride_b, o_stride_h, o_stride_s;
+  int seq_q, seq_k, heads_q;
+  int group;          // heads_q / heads_kv: query head h reads kv head h / group
+  float scale_log2;   // softmax scale * log2(e), so the softmax runs on exp2
+};
+
+template <int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, typename Dtype_, bool CAUSAL_>
+struct FlashFwdTraitsSm80 {
+  static constexpr int HEAD_DIM = HEAD_DIM_;
+  static constexpr int BLOCK_M = BLOCK_M_;  // query rows per thread block
+  static constexpr int BLOCK_N = BLOCK_N_;  // keys per main-loop step
+  static constexpr bool CAUSAL = CAUSAL_;
+  using Dtype = Dtype_;
+
+  static constexpr int WARP_ROWS = 16;  // each warp owns 16 query rows (one mma M)
+  static constexpr int NUM_WARPS = BLOCK_M / WARP_ROWS;
+  static constexpr int NUM_THREADS = NUM_WARPS * 32;
+  static constexpr int CHUNKS_PER_ROW = HEAD_DIM / 8;  // 16-byte chunks of one row
+  static constexpr int N_TILES_S = BLOCK_N / 8;        // mma N tiles of S = Q K^T
+  static constexpr int K_STEPS_QK = HEAD_DIM / 16;     // mma K steps of Q K^T
+  static constexpr int K_STEPS_PV = BLOCK_N / 16;      // mma K steps of P V
+  static constexpr int N_TILES_O = HEAD_DIM / 8;       // mma N tiles of O
+
+  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "head dim 64 or 128");
+  static_assert(BLOCK_M % WARP_ROWS == 0 && NUM_WARPS >= 1, "BLOCK_M is a multiple of 16");
+  static_assert(BLOCK_N % 16 == 0, "BLOCK_N is a multiple of 16");
+  static_assert(CHUNKS_PER_ROW % 8 == 0, "the XOR swizzle needs rows of 8k 16-byte chunks");
+  static_assert((BLOCK_M * CHUNKS_PER_ROW) % NUM_THREADS == 0, "Q tile splits evenly over threads");
+  static_assert((BLOCK_N * CHUNKS_PER_ROW) % NUM_THREADS == 0, "K/V tile splits evenly over threads");
+
+  // Shared memory, in 16-bit elements: Q, then K[2], then V[2] (double-buffered).
+  static constexpr int Q_ELEMS = BLOCK_M * HEAD_DIM;
+  static constexpr int KV_ELEMS = BLOCK_N * HEAD_DIM;
+  static constexpr int SMEM_BYTES = 2 * (Q_ELEMS + 4 * KV_ELEMS);
+
+  // Element offset of (row, 16-byte chunk) in a tile. The chunk index is XORed with row % 8 so
+  // that the 8 row addresses of one ldmatrix phase (8 consecutive rows, one logical chunk)
+  // land in 8 different 4-bank groups: rows are 128 or 256 bytes, which would otherwise put
+  // them all in the same banks.
+  static __device__ __forceinline__ int smem_offset(int row, int chunk) {
+    return row * HEAD_DIM + ((chunk ^ (row & 7)) << 3);
+  }
+};
+
+}  // namespace attnlib
+
+namespace attnlib {
+
+// Per-thread registers the main loop hands to the epilogue. Thread (warp w, lane t) holds the
+// mma accumulator rows r0 = 16w + t/4 and r0 + 8 of the tile: acc_o[n][0..1] are row r0,
+// columns 8n + 2(t%4) + {0,1}; acc_o[n][2..3] the same columns of row r0 + 8.
+template <class Traits>
+struct FlashFwdState {
+  float acc_o[Traits::N_TILES_O][4];
+  float row_max[2];  // running max of the scaled scores (log2 domain) of rows r0, r0 + 8
+  float row_sum[2];  // this thread's share of sum exp2(s - row_max); quad-reduced at the end
+};
+
+}  // namespace attnlib
