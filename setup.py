@@ -59,6 +59,7 @@ setup(
         "cuda": ["cupy-cuda13x"],
         "cuda12": ["cupy-cuda12x"],
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "diffusers": ["diffusers>=0.42,<0.43"],
     },
     entry_points={"console_scripts": ["attnlib=attnlib.__main__:main"]},
     cmdclass={"build_py": BuildPyWithCubins},

@@ -81,3 +81,14 @@ def test_compiled_bad_input_still_raises():
     q, k, v = make_qkv(1, 4, 8, 16)
     with pytest.raises(Exception, match="multiple of key/value heads"):
         f(q, k[:, :3], v[:, :3])
+
+
+def test_compiled_patched_sdpa_fullgraph():
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 2, 16, 16)
+    with attnlib.patch_sdpa():
+        f = torch.compile(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True),
+                          fullgraph=True, backend="aot_eager")
+        got = f(q, k, v)
+    ref = flash_reference(q.double(), k.double(), v.double(), causal=True)
+    assert_verbose_allclose(got, ref, atol=1e-5)

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from .. import api, dispatch
-from ..dispatch import NoKernelError
 
 log = logging.getLogger("attnlib")
 
@@ -65,18 +64,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     reason = _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     if reason is None:
+        call = dict(method=method, backend=backend, causal=bool(is_causal), scale=scale, **method_options)
+        if torch.compiler.is_compiling():
+            return api.attention(query, key, value, **call)
         inp = api.build_inputs(query, key, value, method=method, causal=bool(is_causal), scale=scale,
                                **method_options)
-        try:
-            kernel = dispatch.select(inp, backend)
-        except NoKernelError as e:
-            if dispatch.effective_backend(backend) != "auto":
-                raise
-            reason = "no attnlib kernel fits: " + "; ".join(
-                r for rs in dispatch.explain(inp, backend).reasons.values() for r in rs)[:300]
-            del e
-        else:
-            return kernel.forward(inp)
+        ex = dispatch.explain(inp, backend)
+        if ex.chosen is not None or ex.backend != "auto":
+            return api.attention(query, key, value, **call)
+        reason = "no attnlib kernel fits: " + "; ".join(r for rs in ex.reasons.values() for r in rs)[:300]
     _log_fallback(reason)
     return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                       scale=scale, enable_gqa=enable_gqa)

@@ -1,0 +1,317 @@
+"""diffusers integration: run the attention core of diffusers models and pipelines on attnlib.
+
+``apply(model_or_pipeline, method="flash", backend="auto", **method_options)`` switches every
+attention module of a diffusers model (or of each ``transformer*`` / ``unet*`` component of a
+pipeline) and returns how many it switched; ``remove(model_or_pipeline)`` switches them back.
+
+How (diffusers 0.42): each attention module keeps its own processor *object*, so projections,
+norms, rotary embeddings, Flux's joint text/image attention and Wan's cross-attention all run
+unchanged; only the attention core moves. Patching is at class and instance level, in the style
+of Liger's ``monkey_patch`` (STYLE habit 11); no diffusers or torch module is modified:
+
+* class level: for each processor class, apply() builds a subclass whose ``__call__`` is the
+  original function's code bound to a copy of its module's globals (registered in sys.modules
+  as a shadow module, because torch.compile looks globals up there), in which the one name the
+  processor calls attention through is rebound to an attnlib router: ``dispatch_attention_fn``
+  (every ``AttentionModuleMixin`` processor: Wan, Flux, ...) or ``F`` (legacy ``Attention``
+  processors of UNets and VAEs, which call ``F.scaled_dot_product_attention``). Code and
+  signature are the original's, so diffusers' kwarg filtering (by ``inspect.signature``) and
+  everything else the processor does are unchanged. The copy is taken at apply() time;
+* instance level: each processor's ``__class__`` is set to that subclass (identity, attributes
+  and, for ``nn.Module`` processors, weights stay); remove() sets the original class back and
+  drops shadow modules no processor uses any more.
+
+Processors of the same class that were not switched (another model) keep running natively.
+Diffusers' own attention-backend registry is keyed by a closed Enum (``AttentionBackendName``)
+and is process-wide, so it cannot carry per-model attnlib methods and options; it is left alone,
+and a backend the user set with ``set_attention_backend`` still serves the calls attnlib leaves
+to diffusers (an attention mask, context parallelism, extra attention kwargs).
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import re
+import sys
+import threading
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .. import dispatch
+from ..options import METHOD_OPTIONS
+from . import sdpa as _sdpa
+
+log = logging.getLogger("attnlib")
+
+# diffusers (major, minor) versions whose processor/dispatch layout this module was written against
+SUPPORTED_VERSIONS = ((0, 42),)
+# the methods that patch_sdpa accepts: block_sparse needs a per-shape mask, asymrnr has no SDPA form
+METHODS = _sdpa.PATCHABLE_METHODS
+# components of a pipeline that are switched
+COMPONENT_PREFIXES = ("transformer", "unet")
+
+_DISPATCH_NAME = "dispatch_attention_fn"
+_DISPATCH_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa",
+                    "attention_kwargs", "backend", "parallel_config")
+
+
+@dataclass(frozen=True, eq=False)
+class _Route:
+    method: str
+    backend: str
+    options: dict = field(default_factory=dict)
+
+
+_lock = threading.Lock()
+_logged: set[str] = set()
+
+
+def _log_once(msg: str, *args) -> None:
+    key = msg % args
+    if key not in _logged:
+        _logged.add(key)
+        log.info(msg, *args)
+
+
+# --------------------------------------------------------------------------- version gate
+
+def _diffusers():
+    """The imported diffusers package, after checking its version is one this module handles."""
+    try:
+        import diffusers
+    except ImportError as e:  # pragma: no cover - exercised only without diffusers
+        raise ImportError("attnlib.integrations.diffusers needs the diffusers package "
+                          "(pip install 'diffusers==0.42.*')") from e
+    version = getattr(diffusers, "__version__", "unknown")
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None or (int(m.group(1)), int(m.group(2))) not in SUPPORTED_VERSIONS:
+        supported = ", ".join(f"{a}.{b}.x" for a, b in SUPPORTED_VERSIONS)
+        raise RuntimeError(f"attnlib.integrations.diffusers supports diffusers {supported}, found {version}: "
+                           "its attention processors and dispatch_attention_fn were not checked against this "
+                           "version. Install a supported diffusers, or use attnlib.patch_sdpa(...) around the "
+                           "model call instead (covers diffusers' native backend only).")
+    from diffusers.models import attention_dispatch
+    params = tuple(inspect.signature(attention_dispatch.dispatch_attention_fn).parameters)
+    if params != _DISPATCH_PARAMS:  # same minor version, changed layout: refuse rather than misroute
+        raise RuntimeError(f"diffusers {version}: dispatch_attention_fn has parameters {params}, "
+                           f"attnlib expects {_DISPATCH_PARAMS}")
+    return diffusers
+
+
+# --------------------------------------------------------------------------- routers
+
+def _to_attnlib(route: _Route, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    return _sdpa.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                              enable_gqa, method=route.method, backend=route.backend,
+                                              **route.options)
+
+
+def _dispatch_router(original: Callable, route: _Route) -> Callable:
+    """dispatch_attention_fn with diffusers' signature; q/k/v are (batch, seq, heads, head_dim)."""
+
+    def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                              enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
+        reason = None
+        if attn_mask is not None:  # diffusers' 2-D key masks etc.: its backends interpret them
+            reason = "an attention mask"
+        elif parallel_config is not None:
+            reason = "context parallelism"
+        elif attention_kwargs:
+            reason = f"attention_kwargs {sorted(attention_kwargs)}"
+        if reason is None:
+            q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+            out = _to_attnlib(route, q, k, v, None, dropout_p, is_causal, scale, enable_gqa)
+            return out.transpose(1, 2)
+        _log_once("attnlib: diffusers dispatch_attention_fn -> diffusers (%s)", reason)
+        return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs,
+                        backend=backend, parallel_config=parallel_config)
+
+    return dispatch_attention_fn
+
+
+def _functional_router(original: types.ModuleType, route: _Route) -> types.SimpleNamespace:
+    """torch.nn.functional as a legacy processor sees it, with SDPA on attnlib (which falls back to
+    torch itself for masks and dropout)."""
+
+    def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                     scale=None, enable_gqa=False):
+        return _to_attnlib(route, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+    return types.SimpleNamespace(**{**vars(original), "scaled_dot_product_attention": scaled_dot_product_attention})
+
+
+# --------------------------------------------------------------------------- processor classes
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _rebinding(cls: type) -> tuple[str, Callable] | tuple[None, str]:
+    """(global name, router factory) through which cls.__call__ reaches attention, or (None, why not)."""
+    from diffusers.models import attention_dispatch
+    call = cls.__call__
+    if not isinstance(call, types.FunctionType) or not call.__module__.startswith("diffusers."):
+        return None, "its __call__ is not a Python function defined in diffusers"
+    names, g = _code_names(call.__code__), call.__globals__
+    if _DISPATCH_NAME in names:
+        if g.get(_DISPATCH_NAME) is attention_dispatch.dispatch_attention_fn:
+            return _DISPATCH_NAME, _dispatch_router
+        return None, f"its module's {_DISPATCH_NAME} is not diffusers' own ({g.get(_DISPATCH_NAME)!r})"
+    if "F" in names and "scaled_dot_product_attention" in names and g.get("F") is torch.nn.functional:
+        return "F", _functional_router
+    return None, f"its __call__ calls attention through neither {_DISPATCH_NAME} nor F.scaled_dot_product_attention"
+
+
+# Shadow modules by name -> how many processors use them. torch.compile reaches a function's
+# globals through sys.modules[__globals__["__name__"]], so each routed copy of a processor's
+# globals is a registered module of its own, dropped when the last processor using it is restored.
+_shadow_users: Counter = Counter()
+_shadow_serial = itertools.count()
+
+
+def _routed_class(cls: type, name: str, factory: Callable, route: _Route) -> type:
+    """A subclass of cls whose __call__ is cls.__call__'s code with `name` bound to attnlib."""
+    original_call = cls.__call__
+    module_name = f"{__name__}._routed_{next(_shadow_serial)}"  # one per (class, apply call)
+    shadow = types.ModuleType(module_name, original_call.__globals__.get("__doc__"))
+    shadow.__dict__.update(original_call.__globals__)
+    shadow.__dict__.update(__name__=module_name, __spec__=None, __loader__=None)
+    shadow.__dict__[name] = factory(original_call.__globals__[name], route)
+    call = types.FunctionType(original_call.__code__, shadow.__dict__, original_call.__name__,
+                              original_call.__defaults__, original_call.__closure__)
+    call.__kwdefaults__ = original_call.__kwdefaults__
+    call.__qualname__, call.__doc__ = original_call.__qualname__, original_call.__doc__
+    call.__annotations__ = dict(original_call.__annotations__)
+    call.__dict__.update(original_call.__dict__)
+    return type(cls.__name__, (cls,), {
+        "__call__": call, "__module__": cls.__module__, "__doc__": cls.__doc__,
+        "__qualname__": f"{cls.__qualname__}[attnlib {route.method}]", "_attnlib_original_class": cls,
+        "_attnlib_shadow": shadow,
+    })
+
+
+def _switch(processor, routed: type) -> None:
+    _unswitch(processor)
+    processor.__class__ = routed
+    shadow = routed._attnlib_shadow
+    sys.modules[shadow.__name__] = shadow
+    _shadow_users[shadow.__name__] += 1
+
+
+def _unswitch(processor) -> None:
+    original = _original_class(processor)
+    if original is None:
+        return
+    shadow = type(processor)._attnlib_shadow.__name__
+    processor.__class__ = original
+    _shadow_users[shadow] -= 1
+    if _shadow_users[shadow] <= 0:
+        del _shadow_users[shadow]
+        sys.modules.pop(shadow, None)
+
+
+def _original_class(processor) -> type | None:
+    return type(processor).__dict__.get("_attnlib_original_class")
+
+
+# --------------------------------------------------------------------------- discovery
+
+def _models(model_or_pipeline) -> list[torch.nn.Module]:
+    if isinstance(model_or_pipeline, torch.nn.Module):
+        return [model_or_pipeline]
+    components = getattr(model_or_pipeline, "components", None)
+    if not isinstance(components, dict):
+        components = getattr(model_or_pipeline, "__dict__", {})
+    models = [m for name, m in components.items()
+              if isinstance(m, torch.nn.Module) and name.startswith(COMPONENT_PREFIXES)]
+    if not models:
+        raise TypeError(f"expected a diffusers model (torch.nn.Module) or a pipeline with "
+                        f"{'/'.join(p + '*' for p in COMPONENT_PREFIXES)} components, got "
+                        f"{type(model_or_pipeline).__name__}")
+    return models
+
+
+def _attention_modules(models: list[torch.nn.Module]):
+    """Modules that hold a diffusers attention processor (as diffusers' set_attention_backend finds them)."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models import attention_processor
+    classes = tuple(c for c in (AttentionModuleMixin, getattr(attention_processor, "Attention", None),
+                                getattr(attention_processor, "MochiAttention", None)) if c is not None)
+    seen: set[int] = set()
+    for model in models:
+        for module in model.modules():
+            if not isinstance(module, classes) or id(module) in seen:
+                continue
+            seen.add(id(module))
+            if getattr(module, "processor", None) is not None:
+                yield module
+
+
+# --------------------------------------------------------------------------- public API
+
+def apply(model_or_pipeline, method: str = "flash", backend: str = "auto", **method_options: Any) -> int:
+    """Run the attention core of every attention module on attnlib; returns how many were switched.
+
+    ``model_or_pipeline``: a diffusers model (``ModelMixin``) or a pipeline, whose ``transformer*``
+    and ``unet*`` components are switched. ``method`` is one of flash, sage, sla, linear
+    (approximate methods only when named); ``method_options`` are that method's options (e.g.
+    ``smooth_k`` for sage, ``critical``/``negligible``/``block_size`` for sla). Calls attnlib cannot
+    serve exactly (attention masks, dropout, context parallelism) stay with diffusers/torch and are
+    logged once at INFO. Applying again replaces the method and options.
+    """
+    dispatch.check_method(method)
+    if method not in METHODS:
+        raise ValueError(f"diffusers apply method must be one of {METHODS}, got {method!r}")
+    dispatch.check_backend(backend)
+    unknown = sorted(set(method_options) - set(METHOD_OPTIONS[method]))
+    if unknown:
+        allowed = ", ".join(sorted(METHOD_OPTIONS[method])) or "none"
+        raise TypeError(f"unknown option(s) {unknown} for method {method!r} (allowed: {allowed})")
+    _diffusers()
+    models = _models(model_or_pipeline)
+    route = _Route(method, backend, dict(method_options))
+
+    plan: dict[int, tuple[Any, type]] = {}  # processor id -> (processor, its routed class)
+    classes: dict[type, type | str] = {}  # original class -> routed class, or why it is left as is
+    switched: Counter = Counter()
+    for module in _attention_modules(models):
+        processor = module.processor
+        cls = _original_class(processor) or type(processor)
+        if cls not in classes:
+            name, factory = _rebinding(cls)
+            classes[cls] = factory if name is None else _routed_class(cls, name, factory, route)
+        if isinstance(classes[cls], str):
+            continue
+        plan[id(processor)] = (processor, classes[cls])
+        switched[cls.__name__] += 1
+    skipped = {cls.__name__: why for cls, why in classes.items() if isinstance(why, str)}
+    for cls_name, why in skipped.items():
+        _log_once("attnlib: diffusers processor %s left as is (%s)", cls_name, why)
+    total = sum(switched.values())
+    if total == 0:
+        detail = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no attention modules found"
+        raise ValueError(f"attnlib.integrations.diffusers.apply found no attention module it can switch ({detail})")
+    with _lock:  # all or nothing: nothing above changed the model
+        for processor, routed in plan.values():
+            _switch(processor, routed)
+    log.info("attnlib: diffusers %s -> %s (%s)", ", ".join(type(m).__name__ for m in models), method,
+             ", ".join(f"{n} x{c}" for n, c in sorted(switched.items())))
+    return total
+
+
+def remove(model_or_pipeline) -> int:
+    """Undo apply(): every switched processor gets its original class back; returns how many modules."""
+    with _lock:
+        modules = [m for m in _attention_modules(_models(model_or_pipeline)) if _original_class(m.processor)]
+        for module in modules:
+            _unswitch(module.processor)  # a no-op once a shared processor is restored
+    return len(modules)

@@ -1,0 +1,259 @@
+"""attnlib.integrations.diffusers on tiny, randomly initialised diffusers models (CPU, nothing downloaded)."""
+import inspect
+import sys
+import types
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from diffusers import FluxTransformer2DModel, WanTransformer3DModel  # noqa: E402
+from diffusers.models import attention_processor  # noqa: E402
+from diffusers.models.transformers import transformer_flux, transformer_wan  # noqa: E402
+
+from attnlib.integrations import diffusers as attnlib_diffusers  # noqa: E402
+from attnlib.integrations import sdpa as attnlib_sdpa  # noqa: E402
+from attnlib.testing import assert_verbose_allclose, metrics  # noqa: E402
+
+# flash in fp32 against diffusers' native SDPA: the same math, different summation order
+FLASH_ATOL, FLASH_RTOL = 2e-5, 1e-5
+# sage's contract (tests/test_reference_sage.py), here on the model's final output
+SAGE_COS_MIN, SAGE_REL_L1_MAX = 0.999, 3e-2
+# sla with half the key blocks critical and the rest on the linear branch (block 16, so
+# these 32-72 token sequences have 2-5 blocks and the linear branch really runs); its error
+# passes through the residual stream, so the bound is on the final output
+SLA_OPTIONS = dict(critical=0.5, negligible=0.0, block_size=(16, 16))
+SLA_COS_MIN = 0.99
+
+ORIGINAL_DISPATCH = transformer_wan.dispatch_attention_fn
+
+
+def tiny_wan():
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 2, 8, 8, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 12, 16, generator=g), return_dict=False)
+    return model.eval(), inputs, 4  # 2 blocks x (self-attention, cross-attention)
+
+
+def tiny_flux():
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 64, 4, generator=g),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                  pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+                  img_ids=torch.randn(64, 3, generator=g), txt_ids=torch.zeros(8, 3), return_dict=False)
+    return model.eval(), inputs, 2  # 1 joint (text+image) block + 1 single block
+
+
+MODELS = {"wan": tiny_wan, "flux": tiny_flux}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def case(request):
+    model, inputs, n_attn = MODELS[request.param]()
+    with torch.no_grad():
+        native = model(**inputs)[0]
+    return model, inputs, n_attn, native
+
+
+@pytest.fixture
+def attnlib_calls(monkeypatch):
+    """Counts the calls that reach attnlib, so a test cannot pass by never switching anything."""
+    calls = []
+    real = attnlib_sdpa.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["method"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attnlib_sdpa, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def processors(model):
+    return {name: m.processor for name, m in model.named_modules() if hasattr(m, "set_processor")}
+
+
+def classes_of(model):
+    return {name: type(p) for name, p in processors(model).items()}
+
+
+def is_switched(processor):
+    return "_attnlib_original_class" in type(processor).__dict__
+
+
+def run(model, inputs):
+    with torch.no_grad():  # sage has no backward
+        return model(**inputs)[0]
+
+
+def assert_restored(model, inputs, native, before, classes):
+    assert processors(model) == before and all(p is before[n] for n, p in processors(model).items())
+    assert classes_of(model) == classes
+    # nothing module-level is ever patched
+    assert transformer_wan.dispatch_attention_fn is ORIGINAL_DISPATCH
+    assert transformer_flux.dispatch_attention_fn is ORIGINAL_DISPATCH
+    assert attention_processor.F is torch.nn.functional
+    assert not [m for m in sys.modules if m.startswith(attnlib_diffusers.__name__ + ".")]  # shadow modules gone
+    assert torch.equal(run(model, inputs), native)  # bit for bit
+
+
+def test_flash_matches_native_and_remove_restores(case, attnlib_calls):
+    model, inputs, n_attn, native = case
+    before, classes = processors(model), classes_of(model)
+    signatures = {n: inspect.signature(p.__call__) for n, p in before.items()}
+    assert attnlib_diffusers.apply(model, method="flash") == n_attn
+    try:
+        for name, proc in processors(model).items():
+            assert proc is before[name] and isinstance(proc, classes[name]) and type(proc) is not classes[name]
+            # diffusers drops kwargs that the processor's __call__ does not name
+            assert inspect.signature(proc.__call__) == signatures[name]
+        out = run(model, inputs)
+        assert attnlib_calls == ["flash"] * n_attn
+        assert_verbose_allclose(out, native, atol=FLASH_ATOL, rtol=FLASH_RTOL)
+    finally:
+        assert attnlib_diffusers.remove(model) == n_attn
+    attnlib_calls.clear()
+    assert_restored(model, inputs, native, before, classes)
+    assert attnlib_calls == []
+
+
+def test_sage_within_contract(case, attnlib_calls):
+    model, inputs, n_attn, native = case
+    before, classes = processors(model), classes_of(model)
+    assert attnlib_diffusers.apply(model, method="sage", smooth_k=True) == n_attn
+    try:
+        m = metrics(run(model, inputs), native)
+    finally:
+        attnlib_diffusers.remove(model)
+    assert attnlib_calls == ["sage"] * n_attn
+    assert m["finite"] and m["cos_sim"] > SAGE_COS_MIN and m["rel_l1"] < SAGE_REL_L1_MAX, m
+    assert_restored(model, inputs, native, before, classes)
+
+
+def test_sla_within_contract(case, attnlib_calls):
+    model, inputs, n_attn, native = case
+    before, classes = processors(model), classes_of(model)
+    assert attnlib_diffusers.apply(model, method="sla", **SLA_OPTIONS) == n_attn
+    try:
+        m = metrics(run(model, inputs), native)
+    finally:
+        attnlib_diffusers.remove(model)
+    assert attnlib_calls == ["sla"] * n_attn
+    assert m["finite"] and m["cos_sim"] > SLA_COS_MIN, m
+    assert m["max_abs"] > 0, "sla with half the blocks on the linear branch should not be exact"
+    assert_restored(model, inputs, native, before, classes)
+
+
+def test_pipeline_components_and_reapply(attnlib_calls):
+    wan, wan_in, n_wan = tiny_wan()
+    flux, flux_in, n_flux = tiny_flux()
+    untouched, _, _ = tiny_wan()  # same processor class and module, not part of the pipeline
+    native = {"wan": run(wan, wan_in), "flux": run(flux, flux_in)}
+    vae_like = attention_processor.Attention(query_dim=32, heads=2, dim_head=16)
+    pipe = types.SimpleNamespace(transformer=wan, transformer_2=flux, vae=vae_like, scheduler=object())
+    before = {"wan": processors(wan), "flux": processors(flux), "vae": processors(vae_like)}
+    classes = {"wan": classes_of(wan), "flux": classes_of(flux), "vae": classes_of(vae_like)}
+
+    assert attnlib_diffusers.apply(pipe, method="flash") == n_wan + n_flux
+    assert attnlib_diffusers.apply(pipe, method="sage") == n_wan + n_flux  # re-apply replaces the method
+    try:
+        assert not is_switched(vae_like.processor)  # not a transformer/unet component
+        run(wan, wan_in)
+        run(flux, flux_in)
+        assert attnlib_calls == ["sage"] * (n_wan + n_flux)
+        attnlib_calls.clear()
+        run(untouched, wan_in)  # its processors see the module-level router but are not routed
+        assert attnlib_calls == []
+    finally:
+        assert attnlib_diffusers.remove(pipe) == n_wan + n_flux
+    assert attnlib_diffusers.remove(pipe) == 0
+    assert_restored(wan, wan_in, native["wan"], before["wan"], classes["wan"])
+    assert_restored(flux, flux_in, native["flux"], before["flux"], classes["flux"])
+    assert classes_of(vae_like) == classes["vae"]
+
+
+def test_attention_mask_stays_with_diffusers(attnlib_calls, caplog):
+    """diffusers' own backends serve masked calls (2-D key masks are theirs to interpret)."""
+    model, inputs, _ = tiny_flux()
+    mask = torch.ones(1, 8 + 64, dtype=torch.bool)
+    mask[:, 5:8] = False  # hide three text tokens
+    inputs = dict(inputs, joint_attention_kwargs={"attention_mask": mask})
+    native = run(model, inputs)
+    attnlib_diffusers.apply(model, method="flash")
+    try:
+        with caplog.at_level("INFO", logger="attnlib"):
+            out = run(model, inputs)
+    finally:
+        attnlib_diffusers.remove(model)
+    assert attnlib_calls == []
+    assert torch.equal(out, native)
+    assert "an attention mask" in caplog.text or "an attention mask" in str(attnlib_diffusers._logged)
+
+
+def test_torch_compile_traces_the_routed_processors(attnlib_calls):
+    model, inputs, n_attn = tiny_flux()
+    native = run(model, inputs)
+    attnlib_diffusers.apply(model, method="sla", **SLA_OPTIONS)
+    try:
+        eager = run(model, inputs)
+        torch._dynamo.reset()
+        compiled = run(torch.compile(model, backend="eager"), inputs)
+    finally:
+        attnlib_diffusers.remove(model)
+        torch._dynamo.reset()
+    assert attnlib_calls == ["sla"] * (2 * n_attn)
+    assert not torch.equal(eager, native)  # routed, not the native path
+    assert_verbose_allclose(compiled, eager, atol=FLASH_ATOL, rtol=FLASH_RTOL)
+
+
+def test_legacy_attention_processor_via_functional(attnlib_calls):
+    """Legacy diffusers Attention (UNets, VAEs) calls F.scaled_dot_product_attention in its module."""
+    torch.manual_seed(0)
+    attn = attention_processor.Attention(query_dim=32, heads=2, dim_head=16, cross_attention_dim=24).eval()
+    proc = attn.processor
+    x, ctx = torch.randn(2, 20, 32), torch.randn(2, 7, 24)
+    with torch.no_grad():
+        native = attn(x, encoder_hidden_states=ctx)
+        assert attnlib_diffusers.apply(attn, method="flash") == 1
+        try:
+            assert is_switched(attn.processor)
+            out = attn(x, encoder_hidden_states=ctx)
+            assert attnlib_calls == ["flash"]
+        finally:
+            attnlib_diffusers.remove(attn)
+        assert attn.processor is proc and type(proc) is attention_processor.AttnProcessor2_0
+        assert_verbose_allclose(out, native, atol=FLASH_ATOL, rtol=FLASH_RTOL)
+        assert torch.equal(attn(x, encoder_hidden_states=ctx), native)
+
+
+def test_bad_arguments_switch_nothing():
+    model, _, _ = tiny_flux()
+    before = processors(model)
+    with pytest.raises(ValueError, match="method"):
+        attnlib_diffusers.apply(model, method="nope")
+    with pytest.raises(ValueError, match="method"):
+        attnlib_diffusers.apply(model, method="block_sparse")  # needs a per-shape block mask
+    with pytest.raises(TypeError, match="unknown option"):
+        attnlib_diffusers.apply(model, method="sage", critical=0.5)
+    with pytest.raises(TypeError, match="pipeline"):
+        attnlib_diffusers.apply(types.SimpleNamespace(vae=model), method="flash")
+    with pytest.raises(ValueError, match="no attention module"):
+        attnlib_diffusers.apply(torch.nn.Sequential(torch.nn.Linear(2, 2)), method="flash")
+    assert processors(model) == before and not any(map(is_switched, before.values()))
+
+
+def test_unsupported_diffusers_version_is_refused(monkeypatch):
+    model, _, _ = tiny_flux()
+    monkeypatch.setattr(diffusers, "__version__", "0.99.0")
+    with pytest.raises(RuntimeError, match=r"supports diffusers 0\.42\.x, found 0\.99\.0"):
+        attnlib_diffusers.apply(model)
+    assert not any(map(is_switched, processors(model).values()))
