@@ -1,7 +1,108 @@
 """flash_attention_varlen: packed (total_tokens, heads, head_dim) sequences with cu_seqlens."""
 from __future__ import annotations
 
+import torch
+
+from .dispatch import NoKernelError, effective_backend
+from .inputs import AttentionInputs, check_backend, check_scale
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_packed(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k and v must agree on tokens and heads, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2] or q.shape[2] == 0:
+        raise ValueError(f"q and k must share a positive head_dim, got q={q.shape[2]}, k={k.shape[2]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+
+
+def _check_cu_seqlens(name: str, cu, total: int, device: torch.device, max_name: str, max_seqlen) -> None:
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError(f"{name} must be 1-D of length batch + 1 >= 2, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on the device of q ({device}), got {cu.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    if cu.device.type != "cpu":
+        return  # values on the GPU are trusted (checking them would synchronise), as in flash_attn
+    lens = cu[1:] - cu[:-1]
+    if cu[0].item() != 0 or cu[-1].item() != total or bool((lens < 0).any()):
+        raise ValueError(f"{name} must start at 0, never decrease and end at the token count {total}, "
+                         f"got {cu.tolist()}")
+    if int(lens.max()) > max_seqlen:
+        raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence in {name} "
+                         f"({int(lens.max())})")
+
+
+def _triton_reasons(q, k, v, causal: bool, scale: float) -> list[str]:
+    """Why the Triton kernel cannot run these packed tensors (empty list: it can)."""
+    from .kernels.flash_triton import FlashTriton
+
+    def view(x):  # (total, heads, d) -> (1, heads, total, d), as the kernel sees it
+        return x.unsqueeze(0).transpose(1, 2)
+
+    inp = AttentionInputs(q=view(q), k=view(k), v=view(v), method="flash", causal=causal, scale=scale)
+    return FlashTriton().not_supported_reasons(inp)
+
+
+def _pick_backend(backend: str, q, k, v, causal: bool, scale: float) -> str:
+    backend = effective_backend(backend)
+    if backend == "torch":
+        return "torch"
+    if backend == "cuda":
+        raise NoKernelError("flash_attention_varlen has no cuda backend; use backend='triton' or 'torch'")
+    reasons = _triton_reasons(q, k, v, causal, scale)
+    if backend == "triton" and reasons:
+        raise NoKernelError("flash_attention_varlen: backend='triton' cannot run this call:\n"
+                            + "\n".join(f"  - {r}" for r in reasons))
+    return "torch" if reasons else "triton"
+
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                            causal=False, scale=None, return_lse=False, backend="auto"):
-    raise NotImplementedError("flash_attention_varlen lands with the Triton flash kernels")
+    """Exact attention over packed variable-length sequences (flash_attn's varlen interface).
+
+    q (total_q, Hq, D), k/v (total_k, Hkv, D) with Hq a multiple of Hkv; sequence b owns rows
+    cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k/v (int32,
+    length batch + 1; empty sequences allowed). causal is bottom-right aligned per sequence.
+    Returns out (total_q, Hq, D), or (out, lse) with lse float32 (Hq, total_q). backend "auto"
+    runs Triton on CUDA tensors (or under TRITON_INTERPRET=1), else the torch reference.
+    """
+    check_backend(backend)
+    _check_packed(q, k, v)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, "max_seqlen_q", max_seqlen_q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, "max_seqlen_k", max_seqlen_k)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have one length (batch + 1), got "
+                         f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+    for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    scale = check_scale(scale, q.shape[2])
+    if _pick_backend(backend, q, k, v, causal, scale) == "torch":
+        from .reference.flash_varlen import flash_varlen_reference
+
+        return flash_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
+                                      return_lse=return_lse)
+    from .triton_kernels.flash.varlen import flash_attn_varlen_func
+
+    out, lse = flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      causal=causal, scale=scale)
+    return (out, lse) if return_lse else out

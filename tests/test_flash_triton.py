@@ -1,0 +1,222 @@
+"""Triton flash kernel (flash-triton): forward, backward, lse, layouts, GQA, masking, dispatch.
+
+On CPU these run under TRITON_INTERPRET=1 at small shapes; tests marked gpu (bf16, hd256,
+32k sequences) run only with a CUDA device. Accuracy follows flash_attn's rule: error against
+the float64 reference at most 2x (gradients 3x) PyTorch's own error in the kernel's dtype.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlib
+from attnlib.reference import flash_reference
+from attnlib.reference._common import causal_mask
+from attnlib.testing import assert_flash_rule, make_qkv, poison_
+
+triton = pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CPU_DTYPES = [torch.float16, torch.float32]  # bf16 tl.dot is wrong in the interpreter: gpu tests
+
+
+def torch_same_dtype(q, k, v, *, causal: bool, scale: float):
+    """Plain PyTorch math in the inputs' own dtype (the error users already accept): (out, lse).
+    Rows with no visible key give 0 and -inf; masked scores use the dtype's min, not -inf, so
+    such rows have no NaN in their gradients either."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+    if causal:
+        visible = causal_mask(q.shape[2], k.shape[2], q.device)
+    scores = scores.masked_fill(~visible, torch.finfo(q.dtype).min)
+    has_key = visible.any(-1)[:, None]
+    out = torch.where(has_key, scores.softmax(-1) @ v, torch.zeros((), dtype=q.dtype, device=q.device))
+    lse = torch.where(has_key[:, 0], torch.logsumexp(scores, -1).float(), float("-inf"))
+    return out, lse
+
+
+def grads(out, inputs, dout):
+    for t in inputs:
+        t.grad = None
+    out.backward(dout)
+    return [t.grad.detach().clone() for t in inputs]
+
+
+def check_against_reference(q, k, v, *, causal: bool, layout: str = "bhsd", backward: bool = True):
+    """Run attnlib (auto dispatch) on q, k, v and hold output, lse and gradients to the rule."""
+    scale = q.shape[-1] ** -0.5
+    to_bhsd = (lambda x: x) if layout == "bhsd" else (lambda x: x.transpose(1, 2))
+    out, lse = attnlib.flash_attention(q, k, v, causal=causal, layout=layout, return_lse=True)
+    qb, kb, vb = (to_bhsd(t) for t in (q, k, v))
+    leaves = [t.detach().double().requires_grad_() for t in (qb, kb, vb)]
+    ref, ref_lse = flash_reference(*leaves, causal=causal, scale=scale, return_lse=True)
+    same = [t.detach().clone().requires_grad_() for t in (qb, kb, vb)]
+    base, base_lse = torch_same_dtype(*same, causal=causal, scale=scale)
+    assert_flash_rule(to_bhsd(out), ref, base, name="out")
+    assert_flash_rule(lse, ref_lse, base_lse, atol=1e-4 if q.dtype == torch.float16 else 2e-5, name="lse")
+    if not backward:
+        return
+    dout = torch.randn_like(out)
+    got = grads(out, (q, k, v), dout)
+    want = grads(ref, leaves, to_bhsd(dout).double())
+    have = grads(base, same, to_bhsd(dout))
+    for name, g, w, h in zip(("dq", "dk", "dv"), got, want, have):
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        assert_flash_rule(to_bhsd(g), w, h, factor=3.0, name=name)
+
+
+# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal, layout)
+CASES = [
+    (1, 2, 2, 1, 1, 64, False, "bhsd"),
+    (1, 2, 2, 17, 17, 64, True, "bshd"),
+    (2, 2, 2, 113, 113, 64, False, "bhsd"),
+    (1, 2, 2, 129, 129, 64, True, "bhsd"),
+    (1, 4, 1, 33, 70, 40, True, "bshd"),     # MQA, seq_q < seq_k, head-dim tail
+    (1, 4, 1, 70, 33, 72, True, "bhsd"),     # seq_q > seq_k: rows with no visible key
+    (1, 8, 2, 47, 47, 64, False, "bshd"),    # GQA 4:1
+    (1, 8, 2, 40, 90, 40, True, "bhsd"),
+    (1, 2, 2, 17, 113, 72, False, "bhsd"),
+]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}kv{}q{}k{}d{}{}-{}".format(
+    c[0], c[1], c[2], c[3], c[4], c[5], "-causal" if c[6] else "", c[7]))
+def test_forward_backward(case, dtype):
+    b, hq, hkv, sq, sk, d, causal, layout = case
+    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, dtype=dtype, device=DEVICE, layout=layout,
+                       requires_grad=True, seed=sq * 1000 + sk)
+    check_against_reference(q, k, v, causal=causal, layout=layout)
+
+
+def test_strided_views_with_storage_offset():
+    """q, k, v sliced out of one packed (B, S, 3, H, D+8) buffer: offsets and odd strides, no copy."""
+    gen = torch.Generator().manual_seed(7)
+    packed = torch.randn(1, 37, 3, 2, 72, generator=gen).to(DEVICE)
+    q, k, v = (packed[:, :, i, :, 8:].detach().requires_grad_() for i in range(3))
+    assert q.storage_offset() != 0 and not q.is_contiguous()
+    check_against_reference(q, k, v, causal=True, layout="bshd")
+
+
+def test_rows_without_keys_are_zero_with_zero_gradient():
+    q, k, v = make_qkv(1, 2, 40, 64, seq_k=9, device=DEVICE, requires_grad=True, seed=3)
+    out, lse = attnlib.flash_attention(q, k, v, causal=True, return_lse=True)
+    empty = 40 - 9  # query i sees keys j <= i - 31
+    assert torch.all(out[:, :, :empty] == 0)
+    assert torch.all(lse[:, :, :empty] == float("-inf"))
+    assert torch.isfinite(lse[:, :, empty:]).all()
+    out.sum().backward()
+    assert torch.all(q.grad[:, :, :empty] == 0)
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_lse_gradient(dtype):
+    """A loss that uses lse too: its gradient folds into the backward's delta term."""
+    q, k, v = make_qkv(1, 4, 23, 40, kv_heads=2, seq_k=31, dtype=dtype, device=DEVICE, requires_grad=True, seed=4)
+    out, lse = attnlib.flash_attention(q, k, v, causal=True, return_lse=True)
+    assert lse.requires_grad and lse.dtype == torch.float32
+    w = torch.randn_like(lse)
+    got = grads(out.float().sum() + (lse * w).sum(), (q, k, v), None)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = flash_reference(*leaves, causal=True, return_lse=True)
+    want = grads(ref.sum() + (ref_lse * w.double()).sum(), leaves, None)
+    same = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    base, base_lse = torch_same_dtype(*same, causal=True, scale=40 ** -0.5)
+    have = grads(base.float().sum() + (base_lse * w).sum(), same, None)
+    for name, g, wt, h in zip(("dq", "dk", "dv"), got, want, have):
+        assert_flash_rule(g, wt, h, factor=3.0, name=name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_launchers_write_every_element(causal):
+    """Call the launchers with NaN-filled buffers: every output element must be written."""
+    from attnlib.triton_kernels.flash.backward import bwd_dkdv, bwd_dq, bwd_preprocess
+    from attnlib.triton_kernels.flash.forward import flash_fwd
+
+    q, k, v = make_qkv(1, 4, 37, 40, kv_heads=2, seq_k=21, device=DEVICE, seed=5)
+    out, lse = poison_(torch.empty_like(q)), poison_(torch.empty(q.shape[:3]))
+    flash_fwd(q, k, v, out, lse, causal=causal, scale=40 ** -0.5)
+    assert torch.isfinite(out).all()
+    assert not torch.isnan(lse).any()
+    dout = torch.randn_like(out)
+    delta = poison_(torch.empty_like(lse))
+    bwd_preprocess(out, dout, delta, None)
+    assert torch.isfinite(delta).all()
+    dq, dk, dv = (poison_(torch.empty_like(t)) for t in (q, k, v))
+    bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal=causal, scale=40 ** -0.5, varlen=None)
+    bwd_dq(q, k, v, dout, lse, delta, dq, causal=causal, scale=40 ** -0.5, varlen=None)
+    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(t).all(), f"{name} not fully written"
+
+
+def test_output_in_caller_layout():
+    q, k, v = make_qkv(1, 2, 17, 64, layout="bshd", device=DEVICE, seed=6)
+    out = attnlib.flash_attention(q, k, v, layout="bshd")
+    assert out.shape == q.shape and out.is_contiguous() and out.dtype == q.dtype
+
+
+def test_dispatcher_picks_flash_triton():
+    q, k, v = make_qkv(1, 2, 16, 64, device=DEVICE)
+    assert attnlib.explain(q, k, v).chosen.name == "flash-triton"
+    assert attnlib.explain(q, k, v, causal=True, layout="bhsd").chosen.name == "flash-triton"
+
+
+def test_rejections_have_reasons():
+    q, k, v = make_qkv(1, 2, 16, 64, head_dim_v=32, device=DEVICE)
+    reasons = attnlib.explain(q, k, v, backend="triton").reasons["flash-triton"]
+    assert any("value head_dim 32" in r for r in reasons)
+    q, k, v = make_qkv(1, 2, 16, 60, device=DEVICE)
+    reasons = attnlib.explain(q, k, v, backend="triton").reasons["flash-triton"]
+    assert any("head_dim 60" in r for r in reasons)
+    q, k, v = make_qkv(1, 2, 16, 64, device=DEVICE)
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)
+    reasons = attnlib.explain(qt, k, v, backend="triton").reasons["flash-triton"]
+    assert any(".contiguous()" in r for r in reasons)
+    with pytest.raises(attnlib.NoKernelError):
+        attnlib.flash_attention(qt, k, v, backend="triton")
+
+
+# ---- GPU only --------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [CASES[3], CASES[5], CASES[6]], ids=["causal", "empty-rows", "gqa"])
+def test_bf16(case):
+    b, hq, hkv, sq, sk, d, causal, layout = case
+    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, dtype=torch.bfloat16, device="cuda",
+                       layout=layout, requires_grad=True, seed=11)
+    check_against_reference(q, k, v, causal=causal, layout=layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [96, 192, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_large_head_dims(head_dim, dtype):
+    q, k, v = make_qkv(2, 4, 300, head_dim, kv_heads=2, seq_k=257, dtype=dtype, device="cuda",
+                       requires_grad=True, seed=head_dim)
+    check_against_reference(q, k, v, causal=True)
+
+
+@pytest.mark.gpu
+def test_32k_tokens_index_overflow():
+    """q with more than 2**31 elements: batch/head offsets must be 64-bit."""
+    b, s, hq, hkv, d = 17, 32768, 32, 8, 128  # q: 2.28e9 elements, > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, s, hq, d, device="cuda", dtype=torch.float16, generator=gen)
+    k = torch.randn(b, s, hkv, d, device="cuda", dtype=torch.float16, generator=gen)
+    v = torch.randn(b, s, hkv, d, device="cuda", dtype=torch.float16, generator=gen)
+    out = attnlib.flash_attention(q, k, v, causal=True, layout="bshd")
+    rows = slice(s - 64, s)
+    for hh in (0, hq - 1):
+        qb = q[-1:, rows, hh:hh + 1].transpose(1, 2)
+        kb, vb = (t[-1:, :, hh // (hq // hkv):hh // (hq // hkv) + 1].transpose(1, 2) for t in (k, v))
+        ref = flash_reference(qb, kb, vb, causal=True)  # 64 queries aligned to the last keys
+        got = out[-1:, rows, hh:hh + 1].transpose(1, 2)
+        assert (got.float() - ref.float()).abs().max().item() < 2e-3
+
+
+@pytest.mark.gpu
+def test_long_sequence_backward():
+    q, k, v = make_qkv(1, 1, 16384, 64, dtype=torch.float16, device="cuda", requires_grad=True, seed=1)
+    check_against_reference(q, k, v, causal=True)

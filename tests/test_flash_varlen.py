@@ -1,0 +1,151 @@
+"""flash_attention_varlen: packed ragged sequences (with empty ones) on the Triton kernel
+against the float64 reference, forward and backward, plus argument validation and backend choice."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlib
+from attnlib.reference.flash_varlen import flash_varlen_reference
+from attnlib.testing import assert_flash_rule
+
+from test_flash_triton import torch_same_dtype
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cu_seqlens(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+
+
+def packed(lengths_q, lengths_k, heads_q, heads_kv, head_dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(n, h):
+        return torch.randn(n, h, head_dim, generator=gen).to(DEVICE, dtype).requires_grad_()
+
+    return rnd(sum(lengths_q), heads_q), rnd(sum(lengths_k), heads_kv), rnd(sum(lengths_k), heads_kv)
+
+
+def same_dtype_varlen(q, k, v, cq, ck, causal, scale):
+    """PyTorch in the inputs' dtype, sequence by sequence: (out, lse (H, total_q))."""
+    outs, lses = [], []
+    cq, ck = cq.tolist(), ck.tolist()
+    for b in range(len(cq) - 1):
+        qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in
+                      (q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]))
+        o, lse = torch_same_dtype(qs, ks, vs, causal=causal, scale=scale)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def ran_triton(lse):
+    return "FlashAttnFunction" in type(lse.grad_fn).__name__
+
+
+def grads(out, inputs, dout):
+    for t in inputs:
+        t.grad = None
+    out.backward(dout)
+    return [t.grad.detach().clone() for t in inputs]
+
+
+# (lengths_q, lengths_k, heads_q, heads_kv, head_dim)
+CASES = [
+    ([5, 0, 1, 17, 33], [7, 3, 0, 17, 20], 4, 2, 40),
+    ([1, 40, 0], [1, 23, 9], 2, 2, 64),
+    ([16, 16], [16, 48], 4, 1, 72),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", CASES, ids=["ragged-gqa", "with-empty", "mqa"])
+def test_varlen_forward_backward(case, dtype, causal):
+    lq, lk, hq, hkv, d = case
+    q, k, v = packed(lq, lk, hq, hkv, d, dtype, seed=sum(lq))
+    cq, ck = cu_seqlens(lq), cu_seqlens(lk)
+    scale = d ** -0.5
+    out, lse = attnlib.flash_attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal, return_lse=True)
+    assert ran_triton(lse)  # auto picked the Triton kernel
+    assert out.shape == q.shape and lse.shape == (hq, sum(lq)) and lse.dtype == torch.float32
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = flash_varlen_reference(*leaves, cq, ck, causal=causal, scale=scale, return_lse=True)
+    same = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    base, base_lse = same_dtype_varlen(*same, cq, ck, causal, scale)
+    assert_flash_rule(out, ref, base, name="out")
+    assert_flash_rule(lse, ref_lse, base_lse, atol=1e-4 if dtype == torch.float16 else 2e-5, name="lse")
+    dout = torch.randn_like(out)
+    got, want, have = grads(out, (q, k, v), dout), grads(ref, leaves, dout.double()), grads(base, same, dout)
+    for name, g, w, h in zip(("dq", "dk", "dv"), got, want, have):
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        assert_flash_rule(g, w, h, factor=3.0, name=name)
+
+
+def test_torch_and_triton_backends_agree():
+    lq, lk = [3, 0, 9], [5, 2, 0]
+    q, k, v = packed(lq, lk, 2, 2, 32, torch.float32, seed=1)
+    args = (q, k, v, cu_seqlens(lq), cu_seqlens(lk), 9, 5)
+    o1, l1 = attnlib.flash_attention_varlen(*args, causal=True, return_lse=True, backend="torch")
+    o2, l2 = attnlib.flash_attention_varlen(*args, causal=True, return_lse=True, backend="triton")
+    torch.testing.assert_close(o1, o2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(l1, l2, atol=1e-5, rtol=0)
+    assert torch.all(o2[9:] == 0) and torch.all(l2[:, 9:] == float("-inf"))  # last sequence has no keys
+
+
+def test_forced_triton_without_interpreter_raises(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("tensors are on the GPU")
+    q, k, v = packed([4], [4], 2, 2, 32, torch.float32)
+    cu = cu_seqlens([4])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(attnlib.NoKernelError, match="TRITON_INTERPRET"):
+        attnlib.flash_attention_varlen(q, k, v, cu, cu, 4, 4, backend="triton")
+    _, lse = attnlib.flash_attention_varlen(q, k, v, cu, cu, 4, 4, return_lse=True)  # auto: reference
+    assert not ran_triton(lse)
+
+
+def test_float64_runs_on_torch_backend():
+    q, k, v = (t.detach().double() for t in packed([3, 4], [2, 5], 2, 1, 16, torch.float32))
+    out = attnlib.flash_attention_varlen(q, k, v, cu_seqlens([3, 4]), cu_seqlens([2, 5]), 4, 5)
+    assert out.dtype == torch.float64 and out.shape == q.shape
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(cu_seqlens_q=torch.tensor([0, 3, 7], dtype=torch.int64)), TypeError, "cu_seqlens_q must have dtype"),
+    (dict(cu_seqlens_k=torch.tensor([0, 2, 6], dtype=torch.int32)), ValueError, "cu_seqlens_k must start at 0"),
+    (dict(cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32), max_seqlen_k=7), ValueError, "one length"),
+    (dict(max_seqlen_q=3), ValueError, "max_seqlen_q"),
+    (dict(max_seqlen_k=2.5), TypeError, "max_seqlen_k"),
+    (dict(q=torch.randn(1, 7, 2, 16)), ValueError, "q must be 3-D"),
+    (dict(k=torch.randn(7, 3, 16)), ValueError, "k and v must agree"),
+    (dict(scale=-1.0), ValueError, "scale"),
+    (dict(causal=1), TypeError, "causal"),
+    (dict(backend="gpu"), ValueError, "backend"),
+])
+def test_bad_arguments(change, error, match):
+    q, k, v = (t.detach() for t in packed([3, 4], [2, 5], 2, 1, 16, torch.float32))
+    args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens([3, 4]), cu_seqlens_k=cu_seqlens([2, 5]),
+                max_seqlen_q=4, max_seqlen_k=5)
+    args.update({n: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for n, t in change.items()})
+    with pytest.raises(error, match=match):
+        attnlib.flash_attention_varlen(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_bf16_and_long(causal):
+    lq, lk = [1, 0, 700, 2049, 5], [3, 9, 1000, 2049, 0]
+    q, k, v = packed(lq, lk, 8, 2, 128, torch.bfloat16, seed=2)
+    cq, ck = cu_seqlens(lq), cu_seqlens(lk)
+    out, lse = attnlib.flash_attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal, return_lse=True)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = flash_varlen_reference(*leaves, cq, ck, causal=causal, return_lse=True)
+    same = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    base, base_lse = same_dtype_varlen(*same, cq, ck, causal, 128 ** -0.5)
+    assert_flash_rule(out, ref, base)
+    dout = torch.randn_like(out)
+    got, want, have = grads(out, (q, k, v), dout), grads(ref, leaves, dout.double()), grads(base, same, dout)
+    for name, g, w, h in zip(("dq", "dk", "dv"), got, want, have):
+        assert_flash_rule(g, w, h, factor=3.0, name=name)

@@ -1,0 +1,319 @@
+"""FlashAttention-2 backward in Triton: D = rowsum(dO * O), a dK/dV kernel (one program per key
+block and kv head, looping over the group's query heads and query blocks, so GQA gradients are
+summed without atomics and the result is deterministic), and a dQ kernel (one program per query
+block and query head, looping over key blocks). Nothing N x N is stored."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .common import (LOG2E, Varlen, cu_pointers, dot_precision, geometry, key_query_range, load_tile,
+                     query_key_range, seq_bounds, store_tile, strides3, strides4)
+
+PREPROCESS_BLOCK_M = 64
+
+
+@triton.jit(do_not_specialize=["seq_q"])
+def _bwd_preprocess_kernel(O, DO, DELTA, CU_Q,
+                           stride_ob, stride_oh, stride_om, stride_od,
+                           stride_db, stride_dh, stride_dm, stride_dd,
+                           stride_lb, stride_lh, stride_lm, seq_q,
+                           HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, VARLEN: tl.constexpr,
+                           BLOCK_M: tl.constexpr):
+    """delta[row] = sum_d dO[row, d] * O[row, d] in float32."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2)
+    q_start, seq_q = seq_bounds(CU_Q, b, seq_q, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seq_q:
+        return
+    b64 = b.to(tl.int64)
+    row0 = q_start + start_m
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    m_ok = start_m + offs_i < seq_q
+    d_ok = offs_d < HEAD_DIM
+    o = load_tile(O + b64 * stride_ob + h * stride_oh + row0 * stride_om
+                  + offs_i[:, None] * stride_om + offs_d[None, :] * stride_od, m_ok, d_ok, True, D_PAD != HEAD_DIM)
+    do = load_tile(DO + b64 * stride_db + h * stride_dh + row0 * stride_dm
+                   + offs_i[:, None] * stride_dm + offs_d[None, :] * stride_dd, m_ok, d_ok, True, D_PAD != HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + b64 * stride_lb + h * stride_lh + row0 * stride_lm + offs_i * stride_lm, delta, mask=m_ok)
+
+
+@triton.jit
+def _log2_lse(lse):
+    # lse = -inf marks a row with no visible key: +inf makes its probabilities exp2(-inf) = 0
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs,
+                stride_qm, stride_dom, stride_lm, offs_m0, offs_n, offs_d, seq_q, seq_k, diag,
+                lo, hi, qk_scale,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head (the
+    transposed form: rows of every tile are keys)."""
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs += lo * stride_qm
+    do_ptrs += lo * stride_dom
+    lse_ptrs += lo * stride_lm
+    delta_ptrs += lo * stride_lm
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < seq_q
+        b_q = load_tile(q_ptrs, m_ok, d_ok, MASK, D_PAD != HEAD_DIM)
+        b_do = load_tile(do_ptrs, m_ok, d_ok, MASK, D_PAD != HEAD_DIM)
+        if MASK:
+            lse2 = _log2_lse(tl.load(lse_ptrs, mask=m_ok, other=0.0))
+            delta = tl.load(delta_ptrs, mask=m_ok, other=0.0)
+        else:
+            lse2 = _log2_lse(tl.load(lse_ptrs))
+            delta = tl.load(delta_ptrs)
+        qk_t = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale
+        p_t = tl.math.exp2(qk_t - lse2[None, :])
+        if MASK:
+            keep = m_ok[None, :] & (offs_n[:, None] < seq_k)
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= offs_m[None, :] + diag)
+            p_t = tl.where(keep, p_t, 0.0)
+        dv = tl.dot(p_t.to(b_do.dtype), b_do, dv, input_precision=PREC)
+        dp_t = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(b_q.dtype), b_q, dk, input_precision=PREC)
+        q_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_dom
+        lse_ptrs += BLOCK_M * stride_lm
+        delta_ptrs += BLOCK_M * stride_lm
+    return dk, dv
+
+
+@configs.dkdv_autotune()
+# sequence lengths vary per call: one compiled kernel for all (no "== 1" specialisation)
+@triton.jit(do_not_specialize=["seq_q", "seq_k"])
+def flash_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_lb, stride_lh, stride_lm,
+    seq_q, seq_k, group, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (key blocks, kv heads, batch); sums over the group query heads of each kv head."""
+    pid_n = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, seq_q = seq_bounds(CU_Q, b, seq_q, VARLEN)
+    k_start, seq_k = seq_bounds(CU_K, b, seq_k, VARLEN)
+    start_n = pid_n * BLOCK_N
+    if start_n >= seq_k:
+        return
+    b64 = b.to(tl.int64)
+    kvh64 = kvh.to(tl.int64)
+    row0 = k_start + start_n
+    offs_j = tl.arange(0, BLOCK_N)
+    offs_n = start_n + offs_j
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    n_ok = offs_n < seq_k
+    d_ok = offs_d < HEAD_DIM
+    tile_k = offs_j[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    b_k = load_tile(K + b64 * stride_kb + kvh64 * stride_kh + row0 * stride_kn + tile_k,
+                    n_ok, d_ok, True, D_PAD != HEAD_DIM)
+    b_v = load_tile(V + b64 * stride_vb + kvh64 * stride_vh + row0 * stride_vn
+                    + offs_j[:, None] * stride_vn + offs_d[None, :] * stride_vd, n_ok, d_ok, True, D_PAD != HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    diag = seq_k - seq_q
+    lo, mid, end, hi = key_query_range(start_n, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+    for g in range(0, group):
+        h64 = kvh64 * group + g
+        q_ptrs = (Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
+                  + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+        do_ptrs = (DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
+                   + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod)
+        lse_ptrs = LSE + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm + offs_m0 * stride_lm
+        delta_ptrs = DELTA + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm + offs_m0 * stride_lm
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs,
+                             stride_qm, stride_dom, stride_lm, offs_m0, offs_n, offs_d, seq_q, seq_k, diag,
+                             lo, mid, qk_scale, HEAD_DIM, D_PAD, BLOCK_M, True, CAUSAL, PREC)
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs,
+                             stride_qm, stride_dom, stride_lm, offs_m0, offs_n, offs_d, seq_q, seq_k, diag,
+                             mid, end, qk_scale, HEAD_DIM, D_PAD, BLOCK_M, False, CAUSAL, PREC)
+        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs,
+                             stride_qm, stride_dom, stride_lm, offs_m0, offs_n, offs_d, seq_q, seq_k, diag,
+                             end, hi, qk_scale, HEAD_DIM, D_PAD, BLOCK_M, True, CAUSAL, PREC)
+    dk_ptrs = (DK + b64 * stride_dkb + kvh64 * stride_dkh + row0 * stride_dkn
+               + offs_j[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
+    dv_ptrs = (DV + b64 * stride_dvb + kvh64 * stride_dvh + row0 * stride_dvn
+               + offs_j[:, None] * stride_dvn + offs_d[None, :] * stride_dvd)
+    store_tile(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), n_ok, d_ok, D_PAD != HEAD_DIM)
+    store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), n_ok, d_ok, D_PAD != HEAD_DIM)
+
+
+@triton.jit
+def _dq_inner(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+              seq_k, diag, lo, hi, qk_scale,
+              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi)."""
+    d_ok = offs_d < HEAD_DIM
+    k_ptrs += lo * stride_kn
+    v_ptrs += lo * stride_vn
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < seq_k
+        b_k = load_tile(k_ptrs, n_ok, d_ok, MASK, D_PAD != HEAD_DIM)
+        b_v = load_tile(v_ptrs, n_ok, d_ok, MASK, D_PAD != HEAD_DIM)
+        qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
+        p = tl.math.exp2(qk - lse2[:, None])
+        if MASK:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(b_k.dtype), b_k, dq, input_precision=PREC)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return dq
+
+
+@configs.dq_autotune()
+# sequence lengths vary per call: one compiled kernel for all (no "== 1" specialisation)
+@triton.jit(do_not_specialize=["seq_q", "seq_k"])
+def flash_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_lb, stride_lh, stride_lm,
+    seq_q, seq_k, group, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (query blocks, query heads, batch)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, seq_q = seq_bounds(CU_Q, b, seq_q, VARLEN)
+    k_start, seq_k = seq_bounds(CU_K, b, seq_k, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seq_q:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    kvh64 = (h // group).to(tl.int64)
+    row0 = q_start + start_m
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_i
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    m_ok = offs_m < seq_q
+    d_ok = offs_d < HEAD_DIM
+    b_q = load_tile(Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qm
+                    + offs_i[:, None] * stride_qm + offs_d[None, :] * stride_qd, m_ok, d_ok, True, D_PAD != HEAD_DIM)
+    b_do = load_tile(DO + b64 * stride_dob + h64 * stride_doh + row0 * stride_dom
+                     + offs_i[:, None] * stride_dom + offs_d[None, :] * stride_dod, m_ok, d_ok, True,
+                     D_PAD != HEAD_DIM)
+    lse_off = b64 * stride_lb + h64 * stride_lh + row0 * stride_lm + offs_i * stride_lm
+    lse2 = _log2_lse(tl.load(LSE + lse_off, mask=m_ok, other=0.0))
+    delta = tl.load(DELTA + lse_off, mask=m_ok, other=0.0)
+    k_ptrs = (K + b64 * stride_kb + kvh64 * stride_kh + k_start * stride_kn
+              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+    v_ptrs = (V + b64 * stride_vb + kvh64 * stride_vh + k_start * stride_vn
+              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    diag = seq_k - seq_q
+    full_end, hi = query_key_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _dq_inner(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                   seq_k, diag, 0, full_end, qk_scale, HEAD_DIM, D_PAD, BLOCK_N, False, CAUSAL, PREC)
+    dq = _dq_inner(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                   seq_k, diag, full_end, hi, qk_scale, HEAD_DIM, D_PAD, BLOCK_N, True, CAUSAL, PREC)
+    dq_ptrs = (DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqm
+               + offs_i[:, None] * stride_dqm + offs_d[None, :] * stride_dqd)
+    store_tile(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), m_ok, d_ok, D_PAD != HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------------------
+def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor, delta: torch.Tensor, varlen: Optional[Varlen]) -> None:
+    batch, max_q, _ = geometry(out, out, varlen)
+    head_dim = out.shape[3]
+    cu_q, _ = cu_pointers(out, varlen)
+    grid = (triton.cdiv(max_q, PREPROCESS_BLOCK_M), out.shape[1], batch)
+    _bwd_preprocess_kernel[grid](
+        out, dout, delta, cu_q, *strides4(out, varlen), *strides4(dout, varlen), *strides3(delta, varlen),
+        max_q, HEAD_DIM=head_dim, D_PAD=configs.padded_head_dim(head_dim), VARLEN=varlen is not None,
+        BLOCK_M=PREPROCESS_BLOCK_M)
+
+
+def bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, *, causal: bool, scale: float, varlen: Optional[Varlen]) -> None:
+    batch, max_q, max_k = geometry(q, k, varlen)
+    heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    cu_q, cu_k = cu_pointers(q, varlen)
+
+    def grid(meta):
+        return (triton.cdiv(max_k, meta["BLOCK_N"]), heads_kv, batch)
+
+    flash_bwd_dkdv_kernel[grid](
+        q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
+        *strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(dout, varlen),
+        *strides4(dk, varlen), *strides4(dv, varlen), *strides3(lse, varlen),
+        max_q, max_k, heads_q // heads_kv, scale, scale * LOG2E,
+        HEAD_DIM=head_dim, D_PAD=configs.padded_head_dim(head_dim), CAUSAL=causal,
+        VARLEN=varlen is not None, PREC=dot_precision(q.dtype))
+
+
+def bwd_dq(q, k, v, dout, lse, delta, dq, *, causal: bool, scale: float, varlen: Optional[Varlen]) -> None:
+    batch, max_q, max_k = geometry(q, k, varlen)
+    heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    cu_q, cu_k = cu_pointers(q, varlen)
+
+    def grid(meta):
+        return (triton.cdiv(max_q, meta["BLOCK_M"]), heads_q, batch)
+
+    flash_bwd_dq_kernel[grid](
+        q, k, v, dout, lse, delta, dq, cu_q, cu_k,
+        *strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(dout, varlen),
+        *strides4(dq, varlen), *strides3(lse, varlen),
+        max_q, max_k, heads_q // heads_kv, scale, scale * LOG2E,
+        HEAD_DIM=head_dim, D_PAD=configs.padded_head_dim(head_dim), CAUSAL=causal,
+        VARLEN=varlen is not None, PREC=dot_precision(q.dtype))
+
+
+def flash_bwd(dout, q, k, v, out, lse, *, causal: bool, scale: float, varlen: Optional[Varlen] = None,
+              dlse: Optional[torch.Tensor] = None):
+    """dq, dk, dv (in q/k/v's dtype and strides where dense) from dout and the saved forward.
+
+    dlse, the gradient flowing into lse, folds into delta: d lse / d s = P, so
+    dS = P * (dP - (rowsum(dO * O) - dlse)).
+    """
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    batch, max_q, max_k = geometry(q, k, varlen)
+    if batch == 0 or q.shape[1] == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if max_q == 0 or max_k == 0:  # nothing attends: all gradients vanish
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    delta = torch.empty_like(lse)
+    bwd_preprocess(out, dout, delta, varlen)
+    if dlse is not None:
+        delta -= torch.where(torch.isfinite(lse), dlse.to(delta.dtype), 0.0)
+    bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal=causal, scale=scale, varlen=varlen)
+    bwd_dq(q, k, v, dout, lse, delta, dq, causal=causal, scale=scale, varlen=varlen)
+    return dq, dk, dv
