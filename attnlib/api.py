@@ -41,9 +41,9 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
                      return_lse=return_lse, **method_options)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in method_options.values()))
-    out, lse = ops.attention_op(q, k, v, method=method, backend=backend, layout=layout, causal=causal,
-                                scale=scale, return_lse=return_lse, needs_grad=needs_grad,
-                                **ops.op_arguments(method, method_options))
+    out, lse = torch.ops.attnlib.attention(q, k, v, method=method, backend=backend, layout=layout, causal=causal,
+                                           scale=scale, return_lse=return_lse, needs_grad=needs_grad,
+                                           **ops.op_arguments(method, method_options))
     return (out, lse) if return_lse else out
 
 

@@ -97,6 +97,23 @@ METHOD_OPTIONS: dict[str, dict[str, tuple[Any, Callable[[Any, AttentionInputs], 
     "asymrnr": {},
 }
 
+# How each option travels through the attnlib::attention custom op: its schema type and the
+# placeholder sent when the called method does not use it. Tensor options are "Tensor?" with
+# placeholder None. A new option is one line here plus its METHOD_OPTIONS entry.
+OP_OPTION_TYPES: dict[str, tuple[str, Any]] = {
+    "block_mask": ("Tensor?", None),
+    "proj_weight": ("Tensor?", None),
+    "proj_bias": ("Tensor?", None),
+    "smooth_k": ("bool", True),
+    "feature_map": ("str", "elu"),
+    "eps": ("float", 1e-6),
+    "critical": ("float", 0.0),
+    "negligible": ("float", 0.0),
+    "block_size": ("int[]", (64, 64)),
+}
+# options whose value is a tuple in Python and a list in the op schema
+TUPLE_OPTIONS = ("block_size",)
+
 # methods whose result has no log-sum-exp / no softmax scale
 NO_LSE = ("linear", "sla")
 NO_SCALE = ("linear",)
