@@ -45,13 +45,10 @@ for a stricter unidirectional figure.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-WORKLOADS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "workloads.json")
 DEFAULT_WORKLOADS = ("wan2.1-14b-720p-81f", "hunyuanvideo-720p-129f")
 # (label, machines, GPUs per machine, W_in GB/s, W_out GB/s)
 EXAMPLES = (("8 GPUs, NVLink 900 GB/s", 1, 8, 900.0, 900.0),
@@ -85,11 +82,14 @@ class Row:
         return None if self.t_total is None else self.t_comp / self.t_total
 
 
-def load_workloads(path: str = WORKLOADS) -> dict:
-    with open(path) as f:
-        data = json.load(f)
+def load_workloads(path: Optional[str] = None) -> dict:
+    """Shapes by name, found as the benchmark runner finds them (../shared, else bench/'s copy)."""
+    try:
+        from bench.runner import load_workloads as workload_list
+    except ImportError:  # run as a script from inside bench/
+        from runner import load_workloads as workload_list
     return {w["name"]: Shape(w["name"], w["batch"], w["heads"], w["kv_heads"], w["head_dim"], w["seq"],
-                             w["layers"], bool(w.get("causal", False))) for w in data["workloads"]}
+                             w["layers"], bool(w.get("causal", False))) for w in workload_list(path)}
 
 
 def flops(s: Shape) -> float:
@@ -173,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", action="append", help="name in workloads.json (repeatable); "
                     f"default {', '.join(DEFAULT_WORKLOADS)}")
-    ap.add_argument("--workloads-file", default=WORKLOADS)
+    ap.add_argument("--workloads-file", default=None, help="default: ../shared/workloads.json, else bench's copy")
     ap.add_argument("--machines", type=int, help="machines (omit for the two example set-ups)")
     ap.add_argument("--gpus", type=int, default=8, help="GPUs per machine")
     ap.add_argument("--bw-in", type=float, default=900.0, help="GB/s per GPU inside a machine")
