@@ -85,24 +85,95 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     Returns out (total_q, Hq, D), or (out, lse) with lse float32 (Hq, total_q). backend "auto"
     runs Triton on CUDA tensors (or under TRITON_INTERPRET=1), else the torch reference.
     """
-    check_backend(backend)
-    _check_packed(q, k, v)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, "max_seqlen_q", max_seqlen_q)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, "max_seqlen_k", max_seqlen_k)
-    if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have one length (batch + 1), got "
-                         f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
-    for name, flag in (("causal", causal), ("return_lse", return_lse)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    scale = check_scale(scale, q.shape[2])
+    if not torch.compiler.is_compiling():  # the fake implementation checks shapes while tracing
+        check_backend(backend)
+        _check_packed(q, k, v)
+        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, "max_seqlen_q", max_seqlen_q)
+        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, "max_seqlen_k", max_seqlen_k)
+        if cu_seqlens_q.shape != cu_seqlens_k.shape:
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have one length (batch + 1), got "
+                             f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+        for name, flag in (("causal", causal), ("return_lse", return_lse)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        scale = check_scale(scale, q.shape[2])
+        _pick_backend(backend, q, k, v, causal, scale)  # raises for a backend that cannot run it
+    elif scale is None:
+        scale = q.shape[2] ** -0.5
+    out, lse = torch.ops.attnlib.flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                              causal, scale, backend)
+    return (out, lse) if return_lse else out
+
+
+# -- the custom ops: forward and backward, opaque to torch.compile -------------------------------
+_LIB = torch.library.Library("attnlib", "FRAGMENT")
+_LIB.define("flash_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+            "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, str backend) -> (Tensor, Tensor)")
+_LIB.define("flash_varlen_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
+            "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+            "bool causal, float scale, str backend) -> Tensor[]")
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.impl(_LIB, "flash_varlen", "CompositeExplicitAutograd")
+def _flash_varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend):
     if _pick_backend(backend, q, k, v, causal, scale) == "torch":
         from .reference.flash_varlen import flash_varlen_reference
 
-        return flash_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
-                                      return_lse=return_lse)
-    from .triton_kernels.flash.varlen import flash_attn_varlen_func
+        out, lse = flash_varlen_reference(q, k, v, cu_q, cu_k, causal=causal, scale=scale, return_lse=True)
+    else:
+        from .triton_kernels.flash.varlen import flash_attn_varlen_func
 
-    out, lse = flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                      causal=causal, scale=scale)
-    return (out, lse) if return_lse else out
+        out, lse = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, scale=scale)
+    return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
+
+
+@torch.library.register_fake("attnlib::flash_varlen", lib=_LIB)
+def _flash_varlen_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend):
+    _check_packed(q, k, v)
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    return out, q.new_empty(q.shape[1], q.shape[0], dtype=_lse_dtype(q))
+
+
+@torch.library.impl(_LIB, "flash_varlen_backward", "CompositeExplicitAutograd")
+def _flash_varlen_backward_impl(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, backend):
+    if _pick_backend(backend, q, k, v, causal, scale) == "torch":
+        from .reference.flash_varlen import flash_varlen_reference
+
+        def f(q_, k_, v_):
+            return flash_varlen_reference(q_, k_, v_, cu_q, cu_k, causal=causal, scale=scale, return_lse=True)
+
+        (o, l), vjp = torch.func.vjp(f, q, k, v)
+        cot = (dout.to(o.dtype), dlse.to(l.dtype) if dlse is not None else torch.zeros_like(l))
+        return [g.contiguous() for g in vjp(cot)]
+    from .triton_kernels.flash.backward import flash_bwd
+    from .triton_kernels.flash.common import Varlen
+    from .triton_kernels.flash.varlen import packed_to_bhsd
+
+    varlen = Varlen(cu_q, cu_k, int(max_q), int(max_k))
+    grads = flash_bwd(packed_to_bhsd(dout), packed_to_bhsd(q), packed_to_bhsd(k), packed_to_bhsd(v),
+                      packed_to_bhsd(out), lse, causal=causal, scale=scale, varlen=varlen, dlse=dlse)
+    return [g.transpose(1, 2).squeeze(0).contiguous() for g in grads]
+
+
+@torch.library.register_fake("attnlib::flash_varlen_backward", lib=_LIB)
+def _flash_varlen_backward_fake(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, backend):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
+    ctx.args = (max_q, max_k, causal, scale, backend)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.attnlib.flash_varlen_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("attnlib::flash_varlen", _backward, setup_context=_setup_context, lib=_LIB)
