@@ -29,12 +29,32 @@ __device__ __forceinline__ void load_tile_async(u16* stile, const u16* gtile, i6
   }
 }
 
-// Runs the key blocks this query tile can see and leaves O (unnormalised), the row max and
-// the row sums in st. smem holds Traits::SMEM_BYTES; on return the Q tile's rows of warp w
-// are free for warp w (the epilogue stages O there).
+// The key blocks a main loop visits, in order: count(p, m0, diag) steps, step nb starting at
+// key start(nb). Dense flash visits every block the tile can see; block_sparse
+// (csrc/block_sparse) passes a list.
 template <class Traits>
-__device__ __forceinline__ void flash_fwd_mainloop_sm80(const FlashFwdParams& p, u16* smem, int b, int h, int m0,
-                                                        FlashFwdState<Traits>& st) {
+struct DenseKeyBlocks {
+  static constexpr bool kDense = true;
+  // Bottom-right causal: query i sees keys j <= i + diag; key blocks past the last one the
+  // tile's bottom row can see are never loaded.
+  __device__ __forceinline__ int count(const FlashFwdParams& p, int m0, i64 diag) const {
+    i64 n_end = p.seq_k;
+    if (Traits::CAUSAL) {
+      const i64 last = (i64)m0 + Traits::BLOCK_M + diag;
+      n_end = last < n_end ? last : n_end;
+    }
+    return n_end > 0 ? (int)((n_end + Traits::BLOCK_N - 1) / Traits::BLOCK_N) : 0;
+  }
+  __device__ __forceinline__ int start(int nb) const { return nb * Traits::BLOCK_N; }
+};
+
+// Runs the key blocks `blocks` lists (all visible to this query tile, ascending) and leaves O
+// (unnormalised), the row max and the row sums in st. smem holds Traits::SMEM_BYTES; on return
+// the Q tile's rows of warp w are free for warp w (the epilogue stages O there).
+template <class Traits, class KeyBlocks>
+__device__ __forceinline__ void flash_fwd_mainloop_sm80_blocks(const FlashFwdParams& p, u16* smem, int b, int h,
+                                                               int m0, FlashFwdState<Traits>& st,
+                                                               const KeyBlocks& blocks) {
   using Dtype = typename Traits::Dtype;
   constexpr int BLOCK_M = Traits::BLOCK_M;
   constexpr int BLOCK_N = Traits::BLOCK_N;
@@ -49,15 +69,8 @@ __device__ __forceinline__ void flash_fwd_mainloop_sm80(const FlashFwdParams& p,
   const u16* gk = p.k + b * p.k_stride_b + hk * p.k_stride_h;
   const u16* gv = p.v + b * p.v_stride_b + hk * p.v_stride_h;
 
-  // Bottom-right causal: query i sees keys j <= i + diag. Key blocks past the last one the
-  // tile's bottom row can see are never loaded.
   const i64 diag = (i64)p.seq_k - p.seq_q;
-  i64 n_end = p.seq_k;
-  if (Traits::CAUSAL) {
-    const i64 last = (i64)m0 + BLOCK_M + diag;
-    n_end = last < n_end ? last : n_end;
-  }
-  const int n_blocks = n_end > 0 ? (int)((n_end + BLOCK_N - 1) / BLOCK_N) : 0;
+  const int n_blocks = blocks.count(p, m0, diag);
 
 #pragma unroll
   for (int n = 0; n < Traits::N_TILES_O; ++n) {
@@ -71,8 +84,9 @@ __device__ __forceinline__ void flash_fwd_mainloop_sm80(const FlashFwdParams& p,
   load_tile_async<Traits, BLOCK_M>(sQ, gq, p.q_stride_s, (i64)p.seq_q - m0);
   cp_async_commit();
   if (n_blocks > 0) {
-    load_tile_async<Traits, BLOCK_N>(sK, gk, p.k_stride_s, p.seq_k);
-    load_tile_async<Traits, BLOCK_N>(sV, gv, p.v_stride_s, p.seq_k);
+    const int n_first = blocks.start(0);
+    load_tile_async<Traits, BLOCK_N>(sK, gk + n_first * p.k_stride_s, p.k_stride_s, (i64)p.seq_k - n_first);
+    load_tile_async<Traits, BLOCK_N>(sV, gv + n_first * p.v_stride_s, p.v_stride_s, (i64)p.seq_k - n_first);
   }
   cp_async_commit();
   cp_async_wait<1>();
@@ -93,7 +107,9 @@ __device__ __forceinline__ void flash_fwd_mainloop_sm80(const FlashFwdParams& p,
     // Prefetch block nb + 1 into the other buffer (its readers passed the barrier that ended
     // step nb - 1), then wait for block nb only.
     if (nb + 1 < n_blocks) {
-      const int n1 = (nb + 1) * BLOCK_N;
+      // (written out for dense loops: going through start() here cost the hd128 causal kernel
+      // 32 bytes of spills at the 255-register limit, nvcc 13.0 sm_90)
+      const int n1 = KeyBlocks::kDense ? (nb + 1) * BLOCK_N : blocks.start(nb + 1);
       load_tile_async<Traits, BLOCK_N>(sK + (buf ^ 1) * Traits::KV_ELEMS, gk + n1 * p.k_stride_s, p.k_stride_s,
                                        (i64)p.seq_k - n1);
       load_tile_async<Traits, BLOCK_N>(sV + (buf ^ 1) * Traits::KV_ELEMS, gv + n1 * p.v_stride_s, p.v_stride_s,
@@ -127,7 +143,7 @@ __device__ __forceinline__ void flash_fwd_mainloop_sm80(const FlashFwdParams& p,
       }
     }
 
-    const int n0 = nb * BLOCK_N;
+    const int n0 = blocks.start(nb);
     const bool need_mask = n0 + BLOCK_N > p.seq_k || (Traits::CAUSAL && n0 + BLOCK_N - 1 > (i64)m0 + diag);
     online_softmax_step<Traits>(s, st, need_mask, n0, row0, p.seq_k, diag, p.scale_log2);
 
@@ -154,6 +170,13 @@ __device__ __forceinline__ void flash_fwd_mainloop_sm80(const FlashFwdParams& p,
     __syncthreads();  // everyone is done with buffer buf before step nb + 1 refills it
   }
   cp_async_wait<0>();
+}
+
+// Dense flash: every key block the tile can see.
+template <class Traits>
+__device__ __forceinline__ void flash_fwd_mainloop_sm80(const FlashFwdParams& p, u16* smem, int b, int h, int m0,
+                                                        FlashFwdState<Traits>& st) {
+  flash_fwd_mainloop_sm80_blocks<Traits>(p, smem, b, h, m0, st, DenseKeyBlocks<Traits>{});
 }
 
 }  // namespace attnlib

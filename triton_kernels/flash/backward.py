@@ -11,8 +11,9 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import (LOG2E, Varlen, cu_pointers, dot_precision, geometry, key_query_range, load_tile,
-                     query_key_range, seq_bounds, store_tile, strides3, strides4)
+from .common import (LOG2E, Varlen, cu_pointers, dkdv_query_block, dot_precision, dq_key_block, geometry,
+                     key_query_range, load_tile, query_key_range, seq_bounds, store_tile, strides3, strides4)
+from .common import log2_lse as _log2_lse
 
 PREPROCESS_BLOCK_M = 64
 
@@ -47,12 +48,6 @@ def _bwd_preprocess_kernel(O, DO, DELTA, CU_Q,
 
 
 @triton.jit
-def _log2_lse(lse):
-    # lse = -inf marks a row with no visible key: +inf makes its probabilities exp2(-inf) = 0
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-
-
-@triton.jit
 def _dkdv_inner(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs,
                 stride_qm, stride_dom, stride_lm, offs_m0, offs_n, offs_d, seq_q, seq_k, diag,
                 lo, hi, qk_scale,
@@ -66,27 +61,9 @@ def _dkdv_inner(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs,
     lse_ptrs += lo * stride_lm
     delta_ptrs += lo * stride_lm
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + offs_m0
-        m_ok = offs_m < seq_q
-        b_q = load_tile(q_ptrs, m_ok, d_ok, MASK, D_PAD != HEAD_DIM)
-        b_do = load_tile(do_ptrs, m_ok, d_ok, MASK, D_PAD != HEAD_DIM)
-        if MASK:
-            lse2 = _log2_lse(tl.load(lse_ptrs, mask=m_ok, other=0.0))
-            delta = tl.load(delta_ptrs, mask=m_ok, other=0.0)
-        else:
-            lse2 = _log2_lse(tl.load(lse_ptrs))
-            delta = tl.load(delta_ptrs)
-        qk_t = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale
-        p_t = tl.math.exp2(qk_t - lse2[None, :])
-        if MASK:
-            keep = m_ok[None, :] & (offs_n[:, None] < seq_k)
-            if CAUSAL:
-                keep = keep & (offs_n[:, None] <= offs_m[None, :] + diag)
-            p_t = tl.where(keep, p_t, 0.0)
-        dv = tl.dot(p_t.to(b_do.dtype), b_do, dv, input_precision=PREC)
-        dp_t = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(b_q.dtype), b_q, dk, input_precision=PREC)
+        dk, dv = dkdv_query_block(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m + offs_m0,
+                                  offs_n, d_ok, seq_q, seq_k, diag, qk_scale, D_PAD != HEAD_DIM, MASK, CAUSAL,
+                                  PREC)
         q_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
         lse_ptrs += BLOCK_M * stride_lm
@@ -172,20 +149,8 @@ def _dq_inner(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 
     k_ptrs += lo * stride_kn
     v_ptrs += lo * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        n_ok = cols < seq_k
-        b_k = load_tile(k_ptrs, n_ok, d_ok, MASK, D_PAD != HEAD_DIM)
-        b_v = load_tile(v_ptrs, n_ok, d_ok, MASK, D_PAD != HEAD_DIM)
-        qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
-        p = tl.math.exp2(qk - lse2[:, None])
-        if MASK:
-            keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
-            p = tl.where(keep, p, 0.0)
-        dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(b_k.dtype), b_k, dq, input_precision=PREC)
+        dq = dq_key_block(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, offs_m, start_n + offs_n, d_ok, seq_k, diag,
+                          qk_scale, D_PAD != HEAD_DIM, MASK, CAUSAL, PREC)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     return dq

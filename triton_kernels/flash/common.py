@@ -135,3 +135,84 @@ def key_query_range(start_n, seq_q, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
         mid = 0
     end = tl.maximum((seq_q // BLOCK_M) * BLOCK_M, mid)
     return lo, mid, end, hi
+
+
+# ---- one step of each main loop, shared by the dense flash kernels and block_sparse ----------
+# The dense kernels walk key (or query) blocks in order; block_sparse visits only the blocks a
+# mask lists. Both call these per block, so the softmax / gradient math exists once.
+@triton.jit
+def log2_lse(lse):
+    # lse = -inf marks a row with no visible key: +inf makes its probabilities exp2(-inf) = 0
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def attend_key_block(acc, l_i, m_i, b_q, k_ptrs, v_ptrs, offs_m, cols, d_ok, seq_k, diag, qk_scale,
+                     CHECK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """Fold one key block (keys `cols`, tiles at k_ptrs/v_ptrs) into the running base-2 online
+    softmax (acc, l_i, m_i); MASK applies the key-tail and causal masks."""
+    n_ok = cols < seq_k
+    b_k = load_tile(k_ptrs, n_ok, d_ok, MASK, CHECK_D)
+    qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
+    if MASK:
+        keep = n_ok[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+        qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # rows that have seen no visible key yet keep m = -inf; shift them by 0 instead
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    b_v = load_tile(v_ptrs, n_ok, d_ok, MASK, CHECK_D)
+    acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def dq_key_block(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, offs_m, cols, d_ok, seq_k, diag, qk_scale,
+                 CHECK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate one key block's contribution to dQ (unscaled) of a resident query block."""
+    n_ok = cols < seq_k
+    b_k = load_tile(k_ptrs, n_ok, d_ok, MASK, CHECK_D)
+    b_v = load_tile(v_ptrs, n_ok, d_ok, MASK, CHECK_D)
+    qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
+    p = tl.math.exp2(qk - lse2[:, None])
+    if MASK:
+        keep = n_ok[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+        p = tl.where(keep, p, 0.0)
+    dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(b_k.dtype), b_k, dq, input_precision=PREC)
+
+
+@triton.jit
+def dkdv_query_block(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, offs_m, offs_n, d_ok,
+                     seq_q, seq_k, diag, qk_scale,
+                     CHECK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """Accumulate one query block's contribution to dK (unscaled), dV of a resident key block
+    (the transposed form: rows of every tile are keys)."""
+    m_ok = offs_m < seq_q
+    b_q = load_tile(q_ptrs, m_ok, d_ok, MASK, CHECK_D)
+    b_do = load_tile(do_ptrs, m_ok, d_ok, MASK, CHECK_D)
+    if MASK:
+        lse2 = log2_lse(tl.load(lse_ptrs, mask=m_ok, other=0.0))
+        delta = tl.load(delta_ptrs, mask=m_ok, other=0.0)
+    else:
+        lse2 = log2_lse(tl.load(lse_ptrs))
+        delta = tl.load(delta_ptrs)
+    qk_t = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale
+    p_t = tl.math.exp2(qk_t - lse2[None, :])
+    if MASK:
+        keep = m_ok[None, :] & (offs_n[:, None] < seq_k)
+        if CAUSAL:
+            keep = keep & (offs_n[:, None] <= offs_m[None, :] + diag)
+        p_t = tl.where(keep, p_t, 0.0)
+    dv = tl.dot(p_t.to(b_do.dtype), b_do, dv, input_precision=PREC)
+    dp_t = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(b_q.dtype), b_q, dk, input_precision=PREC)
+    return dk, dv

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import (LOG2E, Varlen, cu_pointers, dot_precision, geometry, load_tile, query_key_range,
-                     seq_bounds, store_tile, strides3, strides4)
+from .common import (LOG2E, Varlen, attend_key_block, cu_pointers, dot_precision, geometry, load_tile,
+                     query_key_range, seq_bounds, store_tile, strides3, strides4)
 
 
 @triton.jit
@@ -24,24 +24,8 @@ def _fwd_inner(acc, l_i, m_i, b_q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m,
     k_ptrs += lo * stride_kn
     v_ptrs += lo * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        n_ok = cols < seq_k
-        b_k = load_tile(k_ptrs, n_ok, d_ok, MASK, D_PAD != HEAD_DIM)
-        qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
-        if MASK:
-            keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
-            qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # rows that have seen no visible key yet keep m = -inf; shift them by 0 instead
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        b_v = load_tile(v_ptrs, n_ok, d_ok, MASK, D_PAD != HEAD_DIM)
-        acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=PREC)
-        m_i = m_new
+        acc, l_i, m_i = attend_key_block(acc, l_i, m_i, b_q, k_ptrs, v_ptrs, offs_m, start_n + offs_n, d_ok,
+                                         seq_k, diag, qk_scale, D_PAD != HEAD_DIM, MASK, CAUSAL, PREC)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i

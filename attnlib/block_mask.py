@@ -1,0 +1,132 @@
+"""Block-mask formats for method block_sparse: the canonical bool block mask, the row index form
+the kernels walk (FlexAttention's ``kv_num_blocks`` / ``kv_indices``), its transpose for the
+dK/dV pass, token-mask reduction, and conversion to torch's FlexAttention ``BlockMask``.
+
+The canonical mask is bool (B or 1, H or 1, ceil(Sq/bq), ceil(Sk/bk)); True = the (query block,
+key block) pair is computed. The row index form lists, per query block, the allowed key blocks
+in ascending order: ``kv_num_blocks`` (B, H, Mq) int32 and ``kv_indices`` (B, H, Mq, Mk) int32,
+of which the first ``kv_num_blocks`` entries of each row are meaningful (the rest hold the
+row's unlisted blocks, also ascending, and are never read). Broadcast dims (size 1) stay size 1.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .inputs import check_block_size
+from .reference._common import num_blocks
+
+
+def _check_bool_mask(block_mask: Any, name: str = "block_mask") -> torch.Tensor:
+    if not isinstance(block_mask, torch.Tensor):
+        raise TypeError(f"{name} must be a bool torch.Tensor, got {type(block_mask).__name__}")
+    if block_mask.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool, got {block_mask.dtype}")
+    if block_mask.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B or 1, H or 1, query blocks, key blocks), "
+                         f"got shape {tuple(block_mask.shape)}")
+    return block_mask
+
+
+def block_mask_to_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool (B, H, Mq, Mk) -> (kv_num_blocks (B, H, Mq) int32, kv_indices (B, H, Mq, Mk) int32),
+    the allowed key blocks of each query block first, ascending. One sort over the mask: work is
+    O(mask size), independent of the sequence length beyond it."""
+    m = _check_bool_mask(block_mask)
+    kv_num_blocks = m.sum(dim=-1, dtype=torch.int32)
+    # stable sort of "not allowed" (0 before 1) lists allowed blocks first, each group ascending
+    kv_indices = torch.sort((~m).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+    return kv_num_blocks.contiguous(), kv_indices.contiguous()
+
+
+def block_mask_to_col_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transposed (column) form for dK/dV: (q_num_blocks (B, H, Mk) int32, q_indices
+    (B, H, Mk, Mq) int32), the query blocks that read each key block, ascending."""
+    return block_mask_to_index(_check_bool_mask(block_mask).transpose(-1, -2))
+
+
+def index_to_block_mask(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+                        num_key_blocks: Optional[int] = None) -> torch.Tensor:
+    """Inverse of :func:`block_mask_to_index`: bool (B, H, Mq, Mk), Mk = num_key_blocks or
+    kv_indices.shape[-1]."""
+    for name, t, dim in (("kv_num_blocks", kv_num_blocks, 3), ("kv_indices", kv_indices, 4)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 (or int64), got {t.dtype}")
+        if t.dim() != dim:
+            raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if tuple(kv_indices.shape[:3]) != tuple(kv_num_blocks.shape):
+        raise ValueError(f"kv_indices {tuple(kv_indices.shape)} and kv_num_blocks {tuple(kv_num_blocks.shape)} "
+                         "must agree on (B, H, Mq)")
+    mk = kv_indices.shape[-1] if num_key_blocks is None else int(num_key_blocks)
+    slots = kv_indices.shape[-1]
+    listed = torch.arange(slots, device=kv_indices.device) < kv_num_blocks[..., None]
+    out = torch.zeros(*kv_indices.shape[:3], mk + 1, dtype=torch.bool, device=kv_indices.device)
+    # unlisted slots scatter into a spare column that is cut off
+    idx = torch.where(listed, kv_indices.long(), torch.full_like(kv_indices, mk, dtype=torch.long))
+    out.scatter_(-1, idx, True)
+    return out[..., :mk]
+
+
+def block_mask_from_token_mask(mask: torch.Tensor, block_size=(64, 64)) -> torch.Tensor:
+    """Token mask (Sq, Sk) or (B or 1, H or 1, Sq, Sk), True = visible -> the canonical bool
+    block mask (B or 1, H or 1, ceil(Sq/bq), ceil(Sk/bk)): a block is on if any pair in it is on."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+    if mask.dim() == 2:
+        mask = mask[None, None]
+    if mask.dim() != 4:
+        raise ValueError(f"mask must be 2-D (Sq, Sk) or 4-D (B, H, Sq, Sk), got shape {tuple(mask.shape)}")
+    bq, bk = check_block_size(block_size)
+    b, h, sq, sk = mask.shape
+    mq, mk = num_blocks(sq, bq), num_blocks(sk, bk)
+    padded = mask.new_zeros(b, h, mq * bq, mk * bk)
+    padded[..., :sq, :sk] = mask
+    return padded.view(b, h, mq, bq, mk, bk).any(dim=5).any(dim=3)
+
+
+def to_flex_block_mask(block_mask: torch.Tensor, block_size=(64, 64), *, seq_q: int, seq_k: int,
+                       causal: bool = False):
+    """The same sparsity as torch's FlexAttention ``BlockMask`` (for flex_attention, or to
+    compare with it). Listed blocks wholly visible are flex's "full" blocks; with causal, blocks
+    cut by the bottom-right diagonal (key j visible to query i iff j <= i + seq_k - seq_q) are
+    partial, masked per element by the mask_mod, which also carries the block mask for
+    flex's unfused (eager) path."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError as e:  # pragma: no cover - old torch
+        raise RuntimeError("to_flex_block_mask needs torch.nn.attention.flex_attention (torch >= 2.5)") from e
+    m = _check_bool_mask(block_mask)
+    bq, bk = check_block_size(block_size)
+    if not isinstance(seq_q, int) or not isinstance(seq_k, int) or seq_q <= 0 or seq_k <= 0:
+        raise ValueError(f"seq_q and seq_k must be positive ints, got {seq_q!r}, {seq_k!r}")
+    if m.shape[-2:] != (num_blocks(seq_q, bq), num_blocks(seq_k, bk)):
+        raise ValueError(f"block_mask's last dims {tuple(m.shape[-2:])} do not match seq_q={seq_q}, seq_k={seq_k} "
+                         f"with block_size={(bq, bk)}")
+    bb, bh = int(m.shape[0] > 1), int(m.shape[1] > 1)
+    diag = seq_k - seq_q
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = m[b * bb, h * bh, q_idx // bq, kv_idx // bk]
+        return (keep & (kv_idx <= q_idx + diag)) if causal else keep
+
+    # listed blocks that need no per-element mask are "full" (compiled flex skips mask_mod there)
+    full = m
+    if causal:
+        qi = torch.arange(m.shape[-2], device=m.device)[:, None]
+        kj = torch.arange(m.shape[-1], device=m.device)[None, :]
+        full = m & ((kj + 1) * bk - 1 <= qi * bq + diag)
+        partial = m & ~full & (kj * bk <= torch.clamp((qi + 1) * bq - 1, max=seq_q - 1) + diag)
+    else:
+        partial = torch.zeros_like(m)
+    num, idx = block_mask_to_index(partial)
+    full_num, full_idx = block_mask_to_index(full)
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
+                                    seq_lengths=(seq_q, seq_k))
+
+__all__ = ["block_mask_to_index", "block_mask_to_col_index", "index_to_block_mask", "block_mask_from_token_mask",
+           "to_flex_block_mask"]

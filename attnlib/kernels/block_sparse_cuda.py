@@ -1,0 +1,144 @@
+"""Method block_sparse in CUDA C++ (csrc/block_sparse): the flash forward's sm_80 main loop and
+epilogue (csrc/flash) walking the listed key blocks, compiled with NVRTC through CuPy at first
+use by the flash loader (attnlib.cuda). Block sizes (64, 64) and (128, 64); fp16/bf16; head
+dims 64/128. Backward: the Triton block-sparse backward from the saved out and lse.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..dispatch import Kernel, register
+from ..inputs import AttentionInputs
+from .flash_cuda import LOG2E, _GRID_YZ_MAX, _alignment_reasons
+
+BLOCK_SIZES = ((64, 64), (128, 64))
+
+
+def block_sparse_fwd_spec(head_dim: int, dtype: str, causal: bool, block_m: int = 64, block_n: int = 64):
+    """csrc/block_sparse/block_sparse_fwd.cu for one parameter set (the flash traits' tile)."""
+    from ..cuda.specs import DTYPES, KernelSpec
+
+    if head_dim not in (64, 128):
+        raise ValueError(f"block_sparse_fwd is built for head dims 64 and 128, not {head_dim}")
+    if dtype not in DTYPES:
+        raise ValueError(f"block_sparse_fwd dtype must be one of {DTYPES}, got {dtype!r}")
+    if (block_m, block_n) not in BLOCK_SIZES:
+        raise ValueError(f"block_sparse_fwd block size must be one of {BLOCK_SIZES}, got {(block_m, block_n)}")
+    return KernelSpec(
+        name=f"block_sparse_fwd_hd{head_dim}_{dtype}_causal{int(causal)}_bm{block_m}_bn{block_n}",
+        source="block_sparse/block_sparse_fwd.cu",
+        entry="attnlib_block_sparse_fwd",
+        defines=(("ATTNLIB_HEAD_DIM", str(head_dim)), ("ATTNLIB_BF16", str(int(dtype == "bf16"))),
+                 ("ATTNLIB_CAUSAL", str(int(causal))), ("ATTNLIB_BLOCK_M", str(block_m)),
+                 ("ATTNLIB_BLOCK_N", str(block_n))),
+        smem_bytes=2 * head_dim * (block_m + 4 * block_n),  # as the flash traits
+        threads=32 * (block_m // 16),
+        min_arch=80,
+    )
+
+
+def all_specs():
+    return tuple(block_sparse_fwd_spec(hd, dt, c, bm, bn) for hd in (64, 128) for dt in ("fp16", "bf16")
+                 for c in (False, True) for bm, bn in BLOCK_SIZES)
+
+
+def _strides_bhm(t: torch.Tensor):
+    import numpy as np
+
+    return [np.int64(0 if t.shape[i] == 1 else t.stride(i)) for i in range(3)]
+
+
+def block_sparse_fwd_cuda(q, k, v, out, lse, kv_num_blocks, kv_indices, *, block_size, causal: bool,
+                          scale: float) -> None:
+    """Launch on bhsd views (unit last stride); lse dense float32 (B, Hq, Sq). No sync."""
+    import numpy as np
+
+    from ..cuda import loader
+
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    if batch == 0 or heads_q == 0 or seq_q == 0:
+        return
+    bm, bn = block_size
+    spec = block_sparse_fwd_spec(head_dim, "bf16" if q.dtype == torch.bfloat16 else "fp16", causal, bm, bn)
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    fn = loader.get_function(spec, dev, torch.cuda.get_device_capability(dev))
+
+    def ptr(t):
+        return np.uint64(t.data_ptr())
+
+    def strides(t):
+        return [np.int64(s) for s in t.stride()[:3]]
+
+    args = [ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse), ptr(kv_num_blocks), ptr(kv_indices),
+            *strides(q), *strides(k), *strides(v), *strides(out),
+            *_strides_bhm(kv_num_blocks), *_strides_bhm(kv_indices),
+            np.int32(seq_q), np.int32(seq_k), np.int32(heads_q), np.int32(heads_q // heads_kv),
+            np.float32(scale * LOG2E)]
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    loader.launch(fn, (math.ceil(seq_q / bm), heads_q, batch), (spec.threads,), args, shared_mem=spec.smem_bytes,
+                  device_index=dev, stream_ptr=stream)
+
+
+class BlockSparseCUDA(Kernel):
+    name = "block_sparse-cuda"
+    method = "block_sparse"
+    backend = "cuda"
+    priority = 30
+    devices = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16)
+    head_dims = (64, 128)
+    head_dim_multiple = None
+    min_compute_capability = (8, 0)
+    needs_unit_last_stride = True
+    requires = ("cupy", "triton")  # triton: the backward
+    options = ("block_mask", "block_size")
+
+    def unavailable_reasons(self) -> list[str]:
+        r = super().unavailable_reasons()
+        if r:
+            return r
+        from ..cuda import loader
+
+        return loader.availability_reasons()
+
+    def extra_reasons(self, inp: AttentionInputs) -> list[str]:
+        r = []
+        bs = tuple(inp.options.get("block_size", (64, 64)))
+        if bs not in BLOCK_SIZES:
+            r.append(f"block_size {bs} not supported (supports {', '.join(map(str, BLOCK_SIZES))})")
+        if inp.head_dim_v != inp.head_dim:
+            r.append(f"value head_dim {inp.head_dim_v} differs from head_dim {inp.head_dim}")
+        if inp.heads_q > _GRID_YZ_MAX or inp.batch > _GRID_YZ_MAX:
+            r.append(f"batch and heads must be <= {_GRID_YZ_MAX} (grid limits)")
+        if inp.device.type != "cuda" or r:
+            return r
+        r.extend(_alignment_reasons(inp))
+        if inp.dtype in self.dtypes and inp.head_dim in self.head_dims and not self.unavailable_reasons():
+            from ..cuda import loader
+
+            cc = torch.cuda.get_device_capability(inp.device)
+            if cc >= self.min_compute_capability:
+                spec = block_sparse_fwd_spec(inp.head_dim, "bf16" if inp.dtype == torch.bfloat16 else "fp16",
+                                             inp.causal, *bs)
+                r.extend(loader.arch_reasons(spec, cc))
+        return r
+
+    def forward(self, inp: AttentionInputs):
+        from ..block_mask import block_mask_to_index
+
+        out = inp.new_output()
+        lse = torch.empty(inp.q.shape[:3], dtype=torch.float32, device=inp.device)
+        block_sparse_fwd_cuda(inp.q, inp.k, inp.v, out, lse, *block_mask_to_index(inp.options["block_mask"]),
+                              block_size=tuple(inp.options["block_size"]), causal=inp.causal, scale=inp.scale)
+        return (out, lse) if inp.return_lse else out
+
+    def backward(self, inp: AttentionInputs, out, lse, dout, dlse) -> tuple:
+        from .block_sparse_triton import BlockSparseTriton
+
+        return BlockSparseTriton.backward(self, inp, out, lse, dout, dlse)
+
+
+register(BlockSparseCUDA())

@@ -1,0 +1,71 @@
+"""Method block_sparse on Triton (attnlib.triton_kernels.block_sparse): the flash kernels' steps
+visiting only the key blocks a bool block mask allows, forward and fused backward.
+
+The tile is the mask's block (BLOCK_M = bq, BLOCK_N = bk), so the supported block sizes are
+capability data: powers of two from 16 to 128 per side. Others get a reason and the dispatcher
+falls back (automatically) to the torch reference. The index forms are built from the mask per
+call: the row form in forward and dQ, the column form once per backward for dK/dV.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..dispatch import Kernel, register
+from ..inputs import AttentionInputs
+
+MIN_BLOCK, MAX_BLOCK = 16, 128  # mirrors triton_kernels/block_sparse/configs.py (imported lazily)
+
+
+def _block_ok(b: int) -> bool:
+    return MIN_BLOCK <= b <= MAX_BLOCK and (b & (b - 1)) == 0
+
+
+class BlockSparseTriton(Kernel):
+    name = "block_sparse-triton"
+    method = "block_sparse"
+    backend = "triton"
+    priority = 20
+    devices = ("cuda",)
+    interpret_ok = True
+    requires = ("triton",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    head_dim_multiple = 8
+    max_head_dim = 256
+    needs_unit_last_stride = True
+    options = ("block_mask", "block_size")
+    block_sizes_text = f"powers of two from {MIN_BLOCK} to {MAX_BLOCK} per side, e.g. (64, 64), (128, 64)"
+
+    def extra_reasons(self, inp: AttentionInputs) -> list[str]:
+        r = []
+        if inp.head_dim_v != inp.head_dim:
+            r.append(f"value head_dim {inp.head_dim_v} differs from query/key head_dim {inp.head_dim} "
+                     "(the Triton block-sparse kernel needs them equal)")
+        bq, bk = inp.options.get("block_size", (64, 64))
+        if not (_block_ok(bq) and _block_ok(bk)):
+            r.append(f"block_size {(bq, bk)} not supported (supports {self.block_sizes_text})")
+        return r
+
+    def forward(self, inp: AttentionInputs):
+        from ..block_mask import block_mask_to_index
+        from ..triton_kernels.block_sparse.forward import block_sparse_fwd
+
+        out = inp.new_output()
+        lse = torch.empty(inp.q.shape[:3], dtype=torch.float32, device=inp.device)
+        row_form = block_mask_to_index(inp.options["block_mask"])
+        block_sparse_fwd(inp.q, inp.k, inp.v, out, lse, *row_form, block_size=inp.options["block_size"],
+                         causal=inp.causal, scale=inp.scale)
+        return (out, lse) if inp.return_lse else out
+
+    def backward(self, inp: AttentionInputs, out: torch.Tensor, lse: torch.Tensor | None, dout: torch.Tensor,
+                 dlse: torch.Tensor | None) -> tuple:
+        from ..block_mask import block_mask_to_col_index, block_mask_to_index
+        from ..triton_kernels.block_sparse.backward import block_sparse_bwd
+
+        mask = inp.options["block_mask"]
+        dq, dk, dv = block_sparse_bwd(dout, inp.q, inp.k, inp.v, out, lse, block_mask_to_index(mask),
+                                      block_mask_to_col_index(mask), block_size=inp.options["block_size"],
+                                      causal=inp.causal, scale=inp.scale, dlse=dlse)
+        return dq, dk, dv, None, None
+
+
+register(BlockSparseTriton())

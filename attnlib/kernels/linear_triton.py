@@ -1,0 +1,46 @@
+"""Method linear on Triton (attnlib.triton_kernels.linear): non-causal two-pass (state, then
+apply) and causal chunked (chunk 64: masked quadratic inside, running state across), feature
+maps elu / relu / softmax / identity fused into the loads, fp32 accumulation; backward from the
+same primitives (no N x N, no recomputation of attention weights).
+
+Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (slow; for tests).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..dispatch import Kernel, register
+from ..inputs import AttentionInputs
+
+
+class LinearTriton(Kernel):
+    name = "linear-triton"
+    method = "linear"
+    backend = "triton"
+    priority = 20
+    devices = ("cuda",)
+    interpret_ok = True
+    requires = ("triton",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    head_dim_multiple = 1  # padded to a power of two inside; masked
+    max_head_dim = 256
+    supports_lse = False
+    needs_unit_last_stride = False  # loads are fully strided
+    options = ("feature_map", "eps")
+
+    def forward(self, inp: AttentionInputs):
+        from ..triton_kernels.linear.attention import linear_fwd
+
+        out = inp.new_output()
+        return linear_fwd(inp.q, inp.k, inp.v, out, feature=inp.options["feature_map"], causal=inp.causal,
+                          eps=inp.options["eps"])
+
+    def backward(self, inp: AttentionInputs, out: torch.Tensor, lse, dout: torch.Tensor, dlse) -> tuple:
+        from ..triton_kernels.linear.attention import linear_bwd
+
+        dq, dk, dv = linear_bwd(dout, inp.q, inp.k, inp.v, out, feature=inp.options["feature_map"],
+                                causal=inp.causal, eps=inp.options["eps"])
+        return dq, dk, dv, None, None
+
+
+register(LinearTriton())

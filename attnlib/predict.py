@@ -1,0 +1,133 @@
+"""Block-mask prediction for method block_sparse: SpargeAttn's mean-pool predictor (Zhang et al.,
+arXiv 2502.18137 §3.2), returning the canonical bool block mask.
+
+Per head: smooth K by its token mean, mean-pool Q and K per block, P = softmax(pool(Q) pool(K)^T
+* scale) over key blocks per query block, then keep the ``topk`` fraction of (visible) key blocks
+of each query block, or the fewest whose cumulative P reaches ``cdf_threshold``. Pooling and
+scoring run in Triton for CUDA tensors (and under TRITON_INTERPRET=1 on CPU), in torch otherwise;
+selection is torch (a sort per row of the small (Mq, Mk) score matrix).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from .inputs import check_block_size, check_fraction, check_layout, validate_qkv
+from .reference._common import num_blocks
+
+
+def _mean_pool_torch(x: torch.Tensor, block: int) -> torch.Tensor:
+    b, h, s, d = x.shape
+    m = num_blocks(s, block)
+    padded = x.new_zeros(b, h, m * block, d, dtype=torch.float32)
+    padded[:, :, :s] = x.float()
+    counts = torch.clamp(s - torch.arange(m, device=x.device) * block, max=block).to(torch.float32)
+    return padded.view(b, h, m, block, d).sum(3) / counts[:, None]
+
+
+def _visible_blocks(mq: int, mk: int, block_size: tuple[int, int], seq_q: int, seq_k: int, causal: bool,
+                    device) -> torch.Tensor:
+    """(Mq, Mk) bool: key block j is seen by some query of block i."""
+    if not causal:
+        return torch.ones(mq, mk, dtype=torch.bool, device=device)
+    bq, bk = block_size
+    last_q = torch.clamp((torch.arange(mq, device=device) + 1) * bq, max=seq_q) - 1
+    return torch.arange(mk, device=device)[None, :] * bk <= last_q[:, None] + seq_k - seq_q
+
+
+def _diagonal_blocks(mq: int, mk: int, block_size: tuple[int, int], seq_q: int, seq_k: int,
+                     device) -> torch.Tensor:
+    """(Mq, Mk) bool: key blocks crossed by the bottom-right diagonal j = i + Sk - Sq within query block i."""
+    bq, bk = block_size
+    first = torch.arange(mq, device=device) * bq + seq_k - seq_q
+    last = torch.clamp((torch.arange(mq, device=device) + 1) * bq, max=seq_q) - 1 + seq_k - seq_q
+    lo, hi = torch.clamp(first, min=0), torch.clamp(last, max=seq_k - 1)
+    j = torch.arange(mk, device=device)[None, :]
+    return (j >= (lo // bk)[:, None]) & (j <= (hi // bk)[:, None]) & (hi >= lo)[:, None]
+
+
+def _use_triton(q: torch.Tensor) -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: tuple[int, int], scale: float, causal: bool,
+                 use_triton: Optional[bool] = None) -> torch.Tensor:
+    """Block-level probabilities P (B, Hq, Mq, Mk) float32 from bhsd q, k (K smoothed by its mean)."""
+    bq, bk = block_size
+    sq, sk = q.shape[2], k.shape[2]
+    use_triton = _use_triton(q) if use_triton is None else use_triton
+    if use_triton:
+        from .triton_kernels.block_sparse.predict import block_scores as scores_triton, mean_pool
+
+        pq, pk = mean_pool(q, bq), mean_pool(k, bk)
+    else:
+        pq, pk = _mean_pool_torch(q, bq), _mean_pool_torch(k, bk)
+    # SpargeAttn: subtract K's token mean (per head). Each row's scores shift by one constant, so P is
+    # unchanged in exact arithmetic; it keeps the scores' range small.
+    counts = torch.clamp(sk - torch.arange(pk.shape[2], device=k.device) * bk, max=bk).to(torch.float32)
+    pk = pk - (pk * counts[:, None]).sum(2, keepdim=True) / sk
+    if use_triton:
+        s = scores_triton(pq, pk, block_size=block_size, seq_q=sq, seq_k=sk, scale=scale, causal=causal)
+    else:
+        group = q.shape[1] // k.shape[1]
+        s = (pq @ pk.repeat_interleave(group, 1).transpose(-1, -2)) * scale
+        vis = _visible_blocks(pq.shape[2], pk.shape[2], block_size, sq, sk, causal, q.device)
+        s = s.masked_fill(~vis, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    return p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def predict_block_mask(q, k, *, block_size=(64, 64), topk: Optional[float] = None,
+                       cdf_threshold: Optional[float] = None, causal: bool = False, keep_sink: bool = False,
+                       keep_diagonal: bool = False, layout: str = "bhsd", scale: Optional[float] = None
+                       ) -> torch.Tensor:
+    """The bool block mask (B, Hq, ceil(Sq/bq), ceil(Sk/bk)) SpargeAttn's mean-pool predictor keeps.
+
+    Exactly one of ``topk`` (fraction in [0, 1] of the visible key blocks kept per query block,
+    rounded up) and ``cdf_threshold`` (in [0, 1]: the fewest blocks, most probable first, whose
+    cumulative P reaches it) selects. ``causal`` never keeps a block no query of the block can
+    see (bottom-right); ``keep_sink`` adds key block 0 and ``keep_diagonal`` the key blocks on
+    the diagonal (where visible). q, k: (B, H, S, D) for layout "bhsd", (B, S, H, D) for "bshd".
+    """
+    check_layout(layout)
+    qb, kb, _ = validate_qkv(q, k, k, layout)
+    bq, bk = check_block_size(block_size)
+    if (topk is None) == (cdf_threshold is None):
+        raise ValueError("give exactly one of topk and cdf_threshold")
+    if topk is not None:
+        topk = check_fraction("topk", topk)
+    else:
+        cdf_threshold = check_fraction("cdf_threshold", cdf_threshold)
+    for name, val in (("causal", causal), ("keep_sink", keep_sink), ("keep_diagonal", keep_diagonal)):
+        if not isinstance(val, bool):
+            raise TypeError(f"{name} must be a bool, got {type(val).__name__}")
+    if scale is None:
+        scale = qb.shape[-1] ** -0.5
+    sq, sk = qb.shape[2], kb.shape[2]
+    mq, mk = num_blocks(sq, bq), num_blocks(sk, bk)
+    p = block_scores(qb, kb, (bq, bk), scale, causal)
+    vis = _visible_blocks(mq, mk, (bq, bk), sq, sk, causal, qb.device)
+    order = torch.sort(p, dim=-1, descending=True, stable=True)
+    if topk is not None:
+        n_keep = torch.ceil(topk * vis.sum(-1).to(torch.float64) - 1e-9).to(torch.long)  # (Mq,)
+        rank_ok = torch.arange(mk, device=qb.device) < n_keep[:, None]
+    else:
+        before = torch.cumsum(order.values, dim=-1) - order.values  # mass of the blocks ranked above
+        rank_ok = before < cdf_threshold - 1e-7 if cdf_threshold > 0 else torch.zeros_like(before, dtype=torch.bool)
+    keep = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order.indices, rank_ok.expand_as(p))
+    if keep_sink:
+        keep[..., 0] = True
+    if keep_diagonal:
+        keep |= _diagonal_blocks(mq, mk, (bq, bk), sq, sk, qb.device)
+    return keep & vis
+
+
+__all__ = ["predict_block_mask"]

@@ -1,0 +1,91 @@
+"""Benchmarks for method linear: forward time against sequence length 4k..128k (linear scaling)
+and achieved GB/s (bytes of q, k, v read + out written, per pass) against the card's measured
+copy bandwidth, next to flash-linear-attention (fla-core) where importable. Issue 6 target:
+>= 60% of measured copy bandwidth at seq 32k.
+
+``run_linear_suite(budget_s, log)`` is used by gpu_check.py; ``python bench/bench_linear.py``
+prints a table. GPU only.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import runner  # noqa: E402
+
+SEQS = (4096, 8192, 16384, 32768, 65536, 131072)
+SHAPE = dict(batch=1, heads=16, head_dim=128)
+SUITE_BUDGET_S = 30.0
+
+
+def copy_bandwidth_gbs(dev: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes / time)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    ms, _, _ = runner.time_step(lambda: dst.copy_(src), lambda: None, dev, runner.TimingConfig(target_s=0.1))
+    return 2 * nbytes / ms / 1e6
+
+
+def _fla_step(q, k, v, causal: bool):
+    try:
+        if causal:
+            from fla.ops.linear_attn import chunk_linear_attn as f
+        else:
+            from fla.ops.linear_attn import fused_chunk_linear_attn as f
+    except ImportError:
+        return None
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # fla takes (B, T, H, D)
+    return lambda: f(qt, kt, vt, normalize=True)
+
+
+def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] = print) -> list[dict]:
+    if not torch.cuda.is_available():
+        return []
+    import attnlib
+
+    t0 = time.perf_counter()
+    dev = torch.device("cuda")
+    copy_gbs = copy_bandwidth_gbs(dev)
+    log(f"measured copy bandwidth {copy_gbs:.0f} GB/s")
+    cfg = runner.TimingConfig(target_s=0.1, max_reps=20)
+    records = []
+    for causal in (False, True):
+        for seq in SEQS:
+            gen = torch.Generator().manual_seed(seq)
+            q, k, v = (torch.randn(SHAPE["batch"], SHAPE["heads"], seq, SHAPE["head_dim"], generator=gen)
+                       .to(dev, torch.bfloat16) for _ in range(3))
+            nbytes = 4 * q.numel() * q.element_size()  # q, k, v read once, out written once
+            for prov, step in (("attnlib-triton", lambda: attnlib.linear_attention(q, k, v, causal=causal,
+                                                                                   backend="triton")),
+                               ("fla", _fla_step(q, k, v, causal))):
+                rec = dict(method="linear", provider=prov, seq=seq, causal=causal, dtype="bf16", **SHAPE,
+                           copy_gbs=copy_gbs)
+                if step is None:
+                    rec["skipped"] = "fla-core not installed"
+                elif time.perf_counter() - t0 > budget_s:
+                    rec["skipped"] = "time budget spent"
+                else:
+                    try:
+                        step()
+                        ms, reps, _ = runner.time_step(step, lambda: None, dev, cfg)
+                        gbs = nbytes / ms / 1e6
+                        rec.update(ms=ms, reps=reps, gbs=gbs, frac_copy=gbs / copy_gbs)
+                        log(f"{prov:<15} {'causal' if causal else 'full':<6} seq {seq:<7} {ms:8.3f} ms "
+                            f"{gbs:7.0f} GB/s ({100 * gbs / copy_gbs:.0f}% of copy)")
+                    except Exception as e:  # noqa: BLE001
+                        rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                        log(f"{prov} seq {seq} failed: {rec['error']}")
+                records.append(rec)
+    return records
+
+
+if __name__ == "__main__":
+    run_linear_suite(budget_s=600.0)

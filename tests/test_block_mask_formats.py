@@ -1,0 +1,84 @@
+"""Block-mask formats: bool mask <-> row index form <-> column form round trips, token-mask
+reduction, FlexAttention BlockMask conversion, and clear errors for bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlib
+from attnlib.block_mask import (block_mask_from_token_mask, block_mask_to_col_index, block_mask_to_index,
+                                index_to_block_mask, to_flex_block_mask)
+from attnlib.reference import block_sparse_reference
+from attnlib.reference._common import block_mask_to_tokens
+
+
+def rand_mask(shape, density, seed):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < density
+
+
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("shape", [(1, 1, 5, 7), (2, 3, 4, 4), (2, 1, 1, 9)])
+def test_round_trips(shape, density):
+    m = rand_mask(shape, density, seed=int(density * 10) + shape[-1])
+    num, idx = block_mask_to_index(m)
+    assert num.dtype == idx.dtype == torch.int32
+    assert num.shape == shape[:3] and idx.shape == shape
+    assert torch.equal(num, m.sum(-1).int())
+    for row_m, row_n, row_i in zip(m.reshape(-1, shape[-1]), num.reshape(-1), idx.reshape(-1, shape[-1])):
+        listed = row_i[:row_n].tolist()
+        assert listed == sorted(listed) == torch.nonzero(row_m).flatten().tolist()
+        assert sorted(row_i.tolist()) == list(range(shape[-1]))  # a permutation: unlisted slots in range
+    assert torch.equal(index_to_block_mask(num, idx), m)
+    cnum, cidx = block_mask_to_col_index(m)
+    assert cnum.shape == (shape[0], shape[1], shape[3]) and cidx.shape == (shape[0], shape[1], shape[3], shape[2])
+    assert torch.equal(index_to_block_mask(cnum, cidx).transpose(-1, -2), m)
+
+
+def test_token_mask_reduction():
+    tok = torch.zeros(2, 1, 37, 50, dtype=torch.bool)
+    tok[0, 0, 3, 49] = True   # block (0, 3) with block (16, 16), in the ragged key tail
+    tok[1, 0, 36, 0] = True   # ragged query tail
+    bm = block_mask_from_token_mask(tok, (16, 16))
+    assert bm.shape == (2, 1, 3, 4)
+    want = torch.zeros_like(bm)
+    want[0, 0, 0, 3] = True
+    want[1, 0, 2, 0] = True
+    assert torch.equal(bm, want)
+    # any-reduction covers the token mask; re-expanding a block mask gives it back
+    m = rand_mask((1, 2, 3, 4), 0.5, seed=1)
+    assert torch.equal(block_mask_from_token_mask(block_mask_to_tokens(m, (16, 16), 40, 60), (16, 16)), m)
+    assert block_mask_from_token_mask(torch.ones(20, 20, dtype=torch.bool), (16, 16)).shape == (1, 1, 2, 2)
+
+
+def test_bad_input_names_the_argument():
+    with pytest.raises(TypeError, match="block_mask"):
+        block_mask_to_index(torch.ones(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="block_mask"):
+        block_mask_to_index(torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask"):
+        block_mask_from_token_mask([[True]], (16, 16))
+    with pytest.raises(ValueError, match="block_size"):
+        block_mask_from_token_mask(torch.ones(4, 4, dtype=torch.bool), (0, 16))
+    with pytest.raises(ValueError, match="kv_indices"):
+        index_to_block_mask(torch.zeros(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 3, 4, dtype=torch.int32))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_block_mask_matches_reference(causal):
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, s, 16, generator=gen, dtype=torch.float64) for s in (48, 64, 64))
+    m = rand_mask((1, 2, 3, 4), 0.6, seed=4)
+    m[..., 0] = True  # flex gives NaN-free output only where each row sees something
+    if causal:
+        m[..., 1] = True
+    bm = to_flex_block_mask(m, (16, 16), seq_q=48, seq_k=64, causal=causal)
+    kv_num, kv_idx = block_mask_to_index(m)
+    if not causal:
+        assert torch.equal(bm.full_kv_num_blocks, kv_num)
+    out = flex.flex_attention(q, k, v, block_mask=bm)
+    ref = block_sparse_reference(q, k, v, m, block_size=(16, 16), causal=causal)
+    torch.testing.assert_close(out, ref)
+    assert attnlib.to_flex_block_mask is to_flex_block_mask
+    assert attnlib.block_mask_from_token_mask is block_mask_from_token_mask

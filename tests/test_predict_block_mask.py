@@ -1,0 +1,87 @@
+"""attnlib.predict_block_mask (SpargeAttn mean-pool predictor): properties of the masks it
+returns, and the Triton pooling/scoring (interpreter on CPU) against the torch path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlib
+from attnlib.predict import _diagonal_blocks, _visible_blocks, block_scores
+from attnlib.testing import make_qkv
+
+triton = pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_triton_scores_match_torch():
+    q, k, _ = make_qkv(2, 4, 70, 40, kv_heads=2, seq_k=90, device=DEVICE, seed=1, k_bias=3.0)
+    for causal in (False, True):
+        a = block_scores(q, k, (16, 32), 40 ** -0.5, causal, use_triton=True)
+        b = block_scores(q, k, (16, 32), 40 ** -0.5, causal, use_triton=False)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.sum(-1), torch.ones_like(a[..., 0]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_topk_one_gives_every_visible_block(causal):
+    q, k, _ = make_qkv(1, 2, 100, 32, seq_k=130, device=DEVICE, seed=2)
+    m = attnlib.predict_block_mask(q, k, block_size=(16, 16), topk=1.0, causal=causal)
+    assert m.shape == (1, 2, 7, 9) and m.dtype == torch.bool
+    assert torch.equal(m, _visible_blocks(7, 9, (16, 16), 100, 130, causal, q.device).expand_as(m))
+
+
+def test_topk_count_per_row():
+    q, k, _ = make_qkv(1, 2, 64, 32, seq_k=160, device=DEVICE, seed=3)
+    m = attnlib.predict_block_mask(q, k, block_size=(16, 16), topk=0.3)
+    assert torch.all(m.sum(-1) == 3)  # ceil(0.3 * 10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_larger_cdf_threshold_never_selects_fewer(causal):
+    q, k, _ = make_qkv(2, 2, 96, 32, seq_k=96, device=DEVICE, seed=4)
+    prev = None
+    for t in (0.0, 0.2, 0.5, 0.8, 0.95, 1.0):
+        m = attnlib.predict_block_mask(q * 3, k, block_size=(16, 16), cdf_threshold=t, causal=causal)
+        if prev is not None:
+            assert torch.all(m >= prev), t  # a superset
+        prev = m
+    assert torch.equal(prev, _visible_blocks(6, 6, (16, 16), 96, 96, causal, q.device).expand_as(prev))
+
+
+def test_cdf_reaches_threshold_with_fewest_blocks():
+    q, k, _ = make_qkv(1, 1, 64, 32, device=DEVICE, seed=5)
+    p = block_scores(q, k, (16, 16), 32 ** -0.5, False, use_triton=False)
+    m = attnlib.predict_block_mask(q, k, block_size=(16, 16), cdf_threshold=0.6)
+    kept = torch.where(m, p, 0.0).sum(-1)
+    assert torch.all(kept >= 0.6 - 1e-6)
+    # dropping the least probable kept block falls below the threshold
+    least = torch.where(m, p, float("inf")).amin(-1)
+    assert torch.all(kept - least < 0.6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sink_and_diagonal_kept_and_causal_respected(causal):
+    q, k, _ = make_qkv(1, 2, 80, 32, seq_k=112, device=DEVICE, seed=6)
+    m = attnlib.predict_block_mask(q, k, block_size=(16, 16), topk=0.0, causal=causal, keep_sink=True,
+                                   keep_diagonal=True)
+    vis = _visible_blocks(5, 7, (16, 16), 80, 112, causal, q.device)
+    diag = _diagonal_blocks(5, 7, (16, 16), 80, 112, q.device)
+    assert torch.all(m[..., 0])
+    assert torch.equal(m, (diag | (torch.arange(7) == 0)[None, :]).expand_as(m) & vis)
+    assert not torch.any(m & ~vis)
+    # the predicted mask runs through block_sparse_attention
+    attnlib.block_sparse_attention(q, k, k, m, block_size=(16, 16), causal=causal)
+
+
+def test_bad_arguments_are_named():
+    q, k, _ = make_qkv(1, 1, 32, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="exactly one"):
+        attnlib.predict_block_mask(q, k, block_size=(16, 16))
+    with pytest.raises(ValueError, match="topk"):
+        attnlib.predict_block_mask(q, k, block_size=(16, 16), topk=1.5)
+    with pytest.raises(TypeError, match="cdf_threshold"):
+        attnlib.predict_block_mask(q, k, block_size=(16, 16), cdf_threshold="0.5")
+    with pytest.raises(ValueError, match="block_size"):
+        attnlib.predict_block_mask(q, k, block_size=(16,), topk=0.5)
+    with pytest.raises(TypeError, match="keep_sink"):
+        attnlib.predict_block_mask(q, k, block_size=(16, 16), topk=0.5, keep_sink=1)

@@ -1,0 +1,1 @@
+"""Triton block-sparse attention: the flash kernels' main-loop steps, visiting listed blocks only."""

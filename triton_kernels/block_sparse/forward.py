@@ -1,0 +1,125 @@
+"""Block-sparse attention forward in Triton: the flash forward with its key loop walking the row
+index form (kv_num_blocks, kv_indices) instead of every key block. Per query block, the listed
+key blocks (ascending) split into a prefix that needs no mask and a suffix at the causal
+diagonal / key tail; blocks past the causal limit are never visited, so work is proportional
+to the visible listed blocks."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..flash.common import (LOG2E, attend_key_block, dot_precision, load_tile, query_key_range, store_tile)
+from .configs import launch_config, padded_head_dim
+
+
+@triton.jit
+def count_listed_below(row_ptr, n_listed, limit, BLOCK: tl.constexpr, SLOTS: tl.constexpr):
+    """How many of the first n_listed (ascending) block indices start below token `limit`."""
+    slots = tl.arange(0, SLOTS)
+    idx = tl.load(row_ptr + slots, mask=slots < n_listed, other=0)
+    below = (slots < n_listed) & (idx * BLOCK < limit)
+    return tl.sum(below.to(tl.int32), axis=0)
+
+
+@triton.jit(do_not_specialize=["seq_q", "seq_k"])
+def block_sparse_fwd_kernel(
+    Q, K, V, O, LSE, KV_NUM, KV_IDX,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im,
+    seq_q, seq_k, group, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr,
+):
+    """Grid (query blocks, query heads, batch). KV_NUM/KV_IDX strides are 0 on broadcast dims."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    kvh64 = (h // group).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_i
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    m_ok = offs_m < seq_q
+    d_ok = offs_d < HEAD_DIM
+    CHECK_D: tl.constexpr = D_PAD != HEAD_DIM
+
+    q_ptrs = (Q + b64 * stride_qb + h64 * stride_qh + start_m * stride_qm
+              + offs_i[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    k_base = (K + b64 * stride_kb + kvh64 * stride_kh
+              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+    v_base = (V + b64 * stride_vb + kvh64 * stride_vh
+              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    b_q = load_tile(q_ptrs, m_ok, d_ok, True, CHECK_D)
+
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    diag = seq_k - seq_q
+    full_end, hi = query_key_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+    row = KV_IDX + b64 * stride_ib + h64 * stride_ih + pid_m * stride_im
+    n_listed = tl.load(KV_NUM + b64 * stride_cb + h64 * stride_ch + pid_m * stride_cm)
+    n_full = count_listed_below(row, n_listed, full_end, BLOCK_N, SLOTS)
+    n_vis = count_listed_below(row, n_listed, hi, BLOCK_N, SLOTS)
+    for i in range(0, n_full):
+        start_n = tl.load(row + i) * BLOCK_N
+        off_k = start_n.to(tl.int64)
+        acc, l_i, m_i = attend_key_block(acc, l_i, m_i, b_q, k_base + off_k * stride_kn, v_base + off_k * stride_vn,
+                                         offs_m, start_n + offs_n, d_ok, seq_k, diag, qk_scale,
+                                         CHECK_D, False, CAUSAL, PREC)
+    for i in range(n_full, n_vis):
+        start_n = tl.load(row + i) * BLOCK_N
+        off_k = start_n.to(tl.int64)
+        acc, l_i, m_i = attend_key_block(acc, l_i, m_i, b_q, k_base + off_k * stride_kn, v_base + off_k * stride_vn,
+                                         offs_m, start_n + offs_n, d_ok, seq_k, diag, qk_scale,
+                                         CHECK_D, True, CAUSAL, PREC)
+
+    # a row with nothing allowed: output 0, lse -inf
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # log2 -> ln
+    o_ptrs = (O + b64 * stride_ob + h64 * stride_oh + start_m * stride_om
+              + offs_i[:, None] * stride_om + offs_d[None, :] * stride_od)
+    store_tile(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty), m_ok, d_ok, CHECK_D)
+    tl.store(LSE + b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm, lse, mask=m_ok)
+
+
+def strides_bhm(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (B or 1, H or 1, M, ...) index tensor; 0 where broadcast."""
+    return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(3))
+
+
+def block_sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                     kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, *, block_size: tuple[int, int],
+                     causal: bool, scale: float) -> None:
+    """Launch the forward on bhsd views (unit last stride). kv_num_blocks (B|1, Hq|1, Mq) int32 and
+    kv_indices (B|1, Hq|1, Mq, Mk) int32 (last stride 1) from attnlib.block_mask; writes out and
+    lse (B, Hq, Sq) float32."""
+    batch, heads_q, seq_q, head_dim = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    if batch == 0 or heads_q == 0 or seq_q == 0:
+        return
+    if seq_k == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return
+    bm, bn = block_size
+    warps, stages = launch_config(bm, bn, head_dim, "fwd")
+    grid = (triton.cdiv(seq_q, bm), heads_q, batch)
+    block_sparse_fwd_kernel[grid](
+        q, k, v, out, lse, kv_num_blocks, kv_indices,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *strides_bhm(kv_num_blocks), *strides_bhm(kv_indices),
+        seq_q, seq_k, heads_q // heads_kv, scale * LOG2E,
+        HEAD_DIM=head_dim, D_PAD=padded_head_dim(head_dim), CAUSAL=causal, PREC=dot_precision(q.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, SLOTS=max(16, triton.next_power_of_2(kv_indices.shape[-1])),
+        num_warps=warps, num_stages=stages,
+    )

@@ -1,0 +1,82 @@
+"""Triton pooling and scoring for attnlib.predict_block_mask (SpargeAttn's mean-pool predictor):
+one pass over Q (or K) writing the per-block token means, and the block-score matrix
+pool(Q) pool(K)^T * scale with blocks no query of the block can see (causal) set to -inf."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["seq"])
+def mean_pool_kernel(X, P, stride_xb, stride_xh, stride_xs, stride_xd, heads, num_blocks, seq,
+                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (blocks, heads, batch): P[b, h, i] = mean of rows [i*BLOCK, min((i+1)*BLOCK, seq))."""
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    rows = i * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    ok = (rows < seq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    x = tl.load(X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + rows[:, None].to(tl.int64) * stride_xs
+                + offs_d[None, :] * stride_xd, mask=ok, other=0.0).to(tl.float32)
+    count = tl.minimum(seq - i * BLOCK, BLOCK).to(tl.float32)
+    out = P + ((b * heads + h) * num_blocks + i).to(tl.int64) * HEAD_DIM
+    tl.store(out + offs_d, tl.sum(x, 0) / count, mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def block_scores_kernel(PQ, PK, S, heads_q, group, mq, mk, seq_q, seq_k, scale,
+                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                        CAUSAL: tl.constexpr, TILE: tl.constexpr):
+    """Grid (query-block tiles, query heads, batch): S[b, h, i, j] = pq_i . pk_j * scale, -inf
+    where causal hides the whole key block j from query block i."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_i = t * TILE + tl.arange(0, TILE)
+    offs_d = tl.arange(0, D_PAD)
+    i_ok = offs_i < mq
+    d_ok = offs_d < HEAD_DIM
+    pq = tl.load(PQ + ((b * heads_q + h) * mq + offs_i[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                 mask=i_ok[:, None] & d_ok[None, :], other=0.0)
+    kvh = h // group
+    heads_kv = heads_q // group
+    # last query of each query block, and the key it may see
+    last_q = tl.minimum((offs_i + 1) * BQ, seq_q) - 1
+    for j0 in range(0, mk, TILE):
+        offs_j = j0 + tl.arange(0, TILE)
+        j_ok = offs_j < mk
+        pk = tl.load(PK + ((b * heads_kv + kvh) * mk + offs_j[:, None]).to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                     mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.sum(pq[:, None, :] * pk[None, :, :], 2) * scale
+        if CAUSAL:
+            s = tl.where(offs_j[None, :] * BK <= last_q[:, None] + seq_k - seq_q, s, float("-inf"))
+        tl.store(S + ((b * heads_q + h) * mq + offs_i[:, None]).to(tl.int64) * mk + offs_j[None, :], s,
+                 mask=i_ok[:, None] & j_ok[None, :])
+
+
+def mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, H, S, D) bhsd view -> (B, H, ceil(S/block), D) float32 block means."""
+    b, h, s, d = x.shape
+    m = triton.cdiv(s, block)
+    out = torch.empty(b, h, m, d, dtype=torch.float32, device=x.device)
+    if out.numel():
+        mean_pool_kernel[(m, h, b)](x, out, *x.stride(), h, m, s, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)),
+                                    BLOCK=block)
+    return out
+
+
+def block_scores(pq: torch.Tensor, pk: torch.Tensor, *, block_size: tuple[int, int], seq_q: int, seq_k: int,
+                 scale: float, causal: bool) -> torch.Tensor:
+    """(B, Hq, Mq, Mk) float32 scores from pooled q (B, Hq, Mq, D) and pooled k (B, Hkv, Mk, D)."""
+    b, hq, mq, d = pq.shape
+    mk = pk.shape[2]
+    out = torch.empty(b, hq, mq, mk, dtype=torch.float32, device=pq.device)
+    tile = 16
+    if out.numel():
+        block_scores_kernel[(triton.cdiv(mq, tile), hq, b)](
+            pq.contiguous(), pk.contiguous(), out, hq, hq // pk.shape[1], mq, mk, seq_q, seq_k, scale,
+            HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), BQ=block_size[0], BK=block_size[1],
+            CAUSAL=causal, TILE=tile)
+    return out
