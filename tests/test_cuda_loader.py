@@ -79,7 +79,7 @@ def test_parse_archs():
 
 def test_spec_names_encode_parameters():
     names = {s.name for s in specs.ALL_SPECS}
-    assert len(names) == 8
+    assert len(names) == len(specs.ALL_SPECS) and len(specs.FLASH_FWD_SPECS) == 8  # unique names
     s = specs.flash_fwd_spec(128, "bf16", True)
     assert s.name == "flash_fwd_hd128_bf16_causal1_bm64_bn64"
     assert s.smem_bytes == 2 * 128 * (64 + 4 * 64)

@@ -4,14 +4,14 @@ from __future__ import annotations
 import sys
 import types
 
-from . import flash_attn
+from . import flash_attn, sageattention
 
 
-def install_aliases(flash: bool = True) -> list[str]:
-    """Register modules so unchanged code importing flash_attn resolves to attnlib.
+def install_aliases(flash: bool = True, sage: bool = True) -> list[str]:
+    """Register modules so unchanged code importing flash_attn or sageattention resolves to attnlib.
 
     Returns the module names registered. Existing real installs are replaced only in this
-    process's sys.modules. The sageattention alias arrives with the sage kernels.
+    process's sys.modules.
     """
     names = []
     if flash:
@@ -25,7 +25,10 @@ def install_aliases(flash: bool = True) -> list[str]:
         sys.modules["flash_attn.flash_attn_interface"] = flash_attn
         pkg.flash_attn_interface = flash_attn
         names += ["flash_attn", "flash_attn.flash_attn_interface"]
+    if sage:
+        sys.modules["sageattention"] = sageattention
+        names.append("sageattention")
     return names
 
 
-__all__ = ["flash_attn", "install_aliases"]
+__all__ = ["flash_attn", "sageattention", "install_aliases"]

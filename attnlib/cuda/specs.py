@@ -54,7 +54,41 @@ def flash_fwd_spec(head_dim: int, dtype: str, causal: bool, block_m: int = 64, b
 
 
 FLASH_FWD_SPECS = tuple(flash_fwd_spec(hd, dt, c) for hd in (64, 128) for dt in DTYPES for c in (False, True))
-ALL_SPECS: tuple[KernelSpec, ...] = FLASH_FWD_SPECS
+
+
+def sage_fwd_spec(head_dim: int, causal: bool, pv: str, block_m: int = 64, block_n: int = 64) -> KernelSpec:
+    """The SageAttention forward of csrc/sage/sage_fwd.cu (INT8 QK^T, fp16 PV) for one parameter set;
+    block_n is also the K quantization block (64 tokens)."""
+    if head_dim not in (64, 128):
+        raise ValueError(f"sage_fwd is built for head dims 64 and 128, not {head_dim}")
+    if pv not in ("fp16", "fp16_accum"):
+        raise ValueError(f"sage_fwd pv must be 'fp16' or 'fp16_accum', got {pv!r}")
+    accum = int(pv == "fp16_accum")
+    return KernelSpec(
+        name=f"sage_fwd_hd{head_dim}_causal{int(causal)}_pvacc{accum}_bm{block_m}_bn{block_n}",
+        source="sage/sage_fwd.cu",
+        entry="attnlib_sage_fwd",
+        defines=(("ATTNLIB_HEAD_DIM", str(head_dim)), ("ATTNLIB_CAUSAL", str(int(causal))),
+                 ("ATTNLIB_PV_F16_ACCUM", str(accum)), ("ATTNLIB_BLOCK_M", str(block_m)),
+                 ("ATTNLIB_BLOCK_N", str(block_n))),
+        # int8 Q tile + two int8 K tiles + two fp16 V tiles (sage_fwd_traits.cuh)
+        smem_bytes=head_dim * (block_m + 2 * block_n + 4 * block_n),
+        threads=32 * (block_m // 16),
+        min_arch=80,
+    )
+
+
+def sage_quant_spec(tensor: str) -> KernelSpec:
+    """The fused INT8 quantization of csrc/sage/sage_quant.cu for Q ("q") or K ("k")."""
+    if tensor not in ("q", "k"):
+        raise ValueError(f"sage_quant tensor must be 'q' or 'k', got {tensor!r}")
+    return KernelSpec(name=f"sage_quant_{tensor}", source="sage/sage_quant.cu", entry=f"attnlib_sage_quant_{tensor}",
+                      threads=256, min_arch=80)
+
+
+SAGE_SPECS = tuple(sage_fwd_spec(hd, c, pv) for hd in (64, 128) for c in (False, True)
+                   for pv in ("fp16", "fp16_accum")) + (sage_quant_spec("q"), sage_quant_spec("k"))
+ALL_SPECS: tuple[KernelSpec, ...] = FLASH_FWD_SPECS + SAGE_SPECS
 
 
 # -- sources ------------------------------------------------------------------------------

@@ -1,0 +1,59 @@
+"""Method sage on Triton (attnlib.triton_kernels.sage): fused quantization kernels and INT8
+QK^T attention with fp16, fp16-accumulator or fp8 PV. Forward only (SageAttention is an
+inference method; rounding to INT8 has no useful gradient).
+
+Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (slow; for tests), except
+pv="fp8": the interpreter computes fp8 dots wrongly, and fp8 tensor cores need sm_89+.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..dispatch import Kernel, register
+from ..inputs import AttentionInputs
+from ..reference.sage import K_BLOCK, q_block_size
+
+FP8_MIN_CC = (8, 9)
+
+
+class SageTriton(Kernel):
+    name = "sage-triton"
+    method = "sage"
+    backend = "triton"
+    priority = 20
+    devices = ("cuda",)
+    interpret_ok = True
+    requires = ("triton",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    head_dim_multiple = 8
+    max_head_dim = 256
+    needs_unit_last_stride = True
+    supports_backward = False
+    options = ("smooth_k", "qk_granularity", "pv")
+
+    def extra_reasons(self, inp: AttentionInputs) -> list[str]:
+        r = []
+        if inp.head_dim_v != inp.head_dim:
+            r.append(f"value head_dim {inp.head_dim_v} differs from query/key head_dim {inp.head_dim}")
+        if inp.options.get("pv") == "fp8":
+            if inp.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+                r.append("pv='fp8' does not run under the Triton CPU interpreter (its fp8 dots are wrong)")
+            elif inp.device.type == "cuda" and torch.cuda.get_device_capability(inp.device) < FP8_MIN_CC:
+                cc = torch.cuda.get_device_capability(inp.device)
+                r.append(f"pv='fp8' needs fp8 tensor cores (sm_89 or newer), device has sm_{cc[0]}{cc[1]}")
+        return r
+
+    def forward(self, inp: AttentionInputs):
+        from ..triton_kernels.sage.forward import sage_forward
+
+        o = inp.options
+        out, lse = sage_forward(inp.q, inp.k, inp.v, causal=inp.causal, scale=inp.scale,
+                                smooth_k=o.get("smooth_k", True), pv=o.get("pv", "fp16"),
+                                q_block=q_block_size(o.get("qk_granularity", "per_block")), k_block=K_BLOCK,
+                                return_lse=inp.return_lse, new_output=inp.new_output)
+        return (out, lse) if inp.return_lse else out
+
+
+register(SageTriton())

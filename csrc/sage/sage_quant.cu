@@ -1,0 +1,116 @@
+// SageAttention's fused quantization kernels (one launch per tensor), matching
+// attnlib.reference.sage bit for bit: delta = max|x| / 127 (IEEE division), x / delta rounded
+// to nearest with ties away from zero, clamped to [-127, 127]. Head dim and input dtype
+// (0 fp16, 1 bf16, 2 fp32) are runtime arguments; tensors are bhsd views with unit last
+// stride, outputs contiguous: x_int8 (B, H, S, D), delta (B, H, n_blocks) float32.
+//
+//   attnlib_sage_quant_q: grid (n_blocks, heads, batch). x * x_scale (softmax scale * log2 e)
+//     per block of `block` tokens (128, or 32 per warp); with k_mean non-null it also writes
+//     shift[row] = lse_scale * (q_row . k_mean[h / group]), the lse correction for smoothing.
+//   attnlib_sage_quant_k: smooth != 0: grid (1, heads, batch), the token mean of K (written to
+//     k_mean (B, H, D) float32) and then every block of K - mean, from one thread block;
+//     smooth == 0: grid (n_blocks, heads, batch), one block each.
+// Block: SAGE_QUANT_THREADS threads. Static shared memory: SAGE_QUANT_MAX_DIM floats + a few.
+#include "sage_ptx.cuh"
+
+#define SAGE_QUANT_THREADS 256
+#define SAGE_QUANT_MAX_DIM 256
+
+namespace {
+using namespace attnlib;
+
+// Max over the thread block (every thread gets it). red holds SAGE_QUANT_THREADS / 32 floats.
+__device__ __forceinline__ float block_max(float x, float* red) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  x = warp_max(x);
+  if (lane == 0) red[warp] = x;
+  __syncthreads();
+  float m = 0.f;
+  for (int w = 0; w < SAGE_QUANT_THREADS / 32; ++w) m = fmaxf(m, red[w]);
+  __syncthreads();
+  return m;
+}
+
+// Quantize rows [row0, row0 + rows) of one (b, h) slice: value = (x - mean) * scale.
+__device__ void quantize_block(const void* x, int kind, i64 stride_s, i64 row0, int rows, int dim, float scale,
+                               const float* mean, signed char* out, float* delta_out, float* red) {
+  const int n = rows * dim;
+  float amax = 0.f;
+  for (int i = threadIdx.x; i < n; i += SAGE_QUANT_THREADS) {
+    const int r = i / dim, c = i % dim;
+    const float v = (load_as_float(x, (row0 + r) * stride_s + c, kind) - (mean ? mean[c] : 0.f)) * scale;
+    amax = fmaxf(amax, fabsf(v));
+  }
+  const float delta = __fdiv_rn(block_max(amax, red), 127.f);
+  const float safe = delta > 0.f ? delta : 1.f;
+  for (int i = threadIdx.x; i < n; i += SAGE_QUANT_THREADS) {
+    const int r = i / dim, c = i % dim;
+    const float v = (load_as_float(x, (row0 + r) * stride_s + c, kind) - (mean ? mean[c] : 0.f)) * scale;
+    out[(row0 + r) * dim + c] = (signed char)round_half_away_i8(__fdiv_rn(v, safe));
+  }
+  if (threadIdx.x == 0) *delta_out = delta;
+}
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(SAGE_QUANT_THREADS)
+    attnlib_sage_quant_q(const void* x, signed char* x_int8, float* delta, const float* k_mean, float* shift,
+                         long long stride_b, long long stride_h, long long stride_s, int seq, int heads,
+                         int heads_kv, int dim, int block, int n_blocks, int kind, float x_scale, float lse_scale) {
+  __shared__ float red[SAGE_QUANT_THREADS / 32];
+  const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const void* xs = static_cast<const char*>(x) + (b * stride_b + h * stride_h) * (kind == 2 ? 4 : 2);
+  const i64 slice = ((i64)b * heads + h);
+  const i64 row0 = (i64)blk * block;
+  const int rows = (int)min((i64)block, (i64)seq - row0);
+  quantize_block(xs, kind, stride_s, row0, rows, dim, x_scale, nullptr, x_int8 + slice * seq * dim,
+                 delta + slice * n_blocks + blk, red);
+  if (k_mean != nullptr) {  // one warp per row: shift = lse_scale * (q . mean_k)
+    const float* km = k_mean + ((i64)b * heads_kv + h / (heads / heads_kv)) * dim;
+    for (int r = threadIdx.x / 32; r < rows; r += SAGE_QUANT_THREADS / 32) {
+      float acc = 0.f;
+      for (int c = threadIdx.x % 32; c < dim; c += 32) acc += load_as_float(xs, (row0 + r) * stride_s + c, kind) * km[c];
+      acc = warp_sum(acc);
+      if (threadIdx.x % 32 == 0) shift[slice * seq + row0 + r] = acc * lse_scale;
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(SAGE_QUANT_THREADS)
+    attnlib_sage_quant_k(const void* x, signed char* x_int8, float* delta, float* k_mean, long long stride_b,
+                         long long stride_h, long long stride_s, int seq, int heads, int dim, int block,
+                         int n_blocks, int kind, int smooth) {
+  __shared__ float red[SAGE_QUANT_THREADS / 32];
+  __shared__ float mean[SAGE_QUANT_MAX_DIM];
+  __shared__ float part[SAGE_QUANT_THREADS];
+  const int h = blockIdx.y, b = blockIdx.z;
+  const void* xs = static_cast<const char*>(x) + (b * stride_b + h * stride_h) * (kind == 2 ? 4 : 2);
+  const i64 slice = ((i64)b * heads + h);
+  int first = blockIdx.x, last = blockIdx.x + 1;
+  if (smooth) {  // SageAttention §3.2: mean over tokens, per channel; threads split rows x channels
+    const int lanes_per_row = dim < SAGE_QUANT_THREADS ? dim : SAGE_QUANT_THREADS;
+    const int row_groups = SAGE_QUANT_THREADS / lanes_per_row;
+    const int c = threadIdx.x % lanes_per_row, g = threadIdx.x / lanes_per_row;
+    for (int c0 = 0; c0 < dim; c0 += lanes_per_row) {
+      float acc = 0.f;
+      if (g < row_groups && c0 + c < dim)
+        for (i64 r = g; r < seq; r += row_groups) acc += load_as_float(xs, r * stride_s + c0 + c, kind);
+      part[threadIdx.x] = acc;
+      __syncthreads();
+      if (threadIdx.x < lanes_per_row && c0 + threadIdx.x < dim) {
+        float s = 0.f;
+        for (int gg = 0; gg < row_groups; ++gg) s += part[gg * lanes_per_row + threadIdx.x];
+        mean[c0 + threadIdx.x] = s / (float)seq;
+        k_mean[slice * dim + c0 + threadIdx.x] = s / (float)seq;
+      }
+      __syncthreads();
+    }
+    first = 0;
+    last = n_blocks;
+  }
+  for (int blk = first; blk < last; ++blk) {
+    const i64 row0 = (i64)blk * block;
+    const int rows = (int)min((i64)block, (i64)seq - row0);
+    quantize_block(xs, kind, stride_s, row0, rows, dim, 1.f, smooth ? mean : nullptr,
+                   x_int8 + slice * seq * dim, delta + slice * n_blocks + blk, red);
+  }
+}

@@ -1,0 +1,103 @@
+"""sageattention-compatible sageattn on attnlib: layouts, causal, scale, lse, no input mutation,
+the import alias. Numbers are checked against attnlib's simulation of the algorithm (same
+quantization: relative L1 <= 1e-3) and exact float64 attention (cos >= 0.999, rel L1 <= 0.02)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attnlib
+from attnlib.compat.sageattention import sageattn
+from attnlib.reference import flash_reference, sage_reference
+from attnlib.testing import assert_verbose_allclose, make_qkv, metrics
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _close(out, sim, exact):
+    ms, me = metrics(out, sim), metrics(out, exact)
+    assert ms["rel_l1"] <= 1e-3, ms
+    assert me["cos_sim"] >= 0.999 and me["rel_l1"] <= 0.02, me
+
+
+@pytest.mark.parametrize("tensor_layout", ["HND", "NHD"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_layouts_causal_and_scale(tensor_layout, is_causal):
+    layout = "bhsd" if tensor_layout == "HND" else "bshd"
+    q, k, v = make_qkv(1, 4, 45, 64, kv_heads=2, dtype=torch.float16, device=DEVICE, layout=layout,
+                       k_bias=5.0, seed=3)
+    out = sageattn(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=0.1)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    t = (lambda x: x) if layout == "bhsd" else (lambda x: x.transpose(1, 2))  # noqa: E731
+    sim = sage_reference(t(q), t(k), t(v), causal=is_causal, scale=0.1)
+    exact = flash_reference(t(q).double(), t(k).double(), t(v).double(), causal=is_causal, scale=0.1)
+    _close(t(out), sim, exact)
+    # equal lengths: the package's top-left mask (key j <= query i) is attnlib's bottom-right mask
+    if is_causal:
+        i = torch.arange(45)
+        top_left = i[None, :] <= i[:, None]
+        s = (t(q).double() @ t(k).double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.1
+        ref = s.masked_fill(~top_left, float("-inf")).softmax(-1) @ t(v).double().repeat_interleave(2, 1)
+        assert metrics(t(out), ref)["rel_l1"] <= 0.02
+
+
+def test_return_lse_natural_log_of_unsmoothed_scores():
+    q, k, v = make_qkv(1, 2, 33, 64, dtype=torch.float16, device=DEVICE, k_bias=10.0, seed=4)
+    out, lse = sageattn(q, k, v, return_lse=True)
+    _, sim_lse = sage_reference(q, k, v, return_lse=True)
+    _, exact_lse = flash_reference(q.double(), k.double(), v.double(), return_lse=True)
+    assert lse.shape == (1, 2, 33) and lse.dtype == torch.float32
+    assert_verbose_allclose(lse, sim_lse, atol=1e-4, name="lse vs simulation")
+    assert_verbose_allclose(lse, exact_lse, atol=5e-2, name="lse vs exact")
+
+
+def test_inputs_are_never_modified():
+    q, k, v = make_qkv(1, 2, 20, 64, layout="bshd", device=DEVICE, k_bias=10.0, seed=5)
+    before = [t.clone() for t in (q, k, v)]
+    sageattn(q, k, v, tensor_layout="NHD", smooth_k=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v)))
+
+
+def test_fp32_runs_sage_and_options_pass_through():
+    q, k, v = make_qkv(1, 2, 40, 64, device=DEVICE, k_bias=10.0, seed=6)
+    out = sageattn(q, k, v, smooth_k=False, qk_quant_gran="per_warp", some_future_option=1)
+    assert out.dtype == torch.float32
+    sim = sage_reference(q, k, v, smooth_k=False, qk_granularity="per_warp")
+    assert metrics(out, sim)["rel_l1"] <= 1e-3
+    exact = flash_reference(q.double(), k.double(), v.double())
+    assert metrics(out, exact)["max_abs"] > 1e-4  # quantized, not fp32-exact attention
+
+
+@pytest.mark.parametrize("kw,text", [
+    ({"tensor_layout": "BSHD"}, "tensor_layout"), ({"attn_mask": torch.ones(1)}, "attn_mask"),
+    ({"dropout_p": 0.1}, "dropout_p"), ({"pv": "int4"}, "pv"),
+])
+def test_bad_arguments(kw, text):
+    q, k, v = make_qkv(1, 2, 8, 64)
+    with pytest.raises(ValueError, match=text):
+        sageattn(q, k, v, **kw)
+
+
+def test_requires_grad_names_flash_attention():
+    q, k, v = make_qkv(1, 2, 8, 64, requires_grad=True)
+    with pytest.raises(attnlib.NoKernelError, match="flash_attention"):
+        sageattn(q, k, v)
+
+
+def test_install_alias_in_a_subprocess():
+    code = (
+        "import attnlib.compat, torch\n"
+        "names = attnlib.compat.install_aliases()\n"
+        "assert 'sageattention' in names\n"
+        "from sageattention import sageattn\n"
+        "import sageattention\n"
+        "q = torch.randn(1, 2, 8, 64)\n"
+        "k = q + 3.0\n"
+        "k0 = k.clone()\n"
+        "o = sageattn(q, k, q, tensor_layout='HND', is_causal=True)\n"
+        "assert o.shape == q.shape and torch.equal(k, k0) and sageattention.__version__.endswith('attnlib')\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
