@@ -55,10 +55,18 @@ def flash_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = 
 
 
 def sage_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = "bhsd", smooth_k: bool = True,
-                   return_lse: bool = False, backend: str = "auto"):
-    """SageAttention: K smoothed by its token mean, INT8 QK^T per block, fp16 PV."""
+                   qk_granularity: str = "per_block", pv: str = "fp16", return_lse: bool = False,
+                   backend: str = "auto"):
+    """SageAttention (forward only): K smoothed by its token mean, INT8 QK^T, fp16 or fp8 PV.
+
+    qk_granularity: "per_block" (one INT8 scale per 128 query / 64 key tokens) or "per_warp"
+    (per 32 query tokens). pv: "fp16" (fp32 accumulation), "fp16_accum" (an fp16 accumulator
+    per key block, as on consumer cards) or "fp8" (e4m3 P and per-channel V; sm_89+). fp32
+    inputs run the same quantized algorithm. Inputs that require grad are rejected: use
+    flash_attention for a differentiable attention.
+    """
     return attention(q, k, v, method="sage", backend=backend, layout=layout, causal=causal, scale=scale,
-                     return_lse=return_lse, smooth_k=smooth_k)
+                     return_lse=return_lse, smooth_k=smooth_k, qk_granularity=qk_granularity, pv=pv)
 
 
 def block_sparse_attention(q, k, v, block_mask, *, block_size=(64, 64), causal: bool = False, scale=None,

@@ -282,6 +282,9 @@ def _hint(ex: Explanation) -> str:
         hints.append("use backend='torch' on CPU, or set TRITON_INTERPRET=1 to run Triton kernels on CPU")
     if "dtype fp64" in text:
         hints.append("fp64 runs only on the torch backend")
+    if "no backward pass" in text and ex.inputs.method == "sage":
+        hints.append("sage is forward-only (INT8 rounding has no useful gradient): use "
+                     "attnlib.flash_attention for a differentiable attention, or call sage under torch.no_grad()")
     if "not installed" in text:
         hints.append("pip install 'attnlib[cuda]' for the CUDA kernels")
     return ("\nhint: " + "; ".join(hints)) if hints else ""

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import torch
 
+from .asymrnr.config import DISPATCH_OPTIONS as _ASYMRNR_OPTIONS, check_call as _check_asymrnr_call, check_grid_option
 from .inputs import AttentionInputs, check_block_size, check_fraction
 
 FEATURE_MAPS = ("elu", "relu", "softmax", "identity")
@@ -22,6 +23,20 @@ def _bool(name: str) -> Callable[[Any, AttentionInputs], bool]:
     def check(v: Any, inp: AttentionInputs) -> bool:
         if not isinstance(v, bool):
             raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+        return v
+    return check
+
+
+SAGE_QK_GRANULARITIES = ("per_block", "per_warp")
+SAGE_PV_MODES = ("fp16", "fp16_accum", "fp8")
+
+
+def _choice(name: str, allowed: tuple[str, ...]) -> Callable[[Any, AttentionInputs], str]:
+    def check(v: Any, inp: AttentionInputs) -> str:
+        if not isinstance(v, str):
+            raise TypeError(f"{name} must be a str, one of {allowed}, got {type(v).__name__}")
+        if v not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {v!r}")
         return v
     return check
 
@@ -80,7 +95,11 @@ def _proj(name: str, ndim: int) -> Callable[[Any, AttentionInputs], Any]:
 # method -> {option: (default, validator)}
 METHOD_OPTIONS: dict[str, dict[str, tuple[Any, Callable[[Any, AttentionInputs], Any]]]] = {
     "flash": {},
-    "sage": {"smooth_k": (True, _bool("smooth_k"))},
+    "sage": {
+        "smooth_k": (True, _bool("smooth_k")),
+        "qk_granularity": ("per_block", _choice("qk_granularity", SAGE_QK_GRANULARITIES)),
+        "pv": ("fp16", _choice("pv", SAGE_PV_MODES)),
+    },
     "block_sparse": {
         "block_mask": (_REQUIRED, None),  # checked with block_size below
         "block_size": ((64, 64), _block_size),
@@ -94,7 +113,7 @@ METHOD_OPTIONS: dict[str, dict[str, tuple[Any, Callable[[Any, AttentionInputs], 
         "block_size": ((64, 64), _block_size),
         "feature_map": ("softmax", _feature_map),
     },
-    "asymrnr": {},
+    "asymrnr": {"grid": (_REQUIRED, check_grid_option), **_ASYMRNR_OPTIONS},
 }
 
 # How each option travels through the attnlib::attention custom op: its schema type and the
@@ -105,14 +124,26 @@ OP_OPTION_TYPES: dict[str, tuple[str, Any]] = {
     "proj_weight": ("Tensor?", None),
     "proj_bias": ("Tensor?", None),
     "smooth_k": ("bool", True),
+    "qk_granularity": ("str", "per_block"),
+    "pv": ("str", "fp16"),
     "feature_map": ("str", "elu"),
     "eps": ("float", 1e-6),
     "critical": ("float", 0.0),
     "negligible": ("float", 0.0),
     "block_size": ("int[]", (64, 64)),
+    "grid": ("int[]", (1, 1, 1)),
+    "stride": ("int[]", (2, 2, 2)),
+    "q_ratio": ("float", 0.0),
+    "kv_ratio": ("float", 0.0),
+    "metric": ("str", "euclidean"),
+    "mode": ("str", "replace"),
+    "text_tokens": ("int", 0),
+    "text_side": ("str", "end"),
+    "seed": ("int", 0),
+    "inner_method": ("str", "flash"),
 }
 # options whose value is a tuple in Python and a list in the op schema
-TUPLE_OPTIONS = ("block_size",)
+TUPLE_OPTIONS = ("block_size", "grid", "stride")
 
 # methods whose result has no log-sum-exp / no softmax scale
 NO_LSE = ("linear", "sla")
@@ -137,4 +168,6 @@ def validate_options(method: str, options: dict[str, Any], inp: AttentionInputs)
         out["block_mask"] = check_block_mask(out["block_mask"], inp, out["block_size"])
     if method == "sla" and out["critical"] + out["negligible"] > 1.0:
         raise ValueError(f"critical + negligible must not exceed 1, got {out['critical']} + {out['negligible']}")
+    if method == "asymrnr":
+        _check_asymrnr_call(out, inp)
     return out

@@ -10,6 +10,10 @@ Steps, each bounded in time so the whole run ends inside ~6.5 minutes (target 6)
    ``--pytest-budget`` seconds (killed after); a failure is counted, not fatal;
 3. the flash benchmarks (:func:`bench.bench_flash.run_flash_suite`, quick list) with a time
    budget: cases past it are recorded as skipped, and say so;
+   then the AsymRnR suite (:func:`bench.bench_asymrnr.run_asymrnr_suite`: accuracy vs random
+   dropping, time vs full flash at the Wan2.1-1.3B shape) in its own budget, written to
+   ``asymrnr.json`` / ``asymrnr.md``; then the sage suite (:func:`bench.bench_sage.run_sage_suite`,
+   end-to-end TOPS with quantization, cos / rel L1 per row) in ``SAGE_BUDGET_S``;
 4. ``results.json`` (environment, test counts, every record) and ``summary.md`` (a markdown
    table with the speed of each attnlib provider relative to the fastest SDPA backend), written
    after every measurement so a run cut short still leaves its numbers, then copied into
@@ -44,8 +48,13 @@ from bench import runner  # noqa: E402
 TOTAL_TARGET_S = 360.0      # the whole script, well inside 8 minutes (one measurement may overrun)
 PYTEST_BUDGET_S = 180.0
 BENCH_BUDGET_S = 170.0
+ASYMRNR_BUDGET_S = 60.0     # AsymRnR accuracy + Wan2.1 timing; never past ASYMRNR_END_S into the run
+ASYMRNR_END_S = 440.0
+SAGE_BUDGET_S = 30.0        # sage end to end vs SDPA / flash / sageattention 1.0.6; never past SAGE_END_S
+SAGE_END_S = 465.0
 PER_TEST_TIMEOUT_S = 120
-RESULT_FILES = ("results.json", "summary.md", "pytest-gpu.log")
+RESULT_FILES = ("results.json", "summary.md", "pytest-gpu.log", "asymrnr.json", "asymrnr.md",
+                "block_sparse.json", "linear.json")
 
 
 def say(*args) -> None:
@@ -221,6 +230,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--bench-budget", type=float, default=BENCH_BUDGET_S)
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-asymrnr", action="store_true", help="skip the AsymRnR evaluation and timing")
+    ap.add_argument("--skip-sage", action="store_true", help="skip the sage benchmarks")
     ap.add_argument("--providers", default=None, help="comma list (default: bench_flash.GPU_PROVIDERS)")
     ap.add_argument("--import", dest="import_dir", default=None,
                     help="only file the results fetched into this folder under bench/results/<gpu>/")
@@ -281,6 +292,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if over:
             notes.append(f"{len(over)} measurements skipped: the benchmark budget of {budget:.0f} s was spent")
         notes.append(f"benchmarks took {time.perf_counter() - t0:.0f} s (budget {budget:.0f} s)")
+    if not args.skip_bench and not args.skip_asymrnr:
+        budget = max(15.0, min(ASYMRNR_BUDGET_S, ASYMRNR_END_S - (time.perf_counter() - t_start)))
+        say(f"== asymrnr evaluation and timing (budget {budget:.0f} s)")
+        try:
+            from bench.bench_asymrnr import run_asymrnr_suite, time_ratios, write_results
+
+            res = run_asymrnr_suite(budget, log=lambda s: say("  " + s))
+            write_results(out, res)
+            for x in time_ratios(res.get("timing", [])):
+                notes.append(f"asymrnr: {x['provider']} {x['ms']:.3f} ms = {x['ratio']:.3f}x full flash "
+                             f"({x['shape']}; target <= 0.45x); see asymrnr.md")
+            notes.append(f"asymrnr suite took {res.get('seconds')} s (budget {budget:.0f} s)")
+        except Exception as e:  # noqa: BLE001 - keep the rest of the run
+            notes.append(f"the asymrnr suite stopped: {type(e).__name__}: {e}")
+            say("!! " + notes[-1])
+    if not args.skip_bench and not args.skip_sage:
+        budget = max(10.0, min(SAGE_BUDGET_S, SAGE_END_S - (time.perf_counter() - t_start)))
+        say(f"== sage benchmarks (budget {budget:.0f} s)")
+        try:
+            from bench.bench_sage import run_sage_suite, target_notes
+
+            sage_records = run_sage_suite(budget_s=budget, log=lambda s: say("  " + s))
+            records = list(records) + sage_records
+            notes.extend(target_notes(sage_records))
+        except Exception as e:  # noqa: BLE001 - keep the rest of the run
+            notes.append(f"the sage suite stopped: {type(e).__name__}: {e}")
+            say("!! " + notes[-1])
+    if not args.skip_bench:
+        # issue 6: block_sparse (density sweep vs dense flash / flex) and linear (seq sweep, GB/s)
+        for name, mod, fn, cap in (("block_sparse", "bench.bench_block_sparse", "run_block_sparse_suite", 40.0),
+                                   ("linear", "bench.bench_linear", "run_linear_suite", 30.0)):
+            say(f"== {name} benchmarks (budget {cap:.0f} s)")
+            try:
+                recs = getattr(importlib.import_module(mod), fn)(cap, log=lambda s: say("  " + s))
+                (out / f"{name}.json").write_text(json.dumps(recs, indent=1))
+                notes.append(f"{name}: {sum('ms' in r for r in recs)} measurements in {name}.json")
+            except Exception as e:  # noqa: BLE001 - keep the rest of the run
+                notes.append(f"the {name} suite stopped: {type(e).__name__}: {e}")
+                say("!! " + notes[-1])
     notes.append(f"gpu_check took {time.perf_counter() - t_start:.0f} s in all")
     save(out, records, env, pytest_result, notes, complete=True)
     say(f"== wrote {out / 'results.json'} and {out / 'summary.md'}")

@@ -10,6 +10,13 @@ KERNEL_MODULES = (
     "attnlib.kernels.flash_sdpa",
     "attnlib.kernels.flash_triton",
     "attnlib.kernels.flash_cuda",
+    "attnlib.kernels.sage_triton",
+    "attnlib.kernels.sage_cuda",
+    "attnlib.kernels.block_sparse_triton",
+    "attnlib.kernels.block_sparse_cuda",
+    "attnlib.kernels.linear_triton",
+    "attnlib.kernels.asymrnr_torch",
+    "attnlib.kernels.asymrnr_triton",
 )
 
 for _m in KERNEL_MODULES:

@@ -30,7 +30,9 @@ class ReferenceKernel(Kernel):
                                              return_lse=inp.return_lse)
         if self.method == "sage":
             return reference.sage_reference(q, k, v, causal=inp.causal, scale=inp.scale,
-                                            smooth_k=o["smooth_k"], return_lse=inp.return_lse)
+                                            smooth_k=o["smooth_k"], return_lse=inp.return_lse,
+                                            qk_granularity=o.get("qk_granularity", "per_block"),
+                                            pv=o.get("pv", "fp16"))
         if self.method == "block_sparse":
             return reference.block_sparse_reference(q, k, v, o["block_mask"], block_size=o["block_size"],
                                                     causal=inp.causal, scale=inp.scale,

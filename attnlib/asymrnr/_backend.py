@@ -1,0 +1,30 @@
+"""Which implementation the functional pieces run: the Triton kernels or the torch reference."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+PIECE_BACKENDS = ("auto", "triton", "torch")
+
+
+def use_triton(x: torch.Tensor, backend: str) -> bool:
+    """auto: Triton on CUDA tensors (not fp64) when triton is installed, torch otherwise. triton: on CUDA,
+    or on CPU under TRITON_INTERPRET=1; anything else raises with the reason."""
+    if backend not in PIECE_BACKENDS:
+        raise ValueError(f"backend must be one of {PIECE_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    have = importlib.util.find_spec("triton") is not None
+    runnable = x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    if backend == "auto":
+        return have and x.is_cuda and x.dtype != torch.float64
+    if not have:
+        raise ValueError("backend='triton' needs the 'triton' package, which is not installed")
+    if not runnable:
+        raise ValueError(f"backend='triton' runs on CUDA tensors (or CPU under TRITON_INTERPRET=1), "
+                         f"got a {x.device.type} tensor")
+    if x.dtype == torch.float64:
+        raise ValueError("backend='triton' takes fp16, bf16 or fp32 tensors; use backend='torch' for fp64")
+    return True

@@ -1,0 +1,120 @@
+"""AsymRnR Triton kernels (attnlib.triton_kernels.asymrnr) against the torch reference.
+
+On CPU under TRITON_INTERPRET=1 at small shapes (fp32, fp16: the interpreter's bf16 tl.dot is
+wrong, so bf16 is GPU-only). Matching: the chosen destination equals the reference's except at
+near-ties, where both candidates' reference similarities agree within 1e-5 relative (fp32; 2e-3
+for fp16, which the reference computes from the same fp16 values in fp32); scores within the same
+bound. Gathers are exact copies; the mean merge within 1e-6 (fp32 atomics in any order).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlib
+from attnlib.asymrnr import AsymRnR, match, partition, plan_reduction, reduce, restore
+from attnlib.reference.asymrnr import asymrnr_match_reference, asymrnr_similarity
+from attnlib.testing import assert_verbose_allclose, make_qkv, metrics
+
+triton = pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_match(x, part, metric, rtol):
+    from attnlib.triton_kernels.asymrnr.match import match_fwd
+
+    node, score = match_fwd(x, part.src, part.dst, metric)
+    ref_node, ref_score = asymrnr_match_reference(x, part.src, part.dst, metric)
+    assert node.dtype == torch.int64 and node.shape == ref_node.shape
+    sim = asymrnr_similarity(x.index_select(2, part.src), x.index_select(2, part.dst), metric)
+    scale = ref_score.abs().clamp_min(1.0)
+    picked = sim.gather(-1, node.unsqueeze(-1)).squeeze(-1)
+    # a different destination only where it is as good as the reference's pick
+    bad = (node != ref_node) & ((ref_score - picked).abs() > rtol * scale)
+    assert not bool(bad.any()), f"{int(bad.sum())} sources matched to a clearly worse destination"
+    assert bool(((score - ref_score).abs() <= rtol * scale).all()), \
+        f"score error {((score - ref_score).abs() / scale).max().item():.3g} > {rtol}"
+    return (node != ref_node).float().mean().item()
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine", "dot"])
+@pytest.mark.parametrize("grid,stride,head_dim,layout", [
+    ((3, 4, 5), (2, 2, 2), 16, "bhsd"),
+    ((2, 7, 9), (1, 2, 2), 24, "bshd"),   # head-dim tail, n_dst not a multiple of the tile, strided view
+])
+def test_match_equals_reference(metric, grid, stride, head_dim, layout):
+    n = grid[0] * grid[1] * grid[2]
+    x = make_qkv(2, 2, n, head_dim, seed=1, layout=layout, device=DEVICE)[0]
+    xb = x if layout == "bhsd" else x.transpose(1, 2)
+    part = partition(grid, stride, seed=3, device=DEVICE)
+    assert check_match(xb, part, metric, rtol=1e-5) == 0.0  # no near-ties in these seeded inputs
+
+
+def test_match_fp16():
+    x = make_qkv(1, 2, 60, 32, seed=2, dtype=torch.float16, device=DEVICE)[0]
+    check_match(x, partition((3, 4, 5), device=DEVICE), "euclidean", rtol=2e-3)
+
+
+@pytest.mark.parametrize("mode", ["replace", "mean"])
+def test_reduce_restore_equal_reference(mode):
+    T = 5
+    q = make_qkv(1, 3, 60 + T, 24, seed=4, layout="bshd", device=DEVICE)[0].transpose(1, 2)
+    part = partition((3, 4, 5), seed=1, text_tokens=T, text_side="start", device=DEVICE)
+    plan = plan_reduction(part, match(q, part, backend="torch"), 0.5)
+    got, want = reduce(q, plan, mode=mode, backend="triton"), reduce(q, plan, mode=mode, backend="torch")
+    if mode == "replace":
+        assert torch.equal(got, want)
+    else:
+        assert_verbose_allclose(got, want, atol=1e-6)
+    out = torch.empty(1, 60 + T, 3, 24, device=DEVICE).transpose(1, 2)  # caller's bshd layout
+    back = restore(got, plan, out=out, backend="triton")
+    assert back.data_ptr() == out.data_ptr()
+    assert torch.equal(back, restore(got, plan, backend="torch"))
+
+
+def test_dispatcher_triton_equals_torch_pieces():
+    q, k, v = make_qkv(1, 4, 60, 16, kv_heads=2, seed=5, layout="bshd", device=DEVICE)
+    kw = dict(method="asymrnr", grid=(3, 4, 5), q_ratio=0.5, kv_ratio=0.3, layout="bshd")
+    ex = attnlib.explain(q, k, v, **kw)
+    assert ex.chosen is not None and ex.chosen.name == "asymrnr-triton", str(ex)
+    got = attnlib.attention(q, k, v, **kw)
+    want = attnlib.attention(q, k, v, backend="torch", **kw)
+    assert_verbose_allclose(got, want, atol=2e-5)
+    rnr = AsymRnR((3, 4, 5), mode="mean", backend="triton")
+    assert_verbose_allclose(rnr.attention(q, k, v, layout="bshd"),
+                            AsymRnR((3, 4, 5), mode="mean", backend="torch").attention(q, k, v, layout="bshd"),
+                            atol=2e-5)
+
+
+def test_triton_kernel_has_no_backward_and_says_so():
+    q, k, v = make_qkv(1, 2, 60, 16, seed=6, device=DEVICE, requires_grad=True)
+    ex = attnlib.explain(q, k, v, method="asymrnr", grid=(3, 4, 5))
+    assert ex.chosen.name == "asymrnr-torch"
+    assert any("backward" in r for r in ex.reasons["asymrnr-triton"])
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_match_gpu_wan_like(dtype):
+    grid = (6, 30, 52)  # a slice of Wan2.1's 21 x 30 x 52 grid
+    x = make_qkv(1, 4, 6 * 30 * 52, 128, seed=7, dtype=dtype, device="cuda")[0]
+    mism = check_match(x, partition(grid, device="cuda"), "euclidean", rtol=1e-5 if dtype == torch.float32 else 3e-3)
+    assert mism < 0.02
+
+
+@pytest.mark.gpu
+def test_asymrnr_gpu_end_to_end_bf16():
+    from bench.bench_asymrnr import video_latents
+
+    grid = (8, 16, 16)
+    q, k, v = video_latents(grid, heads=4, head_dim=64, dtype=torch.bfloat16, device="cuda")
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    kw = dict(method="asymrnr", grid=grid, q_ratio=0.5, kv_ratio=0.3)
+    got = attnlib.attention(q, k, v, **kw)
+    assert attnlib.explain(q, k, v, **kw).chosen.name == "asymrnr-triton"
+    want = attnlib.attention(q32, k32, v32, backend="torch", **kw)
+    m = metrics(got, want)
+    assert m["cos_sim"] > 0.99, m
