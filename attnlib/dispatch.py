@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 
@@ -48,6 +48,7 @@ class Kernel:
     supports_lse: bool = True
     supports_seq_q_ne_seq_k: bool = True
     needs_unit_last_stride: bool = False
+    same_head_dim_v: bool = False  # v's head dim must equal q/k's
     min_compute_capability: tuple[int, int] | None = None
     requires: tuple[str, ...] = ()  # importable modules this kernel needs
     interpret_ok: bool = False  # runs on CPU tensors under TRITON_INTERPRET=1
@@ -94,6 +95,9 @@ class Kernel:
         for hd_name, d in (("head_dim", inp.head_dim), ("value head_dim", inp.head_dim_v)):
             if not self.head_dim_ok(d):
                 r.append(f"{hd_name} {d} not supported (supports {self.head_dim_text()})")
+        if self.same_head_dim_v and inp.head_dim_v != inp.head_dim:
+            r.append(f"value head_dim {inp.head_dim_v} differs from query/key head_dim {inp.head_dim} "
+                     "(this kernel needs them equal)")
         if inp.layout not in self.layouts:
             r.append(f"layout {inp.layout} not supported")
         if inp.causal and not self.supports_causal:

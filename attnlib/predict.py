@@ -9,7 +9,6 @@ selection is torch (a sort per row of the small (Mq, Mk) score matrix).
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 

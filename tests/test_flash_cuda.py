@@ -1,6 +1,5 @@
 """flash-cuda: a CPU emulation of the kernel's fragment/ldmatrix/swizzle index math and of its
 key-block masking plan (always run), and GPU checks against the float64 reference (H100)."""
-import math
 import os
 import subprocess
 import sys

@@ -4,7 +4,6 @@ Standard library only (scripts/build_cubins.py loads it by path, without attnlib
 """
 from __future__ import annotations
 
-import glob
 import importlib.util
 import os
 import re

@@ -15,6 +15,7 @@ KERNEL_MODULES = (
     "attnlib.kernels.block_sparse_triton",
     "attnlib.kernels.block_sparse_cuda",
     "attnlib.kernels.linear_triton",
+    "attnlib.kernels.sla_triton",
     "attnlib.kernels.asymrnr_torch",
     "attnlib.kernels.asymrnr_triton",
 )

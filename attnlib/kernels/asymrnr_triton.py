@@ -3,21 +3,17 @@
 on CPU under TRITON_INTERPRET=1 (tests). Inference only: no backward pass."""
 from __future__ import annotations
 
-import torch
-
 from ..dispatch import register
 from .asymrnr_torch import AsymrnrKernel
+from .families import TritonKernel
 
 
-class AsymrnrTriton(AsymrnrKernel):
+class AsymrnrTriton(TritonKernel, AsymrnrKernel):
     name = "asymrnr-triton"
-    backend = "triton"
-    priority = 20
-    devices = ("cuda",)
-    interpret_ok = True
-    requires = ("triton",)
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    max_head_dim = 256
+    # the gathers and the matching read rows with full strides and mask any head dim
+    head_dim_multiple = 1
+    needs_unit_last_stride = False
+    same_head_dim_v = False
     supports_backward = False
     piece_backend = "triton"
 

@@ -9,9 +9,10 @@ import math
 
 import torch
 
-from ..dispatch import Kernel, register
+from ..dispatch import register
 from ..inputs import AttentionInputs
-from .flash_cuda import LOG2E, _GRID_YZ_MAX, _alignment_reasons
+from .families import CudaKernel
+from .flash_cuda import LOG2E
 
 BLOCK_SIZES = ((64, 64), (128, 64))
 
@@ -82,49 +83,21 @@ def block_sparse_fwd_cuda(q, k, v, out, lse, kv_num_blocks, kv_indices, *, block
                   device_index=dev, stream_ptr=stream)
 
 
-class BlockSparseCUDA(Kernel):
+class BlockSparseCUDA(CudaKernel):
     name = "block_sparse-cuda"
     method = "block_sparse"
-    backend = "cuda"
-    priority = 30
-    devices = ("cuda",)
-    dtypes = (torch.float16, torch.bfloat16)
-    head_dims = (64, 128)
-    head_dim_multiple = None
-    min_compute_capability = (8, 0)
-    needs_unit_last_stride = True
     requires = ("cupy", "triton")  # triton: the backward
     options = ("block_mask", "block_size")
 
-    def unavailable_reasons(self) -> list[str]:
-        r = super().unavailable_reasons()
-        if r:
-            return r
-        from ..cuda import loader
-
-        return loader.availability_reasons()
-
-    def extra_reasons(self, inp: AttentionInputs) -> list[str]:
-        r = []
+    def kernel_reasons(self, inp: AttentionInputs) -> list[str]:
         bs = tuple(inp.options.get("block_size", (64, 64)))
         if bs not in BLOCK_SIZES:
-            r.append(f"block_size {bs} not supported (supports {', '.join(map(str, BLOCK_SIZES))})")
-        if inp.head_dim_v != inp.head_dim:
-            r.append(f"value head_dim {inp.head_dim_v} differs from head_dim {inp.head_dim}")
-        if inp.heads_q > _GRID_YZ_MAX or inp.batch > _GRID_YZ_MAX:
-            r.append(f"batch and heads must be <= {_GRID_YZ_MAX} (grid limits)")
-        if inp.device.type != "cuda" or r:
-            return r
-        r.extend(_alignment_reasons(inp))
-        if inp.dtype in self.dtypes and inp.head_dim in self.head_dims and not self.unavailable_reasons():
-            from ..cuda import loader
+            return [f"block_size {bs} not supported (supports {', '.join(map(str, BLOCK_SIZES))})"]
+        return []
 
-            cc = torch.cuda.get_device_capability(inp.device)
-            if cc >= self.min_compute_capability:
-                spec = block_sparse_fwd_spec(inp.head_dim, "bf16" if inp.dtype == torch.bfloat16 else "fp16",
-                                             inp.causal, *bs)
-                r.extend(loader.arch_reasons(spec, cc))
-        return r
+    def spec(self, inp: AttentionInputs):
+        return block_sparse_fwd_spec(inp.head_dim, "bf16" if inp.dtype == torch.bfloat16 else "fp16", inp.causal,
+                                     *tuple(inp.options["block_size"]))
 
     def forward(self, inp: AttentionInputs):
         from ..block_mask import block_mask_to_index

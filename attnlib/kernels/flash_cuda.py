@@ -10,31 +10,17 @@ import math
 
 import torch
 
-from ..dispatch import Kernel, register
+from ..dispatch import register
 from ..inputs import AttentionInputs
+from .families import CudaKernel
 
 LOG2E = 1.4426950408889634
-_GRID_YZ_MAX = 65535
 
 
 def _spec_for(head_dim: int, dtype: torch.dtype, causal: bool):
     from ..cuda.specs import flash_fwd_spec
 
     return flash_fwd_spec(head_dim, "bf16" if dtype == torch.bfloat16 else "fp16", causal)
-
-
-def _alignment_reasons(inp: AttentionInputs) -> list[str]:
-    """cp.async moves 16-byte row chunks: each tensor must start on a 16-byte boundary and
-    its batch/head/seq strides must be multiples of 8 elements."""
-    r = []
-    for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
-        if t.numel() == 0:
-            continue
-        bad = [s for s, n in zip(t.stride()[:3], t.shape[:3]) if n > 1 and s % 8 != 0]
-        if t.data_ptr() % 16 != 0 or bad:
-            r.append(f"{name} rows are not 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}, strides "
-                     f"{tuple(t.stride())}; needs strides that are multiples of 8 elements; call .contiguous())")
-    return r
 
 
 def flash_fwd_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -120,45 +106,12 @@ class _FlashCudaFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-class FlashCUDA(Kernel):
+class FlashCUDA(CudaKernel):
     name = "flash-cuda"
     method = "flash"
-    backend = "cuda"
-    priority = 30
-    devices = ("cuda",)
-    dtypes = (torch.float16, torch.bfloat16)
-    head_dims = (64, 128)
-    head_dim_multiple = None
-    min_compute_capability = (8, 0)
-    needs_unit_last_stride = True
-    requires = ("cupy",)
 
-    def unavailable_reasons(self) -> list[str]:
-        r = super().unavailable_reasons()
-        if r:
-            return r
-        from ..cuda import loader
-
-        return loader.availability_reasons()
-
-    def extra_reasons(self, inp: AttentionInputs) -> list[str]:
-        r = []
-        if inp.head_dim_v != inp.head_dim:
-            r.append(f"value head_dim {inp.head_dim_v} differs from head_dim {inp.head_dim}")
-        if inp.heads_q > _GRID_YZ_MAX or inp.batch > _GRID_YZ_MAX:
-            r.append(f"batch and heads must be <= {_GRID_YZ_MAX} (grid limits)")
-        if max(inp.seq_q, inp.seq_k) >= 2**31:
-            r.append("sequence lengths must be < 2**31")
-        if inp.device.type != "cuda" or r:
-            return r
-        r.extend(_alignment_reasons(inp))
-        if inp.dtype in self.dtypes and inp.head_dim in self.head_dims and not self.unavailable_reasons():
-            from ..cuda import loader
-
-            cc = torch.cuda.get_device_capability(inp.device)
-            if cc >= self.min_compute_capability:
-                r.extend(loader.arch_reasons(_spec_for(inp.head_dim, inp.dtype, inp.causal), cc))
-        return r
+    def spec(self, inp: AttentionInputs):
+        return _spec_for(inp.head_dim, inp.dtype, inp.causal)
 
     def forward(self, inp: AttentionInputs):
         if inp.requires_grad and torch.is_grad_enabled():

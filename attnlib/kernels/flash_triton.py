@@ -9,28 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import Kernel, register
+from ..dispatch import register
 from ..inputs import AttentionInputs
+from .families import TritonKernel
 
 
-class FlashTriton(Kernel):
+class FlashTriton(TritonKernel):
     name = "flash-triton"
     method = "flash"
-    backend = "triton"
-    priority = 20
-    devices = ("cuda",)
-    interpret_ok = True
-    requires = ("triton",)
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    head_dim_multiple = 8
-    max_head_dim = 256
-    needs_unit_last_stride = True
-
-    def extra_reasons(self, inp: AttentionInputs) -> list[str]:
-        if inp.head_dim_v != inp.head_dim:
-            return [f"value head_dim {inp.head_dim_v} differs from query/key head_dim {inp.head_dim} "
-                    "(the Triton flash kernel needs them equal)"]
-        return []
 
     def forward(self, inp: AttentionInputs):
         from ..triton_kernels.flash.autograd import flash_attn_func

@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import Kernel, register
+from ..dispatch import register
 from ..inputs import AttentionInputs
+from .families import TritonKernel
 
 
-class LinearTriton(Kernel):
+class LinearTriton(TritonKernel):
     name = "linear-triton"
     method = "linear"
-    backend = "triton"
-    priority = 20
-    devices = ("cuda",)
-    interpret_ok = True
-    requires = ("triton",)
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    same_head_dim_v = False
     head_dim_multiple = 1  # padded to a power of two inside; masked
-    max_head_dim = 256
     supports_lse = False
     needs_unit_last_stride = False  # loads are fully strided
     options = ("feature_map", "eps")

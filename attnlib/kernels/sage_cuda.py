@@ -12,12 +12,12 @@ import math
 
 import torch
 
-from ..dispatch import Kernel, register
+from ..dispatch import register
 from ..inputs import AttentionInputs
+from .families import CudaKernel
 from ..reference.sage import K_BLOCK, q_block_size
 
 LOG2E = 1.4426950408889634
-_GRID_YZ_MAX = 65535
 _KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
@@ -128,49 +128,24 @@ def sage_forward_cuda(inp: AttentionInputs):
     return out, lse
 
 
-class SageCUDA(Kernel):
+class SageCUDA(CudaKernel):
     name = "sage-cuda"
     method = "sage"
-    backend = "cuda"
-    priority = 10
-    devices = ("cuda",)
+    priority = 10  # below sage-triton until its GPU tests have run
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    head_dims = (64, 128)
-    head_dim_multiple = None
-    min_compute_capability = (8, 0)
-    needs_unit_last_stride = True
     supports_backward = False
-    requires = ("cupy",)
+    needs_aligned_rows = False  # reads its own quantized copies, not the caller's rows
     options = ("smooth_k", "qk_granularity", "pv")
 
-    def unavailable_reasons(self) -> list[str]:
-        r = super().unavailable_reasons()
-        if r:
-            return r
-        from ..cuda import loader
-
-        return loader.availability_reasons()
-
-    def extra_reasons(self, inp: AttentionInputs) -> list[str]:
-        r = []
-        if inp.head_dim_v != inp.head_dim:
-            r.append(f"value head_dim {inp.head_dim_v} differs from head_dim {inp.head_dim}")
+    def kernel_reasons(self, inp: AttentionInputs) -> list[str]:
         if inp.options.get("pv") == "fp8":
-            r.append("pv='fp8' is not built in CUDA C++ (the Triton sage kernel runs it on sm_89+)")
-        if inp.heads_q > _GRID_YZ_MAX or inp.batch > _GRID_YZ_MAX:
-            r.append(f"batch and heads must be <= {_GRID_YZ_MAX} (grid limits)")
-        if max(inp.seq_q, inp.seq_k) >= 2**31:
-            r.append("sequence lengths must be < 2**31")
-        if inp.device.type != "cuda" or r:
-            return r
-        if inp.head_dim in self.head_dims and not self.unavailable_reasons():
-            from ..cuda import loader
-            from ..cuda.specs import sage_fwd_spec
+            return ["pv='fp8' is not built in CUDA C++ (the Triton sage kernel runs it on sm_89+)"]
+        return []
 
-            cc = torch.cuda.get_device_capability(inp.device)
-            if cc >= self.min_compute_capability:
-                r.extend(loader.arch_reasons(sage_fwd_spec(inp.head_dim, inp.causal, "fp16"), cc))
-        return r
+    def spec(self, inp: AttentionInputs):
+        from ..cuda.specs import sage_fwd_spec
+
+        return sage_fwd_spec(inp.head_dim, inp.causal, "fp16")
 
     def forward(self, inp: AttentionInputs):
         out, lse = sage_forward_cuda(inp)

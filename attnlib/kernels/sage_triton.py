@@ -11,32 +11,22 @@ import os
 
 import torch
 
-from ..dispatch import Kernel, register
+from ..dispatch import register
 from ..inputs import AttentionInputs
+from .families import TritonKernel
 from ..reference.sage import K_BLOCK, q_block_size
 
 FP8_MIN_CC = (8, 9)
 
 
-class SageTriton(Kernel):
+class SageTriton(TritonKernel):
     name = "sage-triton"
     method = "sage"
-    backend = "triton"
-    priority = 20
-    devices = ("cuda",)
-    interpret_ok = True
-    requires = ("triton",)
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    head_dim_multiple = 8
-    max_head_dim = 256
-    needs_unit_last_stride = True
     supports_backward = False
     options = ("smooth_k", "qk_granularity", "pv")
 
     def extra_reasons(self, inp: AttentionInputs) -> list[str]:
         r = []
-        if inp.head_dim_v != inp.head_dim:
-            r.append(f"value head_dim {inp.head_dim_v} differs from query/key head_dim {inp.head_dim}")
         if inp.options.get("pv") == "fp8":
             if inp.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
                 r.append("pv='fp8' does not run under the Triton CPU interpreter (its fp8 dots are wrong)")

@@ -1,0 +1,91 @@
+"""Capability defaults and checks shared by a backend's kernels: the Triton family and the
+CUDA C++ family. A kernel class inherits its family and declares only what differs."""
+from __future__ import annotations
+
+import torch
+
+from ..dispatch import Kernel
+from ..inputs import AttentionInputs
+
+GRID_YZ_MAX = 65535  # CUDA grid limit on the y and z dimensions (heads, batch)
+
+
+class TritonKernel(Kernel):
+    """Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests). Modules
+    import triton only when a kernel runs, so they import without it."""
+
+    backend = "triton"
+    priority = 20
+    devices = ("cuda",)
+    interpret_ok = True
+    requires = ("triton",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    head_dim_multiple = 8  # other head dims are masked up to the next power of two
+    max_head_dim = 256
+    needs_unit_last_stride = True
+    same_head_dim_v = True
+
+
+def alignment_reasons(inp: AttentionInputs) -> list[str]:
+    """cp.async moves 16-byte row chunks: each tensor must start on a 16-byte boundary and its
+    batch/head/seq strides must be multiples of 8 elements."""
+    r = []
+    for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
+        if t.numel() == 0:
+            continue
+        bad = [s for s, n in zip(t.stride()[:3], t.shape[:3]) if n > 1 and s % 8 != 0]
+        if t.data_ptr() % 16 != 0 or bad:
+            r.append(f"{name} rows are not 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16}, strides "
+                     f"{tuple(t.stride())}; needs strides that are multiples of 8 elements; call .contiguous())")
+    return r
+
+
+class CudaKernel(Kernel):
+    """CUDA C++ from csrc/, compiled with NVRTC through CuPy at first use (or shipped as cubins).
+    Missing CuPy, NVRTC or headers, an unsupported arch and misaligned rows are reasons."""
+
+    backend = "cuda"
+    priority = 30
+    devices = ("cuda",)
+    requires = ("cupy",)
+    dtypes = (torch.float16, torch.bfloat16)
+    head_dims = (64, 128)
+    head_dim_multiple = None
+    min_compute_capability = (8, 0)
+    needs_unit_last_stride = True
+    same_head_dim_v = True
+    needs_aligned_rows = True  # loads q/k/v rows with cp.async straight from the caller's tensors
+
+    def unavailable_reasons(self) -> list[str]:
+        r = super().unavailable_reasons()
+        if r:
+            return r
+        from ..cuda import loader
+
+        return loader.availability_reasons()
+
+    def kernel_reasons(self, inp: AttentionInputs) -> list[str]:
+        """This kernel's own limits (options it lacks); override."""
+        return []
+
+    def spec(self, inp: AttentionInputs):
+        """The compiled specialisation these inputs would launch (a cuda.specs.KernelSpec)."""
+        raise NotImplementedError
+
+    def extra_reasons(self, inp: AttentionInputs) -> list[str]:
+        r = self.kernel_reasons(inp)
+        if inp.heads_q > GRID_YZ_MAX or inp.batch > GRID_YZ_MAX:
+            r.append(f"batch and heads must be <= {GRID_YZ_MAX} (grid limits)")
+        if max(inp.seq_q, inp.seq_k) >= 2**31:
+            r.append("sequence lengths must be < 2**31")
+        if inp.device.type != "cuda" or r:
+            return r
+        if self.needs_aligned_rows:
+            r.extend(alignment_reasons(inp))
+        fits = inp.dtype in self.dtypes and self.head_dim_ok(inp.head_dim)
+        cc = torch.cuda.get_device_capability(inp.device)
+        if fits and cc >= self.min_compute_capability and not self.unavailable_reasons():
+            from ..cuda import loader
+
+            r.extend(loader.arch_reasons(self.spec(inp), cc))
+        return r

@@ -1,0 +1,71 @@
+"""Method sla on Triton (attnlib.triton_kernels.sla): block classification on the device, the
+key-block preprocess (pooled K, h_j = phi(K_j)^T V_j, z_j), one fused forward kernel (linear
+branch by pre-aggregation, then block_sparse's main loop over the critical blocks), the
+projection as a torch matmul after it, and a fused backward (block_sparse's backward for the
+critical blocks, the linear-branch kernels for the marginal ones, dW and db).
+
+Tiles are the classification blocks (BLOCK_M = bq, BLOCK_N = bk): powers of two from 16 to 128
+per side. The D x D states live in registers, so head dims go up to 128 (multiples of 8, padded
+inside); value and query/key head dims must be equal. The backward recomputes the forward's
+intermediates (the op keeps no lse or O_l for sla).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..dispatch import Kernel, register
+from ..inputs import AttentionInputs
+
+MIN_BLOCK, MAX_BLOCK = 16, 128  # mirrors triton_kernels/block_sparse/configs.py (imported lazily)
+
+
+def _block_ok(b: int) -> bool:
+    return MIN_BLOCK <= b <= MAX_BLOCK and (b & (b - 1)) == 0
+
+
+class SLATriton(Kernel):
+    name = "sla-triton"
+    method = "sla"
+    backend = "triton"
+    priority = 20
+    devices = ("cuda",)
+    interpret_ok = True
+    requires = ("triton",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    head_dim_multiple = 8
+    max_head_dim = 128
+    supports_lse = False
+    needs_unit_last_stride = True
+    options = ("proj_weight", "proj_bias", "critical", "negligible", "block_size", "feature_map")
+    block_sizes_text = f"powers of two from {MIN_BLOCK} to {MAX_BLOCK} per side, e.g. (64, 64), (128, 64)"
+
+    def extra_reasons(self, inp: AttentionInputs) -> list[str]:
+        r = []
+        if inp.head_dim_v != inp.head_dim:
+            r.append(f"value head_dim {inp.head_dim_v} differs from query/key head_dim {inp.head_dim} "
+                     "(the Triton SLA kernel needs them equal)")
+        bq, bk = inp.options.get("block_size", (64, 64))
+        if not (_block_ok(bq) and _block_ok(bk)):
+            r.append(f"block_size {(bq, bk)} not supported (supports {self.block_sizes_text})")
+        return r
+
+    @staticmethod
+    def _kwargs(inp: AttentionInputs) -> dict:
+        o = inp.options
+        return dict(critical=o["critical"], negligible=o["negligible"], block_size=tuple(o["block_size"]),
+                    feature=o["feature_map"], scale=inp.scale, causal=inp.causal)
+
+    def forward(self, inp: AttentionInputs):
+        from ..triton_kernels.sla.attention import sla_forward
+
+        return sla_forward(inp.q, inp.k, inp.v, inp.new_output(), inp.options["proj_weight"],
+                           inp.options["proj_bias"], **self._kwargs(inp))
+
+    def backward(self, inp: AttentionInputs, out: torch.Tensor, lse, dout: torch.Tensor, dlse) -> tuple:
+        from ..triton_kernels.sla.attention import sla_backward
+
+        return sla_backward(dout, inp.q, inp.k, inp.v, inp.options["proj_weight"], inp.options["proj_bias"],
+                            **self._kwargs(inp))
+
+
+register(SLATriton())
