@@ -85,9 +85,11 @@ def linear_attention(q, k, v, *, feature_map: str = "elu", causal: bool = False,
 
 def sla_attention(q, k, v, proj_weight=None, proj_bias=None, *, critical: float = 0.05,
                   negligible: float = 0.10, block_size=(64, 64), feature_map: str = "softmax", scale=None,
-                  layout: str = "bhsd", backend: str = "auto"):
-    """SLA: critical blocks exact, marginal blocks by linear attention (projected), rest skipped."""
-    return attention(q, k, v, method="sla", backend=backend, layout=layout, scale=scale,
+                  causal: bool = False, layout: str = "bhsd", backend: str = "auto"):
+    """SLA: critical blocks exact, marginal blocks by linear attention (projected), rest skipped.
+
+    causal (bottom-right): blocks above the diagonal are negligible, blocks crossing it critical."""
+    return attention(q, k, v, method="sla", backend=backend, layout=layout, scale=scale, causal=causal,
                      proj_weight=proj_weight, proj_bias=proj_bias, critical=critical, negligible=negligible,
                      block_size=block_size, feature_map=feature_map)
 

@@ -13,7 +13,9 @@ Steps, each bounded in time so the whole run ends inside ~6.5 minutes (target 6)
    then the AsymRnR suite (:func:`bench.bench_asymrnr.run_asymrnr_suite`: accuracy vs random
    dropping, time vs full flash at the Wan2.1-1.3B shape) in its own budget, written to
    ``asymrnr.json`` / ``asymrnr.md``; then the sage suite (:func:`bench.bench_sage.run_sage_suite`,
-   end-to-end TOPS with quantization, cos / rel L1 per row) in ``SAGE_BUDGET_S``;
+   end-to-end TOPS with quantization, cos / rel L1 per row) in ``SAGE_BUDGET_S``; then block_sparse,
+   linear and sla (:func:`bench.bench_sla.run_sla_suite`: Wan2.1-1.3B fwd / bwd vs dense flash and
+   SDPA) in small budgets, each to its own JSON file;
 4. ``results.json`` (environment, test counts, every record) and ``summary.md`` (a markdown
    table with the speed of each attnlib provider relative to the fastest SDPA backend), written
    after every measurement so a run cut short still leaves its numbers, then copied into
@@ -48,16 +50,17 @@ from bench import runner  # noqa: E402
 TOTAL_TARGET_S = 360.0      # the whole script, well inside 8 minutes (one measurement may overrun)
 # Budgets, in the order the steps run; each later step also stops at its END_S mark so the
 # whole script stays inside about 7.5 minutes (450 s of steps plus start-up and writing).
-PYTEST_BUDGET_S = 150.0
-BENCH_BUDGET_S = 120.0
-ASYMRNR_BUDGET_S = 40.0     # AsymRnR accuracy + Wan2.1 timing; never past ASYMRNR_END_S into the run
-ASYMRNR_END_S = 330.0
+PYTEST_BUDGET_S = 140.0
+BENCH_BUDGET_S = 100.0
+ASYMRNR_BUDGET_S = 30.0     # AsymRnR accuracy + Wan2.1 timing; never past ASYMRNR_END_S into the run
+ASYMRNR_END_S = 300.0
 SAGE_BUDGET_S = 40.0        # sage end to end vs SDPA / flash / sageattention 1.0.6; never past SAGE_END_S
-SAGE_END_S = 380.0
-SPARSE_LINEAR_END_S = 450.0  # block_sparse (30 s) and linear (20 s) share what is left up to here
+SAGE_END_S = 345.0
+SPARSE_LINEAR_END_S = 400.0  # block_sparse (30 s) and linear (20 s) share what is left up to here
+SLA_END_S = 445.0            # sla (issue 7: Wan2.1-1.3B fwd/bwd vs flash / SDPA), 40 s, never past this mark
 PER_TEST_TIMEOUT_S = 120
 RESULT_FILES = ("results.json", "summary.md", "pytest-gpu.log", "asymrnr.json", "asymrnr.md",
-                "block_sparse.json", "linear.json")
+                "block_sparse.json", "linear.json", "sla.json")
 
 
 def say(*args) -> None:
@@ -324,11 +327,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             say("!! " + notes[-1])
     if not args.skip_bench:
         # issue 6: block_sparse (density sweep vs dense flash / flex) and linear (seq sweep, GB/s)
-        for name, mod, fn, cap in (("block_sparse", "bench.bench_block_sparse", "run_block_sparse_suite", 30.0),
-                                   ("linear", "bench.bench_linear", "run_linear_suite", 20.0)):
-            cap = min(cap, SPARSE_LINEAR_END_S - (time.perf_counter() - t_start))
+        for name, mod, fn, cap, end_s in (
+                ("block_sparse", "bench.bench_block_sparse", "run_block_sparse_suite", 30.0, SPARSE_LINEAR_END_S),
+                ("linear", "bench.bench_linear", "run_linear_suite", 20.0, SPARSE_LINEAR_END_S),
+                ("sla", "bench.bench_sla", "run_sla_suite", 40.0, SLA_END_S)):
+            cap = min(cap, end_s - (time.perf_counter() - t_start))
             if cap < 5.0:
-                notes.append(f"{name} benchmarks skipped: the run reached {SPARSE_LINEAR_END_S:.0f} s")
+                notes.append(f"{name} benchmarks skipped: the run reached {end_s:.0f} s")
                 continue
             say(f"== {name} benchmarks (budget {cap:.0f} s)")
             try:

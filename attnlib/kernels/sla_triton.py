@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ..dispatch import Kernel, register
+from ..dispatch import register
 from ..inputs import AttentionInputs
+from .families import TritonKernel
 
 MIN_BLOCK, MAX_BLOCK = 16, 128  # mirrors triton_kernels/block_sparse/configs.py (imported lazily)
 
@@ -23,31 +24,19 @@ def _block_ok(b: int) -> bool:
     return MIN_BLOCK <= b <= MAX_BLOCK and (b & (b - 1)) == 0
 
 
-class SLATriton(Kernel):
+class SLATriton(TritonKernel):
     name = "sla-triton"
     method = "sla"
-    backend = "triton"
-    priority = 20
-    devices = ("cuda",)
-    interpret_ok = True
-    requires = ("triton",)
-    dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    head_dim_multiple = 8
-    max_head_dim = 128
+    max_head_dim = 128  # the D x D linear-attention state lives in registers
     supports_lse = False
-    needs_unit_last_stride = True
     options = ("proj_weight", "proj_bias", "critical", "negligible", "block_size", "feature_map")
     block_sizes_text = f"powers of two from {MIN_BLOCK} to {MAX_BLOCK} per side, e.g. (64, 64), (128, 64)"
 
     def extra_reasons(self, inp: AttentionInputs) -> list[str]:
-        r = []
-        if inp.head_dim_v != inp.head_dim:
-            r.append(f"value head_dim {inp.head_dim_v} differs from query/key head_dim {inp.head_dim} "
-                     "(the Triton SLA kernel needs them equal)")
         bq, bk = inp.options.get("block_size", (64, 64))
         if not (_block_ok(bq) and _block_ok(bk)):
-            r.append(f"block_size {(bq, bk)} not supported (supports {self.block_sizes_text})")
-        return r
+            return [f"block_size {(bq, bk)} not supported (supports {self.block_sizes_text})"]
+        return []
 
     @staticmethod
     def _kwargs(inp: AttentionInputs) -> dict:

@@ -1,0 +1,150 @@
+"""Benchmarks for method sla: effective TFLOP/s (dense FLOPs / time), forward and backward, at
+critical 0.05 / 0.10 / 0.20 (negligible 0.10) on the Wan2.1-1.3B shape (12 heads, hd128, 32760
+tokens, bf16, block (64, 64)), against attnlib's dense flash on Triton and the fastest torch SDPA
+backend, plus the sparse-only variant (negligible = 1 - critical: no marginal blocks) to show
+what the linear branch costs. Issue 7 targets (H100): forward >= 10x dense flash at critical
+0.05, backward >= 5x.
+
+Backward times the whole backward call (attnlib's recomputes the forward's intermediates). FLOPs
+are runner.flops of the dense problem for every provider, so the ratios are speed-ups.
+
+``run_sla_suite(budget_s, log)`` is used by gpu_check.py; ``python bench/bench_sla.py`` prints a
+table. GPU only.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import runner  # noqa: E402
+
+WORKLOAD = "wan2.1-1.3b-480p-81f"
+SHAPE = dict(batch=1, heads=12, seq=32760, head_dim=128)  # bench/workloads.json, Wan2.1 T2V 1.3B
+BLOCK = (64, 64)
+NEGLIGIBLE = 0.10
+CRITICALS = (0.05, 0.10, 0.20)
+SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
+SUITE_BUDGET_S = 40.0
+
+
+def _shape_from_workloads() -> dict:
+    for w in runner.load_workloads():
+        if w["name"] == WORKLOAD:
+            return dict(batch=w["batch"], heads=w["heads"], seq=w["seq"], head_dim=w["head_dim"])
+    return dict(SHAPE)
+
+
+def _forward(provider: str, q, k, v, w, b, critical: float, negligible: float) -> Callable[[], torch.Tensor]:
+    import attnlib
+
+    if provider == "attnlib-sla":
+        return lambda: attnlib.sla_attention(q, k, v, w, b, critical=critical, negligible=negligible,
+                                             block_size=BLOCK, backend="triton")
+    if provider == "attnlib-flash":
+        return lambda: attnlib.flash_attention(q, k, v, backend="triton")
+    if provider.startswith("sdpa-"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, provider.split("-", 1)[1])
+
+        def run():
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return run
+    raise ValueError(provider)
+
+
+def _step(fwd: Callable[[], torch.Tensor], mode: str, leaves) -> Callable[[], object]:
+    if mode == "fwd":
+        return fwd
+    out = fwd()
+    dout = torch.randn_like(out)
+    return lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)
+
+
+def _time(step, dev, cfg) -> float:
+    step()
+    ms, _reps, _ = runner.time_step(step, lambda: None, dev, cfg)
+    return ms
+
+
+def run_sla_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] = print) -> list[dict]:
+    if not torch.cuda.is_available():
+        return []
+    t0 = time.perf_counter()
+    dev = torch.device("cuda")
+    shape = _shape_from_workloads()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape["batch"], shape["heads"], shape["seq"], shape["head_dim"], generator=gen)
+               .to(dev, torch.bfloat16).requires_grad_() for _ in range(3))
+    d = shape["head_dim"]
+    w = (torch.randn(d, d, generator=gen) * d ** -0.5).to(dev).requires_grad_()
+    b = torch.zeros(d, device=dev, requires_grad=True)
+    cfg = runner.TimingConfig(target_s=0.05, max_reps=5)
+    records: list[dict] = []
+
+    def measure(provider: str, mode: str, critical=None, negligible=None, variant="sla") -> None:
+        rec = dict(method="sla", workload=WORKLOAD, provider=provider, mode=mode, variant=variant,
+                   critical=critical, negligible=negligible, block_size=list(BLOCK), dtype="bf16", **shape)
+        if time.perf_counter() - t0 > budget_s:
+            rec["skipped"] = "time budget spent"
+            records.append(rec)
+            return
+        dense = runner.flops(shape["batch"], shape["heads"], shape["seq"], shape["seq"], d, mode=mode)
+        try:
+            fwd = _forward(provider, q, k, v, w, b, critical, negligible)
+            leaves = (q, k, v, w, b) if provider == "attnlib-sla" else (q, k, v)
+            ms = _time(_step(fwd, mode, leaves), dev, cfg)
+            rec.update(ms=ms, effective_tflops=dense / ms / 1e9)
+            what = f"{provider} {variant} c={critical}" if critical is not None else provider
+            log(f"{what:<34} {mode}  {ms:9.3f} ms  {dense / ms / 1e9:8.1f} eff. TFLOP/s")
+        except Exception as e:  # noqa: BLE001 - record and go on
+            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            log(f"{provider} {mode} failed: {rec['error']}")
+        records.append(rec)
+
+    # the headline numbers first, so a short budget still yields the targets
+    for mode in ("fwd", "bwd"):
+        measure("attnlib-sla", mode, CRITICALS[0], NEGLIGIBLE)
+        measure("attnlib-flash", mode)
+        for sdpa in SDPA_BACKENDS:
+            measure(f"sdpa-{sdpa}", mode)
+    for crit in CRITICALS:
+        for mode in ("fwd", "bwd"):
+            if crit != CRITICALS[0]:
+                measure("attnlib-sla", mode, crit, NEGLIGIBLE)
+            measure("attnlib-sla", mode, crit, round(1.0 - crit, 6), variant="sparse-only")
+    _targets(records, log)
+    return records
+
+
+def _targets(records: list[dict], log) -> None:
+    def ms(provider, mode, crit=None, variant="sla"):
+        for r in records:
+            if (r["provider"], r["mode"], r.get("critical"), r.get("variant")) == (provider, mode, crit, variant):
+                return r.get("ms")
+        return None
+
+    for mode, want in (("fwd", 10.0), ("bwd", 5.0)):
+        sla, flash = ms("attnlib-sla", mode, CRITICALS[0]), ms("attnlib-flash", mode)
+        sdpa = [m for m in (ms(f"sdpa-{s}", mode) for s in SDPA_BACKENDS) if m]
+        if sla and flash:
+            log(f"target: sla {mode} at critical {CRITICALS[0]} is {flash / sla:.2f}x dense attnlib flash "
+                f"(>= {want:g}x)" + (f", {min(sdpa) / sla:.2f}x the fastest SDPA" if sdpa else ""))
+        for crit in CRITICALS:
+            full, sparse = ms("attnlib-sla", mode, crit), ms("attnlib-sla", mode, crit, "sparse-only")
+            if full and sparse:
+                log(f"linear branch at critical {crit} ({mode}): {full - sparse:.3f} ms "
+                    f"({100 * (full - sparse) / full:.0f}% of the SLA time)")
+
+
+if __name__ == "__main__":
+    run_sla_suite(budget_s=600.0)

@@ -1,0 +1,283 @@
+"""Triton SLA kernels (sla-triton): block classification, the fused forward and the backward
+(dq, dk, dv, dW, db) against the float64 reference, on small shapes under the interpreter.
+
+Cases cover GQA, causal (bottom-right), seq_q != seq_k with ragged tails, both layouts and the
+feature maps. The limits: critical=1 is exact attention; critical=0, negligible=0, W=I, b=0 is
+linear attention over all keys. Accuracy follows flash_attn's rule: error against float64 at
+most 2x (gradients 3x) that of the same formula in PyTorch at the kernel's dtype, plus
+ATOL[dtype]. bf16, hd64/hd128 and the (64, 64) / (128, 64) blocks are GPU tests.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlib
+from attnlib.reference import flash_reference, linear_reference, sla_block_classes, sla_reference
+from attnlib.reference._common import block_mask_to_tokens, causal_mask, expand_kv
+from attnlib.reference.linear import feature_map_fn
+from attnlib.testing import assert_flash_rule, make_qkv, poison_
+
+triton = pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PROJ_ATOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2, torch.float32: 2e-4}  # dW, db: sums over rows
+
+
+def to_bhsd(x, layout):
+    return x if layout == "bhsd" else x.transpose(1, 2)
+
+
+def make_proj(d, dtype=torch.float32, seed=0, requires_grad=True):
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(d, d, generator=gen) * d ** -0.5).to(DEVICE, dtype).requires_grad_(requires_grad)
+    b = (torch.randn(d, generator=gen) * 0.1).to(DEVICE, dtype).requires_grad_(requires_grad)
+    return w, b
+
+
+def sla_same_dtype(q, k, v, w, b, classes, *, block_size, causal, feature_map, scale):
+    """The reference's formula evaluated in the inputs' dtype (the error users already accept),
+    given the block map; rows with nothing critical give 0 and finite gradients."""
+    hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
+    k, v = expand_kv(k, hq), expand_kv(v, hq)
+    visible = block_mask_to_tokens(classes == 1, block_size, sq, sk)
+    if causal:
+        visible = visible & causal_mask(sq, sk, q.device)
+    scores = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~visible, torch.finfo(q.dtype).min)
+    out = torch.where(visible.any(-1, keepdim=True), scores.softmax(-1) @ v, torch.zeros((), dtype=q.dtype))
+    if w is None and b is None:
+        return out
+    phi = feature_map_fn(feature_map)
+    marginal = block_mask_to_tokens(classes == 0, block_size, sq, sk)
+    a = (phi(q) @ phi(k).transpose(-1, -2)) * marginal.to(q.dtype)
+    # rows without marginal keys: 0 / eps, whose gradient overflows fp16; they contribute 0
+    has = marginal.any(-1, keepdim=True)
+    o_l = torch.where(has, (a @ v) / torch.where(has, a.sum(-1, keepdim=True) + 1e-6, 1.0), 0.0)
+    if w is not None:
+        out = out + o_l @ w.to(q.dtype).transpose(0, 1)
+    if b is not None:
+        out = out + b.to(q.dtype)
+    return out
+
+
+def grads(out, inputs, dout):
+    return [g.detach() for g in torch.autograd.grad(out, inputs, dout)]
+
+
+def check(q, k, v, w, b, *, critical, negligible, block_size, causal, feature_map="softmax", layout="bhsd",
+          backward=True):
+    """Run sla-triton and compare out (and gradients) with the float64 reference."""
+    scale = q.shape[-1] ** -0.5
+    kw = dict(critical=critical, negligible=negligible, block_size=block_size, feature_map=feature_map)
+    ex = attnlib.explain(q, k, v, method="sla", layout=layout, causal=causal, proj_weight=w, proj_bias=b, **kw)
+    assert ex.chosen is not None and ex.chosen.name == "sla-triton", str(ex)
+    out = attnlib.sla_attention(q, k, v, w, b, causal=causal, layout=layout, **kw)
+    qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
+    classes = sla_block_classes(qb, kb, critical=critical, negligible=negligible, block_size=block_size,
+                                causal=causal)
+    # the float64 ground truth classifies in float64: it must see the same map (fixed seeds)
+    classes64 = sla_block_classes(qb.double(), kb.double(), critical=critical, negligible=negligible,
+                                  block_size=block_size, causal=causal)
+    assert torch.equal(classes, classes64), "float64 and float32 classification differ: pick another seed"
+    proj = [t for t in (w, b) if t is not None]
+    leaves = [t.detach().double().requires_grad_() for t in (qb, kb, vb)]
+    proj64 = [t.detach().double().requires_grad_() if t is not None else None for t in (w, b)]
+    ref = sla_reference(*leaves, *proj64, causal=causal, **kw)
+    same = [t.detach().clone().requires_grad_() for t in (qb, kb, vb)]
+    proj_same = [t.detach().clone().requires_grad_() if t is not None else None for t in (w, b)]
+    base = sla_same_dtype(*same, *proj_same, classes, block_size=block_size, causal=causal,
+                          feature_map=feature_map, scale=scale)
+    assert_flash_rule(to_bhsd(out, layout), ref, base, name="out")
+    if not backward:
+        return out
+    dout = torch.randn_like(out)
+    got = grads(out, (q, k, v, *proj), dout)
+    want = grads(ref, leaves + [t for t in proj64 if t is not None], to_bhsd(dout, layout).double())
+    have = grads(base, same + [t for t in proj_same if t is not None], to_bhsd(dout, layout))
+    names = ["dq", "dk", "dv"] + [n for n, t in (("dW", w), ("db", b)) if t is not None]
+    for name, g, wt, h in zip(names, got, want, have):
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        g = to_bhsd(g, layout) if name in ("dq", "dk", "dv") else g
+        atol = PROJ_ATOL[q.dtype] if name in ("dW", "db") else None
+        assert_flash_rule(g, wt, h, factor=3.0, atol=atol, name=name)
+    return out
+
+
+# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal, layout, block_size, critical, negligible, feature)
+CASES = [
+    (1, 2, 2, 64, 64, 32, False, "bhsd", (16, 16), 0.25, 0.25, "softmax"),
+    (1, 4, 2, 50, 77, 32, True, "bshd", (16, 16), 0.3, 0.2, "softmax"),    # GQA, Sq < Sk, ragged, causal
+    (2, 2, 1, 77, 45, 16, True, "bhsd", (16, 16), 0.2, 0.2, "elu"),        # MQA, Sq > Sk: rows see nothing
+    (1, 2, 2, 45, 90, 24, False, "bshd", (16, 32), 0.2, 0.1, "relu"),      # hd tail (padded), bk 32
+    (1, 4, 4, 70, 70, 32, True, "bhsd", (32, 16), 0.1, 0.3, "softmax"),    # mostly marginal: total minus
+]
+
+
+def case_id(c):
+    return "b{}h{}kv{}q{}k{}d{}{}-{}-bs{}x{}-c{}-n{}-{}".format(*c[:6], "-causal" if c[6] else "", c[7], *c[8],
+                                                                 *c[9:])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_backward_fp32(case):
+    b, hq, hkv, sq, sk, d, causal, layout, bs, crit, neg, fm = case
+    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, device=DEVICE, layout=layout, requires_grad=True,
+                       seed=sq * 1000 + sk)
+    w, bias = make_proj(d, seed=sq)
+    check(q, k, v, w, bias, critical=crit, negligible=neg, block_size=bs, causal=causal, feature_map=fm,
+          layout=layout)
+
+
+@pytest.mark.parametrize("case", CASES[1:3], ids=case_id)
+def test_forward_backward_fp16(case):
+    b, hq, hkv, sq, sk, d, causal, layout, bs, crit, neg, fm = case
+    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, device=DEVICE, layout=layout, dtype=torch.float16,
+                       requires_grad=True, seed=sq * 1000 + sk)
+    w, bias = make_proj(d, seed=sq)  # fp32 parameters with fp16 activations, as in mixed precision
+    check(q, k, v, w, bias, critical=crit, negligible=neg, block_size=bs, causal=causal, feature_map=fm,
+          layout=layout)
+
+
+@pytest.mark.parametrize("causal,with_bias", [(False, False), (True, True)])
+def test_without_projection_is_sparse_attention(causal, with_bias):
+    """W and b None: the linear branch is skipped (the output is O_sparse), also in backward;
+    a bias alone is added and gets its gradient."""
+    q, k, v = make_qkv(1, 4, 61, 32, kv_heads=2, seq_k=75, device=DEVICE, requires_grad=True, seed=3)
+    bias = make_proj(32, seed=4)[1] if with_bias else None
+    check(q, k, v, None, bias, critical=0.3, negligible=0.3, block_size=(16, 16), causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_all_critical_is_exact_attention(causal):
+    q, k, v = make_qkv(1, 4, 50, 32, kv_heads=2, seq_k=66, device=DEVICE, requires_grad=True, seed=5)
+    w, bias = make_proj(32, seed=5)
+    out = attnlib.sla_attention(q, k, v, w, None, critical=1.0, negligible=0.0, block_size=(16, 16), causal=causal)
+    ref = flash_reference(*(t.detach().double() for t in (q, k, v)), causal=causal)
+    base = flash_reference(*(t.detach() for t in (q, k, v)), causal=causal)
+    assert_flash_rule(out, ref, base)
+    if causal:
+        check(q, k, v, w, bias, critical=1.0, negligible=0.0, block_size=(16, 16), causal=causal)
+
+
+def test_no_critical_no_negligible_identity_projection_is_linear_attention():
+    q, k, v = make_qkv(2, 4, 45, 32, kv_heads=2, seq_k=70, device=DEVICE, requires_grad=True, seed=6)
+    eye, zero = torch.eye(32, device=DEVICE), torch.zeros(32, device=DEVICE)
+    out = attnlib.sla_attention(q, k, v, eye, zero, critical=0.0, negligible=0.0, block_size=(16, 16))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = linear_reference(*leaves, feature_map="softmax")
+    base = linear_reference(*(t.detach() for t in (q, k, v)), feature_map="softmax")
+    assert_flash_rule(out, ref, base)
+    dout = torch.randn_like(out)
+    for name, g, w in zip(("dq", "dk", "dv"), grads(out, (q, k, v), dout), grads(ref, leaves, dout.double())):
+        torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=1e-4, msg=name)
+
+
+# ---- classification ---------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(64, 64, (16, 16)), (50, 77, (16, 8)), (77, 50, (8, 16)), (33, 200, (16, 16))],
+                         ids=lambda s: f"q{s[0]}k{s[1]}bs{s[2][0]}x{s[2][1]}")
+def test_block_map_equals_reference(causal, shape):
+    from attnlib.triton_kernels.sla.classify import sla_block_classes as kernel_classes
+
+    sq, sk, bs = shape
+    q, k, _ = make_qkv(1, 4, sq, 16, kv_heads=2, seq_k=sk, device=DEVICE, seed=sq + sk)
+    for crit, neg in ((0.05, 0.10), (0.3, 0.3), (0.0, 1.0), (1.0, 0.0), (0.5, 0.5)):
+        ref = sla_block_classes(q, k, critical=crit, negligible=neg, block_size=bs, causal=causal)
+        got = kernel_classes(q, k, critical=crit, negligible=neg, block_size=bs, scale=16 ** -0.5, causal=causal)
+        assert got.dtype == torch.int8 and torch.equal(got, ref), \
+            f"critical={crit} negligible={neg}: {(got != ref).sum().item()} blocks differ"
+
+
+def test_block_map_ties_broken_by_index():
+    from attnlib.triton_kernels.sla.classify import sla_block_classes as kernel_classes
+
+    q, k, _ = make_qkv(1, 1, 16, 16, seq_k=8, device=DEVICE, seed=7)
+    k = k[:, :, :2].repeat(1, 1, 16, 1).contiguous()  # sixteen identical 2-token blocks: equal P_c
+    got = kernel_classes(q, k, critical=0.25, negligible=0.5, block_size=(16, 2), scale=0.25, causal=False)
+    assert got[0, 0, 0].tolist() == [1] * 4 + [0] * 4 + [-1] * 8
+    ref = sla_block_classes(q, k, critical=0.25, negligible=0.5, block_size=(16, 2))
+    assert torch.equal(got, ref)
+
+
+def test_block_map_fp16_and_public_helper():
+    q, k, _ = make_qkv(1, 2, 96, 32, seq_k=80, device=DEVICE, dtype=torch.float16, layout="bshd", seed=8)
+    got = attnlib.sla_block_map(q, k, critical=0.2, negligible=0.3, block_size=(16, 16), causal=True,
+                                layout="bshd")
+    ref = sla_block_classes(q.transpose(1, 2), k.transpose(1, 2), critical=0.2, negligible=0.3,
+                            block_size=(16, 16), causal=True)
+    assert torch.equal(got, ref)
+
+
+def test_index_form_lists_classes_in_order():
+    from attnlib.triton_kernels.sla.classify import class_index
+
+    gen = torch.Generator().manual_seed(9)
+    classes = (torch.randint(-1, 2, (2, 3, 5, 7), generator=gen)).to(torch.int8)
+    ix = class_index(classes)
+    for row, crit, marg, idx in zip(classes.view(-1, 7), ix.n_crit.view(-1), ix.n_marg.view(-1), ix.idx.view(-1, 7)):
+        want = [j for c in (1, 0, -1) for j in range(7) if row[j] == c]
+        assert idx.tolist() == want and crit == (row == 1).sum() and marg == (row == 0).sum()
+
+
+# ---- launchers and rejection --------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_writes_every_element(causal):
+    from attnlib.triton_kernels.sla.attention import sla_forward
+
+    q, k, v = make_qkv(1, 4, 37, 40, kv_heads=2, seq_k=21, device=DEVICE, seed=10)
+    w, b = make_proj(40, requires_grad=False)
+    for proj in ((None, None), (w, b)):
+        out = poison_(torch.empty_like(q))
+        sla_forward(q, k, v, out, *proj, critical=0.3, negligible=0.3, block_size=(16, 16), feature="softmax",
+                    scale=40 ** -0.5, causal=causal)
+        assert torch.isfinite(out).all()
+
+
+def test_unsupported_inputs_have_reasons_and_fall_back():
+    q, k, v = make_qkv(1, 2, 40, 32, device=DEVICE, seed=11)
+    ex = attnlib.explain(q, k, v, method="sla", block_size=(24, 24))
+    assert any("block_size (24, 24)" in r for r in ex.reasons["sla-triton"])
+    assert ex.chosen.name == "sla-torch-reference"
+    out = attnlib.sla_attention(q, k, v, block_size=(24, 24))
+    torch.testing.assert_close(out, sla_reference(q, k, v, block_size=(24, 24)))
+    with pytest.raises(attnlib.NoKernelError, match="block_size"):
+        attnlib.sla_attention(q, k, v, block_size=(24, 24), backend="triton")
+    q2, k2, v2 = make_qkv(1, 2, 20, 256, device=DEVICE, seed=12)
+    assert any("head_dim 256" in r for r in attnlib.explain(q2, k2, v2, method="sla", block_size=(16, 16))
+               .reasons["sla-triton"])
+
+
+def test_bad_options_are_named():
+    q, k, v = make_qkv(1, 2, 40, 32, device=DEVICE, seed=13)
+    with pytest.raises(ValueError, match="critical"):
+        attnlib.sla_attention(q, k, v, critical=1.5)
+    with pytest.raises(ValueError, match="critical \\+ negligible"):
+        attnlib.sla_attention(q, k, v, critical=0.6, negligible=0.6)
+    with pytest.raises(ValueError, match="proj_weight"):
+        attnlib.sla_attention(q, k, v, torch.zeros(16, 16))
+    with pytest.raises(TypeError, match="causal"):
+        attnlib.sla_attention(q, k, v, causal=1)
+
+
+# ---- GPU only ----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [(64, 64), (128, 64)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_block_sizes(block_size, dtype, head_dim):
+    q, k, v = make_qkv(1, 4, 1000, head_dim, kv_heads=2, seq_k=1100, dtype=dtype, device="cuda",
+                       requires_grad=True, seed=head_dim)
+    w, b = make_proj(head_dim, seed=1)
+    for causal, layout in ((False, "bhsd"), (True, "bhsd")):
+        check(q, k, v, w, b, critical=0.2, negligible=0.2, block_size=block_size, causal=causal, layout=layout)
+
+
+@pytest.mark.gpu
+def test_gpu_bshd_fp32_and_block_map():
+    q, k, v = make_qkv(2, 4, 700, 64, seq_k=520, device="cuda", layout="bshd", requires_grad=True, seed=2)
+    w, b = make_proj(64, seed=2)
+    check(q, k, v, w, b, critical=0.1, negligible=0.3, block_size=(64, 64), causal=True, layout="bshd")
+    got = attnlib.sla_block_map(q, k, critical=0.05, negligible=0.1, block_size=(128, 64), layout="bshd")
+    ref = sla_block_classes(q.transpose(1, 2), k.transpose(1, 2), critical=0.05, negligible=0.1,
+                            block_size=(128, 64))
+    assert torch.equal(got, ref)

@@ -1,0 +1,272 @@
+"""SLA block classification and the key-block preprocess, on the GPU.
+
+Classification follows attnlib.reference.sla.sla_block_classes exactly: P_c = softmax over each
+query-block row of pool(Q_i) . pool(K_j) * scale (mean pooling over a block's real tokens; under
+causal only the fully visible "eligible" key blocks take part); a block's rank is the number of
+eligible blocks with larger P_c, or equal P_c and a lower index (the stable descending sort of the
+reference, computed as counts so no sort runs on the GPU); rank < n_crit is critical, rank >=
+n - n_neg negligible, the rest marginal; causal blocks crossing the diagonal are forced critical
+and blocks no query of the block sees are negligible.
+
+The per-row counts (n_crit, n_neg) come from sla_block_counts' float64 rule, evaluated with torch
+on the device (the same IEEE operations as the reference's Python floats, and no host sync).
+
+The key-block preprocess reads each key block once: pool(K_j) for the classifier and, when the
+linear branch runs, h_j = phi(K_j)^T V_j (D x Dv) and z_j = sum_t phi(K_j)_t, fp32.
+
+The index form the kernels walk (``class_index``) lists per row the critical blocks, then the
+marginal, then the negligible ones, each group ascending: the first n_crit entries are the
+block-sparse row form, and the marginal / non-marginal lists of the pre-aggregation are slices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..linear.kernels import FEATURE_IDS, feature_map
+
+CRITICAL, MARGINAL, NEGLIGIBLE = 1, 0, -1
+_COUNT_SLACK = 1e-9  # as attnlib.reference.sla: fraction * n a hair off an integer
+
+
+def padded(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class BlockIndex:
+    """Per row (query block, or key block in the column form): counts and the class-ordered list.
+
+    n_crit, n_marg (B, H, M) int32; idx (B, H, M, N) int32 contiguous: critical blocks ascending,
+    then marginal ascending, then negligible ascending."""
+
+    n_crit: torch.Tensor
+    n_marg: torch.Tensor
+    idx: torch.Tensor
+
+    @property
+    def row_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kv_num_blocks, kv_indices) of the critical blocks, as block_sparse's kernels read them."""
+        return self.n_crit, self.idx
+
+
+def class_index(classes: torch.Tensor) -> BlockIndex:
+    """The class-ordered index form of an int8 (B, H, M, N) map (one stable sort)."""
+    order_key = (1 - classes.to(torch.int16)).to(torch.uint8)  # critical 0, marginal 1, negligible 2
+    idx = torch.sort(order_key, dim=-1, stable=True).indices.to(torch.int32).contiguous()
+    n_crit = (classes == CRITICAL).sum(-1, dtype=torch.int32).contiguous()
+    n_marg = (classes == MARGINAL).sum(-1, dtype=torch.int32).contiguous()
+    return BlockIndex(n_crit, n_marg, idx)
+
+
+def row_counts(seq_q: int, seq_k: int, block_size: tuple[int, int], causal: bool, critical: float,
+               negligible: float, device) -> torch.Tensor:
+    """int32 (Mq, 3): eligible blocks n, n_crit, n_neg per query-block row (sla_block_counts)."""
+    bq, bk = block_size
+    mq, mk = triton.cdiv(seq_q, bq), triton.cdiv(seq_k, bk)
+    if causal:
+        q_first = torch.arange(mq, device=device, dtype=torch.int64) * bq
+        # fully visible key blocks: last key <= first query + offset
+        last_full_key = q_first + (seq_k - seq_q)
+        n = torch.where(last_full_key >= 0, torch.clamp((last_full_key + 1) // bk, max=mk), 0)
+        n = torch.where(last_full_key + 1 >= seq_k, mk, n)  # a ragged last block ends at seq_k - 1
+    else:
+        n = torch.full((mq,), mk, device=device, dtype=torch.int64)
+    nf = n.to(torch.float64)
+    n_crit = torch.minimum(n, torch.ceil(critical * nf - _COUNT_SLACK).to(torch.int64)).clamp_min(0)
+    n_neg = torch.minimum(n - n_crit, torch.floor(negligible * nf + _COUNT_SLACK).to(torch.int64)).clamp_min(0)
+    return torch.stack([n, n_crit, n_neg], dim=1).to(torch.int32).contiguous()
+
+
+# ---- kernels -------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["seq_k"])
+def key_block_kernel(K, V, PK, H, Z,
+                     stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd,
+                     seq_k,
+                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+                     FEAT: tl.constexpr, LINEAR: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (key blocks, kv heads, batch). PK (B, Hkv, Mk, D) fp32: the block's token mean;
+    with LINEAR, H (B, Hkv, Mk, D, Dv) = phi(K_j)^T V_j and Z (B, Hkv, Mk, D) = sum phi(K_j), fp32
+    contiguous."""
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    n_blocks = tl.num_programs(0)
+    blk = (b.to(tl.int64) * tl.num_programs(1) + h) * n_blocks + pid_n  # flat (b, h, j)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    n_ok = offs_n < seq_k
+    d_ok = offs_d < HEAD_DIM
+    b_k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn
+                  + offs_d[None, :] * stride_kd, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    count = tl.minimum(seq_k - pid_n * BLOCK_N, BLOCK_N).to(tl.float32)
+    tl.store(PK + blk * HEAD_DIM + offs_d, tl.sum(b_k, 0) / count, mask=d_ok)
+    if LINEAR:
+        offs_e = tl.arange(0, DV_PAD)
+        e_ok = offs_e < DV
+        b_v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
+                      + offs_e[None, :] * stride_vd, mask=n_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+        phi_k = feature_map(b_k, n_ok, d_ok, FEAT)
+        b_h = tl.dot(tl.trans(phi_k), b_v, input_precision=PREC)
+        tl.store(H + blk * HEAD_DIM * DV + offs_d[:, None] * DV + offs_e[None, :], b_h,
+                 mask=d_ok[:, None] & e_ok[None, :])
+        tl.store(Z + blk * HEAD_DIM + offs_d, tl.sum(phi_k, 0), mask=d_ok)
+
+
+@triton.jit
+def _eligibility(cols, q_first, q_last, seq_k, diag, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(fully visible, crossing the diagonal) for key blocks `cols` of a query block [q_first, q_last]."""
+    k_first = cols * BLOCK_N
+    k_last = tl.minimum(k_first + BLOCK_N, seq_k) - 1
+    if CAUSAL:
+        full = k_last <= q_first + diag
+        some = k_first <= q_last + diag
+        crossing = some & (~full)
+    else:
+        full = k_first >= 0
+        crossing = k_first < 0
+    return full, crossing
+
+
+@triton.jit(do_not_specialize=["seq_q", "seq_k"])
+def classify_kernel(Q, PK, SCORE, CLS, COUNTS,
+                    stride_qb, stride_qh, stride_qm, stride_qd,
+                    seq_q, seq_k, group, num_kb, scale,
+                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """Grid (query blocks, query heads, batch). PK (B, Hkv, Mk, D) fp32 pooled keys; SCORE
+    (B, Hq, Mq, Mk) fp32 scratch (left holding the ranking key: P_c, -1 where ineligible);
+    CLS (B, Hq, Mq, Mk) int8; COUNTS (Mq, 3) int32 (n eligible, n_crit, n_neg)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    heads = tl.num_programs(1)
+    b64 = b.to(tl.int64)
+    offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_i < seq_q
+    b_q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_i[:, None] * stride_qm
+                  + offs_d[None, :] * stride_qd, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    count = tl.minimum(seq_q - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    pooled_q = tl.sum(b_q, 0) / count
+    pk_base = PK + (b64 * (heads // group) + h // group) * num_kb * HEAD_DIM
+    row = (b64 * heads + h) * tl.num_programs(0) + pid_m
+    s_row = SCORE + row * num_kb
+    c_row = CLS + row * num_kb
+    q_first = pid_m * BLOCK_M
+    q_last = tl.minimum(q_first + BLOCK_M, seq_q) - 1
+    diag = seq_k - seq_q
+    offs_c = tl.arange(0, CHUNK)
+
+    # pass 1: scores of the eligible blocks, running max
+    m_run = tl.full([CHUNK], float("-inf"), dtype=tl.float32)
+    for c0 in range(0, num_kb, CHUNK):
+        cols = c0 + offs_c
+        c_ok = cols < num_kb
+        pk = tl.load(pk_base + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        s = tl.sum(pk * pooled_q[None, :], 1) * scale
+        full, _ = _eligibility(cols, q_first, q_last, seq_k, diag, BLOCK_N, CAUSAL)
+        s = tl.where(full & c_ok, s, float("-inf"))
+        tl.store(s_row + cols, s, mask=c_ok)
+        m_run = tl.maximum(m_run, s)
+    m = tl.max(m_run, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    tl.debug_barrier()
+    l_run = tl.zeros([CHUNK], dtype=tl.float32)
+    for c0 in range(0, num_kb, CHUNK):
+        cols = c0 + offs_c
+        s = tl.load(s_row + cols, mask=cols < num_kb, other=float("-inf"))
+        l_run += tl.exp(s - m_safe)
+    l_sum = tl.sum(l_run, 0)
+    l_sum = tl.where(l_sum == 0.0, 1.0, l_sum)
+    tl.debug_barrier()
+    # pass 2: the ranking key, P_c on eligible blocks and -1 elsewhere (as the reference's sort key)
+    for c0 in range(0, num_kb, CHUNK):
+        cols = c0 + offs_c
+        c_ok = cols < num_kb
+        s = tl.load(s_row + cols, mask=c_ok, other=float("-inf"))
+        full, _ = _eligibility(cols, q_first, q_last, seq_k, diag, BLOCK_N, CAUSAL)
+        key = tl.where(full, tl.exp(s - m_safe) / l_sum, -1.0)
+        tl.store(s_row + cols, key, mask=c_ok)
+    tl.debug_barrier()
+    # pass 3: rank = blocks ordered before this one (larger key, or equal key and lower index)
+    n_elig = tl.load(COUNTS + pid_m * 3)
+    n_crit = tl.load(COUNTS + pid_m * 3 + 1)
+    n_neg = tl.load(COUNTS + pid_m * 3 + 2)
+    for c0 in range(0, num_kb, CHUNK):
+        cols = c0 + offs_c
+        c_ok = cols < num_kb
+        key = tl.load(s_row + cols, mask=c_ok, other=-2.0)
+        rank = tl.zeros([CHUNK], dtype=tl.int32)
+        for o0 in range(0, num_kb, CHUNK):
+            others = o0 + offs_c
+            o_key = tl.load(s_row + others, mask=others < num_kb, other=-2.0)
+            before = (o_key[None, :] > key[:, None]) | ((o_key[None, :] == key[:, None])
+                                                        & (others[None, :] < cols[:, None]))
+            rank += tl.sum(before.to(tl.int32), 1)
+        full, crossing = _eligibility(cols, q_first, q_last, seq_k, diag, BLOCK_N, CAUSAL)
+        cls = tl.where(rank < n_crit, 1, tl.where(rank >= n_elig - n_neg, -1, 0))
+        cls = tl.where(full, cls, tl.where(crossing, 1, -1))
+        tl.store(c_row + cols, cls.to(tl.int8), mask=c_ok)
+
+
+# ---- launchers -------------------------------------------------------------------------------------
+def _warps(tile: int) -> int:
+    return 1 if interpreting() else (8 if tile >= 128 * 128 else 4)
+
+
+def key_blocks(k: torch.Tensor, v: torch.Tensor, *, block_n: int, feature: str, linear: bool
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(pooled K (B, Hkv, Mk, D), h (B, Hkv, Mk, D, Dv) or None, z (B, Hkv, Mk, D) or None), fp32."""
+    batch, heads, seq_k, d = k.shape
+    dv = v.shape[3]
+    mk = triton.cdiv(seq_k, block_n)
+    pk = torch.empty(batch, heads, mk, d, dtype=torch.float32, device=k.device)
+    h = torch.empty(batch, heads, mk, d, dv, dtype=torch.float32, device=k.device) if linear else None
+    z = torch.empty(batch, heads, mk, d, dtype=torch.float32, device=k.device) if linear else None
+    if pk.numel() == 0:
+        return pk, h, z
+    key_block_kernel[(mk, heads, batch)](
+        k, v, pk, h if linear else pk, z if linear else pk, *k.stride(), *v.stride(), seq_k,
+        HEAD_DIM=d, D_PAD=padded(d), DV=dv, DV_PAD=padded(dv), FEAT=FEATURE_IDS[feature], LINEAR=linear,
+        PREC="tf32x3", BLOCK_N=block_n, num_warps=_warps(padded(d) * padded(dv) if linear else 0))
+    return pk, h, z
+
+
+def classify(q: torch.Tensor, pooled_k: torch.Tensor, *, seq_k: int, block_size: tuple[int, int],
+             critical: float, negligible: float, scale: float, causal: bool) -> torch.Tensor:
+    """int8 (B, Hq, Mq, Mk) block map from q (bhsd view) and pooled keys (B, Hkv, Mk, D)."""
+    batch, heads, seq_q, d = q.shape
+    bq, bk = block_size
+    mq, mk = triton.cdiv(seq_q, bq), pooled_k.shape[2]
+    cls = torch.empty(batch, heads, mq, mk, dtype=torch.int8, device=q.device)
+    if cls.numel() == 0:
+        return cls
+    score = torch.empty(batch, heads, mq, mk, dtype=torch.float32, device=q.device)
+    counts = row_counts(seq_q, seq_k, block_size, causal, critical, negligible, q.device)
+    classify_kernel[(mq, heads, batch)](
+        q, pooled_k, score, cls, counts, *q.stride(), seq_q, seq_k, heads // pooled_k.shape[1], mk, scale,
+        HEAD_DIM=d, D_PAD=padded(d), CAUSAL=causal, BLOCK_M=bq, BLOCK_N=bk,
+        CHUNK=min(64, max(16, triton.next_power_of_2(mk))), num_warps=_warps(0))
+    return cls
+
+
+def sla_block_classes(q: torch.Tensor, k: torch.Tensor, *, critical: float, negligible: float,
+                      block_size: tuple[int, int], scale: float, causal: bool) -> torch.Tensor:
+    """The int8 block map of attnlib.reference.sla.sla_block_classes, on the kernels (bhsd views)."""
+    pooled_k, _, _ = key_blocks(k, k, block_n=block_size[1], feature="identity", linear=False)
+    return classify(q, pooled_k, seq_k=k.shape[2], block_size=block_size, critical=critical,
+                    negligible=negligible, scale=scale, causal=causal)
