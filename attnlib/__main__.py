@@ -59,6 +59,7 @@ def _demo_cases(device, dtype):
     import torch
 
     from attnlib import reference as ref
+    from attnlib.asymrnr.module import asymrnr_attention
 
     bq = bk = 64
     seq = 256
@@ -77,6 +78,10 @@ def _demo_cases(device, dtype):
         ("linear", {}, lambda q, k, v: ref.linear_reference(q, k, v)),
         ("linear", {"causal": True}, lambda q, k, v: ref.linear_reference(q, k, v, causal=True)),
         ("sla", {}, lambda q, k, v: ref.sla_reference(q, k, v)),
+        # asymrnr against its own pipeline in float64 (its accuracy against full attention
+        # depends on how redundant the tokens are: see bench/bench_asymrnr.py)
+        ("asymrnr", {"grid": (4, 8, 8)},
+         lambda q, k, v: asymrnr_attention(q, k, v, grid=(4, 8, 8), backend="torch")),
     ], seq
 
 

@@ -20,8 +20,8 @@ def test_info_lists_kernels_and_sources(capsys):
 def test_demo_runs_every_method_on_torch(capsys):
     assert main(["demo", "--backend", "torch"]) == 0
     out = capsys.readouterr().out
-    for m in ("flash", "sage", "block_sparse", "linear", "sla"):
-        assert m in out
+    for m in ("flash", "sage", "block_sparse", "linear", "sla", "asymrnr"):
+        assert f"\n{m} " in out
     assert "all methods ran" in out
 
 
