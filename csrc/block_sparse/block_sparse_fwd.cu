@@ -58,25 +58,10 @@ extern "C" __global__ void __launch_bounds__(Traits::NUM_THREADS)
   using namespace attnlib;
   extern __shared__ u32x4 flash_smem[];
 
-  u32 dyn_smem;
-  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
-  if (dyn_smem < (u32)Traits::SMEM_BYTES) __trap();
-
-  FlashFwdParams p;
-  p.q = static_cast<const u16*>(q);
-  p.k = static_cast<const u16*>(k);
-  p.v = static_cast<const u16*>(v);
-  p.o = static_cast<u16*>(o);
-  p.lse = lse;
-  p.q_stride_b = q_stride_b; p.q_stride_h = q_stride_h; p.q_stride_s = q_stride_s;
-  p.k_stride_b = k_stride_b; p.k_stride_h = k_stride_h; p.k_stride_s = k_stride_s;
-  p.v_stride_b = v_stride_b; p.v_stride_h = v_stride_h; p.v_stride_s = v_stride_s;
-  p.o_stride_b = o_stride_b; p.o_stride_h = o_stride_h; p.o_stride_s = o_stride_s;
-  p.seq_q = seq_q;
-  p.seq_k = seq_k;
-  p.heads_q = heads_q;
-  p.group = group;
-  p.scale_log2 = scale_log2;
+  require_dynamic_smem<Traits::SMEM_BYTES>();
+  const FlashFwdParams p = make_flash_fwd_params(
+      q, k, v, o, lse, q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s, v_stride_b,
+      v_stride_h, v_stride_s, o_stride_b, o_stride_h, o_stride_s, seq_q, seq_k, heads_q, group, scale_log2);
 
   const int m_block = blockIdx.x;
   const int h = blockIdx.y;

@@ -34,6 +34,10 @@ __device__ __forceinline__ void load_tile_async(u16* stile, const u16* gtile, i6
 // (csrc/block_sparse) passes a list.
 template <class Traits>
 struct DenseKeyBlocks {
+  // The main loop spells out dense offsets (nb * BLOCK_N) where kDense is set: so the dense
+  // flash kernels compile to the same cubins as the GPU-verified loop before block_sparse shared
+  // it (checked byte for byte, nvcc 13.0 sm_90). Going through start() changed register
+  // allocation at the 255 limit: 32 bytes of spills in the hd128 causal kernel.
   static constexpr bool kDense = true;
   // Bottom-right causal: query i sees keys j <= i + diag; key blocks past the last one the
   // tile's bottom row can see are never loaded.
@@ -84,9 +88,14 @@ __device__ __forceinline__ void flash_fwd_mainloop_sm80_blocks(const FlashFwdPar
   load_tile_async<Traits, BLOCK_M>(sQ, gq, p.q_stride_s, (i64)p.seq_q - m0);
   cp_async_commit();
   if (n_blocks > 0) {
-    const int n_first = blocks.start(0);
-    load_tile_async<Traits, BLOCK_N>(sK, gk + n_first * p.k_stride_s, p.k_stride_s, (i64)p.seq_k - n_first);
-    load_tile_async<Traits, BLOCK_N>(sV, gv + n_first * p.v_stride_s, p.v_stride_s, (i64)p.seq_k - n_first);
+    if (KeyBlocks::kDense) {
+      load_tile_async<Traits, BLOCK_N>(sK, gk, p.k_stride_s, p.seq_k);
+      load_tile_async<Traits, BLOCK_N>(sV, gv, p.v_stride_s, p.seq_k);
+    } else {
+      const int n_first = blocks.start(0);
+      load_tile_async<Traits, BLOCK_N>(sK, gk + n_first * p.k_stride_s, p.k_stride_s, (i64)p.seq_k - n_first);
+      load_tile_async<Traits, BLOCK_N>(sV, gv + n_first * p.v_stride_s, p.v_stride_s, (i64)p.seq_k - n_first);
+    }
   }
   cp_async_commit();
   cp_async_wait<1>();
@@ -107,8 +116,6 @@ __device__ __forceinline__ void flash_fwd_mainloop_sm80_blocks(const FlashFwdPar
     // Prefetch block nb + 1 into the other buffer (its readers passed the barrier that ended
     // step nb - 1), then wait for block nb only.
     if (nb + 1 < n_blocks) {
-      // (written out for dense loops: going through start() here cost the hd128 causal kernel
-      // 32 bytes of spills at the 255-register limit, nvcc 13.0 sm_90)
       const int n1 = KeyBlocks::kDense ? (nb + 1) * BLOCK_N : blocks.start(nb + 1);
       load_tile_async<Traits, BLOCK_N>(sK + (buf ^ 1) * Traits::KV_ELEMS, gk + n1 * p.k_stride_s, p.k_stride_s,
                                        (i64)p.seq_k - n1);
@@ -143,7 +150,7 @@ __device__ __forceinline__ void flash_fwd_mainloop_sm80_blocks(const FlashFwdPar
       }
     }
 
-    const int n0 = blocks.start(nb);
+    const int n0 = KeyBlocks::kDense ? nb * BLOCK_N : blocks.start(nb);
     const bool need_mask = n0 + BLOCK_N > p.seq_k || (Traits::CAUSAL && n0 + BLOCK_N - 1 > (i64)m0 + diag);
     online_softmax_step<Traits>(s, st, need_mask, n0, row0, p.seq_k, diag, p.scale_log2);
 

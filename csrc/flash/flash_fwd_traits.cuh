@@ -25,6 +25,39 @@ struct FlashFwdParams {
   float scale_log2;   // softmax scale * log2(e), so the softmax runs on exp2
 };
 
+// The forward entry points' arguments, gathered into FlashFwdParams (flash, block_sparse).
+__device__ __forceinline__ FlashFwdParams make_flash_fwd_params(
+    const void* q, const void* k, const void* v, void* o, float* lse, i64 q_stride_b, i64 q_stride_h,
+    i64 q_stride_s, i64 k_stride_b, i64 k_stride_h, i64 k_stride_s, i64 v_stride_b, i64 v_stride_h,
+    i64 v_stride_s, i64 o_stride_b, i64 o_stride_h, i64 o_stride_s, int seq_q, int seq_k, int heads_q,
+    int group, float scale_log2) {
+  FlashFwdParams p;
+  p.q = static_cast<const u16*>(q);
+  p.k = static_cast<const u16*>(k);
+  p.v = static_cast<const u16*>(v);
+  p.o = static_cast<u16*>(o);
+  p.lse = lse;
+  p.q_stride_b = q_stride_b; p.q_stride_h = q_stride_h; p.q_stride_s = q_stride_s;
+  p.k_stride_b = k_stride_b; p.k_stride_h = k_stride_h; p.k_stride_s = k_stride_s;
+  p.v_stride_b = v_stride_b; p.v_stride_h = v_stride_h; p.v_stride_s = v_stride_s;
+  p.o_stride_b = o_stride_b; p.o_stride_h = o_stride_h; p.o_stride_s = o_stride_s;
+  p.seq_q = seq_q;
+  p.seq_k = seq_k;
+  p.heads_q = heads_q;
+  p.group = group;
+  p.scale_log2 = scale_log2;
+  return p;
+}
+
+// Traps when the host launched with less dynamic shared memory than the kernel lays out,
+// rather than letting it write past its allocation.
+template <int SMEM_BYTES>
+__device__ __forceinline__ void require_dynamic_smem() {
+  u32 dyn_smem;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
+  if (dyn_smem < (u32)SMEM_BYTES) __trap();
+}
+
 template <int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, typename Dtype_, bool CAUSAL_>
 struct FlashFwdTraitsSm80 {
   static constexpr int HEAD_DIM = HEAD_DIM_;

@@ -47,9 +47,7 @@ extern "C" __global__ void __launch_bounds__(Traits::NUM_THREADS)
   using namespace attnlib;
   extern __shared__ u32x4 sage_smem[];
 
-  u32 dyn_smem;
-  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_smem));
-  if (dyn_smem < (u32)Traits::SMEM_BYTES) __trap();
+  require_dynamic_smem<Traits::SMEM_BYTES>();
 
   SageFwdParams p;
   p.q = q;
