@@ -1,5 +1,6 @@
-"""The Triton flash kernels compile for H100 (sm_90) with their default H100 configs, fit its
-shared memory and do not spill registers: checked without a GPU (see triton_sm90.py)."""
+"""The Triton flash kernels compile for H100 (sm_90) with the config they launch when autotuning
+is off, fit its shared memory (fp16, bf16 and fp32), and the fp16/bf16 configs do not spill
+registers: checked without a GPU (see triton_sm90.py)."""
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ def compiled():
 
 
 CASES = [(w, c, hd, dt) for w in ("fwd", "dkdv", "dq") for c in (False, True) for hd in (64, 128, 256)
-         for dt in ("fp16", "bf16")]
+         for dt in ("fp16", "bf16", "fp32")]
 IDS = [f"{w}-{'causal' if c else 'full'}-hd{hd}-{dt}" for w, c, hd, dt in CASES]
 
 # Measured here with this test's compiler: every dK/dV candidate in configs.BWD_DKDV_H100 spills
@@ -41,8 +42,13 @@ def test_default_h100_config_compiles_and_fits(compiled, which, causal, head_dim
     assert r["shared"] <= H100_SMEM_BYTES, f"{r['shared']} bytes of shared memory with config {r['config']}"
 
 
+# fp32 runs one small config for accuracy, not speed; its spills are accepted
+FAST = [(c, i) for c, i in zip(CASES, IDS) if c[3] != "fp32"]
+
+
 @pytest.mark.parametrize("which,causal,head_dim,dtype",
-                         [pytest.param(*c, marks=DKDV_SPILLS) if c[0] == "dkdv" else c for c in CASES], ids=IDS)
+                         [pytest.param(*c, marks=DKDV_SPILLS) if c[0] == "dkdv" else c for c, _ in FAST],
+                         ids=[i for _, i in FAST])
 def test_default_h100_config_does_not_spill(compiled, which, causal, head_dim, dtype):
     r = compiled[(which, dtype, head_dim, causal)]
     assert "error" not in r, r["error"]

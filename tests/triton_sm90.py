@@ -73,19 +73,22 @@ def compile_sm90(kernel, dtype: str, constexprs: dict, block_m: int, block_n: in
 def flash_cases():
     from attnlib.triton_kernels.flash import backward, configs, forward
 
-    kernels = {"fwd": (forward.flash_fwd_kernel, configs.FWD_H100),
-               "dkdv": (backward.flash_bwd_dkdv_kernel, configs.BWD_DKDV_H100),
-               "dq": (backward.flash_bwd_dq_kernel, configs.BWD_DQ_H100)}
-    for which, (kernel, table) in kernels.items():
+    kernels = {"fwd": (forward.flash_fwd_kernel, configs.FWD_H100, "M"),
+               "dkdv": (backward.flash_bwd_dkdv_kernel, configs.BWD_DKDV_H100, "N"),
+               "dq": (backward.flash_bwd_dq_kernel, configs.BWD_DQ_H100, "M")}
+    for which, (kernel, table, resident) in kernels.items():
         for head_dim in (64, 128, 256):
-            for dtype in ("fp16", "bf16"):
+            for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
+                # the config the launcher uses with autotuning off (the first candidate)
+                config = configs.candidates(table, head_dim, elem, resident)[0]
                 for causal in (False, True):
-                    yield which, kernel, dtype, head_dim, causal, table[head_dim][0]
+                    yield which, kernel, dtype, head_dim, causal, config
 
 
 def main() -> None:
     for which, kernel, dtype, head_dim, causal, (bm, bn, warps, stages) in flash_cases():
-        const = dict(HEAD_DIM=head_dim, D_PAD=head_dim, CAUSAL=causal, VARLEN=False, PREC="tf32")
+        const = dict(HEAD_DIM=head_dim, D_PAD=head_dim, CAUSAL=causal, VARLEN=False,
+                     PREC="tf32x3" if dtype == "fp32" else "tf32")
         try:
             r = compile_sm90(kernel, dtype, const, bm, bn, warps, stages)
         except Exception as e:  # reported per case, the test fails on it
