@@ -22,8 +22,9 @@ from .quant import padded_head_dim
 
 PV_FP16, PV_FP16_ACCUM, PV_FP8 = 0, 1, 2
 PV_CODES = {"fp16": PV_FP16, "fp16_accum": PV_FP16_ACCUM, "fp8": PV_FP8}
-LOG2_FP8_MAX = 8.807354922057604  # log2(448): P lands in [0, 448] (SageAttention2 §3.3)
-LN2 = 0.6931471805599453
+# constexpr: read inside the compiled kernel (see quant.py)
+LOG2_FP8_MAX = tl.constexpr(8.807354922057604)  # log2(448): P lands in [0, 448] (SageAttention2 §3.3)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim. BLOCK_N must divide the K
 # quantization block (64) so a key tile has a single delta_k. A 128-row INT8 Q tile is half

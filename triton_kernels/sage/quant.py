@@ -22,8 +22,10 @@ import triton.language as tl
 
 from ..flash.common import load_tile
 
-INT8_MAX = 127.0
-FP8_MAX = 448.0
+# tl.constexpr: compiled Triton reads module globals only when they are constexpr (the CPU
+# interpreter does not check this; compiling for sm_90 here does, tests/triton_sm90.py)
+INT8_MAX = tl.constexpr(127.0)
+FP8_MAX = tl.constexpr(448.0)
 V_CHANNELS = 16  # channels per program of the fp8 V kernel
 
 
