@@ -17,7 +17,7 @@ H100_SMEM_BYTES = 227 * 1024
 def compiled():
     """One subprocess compiles every case: triton.jit must not be in interpreter mode there."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(HERE / "triton_sm90.py")], capture_output=True, text=True, env=env,
+    r = subprocess.run([sys.executable, str(HERE / "triton_sm90.py"), "--suite", "flash"], capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
@@ -53,3 +53,51 @@ def test_default_h100_config_does_not_spill(compiled, which, causal, head_dim, d
     r = compiled[(which, dtype, head_dim, causal)]
     assert "error" not in r, r["error"]
     assert r["spill_bytes"] == 0, f"config {r['config']}: {r['report']}"
+
+
+# The other Triton kernels, through their real launchers (tests/triton_sm90.py intercepts the
+# launches), on a subset of cases that keeps this under two minutes on a cold cache. Cases whose
+# launch config does not fit H100 shared memory are real GPU bugs, recorded here with the bytes
+# measured; strict, so a fix must remove the marker.
+def _overflow(why):
+    return pytest.mark.xfail(strict=True, reason=f"exceeds H100 shared memory: {why}")
+
+
+EXTRA_CASES = [
+    "sage-fp16-causal-hd128-bf16", "sage-fp8-causal-hd128-bf16", "sage-fp16_accum-causal-hd64-fp16",
+    "block_sparse-fwd-causal-hd128-bf16", "block_sparse-bwd-causal-hd128-bf16",
+    pytest.param("block_sparse-fwd-causal-hd128-fp32", marks=_overflow("block_sparse_fwd fp32 hd128 262144 B")),
+    "linear-fwd-full-hd128-bf16",
+    pytest.param("linear-fwd-causal-hd128-bf16", marks=_overflow("linear_causal bf16 hd128 278528 B")),
+    "sla-bwd-causal-hd64-bf16",
+    pytest.param("sla-bwd-causal-hd128-bf16", marks=_overflow("sla_linear_dq hd128 262144 B")),
+    "asymrnr-all-full-hd128-bf16",
+]
+
+
+def _case_id(c):
+    return c.values[0] if hasattr(c, "values") else c
+
+
+@pytest.fixture(scope="module")
+def compiled_extra():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    only = ",".join(_case_id(c) for c in EXTRA_CASES)
+    r = subprocess.run([sys.executable, str(HERE / "triton_sm90.py"), "--suite", "extra", "--only", only],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            x = json.loads(line)
+            recs.setdefault(x["case"], []).append(x)
+    return recs
+
+
+@pytest.mark.parametrize("case", EXTRA_CASES, ids=[_case_id(c) for c in EXTRA_CASES])
+def test_other_kernels_compile_for_sm90_and_fit(compiled_extra, case):
+    recs = compiled_extra.get(case)
+    assert recs, f"no kernel launch was compiled for {case}"
+    for r in recs:
+        assert "error" not in r, f"{r['kernel']}: {r['error'][-2000:]}"
+        assert r["shared"] <= H100_SMEM_BYTES, f"{r['kernel']} config {r['config']}: {r['shared']} bytes"

@@ -8,6 +8,8 @@ unit last-dim strides are constants, pointers and other strides are multiples of
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import re
@@ -18,6 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 H100_SMEM_BYTES = 227 * 1024  # per thread block, opt-in maximum on sm_90
+SM90 = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 _TENSORS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
@@ -56,8 +59,11 @@ def compile_sm90(kernel, dtype: str, constexprs: dict, block_m: int, block_n: in
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if sig[name].startswith("*") or (name.startswith("stride") and sig[name] != "constexpr")}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(src, target=SM90, options={"num_warps": num_warps, "num_stages": num_stages})
+    return _ptxas_report(compiled)
+
+
+def _ptxas_report(compiled) -> dict:
     with tempfile.TemporaryDirectory() as d:
         ptx = os.path.join(d, "k.ptx")
         with open(ptx, "w") as f:
@@ -85,7 +91,148 @@ def flash_cases():
                     yield which, kernel, dtype, head_dim, causal, config
 
 
+@contextlib.contextmanager
+def compile_launches(records: list):
+    """Within: a Triton launch compiles for sm_90 instead of running. The arguments are the
+    launcher's own (CPU tensors, its block sizes, warps and stages), specialised by the JIT's
+    binder for the sm_90 backend; an autotuned kernel takes its first pruned candidate (its config
+    with autotuning off). Kernels do not run, so their outputs are garbage: fine for shapes."""
+    from unittest import mock
+
+    from triton import knobs
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    backend = make_backend(SM90)
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kwargs.update(debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
+        bound, spec, _ = create_function_from_signature(self.signature, self.params, backend)(*args, **kwargs)
+        options, sig, const, attrs = self._pack_args(backend, kwargs, bound, spec, None)
+        blocks = {k[0] if isinstance(k, tuple) else k: v for k, v in const.items()}
+        config = [blocks[n] for n in self.arg_names if n.startswith("BLOCK") and (n,) in const]
+        try:
+            r = _ptxas_report(triton.compile(ASTSource(self, sig, const, attrs), target=SM90, options=options.__dict__))
+        except Exception as e:  # reported per case, the test fails on it
+            r = {"error": f"{type(e).__name__}: {e}"}
+        r.update(kernel=self.__name__, config=config + [options.num_warps, options.num_stages])
+        records.append(r)
+
+    def tune(self, *args, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args))
+        return self.fn.run(*args, **kwargs, **self.prune_configs(kwargs)[0].all_kwargs())
+
+    with mock.patch.object(JITFunction, "run", run), mock.patch.object(Autotuner, "run", tune):
+        yield
+
+
+def _t(*shape, dtype):
+    import torch
+    return torch.randn(*shape).to(dtype)
+
+
+def _block_sparse(which, dtype, d, causal):
+    import torch
+    from attnlib.triton_kernels.block_sparse import backward, forward, predict
+    b, h, s, blk = 1, 2, 256, 64  # the API's default block size (64, 64)
+    q, k, v, o, do = (_t(b, h, s, d, dtype=dtype) for _ in range(5))
+    lse = torch.zeros(b, h, s)
+    m = s // blk
+    num = torch.full((1, 1, m), m, dtype=torch.int32)
+    idx = torch.arange(m, dtype=torch.int32).expand(1, 1, m, m).contiguous()
+    if which == "fwd":
+        forward.block_sparse_fwd(q, k, v, o, lse, num, idx, block_size=(blk, blk), causal=causal, scale=d ** -0.5)
+    elif which == "bwd":
+        backward.block_sparse_bwd(do, q, k, v, o, lse, (num, idx), (num, idx), block_size=(blk, blk), causal=causal,
+                                  scale=d ** -0.5)
+    else:
+        pq, pk = predict.mean_pool(q, blk), predict.mean_pool(k, blk)
+        predict.block_scores(pq, pk, block_size=(blk, blk), seq_q=s, seq_k=s, scale=d ** -0.5, causal=causal)
+
+
+def _sage(pv, dtype, d, causal):
+    from attnlib.triton_kernels.sage.forward import sage_forward
+    q, k, v = (_t(1, 2, 256, d, dtype=dtype) for _ in range(3))
+    sage_forward(q, k, v, causal=causal, scale=d ** -0.5, smooth_k=True, pv=pv, q_block=128, k_block=64,
+                 return_lse=True)
+
+
+def _linear(which, dtype, d, causal):
+    from attnlib.triton_kernels.linear.attention import linear_bwd, linear_fwd
+    q, k, v, o, do = (_t(1, 2, 256, d, dtype=dtype) for _ in range(5))
+    if which == "fwd":
+        linear_fwd(q, k, v, o, feature="elu", causal=causal, eps=1e-6)
+    else:
+        linear_bwd(do, q, k, v, o, feature="elu", causal=causal, eps=1e-6)
+
+
+def _sla(which, dtype, d, causal):
+    """The backward recomputes the forward (with lse and the linear branch): every SLA kernel."""
+    from attnlib.triton_kernels.sla.attention import sla_backward
+    q, k, v, do = (_t(1, 2, 256, d, dtype=dtype) for _ in range(4))
+    sla_backward(do, q, k, v, _t(d, d, dtype=dtype), None, critical=0.25, negligible=0.25, block_size=(64, 64),
+                 feature="softmax", scale=d ** -0.5, causal=causal)
+
+
+def _asymrnr(which, dtype, d, causal):
+    import torch
+    from attnlib.triton_kernels.asymrnr import gather, match
+    x = _t(1, 2, 256, d, dtype=dtype)
+    idx = torch.randint(0, 64, (1, 2, 256))
+    gather.gather_rows(x, idx[:, :, :64])
+    gather.merge_rows(x, idx, 64)
+    match.match_fwd(x, torch.arange(0, 256, 2), torch.arange(1, 256, 2), "cosine")
+
+
+DTYPES = ("fp16", "bf16")
+# (family, entry, dtypes, causal variants); every head dim 64 and 128. Non-causal launches the
+# same code minus the diagonal masking, so it is compiled only where a kernel differs more.
+EXTRA = [("block_sparse", w, DTYPES + ("fp32",), (False, True)) for w in ("fwd", "bwd")] + [
+    ("block_sparse", "predict", ("bf16",), (True,)),
+    *[("sage", pv, DTYPES, (True,)) for pv in ("fp16", "fp16_accum", "fp8")],
+    *[("linear", w, ("bf16", "fp32"), (False, True)) for w in ("fwd", "bwd")],
+    ("sla", "bwd", DTYPES, (True,)),
+    ("asymrnr", "all", DTYPES + ("fp32",), (False,)),
+]
+RUNNERS = {"block_sparse": _block_sparse, "sage": _sage, "linear": _linear, "sla": _sla, "asymrnr": _asymrnr}
+
+
+def extra_cases():
+    for family, entry, dtypes, causals in EXTRA:
+        for d in (64, 128):
+            for dtype in dtypes:
+                for causal in causals:
+                    yield f"{family}-{entry}-{'causal' if causal else 'full'}-hd{d}-{dtype}", (family, entry, dtype,
+                                                                                               d, causal)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--suite", choices=("all", "flash", "extra"), default="all")
+    parser.add_argument("--only", help="run only the extra cases whose id is one of these (comma-separated)")
+    args = parser.parse_args()
+    suite = args.suite
+    only = set(args.only.split(",")) if args.only else None
+    if suite in ("all", "extra"):
+        import torch
+        torch.manual_seed(0)
+        for case, (family, entry, dtype, d, causal) in extra_cases():
+            if only is not None and case not in only:
+                continue
+            records = []
+            with compile_launches(records):
+                RUNNERS[family](entry, getattr(torch, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]),
+                                d, causal)
+            seen = set()
+            for r in records:  # a launcher may launch one kernel twice with the same specialisation
+                key = (r["kernel"], r.get("shared"), r.get("registers"), str(r["config"]))
+                if key not in seen:
+                    seen.add(key)
+                    r.update(family=family, case=case, dtype=dtype, head_dim=d, causal=causal)
+                    print(json.dumps(r), flush=True)
+    if suite not in ("all", "flash"):
+        return
     for which, kernel, dtype, head_dim, causal, (bm, bn, warps, stages) in flash_cases():
         const = dict(HEAD_DIM=head_dim, D_PAD=head_dim, CAUSAL=causal, VARLEN=False,
                      PREC="tf32x3" if dtype == "fp32" else "tf32")
@@ -93,7 +240,7 @@ def main() -> None:
             r = compile_sm90(kernel, dtype, const, bm, bn, warps, stages)
         except Exception as e:  # reported per case, the test fails on it
             r = {"error": f"{type(e).__name__}: {e}"}
-        r.update(kernel=which, dtype=dtype, head_dim=head_dim, causal=causal, config=[bm, bn, warps, stages])
+        r.update(family="flash", kernel=which, dtype=dtype, head_dim=head_dim, causal=causal, config=[bm, bn, warps, stages])
         print(json.dumps(r), flush=True)
 
 
