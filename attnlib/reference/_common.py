@@ -22,19 +22,29 @@ def causal_mask(seq_q: int, seq_k: int, device) -> torch.Tensor:
     return j <= i + (seq_k - seq_q)
 
 
-def masked_softmax_attention(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
-    """softmax(scores) @ v with a bool mask (True = visible); rows with nothing visible give
-    0 and lse = -inf, never NaN, also in gradients. Returns (out, lse) in scores' dtype."""
+def masked_row_exp(scores: torch.Tensor, mask: torch.Tensor | None, exp=torch.exp):
+    """Unnormalised softmax rows, stable and NaN-free where a row sees nothing.
+
+    Returns (p, m_safe, l_safe, has): p = exp(scores - m_safe) (0 where masked), the row max
+    (0 for empty rows), the row sum (1 for empty rows) and whether the row saw any key. exp may
+    be torch.exp2 for base-2 logits.
+    """
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     m = scores.amax(dim=-1, keepdim=True)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(scores - m_safe)
+    p = exp(scores - m_safe)
     l = p.sum(dim=-1, keepdim=True)
     has = l > 0
-    l_safe = torch.where(has, l, torch.ones_like(l))
+    return p, m_safe, torch.where(has, l, torch.ones_like(l)), has
+
+
+def masked_softmax_attention(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+    """softmax(scores) @ v with a bool mask (True = visible); rows with nothing visible give
+    0 and lse = -inf, never NaN, also in gradients. Returns (out, lse) in scores' dtype."""
+    p, m_safe, l_safe, has = masked_row_exp(scores, mask)
     out = (p / l_safe) @ v
-    lse = torch.where(has, m_safe + torch.log(l_safe), torch.full_like(l, float("-inf")))
+    lse = torch.where(has, m_safe + torch.log(l_safe), torch.full_like(l_safe, float("-inf")))
     return out, lse.squeeze(-1)
 
 

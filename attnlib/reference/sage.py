@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from ._common import causal_mask, compute_dtype, expand_kv, num_blocks
+from ._common import causal_mask, compute_dtype, expand_kv, masked_row_exp, num_blocks
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -147,14 +147,8 @@ def sage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     dk_tok = _per_token(expand_kv(dk, hq), k_block, sk).to(ct).transpose(-1, -2)  # (B, Hq, 1, Sk)
     s2 = dots.to(ct) * dq_tok * dk_tok  # base-2 logits
 
-    if causal:
-        s2 = s2.masked_fill(~causal_mask(sq, sk, q.device), float("-inf"))
-    m = s2.amax(dim=-1, keepdim=True)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp2(s2 - m_safe)
-    l = p.sum(dim=-1, keepdim=True)
-    has = l > 0
-    l_safe = torch.where(has, l, torch.ones_like(l))
+    mask = causal_mask(sq, sk, q.device) if causal else None
+    p, m_safe, l_safe, has = masked_row_exp(s2, mask, exp=torch.exp2)
 
     # SageAttention §3.4: P and V in fp16 (or fp8), accumulation in fp32 (float64 for float64 inputs)
     pv_out, factor = _pv_product(p, expand_kv(v.detach() if pv == "fp8" else v, hq), pv, k_block, ct)
