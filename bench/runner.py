@@ -163,17 +163,20 @@ class Provider:
     budget_s: Optional[float] = None
     info: Callable[[Case, torch.Tensor, torch.Tensor, torch.Tensor], dict] = field(
         default=lambda case, q, k, v: {})
+    check: bool = False  # forward output compared with torch SDPA on the same inputs (see check_output)
 
 
 PROVIDERS: dict[str, Provider] = {}
 
 
 def register_provider(name: str, make: Factory, description: str = "", *, budget_s: Optional[float] = None,
-                      info=None, replace_existing: bool = False) -> Provider:
-    """Add a provider; later methods register theirs (e.g. ``attnlib-sage-triton``) the same way."""
+                      info=None, replace_existing: bool = False, check: bool = False) -> Provider:
+    """Add a provider; later methods register theirs (e.g. ``attnlib-sage-triton``) the same way.
+    ``check=True``: an exact-attention provider whose forward output is compared with torch SDPA
+    on the benchmark's own inputs (:func:`check_output`)."""
     if name in PROVIDERS and not replace_existing:
         raise ValueError(f"provider {name!r} registered twice")
-    p = Provider(name, make, description, budget_s)
+    p = Provider(name, make, description, budget_s, check=check)
     if info is not None:
         p.info = info
     PROVIDERS[name] = p
@@ -284,7 +287,7 @@ def _flex_make(case: Case, q, k, v) -> Step:
 
 for _be in ("triton", "cuda", "torch", "auto"):
     register_provider(f"attnlib-{_be}", _attnlib_factory(_be), f"attnlib.flash_attention(backend={_be!r})",
-                      info=_attnlib_info(_be))
+                      info=_attnlib_info(_be), check=True)
 for _name, _enum in (("flash", "FLASH_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"),
                      ("efficient", "EFFICIENT_ATTENTION"), ("math", "MATH")):
     register_provider(f"sdpa-{_name}", _sdpa_factory(_enum),
@@ -336,6 +339,30 @@ def timed_step(case: Case, fwd: Step, q, k, v):
     def bwd():
         out.backward(dout, retain_graph=True)
     return bwd, reset
+
+
+# Max |o - o_sdpa| allowed, per dtype, for standard-normal inputs (|o| is at most ~1 and usually
+# ~0.1): two correct kernels differ by rounding of O (bf16: 2^-8 relative) plus accumulation order.
+CHECK_ATOL = {"fp16": 2e-3, "bf16": 1.6e-2, "fp32": 1e-4}
+
+
+def check_output(case: Case, step: Step, q, k, v) -> dict:
+    """The forward output of an exact-attention provider next to torch SDPA's (default backend
+    choice, same dtype) on the same inputs: catches a kernel config chosen by autotuning on the
+    GPU that tests never ran. Returns record fields (check_max_abs, check_ok) or a skip reason."""
+    import torch.nn.functional as F
+
+    if case.causal and case.seq_q != case.seq_k:
+        return {"check": "skipped: SDPA's is_causal is top-left aligned"}
+    with torch.no_grad():
+        out = step()
+        if isinstance(out, tuple):
+            out = out[0]
+        qb, kb, vb = (_bhsd(t.detach(), case.layout) for t in (q, k, v))
+        ref = F.scaled_dot_product_attention(qb, kb, vb, is_causal=case.causal, enable_gqa=case.is_gqa)
+        err = (_bhsd(out, case.layout).float() - ref.float()).abs().max().item()
+    tol = CHECK_ATOL.get(case.dtype, 1e-2)
+    return {"check_max_abs": err, "check_ok": bool(err <= tol), "check_atol": tol}
 
 
 def _sync(device: torch.device) -> None:
@@ -469,6 +496,8 @@ def measure(provider: str, case: Case, inputs=None, timing: Optional[TimingConfi
         q, k, v = inputs if inputs is not None else make_inputs(case)
         extra = prov.info(case, q, k, v)
         step, reset = prepare(provider, case, (q, k, v))
+        if prov.check and case.mode == "fwd" and device.type == "cuda":
+            extra.update(check_output(case, step, q, k, v))
         ms, reps, _ = time_step(step, reset, device, timing)
         peak = peak_memory_mib(step, reset, device)
         tflops = case.flops / (ms * 1e-3) / 1e12 if ms > 0 else None

@@ -19,3 +19,12 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
+
+
+def pytest_runtest_logreport(report):
+    """ATTNLIB_FAILURE_LOG=<file>: each failure's traceback is appended there as soon as it
+    happens (gpu_check kills pytest at its time budget, before pytest prints any traceback)."""
+    path = os.environ.get("ATTNLIB_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import sys
 from pathlib import Path
@@ -183,6 +184,9 @@ def test_gpu_check_parses_pytest_counts_and_slugs():
         "passed": 3, "failed": 1, "skipped": 2, "deselected": 4}
     assert gpu_check.parse_pytest_counts("== 1 failed, 2 errors in 0.3s ==") == {"failed": 1, "error": 2}
     assert gpu_check.parse_pytest_counts("garbage") == {}
+    killed = ("[gw0] [ 1%] PASSED tests/test_a.py::test_x[1]\n[gw1] [ 2%] FAILED tests/test_a.py::test_y\n"
+              "[gw0] [ 3%] SKIPPED tests/test_b.py::test_z\n[gw1] [ 4%] PASSED tests/test_b.py::test_w\n")
+    assert gpu_check.parse_pytest_counts(killed) == {"passed": 2, "failed": 1, "skipped": 1, "incomplete": 1}
     assert runner.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
@@ -209,3 +213,33 @@ def test_flash_cases_cpu_and_gpu_lists():
     assert {c.mode for c in gpu} == {"fwd", "full"} and {c.causal for c in synth} == {False, True}
     real = [c for c in gpu if not c.workload.startswith("synth")]
     assert real and all(c.flops / 350e12 <= bench_flash.WORKLOAD_CAP_S[True] for c in real)
+
+
+def test_failure_log_is_written_as_failures_happen(tmp_path):
+    """tests/conftest.py appends each failure's traceback to ATTNLIB_FAILURE_LOG at once, so a
+    GPU run killed at its budget still leaves them."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_f.py").write_text("def test_ok():\n    pass\n\ndef test_bad():\n    assert 1 + 1 == 3\n")
+    (tmp_path / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
+    log = tmp_path / "failures.log"
+    env = dict(os.environ, ATTNLIB_FAILURE_LOG=str(log))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_f.py")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 1, r.stdout
+    text = log.read_text()
+    assert "test_f.py::test_bad (call)" in text and "assert (1 + 1) == 3" in text
+    assert "test_ok" not in text
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_output_check_against_sdpa(causal):
+    """runner.check_output passes a correct exact-attention provider and catches a wrong one."""
+    case = Case(**TINY, causal=causal)
+    q, k, v = runner.make_inputs(case)
+    good = runner.PROVIDERS["attnlib-torch"].make(case, q, k, v)
+    r = runner.check_output(case, good, q, k, v)
+    assert r["check_ok"] and r["check_max_abs"] < 1e-5, r
+    bad = runner.check_output(case, lambda: good() * 1.01, q, k, v)
+    assert bad["check_ok"] is False and bad["check_max_abs"] > 1e-4
