@@ -32,28 +32,64 @@ class KernelSpec:
         return [f"-D{k}={v}" for k, v in self.defines]
 
 
-def flash_fwd_spec(head_dim: int, dtype: str, causal: bool, block_m: int = 64, block_n: int = 64) -> KernelSpec:
-    """The FlashAttention-2 forward kernel of csrc/flash/flash_fwd.cu for one parameter set."""
+def flash_fwd_smem_bytes(head_dim: int, block_m: int, block_n: int, m_atoms: int = 1) -> int:
+    """Dynamic shared memory of csrc/flash (Traits::SMEM_BYTES): a Q tile and double-buffered K
+    and V tiles, 2 bytes per element; rows of head_dim elements (XOR-swizzled) at one atom per
+    warp, of head_dim + 8 (padded) at two."""
+    row_elems = head_dim + (8 if m_atoms > 1 else 0)
+    return 2 * row_elems * (block_m + 4 * block_n)
+
+
+# The 128-row tile (two 16-row mma atoms per warp, FlashAttention-2's sm_80 warp tiling):
+# keys per main-loop step by head dim. The largest step that compiles without register spills
+# for sm_80 and sm_90 (nvcc 13.0): hd128 x 64 keys spilled 8-88 bytes in every variant tried.
+TILE128_BLOCK_N = {64: 64, 128: 32}
+
+
+def flash_fwd_spec(head_dim: int, dtype: str, causal: bool, block_m: int = 64, block_n: int = 64,
+                   m_atoms: int = 1) -> KernelSpec:
+    """The FlashAttention-2 forward kernel of csrc/flash/flash_fwd.cu for one parameter set.
+
+    m_atoms: 16-row mma atoms per warp. 1 is the GPU-verified kernel (block_m / 16 warps); 2 is
+    the 128-row tile of 4 warps x 32 rows (block_m must be 128), not yet run on a GPU."""
     if head_dim not in (64, 128):
         raise ValueError(f"flash_fwd is built for head dims 64 and 128, not {head_dim}")
     if dtype not in DTYPES:
         raise ValueError(f"flash_fwd dtype must be one of {DTYPES}, got {dtype!r}")
+    if m_atoms not in (1, 2):
+        raise ValueError(f"flash_fwd m_atoms must be 1 or 2, got {m_atoms!r}")
+    if m_atoms == 2 and block_m != 128:
+        raise ValueError(f"flash_fwd with two atoms per warp is a 128-row tile (4 warps), not block_m={block_m}")
+    if block_m % (16 * m_atoms) or block_n % 16 or block_m <= 0 or block_n <= 0:
+        raise ValueError(f"flash_fwd tile {block_m}x{block_n} does not split into 16-row atoms and 16-key steps")
     name = f"flash_fwd_hd{head_dim}_{dtype}_causal{int(causal)}_bm{block_m}_bn{block_n}"
+    defines = (("ATTNLIB_HEAD_DIM", str(head_dim)), ("ATTNLIB_BF16", str(int(dtype == "bf16"))),
+               ("ATTNLIB_CAUSAL", str(int(causal))), ("ATTNLIB_BLOCK_M", str(block_m)),
+               ("ATTNLIB_BLOCK_N", str(block_n)))
+    if m_atoms != 1:  # the one-atom specs keep their names and defines (cache keys, shipped cubins)
+        name += f"_ma{m_atoms}"
+        defines += (("ATTNLIB_M_ATOMS", str(m_atoms)),)
     return KernelSpec(
         name=name,
         source="flash/flash_fwd.cu",
         entry="attnlib_flash_fwd",
-        defines=(("ATTNLIB_HEAD_DIM", str(head_dim)), ("ATTNLIB_BF16", str(int(dtype == "bf16"))),
-                 ("ATTNLIB_CAUSAL", str(int(causal))), ("ATTNLIB_BLOCK_M", str(block_m)),
-                 ("ATTNLIB_BLOCK_N", str(block_n))),
-        # Q tile + double-buffered K and V tiles, 2 bytes per element (flash_fwd_traits.cuh)
-        smem_bytes=2 * head_dim * (block_m + 4 * block_n),
-        threads=32 * (block_m // 16),
+        defines=defines,
+        smem_bytes=flash_fwd_smem_bytes(head_dim, block_m, block_n, m_atoms),
+        threads=32 * (block_m // (16 * m_atoms)),
         min_arch=80,
     )
 
 
+def flash_fwd_tile128_spec(head_dim: int, dtype: str, causal: bool) -> KernelSpec:
+    """The 128-row tile (ATTNLIB_CUDA_FLASH_TILE_M=128): two atoms per warp, TILE128_BLOCK_N keys."""
+    if head_dim not in TILE128_BLOCK_N:
+        raise ValueError(f"flash_fwd is built for head dims 64 and 128, not {head_dim}")
+    return flash_fwd_spec(head_dim, dtype, causal, block_m=128, block_n=TILE128_BLOCK_N[head_dim], m_atoms=2)
+
+
 FLASH_FWD_SPECS = tuple(flash_fwd_spec(hd, dt, c) for hd in (64, 128) for dt in DTYPES for c in (False, True))
+FLASH_FWD_TILE128_SPECS = tuple(flash_fwd_tile128_spec(hd, dt, c) for hd in (64, 128) for dt in DTYPES
+                                for c in (False, True))
 
 
 def sage_fwd_spec(head_dim: int, causal: bool, pv: str, block_m: int = 64, block_n: int = 64) -> KernelSpec:
@@ -88,7 +124,7 @@ def sage_quant_spec(tensor: str) -> KernelSpec:
 
 SAGE_SPECS = tuple(sage_fwd_spec(hd, c, pv) for hd in (64, 128) for c in (False, True)
                    for pv in ("fp16", "fp16_accum")) + (sage_quant_spec("q"), sage_quant_spec("k"))
-ALL_SPECS: tuple[KernelSpec, ...] = FLASH_FWD_SPECS + SAGE_SPECS
+ALL_SPECS: tuple[KernelSpec, ...] = FLASH_FWD_SPECS + FLASH_FWD_TILE128_SPECS + SAGE_SPECS
 
 
 # -- sources ------------------------------------------------------------------------------

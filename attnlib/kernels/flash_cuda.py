@@ -2,11 +2,22 @@
 NVRTC through CuPy at first use (or shipped as cubins); backward on attnlib's Triton FA2
 backward from the saved out and lse.
 
+Query tile (``ATTNLIB_CUDA_FLASH_TILE_M``, read at each call):
+
+* ``64`` (default): 4 warps x 16 rows, 64 keys per step; the kernel verified on an H100.
+* ``128``: 4 warps x 32 rows (two 16-row mma atoms per warp, FlashAttention-2's sm_80 tiling:
+  each K/V fragment read from shared memory feeds twice the mma, Q re-read per key block),
+  64 keys per step at hd64 and 32 at hd128 (the largest without register spills). Compiles for
+  sm_80/sm_90 without spills; NOT yet run on a GPU, so it is opt-in until a GPU run shows it
+  correct and faster.
+
+``flash_fwd_cuda(..., tile_m=128)`` picks the tile for one call regardless of the variable.
 Imports without CuPy; a missing CuPy, NVRTC, arch or alignment shows up as a reason.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -15,18 +26,41 @@ from ..inputs import AttentionInputs
 from .families import CudaKernel
 
 LOG2E = 1.4426950408889634
+TILE_M_ENV = "ATTNLIB_CUDA_FLASH_TILE_M"
+TILE_M_CHOICES = (64, 128)
 
 
-def _spec_for(head_dim: int, dtype: torch.dtype, causal: bool):
-    from ..cuda.specs import flash_fwd_spec
+def tile_m_from_env() -> int:
+    """The query tile ATTNLIB_CUDA_FLASH_TILE_M asks for (64 when unset or empty)."""
+    raw = os.environ.get(TILE_M_ENV, "").strip()
+    if not raw:
+        return 64
+    try:
+        tile = int(raw)
+    except ValueError:
+        tile = None
+    if tile not in TILE_M_CHOICES:
+        raise ValueError(f"environment variable {TILE_M_ENV} must be one of {TILE_M_CHOICES}, got {raw!r}")
+    return tile
 
-    return flash_fwd_spec(head_dim, "bf16" if dtype == torch.bfloat16 else "fp16", causal)
+
+def _spec_for(head_dim: int, dtype: torch.dtype, causal: bool, tile_m: int | None = None):
+    from ..cuda.specs import flash_fwd_spec, flash_fwd_tile128_spec
+
+    tile_m = tile_m_from_env() if tile_m is None else tile_m
+    dt = "bf16" if dtype == torch.bfloat16 else "fp16"
+    if tile_m == 64:
+        return flash_fwd_spec(head_dim, dt, causal)
+    if tile_m == 128:
+        return flash_fwd_tile128_spec(head_dim, dt, causal)
+    raise ValueError(f"tile_m must be one of {TILE_M_CHOICES}, got {tile_m!r}")
 
 
 def flash_fwd_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor | None, *, causal: bool, scale: float) -> None:
+                   lse: torch.Tensor | None, *, causal: bool, scale: float, tile_m: int | None = None) -> None:
     """Launch the forward kernel on bhsd views (unit last stride); writes out and, when given,
-    lse (dense float32 (B, Hq, Sq)). Runs on torch's current stream of q's device; no sync."""
+    lse (dense float32 (B, Hq, Sq)). Runs on torch's current stream of q's device; no sync.
+    tile_m: query rows per block, 64 or 128 (None: ATTNLIB_CUDA_FLASH_TILE_M, default 64)."""
     import numpy as np
 
     from ..cuda import loader
@@ -35,7 +69,7 @@ def flash_fwd_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     heads_kv, seq_k = k.shape[1], k.shape[2]
     if batch == 0 or heads_q == 0 or seq_q == 0:
         return
-    spec = _spec_for(head_dim, q.dtype, causal)
+    spec = _spec_for(head_dim, q.dtype, causal, tile_m)
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     fn = loader.get_function(spec, dev, torch.cuda.get_device_capability(dev))
     block_m = int(dict(spec.defines)["ATTNLIB_BLOCK_M"])

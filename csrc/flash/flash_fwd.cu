@@ -5,9 +5,13 @@
 //   ATTNLIB_CAUSAL     0 or 1 (bottom-right aligned)
 //   ATTNLIB_BLOCK_M    query rows per block (default 64 = 4 warps x 16 rows)
 //   ATTNLIB_BLOCK_N    keys per main-loop step (default 64)
-// Grid: (ceil(seq_q / BLOCK_M), heads_q, batch); block: BLOCK_M / 16 warps; dynamic shared
-// memory: Traits::SMEM_BYTES = 2 * HEAD_DIM * (BLOCK_M + 4 * BLOCK_N) bytes, which the host
-// computes the same way (attnlib/cuda/specs.py); a launch with less traps rather than corrupt.
+//   ATTNLIB_M_ATOMS    16-row mma atoms per warp (default 1, the GPU-verified kernel; 2 with
+//                      BLOCK_M 128 = 4 warps x 32 rows, FlashAttention-2's sm_80 tiling, see
+//                      flash_fwd_traits.cuh)
+// Grid: (ceil(seq_q / BLOCK_M), heads_q, batch); block: BLOCK_M / (16 * M_ATOMS) warps; dynamic
+// shared memory: Traits::SMEM_BYTES = 2 * ROW_ELEMS * (BLOCK_M + 4 * BLOCK_N) bytes, ROW_ELEMS =
+// HEAD_DIM (+ 8 at 2 atoms), which the host computes the same way (attnlib/cuda/specs.py); a
+// launch with less traps rather than corrupt.
 #include "flash_fwd_epilogue.cuh"
 #include "flash_fwd_mainloop_sm80.cuh"
 #include "flash_fwd_traits.cuh"
@@ -27,6 +31,9 @@
 #ifndef ATTNLIB_BLOCK_N
 #define ATTNLIB_BLOCK_N 64
 #endif
+#ifndef ATTNLIB_M_ATOMS
+#define ATTNLIB_M_ATOMS 1
+#endif
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "the flash forward kernel needs sm_80 or newer (mma.sync bf16, cp.async)"
@@ -39,7 +46,7 @@ typedef attnlib::DtypeBf16 FlashDtype;
 typedef attnlib::DtypeFp16 FlashDtype;
 #endif
 typedef attnlib::FlashFwdTraitsSm80<ATTNLIB_HEAD_DIM, ATTNLIB_BLOCK_M, ATTNLIB_BLOCK_N, FlashDtype,
-                                    (ATTNLIB_CAUSAL != 0)>
+                                    (ATTNLIB_CAUSAL != 0), ATTNLIB_M_ATOMS>
     Traits;
 }  // namespace
 

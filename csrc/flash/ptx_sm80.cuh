@@ -35,6 +35,23 @@ __device__ __forceinline__ void cp_async_16(u32 dst, const void* src, bool valid
                : "memory");
 }
 
+// threadIdx.x, read where it is written (volatile: never hoisted out of a loop or shared between
+// uses), so values derived from it are recomputed instead of held in registers across a loop.
+__device__ __forceinline__ int thread_index_volatile() {
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
+  return t;
+}
+
+// p + bytes, computed where it is written: the compiler cannot see through the asm, so a chain
+// p, p + d, p + 2d, ... is neither hoisted out of a loop nor kept as one live register per multiple
+// of d (which at 128 threads costs the registers the accumulators need).
+__device__ __forceinline__ const void* ptr_add_bytes_opaque(const void* p, i64 bytes) {
+  const void* r;
+  asm("add.s64 %0, %1, %2;\n" : "=l"(r) : "l"(p), "l"(bytes));
+  return r;
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 template <int N>
