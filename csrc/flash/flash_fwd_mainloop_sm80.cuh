@@ -57,7 +57,8 @@ __device__ __forceinline__ void load_tile_async_lean(u16* stile, const u16* gtil
 #pragma unroll
   for (int i = 0; i < ROWS / PASS_ROWS; ++i) {
     const bool valid = PASS_ROWS * i < rows_left;
-    cp_async_16(dst + i * PASS_ROWS * Traits::HEAD_DIM * 2, valid ? src : gtile, valid);
+    // row + PASS_ROWS * i: the same swizzle/padding position, PASS_ROWS rows further down
+    cp_async_16(dst + 2 * Traits::smem_offset(PASS_ROWS * i, 0), valid ? src : gtile, valid);
     if (i + 1 < ROWS / PASS_ROWS) src = ptr_add_bytes_opaque(src, step_bytes);
   }
 }
