@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import (LOG2E, Varlen, cu_pointers, dkdv_query_block, dot_precision, dq_key_block, geometry,
+from .common import (LOG2E, Varlen, cu_pointers, dkdv_stream_block, dot_precision, dq_key_block, geometry,
                      key_query_range, load_tile, query_key_range, seq_bounds, store_tile, strides3, strides4)
 from .common import log2_lse as _log2_lse
 
@@ -48,27 +48,22 @@ def _bwd_preprocess_kernel(O, DO, DELTA, CU_Q,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs,
-                stride_qm, stride_dom, stride_lm, offs_m0, offs_n, offs_d, seq_q, seq_k, diag,
-                lo, hi, qk_scale,
-                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    """Accumulate dK, dV of one key block over query blocks [lo, hi) of one query head (the
-    transposed form: rows of every tile are keys)."""
-    d_ok = offs_d < HEAD_DIM
-    q_ptrs += lo * stride_qm
-    do_ptrs += lo * stride_dom
-    lse_ptrs += lo * stride_lm
-    delta_ptrs += lo * stride_lm
-    for start_m in range(lo, hi, BLOCK_M):
-        dk, dv = dkdv_query_block(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start_m + offs_m0,
-                                  offs_n, d_ok, seq_q, seq_k, diag, qk_scale, D_PAD != HEAD_DIM, MASK, CAUSAL,
-                                  PREC)
-        q_ptrs += BLOCK_M * stride_qm
-        do_ptrs += BLOCK_M * stride_dom
-        lse_ptrs += BLOCK_M * stride_lm
-        delta_ptrs += BLOCK_M * stride_lm
-    return dk, dv
+def _dkdv_block(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, tile_q, tile_do, offs_m0, offs_n, d_ok,
+                t, n_blocks, lo, mid, seq_q, diag, qk_scale, stride_qh, stride_qm, stride_doh, stride_dom,
+                stride_lh, stride_lm,
+                CHECK_D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Step t of the flattened (query head of the group, query block) loop of one key block."""
+    g = t // n_blocks
+    start_m = lo + (t - g * n_blocks) * BLOCK_M
+    offs_m = start_m + offs_m0
+    g64 = g.to(tl.int64)
+    m64 = start_m.to(tl.int64)
+    lse_off = g64 * stride_lh + offs_m * stride_lm
+    return dkdv_stream_block(dk, dv, b_k, b_v,
+                             q_base + (g64 * stride_qh + m64 * stride_qm) + tile_q,
+                             do_base + (g64 * stride_doh + m64 * stride_dom) + tile_do,
+                             lse_base + lse_off, delta_base + lse_off, offs_m, offs_n, offs_m < seq_q, d_ok,
+                             start_m < mid, diag, qk_scale, CHECK_D, CAUSAL, PREC)
 
 
 @configs.dkdv_autotune()
@@ -113,24 +108,22 @@ def flash_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     diag = seq_k - seq_q
-    lo, mid, end, hi = key_query_range(start_n, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
-    for g in range(0, group):
-        h64 = kvh64 * group + g
-        q_ptrs = (Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
-                  + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd)
-        do_ptrs = (DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
-                   + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod)
-        lse_ptrs = LSE + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm + offs_m0 * stride_lm
-        delta_ptrs = DELTA + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm + offs_m0 * stride_lm
-        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs,
-                             stride_qm, stride_dom, stride_lm, offs_m0, offs_n, offs_d, seq_q, seq_k, diag,
-                             lo, mid, qk_scale, HEAD_DIM, D_PAD, BLOCK_M, True, CAUSAL, PREC)
-        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs,
-                             stride_qm, stride_dom, stride_lm, offs_m0, offs_n, offs_d, seq_q, seq_k, diag,
-                             mid, end, qk_scale, HEAD_DIM, D_PAD, BLOCK_M, False, CAUSAL, PREC)
-        dk, dv = _dkdv_inner(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs,
-                             stride_qm, stride_dom, stride_lm, offs_m0, offs_n, offs_d, seq_q, seq_k, diag,
-                             end, hi, qk_scale, HEAD_DIM, D_PAD, BLOCK_M, True, CAUSAL, PREC)
+    lo, mid, _, hi = key_query_range(start_n, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+    # One flat loop over (query head of the group, query block): a loop over heads around the
+    # block loop made ptxas keep the wgmma accumulators twice and spill (measured for sm_90:
+    # 255 registers + 0.4-2.5 KB spills per thread, against 138-166 registers flat at hd64).
+    h0 = kvh64 * group
+    q_base = Q + b64 * stride_qb + h0 * stride_qh + q_start * stride_qm
+    do_base = DO + b64 * stride_dob + h0 * stride_doh + q_start * stride_dom
+    l_base = b64 * stride_lb + h0 * stride_lh + q_start * stride_lm
+    tile_q = offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    tile_do = offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    n_blocks = (hi - lo) // BLOCK_M
+    for t in range(0, group * n_blocks):
+        dk, dv = _dkdv_block(dk, dv, b_k, b_v, q_base, do_base, LSE + l_base, DELTA + l_base, tile_q, tile_do,
+                             offs_m0, offs_n, d_ok, t, n_blocks, lo, mid, seq_q, diag, qk_scale,
+                             stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm,
+                             D_PAD != HEAD_DIM, CAUSAL, PREC, BLOCK_M)
     dk_ptrs = (DK + b64 * stride_dkb + kvh64 * stride_dkh + row0 * stride_dkn
                + offs_j[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
     dv_ptrs = (DV + b64 * stride_dvb + kvh64 * stride_dvh + row0 * stride_dvn

@@ -216,3 +216,34 @@ def dkdv_query_block(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, of
     ds_t = p_t * (dp_t - delta[None, :])
     dk = tl.dot(ds_t.to(b_q.dtype), b_q, dk, input_precision=PREC)
     return dk, dv
+
+
+@triton.jit
+def dkdv_stream_block(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, offs_m, offs_n, m_ok, d_ok,
+                      on_diagonal, diag, qk_scale,
+                      CHECK_D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """dkdv_query_block with fewer live registers, for loops that stream many query blocks past a
+    resident key block: rows are always masked at load time (no separate tail loop), the causal
+    mask is applied only where the runtime flag on_diagonal says the block crosses the diagonal,
+    and key rows past seq_k are not masked at all.
+
+    Why that is exact: a query row past seq_q loads q = dO = 0, lse = delta = 0, so p = 1 and
+    both its dV (p * dO) and dK (p * (dO.V - delta) * q) contributions are exactly 0. A key row
+    past seq_k only ever reaches the same row of dK/dV (every product here keeps key rows apart),
+    and the caller never stores those rows. Pointers are built by the caller per block from a
+    scalar base and loop-invariant tile offsets, so no pointer tensor is carried across iterations.
+    """
+    b_q = load_tile(q_ptrs, m_ok, d_ok, True, CHECK_D)
+    lse2 = log2_lse(tl.load(lse_ptrs, mask=m_ok, other=0.0))
+    qk_t = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale
+    p_t = tl.math.exp2(qk_t - lse2[None, :])
+    if CAUSAL:
+        if on_diagonal:
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, p_t, 0.0)
+    b_do = load_tile(do_ptrs, m_ok, d_ok, True, CHECK_D)
+    dv = tl.dot(p_t.to(b_do.dtype), b_do, dv, input_precision=PREC)
+    delta = tl.load(delta_ptrs, mask=m_ok, other=0.0)
+    dp_t = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(b_q.dtype), b_q, dk, input_precision=PREC)
+    return dk, dv

@@ -6,8 +6,11 @@ Environment switches:
 """
 from __future__ import annotations
 
+import functools
 import os
+from typing import Optional
 
+import torch
 import triton
 
 # Each candidate is (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by the padded head dim
@@ -15,32 +18,53 @@ import triton
 # default when autotuning is off. For the backward dK/dV kernel BLOCK_M is the streamed query
 # block and BLOCK_N the resident key block; for dQ, BLOCK_M is resident and BLOCK_N streamed.
 #
-# Why these (H100, 228 KB shared memory, 255 registers/thread):
-# - forward: a 128-row Q tile with 64-wide K/V tiles keeps two wgmma-sized MMAs per step and
-#   leaves room for 3-4 pipeline stages up to hd128; hd128 needs 8 warps to hold the 128x128
-#   fp32 accumulator without spilling. hd256 drops to BLOCK_M=64 and 2 stages (Q 32 KB + two
-#   64x256 K/V stages 128 KB).
-# - dK/dV: the resident K/V tile is the wide one (BLOCK_N=128) and Q/dO stream in thin 32-row
-#   slices with deep pipelining (FA2 paper §3.2 / Triton tutorial choice); hd128 keeps two
-#   128x128 fp32 accumulators, so 8 warps.
-# - dQ: the mirror image, a 128-row resident Q/dO tile and thin 32-wide K/V slices.
+# Every fp16/bf16 candidate here was compiled for sm_90 with Triton 3.6 and ptxas
+# (`tests/triton_sm90.py --suite flash --all-candidates`): it uses wgmma, does not spill
+# registers and fits H100's 227 KB of shared memory, causal or not, dense or varlen, at the
+# table's head dim and the smaller ones padded up to it (e.g. 72 and 96 under 128). Candidates
+# that spilled were dropped; speed is the GPU autotuner's call, not a claim made here.
+#
+# Forward. A 128-row Q tile per CTA (two wgmma warpgroups at 8 warps, one at 4): the Triton
+# tutorial keeps 8 warps only for tiles of at least 128 x 128 on Hopper, 4 below.
+#   hd32/64: (128, 64, 4, 4) was the autotuner's pick on H100 (bench/results dev runs);
+#            128 x 128 with 8 warps and 3-4 stages is the tutorial's Hopper shape; 64 x 64 x 4
+#            warps for short or ragged sequences.
+#   hd128:   (128, 64, 8, 3) was the H100 pick; (128, 128, 8, 3), the tutorial/FA3 tile, takes
+#            224 KB of shared memory (the estimate below is exact for the forward), so it is
+#            offered only on cards with that much (H100/H200), never as the default; a
+#            4-stage 128 x 64 and a 64 x 64 x 4 warps for small grids.
+#   hd256:   the 128 x 256 fp32 accumulator needs 8 warps; (64, 64, 8, 2) and (128, 32, 8, 2).
+#            128 x 64 and 64 x 32 x 4 warps spilled and are gone.
 FWD_H100 = {
-    32: [(128, 64, 4, 4), (128, 128, 4, 3), (64, 64, 4, 4)],
-    64: [(128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-    256: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+    32: [(128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4)],
+    64: [(128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
+    256: [(64, 64, 8, 2), (128, 32, 8, 2)],
 }
+# dK/dV. K and V of the resident key block sit in shared memory as wgmma operands; the two
+# fp32 accumulators dK, dV (2 x BLOCK_N x D) are what fills the registers, so 8 warps (two
+# warpgroups, 64 key rows each) wherever BLOCK_N = 128 or D = 256. Q/dO stream in thin slices
+# (FA2 §3.2; the Triton tutorial streams 32 rows past 128 keys).
+#   hd32:    the tutorial's (32, 128, 4, 5) fits in one warpgroup here (at hd64 it spilled).
+#   hd64:    (32, 128, 8, 4) 139-210 registers; a 64-row slice; (32, 64, 4, 4) for small grids.
+#   hd128:   (32, 128, 8, 3) 232-249 registers; 16-row slices with a 4th stage; BLOCK_N 64.
+#   hd256:   dK + dV alone take 128 registers a thread at BLOCK_N 64 with 8 warps. (16, 64, 8, 3)
+#            is the one shape found without spills at every padded head dim (32 x 64 spilled
+#            8-16 bytes at hd192 causal, 4 warps spilled kilobytes).
 BWD_DKDV_H100 = {
-    32: [(32, 128, 4, 5), (64, 128, 8, 3), (32, 64, 4, 4)],
-    64: [(32, 128, 4, 5), (64, 128, 8, 3), (32, 64, 4, 4)],
-    128: [(32, 128, 8, 4), (64, 128, 8, 3), (32, 64, 4, 4)],
-    256: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+    32: [(32, 128, 4, 5), (32, 128, 8, 4), (64, 128, 8, 3)],
+    64: [(32, 128, 8, 4), (64, 128, 8, 3), (32, 64, 4, 4)],
+    128: [(32, 128, 8, 3), (16, 128, 8, 4), (32, 64, 8, 3)],
+    256: [(16, 64, 8, 3)],
 }
+# dQ: the mirror image, a 128-row resident Q/dO tile and thin K/V slices. Dropped for spilling:
+# (64, 64, 4, 3) at hd128 and (64, 16, 4, 2) at hd256; (32, 32, 4, 2) at hd256 is too small for
+# wgmma (it compiled to mma.sync) and gave way to a 3-stage 64 x 32.
 BWD_DQ_H100 = {
     32: [(128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 4)],
     64: [(128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 4)],
-    128: [(128, 32, 8, 4), (128, 64, 8, 3), (64, 64, 4, 3)],
-    256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
+    128: [(128, 32, 8, 4), (128, 64, 8, 3)],
+    256: [(64, 32, 8, 2), (64, 32, 8, 3)],
 }
 # Always fits (also fp32 at hd256); appended so pruning never leaves nothing.
 FALLBACK = (32, 32, 4, 1)
@@ -99,32 +123,54 @@ def _smem_bytes(c: tuple[int, int, int, int], d_pad: int, elem: int, resident_ro
     return (resident + 2 * streamed * max(stages, 1)) * d_pad * elem
 
 
-def candidates(table: dict, d_pad: int, elem: int, resident_rows: str) -> list[tuple[int, int, int, int]]:
-    """The configs autotuning may try for this head dim and element size, best guess first."""
+def candidates(table: dict, d_pad: int, elem: int, resident_rows: str,
+               exact_smem_limit: Optional[int] = None) -> list[tuple[int, int, int, int]]:
+    """The configs autotuning may try for this head dim and element size, best guess first.
+
+    exact_smem_limit: for a kernel whose estimate _smem_bytes is exact (the forward: compiled
+    for sm_90, Q + stages x (K + V) is what Triton allocates), the device's opt-in shared
+    memory per block; candidates up to it are kept. Otherwise the estimate must stay under
+    SMEM_BUDGET, which leaves room for what it does not count.
+    """
     if elem == 4:
         # fp32 inputs are served for accuracy, not speed, and the shared-memory estimate above
         # undershoots for them: compiled for sm_90 here (tests/triton_sm90.py), the dK/dV
         # kernel at hd72 with (32, 64, 4, 4) takes 257 KB (estimate 160 KB; H100 has 227 KB).
         # FALLBACK fits every kernel and head dim (at most 192 KB) and needs one compile.
         return [FALLBACK]
+    budget = max(SMEM_BUDGET, exact_smem_limit or 0)
     cands = table[_table_key(d_pad)]
-    wanted = [c for c in cands if _smem_bytes(c, d_pad, elem, resident_rows) <= SMEM_BUDGET] or [FALLBACK]
+    wanted = [c for c in cands if _smem_bytes(c, d_pad, elem, resident_rows) <= budget] or [FALLBACK]
     return wanted if autotune_enabled() else wanted[:1]
 
 
-def _pruner(table: dict, resident_rows: str):
+@functools.lru_cache(maxsize=None)
+def _device_smem_limit(index: int) -> int:
+    return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def device_smem_limit(t: torch.Tensor) -> Optional[int]:
+    """Opt-in shared memory per block of t's CUDA device (H100: 227 KB); None off CUDA."""
+    if t.device.type != "cuda":
+        return None
+    return _device_smem_limit(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def _pruner(table: dict, resident_rows: str, exact_smem: bool = False):
     def prune(configs, named_args, **kwargs):
         if len(configs) == 1:
             return configs
         d_pad = kwargs.get("D_PAD", named_args.get("D_PAD"))
-        wanted = candidates(table, d_pad, named_args["Q"].element_size(), resident_rows)
+        q = named_args["Q"]
+        limit = device_smem_limit(q) if exact_smem else None
+        wanted = candidates(table, d_pad, q.element_size(), resident_rows, limit)
         return [cfg for cfg in configs if _key(cfg) in wanted]
     return prune
 
 
 def fwd_autotune():
     return triton.autotune(configs=_all_configs(FWD_H100, INTERPRET_FWD), key=AUTOTUNE_KEY,
-                           prune_configs_by={"early_config_prune": _pruner(FWD_H100, "M")})
+                           prune_configs_by={"early_config_prune": _pruner(FWD_H100, "M", exact_smem=True)})
 
 
 def dkdv_autotune():
