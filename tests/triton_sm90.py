@@ -76,19 +76,31 @@ def _ptxas_report(compiled) -> dict:
             "spill_bytes": int(spills.group(1)) if spills else 0, "report": report}
 
 
-def flash_cases():
+def flash_cases(all_candidates: bool = False):
+    """(kernel name, kernel, dtype, head dim, causal, config, candidate index). By default the
+    config each launcher uses with autotuning off (the first candidate) at head dims 64, 128 and
+    256, fp16/bf16/fp32; with all_candidates, every fp16/bf16 candidate of every table, at the
+    table's head dim and one it pads up to it (the head-dim tail masks take registers too)."""
     from attnlib.triton_kernels.flash import backward, configs, forward
 
     kernels = {"fwd": (forward.flash_fwd_kernel, configs.FWD_H100, "M"),
                "dkdv": (backward.flash_bwd_dkdv_kernel, configs.BWD_DKDV_H100, "N"),
                "dq": (backward.flash_bwd_dq_kernel, configs.BWD_DQ_H100, "M")}
     for which, (kernel, table, resident) in kernels.items():
+        if all_candidates:
+            for key, cands in table.items():
+                for head_dim in (key, key * 3 // 4):
+                    for dtype in ("fp16", "bf16"):
+                        for i, config in enumerate(cands):
+                            for causal in (False, True):
+                                yield which, kernel, dtype, head_dim, causal, config, i
+            continue
         for head_dim in (64, 128, 256):
             for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
                 # the config the launcher uses with autotuning off (the first candidate)
                 config = configs.candidates(table, head_dim, elem, resident)[0]
                 for causal in (False, True):
-                    yield which, kernel, dtype, head_dim, causal, config
+                    yield which, kernel, dtype, head_dim, causal, config, 0
 
 
 @contextlib.contextmanager
@@ -211,6 +223,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--suite", choices=("all", "flash", "extra"), default="all")
     parser.add_argument("--only", help="run only the extra cases whose id is one of these (comma-separated)")
+    parser.add_argument("--all-candidates", action="store_true",
+                        help="flash: every fp16/bf16 autotune candidate, not only the default config")
+    parser.add_argument("--varlen", action="store_true", help="flash: compile the packed-sequence (varlen) variants")
     args = parser.parse_args()
     suite = args.suite
     only = set(args.only.split(",")) if args.only else None
@@ -233,14 +248,17 @@ def main() -> None:
                     print(json.dumps(r), flush=True)
     if suite not in ("all", "flash"):
         return
-    for which, kernel, dtype, head_dim, causal, (bm, bn, warps, stages) in flash_cases():
-        const = dict(HEAD_DIM=head_dim, D_PAD=head_dim, CAUSAL=causal, VARLEN=False,
+    from attnlib.triton_kernels.flash.configs import padded_head_dim
+    for which, kernel, dtype, head_dim, causal, (bm, bn, warps, stages), i in flash_cases(args.all_candidates):
+        const = dict(HEAD_DIM=head_dim, D_PAD=padded_head_dim(head_dim), CAUSAL=causal, VARLEN=args.varlen,
                      PREC="tf32x3" if dtype == "fp32" else "tf32")
         try:
             r = compile_sm90(kernel, dtype, const, bm, bn, warps, stages)
         except Exception as e:  # reported per case, the test fails on it
             r = {"error": f"{type(e).__name__}: {e}"}
         r.update(family="flash", kernel=which, dtype=dtype, head_dim=head_dim, causal=causal, config=[bm, bn, warps, stages])
+        if args.all_candidates:
+            r.update(candidate=i, varlen=args.varlen)
         print(json.dumps(r), flush=True)
 
 
