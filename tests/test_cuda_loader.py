@@ -49,6 +49,19 @@ def test_nvcc_compiles_every_specialisation(spec, tmp_path):
 
 
 @needs_nvcc
+@pytest.mark.parametrize("spec", specs.FLASH_FWD_TILE128_SPECS, ids=lambda s: s.name)
+def test_nvcc_tile128_specialisations_do_not_spill_on_sm80(spec, tmp_path):
+    """The 128-row flash tile sits near the 255-register limit: sm_80 as well as sm_90 (above)."""
+    out = str(tmp_path / "k.cubin")
+    cmd = toolchain.nvcc_command(spec, "80", toolchain.csrc_dir(), out, extra=["--resource-usage"])
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text
+    assert "warning" not in text.lower(), text
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in text, f"register spills:\n{text}"
+
+
+@needs_nvcc
 def test_build_cubins_and_shipped_lookup(tmp_path, monkeypatch):
     sys.path.insert(0, REPO)
     try:
@@ -85,6 +98,19 @@ def test_spec_names_encode_parameters():
     assert s.smem_bytes == 2 * 128 * (64 + 4 * 64)
     with pytest.raises(ValueError):
         specs.flash_fwd_spec(96, "fp16", False)
+    # the 128-row tile: two atoms per warp, 4 warps, padded rows (HEAD_DIM + 8 elements)
+    t = specs.flash_fwd_tile128_spec(128, "bf16", True)
+    assert t.name == "flash_fwd_hd128_bf16_causal1_bm128_bn32_ma2" and t in specs.ALL_SPECS
+    assert ("ATTNLIB_M_ATOMS", "2") in t.defines and t.threads == 128
+    assert t.smem_bytes == 2 * (128 + 8) * (128 + 4 * 32)
+    t64 = specs.flash_fwd_tile128_spec(64, "fp16", False)
+    assert t64.name == "flash_fwd_hd64_fp16_causal0_bm128_bn64_ma2" and t64.smem_bytes == 2 * 72 * (128 + 4 * 64)
+    assert len(specs.FLASH_FWD_TILE128_SPECS) == 8
+    # the one-atom specs keep their defines (no ATTNLIB_M_ATOMS), hence their cache keys
+    assert all(k != "ATTNLIB_M_ATOMS" for spec in specs.FLASH_FWD_SPECS for k, _ in spec.defines)
+    for bad in (dict(block_m=64, m_atoms=2), dict(m_atoms=3), dict(block_m=128, block_n=24, m_atoms=2)):
+        with pytest.raises(ValueError):
+            specs.flash_fwd_spec(64, "fp16", False, **bad)
 
 
 def test_source_files_follow_includes():

@@ -135,7 +135,147 @@ def test_fragment_index_math_emulated(hd):
         np.testing.assert_array_equal(got, O)
 
 
-def kernel_plan(m0, seq_q, seq_k, causal):
+# -- the 128-row tile (two 16-row atoms per warp, csrc/flash flash_fwd_mainloop_sm80_atoms) ----
+def padded_offset(row, chunk, hd):  # FlashFwdTraitsSm80::smem_offset with PADDED_ROWS
+    return row * (hd + 8) + (chunk << 3)
+
+
+def store_tile_lean(x, rows_valid=None):
+    """load_tile_async_lean: thread tid copies chunk tid % CPR of rows tid / CPR + PASS_ROWS i to
+    dst + 2 * smem_offset(PASS_ROWS i, 0) bytes; rows >= rows_valid are zero-filled."""
+    rows, hd = x.shape
+    cpr, pad_rows = hd // 8, 128 // (hd // 8)
+    rows_valid = rows if rows_valid is None else rows_valid
+    sm = np.full(rows * (hd + 8), np.nan)
+    for tid in range(128):
+        row, chunk = tid // cpr, tid % cpr
+        dst = padded_offset(row, chunk, hd)
+        for i in range(rows // pad_rows):
+            off = dst + padded_offset(pad_rows * i, 0, hd)
+            r = row + pad_rows * i
+            assert off == padded_offset(r, chunk, hd)
+            assert np.isnan(sm[off:off + 8]).all(), "two chunks land on one place"
+            valid = pad_rows * i < rows_valid - row
+            sm[off:off + 8] = x[r, chunk * 8:chunk * 8 + 8] if valid else 0.0
+    return sm
+
+
+def softmax_atoms_plan(m0, warp, lane, seq_q, seq_k, n0, block_n, causal, atoms=2):
+    """online_softmax_step_atoms' mask for one thread: visible[(i, nt, e)] for row i = 2a + r."""
+    diag = seq_k - seq_q
+    row0 = m0 + warp * 16 * atoms + lane // 4
+    lim0 = max(-16 * atoms, min(row0 + diag + 1, seq_k))  # causal_limit0 (int)
+    tig = lane % 4
+    out = {}
+    for i in range(2 * atoms):
+        last = seq_k
+        if causal:
+            last = min(lim0 + 8 * i, last)
+        limit = max(last - (n0 + 2 * tig), 0)
+        for nt in range(block_n // 8):
+            for e in (0, 1):
+                out[(i, nt, e)] = nt * 8 + e < limit
+    return out
+
+
+@pytest.mark.parametrize("hd,block_n", [(64, 64), (128, 32), (128, 64)])
+def test_two_atom_fragment_index_math_emulated(hd, block_n):
+    """The 128-row tile: lean loads into padded rows, the byte addresses of the atoms loop (one
+    base per operand plus constants), mma over both atoms, P packed by the softmax, the
+    epilogue's staging in padded rows; every ldmatrix phase free of bank conflicts."""
+    rng = np.random.default_rng(hd + block_n)
+    Q = rng.integers(-3, 4, size=(128, hd)).astype(np.float64)
+    K, V = (rng.integers(-3, 4, size=(block_n, hd)).astype(np.float64) for _ in range(2))
+    sQ, sK, sV = store_tile_lean(Q), store_tile_lean(K), store_tile_lean(V)
+    row_bytes, ns, no, atoms = 2 * (hd + 8), block_n // 8, hd // 8, 2
+    lanes = range(32)
+    for warp in range(4):
+        # byte addresses relative to each tile (flash_fwd_mainloop_sm80_atoms: q_addr, k_addr, v_addr)
+        q_addr = [(warp * 32 + l % 16) * row_bytes + (l // 16) * 16 for l in lanes]
+        k_addr = [((l // 16) * 8 + l % 8) * row_bytes + ((l // 8) % 2) * 16 for l in lanes]
+        v_addr = [(((l // 8) % 2) * 8 + l % 8) * row_bytes + (l // 16) * 16 for l in lanes]
+        s = np.zeros((32, atoms * ns, 4))
+        for kk in range(hd // 16):
+            qf = [ldmatrix_x4(sQ, [(q_addr[l] + a * 16 * row_bytes + kk * 32) // 2 for l in lanes])
+                  for a in range(atoms)]
+            for np_ in range(ns // 2):
+                kf = ldmatrix_x4(sK, [(k_addr[l] + np_ * 16 * row_bytes + kk * 32) // 2 for l in lanes])
+                for a in range(atoms):
+                    s[:, a * ns + 2 * np_] += mma_16816(qf[a], kf[:, 0], kf[:, 1])
+                    s[:, a * ns + 2 * np_ + 1] += mma_16816(qf[a], kf[:, 2], kf[:, 3])
+        for a in range(atoms):
+            rows = slice(warp * 32 + 16 * a, warp * 32 + 16 * a + 16)
+            np.testing.assert_array_equal(gather_acc(s[:, a * ns:(a + 1) * ns]), Q[rows] @ K.T)
+
+        # P = S here; online_softmax_step_atoms packs pf[a * K_STEPS_PV + nt // 2][2 (nt % 2) + {0, 1}]
+        kpv = block_n // 16
+        pf = np.zeros((32, atoms * kpv, 4, 2))
+        for a in range(atoms):
+            for nt in range(ns):
+                pf[:, a * kpv + nt // 2, 2 * (nt % 2)] = s[:, a * ns + nt, 0:2]
+                pf[:, a * kpv + nt // 2, 2 * (nt % 2) + 1] = s[:, a * ns + nt, 2:4]
+        o = np.zeros((32, atoms * no, 4))
+        for kk in range(kpv):
+            for dp in range(hd // 16):
+                vf = ldmatrix_x4(sV, [(v_addr[l] + kk * 16 * row_bytes + dp * 32) // 2 for l in lanes], trans=True)
+                for a in range(atoms):
+                    o[:, a * no + 2 * dp] += mma_16816(pf[:, a * kpv + kk], vf[:, 0], vf[:, 1])
+                    o[:, a * no + 2 * dp + 1] += mma_16816(pf[:, a * kpv + kk], vf[:, 2], vf[:, 3])
+        for a in range(atoms):
+            rows = slice(warp * 32 + 16 * a, warp * 32 + 16 * a + 16)
+            np.testing.assert_array_equal(gather_acc(o[:, a * no:(a + 1) * no]), (Q[rows] @ K.T) @ V)
+
+        # epilogue: acc_o[a * N_TILES_O + n][2r..] -> row WARP_ROWS w + 16a + g + 8r, chunk n, + 2t
+        sO = np.full(128 * (hd + 8), np.nan)
+        for t in lanes:
+            g, q = t // 4, t % 4
+            for n in range(no):
+                for a in range(atoms):
+                    for r in range(2):
+                        off = padded_offset(warp * 32 + 16 * a + g + 8 * r, n, hd) + 2 * q
+                        sO[off:off + 2] = o[t, a * no + n, 2 * r:2 * r + 2]
+        cpr = hd // 8
+        got = np.full((32, hd), np.nan)
+        for i in range(32 * cpr // 32):
+            for lane in lanes:
+                idx = lane + 32 * i
+                row, chunk = idx // cpr, idx % cpr
+                off = padded_offset(warp * 32 + row, chunk, hd)
+                got[row, chunk * 8:chunk * 8 + 8] = sO[off:off + 8]
+        want = np.concatenate([gather_acc(o[:, a * no:(a + 1) * no]) for a in range(atoms)])
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("hd", [64, 128])
+def test_two_atom_lean_loads_zero_fill_past_the_end(hd):
+    x = np.arange(64 * hd, dtype=np.float64).reshape(64, hd) + 1
+    for rows_valid in (0, 1, 7, 8, 33, 63, 64, 1000, -5):
+        sm = store_tile_lean(x, rows_valid)
+        for r in range(64):
+            got = np.array([sm[padded_offset(r, c, hd) + j] for c in range(hd // 8) for j in range(8)])
+            np.testing.assert_array_equal(got, x[r] if r < rows_valid else 0.0)
+
+
+@pytest.mark.parametrize("seq_q,seq_k", [(1, 1), (129, 129), (1000, 17), (17, 1000), (200, 0), (300, 64),
+                                         (64, 300), (2**31 - 200, 2**31 - 100)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_two_atom_mask_matches_visibility(seq_q, seq_k, causal):
+    """online_softmax_step_atoms (32-bit limits relative to the thread's first key, the causal
+    limit clamped by causal_limit0) keeps exactly the keys j < seq_k with j <= i + seq_k - seq_q."""
+    diag = seq_k - seq_q
+    for m0 in sorted({0, 128 * ((seq_q - 1) // 128)} if seq_q > 0 else {0}):
+        for n0 in sorted({0, max(0, seq_k - 32), max(0, m0 + diag - 64), max(0, m0 + diag + 64)}):
+            for warp in (0, 3):
+                for lane in (0, 5, 31):
+                    got = softmax_atoms_plan(m0, warp, lane, seq_q, seq_k, n0, 64, causal)
+                    row0 = m0 + warp * 32 + lane // 4
+                    for (i, nt, e), vis in got.items():
+                        row, key = row0 + 8 * i, n0 + nt * 8 + 2 * (lane % 4) + e
+                        want = key < seq_k and (not causal or key <= row + diag)
+                        assert vis == want, (m0, n0, warp, lane, i, nt, e)
+
+
+def kernel_plan(m0, seq_q, seq_k, causal, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N):
     """flash_fwd_mainloop_sm80: how many key blocks a query tile loads, which ones it masks."""
     diag = seq_k - seq_q
     n_end = min(seq_k, m0 + BLOCK_M + diag) if causal else seq_k
@@ -148,13 +288,14 @@ def kernel_plan(m0, seq_q, seq_k, causal):
 @pytest.mark.parametrize("seq_q,seq_k", [(1, 1), (17, 17), (129, 129), (1000, 17), (17, 1000), (64, 128),
                                          (128, 64), (200, 0), (65, 63)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_key_block_plan_covers_exactly_the_visible_keys(seq_q, seq_k, causal):
+@pytest.mark.parametrize("BLOCK_M,BLOCK_N", [(64, 64), (128, 64), (128, 32)], ids=["64x64", "128x64", "128x32"])
+def test_key_block_plan_covers_exactly_the_visible_keys(seq_q, seq_k, causal, BLOCK_M, BLOCK_N):
     i = np.arange(seq_q)[:, None]
     j = np.arange(seq_k)[None, :]
     visible = (j <= i + seq_k - seq_q) if causal else np.ones((seq_q, seq_k), bool)
     for m0 in range(0, seq_q, BLOCK_M):
         rows = visible[m0:m0 + BLOCK_M]
-        n_blocks, masked = kernel_plan(m0, seq_q, seq_k, causal)
+        n_blocks, masked = kernel_plan(m0, seq_q, seq_k, causal, BLOCK_M, BLOCK_N)
         # every visible key lies in a loaded block
         assert not rows[:, n_blocks * BLOCK_N:].any()
         # skipped blocks are fully masked; the last loaded block holds a visible key
@@ -217,26 +358,50 @@ SHAPES = [  # batch, heads_q, heads_kv, seq_q, seq_k
 ]
 
 
+TILES = [pytest.param(None, id="tile64"), pytest.param(128, id="tile128")]
+
+
+@pytest.fixture
+def tile_env(monkeypatch, request):
+    """ATTNLIB_CUDA_FLASH_TILE_M for the public calls of a test parametrised by `tile`."""
+    from attnlib.kernels.flash_cuda import TILE_M_ENV
+
+    tile = request.getfixturevalue("tile")
+    if tile is None:
+        monkeypatch.delenv(TILE_M_ENV, raising=False)
+    else:
+        monkeypatch.setenv(TILE_M_ENV, str(tile))
+    return tile
+
+
+def assert_tile_spec(kernel, inp, tile):
+    name = kernel.spec(inp).name
+    assert name.endswith("_ma2") == (tile == 128) and ("_bm128_" in name) == (tile == 128), name
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
-def test_forward_matches_reference(cuda_kernel, shape, causal, head_dim, dtype, layout):
+def test_forward_matches_reference(cuda_kernel, tile_env, tile, shape, causal, head_dim, dtype, layout):
     b, hq, hkv, sq, sk = shape
     q, k, v = make_qkv(b, hq, sq, head_dim, kv_heads=hkv, seq_k=sk, dtype=dtype, device="cuda", layout=layout,
                        seed=sq * 7 + sk)
     ex = attnlib.api.explain(q, k, v, layout=layout, causal=causal, return_lse=True)
     assert ex.chosen is cuda_kernel, str(ex)
+    assert_tile_spec(cuda_kernel, attnlib.api.build_inputs(q, k, v, layout=layout, causal=causal), tile)
     out, lse = attnlib.flash_attention(q, k, v, causal=causal, layout=layout, return_lse=True, backend="cuda")
     tb = (lambda t: t) if layout == "bhsd" else (lambda t: t.transpose(1, 2))
     check_against_reference(tb(q), tb(k), tb(v), tb(out), lse, causal)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_strided_views_with_offsets_and_poisoned_output(cuda_kernel, head_dim):
+def test_strided_views_with_offsets_and_poisoned_output(cuda_kernel, tile_env, tile, head_dim):
     from attnlib.kernels.flash_cuda import flash_fwd_cuda
 
     torch.manual_seed(0)
@@ -251,7 +416,7 @@ def test_strided_views_with_offsets_and_poisoned_output(cuda_kernel, head_dim):
         big_out = poison_(torch.empty(b, h, s + 5, d, device="cuda", dtype=torch.float16))
         out = big_out[:, :, 3:3 + s]
         lse = poison_(torch.empty(b, h, s, device="cuda", dtype=torch.float32))
-        flash_fwd_cuda(q, k, v, out, lse, causal=causal, scale=d ** -0.5)
+        flash_fwd_cuda(q, k, v, out, lse, causal=causal, scale=d ** -0.5, tile_m=tile)
         check_against_reference(q, k, v, out, lse, causal)
         assert torch.isnan(big_out[:, :, :3]).all() and torch.isnan(big_out[:, :, 3 + s:]).all()
         # the public call on the same views
@@ -352,3 +517,44 @@ def test_disk_cache_reused_by_second_process(cuda_kernel, tmp_path):
     assert "flash_fwd_hd64_fp16_causal0_bm64_bn64: built" in logs[0], logs[0]
     assert "flash_fwd_hd64_fp16_causal0_bm64_bn64: hit" in logs[1], logs[1]
     assert "nvrtc " not in logs[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_tile128_long_sequence_and_graph_capture(cuda_kernel, head_dim, causal):
+    """The 128-row tile over many key blocks (online-softmax rescaling across blocks, both
+    buffers), in a CUDA graph, against the float64 reference and the verified 64-row kernel."""
+    from attnlib.kernels.flash_cuda import flash_fwd_cuda
+
+    q, k, v = make_qkv(2, 4, 1000, head_dim, kv_heads=2, seq_k=1537, dtype=torch.bfloat16, device="cuda",
+                       seed=head_dim + causal)
+    out = poison_(torch.empty_like(q))
+    lse = poison_(torch.empty(2, 4, 1000, device="cuda", dtype=torch.float32))
+    flash_fwd_cuda(q, k, v, out, lse, causal=causal, scale=head_dim ** -0.5, tile_m=128)  # compile + load
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        flash_fwd_cuda(q, k, v, out, lse, causal=causal, scale=head_dim ** -0.5, tile_m=128)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    check_against_reference(q, k, v, out, lse, causal)
+    ref64 = torch.empty_like(q)
+    flash_fwd_cuda(q, k, v, ref64, None, causal=causal, scale=head_dim ** -0.5, tile_m=64)
+    torch.testing.assert_close(out, ref64, rtol=2e-2, atol=2e-2)
+
+
+def test_tile_m_env_selects_spec_and_rejects_bad_values(monkeypatch):
+    from attnlib.kernels import flash_cuda
+
+    monkeypatch.delenv(flash_cuda.TILE_M_ENV, raising=False)
+    assert flash_cuda._spec_for(128, torch.bfloat16, True).name == "flash_fwd_hd128_bf16_causal1_bm64_bn64"
+    monkeypatch.setenv(flash_cuda.TILE_M_ENV, "128")
+    assert flash_cuda._spec_for(128, torch.bfloat16, True).name == "flash_fwd_hd128_bf16_causal1_bm128_bn32_ma2"
+    assert flash_cuda._spec_for(64, torch.float16, False).name == "flash_fwd_hd64_fp16_causal0_bm128_bn64_ma2"
+    assert flash_cuda._spec_for(64, torch.float16, False, tile_m=64).name.endswith("_bm64_bn64")
+    monkeypatch.setenv(flash_cuda.TILE_M_ENV, "96")
+    with pytest.raises(ValueError, match="ATTNLIB_CUDA_FLASH_TILE_M"):
+        flash_cuda._spec_for(64, torch.float16, False)
+    with pytest.raises(ValueError, match="tile_m"):
+        flash_cuda._spec_for(64, torch.float16, False, tile_m=32)
