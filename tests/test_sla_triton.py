@@ -281,3 +281,13 @@ def test_gpu_bshd_fp32_and_block_map():
     ref = sla_block_classes(q.transpose(1, 2), k.transpose(1, 2), critical=0.05, negligible=0.1,
                             block_size=(128, 64))
     assert torch.equal(got, ref)
+
+
+def test_fp32_tiles_smaller_than_blocks():
+    """fp32 runs tiles smaller than the classification block (16 under the interpreter): a
+    (64, 32) block is four query tiles and two key tiles, in every kernel including the
+    linear-branch backward; GQA, causal, seq_q != seq_k, ragged tails."""
+    q, k, v = make_qkv(1, 4, 2 * 64 + 9, 32, kv_heads=2, seq_k=3 * 32 + 23, device=DEVICE, requires_grad=True,
+                       seed=11)
+    w, bias = make_proj(32, seed=12)
+    check(q, k, v, w, bias, critical=0.25, negligible=0.25, block_size=(64, 32), causal=True)

@@ -171,8 +171,9 @@ def _sage(pv, dtype, d, causal):
 
 
 def _linear(which, dtype, d, causal):
+    """Long enough (2048 rows, 64 programs) for several causal super-chunks: every kernel launches."""
     from attnlib.triton_kernels.linear.attention import linear_bwd, linear_fwd
-    q, k, v, o, do = (_t(1, 2, 256, d, dtype=dtype) for _ in range(5))
+    q, k, v, o, do = (_t(1, 2, 2048, d, dtype=dtype) for _ in range(5))
     if which == "fwd":
         linear_fwd(q, k, v, o, feature="elu", causal=causal, eps=1e-6)
     else:
@@ -180,11 +181,16 @@ def _linear(which, dtype, d, causal):
 
 
 def _sla(which, dtype, d, causal):
-    """The backward recomputes the forward (with lse and the linear branch): every SLA kernel."""
-    from attnlib.triton_kernels.sla.attention import sla_backward
+    """"fwd": the forward with its projection; "bwd": that forward, then the backward (which
+    re-forms the block map and states and re-walks the critical blocks): every SLA kernel."""
+    import torch
+    from attnlib.triton_kernels.sla.attention import sla_backward, sla_forward
     q, k, v, do = (_t(1, 2, 256, d, dtype=dtype) for _ in range(4))
-    sla_backward(do, q, k, v, _t(d, d, dtype=dtype), None, critical=0.25, negligible=0.25, block_size=(64, 64),
-                 feature="softmax", scale=d ** -0.5, causal=causal)
+    kw = dict(critical=0.25, negligible=0.25, block_size=(64, 64), feature="softmax", scale=d ** -0.5, causal=causal)
+    w = _t(d, d, dtype=dtype)
+    sla_forward(q, k, v, torch.empty_like(q), w, None, **kw)
+    if which == "bwd":
+        sla_backward(do, q, k, v, w, None, **kw)
 
 
 def _asymrnr(which, dtype, d, causal):

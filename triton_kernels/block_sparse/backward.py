@@ -18,6 +18,20 @@ from .configs import launch_config, padded_head_dim
 from .forward import count_listed_below, strides_bhm
 
 
+@triton.jit
+def _dq_listed(dq, b_q, b_do, lse2, delta, row, first, last, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n,
+               d_ok, seq_k, diag, qk_scale, CHECK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+               PREC: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr):
+    """Fold the listed key blocks row[first:last] (each as MASK_N / BLOCK_N tiles) into dQ."""
+    SUB: tl.constexpr = MASK_N // BLOCK_N
+    for it in range(first * SUB, last * SUB):
+        start_n = tl.load(row + it // SUB) * MASK_N + (it % SUB) * BLOCK_N
+        off_k = start_n.to(tl.int64)
+        dq = dq_key_block(dq, b_q, b_do, lse2, delta, k_base + off_k * stride_kn, v_base + off_k * stride_vn,
+                          offs_m, start_n + offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, MASK, CAUSAL, PREC)
+    return dq
+
+
 @triton.jit(do_not_specialize=["seq_q", "seq_k"])
 def block_sparse_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX,
@@ -31,9 +45,10 @@ def block_sparse_dq_kernel(
     stride_ib, stride_ih, stride_im,
     seq_q, seq_k, group, scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):
-    """Grid (query blocks, query heads, batch)."""
+    """Grid (query tiles, query heads, batch); tiles as in block_sparse_fwd_kernel."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -41,6 +56,7 @@ def block_sparse_dq_kernel(
     h64 = h.to(tl.int64)
     kvh64 = (h // group).to(tl.int64)
     start_m = pid_m * BLOCK_M
+    mask_row = start_m // MASK_M
     offs_i = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_i
     offs_n = tl.arange(0, BLOCK_N)
@@ -61,21 +77,15 @@ def block_sparse_dq_kernel(
               + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     diag = seq_k - seq_q
-    full_end, hi = query_key_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
-    row = KV_IDX + b64 * stride_ib + h64 * stride_ih + pid_m * stride_im
-    n_listed = tl.load(KV_NUM + b64 * stride_cb + h64 * stride_ch + pid_m * stride_cm)
-    n_full = count_listed_below(row, n_listed, full_end, BLOCK_N, SLOTS)
-    n_vis = count_listed_below(row, n_listed, hi, BLOCK_N, SLOTS)
-    for i in range(0, n_full):
-        start_n = tl.load(row + i) * BLOCK_N
-        off_k = start_n.to(tl.int64)
-        dq = dq_key_block(dq, b_q, b_do, lse2, delta, k_base + off_k * stride_kn, v_base + off_k * stride_vn,
-                          offs_m, start_n + offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, False, CAUSAL, PREC)
-    for i in range(n_full, n_vis):
-        start_n = tl.load(row + i) * BLOCK_N
-        off_k = start_n.to(tl.int64)
-        dq = dq_key_block(dq, b_q, b_do, lse2, delta, k_base + off_k * stride_kn, v_base + off_k * stride_vn,
-                          offs_m, start_n + offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, True, CAUSAL, PREC)
+    full_end, hi = query_key_range(start_m, seq_q, seq_k, BLOCK_M, MASK_N, CAUSAL)
+    row = KV_IDX + b64 * stride_ib + h64 * stride_ih + mask_row * stride_im
+    n_listed = tl.load(KV_NUM + b64 * stride_cb + h64 * stride_ch + mask_row * stride_cm)
+    n_full = count_listed_below(row, n_listed, full_end, MASK_N, SLOTS)
+    n_vis = count_listed_below(row, n_listed, hi, MASK_N, SLOTS)
+    dq = _dq_listed(dq, b_q, b_do, lse2, delta, row, 0, n_full, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n,
+                    d_ok, seq_k, diag, qk_scale, CHECK_D, False, CAUSAL, PREC, BLOCK_N, MASK_N)
+    dq = _dq_listed(dq, b_q, b_do, lse2, delta, row, n_full, n_vis, k_base, v_base, stride_kn, stride_vn, offs_m,
+                    offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, True, CAUSAL, PREC, BLOCK_N, MASK_N)
     store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm
                + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty), m_ok, d_ok, CHECK_D)
 
@@ -83,11 +93,13 @@ def block_sparse_dq_kernel(
 @triton.jit
 def _dkdv_listed(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, col, first, last,
                  stride_qm, stride_dom, stride_lm, offs_m0, offs_n, d_ok, seq_q, seq_k, diag, qk_scale,
-                 BLOCK_M: tl.constexpr, CHECK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                 PREC: tl.constexpr):
-    """Fold the listed query blocks col[first:last] into a resident key block's dK, dV."""
-    for i in range(first, last):
-        start_m = tl.load(col + i) * BLOCK_M
+                 BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, CHECK_D: tl.constexpr, MASK: tl.constexpr,
+                 CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """Fold the listed query blocks col[first:last] (each as MASK_M / BLOCK_M tiles) into a
+    resident key tile's dK, dV."""
+    SUB: tl.constexpr = MASK_M // BLOCK_M
+    for it in range(first * SUB, last * SUB):
+        start_m = tl.load(col + it // SUB) * MASK_M + (it % SUB) * BLOCK_M
         off_m = start_m.to(tl.int64)
         dk, dv = dkdv_query_block(dk, dv, b_k, b_v, q_base + off_m * stride_qm, do_base + off_m * stride_dom,
                                   lse_base + off_m * stride_lm, delta_base + off_m * stride_lm,
@@ -110,16 +122,20 @@ def block_sparse_dkdv_kernel(
     stride_ib, stride_ih, stride_in,
     seq_q, seq_k, group, scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):
-    """Grid (key blocks, kv heads, batch); sums over the group's query heads. Q_NUM (B|1, Hq|1, Mk)
-    and Q_IDX (B|1, Hq|1, Mk, Mq): the column form, query blocks ascending."""
+    """Grid (key tiles, kv heads, batch); sums over the group's query heads. Q_NUM (B|1, Hq|1, Mk)
+    and Q_IDX (B|1, Hq|1, Mk, Mq): the column form, query blocks ascending. A key tile of
+    BLOCK_N keys lies in mask column start_n // MASK_N; listed query blocks are walked as
+    MASK_M / BLOCK_M tiles."""
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
     kvh64 = kvh.to(tl.int64)
     start_n = pid_n * BLOCK_N
+    mask_col = start_n // MASK_N
     offs_j = tl.arange(0, BLOCK_N)
     offs_n = start_n + offs_j
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -135,7 +151,7 @@ def block_sparse_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     diag = seq_k - seq_q
     # [lo, mid) masked (causal diagonal), [mid, end) unmasked, [end, hi) masked (query tail)
-    lo, mid, end, hi = key_query_range(start_n, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+    lo, mid, end, hi = key_query_range(start_n, seq_q, seq_k, MASK_M, BLOCK_N, CAUSAL)
     for g in range(0, group):
         h64 = kvh64 * group + g
         q_base = Q + b64 * stride_qb + h64 * stride_qh + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
@@ -143,20 +159,20 @@ def block_sparse_dkdv_kernel(
                    + offs_d[None, :] * stride_dod)
         lse_base = LSE + b64 * stride_lb + h64 * stride_lh + offs_m0 * stride_lm
         delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + offs_m0 * stride_lm
-        col = Q_IDX + b64 * stride_ib + h64 * stride_ih + pid_n * stride_in
-        n_listed = tl.load(Q_NUM + b64 * stride_cb + h64 * stride_ch + pid_n * stride_cn)
-        n_lo = count_listed_below(col, n_listed, lo, BLOCK_M, SLOTS)
-        n_mid = count_listed_below(col, n_listed, mid, BLOCK_M, SLOTS)
-        n_end = count_listed_below(col, n_listed, end, BLOCK_M, SLOTS)
+        col = Q_IDX + b64 * stride_ib + h64 * stride_ih + mask_col * stride_in
+        n_listed = tl.load(Q_NUM + b64 * stride_cb + h64 * stride_ch + mask_col * stride_cn)
+        n_lo = count_listed_below(col, n_listed, lo, MASK_M, SLOTS)
+        n_mid = count_listed_below(col, n_listed, mid, MASK_M, SLOTS)
+        n_end = count_listed_below(col, n_listed, end, MASK_M, SLOTS)
         dk, dv = _dkdv_listed(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, col, n_lo, n_mid,
                               stride_qm, stride_dom, stride_lm, offs_m0, offs_n, d_ok, seq_q, seq_k, diag, qk_scale,
-                              BLOCK_M, CHECK_D, True, CAUSAL, PREC)
+                              BLOCK_M, MASK_M, CHECK_D, True, CAUSAL, PREC)
         dk, dv = _dkdv_listed(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, col, n_mid, n_end,
                               stride_qm, stride_dom, stride_lm, offs_m0, offs_n, d_ok, seq_q, seq_k, diag, qk_scale,
-                              BLOCK_M, CHECK_D, False, CAUSAL, PREC)
+                              BLOCK_M, MASK_M, CHECK_D, False, CAUSAL, PREC)
         dk, dv = _dkdv_listed(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, col, n_end, n_listed,
                               stride_qm, stride_dom, stride_lm, offs_m0, offs_n, d_ok, seq_q, seq_k, diag, qk_scale,
-                              BLOCK_M, CHECK_D, True, CAUSAL, PREC)
+                              BLOCK_M, MASK_M, CHECK_D, True, CAUSAL, PREC)
     store_tile(DK + b64 * stride_dkb + kvh64 * stride_dkh + offs_n[:, None] * stride_dkn
                + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), n_ok, d_ok, CHECK_D)
     store_tile(DV + b64 * stride_dvb + kvh64 * stride_dvh + offs_n[:, None] * stride_dvn
@@ -168,10 +184,11 @@ def _slots(idx: torch.Tensor) -> int:
 
 
 def block_sparse_bwd(dout, q, k, v, out, lse, row_form, col_form, *, block_size: tuple[int, int], causal: bool,
-                     scale: float, dlse: Optional[torch.Tensor] = None):
+                     scale: float, dlse: Optional[torch.Tensor] = None, delta: Optional[torch.Tensor] = None):
     """dq, dk, dv (q/k/v's dtype and strides) from dout and the saved forward. row_form =
     (kv_num_blocks, kv_indices), col_form = (q_num_blocks, q_indices) of the same mask.
-    dlse folds into delta as in flash: dS = P * (dP - (rowsum(dO * O) - dlse))."""
+    dlse folds into delta as in flash: dS = P * (dP - (rowsum(dO * O) - dlse)). A caller that
+    has delta = rowsum(dO * O) already (SLA computes it in its recompute) passes it and out=None."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
@@ -179,26 +196,28 @@ def block_sparse_bwd(dout, q, k, v, out, lse, row_form, col_form, *, block_size:
         return dq.zero_(), dk.zero_(), dv.zero_()
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    delta = torch.empty_like(lse)
-    bwd_preprocess(out, dout, delta, None)
+    if delta is None:
+        delta = torch.empty_like(lse)
+        bwd_preprocess(out, dout, delta, None)
     if dlse is not None:
         delta -= torch.where(torch.isfinite(lse), dlse.to(delta.dtype), 0.0)
     bm, bn = block_size
     common = dict(HEAD_DIM=head_dim, D_PAD=padded_head_dim(head_dim), CAUSAL=causal, PREC=dot_precision(q.dtype),
-                  BLOCK_M=bm, BLOCK_N=bn)
+                  MASK_M=bm, MASK_N=bn)
     kv_num, kv_idx = row_form
     q_num, q_idx = col_form
-    warps, stages = launch_config(bm, bn, head_dim, "bwd")
-    block_sparse_dkdv_kernel[(triton.cdiv(seq_k, bn), heads_kv, batch)](
+    tile = launch_config(bm, bn, head_dim, "dkdv", q.element_size())
+    block_sparse_dkdv_kernel[(triton.cdiv(seq_k, tile.block_n), heads_kv, batch)](
         q, k, v, dout, lse, delta, dk, dv, q_num, q_idx,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *lse.stride(),
         *strides_bhm(q_num), *strides_bhm(q_idx),
-        seq_q, seq_k, heads_q // heads_kv, scale, scale * LOG2E, SLOTS=_slots(q_idx),
-        num_warps=warps, num_stages=stages, **common)
-    block_sparse_dq_kernel[(triton.cdiv(seq_q, bm), heads_q, batch)](
+        seq_q, seq_k, heads_q // heads_kv, scale, scale * LOG2E, SLOTS=_slots(q_idx), BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages, **common)
+    tile = launch_config(bm, bn, head_dim, "dq", q.element_size())
+    block_sparse_dq_kernel[(triton.cdiv(seq_q, tile.block_m), heads_q, batch)](
         q, k, v, dout, lse, delta, dq, kv_num, kv_idx,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *lse.stride(),
         *strides_bhm(kv_num), *strides_bhm(kv_idx),
-        seq_q, seq_k, heads_q // heads_kv, scale, scale * LOG2E, SLOTS=_slots(kv_idx),
-        num_warps=warps, num_stages=stages, **common)
+        seq_q, seq_k, heads_q // heads_kv, scale, scale * LOG2E, SLOTS=_slots(kv_idx), BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages, **common)
     return dq, dk, dv

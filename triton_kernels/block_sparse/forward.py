@@ -2,7 +2,11 @@
 index form (kv_num_blocks, kv_indices) instead of every key block. Per query block, the listed
 key blocks (ascending) split into a prefix that needs no mask and a suffix at the causal
 diagonal / key tail; blocks past the causal limit are never visited, so work is proportional
-to the visible listed blocks."""
+to the visible listed blocks.
+
+The kernel's tile (BLOCK_M x BLOCK_N) may be a part of the mask's block (MASK_M x MASK_N), as
+configs.launch_config chooses: a program covers BLOCK_M rows of one mask row and visits each
+listed key block as MASK_N / BLOCK_N tiles."""
 from __future__ import annotations
 
 import torch
@@ -22,6 +26,23 @@ def count_listed_below(row_ptr, n_listed, limit, BLOCK: tl.constexpr, SLOTS: tl.
     return tl.sum(below.to(tl.int32), axis=0)
 
 
+@triton.jit
+def attend_listed(acc, l_i, m_i, b_q, row, first, last, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n,
+                  d_ok, seq_k, diag, qk_scale, CHECK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                  PREC: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr):
+    """Fold the listed key blocks row[first:last] (mask blocks of MASK_N keys, each as
+    MASK_N / BLOCK_N tiles) into the online softmax; MASK for blocks at the diagonal / key tail."""
+    SUB: tl.constexpr = MASK_N // BLOCK_N
+    # one flat loop over (block, tile) pairs, so the compiler pipelines it as the dense loop
+    for it in range(first * SUB, last * SUB):
+        start_n = tl.load(row + it // SUB) * MASK_N + (it % SUB) * BLOCK_N
+        off_k = start_n.to(tl.int64)
+        acc, l_i, m_i = attend_key_block(acc, l_i, m_i, b_q, k_base + off_k * stride_kn, v_base + off_k * stride_vn,
+                                         offs_m, start_n + offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, MASK, CAUSAL,
+                                         PREC)
+    return acc, l_i, m_i
+
+
 @triton.jit(do_not_specialize=["seq_q", "seq_k"])
 def block_sparse_fwd_kernel(
     Q, K, V, O, LSE, KV_NUM, KV_IDX,
@@ -34,9 +55,10 @@ def block_sparse_fwd_kernel(
     stride_ib, stride_ih, stride_im,
     seq_q, seq_k, group, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):
-    """Grid (query blocks, query heads, batch). KV_NUM/KV_IDX strides are 0 on broadcast dims."""
+    """Grid (query tiles, query heads, batch). KV_NUM/KV_IDX strides are 0 on broadcast dims."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -44,6 +66,7 @@ def block_sparse_fwd_kernel(
     h64 = h.to(tl.int64)
     kvh64 = (h // group).to(tl.int64)
     start_m = pid_m * BLOCK_M
+    mask_row = start_m // MASK_M
     offs_i = tl.arange(0, BLOCK_M)
     offs_m = start_m + offs_i
     offs_n = tl.arange(0, BLOCK_N)
@@ -64,23 +87,17 @@ def block_sparse_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     diag = seq_k - seq_q
-    full_end, hi = query_key_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
-    row = KV_IDX + b64 * stride_ib + h64 * stride_ih + pid_m * stride_im
-    n_listed = tl.load(KV_NUM + b64 * stride_cb + h64 * stride_ch + pid_m * stride_cm)
-    n_full = count_listed_below(row, n_listed, full_end, BLOCK_N, SLOTS)
-    n_vis = count_listed_below(row, n_listed, hi, BLOCK_N, SLOTS)
-    for i in range(0, n_full):
-        start_n = tl.load(row + i) * BLOCK_N
-        off_k = start_n.to(tl.int64)
-        acc, l_i, m_i = attend_key_block(acc, l_i, m_i, b_q, k_base + off_k * stride_kn, v_base + off_k * stride_vn,
-                                         offs_m, start_n + offs_n, d_ok, seq_k, diag, qk_scale,
-                                         CHECK_D, False, CAUSAL, PREC)
-    for i in range(n_full, n_vis):
-        start_n = tl.load(row + i) * BLOCK_N
-        off_k = start_n.to(tl.int64)
-        acc, l_i, m_i = attend_key_block(acc, l_i, m_i, b_q, k_base + off_k * stride_kn, v_base + off_k * stride_vn,
-                                         offs_m, start_n + offs_n, d_ok, seq_k, diag, qk_scale,
-                                         CHECK_D, True, CAUSAL, PREC)
+    # bounds in whole mask blocks: listed blocks starting below full_end need no mask
+    full_end, hi = query_key_range(start_m, seq_q, seq_k, BLOCK_M, MASK_N, CAUSAL)
+    row = KV_IDX + b64 * stride_ib + h64 * stride_ih + mask_row * stride_im
+    n_listed = tl.load(KV_NUM + b64 * stride_cb + h64 * stride_ch + mask_row * stride_cm)
+    n_full = count_listed_below(row, n_listed, full_end, MASK_N, SLOTS)
+    n_vis = count_listed_below(row, n_listed, hi, MASK_N, SLOTS)
+    acc, l_i, m_i = attend_listed(acc, l_i, m_i, b_q, row, 0, n_full, k_base, v_base, stride_kn, stride_vn, offs_m,
+                                  offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, False, CAUSAL, PREC, BLOCK_N, MASK_N)
+    acc, l_i, m_i = attend_listed(acc, l_i, m_i, b_q, row, n_full, n_vis, k_base, v_base, stride_kn, stride_vn,
+                                  offs_m, offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, True, CAUSAL, PREC, BLOCK_N,
+                                  MASK_N)
 
     # a row with nothing allowed: output 0, lse -inf
     empty = l_i == 0.0
@@ -112,14 +129,15 @@ def block_sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
         lse.fill_(float("-inf"))
         return
     bm, bn = block_size
-    warps, stages = launch_config(bm, bn, head_dim, "fwd")
-    grid = (triton.cdiv(seq_q, bm), heads_q, batch)
+    tile = launch_config(bm, bn, head_dim, "fwd", q.element_size())
+    grid = (triton.cdiv(seq_q, tile.block_m), heads_q, batch)
     block_sparse_fwd_kernel[grid](
         q, k, v, out, lse, kv_num_blocks, kv_indices,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         *strides_bhm(kv_num_blocks), *strides_bhm(kv_indices),
         seq_q, seq_k, heads_q // heads_kv, scale * LOG2E,
         HEAD_DIM=head_dim, D_PAD=padded_head_dim(head_dim), CAUSAL=causal, PREC=dot_precision(q.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, SLOTS=max(16, triton.next_power_of_2(kv_indices.shape[-1])),
-        num_warps=warps, num_stages=stages,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, MASK_M=bm, MASK_N=bn,
+        SLOTS=max(16, triton.next_power_of_2(kv_indices.shape[-1])), num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
     )

@@ -1,12 +1,22 @@
 """The SLA backward's linear branch (the critical branch is block_sparse's backward, reused).
 
 With den_r = phi(q_r) . Z_i + eps, O_l,r = phi(q_r) H_i / den_r and G = dO_l (= dO W):
-  dn_r = G_r / den_r,   dd_r = -(G_r . O_l,r) / den_r,
-  dphi(q_r) = dn_r H_i^T + dd_r Z_i,   dH_i = phi(Q_i)^T dN_i,   dZ_i = sum_r dd_r phi(q_r);
+  dn_r = G_r / den_r,   t_r = dn_r H_i^T,   dd_r = -(G_r . O_l,r) / den_r = -(phi(q_r) . t_r) / den_r,
+  dphi(q_r) = t_r + dd_r Z_i,   dH_i = phi(Q_i)^T dN_i,   dZ_i = phi(Q_i)^T dd_i;
 and per key block j, with dh_j = sum of dH_i and dz_j = sum of dZ_i over the query blocks i for
-which j is marginal (pre-aggregated over the column form, as the forward does over rows):
+which j is marginal:
   dV_j = phi(K_j) dh_j,   dphi(K_j) = V_j dh_j^T + dz_j.
-The feature map's derivative is applied in-kernel. GQA: a key program sums its group's heads.
+
+No D x D state is stored per query block. The dq kernel forms H_i from the key-block states
+(pre-aggregated as in the forward, a column chunk at a time) and leaves only dN (written over
+G) and dd, one row each per query row. The key kernel forms dh_j, dz_j from them: over the
+query blocks of column j's marginal list, or as the head's totals (a third kernel sums
+phi(Q)^T dN and phi(Q)^T dd over all rows, in partial sums, no atomics) minus the critical and
+negligible ones, whichever list is shorter. Every product phi(Q_i)^T dN_i is formed in-kernel
+with the same precision on both sides of that subtraction.
+
+The kernels add their fp32 contributions to the critical branch's dq, dk, dv in place. The
+feature map's derivative is applied in-kernel. GQA: a key program sums its group's heads.
 """
 from __future__ import annotations
 
@@ -14,9 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..block_sparse.configs import launch_config
 from ..linear.kernels import FEATURE_IDS, feature_map
 from .classify import BlockIndex, padded
-from .forward import LINEAR_EPS, marginal_sum
+from .forward import LINEAR_EPS, marginal_columns, state_chunk, state_precision
+
+TOTAL_SPLITS = 16  # partial sums per (batch, head) of the dH, dZ totals
 
 
 @triton.jit
@@ -36,13 +49,17 @@ def feature_map_vjp(x, phi, dphi, FEAT: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seq_q"])
 def sla_linear_dq_kernel(
-    Q, DOL, OL, H, Z, H_TOT, Z_TOT, N_CRIT, N_MARG, IDX, DQL, DH, DZ,
+    Q, DN, DD, H, Z, H_TOT, Z_TOT, N_CRIT, N_MARG, IDX, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
-    seq_q, group, num_kb, eps,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, FEAT: tl.constexpr, BLOCK_M: tl.constexpr,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    seq_q, group, num_qb, num_kb, eps,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HC: tl.constexpr, FEAT: tl.constexpr, LIN_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
 ):
-    """Grid (query blocks, query heads, batch). DOL, OL, DQL (B, Hq, Mq * BLOCK_M, D) fp32
-    contiguous; DH (B, Hq, Mq, D, D), DZ (B, Hq, Mq, D) fp32; the rest as sla_fwd_kernel."""
+    """Grid (query tiles, query heads, batch). DN (B, Hq, Sq, D) fp32 contiguous holds G = dO W
+    on entry and dN on exit (each program rewrites only its own rows); DD (B, Hq, Sq) fp32; DQ (q's dtype and strides, the critical branch's dq) gets
+    dphi(q)'s vjp added. H..IDX as sla_fwd_kernel. Rows whose block has no marginal key, or
+    whose denominator is 0, give dN = dd = 0 (their O_l is 0, whatever the states)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -52,110 +69,235 @@ def sla_linear_dq_kernel(
     offs_i = tl.arange(0, BLOCK_M)
     offs_m = pid_m * BLOCK_M + offs_i
     offs_d = tl.arange(0, D_PAD)
+    offs_c = tl.arange(0, HC)
     m_ok = offs_m < seq_q
     d_ok = offs_d < HEAD_DIM
     tile_mask = m_ok[:, None] & d_ok[None, :]
-    row_id = (b64 * heads + h64) * tl.num_programs(0) + pid_m
+    row_id = (b64 * heads + h64) * num_qb + (pid_m * BLOCK_M) // MASK_M
     kv_slab = b64 * (heads // group) + h // group
+    h_slab = H + kv_slab * num_kb * HEAD_DIM * HEAD_DIM
+    z_slab = Z + kv_slab * num_kb * HEAD_DIM
+    ht_slab = H_TOT + kv_slab * HEAD_DIM * HEAD_DIM
+    zt_slab = Z_TOT + kv_slab * HEAD_DIM
+    n_crit = tl.load(N_CRIT + row_id)
     n_marg = tl.load(N_MARG + row_id)
-    b_h, b_z = marginal_sum(H + kv_slab * num_kb * HEAD_DIM * HEAD_DIM, Z + kv_slab * num_kb * HEAD_DIM,
-                            H_TOT + kv_slab * HEAD_DIM * HEAD_DIM, Z_TOT + kv_slab * HEAD_DIM,
-                            IDX + row_id * num_kb, tl.load(N_CRIT + row_id), n_marg, num_kb,
-                            offs_d, offs_d, d_ok, d_ok, HEAD_DIM, HEAD_DIM)
+    idx_row = IDX + row_id * num_kb
     x = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=tile_mask, other=0.0).to(tl.float32)
     phi_q = feature_map(x, m_ok, d_ok, FEAT)
+    rows = (b64 * heads + h64) * seq_q + offs_m
+    dn_rows = DN + rows[:, None] * HEAD_DIM
+    # t = G H^T, summed over H's column chunks (dn = G / den is a per-row scaling of G)
+    t = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    b_z = tl.zeros([D_PAD], dtype=tl.float32)
+    for c0 in tl.static_range(0, D_PAD, HC):
+        b_h, b_z = marginal_columns(h_slab, z_slab, ht_slab, zt_slab, idx_row, n_crit, n_marg, num_kb, c0, offs_d,
+                                    offs_c, d_ok, HEAD_DIM)
+        cols = c0 + offs_c
+        g_c = tl.load(dn_rows + cols[None, :], mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+        t = tl.dot(g_c, tl.trans(b_h), t, input_precision=LIN_PREC)
     den = tl.sum(phi_q * b_z[None, :], 1) + eps
-    # a block with no marginal key feeds no key block: its dH (~ 1 / eps) must not enter the
+    # a block with no marginal key feeds no key block: its dN (~ 1 / eps) must not enter the
     # column totals, where the pre-aggregation would subtract it again (catastrophic cancellation)
     zero = (den == 0.0) | (n_marg == 0)
-    den_safe = tl.where(zero, 1.0, den)
-    tile = row_id * BLOCK_M * HEAD_DIM + offs_i[:, None] * HEAD_DIM + offs_d[None, :]
-    g = tl.load(DOL + tile, mask=tile_mask, other=0.0)
-    o_l = tl.load(OL + tile, mask=tile_mask, other=0.0)
-    dn = tl.where(zero[:, None], 0.0, g / den_safe[:, None])
-    dd = tl.where(zero, 0.0, -tl.sum(g * o_l, 1) / den_safe)
-    dphi = tl.dot(dn, tl.trans(b_h), input_precision="tf32x3") + dd[:, None] * b_z[None, :]
-    tl.store(DQL + tile, feature_map_vjp(x, phi_q, dphi, FEAT), mask=tile_mask)
-    dh = tl.dot(tl.trans(phi_q), dn, input_precision="tf32x3")
-    hz = offs_d[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DH + row_id * HEAD_DIM * HEAD_DIM + hz, dh, mask=d_ok[:, None] & d_ok[None, :])
-    tl.store(DZ + row_id * HEAD_DIM + offs_d, tl.sum(phi_q * dd[:, None], 0), mask=d_ok)
+    inv = tl.where(zero, 0.0, 1.0 / tl.where(zero, 1.0, den))
+    t = t * inv[:, None]
+    dd = -tl.sum(phi_q * t, 1) * inv
+    dphi = t + dd[:, None] * b_z[None, :]
+    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    dq = tl.load(dq_ptrs, mask=tile_mask, other=0.0).to(tl.float32) + feature_map_vjp(x, phi_q, dphi, FEAT)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=tile_mask)
+    tl.store(DD + rows, dd, mask=m_ok)
+    for c0 in tl.static_range(0, D_PAD, HC):
+        cols = c0 + offs_c
+        c_mask = m_ok[:, None] & (cols < HEAD_DIM)[None, :]
+        g_c = tl.load(dn_rows + cols[None, :], mask=c_mask, other=0.0)
+        tl.store(dn_rows + cols[None, :], g_c * inv[:, None], mask=c_mask)
 
 
-@triton.jit(do_not_specialize=["seq_k"])
+@triton.jit
+def phi_rows(Q, q_rows, offs_d, rows_ok, d_ok, FEAT: tl.constexpr):
+    x = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+    return feature_map(x.to(tl.float32), rows_ok, d_ok, FEAT)
+
+
+@triton.jit(do_not_specialize=["seq_q"])
+def sla_linear_total_kernel(
+    Q, DN, DD, DH_PART, DZ_PART,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    seq_q, num_qb,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HC: tl.constexpr, FEAT: tl.constexpr, LIN_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
+):
+    """Grid (splits, query heads, batch): split s sums phi(Q)^T dN (columns in chunks of HC) and
+    phi(Q)^T dd over the query tiles s, s + splits, ... into DH_PART (B, Hq, splits, D, D) and
+    DZ_PART (B, Hq, splits, D)."""
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    splits = tl.num_programs(0)
+    heads = tl.num_programs(1)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_c = tl.arange(0, HC)
+    d_ok = offs_d < HEAD_DIM
+    q_head = Q + b64 * stride_qb + h64 * stride_qh
+    row0 = (b64 * heads + h64) * seq_q
+    part = (b64 * heads + h64) * splits + s
+    n_tiles = tl.cdiv(seq_q, BLOCK_M)
+    dz = tl.zeros([D_PAD], dtype=tl.float32)
+    for c0 in tl.static_range(0, D_PAD, HC):
+        cols = c0 + offs_c
+        c_ok = cols < HEAD_DIM
+        dh = tl.zeros([D_PAD, HC], dtype=tl.float32)
+        for tile in range(s, n_tiles, splits):
+            offs_m = tile * BLOCK_M + offs_i
+            m_ok = offs_m < seq_q
+            phi_q = phi_rows(q_head, offs_m * stride_qm, offs_d * stride_qd, m_ok, d_ok, FEAT)
+            b_dn = tl.load(DN + (row0 + offs_m)[:, None] * HEAD_DIM + cols[None, :],
+                           mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+            dh = tl.dot(tl.trans(phi_q), b_dn, dh, input_precision=LIN_PREC)
+            if c0 == 0:
+                dz += tl.sum(phi_q * tl.load(DD + row0 + offs_m, mask=m_ok, other=0.0)[:, None], 0)
+        tl.store(DH_PART + part * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + cols[None, :], dh,
+                 mask=d_ok[:, None] & c_ok[None, :])
+    tl.store(DZ_PART + part * HEAD_DIM + offs_d, dz, mask=d_ok)
+
+
+@triton.jit
+def _fold_query_blocks(dh, dz, DN, DD, col, first, last, sign, q_head, row0, stride_qm, stride_qd, offs_i,
+                       offs_d, cols, d_ok, c_ok, seq_q, HEAD_DIM: tl.constexpr, FEAT: tl.constexpr,
+                       LIN_PREC: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, WITH_Z: tl.constexpr):
+    """dh += sign * sum of phi(Q_i)^T dN_i[:, cols] (with WITH_Z, dz += sign * phi(Q_i)^T dd_i)
+    over the listed query blocks col[first:last], each as MASK_M / BLOCK_M tiles."""
+    SUB: tl.constexpr = MASK_M // BLOCK_M
+    for it in range(first * SUB, last * SUB):
+        offs_m = tl.load(col + it // SUB) * MASK_M + (it % SUB) * BLOCK_M + offs_i
+        m_ok = offs_m < seq_q
+        phi_q = phi_rows(q_head, offs_m * stride_qm, offs_d * stride_qd, m_ok, d_ok, FEAT)
+        b_dn = tl.load(DN + (row0 + offs_m)[:, None] * HEAD_DIM + cols[None, :],
+                       mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        dh = tl.dot(tl.trans(phi_q), b_dn * sign, dh, input_precision=LIN_PREC)
+        if WITH_Z:
+            dz += sign * tl.sum(phi_q * tl.load(DD + row0 + offs_m, mask=m_ok, other=0.0)[:, None], 0)
+    return dh, dz
+
+
+@triton.jit(do_not_specialize=["seq_q", "seq_k"])
 def sla_linear_dkdv_kernel(
-    K, V, DH, DZ, DH_TOT, DZ_TOT, NC_CRIT, NC_MARG, IDXC, DKL, DVL,
+    Q, K, V, DN, DD, DH_TOT, DZ_TOT, NC_CRIT, NC_MARG, IDXC, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    seq_k, group, num_qb,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, FEAT: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    seq_q, seq_k, group, num_qb, num_kb,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HC: tl.constexpr, FEAT: tl.constexpr, LIN_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr,
 ):
-    """Grid (key blocks, kv heads, batch). DH, DZ per (query head, query block) from the dq
-    kernel, DH_TOT, DZ_TOT their sums over query blocks; NC_*, IDXC the column form (B, Hq, Mk[, Mq]);
-    DKL, DVL (B, Hkv, Mk * BLOCK_N, D) fp32 contiguous."""
+    """Grid (key tiles, kv heads, batch); a tile is BLOCK_N keys of mask column start_n // MASK_N.
+    DN, DD from sla_linear_dq_kernel; DH_TOT (B, Hq, D, D), DZ_TOT (B, Hq, D) their per-head
+    totals; NC_*, IDXC the column form (B, Hq, Mk[, Mq]); DK, DV (k's / v's dtype and strides,
+    the critical branch's dk, dv) get the linear branch's gradients added."""
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
     kv_heads = tl.num_programs(1)
-    num_kb = tl.num_programs(0)
     b64 = b.to(tl.int64)
     kvh64 = kvh.to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    mask_col = start_n // MASK_N
     offs_j = tl.arange(0, BLOCK_N)
-    offs_n = pid_n * BLOCK_N + offs_j
+    offs_n = start_n + offs_j
+    offs_i = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
+    offs_c = tl.arange(0, HC)
     n_ok = offs_n < seq_k
     d_ok = offs_d < HEAD_DIM
     tile_mask = n_ok[:, None] & d_ok[None, :]
-    dh = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+    k_ptrs = K + b64 * stride_kb + kvh64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_rows = V + b64 * stride_vb + kvh64 * stride_vh + offs_n[:, None] * stride_vn
+    dv_rows = DV + b64 * stride_dvb + kvh64 * stride_dvh + offs_n[:, None] * stride_dvn
+    dphi = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dz = tl.zeros([D_PAD], dtype=tl.float32)
-    for g in range(0, group):
-        slab = b64 * kv_heads * group + kvh64 * group + g  # (batch, query head)
-        col_id = slab * num_kb + pid_n
-        dh_g, dz_g = marginal_sum(DH + slab * num_qb * HEAD_DIM * HEAD_DIM, DZ + slab * num_qb * HEAD_DIM,
-                                  DH_TOT + slab * HEAD_DIM * HEAD_DIM, DZ_TOT + slab * HEAD_DIM,
-                                  IDXC + col_id * num_qb, tl.load(NC_CRIT + col_id), tl.load(NC_MARG + col_id),
-                                  num_qb, offs_d, offs_d, d_ok, d_ok, HEAD_DIM, HEAD_DIM)
-        dh += dh_g
-        dz += dz_g
-    x = tl.load(K + b64 * stride_kb + kvh64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=tile_mask, other=0.0).to(tl.float32)
-    b_v = tl.load(V + b64 * stride_vb + kvh64 * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                  mask=tile_mask, other=0.0).to(tl.float32)
+    for c0 in tl.static_range(0, D_PAD, HC):
+        cols = c0 + offs_c
+        c_ok = cols < HEAD_DIM
+        dh = tl.zeros([D_PAD, HC], dtype=tl.float32)
+        for g in range(0, group):
+            slab = (b64 * kv_heads + kvh64) * group + g  # (batch, query head)
+            col_id = slab * num_kb + mask_col
+            n_crit = tl.load(NC_CRIT + col_id)
+            n_marg = tl.load(NC_MARG + col_id)
+            col = IDXC + col_id * num_qb
+            q_head = Q + b64 * stride_qb + (slab - b64 * kv_heads * group) * stride_qh
+            row0 = slab * seq_q
+            # direct: + over [n_crit, n_crit + n_marg); by total: - over [0, n_crit) and the rest
+            use_total = 2 * n_marg > num_qb
+            first_lo = tl.where(use_total, 0, n_crit)
+            first_hi = tl.where(use_total, n_crit, n_crit + n_marg)
+            second_hi = tl.where(use_total, num_qb, n_crit + n_marg)
+            sign = tl.where(use_total, -1.0, 1.0)
+            with_tot = (1.0 - sign) * 0.5
+            dh += with_tot * tl.load(DH_TOT + slab * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + cols[None, :],
+                                     mask=d_ok[:, None] & c_ok[None, :], other=0.0)
+            if c0 == 0:
+                dz += with_tot * tl.load(DZ_TOT + slab * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+            dh, dz = _fold_query_blocks(dh, dz, DN, DD, col, first_lo, first_hi, sign, q_head, row0, stride_qm,
+                                        stride_qd, offs_i, offs_d, cols, d_ok, c_ok, seq_q, HEAD_DIM, FEAT, LIN_PREC,
+                                        BLOCK_M, MASK_M, c0 == 0)
+            dh, dz = _fold_query_blocks(dh, dz, DN, DD, col, n_crit + n_marg, second_hi, -1.0, q_head, row0,
+                                        stride_qm, stride_qd, offs_i, offs_d, cols, d_ok, c_ok, seq_q, HEAD_DIM, FEAT,
+                                        LIN_PREC, BLOCK_M, MASK_M, c0 == 0)
+        # dV[:, cols] = phi(K_j) dh[:, cols];  dphi(K_j) += V_j[:, cols] dh[:, cols]^T
+        c_mask = n_ok[:, None] & c_ok[None, :]
+        dv_ptrs = dv_rows + cols[None, :] * stride_dvd
+        dv = tl.load(dv_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+        # phi(K_j) is re-formed where it is used, not held through the loops above
+        phi_k = feature_map(tl.load(k_ptrs, mask=tile_mask, other=0.0).to(tl.float32), n_ok, d_ok, FEAT)
+        dv = tl.dot(phi_k, dh, dv, input_precision=LIN_PREC)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=c_mask)
+        b_v = tl.load(v_rows + cols[None, :] * stride_vd, mask=c_mask, other=0.0).to(tl.float32)
+        dphi = tl.dot(b_v, tl.trans(dh), dphi, input_precision=LIN_PREC)
+    dphi = tl.where(n_ok[:, None], dphi + dz[None, :], 0.0)
+    x = tl.load(k_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
     phi_k = feature_map(x, n_ok, d_ok, FEAT)
-    tile = ((b64 * kv_heads + kvh64) * num_kb + pid_n) * BLOCK_N * HEAD_DIM + offs_j[:, None] * HEAD_DIM \
-        + offs_d[None, :]
-    tl.store(DVL + tile, tl.dot(phi_k, dh, input_precision="tf32x3"), mask=tile_mask)
-    dphi = tl.dot(b_v, tl.trans(dh), input_precision="tf32x3") + dz[None, :]
-    dphi = tl.where(n_ok[:, None], dphi, 0.0)
-    tl.store(DKL + tile, feature_map_vjp(x, phi_k, dphi, FEAT), mask=tile_mask)
+    dk_ptrs = DK + b64 * stride_dkb + kvh64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dk = tl.load(dk_ptrs, mask=tile_mask, other=0.0).to(tl.float32) + feature_map_vjp(x, phi_k, dphi, FEAT)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=tile_mask)
 
 
-def _warps(d_pad: int) -> int:
-    import os
-
-    return 1 if os.environ.get("TRITON_INTERPRET") == "1" else (8 if d_pad >= 128 else 4)
-
-
-def sla_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dol: torch.Tensor, o_l: torch.Tensor,
-                   h: torch.Tensor, z: torch.Tensor, rows: BlockIndex, cols: BlockIndex, *,
-                   block_size: tuple[int, int], feature: str):
-    """(dq, dk, dv) of the linear branch, fp32 (bhsd, padded to whole blocks along seq), from
-    dol = dO_l and o_l (B, Hq, Mq * bq, D) fp32 contiguous and the forward's key-block states."""
+def sla_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
+                   z: torch.Tensor, rows: BlockIndex, cols: BlockIndex, dq: torch.Tensor, dk: torch.Tensor,
+                   dv: torch.Tensor, *, block_size: tuple[int, int], feature: str) -> None:
+    """Add the linear branch's gradients to dq, dk, dv (bhsd views of q/k/v's dtype, holding the
+    critical branch's). g = dO W (B, Hq, Sq, D) fp32 contiguous is overwritten with dN.
+    h, z: the forward's key-block states. Allocates (bytes, fp32) 4 * B * Hq * Sq for dd,
+    4 * B * Hq * (TOTAL_SPLITS + 1) * (D * D + D) for the totals, and h, z's sums over blocks."""
     batch, heads_q, seq_q, d = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     bm, bn = block_size
     mq, mk = rows.idx.shape[2], rows.idx.shape[3]
-    dql = torch.empty(batch, heads_q, mq * bm, d, dtype=torch.float32, device=q.device)
-    dh = torch.empty(batch, heads_q, mq, d, d, dtype=torch.float32, device=q.device)
-    dz = torch.empty(batch, heads_q, mq, d, dtype=torch.float32, device=q.device)
-    common = dict(HEAD_DIM=d, D_PAD=padded(d), FEAT=FEATURE_IDS[feature], num_warps=_warps(padded(d)))
-    sla_linear_dq_kernel[(mq, heads_q, batch)](
-        q, dol, o_l, h, z, h.sum(2), z.sum(2), rows.n_crit, rows.n_marg, rows.idx, dql, dh, dz,
-        *q.stride(), seq_q, heads_q // heads_kv, mk, LINEAR_EPS, BLOCK_M=bm, **common)
-    dkl = torch.empty(batch, heads_kv, mk * bn, d, dtype=torch.float32, device=q.device)
-    dvl = torch.empty_like(dkl)
-    sla_linear_dkdv_kernel[(mk, heads_kv, batch)](
-        k, v, dh, dz, dh.sum(2), dz.sum(2), cols.n_crit, cols.n_marg, cols.idx, dkl, dvl,
-        *k.stride(), *v.stride(), seq_k, heads_q // heads_kv, mq, BLOCK_N=bn, **common)
-    return dql, dkl, dvl
+    d_pad = padded(d)
+    common = dict(HEAD_DIM=d, D_PAD=d_pad, HC=state_chunk(d_pad), FEAT=FEATURE_IDS[feature],
+                  LIN_PREC=state_precision(q.dtype), MASK_M=bm)
+    dd = torch.empty(batch, heads_q, seq_q, dtype=torch.float32, device=q.device)
+    tile = launch_config(bm, bn, d, "linear", q.element_size())
+    sla_linear_dq_kernel[(triton.cdiv(seq_q, tile.block_m), heads_q, batch)](
+        q, g, dd, h, z, h.sum(2), z.sum(2), rows.n_crit, rows.n_marg, rows.idx, dq, *q.stride(), *dq.stride(),
+        seq_q, heads_q // heads_kv, mq, mk, LINEAR_EPS, BLOCK_M=tile.block_m,
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **common)
+    splits = min(TOTAL_SPLITS, triton.cdiv(seq_q, tile.block_m))
+    dh_part = torch.empty(batch, heads_q, splits, d, d, dtype=torch.float32, device=q.device)
+    dz_part = torch.empty(batch, heads_q, splits, d, dtype=torch.float32, device=q.device)
+    sla_linear_total_kernel[(splits, heads_q, batch)](
+        q, g, dd, dh_part, dz_part, *q.stride(), seq_q, mq, BLOCK_M=tile.block_m,
+        num_warps=tile.num_warps, num_stages=tile.num_stages, **common)
+    tile_k = launch_config(bm, bn, d, "linear_k", q.element_size())
+    sla_linear_dkdv_kernel[(triton.cdiv(seq_k, tile_k.block_n), heads_kv, batch)](
+        q, k, v, g, dd, dh_part.sum(2), dz_part.sum(2), cols.n_crit, cols.n_marg, cols.idx, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),
+        seq_q, seq_k, heads_q // heads_kv, mq, mk, BLOCK_M=tile_k.block_m, BLOCK_N=tile_k.block_n, MASK_N=bn,
+        num_warps=tile_k.num_warps, num_stages=tile_k.num_stages, **common)

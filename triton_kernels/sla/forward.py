@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..block_sparse.configs import launch_config
-from ..block_sparse.forward import count_listed_below
+from ..block_sparse.forward import attend_listed, count_listed_below
 from ..flash.common import LOG2E, attend_key_block, dot_precision, load_tile, query_key_range, store_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
 from .classify import BlockIndex, padded
@@ -56,31 +56,38 @@ def marginal_sum(H, Z, H_TOT, Z_TOT, idx_row, n_crit, n_marg, n_all, offs_d, off
 
 
 @triton.jit
-def linear_rows(phi_q, b_h, b_z, eps, PREC_F32: tl.constexpr):
-    """(O_l, denominator with 1 where it is 0): phi(q) H / (phi(q) . z + eps), 0 on zero rows."""
-    num = tl.dot(phi_q, b_h, input_precision=PREC_F32)
-    den = tl.sum(phi_q * b_z[None, :], 1) + eps
-    den_safe = tl.where(den == 0.0, 1.0, den)
-    return tl.where(den[:, None] == 0.0, 0.0, num / den_safe[:, None]), den_safe
+def marginal_columns(H, Z, H_TOT, Z_TOT, idx_row, n_crit, n_marg, n_all, c0, offs_d, offs_c, d_ok,
+                     HEAD_DIM: tl.constexpr):
+    """Columns c0 + offs_c of a row's marginal state H_i (D x HC) and its Z_i (D), fp32: the
+    D x D state is formed one column chunk at a time, which bounds its registers and the shared
+    memory of the dots that read it."""
+    cols = c0 + offs_c
+    return marginal_sum(H, Z, H_TOT, Z_TOT, idx_row, n_crit, n_marg, n_all, offs_d, cols, d_ok, cols < HEAD_DIM,
+                        HEAD_DIM, HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=["seq_q", "seq_k"])
 def sla_fwd_kernel(
-    Q, K, V, OS, OL, LSE, H, Z, H_TOT, Z_TOT, N_CRIT, N_MARG, IDX,
+    Q, K, V, OS, OL, LSE, DO, DELTA, H, Z, H_TOT, Z_TOT, N_CRIT, N_MARG, IDX,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm,
-    seq_q, seq_k, group, num_kb, qk_scale, eps,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, FEAT: tl.constexpr, CAUSAL: tl.constexpr,
-    LINEAR: tl.constexpr, STORE_LSE: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr,
+    seq_q, seq_k, group, num_qb, num_kb, qk_scale, eps,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HC: tl.constexpr, FEAT: tl.constexpr, CAUSAL: tl.constexpr,
+    LINEAR: tl.constexpr, STORE_LSE: tl.constexpr, WITH_DELTA: tl.constexpr, PREC: tl.constexpr,
+    LIN_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr,
+    MASK_N: tl.constexpr, SLOTS: tl.constexpr,
 ):
-    """Grid (query blocks, query heads, batch). OS: the sparse output (any float dtype, bhsd
-    strides); OL (B, Hq, Sq, Dv) fp32 contiguous, written with LINEAR; LSE (B, Hq, Sq) fp32 with
-    STORE_LSE. H, Z (B, Hkv, Mk, D[, Dv]) and H_TOT, Z_TOT (B, Hkv, D[, Dv]) fp32 contiguous;
-    N_CRIT, N_MARG (B, Hq, Mq), IDX (B, Hq, Mq, Mk) int32 contiguous (classify.class_index)."""
+    """Grid (query tiles, query heads, batch); a tile is BLOCK_M rows of mask row
+    start_m // MASK_M. OS: the sparse output (any float dtype, bhsd strides), written unless
+    WITH_DELTA, which instead writes DELTA = rowsum(DO * O_s) (B, Hq, Sq) fp32 (LSE's strides)
+    from the fp32 O_s (the backward's recompute: O_s is never stored). OL (B, Hq, Sq, D) fp32
+    contiguous, written with LINEAR; LSE (B, Hq, Sq) fp32 with STORE_LSE. H, Z
+    (B, Hkv, Mk, D[, D]) and H_TOT, Z_TOT (B, Hkv, D[, D]) fp32 contiguous; N_CRIT, N_MARG
+    (B, Hq, Mq), IDX (B, Hq, Mq, Mk) int32 contiguous (classify.class_index)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -96,7 +103,7 @@ def sla_fwd_kernel(
     m_ok = offs_m < seq_q
     d_ok = offs_d < HEAD_DIM
     CHECK_D: tl.constexpr = D_PAD != HEAD_DIM
-    row_id = (b64 * heads + h64) * tl.num_programs(0) + pid_m
+    row_id = (b64 * heads + h64) * num_qb + start_m // MASK_M
     idx_row = IDX + row_id * num_kb
     n_crit = tl.load(N_CRIT + row_id)
 
@@ -106,13 +113,22 @@ def sla_fwd_kernel(
     if LINEAR:
         n_marg = tl.load(N_MARG + row_id)
         kv_slab = b64 * (heads // group) + kvh64
-        b_h, b_z = marginal_sum(H + kv_slab * num_kb * HEAD_DIM * HEAD_DIM, Z + kv_slab * num_kb * HEAD_DIM,
-                                H_TOT + kv_slab * HEAD_DIM * HEAD_DIM, Z_TOT + kv_slab * HEAD_DIM,
-                                idx_row, n_crit, n_marg, num_kb, offs_d, offs_d, d_ok, d_ok, HEAD_DIM, HEAD_DIM)
+        h_slab = H + kv_slab * num_kb * HEAD_DIM * HEAD_DIM
+        z_slab = Z + kv_slab * num_kb * HEAD_DIM
+        ht_slab = H_TOT + kv_slab * HEAD_DIM * HEAD_DIM
+        zt_slab = Z_TOT + kv_slab * HEAD_DIM
         phi_q = feature_map(b_q.to(tl.float32), m_ok, d_ok, FEAT)
-        o_l, _ = linear_rows(phi_q, b_h, b_z, eps, "tf32x3")
-        tl.store(OL + row_id * BLOCK_M * HEAD_DIM + offs_i[:, None] * HEAD_DIM + offs_d[None, :], o_l,
-                 mask=m_ok[:, None] & d_ok[None, :])
+        offs_c = tl.arange(0, HC)
+        ol_rows = OL + ((b64 * heads + h64) * seq_q + offs_m[:, None]) * HEAD_DIM
+        for c0 in tl.static_range(0, D_PAD, HC):
+            b_h, b_z = marginal_columns(h_slab, z_slab, ht_slab, zt_slab, idx_row, n_crit, n_marg, num_kb, c0,
+                                        offs_d, offs_c, d_ok, HEAD_DIM)
+            num = tl.dot(phi_q, b_h, input_precision=LIN_PREC)
+            den = tl.sum(phi_q * b_z[None, :], 1) + eps
+            den_safe = tl.where(den == 0.0, 1.0, den)
+            o_l = tl.where(den[:, None] == 0.0, 0.0, num / den_safe[:, None])
+            cols = c0 + offs_c
+            tl.store(ol_rows + cols[None, :], o_l, mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :])
 
     # critical blocks: block_sparse's main loop over the list's first n_crit entries
     k_base = K + b64 * stride_kb + kvh64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
@@ -121,60 +137,80 @@ def sla_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     diag = seq_k - seq_q
-    full_end, hi = query_key_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
-    n_full = count_listed_below(idx_row, n_crit, full_end, BLOCK_N, SLOTS)
-    n_vis = count_listed_below(idx_row, n_crit, hi, BLOCK_N, SLOTS)
-    for i in range(0, n_full):
-        start_n = tl.load(idx_row + i) * BLOCK_N
-        off_k = start_n.to(tl.int64)
-        acc, l_i, m_i = attend_key_block(acc, l_i, m_i, b_q, k_base + off_k * stride_kn, v_base + off_k * stride_vn,
-                                         offs_m, start_n + offs_n, d_ok, seq_k, diag, qk_scale,
-                                         CHECK_D, False, CAUSAL, PREC)
-    for i in range(n_full, n_vis):
-        start_n = tl.load(idx_row + i) * BLOCK_N
-        off_k = start_n.to(tl.int64)
-        acc, l_i, m_i = attend_key_block(acc, l_i, m_i, b_q, k_base + off_k * stride_kn, v_base + off_k * stride_vn,
-                                         offs_m, start_n + offs_n, d_ok, seq_k, diag, qk_scale,
-                                         CHECK_D, True, CAUSAL, PREC)
+    full_end, hi = query_key_range(start_m, seq_q, seq_k, BLOCK_M, MASK_N, CAUSAL)
+    n_full = count_listed_below(idx_row, n_crit, full_end, MASK_N, SLOTS)
+    n_vis = count_listed_below(idx_row, n_crit, hi, MASK_N, SLOTS)
+    acc, l_i, m_i = attend_listed(acc, l_i, m_i, b_q, idx_row, 0, n_full, k_base, v_base, stride_kn, stride_vn,
+                                  offs_m, offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, False, CAUSAL, PREC, BLOCK_N,
+                                  MASK_N)
+    acc, l_i, m_i = attend_listed(acc, l_i, m_i, b_q, idx_row, n_full, n_vis, k_base, v_base, stride_kn, stride_vn,
+                                  offs_m, offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, True, CAUSAL, PREC, BLOCK_N,
+                                  MASK_N)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    o_ptrs = (OS + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
-    store_tile(o_ptrs, (acc / l_safe[:, None]).to(OS.dtype.element_ty), m_ok, d_ok, CHECK_D)
+    o_s = acc / l_safe[:, None]
+    lse_off = b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm
+    if WITH_DELTA:
+        b_do = load_tile(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
+                         + offs_d[None, :] * stride_dod, m_ok, d_ok, True, CHECK_D)
+        tl.store(DELTA + lse_off, tl.sum(b_do.to(tl.float32) * o_s, 1), mask=m_ok)
+    else:
+        o_ptrs = (OS + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od)
+        store_tile(o_ptrs, o_s.to(OS.dtype.element_ty), m_ok, d_ok, CHECK_D)
     if STORE_LSE:
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-        tl.store(LSE + b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm, lse, mask=m_ok)
+        tl.store(LSE + lse_off, lse, mask=m_ok)
 
 
 def slots(num_kb: int) -> int:
     return max(16, triton.next_power_of_2(num_kb))
 
 
-def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: torch.Tensor, index: BlockIndex, *,
-            block_size: tuple[int, int], causal: bool, scale: float, feature: str,
+def state_chunk(d_pad: int) -> int:
+    """Columns of the D x D state a kernel holds at once."""
+    return min(d_pad, 64)
+
+
+def state_precision(dtype: torch.dtype) -> str:
+    # the fp32 states meet phi(Q) in fp32: tf32 (10-bit mantissa) is finer than fp16/bf16 inputs,
+    # fp32 inputs keep fp32 accuracy with tf32x3
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optional[torch.Tensor], index: BlockIndex,
+            *, block_size: tuple[int, int], causal: bool, scale: float, feature: str,
             h: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
-            lse: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """Launch the fused forward on bhsd views (unit last stride). Writes out_sparse (and lse
-    (B, Hq, Sq) fp32 when given); with the key-block states h, z (the linear branch) returns O_l
-    (B, Hq, Mq * bq, Dv) fp32, whose first Sq rows are the linear output, else None."""
+            lse: Optional[torch.Tensor] = None, dout: Optional[torch.Tensor] = None,
+            delta: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Launch the fused forward on bhsd views (unit last stride). Writes out_sparse, or with dout
+    and delta (the backward's recompute) delta = rowsum(dout * O_s) instead; lse (B, Hq, Sq) fp32
+    when given. With the key-block states h, z (the linear branch) returns O_l (B, Hq, Sq, D)
+    fp32, else None."""
     batch, heads_q, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     bm, bn = block_size
     mq, mk = index.idx.shape[2], index.idx.shape[3]
     linear = h is not None
-    o_l = torch.empty(batch, heads_q, mq * bm, head_dim, dtype=torch.float32, device=q.device) if linear else None
+    o_l = torch.empty(batch, heads_q, seq_q, head_dim, dtype=torch.float32, device=q.device) if linear else None
     if batch == 0 or heads_q == 0 or seq_q == 0:
         return o_l
     h_tot, z_tot = (h.sum(2), z.sum(2)) if linear else (None, None)
-    dummy = out_sparse
-    warps, stages = launch_config(bm, bn, head_dim, "fwd")
-    sla_fwd_kernel[(mq, heads_q, batch)](
-        q, k, v, out_sparse, o_l if linear else dummy, lse if lse is not None else dummy,
+    with_delta = delta is not None
+    dummy = q
+    stats = lse if lse is not None else delta
+    tile = launch_config(bm, bn, head_dim, "sla_fwd", q.element_size())
+    d_pad = padded(head_dim)
+    sla_fwd_kernel[(triton.cdiv(seq_q, tile.block_m), heads_q, batch)](
+        q, k, v, dummy if with_delta else out_sparse, o_l if linear else dummy, lse if lse is not None else dummy,
+        dout if with_delta else dummy, delta if with_delta else dummy,
         h if linear else dummy, z if linear else dummy, h_tot if linear else dummy, z_tot if linear else dummy,
         index.n_crit, index.n_marg, index.idx,
-        *q.stride(), *k.stride(), *v.stride(), *out_sparse.stride(),
-        *(lse.stride() if lse is not None else (0, 0, 0)),
-        seq_q, seq_k, heads_q // k.shape[1], mk, scale * LOG2E, LINEAR_EPS,
-        HEAD_DIM=head_dim, D_PAD=padded(head_dim), FEAT=FEATURE_IDS[feature], CAUSAL=causal, LINEAR=linear,
-        STORE_LSE=lse is not None, PREC=dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, SLOTS=slots(mk),
-        num_warps=warps, num_stages=stages)
+        *q.stride(), *k.stride(), *v.stride(), *(q.stride() if with_delta else out_sparse.stride()),
+        *(dout.stride() if with_delta else q.stride()),
+        *(stats.stride() if stats is not None else (0, 0, 0)),
+        seq_q, seq_k, heads_q // k.shape[1], mq, mk, scale * LOG2E, LINEAR_EPS,
+        HEAD_DIM=head_dim, D_PAD=d_pad, HC=state_chunk(d_pad), FEAT=FEATURE_IDS[feature], CAUSAL=causal,
+        LINEAR=linear, STORE_LSE=lse is not None, WITH_DELTA=with_delta, PREC=dot_precision(q.dtype),
+        LIN_PREC=state_precision(q.dtype), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, MASK_M=bm, MASK_N=bn,
+        SLOTS=slots(mk), num_warps=tile.num_warps, num_stages=tile.num_stages)
     return o_l
