@@ -149,11 +149,119 @@ def test_launchers_write_every_element():
     for causal in (False, True):
         out = poison_(torch.empty(1, 4, 37, 24))
         if causal:
-            kernels.causal(q, k, v, out, "elu", offset=21 - 37, normalize=True, eps=1e-6)
+            kernels.causal(q, k, v, out, "elu", offset=21 - 37, eps=1e-6)
         else:
             s, z = kernels.state(k, v, "elu")
             kernels.apply(q, s, z, out, "elu", 1e-6)
         assert torch.isfinite(out).all()
+
+
+# ---- the chunk-parallel causal pipeline ------------------------------------------------------
+def _causal_grads(q, k, v, feature, eps=1e-6, span=None):
+    """Forward and gradients through the launchers (kernels.causal / causal_bwd) with a given span."""
+    from attnlib.triton_kernels.linear import kernels
+
+    offset = k.shape[2] - q.shape[2]
+    out = kernels.causal(q, k, v, torch.empty(*q.shape[:3], v.shape[3], dtype=q.dtype), feature, offset=offset,
+                         eps=eps, span=span)
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    kernels.causal_bwd(dout, q, k, v, out, dq, dk, dv, feature, offset=offset, eps=eps, span=span)
+    return out, dout, (dq, dk, dv)
+
+
+def _check_against_reference(q, k, v, feature, out, dout, grads, tol):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = linear_reference(*leaves, feature_map=feature, causal=True)
+    ref.backward(dout.double())
+    assert rel_rmse(out, ref) <= tol, "out"
+    for name, g, leaf in zip(("dq", "dk", "dv"), grads, leaves):
+        assert torch.isfinite(g).all(), name
+        assert rel_rmse(g, leaf.grad) <= tol, name
+
+
+# (heads_q, heads_kv, seq_q, seq_k, span): several super-chunks and a ragged last one; keys before
+# the first query's window (leading units, seq_q < seq_k), queries that see no key (seq_q > seq_k),
+# one decoding row, a span that is a single chunk
+PIPELINE = [
+    (2, 2, 100, 100, 64),
+    (4, 2, 19, 150, 32),    # offset 131: five leading key units, GQA
+    (2, 1, 150, 19, 96),    # offset -131: the first 131 rows see nothing, MQA
+    (2, 2, 1, 77, 32),      # decoding: one query row sees every key
+    (2, 2, 70, 70, 32),     # span == chunk (32 under the interpreter): the prefix carries the state
+    (2, 2, 33, 33, 4096),   # one super-chunk (no chunk states at all)
+]
+
+
+@pytest.mark.parametrize("hq,hkv,sq,sk,span", PIPELINE, ids=lambda p: str(p))
+def test_causal_pipeline_fp32(hq, hkv, sq, sk, span):
+    q, k, v = make_qkv(1, hq, sq, 32, kv_heads=hkv, seq_k=sk, head_dim_v=24, device=DEVICE, seed=sq * 7 + sk)
+    out, dout, grads = _causal_grads(q, k, v, "elu", span=span)
+    _check_against_reference(q, k, v, "elu", out, dout, grads, REL_RMSE[torch.float32])
+
+
+@pytest.mark.parametrize("feature", ["elu", "softmax"])
+def test_causal_pipeline_fp16(feature):
+    """fp16 through several super-chunks (the fp16 path multiplies its inputs in fp16)."""
+    q, k, v = make_qkv(1, 4, 83, 48, kv_heads=2, seq_k=90, dtype=torch.float16, device=DEVICE, seed=11)
+    out, dout, grads = _causal_grads(q, k, v, feature, span=32)  # three super-chunks
+    assert out.dtype == torch.float16 and all(g.dtype == torch.float16 for g in grads)
+    _check_against_reference(q, k, v, feature, out, dout, grads, REL_RMSE[torch.float16])
+
+
+@pytest.mark.parametrize("chunk", [32, 64])
+def test_causal_other_chunk_sizes(monkeypatch, chunk):
+    """The GPU configs use chunks of 32 and 64 rows (16 under the interpreter): same results."""
+    from attnlib.triton_kernels.linear import kernels
+
+    monkeypatch.setattr(kernels, "fwd_config", lambda dk_pad, dv, dtype: (16, 1, chunk))
+    monkeypatch.setattr(kernels, "dq_config", lambda dk_pad, dv_pad, dtype, feature: (dk_pad, 1, chunk))
+    monkeypatch.setattr(kernels, "dkv_config", lambda dk_pad, dv_pad, dtype, feature: (16, 16, 1, chunk))
+    q, k, v = make_qkv(1, 2, 150, 16, seq_k=170, device=DEVICE, seed=chunk)
+    out, dout, grads = _causal_grads(q, k, v, "relu", span=64)
+    _check_against_reference(q, k, v, "relu", out, dout, grads, REL_RMSE[torch.float32])
+
+
+def test_causal_span_must_hold_whole_chunks():
+    from attnlib.triton_kernels.linear import kernels
+
+    q, k, v = make_qkv(1, 1, 40, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="span"):
+        kernels.causal(q, k, v, torch.empty_like(q), "elu", offset=0, eps=1e-6, span=kernels.chunk_size() + 8)
+
+
+def test_causal_states_are_exclusive_prefixes():
+    """Entry s of causal_states is (sum phi(k_j)^T v_j, sum phi(k_j)) over keys j < s * span + offset."""
+    from attnlib.triton_kernels.linear import kernels
+
+    q, k, v = make_qkv(1, 2, 50, 16, seq_k=130, head_dim_v=8, device=DEVICE, seed=12)
+    span, offset = 32, 80
+    states = kernels.causal_states(k, v, "elu", offset=offset, seq_q=50, span=span)
+    assert states.shape == (2, 2, 16 * 8 + 16)
+    pk = feature_map_fn("elu")(k.double())
+    for s in range(2):
+        stop = s * span + offset
+        want_s = pk[0, :, :stop].transpose(-1, -2) @ v.double()[0, :, :stop]
+        want_z = pk[0, :, :stop].sum(1)
+        got = states[s].double()
+        assert torch.allclose(got[:, :128].view(2, 16, 8), want_s, rtol=1e-5, atol=1e-4)
+        assert torch.allclose(got[:, 128:], want_z, rtol=1e-5, atol=1e-4)
+
+
+def test_super_chunk_bounds_state_memory(monkeypatch):
+    """On a GPU a super-chunk holds at least MIN_SPAN rows (state memory per token bounded) and is a
+    whole number of chunks; the grid gets about four programs per SM (132 on H100), and a grid
+    that batch * heads already fills gets one super-chunk (no states at all)."""
+    from attnlib.triton_kernels.linear import kernels
+
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    dev = torch.device("cpu")  # sized as for an H100 (132 SMs)
+    assert kernels.super_chunk(32768, 16 * 4, dev) == 4096  # 8 super-chunks x 64 programs
+    assert kernels.super_chunk(32768, 1024, dev) == 32768
+    assert kernels.super_chunk(1000, 64, dev) == kernels.MIN_SPAN
+    for seq in (1, 63, 1000, 131072):
+        span = kernels.super_chunk(seq, 32, dev)
+        assert span >= kernels.MIN_SPAN and span % kernels.CHUNK == 0
 
 
 def test_bad_options_are_named():

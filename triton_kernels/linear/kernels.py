@@ -1,16 +1,37 @@
-"""Triton kernels of linear attention and their launchers. Three primitives, all fp32-accumulating:
+"""Triton kernels of linear attention and their launchers, all fp32-accumulating.
 
-* ``state``: S = sum_j phi(K_j)^T V_j (DK x DV) and z = sum_j phi(K_j), split over rows; the
-  splits are summed on the host (deterministic, no atomics).
-* ``apply``: O_i = phi(Q_i) S, divided by phi(Q_i) . z + eps when NORMALIZE.
-* ``causal``: O_i = sum_{j <= i + offset} (phi(Q_i) . phi(K_j)) V_j, over query chunks of CHUNK
-  rows: a masked quadratic inside the chunk plus a running state (S, z) across chunks (the
-  chunked form of the recurrence; fla's "chunk" algorithm), divided by the matching
-  denominator + eps when NORMALIZE.
+Non-causal (two passes): ``state`` sums S = phi(K)^T V (DK x DV) and z = sum phi(K) over row
+splits (summed on the host: deterministic, no atomics); ``apply`` writes phi(Q) S, divided by
+phi(Q) . z + eps when z is given.
 
-The forward uses them with the feature map fused into the loads; the backward composes them
-with feature-mapped / gradient tensors (FEAT = identity). Rows whose denominator is exactly 0
-(a relu row that is all zero with eps = 0, or a row that sees no key) give 0, not NaN.
+Causal, chunk-parallel (the organisation of flash-linear-attention's ``chunk`` ops): the queries
+are cut into super-chunks of ``span`` rows (a multiple of the chunk), each one program per
+(batch * head, value block), so the grid fills the GPU at any batch * heads:
+
+1. ``linear_state_kernel`` sums each key unit's (h_u, z_u), in parallel over units;
+2. ``linear_prefix_kernel`` turns them into exclusive prefixes S_s = sum_{u < s} h_u, parallel
+   over (batch * head, blocks of the flattened state);
+3. ``linear_chunk_fwd_kernel`` walks its super-chunk in chunks of CHUNK rows: phi(Q_c) S plus the
+   masked quadratic inside the chunk, then S += phi(K_c)^T V_c.
+
+The backward mirrors it: the forward prefixes again, ``linear_chunk_dq_kernel`` (dq, the row
+statistics 1/den and dd, and each super-chunk's reverse state dh_s = phi(Q_s)^T dn_s), a reverse
+prefix over dh (summed over the GQA group) and ``linear_chunk_dkv_kernel`` (dk and dv, walking
+each key unit backwards). Query i sees keys j <= i + offset (offset = Sk - Sq, bottom-right):
+super-chunk s reads keys [s * span + offset, (s + 1) * span + offset) itself and every earlier key
+through its state; keys before offset form extra leading units.
+
+State memory: one fp32 (DK * DV + DK) state per unit and per (batch, kv head), twice (chunk sums
+and prefixes), i.e. 2 * 4 * (DK * DV + DK) / span bytes per key and kv head: at hd128 with the
+smallest span (256) 516 B per token and head (one bf16 q tensor is 256 B), at seq 32k on H100
+(span 2048 for batch * heads = 16) 65 B. The backward adds the same again for dh and 8 B per
+query row (1/den and dd).
+
+Dots: fp32 inputs multiply in tf32x3 (fp32-level error). 16-bit inputs multiply feature-mapped
+inputs in their own dtype; products with an fp32 accumulation (a state, scores, dn) take bf16
+(fp32's range: fp16 would overflow long sums), as fla multiplies its states in the input dtype.
+Rows whose denominator is exactly 0 (an all-zero relu row with eps = 0, or a row that sees no key)
+give 0, not NaN, and pass no gradient.
 """
 from __future__ import annotations
 
@@ -20,6 +41,7 @@ import triton.language as tl
 
 FEATURE_IDS = {"identity": 0, "elu": 1, "relu": 2, "softmax": 3}
 CHUNK = 64  # causal chunk (issue 6): quadratic inside, state across
+MIN_SPAN = 256  # smallest causal super-chunk on a GPU: bounds the state memory (see above)
 
 
 def interpreting() -> bool:
@@ -32,10 +54,13 @@ def pad(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def precision(dtype: torch.dtype) -> str:
-    # every dot multiplies fp32 values (feature-mapped tiles, fp32 states): tf32x3 keeps fp32-level
-    # error on tensor cores (see flash/common.dot_precision)
-    return "tf32x3"
+def dot_mode(dtype: torch.dtype) -> int:
+    """How the kernels multiply (see dot_in / dot_acc): 0 fp32 inputs, tf32x3 throughout; 1 fp16,
+    inputs in fp16 and fp32 accumulations in bf16; 2 bf16 throughout; 3 fp16 under the
+    interpreter, whose bf16 dots are wrong: accumulations in fp32 there."""
+    if dtype == torch.float16:
+        return 3 if interpreting() else 1
+    return 2 if dtype == torch.bfloat16 else 0
 
 
 @triton.jit
@@ -52,14 +77,76 @@ def feature_map(x, rows_ok, cols_ok, FEAT: tl.constexpr):
     return tl.where(rows_ok[:, None] & cols_ok[None, :], x, 0.0)
 
 
-@triton.jit(do_not_specialize=["seq", "rows_per_split"])
-def linear_state_kernel(K, V, S, Z,
+@triton.jit
+def feature_map_grad(x, fx, dfx, FEAT: tl.constexpr):
+    """d/dx of sum(dfx * phi(x)) given fx = phi(x) (fp32 tiles; softmax needs whole rows)."""
+    if FEAT == 1:  # elu + 1: 1 above 0, exp(x) = phi(x) below (torch's elu backward at 0 agrees)
+        g = tl.where(x > 0, dfx, dfx * fx)
+    elif FEAT == 2:
+        g = tl.where(x > 0, dfx, 0.0)
+    elif FEAT == 3:
+        g = fx * (dfx - tl.sum(dfx * fx, 1)[:, None])
+    else:
+        g = dfx
+    return g
+
+
+@triton.jit
+def dot_in(a, b, acc, MODE: tl.constexpr):
+    """acc + a b for operands that are (feature-mapped) inputs: the input dtype's tensor cores."""
+    if MODE == 1 or MODE == 3:
+        acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+    elif MODE == 2:
+        acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    else:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+    return acc
+
+
+@triton.jit
+def dot_acc(a, b, acc, MODE: tl.constexpr):
+    """acc + a b where an operand is an fp32 accumulation (state, scores, dn): it needs fp32's
+    range (fp16 would overflow on long sequences or tiny denominators), so bf16 for 16-bit
+    inputs (fla multiplies its states in the input dtype); tf32 was tried for fp16 and spills
+    registers on sm_90 (and one variant crashes Triton's prefetch pass)."""
+    if MODE == 1 or MODE == 2:
+        acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif MODE == 3:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+    return acc
+
+
+@triton.jit
+def to_in(x, MODE: tl.constexpr):
+    """A feature-mapped tile in the dtype its dots take (fewer registers than fp32 for 16-bit inputs)."""
+    if MODE == 1 or MODE == 3:
+        x = x.to(tl.float16)
+    elif MODE == 2:
+        x = x.to(tl.bfloat16)
+    return x
+
+
+@triton.jit
+def safe_recip(den):
+    """1 / den, and 0 where den == 0 (such rows output 0 and pass no gradient)."""
+    return tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
+
+
+# ---- non-causal and chunk states --------------------------------------------------------
+@triton.jit(do_not_specialize=["seq", "first", "rows_per_split"])
+def linear_state_kernel(K, V, S, RSCALE, ZW,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd,
-                        heads, seq, rows_per_split,
+                        heads, seq, first, rows_per_split,
                         DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-                        FEAT: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """Grid (splits, batch * heads, value blocks). S: (splits, B*H, DK, DV), Z: (splits, B*H, DK) fp32."""
+                        FEAT: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr):
+    """Grid (splits, batch * heads, value blocks). Split i sums the rows
+    [first + i * rows_per_split, first + (i + 1) * rows_per_split) within [0, seq) into
+    S[i, bh] = (phi(K)^T V flattened DK x DV, then sum phi(K)), fp32 (splits, B*H, DK*DV + DK).
+    WEIGHTED (the causal backward's reverse states): row n of V is scaled by RSCALE[bh, n] and the
+    second part is sum_n ZW[bh, n] phi(K_n)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     pid_v = tl.program_id(2)
@@ -70,26 +157,31 @@ def linear_state_kernel(K, V, S, Z,
     offs_v = pid_v * BV + tl.arange(0, BV)
     k_ok = offs_k < DK
     v_ok = offs_v < DV
-    k_base = K + b64 * stride_kb + h64 * stride_kh + offs_k[None, :] * stride_kd
-    v_base = V + b64 * stride_vb + h64 * stride_vh + offs_v[None, :] * stride_vd
+    k_row = K + b64 * stride_kb + h64 * stride_kh
+    v_row = V + b64 * stride_vb + h64 * stride_vh
     s = tl.zeros([DK_PAD, BV], dtype=tl.float32)
     z = tl.zeros([DK_PAD], dtype=tl.float32)
-    lo = split * rows_per_split
-    hi = tl.minimum(lo + rows_per_split, seq)
+    lo = tl.maximum(first + split * rows_per_split, 0)
+    hi = tl.minimum(first + (split + 1) * rows_per_split, seq)
     for start in range(lo, hi, BLOCK_N):
         rows = start + offs_n
         n_ok = rows < hi
-        kt = tl.load(k_base + rows[:, None].to(tl.int64) * stride_kn, mask=n_ok[:, None] & k_ok[None, :],
-                     other=0.0).to(tl.float32)
-        kf = feature_map(kt, n_ok, k_ok, FEAT)
-        vt = tl.load(v_base + rows[:, None].to(tl.int64) * stride_vn, mask=n_ok[:, None] & v_ok[None, :],
-                     other=0.0).to(tl.float32)
-        s = tl.dot(tl.trans(kf), vt, s, input_precision=PREC)
-        z += tl.sum(kf, 0)
-    base = split.to(tl.int64) * tl.num_programs(1) + bh
-    tl.store(S + base * DK * DV + offs_k[:, None] * DV + offs_v[None, :], s, mask=k_ok[:, None] & v_ok[None, :])
+        n64 = tl.cast(start, tl.int64)
+        kf = to_in(feature_map(tl.load(k_row + n64 * stride_kn + (offs_n[:, None] * stride_kn + offs_k[None, :] * stride_kd),
+                                       mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32), n_ok, k_ok, FEAT), MODE)
+        vt = tl.load(v_row + n64 * stride_vn + (offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd),
+                     mask=n_ok[:, None] & v_ok[None, :], other=0.0)
+        if WEIGHTED:
+            scale = tl.load(RSCALE + bh.to(tl.int64) * seq + rows, mask=n_ok, other=0.0)
+            s = dot_acc(tl.trans(kf), vt.to(tl.float32) * scale[:, None], s, MODE)
+            z += tl.sum(kf.to(tl.float32) * tl.load(ZW + bh.to(tl.int64) * seq + rows, mask=n_ok, other=0.0)[:, None], 0)
+        else:
+            s = dot_in(tl.trans(kf), vt, s, MODE)
+            z += tl.sum(kf.to(tl.float32), 0)
+    base = S + (split.to(tl.int64) * tl.num_programs(1) + bh) * (DK * DV + DK)
+    tl.store(base + offs_k[:, None] * DV + offs_v[None, :], s, mask=k_ok[:, None] & v_ok[None, :])
     if pid_v == 0:
-        tl.store(Z + base * DK + offs_k, z, mask=k_ok)
+        tl.store(base + DK * DV + offs_k, z, mask=k_ok)
 
 
 @triton.jit(do_not_specialize=["seq"])
@@ -98,7 +190,7 @@ def linear_apply_kernel(Q, S, Z, O,
                         stride_ob, stride_oh, stride_om, stride_od,
                         heads, group, seq, eps,
                         DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-                        FEAT: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+                        FEAT: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, MODE: tl.constexpr):
     """Grid (query blocks, batch * heads, value blocks). S: (B, heads // group, DK, DV) fp32
     contiguous, Z: (B, heads // group, DK); query head h reads state head h // group."""
     pid_m = tl.program_id(0)
@@ -120,31 +212,65 @@ def linear_apply_kernel(Q, S, Z, O,
     qf = feature_map(qt, m_ok, k_ok, FEAT)
     s = tl.load(S + sh64 * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :],
                 other=0.0)
-    num = tl.dot(qf, s, input_precision=PREC)
+    num = dot_acc(qf, s, tl.zeros([BLOCK_M, BV], dtype=tl.float32), MODE)
     if NORMALIZE:
         z = tl.load(Z + sh64 * DK + offs_k, mask=k_ok, other=0.0)
-        den = tl.sum(qf * z[None, :], 1) + eps
-        num = tl.where(den[:, None] == 0.0, 0.0, num / tl.where(den == 0.0, 1.0, den)[:, None])
+        num = num * safe_recip(tl.sum(qf * z[None, :], 1) + eps)[:, None]
     tl.store(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
              + offs_v[None, :] * stride_od, num.to(O.dtype.element_ty), mask=m_ok[:, None] & v_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["seq_q", "seq_k", "offset"])
-def linear_causal_kernel(Q, K, V, O,
-                         stride_qb, stride_qh, stride_qm, stride_qd,
-                         stride_kb, stride_kh, stride_kn, stride_kd,
-                         stride_vb, stride_vh, stride_vn, stride_vd,
-                         stride_ob, stride_oh, stride_om, stride_od,
-                         heads, group, seq_q, seq_k, offset, eps,
-                         DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-                         FEAT: tl.constexpr, NORMALIZE: tl.constexpr, CHUNK: tl.constexpr, PREC: tl.constexpr):
-    """Grid (batch * heads, value blocks). Query i sees keys j <= i + offset. The chunk of queries
-    [m0, m0 + CHUNK) reads keys [m0 + offset, m0 + offset + CHUNK) through the masked quadratic
-    (j - offset <= i) and every earlier key through the state, so each key enters the state once."""
+@triton.jit(do_not_specialize=["n_units", "skip", "group"])
+def linear_prefix_kernel(IN, OUT, n_units, skip, group, E,
+                         REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (batch * out heads, cdiv(E, BLOCK)) over flattened states of E floats; IN
+    (n_units, out heads * group, E), the group's heads summed. Forward: OUT[u - skip] =
+    sum_{u' < u} IN[u'] for u >= skip (IN[n_units - 1] is never needed, not read). Reverse:
+    OUT[u + 1] = sum_{u' > u} IN[u'] and OUT[0] = the sum of all."""
     bh = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    b64 = (bh // heads).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < E
+    n_out = tl.num_programs(0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    if REVERSE:
+        for i in range(0, n_units):
+            u = n_units - 1 - i
+            x = tl.zeros([BLOCK], dtype=tl.float32)
+            for g in range(0, group):
+                x += tl.load(IN + (tl.cast(u, tl.int64) * n_out * group + bh * group + g) * E + offs, mask=ok, other=0.0)
+            tl.store(OUT + (tl.cast(u + 1, tl.int64) * n_out + bh) * E + offs, acc, mask=ok)
+            acc += x
+        tl.store(OUT + bh.to(tl.int64) * E + offs, acc, mask=ok)
+    else:
+        for u in range(0, n_units):
+            x = tl.zeros([BLOCK], dtype=tl.float32)
+            for g in range(0, group):
+                x += tl.load(IN + (tl.cast(u, tl.int64) * n_out * group + bh * group + g) * E + offs,
+                             mask=ok & (u < n_units - 1), other=0.0)
+            tl.store(OUT + (tl.cast(u - skip, tl.int64) * n_out + bh) * E + offs, acc, mask=ok & (u >= skip))
+            acc += x
+
+
+# ---- causal forward -------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "offset", "span"])
+def linear_chunk_fwd_kernel(Q, K, V, O, S,
+                            stride_qb, stride_qh, stride_qm, stride_qd,
+                            stride_kb, stride_kh, stride_kn, stride_kd,
+                            stride_vb, stride_vh, stride_vn, stride_vd,
+                            stride_ob, stride_oh, stride_om, stride_od,
+                            heads, group, seq_q, seq_k, offset, span, eps,
+                            DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+                            FEAT: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr):
+    """Grid (super-chunks, batch * heads, value blocks). Super-chunk sc: queries
+    [sc * span, (sc + 1) * span), from state S[sc] (every key before sc * span + offset). The
+    chunk of queries [m0, m0 + CHUNK) reads keys [m0 + offset, m0 + offset + CHUNK) through the
+    masked quadratic (j - offset <= i) and every earlier key through the state."""
+    sc = tl.program_id(0)
+    bh = tl.program_id(1)
+    pid_v = tl.program_id(2)
+    b = bh // heads
     h = bh % heads
+    b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     kvh64 = (h // group).to(tl.int64)
     offs_c = tl.arange(0, CHUNK)
@@ -152,47 +278,263 @@ def linear_causal_kernel(Q, K, V, O,
     offs_v = pid_v * BV + tl.arange(0, BV)
     k_ok = offs_k < DK
     v_ok = offs_v < DV
-    q_base = Q + b64 * stride_qb + h64 * stride_qh + offs_k[None, :] * stride_qd
-    k_base = K + b64 * stride_kb + kvh64 * stride_kh + offs_k[None, :] * stride_kd
-    v_base = V + b64 * stride_vb + kvh64 * stride_vh + offs_v[None, :] * stride_vd
-    o_base = O + b64 * stride_ob + h64 * stride_oh + offs_v[None, :] * stride_od
-    s = tl.zeros([DK_PAD, BV], dtype=tl.float32)
-    z = tl.zeros([DK_PAD], dtype=tl.float32)
-    # keys every query sees (before the first chunk's window) go straight into the state
-    for start in range(0, tl.maximum(tl.minimum(offset, seq_k), 0), CHUNK):
-        cols = start + offs_c
-        n_ok = cols < tl.minimum(offset, seq_k)
-        kt = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn, mask=n_ok[:, None] & k_ok[None, :],
-                     other=0.0).to(tl.float32)
-        kf = feature_map(kt, n_ok, k_ok, FEAT)
-        vt = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn, mask=n_ok[:, None] & v_ok[None, :],
-                     other=0.0).to(tl.float32)
-        s = tl.dot(tl.trans(kf), vt, s, input_precision=PREC)
-        z += tl.sum(kf, 0)
-    for m0 in range(0, seq_q, CHUNK):
+    # scalar row pointers plus int32 offsets inside the chunk: a hoisted 64-bit pointer tile
+    # would hold 64 registers per thread for the whole loop
+    q_row = Q + b64 * stride_qb + h64 * stride_qh
+    k_row = K + b64 * stride_kb + kvh64 * stride_kh
+    v_row = V + b64 * stride_vb + kvh64 * stride_vh
+    o_row = O + b64 * stride_ob + h64 * stride_oh
+    st = S + (sc.to(tl.int64) * (tl.num_programs(1) // group) + b64 * (heads // group) + kvh64) * (DK * DV + DK)
+    s = tl.load(st + offs_k[:, None] * DV + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+    z = tl.load(st + DK * DV + offs_k, mask=k_ok, other=0.0)
+    for m0 in range(sc * span, tl.minimum((sc + 1) * span, seq_q), CHUNK):
         rows = m0 + offs_c
         m_ok = rows < seq_q
-        qt = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qm, mask=m_ok[:, None] & k_ok[None, :],
-                     other=0.0).to(tl.float32)
-        qf = feature_map(qt, m_ok, k_ok, FEAT)
-        cols = m0 + offset + offs_c
-        n_ok = (cols >= 0) & (cols < seq_k)
-        kt = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn, mask=n_ok[:, None] & k_ok[None, :],
-                     other=0.0).to(tl.float32)
-        kf = feature_map(kt, n_ok, k_ok, FEAT)
-        vt = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn, mask=n_ok[:, None] & v_ok[None, :],
-                     other=0.0).to(tl.float32)
-        scores = tl.dot(qf, tl.trans(kf), input_precision=PREC)
+        n0 = m0 + offset
+        n_ok = (rows + offset >= 0) & (rows + offset < seq_k)
+        qt = tl.load(q_row + tl.cast(m0, tl.int64) * stride_qm + (offs_c[:, None] * stride_qm + offs_k[None, :] * stride_qd),
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        qf = to_in(feature_map(qt, m_ok, k_ok, FEAT), MODE)
+        kt = tl.load(k_row + tl.cast(n0, tl.int64) * stride_kn + (offs_c[:, None] * stride_kn + offs_k[None, :] * stride_kd),
+                     mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        kf = to_in(feature_map(kt, n_ok, k_ok, FEAT), MODE)
+        vt = tl.load(v_row + tl.cast(n0, tl.int64) * stride_vn + (offs_c[:, None] * stride_vn + offs_v[None, :] * stride_vd),
+                     mask=n_ok[:, None] & v_ok[None, :], other=0.0)
+        scores = dot_in(qf, tl.trans(kf), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
         scores = tl.where(offs_c[None, :] <= offs_c[:, None], scores, 0.0)
-        num = tl.dot(qf, s, input_precision=PREC)
-        num = tl.dot(scores, vt, num, input_precision=PREC)
-        if NORMALIZE:
-            den = tl.sum(qf * z[None, :], 1) + tl.sum(scores, 1) + eps
-            num = tl.where(den[:, None] == 0.0, 0.0, num / tl.where(den == 0.0, 1.0, den)[:, None])
-        tl.store(o_base + rows[:, None].to(tl.int64) * stride_om, num.to(O.dtype.element_ty),
-                 mask=m_ok[:, None] & v_ok[None, :])
-        s = tl.dot(tl.trans(kf), vt, s, input_precision=PREC)
-        z += tl.sum(kf, 0)
+        num = dot_acc(qf, s, tl.zeros([CHUNK, BV], dtype=tl.float32), MODE)
+        num = dot_acc(scores, vt, num, MODE)
+        num = num * safe_recip(tl.sum(qf.to(tl.float32) * z[None, :], 1) + tl.sum(scores, 1) + eps)[:, None]
+        tl.store(o_row + tl.cast(m0, tl.int64) * stride_om + (offs_c[:, None] * stride_om + offs_v[None, :] * stride_od),
+                 num.to(O.dtype.element_ty), mask=m_ok[:, None] & v_ok[None, :])
+        s = dot_in(tl.trans(kf), vt, s, MODE)
+        z += tl.sum(kf.to(tl.float32), 0)
+
+
+# ---- causal backward ------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "offset", "span"])
+def linear_chunk_dq_kernel(Q, K, V, O, DO, DQ, S, RDEN, DD,
+                           stride_qb, stride_qh, stride_qm, stride_qd,
+                           stride_kb, stride_kh, stride_kn, stride_kd,
+                           stride_vb, stride_vh, stride_vn, stride_vd,
+                           stride_ob, stride_oh, stride_om, stride_od,
+                           stride_dob, stride_doh, stride_dom, stride_dod,
+                           stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                           heads, group, seq_q, seq_k, offset, span, eps,
+                           DK: tl.constexpr, DK_PAD: tl.constexpr, BK: tl.constexpr, DV: tl.constexpr,
+                           DV_PAD: tl.constexpr, FEAT: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr):
+    """Grid (super-chunks, batch * heads, key-dim blocks of BK). With n = phi(q) S, d = phi(q) . z
+    + eps, dn = dO / d and dd = -(dO . O) / d per query row:
+      dphi(q_i) = sum_{j vis} (dn_i . v_j + dd_i) phi(k_j) = dn_i S_i^T + dd_i z_i + intra-chunk terms.
+    Also writes per row RDEN = 1 / d and DD = dd (from the first key-dim block) for the key side."""
+    sc = tl.program_id(0)
+    bh = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    b = bh // heads
+    h = bh % heads
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    kvh64 = (h // group).to(tl.int64)
+    offs_c = tl.arange(0, CHUNK)
+    offs_k = tl.arange(0, DK_PAD)
+    offs_t = pid_k * BK + tl.arange(0, BK)  # this program's key-dim block
+    offs_v = tl.arange(0, DV_PAD)
+    k_ok = offs_k < DK
+    t_ok = offs_t < DK
+    v_ok = offs_v < DV
+    # scalar row pointers plus int32 offsets inside the chunk (see linear_chunk_fwd_kernel)
+    q_row = Q + b64 * stride_qb + h64 * stride_qh
+    k_row = K + b64 * stride_kb + kvh64 * stride_kh
+    v_row = V + b64 * stride_vb + kvh64 * stride_vh
+    o_row = O + b64 * stride_ob + h64 * stride_oh
+    do_row = DO + b64 * stride_dob + h64 * stride_doh
+    dq_row = DQ + b64 * stride_dqb + h64 * stride_dqh
+    E = DK * DV + DK
+    st = S + (sc.to(tl.int64) * (tl.num_programs(1) // group) + b64 * (heads // group) + kvh64) * E
+    s = tl.load(st + offs_t[:, None] * DV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+    z = tl.load(st + DK * DV + offs_k, mask=k_ok, other=0.0)
+    z_t = tl.load(st + DK * DV + offs_t, mask=t_ok, other=0.0)
+    for m0 in range(sc * span, tl.minimum((sc + 1) * span, seq_q), CHUNK):
+        rows = m0 + offs_c
+        m_ok = rows < seq_q
+        n_ok = (rows + offset >= 0) & (rows + offset < seq_k)
+        m64 = tl.cast(m0, tl.int64)
+        n64 = tl.cast(m0 + offset, tl.int64)
+        qf = to_in(feature_map(tl.load(q_row + m64 * stride_qm + (offs_c[:, None] * stride_qm + offs_k[None, :] * stride_qd),
+                                       mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32), m_ok, k_ok, FEAT), MODE)
+        kf = to_in(feature_map(tl.load(k_row + n64 * stride_kn + (offs_c[:, None] * stride_kn + offs_k[None, :] * stride_kd),
+                                       mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32), n_ok, k_ok, FEAT), MODE)
+        vt = tl.load(v_row + n64 * stride_vn + (offs_c[:, None] * stride_vn + offs_v[None, :] * stride_vd),
+                     mask=n_ok[:, None] & v_ok[None, :], other=0.0)
+        g = tl.load(do_row + m64 * stride_dom + (offs_c[:, None] * stride_dom + offs_v[None, :] * stride_dod),
+                    mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        go = tl.sum(g * tl.load(o_row + m64 * stride_om + (offs_c[:, None] * stride_om + offs_v[None, :] * stride_od),
+                                mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32), 1)
+        scores = dot_in(qf, tl.trans(kf), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
+        scores = tl.where(offs_c[None, :] <= offs_c[:, None], scores, 0.0)
+        rden = safe_recip(tl.sum(qf.to(tl.float32) * z[None, :], 1) + tl.sum(scores, 1) + eps)
+        dn = g * rden[:, None]
+        dd = -go * rden
+        dp = dot_acc(dn, tl.trans(vt), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
+        dp = tl.where(offs_c[None, :] <= offs_c[:, None], dp + dd[:, None], 0.0)
+        if BK == DK_PAD:  # one block: the whole row (always so for softmax, whose derivative needs it)
+            kf_t = kf
+        else:
+            kf_t = to_in(feature_map(tl.load(k_row + n64 * stride_kn + (offs_c[:, None] * stride_kn + offs_t[None, :]
+                                                                          * stride_kd),
+                                             mask=n_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32),
+                                     n_ok, t_ok, FEAT), MODE)
+        dqf = dot_acc(dn, tl.trans(s), dd[:, None] * z_t[None, :], MODE)
+        dqf = dot_acc(dp, kf_t, dqf, MODE)
+        # phi's derivative from the fp32 pre-activation (re-read: cheaper than keeping it live)
+        qt = tl.load(q_row + m64 * stride_qm + (offs_c[:, None] * stride_qm + offs_t[None, :] * stride_qd),
+                     mask=m_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32)
+        dq = feature_map_grad(qt, feature_map(qt, m_ok, t_ok, FEAT), dqf, FEAT)
+        tl.store(dq_row + m64 * stride_dqm + (offs_c[:, None] * stride_dqm + offs_t[None, :] * stride_dqd),
+                 dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & t_ok[None, :])
+        if pid_k == 0:
+            tl.store(RDEN + bh.to(tl.int64) * seq_q + rows, rden, mask=m_ok)
+            tl.store(DD + bh.to(tl.int64) * seq_q + rows, dd, mask=m_ok)
+        s = dot_in(tl.trans(kf_t), vt, s, MODE)
+        z += tl.sum(kf.to(tl.float32), 0)
+        z_t += tl.sum(kf_t.to(tl.float32), 0)
+
+
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "offset", "span", "n_pre"])
+def linear_chunk_dk_kernel(Q, K, V, DO, DK_, DS, RDEN, DD,
+                           stride_qb, stride_qh, stride_qm, stride_qd,
+                           stride_kb, stride_kh, stride_kn, stride_kd,
+                           stride_vb, stride_vh, stride_vn, stride_vd,
+                           stride_dob, stride_doh, stride_dom, stride_dod,
+                           stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                           heads_kv, group, seq_q, seq_k, offset, span, n_pre,
+                           DK: tl.constexpr, DK_PAD: tl.constexpr, BK: tl.constexpr, DV: tl.constexpr,
+                           DV_PAD: tl.constexpr, FEAT: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr):
+    """Grid (key units, batch * kv heads, key-dim blocks of BK). Unit u holds keys
+    [offset + (u - n_pre) * span, + span): for u >= n_pre the keys of query super-chunk u - n_pre,
+    whose later queries arrive through DS[u - n_pre + 1] (the reverse prefix), for u < n_pre keys
+    that every query sees (DS[0]). With dS_j = sum_{i sees j} phi(q_i)^T dn_i and
+    dz_j = sum_{i sees j} dd_i phi(q_i): dphi(k_j) = dS_j v_j + dz_j, the unit walked backwards in
+    chunks (the intra-chunk terms masked), the GQA group's query heads summed."""
+    u = tl.program_id(0)
+    bkv = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    b64 = (bkv // heads_kv).to(tl.int64)
+    kvh = bkv % heads_kv
+    kvh64 = kvh.to(tl.int64)
+    offs_c = tl.arange(0, CHUNK)
+    offs_t = pid_k * BK + tl.arange(0, BK)
+    offs_v = tl.arange(0, DV_PAD)
+    t_ok = offs_t < DK
+    v_ok = offs_v < DV
+    slot = tl.where(u >= n_pre, u - n_pre + 1, 0)
+    st = DS + (slot.to(tl.int64) * tl.num_programs(1) + bkv) * (DK * DV + DK)
+    ds = tl.load(st + offs_t[:, None] * DV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
+    dz = tl.load(st + DK * DV + offs_t, mask=t_ok, other=0.0)
+    k_row = K + b64 * stride_kb + kvh64 * stride_kh
+    v_row = V + b64 * stride_vb + kvh64 * stride_vh
+    dk_row = DK_ + b64 * stride_dkb + kvh64 * stride_dkh
+    lo = offset + (u - n_pre) * span
+    # the unit's chunks that hold keys, from the last: [lo + j * CHUNK, + CHUNK) for j_lo <= j < j_hi
+    j_hi = tl.cdiv(tl.minimum(span, seq_k - lo), CHUNK)
+    j_lo = tl.maximum(-lo, 0) // CHUNK
+    for i in range(0, j_hi - j_lo):
+        c0 = lo + (j_hi - 1 - i) * CHUNK
+        cols = c0 + offs_c
+        n_ok = (cols >= 0) & (cols < seq_k)
+        c64 = tl.cast(c0, tl.int64)
+        vt = tl.load(v_row + c64 * stride_vn + (offs_c[:, None] * stride_vn + offs_v[None, :] * stride_vd),
+                     mask=n_ok[:, None] & v_ok[None, :], other=0.0)
+        dkf = dot_acc(vt, tl.trans(ds), tl.zeros([CHUNK, BK], dtype=tl.float32) + dz[None, :], MODE)
+        if u >= n_pre:  # queries of this chunk (none for the leading units)
+            rows = c0 - offset + offs_c
+            m_ok = (rows >= 0) & (rows < seq_q)
+            r64 = tl.cast(c0 - offset, tl.int64)
+            for g in range(0, group):
+                h64 = (kvh * group + g).to(tl.int64)
+                bh64 = bkv.to(tl.int64) * group + g
+                qf = to_in(feature_map(tl.load(Q + b64 * stride_qb + h64 * stride_qh + r64 * stride_qm
+                                               + (offs_c[:, None] * stride_qm + offs_t[None, :] * stride_qd),
+                                               mask=m_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32),
+                                       m_ok, t_ok, FEAT), MODE)
+                dd = tl.load(DD + bh64 * seq_q + rows, mask=m_ok, other=0.0)
+                dn = tl.load(DO + b64 * stride_dob + h64 * stride_doh + r64 * stride_dom
+                             + (offs_c[:, None] * stride_dom + offs_v[None, :] * stride_dod),
+                             mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32) \
+                    * tl.load(RDEN + bh64 * seq_q + rows, mask=m_ok, other=0.0)[:, None]
+                dp_t = dot_acc(vt, tl.trans(dn), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
+                # [key t, query r]: query r sees key t when r >= t
+                dp_t = tl.where(offs_c[None, :] >= offs_c[:, None], dp_t + dd[None, :], 0.0)
+                dkf = dot_acc(dp_t, qf, dkf, MODE)
+                ds = dot_acc(tl.trans(qf), dn, ds, MODE)
+                dz += tl.sum(qf.to(tl.float32) * dd[:, None], 0)
+        kt = tl.load(k_row + c64 * stride_kn + (offs_c[:, None] * stride_kn + offs_t[None, :] * stride_kd),
+                     mask=n_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32)
+        dk = feature_map_grad(kt, feature_map(kt, n_ok, t_ok, FEAT), dkf, FEAT)
+        tl.store(dk_row + c64 * stride_dkn + (offs_c[:, None] * stride_dkn + offs_t[None, :] * stride_dkd),
+                 dk.to(DK_.dtype.element_ty), mask=n_ok[:, None] & t_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "offset", "span", "n_pre"])
+def linear_chunk_dv_kernel(Q, K, DO, DV_, DS, RDEN,
+                           stride_qb, stride_qh, stride_qm, stride_qd,
+                           stride_kb, stride_kh, stride_kn, stride_kd,
+                           stride_dob, stride_doh, stride_dom, stride_dod,
+                           stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                           heads_kv, group, seq_q, seq_k, offset, span, n_pre,
+                           DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+                           FEAT: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr):
+    """Grid (key units, batch * kv heads, value blocks of BV): dv_j = dS_j^T phi(k_j) over the
+    units of linear_chunk_dk_kernel, with the intra-chunk term (phi(k_j) . phi(q_i)) dn_i."""
+    u = tl.program_id(0)
+    bkv = tl.program_id(1)
+    pid_v = tl.program_id(2)
+    b64 = (bkv // heads_kv).to(tl.int64)
+    kvh = bkv % heads_kv
+    kvh64 = kvh.to(tl.int64)
+    offs_c = tl.arange(0, CHUNK)
+    offs_k = tl.arange(0, DK_PAD)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    k_ok = offs_k < DK
+    v_ok = offs_v < DV
+    slot = tl.where(u >= n_pre, u - n_pre + 1, 0)
+    st = DS + (slot.to(tl.int64) * tl.num_programs(1) + bkv) * (DK * DV + DK)
+    ds = tl.load(st + offs_k[:, None] * DV + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+    k_row = K + b64 * stride_kb + kvh64 * stride_kh
+    dv_row = DV_ + b64 * stride_dvb + kvh64 * stride_dvh
+    lo = offset + (u - n_pre) * span
+    # the unit's chunks that hold keys, from the last: [lo + j * CHUNK, + CHUNK) for j_lo <= j < j_hi
+    j_hi = tl.cdiv(tl.minimum(span, seq_k - lo), CHUNK)
+    j_lo = tl.maximum(-lo, 0) // CHUNK
+    for i in range(0, j_hi - j_lo):
+        c0 = lo + (j_hi - 1 - i) * CHUNK
+        cols = c0 + offs_c
+        n_ok = (cols >= 0) & (cols < seq_k)
+        c64 = tl.cast(c0, tl.int64)
+        kf = to_in(feature_map(tl.load(k_row + c64 * stride_kn + (offs_c[:, None] * stride_kn + offs_k[None, :] * stride_kd),
+                                       mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32), n_ok, k_ok, FEAT), MODE)
+        dv = dot_acc(kf, ds, tl.zeros([CHUNK, BV], dtype=tl.float32), MODE)
+        if u >= n_pre:
+            rows = c0 - offset + offs_c
+            m_ok = (rows >= 0) & (rows < seq_q)
+            r64 = tl.cast(c0 - offset, tl.int64)
+            for g in range(0, group):
+                h64 = (kvh * group + g).to(tl.int64)
+                bh64 = bkv.to(tl.int64) * group + g
+                qf = to_in(feature_map(tl.load(Q + b64 * stride_qb + h64 * stride_qh + r64 * stride_qm
+                                               + (offs_c[:, None] * stride_qm + offs_k[None, :] * stride_qd),
+                                               mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32),
+                                       m_ok, k_ok, FEAT), MODE)
+                dn = tl.load(DO + b64 * stride_dob + h64 * stride_doh + r64 * stride_dom
+                             + (offs_c[:, None] * stride_dom + offs_v[None, :] * stride_dod),
+                             mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32) \
+                    * tl.load(RDEN + bh64 * seq_q + rows, mask=m_ok, other=0.0)[:, None]
+                scores_t = dot_in(kf, tl.trans(qf), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
+                scores_t = tl.where(offs_c[None, :] >= offs_c[:, None], scores_t, 0.0)
+                dv = dot_acc(scores_t, dn, dv, MODE)
+                ds = dot_acc(tl.trans(qf), dn, ds, MODE)
+        tl.store(dv_row + c64 * stride_dvn + (offs_c[:, None] * stride_dvn + offs_v[None, :] * stride_dvd),
+                 dv.to(DV_.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
 
 
 # ---- launchers ----------------------------------------------------------------------------
@@ -204,24 +546,72 @@ def _warps(dk_pad: int, bv: int) -> int:
     return 1 if interpreting() else (8 if dk_pad * bv >= 128 * 64 else 4)
 
 
+def _stages(dtype: torch.dtype) -> int:
+    # fp32 tiles are twice the bytes: two stages keep the state kernel under ~200 KB at hd128
+    return 2 if dtype == torch.float32 else 3
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    if interpreting():
+        return 2  # few, large programs: the interpreter pays per program and per op
+    return 132  # H100 SXM: the compile-only path sizes grids as for it
+
+
+def chunk_size() -> int:
+    return 32 if interpreting() else CHUNK
+
+
+def super_chunk(seq: int, programs_per_span: int, device: torch.device) -> int:
+    """Rows per causal super-chunk: about four programs per SM over the whole grid, a multiple of
+    the chunk, at least MIN_SPAN (bounded state memory, see the module docstring). Under the
+    interpreter two chunks, so that small tests cross several super-chunks."""
+    chunk = chunk_size()
+    if interpreting():
+        return 2 * chunk
+    wanted = max(1, 4 * _sm_count(device) // max(1, programs_per_span))
+    return max(MIN_SPAN, triton.cdiv(triton.cdiv(max(seq, 1), wanted), chunk) * chunk)
+
+
+def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, rows: int, splits: int,
+                weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(splits, B*H, DK*DV + DK) fp32: split i sums the rows [first + i*rows, first + (i+1)*rows);
+    weights (row scale of v, weights of z), each (B*H, N) fp32, for the backward's reverse states."""
+    batch, heads, seq, dk = k.shape
+    dv = v.shape[3]
+    out = torch.empty(splits, batch * heads, dk * dv + dk, dtype=torch.float32, device=k.device)
+    if splits == 0 or batch * heads == 0:
+        return out
+    bv, warps, block_n = state_config(pad(dk), dv, k.dtype)
+    rscale, zw = weights if weights is not None else (out, out)
+    linear_state_kernel[(splits, batch * heads, triton.cdiv(dv, bv))](
+        k, v, out, rscale, zw, *k.stride(), *v.stride(), heads, seq, first, rows,
+        DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], WEIGHTED=weights is not None,
+        BLOCK_N=block_n, MODE=dot_mode(k.dtype), num_warps=warps, num_stages=_stages(k.dtype))
+    return out
+
+
+def state_config(dk_pad: int, dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(value block, warps, rows per step) of the state kernel."""
+    if interpreting():
+        return _value_block(dv), 1, 32
+    bv = _value_block(dv)
+    return bv, _warps(dk_pad, bv), 64
+
+
 def state(k: torch.Tensor, v: torch.Tensor, feature: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(S (B, H, DK, DV), z (B, H, DK)) fp32 over all rows of bhsd k (B, H, N, DK), v (B, H, N, DV)."""
     batch, heads, seq, dk = k.shape
     dv = v.shape[3]
-    block_n = 16 if interpreting() else 64
+    if seq == 0 or batch * heads == 0:
+        return k.new_zeros(batch, heads, dk, dv, dtype=torch.float32), k.new_zeros(batch, heads, dk, dtype=torch.float32)
+    block_n = state_config(pad(dk), dv, k.dtype)[2]
     # enough splits to fill the GPU; each split a multiple of block_n rows
-    rows = max(block_n, triton.cdiv(triton.cdiv(seq, max(1, 264 // max(1, batch * heads))), block_n) * block_n)
-    splits = max(1, triton.cdiv(seq, rows))
-    bv = _value_block(dv)
-    s = torch.empty(splits, batch * heads, dk, dv, dtype=torch.float32, device=k.device)
-    z = torch.empty(splits, batch * heads, dk, dtype=torch.float32, device=k.device)
-    if seq == 0:
-        return s.new_zeros(batch, heads, dk, dv), z.new_zeros(batch, heads, dk)
-    linear_state_kernel[(splits, batch * heads, triton.cdiv(dv, bv))](
-        k, v, s, z, *k.stride(), *v.stride(), heads, seq, rows,
-        DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], BLOCK_N=block_n,
-        PREC=precision(k.dtype), num_warps=_warps(pad(dk), bv))
-    return s.sum(0).view(batch, heads, dk, dv), z.sum(0).view(batch, heads, dk)
+    rows = max(block_n, triton.cdiv(triton.cdiv(seq, max(1, 2 * _sm_count(k.device) // max(1, batch * heads))),
+                                    block_n) * block_n)
+    sums = _chunk_sums(k, v, feature, first=0, rows=rows, splits=triton.cdiv(seq, rows)).sum(0)
+    return sums[:, :dk * dv].view(batch, heads, dk, dv), sums[:, dk * dv:].view(batch, heads, dk)
 
 
 def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.Tensor, feature: str,
@@ -238,24 +628,134 @@ def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.T
     linear_apply_kernel[(triton.cdiv(seq, block_m), batch * heads, triton.cdiv(dv, bv))](
         q, s, z, out, *q.stride(), *out.stride(), heads, heads // s.shape[1], seq, eps,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], NORMALIZE=z is not s,
-        BLOCK_M=block_m, PREC=precision(q.dtype), num_warps=_warps(pad(dk), bv))
+        BLOCK_M=block_m, MODE=dot_mode(q.dtype), num_warps=_warps(pad(dk), bv), num_stages=_stages(q.dtype))
     return out
 
 
+def _prefix(h: torch.Tensor, out: torch.Tensor, *, n_units: int, group: int, skip: int = 0,
+            reverse: bool = False) -> torch.Tensor:
+    e = h.shape[2]
+    block = min(16384, triton.next_power_of_2(e)) if interpreting() else 1024
+    linear_prefix_kernel[(out.shape[1], triton.cdiv(e, block))](
+        h, out, n_units, skip, group, e, REVERSE=reverse, BLOCK=block, num_warps=1 if interpreting() else 4)
+    return out
+
+
+def _check_span(span: int, *chunks: int) -> None:
+    # a super-chunk must hold whole chunks: the key side walks a unit in chunks and must not
+    # cross into the next unit
+    if span <= 0 or any(span % c for c in chunks):
+        raise ValueError(f"span must be a positive multiple of the chunk sizes {chunks}, got {span}")
+
+
+def causal_states(k: torch.Tensor, v: torch.Tensor, feature: str, *, offset: int, seq_q: int,
+                  span: int) -> torch.Tensor:
+    """(super-chunks, B*Hkv, DK*DV + DK) fp32: entry s holds (S, z) over every key before
+    s * span + offset, the start state of query super-chunk s."""
+    batch, heads_kv, _, dk = k.shape
+    dv = v.shape[3]
+    n_sc = triton.cdiv(seq_q, span)
+    n_pre = triton.cdiv(max(offset, 0), span)
+    units = n_pre + n_sc
+    # unit u sums keys [offset + (u - n_pre) * span, + span); the last unit's sum is never read
+    sums = _chunk_sums(k, v, feature, first=offset - n_pre * span, rows=span, splits=units - 1)
+    out = torch.empty(n_sc, batch * heads_kv, dk * dv + dk, dtype=torch.float32, device=k.device)
+    return _prefix(sums, out, n_units=units, group=1, skip=n_pre)
+
+
+def fwd_config(dk_pad: int, dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(value block, warps, chunk) of the causal output kernel: its state (DK x BV fp32) lives in
+    registers beside the chunk's tiles. Compiled for sm_90 (tests/triton_sm90.py): at hd128 a
+    64-row chunk spills at any value block (the 64-row dots replicate over two warpgroups), 32 rows
+    and 32 value columns do not."""
+    if interpreting():
+        return _value_block(dv), 1, chunk_size()
+    if dk_pad >= 128:
+        return min(_value_block(dv), 32), 8, 32
+    return _value_block(dv), 8, CHUNK
+
+
 def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, feature: str, *, offset: int,
-           normalize: bool, eps: float = 0.0) -> torch.Tensor:
-    """out_i = sum_{j <= i + offset} (phi(q_i) . phi(k_j)) v_j [/ (sum_j phi(q_i) . phi(k_j) + eps)];
-    q (B, Hq, Sq, DK), k (B, Hkv, Sk, DK), v (B, Hkv, Sk, DV), out (B, Hq, Sq, DV)."""
+           eps: float = 0.0, span: int | None = None) -> torch.Tensor:
+    """out_i = sum_{j <= i + offset} (phi(q_i) . phi(k_j)) v_j / (sum_j phi(q_i) . phi(k_j) + eps);
+    q (B, Hq, Sq, DK), k (B, Hkv, Sk, DK), v (B, Hkv, Sk, DV), out (B, Hq, Sq, DV). span: rows per
+    super-chunk (a multiple of the chunk; default from super_chunk)."""
     batch, heads, seq_q, dk = q.shape
     seq_k, dv = k.shape[2], v.shape[3]
     if seq_q == 0 or batch * heads == 0:
         return out
-    bv = _value_block(dv)
-    linear_causal_kernel[(batch * heads, triton.cdiv(dv, bv))](
-        q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, heads // k.shape[1], seq_q, seq_k, offset, eps,
-        DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], NORMALIZE=normalize, CHUNK=CHUNK,
-        # one stage: the default 3-stage pipeline needs 272 KB at hd128 bf16 (352 KB fp32), past
-        # H100's 227 KB; one stage takes 192 KB (compiled for sm_90 here, tests/triton_sm90.py)
-        PREC=precision(q.dtype), num_warps=_warps(pad(dk), bv), num_stages=1)
+    bv, warps, chunk = fwd_config(pad(dk), dv, q.dtype)
+    span = span or super_chunk(seq_q, batch * heads * triton.cdiv(dv, bv), q.device)
+    _check_span(span, chunk)
+    states = causal_states(k, v, feature, offset=offset, seq_q=seq_q, span=span)
+    linear_chunk_fwd_kernel[(triton.cdiv(seq_q, span), batch * heads, triton.cdiv(dv, bv))](
+        q, k, v, out, states, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, heads // k.shape[1], seq_q, seq_k, offset, span, eps,
+        DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], CHUNK=chunk,
+        MODE=dot_mode(q.dtype), num_warps=warps, num_stages=1)
     return out
+
+
+def dq_config(dk_pad: int, dv_pad: int, dtype: torch.dtype, feature: str) -> tuple[int, int, int]:
+    """(key-dim block, warps, chunk) of the causal dq kernel; softmax's derivative needs whole rows."""
+    if interpreting():
+        return dk_pad, 1, chunk_size()
+    bk = dk_pad if feature == "softmax" else min(64, dk_pad)
+    return bk, 8, 32 if max(dk_pad, dv_pad) >= 128 else CHUNK
+
+
+def dkv_config(dk_pad: int, dv_pad: int, dtype: torch.dtype, feature: str) -> tuple[int, int, int, int]:
+    """(key-dim block, value block, warps, chunk) of the causal dk and dv kernels; softmax's
+    derivative needs whole rows."""
+    if interpreting():
+        return dk_pad, dv_pad, 1, chunk_size()
+    return dk_pad if feature == "softmax" else min(64, dk_pad), min(64, dv_pad), 8, CHUNK
+
+
+def causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, feature: str, *, offset: int, eps: float,
+               span: int | None = None) -> None:
+    """Write the gradients of causal() into dq (B, Hq, Sq, DK), dk (B, Hkv, Sk, DK), dv (B, Hkv, Sk, DV):
+    the forward's states, dq (+ 1/den and dd per row), the reverse states of each query
+    super-chunk, their reverse prefix summed over the GQA group, then dk and dv per key unit."""
+    batch, heads, seq_q, d = q.shape
+    heads_kv, seq_k, d_v = k.shape[1], k.shape[2], v.shape[3]
+    group = heads // heads_kv
+    if batch * heads == 0:
+        return
+    if seq_q == 0:
+        dk.zero_()
+        dv.zero_()
+        return
+    mode = dot_mode(q.dtype)
+    bk, dq_warps, dq_chunk = dq_config(pad(d), pad(d_v), q.dtype, feature)
+    kv_bk, kv_bv, kv_warps, kv_chunk = dkv_config(pad(d), pad(d_v), q.dtype, feature)
+    span = span or super_chunk(seq_q, batch * heads * triton.cdiv(pad(d), bk), q.device)
+    _check_span(span, dq_chunk, kv_chunk)
+    n_sc = triton.cdiv(seq_q, span)
+    n_pre = triton.cdiv(max(offset, 0), span)
+    states = causal_states(k, v, feature, offset=offset, seq_q=seq_q, span=span)
+    rden = torch.empty(batch * heads, seq_q, dtype=torch.float32, device=q.device)
+    dd = torch.empty_like(rden)
+    linear_chunk_dq_kernel[(n_sc, batch * heads, triton.cdiv(pad(d), bk))](
+        q, k, v, out, dout, dq, states, rden, dd,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
+        heads, group, seq_q, seq_k, offset, span, eps,
+        DK=d, DK_PAD=pad(d), BK=bk, DV=d_v, DV_PAD=pad(d_v), FEAT=FEATURE_IDS[feature], CHUNK=dq_chunk, MODE=mode,
+        num_warps=dq_warps, num_stages=1)
+    del states
+    # dh_s = (phi(Q_s)^T (dO_s / d), phi(Q_s)^T dd_s) per query super-chunk, then dS by a reverse prefix
+    dh = _chunk_sums(q, dout, feature, first=0, rows=span, splits=n_sc, weights=(rden, dd))
+    ds = torch.empty(n_sc + 1, batch * heads_kv, d * d_v + d, dtype=torch.float32, device=q.device)
+    _prefix(dh, ds, n_units=n_sc, group=group, reverse=True)
+    del dh
+    units = n_pre + n_sc
+    common = (heads_kv, group, seq_q, seq_k, offset, span, n_pre)
+    linear_chunk_dk_kernel[(units, batch * heads_kv, triton.cdiv(pad(d), kv_bk))](
+        q, k, v, dout, dk, ds, rden, dd, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
+        *common, DK=d, DK_PAD=pad(d), BK=kv_bk, DV=d_v, DV_PAD=pad(d_v), FEAT=FEATURE_IDS[feature], CHUNK=kv_chunk,
+        MODE=mode, num_warps=kv_warps, num_stages=1)
+    linear_chunk_dv_kernel[(units, batch * heads_kv, triton.cdiv(d_v, kv_bv))](
+        q, k, dout, dv, ds, rden, *q.stride(), *k.stride(), *dout.stride(), *dv.stride(),
+        *common, DK=d, DK_PAD=pad(d), DV=d_v, BV=kv_bv, FEAT=FEATURE_IDS[feature], CHUNK=kv_chunk,
+        MODE=mode, num_warps=kv_warps, num_stages=1)
