@@ -3,12 +3,14 @@
     pip install --no-deps --no-build-isolation -e .
     python bench/gpu_check.py            # results under $OUT, else ./gpu-results/
 
-Steps, each bounded in time so the whole run ends inside ~6.5 minutes (target 6) on an H100:
+Steps, each bounded in time so the whole run ends inside about 8 minutes on an H100:
 
 1. print the environment (GPU, driver, CUDA, torch / triton / cupy versions, SM count, kernels);
 2. ``pytest -m gpu -v tests/`` in a subprocess (xdist workers when pytest-xdist is there, each
    kernel's default config: autotuning off), output teed to ``pytest-gpu.log``; at most
    ``--pytest-budget`` seconds (killed after); failures are counted and the run goes on;
+   then compute-sanitizer memcheck and racecheck on a small launch of the opt-in 128-row CUDA
+   flash tile (``sanitizer.log``);
 3. the flash benchmarks (:func:`bench.bench_flash.run_flash_suite`, quick list) with a time
    budget: cases past it are recorded as skipped, and say so;
    then the AsymRnR suite (:func:`bench.bench_asymrnr.run_asymrnr_suite`: accuracy vs random
@@ -48,21 +50,22 @@ if str(REPO) not in sys.path:
 
 from bench import runner  # noqa: E402
 
-TOTAL_TARGET_S = 360.0      # the whole script, well inside 8 minutes (one measurement may overrun)
+TOTAL_TARGET_S = 385.0      # pytest + sanitizer + flash benchmarks end by here (one measurement may overrun)
 # Budgets, in the order the steps run; each later step also stops at its END_S mark so the
-# whole script stays inside about 7.5 minutes (450 s of steps plus start-up and writing).
+# whole script stays inside about 8 minutes (470 s of steps plus start-up and writing).
 PYTEST_BUDGET_S = 140.0
+SANITIZER_BUDGET_S = 40.0   # memcheck + racecheck on a small launch of the new CUDA tile
 BENCH_BUDGET_S = 100.0
 ASYMRNR_BUDGET_S = 30.0     # AsymRnR accuracy + Wan2.1 timing; never past ASYMRNR_END_S into the run
-ASYMRNR_END_S = 300.0
+ASYMRNR_END_S = 325.0
 SAGE_BUDGET_S = 40.0        # sage end to end vs SDPA / flash / sageattention 1.0.6; never past SAGE_END_S
-SAGE_END_S = 345.0
-SPARSE_LINEAR_END_S = 400.0  # block_sparse (30 s) and linear (20 s) share what is left up to here
-SLA_END_S = 445.0            # sla (issue 7: Wan2.1-1.3B fwd/bwd vs flash / SDPA), 40 s, never past this mark
+SAGE_END_S = 370.0
+SPARSE_LINEAR_END_S = 425.0  # block_sparse (30 s) and linear (20 s) share what is left up to here
+SLA_END_S = 470.0            # sla (issue 7: Wan2.1-1.3B fwd/bwd vs flash / SDPA), 40 s, never past this mark
 PER_TEST_TIMEOUT_S = 120
 MAX_FAILURES = 40            # keep going past failures: one run must show as many of them as it can
-RESULT_FILES = ("results.json", "summary.md", "pytest-gpu.log", "pytest-failures.log", "asymrnr.json", "asymrnr.md",
-                "block_sparse.json", "linear.json", "sla.json")
+RESULT_FILES = ("results.json", "summary.md", "pytest-gpu.log", "pytest-failures.log", "sanitizer.log",
+                "asymrnr.json", "asymrnr.md", "block_sparse.json", "linear.json", "sla.json")
 
 
 def say(*args) -> None:
@@ -199,6 +202,49 @@ def run_pytest(out: Path, budget_s: float, extra_args: Sequence[str] = ()) -> di
     return result
 
 
+# A small launch of each opt-in / not-yet-verified CUDA kernel, run under compute-sanitizer.
+SANITIZER_SNIPPET = """
+import torch, attnlib
+from attnlib.testing import make_qkv
+for hd, causal, dt in ((128, True, torch.bfloat16), (64, False, torch.float16)):
+    q, k, v = make_qkv(1, 2, 200, hd, kv_heads=1, seq_k=150, dtype=dt, device="cuda", seed=1)
+    attnlib.flash_attention(q, k, v, causal=causal, backend="cuda")
+torch.cuda.synchronize()
+print("sanitizer snippet ran")
+"""
+SANITIZER_TOOLS = ("memcheck", "racecheck")
+
+
+def run_sanitizer(out: Path, budget_s: float) -> list[str]:
+    """compute-sanitizer memcheck and racecheck on the 128-row CUDA flash tile (opt-in, new):
+    notes for the summary, the full output in sanitizer.log."""
+    exe = shutil.which("compute-sanitizer")
+    if exe is None:
+        return ["compute-sanitizer not found: sanitizer step skipped"]
+    notes = []
+    t0 = time.perf_counter()
+    env = dict(os.environ, ATTNLIB_CUDA_FLASH_TILE_M="128", ATTNLIB_CUDA_LINEINFO="1")
+    with open(out / "sanitizer.log", "w") as log:
+        for tool in SANITIZER_TOOLS:
+            left = budget_s - (time.perf_counter() - t0)
+            if left < 10:
+                notes.append(f"sanitizer {tool}: skipped, budget spent")
+                continue
+            cmd = [exe, "--tool", tool, "--error-exitcode", "3", sys.executable, "-c", SANITIZER_SNIPPET]
+            log.write(f"==== ATTNLIB_CUDA_FLASH_TILE_M=128 {' '.join(cmd[:5])} python -c <snippet>\n")
+            log.flush()
+            try:
+                r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=left)
+                log.write(r.stdout + r.stderr + "\n")
+                errs = re.search(r"ERROR SUMMARY: (\d+) error", r.stdout + r.stderr)
+                notes.append(f"sanitizer {tool} (flash-cuda 128-row tile): exit {r.returncode}, "
+                             f"{errs.group(0) if errs else 'no summary'}")
+            except subprocess.TimeoutExpired:
+                notes.append(f"sanitizer {tool}: timed out after {left:.0f} s")
+            say("   " + notes[-1])
+    return notes
+
+
 def describe_pytest(p: Optional[dict]) -> str:
     if not p:
         return "not run"
@@ -309,6 +355,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pytest_result = {"command": "pytest -m gpu tests/", "error": f"{type(e).__name__}: {e}",
                              "counts": {}}
             say(f"!! could not run pytest: {pytest_result['error']}")
+    if not args.skip_tests and torch.cuda.is_available():
+        say(f"== compute-sanitizer (budget {SANITIZER_BUDGET_S:.0f} s)")
+        try:
+            notes.extend(run_sanitizer(out, SANITIZER_BUDGET_S))
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"sanitizer step failed: {type(e).__name__}: {e}")
     save(out, [], env, pytest_result, notes, complete=False)
 
     records: list[dict] = []
