@@ -6,8 +6,10 @@ critical blocks, the linear-branch kernels for the marginal ones, dW and db).
 
 Tiles are the classification blocks (BLOCK_M = bq, BLOCK_N = bk): powers of two from 16 to 128
 per side. The D x D states live in registers, so head dims go up to 128 (multiples of 8, padded
-inside); value and query/key head dims must be equal. The backward recomputes the forward's
-intermediates (the op keeps no lse or O_l for sla).
+inside); value and query/key head dims must be equal. The op keeps no lse or O_l for sla, so the
+backward re-forms the block map and key-block states and re-walks the critical blocks once (lse,
+delta, O_l); it stores no D x D state per query block (memory formula in
+triton_kernels/sla/attention.py: sla_backward).
 """
 from __future__ import annotations
 

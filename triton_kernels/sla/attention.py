@@ -46,7 +46,6 @@ def sla_forward(q, k, v, out: torch.Tensor, proj_weight: Optional[torch.Tensor],
                 *, critical: float, negligible: float, block_size, feature: str, scale: float,
                 causal: bool) -> torch.Tensor:
     """out (bhsd view, q's dtype) = O_s + O_l W^T + b; the linear branch runs only with a weight."""
-    seq_q = q.shape[2]
     linear = proj_weight is not None
     if not linear and proj_bias is None:
         sla_forward_parts(q, k, v, linear=False, critical=critical, negligible=negligible, block_size=block_size,
@@ -84,7 +83,7 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
                       buffers are alive at once
     At Wan2.1-1.3B (B=1, H=12, D=128, S=32760, 64 x 64 blocks): h 403 MB + 2 * 201 MB of
     N x D fp32 at peak + about 45 MB of maps and index forms: about 0.85 GB."""
-    seq_q, seq_k = q.shape[2], k.shape[2]
+    seq_k = k.shape[2]
     linear = proj_weight is not None
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     pooled_k, h, z = cls_mod.key_blocks(k, v, block_n=block_size[1], feature=feature, linear=linear)

@@ -7,7 +7,13 @@ summed directly when the marginal list is the shorter one, else as the row total
 critical and negligible blocks, so a row never adds more than half its blocks. Then
 O_l = phi(Q_i) H_i / (phi(Q_i) . Z_i + eps) (0 where the denominator is 0). The critical part
 walks the class-ordered list's first n_crit entries with flash's shared per-block step, exactly
-as block_sparse's forward does (blocks below the causal diagonal unmasked, the rest masked).
+as block_sparse's forward does (blocks below the causal diagonal unmasked, the rest masked),
+with its tiles (block_sparse.configs: fp32 runs tiles smaller than the block).
+
+H_i is formed and applied in column chunks of at most 64 (D x 64 fp32 at a time), which keeps
+the kernel inside H100 shared memory at hd128 without spills; fp16/bf16 inputs meet the fp32
+states with tf32 dots, fp32 inputs with tf32x3. The backward runs the same kernel to re-walk
+the critical blocks, writing lse and delta = rowsum(dO * O_s) instead of O_s.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import triton.language as tl
 
 from ..block_sparse.configs import launch_config
 from ..block_sparse.forward import attend_listed, count_listed_below
-from ..flash.common import LOG2E, attend_key_block, dot_precision, load_tile, query_key_range, store_tile
+from ..flash.common import LOG2E, dot_precision, load_tile, query_key_range, store_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
 from .classify import BlockIndex, padded
 
