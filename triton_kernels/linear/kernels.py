@@ -560,16 +560,17 @@ def _sm_count(device: torch.device) -> int:
 
 
 def chunk_size() -> int:
-    return 32 if interpreting() else CHUNK
+    return CHUNK
 
 
 def super_chunk(seq: int, programs_per_span: int, device: torch.device) -> int:
     """Rows per causal super-chunk: about four programs per SM over the whole grid, a multiple of
     the chunk, at least MIN_SPAN (bounded state memory, see the module docstring). Under the
-    interpreter two chunks, so that small tests cross several super-chunks."""
+    interpreter two chunks, so that small tests cross several super-chunks, and at most four
+    super-chunks on long sequences (the interpreter pays for every program it starts)."""
     chunk = chunk_size()
     if interpreting():
-        return 2 * chunk
+        return max(2 * chunk, triton.cdiv(seq, 4 * chunk) * chunk)
     wanted = max(1, 4 * _sm_count(device) // max(1, programs_per_span))
     return max(MIN_SPAN, triton.cdiv(triton.cdiv(max(seq, 1), wanted), chunk) * chunk)
 
@@ -595,7 +596,7 @@ def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, r
 def state_config(dk_pad: int, dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(value block, warps, rows per step) of the state kernel."""
     if interpreting():
-        return _value_block(dv), 1, 32
+        return _value_block(dv), 1, 64
     bv = _value_block(dv)
     return bv, _warps(dk_pad, bv), 64
 
