@@ -98,8 +98,28 @@ def run_flash_suite(quick: bool = True, *, providers: Optional[Sequence[str]] = 
     timing = runner.TimingConfig(target_s=0.1, max_reps=50) if quick else runner.TimingConfig(target_s=0.5)
     if device == "cpu":
         timing = runner.TimingConfig(target_s=0.02, min_reps=3, max_reps=10)
-    return runner.run_suite(cases, list(providers or default_providers(device)), budget_s=budget_s,
-                            timing=timing, log=log, on_record=on_record)
+    records = runner.run_suite(cases, list(providers or default_providers(device)), budget_s=budget_s,
+                               timing=timing, log=log, on_record=on_record)
+    if log is not None:
+        for kernel, picks in triton_autotune_picks().items():
+            for key, config in picks.items():
+                log(f"attnlib-triton autotune {kernel} {key}: {config}")
+    return records
+
+
+def triton_autotune_picks() -> dict:
+    """The config the Triton autotuner chose per key (head dim, causal, varlen, dtypes) for each
+    flash kernel this process ran, so a GPU run records which candidate of configs.py won."""
+    import sys
+    picks = {}
+    for module, names in (("attnlib.triton_kernels.flash.forward", ("flash_fwd_kernel",)),
+                          ("attnlib.triton_kernels.flash.backward", ("flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel"))):
+        mod = sys.modules.get(module)  # never imported: nothing ran, nothing to report
+        for name in names:
+            cache = getattr(getattr(mod, name, None), "cache", None) or {}
+            if cache:
+                picks[name] = {str(k): str(v) for k, v in cache.items()}
+    return picks
 
 
 # ----------------------------------------------------------------------------------------------
