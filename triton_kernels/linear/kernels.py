@@ -129,6 +129,21 @@ def to_in(x, MODE: tl.constexpr):
 
 
 @triton.jit
+def tile(row, start, offs_r, offs_c, stride_r, stride_c):
+    """Pointers to rows start + offs_r, columns offs_c: a scalar 64-bit row pointer plus int32
+    offsets inside the tile (a hoisted 64-bit pointer tile would hold 64 registers per thread
+    through a whole loop at hd128)."""
+    return row + start * stride_r + (offs_r[:, None] * stride_r + offs_c[None, :] * stride_c)
+
+
+@triton.jit
+def load_phi(ptrs, rows_ok, cols_ok, FEAT: tl.constexpr, MODE: tl.constexpr):
+    """phi of a loaded tile, in the dtype its dots take."""
+    x = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0).to(tl.float32)
+    return to_in(feature_map(x, rows_ok, cols_ok, FEAT), MODE)
+
+
+@triton.jit
 def safe_recip(den):
     """1 / den, and 0 where den == 0 (such rows output 0 and pass no gradient)."""
     return tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
@@ -167,14 +182,14 @@ def linear_state_kernel(K, V, S, RSCALE, ZW,
         rows = start + offs_n
         n_ok = rows < hi
         n64 = tl.cast(start, tl.int64)
-        kf = to_in(feature_map(tl.load(k_row + n64 * stride_kn + (offs_n[:, None] * stride_kn + offs_k[None, :] * stride_kd),
-                                       mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32), n_ok, k_ok, FEAT), MODE)
-        vt = tl.load(v_row + n64 * stride_vn + (offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd),
+        kf = load_phi(tile(k_row, n64, offs_n, offs_k, stride_kn, stride_kd), n_ok, k_ok, FEAT, MODE)
+        vt = tl.load(tile(v_row, n64, offs_n, offs_v, stride_vn, stride_vd),
                      mask=n_ok[:, None] & v_ok[None, :], other=0.0)
         if WEIGHTED:
             scale = tl.load(RSCALE + bh.to(tl.int64) * seq + rows, mask=n_ok, other=0.0)
             s = dot_acc(tl.trans(kf), vt.to(tl.float32) * scale[:, None], s, MODE)
-            z += tl.sum(kf.to(tl.float32) * tl.load(ZW + bh.to(tl.int64) * seq + rows, mask=n_ok, other=0.0)[:, None], 0)
+            zw = tl.load(ZW + bh.to(tl.int64) * seq + rows, mask=n_ok, other=0.0)
+            z += tl.sum(kf.to(tl.float32) * zw[:, None], 0)
         else:
             s = dot_in(tl.trans(kf), vt, s, MODE)
             z += tl.sum(kf.to(tl.float32), 0)
@@ -237,7 +252,8 @@ def linear_prefix_kernel(IN, OUT, n_units, skip, group, E,
             u = n_units - 1 - i
             x = tl.zeros([BLOCK], dtype=tl.float32)
             for g in range(0, group):
-                x += tl.load(IN + (tl.cast(u, tl.int64) * n_out * group + bh * group + g) * E + offs, mask=ok, other=0.0)
+                x += tl.load(IN + (tl.cast(u, tl.int64) * n_out * group + bh * group + g) * E + offs, mask=ok,
+                             other=0.0)
             tl.store(OUT + (tl.cast(u + 1, tl.int64) * n_out + bh) * E + offs, acc, mask=ok)
             acc += x
         tl.store(OUT + bh.to(tl.int64) * E + offs, acc, mask=ok)
@@ -278,9 +294,7 @@ def linear_chunk_fwd_kernel(Q, K, V, O, S,
     offs_v = pid_v * BV + tl.arange(0, BV)
     k_ok = offs_k < DK
     v_ok = offs_v < DV
-    # scalar row pointers plus int32 offsets inside the chunk: a hoisted 64-bit pointer tile
-    # would hold 64 registers per thread for the whole loop
-    q_row = Q + b64 * stride_qb + h64 * stride_qh
+    q_row = Q + b64 * stride_qb + h64 * stride_qh  # scalar row pointers (see tile)
     k_row = K + b64 * stride_kb + kvh64 * stride_kh
     v_row = V + b64 * stride_vb + kvh64 * stride_vh
     o_row = O + b64 * stride_ob + h64 * stride_oh
@@ -290,23 +304,20 @@ def linear_chunk_fwd_kernel(Q, K, V, O, S,
     for m0 in range(sc * span, tl.minimum((sc + 1) * span, seq_q), CHUNK):
         rows = m0 + offs_c
         m_ok = rows < seq_q
-        n0 = m0 + offset
+        m64 = tl.cast(m0, tl.int64)
+        n64 = tl.cast(m0 + offset, tl.int64)
         n_ok = (rows + offset >= 0) & (rows + offset < seq_k)
-        qt = tl.load(q_row + tl.cast(m0, tl.int64) * stride_qm + (offs_c[:, None] * stride_qm + offs_k[None, :] * stride_qd),
-                     mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        qf = to_in(feature_map(qt, m_ok, k_ok, FEAT), MODE)
-        kt = tl.load(k_row + tl.cast(n0, tl.int64) * stride_kn + (offs_c[:, None] * stride_kn + offs_k[None, :] * stride_kd),
-                     mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        kf = to_in(feature_map(kt, n_ok, k_ok, FEAT), MODE)
-        vt = tl.load(v_row + tl.cast(n0, tl.int64) * stride_vn + (offs_c[:, None] * stride_vn + offs_v[None, :] * stride_vd),
-                     mask=n_ok[:, None] & v_ok[None, :], other=0.0)
+        qf = load_phi(tile(q_row, m64, offs_c, offs_k, stride_qm, stride_qd), m_ok, k_ok, FEAT, MODE)
+        kf = load_phi(tile(k_row, n64, offs_c, offs_k, stride_kn, stride_kd), n_ok, k_ok, FEAT, MODE)
+        vt = tl.load(tile(v_row, n64, offs_c, offs_v, stride_vn, stride_vd), mask=n_ok[:, None] & v_ok[None, :],
+                     other=0.0)
         scores = dot_in(qf, tl.trans(kf), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
         scores = tl.where(offs_c[None, :] <= offs_c[:, None], scores, 0.0)
         num = dot_acc(qf, s, tl.zeros([CHUNK, BV], dtype=tl.float32), MODE)
         num = dot_acc(scores, vt, num, MODE)
         num = num * safe_recip(tl.sum(qf.to(tl.float32) * z[None, :], 1) + tl.sum(scores, 1) + eps)[:, None]
-        tl.store(o_row + tl.cast(m0, tl.int64) * stride_om + (offs_c[:, None] * stride_om + offs_v[None, :] * stride_od),
-                 num.to(O.dtype.element_ty), mask=m_ok[:, None] & v_ok[None, :])
+        tl.store(tile(o_row, m64, offs_c, offs_v, stride_om, stride_od), num.to(O.dtype.element_ty),
+                 mask=m_ok[:, None] & v_ok[None, :])
         s = dot_in(tl.trans(kf), vt, s, MODE)
         z += tl.sum(kf.to(tl.float32), 0)
 
@@ -342,7 +353,7 @@ def linear_chunk_dq_kernel(Q, K, V, O, DO, DQ, S, RDEN, DD,
     k_ok = offs_k < DK
     t_ok = offs_t < DK
     v_ok = offs_v < DV
-    # scalar row pointers plus int32 offsets inside the chunk (see linear_chunk_fwd_kernel)
+    # scalar row pointers plus int32 offsets inside the chunk (see tile)
     q_row = Q + b64 * stride_qb + h64 * stride_qh
     k_row = K + b64 * stride_kb + kvh64 * stride_kh
     v_row = V + b64 * stride_vb + kvh64 * stride_vh
@@ -360,15 +371,13 @@ def linear_chunk_dq_kernel(Q, K, V, O, DO, DQ, S, RDEN, DD,
         n_ok = (rows + offset >= 0) & (rows + offset < seq_k)
         m64 = tl.cast(m0, tl.int64)
         n64 = tl.cast(m0 + offset, tl.int64)
-        qf = to_in(feature_map(tl.load(q_row + m64 * stride_qm + (offs_c[:, None] * stride_qm + offs_k[None, :] * stride_qd),
-                                       mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32), m_ok, k_ok, FEAT), MODE)
-        kf = to_in(feature_map(tl.load(k_row + n64 * stride_kn + (offs_c[:, None] * stride_kn + offs_k[None, :] * stride_kd),
-                                       mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32), n_ok, k_ok, FEAT), MODE)
-        vt = tl.load(v_row + n64 * stride_vn + (offs_c[:, None] * stride_vn + offs_v[None, :] * stride_vd),
+        qf = load_phi(tile(q_row, m64, offs_c, offs_k, stride_qm, stride_qd), m_ok, k_ok, FEAT, MODE)
+        kf = load_phi(tile(k_row, n64, offs_c, offs_k, stride_kn, stride_kd), n_ok, k_ok, FEAT, MODE)
+        vt = tl.load(tile(v_row, n64, offs_c, offs_v, stride_vn, stride_vd),
                      mask=n_ok[:, None] & v_ok[None, :], other=0.0)
-        g = tl.load(do_row + m64 * stride_dom + (offs_c[:, None] * stride_dom + offs_v[None, :] * stride_dod),
+        g = tl.load(tile(do_row, m64, offs_c, offs_v, stride_dom, stride_dod),
                     mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-        go = tl.sum(g * tl.load(o_row + m64 * stride_om + (offs_c[:, None] * stride_om + offs_v[None, :] * stride_od),
+        go = tl.sum(g * tl.load(tile(o_row, m64, offs_c, offs_v, stride_om, stride_od),
                                 mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32), 1)
         scores = dot_in(qf, tl.trans(kf), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
         scores = tl.where(offs_c[None, :] <= offs_c[:, None], scores, 0.0)
@@ -380,17 +389,14 @@ def linear_chunk_dq_kernel(Q, K, V, O, DO, DQ, S, RDEN, DD,
         if BK == DK_PAD:  # one block: the whole row (always so for softmax, whose derivative needs it)
             kf_t = kf
         else:
-            kf_t = to_in(feature_map(tl.load(k_row + n64 * stride_kn + (offs_c[:, None] * stride_kn + offs_t[None, :]
-                                                                          * stride_kd),
-                                             mask=n_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32),
-                                     n_ok, t_ok, FEAT), MODE)
+            kf_t = load_phi(tile(k_row, n64, offs_c, offs_t, stride_kn, stride_kd), n_ok, t_ok, FEAT, MODE)
         dqf = dot_acc(dn, tl.trans(s), dd[:, None] * z_t[None, :], MODE)
         dqf = dot_acc(dp, kf_t, dqf, MODE)
         # phi's derivative from the fp32 pre-activation (re-read: cheaper than keeping it live)
-        qt = tl.load(q_row + m64 * stride_qm + (offs_c[:, None] * stride_qm + offs_t[None, :] * stride_qd),
+        qt = tl.load(tile(q_row, m64, offs_c, offs_t, stride_qm, stride_qd),
                      mask=m_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32)
         dq = feature_map_grad(qt, feature_map(qt, m_ok, t_ok, FEAT), dqf, FEAT)
-        tl.store(dq_row + m64 * stride_dqm + (offs_c[:, None] * stride_dqm + offs_t[None, :] * stride_dqd),
+        tl.store(tile(dq_row, m64, offs_c, offs_t, stride_dqm, stride_dqd),
                  dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & t_ok[None, :])
         if pid_k == 0:
             tl.store(RDEN + bh.to(tl.int64) * seq_q + rows, rden, mask=m_ok)
@@ -443,7 +449,7 @@ def linear_chunk_dk_kernel(Q, K, V, DO, DK_, DS, RDEN, DD,
         cols = c0 + offs_c
         n_ok = (cols >= 0) & (cols < seq_k)
         c64 = tl.cast(c0, tl.int64)
-        vt = tl.load(v_row + c64 * stride_vn + (offs_c[:, None] * stride_vn + offs_v[None, :] * stride_vd),
+        vt = tl.load(tile(v_row, c64, offs_c, offs_v, stride_vn, stride_vd),
                      mask=n_ok[:, None] & v_ok[None, :], other=0.0)
         dkf = dot_acc(vt, tl.trans(ds), tl.zeros([CHUNK, BK], dtype=tl.float32) + dz[None, :], MODE)
         if u >= n_pre:  # queries of this chunk (none for the leading units)
@@ -453,13 +459,11 @@ def linear_chunk_dk_kernel(Q, K, V, DO, DK_, DS, RDEN, DD,
             for g in range(0, group):
                 h64 = (kvh * group + g).to(tl.int64)
                 bh64 = bkv.to(tl.int64) * group + g
-                qf = to_in(feature_map(tl.load(Q + b64 * stride_qb + h64 * stride_qh + r64 * stride_qm
-                                               + (offs_c[:, None] * stride_qm + offs_t[None, :] * stride_qd),
-                                               mask=m_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32),
-                                       m_ok, t_ok, FEAT), MODE)
+                q_head = Q + b64 * stride_qb + h64 * stride_qh
+                qf = load_phi(tile(q_head, r64, offs_c, offs_t, stride_qm, stride_qd), m_ok, t_ok, FEAT, MODE)
                 dd = tl.load(DD + bh64 * seq_q + rows, mask=m_ok, other=0.0)
-                dn = tl.load(DO + b64 * stride_dob + h64 * stride_doh + r64 * stride_dom
-                             + (offs_c[:, None] * stride_dom + offs_v[None, :] * stride_dod),
+                dn = tl.load(tile(DO + b64 * stride_dob + h64 * stride_doh,
+                                  r64, offs_c, offs_v, stride_dom, stride_dod),
                              mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32) \
                     * tl.load(RDEN + bh64 * seq_q + rows, mask=m_ok, other=0.0)[:, None]
                 dp_t = dot_acc(vt, tl.trans(dn), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
@@ -468,10 +472,10 @@ def linear_chunk_dk_kernel(Q, K, V, DO, DK_, DS, RDEN, DD,
                 dkf = dot_acc(dp_t, qf, dkf, MODE)
                 ds = dot_acc(tl.trans(qf), dn, ds, MODE)
                 dz += tl.sum(qf.to(tl.float32) * dd[:, None], 0)
-        kt = tl.load(k_row + c64 * stride_kn + (offs_c[:, None] * stride_kn + offs_t[None, :] * stride_kd),
+        kt = tl.load(tile(k_row, c64, offs_c, offs_t, stride_kn, stride_kd),
                      mask=n_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32)
         dk = feature_map_grad(kt, feature_map(kt, n_ok, t_ok, FEAT), dkf, FEAT)
-        tl.store(dk_row + c64 * stride_dkn + (offs_c[:, None] * stride_dkn + offs_t[None, :] * stride_dkd),
+        tl.store(tile(dk_row, c64, offs_c, offs_t, stride_dkn, stride_dkd),
                  dk.to(DK_.dtype.element_ty), mask=n_ok[:, None] & t_ok[None, :])
 
 
@@ -511,8 +515,7 @@ def linear_chunk_dv_kernel(Q, K, DO, DV_, DS, RDEN,
         cols = c0 + offs_c
         n_ok = (cols >= 0) & (cols < seq_k)
         c64 = tl.cast(c0, tl.int64)
-        kf = to_in(feature_map(tl.load(k_row + c64 * stride_kn + (offs_c[:, None] * stride_kn + offs_k[None, :] * stride_kd),
-                                       mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32), n_ok, k_ok, FEAT), MODE)
+        kf = load_phi(tile(k_row, c64, offs_c, offs_k, stride_kn, stride_kd), n_ok, k_ok, FEAT, MODE)
         dv = dot_acc(kf, ds, tl.zeros([CHUNK, BV], dtype=tl.float32), MODE)
         if u >= n_pre:
             rows = c0 - offset + offs_c
@@ -521,19 +524,17 @@ def linear_chunk_dv_kernel(Q, K, DO, DV_, DS, RDEN,
             for g in range(0, group):
                 h64 = (kvh * group + g).to(tl.int64)
                 bh64 = bkv.to(tl.int64) * group + g
-                qf = to_in(feature_map(tl.load(Q + b64 * stride_qb + h64 * stride_qh + r64 * stride_qm
-                                               + (offs_c[:, None] * stride_qm + offs_k[None, :] * stride_qd),
-                                               mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32),
-                                       m_ok, k_ok, FEAT), MODE)
-                dn = tl.load(DO + b64 * stride_dob + h64 * stride_doh + r64 * stride_dom
-                             + (offs_c[:, None] * stride_dom + offs_v[None, :] * stride_dod),
+                q_head = Q + b64 * stride_qb + h64 * stride_qh
+                qf = load_phi(tile(q_head, r64, offs_c, offs_k, stride_qm, stride_qd), m_ok, k_ok, FEAT, MODE)
+                dn = tl.load(tile(DO + b64 * stride_dob + h64 * stride_doh,
+                                  r64, offs_c, offs_v, stride_dom, stride_dod),
                              mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32) \
                     * tl.load(RDEN + bh64 * seq_q + rows, mask=m_ok, other=0.0)[:, None]
                 scores_t = dot_in(kf, tl.trans(qf), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
                 scores_t = tl.where(offs_c[None, :] >= offs_c[:, None], scores_t, 0.0)
                 dv = dot_acc(scores_t, dn, dv, MODE)
                 ds = dot_acc(tl.trans(qf), dn, ds, MODE)
-        tl.store(dv_row + c64 * stride_dvn + (offs_c[:, None] * stride_dvn + offs_v[None, :] * stride_dvd),
+        tl.store(tile(dv_row, c64, offs_c, offs_v, stride_dvn, stride_dvd),
                  dv.to(DV_.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
 
 
@@ -606,7 +607,8 @@ def state(k: torch.Tensor, v: torch.Tensor, feature: str) -> tuple[torch.Tensor,
     batch, heads, seq, dk = k.shape
     dv = v.shape[3]
     if seq == 0 or batch * heads == 0:
-        return k.new_zeros(batch, heads, dk, dv, dtype=torch.float32), k.new_zeros(batch, heads, dk, dtype=torch.float32)
+        return (k.new_zeros(batch, heads, dk, dv, dtype=torch.float32),
+                k.new_zeros(batch, heads, dk, dtype=torch.float32))
     block_n = state_config(pad(dk), dv, k.dtype)[2]
     # enough splits to fill the GPU; each split a multiple of block_n rows
     rows = max(block_n, triton.cdiv(triton.cdiv(seq, max(1, 2 * _sm_count(k.device) // max(1, batch * heads))),
@@ -698,19 +700,28 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
 
 
 def dq_config(dk_pad: int, dv_pad: int, dtype: torch.dtype, feature: str) -> tuple[int, int, int]:
-    """(key-dim block, warps, chunk) of the causal dq kernel; softmax's derivative needs whole rows."""
+    """(key-dim block, warps, chunk) of the causal dq kernel; softmax's derivative needs whole rows.
+    Chosen by compiling for sm_90: bf16/fp16 do not spill with these (elu and softmax)."""
     if interpreting():
         return dk_pad, 1, chunk_size()
-    bk = dk_pad if feature == "softmax" else min(64, dk_pad)
-    return bk, 8, 32 if max(dk_pad, dv_pad) >= 128 else CHUNK
+    if feature == "softmax":
+        return dk_pad, 8, 16 if dk_pad >= 128 else 32
+    return min(64, dk_pad), 8, 32 if max(dk_pad, dv_pad) >= 128 else CHUNK
 
 
 def dkv_config(dk_pad: int, dv_pad: int, dtype: torch.dtype, feature: str) -> tuple[int, int, int, int]:
     """(key-dim block, value block, warps, chunk) of the causal dk and dv kernels; softmax's
-    derivative needs whole rows."""
+    derivative needs whole rows. Compiled for sm_90: no spills for bf16/fp16; at hd128 fp32 takes
+    32-row chunks (64 KB of shared memory instead of 160 KB), whole-row softmax 16."""
     if interpreting():
         return dk_pad, dv_pad, 1, chunk_size()
-    return dk_pad if feature == "softmax" else min(64, dk_pad), min(64, dv_pad), 8, CHUNK
+    wide = max(dk_pad, dv_pad) >= 128
+    bk = dk_pad if feature == "softmax" else min(64, dk_pad)
+    if feature == "softmax" and dk_pad >= 128:
+        chunk = 16
+    else:
+        chunk = 32 if wide and dtype == torch.float32 else CHUNK
+    return bk, min(64, dv_pad), 8, chunk
 
 
 def causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
