@@ -26,6 +26,31 @@ except ImportError:  # pragma: no cover
 from bench import runner
 from bench.runner import Case
 
+
+def _attnlib_cuda_tile128(case: Case, q, k, v):
+    """attnlib-cuda with the opt-in 128-row query tile (ATTNLIB_CUDA_FLASH_TILE_M=128, read per
+    call): side by side with the default 64-row kernel, to decide which becomes the default."""
+    from attnlib.kernels.flash_cuda import TILE_M_ENV
+
+    step = runner.PROVIDERS["attnlib-cuda"].make(case, q, k, v)  # same skip reasons
+
+    def run():
+        old = os.environ.get(TILE_M_ENV)
+        os.environ[TILE_M_ENV] = "128"
+        try:
+            return step()
+        finally:
+            if old is None:
+                os.environ.pop(TILE_M_ENV, None)
+            else:
+                os.environ[TILE_M_ENV] = old
+    return run
+
+
+runner.register_provider("attnlib-cuda-tile128", _attnlib_cuda_tile128,
+                         "attnlib.flash_attention(backend='cuda') with ATTNLIB_CUDA_FLASH_TILE_M=128",
+                         info=runner.PROVIDERS["attnlib-cuda"].info, check=True, replace_existing=True)
+
 TOKEN_HEADS = 16384 * 32           # batch * heads * seq of the synthetic shapes
 HEADS = {64: 32, 128: 16}          # heads per head_dim, as a 2048-wide model has
 # (head_dim, seq) in the order they run, so a spent budget cuts the least telling ones
@@ -39,7 +64,7 @@ WORKLOAD_CAP_S = {True: 0.25, False: 1.0}   # quick / full
 QUICK_BUDGET_S = 170.0
 
 GPU_PROVIDERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "attnlib-triton", "attnlib-cuda",
-                 "attnlib-auto", "flex", "sdpa-math")
+                 "attnlib-cuda-tile128", "attnlib-auto", "flex", "sdpa-math")
 CPU_PROVIDERS = ("attnlib-torch",)
 CPU_CASE = dict(workload="cpu-tiny", batch=1, heads=2, seq_q=128, head_dim=64, dtype="fp32", device="cpu")
 

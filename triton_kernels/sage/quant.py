@@ -169,6 +169,12 @@ def padded_head_dim(head_dim: int) -> int:
     return max(32, triton.next_power_of_2(head_dim))
 
 
+def quant_warps(block: int, d_pad: int) -> int:
+    """Warps for a kernel holding one fp32 (block, d_pad) tile: at most 64 values per thread
+    (4 warps at 128 x 128 spilled 160 B per thread compiled for sm_90)."""
+    return max(4, min(16, block * d_pad // (64 * 32)))
+
+
 def n_blocks(seq: int, block: int) -> int:
     return -(-seq // block)
 
@@ -190,7 +196,7 @@ def quantize_q(q: torch.Tensor, block: int, x_scale: float, k_mean: Optional[tor
         *q.stride(), km.stride(0) if k_mean is not None else 0, km.stride(1) if k_mean is not None else 0,
         seq, heads, heads // (k_mean.shape[1] if k_mean is not None else heads), nb, x_scale, lse_scale,
         HEAD_DIM=d, D_PAD=padded_head_dim(d), BLOCK=block, LSE_SHIFT=k_mean is not None,
-        num_warps=4,
+        num_warps=quant_warps(block, padded_head_dim(d)),
     )
     return qi, delta, shift
 
@@ -206,7 +212,8 @@ def quantize_k(k: torch.Tensor, block: int, smooth: bool):
         return ki, delta, mean
     quant_k_kernel[(1 if smooth else nb, heads, bsz)](
         k, ki, delta, delta if mean is None else mean, *k.stride(), seq, heads, nb,
-        HEAD_DIM=d, D_PAD=padded_head_dim(d), BLOCK=block, SMOOTH=smooth, num_warps=4,
+        HEAD_DIM=d, D_PAD=padded_head_dim(d), BLOCK=block, SMOOTH=smooth,
+        num_warps=quant_warps(block, padded_head_dim(d)),
     )
     return ki, delta, mean
 
