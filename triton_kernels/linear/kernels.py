@@ -5,27 +5,34 @@ splits (summed on the host: deterministic, no atomics); ``apply`` writes phi(Q) 
 phi(Q) . z + eps when z is given.
 
 Causal, chunk-parallel (the organisation of flash-linear-attention's ``chunk`` ops): the queries
-are cut into super-chunks of ``span`` rows (a multiple of the chunk), each one program per
-(batch * head, value block), so the grid fills the GPU at any batch * heads:
+are cut into super-chunks of ``span`` rows (a multiple of every chunk size; see super_chunk),
+each walked by one program per (batch * head, head-dim tile), so the grid fills the GPU at any
+batch * heads (a one-axis grid, tile fastest, so the tiles of one chunk share its loads in L2):
 
-1. ``linear_state_kernel`` sums each key unit's (h_u, z_u), in parallel over units;
+1. ``linear_state_kernel`` sums each key unit's (h_u, z_u) = (phi(K_u)^T V_u, sum phi(K_u)), in
+   parallel over units, batch * heads and value tiles;
 2. ``linear_prefix_kernel`` turns them into exclusive prefixes S_s = sum_{u < s} h_u, parallel
    over (batch * head, blocks of the flattened state);
-3. ``linear_chunk_fwd_kernel`` walks its super-chunk in chunks of CHUNK rows: phi(Q_c) S plus the
-   masked quadratic inside the chunk, then S += phi(K_c)^T V_c.
+3. ``linear_chunk_fwd_kernel`` walks its super-chunk in chunks: phi(Q_c) S plus the masked
+   quadratic inside the chunk, divided by phi(Q_c) . z + its row sums + eps, then
+   S += phi(K_c)^T V_c.
 
-The backward mirrors it: the forward prefixes again, ``linear_chunk_dq_kernel`` (dq, the row
-statistics 1/den and dd, and each super-chunk's reverse state dh_s = phi(Q_s)^T dn_s), a reverse
-prefix over dh (summed over the GQA group) and ``linear_chunk_dkv_kernel`` (dk and dv, walking
-each key unit backwards). Query i sees keys j <= i + offset (offset = Sk - Sq, bottom-right):
-super-chunk s reads keys [s * span + offset, (s + 1) * span + offset) itself and every earlier key
-through its state; keys before offset form extra leading units.
+The backward mirrors it: the forward prefixes again; ``linear_chunk_dq_kernel`` (dq with phi's
+derivative fused, and per row 1/den and dd); ``linear_state_kernel`` weighted for each query
+super-chunk's reverse state dh_s = (phi(Q_s)^T dn_s, phi(Q_s)^T dd_s); a reverse prefix of dh
+(summed over the GQA group) and ``linear_chunk_dk_kernel`` / ``linear_chunk_dv_kernel``, which
+walk each key unit backwards. Query i sees keys j <= i + offset (offset = Sk - Sq,
+bottom-right): super-chunk s reads keys [s * span + offset, (s + 1) * span + offset) itself and
+every earlier key through its state; keys before offset form extra leading units (for the key
+side: units every query sees).
 
 State memory: one fp32 (DK * DV + DK) state per unit and per (batch, kv head), twice (chunk sums
 and prefixes), i.e. 2 * 4 * (DK * DV + DK) / span bytes per key and kv head: at hd128 with the
-smallest span (256) 516 B per token and head (one bf16 q tensor is 256 B), at seq 32k on H100
-(span 2048 for batch * heads = 16) 65 B. The backward adds the same again for dh and 8 B per
-query row (1/den and dd).
+smallest span (MIN_SPAN = 256) 516 B per token and head (one bf16 q tensor is 256 B), at seq 32k
+on H100 with batch * heads = 16 (span 4096) 32 B. The backward holds two such buffers at a time
+too (the forward's sums and prefixes, then the query side's dh and their reverse prefix; span
+2048 there: 64 B per token and head) and 8 B per query row (1/den and dd). Traffic: the states are written once, prefixed
+(read + write) and read once by the head-dim tiles of their super-chunk.
 
 Dots: fp32 inputs multiply in tf32x3 (fp32-level error). 16-bit inputs multiply feature-mapped
 inputs in their own dtype; products with an fp32 accumulation (a state, scores, dn) take bf16
@@ -144,27 +151,35 @@ def load_phi(ptrs, rows_ok, cols_ok, FEAT: tl.constexpr, MODE: tl.constexpr):
 
 
 @triton.jit
+def grid_ids(N_TILES: tl.constexpr, n_units):
+    """(tile, unit, batch * head, number of batch * heads) of a one-axis grid ordered tile-fastest:
+    the head-dim tiles of one unit run together and share its input tiles in L2, and no count
+    meets the 65535 limit of the second and third grid axes."""
+    pid = tl.program_id(0)
+    rest = pid // N_TILES
+    return pid % N_TILES, rest % n_units, rest // n_units, tl.num_programs(0) // (N_TILES * n_units)
+
+
+@triton.jit
 def safe_recip(den):
     """1 / den, and 0 where den == 0 (such rows output 0 and pass no gradient)."""
     return tl.where(den == 0.0, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den))
 
 
 # ---- non-causal and chunk states --------------------------------------------------------
-@triton.jit(do_not_specialize=["seq", "first", "rows_per_split"])
+@triton.jit(do_not_specialize=["seq", "first", "rows_per_split", "n_units"])
 def linear_state_kernel(K, V, S, RSCALE, ZW,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd,
-                        heads, seq, first, rows_per_split,
+                        heads, seq, first, rows_per_split, n_units,
                         DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                         FEAT: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr):
-    """Grid (splits, batch * heads, value blocks). Split i sums the rows
+    """Grid (value blocks * n_units splits * batch * heads,), see grid_ids. Split i sums the rows
     [first + i * rows_per_split, first + (i + 1) * rows_per_split) within [0, seq) into
     S[i, bh] = (phi(K)^T V flattened DK x DV, then sum phi(K)), fp32 (splits, B*H, DK*DV + DK).
     WEIGHTED (the causal backward's reverse states): row n of V is scaled by RSCALE[bh, n] and the
     second part is sum_n ZW[bh, n] phi(K_n)."""
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
-    pid_v = tl.program_id(2)
+    pid_v, split, bh, n_bh = grid_ids(tl.cdiv(DV, BV), n_units)
     b64 = (bh // heads).to(tl.int64)
     h64 = (bh % heads).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
@@ -193,7 +208,7 @@ def linear_state_kernel(K, V, S, RSCALE, ZW,
         else:
             s = dot_in(tl.trans(kf), vt, s, MODE)
             z += tl.sum(kf.to(tl.float32), 0)
-    base = S + (split.to(tl.int64) * tl.num_programs(1) + bh) * (DK * DV + DK)
+    base = S + (split.to(tl.int64) * n_bh + bh) * (DK * DV + DK)
     tl.store(base + offs_k[:, None] * DV + offs_v[None, :], s, mask=k_ok[:, None] & v_ok[None, :])
     if pid_v == 0:
         tl.store(base + DK * DV + offs_k, z, mask=k_ok)
@@ -268,22 +283,20 @@ def linear_prefix_kernel(IN, OUT, n_units, skip, group, E,
 
 
 # ---- causal forward -------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seq_q", "seq_k", "offset", "span"])
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "offset", "span", "n_units"])
 def linear_chunk_fwd_kernel(Q, K, V, O, S,
                             stride_qb, stride_qh, stride_qm, stride_qd,
                             stride_kb, stride_kh, stride_kn, stride_kd,
                             stride_vb, stride_vh, stride_vn, stride_vd,
                             stride_ob, stride_oh, stride_om, stride_od,
-                            heads, group, seq_q, seq_k, offset, span, eps,
+                            heads, group, seq_q, seq_k, offset, span, n_units, eps,
                             DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                             FEAT: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr):
-    """Grid (super-chunks, batch * heads, value blocks). Super-chunk sc: queries
+    """Grid (value blocks * n_units super-chunks * batch * heads,). Super-chunk sc: queries
     [sc * span, (sc + 1) * span), from state S[sc] (every key before sc * span + offset). The
     chunk of queries [m0, m0 + CHUNK) reads keys [m0 + offset, m0 + offset + CHUNK) through the
     masked quadratic (j - offset <= i) and every earlier key through the state."""
-    sc = tl.program_id(0)
-    bh = tl.program_id(1)
-    pid_v = tl.program_id(2)
+    pid_v, sc, bh, n_bh = grid_ids(tl.cdiv(DV, BV), n_units)
     b = bh // heads
     h = bh % heads
     b64 = b.to(tl.int64)
@@ -298,7 +311,7 @@ def linear_chunk_fwd_kernel(Q, K, V, O, S,
     k_row = K + b64 * stride_kb + kvh64 * stride_kh
     v_row = V + b64 * stride_vb + kvh64 * stride_vh
     o_row = O + b64 * stride_ob + h64 * stride_oh
-    st = S + (sc.to(tl.int64) * (tl.num_programs(1) // group) + b64 * (heads // group) + kvh64) * (DK * DV + DK)
+    st = S + (sc.to(tl.int64) * (n_bh // group) + b64 * (heads // group) + kvh64) * (DK * DV + DK)
     s = tl.load(st + offs_k[:, None] * DV + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
     z = tl.load(st + DK * DV + offs_k, mask=k_ok, other=0.0)
     for m0 in range(sc * span, tl.minimum((sc + 1) * span, seq_q), CHUNK):
@@ -323,7 +336,7 @@ def linear_chunk_fwd_kernel(Q, K, V, O, S,
 
 
 # ---- causal backward ------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seq_q", "seq_k", "offset", "span"])
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "offset", "span", "n_units"])
 def linear_chunk_dq_kernel(Q, K, V, O, DO, DQ, S, RDEN, DD,
                            stride_qb, stride_qh, stride_qm, stride_qd,
                            stride_kb, stride_kh, stride_kn, stride_kd,
@@ -331,16 +344,14 @@ def linear_chunk_dq_kernel(Q, K, V, O, DO, DQ, S, RDEN, DD,
                            stride_ob, stride_oh, stride_om, stride_od,
                            stride_dob, stride_doh, stride_dom, stride_dod,
                            stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                           heads, group, seq_q, seq_k, offset, span, eps,
+                           heads, group, seq_q, seq_k, offset, span, n_units, eps,
                            DK: tl.constexpr, DK_PAD: tl.constexpr, BK: tl.constexpr, DV: tl.constexpr,
                            DV_PAD: tl.constexpr, FEAT: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr):
-    """Grid (super-chunks, batch * heads, key-dim blocks of BK). With n = phi(q) S, d = phi(q) . z
+    """Grid (key-dim blocks of BK * n_units super-chunks * batch * heads,). With n = phi(q) S, d = phi(q) . z
     + eps, dn = dO / d and dd = -(dO . O) / d per query row:
       dphi(q_i) = sum_{j vis} (dn_i . v_j + dd_i) phi(k_j) = dn_i S_i^T + dd_i z_i + intra-chunk terms.
     Also writes per row RDEN = 1 / d and DD = dd (from the first key-dim block) for the key side."""
-    sc = tl.program_id(0)
-    bh = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    pid_k, sc, bh, n_bh = grid_ids(tl.cdiv(DK_PAD, BK), n_units)
     b = bh // heads
     h = bh % heads
     b64 = b.to(tl.int64)
@@ -361,7 +372,7 @@ def linear_chunk_dq_kernel(Q, K, V, O, DO, DQ, S, RDEN, DD,
     do_row = DO + b64 * stride_dob + h64 * stride_doh
     dq_row = DQ + b64 * stride_dqb + h64 * stride_dqh
     E = DK * DV + DK
-    st = S + (sc.to(tl.int64) * (tl.num_programs(1) // group) + b64 * (heads // group) + kvh64) * E
+    st = S + (sc.to(tl.int64) * (n_bh // group) + b64 * (heads // group) + kvh64) * E
     s = tl.load(st + offs_t[:, None] * DV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
     z = tl.load(st + DK * DV + offs_k, mask=k_ok, other=0.0)
     z_t = tl.load(st + DK * DV + offs_t, mask=t_ok, other=0.0)
@@ -406,25 +417,23 @@ def linear_chunk_dq_kernel(Q, K, V, O, DO, DQ, S, RDEN, DD,
         z_t += tl.sum(kf_t.to(tl.float32), 0)
 
 
-@triton.jit(do_not_specialize=["seq_q", "seq_k", "offset", "span", "n_pre"])
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "offset", "span", "n_pre", "n_units"])
 def linear_chunk_dk_kernel(Q, K, V, DO, DK_, DS, RDEN, DD,
                            stride_qb, stride_qh, stride_qm, stride_qd,
                            stride_kb, stride_kh, stride_kn, stride_kd,
                            stride_vb, stride_vh, stride_vn, stride_vd,
                            stride_dob, stride_doh, stride_dom, stride_dod,
                            stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-                           heads_kv, group, seq_q, seq_k, offset, span, n_pre,
+                           heads_kv, group, seq_q, seq_k, offset, span, n_pre, n_units,
                            DK: tl.constexpr, DK_PAD: tl.constexpr, BK: tl.constexpr, DV: tl.constexpr,
                            DV_PAD: tl.constexpr, FEAT: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr):
-    """Grid (key units, batch * kv heads, key-dim blocks of BK). Unit u holds keys
+    """Grid (key-dim blocks of BK * n_units key units * batch * kv heads,). Unit u holds keys
     [offset + (u - n_pre) * span, + span): for u >= n_pre the keys of query super-chunk u - n_pre,
     whose later queries arrive through DS[u - n_pre + 1] (the reverse prefix), for u < n_pre keys
     that every query sees (DS[0]). With dS_j = sum_{i sees j} phi(q_i)^T dn_i and
     dz_j = sum_{i sees j} dd_i phi(q_i): dphi(k_j) = dS_j v_j + dz_j, the unit walked backwards in
     chunks (the intra-chunk terms masked), the GQA group's query heads summed."""
-    u = tl.program_id(0)
-    bkv = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    pid_k, u, bkv, n_bkv = grid_ids(tl.cdiv(DK_PAD, BK), n_units)
     b64 = (bkv // heads_kv).to(tl.int64)
     kvh = bkv % heads_kv
     kvh64 = kvh.to(tl.int64)
@@ -434,7 +443,7 @@ def linear_chunk_dk_kernel(Q, K, V, DO, DK_, DS, RDEN, DD,
     t_ok = offs_t < DK
     v_ok = offs_v < DV
     slot = tl.where(u >= n_pre, u - n_pre + 1, 0)
-    st = DS + (slot.to(tl.int64) * tl.num_programs(1) + bkv) * (DK * DV + DK)
+    st = DS + (slot.to(tl.int64) * n_bkv + bkv) * (DK * DV + DK)
     ds = tl.load(st + offs_t[:, None] * DV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
     dz = tl.load(st + DK * DV + offs_t, mask=t_ok, other=0.0)
     k_row = K + b64 * stride_kb + kvh64 * stride_kh
@@ -479,20 +488,18 @@ def linear_chunk_dk_kernel(Q, K, V, DO, DK_, DS, RDEN, DD,
                  dk.to(DK_.dtype.element_ty), mask=n_ok[:, None] & t_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["seq_q", "seq_k", "offset", "span", "n_pre"])
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "offset", "span", "n_pre", "n_units"])
 def linear_chunk_dv_kernel(Q, K, DO, DV_, DS, RDEN,
                            stride_qb, stride_qh, stride_qm, stride_qd,
                            stride_kb, stride_kh, stride_kn, stride_kd,
                            stride_dob, stride_doh, stride_dom, stride_dod,
                            stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                           heads_kv, group, seq_q, seq_k, offset, span, n_pre,
+                           heads_kv, group, seq_q, seq_k, offset, span, n_pre, n_units,
                            DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                            FEAT: tl.constexpr, CHUNK: tl.constexpr, MODE: tl.constexpr):
-    """Grid (key units, batch * kv heads, value blocks of BV): dv_j = dS_j^T phi(k_j) over the
+    """Grid (value blocks of BV * n_units key units * batch * kv heads,): dv_j = dS_j^T phi(k_j) over the
     units of linear_chunk_dk_kernel, with the intra-chunk term (phi(k_j) . phi(q_i)) dn_i."""
-    u = tl.program_id(0)
-    bkv = tl.program_id(1)
-    pid_v = tl.program_id(2)
+    pid_v, u, bkv, n_bkv = grid_ids(tl.cdiv(DV, BV), n_units)
     b64 = (bkv // heads_kv).to(tl.int64)
     kvh = bkv % heads_kv
     kvh64 = kvh.to(tl.int64)
@@ -502,7 +509,7 @@ def linear_chunk_dv_kernel(Q, K, DO, DV_, DS, RDEN,
     k_ok = offs_k < DK
     v_ok = offs_v < DV
     slot = tl.where(u >= n_pre, u - n_pre + 1, 0)
-    st = DS + (slot.to(tl.int64) * tl.num_programs(1) + bkv) * (DK * DV + DK)
+    st = DS + (slot.to(tl.int64) * n_bkv + bkv) * (DK * DV + DK)
     ds = tl.load(st + offs_k[:, None] * DV + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
     k_row = K + b64 * stride_kb + kvh64 * stride_kh
     dv_row = DV_ + b64 * stride_dvb + kvh64 * stride_dvh
@@ -587,8 +594,8 @@ def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, r
         return out
     bv, warps, block_n = state_config(pad(dk), dv, k.dtype)
     rscale, zw = weights if weights is not None else (out, out)
-    linear_state_kernel[(splits, batch * heads, triton.cdiv(dv, bv))](
-        k, v, out, rscale, zw, *k.stride(), *v.stride(), heads, seq, first, rows,
+    linear_state_kernel[(triton.cdiv(dv, bv) * splits * batch * heads,)](
+        k, v, out, rscale, zw, *k.stride(), *v.stride(), heads, seq, first, rows, splits,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], WEIGHTED=weights is not None,
         BLOCK_N=block_n, MODE=dot_mode(k.dtype), num_warps=warps, num_stages=_stages(k.dtype))
     return out
@@ -691,9 +698,10 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     span = span or super_chunk(seq_q, batch * heads * triton.cdiv(dv, bv), q.device)
     _check_span(span, chunk)
     states = causal_states(k, v, feature, offset=offset, seq_q=seq_q, span=span)
-    linear_chunk_fwd_kernel[(triton.cdiv(seq_q, span), batch * heads, triton.cdiv(dv, bv))](
+    n_sc = triton.cdiv(seq_q, span)
+    linear_chunk_fwd_kernel[(triton.cdiv(dv, bv) * n_sc * batch * heads,)](
         q, k, v, out, states, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, heads // k.shape[1], seq_q, seq_k, offset, span, eps,
+        heads, heads // k.shape[1], seq_q, seq_k, offset, span, n_sc, eps,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], CHUNK=chunk,
         MODE=dot_mode(q.dtype), num_warps=warps, num_stages=1)
     return out
@@ -706,7 +714,9 @@ def dq_config(dk_pad: int, dv_pad: int, dtype: torch.dtype, feature: str) -> tup
         return dk_pad, 1, chunk_size()
     if feature == "softmax":
         return dk_pad, 8, 16 if dk_pad >= 128 else 32
-    return min(64, dk_pad), 8, 32 if max(dk_pad, dv_pad) >= 128 else CHUNK
+    # 64-row chunks at hd64 and 32 at hd128 sit at 255 registers (4 bytes spilled at hd128 bf16);
+    # 32 rows take 189 at hd64, 16 rows 216 at hd128
+    return min(64, dk_pad), 8, 16 if max(dk_pad, dv_pad) >= 128 else 32
 
 
 def dkv_config(dk_pad: int, dv_pad: int, dtype: torch.dtype, feature: str) -> tuple[int, int, int, int]:
@@ -749,10 +759,10 @@ def causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     states = causal_states(k, v, feature, offset=offset, seq_q=seq_q, span=span)
     rden = torch.empty(batch * heads, seq_q, dtype=torch.float32, device=q.device)
     dd = torch.empty_like(rden)
-    linear_chunk_dq_kernel[(n_sc, batch * heads, triton.cdiv(pad(d), bk))](
+    linear_chunk_dq_kernel[(triton.cdiv(pad(d), bk) * n_sc * batch * heads,)](
         q, k, v, out, dout, dq, states, rden, dd,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
-        heads, group, seq_q, seq_k, offset, span, eps,
+        heads, group, seq_q, seq_k, offset, span, n_sc, eps,
         DK=d, DK_PAD=pad(d), BK=bk, DV=d_v, DV_PAD=pad(d_v), FEAT=FEATURE_IDS[feature], CHUNK=dq_chunk, MODE=mode,
         num_warps=dq_warps, num_stages=1)
     del states
@@ -762,12 +772,12 @@ def causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     _prefix(dh, ds, n_units=n_sc, group=group, reverse=True)
     del dh
     units = n_pre + n_sc
-    common = (heads_kv, group, seq_q, seq_k, offset, span, n_pre)
-    linear_chunk_dk_kernel[(units, batch * heads_kv, triton.cdiv(pad(d), kv_bk))](
+    common = (heads_kv, group, seq_q, seq_k, offset, span, n_pre, units)
+    linear_chunk_dk_kernel[(triton.cdiv(pad(d), kv_bk) * units * batch * heads_kv,)](
         q, k, v, dout, dk, ds, rden, dd, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
         *common, DK=d, DK_PAD=pad(d), BK=kv_bk, DV=d_v, DV_PAD=pad(d_v), FEAT=FEATURE_IDS[feature], CHUNK=kv_chunk,
         MODE=mode, num_warps=kv_warps, num_stages=1)
-    linear_chunk_dv_kernel[(units, batch * heads_kv, triton.cdiv(d_v, kv_bv))](
+    linear_chunk_dv_kernel[(triton.cdiv(d_v, kv_bv) * units * batch * heads_kv,)](
         q, k, dout, dv, ds, rden, *q.stride(), *k.stride(), *dout.stride(), *dv.stride(),
         *common, DK=d, DK_PAD=pad(d), DV=d_v, BV=kv_bv, FEAT=FEATURE_IDS[feature], CHUNK=kv_chunk,
         MODE=mode, num_warps=kv_warps, num_stages=1)
