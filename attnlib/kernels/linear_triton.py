@@ -1,7 +1,8 @@
 """Method linear on Triton (attnlib.triton_kernels.linear): non-causal two-pass (state, then
-apply) and causal chunked (chunk 64: masked quadratic inside, running state across), feature
-maps elu / relu / softmax / identity fused into the loads, fp32 accumulation; backward from the
-same primitives (no N x N, no recomputation of attention weights).
+apply) and causal chunk-parallel (per-chunk states, a prefix over super-chunks, then every
+super-chunk in parallel: masked quadratic inside a chunk, running state across), feature maps
+elu / relu / softmax / identity fused into the loads, fp32 accumulation; the causal backward
+mirrors it with a reverse prefix (no N x N anywhere).
 
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (slow; for tests).
 """
