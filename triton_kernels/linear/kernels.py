@@ -36,7 +36,8 @@ too (the forward's sums and prefixes, then the query side's dh and their reverse
 
 Dots: fp32 inputs multiply in tf32x3 (fp32-level error). 16-bit inputs multiply feature-mapped
 inputs in their own dtype; products with an fp32 accumulation (a state, scores, dn) take bf16
-(fp32's range: fp16 would overflow long sums), as fla multiplies its states in the input dtype.
+for bf16 inputs and, for fp16, the fp32 tile scaled by a power of two into fp16 (plain fp16
+would overflow long sums); see dot_acc.
 Rows whose denominator is exactly 0 (an all-zero relu row with eps = 0, or a row that sees no key)
 give 0, not NaN, and pass no gradient.
 """
@@ -63,11 +64,8 @@ def pad(d: int) -> int:
 
 def dot_mode(dtype: torch.dtype) -> int:
     """How the kernels multiply (see dot_in / dot_acc): 0 fp32 inputs, tf32x3 throughout; 1 fp16,
-    inputs in fp16 and fp32 accumulations in bf16; 2 bf16 throughout; 3 fp16 under the
-    interpreter, whose bf16 dots are wrong: accumulations in fp32 there."""
-    if dtype == torch.float16:
-        return 3 if interpreting() else 1
-    return 2 if dtype == torch.bfloat16 else 0
+    fp32 accumulations scaled by a power of two into fp16; 2 bf16 throughout."""
+    return {torch.float16: 1, torch.bfloat16: 2}.get(dtype, 0)
 
 
 @triton.jit
@@ -101,7 +99,7 @@ def feature_map_grad(x, fx, dfx, FEAT: tl.constexpr):
 @triton.jit
 def dot_in(a, b, acc, MODE: tl.constexpr):
     """acc + a b for operands that are (feature-mapped) inputs: the input dtype's tensor cores."""
-    if MODE == 1 or MODE == 3:
+    if MODE == 1:
         acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
     elif MODE == 2:
         acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
@@ -111,24 +109,55 @@ def dot_in(a, b, acc, MODE: tl.constexpr):
 
 
 @triton.jit
-def dot_acc(a, b, acc, MODE: tl.constexpr):
-    """acc + a b where an operand is an fp32 accumulation (state, scores, dn): it needs fp32's
-    range (fp16 would overflow on long sequences or tiny denominators), so bf16 for 16-bit
-    inputs (fla multiplies its states in the input dtype); tf32 was tried for fp16 and spills
-    registers on sm_90 (and one variant crashes Triton's prefetch pass)."""
-    if MODE == 1 or MODE == 2:
-        acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-    elif MODE == 3:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+def fp16_scaled(x):
+    """(x / 2^e as fp16, 2^e) with max |x| / 2^e in [256, 512): fp16's precision at fp32's range.
+    fp16 tiles pass unchanged."""
+    if x.dtype == tl.float16:
+        return x, 1.0
+    amax = tl.max(tl.abs(x.to(tl.float32)))
+    scale = tl.exp2(tl.floor(tl.log2(tl.maximum(amax, 1e-30))) - 8.0)
+    return (x / scale).to(tl.float16), scale
+
+
+@triton.jit
+def acc_operand(x, MODE: tl.constexpr):
+    """(operand, scale) of an fp32 accumulation (state, scores, dn) for dot_ops, which needs fp32's
+    range: bf16 for bf16 inputs (as fla multiplies its states in the input dtype); for fp16 the
+    tile scaled by a power of two into fp16 (its 11-bit precision: bf16 there cost 2e-3 relative
+    error in a simulation at seq 3000, tf32 spilled registers on sm_90)."""
+    if MODE == 1:
+        op, scale = fp16_scaled(x)
+    elif MODE == 2:
+        op, scale = x.to(tl.bfloat16), 1.0
     else:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+        op, scale = x.to(tl.float32), 1.0
+    return op, scale
+
+
+@triton.jit
+def dot_ops(a, sa, b, sb, acc, MODE: tl.constexpr):
+    """acc + (sa a) (sb b) for operands from acc_operand."""
+    if MODE == 1:
+        acc += tl.dot(a, b) * (sa * sb)
+    elif MODE == 2:
+        acc = tl.dot(a, b, acc)
+    else:
+        acc = tl.dot(a, b, acc, input_precision="tf32x3")
     return acc
+
+
+@triton.jit
+def dot_acc(a, b, acc, MODE: tl.constexpr):
+    """acc + a b where an operand is an fp32 accumulation (see acc_operand)."""
+    a_op, sa = acc_operand(a, MODE)
+    b_op, sb = acc_operand(b, MODE)
+    return dot_ops(a_op, sa, b_op, sb, acc, MODE)
 
 
 @triton.jit
 def to_in(x, MODE: tl.constexpr):
     """A feature-mapped tile in the dtype its dots take (fewer registers than fp32 for 16-bit inputs)."""
-    if MODE == 1 or MODE == 3:
+    if MODE == 1:
         x = x.to(tl.float16)
     elif MODE == 2:
         x = x.to(tl.bfloat16)
@@ -375,7 +404,10 @@ def linear_chunk_dq_kernel(Q, K, V, O, DO, DQ, S, RDEN, DD,
     st = S + (sc.to(tl.int64) * (n_bh // group) + b64 * (heads // group) + kvh64) * E
     s = tl.load(st + offs_t[:, None] * DV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
     z = tl.load(st + DK * DV + offs_k, mask=k_ok, other=0.0)
-    z_t = tl.load(st + DK * DV + offs_t, mask=t_ok, other=0.0)
+    if BK == DK_PAD:
+        z_t = z
+    else:
+        z_t = tl.load(st + DK * DV + offs_t, mask=t_ok, other=0.0)
     for m0 in range(sc * span, tl.minimum((sc + 1) * span, seq_q), CHUNK):
         rows = m0 + offs_c
         m_ok = rows < seq_q
@@ -395,13 +427,16 @@ def linear_chunk_dq_kernel(Q, K, V, O, DO, DQ, S, RDEN, DD,
         rden = safe_recip(tl.sum(qf.to(tl.float32) * z[None, :], 1) + tl.sum(scores, 1) + eps)
         dn = g * rden[:, None]
         dd = -go * rden
-        dp = dot_acc(dn, tl.trans(vt), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
+        dn_op, dn_scale = acc_operand(dn, MODE)  # used twice: scaled once
+        vt_op, vt_scale = acc_operand(tl.trans(vt), MODE)
+        dp = dot_ops(dn_op, dn_scale, vt_op, vt_scale, tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
         dp = tl.where(offs_c[None, :] <= offs_c[:, None], dp + dd[:, None], 0.0)
         if BK == DK_PAD:  # one block: the whole row (always so for softmax, whose derivative needs it)
             kf_t = kf
         else:
             kf_t = load_phi(tile(k_row, n64, offs_c, offs_t, stride_kn, stride_kd), n_ok, t_ok, FEAT, MODE)
-        dqf = dot_acc(dn, tl.trans(s), dd[:, None] * z_t[None, :], MODE)
+        s_op, s_scale = acc_operand(tl.trans(s), MODE)
+        dqf = dot_ops(dn_op, dn_scale, s_op, s_scale, dd[:, None] * z_t[None, :], MODE)
         dqf = dot_acc(dp, kf_t, dqf, MODE)
         # phi's derivative from the fp32 pre-activation (re-read: cheaper than keeping it live)
         qt = tl.load(tile(q_row, m64, offs_c, offs_t, stride_qm, stride_qd),
@@ -414,7 +449,10 @@ def linear_chunk_dq_kernel(Q, K, V, O, DO, DQ, S, RDEN, DD,
             tl.store(DD + bh.to(tl.int64) * seq_q + rows, dd, mask=m_ok)
         s = dot_in(tl.trans(kf_t), vt, s, MODE)
         z += tl.sum(kf.to(tl.float32), 0)
-        z_t += tl.sum(kf_t.to(tl.float32), 0)
+        if BK == DK_PAD:
+            z_t = z
+        else:
+            z_t += tl.sum(kf_t.to(tl.float32), 0)
 
 
 @triton.jit(do_not_specialize=["seq_q", "seq_k", "offset", "span", "n_pre", "n_units"])
@@ -722,7 +760,8 @@ def dq_config(dk_pad: int, dv_pad: int, dtype: torch.dtype, feature: str) -> tup
 def dkv_config(dk_pad: int, dv_pad: int, dtype: torch.dtype, feature: str) -> tuple[int, int, int, int]:
     """(key-dim block, value block, warps, chunk) of the causal dk and dv kernels; softmax's
     derivative needs whole rows. Compiled for sm_90: no spills for bf16/fp16; at hd128 fp32 takes
-    32-row chunks (64 KB of shared memory instead of 160 KB), whole-row softmax 16."""
+    32-row chunks (64 KB of shared memory instead of 160 KB), fp16 too (its scaled products hold
+    more registers), whole-row softmax 16."""
     if interpreting():
         return dk_pad, dv_pad, 1, chunk_size()
     wide = max(dk_pad, dv_pad) >= 128
@@ -730,7 +769,7 @@ def dkv_config(dk_pad: int, dv_pad: int, dtype: torch.dtype, feature: str) -> tu
     if feature == "softmax" and dk_pad >= 128:
         chunk = 16
     else:
-        chunk = 32 if wide and dtype == torch.float32 else CHUNK
+        chunk = 32 if wide and dtype != torch.bfloat16 else CHUNK
     return bk, min(64, dv_pad), 8, chunk
 
 
