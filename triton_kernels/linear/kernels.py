@@ -455,6 +455,28 @@ def linear_chunk_dq_kernel(Q, K, V, O, DO, DQ, S, RDEN, DD,
             z_t += tl.sum(kf_t.to(tl.float32), 0)
 
 
+@triton.jit
+def key_unit(DS, u, n_pre, bkv, n_bkv, offset, span, seq_k, DK: tl.constexpr, DV: tl.constexpr,
+             CHUNK: tl.constexpr):
+    """A key unit of the dk/dv kernels: its reverse-prefix state slot (pointer to dS, then dz),
+    its first key row lo, and the range [j_lo, j_hi) of its chunks that hold keys."""
+    slot = tl.where(u >= n_pre, u - n_pre + 1, 0)
+    st = DS + (slot.to(tl.int64) * n_bkv + bkv) * (DK * DV + DK)
+    lo = offset + (u - n_pre) * span
+    j_hi = tl.cdiv(tl.minimum(span, seq_k - lo), CHUNK)
+    j_lo = tl.maximum(-lo, 0) // CHUNK
+    return st, lo, j_lo, j_hi
+
+
+@triton.jit
+def scaled_dout(DO, RDEN, b64, h64, bh64, r64, rows, m_ok, offs_c, offs_v, v_ok, seq_q,
+                stride_dob, stride_doh, stride_dom, stride_dod):
+    """dn = dO / den for a chunk of query rows (fp32), den from the dq pass."""
+    do = tl.load(tile(DO + b64 * stride_dob + h64 * stride_doh, r64, offs_c, offs_v, stride_dom, stride_dod),
+                 mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+    return do * tl.load(RDEN + bh64 * seq_q + rows, mask=m_ok, other=0.0)[:, None]
+
+
 @triton.jit(do_not_specialize=["seq_q", "seq_k", "offset", "span", "n_pre", "n_units"])
 def linear_chunk_dk_kernel(Q, K, V, DO, DK_, DS, RDEN, DD,
                            stride_qb, stride_qh, stride_qm, stride_qd,
@@ -480,17 +502,13 @@ def linear_chunk_dk_kernel(Q, K, V, DO, DK_, DS, RDEN, DD,
     offs_v = tl.arange(0, DV_PAD)
     t_ok = offs_t < DK
     v_ok = offs_v < DV
-    slot = tl.where(u >= n_pre, u - n_pre + 1, 0)
-    st = DS + (slot.to(tl.int64) * n_bkv + bkv) * (DK * DV + DK)
+    # the unit's chunks that hold keys, from the last: [lo + j * CHUNK, + CHUNK) for j_lo <= j < j_hi
+    st, lo, j_lo, j_hi = key_unit(DS, u, n_pre, bkv, n_bkv, offset, span, seq_k, DK, DV, CHUNK)
     ds = tl.load(st + offs_t[:, None] * DV + offs_v[None, :], mask=t_ok[:, None] & v_ok[None, :], other=0.0)
     dz = tl.load(st + DK * DV + offs_t, mask=t_ok, other=0.0)
     k_row = K + b64 * stride_kb + kvh64 * stride_kh
     v_row = V + b64 * stride_vb + kvh64 * stride_vh
     dk_row = DK_ + b64 * stride_dkb + kvh64 * stride_dkh
-    lo = offset + (u - n_pre) * span
-    # the unit's chunks that hold keys, from the last: [lo + j * CHUNK, + CHUNK) for j_lo <= j < j_hi
-    j_hi = tl.cdiv(tl.minimum(span, seq_k - lo), CHUNK)
-    j_lo = tl.maximum(-lo, 0) // CHUNK
     for i in range(0, j_hi - j_lo):
         c0 = lo + (j_hi - 1 - i) * CHUNK
         cols = c0 + offs_c
@@ -509,10 +527,8 @@ def linear_chunk_dk_kernel(Q, K, V, DO, DK_, DS, RDEN, DD,
                 q_head = Q + b64 * stride_qb + h64 * stride_qh
                 qf = load_phi(tile(q_head, r64, offs_c, offs_t, stride_qm, stride_qd), m_ok, t_ok, FEAT, MODE)
                 dd = tl.load(DD + bh64 * seq_q + rows, mask=m_ok, other=0.0)
-                dn = tl.load(tile(DO + b64 * stride_dob + h64 * stride_doh,
-                                  r64, offs_c, offs_v, stride_dom, stride_dod),
-                             mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32) \
-                    * tl.load(RDEN + bh64 * seq_q + rows, mask=m_ok, other=0.0)[:, None]
+                dn = scaled_dout(DO, RDEN, b64, h64, bh64, r64, rows, m_ok, offs_c, offs_v, v_ok, seq_q,
+                                 stride_dob, stride_doh, stride_dom, stride_dod)
                 dp_t = dot_acc(vt, tl.trans(dn), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
                 # [key t, query r]: query r sees key t when r >= t
                 dp_t = tl.where(offs_c[None, :] >= offs_c[:, None], dp_t + dd[None, :], 0.0)
@@ -546,15 +562,10 @@ def linear_chunk_dv_kernel(Q, K, DO, DV_, DS, RDEN,
     offs_v = pid_v * BV + tl.arange(0, BV)
     k_ok = offs_k < DK
     v_ok = offs_v < DV
-    slot = tl.where(u >= n_pre, u - n_pre + 1, 0)
-    st = DS + (slot.to(tl.int64) * n_bkv + bkv) * (DK * DV + DK)
+    st, lo, j_lo, j_hi = key_unit(DS, u, n_pre, bkv, n_bkv, offset, span, seq_k, DK, DV, CHUNK)
     ds = tl.load(st + offs_k[:, None] * DV + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
     k_row = K + b64 * stride_kb + kvh64 * stride_kh
     dv_row = DV_ + b64 * stride_dvb + kvh64 * stride_dvh
-    lo = offset + (u - n_pre) * span
-    # the unit's chunks that hold keys, from the last: [lo + j * CHUNK, + CHUNK) for j_lo <= j < j_hi
-    j_hi = tl.cdiv(tl.minimum(span, seq_k - lo), CHUNK)
-    j_lo = tl.maximum(-lo, 0) // CHUNK
     for i in range(0, j_hi - j_lo):
         c0 = lo + (j_hi - 1 - i) * CHUNK
         cols = c0 + offs_c
@@ -571,10 +582,8 @@ def linear_chunk_dv_kernel(Q, K, DO, DV_, DS, RDEN,
                 bh64 = bkv.to(tl.int64) * group + g
                 q_head = Q + b64 * stride_qb + h64 * stride_qh
                 qf = load_phi(tile(q_head, r64, offs_c, offs_k, stride_qm, stride_qd), m_ok, k_ok, FEAT, MODE)
-                dn = tl.load(tile(DO + b64 * stride_dob + h64 * stride_doh,
-                                  r64, offs_c, offs_v, stride_dom, stride_dod),
-                             mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32) \
-                    * tl.load(RDEN + bh64 * seq_q + rows, mask=m_ok, other=0.0)[:, None]
+                dn = scaled_dout(DO, RDEN, b64, h64, bh64, r64, rows, m_ok, offs_c, offs_v, v_ok, seq_q,
+                                 stride_dob, stride_doh, stride_dom, stride_dod)
                 scores_t = dot_in(kf, tl.trans(qf), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
                 scores_t = tl.where(offs_c[None, :] >= offs_c[:, None], scores_t, 0.0)
                 dv = dot_acc(scores_t, dn, dv, MODE)
