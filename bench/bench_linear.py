@@ -42,15 +42,17 @@ def copy_bandwidth_gbs(dev: torch.device, nbytes: int = 1 << 30) -> float:
 
 
 def _fla_step(q, k, v, causal: bool):
+    """(step, None) running flash-linear-attention's chunked kernel on the same tensors, or
+    (None, why not). fla's linear attention is causal only (chunk_linear_attn and
+    fused_chunk_linear_attn both are), so it has no non-causal counterpart."""
+    if not causal:
+        return None, "fla-core's linear attention is causal only"
     try:
-        if causal:
-            from fla.ops.linear_attn import chunk_linear_attn as f
-        else:
-            from fla.ops.linear_attn import fused_chunk_linear_attn as f
+        from fla.ops.linear_attn import chunk_linear_attn as f
     except ImportError:
-        return None
+        return None, "fla-core not installed (carry its wheel: see bench/gpu_check.py)"
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # fla takes (B, T, H, D)
-    return lambda: f(qt, kt, vt, normalize=True)
+    return (lambda: f(qt, kt, vt, normalize=True)), None
 
 
 def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] = print) -> list[dict]:
@@ -70,13 +72,14 @@ def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None
             q, k, v = (torch.randn(SHAPE["batch"], SHAPE["heads"], seq, SHAPE["head_dim"], generator=gen)
                        .to(dev, torch.bfloat16) for _ in range(3))
             nbytes = 4 * q.numel() * q.element_size()  # q, k, v read once, out written once
+            fla_step, fla_why = _fla_step(q, k, v, causal)
             for prov, step in (("attnlib-triton", lambda: attnlib.linear_attention(q, k, v, causal=causal,
                                                                                    backend="triton")),
-                               ("fla", _fla_step(q, k, v, causal))):
+                               ("fla", fla_step)):
                 rec = dict(method="linear", provider=prov, direction="fwd", seq=seq, causal=causal, dtype="bf16", **SHAPE,
                            copy_gbs=copy_gbs)
                 if step is None:
-                    rec["skipped"] = "fla-core not installed"
+                    rec["skipped"] = fla_why
                 elif time.perf_counter() - t0 > budget_s:
                     rec["skipped"] = "time budget spent"
                 else:

@@ -3,6 +3,11 @@
     pip install --no-deps --no-build-isolation -e .
     python bench/gpu_check.py            # results under $OUT, else ./gpu-results/
 
+On a lent device machine (no network), the baselines sageattention 1.0.6 and fla-core travel as
+wheels: run ``scripts/fetch_gpu_wheels.sh`` here, then carry ``.whl`` and start the command with
+``python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+export PYTHONPATH=/tmp/site;`` (without them those providers are recorded as skipped, with why).
+
 Steps, each bounded in time so the whole run ends inside about 8 minutes on an H100:
 
 1. print the environment (GPU, driver, CUDA, torch / triton / cupy versions, SM count, kernels);
