@@ -76,16 +76,22 @@ def _ptxas_report(compiled) -> dict:
             "spill_bytes": int(spills.group(1)) if spills else 0, "report": report}
 
 
-def flash_cases(all_candidates: bool = False):
+def flash_cases(all_candidates: bool = False, tma: bool = False):
     """(kernel name, kernel, dtype, head dim, causal, config, candidate index). By default the
     config each launcher uses with autotuning off (the first candidate) at head dims 64, 128 and
     256, fp16/bf16/fp32; with all_candidates, every fp16/bf16 candidate of every table, at the
-    table's head dim and one it pads up to it (the head-dim tail masks take registers too)."""
+    table's head dim and one it pads up to it (the head-dim tail masks take registers too).
+    tma: the tensor-descriptor forward (forward_tma.py, ATTNLIB_FLASH_TMA=1) instead, fp16/bf16
+    only (its configs have a fifth entry, warp_specialize)."""
     from attnlib.triton_kernels.flash import backward, configs, forward
 
-    kernels = {"fwd": (forward.flash_fwd_kernel, configs.FWD_H100, "M"),
-               "dkdv": (backward.flash_bwd_dkdv_kernel, configs.BWD_DKDV_H100, "N"),
-               "dq": (backward.flash_bwd_dq_kernel, configs.BWD_DQ_H100, "M")}
+    if tma:
+        from attnlib.triton_kernels.flash import forward_tma
+        kernels = {"fwd_tma": (forward_tma.flash_fwd_tma_kernel, configs.FWD_TMA_H100, "M")}
+    else:
+        kernels = {"fwd": (forward.flash_fwd_kernel, configs.FWD_H100, "M"),
+                   "dkdv": (backward.flash_bwd_dkdv_kernel, configs.BWD_DKDV_H100, "N"),
+                   "dq": (backward.flash_bwd_dq_kernel, configs.BWD_DQ_H100, "M")}
     for which, (kernel, table, resident) in kernels.items():
         if all_candidates:
             for key, cands in table.items():
@@ -96,6 +102,12 @@ def flash_cases(all_candidates: bool = False):
                                 yield which, kernel, dtype, head_dim, causal, config, i
             continue
         for head_dim in (64, 128, 256):
+            if tma:
+                for dtype in ("fp16", "bf16"):
+                    config = configs.tma_candidates(head_dim)[0]
+                    for causal in (False, True):
+                        yield which, kernel, dtype, head_dim, causal, config, 0
+                continue
             for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
                 # the config the launcher uses with autotuning off (the first candidate)
                 config = configs.candidates(table, head_dim, elem, resident)[0]
@@ -232,6 +244,9 @@ def main() -> None:
     parser.add_argument("--all-candidates", action="store_true",
                         help="flash: every fp16/bf16 autotune candidate, not only the default config")
     parser.add_argument("--varlen", action="store_true", help="flash: compile the packed-sequence (varlen) variants")
+    parser.add_argument("--tma", action="store_true",
+                        help="flash: compile the tensor-descriptor forward (ATTNLIB_FLASH_TMA=1) instead of the "
+                             "default kernels; records also count TMA copies and wgmma in the PTX")
     args = parser.parse_args()
     suite = args.suite
     only = set(args.only.split(",")) if args.only else None
@@ -255,14 +270,41 @@ def main() -> None:
     if suite not in ("all", "flash"):
         return
     from attnlib.triton_kernels.flash.configs import padded_head_dim
-    for which, kernel, dtype, head_dim, causal, (bm, bn, warps, stages), i in flash_cases(args.all_candidates):
-        const = dict(HEAD_DIM=head_dim, D_PAD=padded_head_dim(head_dim), CAUSAL=causal, VARLEN=args.varlen,
-                     PREC="tf32x3" if dtype == "fp32" else "tf32")
+
+    def compile_tma(kernel, dtype, const, config):
+        """compile_sm90 for the descriptor forward, plus what its PTX shows: TMA bulk-tensor
+        loads and stores, wgmma, and whether Triton's warp specialization partitioned it."""
+        bm, bn, warps, stages, ws = config
+        fn = kernel.fn
+        const = dict(const, WARP_SPEC=ws, BLOCK_M=bm, BLOCK_N=bn)
+        for name in fn.arg_names:
+            if name.startswith("stride") and name.endswith("d"):
+                const[name] = 1
+        sig = _signature(fn, dtype, const)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if sig[name].startswith("*") or (name.startswith("stride") and sig[name] != "constexpr")}
+        compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                                  target=SM90, options={"num_warps": warps, "num_stages": stages})
+        ptx = compiled.asm["ptx"]
+        r = _ptxas_report(compiled)
+        r.update(tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
+                 tma_stores=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)),
+                 wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), ld_global=len(re.findall(r"ld\.global", ptx)),
+                 total_warps=compiled.metadata.num_warps, setmaxnreg=len(re.findall(r"setmaxnreg", ptx)))
+        return r
+
+    for which, kernel, dtype, head_dim, causal, config, i in flash_cases(args.all_candidates, args.tma):
+        const = dict(HEAD_DIM=head_dim, D_PAD=padded_head_dim(head_dim), CAUSAL=causal)
         try:
-            r = compile_sm90(kernel, dtype, const, bm, bn, warps, stages)
+            if args.tma:
+                r = compile_tma(kernel, dtype, const, config)
+            else:
+                bm, bn, warps, stages = config
+                const.update(VARLEN=args.varlen, PREC="tf32x3" if dtype == "fp32" else "tf32")
+                r = compile_sm90(kernel, dtype, const, bm, bn, warps, stages)
         except Exception as e:  # reported per case, the test fails on it
             r = {"error": f"{type(e).__name__}: {e}"}
-        r.update(family="flash", kernel=which, dtype=dtype, head_dim=head_dim, causal=causal, config=[bm, bn, warps, stages])
+        r.update(family="flash", kernel=which, dtype=dtype, head_dim=head_dim, causal=causal, config=list(config))
         if args.all_candidates:
             r.update(candidate=i, varlen=args.varlen)
         print(json.dumps(r), flush=True)

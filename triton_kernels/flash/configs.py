@@ -3,6 +3,10 @@ config under TRITON_INTERPRET=1, and the autotuner's pruning by shared-memory bu
 
 Environment switches:
   ATTNLIB_FLASH_AUTOTUNE=0   skip autotuning and use the first (default) candidate per head dim.
+  ATTNLIB_FLASH_TMA=1        dense fp16/bf16 forwards run the tensor-descriptor (TMA) kernel of
+                             forward_tma.py with its own candidates (FWD_TMA_H100); inputs it cannot
+                             express (misaligned base or strides, varlen, fp32, pre-Hopper GPUs) keep
+                             the default kernel. Off by default until a GPU run compares the two.
 """
 from __future__ import annotations
 
@@ -77,6 +81,33 @@ INTERPRET_DQ = (32, 16, 1, 1)
 
 SMEM_BUDGET = 170 * 1024  # bytes of the estimate, leaving room below H100's 227 KB for layout conversions
 AUTOTUNE_KEY = ["D_PAD", "CAUSAL", "VARLEN"]
+
+# Forward on tensor descriptors (forward_tma.py, ATTNLIB_FLASH_TMA=1): (BLOCK_M, BLOCK_N,
+# num_warps, num_stages, warp_specialize). The first entries are FWD_H100's tiles, so a run with
+# autotuning off compares the load path alone. warp_specialize=True candidates use Triton 3.6's
+# Hopper warp-specialization pass (a TMA producer warpgroup and two consumer warpgroups that split
+# BLOCK_M, 12 warps in all from num_warps=4, as the 06-fused-attention tutorial runs on Hopper):
+# compiled for sm_90 it only partitions with num_warps=4 (at 8 it compiles to the plain kernel)
+# and only a single key loop (two loops crash the pass, triton-lang/triton#9728, #8260), so that
+# variant masks every key block. Its shared memory is the estimate plus a BLOCK_M x D staging tile
+# for O (tma_smem_bytes). Every entry compiled for sm_90 without spills (tests/triton_sm90.py
+# --suite flash --tma --all-candidates); speed is the GPU autotuner's call.
+FWD_TMA_H100 = {
+    32: [(128, 64, 4, 4, False), (128, 128, 8, 3, False), (64, 64, 4, 4, False),
+         (128, 64, 4, 4, True), (128, 128, 4, 3, True)],
+    64: [(128, 64, 4, 4, False), (128, 128, 8, 3, False), (128, 128, 8, 4, False), (64, 64, 4, 4, False),
+         (128, 64, 4, 4, True), (128, 128, 4, 3, True)],
+    128: [(128, 64, 8, 3, False), (128, 128, 8, 3, False), (128, 64, 8, 4, False), (64, 64, 4, 3, False),
+          (128, 64, 4, 3, True), (128, 128, 4, 2, True)],
+    256: [(64, 64, 8, 2, False), (128, 32, 8, 2, False), (128, 32, 4, 2, True)],
+}
+INTERPRET_FWD_TMA = (32, 16, 1, 1, False)
+TMA_AUTOTUNE_KEY = ["D_PAD", "CAUSAL"]
+
+
+def tma_requested() -> bool:
+    """ATTNLIB_FLASH_TMA=1: dense fp16/bf16 forwards use the descriptor kernel where they can."""
+    return os.environ.get("ATTNLIB_FLASH_TMA", "0") == "1"
 
 
 def interpreting() -> bool:
@@ -181,3 +212,45 @@ def dkdv_autotune():
 def dq_autotune():
     return triton.autotune(configs=_all_configs(BWD_DQ_H100, INTERPRET_DQ), key=AUTOTUNE_KEY,
                            prune_configs_by={"early_config_prune": _pruner(BWD_DQ_H100, "M")})
+
+
+def _tma_config(c: tuple) -> triton.Config:
+    bm, bn, warps, stages, ws = c
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": ws}, num_warps=warps, num_stages=stages)
+
+
+def tma_smem_bytes(c: tuple, d_pad: int) -> int:
+    """Shared memory of a descriptor-forward candidate (16-bit inputs) as compiled for sm_90:
+    Q + stages x (K + V), a BLOCK_M x D staging tile for O in the warp-specialized kernel (the
+    plain one reuses the loop's buffers), and 1 KB of barriers."""
+    bm, _, _, _, ws = c
+    return _smem_bytes(c[:4], d_pad, 2, "M") + (bm * d_pad * 2 if ws else 0) + 1024
+
+
+def tma_candidates(d_pad: int, exact_smem_limit: Optional[int] = None) -> list[tuple]:
+    """The descriptor forward's candidates for this padded head dim (16-bit inputs only), best
+    guess first; the same shared-memory rule as candidates() for the pointer forward."""
+    budget = max(SMEM_BUDGET, exact_smem_limit or 0)
+    cands = FWD_TMA_H100[_table_key(d_pad)]
+    wanted = [c for c in cands if tma_smem_bytes(c, d_pad) <= budget] or [cands[0]]
+    return wanted if autotune_enabled() else wanted[:1]
+
+
+def _tma_pruner(configs, named_args, **kwargs):
+    if len(configs) == 1:
+        return configs
+    d_pad = kwargs.get("D_PAD", named_args.get("D_PAD"))
+    wanted = {_key(_tma_config(c)) + (c[4],) for c in tma_candidates(d_pad, device_smem_limit(named_args["Q"]))}
+    return [cfg for cfg in configs if _key(cfg) + (cfg.kwargs["WARP_SPEC"],) in wanted]
+
+
+def fwd_tma_autotune():
+    if interpreting():
+        cfgs = [_tma_config(INTERPRET_FWD_TMA)]
+    else:
+        seen = []
+        for cands in FWD_TMA_H100.values():
+            seen += [c for c in cands if c not in seen]
+        cfgs = [_tma_config(c) for c in seen]
+    return triton.autotune(configs=cfgs, key=TMA_AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": _tma_pruner})

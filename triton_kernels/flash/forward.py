@@ -1,5 +1,8 @@
 """FlashAttention-2 forward in Triton: the kernel (Q tile resident, K/V streamed, base-2 online
-softmax) and its launcher. Writes O in the input dtype and lse (natural log, float32)."""
+softmax) and its launcher. Writes O in the input dtype and lse (natural log, float32).
+
+With ATTNLIB_FLASH_TMA=1 the launcher hands dense fp16/bf16 calls that tensor descriptors can
+express to forward_tma.py (the Hopper TMA variant, same results); fwd_variant says which runs."""
 from __future__ import annotations
 
 from typing import Optional
@@ -96,6 +99,18 @@ def flash_fwd_kernel(
     tl.store(lse_ptrs, lse, mask=m_ok)
 
 
+def fwd_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                varlen: Optional[Varlen] = None) -> tuple[str, list[str]]:
+    """("tma", []) when flash_fwd would launch the descriptor kernel, else ("default", reasons):
+    reasons is empty when ATTNLIB_FLASH_TMA is off, and says why the descriptors cannot serve
+    the call when it is on."""
+    if not configs.tma_requested():
+        return "default", []
+    from .forward_tma import tma_unsupported_reasons
+    reasons = tma_unsupported_reasons(q, k, v, out, varlen)
+    return ("tma", []) if not reasons else ("default", reasons)
+
+
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *,
               causal: bool, scale: float, varlen: Optional[Varlen] = None) -> None:
     """Launch the forward kernel. q/k/v/out are bhsd views (last stride 1; packed varlen tensors
@@ -107,6 +122,10 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     if k.shape[2] == 0:  # no keys at all: every row is empty
         out.zero_()
         lse.fill_(float("-inf"))
+        return
+    if fwd_variant(q, k, v, out, varlen)[0] == "tma":
+        from .forward_tma import flash_fwd_tma
+        flash_fwd_tma(q, k, v, out, lse, causal=causal, scale=scale)
         return
     cu_q, cu_k = cu_pointers(q, varlen)
 
