@@ -176,10 +176,14 @@ def _block_sparse(which, dtype, d, causal):
 
 
 def _sage(pv, dtype, d, causal):
+    """The forward with smoothing (K: block sums, their fold, quantization; V likewise for fp8),
+    then K's quantization without smoothing (the same kernel's other specialisation)."""
     from attnlib.triton_kernels.sage.forward import sage_forward
+    from attnlib.triton_kernels.sage.quant import quantize_k
     q, k, v = (_t(1, 2, 256, d, dtype=dtype) for _ in range(3))
     sage_forward(q, k, v, causal=causal, scale=d ** -0.5, smooth_k=True, pv=pv, q_block=128, k_block=64,
                  return_lse=True)
+    quantize_k(k, 64, smooth=False)
 
 
 def _linear(which, dtype, d, causal):

@@ -1,4 +1,5 @@
-"""Method sage on Triton (attnlib.triton_kernels.sage): fused quantization kernels and INT8
+"""Method sage on Triton (attnlib.triton_kernels.sage): quantization kernels parallel over token
+blocks (K's mean and V's fp8 scales from deterministic per-block partials) and INT8
 QK^T attention with fp16, fp16-accumulator or fp8 PV. Forward only (SageAttention is an
 inference method; rounding to INT8 has no useful gradient).
 

@@ -1,5 +1,7 @@
-"""SageAttention forward orchestration on Triton: quantize K (smoothing fused), Q (scale and
-log2(e) folded in, lse correction fused) and, for fp8 PV, V; then the attention kernel."""
+"""SageAttention forward orchestration on Triton: quantize K (its token mean from block sums,
+subtracted inside the quantization), Q (scale and log2(e) folded in, lse correction fused) and,
+for fp8 PV, V (its channel max likewise); then the attention kernel. Launches and traffic per
+token: quant.py's docstring."""
 from __future__ import annotations
 
 import math

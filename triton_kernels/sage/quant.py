@@ -1,13 +1,32 @@
-"""Fused quantization kernels of SageAttention: one launch per tensor.
+"""Quantization kernels of SageAttention, every launch parallel over blocks of tokens.
 
 - Q: scaled by softmax scale * log2(e), quantized to symmetric INT8 per block of tokens (128,
   or 32 for per-warp granularity); optionally writes each row's lse correction scale * q . mean_k.
-- K: its token mean, the subtraction and the INT8 quantization per 64-token block in one
-  kernel: with smoothing, one program per (batch, kv head) first sums its tokens and then
-  quantizes every block from the same program (the mean must be known before any block's
-  scale); without smoothing one program per block.
-- V (pv="fp8"): per-channel e4m3, delta_v = max|v| / 448 over all tokens, one program per
-  (channel slice, kv head, batch), since channels are independent.
+- K: INT8 per 64-token block; with smoothing (SageAttention §3.2) of x - mean, the mean over all
+  real tokens per (batch, kv head, channel), which every block's scale depends on.
+- V (pv="fp8"): per-channel e4m3, delta_v = max|v| / 448 over all tokens.
+
+A whole-sequence statistic (K's mean, V's channel max) takes two small launches before the
+quantization: per-block partials over (blocks, heads, batch), then a fold of those partials in
+block order over (channel slices, heads, batch). No atomics: the result does not depend on
+scheduling, and the sum is added in the order one program walking the blocks would use (one
+program per (batch, head) left 120 of an H100's 132 SMs idle at Wan2.1's 12 heads x 32760 tokens).
+
+Launches and global bytes per token (E bytes per input element, D the head dim; hd128 fp16/bf16
+in brackets):
+  Q              quant_q_kernel     (S/128 | S/32, Hq, B)   read D*E [256], write D + 4/block
+                                                            (+ 4 lse shift) [128]
+  K, smooth_k    block_stats_kernel (S/64, Hkv, B)   read D*E [256], write 4D/64 [8]
+                 reduce_stats_kernel(D/32, Hkv, B)   read 4D/64 [8], write 4D per head
+                 quant_k_kernel     (S/64, Hkv, B)   read D*E + 4D/64 (mean, from L2) [264],
+                                                     write D + 4/64 [128]
+                 together: read 2*D*E + D/8 [528], write D + D/16 + 1/16 [136]
+                 (the former single pass read 2*D*E [512], wrote D + 1/16 [128])
+  K, no smoothing quant_k_kernel    (S/64, Hkv, B)   read D*E, write D + 4/64
+  V, pv="fp8"    the same three launches (block channel max|v|, max fold -> delta_v, e4m3
+                 quantization quant_v_fp8_kernel): read 2*D*E + D/8 [528], write D + D/16 [136]
+                 (formerly one launch of D/16 channel-slice programs per (batch, head) reading
+                 2*D*E [512] and writing D [128])
 
 INT8 follows attnlib.reference.sage exactly: delta = max|x| / 127 in fp32, x / delta rounded
 to nearest with ties away from zero (divisions are IEEE-rounded: div_rn).
@@ -26,7 +45,8 @@ from ..flash.common import load_tile
 # interpreter does not check this; compiling for sm_90 here does, tests/triton_sm90.py)
 INT8_MAX = tl.constexpr(127.0)
 FP8_MAX = tl.constexpr(448.0)
-V_CHANNELS = 16  # channels per program of the fp8 V kernel
+REDUCE_CHANNELS = 32  # channels per one-warp program folding the block partials: one per lane
+REDUCE_UNROLL = 32    # block partials loaded per step of that fold (loads in flight, not adds)
 
 
 @triton.jit
@@ -86,47 +106,95 @@ def quant_q_kernel(
         tl.store(SHIFT + (b64 * heads + h64) * seq + row0 + offs_s, shift, mask=s_ok)
 
 
-@triton.jit(do_not_specialize=["seq"])
-def quant_k_kernel(
-    X, XI, DELTA, KMEAN,
+@triton.jit(do_not_specialize=["seq", "n_blocks"])
+def block_stats_kernel(
+    X, PART,
     stride_xb, stride_xh, stride_xs, stride_xd,
     seq, heads, n_blocks,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, SMOOTH: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, ABSMAX: tl.constexpr,
 ):
-    """SMOOTH: grid (1, heads, batch), mean over all tokens (stored in KMEAN fp32 (B, H, D)),
-    then every block of x - mean quantized. Otherwise grid (blocks, heads, batch), one block each."""
+    """Grid (blocks, heads, batch): one BLOCK-token block's per-channel sum (ABSMAX: max|x|) into
+    PART fp32 (B, H, n_blocks, HEAD_DIM). Rows past seq load as 0, so they add nothing."""
+    blk = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
     offs_s = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
-    mean = tl.zeros([D_PAD], dtype=tl.float32)
-    if SMOOTH:
-        first = 0
-        last = n_blocks
-        total = tl.zeros([D_PAD], dtype=tl.float32)
-        for blk in range(0, n_blocks):  # SageAttention §3.2: mean over tokens, per channel
-            row0 = blk * BLOCK
-            ptrs = _tile_ptrs(X, b64, h64, row0, offs_s, offs_d, stride_xb, stride_xh, stride_xs, stride_xd)
-            x = load_tile(ptrs, row0 + offs_s < seq, d_ok, True, D_PAD != HEAD_DIM).to(tl.float32)
-            total += tl.sum(x, 0)
-        mean = total / seq
-        tl.store(KMEAN + (b64 * heads + h64) * HEAD_DIM + offs_d, mean, mask=d_ok)
+    row0 = blk * BLOCK
+    ptrs = _tile_ptrs(X, b64, h64, row0, offs_s, offs_d, stride_xb, stride_xh, stride_xs, stride_xd)
+    x = load_tile(ptrs, row0 + offs_s < seq, d_ok, True, D_PAD != HEAD_DIM).to(tl.float32)
+    if ABSMAX:
+        part = tl.max(tl.abs(x), 0)
     else:
-        first = tl.program_id(0)
-        last = first + 1
-    for blk in range(first, last):
-        row0 = blk * BLOCK
-        s_ok = row0 + offs_s < seq
-        ptrs = _tile_ptrs(X, b64, h64, row0, offs_s, offs_d, stride_xb, stride_xh, stride_xs, stride_xd)
-        x = load_tile(ptrs, s_ok, d_ok, True, D_PAD != HEAD_DIM).to(tl.float32)
-        x = tl.where(s_ok[:, None] & d_ok[None, :], x - mean[None, :], 0.0)
-        xi, delta = int8_block(x)
-        xi_ptrs = _tile_ptrs(XI, b64, h64, row0, offs_s, offs_d, heads * seq * HEAD_DIM, seq * HEAD_DIM,
-                             HEAD_DIM, 1)
-        tl.store(xi_ptrs, xi, mask=s_ok[:, None] & d_ok[None, :])
-        tl.store(DELTA + (b64 * heads + h64) * n_blocks + blk, delta)
+        part = tl.sum(x, 0)
+    tl.store(PART + ((b64 * heads + h64) * n_blocks + blk) * HEAD_DIM + offs_d, part, mask=d_ok)
+
+
+@triton.jit(do_not_specialize=["seq", "n_blocks"])
+def reduce_stats_kernel(
+    PART, OUT,
+    seq, heads, n_blocks,
+    HEAD_DIM: tl.constexpr, CHANNELS: tl.constexpr, UNROLL: tl.constexpr, ABSMAX: tl.constexpr,
+):
+    """Grid (channel slices, heads, batch): PART's block partials folded in block order, one add
+    (or max) after another, exactly the order of a single program walking the blocks (the sum is
+    bit-reproducible and does not depend on the grid). UNROLL loads in flight per step hide the
+    latency. OUT fp32 (B, H, HEAD_DIM): the mean over seq tokens, or (ABSMAX) the e4m3 scale
+    delta_v = max|x| / 448 (1 for an all-zero channel)."""
+    offs_c = tl.program_id(0) * CHANNELS + tl.arange(0, CHANNELS)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    c_ok = offs_c < HEAD_DIM
+    bh = b.to(tl.int64) * heads + h
+    base = PART + bh * n_blocks * HEAD_DIM + offs_c
+    acc = tl.zeros([CHANNELS], dtype=tl.float32)  # + 0.0 and max(., 0) leave every value as is
+    for blk0 in range(0, n_blocks, UNROLL):
+        for i in tl.static_range(UNROLL):
+            part = tl.load(base + (blk0 + i) * HEAD_DIM, mask=c_ok & (blk0 + i < n_blocks), other=0.0)
+            if ABSMAX:
+                acc = tl.maximum(acc, part)
+            else:
+                acc += part
+    if ABSMAX:
+        out = tl.math.div_rn(acc, FP8_MAX)
+        out = tl.where(out > 0, out, 1.0)
+    else:
+        out = tl.math.div_rn(acc, seq.to(tl.float32))  # SageAttention §3.2: mean over real tokens only
+    tl.store(OUT + bh * HEAD_DIM + offs_c, out, mask=c_ok)
+
+
+@triton.jit(do_not_specialize=["seq", "n_blocks"])
+def quant_k_kernel(
+    X, XI, DELTA, KMEAN,
+    stride_xb, stride_xh, stride_xs, stride_xd,
+    seq, heads, n_blocks,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, SMOOTH: tl.constexpr,
+):
+    """Grid (blocks, heads, batch): one block of x (SMOOTH: x - mean, KMEAN fp32 (B, H, D)) to INT8.
+    XI int8 (B, H, S, D) contiguous; DELTA fp32 (B, H, n_blocks)."""
+    blk = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)
+    offs_s = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    row0 = blk * BLOCK
+    s_ok = row0 + offs_s < seq
+    if SMOOTH:
+        mean = tl.load(KMEAN + (b64 * heads + h64) * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+    else:
+        mean = tl.zeros([D_PAD], dtype=tl.float32)
+    ptrs = _tile_ptrs(X, b64, h64, row0, offs_s, offs_d, stride_xb, stride_xh, stride_xs, stride_xd)
+    x = load_tile(ptrs, s_ok, d_ok, True, D_PAD != HEAD_DIM).to(tl.float32)
+    x = tl.where(s_ok[:, None] & d_ok[None, :], x - mean[None, :], 0.0)  # padding stays 0
+    xi, delta = int8_block(x)
+    xi_ptrs = _tile_ptrs(XI, b64, h64, row0, offs_s, offs_d, heads * seq * HEAD_DIM, seq * HEAD_DIM,
+                         HEAD_DIM, 1)
+    tl.store(xi_ptrs, xi, mask=s_ok[:, None] & d_ok[None, :])
+    tl.store(DELTA + (b64 * heads + h64) * n_blocks + blk, delta)
 
 
 @triton.jit(do_not_specialize=["seq"])
@@ -134,33 +202,26 @@ def quant_v_fp8_kernel(
     X, XF8, DELTA,
     stride_xb, stride_xh, stride_xs, stride_xd,
     seq, heads,
-    HEAD_DIM: tl.constexpr, CHANNELS: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Grid (channel slices, heads, batch): per-channel max over all tokens, then e4m3 of
-    x / delta_v. XF8 (B, H, S, D) contiguous; DELTA fp32 (B, H, D)."""
-    c0 = tl.program_id(0) * CHANNELS
+    """Grid (blocks, heads, batch): one block of x / delta_v (DELTA fp32 (B, H, D), from
+    reduce_stats_kernel) rounded to e4m3. XF8 (B, H, S, D) contiguous."""
+    blk = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
     offs_s = tl.arange(0, BLOCK)
-    offs_c = c0 + tl.arange(0, CHANNELS)
-    c_ok = offs_c < HEAD_DIM
-    amax = tl.zeros([CHANNELS], dtype=tl.float32)
-    for row0 in range(0, seq, BLOCK):
-        ptrs = _tile_ptrs(X, b64, h64, row0, offs_s, offs_c, stride_xb, stride_xh, stride_xs, stride_xd)
-        x = load_tile(ptrs, row0 + offs_s < seq, c_ok, True, True).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(x), 0))
-    delta = tl.math.div_rn(amax, FP8_MAX)
-    delta = tl.where(delta > 0, delta, 1.0)
-    tl.store(DELTA + (b64 * heads + h64) * HEAD_DIM + offs_c, delta, mask=c_ok)
-    for row0 in range(0, seq, BLOCK):
-        s_ok = row0 + offs_s < seq
-        ptrs = _tile_ptrs(X, b64, h64, row0, offs_s, offs_c, stride_xb, stride_xh, stride_xs, stride_xd)
-        x = load_tile(ptrs, s_ok, c_ok, True, True).to(tl.float32)
-        y = tl.minimum(tl.maximum(tl.math.div_rn(x, delta[None, :]), -FP8_MAX), FP8_MAX)
-        out_ptrs = _tile_ptrs(XF8, b64, h64, row0, offs_s, offs_c, heads * seq * HEAD_DIM, seq * HEAD_DIM,
-                              HEAD_DIM, 1)
-        tl.store(out_ptrs, y.to(XF8.dtype.element_ty), mask=s_ok[:, None] & c_ok[None, :])
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    row0 = blk * BLOCK
+    s_ok = row0 + offs_s < seq
+    delta = tl.load(DELTA + (b64 * heads + h64) * HEAD_DIM + offs_d, mask=d_ok, other=1.0)
+    ptrs = _tile_ptrs(X, b64, h64, row0, offs_s, offs_d, stride_xb, stride_xh, stride_xs, stride_xd)
+    x = load_tile(ptrs, s_ok, d_ok, True, D_PAD != HEAD_DIM).to(tl.float32)
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, delta[None, :]), -FP8_MAX), FP8_MAX)
+    out_ptrs = _tile_ptrs(XF8, b64, h64, row0, offs_s, offs_d, heads * seq * HEAD_DIM, seq * HEAD_DIM,
+                          HEAD_DIM, 1)
+    tl.store(out_ptrs, y.to(XF8.dtype.element_ty), mask=s_ok[:, None] & d_ok[None, :])
 
 
 # -- launchers ----------------------------------------------------------------------------------
@@ -201,16 +262,36 @@ def quantize_q(q: torch.Tensor, block: int, x_scale: float, k_mean: Optional[tor
     return qi, delta, shift
 
 
+def channel_stats(x: torch.Tensor, block: int, absmax: bool) -> torch.Tensor:
+    """x bhsd view (S >= 1) -> fp32 (B, H, D): the per-channel mean over tokens, or (absmax) the
+    e4m3 scale max|x| / 448. Two launches over (blocks, heads, batch) then (slices, heads, batch);
+    deterministic (no atomics), the fold over blocks in block order."""
+    bsz, heads, seq, d = x.shape
+    nb = n_blocks(seq, block)
+    part = torch.empty(bsz, heads, nb, d, dtype=torch.float32, device=x.device)
+    out = torch.empty(bsz, heads, d, dtype=torch.float32, device=x.device)
+    d_pad = padded_head_dim(d)
+    block_stats_kernel[(nb, heads, bsz)](
+        x, part, *x.stride(), seq, heads, nb, HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, ABSMAX=absmax,
+        num_warps=quant_warps(block, d_pad),
+    )
+    reduce_stats_kernel[(triton.cdiv(d, REDUCE_CHANNELS), heads, bsz)](
+        part, out, seq, heads, nb, HEAD_DIM=d, CHANNELS=REDUCE_CHANNELS, UNROLL=REDUCE_UNROLL, ABSMAX=absmax,
+        num_warps=1,
+    )
+    return out
+
+
 def quantize_k(k: torch.Tensor, block: int, smooth: bool):
     """k bhsd view -> (k_int8 (B, H, S, D), delta (B, H, nblocks) fp32, mean (B, H, D) fp32 or None)."""
     bsz, heads, seq, d = k.shape
     nb = n_blocks(seq, block)
     ki = torch.empty(bsz, heads, seq, d, dtype=torch.int8, device=k.device)
     delta = torch.empty(bsz, heads, nb, dtype=torch.float32, device=k.device)
-    mean = torch.zeros(bsz, heads, d, dtype=torch.float32, device=k.device) if smooth else None
     if ki.numel() == 0:
-        return ki, delta, mean
-    quant_k_kernel[(1 if smooth else nb, heads, bsz)](
+        return ki, delta, torch.zeros(bsz, heads, d, dtype=torch.float32, device=k.device) if smooth else None
+    mean = channel_stats(k, block, absmax=False) if smooth else None
+    quant_k_kernel[(nb, heads, bsz)](
         k, ki, delta, delta if mean is None else mean, *k.stride(), seq, heads, nb,
         HEAD_DIM=d, D_PAD=padded_head_dim(d), BLOCK=block, SMOOTH=smooth,
         num_warps=quant_warps(block, padded_head_dim(d)),
@@ -222,10 +303,11 @@ def quantize_v_fp8(v: torch.Tensor, block: int = 64):
     """v bhsd view -> (v_fp8 e4m3 (B, H, S, D), delta_v (B, H, D) fp32)."""
     bsz, heads, seq, d = v.shape
     v8 = torch.empty(bsz, heads, seq, d, dtype=torch.float8_e4m3fn, device=v.device)
-    delta = torch.ones(bsz, heads, d, dtype=torch.float32, device=v.device)
     if v8.numel() == 0:
-        return v8, delta
-    quant_v_fp8_kernel[(triton.cdiv(d, V_CHANNELS), heads, bsz)](
-        v, v8, delta, *v.stride(), seq, heads, HEAD_DIM=d, CHANNELS=V_CHANNELS, BLOCK=block, num_warps=4,
+        return v8, torch.ones(bsz, heads, d, dtype=torch.float32, device=v.device)
+    delta = channel_stats(v, block, absmax=True)
+    quant_v_fp8_kernel[(n_blocks(seq, block), heads, bsz)](
+        v, v8, delta, *v.stride(), seq, heads, HEAD_DIM=d, D_PAD=padded_head_dim(d), BLOCK=block,
+        num_warps=quant_warps(block, padded_head_dim(d)),
     )
     return v8, delta
