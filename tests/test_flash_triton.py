@@ -179,6 +179,149 @@ def test_rejections_have_reasons():
         attnlib.flash_attention(qt, k, v, backend="triton")
 
 
+# ---- forward on tensor descriptors (ATTNLIB_FLASH_TMA=1, forward_tma.py) ----------------------
+# The Hopper variant must give the default forward's results wherever it runs, and the default
+# kernel must take over (with a reason) wherever descriptors cannot express the inputs.
+# the warp-specialized variant (one loop, every block masked): the interpreter's small tile, or an
+# H100 candidate of configs.FWD_TMA_H100 on a GPU
+WS_CONFIG = (32, 16, 1, 1, True) if DEVICE == "cpu" else (128, 64, 4, 3, True)
+PRE_HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9
+NEEDS_SM90 = pytest.mark.skipif(PRE_HOPPER, reason="tensor descriptors (TMA) need sm_90 or newer")
+
+
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """ATTNLIB_FLASH_TMA=1 for the test; the list records each launch of the descriptor forward."""
+    from attnlib.triton_kernels.flash import forward_tma
+
+    if PRE_HOPPER:
+        pytest.skip("tensor descriptors (TMA) need sm_90 or newer")
+    monkeypatch.setenv("ATTNLIB_FLASH_TMA", "1")
+    calls, real = [], forward_tma.flash_fwd_tma
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(forward_tma, "flash_fwd_tma", spy)
+    return calls
+
+
+def check_forward(out, lse, q, k, v, *, causal: bool):
+    """out, lse of bhsd q, k, v against the float64 reference with flash_attn's rule."""
+    scale = q.shape[-1] ** -0.5
+    ref, ref_lse = flash_reference(*(t.detach().double() for t in (q, k, v)), causal=causal, scale=scale,
+                                   return_lse=True)
+    base, base_lse = torch_same_dtype(*(t.detach() for t in (q, k, v)), causal=causal, scale=scale)
+    assert_flash_rule(out, ref, base, name="out")
+    assert_flash_rule(lse, ref_lse, base_lse, atol=1e-4 if q.dtype == torch.float16 else 2e-5, name="lse")
+
+
+def _case_qkv(case, dtype, seed_extra=0):
+    b, hq, hkv, sq, sk, d, causal, layout = case
+    return make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, dtype=dtype, device=DEVICE, layout=layout,
+                    seed=sq * 1000 + sk + seed_extra)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}kv{}q{}k{}d{}{}-{}".format(
+    c[0], c[1], c[2], c[3], c[4], c[5], "-causal" if c[6] else "", c[7]))
+def test_tma_forward(case, tma_launches):
+    """The public API with ATTNLIB_FLASH_TMA=1 on fp16: the descriptor kernel runs, once."""
+    causal, layout = case[6], case[7]
+    q, k, v = _case_qkv(case, torch.float16)
+    out, lse = attnlib.flash_attention(q, k, v, causal=causal, layout=layout, return_lse=True)
+    assert len(tma_launches) == 1
+    to_bhsd = (lambda x: x) if layout == "bhsd" else (lambda x: x.transpose(1, 2))
+    check_forward(to_bhsd(out), lse, *(to_bhsd(t) for t in (q, k, v)), causal=causal)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}kv{}q{}k{}d{}{}-{}".format(
+    c[0], c[1], c[2], c[3], c[4], c[5], "-causal" if c[6] else "", c[7]))
+@NEEDS_SM90
+def test_tma_forward_warp_specialized(case):
+    """The warp_specialize candidates' code path (a single masked loop), pinned by config."""
+    from attnlib.triton_kernels.flash.forward_tma import flash_fwd_tma, tma_unsupported_reasons
+
+    causal, layout = case[6], case[7]
+    q, k, v = _case_qkv(case, torch.float16, seed_extra=1)
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = poison_(torch.empty_like(q))
+    lse = poison_(torch.empty(q.shape[:3], device=DEVICE))
+    assert tma_unsupported_reasons(q, k, v, out) == []
+    flash_fwd_tma(q, k, v, out, lse, causal=causal, scale=q.shape[-1] ** -0.5, config=WS_CONFIG)
+    check_forward(out, lse, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("case", [CASES[4], CASES[5]], ids=["mqa-causal-q<k", "causal-q>k"])
+def test_tma_forward_backward(case, tma_launches):
+    """Gradients from the descriptor forward's out and lse (the backward is the default one)."""
+    q, k, v = (t.requires_grad_() for t in _case_qkv(case, torch.float16, seed_extra=2))
+    check_against_reference(q, k, v, causal=case[6], layout=case[7])
+    assert len(tma_launches) == 1
+
+
+def test_tma_fp32_falls_back(tma_launches):
+    from attnlib.triton_kernels.flash.forward import fwd_variant
+
+    case = CASES[7]  # GQA, causal, seq_q < seq_k, head-dim tail
+    q, k, v = _case_qkv(case, torch.float32)
+    variant, reasons = fwd_variant(q, k, v, torch.empty_like(q))
+    assert variant == "default" and any("fp16/bf16 only" in r for r in reasons)
+    out, lse = attnlib.flash_attention(q, k, v, causal=True, return_lse=True)
+    assert tma_launches == []
+    check_forward(out, lse, q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("offset,aligned", [(8, True), (4, False)], ids=["offset16B", "offset8B"])
+def test_tma_strided_views_with_storage_offset(offset, aligned, tma_launches):
+    """fp16 q, k, v sliced out of one (B, S, 3, H, 80) buffer at column `offset`: a 16-byte
+    aligned base runs on descriptors, an 8-byte one falls back to the pointer kernel."""
+    from attnlib.triton_kernels.flash.forward import fwd_variant
+
+    gen = torch.Generator().manual_seed(8)
+    packed = torch.randn(2, 37, 3, 2, 80, generator=gen).to(DEVICE, torch.float16)
+    q, k, v = (packed[:, :, i, :, offset:offset + 72] for i in range(3))
+    assert q.storage_offset() != 0 and not q.is_contiguous()
+    bhsd = [t.transpose(1, 2) for t in (q, k, v)]
+    variant, reasons = fwd_variant(*bhsd, torch.empty_like(bhsd[0]))
+    assert variant == ("tma" if aligned else "default"), reasons
+    if not aligned:
+        assert any("16-byte aligned" in r for r in reasons)
+    out, lse = attnlib.flash_attention(q, k, v, causal=True, layout="bshd", return_lse=True)
+    assert len(tma_launches) == (1 if aligned else 0)
+    check_forward(out.transpose(1, 2), lse, *bhsd, causal=True)
+
+
+def test_tma_single_row_with_odd_stride(tma_launches):
+    """A one-row sequence dim's stride is never walked: an unaligned one must not force a fallback."""
+    q, k, v = make_qkv(1, 2, 1, 64, seq_k=5, dtype=torch.float16, device=DEVICE, seed=9)
+    q = q.clone().as_strided(q.shape, (128, 64, 3, 1))
+    out, lse = attnlib.flash_attention(q, k, v, return_lse=True)
+    assert len(tma_launches) == 1
+    check_forward(out, lse, q, k, v, causal=False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tma_launcher_writes_every_element(causal, tma_launches):
+    from attnlib.triton_kernels.flash.forward import flash_fwd
+
+    q, k, v = make_qkv(1, 4, 37, 40, kv_heads=2, seq_k=21, dtype=torch.float16, device=DEVICE, seed=5)
+    out, lse = poison_(torch.empty_like(q)), poison_(torch.empty(q.shape[:3], device=DEVICE))
+    flash_fwd(q, k, v, out, lse, causal=causal, scale=40 ** -0.5)
+    assert len(tma_launches) == 1
+    assert torch.isfinite(out).all()
+    assert not torch.isnan(lse).any()
+
+
+def test_tma_off_by_default(monkeypatch):
+    from attnlib.triton_kernels.flash.forward import fwd_variant
+
+    monkeypatch.delenv("ATTNLIB_FLASH_TMA", raising=False)
+    q, k, v = make_qkv(1, 2, 16, 64, dtype=torch.float16, device=DEVICE)
+    assert fwd_variant(q, k, v, torch.empty_like(q)) == ("default", [])
+
+
 # ---- GPU only --------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [CASES[3], CASES[5], CASES[6]], ids=["causal", "empty-rows", "gqa"])
