@@ -342,6 +342,19 @@ def test_large_head_dims(head_dim, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 192, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tma_bf16_head_dims(head_dim, causal, tma_launches):
+    """The descriptor forward in bf16 (wrong in the interpreter) at every table head dim and the
+    padded ones, GQA, seq_q != seq_k, with the autotuner's candidates."""
+    q, k, v = make_qkv(2, 4, 300, head_dim, kv_heads=2, seq_k=257, dtype=torch.bfloat16, device="cuda",
+                       seed=head_dim + causal)
+    out, lse = attnlib.flash_attention(q, k, v, causal=causal, return_lse=True)
+    assert len(tma_launches) == 1
+    check_forward(out, lse, q, k, v, causal=causal)
+
+
+@pytest.mark.gpu
 def test_32k_tokens_index_overflow():
     """q with more than 2**31 elements: batch/head offsets must be 64-bit."""
     b, s, hq, hkv, d = 17, 32768, 32, 8, 128  # q: 2.28e9 elements, > 2**31
