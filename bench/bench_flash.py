@@ -27,6 +27,46 @@ from bench import runner
 from bench.runner import Case
 
 
+class _env:
+    """Set one environment variable around a call (the kernels read their switches per call)."""
+
+    def __init__(self, name: str, value: str):
+        self.name, self.value, self.old = name, value, None
+
+    def __enter__(self):
+        self.old = os.environ.get(self.name)
+        os.environ[self.name] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.old
+
+
+def _attnlib_triton_tma(case: Case, q, k, v):
+    """attnlib-triton with ATTNLIB_FLASH_TMA=1: the Hopper tensor-descriptor forward side by side
+    with the default; skipped where the call would fall back, so a row never times the wrong kernel."""
+    from attnlib.triton_kernels.flash.forward import fwd_variant
+
+    step = runner.PROVIDERS["attnlib-triton"].make(case, q, k, v)  # same skip reasons
+    qb, kb, vb = (t if case.layout == "bhsd" else t.transpose(1, 2) for t in (q, k, v))
+    with _env("ATTNLIB_FLASH_TMA", "1"):
+        variant, reasons = fwd_variant(qb, kb, vb, torch.empty_like(qb))
+    if variant != "tma":
+        raise runner.Skip("the descriptor forward cannot serve these inputs: " + "; ".join(reasons))
+
+    def run():
+        with _env("ATTNLIB_FLASH_TMA", "1"):
+            return step()
+    return run
+
+
+runner.register_provider("attnlib-triton-tma", _attnlib_triton_tma,
+                         "attnlib.flash_attention(backend='triton') with ATTNLIB_FLASH_TMA=1",
+                         info=runner.PROVIDERS["attnlib-triton"].info, check=True, replace_existing=True)
+
+
 def _attnlib_cuda_tile128(case: Case, q, k, v):
     """attnlib-cuda with the opt-in 128-row query tile (ATTNLIB_CUDA_FLASH_TILE_M=128, read per
     call): side by side with the default 64-row kernel, to decide which becomes the default."""
@@ -35,15 +75,8 @@ def _attnlib_cuda_tile128(case: Case, q, k, v):
     step = runner.PROVIDERS["attnlib-cuda"].make(case, q, k, v)  # same skip reasons
 
     def run():
-        old = os.environ.get(TILE_M_ENV)
-        os.environ[TILE_M_ENV] = "128"
-        try:
+        with _env(TILE_M_ENV, "128"):
             return step()
-        finally:
-            if old is None:
-                os.environ.pop(TILE_M_ENV, None)
-            else:
-                os.environ[TILE_M_ENV] = old
     return run
 
 
@@ -63,7 +96,7 @@ ASSUMED_TFLOPS = 350.0
 WORKLOAD_CAP_S = {True: 0.25, False: 1.0}   # quick / full
 QUICK_BUDGET_S = 170.0
 
-GPU_PROVIDERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "attnlib-triton", "attnlib-cuda",
+GPU_PROVIDERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "attnlib-triton", "attnlib-triton-tma", "attnlib-cuda",
                  "attnlib-cuda-tile128", "attnlib-auto", "flex", "sdpa-math")
 CPU_PROVIDERS = ("attnlib-torch",)
 CPU_CASE = dict(workload="cpu-tiny", batch=1, heads=2, seq_q=128, head_dim=64, dtype="fp32", device="cpu")
@@ -138,6 +171,7 @@ def triton_autotune_picks() -> dict:
     import sys
     picks = {}
     for module, names in (("attnlib.triton_kernels.flash.forward", ("flash_fwd_kernel",)),
+                          ("attnlib.triton_kernels.flash.forward_tma", ("flash_fwd_tma_kernel",)),
                           ("attnlib.triton_kernels.flash.backward", ("flash_bwd_dkdv_kernel", "flash_bwd_dq_kernel"))):
         mod = sys.modules.get(module)  # never imported: nothing ran, nothing to report
         for name in names:

@@ -96,3 +96,24 @@ def test_other_kernels_compile_for_sm90_and_fit(compiled_extra, case):
         assert r["shared"] <= H100_SMEM_BYTES, f"{r['kernel']} config {r['config']}: {r['shared']} bytes"
         if r["dtype"] != "fp32":
             assert r["spill_bytes"] == 0, f"{r['kernel']} config {r['config']}: {r['report']}"
+
+
+# The opt-in tensor-descriptor forward (ATTNLIB_FLASH_TMA=1): its default configs compile for
+# sm_90 with TMA loads and stores and wgmma (no plain global loads of Q/K/V), fit, and do not spill.
+@pytest.fixture(scope="module")
+def compiled_tma():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(HERE / "triton_sm90.py"), "--suite", "flash", "--tma"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def test_tma_forward_compiles_with_tma_and_wgmma(compiled_tma):
+    assert compiled_tma, "no TMA forward case compiled"
+    for r in compiled_tma:
+        where = f"{r.get('dtype')} hd{r.get('head_dim')} causal={r.get('causal')} config {r.get('config')}"
+        assert "error" not in r, f"{where}: {r['error'][-2000:]}"
+        assert r["shared"] <= H100_SMEM_BYTES, f"{where}: {r['shared']} bytes"
+        assert r["spill_bytes"] == 0, f"{where}: {r['report']}"
+        assert r["tma_loads"] > 0 and r["tma_stores"] > 0 and r["wgmma"] > 0, f"{where}: {r}"
