@@ -73,6 +73,30 @@ def _tile_ptrs(base, b64, h64, row0, offs_s, offs_d, stride_b, stride_h, stride_
             + offs_d[None, :] * stride_d)
 
 
+@triton.jit
+def load_block(X, stride_xb, stride_xh, stride_xs, stride_xd, seq,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """The program's token block of x (grid (blocks, heads, batch)) as fp32, rows past seq and the
+    head-dim padding 0: (x, blk, b64, h64, row0, offs_s, offs_d, s_ok, d_ok)."""
+    blk = tl.program_id(0)
+    b64, h64 = tl.program_id(2).to(tl.int64), tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    row0 = blk * BLOCK
+    s_ok = row0 + offs_s < seq
+    d_ok = offs_d < HEAD_DIM
+    ptrs = _tile_ptrs(X, b64, h64, row0, offs_s, offs_d, stride_xb, stride_xh, stride_xs, stride_xd)
+    x = load_tile(ptrs, s_ok, d_ok, True, D_PAD != HEAD_DIM).to(tl.float32)
+    return x, blk, b64, h64, row0, offs_s, offs_d, s_ok, d_ok
+
+
+@triton.jit
+def store_block(OUT, y, b64, h64, row0, offs_s, offs_d, s_ok, d_ok, heads, seq, HEAD_DIM: tl.constexpr):
+    """y into the contiguous (B, H, S, HEAD_DIM) OUT at the program's token block."""
+    ptrs = _tile_ptrs(OUT, b64, h64, row0, offs_s, offs_d, heads * seq * HEAD_DIM, seq * HEAD_DIM, HEAD_DIM, 1)
+    tl.store(ptrs, y, mask=s_ok[:, None] & d_ok[None, :])
+
+
 @triton.jit(do_not_specialize=["seq"])
 def quant_q_kernel(
     X, XI, DELTA, KMEAN, SHIFT,
@@ -83,24 +107,13 @@ def quant_q_kernel(
 ):
     """Grid (blocks, heads, batch). XI int8 (B, H, S, D) contiguous; DELTA fp32 (B, H, n_blocks).
     With LSE_SHIFT, SHIFT fp32 (B, H, S) gets lse_scale * (x . mean_k of kv head h // group)."""
-    blk = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    b64, h64 = b.to(tl.int64), h.to(tl.int64)
-    offs_s = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D_PAD)
-    row0 = blk * BLOCK
-    s_ok = row0 + offs_s < seq
-    d_ok = offs_d < HEAD_DIM
-    x = load_tile(_tile_ptrs(X, b64, h64, row0, offs_s, offs_d, stride_xb, stride_xh, stride_xs, stride_xd),
-                  s_ok, d_ok, True, D_PAD != HEAD_DIM).to(tl.float32)
+    x, blk, b64, h64, row0, offs_s, offs_d, s_ok, d_ok = load_block(
+        X, stride_xb, stride_xh, stride_xs, stride_xd, seq, HEAD_DIM, D_PAD, BLOCK)
     xi, delta = int8_block(x * x_scale)
-    xi_ptrs = _tile_ptrs(XI, b64, h64, row0, offs_s, offs_d, heads * seq * HEAD_DIM, seq * HEAD_DIM,
-                         HEAD_DIM, 1)
-    tl.store(xi_ptrs, xi, mask=s_ok[:, None] & d_ok[None, :])
+    store_block(XI, xi, b64, h64, row0, offs_s, offs_d, s_ok, d_ok, heads, seq, HEAD_DIM)
     tl.store(DELTA + (b64 * heads + h64) * n_blocks + blk, delta)
     if LSE_SHIFT:
-        kvh64 = (h // group).to(tl.int64)
+        kvh64 = h64 // group
         km = tl.load(KMEAN + b64 * stride_mb + kvh64 * stride_mh + offs_d, mask=d_ok, other=0.0)
         shift = tl.sum(x * km[None, :], 1) * lse_scale
         tl.store(SHIFT + (b64 * heads + h64) * seq + row0 + offs_s, shift, mask=s_ok)
@@ -115,16 +128,8 @@ def block_stats_kernel(
 ):
     """Grid (blocks, heads, batch): one BLOCK-token block's per-channel sum (ABSMAX: max|x|) into
     PART fp32 (B, H, n_blocks, HEAD_DIM). Rows past seq load as 0, so they add nothing."""
-    blk = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    b64, h64 = b.to(tl.int64), h.to(tl.int64)
-    offs_s = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
-    row0 = blk * BLOCK
-    ptrs = _tile_ptrs(X, b64, h64, row0, offs_s, offs_d, stride_xb, stride_xh, stride_xs, stride_xd)
-    x = load_tile(ptrs, row0 + offs_s < seq, d_ok, True, D_PAD != HEAD_DIM).to(tl.float32)
+    x, blk, b64, h64, _, _, offs_d, _, d_ok = load_block(X, stride_xb, stride_xh, stride_xs, stride_xd, seq,
+                                                         HEAD_DIM, D_PAD, BLOCK)
     if ABSMAX:
         part = tl.max(tl.abs(x), 0)
     else:
@@ -174,26 +179,13 @@ def quant_k_kernel(
 ):
     """Grid (blocks, heads, batch): one block of x (SMOOTH: x - mean, KMEAN fp32 (B, H, D)) to INT8.
     XI int8 (B, H, S, D) contiguous; DELTA fp32 (B, H, n_blocks)."""
-    blk = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    b64, h64 = b.to(tl.int64), h.to(tl.int64)
-    offs_s = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
-    row0 = blk * BLOCK
-    s_ok = row0 + offs_s < seq
+    x, blk, b64, h64, row0, offs_s, offs_d, s_ok, d_ok = load_block(
+        X, stride_xb, stride_xh, stride_xs, stride_xd, seq, HEAD_DIM, D_PAD, BLOCK)
     if SMOOTH:
         mean = tl.load(KMEAN + (b64 * heads + h64) * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
-    else:
-        mean = tl.zeros([D_PAD], dtype=tl.float32)
-    ptrs = _tile_ptrs(X, b64, h64, row0, offs_s, offs_d, stride_xb, stride_xh, stride_xs, stride_xd)
-    x = load_tile(ptrs, s_ok, d_ok, True, D_PAD != HEAD_DIM).to(tl.float32)
-    x = tl.where(s_ok[:, None] & d_ok[None, :], x - mean[None, :], 0.0)  # padding stays 0
+        x = tl.where(s_ok[:, None] & d_ok[None, :], x - mean[None, :], 0.0)  # padding stays 0
     xi, delta = int8_block(x)
-    xi_ptrs = _tile_ptrs(XI, b64, h64, row0, offs_s, offs_d, heads * seq * HEAD_DIM, seq * HEAD_DIM,
-                         HEAD_DIM, 1)
-    tl.store(xi_ptrs, xi, mask=s_ok[:, None] & d_ok[None, :])
+    store_block(XI, xi, b64, h64, row0, offs_s, offs_d, s_ok, d_ok, heads, seq, HEAD_DIM)
     tl.store(DELTA + (b64 * heads + h64) * n_blocks + blk, delta)
 
 
@@ -206,22 +198,11 @@ def quant_v_fp8_kernel(
 ):
     """Grid (blocks, heads, batch): one block of x / delta_v (DELTA fp32 (B, H, D), from
     reduce_stats_kernel) rounded to e4m3. XF8 (B, H, S, D) contiguous."""
-    blk = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    b64, h64 = b.to(tl.int64), h.to(tl.int64)
-    offs_s = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
-    row0 = blk * BLOCK
-    s_ok = row0 + offs_s < seq
+    x, _, b64, h64, row0, offs_s, offs_d, s_ok, d_ok = load_block(
+        X, stride_xb, stride_xh, stride_xs, stride_xd, seq, HEAD_DIM, D_PAD, BLOCK)
     delta = tl.load(DELTA + (b64 * heads + h64) * HEAD_DIM + offs_d, mask=d_ok, other=1.0)
-    ptrs = _tile_ptrs(X, b64, h64, row0, offs_s, offs_d, stride_xb, stride_xh, stride_xs, stride_xd)
-    x = load_tile(ptrs, s_ok, d_ok, True, D_PAD != HEAD_DIM).to(tl.float32)
     y = tl.minimum(tl.maximum(tl.math.div_rn(x, delta[None, :]), -FP8_MAX), FP8_MAX)
-    out_ptrs = _tile_ptrs(XF8, b64, h64, row0, offs_s, offs_d, heads * seq * HEAD_DIM, seq * HEAD_DIM,
-                          HEAD_DIM, 1)
-    tl.store(out_ptrs, y.to(XF8.dtype.element_ty), mask=s_ok[:, None] & d_ok[None, :])
+    store_block(XF8, y.to(XF8.dtype.element_ty), b64, h64, row0, offs_s, offs_d, s_ok, d_ok, heads, seq, HEAD_DIM)
 
 
 # -- launchers ----------------------------------------------------------------------------------
