@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -55,79 +55,68 @@ def _fla_step(q, k, v, causal: bool):
     return (lambda: f(qt, kt, vt, normalize=True)), None
 
 
-def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] = print) -> list[dict]:
-    if not torch.cuda.is_available():
+def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] = print,
+                     device: str = "cuda") -> list[dict]:
+    """Forward GB/s over SEQS (attnlib next to fla), fwd+bwd at BWD_SEQ; [] without CUDA. (device
+    "cpu" only for a smoke test with small SEQS, under TRITON_INTERPRET=1.)"""
+    if device == "cuda" and not torch.cuda.is_available():
         return []
     import attnlib
 
     t0 = time.perf_counter()
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     copy_gbs = copy_bandwidth_gbs(dev)
     log(f"measured copy bandwidth {copy_gbs:.0f} GB/s")
     cfg = runner.TimingConfig(target_s=0.1, max_reps=20)
     records = []
-    for causal in (False, True):
-        for seq in SEQS:
-            gen = torch.Generator().manual_seed(seq)
-            q, k, v = (torch.randn(SHAPE["batch"], SHAPE["heads"], seq, SHAPE["head_dim"], generator=gen)
-                       .to(dev, torch.bfloat16) for _ in range(3))
-            nbytes = 4 * q.numel() * q.element_size()  # q, k, v read once, out written once
-            fla_step, fla_why = _fla_step(q, k, v, causal)
-            for prov, step in (("attnlib-triton", lambda: attnlib.linear_attention(q, k, v, causal=causal,
-                                                                                   backend="triton")),
-                               ("fla", fla_step)):
-                rec = dict(method="linear", provider=prov, direction="fwd", seq=seq, causal=causal, dtype="bf16", **SHAPE,
-                           copy_gbs=copy_gbs)
-                if step is None:
-                    rec["skipped"] = fla_why
-                elif time.perf_counter() - t0 > budget_s:
-                    rec["skipped"] = "time budget spent"
-                else:
-                    try:
-                        step()
-                        ms, reps, _ = runner.time_step(step, lambda: None, dev, cfg)
-                        gbs = nbytes / ms / 1e6
-                        rec.update(ms=ms, reps=reps, gbs=gbs, frac_copy=gbs / copy_gbs)
-                        log(f"{prov:<15} {'causal' if causal else 'full':<6} seq {seq:<7} {ms:8.3f} ms "
-                            f"{gbs:7.0f} GB/s ({100 * gbs / copy_gbs:.0f}% of copy)")
-                    except Exception as e:  # noqa: BLE001
-                        rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                        log(f"{prov} seq {seq} failed: {rec['error']}")
-                records.append(rec)
-    records += _fwd_bwd_records(dev, copy_gbs, cfg, t0, budget_s, log)
-    return records
 
-
-def _fwd_bwd_records(dev, copy_gbs: float, cfg, t0: float, budget_s: float, log) -> list[dict]:
-    import attnlib
-
-    records = []
-    for causal in (False, True):
-        gen = torch.Generator().manual_seed(BWD_SEQ)
-        q, k, v = (torch.randn(SHAPE["batch"], SHAPE["heads"], BWD_SEQ, SHAPE["head_dim"], generator=gen)
-                   .to(dev, torch.bfloat16).requires_grad_() for _ in range(3))
-        dout = torch.randn_like(q)
-        nbytes = 12 * q.numel() * q.element_size()  # forward 4 tensors, backward 5 read + 3 written
-
-        def step():
-            attnlib.linear_attention(q, k, v, causal=causal, backend="triton").backward(dout)
-
-        rec = dict(method="linear", provider="attnlib-triton", direction="fwd+bwd", seq=BWD_SEQ, causal=causal,
-                   dtype="bf16", **SHAPE, copy_gbs=copy_gbs)
-        if time.perf_counter() - t0 > budget_s:
+    def timed(rec: dict, step, nbytes: int, reset=lambda: None, why_not: Optional[str] = None) -> None:
+        """Time step into rec (ms, GB/s, fraction of copy bandwidth), or say why it was not."""
+        what = f"{rec['provider']:<15} {'causal' if rec['causal'] else 'full':<6} seq {rec['seq']:<7} {rec['direction']:<7}"
+        if step is None:
+            rec["skipped"] = why_not
+        elif time.perf_counter() - t0 > budget_s:
             rec["skipped"] = "time budget spent"
         else:
             try:
                 step()
-                ms, reps, _ = runner.time_step(step, lambda: None, dev, cfg)
+                ms, reps, _ = runner.time_step(step, reset, dev, cfg)
                 gbs = nbytes / ms / 1e6
                 rec.update(ms=ms, reps=reps, gbs=gbs, frac_copy=gbs / copy_gbs)
-                log(f"{'attnlib-triton':<15} {'causal' if causal else 'full':<6} seq {BWD_SEQ:<7} fwd+bwd {ms:8.3f} ms "
-                    f"{gbs:7.0f} GB/s ({100 * gbs / copy_gbs:.0f}% of copy)")
+                log(f"{what} {ms:8.3f} ms {gbs:7.0f} GB/s ({100 * gbs / copy_gbs:.0f}% of copy)")
             except Exception as e:  # noqa: BLE001
                 rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                log(f"fwd+bwd seq {BWD_SEQ} failed: {rec['error']}")
+                log(f"{what} failed: {rec['error']}")
         records.append(rec)
+
+    def record(provider: str, direction: str, seq: int, causal: bool) -> dict:
+        return dict(method="linear", provider=provider, direction=direction, seq=seq, causal=causal, dtype="bf16",
+                    **SHAPE, copy_gbs=copy_gbs)
+
+    def inputs(seq: int, grad: bool = False):
+        gen = torch.Generator().manual_seed(seq)
+        return [torch.randn(SHAPE["batch"], SHAPE["heads"], seq, SHAPE["head_dim"], generator=gen)
+                .to(dev, torch.bfloat16).requires_grad_(grad) for _ in range(3)]
+
+    for causal in (False, True):
+        for seq in SEQS:
+            q, k, v = inputs(seq)
+            nbytes = 4 * q.numel() * q.element_size()  # q, k, v read once, out written once
+            fla_step, fla_why = _fla_step(q, k, v, causal)
+            timed(record("attnlib-triton", "fwd", seq, causal),
+                  lambda: attnlib.linear_attention(q, k, v, causal=causal, backend="triton"), nbytes)
+            timed(record("fla", "fwd", seq, causal), fla_step, nbytes, why_not=fla_why)
+    for causal in (False, True):  # forward + backward at BWD_SEQ
+        q, k, v = inputs(BWD_SEQ, grad=True)
+        dout = torch.randn_like(q)
+        nbytes = 12 * q.numel() * q.element_size()  # forward 4 tensors, backward 5 read + 3 written
+
+        def reset():
+            for t in (q, k, v):
+                t.grad = None
+        timed(record("attnlib-triton", "fwd+bwd", BWD_SEQ, causal),
+              lambda: attnlib.linear_attention(q, k, v, causal=causal, backend="triton").backward(dout), nbytes,
+              reset)
     return records
 
 
