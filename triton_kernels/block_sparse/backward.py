@@ -13,9 +13,9 @@ import triton.language as tl
 
 from ..flash.backward import bwd_preprocess
 from ..flash.common import (LOG2E, dkdv_query_block, dot_precision, dq_key_block, key_query_range, load_tile,
-                            log2_lse, query_key_range, store_tile)
+                            log2_lse, store_tile)
 from .configs import launch_config, padded_head_dim
-from .forward import count_listed_below, strides_bhm
+from .forward import count_listed_below, kv_tile_bases, listed_key_range, query_tile, strides_bhm
 
 
 @triton.jit
@@ -49,20 +49,8 @@ def block_sparse_dq_kernel(
     SLOTS: tl.constexpr,
 ):
     """Grid (query tiles, query heads, batch); tiles as in block_sparse_fwd_kernel."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    kvh64 = (h // group).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    mask_row = start_m // MASK_M
-    offs_i = tl.arange(0, BLOCK_M)
-    offs_m = start_m + offs_i
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    m_ok = offs_m < seq_q
-    d_ok = offs_d < HEAD_DIM
+    b64, h64, kvh64, start_m, mask_row, offs_m, offs_n, offs_d, m_ok, d_ok = query_tile(
+        group, seq_q, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, MASK_M)
     CHECK_D: tl.constexpr = D_PAD != HEAD_DIM
     b_q = load_tile(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm
                     + offs_d[None, :] * stride_qd, m_ok, d_ok, True, CHECK_D)
@@ -71,17 +59,13 @@ def block_sparse_dq_kernel(
     lse_off = b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm
     lse2 = log2_lse(tl.load(LSE + lse_off, mask=m_ok, other=0.0))
     delta = tl.load(DELTA + lse_off, mask=m_ok, other=0.0)
-    k_base = (K + b64 * stride_kb + kvh64 * stride_kh
-              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
-    v_base = (V + b64 * stride_vb + kvh64 * stride_vh
-              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    k_base, v_base = kv_tile_bases(K, V, b64, kvh64, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd,
+                                   stride_vb, stride_vh, stride_vn, stride_vd)
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     diag = seq_k - seq_q
-    full_end, hi = query_key_range(start_m, seq_q, seq_k, BLOCK_M, MASK_N, CAUSAL)
-    row = KV_IDX + b64 * stride_ib + h64 * stride_ih + mask_row * stride_im
-    n_listed = tl.load(KV_NUM + b64 * stride_cb + h64 * stride_ch + mask_row * stride_cm)
-    n_full = count_listed_below(row, n_listed, full_end, MASK_N, SLOTS)
-    n_vis = count_listed_below(row, n_listed, hi, MASK_N, SLOTS)
+    row, n_full, n_vis = listed_key_range(KV_NUM, KV_IDX, b64, h64, mask_row, stride_cb, stride_ch, stride_cm,
+                                          stride_ib, stride_ih, stride_im, start_m, seq_q, seq_k, BLOCK_M, MASK_N,
+                                          CAUSAL, SLOTS)
     dq = _dq_listed(dq, b_q, b_do, lse2, delta, row, 0, n_full, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n,
                     d_ok, seq_k, diag, qk_scale, CHECK_D, False, CAUSAL, PREC, BLOCK_N, MASK_N)
     dq = _dq_listed(dq, b_q, b_do, lse2, delta, row, n_full, n_vis, k_base, v_base, stride_kn, stride_vn, offs_m,

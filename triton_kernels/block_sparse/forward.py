@@ -43,6 +43,41 @@ def attend_listed(acc, l_i, m_i, b_q, row, first, last, k_base, v_base, stride_k
     return acc, l_i, m_i
 
 
+@triton.jit
+def query_tile(group, seq_q, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASK_M: tl.constexpr):
+    """Ids and offsets of a program on grid (query tiles, query heads, batch): (b64, h64, kvh64,
+    start_m, mask_row, offs_m, offs_n, offs_d, m_ok, d_ok)."""
+    h = tl.program_id(1)
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    return (tl.program_id(2).to(tl.int64), h.to(tl.int64), (h // group).to(tl.int64), start_m, start_m // MASK_M,
+            offs_m, tl.arange(0, BLOCK_N), offs_d, offs_m < seq_q, offs_d < HEAD_DIM)
+
+
+@triton.jit
+def kv_tile_bases(K, V, b64, kvh64, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd,
+                  stride_vb, stride_vh, stride_vn, stride_vd):
+    """Pointers to the first key tile of K and V (add start_n * stride to move)."""
+    k_base = K + b64 * stride_kb + kvh64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_base = V + b64 * stride_vb + kvh64 * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    return k_base, v_base
+
+
+@triton.jit
+def listed_key_range(KV_NUM, KV_IDX, b64, h64, mask_row, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih,
+                     stride_im, start_m, seq_q, seq_k, BLOCK_M: tl.constexpr, MASK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, SLOTS: tl.constexpr):
+    """The query tile's row of listed key blocks and how many of them need no mask (n_full) or
+    are visible at all (n_vis): listed blocks starting below full_end / hi, in whole mask blocks."""
+    full_end, hi = query_key_range(start_m, seq_q, seq_k, BLOCK_M, MASK_N, CAUSAL)
+    row = KV_IDX + b64 * stride_ib + h64 * stride_ih + mask_row * stride_im
+    n_listed = tl.load(KV_NUM + b64 * stride_cb + h64 * stride_ch + mask_row * stride_cm)
+    return row, count_listed_below(row, n_listed, full_end, MASK_N, SLOTS), \
+        count_listed_below(row, n_listed, hi, MASK_N, SLOTS)
+
+
 @triton.jit(do_not_specialize=["seq_q", "seq_k"])
 def block_sparse_fwd_kernel(
     Q, K, V, O, LSE, KV_NUM, KV_IDX,
@@ -59,40 +94,21 @@ def block_sparse_fwd_kernel(
     SLOTS: tl.constexpr,
 ):
     """Grid (query tiles, query heads, batch). KV_NUM/KV_IDX strides are 0 on broadcast dims."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    kvh64 = (h // group).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    mask_row = start_m // MASK_M
-    offs_i = tl.arange(0, BLOCK_M)
-    offs_m = start_m + offs_i
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    m_ok = offs_m < seq_q
-    d_ok = offs_d < HEAD_DIM
+    b64, h64, kvh64, start_m, mask_row, offs_m, offs_n, offs_d, m_ok, d_ok = query_tile(
+        group, seq_q, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, MASK_M)
     CHECK_D: tl.constexpr = D_PAD != HEAD_DIM
-
-    q_ptrs = (Q + b64 * stride_qb + h64 * stride_qh + start_m * stride_qm
-              + offs_i[:, None] * stride_qm + offs_d[None, :] * stride_qd)
-    k_base = (K + b64 * stride_kb + kvh64 * stride_kh
-              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
-    v_base = (V + b64 * stride_vb + kvh64 * stride_vh
-              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
-    b_q = load_tile(q_ptrs, m_ok, d_ok, True, CHECK_D)
+    k_base, v_base = kv_tile_bases(K, V, b64, kvh64, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd,
+                                   stride_vb, stride_vh, stride_vn, stride_vd)
+    b_q = load_tile(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    m_ok, d_ok, True, CHECK_D)
 
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     diag = seq_k - seq_q
-    # bounds in whole mask blocks: listed blocks starting below full_end need no mask
-    full_end, hi = query_key_range(start_m, seq_q, seq_k, BLOCK_M, MASK_N, CAUSAL)
-    row = KV_IDX + b64 * stride_ib + h64 * stride_ih + mask_row * stride_im
-    n_listed = tl.load(KV_NUM + b64 * stride_cb + h64 * stride_ch + mask_row * stride_cm)
-    n_full = count_listed_below(row, n_listed, full_end, MASK_N, SLOTS)
-    n_vis = count_listed_below(row, n_listed, hi, MASK_N, SLOTS)
+    row, n_full, n_vis = listed_key_range(KV_NUM, KV_IDX, b64, h64, mask_row, stride_cb, stride_ch, stride_cm,
+                                          stride_ib, stride_ih, stride_im, start_m, seq_q, seq_k, BLOCK_M, MASK_N,
+                                          CAUSAL, SLOTS)
     acc, l_i, m_i = attend_listed(acc, l_i, m_i, b_q, row, 0, n_full, k_base, v_base, stride_kn, stride_vn, offs_m,
                                   offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, False, CAUSAL, PREC, BLOCK_N, MASK_N)
     acc, l_i, m_i = attend_listed(acc, l_i, m_i, b_q, row, n_full, n_vis, k_base, v_base, stride_kn, stride_vn,
@@ -103,8 +119,7 @@ def block_sparse_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # log2 -> ln
-    o_ptrs = (O + b64 * stride_ob + h64 * stride_oh + start_m * stride_om
-              + offs_i[:, None] * stride_om + offs_d[None, :] * stride_od)
+    o_ptrs = O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     store_tile(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty), m_ok, d_ok, CHECK_D)
     tl.store(LSE + b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm, lse, mask=m_ok)
 
