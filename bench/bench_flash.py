@@ -213,3 +213,55 @@ if pytest is not None:
         median_s = benchmark.stats.stats.median
         benchmark.extra_info.update(case.shape_fields(), provider=provider, flops=case.flops,
                                     tflops=case.flops / median_s / 1e12 if median_s > 0 else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA kernels: first-call compile time and cached-load time (issue 4)
+def cuda_compile_times(log: Callable[[str], None] = print, *, cc: Optional[tuple[int, int]] = None,
+                       load: Optional[bool] = None) -> list[dict]:
+    """For the flash-cuda forward specialisations the benchmarks run (bf16, hd 64/128, non-causal,
+    64- and 128-row tiles): the first call's NVRTC compile into an empty disk cache, then the
+    cached path (disk read + checksum; with ``load``, also the module load onto the GPU as the
+    first call of a new process does). A temporary cache folder, so nothing the run uses is
+    disturbed. Without a GPU: cc names the target (default sm_90) and nothing is loaded."""
+    import tempfile
+    import time
+
+    from attnlib.cuda import loader, specs
+
+    if cc is None:
+        cc = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+    load = torch.cuda.is_available() if load is None else load
+    why = loader.availability_reasons() if load else []
+    if why:
+        return [{"status": "skipped", "reason": "; ".join(why)}]
+    chosen = [specs.flash_fwd_spec(hd, "bf16", False) for hd in (64, 128)] + \
+             [specs.flash_fwd_tile128_spec(hd, "bf16", False) for hd in (64, 128)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, _env("ATTNLIB_CACHE_DIR", tmp), _env("ATTNLIB_CUDA_NO_CUBINS", "1"):
+        for spec in chosen:
+            row = {"spec": spec.name, "arch": f"sm_{cc[0]}{cc[1]}"}
+            try:
+                t0 = time.perf_counter()
+                binary, origin = loader.get_binary(spec, cc)
+                row["compile_s"] = time.perf_counter() - t0
+                row["binary_bytes"] = len(binary)
+                t0 = time.perf_counter()
+                _, origin = loader.get_binary(spec, cc)
+                row["cached_read_ms"] = (time.perf_counter() - t0) * 1e3
+                row["cached_from"] = origin.split(" ")[0]
+                if load:
+                    dev = torch.cuda.current_device()
+                    loader._functions.pop((spec.name, dev), None)  # as a new process finds it
+                    t0 = time.perf_counter()
+                    loader.get_function(spec, dev, cc)
+                    row["cached_load_ms"] = (time.perf_counter() - t0) * 1e3
+                row["status"] = "ok"
+                log(f"{spec.name}: first call {row['compile_s']:.2f} s (NVRTC), cached "
+                    f"{row.get('cached_load_ms', row['cached_read_ms']):.1f} ms "
+                    f"({'disk read + module load' if load else 'disk read'})")
+            except Exception as e:  # noqa: BLE001 - a result, not a crash
+                row.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}")
+                log(f"{spec.name}: {row['reason']}")
+            rows.append(row)
+    return rows

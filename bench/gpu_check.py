@@ -70,7 +70,7 @@ SLA_END_S = 470.0            # sla (issue 7: Wan2.1-1.3B fwd/bwd vs flash / SDPA
 PER_TEST_TIMEOUT_S = 120
 MAX_FAILURES = 40            # keep going past failures: one run must show as many of them as it can
 RESULT_FILES = ("results.json", "summary.md", "pytest-gpu.log", "pytest-failures.log", "sanitizer.log",
-                "asymrnr.json", "asymrnr.md", "block_sparse.json", "linear.json", "sla.json")
+                "asymrnr.json", "asymrnr.md", "block_sparse.json", "linear.json", "sla.json", "cuda_compile.json")
 
 
 def say(*args) -> None:
@@ -403,6 +403,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if over:
             notes.append(f"{len(over)} measurements skipped: the benchmark budget of {budget:.0f} s was spent")
         notes.append(f"benchmarks took {time.perf_counter() - t0:.0f} s (budget {budget:.0f} s)")
+    if not args.skip_bench and torch.cuda.is_available():
+        say("== flash-cuda first-call compile and cached-load times")
+        try:
+            from bench.bench_flash import cuda_compile_times
+
+            rows = cuda_compile_times(log=lambda s: say("  " + s))
+            (out / "cuda_compile.json").write_text(json.dumps(rows, indent=1))
+            for r in rows:
+                if r.get("status") == "ok":
+                    notes.append(f"flash-cuda {r['spec']}: first call {r['compile_s']:.2f} s (NVRTC), cached "
+                                 f"{r.get('cached_load_ms', r['cached_read_ms']):.1f} ms (disk + module load)")
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"cuda compile timing failed: {type(e).__name__}: {e}")
     if not args.skip_bench and not args.skip_asymrnr:
         budget = max(15.0, min(ASYMRNR_BUDGET_S, ASYMRNR_END_S - (time.perf_counter() - t_start)))
         say(f"== asymrnr evaluation and timing (budget {budget:.0f} s)")

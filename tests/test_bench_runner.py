@@ -243,3 +243,16 @@ def test_output_check_against_sdpa(causal):
     assert r["check_ok"] and r["check_max_abs"] < 1e-5, r
     bad = runner.check_output(case, lambda: good() * 1.01, q, k, v)
     assert bad["check_ok"] is False and bad["check_max_abs"] > 1e-4
+
+
+def test_cuda_compile_times_builds_then_hits_the_cache():
+    """bench_flash.cuda_compile_times: a real NVRTC build into an empty cache, then a cache hit
+    (no GPU needed: sm_90 target, nothing loaded)."""
+    from attnlib.cuda import loader
+    from bench import bench_flash
+
+    if loader.availability_reasons():
+        pytest.skip("; ".join(loader.availability_reasons()))
+    rows = bench_flash.cuda_compile_times(log=lambda s: None, cc=(9, 0), load=False)
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), rows
+    assert all(r["compile_s"] > 0 and r["binary_bytes"] > 1000 and r["cached_from"] == "hit" for r in rows)
