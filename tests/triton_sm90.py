@@ -47,11 +47,11 @@ def _signature(fn, dtype: str, const: dict) -> dict:
     return sig
 
 
-def compile_sm90(kernel, dtype: str, constexprs: dict, block_m: int, block_n: int, num_warps: int,
-                 num_stages: int) -> dict:
-    """Compile for sm_90; returns shared memory bytes, registers and spill bytes per thread."""
+def compile_kernel(kernel, dtype: str, const: dict, num_warps: int, num_stages: int):
+    """triton.compile for sm_90 with the JIT's specialisation of contiguous inputs (unit head-dim
+    strides constant, pointers and other strides multiples of 16); returns the compiled kernel."""
     fn = getattr(kernel, "fn", kernel)  # under @triton.autotune, the JIT function
-    const = dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
+    const = dict(const)
     for name in fn.arg_names:
         if name.startswith("stride") and name.endswith("d"):
             const[name] = 1
@@ -59,8 +59,14 @@ def compile_sm90(kernel, dtype: str, constexprs: dict, block_m: int, block_n: in
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if sig[name].startswith("*") or (name.startswith("stride") and sig[name] != "constexpr")}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-    compiled = triton.compile(src, target=SM90, options={"num_warps": num_warps, "num_stages": num_stages})
-    return _ptxas_report(compiled)
+    return triton.compile(src, target=SM90, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_sm90(kernel, dtype: str, constexprs: dict, block_m: int, block_n: int, num_warps: int,
+                 num_stages: int) -> dict:
+    """Compile for sm_90; returns shared memory bytes, registers and spill bytes per thread."""
+    return _ptxas_report(compile_kernel(kernel, dtype, dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n),
+                                        num_warps, num_stages))
 
 
 def _ptxas_report(compiled) -> dict:
@@ -279,16 +285,7 @@ def main() -> None:
         """compile_sm90 for the descriptor forward, plus what its PTX shows: TMA bulk-tensor
         loads and stores, wgmma, and whether Triton's warp specialization partitioned it."""
         bm, bn, warps, stages, ws = config
-        fn = kernel.fn
-        const = dict(const, WARP_SPEC=ws, BLOCK_M=bm, BLOCK_N=bn)
-        for name in fn.arg_names:
-            if name.startswith("stride") and name.endswith("d"):
-                const[name] = 1
-        sig = _signature(fn, dtype, const)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if sig[name].startswith("*") or (name.startswith("stride") and sig[name] != "constexpr")}
-        compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                                  target=SM90, options={"num_warps": warps, "num_stages": stages})
+        compiled = compile_kernel(kernel, dtype, dict(const, WARP_SPEC=ws, BLOCK_M=bm, BLOCK_N=bn), warps, stages)
         ptx = compiled.asm["ptx"]
         r = _ptxas_report(compiled)
         r.update(tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
