@@ -1,7 +1,8 @@
 """sage-cuda: every specialisation compiles under NVRTC for sm_80, sm_89 and sm_90 (no GPU
 needed); a CPU emulation of the INT8 tile swizzle and of the ldmatrix -> mma.m16n8k32 fragment
-addressing (mirrors csrc/sage line by line); GPU checks against the simulation (relative L1
-<= 1e-3, lse 1e-4) and exact attention (cos >= 0.999, rel L1 <= 0.02), quantization bit-exact."""
+addressing (mirrors csrc/sage line by line) and of the smoothed-K mean's launches (per-block
+channel sums into the scratch, their fold in block order); GPU checks against the simulation
+(relative L1 <= 1e-3, lse 1e-4) and exact attention (cos >= 0.999, rel L1 <= 0.02), quantization bit-exact."""
 import numpy as np
 import pytest
 import torch
@@ -119,6 +120,85 @@ def test_int8_qk_fragments_reproduce_q_kt(hd):
         assert np.array_equal(got, want[warp * 16:warp * 16 + 16])
 
 
+# == CPU emulation of sage_quant.cu's K mean: k_stats -> k_reduce ==============================
+QUANT_THREADS, REDUCE_CHANNELS, REDUCE_UNROLL = 256, 32, 16  # SAGE_QUANT_THREADS, SAGE_REDUCE_*
+
+
+def emulate_k_stats(x, block):
+    """attnlib_sage_quant_k_stats over its grid for one (b, h) slice x (S, D) float32: the
+    scratch (n_blocks, D), every entry written exactly once."""
+    seq, dim = x.shape
+    nb = -(-seq // block)
+    part = np.full(nb * dim, np.nan, dtype=np.float32)
+    lanes = min(dim, QUANT_THREADS)
+    groups = QUANT_THREADS // lanes
+    for blk in range(nb):
+        row0 = blk * block
+        rows = min(block, seq - row0)
+        for c0 in range(0, dim, lanes):
+            acc = np.zeros(QUANT_THREADS, dtype=np.float32)
+            for tid in range(QUANT_THREADS):
+                c, g = tid % lanes, tid // lanes
+                if g < groups and c0 + c < dim:
+                    for r in range(g, rows, groups):
+                        acc[tid] = np.float32(acc[tid] + x[row0 + r, c0 + c])
+            for tid in range(min(lanes, dim - c0)):
+                s = np.float32(0)
+                for gg in range(groups):
+                    s = np.float32(s + acc[gg * lanes + tid])
+                off = blk * dim + c0 + tid
+                assert np.isnan(part[off]), "two threads write one partial"
+                part[off] = s
+    assert not np.isnan(part).any()
+    return part
+
+
+def emulate_k_reduce(part, seq, dim):
+    """attnlib_sage_quant_k_reduce: grid ceil(dim / 32) x 32 threads, UNROLL partials per step."""
+    nb = part.size // dim
+    mean = np.full(dim, np.nan, dtype=np.float32)
+    for bx in range(-(-dim // REDUCE_CHANNELS)):
+        for tid in range(REDUCE_CHANNELS):
+            c = bx * REDUCE_CHANNELS + tid
+            if c >= dim:
+                continue
+            acc = np.float32(0)
+            for blk0 in range(0, nb, REDUCE_UNROLL):
+                v = [part[(blk0 + i) * dim + c] if blk0 + i < nb else np.float32(0) for i in range(REDUCE_UNROLL)]
+                for i in range(REDUCE_UNROLL):
+                    acc = np.float32(acc + v[i])
+            assert np.isnan(mean[c])
+            mean[c] = np.float32(acc) / np.float32(seq)
+    assert not np.isnan(mean).any()
+    return mean
+
+
+@pytest.mark.parametrize("seq,dim", [(1, 64), (63, 128), (65, 128), (1000, 64), (130, 96), (70, 256)])
+def test_k_mean_emulation_matches_reference(seq, dim):
+    """Every scratch entry written once, every channel folded once; the fold in block order
+    equals the float64 mean to fp32 rounding, and equals the plain sequential sum of the block
+    partials bit for bit (the order does not depend on the grid)."""
+    rng = np.random.default_rng(seq * dim)
+    x = (rng.standard_normal((seq, dim)) + 10.0 * rng.standard_normal(dim)).astype(np.float32)
+    part = emulate_k_stats(x, K_BLOCK)
+    mean = emulate_k_reduce(part, seq, dim)
+    want = x.astype(np.float64).mean(0)
+    np.testing.assert_allclose(mean, want, rtol=0, atol=1e-5 * (1 + np.abs(want).max()))
+    seq_sum = np.zeros(dim, dtype=np.float32)
+    for blk in range(part.size // dim):
+        seq_sum = (seq_sum + part[blk * dim:(blk + 1) * dim]).astype(np.float32)
+    assert np.array_equal(mean, seq_sum / np.float32(seq))
+
+
+def test_sage_quant_specs():
+    assert [s.name for s in specs.SAGE_SPECS[-4:]] == ["sage_quant_q", "sage_quant_k", "sage_quant_k_stats",
+                                                       "sage_quant_k_reduce"]
+    assert specs.sage_quant_spec("k_reduce").threads == REDUCE_CHANNELS
+    assert specs.sage_quant_spec("k_stats").threads == QUANT_THREADS
+    with pytest.raises(ValueError, match="sage_quant tensor"):
+        specs.sage_quant_spec("v")
+
+
 def test_cpu_reasons():
     q, k, v = make_qkv(1, 2, 16, 64)
     reasons = attnlib.explain(q, k, v, method="sage", backend="cuda", pv="fp8").reasons["sage-cuda"]
@@ -171,3 +251,57 @@ def test_quantization_kernels_gpu(dtype):
     assert_verbose_allclose(mean, kb.float().mean(2), atol=1e-4, name="k mean")
     wi, wd = quantize_per_block(kb.float() - mean[:, :, None], K_BLOCK)
     assert torch.equal(ki, wi) and torch.equal(dk, wd.squeeze(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("seq", [1, 63, 65, 1000])
+@pytest.mark.parametrize("d", [64, 128])
+def test_quantize_k_parallel_gpu(seq, layout, dtype, d):
+    """The three smoothed-K launches (and the unsmoothed one) against attnlib.reference.sage on
+    ragged lengths across several 64-token blocks, GQA heads (B=2, Hkv=2 of Hq=6), both layouts:
+    k_mean to the float64 mean, K int8 and delta_k bit-exact given that mean, reproducible run to
+    run, the caller's K untouched."""
+    from attnlib.kernels.sage_cuda import quantize_k_cuda
+
+    _, k, _ = make_qkv(2, 6, 16, d, kv_heads=2, seq_k=seq, dtype=dtype, device="cuda", layout=layout,
+                       k_bias=10.0, seed=seq + d)
+    kb = k if layout == "bhsd" else k.transpose(1, 2)
+    before = k.clone()
+    ki, dk, mean = quantize_k_cuda(kb, K_BLOCK, smooth=True)
+    torch.cuda.synchronize()
+    assert torch.equal(k, before), "quantize_k_cuda wrote into the caller's K"
+    nb = -(-seq // K_BLOCK)
+    assert ki.shape == (2, 2, seq, d) and dk.shape == (2, 2, nb) and mean.shape == (2, 2, d)
+    want_mean = kb.double().mean(2)
+    assert_verbose_allclose(mean.double(), want_mean, atol=1e-4, name="k mean")
+    wi, wd = quantize_per_block(kb.float() - mean[:, :, None], K_BLOCK)
+    assert torch.equal(ki, wi) and torch.equal(dk, wd.squeeze(-1))
+    # dequantized: within half a step of the smoothed K
+    err = (ki.float() - (kb.float() - mean[:, :, None]) / _per_token_k(dk, seq)).abs()
+    assert err.max().item() <= 0.5 + 1e-3
+    ki2, dk2, mean2 = quantize_k_cuda(kb, K_BLOCK, smooth=True)
+    assert torch.equal(mean2, mean) and torch.equal(ki2, ki) and torch.equal(dk2, dk)
+    ki0, dk0, mean0 = quantize_k_cuda(kb, K_BLOCK, smooth=False)
+    wi0, wd0 = quantize_per_block(kb.float(), K_BLOCK)
+    assert mean0 is None and torch.equal(ki0, wi0) and torch.equal(dk0, wd0.squeeze(-1))
+    assert torch.equal(k, before)
+
+
+def _per_token_k(dk, seq):
+    """delta_k (B, H, n_blocks) -> (B, H, seq, 1), zero scales as 1 (their int8 values are 0)."""
+    d = torch.where(dk > 0, dk, torch.ones_like(dk))
+    return d.repeat_interleave(K_BLOCK, dim=2)[:, :, :seq, None]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_k", [1, 63, 65, 1000])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_forward_ragged_keys_gqa_gpu(seq_k, layout):
+    """End to end with the parallel K mean: GQA (6 query heads on 2 kv heads), ragged key counts."""
+    q, k, v = make_qkv(2, 6, 77, 128, kv_heads=2, seq_k=seq_k, dtype=torch.float16, device="cuda", layout=layout,
+                       k_bias=10.0, seed=seq_k)
+    before = k.clone()
+    _check(q, k, v, causal=False, layout=layout)
+    assert torch.equal(k, before)

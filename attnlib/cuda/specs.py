@@ -114,16 +114,21 @@ def sage_fwd_spec(head_dim: int, causal: bool, pv: str, block_m: int = 64, block
     )
 
 
+SAGE_QUANT_TENSORS = ("q", "k", "k_stats", "k_reduce")
+
+
 def sage_quant_spec(tensor: str) -> KernelSpec:
-    """The fused INT8 quantization of csrc/sage/sage_quant.cu for Q ("q") or K ("k")."""
-    if tensor not in ("q", "k"):
-        raise ValueError(f"sage_quant tensor must be 'q' or 'k', got {tensor!r}")
+    """The fused INT8 quantization of csrc/sage/sage_quant.cu for Q ("q") or K ("k"), and the two
+    launches computing K's token mean before it: per-block channel sums ("k_stats") and their
+    fold in block order ("k_reduce", one warp per 32 channels)."""
+    if tensor not in SAGE_QUANT_TENSORS:
+        raise ValueError(f"sage_quant tensor must be one of {SAGE_QUANT_TENSORS}, got {tensor!r}")
     return KernelSpec(name=f"sage_quant_{tensor}", source="sage/sage_quant.cu", entry=f"attnlib_sage_quant_{tensor}",
-                      threads=256, min_arch=80)
+                      threads=32 if tensor == "k_reduce" else 256, min_arch=80)
 
 
 SAGE_SPECS = tuple(sage_fwd_spec(hd, c, pv) for hd in (64, 128) for c in (False, True)
-                   for pv in ("fp16", "fp16_accum")) + (sage_quant_spec("q"), sage_quant_spec("k"))
+                   for pv in ("fp16", "fp16_accum")) + tuple(sage_quant_spec(t) for t in SAGE_QUANT_TENSORS)
 ALL_SPECS: tuple[KernelSpec, ...] = FLASH_FWD_SPECS + FLASH_FWD_TILE128_SPECS + SAGE_SPECS
 
 

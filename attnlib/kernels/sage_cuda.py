@@ -61,7 +61,10 @@ def quantize_q_cuda(q: torch.Tensor, block: int, x_scale: float, k_mean=None, ls
 
 
 def quantize_k_cuda(k: torch.Tensor, block: int, smooth: bool):
-    """Same contract as attnlib.triton_kernels.sage.quant.quantize_k."""
+    """Same contract as attnlib.triton_kernels.sage.quant.quantize_k. With smooth, three launches
+    over (blocks | channel slices, heads, batch): per-block channel sums into a (B, H, n_blocks, D)
+    fp32 scratch, their fold in block order into the mean (deterministic, no atomics), then the
+    quantization of K - mean."""
     import numpy as np
 
     from ..cuda.specs import sage_quant_spec
@@ -72,10 +75,19 @@ def quantize_k_cuda(k: torch.Tensor, block: int, smooth: bool):
     delta = torch.empty(bsz, heads, nb, dtype=torch.float32, device=k.device)
     mean = torch.zeros(bsz, heads, d, dtype=torch.float32, device=k.device) if smooth else None
     if ki.numel():
-        args = [_ptr(k), _ptr(ki), _ptr(delta), _ptr(mean), *(np.int64(s) for s in k.stride()[:3]),
+        strides = [np.int64(s) for s in k.stride()[:3]]
+        if smooth:
+            part = torch.empty(bsz, heads, nb, d, dtype=torch.float32, device=k.device)
+            _launch(sage_quant_spec("k_stats"), (nb, heads, bsz),
+                    [_ptr(k), _ptr(part), *strides, np.int32(seq), np.int32(heads), np.int32(d), np.int32(block),
+                     np.int32(nb), np.int32(_KINDS[k.dtype])], k)
+            reduce = sage_quant_spec("k_reduce")
+            _launch(reduce, (-(-d // reduce.threads), heads, bsz),
+                    [_ptr(part), _ptr(mean), np.int32(seq), np.int32(heads), np.int32(d), np.int32(nb)], k)
+        args = [_ptr(k), _ptr(ki), _ptr(delta), _ptr(mean), *strides,
                 np.int32(seq), np.int32(heads), np.int32(d), np.int32(block), np.int32(nb),
                 np.int32(_KINDS[k.dtype]), np.int32(int(smooth))]
-        _launch(sage_quant_spec("k"), (1 if smooth else nb, heads, bsz), args, k)
+        _launch(sage_quant_spec("k"), (nb, heads, bsz), args, k)
     return ki, delta, mean
 
 
