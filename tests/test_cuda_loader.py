@@ -340,3 +340,12 @@ def test_compile_report():
     assert rows[0]["registers"] and rows[0]["registers"] <= 255
     assert rows[0]["spill_bytes"] == 0
     assert rows[0]["dynamic_smem_bytes"] == 2 * 64 * (64 + 4 * 64)
+
+
+def test_entry_report_picks_the_entry_function_block():
+    """compile_report reads one entry's ptxas lines, not the first function of the source."""
+    text = ("ptxas info    : Compiling entry function 'a' for 'sm_90'\nptxas info    : Used 80 registers, 2080 bytes smem\n"
+            "ptxas info    : Compiling entry function 'b' for 'sm_90'\nptxas info    : Used 32 registers\n")
+    assert "Used 32 registers" in toolchain.entry_report(text, "b")
+    assert "Used 80 registers" not in toolchain.entry_report(text, "b")
+    assert "Used 80 registers" in toolchain.entry_report(text, "a")

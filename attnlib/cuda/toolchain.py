@@ -144,6 +144,15 @@ _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _SMEM = re.compile(r"(\d+) bytes smem")
 
 
+def entry_report(text: str, entry: str) -> str:
+    """The part of ptxas -v output about one entry function (a source may define several)."""
+    blocks = re.split(r"(?=ptxas info\s*: Compiling entry function )", text)
+    for b in blocks:
+        if re.match(rf"ptxas info\s*: Compiling entry function '{re.escape(entry)}'", b):
+            return b
+    return text
+
+
 def compile_report(specs=None, arch: str = "90", *, csrc: str | None = None) -> list[dict]:
     """Registers, spills and static shared memory per specialisation, from nvcc --resource-usage
     (plus the dynamic shared memory the launcher asks for). Needs nvcc; no GPU."""
@@ -160,7 +169,7 @@ def compile_report(specs=None, arch: str = "90", *, csrc: str | None = None) -> 
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 raise RuntimeError(f"nvcc failed for {spec.name}:\n{res.stderr}")
-            text = res.stdout + res.stderr
+            text = entry_report(res.stdout + res.stderr, spec.entry)
             regs, spill, smem = _USAGE.search(text), _SPILL.search(text), _SMEM.search(text)
             rows.append({
                 "name": spec.name, "arch": f"sm_{arch}",
