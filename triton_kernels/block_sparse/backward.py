@@ -15,7 +15,7 @@ from ..flash.backward import bwd_preprocess
 from ..flash.common import (LOG2E, dkdv_query_block, dot_precision, dq_key_block, key_query_range, load_tile,
                             log2_lse, store_tile)
 from .configs import launch_config, padded_head_dim
-from .forward import count_listed_below, kv_tile_bases, listed_key_range, query_tile, strides_bhm
+from .forward import count_listed_below, key_tile, kv_tile_bases, listed_key_range, query_tile, strides_bhm
 
 
 @triton.jit
@@ -113,19 +113,8 @@ def block_sparse_dkdv_kernel(
     and Q_IDX (B|1, Hq|1, Mk, Mq): the column form, query blocks ascending. A key tile of
     BLOCK_N keys lies in mask column start_n // MASK_N; listed query blocks are walked as
     MASK_M / BLOCK_M tiles."""
-    pid_n = tl.program_id(0)
-    kvh = tl.program_id(1)
-    b = tl.program_id(2)
-    b64 = b.to(tl.int64)
-    kvh64 = kvh.to(tl.int64)
-    start_n = pid_n * BLOCK_N
-    mask_col = start_n // MASK_N
-    offs_j = tl.arange(0, BLOCK_N)
-    offs_n = start_n + offs_j
+    b64, kvh64, start_n, mask_col, offs_n, offs_d, n_ok, d_ok = key_tile(seq_k, HEAD_DIM, D_PAD, BLOCK_N, MASK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    n_ok = offs_n < seq_k
-    d_ok = offs_d < HEAD_DIM
     CHECK_D: tl.constexpr = D_PAD != HEAD_DIM
     b_k = load_tile(K + b64 * stride_kb + kvh64 * stride_kh + offs_n[:, None] * stride_kn
                     + offs_d[None, :] * stride_kd, n_ok, d_ok, True, CHECK_D)

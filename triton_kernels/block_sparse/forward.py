@@ -57,6 +57,17 @@ def query_tile(group, seq_q, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def key_tile(seq_k, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr):
+    """Ids and offsets of a program on grid (key tiles, kv heads, batch): (b64, kvh64, start_n,
+    mask_col, offs_n, offs_d, n_ok, d_ok)."""
+    start_n = tl.program_id(0) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    return (tl.program_id(2).to(tl.int64), tl.program_id(1).to(tl.int64), start_n, start_n // MASK_N, offs_n,
+            offs_d, offs_n < seq_k, offs_d < HEAD_DIM)
+
+
+@triton.jit
 def kv_tile_bases(K, V, b64, kvh64, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd):
     """Pointers to the first key tile of K and V (add start_n * stride to move)."""

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..block_sparse.configs import launch_config
+from ..block_sparse.forward import key_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
 from .classify import BlockIndex, padded
 from .forward import LINEAR_EPS, marginal_columns, state_chunk, state_precision
@@ -201,21 +202,10 @@ def sla_linear_dkdv_kernel(
     DN, DD from sla_linear_dq_kernel; DH_TOT (B, Hq, D, D), DZ_TOT (B, Hq, D) their per-head
     totals; NC_*, IDXC the column form (B, Hq, Mk[, Mq]); DK, DV (k's / v's dtype and strides,
     the critical branch's dk, dv) get the linear branch's gradients added."""
-    pid_n = tl.program_id(0)
-    kvh = tl.program_id(1)
-    b = tl.program_id(2)
+    b64, kvh64, start_n, mask_col, offs_n, offs_d, n_ok, d_ok = key_tile(seq_k, HEAD_DIM, D_PAD, BLOCK_N, MASK_N)
     kv_heads = tl.num_programs(1)
-    b64 = b.to(tl.int64)
-    kvh64 = kvh.to(tl.int64)
-    start_n = pid_n * BLOCK_N
-    mask_col = start_n // MASK_N
-    offs_j = tl.arange(0, BLOCK_N)
-    offs_n = start_n + offs_j
     offs_i = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
     offs_c = tl.arange(0, HC)
-    n_ok = offs_n < seq_k
-    d_ok = offs_d < HEAD_DIM
     tile_mask = n_ok[:, None] & d_ok[None, :]
     k_ptrs = K + b64 * stride_kb + kvh64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_rows = V + b64 * stride_vb + kvh64 * stride_vh + offs_n[:, None] * stride_vn

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..block_sparse.configs import launch_config
-from ..block_sparse.forward import attend_listed, count_listed_below
+from ..block_sparse.forward import attend_listed, count_listed_below, kv_tile_bases, query_tile
 from ..flash.common import LOG2E, dot_precision, load_tile, query_key_range, store_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
 from .classify import BlockIndex, padded
@@ -94,22 +94,11 @@ def sla_fwd_kernel(
     contiguous, written with LINEAR; LSE (B, Hq, Sq) fp32 with STORE_LSE. H, Z
     (B, Hkv, Mk, D[, D]) and H_TOT, Z_TOT (B, Hkv, D[, D]) fp32 contiguous; N_CRIT, N_MARG
     (B, Hq, Mq), IDX (B, Hq, Mq, Mk) int32 contiguous (classify.class_index)."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    b64, h64, kvh64, start_m, mask_row, offs_m, offs_n, offs_d, m_ok, d_ok = query_tile(
+        group, seq_q, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, MASK_M)
     heads = tl.num_programs(1)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    kvh64 = (h // group).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    offs_i = tl.arange(0, BLOCK_M)
-    offs_m = start_m + offs_i
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    m_ok = offs_m < seq_q
-    d_ok = offs_d < HEAD_DIM
     CHECK_D: tl.constexpr = D_PAD != HEAD_DIM
-    row_id = (b64 * heads + h64) * num_qb + start_m // MASK_M
+    row_id = (b64 * heads + h64) * num_qb + mask_row
     idx_row = IDX + row_id * num_kb
     n_crit = tl.load(N_CRIT + row_id)
 
@@ -137,8 +126,8 @@ def sla_fwd_kernel(
             tl.store(ol_rows + cols[None, :], o_l, mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :])
 
     # critical blocks: block_sparse's main loop over the list's first n_crit entries
-    k_base = K + b64 * stride_kb + kvh64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_base = V + b64 * stride_vb + kvh64 * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_base, v_base = kv_tile_bases(K, V, b64, kvh64, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd,
+                                   stride_vb, stride_vh, stride_vn, stride_vd)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
