@@ -46,6 +46,9 @@ class Kernel:
     supports_gqa: bool = True
     supports_backward: bool = True
     supports_lse: bool = True
+    # for AUX_LSE methods: forward returns (out, lse of its softmax part) when inp.requires_grad,
+    # and backward reads that lse
+    keeps_lse_for_backward: bool = False
     supports_seq_q_ne_seq_k: bool = True
     needs_unit_last_stride: bool = False
     same_head_dim_v: bool = False  # v's head dim must equal q/k's

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import dispatch
 from .inputs import AttentionInputs, from_bhsd, to_bhsd
-from .options import METHOD_OPTIONS, NO_LSE, OP_OPTION_TYPES, TUPLE_OPTIONS
+from .options import AUX_LSE, METHOD_OPTIONS, NO_LSE, OP_OPTION_TYPES, TUPLE_OPTIONS
 
 _LIB = torch.library.Library("attnlib", "FRAGMENT")
 
@@ -65,8 +65,9 @@ def _build(q, k, v, method, layout, causal, scale, return_lse, grad, options) ->
     return replace(inp, grad=grad)
 
 
-def _lse_shape(method: str, q: Tensor, layout: str) -> tuple:
-    if method in NO_LSE:
+def _lse_shape(method: str, q: Tensor, layout: str, needs_grad: bool) -> tuple:
+    """(B, H, Sq), or (0,) for a method without lse (unless its kernel keeps one for backward)."""
+    if method in NO_LSE and not (method in AUX_LSE and needs_grad):
         return (0,)
     return tuple(to_bhsd(q, layout).shape[:3])
 
@@ -90,13 +91,16 @@ def _attention_impl(*args):
     inp = _build(q, a["k"], a["v"], method, layout, a["causal"], a["scale"], a["return_lse"], a["needs_grad"], a)
     kernel = dispatch.select(inp, a["backend"])
     want_lse = method not in NO_LSE and kernel.supports_lse
+    aux_lse = method in AUX_LSE and a["needs_grad"] and kernel.keeps_lse_for_backward
     res = kernel.forward(replace(inp, return_lse=want_lse))
-    out, lse = res if want_lse else (res, None)
+    out, lse = res if (want_lse or aux_lse) else (res, None)
     out = from_bhsd(out, layout).contiguous()
     if lse is None:
         # only when the caller did not ask for lse (a kernel without one is rejected otherwise);
-        # that kernel's backward does not read it
-        lse = torch.full(_lse_shape(method, q, layout), float("nan"), dtype=_lse_dtype(q), device=q.device)
+        # that kernel's backward does not read it. NaN marks it; an AUX_LSE method's slot, which
+        # no caller sees, is zeros (NaN would make eager and traced outputs compare unequal)
+        fill = 0.0 if method in NO_LSE else float("nan")
+        lse = torch.full(_lse_shape(method, q, layout, a["needs_grad"]), fill, dtype=_lse_dtype(q), device=q.device)
     return out, lse.to(_lse_dtype(q)).contiguous()
 
 
@@ -108,7 +112,8 @@ def _attention_fake(*args):
                  a["needs_grad"], a)  # validates while tracing
     shape = list(q.shape)
     shape[-1] = inp.head_dim_v
-    return q.new_empty(shape), q.new_empty(_lse_shape(a["method"], q, a["layout"]), dtype=_lse_dtype(q))
+    return q.new_empty(shape), q.new_empty(_lse_shape(a["method"], q, a["layout"], a["needs_grad"]),
+                                           dtype=_lse_dtype(q))
 
 
 @torch.library.impl(_LIB, "attention_backward", "CompositeExplicitAutograd")
@@ -121,7 +126,10 @@ def _attention_backward_impl(*args):
     kernel = dispatch.select(replace(inp, return_lse=False), a["backend"])
     if not kernel.supports_backward:
         raise RuntimeError(f"attnlib kernel {kernel.name} has no backward pass")
-    grads = kernel.backward(inp, to_bhsd(a["out"], layout), a["lse"] if has_lse else None,
+    lse = a["lse"]
+    if not has_lse:  # the kernel's own statistic from forward, when it kept one
+        lse = lse if method in AUX_LSE and kernel.keeps_lse_for_backward and lse.dim() == 3 else None
+    grads = kernel.backward(inp, to_bhsd(a["out"], layout), lse,
                             to_bhsd(a["dout"], layout), a["dlse"] if has_lse else None)
     dq, dk, dv = (from_bhsd(g, layout).contiguous() for g in grads[:3])
     rest = [g if g is not None else q.new_empty(0) for g in grads[3:3 + len(GRAD_OPTIONS)]]

@@ -147,6 +147,10 @@ TUPLE_OPTIONS = ("block_size", "grid", "stride")
 
 # methods whose result has no log-sum-exp / no softmax scale
 NO_LSE = ("linear", "sla")
+# NO_LSE methods whose kernels may keep a softmax statistic for their own backward (the sparse
+# branch's lse for sla): the op carries it in its lse slot when a backward will follow, the public
+# API never returns it
+AUX_LSE = ("sla",)
 NO_SCALE = ("linear",)
 
 

@@ -48,6 +48,18 @@ def test_opcheck(method, opts):
     torch.library.opcheck(ops.attention_op, args, kwargs)
 
 
+def test_opcheck_sla_triton_keeps_lse_for_backward():
+    """sla-triton returns the critical blocks' lse in the op's lse slot when a backward follows
+    (options.AUX_LSE): a real (B, H, Sq) tensor that the fake implementation must describe."""
+    pytest.importorskip("triton")
+    q, k, v = make_qkv(1, 2, 40, 16, dtype=torch.float32, requires_grad=True, seed=2)
+    kwargs = dict(method="sla", backend="triton", layout="bhsd", causal=True, scale=None, return_lse=False,
+                  needs_grad=True, **ops.op_arguments("sla", {"block_size": (16, 16), "critical": 0.5}))
+    out, lse = ops.attention_op(q, k, v, **kwargs)
+    assert lse.shape == (1, 2, 40) and torch.isfinite(lse).all()
+    torch.library.opcheck(ops.attention_op, (q, k, v), kwargs)
+
+
 class TinyAttentionBlock(torch.nn.Module):
     def __init__(self, dim=32, heads=2, **attn_kw):
         super().__init__()

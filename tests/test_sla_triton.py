@@ -233,6 +233,40 @@ def test_forward_writes_every_element(causal):
         assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("proj", ["both", "bias", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_backward_from_saved_lse_equals_rewalk(proj, dtype):
+    """The op keeps the critical blocks' lse with the output; the backward then recomputes only
+    O_l and forms delta from the saved output. That lse is the reference's over the critical
+    blocks, and the gradients equal the re-walking backward's (same map, same kernels): exactly
+    up to fp32 rounding for fp32, within the output's rounding for fp16."""
+    from attnlib.triton_kernels.sla.attention import sla_backward, sla_forward
+
+    q, k, v = make_qkv(1, 4, 53, 32, kv_heads=2, seq_k=70, device=DEVICE, dtype=dtype, seed=12)
+    w, b = make_proj(32, seed=12, requires_grad=False)
+    w, b = {"both": (w, b), "bias": (None, b), "none": (None, None)}[proj]
+    kw = dict(critical=0.3, negligible=0.2, block_size=(16, 16), feature="softmax", scale=32 ** -0.5, causal=True)
+    out = poison_(torch.empty_like(q))
+    out, lse = sla_forward(q, k, v, out, w, b, with_lse=True, **kw)
+    classes = sla_block_classes(q, k, critical=0.3, negligible=0.2, block_size=(16, 16), causal=True)
+    visible = block_mask_to_tokens(classes == 1, (16, 16), 53, 70) & causal_mask(53, 70, q.device)
+    scores = (q.double() @ expand_kv(k, 4).double().transpose(-1, -2)) * 32 ** -0.5
+    want = scores.masked_fill(~visible, float("-inf")).logsumexp(-1)
+    assert lse.dtype == torch.float32 and lse.shape == (1, 4, 53)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want)), "rows with no critical key must have lse -inf"
+    fin = torch.isfinite(want)
+    torch.testing.assert_close(lse[fin].double(), want[fin], atol=1e-5, rtol=1e-5)
+    dout = torch.randn_like(out)
+    saved = sla_backward(dout, q, k, v, w, b, out=out, lse=lse, **kw)
+    rewalk = sla_backward(dout, q, k, v, w, b, **kw)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=4e-3, rtol=4e-3)
+    for name, got, want_g in zip(("dq", "dk", "dv", "dW", "db"), saved, rewalk):
+        assert (got is None) == (want_g is None), name
+        if got is not None:
+            assert torch.isfinite(got).all(), name
+            torch.testing.assert_close(got.float(), want_g.float(), msg=name, **tol)
+
+
 def test_unsupported_inputs_have_reasons_and_fall_back():
     q, k, v = make_qkv(1, 2, 40, 32, device=DEVICE, seed=11)
     ex = attnlib.explain(q, k, v, method="sla", block_size=(24, 24))

@@ -203,15 +203,16 @@ def _linear(which, dtype, d, causal):
 
 
 def _sla(which, dtype, d, causal):
-    """"fwd": the forward with its projection; "bwd": that forward, then the backward (which
-    re-forms the block map and states and re-walks the critical blocks): every SLA kernel."""
+    """"fwd": the forward with its projection; "bwd": that forward keeping lse, the backward from
+    it (O_l-only forward, delta kernel) and the re-walking backward: every SLA kernel."""
     import torch
     from attnlib.triton_kernels.sla.attention import sla_backward, sla_forward
     q, k, v, do = (_t(1, 2, 256, d, dtype=dtype) for _ in range(4))
     kw = dict(critical=0.25, negligible=0.25, block_size=(64, 64), feature="softmax", scale=d ** -0.5, causal=causal)
-    w = _t(d, d, dtype=dtype)
-    sla_forward(q, k, v, torch.empty_like(q), w, None, **kw)
+    w, b = _t(d, d, dtype=dtype), _t(d, dtype=dtype)
+    out, lse = sla_forward(q, k, v, torch.empty_like(q), w, b, with_lse=True, **kw)
     if which == "bwd":
+        sla_backward(do, q, k, v, w, b, out=out, lse=lse, **kw)
         sla_backward(do, q, k, v, w, None, **kw)
 
 

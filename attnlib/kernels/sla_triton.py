@@ -6,10 +6,11 @@ critical blocks, the linear-branch kernels for the marginal ones, dW and db).
 
 Tiles are the classification blocks (BLOCK_M = bq, BLOCK_N = bk): powers of two from 16 to 128
 per side. The D x D states live in registers, so head dims go up to 128 (multiples of 8, padded
-inside); value and query/key head dims must be equal. The op keeps no lse or O_l for sla, so the
-backward re-forms the block map and key-block states and re-walks the critical blocks once (lse,
-delta, O_l); it stores no D x D state per query block (memory formula in
-triton_kernels/sla/attention.py: sla_backward).
+inside); value and query/key head dims must be equal. When a backward will follow, the forward
+returns the critical blocks' lse and the op keeps it with the output (options.AUX_LSE); the
+backward re-forms the block map and key-block states, recomputes O_l without the critical
+blocks and forms delta from the saved output; it stores no D x D state per query block (memory
+formula in triton_kernels/sla/attention.py: sla_backward).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class SLATriton(TritonKernel):
     method = "sla"
     max_head_dim = 128  # the D x D linear-attention state lives in registers
     supports_lse = False
+    keeps_lse_for_backward = True
     options = ("proj_weight", "proj_bias", "critical", "negligible", "block_size", "feature_map")
     block_sizes_text = f"powers of two from {MIN_BLOCK} to {MAX_BLOCK} per side, e.g. (64, 64), (128, 64)"
 
@@ -50,13 +52,13 @@ class SLATriton(TritonKernel):
         from ..triton_kernels.sla.attention import sla_forward
 
         return sla_forward(inp.q, inp.k, inp.v, inp.new_output(), inp.options["proj_weight"],
-                           inp.options["proj_bias"], **self._kwargs(inp))
+                           inp.options["proj_bias"], with_lse=inp.requires_grad, **self._kwargs(inp))
 
     def backward(self, inp: AttentionInputs, out: torch.Tensor, lse, dout: torch.Tensor, dlse) -> tuple:
         from ..triton_kernels.sla.attention import sla_backward
 
         return sla_backward(dout, inp.q, inp.k, inp.v, inp.options["proj_weight"], inp.options["proj_bias"],
-                            **self._kwargs(inp))
+                            out=out if lse is not None else None, lse=lse, **self._kwargs(inp))
 
 
 register(SLATriton())

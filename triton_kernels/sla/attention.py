@@ -1,8 +1,9 @@
 """SLA forward and backward orchestration: classification, key-block preprocess, the fused
 forward, the projection epilogue (out = O_s + O_l W^T + b, a torch matmul after the kernel), and
-the backward (the block map and key-block states re-formed, one recompute pass over the
-critical blocks for lse and delta, block_sparse's backward for the critical branch, the
-linear-branch kernels adding into its dq, dk, dv, and dW = sum dO^T O_l, db = sum dO)."""
+the backward (the block map and key-block states re-formed, O_l recomputed, delta from the saved
+output and the critical blocks' lse kept by the forward, block_sparse's backward for the
+critical branch, the linear-branch kernels adding into its dq, dk, dv, and dW = sum dO^T O_l,
+db = sum dO)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,12 +14,13 @@ import torch
 from ..block_sparse.backward import block_sparse_bwd
 from . import classify as cls_mod
 from .backward import sla_linear_bwd
+from .delta import sla_delta
 from .forward import sla_fwd
 
 
 @dataclass
 class SLAForward:
-    """What the backward needs from a forward (recomputed there, not stored by the op)."""
+    """What one forward produced (of it, the op keeps only lse, for the backward)."""
 
     classes: torch.Tensor          # int8 (B, Hq, Mq, Mk)
     rows: cls_mod.BlockIndex
@@ -44,45 +46,68 @@ def sla_forward_parts(q, k, v, *, linear: bool, critical: float, negligible: flo
 
 def sla_forward(q, k, v, out: torch.Tensor, proj_weight: Optional[torch.Tensor], proj_bias: Optional[torch.Tensor],
                 *, critical: float, negligible: float, block_size, feature: str, scale: float,
-                causal: bool) -> torch.Tensor:
-    """out (bhsd view, q's dtype) = O_s + O_l W^T + b; the linear branch runs only with a weight."""
+                causal: bool, with_lse: bool = False):
+    """out (bhsd view, q's dtype) = O_s + O_l W^T + b; the linear branch runs only with a weight.
+    with_lse: returns (out, lse of the critical blocks' softmax) for sla_backward."""
     linear = proj_weight is not None
     if not linear and proj_bias is None:
-        sla_forward_parts(q, k, v, linear=False, critical=critical, negligible=negligible, block_size=block_size,
-                          feature=feature, scale=scale, causal=causal, out_sparse=out, with_lse=False)
-        return out
+        parts = sla_forward_parts(q, k, v, linear=False, critical=critical, negligible=negligible,
+                                  block_size=block_size, feature=feature, scale=scale, causal=causal, out_sparse=out,
+                                  with_lse=with_lse)
+        return (out, parts.lse) if with_lse else out
     o_s = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     parts = sla_forward_parts(q, k, v, linear=linear, critical=critical, negligible=negligible,
                               block_size=block_size, feature=feature, scale=scale, causal=causal, out_sparse=o_s,
-                              with_lse=False)
+                              with_lse=with_lse)
     res = o_s
     if linear:
         res = res + parts.o_l @ proj_weight.float().transpose(0, 1)
     if proj_bias is not None:
         res = res + proj_bias.float()
     out.copy_(res)
-    return out
+    return (out, parts.lse) if with_lse else out
+
+
+PROJECT_CHUNK_BYTES = 64 << 20  # fp32 copy of dO held at once by project_grad
+
+
+def project_grad(dout: torch.Tensor, o_l: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G = dO W (B, Hq, Sq, D) fp32 contiguous, dW = sum over rows of dO^T O_l fp32) for a bhsd
+    view dout, in (batch, head-range) chunks, so no fp32 copy of the whole dO is made."""
+    batch, heads, seq_q, d = dout.shape
+    g_all = torch.empty(batch, heads, seq_q, d, dtype=torch.float32, device=dout.device)
+    d_weight = torch.zeros(d, d, dtype=torch.float32, device=dout.device)
+    w = weight.float()
+    step = max(1, min(heads, PROJECT_CHUNK_BYTES // max(1, 4 * seq_q * d)))
+    for b in range(batch):
+        for h0 in range(0, heads, step):
+            g = dout[b, h0:h0 + step].float()
+            torch.matmul(g, w, out=g_all[b, h0:h0 + step])
+            d_weight.addmm_(g.reshape(-1, d).transpose(0, 1), o_l[b, h0:h0 + step].reshape(-1, d))
+    return g_all, d_weight
 
 
 def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negligible: float, block_size,
-                 feature: str, scale: float, causal: bool):
+                 feature: str, scale: float, causal: bool, out: Optional[torch.Tensor] = None,
+                 lse: Optional[torch.Tensor] = None):
     """(dq, dk, dv, d proj_weight, d proj_bias) for bhsd views; None for an absent projection.
 
-    The op saves no SLA intermediates, so this re-forms what is cheap (the key-block states h, z
-    and the block map: no N x N work) and re-walks the critical blocks once for lse and
-    delta = rowsum(dO * O_s) (O_s in fp32, never stored) and, with the linear branch, O_l for dW.
-    Nothing D x D is kept per query block. Memory it allocates beyond dq, dk, dv, dW, db, in bytes,
-    with Mq = ceil(Sq/bq), Mk = ceil(Sk/bk) and P = backward.TOTAL_SPLITS:
+    The block map and the key-block states h, z are re-formed (no N x N work). With the forward's
+    out and the critical blocks' lse (sla_forward(with_lse=True)), the critical branch is not
+    walked again: O_l alone is recomputed (the forward kernel without its sparse loop) and
+    delta = rowsum(dO * O_s) comes from out (triton_kernels/sla/delta.py). Without them, one
+    pass re-walks the critical blocks for lse and delta (and O_l). Nothing D x D is kept per query
+    block. Memory it allocates beyond dq, dk, dv, dW, db, in bytes, with Mq = ceil(Sq/bq),
+    Mk = ceil(Sk/bk) and P = backward.TOTAL_SPLITS:
       classification  B*Hkv*Mk*4*D (pooled K) + B*Hq*Mq*Mk*(4 + 1 + 2 * 4) (scores, map, row and
                       column index forms) + the sort's temporaries (B*Hq*Mq*Mk*8, transient)
       states          B*Hkv*Mk*4*(D*D + D) (h, z) + B*Hkv*4*(D*D + D) (their sums)
-      lse, delta      2 * B*Hq*Sq*4
-      linear branch   B*Hq*Sq*D*4 (O_l, freed after dW) + B*Hq*Sq*D*4 (dO in fp32, freed after G)
-                      + B*Hq*Sq*D*4 (G = dO W, then dN in place) + B*Hq*Sq*4 (dd)
-                      + B*Hq*(P + 1)*4*(D*D + D) (totals); at most two of the three N x D
-                      buffers are alive at once
+      lse, delta      B*Hq*Sq*4 each (lse is the forward's when saved)
+      linear branch   B*Hq*Sq*D*4 (O_l, freed after delta and dW) + B*Hq*Sq*D*4 (G = dO W, then dN
+                      in place) + B*Hq*Sq*4 (dd) + B*Hq*(P + 1)*4*(D*D + D) (totals)
+                      + PROJECT_CHUNK_BYTES (dO in fp32, a chunk at a time)
     At Wan2.1-1.3B (B=1, H=12, D=128, S=32760, 64 x 64 blocks): h 403 MB + 2 * 201 MB of
-    N x D fp32 at peak + about 45 MB of maps and index forms: about 0.85 GB."""
+    N x D fp32 at peak + about 45 MB of maps and index forms + 64 MB: about 0.9 GB."""
     seq_k = k.shape[2]
     linear = proj_weight is not None
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
@@ -93,20 +118,27 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
     rows = cls_mod.class_index(classes)
     cols = cls_mod.class_index(classes.transpose(-1, -2))
     del classes
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    delta = torch.empty_like(lse)
-    o_l = sla_fwd(q, k, v, None, rows, block_size=block_size, causal=causal, scale=scale, feature=feature,
-                  h=h, z=z, lse=lse, dout=dout, delta=delta)
+    kw = dict(block_size=block_size, causal=causal, scale=scale, feature=feature, h=h, z=z)
+    g = d_weight = None
+    if lse is not None and out is not None:
+        o_l = sla_fwd(q, k, v, None, rows, sparse=False, **kw) if linear else None
+        if linear:
+            g, d_weight = project_grad(dout, o_l, proj_weight)
+        out = out if out.stride(-1) == 1 else out.contiguous()
+        delta = sla_delta(dout, out, g, o_l, proj_bias)
+    else:
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        delta = torch.empty_like(lse)
+        o_l = sla_fwd(q, k, v, None, rows, lse=lse, dout=dout, delta=delta, **kw)
+        if linear:
+            g, d_weight = project_grad(dout, o_l, proj_weight)
+    del o_l
     dq, dk, dv = block_sparse_bwd(dout, q, k, v, None, lse, rows.row_form, cols.row_form,
                                   block_size=block_size, causal=causal, scale=scale, delta=delta)
     del lse, delta
     d_bias = dout.sum(dim=(0, 1, 2), dtype=torch.float32).to(proj_bias.dtype) if proj_bias is not None else None
     if not linear:
         return dq, dk, dv, None, d_bias
-    g = dout.float()
-    d_weight = (g.reshape(-1, g.shape[-1]).transpose(0, 1) @ o_l.reshape(-1, o_l.shape[-1])).to(proj_weight.dtype)
-    del o_l
-    dn = g @ proj_weight.float()  # G = dO_l; the linear dq kernel turns it into dN in place
-    del g
-    sla_linear_bwd(q, k, v, dn, h, z, rows, cols, dq, dk, dv, block_size=block_size, feature=feature)
-    return dq, dk, dv, d_weight, d_bias
+    # G = dO_l; the linear dq kernel turns it into dN in place
+    sla_linear_bwd(q, k, v, g, h, z, rows, cols, dq, dk, dv, block_size=block_size, feature=feature)
+    return dq, dk, dv, d_weight.to(proj_weight.dtype), d_bias

@@ -58,7 +58,8 @@ def sla_linear_dq_kernel(
     BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
 ):
     """Grid (query tiles, query heads, batch). DN (B, Hq, Sq, D) fp32 contiguous holds G = dO W
-    on entry and dN on exit (each program rewrites only its own rows); DD (B, Hq, Sq) fp32; DQ (q's dtype and strides, the critical branch's dq) gets
+    on entry and dN on exit (each program rewrites only its own rows); DD (B, Hq, Sq) fp32;
+    DQ (q's dtype and strides, the critical branch's dq) gets
     dphi(q)'s vjp added. H..IDX as sla_fwd_kernel. Rows whose block has no marginal key, or
     whose denominator is 0, give dN = dd = 0 (their O_l is 0, whatever the states)."""
     pid_m = tl.program_id(0)
