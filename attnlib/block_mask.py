@@ -10,6 +10,10 @@ row's unlisted blocks, also ascending, and are never read). Broadcast dims (size
 """
 from __future__ import annotations
 
+import os
+import threading
+import weakref
+from collections import OrderedDict
 from typing import Any, Optional
 
 import torch
@@ -44,6 +48,73 @@ def block_mask_to_col_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, tor
     """The transposed (column) form for dK/dV: (q_num_blocks (B, H, Mk) int32, q_indices
     (B, H, Mk, Mq) int32), the query blocks that read each key block, ascending."""
     return block_mask_to_index(_check_bool_mask(block_mask).transpose(-1, -2))
+
+
+class IndexCache:
+    """The index forms of recently used masks, so a mask reused across layers, diffusion steps and
+    the backward is sorted once. An entry belongs to one mask tensor object (held by a weak
+    reference, so a freed mask's memory reused by another never hits) and to its version counter
+    (an in-place write to the mask misses). Masks made under torch.inference_mode have no version
+    counter, so a write could not be seen: they are never cached. Bounded (least recently used
+    out); thread-safe. ATTNLIB_BLOCK_INDEX_CACHE=0 turns it off."""
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[int, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def enabled() -> bool:
+        return os.environ.get("ATTNLIB_BLOCK_INDEX_CACHE", "1") != "0"
+
+    def get(self, mask: torch.Tensor, which: str, build) -> tuple[torch.Tensor, torch.Tensor]:
+        """build(mask) once per (mask object, version, which)."""
+        if not self.enabled() or mask.is_inference() or _tracing(mask):
+            return build(mask)
+        key = (id(mask), which)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return hit[2]
+        value = build(mask)
+        with self._lock:
+            self.misses += 1
+            self._entries[key] = (weakref.ref(mask), mask._version, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.hits = self.misses = 0
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    """Fake or functional tensors (tracing under torch.compile) have no data to cache."""
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+
+        return is_fake(t) or torch._C._functorch.is_functorch_wrapped_tensor(t) or t.device.type == "meta"
+    except Exception:  # noqa: BLE001 - private APIs: never cache when unsure
+        return True
+
+
+INDEX_CACHE = IndexCache()
+
+
+def cached_row_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_mask_to_index` through :data:`INDEX_CACHE` (the kernels' entry point)."""
+    return INDEX_CACHE.get(_check_bool_mask(block_mask), "row", block_mask_to_index)
+
+
+def cached_col_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block_mask_to_col_index` through :data:`INDEX_CACHE`."""
+    return INDEX_CACHE.get(_check_bool_mask(block_mask), "col", block_mask_to_col_index)
 
 
 def index_to_block_mask(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,

@@ -82,3 +82,76 @@ def test_flex_block_mask_matches_reference(causal):
     torch.testing.assert_close(out, ref)
     assert attnlib.to_flex_block_mask is to_flex_block_mask
     assert attnlib.block_mask_from_token_mask is block_mask_from_token_mask
+
+
+# ---- the index-form cache (block_mask.INDEX_CACHE) ----------------------------------------------
+def _cache_case(seed=21):
+    from attnlib.testing import make_qkv
+
+    q, k, v = make_qkv(1, 2, 50, 16, seq_k=70, requires_grad=True, seed=seed)
+    m = rand_mask((1, 2, 4, 5), 0.5, seed)
+    m[..., 0] = True
+    return q, k, v, m
+
+
+def _check_against_reference(out, q, k, v, m):
+    ref = block_sparse_reference(*(t.detach().double() for t in (q, k, v)), m, block_size=(16, 16))
+    torch.testing.assert_close(out.detach().double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def index_cache():
+    from attnlib.block_mask import INDEX_CACHE
+
+    INDEX_CACHE.clear()
+    yield INDEX_CACHE
+    INDEX_CACHE.clear()
+
+
+def test_index_cache_reuses_forms_and_sees_writes(index_cache):
+    """Forward builds the row form, backward reuses it and builds the column form once, a second
+    call sorts nothing; an in-place write to the mask is seen (the answer follows the new mask)."""
+    pytest.importorskip("triton")
+    q, k, v, m = _cache_case()
+    ex = attnlib.explain(q, k, v, method="block_sparse", block_mask=m, block_size=(16, 16))
+    if ex.chosen.name != "block_sparse-triton":
+        pytest.skip(f"the cache serves the Triton / CUDA kernels; chosen here: {ex.chosen.name}")
+    out = attnlib.block_sparse_attention(q, k, v, m, block_size=(16, 16))
+    out.sum().backward()
+    assert (index_cache.hits, index_cache.misses) == (1, 2)
+    out = attnlib.block_sparse_attention(q, k, v, m, block_size=(16, 16))
+    assert (index_cache.hits, index_cache.misses) == (2, 2)
+    _check_against_reference(out, q, k, v, m)
+    m[0, 1, 2] = ~m[0, 1, 2]  # in place: bumps the version counter
+    out = attnlib.block_sparse_attention(q, k, v, m, block_size=(16, 16))
+    assert index_cache.misses == 3
+    _check_against_reference(out, q, k, v, m)
+
+
+def test_index_cache_never_matches_another_mask(index_cache):
+    """A freed mask's id may be reused by a new tensor: the weak reference makes that a miss."""
+    from attnlib.block_mask import cached_row_index
+
+    for seed in range(6):  # each mask dies before the next is made: ids are likely reused
+        m = rand_mask((1, 1, 3, 6), 0.5, seed)
+        got = cached_row_index(m)
+        want = block_mask_to_index(m)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), f"seed {seed}"
+        del m
+    assert index_cache.hits == 0
+
+
+def test_index_cache_skips_inference_tensors_and_can_be_off(index_cache, monkeypatch):
+    from attnlib.block_mask import cached_col_index
+
+    with torch.inference_mode():
+        m = rand_mask((1, 1, 3, 6), 0.5, 1)
+    for _ in range(2):
+        cached_col_index(m)
+    assert (index_cache.hits, index_cache.misses) == (0, 0)
+    monkeypatch.setenv("ATTNLIB_BLOCK_INDEX_CACHE", "0")
+    m = rand_mask((1, 1, 3, 6), 0.5, 2)
+    for _ in range(2):
+        got = cached_col_index(m)
+    assert (index_cache.hits, index_cache.misses) == (0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(got, block_mask_to_col_index(m)))

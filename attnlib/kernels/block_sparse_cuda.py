@@ -100,11 +100,11 @@ class BlockSparseCUDA(CudaKernel):
                                      *tuple(inp.options["block_size"]))
 
     def forward(self, inp: AttentionInputs):
-        from ..block_mask import block_mask_to_index
+        from ..block_mask import cached_row_index
 
         out = inp.new_output()
         lse = torch.empty(inp.q.shape[:3], dtype=torch.float32, device=inp.device)
-        block_sparse_fwd_cuda(inp.q, inp.k, inp.v, out, lse, *block_mask_to_index(inp.options["block_mask"]),
+        block_sparse_fwd_cuda(inp.q, inp.k, inp.v, out, lse, *cached_row_index(inp.options["block_mask"]),
                               block_size=tuple(inp.options["block_size"]), causal=inp.causal, scale=inp.scale)
         return (out, lse) if inp.return_lse else out
 

@@ -3,8 +3,9 @@ visiting only the key blocks a bool block mask allows, forward and fused backwar
 
 The tile is the mask's block (BLOCK_M = bq, BLOCK_N = bk), so the supported block sizes are
 capability data: powers of two from 16 to 128 per side. Others get a reason and the dispatcher
-falls back (automatically) to the torch reference. The index forms are built from the mask per
-call: the row form in forward and dQ, the column form once per backward for dK/dV.
+falls back (automatically) to the torch reference. The index forms (the row form for forward
+and dQ, the column form for dK/dV) are built from the mask once per mask object and version
+(block_mask.INDEX_CACHE), so a mask reused across layers, steps and the backward is sorted once.
 """
 from __future__ import annotations
 
@@ -35,24 +36,24 @@ class BlockSparseTriton(TritonKernel):
         return r
 
     def forward(self, inp: AttentionInputs):
-        from ..block_mask import block_mask_to_index
+        from ..block_mask import cached_row_index
         from ..triton_kernels.block_sparse.forward import block_sparse_fwd
 
         out = inp.new_output()
         lse = torch.empty(inp.q.shape[:3], dtype=torch.float32, device=inp.device)
-        row_form = block_mask_to_index(inp.options["block_mask"])
+        row_form = cached_row_index(inp.options["block_mask"])
         block_sparse_fwd(inp.q, inp.k, inp.v, out, lse, *row_form, block_size=inp.options["block_size"],
                          causal=inp.causal, scale=inp.scale)
         return (out, lse) if inp.return_lse else out
 
     def backward(self, inp: AttentionInputs, out: torch.Tensor, lse: torch.Tensor | None, dout: torch.Tensor,
                  dlse: torch.Tensor | None) -> tuple:
-        from ..block_mask import block_mask_to_col_index, block_mask_to_index
+        from ..block_mask import cached_col_index, cached_row_index
         from ..triton_kernels.block_sparse.backward import block_sparse_bwd
 
         mask = inp.options["block_mask"]
-        dq, dk, dv = block_sparse_bwd(dout, inp.q, inp.k, inp.v, out, lse, block_mask_to_index(mask),
-                                      block_mask_to_col_index(mask), block_size=inp.options["block_size"],
+        dq, dk, dv = block_sparse_bwd(dout, inp.q, inp.k, inp.v, out, lse, cached_row_index(mask),
+                                      cached_col_index(mask), block_size=inp.options["block_size"],
                                       causal=inp.causal, scale=inp.scale, dlse=dlse)
         return dq, dk, dv, None, None
 
