@@ -2,10 +2,11 @@
 critical 0.05 / 0.10 / 0.20 (negligible 0.10) on the Wan2.1-1.3B shape (12 heads, hd128, 32760
 tokens, bf16, block (64, 64)), against attnlib's dense flash on Triton and the fastest torch SDPA
 backend, plus the sparse-only variant (negligible = 1 - critical: no marginal blocks) to show
-what the linear branch costs. Issue 7 targets (H100): forward >= 10x dense flash at critical
-0.05, backward >= 5x.
+what the linear branch costs, and at critical 0.05 the opt-in "row-states" variant
+(ATTNLIB_SLA_ROW_STATES=1: marginal states summed by one product per head instead of per tile).
+Issue 7 targets (H100): forward >= 10x dense flash at critical 0.05, backward >= 5x.
 
-Backward times the whole backward call (attnlib's recomputes the forward's intermediates). FLOPs
+Backward times the whole backward call (attnlib's re-forms the block map and recomputes O_l). FLOPs
 are runner.flops of the dense problem for every provider, so the ratios are speed-ups.
 
 ``run_sla_suite(budget_s, log)`` is used by gpu_check.py; ``python bench/bench_sla.py`` prints a
@@ -13,6 +14,8 @@ table. GPU only.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -117,6 +120,11 @@ def run_sla_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] =
         measure("attnlib-flash", mode)
         for sdpa in SDPA_BACKENDS:
             measure(f"sdpa-{sdpa}", mode)
+    # the opt-in aggregation of the marginal states as one product per head
+    # (triton_kernels/sla/row_states.py), side by side with the default at the headline setting
+    for mode in ("fwd", "bwd"):
+        with _env("ATTNLIB_SLA_ROW_STATES", "1"):
+            measure("attnlib-sla", mode, CRITICALS[0], NEGLIGIBLE, variant="row-states")
     for crit in CRITICALS:
         for mode in ("fwd", "bwd"):
             if crit != CRITICALS[0]:
@@ -124,6 +132,19 @@ def run_sla_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] =
             measure("attnlib-sla", mode, crit, round(1.0 - crit, 6), variant="sparse-only")
     _targets(records, log)
     return records
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _targets(records: list[dict], log) -> None:
@@ -139,6 +160,10 @@ def _targets(records: list[dict], log) -> None:
         if sla and flash:
             log(f"target: sla {mode} at critical {CRITICALS[0]} is {flash / sla:.2f}x dense attnlib flash "
                 f"(>= {want:g}x)" + (f", {min(sdpa) / sla:.2f}x the fastest SDPA" if sdpa else ""))
+        rows = ms("attnlib-sla", mode, CRITICALS[0], "row-states")
+        if sla and rows:
+            log(f"row states ({mode}, critical {CRITICALS[0]}): {rows:.3f} ms vs {sla:.3f} ms pre-aggregated per tile "
+                f"({sla / rows:.2f}x)" + (f"; {flash / rows:.2f}x dense attnlib flash" if flash else ""))
         for crit in CRITICALS:
             full, sparse = ms("attnlib-sla", mode, crit), ms("attnlib-sla", mode, crit, "sparse-only")
             if full and sparse:

@@ -267,6 +267,37 @@ def test_backward_from_saved_lse_equals_rewalk(proj, dtype):
             torch.testing.assert_close(got.float(), want_g.float(), msg=name, **tol)
 
 
+def test_row_states_are_marginal_sums():
+    """row_states.py: each query block's sum of the key-block states over its marginal blocks,
+    per query head (GQA: a query head reads its kv head's states), equals the masked product."""
+    from attnlib.triton_kernels.sla.row_states import row_states
+
+    gen = torch.Generator().manual_seed(13)
+    classes = torch.randint(-1, 2, (2, 4, 5, 37), generator=gen).to(torch.int8)  # Mk not a tile multiple
+    h = torch.randn(2, 2, 37, 24, 24, generator=gen)
+    z = torch.randn(2, 2, 37, 24, generator=gen)
+    got_h, got_z = row_states(classes.to(DEVICE), h.to(DEVICE), z.to(DEVICE), "tf32x3")
+    marg = (classes == 0).double()
+    want_h = marg @ expand_kv(h.reshape(2, 2, 37, -1), 4).double()
+    want_z = marg @ expand_kv(z, 4).double()
+    assert got_h.shape == (2, 4, 5, 24, 24) and got_z.shape == (2, 4, 5, 24)
+    torch.testing.assert_close(got_h.reshape(2, 4, 5, -1).double().cpu(), want_h, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got_z.double().cpu(), want_z, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=case_id)
+def test_row_states_path_forward_backward(case, monkeypatch):
+    """ATTNLIB_SLA_ROW_STATES=1: the forward, the O_l recompute and the linear dq read the query
+    blocks' sums from row_states.py instead of pre-aggregating per tile; same accuracy contract."""
+    monkeypatch.setenv("ATTNLIB_SLA_ROW_STATES", "1")
+    b, hq, hkv, sq, sk, d, causal, layout, bs, crit, neg, fm = case
+    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, device=DEVICE, layout=layout, requires_grad=True,
+                       seed=sq * 1000 + sk)
+    w, bias = make_proj(d, seed=sq)
+    check(q, k, v, w, bias, critical=crit, negligible=neg, block_size=bs, causal=causal, feature_map=fm,
+          layout=layout)
+
+
 def test_unsupported_inputs_have_reasons_and_fall_back():
     q, k, v = make_qkv(1, 2, 40, 32, device=DEVICE, seed=11)
     ex = attnlib.explain(q, k, v, method="sla", block_size=(24, 24))

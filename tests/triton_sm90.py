@@ -204,7 +204,10 @@ def _linear(which, dtype, d, causal):
 
 def _sla(which, dtype, d, causal):
     """"fwd": the forward with its projection; "bwd": that forward keeping lse, the backward from
-    it (O_l-only forward, delta kernel) and the re-walking backward: every SLA kernel."""
+    it (O_l-only forward, delta kernel), the re-walking backward, and the backward on the opt-in
+    row states (row_states.py): every SLA kernel."""
+    from unittest import mock
+
     import torch
     from attnlib.triton_kernels.sla.attention import sla_backward, sla_forward
     q, k, v, do = (_t(1, 2, 256, d, dtype=dtype) for _ in range(4))
@@ -214,6 +217,8 @@ def _sla(which, dtype, d, causal):
     if which == "bwd":
         sla_backward(do, q, k, v, w, b, out=out, lse=lse, **kw)
         sla_backward(do, q, k, v, w, None, **kw)
+        with mock.patch.dict(os.environ, {"ATTNLIB_SLA_ROW_STATES": "1"}):  # the opt-in row-states path
+            sla_backward(do, q, k, v, w, b, out=out, lse=lse, **kw)
 
 
 def _asymrnr(which, dtype, d, causal):

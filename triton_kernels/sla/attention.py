@@ -15,7 +15,8 @@ from ..block_sparse.backward import block_sparse_bwd
 from . import classify as cls_mod
 from .backward import sla_linear_bwd
 from .delta import sla_delta
-from .forward import sla_fwd
+from .forward import sla_fwd, state_precision
+from .row_states import row_states, row_states_enabled
 
 
 @dataclass
@@ -40,8 +41,14 @@ def sla_forward_parts(q, k, v, *, linear: bool, critical: float, negligible: flo
     rows = cls_mod.class_index(classes)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if with_lse else None
     o_l = sla_fwd(q, k, v, out_sparse, rows, block_size=block_size, causal=causal, scale=scale, feature=feature,
-                  h=h, z=z, lse=lse)
+                  h=h, z=z, lse=lse, rows_hz=_rows_hz(classes, h, z, q.dtype) if linear else None)
     return SLAForward(classes, rows, out_sparse, lse, o_l, h, z)
+
+
+def _rows_hz(classes, h, z, dtype):
+    """The query blocks' marginal state sums as one product per head, when
+    ATTNLIB_SLA_ROW_STATES=1 (row_states.py: B*Hq*Mq*(D*D + D)*4 bytes); else None."""
+    return row_states(classes, h, z, state_precision(dtype)) if row_states_enabled() else None
 
 
 def sla_forward(q, k, v, out: torch.Tensor, proj_weight: Optional[torch.Tensor], proj_bias: Optional[torch.Tensor],
@@ -106,8 +113,10 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
       linear branch   B*Hq*Sq*D*4 (O_l, freed after delta and dW) + B*Hq*Sq*D*4 (G = dO W, then dN
                       in place) + B*Hq*Sq*4 (dd) + B*Hq*(P + 1)*4*(D*D + D) (totals)
                       + PROJECT_CHUNK_BYTES (dO in fp32, a chunk at a time)
+      row states      B*Hq*Mq*4*(D*D + D), only with ATTNLIB_SLA_ROW_STATES=1 (row_states.py)
     At Wan2.1-1.3B (B=1, H=12, D=128, S=32760, 64 x 64 blocks): h 403 MB + 2 * 201 MB of
-    N x D fp32 at peak + about 45 MB of maps and index forms + 64 MB: about 0.9 GB."""
+    N x D fp32 at peak + about 45 MB of maps and index forms + 64 MB: about 0.9 GB (row states:
+    another 403 MB)."""
     seq_k = k.shape[2]
     linear = proj_weight is not None
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
@@ -117,8 +126,9 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
     del pooled_k
     rows = cls_mod.class_index(classes)
     cols = cls_mod.class_index(classes.transpose(-1, -2))
+    rows_hz = _rows_hz(classes, h, z, q.dtype) if linear else None
     del classes
-    kw = dict(block_size=block_size, causal=causal, scale=scale, feature=feature, h=h, z=z)
+    kw = dict(block_size=block_size, causal=causal, scale=scale, feature=feature, h=h, z=z, rows_hz=rows_hz)
     g = d_weight = None
     if lse is not None and out is not None:
         o_l = sla_fwd(q, k, v, None, rows, sparse=False, **kw) if linear else None
@@ -140,5 +150,6 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
     if not linear:
         return dq, dk, dv, None, d_bias
     # G = dO_l; the linear dq kernel turns it into dN in place
-    sla_linear_bwd(q, k, v, g, h, z, rows, cols, dq, dk, dv, block_size=block_size, feature=feature)
+    sla_linear_bwd(q, k, v, g, h, z, rows, cols, dq, dk, dv, block_size=block_size, feature=feature,
+                   rows_hz=rows_hz)
     return dq, dk, dv, d_weight.to(proj_weight.dtype), d_bias

@@ -20,6 +20,8 @@ feature map's derivative is applied in-kernel. GQA: a key program sums its group
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -28,7 +30,7 @@ from ..block_sparse.configs import launch_config
 from ..block_sparse.forward import key_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
 from .classify import BlockIndex, padded
-from .forward import LINEAR_EPS, marginal_columns, state_chunk, state_precision
+from .forward import LINEAR_EPS, marginal_columns, row_state_columns, state_chunk, state_precision
 
 TOTAL_SPLITS = 16  # partial sums per (batch, head) of the dH, dZ totals
 
@@ -55,9 +57,11 @@ def sla_linear_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     seq_q, group, num_qb, num_kb, eps,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HC: tl.constexpr, FEAT: tl.constexpr, LIN_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, ROW_STATES: tl.constexpr,
 ):
-    """Grid (query tiles, query heads, batch). DN (B, Hq, Sq, D) fp32 contiguous holds G = dO W
+    """Grid (query tiles, query heads, batch). With ROW_STATES, H and Z are the query blocks'
+    marginal sums (row_states.py) and H_TOT, Z_TOT unused. DN (B, Hq, Sq, D) fp32 contiguous
+    holds G = dO W
     on entry and dN on exit (each program rewrites only its own rows); DD (B, Hq, Sq) fp32;
     DQ (q's dtype and strides, the critical branch's dq) gets
     dphi(q)'s vjp added. H..IDX as sla_fwd_kernel. Rows whose block has no marginal key, or
@@ -93,8 +97,11 @@ def sla_linear_dq_kernel(
     t = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     b_z = tl.zeros([D_PAD], dtype=tl.float32)
     for c0 in tl.static_range(0, D_PAD, HC):
-        b_h, b_z = marginal_columns(h_slab, z_slab, ht_slab, zt_slab, idx_row, n_crit, n_marg, num_kb, c0, offs_d,
-                                    offs_c, d_ok, HEAD_DIM)
+        if ROW_STATES:
+            b_h, b_z = row_state_columns(H, Z, row_id, c0, offs_d, offs_c, d_ok, HEAD_DIM)
+        else:
+            b_h, b_z = marginal_columns(h_slab, z_slab, ht_slab, zt_slab, idx_row, n_crit, n_marg, num_kb, c0,
+                                        offs_d, offs_c, d_ok, HEAD_DIM)
         cols = c0 + offs_c
         g_c = tl.load(dn_rows + cols[None, :], mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
         t = tl.dot(g_c, tl.trans(b_h), t, input_precision=LIN_PREC)
@@ -262,11 +269,14 @@ def sla_linear_dkdv_kernel(
 
 def sla_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
                    z: torch.Tensor, rows: BlockIndex, cols: BlockIndex, dq: torch.Tensor, dk: torch.Tensor,
-                   dv: torch.Tensor, *, block_size: tuple[int, int], feature: str) -> None:
+                   dv: torch.Tensor, *, block_size: tuple[int, int], feature: str,
+                   rows_hz: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
     """Add the linear branch's gradients to dq, dk, dv (bhsd views of q/k/v's dtype, holding the
     critical branch's). g = dO W (B, Hq, Sq, D) fp32 contiguous is overwritten with dN.
-    h, z: the forward's key-block states. Allocates (bytes, fp32) 4 * B * Hq * Sq for dd,
-    4 * B * Hq * (TOTAL_SPLITS + 1) * (D * D + D) for the totals, and h, z's sums over blocks."""
+    h, z: the forward's key-block states; rows_hz: the query blocks' marginal sums of them
+    (row_states.row_states), read by the dq kernel instead of pre-aggregating. Allocates (bytes,
+    fp32) 4 * B * Hq * Sq for dd, 4 * B * Hq * (TOTAL_SPLITS + 1) * (D * D + D) for the totals,
+    and h, z's sums over blocks."""
     batch, heads_q, seq_q, d = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     bm, bn = block_size
@@ -276,9 +286,10 @@ def sla_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
                   LIN_PREC=state_precision(q.dtype), MASK_M=bm)
     dd = torch.empty(batch, heads_q, seq_q, dtype=torch.float32, device=q.device)
     tile = launch_config(bm, bn, d, "linear", q.element_size())
+    hq, zq, ht, zt = (*rows_hz, q, q) if rows_hz is not None else (h, z, h.sum(2), z.sum(2))
     sla_linear_dq_kernel[(triton.cdiv(seq_q, tile.block_m), heads_q, batch)](
-        q, g, dd, h, z, h.sum(2), z.sum(2), rows.n_crit, rows.n_marg, rows.idx, dq, *q.stride(), *dq.stride(),
-        seq_q, heads_q // heads_kv, mq, mk, LINEAR_EPS, BLOCK_M=tile.block_m,
+        q, g, dd, hq, zq, ht, zt, rows.n_crit, rows.n_marg, rows.idx, dq, *q.stride(), *dq.stride(),
+        seq_q, heads_q // heads_kv, mq, mk, LINEAR_EPS, BLOCK_M=tile.block_m, ROW_STATES=rows_hz is not None,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **common)
     splits = min(TOTAL_SPLITS, triton.cdiv(seq_q, tile.block_m))
     dh_part = torch.empty(batch, heads_q, splits, d, d, dtype=torch.float32, device=q.device)

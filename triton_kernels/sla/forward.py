@@ -73,6 +73,17 @@ def marginal_columns(H, Z, H_TOT, Z_TOT, idx_row, n_crit, n_marg, n_all, c0, off
                         HEAD_DIM, HEAD_DIM)
 
 
+@triton.jit
+def row_state_columns(HR, ZR, row_id, c0, offs_d, offs_c, d_ok, HEAD_DIM: tl.constexpr):
+    """Columns c0 + offs_c of row row_id's marginal state from row_states.row_states (H_i
+    (D x D) and Z_i (D) per query block, fp32 contiguous): the ROW_STATES path."""
+    cols = c0 + offs_c
+    b_h = tl.load(HR + row_id * (HEAD_DIM * HEAD_DIM) + offs_d[:, None] * HEAD_DIM + cols[None, :],
+                  mask=d_ok[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+    b_z = tl.load(ZR + row_id * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+    return b_h, b_z
+
+
 @triton.jit(do_not_specialize=["seq_q", "seq_k"])
 def sla_fwd_kernel(
     Q, K, V, OS, OL, LSE, DO, DELTA, H, Z, H_TOT, Z_TOT, N_CRIT, N_MARG, IDX,
@@ -85,7 +96,7 @@ def sla_fwd_kernel(
     seq_q, seq_k, group, num_qb, num_kb, qk_scale, eps,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HC: tl.constexpr, FEAT: tl.constexpr, CAUSAL: tl.constexpr,
     LINEAR: tl.constexpr, SPARSE: tl.constexpr, STORE_LSE: tl.constexpr, WITH_DELTA: tl.constexpr,
-    PREC: tl.constexpr,
+    ROW_STATES: tl.constexpr, PREC: tl.constexpr,
     LIN_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr,
     MASK_N: tl.constexpr, SLOTS: tl.constexpr,
 ):
@@ -94,7 +105,9 @@ def sla_fwd_kernel(
     WITH_DELTA, which instead writes DELTA = rowsum(DO * O_s) (B, Hq, Sq) fp32 (LSE's strides)
     from the fp32 O_s (the backward's recompute: O_s is never stored). OL (B, Hq, Sq, D) fp32
     contiguous, written with LINEAR; LSE (B, Hq, Sq) fp32 with STORE_LSE. Without SPARSE only
-    O_l is written (the backward's linear-branch recompute). H, Z
+    O_l is written (the backward's linear-branch recompute). With ROW_STATES, H and Z hold each
+    query block's marginal sums (row_states.py; B, Hq, Mq, D[, D]) and H_TOT, Z_TOT are unused;
+    otherwise H, Z
     (B, Hkv, Mk, D[, D]) and H_TOT, Z_TOT (B, Hkv, D[, D]) fp32 contiguous; N_CRIT, N_MARG
     (B, Hq, Mq), IDX (B, Hq, Mq, Mk) int32 contiguous (classify.class_index)."""
     b64, h64, kvh64, start_m, mask_row, offs_m, offs_n, offs_d, m_ok, d_ok = query_tile(
@@ -119,8 +132,11 @@ def sla_fwd_kernel(
         offs_c = tl.arange(0, HC)
         ol_rows = OL + ((b64 * heads + h64) * seq_q + offs_m[:, None]) * HEAD_DIM
         for c0 in tl.static_range(0, D_PAD, HC):
-            b_h, b_z = marginal_columns(h_slab, z_slab, ht_slab, zt_slab, idx_row, n_crit, n_marg, num_kb, c0,
-                                        offs_d, offs_c, d_ok, HEAD_DIM)
+            if ROW_STATES:
+                b_h, b_z = row_state_columns(H, Z, row_id, c0, offs_d, offs_c, d_ok, HEAD_DIM)
+            else:
+                b_h, b_z = marginal_columns(h_slab, z_slab, ht_slab, zt_slab, idx_row, n_crit, n_marg, num_kb, c0,
+                                            offs_d, offs_c, d_ok, HEAD_DIM)
             num = tl.dot(phi_q, b_h, input_precision=LIN_PREC)
             den = tl.sum(phi_q * b_z[None, :], 1) + eps
             den_safe = tl.where(den == 0.0, 1.0, den)
@@ -181,11 +197,13 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
             *, block_size: tuple[int, int], causal: bool, scale: float, feature: str,
             h: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
             lse: Optional[torch.Tensor] = None, dout: Optional[torch.Tensor] = None,
-            delta: Optional[torch.Tensor] = None, sparse: bool = True) -> Optional[torch.Tensor]:
+            delta: Optional[torch.Tensor] = None, sparse: bool = True,
+            rows_hz: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Optional[torch.Tensor]:
     """Launch the fused forward on bhsd views (unit last stride). Writes out_sparse, or with dout
     and delta (the backward's recompute) delta = rowsum(dout * O_s) instead; lse (B, Hq, Sq) fp32
-    when given. sparse=False skips the critical blocks: only O_l is computed. With the
-    key-block states h, z (the linear branch) returns O_l (B, Hq, Sq, D)
+    when given. sparse=False skips the critical blocks: only O_l is computed. rows_hz: each query
+    block's marginal sums (row_states.row_states), used instead of pre-aggregating h, z per tile.
+    With the key-block states h, z (the linear branch) returns O_l (B, Hq, Sq, D)
     fp32, else None."""
     batch, heads_q, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
@@ -195,7 +213,12 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
     o_l = torch.empty(batch, heads_q, seq_q, head_dim, dtype=torch.float32, device=q.device) if linear else None
     if batch == 0 or heads_q == 0 or seq_q == 0:
         return o_l
-    h_tot, z_tot = (h.sum(2), z.sum(2)) if linear else (None, None)
+    use_rows = linear and rows_hz is not None
+    if use_rows:
+        h, z = rows_hz
+        h_tot = z_tot = None
+    else:
+        h_tot, z_tot = (h.sum(2), z.sum(2)) if linear else (None, None)
     with_delta = delta is not None
     if not sparse and (out_sparse is not None or lse is not None or with_delta or not linear):
         raise ValueError("sla_fwd(sparse=False) computes O_l only: pass h, z and no out_sparse, lse or delta")
@@ -207,14 +230,15 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
     sla_fwd_kernel[(triton.cdiv(seq_q, tile.block_m), heads_q, batch)](
         q, k, v, os_arg, o_l if linear else dummy, lse if lse is not None else dummy,
         dout if with_delta else dummy, delta if with_delta else dummy,
-        h if linear else dummy, z if linear else dummy, h_tot if linear else dummy, z_tot if linear else dummy,
+        h if linear else dummy, z if linear else dummy,
+        h_tot if h_tot is not None else dummy, z_tot if z_tot is not None else dummy,
         index.n_crit, index.n_marg, index.idx,
         *q.stride(), *k.stride(), *v.stride(), *os_arg.stride(),
         *(dout.stride() if with_delta else q.stride()),
         *(stats.stride() if stats is not None else (0, 0, 0)),
         seq_q, seq_k, heads_q // k.shape[1], mq, mk, scale * LOG2E, LINEAR_EPS,
         HEAD_DIM=head_dim, D_PAD=d_pad, HC=state_chunk(d_pad), FEAT=FEATURE_IDS[feature], CAUSAL=causal,
-        LINEAR=linear, SPARSE=sparse, STORE_LSE=lse is not None, WITH_DELTA=with_delta,
+        LINEAR=linear, SPARSE=sparse, STORE_LSE=lse is not None, WITH_DELTA=with_delta, ROW_STATES=use_rows,
         PREC=dot_precision(q.dtype),
         LIN_PREC=state_precision(q.dtype), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, MASK_M=bm, MASK_N=bn,
         SLOTS=slots(mk), num_warps=tile.num_warps, num_stages=tile.num_stages)
