@@ -118,24 +118,24 @@ def case_id(c):
                                                                  *c[9:])
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_forward_backward_fp32(case):
+def check_case(case, dtype=torch.float32):
+    """check() on a CASES entry; fp32 parameters also with fp16 activations (mixed precision)."""
     b, hq, hkv, sq, sk, d, causal, layout, bs, crit, neg, fm = case
-    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, device=DEVICE, layout=layout, requires_grad=True,
-                       seed=sq * 1000 + sk)
+    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, device=DEVICE, layout=layout, dtype=dtype,
+                       requires_grad=True, seed=sq * 1000 + sk)
     w, bias = make_proj(d, seed=sq)
     check(q, k, v, w, bias, critical=crit, negligible=neg, block_size=bs, causal=causal, feature_map=fm,
           layout=layout)
 
 
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_backward_fp32(case):
+    check_case(case)
+
+
 @pytest.mark.parametrize("case", CASES[1:3], ids=case_id)
 def test_forward_backward_fp16(case):
-    b, hq, hkv, sq, sk, d, causal, layout, bs, crit, neg, fm = case
-    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, device=DEVICE, layout=layout, dtype=torch.float16,
-                       requires_grad=True, seed=sq * 1000 + sk)
-    w, bias = make_proj(d, seed=sq)  # fp32 parameters with fp16 activations, as in mixed precision
-    check(q, k, v, w, bias, critical=crit, negligible=neg, block_size=bs, causal=causal, feature_map=fm,
-          layout=layout)
+    check_case(case, torch.float16)
 
 
 @pytest.mark.parametrize("causal,with_bias", [(False, False), (True, True)])
@@ -290,12 +290,7 @@ def test_row_states_path_forward_backward(case, monkeypatch):
     """ATTNLIB_SLA_ROW_STATES=1: the forward, the O_l recompute and the linear dq read the query
     blocks' sums from row_states.py instead of pre-aggregating per tile; same accuracy contract."""
     monkeypatch.setenv("ATTNLIB_SLA_ROW_STATES", "1")
-    b, hq, hkv, sq, sk, d, causal, layout, bs, crit, neg, fm = case
-    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, device=DEVICE, layout=layout, requires_grad=True,
-                       seed=sq * 1000 + sk)
-    w, bias = make_proj(d, seed=sq)
-    check(q, k, v, w, bias, critical=crit, negligible=neg, block_size=bs, causal=causal, feature_map=fm,
-          layout=layout)
+    check_case(case)
 
 
 def test_unsupported_inputs_have_reasons_and_fall_back():
