@@ -269,8 +269,10 @@ def test_backward_from_saved_lse_equals_rewalk(proj, dtype):
 
 def test_row_states_are_marginal_sums():
     """row_states.py: each query block's sum of the key-block states over its marginal blocks,
-    per query head (GQA: a query head reads its kv head's states), equals the masked product."""
-    from attnlib.triton_kernels.sla.row_states import row_states
+    per query head (GQA: a query head reads its kv head's states), equals the masked product;
+    and the backward's transpose, each key block's sum over the (query head of its group, query
+    block) pairs for which it is marginal."""
+    from attnlib.triton_kernels.sla.row_states import column_states, row_states
 
     gen = torch.Generator().manual_seed(13)
     classes = torch.randint(-1, 2, (2, 4, 5, 37), generator=gen).to(torch.int8)  # Mk not a tile multiple
@@ -283,12 +285,22 @@ def test_row_states_are_marginal_sums():
     assert got_h.shape == (2, 4, 5, 24, 24) and got_z.shape == (2, 4, 5, 24)
     torch.testing.assert_close(got_h.reshape(2, 4, 5, -1).double().cpu(), want_h, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(got_z.double().cpu(), want_z, atol=1e-4, rtol=1e-5)
+    dh = torch.randn(2, 4, 5, 24, 24, generator=gen)
+    dz = torch.randn(2, 4, 5, 24, generator=gen)
+    got_dh, got_dz = column_states(classes.to(DEVICE), dh.to(DEVICE), dz.to(DEVICE), 2, "tf32x3")
+    per_q_head = marg.transpose(-1, -2) @ dh.reshape(2, 4, 5, -1).double()  # (2, 4, 37, 576)
+    want_dh = per_q_head.reshape(2, 2, 2, 37, -1).sum(2)
+    want_dz = (marg.transpose(-1, -2) @ dz.double()).reshape(2, 2, 2, 37, -1).sum(2)
+    assert got_dh.shape == (2, 2, 37, 24, 24) and got_dz.shape == (2, 2, 37, 24)
+    torch.testing.assert_close(got_dh.reshape(2, 2, 37, -1).double().cpu(), want_dh, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got_dz.double().cpu(), want_dz, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=case_id)
 def test_row_states_path_forward_backward(case, monkeypatch):
     """ATTNLIB_SLA_ROW_STATES=1: the forward, the O_l recompute and the linear dq read the query
-    blocks' sums from row_states.py instead of pre-aggregating per tile; same accuracy contract."""
+    blocks' sums from row_states.py instead of pre-aggregating per tile, and the linear dk/dv reads
+    each key block's summed dh_j, dz_j instead of folding query blocks; same accuracy contract."""
     monkeypatch.setenv("ATTNLIB_SLA_ROW_STATES", "1")
     check_case(case)
 

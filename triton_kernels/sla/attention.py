@@ -113,10 +113,12 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
       linear branch   B*Hq*Sq*D*4 (O_l, freed after delta and dW) + B*Hq*Sq*D*4 (G = dO W, then dN
                       in place) + B*Hq*Sq*4 (dd) + B*Hq*(P + 1)*4*(D*D + D) (totals)
                       + PROJECT_CHUNK_BYTES (dO in fp32, a chunk at a time)
-      row states      B*Hq*Mq*4*(D*D + D), only with ATTNLIB_SLA_ROW_STATES=1 (row_states.py)
+      row states      only with ATTNLIB_SLA_ROW_STATES=1 (row_states.py): B*Hq*Mq*4*(D*D + D)
+                      (H_i, Z_i; freed after the linear dq), then the same for dH_i, dZ_i and
+                      B*Hkv*Mk*4*(D*D + D) for their per-key-block sums
     At Wan2.1-1.3B (B=1, H=12, D=128, S=32760, 64 x 64 blocks): h 403 MB + 2 * 201 MB of
     N x D fp32 at peak + about 45 MB of maps and index forms + 64 MB: about 0.9 GB (row states:
-    another 403 MB)."""
+    up to about 0.8 GB more)."""
     seq_k = k.shape[2]
     linear = proj_weight is not None
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
@@ -127,7 +129,8 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
     rows = cls_mod.class_index(classes)
     cols = cls_mod.class_index(classes.transpose(-1, -2))
     rows_hz = _rows_hz(classes, h, z, q.dtype) if linear else None
-    del classes
+    if rows_hz is None:
+        del classes
     kw = dict(block_size=block_size, causal=causal, scale=scale, feature=feature, h=h, z=z, rows_hz=rows_hz)
     g = d_weight = None
     if lse is not None and out is not None:
@@ -150,6 +153,11 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
     if not linear:
         return dq, dk, dv, None, d_bias
     # G = dO_l; the linear dq kernel turns it into dN in place
-    sla_linear_bwd(q, k, v, g, h, z, rows, cols, dq, dk, dv, block_size=block_size, feature=feature,
-                   rows_hz=rows_hz)
+    if rows_hz is None:
+        sla_linear_bwd(q, k, v, g, h, z, rows, cols, dq, dk, dv, block_size=block_size, feature=feature)
+    else:
+        holder = list(rows_hz)  # emptied by sla_linear_bwd after its dq kernel
+        del kw, rows_hz
+        sla_linear_bwd(q, k, v, g, h, z, rows, cols, dq, dk, dv, block_size=block_size, feature=feature,
+                       rows_hz=holder, classes=classes)
     return dq, dk, dv, d_weight.to(proj_weight.dtype), d_bias

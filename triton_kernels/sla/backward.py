@@ -31,6 +31,7 @@ from ..block_sparse.forward import key_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
 from .classify import BlockIndex, padded
 from .forward import LINEAR_EPS, marginal_columns, row_state_columns, state_chunk, state_precision
+from .row_states import column_states
 
 TOTAL_SPLITS = 16  # partial sums per (batch, head) of the dH, dZ totals
 
@@ -136,11 +137,12 @@ def sla_linear_total_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     seq_q, num_qb,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HC: tl.constexpr, FEAT: tl.constexpr, LIN_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, PER_BLOCK: tl.constexpr,
 ):
     """Grid (splits, query heads, batch): split s sums phi(Q)^T dN (columns in chunks of HC) and
     phi(Q)^T dd over the query tiles s, s + splits, ... into DH_PART (B, Hq, splits, D, D) and
-    DZ_PART (B, Hq, splits, D)."""
+    DZ_PART (B, Hq, splits, D). PER_BLOCK: split s is mask row block s (its MASK_M rows), so the
+    parts are the per-block dH_i, dZ_i (the row-states path, row_states.py)."""
     s = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -156,12 +158,21 @@ def sla_linear_total_kernel(
     row0 = (b64 * heads + h64) * seq_q
     part = (b64 * heads + h64) * splits + s
     n_tiles = tl.cdiv(seq_q, BLOCK_M)
+    SUB: tl.constexpr = MASK_M // BLOCK_M
+    if PER_BLOCK:
+        t_lo = s * SUB
+        t_hi = tl.minimum(t_lo + SUB, n_tiles)
+        t_step = 1
+    else:
+        t_lo = s
+        t_hi = n_tiles
+        t_step = splits
     dz = tl.zeros([D_PAD], dtype=tl.float32)
     for c0 in tl.static_range(0, D_PAD, HC):
         cols = c0 + offs_c
         c_ok = cols < HEAD_DIM
         dh = tl.zeros([D_PAD, HC], dtype=tl.float32)
-        for tile in range(s, n_tiles, splits):
+        for tile in range(t_lo, t_hi, t_step):
             offs_m = tile * BLOCK_M + offs_i
             m_ok = offs_m < seq_q
             phi_q = phi_rows(q_head, offs_m * stride_qm, offs_d * stride_qd, m_ok, d_ok, FEAT)
@@ -205,11 +216,14 @@ def sla_linear_dkdv_kernel(
     seq_q, seq_k, group, num_qb, num_kb,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HC: tl.constexpr, FEAT: tl.constexpr, LIN_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr,
+    ROW_STATES: tl.constexpr,
 ):
     """Grid (key tiles, kv heads, batch); a tile is BLOCK_N keys of mask column start_n // MASK_N.
     DN, DD from sla_linear_dq_kernel; DH_TOT (B, Hq, D, D), DZ_TOT (B, Hq, D) their per-head
-    totals; NC_*, IDXC the column form (B, Hq, Mk[, Mq]); DK, DV (k's / v's dtype and strides,
-    the critical branch's dk, dv) get the linear branch's gradients added."""
+    totals, or with ROW_STATES each key block's finished dh_j, dz_j (B, Hkv, Mk, D[, D]) from
+    row_states.column_states (then DN, DD and the column form are not read); NC_*, IDXC the
+    column form (B, Hq, Mk[, Mq]); DK, DV (k's / v's dtype and strides, the critical branch's
+    dk, dv) get the linear branch's gradients added."""
     b64, kvh64, start_n, mask_col, offs_n, offs_d, n_ok, d_ok = key_tile(seq_k, HEAD_DIM, D_PAD, BLOCK_N, MASK_N)
     kv_heads = tl.num_programs(1)
     offs_i = tl.arange(0, BLOCK_M)
@@ -223,32 +237,39 @@ def sla_linear_dkdv_kernel(
     for c0 in tl.static_range(0, D_PAD, HC):
         cols = c0 + offs_c
         c_ok = cols < HEAD_DIM
-        dh = tl.zeros([D_PAD, HC], dtype=tl.float32)
-        for g in range(0, group):
-            slab = (b64 * kv_heads + kvh64) * group + g  # (batch, query head)
-            col_id = slab * num_kb + mask_col
-            n_crit = tl.load(NC_CRIT + col_id)
-            n_marg = tl.load(NC_MARG + col_id)
-            col = IDXC + col_id * num_qb
-            q_head = Q + b64 * stride_qb + (slab - b64 * kv_heads * group) * stride_qh
-            row0 = slab * seq_q
-            # direct: + over [n_crit, n_crit + n_marg); by total: - over [0, n_crit) and the rest
-            use_total = 2 * n_marg > num_qb
-            first_lo = tl.where(use_total, 0, n_crit)
-            first_hi = tl.where(use_total, n_crit, n_crit + n_marg)
-            second_hi = tl.where(use_total, num_qb, n_crit + n_marg)
-            sign = tl.where(use_total, -1.0, 1.0)
-            with_tot = (1.0 - sign) * 0.5
-            dh += with_tot * tl.load(DH_TOT + slab * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + cols[None, :],
-                                     mask=d_ok[:, None] & c_ok[None, :], other=0.0)
+        if ROW_STATES:
+            cid = (b64 * kv_heads + kvh64) * num_kb + mask_col
+            dh = tl.load(DH_TOT + cid * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + cols[None, :],
+                         mask=d_ok[:, None] & c_ok[None, :], other=0.0)
             if c0 == 0:
-                dz += with_tot * tl.load(DZ_TOT + slab * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
-            dh, dz = _fold_query_blocks(dh, dz, DN, DD, col, first_lo, first_hi, sign, q_head, row0, stride_qm,
-                                        stride_qd, offs_i, offs_d, cols, d_ok, c_ok, seq_q, HEAD_DIM, FEAT, LIN_PREC,
-                                        BLOCK_M, MASK_M, c0 == 0)
-            dh, dz = _fold_query_blocks(dh, dz, DN, DD, col, n_crit + n_marg, second_hi, -1.0, q_head, row0,
-                                        stride_qm, stride_qd, offs_i, offs_d, cols, d_ok, c_ok, seq_q, HEAD_DIM, FEAT,
-                                        LIN_PREC, BLOCK_M, MASK_M, c0 == 0)
+                dz = tl.load(DZ_TOT + cid * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+        else:
+            dh = tl.zeros([D_PAD, HC], dtype=tl.float32)
+            for g in range(0, group):
+                slab = (b64 * kv_heads + kvh64) * group + g  # (batch, query head)
+                col_id = slab * num_kb + mask_col
+                n_crit = tl.load(NC_CRIT + col_id)
+                n_marg = tl.load(NC_MARG + col_id)
+                col = IDXC + col_id * num_qb
+                q_head = Q + b64 * stride_qb + (slab - b64 * kv_heads * group) * stride_qh
+                row0 = slab * seq_q
+                # direct: + over [n_crit, n_crit + n_marg); by total: - over [0, n_crit) and the rest
+                use_total = 2 * n_marg > num_qb
+                first_lo = tl.where(use_total, 0, n_crit)
+                first_hi = tl.where(use_total, n_crit, n_crit + n_marg)
+                second_hi = tl.where(use_total, num_qb, n_crit + n_marg)
+                sign = tl.where(use_total, -1.0, 1.0)
+                with_tot = (1.0 - sign) * 0.5
+                dh += with_tot * tl.load(DH_TOT + slab * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM
+                                         + cols[None, :], mask=d_ok[:, None] & c_ok[None, :], other=0.0)
+                if c0 == 0:
+                    dz += with_tot * tl.load(DZ_TOT + slab * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+                dh, dz = _fold_query_blocks(dh, dz, DN, DD, col, first_lo, first_hi, sign, q_head, row0,
+                                            stride_qm, stride_qd, offs_i, offs_d, cols, d_ok, c_ok, seq_q, HEAD_DIM,
+                                            FEAT, LIN_PREC, BLOCK_M, MASK_M, c0 == 0)
+                dh, dz = _fold_query_blocks(dh, dz, DN, DD, col, n_crit + n_marg, second_hi, -1.0, q_head, row0,
+                                            stride_qm, stride_qd, offs_i, offs_d, cols, d_ok, c_ok, seq_q, HEAD_DIM,
+                                            FEAT, LIN_PREC, BLOCK_M, MASK_M, c0 == 0)
         # dV[:, cols] = phi(K_j) dh[:, cols];  dphi(K_j) += V_j[:, cols] dh[:, cols]^T
         c_mask = n_ok[:, None] & c_ok[None, :]
         dv_ptrs = dv_rows + cols[None, :] * stride_dvd
@@ -270,36 +291,53 @@ def sla_linear_dkdv_kernel(
 def sla_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
                    z: torch.Tensor, rows: BlockIndex, cols: BlockIndex, dq: torch.Tensor, dk: torch.Tensor,
                    dv: torch.Tensor, *, block_size: tuple[int, int], feature: str,
-                   rows_hz: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+                   rows_hz: Optional[list] = None, classes: Optional[torch.Tensor] = None) -> None:
     """Add the linear branch's gradients to dq, dk, dv (bhsd views of q/k/v's dtype, holding the
     critical branch's). g = dO W (B, Hq, Sq, D) fp32 contiguous is overwritten with dN.
-    h, z: the forward's key-block states; rows_hz: the query blocks' marginal sums of them
-    (row_states.row_states), read by the dq kernel instead of pre-aggregating. Allocates (bytes,
-    fp32) 4 * B * Hq * Sq for dd, 4 * B * Hq * (TOTAL_SPLITS + 1) * (D * D + D) for the totals,
-    and h, z's sums over blocks."""
+    h, z: the forward's key-block states. Allocates (bytes, fp32) 4 * B * Hq * Sq for dd,
+    4 * B * Hq * (TOTAL_SPLITS + 1) * (D * D + D) for the totals, and h, z's sums over blocks.
+
+    Row-states path (row_states.py): rows_hz = [H_i, Z_i], the query blocks' marginal sums, a
+    list this call empties after the dq kernel (so that memory can go), and classes, the int8
+    block map. The dq kernel reads H_i, Z_i; then dH_i = phi(Q_i)^T dN_i, dZ_i per query block
+    (B*Hq*Mq*(D*D + D)*4 bytes), their transposed masked sums per key block
+    (B*Hkv*Mk*(D*D + D)*4 bytes), which the dk/dv kernel reads instead of folding query blocks."""
     batch, heads_q, seq_q, d = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     bm, bn = block_size
     mq, mk = rows.idx.shape[2], rows.idx.shape[3]
     d_pad = padded(d)
-    common = dict(HEAD_DIM=d, D_PAD=d_pad, HC=state_chunk(d_pad), FEAT=FEATURE_IDS[feature],
-                  LIN_PREC=state_precision(q.dtype), MASK_M=bm)
+    prec = state_precision(q.dtype)
+    common = dict(HEAD_DIM=d, D_PAD=d_pad, HC=state_chunk(d_pad), FEAT=FEATURE_IDS[feature], LIN_PREC=prec,
+                  MASK_M=bm)
+    by_rows = rows_hz is not None
+    if by_rows and classes is None:
+        raise ValueError("sla_linear_bwd: the row-states path needs classes (the int8 block map)")
     dd = torch.empty(batch, heads_q, seq_q, dtype=torch.float32, device=q.device)
     tile = launch_config(bm, bn, d, "linear", q.element_size())
-    hq, zq, ht, zt = (*rows_hz, q, q) if rows_hz is not None else (h, z, h.sum(2), z.sum(2))
+    hq, zq, ht, zt = (*rows_hz, q, q) if by_rows else (h, z, h.sum(2), z.sum(2))
     sla_linear_dq_kernel[(triton.cdiv(seq_q, tile.block_m), heads_q, batch)](
         q, g, dd, hq, zq, ht, zt, rows.n_crit, rows.n_marg, rows.idx, dq, *q.stride(), *dq.stride(),
-        seq_q, heads_q // heads_kv, mq, mk, LINEAR_EPS, BLOCK_M=tile.block_m, ROW_STATES=rows_hz is not None,
+        seq_q, heads_q // heads_kv, mq, mk, LINEAR_EPS, BLOCK_M=tile.block_m, ROW_STATES=by_rows,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **common)
-    splits = min(TOTAL_SPLITS, triton.cdiv(seq_q, tile.block_m))
+    del hq, zq, ht, zt
+    if by_rows:
+        rows_hz.clear()
+    # per-head totals split in parts (or, on the row-states path, one part per query block)
+    splits = mq if by_rows else min(TOTAL_SPLITS, triton.cdiv(seq_q, tile.block_m))
     dh_part = torch.empty(batch, heads_q, splits, d, d, dtype=torch.float32, device=q.device)
     dz_part = torch.empty(batch, heads_q, splits, d, dtype=torch.float32, device=q.device)
     sla_linear_total_kernel[(splits, heads_q, batch)](
-        q, g, dd, dh_part, dz_part, *q.stride(), seq_q, mq, BLOCK_M=tile.block_m,
+        q, g, dd, dh_part, dz_part, *q.stride(), seq_q, mq, BLOCK_M=tile.block_m, PER_BLOCK=by_rows,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **common)
+    if by_rows:
+        dh_in, dz_in = column_states(classes, dh_part, dz_part, heads_kv, prec)
+    else:
+        dh_in, dz_in = dh_part.sum(2), dz_part.sum(2)
+    del dh_part, dz_part
     tile_k = launch_config(bm, bn, d, "linear_k", q.element_size())
     sla_linear_dkdv_kernel[(triton.cdiv(seq_k, tile_k.block_n), heads_kv, batch)](
-        q, k, v, g, dd, dh_part.sum(2), dz_part.sum(2), cols.n_crit, cols.n_marg, cols.idx, dk, dv,
+        q, k, v, g, dd, dh_in, dz_in, cols.n_crit, cols.n_marg, cols.idx, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),
         seq_q, seq_k, heads_q // heads_kv, mq, mk, BLOCK_M=tile_k.block_m, BLOCK_N=tile_k.block_n, MASK_N=bn,
-        num_warps=tile_k.num_warps, num_stages=tile_k.num_stages, **common)
+        ROW_STATES=by_rows, num_warps=tile_k.num_warps, num_stages=tile_k.num_stages, **common)

@@ -1,5 +1,5 @@
-"""Every query block's marginal state at once, as one matrix product per head (opt-in,
-ATTNLIB_SLA_ROW_STATES=1).
+"""Every query block's marginal state at once, as one matrix product per head, and the
+backward's transpose (opt-in, ATTNLIB_SLA_ROW_STATES=1).
 
 The fused kernels form H_i = sum of h_j over row i's marginal blocks per query tile, by the
 "total minus" pre-aggregation: a tile reads min(marginal, non-marginal) D x D fp32 states. At the
@@ -8,8 +8,14 @@ Wan2.1-1.3B shape (512 x 512 blocks of 64, hd128, critical 0.05, negligible 0.10
 instead H = [classes == 0] @ h per (batch, query head): (Mq x Mk) 0/1 times (Mk x D*D) on the
 tensor cores, written once (B * Hq * Mq * (D*D + D) * 4 bytes) and read once per tile. The 0/1
 factor is exact in tf32, so the product has the kernels' own state precision (tf32 for 16-bit
-inputs, tf32x3 for fp32). Which way is faster is the GPU benchmark's call (bench/bench_sla.py,
-variant "row-states"); the default stays the issue's pre-aggregation.
+inputs, tf32x3 for fp32).
+
+The backward's dk/dv likewise folds, per key tile, phi(Q_i)^T dN_i over min(marginal,
+non-marginal) query blocks (a D x BLOCK_M x D product each, ~1 TFLOP per backward at Wan). Here
+instead dH_i = phi(Q_i)^T dN_i is formed once per query block and dh_j = sum over the marginal
+(query head of the group, query block) pairs of dH_i is the transposed product
+(column_states). Which way is faster is the GPU benchmark's call (bench/bench_sla.py, variant
+"row-states"); the default stays the issue's pre-aggregation.
 """
 from __future__ import annotations
 
@@ -26,50 +32,64 @@ def row_states_enabled() -> bool:
     return os.environ.get("ATTNLIB_SLA_ROW_STATES", "0") == "1"
 
 
-@triton.jit(do_not_specialize=["num_qb", "num_kb", "width"])
-def row_states_kernel(
-    CLS, S, OUT, num_qb, num_kb, width, group,
+@triton.jit(do_not_specialize=["rows", "inner", "width"])
+def masked_sum_kernel(
+    CLS, S, OUT, rows, inner, width, group, cls_head, cls_sm, cls_sk, s_head,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid (query-block tiles, state-column tiles, batch * query heads). CLS (B, Hq, Mq, Mk)
-    int8 contiguous; S (B, Hkv, Mk, width) fp32 contiguous; OUT (B, Hq, Mq, width) fp32:
-    OUT[b, h, i] = sum over j with CLS[b, h, i, j] == 0 of S[b, h // group, j]."""
+    """Grid (row tiles, state-column tiles, output heads). For output head o (a flat batch-head
+    index): OUT[o, m] = sum over k < inner of [CLS[o*cls_head + m*cls_sm + k*cls_sk] == 0] *
+    S[(o // group)*s_head + k*width]. CLS int8, S fp32 (rows of width), OUT (heads, rows, width)
+    fp32 contiguous. Forward: rows = query blocks, k = key blocks; backward: rows = key blocks,
+    k = (query head of the group, query block)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    bh = tl.program_id(2).to(tl.int64)  # b * Hq + h
-    kv_row = bh // group  # = b * Hkv + h // group, as Hq = Hkv * group
+    o = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < num_qb
+    m_ok = offs_m < rows
     n_ok = offs_n < width
-    cls_rows = CLS + (bh * num_qb + offs_m[:, None]) * num_kb
-    s_base = S + kv_row * num_kb * width
+    cls_rows = CLS + o * cls_head + offs_m[:, None].to(tl.int64) * cls_sm
+    s_base = S + (o // group) * s_head
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, num_kb, BLOCK_K):
-        cols = k0 + offs_k
-        k_ok = cols < num_kb
-        c = tl.load(cls_rows + cols[None, :], mask=m_ok[:, None] & k_ok[None, :], other=1)
+    for k0 in range(0, inner, BLOCK_K):
+        ks = k0 + offs_k
+        k_ok = ks < inner
+        c = tl.load(cls_rows + ks[None, :].to(tl.int64) * cls_sk, mask=m_ok[:, None] & k_ok[None, :], other=1)
         a = tl.where(c == 0, 1.0, 0.0)
-        s = tl.load(s_base + cols[:, None] * width + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, s, acc, input_precision=PREC)
-    tl.store(OUT + (bh * num_qb + offs_m[:, None]) * width + offs_n[None, :], acc,
-             mask=m_ok[:, None] & n_ok[None, :])
+        b_s = tl.load(s_base + ks[:, None].to(tl.int64) * width + offs_n[None, :],
+                      mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b_s, acc, input_precision=PREC)
+    tl.store(OUT + (o * rows + offs_m[:, None]) * width + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _launch(classes: torch.Tensor, states: torch.Tensor, prec: str) -> torch.Tensor:
+def _masked_sum(classes: torch.Tensor, states: torch.Tensor, prec: str, heads_kv: int, *,
+                transpose: bool) -> torch.Tensor:
+    """classes (B, Hq, Mq, Mk) int8 contiguous. transpose=False: states (B, Hkv, Mk, width) ->
+    (B, Hq, Mq, width), each query block's sum over its marginal key blocks. transpose=True:
+    states (B, Hq, Mq, width) -> (B, Hkv, Mk, width), each key block's sum over the (query head
+    of its group, query block) pairs for which it is marginal."""
     batch, heads_q, mq, mk = classes.shape
-    heads_kv = states.shape[1]
+    group = heads_q // heads_kv
     width = states.shape[-1]
-    out = torch.empty(batch, heads_q, mq, width, dtype=torch.float32, device=states.device)
+    if transpose:
+        out_heads, rows, inner = heads_kv, mk, group * mq
+        strides = dict(group=1, cls_head=group * mq * mk, cls_sm=1, cls_sk=mk, s_head=group * mq * width)
+    else:
+        out_heads, rows, inner = heads_q, mq, mk
+        strides = dict(group=group, cls_head=mq * mk, cls_sm=mk, cls_sk=1, s_head=mk * width)
+    out = torch.empty(batch, out_heads, rows, width, dtype=torch.float32, device=states.device)
     if out.numel() == 0:
         return out
+    if inner == 0:
+        return out.zero_()
     if interpreting():
         cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)
     else:
         cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=3)
-    grid = (triton.cdiv(mq, cfg["BLOCK_M"]), triton.cdiv(width, cfg["BLOCK_N"]), batch * heads_q)
-    row_states_kernel[grid](classes, states, out, mq, mk, width, heads_q // heads_kv, PREC=prec, **cfg)
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(width, cfg["BLOCK_N"]), batch * out_heads)
+    masked_sum_kernel[grid](classes, states.contiguous(), out, rows, inner, width, PREC=prec, **strides, **cfg)
     return out
 
 
@@ -79,7 +99,20 @@ def row_states(classes: torch.Tensor, h: torch.Tensor, z: torch.Tensor, prec: st
     states h (B, Hkv, Mk, D, D) and z (B, Hkv, Mk, D) over its marginal blocks."""
     classes = classes.contiguous()
     batch, heads_q, mq, _ = classes.shape
-    d = z.shape[-1]
-    big = _launch(classes, h.reshape(*h.shape[:3], d * d).contiguous(), prec)
-    small = _launch(classes, z.contiguous(), prec)
+    heads_kv, d = z.shape[1], z.shape[-1]
+    big = _masked_sum(classes, h.reshape(*h.shape[:3], d * d), prec, heads_kv, transpose=False)
+    small = _masked_sum(classes, z, prec, heads_kv, transpose=False)
     return big.view(batch, heads_q, mq, d, d), small
+
+
+def column_states(classes: torch.Tensor, dh: torch.Tensor, dz: torch.Tensor, heads_kv: int, prec: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward's transpose: (dh (B, Hkv, Mk, D, D), dz (B, Hkv, Mk, D)) fp32, each key
+    block's sums of the query blocks' dH_i (B, Hq, Mq, D, D) and dZ_i (B, Hq, Mq, D) over the
+    query blocks (of every query head sharing its kv head) for which it is marginal."""
+    classes = classes.contiguous()
+    batch, _, _, mk = classes.shape
+    d = dz.shape[-1]
+    big = _masked_sum(classes, dh.reshape(*dh.shape[:3], d * d), prec, heads_kv, transpose=True)
+    small = _masked_sum(classes, dz, prec, heads_kv, transpose=True)
+    return big.view(batch, heads_kv, mk, d, d), small
