@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -29,8 +29,9 @@ PROVIDERS = ("attnlib-triton", "attnlib-cuda", "flash-triton", "flash-cuda", "fl
 SUITE_BUDGET_S = 40.0
 
 
-def random_block_mask(density: float, seed: int = 0, device="cuda") -> torch.Tensor:
-    b, h, s = SHAPE["batch"], SHAPE["heads"], SHAPE["seq"]
+def random_block_mask(density: float, seed: int = 0, device="cuda", shape: Optional[dict] = None) -> torch.Tensor:
+    shape = shape or SHAPE
+    b, h, s = shape["batch"], shape["heads"], shape["seq"]
     mq, mk = -(-s // BLOCK[0]), -(-s // BLOCK[1])
     gen = torch.Generator().manual_seed(seed)
     return (torch.rand(b, h, mq, mk, generator=gen) < density).to(device)
@@ -54,24 +55,30 @@ def _step(provider: str, q, k, v, mask):
     raise ValueError(provider)
 
 
-def run_block_sparse_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] = print) -> list[dict]:
-    if not torch.cuda.is_available():
+def run_block_sparse_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] = print, *,
+                           device: str = "cuda", shape: Optional[dict] = None, dtype: torch.dtype = torch.bfloat16,
+                           timing: Optional[runner.TimingConfig] = None) -> list[dict]:
+    """The GPU suite (SHAPE, bf16). device="cpu" with a small shape, fp32 and a short timing
+    config is the CPU smoke test of every provider path (tests/test_bench_suites.py)."""
+    if device == "cuda" and not torch.cuda.is_available():
         return []
     t0 = time.perf_counter()
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    shape = shape or SHAPE
+    dtype_name = str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(SHAPE["batch"], SHAPE["heads"], SHAPE["seq"], SHAPE["head_dim"], generator=gen)
-               .to(dev, torch.bfloat16) for _ in range(3))
-    dense_flops = runner.flops(SHAPE["batch"], SHAPE["heads"], SHAPE["seq"], SHAPE["seq"], SHAPE["head_dim"])
-    cfg = runner.TimingConfig(target_s=0.1, max_reps=20)
+    q, k, v = (torch.randn(shape["batch"], shape["heads"], shape["seq"], shape["head_dim"], generator=gen)
+               .to(dev, dtype) for _ in range(3))
+    dense_flops = runner.flops(shape["batch"], shape["heads"], shape["seq"], shape["seq"], shape["head_dim"])
+    cfg = timing or runner.TimingConfig(target_s=0.1, max_reps=20)
     records = []
     for density in DENSITIES:
-        mask = random_block_mask(density)
+        mask = random_block_mask(density, device=device, shape=shape)
         for prov in PROVIDERS:
             if prov.startswith("flash-") and density != DENSITIES[0]:
                 continue  # dense baselines once
-            rec = dict(method="block_sparse", provider=prov, density=density, block_size=list(BLOCK), **SHAPE,
-                       dtype="bf16")
+            rec = dict(method="block_sparse", provider=prov, density=density, block_size=list(BLOCK), **shape,
+                       dtype=dtype_name)
             if time.perf_counter() - t0 > budget_s:
                 rec["skipped"] = "time budget spent"
                 records.append(rec)

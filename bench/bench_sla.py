@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -79,24 +79,30 @@ def _time(step, dev, cfg) -> float:
     return ms
 
 
-def run_sla_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] = print) -> list[dict]:
-    if not torch.cuda.is_available():
+def run_sla_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] = print, *, device: str = "cuda",
+                  shape: Optional[dict] = None, dtype: torch.dtype = torch.bfloat16,
+                  timing: Optional[runner.TimingConfig] = None, criticals: tuple = CRITICALS) -> list[dict]:
+    """The GPU suite (Wan2.1-1.3B shape, bf16). device="cpu" with a small shape, fp32, a short
+    timing config and fewer criticals is the CPU smoke test of every provider path
+    (tests/test_bench_suites.py)."""
+    if device == "cuda" and not torch.cuda.is_available():
         return []
     t0 = time.perf_counter()
-    dev = torch.device("cuda")
-    shape = _shape_from_workloads()
+    dev = torch.device(device)
+    shape = shape or _shape_from_workloads()
+    dtype_name = str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(shape["batch"], shape["heads"], shape["seq"], shape["head_dim"], generator=gen)
-               .to(dev, torch.bfloat16).requires_grad_() for _ in range(3))
+               .to(dev, dtype).requires_grad_() for _ in range(3))
     d = shape["head_dim"]
     w = (torch.randn(d, d, generator=gen) * d ** -0.5).to(dev).requires_grad_()
     b = torch.zeros(d, device=dev, requires_grad=True)
-    cfg = runner.TimingConfig(target_s=0.05, max_reps=5)
+    cfg = timing or runner.TimingConfig(target_s=0.05, max_reps=5)
     records: list[dict] = []
 
     def measure(provider: str, mode: str, critical=None, negligible=None, variant="sla") -> None:
         rec = dict(method="sla", workload=WORKLOAD, provider=provider, mode=mode, variant=variant,
-                   critical=critical, negligible=negligible, block_size=list(BLOCK), dtype="bf16", **shape)
+                   critical=critical, negligible=negligible, block_size=list(BLOCK), dtype=dtype_name, **shape)
         if time.perf_counter() - t0 > budget_s:
             rec["skipped"] = "time budget spent"
             records.append(rec)
@@ -116,7 +122,7 @@ def run_sla_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] =
 
     # the headline numbers first, so a short budget still yields the targets
     for mode in ("fwd", "bwd"):
-        measure("attnlib-sla", mode, CRITICALS[0], NEGLIGIBLE)
+        measure("attnlib-sla", mode, criticals[0], NEGLIGIBLE)
         measure("attnlib-flash", mode)
         for sdpa in SDPA_BACKENDS:
             measure(f"sdpa-{sdpa}", mode)
@@ -124,13 +130,13 @@ def run_sla_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] =
     # (triton_kernels/sla/row_states.py), side by side with the default at the headline setting
     for mode in ("fwd", "bwd"):
         with _env("ATTNLIB_SLA_ROW_STATES", "1"):
-            measure("attnlib-sla", mode, CRITICALS[0], NEGLIGIBLE, variant="row-states")
-    for crit in CRITICALS:
+            measure("attnlib-sla", mode, criticals[0], NEGLIGIBLE, variant="row-states")
+    for crit in criticals:
         for mode in ("fwd", "bwd"):
-            if crit != CRITICALS[0]:
+            if crit != criticals[0]:
                 measure("attnlib-sla", mode, crit, NEGLIGIBLE)
             measure("attnlib-sla", mode, crit, round(1.0 - crit, 6), variant="sparse-only")
-    _targets(records, log)
+    _targets(records, log, criticals)
     return records
 
 
@@ -147,7 +153,7 @@ def _env(name: str, value: str):
             os.environ[name] = old
 
 
-def _targets(records: list[dict], log) -> None:
+def _targets(records: list[dict], log, criticals: tuple = CRITICALS) -> None:
     def ms(provider, mode, crit=None, variant="sla"):
         for r in records:
             if (r["provider"], r["mode"], r.get("critical"), r.get("variant")) == (provider, mode, crit, variant):
@@ -155,16 +161,16 @@ def _targets(records: list[dict], log) -> None:
         return None
 
     for mode, want in (("fwd", 10.0), ("bwd", 5.0)):
-        sla, flash = ms("attnlib-sla", mode, CRITICALS[0]), ms("attnlib-flash", mode)
+        sla, flash = ms("attnlib-sla", mode, criticals[0]), ms("attnlib-flash", mode)
         sdpa = [m for m in (ms(f"sdpa-{s}", mode) for s in SDPA_BACKENDS) if m]
         if sla and flash:
-            log(f"target: sla {mode} at critical {CRITICALS[0]} is {flash / sla:.2f}x dense attnlib flash "
+            log(f"target: sla {mode} at critical {criticals[0]} is {flash / sla:.2f}x dense attnlib flash "
                 f"(>= {want:g}x)" + (f", {min(sdpa) / sla:.2f}x the fastest SDPA" if sdpa else ""))
-        rows = ms("attnlib-sla", mode, CRITICALS[0], "row-states")
+        rows = ms("attnlib-sla", mode, criticals[0], "row-states")
         if sla and rows:
-            log(f"row states ({mode}, critical {CRITICALS[0]}): {rows:.3f} ms vs {sla:.3f} ms pre-aggregated per tile "
+            log(f"row states ({mode}, critical {criticals[0]}): {rows:.3f} ms vs {sla:.3f} ms pre-aggregated per tile "
                 f"({sla / rows:.2f}x)" + (f"; {flash / rows:.2f}x dense attnlib flash" if flash else ""))
-        for crit in CRITICALS:
+        for crit in criticals:
             full, sparse = ms("attnlib-sla", mode, crit), ms("attnlib-sla", mode, crit, "sparse-only")
             if full and sparse:
                 log(f"linear branch at critical {crit} ({mode}): {full - sparse:.3f} ms "

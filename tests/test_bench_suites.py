@@ -1,0 +1,71 @@
+"""CPU smoke tests of the GPU benchmark suites (bench/bench_block_sparse.py, bench/bench_sla.py):
+every provider path and variant runs once at a tiny fp32 shape under the Triton interpreter, so a
+mistake in a suite's plumbing shows here and not in the GPU run's few minutes. Timings here mean
+nothing; torch SDPA backends and FlexAttention that cannot run on this machine are recorded as
+errors, as they would be on a card that lacks them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import runner
+
+pytest.importorskip("triton")
+
+QUICK = runner.TimingConfig(target_s=0.0, min_reps=1, max_reps=1, warmup=1)
+
+
+def test_block_sparse_suite_runs_every_provider_on_cpu():
+    from bench.bench_block_sparse import DENSITIES, PROVIDERS, run_block_sparse_suite
+
+    shape = dict(batch=1, heads=2, seq=200, head_dim=32)  # 2 x 4 mask blocks of (128, 64), ragged
+    lines = []
+    recs = run_block_sparse_suite(600.0, lines.append, device="cpu", shape=shape, dtype=torch.float32,
+                                  timing=QUICK)
+    by = {(r["provider"], r["density"]): r for r in recs}
+    assert not any("skipped" in r for r in recs)
+    for density in DENSITIES:
+        r = by[("attnlib-triton", density)]
+        assert "error" not in r and r["ms"] > 0 and r["dtype"] == "float32", r
+    assert "error" not in by[("flash-triton", 1.0)]
+    assert {p for p, _ in by} == set(PROVIDERS)
+    assert any(line.startswith("target: attnlib-triton") for line in lines), lines
+
+
+def test_sla_suite_runs_every_variant_on_cpu():
+    from bench.bench_sla import run_sla_suite
+
+    shape = dict(batch=1, heads=2, seq=100, head_dim=32)  # 2 x 2 blocks of 64, ragged
+    criticals = (0.05, 0.5)
+    lines = []
+    recs = run_sla_suite(600.0, lines.append, device="cpu", shape=shape, dtype=torch.float32, timing=QUICK,
+                         criticals=criticals)
+    assert not any("skipped" in r for r in recs)
+    got = {(r["provider"], r["mode"], r.get("critical"), r["variant"]) for r in recs if "error" not in r}
+    for mode in ("fwd", "bwd"):
+        assert ("attnlib-flash", mode, None, "sla") in got
+        assert ("attnlib-sla", mode, criticals[0], "row-states") in got
+        for crit in criticals:
+            assert ("attnlib-sla", mode, crit, "sla") in got
+            assert ("attnlib-sla", mode, crit, "sparse-only") in got
+    assert any(line.startswith("target: sla fwd") for line in lines), lines
+    assert any(line.startswith("row states (bwd") for line in lines), lines
+
+
+def test_sage_providers_run_on_cpu():
+    """bench_sage's providers through the shared runner at a tiny case: attnlib's Triton sage runs
+    (with its accuracy fields), what cannot run here is a skip that says why."""
+    from bench.bench_sage import SAGE_PROVIDERS
+    from bench.runner import Case
+
+    case = Case(workload="sage-cpu-smoke", batch=1, heads=2, seq_q=160, head_dim=64, causal=False, mode="fwd",
+                dtype="fp16", device="cpu")
+    recs = runner.run_suite([case], list(SAGE_PROVIDERS) + ["attnlib-triton"], budget_s=600.0, timing=QUICK,
+                            log=None)
+    by = {r["provider"]: r for r in recs}
+    assert set(by) == set(SAGE_PROVIDERS) | {"attnlib-triton"}
+    tri = by["attnlib-sage-triton"]
+    assert tri["status"] == "ok" and tri["ms"] > 0, tri
+    assert tri["cos_sim"] > 0.99 and tri["rel_l1"] < 0.05, tri
+    for name in ("attnlib-sage-cuda", "sageattention-1.0.6"):
+        assert by[name]["status"] in ("ok", "skipped") and (by[name]["status"] == "ok" or by[name]["reason"])
