@@ -55,8 +55,10 @@ class IndexCache:
     the backward is sorted once. An entry belongs to one mask tensor object (held by a weak
     reference, so a freed mask's memory reused by another never hits) and to its version counter
     (an in-place write to the mask misses). Masks made under torch.inference_mode have no version
-    counter, so a write could not be seen: they are never cached. Bounded (least recently used
-    out); thread-safe. ATTNLIB_BLOCK_INDEX_CACHE=0 turns it off."""
+    counter, so a write could not be seen: they are never cached. Nor is anything during a CUDA
+    graph capture: the sort must be captured, or a replay with a new mask copied into the graph's
+    input would walk the old index forms. Bounded (least recently used out); thread-safe.
+    ATTNLIB_BLOCK_INDEX_CACHE=0 turns it off."""
 
     def __init__(self, capacity: int = 16) -> None:
         self.capacity = capacity
@@ -70,7 +72,7 @@ class IndexCache:
 
     def get(self, mask: torch.Tensor, which: str, build) -> tuple[torch.Tensor, torch.Tensor]:
         """build(mask) once per (mask object, version, which)."""
-        if not self.enabled() or mask.is_inference() or _tracing(mask):
+        if not self.enabled() or mask.is_inference() or _tracing(mask) or _capturing(mask):
             return build(mask)
         key = (id(mask), which)
         with self._lock:
@@ -102,6 +104,10 @@ def _tracing(t: torch.Tensor) -> bool:
         return is_fake(t) or torch._C._functorch.is_functorch_wrapped_tensor(t) or t.device.type == "meta"
     except Exception:  # noqa: BLE001 - private APIs: never cache when unsure
         return True
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 INDEX_CACHE = IndexCache()

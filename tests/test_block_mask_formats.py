@@ -155,3 +155,24 @@ def test_index_cache_skips_inference_tensors_and_can_be_off(index_cache, monkeyp
         got = cached_col_index(m)
     assert (index_cache.hits, index_cache.misses) == (0, 0)
     assert all(torch.equal(a, b) for a, b in zip(got, block_mask_to_col_index(m)))
+
+
+@pytest.mark.gpu
+def test_index_cache_and_cuda_graph_replay_with_a_new_mask(index_cache):
+    """A call captured in a CUDA graph must sort its mask inside the graph (no cache during
+    capture): a new mask copied into the graph's static mask, then a replay, follows the new mask."""
+    from attnlib.testing import make_qkv
+
+    q, k, v = make_qkv(1, 2, 256, 64, dtype=torch.float16, device="cuda", seed=31)
+    m = torch.ones(1, 2, 4, 4, dtype=torch.bool, device="cuda")
+    new = rand_mask((1, 2, 4, 4), 0.5, 32).cuda()
+    new[..., 0] = True
+    attnlib.block_sparse_attention(q, k, v, m, block_size=(64, 64), backend="triton")  # compile, fill the cache
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attnlib.block_sparse_attention(q, k, v, m, block_size=(64, 64), backend="triton")
+    m.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = block_sparse_reference(*(t.double() for t in (q, k, v)), new, block_size=(64, 64))
+    torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=2e-3)
