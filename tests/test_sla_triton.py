@@ -233,7 +233,7 @@ def test_forward_writes_every_element(causal):
         assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("proj", ["both", "bias", "none"])
+@pytest.mark.parametrize("proj", ["both", "weight", "bias", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_backward_from_saved_lse_equals_rewalk(proj, dtype):
     """The op keeps the critical blocks' lse with the output; the backward then recomputes only
@@ -244,10 +244,15 @@ def test_backward_from_saved_lse_equals_rewalk(proj, dtype):
 
     q, k, v = make_qkv(1, 4, 53, 32, kv_heads=2, seq_k=70, device=DEVICE, dtype=dtype, seed=12)
     w, b = make_proj(32, seed=12, requires_grad=False)
-    w, b = {"both": (w, b), "bias": (None, b), "none": (None, None)}[proj]
+    w, b = {"both": (w, b), "weight": (w, None), "bias": (None, b), "none": (None, None)}[proj]
     kw = dict(critical=0.3, negligible=0.2, block_size=(16, 16), feature="softmax", scale=32 ** -0.5, causal=True)
     out = poison_(torch.empty_like(q))
     out, lse = sla_forward(q, k, v, out, w, b, with_lse=True, **kw)
+    want_out = sla_reference(q.double(), k.double(), v.double(), w.double() if w is not None else None,
+                             b.double() if b is not None else None, critical=0.3, negligible=0.2, block_size=(16, 16),
+                             feature_map="softmax", causal=True)
+    torch.testing.assert_close(out.double(), want_out, **({"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32
+                                                          else {"atol": 5e-3, "rtol": 5e-3}))
     classes = sla_block_classes(q, k, critical=0.3, negligible=0.2, block_size=(16, 16), causal=True)
     visible = block_mask_to_tokens(classes == 1, (16, 16), 53, 70) & causal_mask(53, 70, q.device)
     scores = (q.double() @ expand_kv(k, 4).double().transpose(-1, -2)) * 32 ** -0.5

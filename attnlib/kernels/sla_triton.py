@@ -1,8 +1,9 @@
 """Method sla on Triton (attnlib.triton_kernels.sla): block classification on the device, the
 key-block preprocess (pooled K, h_j = phi(K_j)^T V_j, z_j), one fused forward kernel (linear
-branch by pre-aggregation, then block_sparse's main loop over the critical blocks), the
-projection as a torch matmul after it, and a fused backward (block_sparse's backward for the
-critical blocks, the linear-branch kernels for the marginal ones, dW and db).
+branch by pre-aggregation, then block_sparse's main loop over the critical blocks, then the
+projection O_l W^T + b in its epilogue: out is written once), and a fused backward
+(block_sparse's backward for the critical blocks, the linear-branch kernels for the marginal
+ones, dW and db).
 
 Tiles are the classification blocks (BLOCK_M = bq, BLOCK_N = bk): powers of two from 16 to 128
 per side. The D x D states live in registers, so head dims go up to 128 (multiples of 8, padded

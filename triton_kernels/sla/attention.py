@@ -1,5 +1,5 @@
 """SLA forward and backward orchestration: classification, key-block preprocess, the fused
-forward, the projection epilogue (out = O_s + O_l W^T + b, a torch matmul after the kernel), and
+forward with its projection epilogue (out = O_s + O_l W^T + b written once by the kernel), and
 the backward (the block map and key-block states re-formed, O_l recomputed, delta from the saved
 output and the critical blocks' lse kept by the forward, block_sparse's backward for the
 critical branch, the linear-branch kernels adding into its dq, dk, dv, and dW = sum dO^T O_l,
@@ -33,15 +33,18 @@ class SLAForward:
 
 
 def sla_forward_parts(q, k, v, *, linear: bool, critical: float, negligible: float, block_size, feature: str,
-                      scale: float, causal: bool, out_sparse: torch.Tensor, with_lse: bool) -> SLAForward:
-    """Run classification, preprocess and the fused kernel on bhsd views; writes out_sparse."""
+                      scale: float, causal: bool, out_sparse: torch.Tensor, with_lse: bool,
+                      weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> SLAForward:
+    """Run classification, preprocess and the fused kernel on bhsd views; writes out_sparse
+    (O_s, or O_s + O_l W^T + b given weight / bias: then o_l is None)."""
     pooled_k, h, z = cls_mod.key_blocks(k, v, block_n=block_size[1], feature=feature, linear=linear)
     classes = cls_mod.classify(q, pooled_k, seq_k=k.shape[2], block_size=block_size, critical=critical,
                                negligible=negligible, scale=scale, causal=causal)
     rows = cls_mod.class_index(classes)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if with_lse else None
     o_l = sla_fwd(q, k, v, out_sparse, rows, block_size=block_size, causal=causal, scale=scale, feature=feature,
-                  h=h, z=z, lse=lse, rows_hz=_rows_hz(classes, h, z, q.dtype) if linear else None)
+                  h=h, z=z, lse=lse, rows_hz=_rows_hz(classes, h, z, q.dtype) if linear else None,
+                  weight=weight, bias=bias)
     return SLAForward(classes, rows, out_sparse, lse, o_l, h, z)
 
 
@@ -54,24 +57,12 @@ def _rows_hz(classes, h, z, dtype):
 def sla_forward(q, k, v, out: torch.Tensor, proj_weight: Optional[torch.Tensor], proj_bias: Optional[torch.Tensor],
                 *, critical: float, negligible: float, block_size, feature: str, scale: float,
                 causal: bool, with_lse: bool = False):
-    """out (bhsd view, q's dtype) = O_s + O_l W^T + b; the linear branch runs only with a weight.
-    with_lse: returns (out, lse of the critical blocks' softmax) for sla_backward."""
-    linear = proj_weight is not None
-    if not linear and proj_bias is None:
-        parts = sla_forward_parts(q, k, v, linear=False, critical=critical, negligible=negligible,
-                                  block_size=block_size, feature=feature, scale=scale, causal=causal, out_sparse=out,
-                                  with_lse=with_lse)
-        return (out, parts.lse) if with_lse else out
-    o_s = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    parts = sla_forward_parts(q, k, v, linear=linear, critical=critical, negligible=negligible,
-                              block_size=block_size, feature=feature, scale=scale, causal=causal, out_sparse=o_s,
-                              with_lse=with_lse)
-    res = o_s
-    if linear:
-        res = res + parts.o_l @ proj_weight.float().transpose(0, 1)
-    if proj_bias is not None:
-        res = res + proj_bias.float()
-    out.copy_(res)
+    """out (bhsd view, q's dtype) = O_s + O_l W^T + b, in the kernel's epilogue (nothing N x D
+    besides out is written); the linear branch runs only with a weight. with_lse: returns
+    (out, lse of the critical blocks' softmax) for sla_backward."""
+    parts = sla_forward_parts(q, k, v, linear=proj_weight is not None, critical=critical, negligible=negligible,
+                              block_size=block_size, feature=feature, scale=scale, causal=causal, out_sparse=out,
+                              with_lse=with_lse, weight=proj_weight, bias=proj_bias)
     return (out, parts.lse) if with_lse else out
 
 

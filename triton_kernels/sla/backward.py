@@ -30,7 +30,7 @@ from ..block_sparse.configs import launch_config
 from ..block_sparse.forward import key_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
 from .classify import BlockIndex, padded
-from .forward import LINEAR_EPS, marginal_columns, row_state_columns, state_chunk, state_precision
+from .forward import LINEAR_EPS, query_block_state, state_chunk, state_precision
 from .row_states import column_states
 
 TOTAL_SPLITS = 16  # partial sums per (batch, head) of the dH, dZ totals
@@ -82,10 +82,6 @@ def sla_linear_dq_kernel(
     tile_mask = m_ok[:, None] & d_ok[None, :]
     row_id = (b64 * heads + h64) * num_qb + (pid_m * BLOCK_M) // MASK_M
     kv_slab = b64 * (heads // group) + h // group
-    h_slab = H + kv_slab * num_kb * HEAD_DIM * HEAD_DIM
-    z_slab = Z + kv_slab * num_kb * HEAD_DIM
-    ht_slab = H_TOT + kv_slab * HEAD_DIM * HEAD_DIM
-    zt_slab = Z_TOT + kv_slab * HEAD_DIM
     n_crit = tl.load(N_CRIT + row_id)
     n_marg = tl.load(N_MARG + row_id)
     idx_row = IDX + row_id * num_kb
@@ -98,11 +94,8 @@ def sla_linear_dq_kernel(
     t = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     b_z = tl.zeros([D_PAD], dtype=tl.float32)
     for c0 in tl.static_range(0, D_PAD, HC):
-        if ROW_STATES:
-            b_h, b_z = row_state_columns(H, Z, row_id, c0, offs_d, offs_c, d_ok, HEAD_DIM)
-        else:
-            b_h, b_z = marginal_columns(h_slab, z_slab, ht_slab, zt_slab, idx_row, n_crit, n_marg, num_kb, c0,
-                                        offs_d, offs_c, d_ok, HEAD_DIM)
+        b_h, b_z = query_block_state(H, Z, H_TOT, Z_TOT, idx_row, row_id, n_crit, n_marg, kv_slab, num_kb, c0,
+                                     offs_d, offs_c, d_ok, HEAD_DIM, ROW_STATES)
         cols = c0 + offs_c
         g_c = tl.load(dn_rows + cols[None, :], mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
         t = tl.dot(g_c, tl.trans(b_h), t, input_precision=LIN_PREC)

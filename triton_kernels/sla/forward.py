@@ -84,9 +84,54 @@ def row_state_columns(HR, ZR, row_id, c0, offs_d, offs_c, d_ok, HEAD_DIM: tl.con
     return b_h, b_z
 
 
+@triton.jit
+def query_block_state(H, Z, H_TOT, Z_TOT, idx_row, row_id, n_crit, n_marg, kv_slab, num_kb, c0, offs_d, offs_c,
+                      d_ok, HEAD_DIM: tl.constexpr, ROW_STATES: tl.constexpr):
+    """Columns c0 + offs_c of query block row_id's H_i and its Z_i: read from the row states
+    (ROW_STATES) or pre-aggregated from the (batch, kv head) slab kv_slab of h, z and their totals."""
+    if ROW_STATES:
+        b_h, b_z = row_state_columns(H, Z, row_id, c0, offs_d, offs_c, d_ok, HEAD_DIM)
+    else:
+        b_h, b_z = marginal_columns(H + kv_slab * num_kb * HEAD_DIM * HEAD_DIM, Z + kv_slab * num_kb * HEAD_DIM,
+                                    H_TOT + kv_slab * HEAD_DIM * HEAD_DIM, Z_TOT + kv_slab * HEAD_DIM, idx_row,
+                                    n_crit, n_marg, num_kb, c0, offs_d, offs_c, d_ok, HEAD_DIM)
+    return b_h, b_z
+
+
+@triton.jit
+def linear_branch(acc, b_q, H, Z, H_TOT, Z_TOT, W, OL, N_MARG, idx_row, row_id, n_crit, b64, h64, kvh64, heads, group,
+                  seq_q, num_kb, eps, offs_m, offs_d, m_ok, d_ok, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                  HC: tl.constexpr, FEAT: tl.constexpr, LIN_PREC: tl.constexpr, ROW_STATES: tl.constexpr,
+                  PROJ: tl.constexpr):
+    """O_l = phi(Q) H_i / (phi(Q) . Z_i + eps) for one query tile, one column chunk of H_i at a
+    time. PROJ: returns acc + O_l W^T (W (D, D) contiguous); else stores O_l into OL's rows
+    (B, Hq, Sq, D fp32 contiguous) and returns acc unchanged."""
+    n_marg = tl.load(N_MARG + row_id)
+    kv_slab = b64 * (heads // group) + kvh64
+    phi_q = feature_map(b_q.to(tl.float32), m_ok, d_ok, FEAT)
+    offs_c = tl.arange(0, HC)
+    ol_rows = OL + ((b64 * heads + h64) * seq_q + offs_m[:, None]) * HEAD_DIM
+    for c0 in tl.static_range(0, D_PAD, HC):
+        b_h, b_z = query_block_state(H, Z, H_TOT, Z_TOT, idx_row, row_id, n_crit, n_marg, kv_slab, num_kb, c0,
+                                     offs_d, offs_c, d_ok, HEAD_DIM, ROW_STATES)
+        num = tl.dot(phi_q, b_h, input_precision=LIN_PREC)
+        den = tl.sum(phi_q * b_z[None, :], 1) + eps
+        den_safe = tl.where(den == 0.0, 1.0, den)
+        o_l = tl.where(den[:, None] == 0.0, 0.0, num / den_safe[:, None])
+        cols = c0 + offs_c
+        if PROJ:
+            # rows cols of W^T: (W^T)[c, e] = W[e, c]
+            w_t = tl.load(W + offs_d[None, :] * HEAD_DIM + cols[:, None],
+                          mask=(cols < HEAD_DIM)[:, None] & d_ok[None, :], other=0.0)
+            acc = tl.dot(o_l, w_t.to(tl.float32), acc, input_precision=LIN_PREC)
+        else:
+            tl.store(ol_rows + cols[None, :], o_l, mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :])
+    return acc
+
+
 @triton.jit(do_not_specialize=["seq_q", "seq_k"])
 def sla_fwd_kernel(
-    Q, K, V, OS, OL, LSE, DO, DELTA, H, Z, H_TOT, Z_TOT, N_CRIT, N_MARG, IDX,
+    Q, K, V, OS, OL, LSE, DO, DELTA, H, Z, H_TOT, Z_TOT, N_CRIT, N_MARG, IDX, W, BIAS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -96,7 +141,7 @@ def sla_fwd_kernel(
     seq_q, seq_k, group, num_qb, num_kb, qk_scale, eps,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HC: tl.constexpr, FEAT: tl.constexpr, CAUSAL: tl.constexpr,
     LINEAR: tl.constexpr, SPARSE: tl.constexpr, STORE_LSE: tl.constexpr, WITH_DELTA: tl.constexpr,
-    ROW_STATES: tl.constexpr, PREC: tl.constexpr,
+    ROW_STATES: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
     LIN_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr,
     MASK_N: tl.constexpr, SLOTS: tl.constexpr,
 ):
@@ -109,7 +154,9 @@ def sla_fwd_kernel(
     query block's marginal sums (row_states.py; B, Hq, Mq, D[, D]) and H_TOT, Z_TOT are unused;
     otherwise H, Z
     (B, Hkv, Mk, D[, D]) and H_TOT, Z_TOT (B, Hkv, D[, D]) fp32 contiguous; N_CRIT, N_MARG
-    (B, Hq, Mq), IDX (B, Hq, Mq, Mk) int32 contiguous (classify.class_index)."""
+    (B, Hq, Mq), IDX (B, Hq, Mq, Mk) int32 contiguous (classify.class_index).
+    PROJ (with LINEAR and SPARSE): the epilogue writes OS = O_s + O_l W^T (+ BIAS with HAS_BIAS)
+    and OL is not written; W (D, D) contiguous, BIAS (D,), any float dtype."""
     b64, h64, kvh64, start_m, mask_row, offs_m, offs_n, offs_d, m_ok, d_ok = query_tile(
         group, seq_q, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, MASK_M)
     heads = tl.num_programs(1)
@@ -121,28 +168,10 @@ def sla_fwd_kernel(
     q_ptrs = (Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
     b_q = load_tile(q_ptrs, m_ok, d_ok, True, CHECK_D)
 
-    if LINEAR:
-        n_marg = tl.load(N_MARG + row_id)
-        kv_slab = b64 * (heads // group) + kvh64
-        h_slab = H + kv_slab * num_kb * HEAD_DIM * HEAD_DIM
-        z_slab = Z + kv_slab * num_kb * HEAD_DIM
-        ht_slab = H_TOT + kv_slab * HEAD_DIM * HEAD_DIM
-        zt_slab = Z_TOT + kv_slab * HEAD_DIM
-        phi_q = feature_map(b_q.to(tl.float32), m_ok, d_ok, FEAT)
-        offs_c = tl.arange(0, HC)
-        ol_rows = OL + ((b64 * heads + h64) * seq_q + offs_m[:, None]) * HEAD_DIM
-        for c0 in tl.static_range(0, D_PAD, HC):
-            if ROW_STATES:
-                b_h, b_z = row_state_columns(H, Z, row_id, c0, offs_d, offs_c, d_ok, HEAD_DIM)
-            else:
-                b_h, b_z = marginal_columns(h_slab, z_slab, ht_slab, zt_slab, idx_row, n_crit, n_marg, num_kb, c0,
-                                            offs_d, offs_c, d_ok, HEAD_DIM)
-            num = tl.dot(phi_q, b_h, input_precision=LIN_PREC)
-            den = tl.sum(phi_q * b_z[None, :], 1) + eps
-            den_safe = tl.where(den == 0.0, 1.0, den)
-            o_l = tl.where(den[:, None] == 0.0, 0.0, num / den_safe[:, None])
-            cols = c0 + offs_c
-            tl.store(ol_rows + cols[None, :], o_l, mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :])
+    if LINEAR:  # with PROJ, lin = O_l W^T; else O_l to OL (the backward's recompute)
+        lin = linear_branch(tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32), b_q, H, Z, H_TOT, Z_TOT, W, OL, N_MARG,
+                            idx_row, row_id, n_crit, b64, h64, kvh64, heads, group, seq_q, num_kb, eps, offs_m,
+                            offs_d, m_ok, d_ok, HEAD_DIM, D_PAD, HC, FEAT, LIN_PREC, ROW_STATES, PROJ)
 
     if SPARSE:
         # critical blocks: block_sparse's main loop over the list's first n_crit entries
@@ -170,6 +199,10 @@ def sla_fwd_kernel(
                              + offs_d[None, :] * stride_dod, m_ok, d_ok, True, CHECK_D)
             tl.store(DELTA + lse_off, tl.sum(b_do.to(tl.float32) * o_s, 1), mask=m_ok)
         else:
+            if PROJ:
+                o_s += lin
+            if HAS_BIAS:
+                o_s += tl.load(BIAS + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
             o_ptrs = (OS + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om
                       + offs_d[None, :] * stride_od)
             store_tile(o_ptrs, o_s.to(OS.dtype.element_ty), m_ok, d_ok, CHECK_D)
@@ -198,11 +231,14 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
             h: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
             lse: Optional[torch.Tensor] = None, dout: Optional[torch.Tensor] = None,
             delta: Optional[torch.Tensor] = None, sparse: bool = True,
-            rows_hz: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Optional[torch.Tensor]:
+            rows_hz: Optional[tuple[torch.Tensor, torch.Tensor]] = None, weight: Optional[torch.Tensor] = None,
+            bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Launch the fused forward on bhsd views (unit last stride). Writes out_sparse, or with dout
     and delta (the backward's recompute) delta = rowsum(dout * O_s) instead; lse (B, Hq, Sq) fp32
     when given. sparse=False skips the critical blocks: only O_l is computed. rows_hz: each query
     block's marginal sums (row_states.row_states), used instead of pre-aggregating h, z per tile.
+    weight (D, D), bias (D,): out_sparse receives O_s + O_l W^T + b instead of O_s (weight needs
+    the linear branch; then O_l is not returned).
     With the key-block states h, z (the linear branch) returns O_l (B, Hq, Sq, D)
     fp32, else None."""
     batch, heads_q, seq_q, head_dim = q.shape
@@ -210,7 +246,11 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
     bm, bn = block_size
     mq, mk = index.idx.shape[2], index.idx.shape[3]
     linear = h is not None
-    o_l = torch.empty(batch, heads_q, seq_q, head_dim, dtype=torch.float32, device=q.device) if linear else None
+    proj = weight is not None
+    if (proj or bias is not None) and (not sparse or delta is not None or (proj and not linear)):
+        raise ValueError("sla_fwd: the projection epilogue needs the sparse forward (and h, z for weight)")
+    o_l = (torch.empty(batch, heads_q, seq_q, head_dim, dtype=torch.float32, device=q.device)
+           if linear and not proj else None)
     if batch == 0 or heads_q == 0 or seq_q == 0:
         return o_l
     use_rows = linear and rows_hz is not None
@@ -227,19 +267,24 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
     stats = lse if lse is not None else delta
     tile = launch_config(bm, bn, head_dim, "sla_fwd", q.element_size())
     d_pad = padded(head_dim)
+    # the projection epilogue holds O_l W^T through the critical loop: at hd128 with 3 stages
+    # ptxas spilled 12 B (sm_90); 2 stages fit in 254 registers without spills
+    stages = min(tile.num_stages, 2) if proj and d_pad >= 128 else tile.num_stages
     sla_fwd_kernel[(triton.cdiv(seq_q, tile.block_m), heads_q, batch)](
-        q, k, v, os_arg, o_l if linear else dummy, lse if lse is not None else dummy,
+        q, k, v, os_arg, o_l if o_l is not None else dummy, lse if lse is not None else dummy,
         dout if with_delta else dummy, delta if with_delta else dummy,
         h if linear else dummy, z if linear else dummy,
         h_tot if h_tot is not None else dummy, z_tot if z_tot is not None else dummy,
-        index.n_crit, index.n_marg, index.idx,
+        index.n_crit, index.n_marg, index.idx, weight.contiguous() if proj else dummy,
+        bias if bias is not None else dummy,
         *q.stride(), *k.stride(), *v.stride(), *os_arg.stride(),
         *(dout.stride() if with_delta else q.stride()),
         *(stats.stride() if stats is not None else (0, 0, 0)),
         seq_q, seq_k, heads_q // k.shape[1], mq, mk, scale * LOG2E, LINEAR_EPS,
         HEAD_DIM=head_dim, D_PAD=d_pad, HC=state_chunk(d_pad), FEAT=FEATURE_IDS[feature], CAUSAL=causal,
         LINEAR=linear, SPARSE=sparse, STORE_LSE=lse is not None, WITH_DELTA=with_delta, ROW_STATES=use_rows,
+        PROJ=proj, HAS_BIAS=bias is not None,
         PREC=dot_precision(q.dtype),
         LIN_PREC=state_precision(q.dtype), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, MASK_M=bm, MASK_N=bn,
-        SLOTS=slots(mk), num_warps=tile.num_warps, num_stages=tile.num_stages)
+        SLOTS=slots(mk), num_warps=tile.num_warps, num_stages=stages)
     return o_l
