@@ -350,6 +350,18 @@ def test_gpu_block_sizes(block_size, dtype, head_dim):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_row_states_path(dtype, monkeypatch):
+    """The opt-in row states (ATTNLIB_SLA_ROW_STATES=1) at a realistic size on the card: bf16
+    (the interpreter cannot check it) and fp32, hd128, GQA, causal, forward and backward."""
+    monkeypatch.setenv("ATTNLIB_SLA_ROW_STATES", "1")
+    q, k, v = make_qkv(1, 4, 1000, 128, kv_heads=2, seq_k=1100, dtype=dtype, device="cuda", requires_grad=True,
+                       seed=21)
+    w, b = make_proj(128, seed=21)
+    check(q, k, v, w, b, critical=0.1, negligible=0.2, block_size=(64, 64), causal=True)
+
+
+@pytest.mark.gpu
 def test_gpu_bshd_fp32_and_block_map():
     q, k, v = make_qkv(2, 4, 700, 64, seq_k=520, device="cuda", layout="bshd", requires_grad=True, seed=2)
     w, b = make_proj(64, seed=2)
