@@ -56,18 +56,23 @@ def _fla_step(q, k, v, causal: bool):
 
 
 def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] = print,
-                     device: str = "cuda") -> list[dict]:
-    """Forward GB/s over SEQS (attnlib next to fla), fwd+bwd at BWD_SEQ; [] without CUDA. (device
-    "cpu" only for a smoke test with small SEQS, under TRITON_INTERPRET=1.)"""
+                     device: str = "cuda", *, seqs: tuple = SEQS, bwd_seq: int = BWD_SEQ,
+                     shape: Optional[dict] = None, dtype: torch.dtype = torch.bfloat16,
+                     timing: Optional[runner.TimingConfig] = None, copy_bytes: int = 1 << 30) -> list[dict]:
+    """Forward GB/s over seqs (attnlib next to fla), fwd+bwd at bwd_seq; [] without CUDA. (device
+    "cpu" with small seqs, shape and copy_bytes is the smoke test, under TRITON_INTERPRET=1:
+    tests/test_bench_suites.py.)"""
     if device == "cuda" and not torch.cuda.is_available():
         return []
     import attnlib
 
     t0 = time.perf_counter()
     dev = torch.device(device)
-    copy_gbs = copy_bandwidth_gbs(dev)
+    copy_gbs = copy_bandwidth_gbs(dev, copy_bytes)
     log(f"measured copy bandwidth {copy_gbs:.0f} GB/s")
-    cfg = runner.TimingConfig(target_s=0.1, max_reps=20)
+    cfg = timing or runner.TimingConfig(target_s=0.1, max_reps=20)
+    shape = shape or SHAPE
+    dtype_name = str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
     records = []
 
     def timed(rec: dict, step, nbytes: int, reset=lambda: None, why_not: Optional[str] = None) -> None:
@@ -90,31 +95,31 @@ def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None
         records.append(rec)
 
     def record(provider: str, direction: str, seq: int, causal: bool) -> dict:
-        return dict(method="linear", provider=provider, direction=direction, seq=seq, causal=causal, dtype="bf16",
-                    **SHAPE, copy_gbs=copy_gbs)
+        return dict(method="linear", provider=provider, direction=direction, seq=seq, causal=causal,
+                    dtype=dtype_name, **shape, copy_gbs=copy_gbs)
 
     def inputs(seq: int, grad: bool = False):
         gen = torch.Generator().manual_seed(seq)
-        return [torch.randn(SHAPE["batch"], SHAPE["heads"], seq, SHAPE["head_dim"], generator=gen)
-                .to(dev, torch.bfloat16).requires_grad_(grad) for _ in range(3)]
+        return [torch.randn(shape["batch"], shape["heads"], seq, shape["head_dim"], generator=gen)
+                .to(dev, dtype).requires_grad_(grad) for _ in range(3)]
 
     for causal in (False, True):
-        for seq in SEQS:
+        for seq in seqs:
             q, k, v = inputs(seq)
             nbytes = 4 * q.numel() * q.element_size()  # q, k, v read once, out written once
             fla_step, fla_why = _fla_step(q, k, v, causal)
             timed(record("attnlib-triton", "fwd", seq, causal),
                   lambda: attnlib.linear_attention(q, k, v, causal=causal, backend="triton"), nbytes)
             timed(record("fla", "fwd", seq, causal), fla_step, nbytes, why_not=fla_why)
-    for causal in (False, True):  # forward + backward at BWD_SEQ
-        q, k, v = inputs(BWD_SEQ, grad=True)
+    for causal in (False, True):  # forward + backward at bwd_seq
+        q, k, v = inputs(bwd_seq, grad=True)
         dout = torch.randn_like(q)
         nbytes = 12 * q.numel() * q.element_size()  # forward 4 tensors, backward 5 read + 3 written
 
         def reset():
             for t in (q, k, v):
                 t.grad = None
-        timed(record("attnlib-triton", "fwd+bwd", BWD_SEQ, causal),
+        timed(record("attnlib-triton", "fwd+bwd", bwd_seq, causal),
               lambda: attnlib.linear_attention(q, k, v, causal=causal, backend="triton").backward(dout), nbytes,
               reset)
     return records

@@ -69,3 +69,16 @@ def test_sage_providers_run_on_cpu():
     assert tri["cos_sim"] > 0.99 and tri["rel_l1"] < 0.05, tri
     for name in ("attnlib-sage-cuda", "sageattention-1.0.6"):
         assert by[name]["status"] in ("ok", "skipped") and (by[name]["status"] == "ok" or by[name]["reason"])
+
+
+def test_linear_suite_runs_on_cpu():
+    from bench.bench_linear import run_linear_suite
+
+    lines = []
+    recs = run_linear_suite(600.0, lines.append, "cpu", seqs=(100, 200), bwd_seq=150,
+                            shape=dict(batch=1, heads=2, head_dim=32), dtype=torch.float32, timing=QUICK,
+                            copy_bytes=1 << 20)
+    ours = [r for r in recs if r["provider"] == "attnlib-triton"]
+    assert len(ours) == 2 * 2 + 2  # (full, causal) x seqs forward, then fwd+bwd for each
+    assert all("error" not in r and "skipped" not in r and r["gbs"] > 0 for r in ours), ours
+    assert all(r["skipped"] for r in recs if r["provider"] == "fla" and "ms" not in r)
