@@ -46,9 +46,10 @@ def block_sparse_dq_kernel(
     seq_q, seq_k, group, scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr, MASK_N: tl.constexpr,
-    SLOTS: tl.constexpr,
+    SLOTS: tl.constexpr, ACCUM: tl.constexpr,
 ):
-    """Grid (query tiles, query heads, batch); tiles as in block_sparse_fwd_kernel."""
+    """Grid (query tiles, query heads, batch); tiles as in block_sparse_fwd_kernel. ACCUM: dQ is
+    added to what DQ holds (SLA's linear branch wrote its part first)."""
     b64, h64, kvh64, start_m, mask_row, offs_m, offs_n, offs_d, m_ok, d_ok = query_tile(
         group, seq_q, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, MASK_M)
     CHECK_D: tl.constexpr = D_PAD != HEAD_DIM
@@ -70,8 +71,11 @@ def block_sparse_dq_kernel(
                     d_ok, seq_k, diag, qk_scale, CHECK_D, False, CAUSAL, PREC, BLOCK_N, MASK_N)
     dq = _dq_listed(dq, b_q, b_do, lse2, delta, row, n_full, n_vis, k_base, v_base, stride_kn, stride_vn, offs_m,
                     offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, True, CAUSAL, PREC, BLOCK_N, MASK_N)
-    store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm
-               + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty), m_ok, d_ok, CHECK_D)
+    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    dq = dq * scale
+    if ACCUM:
+        dq += load_tile(dq_ptrs, m_ok, d_ok, True, CHECK_D).to(tl.float32)
+    store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), m_ok, d_ok, CHECK_D)
 
 
 @triton.jit
@@ -157,16 +161,20 @@ def _slots(idx: torch.Tensor) -> int:
 
 
 def block_sparse_bwd(dout, q, k, v, out, lse, row_form, col_form, *, block_size: tuple[int, int], causal: bool,
-                     scale: float, dlse: Optional[torch.Tensor] = None, delta: Optional[torch.Tensor] = None):
+                     scale: float, dlse: Optional[torch.Tensor] = None, delta: Optional[torch.Tensor] = None,
+                     dq_acc: Optional[torch.Tensor] = None):
     """dq, dk, dv (q/k/v's dtype and strides) from dout and the saved forward. row_form =
     (kv_num_blocks, kv_indices), col_form = (q_num_blocks, q_indices) of the same mask.
     dlse folds into delta as in flash: dS = P * (dP - (rowsum(dO * O) - dlse)). A caller that
-    has delta = rowsum(dO * O) already (SLA computes it in its recompute) passes it and out=None."""
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    has delta = rowsum(dO * O) already (SLA computes it in its recompute) passes it and out=None.
+    dq_acc: a dq buffer (q's shape and dtype) already holding a contribution; dQ is added to it
+    and it is returned as dq."""
+    dq = dq_acc if dq_acc is not None else torch.empty_like(q)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     batch, heads_q, seq_q, head_dim = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     if batch == 0 or heads_q == 0 or seq_q == 0 or seq_k == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return (dq if dq_acc is not None else dq.zero_()), dk.zero_(), dv.zero_()
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     if delta is None:
@@ -192,5 +200,6 @@ def block_sparse_bwd(dout, q, k, v, out, lse, row_form, col_form, *, block_size:
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *lse.stride(),
         *strides_bhm(kv_num), *strides_bhm(kv_idx),
         seq_q, seq_k, heads_q // heads_kv, scale, scale * LOG2E, SLOTS=_slots(kv_idx), BLOCK_M=tile.block_m,
-        BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages, **common)
+        BLOCK_N=tile.block_n, ACCUM=dq_acc is not None, num_warps=tile.num_warps, num_stages=tile.num_stages,
+        **common)
     return dq, dk, dv

@@ -13,7 +13,7 @@ import torch
 
 from ..block_sparse.backward import block_sparse_bwd
 from . import classify as cls_mod
-from .backward import sla_linear_bwd
+from .backward import sla_linear_bwd, sla_linear_dkdv, sla_linear_dq
 from .delta import sla_delta
 from .forward import sla_fwd, state_precision
 from .row_states import row_states, row_states_enabled
@@ -69,19 +69,23 @@ def sla_forward(q, k, v, out: torch.Tensor, proj_weight: Optional[torch.Tensor],
 PROJECT_CHUNK_BYTES = 64 << 20  # fp32 copy of dO held at once by project_grad
 
 
-def project_grad(dout: torch.Tensor, o_l: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def project_grad(dout: torch.Tensor, o_l: Optional[torch.Tensor], weight: Optional[torch.Tensor]
+                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(G = dO W (B, Hq, Sq, D) fp32 contiguous, dW = sum over rows of dO^T O_l fp32) for a bhsd
-    view dout, in (batch, head-range) chunks, so no fp32 copy of the whole dO is made."""
+    view dout, in (batch, head-range) chunks, so no fp32 copy of the whole dO is made. Without
+    weight G is None; without o_l dW is None."""
     batch, heads, seq_q, d = dout.shape
-    g_all = torch.empty(batch, heads, seq_q, d, dtype=torch.float32, device=dout.device)
-    d_weight = torch.zeros(d, d, dtype=torch.float32, device=dout.device)
-    w = weight.float()
+    g_all = torch.empty(batch, heads, seq_q, d, dtype=torch.float32, device=dout.device) if weight is not None else None
+    d_weight = torch.zeros(d, d, dtype=torch.float32, device=dout.device) if o_l is not None else None
+    w = weight.float() if weight is not None else None
     step = max(1, min(heads, PROJECT_CHUNK_BYTES // max(1, 4 * seq_q * d)))
     for b in range(batch):
         for h0 in range(0, heads, step):
             g = dout[b, h0:h0 + step].float()
-            torch.matmul(g, w, out=g_all[b, h0:h0 + step])
-            d_weight.addmm_(g.reshape(-1, d).transpose(0, 1), o_l[b, h0:h0 + step].reshape(-1, d))
+            if w is not None:
+                torch.matmul(g, w, out=g_all[b, h0:h0 + step])
+            if o_l is not None:
+                d_weight.addmm_(g.reshape(-1, d).transpose(0, 1), o_l[b, h0:h0 + step].reshape(-1, d))
     return g_all, d_weight
 
 
@@ -123,32 +127,48 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
     if rows_hz is None:
         del classes
     kw = dict(block_size=block_size, causal=causal, scale=scale, feature=feature, h=h, z=z, rows_hz=rows_hz)
-    g = d_weight = None
+    d_bias = dout.sum(dim=(0, 1, 2), dtype=torch.float32).to(proj_bias.dtype) if proj_bias is not None else None
+    holder = list(rows_hz) if rows_hz is not None else None  # emptied after the linear dq kernel
+    lin = dict(block_size=block_size, feature=feature)
     if lse is not None and out is not None:
-        o_l = sla_fwd(q, k, v, None, rows, sparse=False, **kw) if linear else None
-        if linear:
-            g, d_weight = project_grad(dout, o_l, proj_weight)
+        # the linear dq kernel runs first: it forms the state sums once, writes O_l and G . O_l
+        # (for dW and delta) and its dq part, which the critical branch's dq then adds to
         out = out if out.stride(-1) == 1 else out.contiguous()
-        delta = sla_delta(dout, out, g, o_l, proj_bias)
-    else:
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-        delta = torch.empty_like(lse)
-        o_l = sla_fwd(q, k, v, None, rows, lse=lse, dout=dout, delta=delta, **kw)
+        dq_acc = dd = d_weight = None
         if linear:
-            g, d_weight = project_grad(dout, o_l, proj_weight)
-    del o_l
+            g = project_grad(dout, None, proj_weight)[0]
+            o_l = torch.empty_like(g)
+            gol = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+            dq_acc = torch.zeros_like(q)
+            del kw, rows_hz
+            dd = sla_linear_dq(q, k, g, h, z, rows, dq_acc, rows_hz=holder, o_l=o_l, gol=gol, **lin)
+            d_weight = project_grad(dout, o_l, None)[1]
+            del o_l
+            delta = sla_delta(dout, out, None, None, proj_bias, gol=gol)
+            del gol
+        else:
+            delta = sla_delta(dout, out, None, None, proj_bias)
+        dq, dk, dv = block_sparse_bwd(dout, q, k, v, None, lse, rows.row_form, cols.row_form, block_size=block_size,
+                                      causal=causal, scale=scale, delta=delta, dq_acc=dq_acc)
+        del lse, delta
+        if not linear:
+            return dq, dk, dv, None, d_bias
+        sla_linear_dkdv(q, k, v, g, dd, rows, cols, dk, dv, classes=classes if holder is not None else None, **lin)
+        return dq, dk, dv, d_weight.to(proj_weight.dtype), d_bias
+    # without the forward's lse: one pass re-walks the critical blocks for lse, delta and O_l
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    delta = torch.empty_like(lse)
+    o_l = sla_fwd(q, k, v, None, rows, lse=lse, dout=dout, delta=delta, **kw)
+    g = d_weight = None
+    if linear:
+        g, d_weight = project_grad(dout, o_l, proj_weight)
+    del o_l, kw, rows_hz
     dq, dk, dv = block_sparse_bwd(dout, q, k, v, None, lse, rows.row_form, cols.row_form,
                                   block_size=block_size, causal=causal, scale=scale, delta=delta)
     del lse, delta
-    d_bias = dout.sum(dim=(0, 1, 2), dtype=torch.float32).to(proj_bias.dtype) if proj_bias is not None else None
     if not linear:
         return dq, dk, dv, None, d_bias
     # G = dO_l; the linear dq kernel turns it into dN in place
-    if rows_hz is None:
-        sla_linear_bwd(q, k, v, g, h, z, rows, cols, dq, dk, dv, block_size=block_size, feature=feature)
-    else:
-        holder = list(rows_hz)  # emptied by sla_linear_bwd after its dq kernel
-        del kw, rows_hz
-        sla_linear_bwd(q, k, v, g, h, z, rows, cols, dq, dk, dv, block_size=block_size, feature=feature,
-                       rows_hz=holder, classes=classes)
+    sla_linear_bwd(q, k, v, g, h, z, rows, cols, dq, dk, dv, rows_hz=holder,
+                   classes=classes if holder is not None else None, **lin)
     return dq, dk, dv, d_weight.to(proj_weight.dtype), d_bias

@@ -53,14 +53,16 @@ def feature_map_vjp(x, phi, dphi, FEAT: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seq_q"])
 def sla_linear_dq_kernel(
-    Q, DN, DD, H, Z, H_TOT, Z_TOT, N_CRIT, N_MARG, IDX, DQ,
+    Q, DN, DD, H, Z, H_TOT, Z_TOT, N_CRIT, N_MARG, IDX, DQ, OL, GOL,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     seq_q, group, num_qb, num_kb, eps,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HC: tl.constexpr, FEAT: tl.constexpr, LIN_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, ROW_STATES: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, ROW_STATES: tl.constexpr, WITH_OL: tl.constexpr,
 ):
-    """Grid (query tiles, query heads, batch). With ROW_STATES, H and Z are the query blocks'
+    """Grid (query tiles, query heads, batch). WITH_OL: also writes O_l into OL (B, Hq, Sq, D)
+    and G . O_l per row into GOL (B, Hq, Sq), fp32 contiguous, for dW and delta (so the backward
+    needs no separate O_l pass; the state sums are formed once). With ROW_STATES, H and Z are the query blocks'
     marginal sums (row_states.py) and H_TOT, Z_TOT unused. DN (B, Hq, Sq, D) fp32 contiguous
     holds G = dO W
     on entry and dN on exit (each program rewrites only its own rows); DD (B, Hq, Sq) fp32;
@@ -93,19 +95,30 @@ def sla_linear_dq_kernel(
     # t = G H^T, summed over H's column chunks (dn = G / den is a per-row scaling of G)
     t = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     b_z = tl.zeros([D_PAD], dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c0 in tl.static_range(0, D_PAD, HC):
         b_h, b_z = query_block_state(H, Z, H_TOT, Z_TOT, idx_row, row_id, n_crit, n_marg, kv_slab, num_kb, c0,
                                      offs_d, offs_c, d_ok, HEAD_DIM, ROW_STATES)
         cols = c0 + offs_c
-        g_c = tl.load(dn_rows + cols[None, :], mask=m_ok[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+        c_mask = m_ok[:, None] & (cols < HEAD_DIM)[None, :]
+        g_c = tl.load(dn_rows + cols[None, :], mask=c_mask, other=0.0)
         t = tl.dot(g_c, tl.trans(b_h), t, input_precision=LIN_PREC)
+        if WITH_OL:  # O_l's columns as the forward forms them (0 where the denominator is 0)
+            if c0 == 0:
+                den = tl.sum(phi_q * b_z[None, :], 1) + eps
+            num = tl.dot(phi_q, b_h, input_precision=LIN_PREC)
+            o_l = tl.where(den[:, None] == 0.0, 0.0, num / tl.where(den == 0.0, 1.0, den)[:, None])
+            tl.store(OL + rows[:, None] * HEAD_DIM + cols[None, :], o_l, mask=c_mask)
     den = tl.sum(phi_q * b_z[None, :], 1) + eps
     # a block with no marginal key feeds no key block: its dN (~ 1 / eps) must not enter the
     # column totals, where the pre-aggregation would subtract it again (catastrophic cancellation)
     zero = (den == 0.0) | (n_marg == 0)
     inv = tl.where(zero, 0.0, 1.0 / tl.where(zero, 1.0, den))
     t = t * inv[:, None]
-    dd = -tl.sum(phi_q * t, 1) * inv
+    gol = tl.sum(phi_q * t, 1)  # = G . O_l (phi(q) . G H^T / den)
+    dd = -gol * inv
+    if WITH_OL:
+        tl.store(GOL + rows, gol, mask=m_ok)
     dphi = t + dd[:, None] * b_z[None, :]
     dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     dq = tl.load(dq_ptrs, mask=tile_mask, other=0.0).to(tl.float32) + feature_map_vjp(x, phi_q, dphi, FEAT)
@@ -281,20 +294,41 @@ def sla_linear_dkdv_kernel(
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=tile_mask)
 
 
-def sla_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
-                   z: torch.Tensor, rows: BlockIndex, cols: BlockIndex, dq: torch.Tensor, dk: torch.Tensor,
-                   dv: torch.Tensor, *, block_size: tuple[int, int], feature: str,
-                   rows_hz: Optional[list] = None, classes: Optional[torch.Tensor] = None) -> None:
-    """Add the linear branch's gradients to dq, dk, dv (bhsd views of q/k/v's dtype, holding the
-    critical branch's). g = dO W (B, Hq, Sq, D) fp32 contiguous is overwritten with dN.
-    h, z: the forward's key-block states. Allocates (bytes, fp32) 4 * B * Hq * Sq for dd,
-    4 * B * Hq * (TOTAL_SPLITS + 1) * (D * D + D) for the totals, and h, z's sums over blocks.
+def sla_linear_dq(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, h: torch.Tensor, z: torch.Tensor,
+                  rows: BlockIndex, dq: torch.Tensor, *, block_size: tuple[int, int], feature: str,
+                  rows_hz: Optional[list] = None, o_l: Optional[torch.Tensor] = None,
+                  gol: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The linear branch's query side: adds dphi(q)'s vjp to dq (a bhsd view of q's dtype),
+    turns g = dO W (B, Hq, Sq, D fp32 contiguous) into dN in place and returns dd (B, Hq, Sq)
+    fp32. With o_l and gol (fp32, (B, Hq, Sq, D) and (B, Hq, Sq)) also writes O_l and G . O_l.
+    rows_hz: as in sla_linear_bwd (emptied here after the kernel)."""
+    batch, heads_q, seq_q, d = q.shape
+    heads_kv = k.shape[1]
+    bm, bn = block_size
+    mq, mk = rows.idx.shape[2], rows.idx.shape[3]
+    d_pad = padded(d)
+    by_rows = rows_hz is not None
+    dd = torch.empty(batch, heads_q, seq_q, dtype=torch.float32, device=q.device)
+    tile = launch_config(bm, bn, d, "linear", q.element_size())
+    hq, zq, ht, zt = (*rows_hz, q, q) if by_rows else (h, z, h.sum(2), z.sum(2))
+    with_ol = o_l is not None
+    sla_linear_dq_kernel[(triton.cdiv(seq_q, tile.block_m), heads_q, batch)](
+        q, g, dd, hq, zq, ht, zt, rows.n_crit, rows.n_marg, rows.idx, dq, o_l if with_ol else g,
+        gol if with_ol else dd, *q.stride(), *dq.stride(),
+        seq_q, heads_q // heads_kv, mq, mk, LINEAR_EPS, BLOCK_M=tile.block_m, ROW_STATES=by_rows,
+        WITH_OL=with_ol, num_warps=tile.num_warps, num_stages=tile.num_stages, HEAD_DIM=d, D_PAD=d_pad,
+        HC=state_chunk(d_pad), FEAT=FEATURE_IDS[feature], LIN_PREC=state_precision(q.dtype), MASK_M=bm)
+    del hq, zq, ht, zt
+    if by_rows:
+        rows_hz.clear()
+    return dd
 
-    Row-states path (row_states.py): rows_hz = [H_i, Z_i], the query blocks' marginal sums, a
-    list this call empties after the dq kernel (so that memory can go), and classes, the int8
-    block map. The dq kernel reads H_i, Z_i; then dH_i = phi(Q_i)^T dN_i, dZ_i per query block
-    (B*Hq*Mq*(D*D + D)*4 bytes), their transposed masked sums per key block
-    (B*Hkv*Mk*(D*D + D)*4 bytes), which the dk/dv kernel reads instead of folding query blocks."""
+
+def sla_linear_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dn: torch.Tensor, dd: torch.Tensor,
+                    rows: BlockIndex, cols: BlockIndex, dk: torch.Tensor, dv: torch.Tensor, *,
+                    block_size: tuple[int, int], feature: str, classes: Optional[torch.Tensor] = None) -> None:
+    """The linear branch's key side, from sla_linear_dq's dN and dd: adds to dk, dv. classes
+    (the int8 block map) selects the row-states path (row_states.column_states)."""
     batch, heads_q, seq_q, d = q.shape
     heads_kv, seq_k = k.shape[1], k.shape[2]
     bm, bn = block_size
@@ -303,25 +337,14 @@ def sla_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     prec = state_precision(q.dtype)
     common = dict(HEAD_DIM=d, D_PAD=d_pad, HC=state_chunk(d_pad), FEAT=FEATURE_IDS[feature], LIN_PREC=prec,
                   MASK_M=bm)
-    by_rows = rows_hz is not None
-    if by_rows and classes is None:
-        raise ValueError("sla_linear_bwd: the row-states path needs classes (the int8 block map)")
-    dd = torch.empty(batch, heads_q, seq_q, dtype=torch.float32, device=q.device)
+    by_rows = classes is not None
     tile = launch_config(bm, bn, d, "linear", q.element_size())
-    hq, zq, ht, zt = (*rows_hz, q, q) if by_rows else (h, z, h.sum(2), z.sum(2))
-    sla_linear_dq_kernel[(triton.cdiv(seq_q, tile.block_m), heads_q, batch)](
-        q, g, dd, hq, zq, ht, zt, rows.n_crit, rows.n_marg, rows.idx, dq, *q.stride(), *dq.stride(),
-        seq_q, heads_q // heads_kv, mq, mk, LINEAR_EPS, BLOCK_M=tile.block_m, ROW_STATES=by_rows,
-        num_warps=tile.num_warps, num_stages=tile.num_stages, **common)
-    del hq, zq, ht, zt
-    if by_rows:
-        rows_hz.clear()
     # per-head totals split in parts (or, on the row-states path, one part per query block)
     splits = mq if by_rows else min(TOTAL_SPLITS, triton.cdiv(seq_q, tile.block_m))
     dh_part = torch.empty(batch, heads_q, splits, d, d, dtype=torch.float32, device=q.device)
     dz_part = torch.empty(batch, heads_q, splits, d, dtype=torch.float32, device=q.device)
     sla_linear_total_kernel[(splits, heads_q, batch)](
-        q, g, dd, dh_part, dz_part, *q.stride(), seq_q, mq, BLOCK_M=tile.block_m, PER_BLOCK=by_rows,
+        q, dn, dd, dh_part, dz_part, *q.stride(), seq_q, mq, BLOCK_M=tile.block_m, PER_BLOCK=by_rows,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **common)
     if by_rows:
         dh_in, dz_in = column_states(classes, dh_part, dz_part, heads_kv, prec)
@@ -330,7 +353,29 @@ def sla_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     del dh_part, dz_part
     tile_k = launch_config(bm, bn, d, "linear_k", q.element_size())
     sla_linear_dkdv_kernel[(triton.cdiv(seq_k, tile_k.block_n), heads_kv, batch)](
-        q, k, v, g, dd, dh_in, dz_in, cols.n_crit, cols.n_marg, cols.idx, dk, dv,
+        q, k, v, dn, dd, dh_in, dz_in, cols.n_crit, cols.n_marg, cols.idx, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),
         seq_q, seq_k, heads_q // heads_kv, mq, mk, BLOCK_M=tile_k.block_m, BLOCK_N=tile_k.block_n, MASK_N=bn,
         ROW_STATES=by_rows, num_warps=tile_k.num_warps, num_stages=tile_k.num_stages, **common)
+
+
+def sla_linear_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
+                   z: torch.Tensor, rows: BlockIndex, cols: BlockIndex, dq: torch.Tensor, dk: torch.Tensor,
+                   dv: torch.Tensor, *, block_size: tuple[int, int], feature: str,
+                   rows_hz: Optional[list] = None, classes: Optional[torch.Tensor] = None) -> None:
+    """Add the linear branch's gradients to dq, dk, dv (bhsd views of q/k/v's dtype, holding the
+    critical branch's): sla_linear_dq, then sla_linear_dkdv. g = dO W (B, Hq, Sq, D) fp32
+    contiguous is overwritten with dN. h, z: the forward's key-block states. Allocates (bytes,
+    fp32) 4 * B * Hq * Sq for dd, 4 * B * Hq * (TOTAL_SPLITS + 1) * (D * D + D) for the totals,
+    and h, z's sums over blocks.
+
+    Row-states path (row_states.py): rows_hz = [H_i, Z_i], the query blocks' marginal sums, a
+    list emptied after the dq kernel (so that memory can go), and classes, the int8 block map.
+    The dq kernel reads H_i, Z_i; then dH_i = phi(Q_i)^T dN_i, dZ_i per query block
+    (B*Hq*Mq*(D*D + D)*4 bytes), their transposed masked sums per key block
+    (B*Hkv*Mk*(D*D + D)*4 bytes), which the dk/dv kernel reads instead of folding query blocks."""
+    if rows_hz is not None and classes is None:
+        raise ValueError("sla_linear_bwd: the row-states path needs classes (the int8 block map)")
+    dd = sla_linear_dq(q, k, g, h, z, rows, dq, block_size=block_size, feature=feature, rows_hz=rows_hz)
+    sla_linear_dkdv(q, k, v, g, dd, rows, cols, dk, dv, block_size=block_size, feature=feature,
+                    classes=classes if rows_hz is not None else None)

@@ -19,16 +19,16 @@ from .classify import padded
 
 @triton.jit(do_not_specialize=["seq_q"])
 def sla_delta_kernel(
-    DO, OUT, G, OL, BIAS, DELTA,
+    DO, OUT, G, OL, GOL, BIAS, DELTA,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_ob, stride_oh, stride_om, stride_od,
     seq_q,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, LINEAR: tl.constexpr, HAS_GOL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Grid (query tiles, query heads, batch). DO, OUT: bhsd strides, any float dtype; G, OL
-    (B, Hq, Sq, D) fp32 contiguous (read with LINEAR); BIAS (D,) (read with HAS_BIAS); DELTA
-    (B, Hq, Sq) fp32 contiguous."""
+    (B, Hq, Sq, D) fp32 contiguous (read with LINEAR), or GOL (B, Hq, Sq) fp32 = G . O_l per
+    row already (HAS_GOL); BIAS (D,) (read with HAS_BIAS); DELTA (B, Hq, Sq) fp32 contiguous."""
     pid_m = tl.program_id(0)
     h64 = tl.program_id(1).to(tl.int64)
     b64 = tl.program_id(2).to(tl.int64)
@@ -51,13 +51,16 @@ def sla_delta_kernel(
         b_g = tl.load(G + ptrs, mask=tile_mask, other=0.0)
         b_ol = tl.load(OL + ptrs, mask=tile_mask, other=0.0)
         delta -= tl.sum(b_g * b_ol, 1)
+    if HAS_GOL:
+        delta -= tl.load(GOL + rows, mask=m_ok, other=0.0)
     tl.store(DELTA + rows, delta, mask=m_ok)
 
 
 def sla_delta(dout: torch.Tensor, out: torch.Tensor, g: Optional[torch.Tensor], o_l: Optional[torch.Tensor],
-              bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """delta (B, Hq, Sq) fp32 for bhsd views dout, out (unit last stride); g = dO W and O_l
-    (fp32, contiguous) for the linear branch, or both None; bias (D,) or None."""
+              bias: Optional[torch.Tensor], gol: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """delta (B, Hq, Sq) fp32 for bhsd views dout, out (unit last stride); for the linear branch
+    g = dO W and O_l (fp32, contiguous), or gol = G . O_l per row (fp32 (B, Hq, Sq)), or neither;
+    bias (D,) or None."""
     batch, heads, seq_q, d = out.shape
     delta = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=out.device)
     if delta.numel() == 0:
@@ -66,7 +69,8 @@ def sla_delta(dout: torch.Tensor, out: torch.Tensor, g: Optional[torch.Tensor], 
     d_pad = padded(d)
     block_m = max(16, min(128, 8192 // d_pad))
     sla_delta_kernel[(triton.cdiv(seq_q, block_m), heads, batch)](
-        dout, out, g if linear else out, o_l if linear else out, bias if bias is not None else out, delta,
+        dout, out, g if linear else out, o_l if linear else out, gol if gol is not None else delta,
+        bias if bias is not None else out, delta,
         *dout.stride(), *out.stride(), seq_q,
-        HEAD_DIM=d, D_PAD=d_pad, LINEAR=linear, HAS_BIAS=bias is not None, BLOCK_M=block_m, num_warps=4)
+        HEAD_DIM=d, D_PAD=d_pad, LINEAR=linear, HAS_GOL=gol is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, num_warps=4)
     return delta
