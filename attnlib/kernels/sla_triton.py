@@ -9,9 +9,9 @@ Tiles are the classification blocks (BLOCK_M = bq, BLOCK_N = bk): powers of two 
 per side. The D x D states live in registers, so head dims go up to 128 (multiples of 8, padded
 inside); value and query/key head dims must be equal. When a backward will follow, the forward
 returns the critical blocks' lse and the op keeps it with the output (options.AUX_LSE); the
-backward re-forms the block map and key-block states, recomputes O_l without the critical
-blocks and forms delta from the saved output; it stores no D x D state per query block (memory
-formula in triton_kernels/sla/attention.py: sla_backward).
+backward re-forms the block map and key-block states, forms O_l in its linear dq kernel (no
+second pass over the states) and delta from the saved output; it stores no D x D state per
+query block (memory formula in triton_kernels/sla/attention.py: sla_backward).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """SLA forward and backward orchestration: classification, key-block preprocess, the fused
 forward with its projection epilogue (out = O_s + O_l W^T + b written once by the kernel), and
-the backward (the block map and key-block states re-formed, O_l recomputed, delta from the saved
-output and the critical blocks' lse kept by the forward, block_sparse's backward for the
-critical branch, the linear-branch kernels adding into its dq, dk, dv, and dW = sum dO^T O_l,
-db = sum dO)."""
+the backward (the block map and key-block states re-formed; the linear-branch dq kernel first,
+writing O_l and G . O_l; delta from the saved output; block_sparse's backward for the critical
+branch with the critical blocks' lse kept by the forward, adding to that dq; the linear-branch
+dk/dv kernels; dW = sum dO^T O_l, db = sum dO)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -96,11 +96,12 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
 
     The block map and the key-block states h, z are re-formed (no N x N work). With the forward's
     out and the critical blocks' lse (sla_forward(with_lse=True)), the critical branch is not
-    walked again: O_l alone is recomputed (the forward kernel without its sparse loop) and
-    delta = rowsum(dO * O_s) comes from out (triton_kernels/sla/delta.py). Without them, one
-    pass re-walks the critical blocks for lse and delta (and O_l). Nothing D x D is kept per query
-    block. Memory it allocates beyond dq, dk, dv, dW, db, in bytes, with Mq = ceil(Sq/bq),
-    Mk = ceil(Sk/bk) and P = backward.TOTAL_SPLITS:
+    walked again, and the linear branch's dq kernel runs first: it forms each query block's
+    state sums once and writes O_l (for dW) and G . O_l per row, so delta = rowsum(dO * out) -
+    G . O_l - dO . b (triton_kernels/sla/delta.py); the critical branch's dq then adds to its dq.
+    Without them, one pass re-walks the critical blocks for lse, delta and O_l first. Nothing
+    D x D is kept per query block. Memory it allocates beyond dq, dk, dv, dW, db, in bytes, with
+    Mq = ceil(Sq/bq), Mk = ceil(Sk/bk) and P = backward.TOTAL_SPLITS:
       classification  B*Hkv*Mk*4*D (pooled K) + B*Hq*Mq*Mk*(4 + 1 + 2 * 4) (scores, map, row and
                       column index forms) + the sort's temporaries (B*Hq*Mq*Mk*8, transient)
       states          B*Hkv*Mk*4*(D*D + D) (h, z) + B*Hkv*4*(D*D + D) (their sums)

@@ -294,6 +294,15 @@ def sla_linear_dkdv_kernel(
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=tile_mask)
 
 
+def _dq_block_m(block_m: int, d_pad: int, elem: int, with_ol: bool, by_rows: bool) -> int:
+    """Query rows per program of the linear dq kernel. Writing O_l as well holds phi(Q), t and a
+    second product: on sm_90 at hd128 (16-bit, 8 warps) 64 rows spilled 152 B; 32 rows fit, except
+    on the row-states path (352 B), where 16 rows fit."""
+    if with_ol and elem == 2 and d_pad >= 128:
+        return min(block_m, 16 if by_rows else 32)
+    return block_m
+
+
 def sla_linear_dq(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, h: torch.Tensor, z: torch.Tensor,
                   rows: BlockIndex, dq: torch.Tensor, *, block_size: tuple[int, int], feature: str,
                   rows_hz: Optional[list] = None, o_l: Optional[torch.Tensor] = None,
@@ -312,10 +321,11 @@ def sla_linear_dq(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, h: torch.Te
     tile = launch_config(bm, bn, d, "linear", q.element_size())
     hq, zq, ht, zt = (*rows_hz, q, q) if by_rows else (h, z, h.sum(2), z.sum(2))
     with_ol = o_l is not None
-    sla_linear_dq_kernel[(triton.cdiv(seq_q, tile.block_m), heads_q, batch)](
+    block_m = _dq_block_m(tile.block_m, d_pad, q.element_size(), with_ol, by_rows)
+    sla_linear_dq_kernel[(triton.cdiv(seq_q, block_m), heads_q, batch)](
         q, g, dd, hq, zq, ht, zt, rows.n_crit, rows.n_marg, rows.idx, dq, o_l if with_ol else g,
         gol if with_ol else dd, *q.stride(), *dq.stride(),
-        seq_q, heads_q // heads_kv, mq, mk, LINEAR_EPS, BLOCK_M=tile.block_m, ROW_STATES=by_rows,
+        seq_q, heads_q // heads_kv, mq, mk, LINEAR_EPS, BLOCK_M=block_m, ROW_STATES=by_rows,
         WITH_OL=with_ol, num_warps=tile.num_warps, num_stages=tile.num_stages, HEAD_DIM=d, D_PAD=d_pad,
         HC=state_chunk(d_pad), FEAT=FEATURE_IDS[feature], LIN_PREC=state_precision(q.dtype), MASK_M=bm)
     del hq, zq, ht, zt
