@@ -72,5 +72,6 @@ def sla_delta(dout: torch.Tensor, out: torch.Tensor, g: Optional[torch.Tensor], 
         dout, out, g if linear else out, o_l if linear else out, gol if gol is not None else delta,
         bias if bias is not None else out, delta,
         *dout.stride(), *out.stride(), seq_q,
-        HEAD_DIM=d, D_PAD=d_pad, LINEAR=linear, HAS_GOL=gol is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, num_warps=4)
+        HEAD_DIM=d, D_PAD=d_pad, LINEAR=linear, HAS_GOL=gol is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, num_warps=4)
     return delta

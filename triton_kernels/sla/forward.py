@@ -12,9 +12,9 @@ with its tiles (block_sparse.configs: fp32 runs tiles smaller than the block).
 
 H_i is formed and applied in column chunks of at most 64 (D x 64 fp32 at a time), which keeps
 the kernel inside H100 shared memory at hd128 without spills; fp16/bf16 inputs meet the fp32
-states with tf32 dots, fp32 inputs with tf32x3. The backward runs the same kernel without the
-critical blocks (SPARSE=False) to recompute O_l, or, when the forward's lse was not kept, with
-them, writing lse and delta = rowsum(dO * O_s) instead of O_s.
+states with tf32 dots, fp32 inputs with tf32x3. When the forward's lse was not kept, the
+backward runs the same kernel to re-walk the critical blocks, writing lse and
+delta = rowsum(dO * O_s) instead of O_s.
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def sla_fwd_kernel(
     stride_lb, stride_lh, stride_lm,
     seq_q, seq_k, group, num_qb, num_kb, qk_scale, eps,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HC: tl.constexpr, FEAT: tl.constexpr, CAUSAL: tl.constexpr,
-    LINEAR: tl.constexpr, SPARSE: tl.constexpr, STORE_LSE: tl.constexpr, WITH_DELTA: tl.constexpr,
+    LINEAR: tl.constexpr, STORE_LSE: tl.constexpr, WITH_DELTA: tl.constexpr,
     ROW_STATES: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
     LIN_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr,
     MASK_N: tl.constexpr, SLOTS: tl.constexpr,
@@ -149,13 +149,12 @@ def sla_fwd_kernel(
     start_m // MASK_M. OS: the sparse output (any float dtype, bhsd strides), written unless
     WITH_DELTA, which instead writes DELTA = rowsum(DO * O_s) (B, Hq, Sq) fp32 (LSE's strides)
     from the fp32 O_s (the backward's recompute: O_s is never stored). OL (B, Hq, Sq, D) fp32
-    contiguous, written with LINEAR; LSE (B, Hq, Sq) fp32 with STORE_LSE. Without SPARSE only
-    O_l is written (the backward's linear-branch recompute). With ROW_STATES, H and Z hold each
+    contiguous, written with LINEAR; LSE (B, Hq, Sq) fp32 with STORE_LSE. With ROW_STATES, H and Z hold each
     query block's marginal sums (row_states.py; B, Hq, Mq, D[, D]) and H_TOT, Z_TOT are unused;
     otherwise H, Z
     (B, Hkv, Mk, D[, D]) and H_TOT, Z_TOT (B, Hkv, D[, D]) fp32 contiguous; N_CRIT, N_MARG
     (B, Hq, Mq), IDX (B, Hq, Mq, Mk) int32 contiguous (classify.class_index).
-    PROJ (with LINEAR and SPARSE): the epilogue writes OS = O_s + O_l W^T (+ BIAS with HAS_BIAS)
+    PROJ (with LINEAR): the epilogue writes OS = O_s + O_l W^T (+ BIAS with HAS_BIAS)
     and OL is not written; W (D, D) contiguous, BIAS (D,), any float dtype."""
     b64, h64, kvh64, start_m, mask_row, offs_m, offs_n, offs_d, m_ok, d_ok = query_tile(
         group, seq_q, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, MASK_M)
@@ -168,47 +167,46 @@ def sla_fwd_kernel(
     q_ptrs = (Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
     b_q = load_tile(q_ptrs, m_ok, d_ok, True, CHECK_D)
 
-    if LINEAR:  # with PROJ, lin = O_l W^T; else O_l to OL (the backward's recompute)
+    if LINEAR:  # with PROJ, lin = O_l W^T; else O_l to OL (the backward's re-walk)
         lin = linear_branch(tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32), b_q, H, Z, H_TOT, Z_TOT, W, OL, N_MARG,
                             idx_row, row_id, n_crit, b64, h64, kvh64, heads, group, seq_q, num_kb, eps, offs_m,
                             offs_d, m_ok, d_ok, HEAD_DIM, D_PAD, HC, FEAT, LIN_PREC, ROW_STATES, PROJ)
 
-    if SPARSE:
-        # critical blocks: block_sparse's main loop over the list's first n_crit entries
-        k_base, v_base = kv_tile_bases(K, V, b64, kvh64, offs_n, offs_d, stride_kb, stride_kh, stride_kn,
-                                       stride_kd, stride_vb, stride_vh, stride_vn, stride_vd)
-        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        diag = seq_k - seq_q
-        full_end, hi = query_key_range(start_m, seq_q, seq_k, BLOCK_M, MASK_N, CAUSAL)
-        n_full = count_listed_below(idx_row, n_crit, full_end, MASK_N, SLOTS)
-        n_vis = count_listed_below(idx_row, n_crit, hi, MASK_N, SLOTS)
-        acc, l_i, m_i = attend_listed(acc, l_i, m_i, b_q, idx_row, 0, n_full, k_base, v_base, stride_kn,
-                                      stride_vn, offs_m, offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, False, CAUSAL,
-                                      PREC, BLOCK_N, MASK_N)
-        acc, l_i, m_i = attend_listed(acc, l_i, m_i, b_q, idx_row, n_full, n_vis, k_base, v_base, stride_kn,
-                                      stride_vn, offs_m, offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, True, CAUSAL,
-                                      PREC, BLOCK_N, MASK_N)
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        o_s = acc / l_safe[:, None]
-        lse_off = b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm
-        if WITH_DELTA:
-            b_do = load_tile(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
-                             + offs_d[None, :] * stride_dod, m_ok, d_ok, True, CHECK_D)
-            tl.store(DELTA + lse_off, tl.sum(b_do.to(tl.float32) * o_s, 1), mask=m_ok)
-        else:
-            if PROJ:
-                o_s += lin
-            if HAS_BIAS:
-                o_s += tl.load(BIAS + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-            o_ptrs = (OS + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om
-                      + offs_d[None, :] * stride_od)
-            store_tile(o_ptrs, o_s.to(OS.dtype.element_ty), m_ok, d_ok, CHECK_D)
-        if STORE_LSE:
-            lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-            tl.store(LSE + lse_off, lse, mask=m_ok)
+    # critical blocks: block_sparse's main loop over the list's first n_crit entries
+    k_base, v_base = kv_tile_bases(K, V, b64, kvh64, offs_n, offs_d, stride_kb, stride_kh, stride_kn,
+                                   stride_kd, stride_vb, stride_vh, stride_vn, stride_vd)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    diag = seq_k - seq_q
+    full_end, hi = query_key_range(start_m, seq_q, seq_k, BLOCK_M, MASK_N, CAUSAL)
+    n_full = count_listed_below(idx_row, n_crit, full_end, MASK_N, SLOTS)
+    n_vis = count_listed_below(idx_row, n_crit, hi, MASK_N, SLOTS)
+    acc, l_i, m_i = attend_listed(acc, l_i, m_i, b_q, idx_row, 0, n_full, k_base, v_base, stride_kn,
+                                  stride_vn, offs_m, offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, False, CAUSAL,
+                                  PREC, BLOCK_N, MASK_N)
+    acc, l_i, m_i = attend_listed(acc, l_i, m_i, b_q, idx_row, n_full, n_vis, k_base, v_base, stride_kn,
+                                  stride_vn, offs_m, offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, True, CAUSAL,
+                                  PREC, BLOCK_N, MASK_N)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o_s = acc / l_safe[:, None]
+    lse_off = b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm
+    if WITH_DELTA:
+        b_do = load_tile(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
+                         + offs_d[None, :] * stride_dod, m_ok, d_ok, True, CHECK_D)
+        tl.store(DELTA + lse_off, tl.sum(b_do.to(tl.float32) * o_s, 1), mask=m_ok)
+    else:
+        if PROJ:
+            o_s += lin
+        if HAS_BIAS:
+            o_s += tl.load(BIAS + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        o_ptrs = (OS + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om
+                  + offs_d[None, :] * stride_od)
+        store_tile(o_ptrs, o_s.to(OS.dtype.element_ty), m_ok, d_ok, CHECK_D)
+    if STORE_LSE:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        tl.store(LSE + lse_off, lse, mask=m_ok)
 
 
 def slots(num_kb: int) -> int:
@@ -230,12 +228,12 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
             *, block_size: tuple[int, int], causal: bool, scale: float, feature: str,
             h: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
             lse: Optional[torch.Tensor] = None, dout: Optional[torch.Tensor] = None,
-            delta: Optional[torch.Tensor] = None, sparse: bool = True,
+            delta: Optional[torch.Tensor] = None,
             rows_hz: Optional[tuple[torch.Tensor, torch.Tensor]] = None, weight: Optional[torch.Tensor] = None,
             bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Launch the fused forward on bhsd views (unit last stride). Writes out_sparse, or with dout
     and delta (the backward's recompute) delta = rowsum(dout * O_s) instead; lse (B, Hq, Sq) fp32
-    when given. sparse=False skips the critical blocks: only O_l is computed. rows_hz: each query
+    when given. rows_hz: each query
     block's marginal sums (row_states.row_states), used instead of pre-aggregating h, z per tile.
     weight (D, D), bias (D,): out_sparse receives O_s + O_l W^T + b instead of O_s (weight needs
     the linear branch; then O_l is not returned).
@@ -247,8 +245,8 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
     mq, mk = index.idx.shape[2], index.idx.shape[3]
     linear = h is not None
     proj = weight is not None
-    if (proj or bias is not None) and (not sparse or delta is not None or (proj and not linear)):
-        raise ValueError("sla_fwd: the projection epilogue needs the sparse forward (and h, z for weight)")
+    if (proj or bias is not None) and (delta is not None or (proj and not linear)):
+        raise ValueError("sla_fwd: the projection epilogue writes out_sparse (not delta) and needs h, z for weight")
     o_l = (torch.empty(batch, heads_q, seq_q, head_dim, dtype=torch.float32, device=q.device)
            if linear and not proj else None)
     if batch == 0 or heads_q == 0 or seq_q == 0:
@@ -260,10 +258,8 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
     else:
         h_tot, z_tot = (h.sum(2), z.sum(2)) if linear else (None, None)
     with_delta = delta is not None
-    if not sparse and (out_sparse is not None or lse is not None or with_delta or not linear):
-        raise ValueError("sla_fwd(sparse=False) computes O_l only: pass h, z and no out_sparse, lse or delta")
     dummy = q
-    os_arg = out_sparse if (sparse and not with_delta) else dummy
+    os_arg = dummy if with_delta else out_sparse
     stats = lse if lse is not None else delta
     tile = launch_config(bm, bn, head_dim, "sla_fwd", q.element_size())
     d_pad = padded(head_dim)
@@ -282,7 +278,7 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
         *(stats.stride() if stats is not None else (0, 0, 0)),
         seq_q, seq_k, heads_q // k.shape[1], mq, mk, scale * LOG2E, LINEAR_EPS,
         HEAD_DIM=head_dim, D_PAD=d_pad, HC=state_chunk(d_pad), FEAT=FEATURE_IDS[feature], CAUSAL=causal,
-        LINEAR=linear, SPARSE=sparse, STORE_LSE=lse is not None, WITH_DELTA=with_delta, ROW_STATES=use_rows,
+        LINEAR=linear, STORE_LSE=lse is not None, WITH_DELTA=with_delta, ROW_STATES=use_rows,
         PROJ=proj, HAS_BIAS=bias is not None,
         PREC=dot_precision(q.dtype),
         LIN_PREC=state_precision(q.dtype), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, MASK_M=bm, MASK_N=bn,
