@@ -145,10 +145,10 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
             dd = sla_linear_dq(q, k, g, h, z, rows, dq_acc, rows_hz=holder, o_l=o_l, gol=gol, **lin)
             d_weight = project_grad(dout, o_l, None)[1]
             del o_l
-            delta = sla_delta(dout, out, None, None, proj_bias, gol=gol)
+            delta = sla_delta(dout, out, proj_bias, gol=gol)
             del gol
         else:
-            delta = sla_delta(dout, out, None, None, proj_bias)
+            delta = sla_delta(dout, out, proj_bias)
         dq, dk, dv = block_sparse_bwd(dout, q, k, v, None, lse, rows.row_form, cols.row_form, block_size=block_size,
                                       causal=causal, scale=scale, delta=delta, dq_acc=dq_acc)
         del lse, delta

@@ -109,6 +109,7 @@ def sla_linear_dq_kernel(
             num = tl.dot(phi_q, b_h, input_precision=LIN_PREC)
             o_l = tl.where(den[:, None] == 0.0, 0.0, num / tl.where(den == 0.0, 1.0, den)[:, None])
             tl.store(OL + rows[:, None] * HEAD_DIM + cols[None, :], o_l, mask=c_mask)
+    # formed again rather than kept live through the loop: that spilled 16 B at hd128 on sm_90
     den = tl.sum(phi_q * b_z[None, :], 1) + eps
     # a block with no marginal key feeds no key block: its dN (~ 1 / eps) must not enter the
     # column totals, where the pre-aggregation would subtract it again (catastrophic cancellation)

@@ -2,7 +2,8 @@
 critical blocks.
 
 The op returns out = O_s + O_l W^T + b, so O_s = out - O_l W^T - b and, with G = dO W,
-  delta_r = dO_r . out_r - G_r . O_l,r - dO_r . b.
+  delta_r = dO_r . out_r - G_r . O_l,r - dO_r . b,
+where G_r . O_l,r comes per row from the linear branch's dq kernel (sla_linear_dq).
 FlashAttention-2 forms delta from its saved (16-bit) output the same way; here the saved output
 also carries the linear branch and the bias, which are subtracted again in fp32.
 """
@@ -19,16 +20,16 @@ from .classify import padded
 
 @triton.jit(do_not_specialize=["seq_q"])
 def sla_delta_kernel(
-    DO, OUT, G, OL, GOL, BIAS, DELTA,
+    DO, OUT, GOL, BIAS, DELTA,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_ob, stride_oh, stride_om, stride_od,
     seq_q,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, LINEAR: tl.constexpr, HAS_GOL: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_GOL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    """Grid (query tiles, query heads, batch). DO, OUT: bhsd strides, any float dtype; G, OL
-    (B, Hq, Sq, D) fp32 contiguous (read with LINEAR), or GOL (B, Hq, Sq) fp32 = G . O_l per
-    row already (HAS_GOL); BIAS (D,) (read with HAS_BIAS); DELTA (B, Hq, Sq) fp32 contiguous."""
+    """Grid (query tiles, query heads, batch). DO, OUT: bhsd strides, any float dtype; GOL
+    (B, Hq, Sq) fp32 = G . O_l per row (read with HAS_GOL); BIAS (D,) (read with HAS_BIAS);
+    DELTA (B, Hq, Sq) fp32 contiguous."""
     pid_m = tl.program_id(0)
     h64 = tl.program_id(1).to(tl.int64)
     b64 = tl.program_id(2).to(tl.int64)
@@ -46,32 +47,24 @@ def sla_delta_kernel(
         b_out -= tl.load(BIAS + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     delta = tl.sum(b_do * b_out, 1)
     rows = (b64 * heads + h64) * seq_q + offs_m
-    if LINEAR:
-        ptrs = rows[:, None] * HEAD_DIM + offs_d[None, :]
-        b_g = tl.load(G + ptrs, mask=tile_mask, other=0.0)
-        b_ol = tl.load(OL + ptrs, mask=tile_mask, other=0.0)
-        delta -= tl.sum(b_g * b_ol, 1)
     if HAS_GOL:
         delta -= tl.load(GOL + rows, mask=m_ok, other=0.0)
     tl.store(DELTA + rows, delta, mask=m_ok)
 
 
-def sla_delta(dout: torch.Tensor, out: torch.Tensor, g: Optional[torch.Tensor], o_l: Optional[torch.Tensor],
-              bias: Optional[torch.Tensor], gol: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """delta (B, Hq, Sq) fp32 for bhsd views dout, out (unit last stride); for the linear branch
-    g = dO W and O_l (fp32, contiguous), or gol = G . O_l per row (fp32 (B, Hq, Sq)), or neither;
-    bias (D,) or None."""
+def sla_delta(dout: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor],
+              gol: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """delta (B, Hq, Sq) fp32 for bhsd views dout, out (unit last stride); gol = G . O_l per row
+    (fp32 (B, Hq, Sq)) with the linear branch, else None; bias (D,) or None."""
     batch, heads, seq_q, d = out.shape
     delta = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=out.device)
     if delta.numel() == 0:
         return delta
-    linear = g is not None
     d_pad = padded(d)
     block_m = max(16, min(128, 8192 // d_pad))
     sla_delta_kernel[(triton.cdiv(seq_q, block_m), heads, batch)](
-        dout, out, g if linear else out, o_l if linear else out, gol if gol is not None else delta,
-        bias if bias is not None else out, delta,
+        dout, out, gol if gol is not None else delta, bias if bias is not None else out, delta,
         *dout.stride(), *out.stride(), seq_q,
-        HEAD_DIM=d, D_PAD=d_pad, LINEAR=linear, HAS_GOL=gol is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, num_warps=4)
+        HEAD_DIM=d, D_PAD=d_pad, HAS_GOL=gol is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        num_warps=4)
     return delta

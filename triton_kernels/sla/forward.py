@@ -149,10 +149,10 @@ def sla_fwd_kernel(
     start_m // MASK_M. OS: the sparse output (any float dtype, bhsd strides), written unless
     WITH_DELTA, which instead writes DELTA = rowsum(DO * O_s) (B, Hq, Sq) fp32 (LSE's strides)
     from the fp32 O_s (the backward's recompute: O_s is never stored). OL (B, Hq, Sq, D) fp32
-    contiguous, written with LINEAR; LSE (B, Hq, Sq) fp32 with STORE_LSE. With ROW_STATES, H and Z hold each
-    query block's marginal sums (row_states.py; B, Hq, Mq, D[, D]) and H_TOT, Z_TOT are unused;
-    otherwise H, Z
-    (B, Hkv, Mk, D[, D]) and H_TOT, Z_TOT (B, Hkv, D[, D]) fp32 contiguous; N_CRIT, N_MARG
+    contiguous, written with LINEAR; LSE (B, Hq, Sq) fp32 with STORE_LSE. With ROW_STATES, H and
+    Z hold each query block's marginal sums (row_states.py; B, Hq, Mq, D[, D]) and H_TOT, Z_TOT
+    are unused; otherwise H, Z (B, Hkv, Mk, D[, D]) and H_TOT, Z_TOT (B, Hkv, D[, D]) fp32
+    contiguous; N_CRIT, N_MARG
     (B, Hq, Mq), IDX (B, Hq, Mq, Mk) int32 contiguous (classify.class_index).
     PROJ (with LINEAR): the epilogue writes OS = O_s + O_l W^T (+ BIAS with HAS_BIAS)
     and OL is not written; W (D, D) contiguous, BIAS (D,), any float dtype."""
@@ -233,8 +233,8 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
             bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Launch the fused forward on bhsd views (unit last stride). Writes out_sparse, or with dout
     and delta (the backward's recompute) delta = rowsum(dout * O_s) instead; lse (B, Hq, Sq) fp32
-    when given. rows_hz: each query
-    block's marginal sums (row_states.row_states), used instead of pre-aggregating h, z per tile.
+    when given. rows_hz: each query block's marginal sums (row_states.row_states), used instead
+    of pre-aggregating h, z per tile.
     weight (D, D), bias (D,): out_sparse receives O_s + O_l W^T + b instead of O_s (weight needs
     the linear branch; then O_l is not returned).
     With the key-block states h, z (the linear branch) returns O_l (B, Hq, Sq, D)
