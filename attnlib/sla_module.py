@@ -21,7 +21,9 @@ def sla_block_map(q, k, *, critical: float = 0.05, negligible: float = 0.10, blo
     """The int8 SLA block map (B, Hq, ceil(Sq/bq), ceil(Sk/bk)): 1 critical, 0 marginal, -1 negligible.
 
     Computed by the Triton classifier on CUDA (and on CPU under TRITON_INTERPRET=1) for fp16 / bf16
-    / fp32, else by the reference (attnlib.reference.sla.sla_block_classes); both give the same map."""
+    / fp32 and the block sizes sla-triton takes (powers of two from 16 to 128), else by the
+    reference (attnlib.reference.sla.sla_block_classes), as the dispatcher chooses for the
+    attention itself; both give the same map."""
     qb, kb, _ = validate_qkv(q, k, k, layout)
     critical, negligible = check_fraction("critical", critical), check_fraction("negligible", negligible)
     if critical + negligible > 1.0:
@@ -31,8 +33,11 @@ def sla_block_map(q, k, *, critical: float = 0.05, negligible: float = 0.10, blo
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = check_scale(scale, qb.shape[-1])
     kw = dict(critical=critical, negligible=negligible, block_size=block_size, scale=scale, causal=causal)
+    from .kernels.sla_triton import block_size_supported  # the dispatcher's gate (kernels load lazily)
+
     on_triton = qb.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    if on_triton and qb.dtype in (torch.float16, torch.bfloat16, torch.float32) and _has_triton():
+    if (on_triton and qb.dtype in (torch.float16, torch.bfloat16, torch.float32) and _has_triton()
+            and block_size_supported(block_size)):
         from .triton_kernels.sla.classify import sla_block_classes
 
         with torch.no_grad():

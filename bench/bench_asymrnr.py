@@ -111,7 +111,7 @@ def random_matches(part, batch: int, heads: int, seed: int = 0):
     order = torch.stack([torch.randperm(part.n_src, generator=gen) for _ in range(batch * heads)])
     order = order.reshape(batch, heads, -1).to(part.dst.device)
     node = tile_destinations(part).expand(batch, heads, -1).contiguous()
-    return Matches(node, torch.zeros(order.shape, device=order.device), order)
+    return Matches(node, torch.zeros(order.shape, device=order.device), order, part.key)
 
 
 def random_drop_attention(q, k, v, grid, *, q_ratio: float, kv_ratio: float, seed: int = 0,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attnlib
-from attnlib.asymrnr import AsymRnR, match, partition, plan_reduction, reduce, restore
+from attnlib.asymrnr import AsymRnR, Partition, match, partition, plan_reduction, reduce, restore
 from attnlib.asymrnr.config import removed_count
 from attnlib.reference.asymrnr import asymrnr_similarity
 from attnlib.testing import assert_verbose_allclose, make_qkv
@@ -183,6 +183,39 @@ def test_reduce_mean_averages_into_destination():
             assert_verbose_allclose(y[0, h, j], x[0, h, members].mean(0), atol=1e-12)
 
 
+def test_plan_refuses_matches_of_another_partition():
+    """Two seeds give partitions with the same counts but other destinations: matches made on one
+    must not plan the other (their node indices would point at the wrong tokens)."""
+    x = make_qkv(1, 2, S, 8, seed=21)[0]
+    p0, p1 = partition(GRID, seed=0), partition(GRID, seed=1)
+    assert p0.n_src == p1.n_src and not torch.equal(p0.dst, p1.dst)
+    m0 = match(x, p0, backend="torch")
+    with pytest.raises(ValueError, match="another partition"):
+        plan_reduction(p1, m0, 0.5)
+    # the same split built by hand (no fingerprint stored: formed from its tensors) is accepted
+    same = Partition(p0.grid, p0.stride, p0.text_tokens, p0.text_side, p0.dst.clone(), p0.src.clone())
+    assert same.key == p0.key == m0.partition_key
+    assert plan_reduction(same, m0, 0.5).reduced_len == plan_reduction(p0, m0, 0.5).reduced_len
+    # text tokens on the other side: same counts and video split, another token numbering
+    pt0 = partition(GRID, seed=0, text_tokens=4, text_side="start")
+    pt1 = partition(GRID, seed=0, text_tokens=4, text_side="end")
+    with pytest.raises(ValueError, match="another partition"):
+        plan_reduction(pt1, match(make_qkv(1, 2, S + 4, 8, seed=22)[0], pt0, backend="torch"), 0.5)
+
+
+def test_reduce_restore_name_a_tensor_on_another_device():
+    x = make_qkv(1, 2, S, 8, seed=23)[0]
+    p = partition(GRID, seed=0)
+    plan = plan_reduction(p, match(x, p, backend="torch"), 0.5)
+    with pytest.raises(ValueError, match="x is on meta"):
+        reduce(torch.empty(x.shape, device="meta"), plan, backend="torch")
+    y = reduce(x, plan, backend="torch")
+    with pytest.raises(ValueError, match="y is on meta"):
+        restore(torch.empty(y.shape, device="meta"), plan, backend="torch")
+    with pytest.raises(ValueError, match="out is on meta"):
+        restore(y, plan, out=torch.empty(x.shape, device="meta"), backend="torch")
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
@@ -195,6 +228,51 @@ def test_ratio_zero_is_exactly_full_attention(layout, heads, kv_heads):
     assert torch.equal(got, full)
     rnr = AsymRnR(GRID, q_ratio=0.0, kv_ratio=0.0, backend="torch")
     assert torch.equal(rnr.attention(q, k, v, layout=layout), full)
+
+
+SAGE_COS_MIN, SAGE_REL_L1_MAX = 0.999, 0.02  # sage's accuracy contract (tests/test_sage_triton.py)
+
+
+def record_inner_methods(monkeypatch) -> list:
+    """The methods the AsymRnR code asks attnlib.api.attention for (it imports it at call time)."""
+    import attnlib.api
+
+    calls, real = [], attnlib.api.attention
+
+    def spy(*args, **kw):
+        calls.append(kw.get("method", "flash"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(attnlib.api, "attention", spy)
+    return calls
+
+
+def test_inner_sage_is_sage(monkeypatch):
+    """inner_method / method "sage" (forward only) runs sage: at ratio 0 the output is sage's own
+    (its torch simulation here, bit for bit, so not flash's) and within sage's contract of exact
+    attention; with reduction, within that contract of the same reduction with flash inside."""
+    from attnlib.reference import flash_reference, sage_reference
+    from attnlib.testing import metrics
+
+    q, k, v = make_qkv(1, 4, S, 64, kv_heads=2, seed=24)
+    calls = record_inner_methods(monkeypatch)
+    kw = dict(method="asymrnr", grid=GRID, q_ratio=0.0, kv_ratio=0.0, inner_method="sage", backend="torch")
+    got = attnlib.attention(q, k, v, **kw)
+    assert calls == ["sage"], calls
+    assert torch.equal(got, sage_reference(q, k, v)) and not torch.equal(got, flash_reference(q, k, v))
+    m = metrics(got, flash_reference(q.double(), k.double(), v.double()))
+    assert m["cos_sim"] >= SAGE_COS_MIN and m["rel_l1"] <= SAGE_REL_L1_MAX, m
+    assert torch.equal(AsymRnR(GRID, q_ratio=0.0, kv_ratio=0.0, method="sage", backend="torch").attention(q, k, v),
+                       got)
+    calls.clear()
+    kw.update(q_ratio=0.5, kv_ratio=0.3)
+    reduced_sage = attnlib.attention(q, k, v, **kw)
+    assert calls == ["sage"], calls
+    reduced_flash = attnlib.attention(q, k, v, **{**kw, "inner_method": "flash"})
+    m = metrics(reduced_sage, reduced_flash)
+    assert m["cos_sim"] >= SAGE_COS_MIN and m["rel_l1"] <= SAGE_REL_L1_MAX and m["max_abs"] > 0, m
+    assert torch.equal(AsymRnR(GRID, q_ratio=0.5, kv_ratio=0.3, method="sage", backend="torch").attention(q, k, v),
+                       reduced_sage)
 
 
 @pytest.mark.parametrize("heads,kv_heads,layout,mode,metric,text,side", [

@@ -87,6 +87,64 @@ def test_dispatcher_triton_equals_torch_pieces():
                             atol=2e-5)
 
 
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_ratio_zero_is_exactly_full_attention(layout):
+    """Nothing removed: the Triton pipeline (dispatcher kernel and module) is the inner attention
+    itself, bit for bit."""
+    q, k, v = make_qkv(2, 4, 60, 16, kv_heads=2, seed=8, layout=layout, device=DEVICE)
+    kw = dict(method="asymrnr", grid=(3, 4, 5), q_ratio=0.0, kv_ratio=0.0, layout=layout)
+    assert attnlib.explain(q, k, v, **kw).chosen.name == "asymrnr-triton"
+    full = attnlib.attention(q, k, v, layout=layout)
+    assert torch.equal(attnlib.attention(q, k, v, **kw), full)
+    rnr = AsymRnR((3, 4, 5), q_ratio=0.0, kv_ratio=0.0, backend="triton")
+    assert torch.equal(rnr.attention(q, k, v, layout=layout), full)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_restore_exact_at_kept_and_copies_at_removed(dtype):
+    """Triton match, reduce and restore, checked token by token: a kept token's row comes back
+    unchanged, a removed one gets its destination's row, into a caller's strided (bshd) out."""
+    B, H, n, D = 2, 3, 60, 24
+    x = make_qkv(B, H, n, D, seed=9, dtype=dtype, device=DEVICE)[0]
+    p = partition((3, 4, 5), seed=1, device=DEVICE)
+    m = match(x, p, backend="triton")
+    plan = plan_reduction(p, m, 0.5)
+    y = reduce(x, plan, backend="triton")
+    out = torch.full((B, n, H, D), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
+    back = restore(y, plan, out=out, backend="triton")
+    assert back.data_ptr() == out.data_ptr()
+    n_rm = plan.n_removed
+    assert n_rm > 0
+    for b in range(B):
+        for h in range(H):
+            removed = p.src[m.order[b, h, :n_rm]]
+            dsts = p.dst[m.node[b, h, m.order[b, h, :n_rm]]]
+            kept = torch.ones(n, dtype=torch.bool, device=DEVICE)
+            kept[removed] = False
+            assert torch.equal(y[b, h], x[b, h, kept]), "reduce keeps the kept rows, in order"
+            assert torch.equal(back[b, h, kept], x[b, h, kept]), "kept tokens take their own row"
+            assert torch.equal(back[b, h, removed], x[b, h, dsts]), "removed tokens copy their destination"
+
+
+def test_inner_sage_on_triton():
+    """inner_method "sage" on the Triton path runs sage-triton: at ratio 0 its output bit for
+    bit, within sage's contract (cos >= 0.999, rel L1 <= 0.02) of exact attention; reduced, within
+    that contract of the same reduction with flash inside."""
+    from attnlib.reference import flash_reference
+
+    q, k, v = make_qkv(1, 4, 60, 64, kv_heads=2, seed=10, device=DEVICE)
+    assert attnlib.explain(q, k, v, method="sage").chosen.name == "sage-triton"
+    kw = dict(method="asymrnr", grid=(3, 4, 5), q_ratio=0.0, kv_ratio=0.0, inner_method="sage")
+    assert attnlib.explain(q, k, v, **kw).chosen.name == "asymrnr-triton"
+    got = attnlib.attention(q, k, v, **kw)
+    assert torch.equal(got, attnlib.sage_attention(q, k, v))
+    m = metrics(got, flash_reference(q.double(), k.double(), v.double()))
+    assert m["cos_sim"] >= 0.999 and m["rel_l1"] <= 0.02, m
+    kw.update(q_ratio=0.5, kv_ratio=0.3)
+    m = metrics(attnlib.attention(q, k, v, **kw), attnlib.attention(q, k, v, **{**kw, "inner_method": "flash"}))
+    assert m["cos_sim"] >= 0.999 and m["rel_l1"] <= 0.02 and m["max_abs"] > 0, m
+
+
 def test_triton_kernel_has_no_backward_and_says_so():
     q, k, v = make_qkv(1, 2, 60, 16, seed=6, device=DEVICE, requires_grad=True)
     ex = attnlib.explain(q, k, v, method="asymrnr", grid=(3, 4, 5))

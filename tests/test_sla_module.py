@@ -39,7 +39,8 @@ def test_projection_gradients_and_training_step(layout):
     ref = sla_reference(*leaves, w64, b64, feature_map="elu", **KW)
     ref.backward(tb(dout).double())
     for name, got, want in (("dW", m.proj.weight.grad, w64.grad), ("db", m.proj.bias.grad, b64.grad),
-                            ("dq", tb(q.grad), leaves[0].grad), ("dv", tb(v.grad), leaves[2].grad)):
+                            ("dq", tb(q.grad), leaves[0].grad), ("dk", tb(k.grad), leaves[1].grad),
+                            ("dv", tb(v.grad), leaves[2].grad)):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4, msg=name)
     assert m.proj.weight.grad.abs().sum() > 0  # the marginal branch trains from zero
     # one step moves the projection; the output then follows the reference with the new weights
@@ -50,6 +51,20 @@ def test_projection_gradients_and_training_step(layout):
                              feature_map="elu", **KW)
     assert not torch.allclose(out2, out)
     torch.testing.assert_close(tb(out2).double(), ref2, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [(24, 24), (16, 24)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_block_map_for_block_sizes_the_kernels_do_not_take(block_size):
+    """Block sizes sla-triton rejects (not powers of two) run on the reference, and so does the
+    returned block map (the Triton classifier tiles a block as one power-of-two range)."""
+    kw = dict(critical=0.25, negligible=0.25, block_size=block_size)
+    m = attnlib.SparseLinearAttention(16, **kw).to(DEVICE)
+    q, k, v = make_qkv(1, 2, 50, 16, seq_k=70, device=DEVICE, seed=6)
+    out, block_map = m(q, k, v, causal=True, return_block_map=True)
+    ref_map = sla_block_classes(q, k, causal=True, **kw)
+    assert block_map.dtype == torch.int8 and torch.equal(block_map, ref_map)
+    torch.testing.assert_close(out, m(q, k, v, causal=True))
+    assert torch.equal(attnlib.sla_block_map(q, k, **kw), sla_block_classes(q, k, **kw))
 
 
 def test_fp16_activations_with_fp32_parameters():

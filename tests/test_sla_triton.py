@@ -149,27 +149,96 @@ def test_without_projection_is_sparse_attention(causal, with_bias):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_all_critical_is_exact_attention(causal):
+    """critical=1: out, dq, dk, dv are exact attention's (float64 flash reference, flash rule);
+    nothing is marginal, so dW = 0."""
     q, k, v = make_qkv(1, 4, 50, 32, kv_heads=2, seq_k=66, device=DEVICE, requires_grad=True, seed=5)
     w, bias = make_proj(32, seed=5)
     out = attnlib.sla_attention(q, k, v, w, None, critical=1.0, negligible=0.0, block_size=(16, 16), causal=causal)
-    ref = flash_reference(*(t.detach().double() for t in (q, k, v)), causal=causal)
-    base = flash_reference(*(t.detach() for t in (q, k, v)), causal=causal)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    same = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = flash_reference(*leaves, causal=causal)
+    base = flash_reference(*same, causal=causal)
     assert_flash_rule(out, ref, base)
+    dout = torch.randn_like(out)
+    got = grads(out, (q, k, v, w), dout)
+    want, have = grads(ref, leaves, dout.double()), grads(base, same, dout)
+    for name, g, wt, h in zip(("dq", "dk", "dv"), got, want, have):
+        assert_flash_rule(g, wt, h, factor=3.0, name=name)
+    assert torch.equal(got[3], torch.zeros_like(w)), "dW: no marginal block, O_l = 0"
     if causal:
         check(q, k, v, w, bias, critical=1.0, negligible=0.0, block_size=(16, 16), causal=causal)
 
 
 def test_no_critical_no_negligible_identity_projection_is_linear_attention():
+    """critical=0, negligible=0, W=I, b=0: linear attention over every key; dq, dk, dv are
+    linear attention's, dW = sum over rows of dO^T O_l and db = sum of dO."""
     q, k, v = make_qkv(2, 4, 45, 32, kv_heads=2, seq_k=70, device=DEVICE, requires_grad=True, seed=6)
-    eye, zero = torch.eye(32, device=DEVICE), torch.zeros(32, device=DEVICE)
+    eye = torch.eye(32, device=DEVICE).requires_grad_()
+    zero = torch.zeros(32, device=DEVICE).requires_grad_()
     out = attnlib.sla_attention(q, k, v, eye, zero, critical=0.0, negligible=0.0, block_size=(16, 16))
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = linear_reference(*leaves, feature_map="softmax")
     base = linear_reference(*(t.detach() for t in (q, k, v)), feature_map="softmax")
     assert_flash_rule(out, ref, base)
     dout = torch.randn_like(out)
-    for name, g, w in zip(("dq", "dk", "dv"), grads(out, (q, k, v), dout), grads(ref, leaves, dout.double())):
-        torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=1e-4, msg=name)
+    got = grads(out, (q, k, v, eye, zero), dout)
+    d64 = dout.double()
+    want = grads(ref, leaves, d64) + [torch.einsum("bhse,bhsc->ec", d64, ref.detach()), d64.sum((0, 1, 2))]
+    for name, g, w in zip(("dq", "dk", "dv", "dW", "db"), got, want):
+        torch.testing.assert_close(g.double(), w, atol=2e-5 if name in ("dq", "dk", "dv") else 2e-4, rtol=1e-4,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_projection_parameters(causal):
+    """A bias of stride 2 and a transposed weight (views of leaves, as a module's slices or a
+    tied weight would be): the kernels read the bias contiguous and the weight row-major, so the
+    launchers make them so (at most D * D elements); out and every gradient as the reference."""
+    q, k, v = make_qkv(1, 2, 50, 32, seq_k=64, device=DEVICE, requires_grad=True, seed=14)
+    gen = torch.Generator().manual_seed(14)
+    w_leaf = (torch.randn(32, 32, generator=gen) * 32 ** -0.5).to(DEVICE).requires_grad_()
+    b_leaf = (torch.randn(64, generator=gen) * 0.1).to(DEVICE).requires_grad_()
+    w, b = w_leaf.t(), b_leaf[::2]
+    assert not w.is_contiguous() and b.stride() == (2,)
+    check(q, k, v, w, b, critical=0.25, negligible=0.25, block_size=(16, 16), causal=causal)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_no_marginal_block_skips_the_linear_branch(with_bias, monkeypatch):
+    """negligible = 1 - critical leaves no marginal block: the launchers skip the key-block
+    states, the pre-aggregation, the projection epilogue and the linear backward kernels (the
+    benchmark's sparse-only variant measures exactly that), and out, dq, dk, dv, db are those of
+    the same call without a weight; dW is 0 (O_l is 0 on every row)."""
+    from attnlib.triton_kernels.sla import attention as sla_mod
+
+    q, k, v = make_qkv(1, 4, 53, 32, kv_heads=2, seq_k=70, device=DEVICE, requires_grad=True, seed=15)
+    w, b = make_proj(32, seed=15)
+    b = b if with_bias else None
+    kw = dict(critical=0.3, negligible=0.7, block_size=(16, 16), causal=True)
+    linear_flags = []
+    real_key_blocks = sla_mod.cls_mod.key_blocks
+
+    def spy(*a, **k_):
+        linear_flags.append(k_["linear"])
+        return real_key_blocks(*a, **k_)
+
+    monkeypatch.setattr(sla_mod.cls_mod, "key_blocks", spy)
+    out = attnlib.sla_attention(q, k, v, w, b, **kw)
+    dout = torch.randn_like(out)
+    proj = [t for t in (w, b) if t is not None]
+    got = grads(out, (q, k, v, *proj), dout)
+    assert linear_flags and not any(linear_flags), "the key-block states were formed with nothing marginal"
+    plain = attnlib.sla_attention(q, k, v, None, b, **kw)
+    assert torch.equal(out, plain)
+    want = grads(plain, (q, k, v, *proj[1:]), dout)
+    for name, g, wt in zip(("dq", "dk", "dv"), got[:3], want[:3]):
+        assert torch.equal(g, wt), name
+    assert torch.equal(got[3], torch.zeros_like(w)), "dW"
+    if with_bias:
+        assert torch.equal(got[4], want[3]), "db"
+    if with_bias:  # and the reference agrees
+        monkeypatch.undo()
+        check(q, k, v, w, b, **kw)
 
 
 # ---- classification ---------------------------------------------------------------------------
@@ -342,10 +411,11 @@ def test_bad_options_are_named():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gpu_block_sizes(block_size, dtype, head_dim):
-    q, k, v = make_qkv(1, 4, 1000, head_dim, kv_heads=2, seq_k=1100, dtype=dtype, device="cuda",
-                       requires_grad=True, seed=head_dim)
+    """Each size non-causal in bhsd and causal in bshd (the layouts' strides reach every kernel)."""
     w, b = make_proj(head_dim, seed=1)
-    for causal, layout in ((False, "bhsd"), (True, "bhsd")):
+    for causal, layout in ((False, "bhsd"), (True, "bshd")):
+        q, k, v = make_qkv(1, 4, 1000, head_dim, kv_heads=2, seq_k=1100, dtype=dtype, device="cuda",
+                           layout=layout, requires_grad=True, seed=head_dim)
         check(q, k, v, w, b, critical=0.2, negligible=0.2, block_size=block_size, causal=causal, layout=layout)
 
 

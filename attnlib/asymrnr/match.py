@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -13,11 +14,15 @@ from .partition import Partition
 @dataclass(frozen=True)
 class Matches:
     """Per (batch, head): node[b, h, i] = index into partition.dst of source i's best destination,
-    score its similarity, order the source indices from the most to the least similar."""
+    score its similarity, order the source indices from the most to the least similar.
+    partition_key: Partition.key of the partition they were made on (match() sets it;
+    plan_reduction refuses another partition); None for matches built by hand (then only the
+    source count is checked)."""
 
     node: torch.Tensor   # (B, H, n_src) int64
     score: torch.Tensor  # (B, H, n_src) float32 (float64 for float64 inputs)
     order: torch.Tensor  # (B, H, n_src) int64
+    partition_key: Optional[str] = None
 
 
 def _check_x(x, part: Partition) -> None:
@@ -50,4 +55,4 @@ def match(x: torch.Tensor, part: Partition, *, metric: str = "euclidean", backen
         node, score = asymrnr_match_reference(x, part.src, part.dst, metric)
     # stable: equal scores keep source order, so the result is deterministic
     order = torch.argsort(score, dim=-1, descending=True, stable=True)
-    return Matches(node, score, order)
+    return Matches(node, score, order, part.key)

@@ -8,6 +8,7 @@ tokens are in neither set: they are never reduced.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -19,7 +20,12 @@ from .config import check_seed, check_triple, resolve_text_tokens
 
 @dataclass(frozen=True)
 class Partition:
-    """Destination and source token positions (int64, ascending, on one device)."""
+    """Destination and source token positions (int64, ascending, on one device).
+
+    fingerprint identifies the token split (grid, stride, text tokens and every destination),
+    the same on every device: matches carry it, so a plan is never built from matches made on
+    another partition with the same counts. partition() computes it on the CPU at the draw; a
+    Partition built by hand gets it from its tensors on first use."""
 
     grid: tuple[int, int, int]
     stride: tuple[int, int, int]
@@ -27,6 +33,12 @@ class Partition:
     text_side: str
     dst: torch.Tensor
     src: torch.Tensor
+    fingerprint: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.fingerprint or partition_fingerprint(self.grid, self.stride, self.text_tokens, self.text_side,
+                                                         self.dst)
 
     @property
     def n_video(self) -> int:
@@ -55,7 +67,14 @@ class Partition:
         if self.dst.device == device:
             return self
         return Partition(self.grid, self.stride, self.text_tokens, self.text_side,
-                         self.dst.to(device), self.src.to(device))
+                         self.dst.to(device), self.src.to(device), self.key)
+
+
+def partition_fingerprint(grid, stride, text_tokens: int, text_side: str, dst: torch.Tensor) -> str:
+    """A digest of the split: its geometry and destination positions (src is the rest)."""
+    h = hashlib.blake2b(repr((tuple(grid), tuple(stride), text_tokens, text_side)).encode(), digest_size=16)
+    h.update(dst.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _axis_positions(size: int, stride: int, u: torch.Tensor, axis: int) -> torch.Tensor:
@@ -100,4 +119,6 @@ def _cached_partition(grid, stride, seed: int, n_text: int, side: str, dev: torc
     is_dst[dst] = True
     src = (~is_dst).nonzero().flatten()
     offset = n_text if side == "start" else 0
-    return Partition(grid, stride, n_text, side, (dst + offset).to(dev), (src + offset).to(dev))
+    dst, src = dst + offset, src + offset
+    key = partition_fingerprint(grid, stride, n_text, side, dst)  # on the CPU, before the copy
+    return Partition(grid, stride, n_text, side, dst.to(dev), src.to(dev), key)

@@ -30,13 +30,19 @@ class ReductionPlan:
 
 
 def plan_reduction(part: Partition, matches: Matches, ratio: float) -> ReductionPlan:
-    """Remove the floor-rounded r * N closest sources (N video tokens): the reduced video length
-    is max(n_dst, floor(N (1 - r))); text tokens are added unchanged."""
+    """Remove the N - max(n_dst, floor(N (1 - r))) closest sources (N video tokens; ceil(r N)
+    up to a 1e-7 slack against binary rounding, at most the n_src sources): the reduced video
+    length is max(n_dst, floor(N (1 - r))); text tokens are added unchanged. The matches must
+    have been made on ``part`` (ValueError otherwise)."""
     ratio = check_ratio("ratio", ratio)
     node, order = matches.node, matches.order
     B, H, n_src = node.shape
     if n_src != part.n_src:
         raise ValueError(f"matches have {n_src} sources but the partition has {part.n_src}")
+    if matches.partition_key is not None and matches.partition_key != part.key:
+        raise ValueError(f"matches were made on another partition than the one given (grid {part.grid}, "
+                         f"stride {part.stride}, {part.text_tokens} text tokens): same source count, "
+                         "different destinations; match again on this partition")
     dev = node.device
     part = part.to(dev)
     S = part.seq_len
@@ -61,6 +67,9 @@ def _check_rows(name: str, x, plan: ReductionPlan, rows: int, what: str) -> None
     if x.dim() != 4 or x.shape[2] != rows or tuple(x.shape[:2]) != tuple(plan.keep_idx.shape[:2]):
         raise ValueError(f"{name} must be (batch, heads, seq, dim) = ({plan.keep_idx.shape[0]}, "
                          f"{plan.keep_idx.shape[1]}, {rows}, D) ({what}), got {tuple(x.shape)}")
+    if x.device != plan.keep_idx.device:
+        raise ValueError(f"{name} is on {x.device} but the plan is on {plan.keep_idx.device}; "
+                         "plan on the tensors' device (the matches' device sets it)")
 
 
 def reduce(x: torch.Tensor, plan: ReductionPlan, *, mode: str = "replace", backend: str = "auto") -> torch.Tensor:

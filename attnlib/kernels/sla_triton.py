@@ -28,6 +28,14 @@ def _block_ok(b: int) -> bool:
     return MIN_BLOCK <= b <= MAX_BLOCK and (b & (b - 1)) == 0
 
 
+def block_size_supported(block_size) -> bool:
+    """Whether sla-triton (and its classifier, which tiles a block as one power-of-two range)
+    takes this (query block, key block); sla_block_map uses the reference otherwise, as the
+    dispatcher does."""
+    bq, bk = block_size
+    return _block_ok(bq) and _block_ok(bk)
+
+
 class SLATriton(TritonKernel):
     name = "sla-triton"
     method = "sla"
@@ -39,7 +47,7 @@ class SLATriton(TritonKernel):
 
     def extra_reasons(self, inp: AttentionInputs) -> list[str]:
         bq, bk = inp.options.get("block_size", (64, 64))
-        if not (_block_ok(bq) and _block_ok(bk)):
+        if not block_size_supported((bq, bk)):
             return [f"block_size {(bq, bk)} not supported (supports {self.block_sizes_text})"]
         return []
 

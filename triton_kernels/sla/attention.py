@@ -3,7 +3,8 @@ forward with its projection epilogue (out = O_s + O_l W^T + b written once by th
 the backward (the block map and key-block states re-formed; the linear-branch dq kernel first,
 writing O_l and G . O_l; delta from the saved output; block_sparse's backward for the critical
 branch with the critical blocks' lse kept by the forward, adding to that dq; the linear-branch
-dk/dv kernels; dW = sum dO^T O_l, db = sum dO)."""
+dk/dv kernels; dW = sum dO^T O_l, db = sum dO). When no block can be marginal the linear branch
+is skipped in both directions (_runs_linear)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,15 +55,26 @@ def _rows_hz(classes, h, z, dtype):
     return row_states(classes, h, z, state_precision(dtype)) if row_states_enabled() else None
 
 
+def _runs_linear(q, k, proj_weight, block_size, causal: bool, critical: float, negligible: float) -> bool:
+    """The linear branch runs with a weight and when some block can be marginal. Without one
+    (e.g. negligible = 1 - critical) O_l is 0 on every row, so out = O_s + b, dW = 0: no key-block
+    states, no pre-aggregation, no projection epilogue and no linear backward kernels."""
+    if proj_weight is None:
+        return False
+    return cls_mod.has_marginal_blocks(q.shape[2], k.shape[2], tuple(block_size), causal, critical, negligible)
+
+
 def sla_forward(q, k, v, out: torch.Tensor, proj_weight: Optional[torch.Tensor], proj_bias: Optional[torch.Tensor],
                 *, critical: float, negligible: float, block_size, feature: str, scale: float,
                 causal: bool, with_lse: bool = False):
     """out (bhsd view, q's dtype) = O_s + O_l W^T + b, in the kernel's epilogue (nothing N x D
-    besides out is written); the linear branch runs only with a weight. with_lse: returns
-    (out, lse of the critical blocks' softmax) for sla_backward."""
-    parts = sla_forward_parts(q, k, v, linear=proj_weight is not None, critical=critical, negligible=negligible,
+    besides out is written); the linear branch runs only with a weight and when some block can
+    be marginal (_runs_linear). with_lse: returns (out, lse of the critical blocks' softmax) for
+    sla_backward."""
+    linear = _runs_linear(q, k, proj_weight, block_size, causal, critical, negligible)
+    parts = sla_forward_parts(q, k, v, linear=linear, critical=critical, negligible=negligible,
                               block_size=block_size, feature=feature, scale=scale, causal=causal, out_sparse=out,
-                              with_lse=with_lse, weight=proj_weight, bias=proj_bias)
+                              with_lse=with_lse, weight=proj_weight if linear else None, bias=proj_bias)
     return (out, parts.lse) if with_lse else out
 
 
@@ -92,7 +104,8 @@ def project_grad(dout: torch.Tensor, o_l: Optional[torch.Tensor], weight: Option
 def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negligible: float, block_size,
                  feature: str, scale: float, causal: bool, out: Optional[torch.Tensor] = None,
                  lse: Optional[torch.Tensor] = None):
-    """(dq, dk, dv, d proj_weight, d proj_bias) for bhsd views; None for an absent projection.
+    """(dq, dk, dv, d proj_weight, d proj_bias) for bhsd views; None for an absent projection,
+    zeros for a weight when no block can be marginal (_runs_linear: the linear branch is skipped).
 
     The block map and the key-block states h, z are re-formed (no N x N work). With the forward's
     out and the critical blocks' lse (sla_forward(with_lse=True)), the critical branch is not
@@ -116,7 +129,8 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
     N x D fp32 at peak + about 45 MB of maps and index forms + 64 MB: about 0.9 GB (row states:
     up to about 0.8 GB more)."""
     seq_k = k.shape[2]
-    linear = proj_weight is not None
+    linear = _runs_linear(q, k, proj_weight, block_size, causal, critical, negligible)
+    no_linear_dw = torch.zeros_like(proj_weight) if proj_weight is not None and not linear else None
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     pooled_k, h, z = cls_mod.key_blocks(k, v, block_n=block_size[1], feature=feature, linear=linear)
     classes = cls_mod.classify(q, pooled_k, seq_k=seq_k, block_size=block_size, critical=critical,
@@ -153,7 +167,7 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
                                       causal=causal, scale=scale, delta=delta, dq_acc=dq_acc)
         del lse, delta
         if not linear:
-            return dq, dk, dv, None, d_bias
+            return dq, dk, dv, no_linear_dw, d_bias
         sla_linear_dkdv(q, k, v, g, dd, rows, cols, dk, dv, classes=classes if holder is not None else None, **lin)
         return dq, dk, dv, d_weight.to(proj_weight.dtype), d_bias
     # without the forward's lse: one pass re-walks the critical blocks for lse, delta and O_l
@@ -168,7 +182,7 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
                                   block_size=block_size, causal=causal, scale=scale, delta=delta)
     del lse, delta
     if not linear:
-        return dq, dk, dv, None, d_bias
+        return dq, dk, dv, no_linear_dw, d_bias
     # G = dO_l; the linear dq kernel turns it into dN in place
     sla_linear_bwd(q, k, v, g, h, z, rows, cols, dq, dk, dv, rows_hz=holder,
                    classes=classes if holder is not None else None, **lin)

@@ -20,6 +20,7 @@ block-sparse row form, and the marginal / non-marginal lists of the pre-aggregat
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -86,6 +87,17 @@ def row_counts(seq_q: int, seq_k: int, block_size: tuple[int, int], causal: bool
     n_crit = torch.minimum(n, torch.ceil(critical * nf - _COUNT_SLACK).to(torch.int64)).clamp_min(0)
     n_neg = torch.minimum(n - n_crit, torch.floor(negligible * nf + _COUNT_SLACK).to(torch.int64)).clamp_min(0)
     return torch.stack([n, n_crit, n_neg], dim=1).to(torch.int32).contiguous()
+
+
+@functools.lru_cache(maxsize=256)  # ~100 us of host work at Wan's 512 rows; a training loop repeats its shapes
+def has_marginal_blocks(seq_q: int, seq_k: int, block_size: tuple[int, int], causal: bool, critical: float,
+                        negligible: float) -> bool:
+    """Whether any row of the block map can hold a marginal block: a row of n eligible blocks
+    has n - n_crit - n_neg of them, and the blocks that are not eligible are forced critical or
+    negligible. From row_counts on the host (Mq int64s, no device work or sync): with none (e.g.
+    negligible = 1 - critical) the linear branch is skipped entirely."""
+    counts = row_counts(seq_q, seq_k, block_size, causal, critical, negligible, "cpu")
+    return bool((counts[:, 0] > counts[:, 1] + counts[:, 2]).any())
 
 
 # ---- kernels -------------------------------------------------------------------------------------

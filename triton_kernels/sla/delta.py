@@ -28,7 +28,7 @@ def sla_delta_kernel(
     BLOCK_M: tl.constexpr,
 ):
     """Grid (query tiles, query heads, batch). DO, OUT: bhsd strides, any float dtype; GOL
-    (B, Hq, Sq) fp32 = G . O_l per row (read with HAS_GOL); BIAS (D,) (read with HAS_BIAS);
+    (B, Hq, Sq) fp32 = G . O_l per row (read with HAS_GOL); BIAS (D,) contiguous (read with HAS_BIAS);
     DELTA (B, Hq, Sq) fp32 contiguous."""
     pid_m = tl.program_id(0)
     h64 = tl.program_id(1).to(tl.int64)
@@ -55,7 +55,7 @@ def sla_delta_kernel(
 def sla_delta(dout: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor],
               gol: Optional[torch.Tensor] = None) -> torch.Tensor:
     """delta (B, Hq, Sq) fp32 for bhsd views dout, out (unit last stride); gol = G . O_l per row
-    (fp32 (B, Hq, Sq)) with the linear branch, else None; bias (D,) or None."""
+    (fp32 (B, Hq, Sq)) with the linear branch, else None; bias (D,) of any stride, or None."""
     batch, heads, seq_q, d = out.shape
     delta = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=out.device)
     if delta.numel() == 0:
@@ -63,7 +63,7 @@ def sla_delta(dout: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor
     d_pad = padded(d)
     block_m = max(16, min(128, 8192 // d_pad))
     sla_delta_kernel[(triton.cdiv(seq_q, block_m), heads, batch)](
-        dout, out, gol if gol is not None else delta, bias if bias is not None else out, delta,
+        dout, out, gol if gol is not None else delta, bias.contiguous() if bias is not None else out, delta,
         *dout.stride(), *out.stride(), seq_q,
         HEAD_DIM=d, D_PAD=d_pad, HAS_GOL=gol is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
         num_warps=4)

@@ -155,7 +155,7 @@ def sla_fwd_kernel(
     contiguous; N_CRIT, N_MARG
     (B, Hq, Mq), IDX (B, Hq, Mq, Mk) int32 contiguous (classify.class_index).
     PROJ (with LINEAR): the epilogue writes OS = O_s + O_l W^T (+ BIAS with HAS_BIAS)
-    and OL is not written; W (D, D) contiguous, BIAS (D,), any float dtype."""
+    and OL is not written; W (D, D) contiguous, BIAS (D,) contiguous, any float dtype."""
     b64, h64, kvh64, start_m, mask_row, offs_m, offs_n, offs_d, m_ok, d_ok = query_tile(
         group, seq_q, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, MASK_M)
     heads = tl.num_programs(1)
@@ -235,8 +235,9 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
     and delta (the backward's recompute) delta = rowsum(dout * O_s) instead; lse (B, Hq, Sq) fp32
     when given. rows_hz: each query block's marginal sums (row_states.row_states), used instead
     of pre-aggregating h, z per tile.
-    weight (D, D), bias (D,): out_sparse receives O_s + O_l W^T + b instead of O_s (weight needs
-    the linear branch; then O_l is not returned).
+    weight (D, D), bias (D,), any strides (made contiguous here: D * D elements at most):
+    out_sparse receives O_s + O_l W^T + b instead of O_s (weight needs the linear branch; then
+    O_l is not returned).
     With the key-block states h, z (the linear branch) returns O_l (B, Hq, Sq, D)
     fp32, else None."""
     batch, heads_q, seq_q, head_dim = q.shape
@@ -272,7 +273,7 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
         h if linear else dummy, z if linear else dummy,
         h_tot if h_tot is not None else dummy, z_tot if z_tot is not None else dummy,
         index.n_crit, index.n_marg, index.idx, weight.contiguous() if proj else dummy,
-        bias if bias is not None else dummy,
+        bias.contiguous() if bias is not None else dummy,  # the kernel reads BIAS + offs_d
         *q.stride(), *k.stride(), *v.stride(), *os_arg.stride(),
         *(dout.stride() if with_delta else q.stride()),
         *(stats.stride() if stats is not None else (0, 0, 0)),
