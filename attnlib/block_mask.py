@@ -10,6 +10,7 @@ row's unlisted blocks, also ascending, and are never read). Broadcast dims (size
 """
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import weakref
@@ -137,9 +138,27 @@ def index_to_block_mask(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
     if tuple(kv_indices.shape[:3]) != tuple(kv_num_blocks.shape):
         raise ValueError(f"kv_indices {tuple(kv_indices.shape)} and kv_num_blocks {tuple(kv_num_blocks.shape)} "
                          "must agree on (B, H, Mq)")
-    mk = kv_indices.shape[-1] if num_key_blocks is None else int(num_key_blocks)
+    if num_key_blocks is not None:
+        if isinstance(num_key_blocks, bool) or not hasattr(num_key_blocks, "__index__"):
+            raise TypeError(f"num_key_blocks must be an int or None, got {type(num_key_blocks).__name__}")
+        num_key_blocks = operator.index(num_key_blocks)
+        if num_key_blocks < 0:
+            raise ValueError(f"num_key_blocks must be >= 0, got {num_key_blocks}")
+    if kv_indices.device != kv_num_blocks.device:
+        raise ValueError(f"kv_num_blocks ({kv_num_blocks.device}) and kv_indices ({kv_indices.device}) "
+                         "must be on one device")
+    mk = kv_indices.shape[-1] if num_key_blocks is None else num_key_blocks
     slots = kv_indices.shape[-1]
+    # a user-facing converter (no kernel calls it), so the host syncs of these checks are fine
+    if kv_num_blocks.numel() and bool(((kv_num_blocks < 0) | (kv_num_blocks > slots)).any()):
+        raise ValueError(f"kv_num_blocks must lie in [0, {slots}] (the kv_indices slots), got values in "
+                         f"[{int(kv_num_blocks.min())}, {int(kv_num_blocks.max())}]")
     listed = torch.arange(slots, device=kv_indices.device) < kv_num_blocks[..., None]
+    bad = listed & ((kv_indices < 0) | (kv_indices >= mk))
+    if bool(bad.any()):
+        where = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"kv_indices must list key blocks in [0, {mk}) (num_key_blocks), got "
+                         f"{int(kv_indices[where])} at {where}")
     out = torch.zeros(*kv_indices.shape[:3], mk + 1, dtype=torch.bool, device=kv_indices.device)
     # unlisted slots scatter into a spare column that is cut off
     idx = torch.where(listed, kv_indices.long(), torch.full_like(kv_indices, mk, dtype=torch.long))

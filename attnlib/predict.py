@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .inputs import check_block_size, check_fraction, check_layout, validate_qkv
+from .inputs import check_block_size, check_fraction, check_layout, check_scale, validate_qkv
 from .reference._common import num_blocks
 
 
@@ -108,8 +108,7 @@ def predict_block_mask(q, k, *, block_size=(64, 64), topk: Optional[float] = Non
     for name, val in (("causal", causal), ("keep_sink", keep_sink), ("keep_diagonal", keep_diagonal)):
         if not isinstance(val, bool):
             raise TypeError(f"{name} must be a bool, got {type(val).__name__}")
-    if scale is None:
-        scale = qb.shape[-1] ** -0.5
+    scale = check_scale(scale, qb.shape[-1])  # the same rule as attention()'s scale
     sq, sk = qb.shape[2], kb.shape[2]
     mq, mk = num_blocks(sq, bq), num_blocks(sk, bk)
     p = block_scores(qb, kb, (bq, bk), scale, causal)

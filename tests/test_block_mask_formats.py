@@ -63,6 +63,34 @@ def test_bad_input_names_the_argument():
         index_to_block_mask(torch.zeros(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 3, 4, dtype=torch.int32))
 
 
+
+def test_index_to_block_mask_rejects_out_of_range_index_forms():
+    num, idx = block_mask_to_index(rand_mask((1, 2, 3, 5), 0.5, seed=4))
+    num[0, 1, 2], idx[0, 1, 2, 0] = 1, 5  # a listed key block past Mk = 5
+    with pytest.raises(ValueError, match=r"kv_indices .*\[0, 5\).* 5 at \(0, 1, 2, 0\)"):
+        index_to_block_mask(num, idx)
+    idx[0, 1, 2, 0] = -1
+    with pytest.raises(ValueError, match="kv_indices"):
+        index_to_block_mask(num, idx)
+    with pytest.raises(ValueError, match="kv_indices"):  # in range of the slots, not of num_key_blocks
+        index_to_block_mask(num, idx.clamp(0, 4), num_key_blocks=3)
+    idx[0, 1, 2, 0] = 0
+    for bad in (-1, 6):
+        n = num.clone()
+        n[0, 0, 1] = bad
+        with pytest.raises(ValueError, match="kv_num_blocks"):
+            index_to_block_mask(n, idx)
+    with pytest.raises(TypeError, match="num_key_blocks"):
+        index_to_block_mask(num, idx, num_key_blocks=5.0)
+    with pytest.raises(ValueError, match="num_key_blocks"):
+        index_to_block_mask(num, idx, num_key_blocks=-1)
+    # unlisted slots may hold anything (e.g. padding); a wider Mk keeps the listed blocks
+    n = torch.zeros_like(num)
+    assert not index_to_block_mask(n, torch.full_like(idx, 99)).any()
+    m = index_to_block_mask(num, idx, num_key_blocks=8)
+    assert m.shape == (1, 2, 3, 8) and torch.equal(m[..., :5], index_to_block_mask(num, idx)) and not m[..., 5:].any()
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("causal", [False, True])
 def test_flex_block_mask_matches_reference(causal):

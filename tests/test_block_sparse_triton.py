@@ -143,6 +143,49 @@ def test_lse_gradient():
         torch.testing.assert_close(g.double(), wt, atol=1e-4, rtol=1e-4, msg=name)
 
 
+def poison_unlisted_kv(q, k, v, mask, block_size):
+    """Copies of bhsd k, v with NaN in every key block that no query block of any query head
+    sharing that KV head lists: a kernel that reads only listed blocks never sees them."""
+    (b, hq), (hkv, sk) = q.shape[:2], k.shape[1:3]
+    m = mask.expand(b, hq, -1, -1)
+    listed = m.reshape(b, hkv, hq // hkv, *m.shape[2:]).any(3).any(2)  # (B, Hkv, Mk)
+    tokens = listed.repeat_interleave(block_size[1], -1)[..., :sk]
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[~tokens] = float("nan")
+    v2[~tokens] = float("nan")
+    assert (~tokens).any() and tokens.any()
+    return k2, v2
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_unlisted_key_blocks_are_never_read(causal):
+    # work proportional to the listed blocks: NaN K/V in unlisted blocks cannot reach out, lse or dq
+    bs = (16, 16)
+    q, k, v = make_qkv(1, 4, 50, 32, kv_heads=2, seq_k=83, device=DEVICE, seed=14)
+    mask = random_mask(1, 4, 50, 83, bs, 0.35, seed=15)
+    mask[:, :2, :, 1] = False  # every query head of KV head 0 skips key block 1
+    mask[:, 2:, :, 3] = False
+    kp, vp = poison_unlisted_kv(q, k, v, mask, bs)
+    runs = {}
+    for name, (kk, vv) in (("clean", (k, v)), ("poisoned", (kp, vp))):
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, kk, vv))
+        out, lse = attnlib.block_sparse_attention(qq, kk, vv, mask, block_size=bs, causal=causal, return_lse=True,
+                                                  backend="triton")
+        out.backward(torch.ones_like(out))
+        runs[name] = (out.detach(), lse, qq.grad, kk.grad, vv.grad)
+    out, lse, dq, dk, dv = runs["poisoned"]
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(t).all(), f"{name} read an unlisted (NaN) key block"
+    assert not torch.isnan(lse).any()
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), runs["poisoned"], runs["clean"]):
+        assert torch.equal(got, want), name  # no atomics: the same blocks in the same order
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = block_sparse_reference(*leaves, mask, block_size=bs, causal=causal)
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(out.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dq.double(), leaves[0].grad, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_launchers_write_every_element(causal):
     from attnlib.block_mask import block_mask_to_col_index, block_mask_to_index

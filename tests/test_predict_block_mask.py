@@ -22,6 +22,19 @@ def test_triton_scores_match_torch():
         torch.testing.assert_close(a.sum(-1), torch.ones_like(a[..., 0]))
 
 
+@pytest.mark.parametrize("block_size", [(24, 24), (16, 40), (3, 5)])
+def test_block_size_not_a_power_of_two(block_size):
+    # the Triton mean pool runs its rows over the next power of two, masked to the block
+    q, k, _ = make_qkv(1, 2, 70, 32, seq_k=90, device=DEVICE, seed=7, k_bias=2.0)
+    for causal in (False, True):
+        a = block_scores(q, k, block_size, 32 ** -0.5, causal, use_triton=True)
+        b = block_scores(q, k, block_size, 32 ** -0.5, causal, use_triton=False)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    m = attnlib.predict_block_mask(q, k, block_size=block_size, topk=1.0, causal=True)
+    mq, mk = -(-70 // block_size[0]), -(-90 // block_size[1])
+    assert torch.equal(m, _visible_blocks(mq, mk, block_size, 70, 90, True, q.device).expand_as(m))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_topk_one_gives_every_visible_block(causal):
     q, k, _ = make_qkv(1, 2, 100, 32, seq_k=130, device=DEVICE, seed=2)
@@ -67,7 +80,7 @@ def test_sink_and_diagonal_kept_and_causal_respected(causal):
     vis = _visible_blocks(5, 7, (16, 16), 80, 112, causal, q.device)
     diag = _diagonal_blocks(5, 7, (16, 16), 80, 112, q.device)
     assert torch.all(m[..., 0])
-    assert torch.equal(m, (diag | (torch.arange(7) == 0)[None, :]).expand_as(m) & vis)
+    assert torch.equal(m, (diag | (torch.arange(7, device=q.device) == 0)[None, :]).expand_as(m) & vis)
     assert not torch.any(m & ~vis)
     # the predicted mask runs through block_sparse_attention
     attnlib.block_sparse_attention(q, k, k, m, block_size=(16, 16), causal=causal)
@@ -85,3 +98,10 @@ def test_bad_arguments_are_named():
         attnlib.predict_block_mask(q, k, block_size=(16,), topk=0.5)
     with pytest.raises(TypeError, match="keep_sink"):
         attnlib.predict_block_mask(q, k, block_size=(16, 16), topk=0.5, keep_sink=1)
+    # scale follows attention()'s rule (attnlib.inputs.check_scale): a finite positive number or None
+    with pytest.raises(TypeError, match="scale"):
+        attnlib.predict_block_mask(q, k, block_size=(16, 16), topk=0.5, scale="x")
+    for bad in (float("nan"), float("inf"), 0.0, -0.5):
+        with pytest.raises(ValueError, match="scale"):
+            attnlib.predict_block_mask(q, k, block_size=(16, 16), topk=0.5, scale=bad)
+    assert attnlib.predict_block_mask(q, k, block_size=(16, 16), topk=0.5, scale=0.1).shape == (1, 1, 2, 2)

@@ -1,7 +1,8 @@
 """Triton sage kernel (sage-triton): fused quantization, INT8 attention, accuracy contract.
 
-On CPU these run under TRITON_INTERPRET=1 at small shapes; bf16 (the interpreter's bf16 dots are
-wrong), pv="fp8" (so are its fp8 dots) and long sequences are gpu tests.
+On CPU these run under TRITON_INTERPRET=1 at small shapes; pv="fp8" (the interpreter's fp8 dots
+are wrong) and long sequences are gpu tests. bf16 runs on CPU too (sage's dots are INT8 and fp16,
+never bf16), to a bound that allows for the interpreter's bf16 output cast (see BF16_OUT_REL_L1).
 
 Bounds, all against fresh random inputs:
 - Accuracy contract against exact float64 attention: cos >= 0.999 and relative L1 <= 0.02 for
@@ -35,6 +36,13 @@ COS_MIN, REL_L1_MAX = 0.999, 0.02          # the issue's contract, pv fp16 / fp1
 FP8_COS_MIN, FP8_REL_L1_MAX = 0.998, 0.05  # e4m3 P and V (see the module docstring)
 SIM_REL_L1, SIM_LSE_ATOL = 1e-3, 1e-4      # Triton vs the simulation
 FP8_SIM_REL_L1, FP8_SIM_LSE_ATOL = 1e-2, 1e-3
+# bf16 inputs compute as fp16 ones do (Q, K quantized to INT8 from fp32; V cast to fp16 for PV):
+# only the output's bf16 rounding differs. The interpreter's fp32 -> bf16 cast truncates (rounds
+# toward zero; the GPU rounds to nearest), an error of frac * ulp with frac ~ U[0, 1) and
+# ulp <= 2^-7 |x| (8 significant bits): relative L1 at most 2^-8 in expectation (~2.8e-3
+# measured, E[1 / mantissa] ~ 0.72; round to nearest halves it). Against the unrounded float32
+# simulation the bound is therefore SIM_REL_L1 + BF16_OUT_REL_L1.
+BF16_OUT_REL_L1 = 2.0 ** -8
 
 
 def _bhsd(t, layout):
@@ -96,6 +104,29 @@ def test_forward(case):
     check_case(q, k, v, causal=causal, layout=layout, pv=pv, qk_granularity=gran)
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6]], ids=["causal", "mqa", "gqa-fp16_accum"])
+def test_bf16_output_rounding(case):
+    b, hq, hkv, sq, sk, d, causal, layout, _, gran, pv = case
+    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, dtype=torch.bfloat16, device=DEVICE, layout=layout,
+                       k_bias=2.0, seed=sq + sk + d)
+    kw = dict(causal=causal, layout=layout, pv=pv, qk_granularity=gran)
+    # bf16 dots never run, so the interpreter's bf16 limit does not apply to sage-triton
+    assert attnlib.explain(q, k, v, method="sage", backend="triton", **kw).chosen.name == "sage-triton"
+    out, lse = attnlib.sage_attention(q, k, v, return_lse=True, backend="triton", **kw)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    qb, kb, vb = (_bhsd(t, layout).float() for t in (q, k, v))  # bf16 -> fp32 is exact
+    sim, sim_lse = sage_reference(qb, kb, vb, causal=causal, return_lse=True, pv=pv, qk_granularity=gran)
+    o = _bhsd(out, layout)
+    m_sim = metrics(o, sim)
+    assert m_sim["rel_l1"] <= SIM_REL_L1 + BF16_OUT_REL_L1, describe_mismatch(o, sim) + f"\n  {m_sim}"
+    assert_verbose_allclose(lse, sim_lse, atol=SIM_LSE_ATOL, name="lse vs simulation")  # float32: no rounding
+    exact, exact_lse = flash_reference(qb.double(), kb.double(), vb.double(), causal=causal, return_lse=True)
+    visible = torch.isfinite(exact_lse)
+    m = metrics(o[visible], exact[visible])
+    assert m["cos_sim"] >= COS_MIN and m["rel_l1"] <= REL_L1_MAX, m
+    assert torch.all(o[~visible] == 0)
+
+
 def test_no_smoothing_matches_simulation():
     q, k, v = make_qkv(1, 2, 45, 64, seq_k=77, dtype=F16, device=DEVICE, seed=21)
     check_case(q, k, v, causal=True, smooth_k=False)
@@ -115,17 +146,40 @@ def test_contract_fp8_simulation():
     assert m["cos_sim"] >= FP8_COS_MIN and m["rel_l1"] <= FP8_REL_L1_MAX, m
 
 
-def test_contract_biased_keys_smoothing_is_real():
+def _assert_smoothing_is_real(pv, smooth, rough, exact):
     """K with per-channel means ~10x its std (DiT-like): smoothing keeps the contract; without
-    it the same inputs are clearly worse (INT8 steps sized by the bias swamp the signal)."""
-    q, k, v = make_qkv(1, 2, 256, 64, dtype=F16, device=DEVICE, k_bias=10.0)
-    exact = flash_reference(q.double(), k.double(), v.double())
-    smooth = attnlib.sage_attention(q, k, v, backend="triton")
-    rough = attnlib.sage_attention(q, k, v, smooth_k=False, backend="triton")
+    it the same inputs are clearly worse (INT8 steps sized by the bias swamp the signal). For
+    pv="fp8" the e4m3 rounding of P and V (~0.038 relative L1, the module docstring) sits in
+    both errors, so the smooth/rough ratio is smaller. Measured in the simulation, rough/smooth
+    relative L1: fp16 4.0-6.5 (40 seeds, 1x2x256); fp8 1.6-2.3 (40 seeds, 1x2x256) and 1.7-2.1
+    (15 seeds, 2x4x1024, the shape used for fp8), rough fp8 relative L1 >= 0.06."""
+    cos_min, l1_max = (FP8_COS_MIN, FP8_REL_L1_MAX) if pv == "fp8" else (COS_MIN, REL_L1_MAX)
+    worse = 1.5 if pv == "fp8" else 3.0
     ms, mr = metrics(smooth, exact), metrics(rough, exact)
-    assert ms["cos_sim"] >= COS_MIN and ms["rel_l1"] <= REL_L1_MAX, ms
-    assert mr["rel_l1"] >= 3 * ms["rel_l1"] and mr["rel_l1"] > REL_L1_MAX, (ms, mr)
+    assert ms["cos_sim"] >= cos_min and ms["rel_l1"] <= l1_max, ms
+    assert mr["rel_l1"] >= worse * ms["rel_l1"] and mr["rel_l1"] > l1_max, (ms, mr)
     assert mr["cos_sim"] < ms["cos_sim"], (ms, mr)
+
+
+@pytest.mark.parametrize("pv", ["fp16", "fp16_accum", pytest.param("fp8", marks=pytest.mark.gpu)])
+def test_contract_biased_keys_smoothing_is_real(pv):
+    if pv == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("pv='fp8' needs sm_89+")
+    # fp8: a larger shape, so the metrics average over more rows (its ratio has less room)
+    b, h, s = (2, 4, 1024) if pv == "fp8" else (1, 2, 256)
+    q, k, v = make_qkv(b, h, s, 64, dtype=F16, device=DEVICE, k_bias=10.0)
+    exact = flash_reference(q.double(), k.double(), v.double())
+    smooth = attnlib.sage_attention(q, k, v, pv=pv, backend="triton")
+    rough = attnlib.sage_attention(q, k, v, pv=pv, smooth_k=False, backend="triton")
+    _assert_smoothing_is_real(pv, smooth, rough, exact)
+
+
+def test_contract_biased_keys_smoothing_is_real_fp8_simulation():
+    """pv="fp8" on CPU: the simulation (the kernel's GPU test above holds it to the same bounds)."""
+    q, k, v = make_qkv(2, 4, 1024, 64, dtype=F16, k_bias=10.0)
+    exact = flash_reference(q.double(), k.double(), v.double())
+    _assert_smoothing_is_real("fp8", sage_reference(q, k, v, pv="fp8"),
+                              sage_reference(q, k, v, pv="fp8", smooth_k=False), exact)
 
 
 # -- quantization kernels ---------------------------------------------------------------------------

@@ -129,7 +129,38 @@ def sage_quant_spec(tensor: str) -> KernelSpec:
 
 SAGE_SPECS = tuple(sage_fwd_spec(hd, c, pv) for hd in (64, 128) for c in (False, True)
                    for pv in ("fp16", "fp16_accum")) + tuple(sage_quant_spec(t) for t in SAGE_QUANT_TENSORS)
-ALL_SPECS: tuple[KernelSpec, ...] = FLASH_FWD_SPECS + FLASH_FWD_TILE128_SPECS + SAGE_SPECS
+
+
+BLOCK_SPARSE_BLOCK_SIZES = ((64, 64), (128, 64))
+
+
+def block_sparse_fwd_spec(head_dim: int, dtype: str, causal: bool, block_m: int = 64, block_n: int = 64
+                          ) -> KernelSpec:
+    """csrc/block_sparse/block_sparse_fwd.cu for one parameter set (the flash traits' tile)."""
+    if head_dim not in (64, 128):
+        raise ValueError(f"block_sparse_fwd is built for head dims 64 and 128, not {head_dim}")
+    if dtype not in DTYPES:
+        raise ValueError(f"block_sparse_fwd dtype must be one of {DTYPES}, got {dtype!r}")
+    if (block_m, block_n) not in BLOCK_SPARSE_BLOCK_SIZES:
+        raise ValueError(f"block_sparse_fwd block size must be one of {BLOCK_SPARSE_BLOCK_SIZES}, "
+                         f"got {(block_m, block_n)}")
+    return KernelSpec(
+        name=f"block_sparse_fwd_hd{head_dim}_{dtype}_causal{int(causal)}_bm{block_m}_bn{block_n}",
+        source="block_sparse/block_sparse_fwd.cu",
+        entry="attnlib_block_sparse_fwd",
+        defines=(("ATTNLIB_HEAD_DIM", str(head_dim)), ("ATTNLIB_BF16", str(int(dtype == "bf16"))),
+                 ("ATTNLIB_CAUSAL", str(int(causal))), ("ATTNLIB_BLOCK_M", str(block_m)),
+                 ("ATTNLIB_BLOCK_N", str(block_n))),
+        smem_bytes=flash_fwd_smem_bytes(head_dim, block_m, block_n),  # as the flash traits
+        threads=32 * (block_m // 16),
+        min_arch=80,
+    )
+
+
+BLOCK_SPARSE_FWD_SPECS = tuple(block_sparse_fwd_spec(hd, dt, c, bm, bn) for hd in (64, 128) for dt in DTYPES
+                               for c in (False, True) for bm, bn in BLOCK_SPARSE_BLOCK_SIZES)
+ALL_SPECS: tuple[KernelSpec, ...] = (FLASH_FWD_SPECS + FLASH_FWD_TILE128_SPECS + SAGE_SPECS
+                                     + BLOCK_SPARSE_FWD_SPECS)
 
 
 # -- sources ------------------------------------------------------------------------------

@@ -9,40 +9,18 @@ import math
 
 import torch
 
+from ..cuda.specs import BLOCK_SPARSE_BLOCK_SIZES, BLOCK_SPARSE_FWD_SPECS, block_sparse_fwd_spec
 from ..dispatch import register
 from ..inputs import AttentionInputs
 from .families import CudaKernel
 from .flash_cuda import LOG2E
 
-BLOCK_SIZES = ((64, 64), (128, 64))
-
-
-def block_sparse_fwd_spec(head_dim: int, dtype: str, causal: bool, block_m: int = 64, block_n: int = 64):
-    """csrc/block_sparse/block_sparse_fwd.cu for one parameter set (the flash traits' tile)."""
-    from ..cuda.specs import DTYPES, KernelSpec
-
-    if head_dim not in (64, 128):
-        raise ValueError(f"block_sparse_fwd is built for head dims 64 and 128, not {head_dim}")
-    if dtype not in DTYPES:
-        raise ValueError(f"block_sparse_fwd dtype must be one of {DTYPES}, got {dtype!r}")
-    if (block_m, block_n) not in BLOCK_SIZES:
-        raise ValueError(f"block_sparse_fwd block size must be one of {BLOCK_SIZES}, got {(block_m, block_n)}")
-    return KernelSpec(
-        name=f"block_sparse_fwd_hd{head_dim}_{dtype}_causal{int(causal)}_bm{block_m}_bn{block_n}",
-        source="block_sparse/block_sparse_fwd.cu",
-        entry="attnlib_block_sparse_fwd",
-        defines=(("ATTNLIB_HEAD_DIM", str(head_dim)), ("ATTNLIB_BF16", str(int(dtype == "bf16"))),
-                 ("ATTNLIB_CAUSAL", str(int(causal))), ("ATTNLIB_BLOCK_M", str(block_m)),
-                 ("ATTNLIB_BLOCK_N", str(block_n))),
-        smem_bytes=2 * head_dim * (block_m + 4 * block_n),  # as the flash traits
-        threads=32 * (block_m // 16),
-        min_arch=80,
-    )
+BLOCK_SIZES = BLOCK_SPARSE_BLOCK_SIZES
 
 
 def all_specs():
-    return tuple(block_sparse_fwd_spec(hd, dt, c, bm, bn) for hd in (64, 128) for dt in ("fp16", "bf16")
-                 for c in (False, True) for bm, bn in BLOCK_SIZES)
+    """Every compiled specialisation (all in cuda.specs.ALL_SPECS: NVRTC tests, AOT cubins)."""
+    return BLOCK_SPARSE_FWD_SPECS
 
 
 def _strides_bhm(t: torch.Tensor):

@@ -24,6 +24,9 @@ class SageTriton(TritonKernel):
     name = "sage-triton"
     method = "sage"
     supports_backward = False
+    # its dots are INT8 QK^T and fp16 (or fp8) PV: bf16 inputs are quantized or cast before any
+    # dot, so the interpreter's broken bf16 tl.dot is never reached (pv="fp8" is refused there)
+    interpret_bf16_ok = True
     options = ("smooth_k", "qk_granularity", "pv")
 
     def extra_reasons(self, inp: AttentionInputs) -> list[str]:

@@ -10,14 +10,16 @@ import triton.language as tl
 
 @triton.jit(do_not_specialize=["seq"])
 def mean_pool_kernel(X, P, stride_xb, stride_xh, stride_xs, stride_xd, heads, num_blocks, seq,
-                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """Grid (blocks, heads, batch): P[b, h, i] = mean of rows [i*BLOCK, min((i+1)*BLOCK, seq))."""
+                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_PAD: tl.constexpr):
+    """Grid (blocks, heads, batch): P[b, h, i] = mean of rows [i*BLOCK, min((i+1)*BLOCK, seq)).
+    BLOCK may be any size: rows run over the power of two BLOCK_PAD >= BLOCK, masked to BLOCK."""
     i = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    rows = i * BLOCK + tl.arange(0, BLOCK)
+    offs_r = tl.arange(0, BLOCK_PAD)
+    rows = i * BLOCK + offs_r
     offs_d = tl.arange(0, D_PAD)
-    ok = (rows < seq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    ok = ((offs_r < BLOCK) & (rows < seq))[:, None] & (offs_d < HEAD_DIM)[None, :]
     x = tl.load(X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + rows[:, None].to(tl.int64) * stride_xs
                 + offs_d[None, :] * stride_xd, mask=ok, other=0.0).to(tl.float32)
     count = tl.minimum(seq - i * BLOCK, BLOCK).to(tl.float32)
@@ -63,7 +65,7 @@ def mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
     out = torch.empty(b, h, m, d, dtype=torch.float32, device=x.device)
     if out.numel():
         mean_pool_kernel[(m, h, b)](x, out, *x.stride(), h, m, s, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)),
-                                    BLOCK=block)
+                                    BLOCK=block, BLOCK_PAD=triton.next_power_of_2(block))
     return out
 
 
