@@ -51,24 +51,27 @@ def _check_cu_seqlens(name: str, cu, total: int, device: torch.device, max_name:
                          f"({int(lens.max())})")
 
 
-def _triton_reasons(q, k, v, causal: bool, scale: float) -> list[str]:
-    """Why the Triton kernel cannot run these packed tensors (empty list: it can)."""
+def _triton_reasons(q, k, v, cu_seqlens_q, causal: bool, scale: float) -> list[str]:
+    """Why the Triton kernel cannot run these packed tensors (empty list: it can). The dense
+    kernel's checks (dtype, head dim, bf16 under the interpreter, heads on grid axis y) apply to
+    the (1, heads, total, d) view; the sequences go on grid axis z, where batch would."""
+    from .kernels.families import grid_yz_reasons
     from .kernels.flash_triton import FlashTriton
 
     def view(x):  # (total, heads, d) -> (1, heads, total, d), as the kernel sees it
         return x.unsqueeze(0).transpose(1, 2)
 
     inp = AttentionInputs(q=view(q), k=view(k), v=view(v), method="flash", causal=causal, scale=scale)
-    return FlashTriton().not_supported_reasons(inp)
+    return FlashTriton().not_supported_reasons(inp) + grid_yz_reasons({"sequences": cu_seqlens_q.shape[0] - 1})
 
 
-def _pick_backend(backend: str, q, k, v, causal: bool, scale: float) -> str:
+def _pick_backend(backend: str, q, k, v, cu_seqlens_q, causal: bool, scale: float) -> str:
     backend = effective_backend(backend)
     if backend == "torch":
         return "torch"
     if backend == "cuda":
         raise NoKernelError("flash_attention_varlen has no cuda backend; use backend='triton' or 'torch'")
-    reasons = _triton_reasons(q, k, v, causal, scale)
+    reasons = _triton_reasons(q, k, v, cu_seqlens_q, causal, scale)
     if backend == "triton" and reasons:
         raise NoKernelError("flash_attention_varlen: backend='triton' cannot run this call:\n"
                             + "\n".join(f"  - {r}" for r in reasons))
@@ -97,7 +100,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         scale = check_scale(scale, q.shape[2])
-        _pick_backend(backend, q, k, v, causal, scale)  # raises for a backend that cannot run it
+        _pick_backend(backend, q, k, v, cu_seqlens_q, causal, scale)  # raises for a backend that cannot run it
     elif scale is None:
         scale = q.shape[2] ** -0.5
     out, lse = torch.ops.attnlib.flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -120,7 +123,7 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 
 @torch.library.impl(_LIB, "flash_varlen", "CompositeExplicitAutograd")
 def _flash_varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend):
-    if _pick_backend(backend, q, k, v, causal, scale) == "torch":
+    if _pick_backend(backend, q, k, v, cu_q, causal, scale) == "torch":
         from .reference.flash_varlen import flash_varlen_reference
 
         out, lse = flash_varlen_reference(q, k, v, cu_q, cu_k, causal=causal, scale=scale, return_lse=True)
@@ -140,7 +143,7 @@ def _flash_varlen_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend
 
 @torch.library.impl(_LIB, "flash_varlen_backward", "CompositeExplicitAutograd")
 def _flash_varlen_backward_impl(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, backend):
-    if _pick_backend(backend, q, k, v, causal, scale) == "torch":
+    if _pick_backend(backend, q, k, v, cu_q, causal, scale) == "torch":
         from .reference.flash_varlen import flash_varlen_reference
 
         def f(q_, k_, v_):

@@ -334,6 +334,25 @@ def test_availability_reports_broken_nvrtc(monkeypatch):
     assert r and "NVRTC" in r[0] and "libnvrtc" in r[0]
 
 
+def test_no_visible_device_is_a_reason_but_compiling_still_works(monkeypatch):
+    """A host without a GPU: every CUDA kernel is listed unavailable with the reason, while
+    availability_reasons (what compilation needs, used to gate the compile tests) stays as is."""
+    import attnlib
+    import torch
+
+    before = loader.availability_reasons()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loader.availability_reasons() == before  # compilation needs no device
+    assert loader.device_reasons() and "no CUDA device is visible" in loader.device_reasons()[0]
+    rows = [k for k in attnlib.available_kernels() if k["backend"] == "cuda"]
+    assert {k["name"] for k in rows} >= {"flash-cuda", "sage-cuda", "block_sparse-cuda"}
+    for k in rows:
+        assert not k["available"], k
+        assert before or any("no CUDA device is visible" in r for r in k["reasons"]), k
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert loader.device_reasons() == []
+
+
 @needs_nvcc
 def test_compile_report():
     rows = toolchain.compile_report([specs.flash_fwd_spec(64, "fp16", False)])

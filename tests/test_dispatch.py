@@ -103,3 +103,60 @@ def test_register_twice_is_an_error():
     k = dispatch.kernels("flash")[0]
     with pytest.raises(ValueError, match="twice"):
         dispatch.register(k)
+
+
+def _triton_kernels(methods=None):
+    return [k for k in dispatch.kernels() if k.backend == "triton" and (methods is None or k.method in methods)]
+
+
+@pytest.mark.parametrize("kernel", _triton_kernels(), ids=lambda k: k.name)
+def test_triton_kernels_reject_bf16_under_the_interpreter(kernel, monkeypatch):
+    """Triton 3.6's interpreter computes tl.dot on bf16 operands wrongly: a kernel whose dots take
+    bf16 says so for bf16 CPU tensors (fp16 stays fine); one that casts first (interpret_bf16_ok) not."""
+    from attnlib.inputs import AttentionInputs
+    from attnlib.kernels.families import INTERPRET_BF16_REASON
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = make_qkv(1, 2, 16, 16, dtype=torch.bfloat16)
+    reasons = kernel.not_supported_reasons(AttentionInputs(q=q, k=k, v=v, method=kernel.method))
+    assert (INTERPRET_BF16_REASON in reasons) == (not kernel.interpret_bf16_ok), reasons
+    q, k, v = make_qkv(1, 2, 16, 16, dtype=torch.float16)
+    assert INTERPRET_BF16_REASON not in kernel.not_supported_reasons(
+        AttentionInputs(q=q, k=k, v=v, method=kernel.method))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs CPU tensors under the Triton interpreter")
+@pytest.mark.parametrize("kernel", _triton_kernels(("flash", "sage", "linear")), ids=lambda k: k.name)
+def test_bf16_cpu_under_the_interpreter_is_accurate(kernel, monkeypatch):
+    """backend="auto" on bf16 CPU tensors under the interpreter: a Triton kernel runs only where it
+    computes bf16 correctly there (interpret_bf16_ok); otherwise another kernel serves the call.
+    Either way the answer is the torch backend's (it was off by ~1e9 when flash-triton ran)."""
+    from attnlib.testing import metrics
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = make_qkv(1, 2, 48, 32, seq_k=40, dtype=torch.bfloat16, seed=0)
+    ex = attnlib.explain(q, k, v, method=kernel.method)
+    assert (ex.chosen is kernel) == kernel.interpret_bf16_ok, str(ex)
+    out = attnlib.attention(q, k, v, method=kernel.method)
+    want = attnlib.attention(q, k, v, method=kernel.method, backend="torch")
+    m = metrics(out, want)
+    assert m["finite"] and m["cos_sim"] > 0.999 and m["rel_l1"] < 2e-2, m
+
+
+@pytest.mark.parametrize("where", ["batch", "heads"])
+@pytest.mark.parametrize("name", ["flash-triton", "flash-cuda"])
+def test_grid_axis_limit_is_a_reason(name, where):
+    """Heads and batch go on grid axes y and z (at most 65535 each) in the flash kernels of both
+    families: more is a reason (and dispatch falls back), not a failed launch. Expanded views:
+    nothing big is allocated."""
+    from attnlib.inputs import AttentionInputs
+
+    kernel = next(k for k in dispatch.kernels("flash") if k.name == name)
+    shape = (70000, 2, 16, 16) if where == "batch" else (1, 70000, 16, 16)
+    q = torch.zeros(1, 1, 16, 16, dtype=torch.float16).expand(*shape)
+    inp = AttentionInputs(q=q, k=q, v=q, method="flash")
+    assert f"{where} 70000 exceeds 65535, the CUDA grid limit of the axis (y or z) it is launched on" \
+        in kernel.not_supported_reasons(inp)
+    ok = AttentionInputs(q=q[:65535] if where == "batch" else q[:, :65535], k=q, v=q, method="flash")
+    assert not any("grid limit" in r for r in kernel.not_supported_reasons(ok))
+    assert dispatch.explain(inp).chosen.name != name

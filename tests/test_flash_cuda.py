@@ -491,16 +491,22 @@ def test_backward_through_autograd(cuda_kernel):
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = flash_reference(qr, kr, vr, causal=True)
-    rq, rk, rv = torch.autograd.grad(ref, (qr, kr, vr), do.double())
-    for got, want, name in ((dq, rq, "dq"), (dk, rk, "dk"), (dv, rv, "dv")):
-        assert_verbose_allclose(got, want, atol=2e-2, rtol=2e-2, name=name)
+    want = torch.autograd.grad(ref, (qr, kr, vr), do.double())
+    # flash_attn's rule for gradients: 3x the error of plain PyTorch math's fp16 gradients, the
+    # baseline test_flash_triton holds the same (Triton) backward to
+    from test_flash_triton import torch_same_dtype
+
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    have = torch.autograd.grad(torch_same_dtype(qs, ks, vs, causal=True, scale=64 ** -0.5)[0], (qs, ks, vs), do)
+    for name, got, w, h in zip(("dq", "dk", "dv"), (dq, dk, dv), want, have):
+        assert_flash_rule(got, w, h, factor=3.0, name=name)
     # a direct kernel call with grad enabled goes through the kernel's own autograd.Function
     inp = attnlib.api.build_inputs(q, k, v, causal=True)
     out2 = cuda_kernel.forward(inp)
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
     dq2, dk2, dv2 = torch.autograd.grad(out2, (q, k, v), do)
-    for got, want, name in ((dq2, rq, "dq"), (dk2, rk, "dk"), (dv2, rv, "dv")):
-        assert_verbose_allclose(got, want, atol=2e-2, rtol=2e-2, name=name)
+    for name, got, w, h in zip(("dq", "dk", "dv"), (dq2, dk2, dv2), want, have):
+        assert_flash_rule(got, w, h, factor=3.0, name=name)
 
 
 @pytest.mark.gpu

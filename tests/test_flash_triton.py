@@ -44,11 +44,13 @@ def grads(out, inputs, dout):
     return [t.grad.detach().clone() for t in inputs]
 
 
-def check_against_reference(q, k, v, *, causal: bool, layout: str = "bhsd", backward: bool = True):
-    """Run attnlib (auto dispatch) on q, k, v and hold output, lse and gradients to the rule."""
+def check_against_reference(q, k, v, *, causal: bool, layout: str = "bhsd", backward: bool = True,
+                            backend: str = "auto"):
+    """Run attnlib (auto dispatch, or the backend named) on q, k, v and hold output, lse and
+    gradients to the rule."""
     scale = q.shape[-1] ** -0.5
     to_bhsd = (lambda x: x) if layout == "bhsd" else (lambda x: x.transpose(1, 2))
-    out, lse = attnlib.flash_attention(q, k, v, causal=causal, layout=layout, return_lse=True)
+    out, lse = attnlib.flash_attention(q, k, v, causal=causal, layout=layout, return_lse=True, backend=backend)
     qb, kb, vb = (to_bhsd(t) for t in (q, k, v))
     leaves = [t.detach().double().requires_grad_() for t in (qb, kb, vb)]
     ref, ref_lse = flash_reference(*leaves, causal=causal, scale=scale, return_lse=True)
@@ -81,14 +83,44 @@ CASES = [
 ]
 
 
+@pytest.fixture
+def triton_runs(monkeypatch):
+    """Records each call of flash-triton's forward and backward, so a test sees which kernel ran
+    (on a GPU, auto dispatch prefers flash-cuda where it fits)."""
+    from attnlib.kernels.flash_triton import FlashTriton
+
+    runs = []
+    fwd, bwd = FlashTriton.forward, FlashTriton.backward
+    monkeypatch.setattr(FlashTriton, "forward", lambda self, *a, **kw: runs.append("fwd") or fwd(self, *a, **kw))
+    monkeypatch.setattr(FlashTriton, "backward", lambda self, *a, **kw: runs.append("bwd") or bwd(self, *a, **kw))
+    return runs
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}kv{}q{}k{}d{}{}-{}".format(
     c[0], c[1], c[2], c[3], c[4], c[5], "-causal" if c[6] else "", c[7]))
-def test_forward_backward(case, dtype):
+def test_forward_backward(case, dtype, triton_runs):
     b, hq, hkv, sq, sk, d, causal, layout = case
     q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, dtype=dtype, device=DEVICE, layout=layout,
                        requires_grad=True, seed=sq * 1000 + sk)
-    check_against_reference(q, k, v, causal=causal, layout=layout)
+    if DEVICE == "cpu":  # under the interpreter auto dispatch must pick the Triton kernel
+        assert attnlib.explain(q, k, v, causal=causal, layout=layout).chosen.name == "flash-triton"
+    check_against_reference(q, k, v, causal=causal, layout=layout, backend="triton")
+    assert triton_runs == ["fwd", "bwd"]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_is_deterministic(causal, triton_runs):
+    """Two backward passes over the same inputs give bitwise identical gradients: dK/dV sum the
+    GQA group inside one program, dQ is one program per query block (no atomics anywhere)."""
+    q, k, v = make_qkv(1, 4, 45, 40, kv_heads=2, seq_k=37, dtype=torch.float16, device=DEVICE,
+                       requires_grad=True, seed=12)
+    dout = torch.randn(1, 4, 45, 40, generator=torch.Generator().manual_seed(13)).to(DEVICE, torch.float16)
+    runs = [grads(attnlib.flash_attention(q, k, v, causal=causal, backend="triton"), (q, k, v), dout)
+            for _ in range(2)]
+    assert triton_runs == ["fwd", "bwd"] * 2
+    for name, a, b in zip(("dq", "dk", "dv"), *runs):
+        assert torch.equal(a, b), f"{name} differs between two backward runs"
 
 
 def test_strided_views_with_storage_offset():
@@ -150,6 +182,36 @@ def test_launchers_write_every_element(causal):
     bwd_dq(q, k, v, dout, lse, delta, dq, causal=causal, scale=40 ** -0.5, varlen=None)
     for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
         assert torch.isfinite(t).all(), f"{name} not fully written"
+
+
+def test_autotune_key_separates_head_dims_and_dtypes():
+    """The flash kernels re-tune per real head dim (72 and 96 share D_PAD 128), causal flag and
+    dtype. The dtype comes from Triton itself: its Autotuner appends each tensor argument's
+    dtype to the key (checked here on a two-config kernel with benchmarking stubbed out)."""
+    import triton.language as tl
+
+    from attnlib.triton_kernels.flash import backward, configs, forward
+
+    for kernel in (forward.flash_fwd_kernel, backward.flash_bwd_dkdv_kernel, backward.flash_bwd_dq_kernel):
+        assert kernel.keys == configs.AUTOTUNE_KEY
+    assert {"HEAD_DIM", "CAUSAL", "VARLEN"} <= set(configs.AUTOTUNE_KEY)
+    assert {"HEAD_DIM", "CAUSAL"} <= set(configs.TMA_AUTOTUNE_KEY)
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=configs.AUTOTUNE_KEY)
+    @triton.jit
+    def scale2(X, n, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+               BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(X + offs, tl.load(X + offs, mask=offs < n) * 2, mask=offs < n)
+
+    scale2._bench = lambda *args, config, **kw: [float(config.kwargs["BLOCK"])]  # no GPU timing here
+    for dtype in (torch.float16, torch.float32):
+        for head_dim in (72, 96):
+            scale2[(1,)](torch.ones(8, dtype=dtype, device=DEVICE), 8, HEAD_DIM=head_dim, D_PAD=128, CAUSAL=False,
+                         VARLEN=False)
+    assert len(scale2.cache) == 4, list(scale2.cache)
+    assert {k[0] for k in scale2.cache} == {72, 96}
+    assert {k[-1] for k in scale2.cache} == {"torch.float16", "torch.float32"}
 
 
 def test_output_in_caller_layout():
@@ -354,9 +416,29 @@ def test_tma_bf16_head_dims(head_dim, causal, tma_launches):
     check_forward(out, lse, q, k, v, causal=causal)
 
 
+# realistic sizes: layouts x GQA x odd lengths x 16-bit dtypes x head dims, forward and backward
+# on the Triton kernel (forced: auto prefers flash-cuda where it fits), flash_attn's rule
+GPU_GRID_LENGTHS = [(1000, 1000, False), (4097, 4097, True)]  # (seq_q, seq_k, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("lengths", GPU_GRID_LENGTHS, ids=lambda x: f"q{x[0]}k{x[1]}{'-causal' if x[2] else ''}")
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_gpu_grid_forward_backward(layout, heads, lengths, dtype, head_dim, triton_runs):
+    (hq, hkv), (sq, sk, causal) = heads, lengths
+    q, k, v = make_qkv(1, hq, sq, head_dim, kv_heads=hkv, seq_k=sk, dtype=dtype, device="cuda", layout=layout,
+                       requires_grad=True, seed=sq + head_dim + hq)
+    check_against_reference(q, k, v, causal=causal, layout=layout, backend="triton")
+    assert triton_runs == ["fwd", "bwd"]
+
+
 @pytest.mark.gpu
 def test_32k_tokens_index_overflow():
-    """q with more than 2**31 elements: batch/head offsets must be 64-bit."""
+    """q with more than 2**31 elements: batch/head offsets must be 64-bit. Checked on the last
+    64 query rows of two heads with flash_attn's rule (float64 reference, fp16 PyTorch baseline)."""
     b, s, hq, hkv, d = 17, 32768, 32, 8, 128  # q: 2.28e9 elements, > 2**31
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(b, s, hq, d, device="cuda", dtype=torch.float16, generator=gen)
@@ -367,9 +449,40 @@ def test_32k_tokens_index_overflow():
     for hh in (0, hq - 1):
         qb = q[-1:, rows, hh:hh + 1].transpose(1, 2)
         kb, vb = (t[-1:, :, hh // (hq // hkv):hh // (hq // hkv) + 1].transpose(1, 2) for t in (k, v))
-        ref = flash_reference(qb, kb, vb, causal=True)  # 64 queries aligned to the last keys
+        # 64 queries aligned to the last keys (causal is bottom-right aligned)
+        ref = flash_reference(qb.double(), kb.double(), vb.double(), causal=True, scale=d ** -0.5)
+        base, _ = torch_same_dtype(qb, kb, vb, causal=True, scale=d ** -0.5)
         got = out[-1:, rows, hh:hh + 1].transpose(1, 2)
-        assert (got.float() - ref.float()).abs().max().item() < 2e-3
+        assert_flash_rule(got, ref, base, name=f"out rows {rows.start}: of head {hh}")
+
+
+@pytest.mark.gpu
+def test_key_offsets_past_2_31_elements():
+    """K and V rows 2**21 elements apart (views into one 4.6 GB buffer, only their rows written):
+    the key-block offset lo * stride passes 2**31 for the tail blocks of 1100 keys, in the
+    forward and in dQ's key loop, and must be computed in 64 bits."""
+    s, d, row = 1100, 64, 2 ** 21
+    buf = torch.empty(s * row, device="cuda", dtype=torch.float16)
+    k = buf.as_strided((1, 1, s, d), (0, 0, row, 1))
+    v = buf.as_strided((1, 1, s, d), (0, 0, row, 1), storage_offset=d)
+    kc, vc = make_qkv(1, 1, s, d, dtype=torch.float16, device="cuda", seed=14)[1:]
+    k.copy_(kc), v.copy_(vc)
+    q = make_qkv(1, 1, s, d, dtype=torch.float16, device="cuda", seed=15)[0]
+    for causal in (False, True):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # views: the strides stay
+        assert leaves[1].stride() == (0, 0, row, 1)
+        out = attnlib.flash_attention(*leaves, causal=causal, backend="triton")
+        ref = flash_reference(q.double(), kc.double(), vc.double(), causal=causal)
+        base, _ = torch_same_dtype(q, kc, vc, causal=causal, scale=d ** -0.5)
+        assert_flash_rule(out, ref, base)
+        dout = torch.randn_like(out)
+        got = grads(out, leaves, dout)
+        dense = [t.detach().clone().requires_grad_() for t in (q, kc, vc)]
+        want = grads(attnlib.flash_attention(*dense, causal=causal, backend="triton"), dense, dout)
+        for name, g, w in zip(("dq", "dk", "dv"), got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
+    del buf, k, v
+    torch.cuda.empty_cache()
 
 
 @pytest.mark.gpu

@@ -101,6 +101,56 @@ def test_torch_and_triton_backends_agree():
     assert torch.all(o2[9:] == 0) and torch.all(l2[:, 9:] == float("-inf"))  # last sequence has no keys
 
 
+def test_strided_cu_seqlens(triton_calls):
+    """cu_seqlens as a strided view (every other entry of a buffer) give the same answer as the
+    contiguous tensors: the kernels read cu[b] at stride 1, so the view must not reach them as is."""
+    lq, lk = [3, 0, 9, 5], [5, 2, 7, 1]
+    q, k, v = packed(lq, lk, 2, 1, 32, torch.float32, seed=3)
+
+    def strided(cu):
+        buf = torch.zeros(2 * cu.shape[0], dtype=torch.int32, device=DEVICE)  # odd entries: 0
+        buf[::2] = cu
+        return buf[::2]
+
+    cq, ck = cu_seqlens(lq), cu_seqlens(lk)
+    sq, sk = strided(cq), strided(ck)
+    assert not sq.is_contiguous() and torch.equal(sq, cq)
+    o1, l1 = attnlib.flash_attention_varlen(q, k, v, cq, ck, 9, 7, causal=True, return_lse=True)
+    dout = torch.randn_like(o1)
+    g1 = grads(o1, (q, k, v), dout)
+    o2, l2 = attnlib.flash_attention_varlen(q, k, v, sq, sk, 9, 7, causal=True, return_lse=True)
+    g2 = grads(o2, (q, k, v), dout)
+    assert triton_calls == [1, 1]
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    for name, a, b in zip(("dq", "dk", "dv"), g1, g2):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs CPU tensors under the Triton interpreter")
+def test_bf16_on_cpu_runs_the_reference(triton_calls):
+    """The interpreter computes bf16 tl.dot wrongly: auto serves bf16 CPU calls with the reference,
+    and a forced Triton backend says why it cannot."""
+    lq, lk = [3, 6], [5, 4]
+    q, k, v = (t.detach() for t in packed(lq, lk, 2, 1, 32, torch.bfloat16, seed=4))
+    args = (q, k, v, cu_seqlens(lq), cu_seqlens(lk), 6, 5)
+    out = attnlib.flash_attention_varlen(*args)
+    assert not triton_calls
+    ref = flash_varlen_reference(q.double(), k.double(), v.double(), args[3], args[4])
+    assert (out.double() - ref).abs().max().item() < 2e-2
+    with pytest.raises(attnlib.NoKernelError, match="bf16 under the Triton interpreter"):
+        attnlib.flash_attention_varlen(*args, backend="triton")
+
+
+def test_too_many_sequences_for_the_grid():
+    """Sequences go on grid axis z (at most 65535): more is a reason, not a failed launch. The
+    tensors are expanded views, so nothing big is allocated."""
+    n = 70000
+    q = torch.zeros(1, 2, 16, device=DEVICE).expand(n, 2, 16)
+    cu = torch.arange(n + 1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(attnlib.NoKernelError, match="sequences 70000 exceeds 65535"):
+        attnlib.flash_attention_varlen(q, q, q, cu, cu, 1, 1, backend="triton")
+
+
 def test_forced_triton_without_interpreter_raises(monkeypatch, triton_calls):
     if torch.cuda.is_available():
         pytest.skip("tensors are on the GPU")

@@ -83,7 +83,9 @@ def nvrtc_archs() -> tuple[int, ...] | None:
 
 
 def availability_reasons() -> list[str]:
-    """Why no attnlib CUDA kernel can run in this install ([] when CuPy and NVRTC load)."""
+    """Why attnlib cannot compile its CUDA kernels in this install ([] when CuPy and NVRTC load).
+    Compiling needs no GPU (tests and ahead-of-time builds compile for sm_80/sm_90 on CPU hosts);
+    running one also needs a visible device: see device_reasons."""
     global _availability
     if _availability is not None:
         return list(_availability)
@@ -101,6 +103,17 @@ def availability_reasons() -> list[str]:
                                f"({type(e).__name__}: {e}); pip install nvidia-cuda-nvrtc")
         _availability = reasons
     return list(reasons)
+
+
+def device_reasons() -> list[str]:
+    """Why no attnlib CUDA kernel can run on this host ([] when torch sees a CUDA device): the
+    kernels take torch's CUDA tensors and launch on torch's device and stream."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ["no CUDA device is visible (torch.cuda.is_available() is False); the CUDA kernels "
+                "compile without one but run only on a GPU"]
+    return []
 
 
 def arch_reasons(spec: KernelSpec, cc: tuple[int, int]) -> list[str]:

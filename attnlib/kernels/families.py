@@ -8,6 +8,19 @@ from ..dispatch import Kernel
 from ..inputs import AttentionInputs
 
 GRID_YZ_MAX = 65535  # CUDA grid limit on the y and z dimensions (heads, batch)
+INTERPRET_BF16_REASON = ("bf16 under the Triton interpreter: tl.dot on bf16 operands is computed wrongly "
+                         "there (GPU only)")
+
+
+def interpreter_bf16_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Triton 3.6's CPU interpreter returns garbage from tl.dot on bf16 operands (errors ~1e9)."""
+    return [INTERPRET_BF16_REASON] if device.type == "cpu" and dtype == torch.bfloat16 else []
+
+
+def grid_yz_reasons(sizes: dict[str, int]) -> list[str]:
+    """sizes: what a launch puts on grid axes y and z, by name; each axis holds at most GRID_YZ_MAX."""
+    return [f"{name} {n} exceeds {GRID_YZ_MAX}, the CUDA grid limit of the axis (y or z) it is launched on"
+            for name, n in sizes.items() if n > GRID_YZ_MAX]
 
 
 class TritonKernel(Kernel):
@@ -18,12 +31,27 @@ class TritonKernel(Kernel):
     priority = 20
     devices = ("cuda",)
     interpret_ok = True
+    # True where no tl.dot of the kernel takes bf16 operands (they are cast to fp16/int8 first),
+    # so bf16 CPU tensors run correctly under the interpreter
+    interpret_bf16_ok = False
     requires = ("triton",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     head_dim_multiple = 8  # other head dims are masked up to the next power of two
     max_head_dim = 256
     needs_unit_last_stride = True
     same_head_dim_v = True
+
+    def grid_yz(self, inp: AttentionInputs) -> dict[str, int]:
+        """What this kernel's launches put on grid axes y and z; override where it differs from
+        the common (blocks, heads, batch) grid (e.g. batch * heads on one axis)."""
+        return {"heads": inp.heads_q, "batch": inp.batch}
+
+    def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
+        r = super().not_supported_reasons(inp)
+        if self.interpret_ok and not self.interpret_bf16_ok:
+            r.extend(interpreter_bf16_reasons(inp.device, inp.dtype))
+        r.extend(grid_yz_reasons(self.grid_yz(inp)))
+        return r
 
 
 def alignment_reasons(inp: AttentionInputs) -> list[str]:
@@ -62,7 +90,7 @@ class CudaKernel(Kernel):
             return r
         from ..cuda import loader
 
-        return loader.availability_reasons()
+        return loader.availability_reasons() + loader.device_reasons()
 
     def kernel_reasons(self, inp: AttentionInputs) -> list[str]:
         """This kernel's own limits (options it lacks); override."""
@@ -74,8 +102,7 @@ class CudaKernel(Kernel):
 
     def extra_reasons(self, inp: AttentionInputs) -> list[str]:
         r = self.kernel_reasons(inp)
-        if inp.heads_q > GRID_YZ_MAX or inp.batch > GRID_YZ_MAX:
-            r.append(f"batch and heads must be <= {GRID_YZ_MAX} (grid limits)")
+        r.extend(grid_yz_reasons({"heads": inp.heads_q, "batch": inp.batch}))
         if max(inp.seq_q, inp.seq_k) >= 2**31:
             r.append("sequence lengths must be < 2**31")
         if inp.device.type != "cuda" or r:

@@ -139,8 +139,11 @@ def _dq_inner(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 
               MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
     d_ok = offs_d < HEAD_DIM
-    k_ptrs += lo * stride_kn
-    v_ptrs += lo * stride_vn
+    # int64: lo * stride passes 2**31 at long sequences (bshd, 128 kv heads x hd128: from 128k keys);
+    # tl.cast also takes the literal 0 of the unmasked call
+    lo64 = tl.cast(lo, tl.int64)
+    k_ptrs += lo64 * stride_kn
+    v_ptrs += lo64 * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         dq = dq_key_block(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, offs_m, start_n + offs_n, d_ok, seq_k, diag,
                           qk_scale, D_PAD != HEAD_DIM, MASK, CAUSAL, PREC)

@@ -48,10 +48,11 @@ def geometry(q: torch.Tensor, k: torch.Tensor, varlen: Optional[Varlen]) -> tupl
 
 
 def cu_pointers(q: torch.Tensor, varlen: Optional[Varlen]) -> tuple[torch.Tensor, torch.Tensor]:
-    """cu_seqlens for the kernel; dense calls pass q as a never-read placeholder."""
+    """cu_seqlens for the kernel; dense calls pass q as a never-read placeholder. The kernels read
+    entry b at CU + b, so a strided view (cu[::2]) is made contiguous here (batch + 1 ints)."""
     if varlen is None:
         return q, q
-    return varlen.cu_seqlens_q, varlen.cu_seqlens_k
+    return varlen.cu_seqlens_q.contiguous(), varlen.cu_seqlens_k.contiguous()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

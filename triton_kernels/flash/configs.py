@@ -83,7 +83,11 @@ INTERPRET_DKDV = (16, 32, 1, 1)
 INTERPRET_DQ = (32, 16, 1, 1)
 
 SMEM_BUDGET = 170 * 1024  # bytes of the estimate, leaving room below H100's 227 KB for layout conversions
-AUTOTUNE_KEY = ["D_PAD", "CAUSAL", "VARLEN"]
+# The autotuner re-tunes when one of these changes: the real head dim (72 and 96 both pad to 128
+# but mask different columns, so their best tiles may differ), causal, varlen. The dtype needs no
+# entry: Triton's Autotuner.run (3.6, runtime/autotuner.py) appends str(arg.dtype) of every
+# tensor argument to the key (tests/test_flash_triton.py checks both).
+AUTOTUNE_KEY = ["HEAD_DIM", "D_PAD", "CAUSAL", "VARLEN"]
 
 # Forward on tensor descriptors (forward_tma.py, ATTNLIB_FLASH_TMA=1): (BLOCK_M, BLOCK_N,
 # num_warps, num_stages, warp_specialize). The first entries are FWD_H100's tiles, so a run with
@@ -105,7 +109,7 @@ FWD_TMA_H100 = {
     256: [(64, 64, 8, 2, False), (128, 32, 8, 2, False), (128, 32, 4, 2, True)],
 }
 INTERPRET_FWD_TMA = (32, 16, 1, 1, False)
-TMA_AUTOTUNE_KEY = ["D_PAD", "CAUSAL"]
+TMA_AUTOTUNE_KEY = ["HEAD_DIM", "D_PAD", "CAUSAL"]  # as AUTOTUNE_KEY (dense only: no VARLEN)
 
 
 def tma_requested() -> bool:

@@ -24,8 +24,11 @@ def _fwd_inner(acc, l_i, m_i, b_q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m,
     """Fold key blocks [lo, hi) into the running (acc, l_i, m_i); MASK applies the key tail
     and causal masks (only the diagonal/tail blocks need it)."""
     d_ok = offs_d < HEAD_DIM
-    k_ptrs += lo * stride_kn
-    v_ptrs += lo * stride_vn
+    # int64: lo * stride passes 2**31 at long sequences (bshd, 128 kv heads x hd128: from 128k keys);
+    # tl.cast also takes the literal 0 of the unmasked call
+    lo64 = tl.cast(lo, tl.int64)
+    k_ptrs += lo64 * stride_kn
+    v_ptrs += lo64 * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         acc, l_i, m_i = attend_key_block(acc, l_i, m_i, b_q, k_ptrs, v_ptrs, offs_m, start_n + offs_n, d_ok,
                                          seq_k, diag, qk_scale, D_PAD != HEAD_DIM, MASK, CAUSAL, PREC)
