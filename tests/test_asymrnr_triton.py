@@ -152,6 +152,19 @@ def test_triton_kernel_has_no_backward_and_says_so():
     assert any("backward" in r for r in ex.reasons["asymrnr-triton"])
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's bf16 limit concerns CPU tensors")
+def test_bf16_cpu_pieces_are_refused_on_triton():
+    """The interpreter computes tl.dot on bf16 operands wrongly (the matching kernel has one):
+    a forced backend="triton" on bf16 CPU tensors raises and says why; auto takes torch."""
+    x = make_qkv(1, 2, 60, 16, seed=7, dtype=torch.bfloat16)[0]
+    p = partition((3, 4, 5), seed=1)
+    with pytest.raises(ValueError, match="bf16 under the Triton interpreter"):
+        match(x, p, backend="triton")
+    ex = attnlib.explain(x, x, x, method="asymrnr", grid=(3, 4, 5))
+    assert ex.chosen.name == "asymrnr-torch"
+    assert any("bf16" in r for r in ex.reasons["asymrnr-triton"])
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU only
 @pytest.mark.gpu

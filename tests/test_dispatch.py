@@ -160,3 +160,31 @@ def test_grid_axis_limit_is_a_reason(name, where):
     ok = AttentionInputs(q=q[:65535] if where == "batch" else q[:, :65535], k=q, v=q, method="flash")
     assert not any("grid limit" in r for r in kernel.not_supported_reasons(ok))
     assert dispatch.explain(inp).chosen.name != name
+
+
+@pytest.mark.parametrize("method,name", [("linear", "linear-triton"), ("asymrnr", "asymrnr-triton")])
+def test_grid_axis_limit_of_batch_times_heads(method, name):
+    """linear's apply kernel and asymrnr's matching and gathers put batch * heads on one grid
+    axis: 300 x 300 = 90000 is a reason there, though each alone fits. Expanded views."""
+    from attnlib.inputs import AttentionInputs
+
+    kernel = next(k for k in dispatch.kernels(method) if k.name == name)
+    q = torch.zeros(1, 1, 16, 16, dtype=torch.float16).expand(300, 300, 16, 16)
+    reasons = kernel.not_supported_reasons(AttentionInputs(q=q, k=q, v=q, method=method))
+    assert "batch * heads 90000 exceeds 65535, the CUDA grid limit of the axis (y or z) it is launched on" in reasons
+    ok = q[:, :200]  # 60000
+    assert not any("grid limit" in r for r in
+                   kernel.not_supported_reasons(AttentionInputs(q=ok, k=ok, v=ok, method=method)))
+
+
+def test_sla_row_states_grid_axis(monkeypatch):
+    """The opt-in SLA row states launch batch * heads on grid z; the default path does not."""
+    from attnlib.inputs import AttentionInputs
+
+    kernel = next(k for k in dispatch.kernels("sla") if k.name == "sla-triton")
+    q = torch.zeros(1, 1, 16, 16, dtype=torch.float16).expand(300, 300, 16, 16)
+    inp = AttentionInputs(q=q, k=q, v=q, method="sla")
+    monkeypatch.delenv("ATTNLIB_SLA_ROW_STATES", raising=False)
+    assert not any("grid limit" in r for r in kernel.not_supported_reasons(inp))
+    monkeypatch.setenv("ATTNLIB_SLA_ROW_STATES", "1")
+    assert any(r.startswith("batch * heads 90000 exceeds") for r in kernel.not_supported_reasons(inp))

@@ -27,4 +27,9 @@ def use_triton(x: torch.Tensor, backend: str) -> bool:
                          f"got a {x.device.type} tensor")
     if x.dtype == torch.float64:
         raise ValueError("backend='triton' takes fp16, bf16 or fp32 tensors; use backend='torch' for fp64")
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        from ..kernels.families import INTERPRET_BF16_REASON
+
+        raise ValueError(f"backend='triton' cannot take these bf16 CPU tensors: {INTERPRET_BF16_REASON}; "
+                         "use backend='torch'")
     return True

@@ -28,6 +28,7 @@ from .loader import (  # noqa: F401
     CompileError,
     arch_reasons,
     availability_reasons,
+    device_reasons,
     compile_nvrtc,
     get_binary,
     get_function,

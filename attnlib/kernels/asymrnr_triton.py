@@ -4,6 +4,7 @@ on CPU under TRITON_INTERPRET=1 (tests). Inference only: no backward pass."""
 from __future__ import annotations
 
 from ..dispatch import register
+from ..inputs import AttentionInputs
 from .asymrnr_torch import AsymrnrKernel
 from .families import TritonKernel
 
@@ -16,6 +17,10 @@ class AsymrnrTriton(TritonKernel, AsymrnrKernel):
     same_head_dim_v = False
     supports_backward = False
     piece_backend = "triton"
+
+    def grid_yz(self, inp: AttentionInputs) -> dict[str, int]:
+        # the matching kernel and the gathers launch (row blocks, batch * heads)
+        return {"batch * heads": inp.batch * inp.heads_q}
 
 
 register(AsymrnrTriton())

@@ -24,6 +24,10 @@ class LinearTriton(TritonKernel):
     needs_unit_last_stride = False  # loads are fully strided
     options = ("feature_map", "eps")
 
+    def grid_yz(self, inp: AttentionInputs) -> dict[str, int]:
+        # linear_apply_kernel launches (query blocks, batch * heads, value blocks)
+        return {"batch * heads": inp.batch * inp.heads_q}
+
     def forward(self, inp: AttentionInputs):
         from ..triton_kernels.linear.attention import linear_fwd
 

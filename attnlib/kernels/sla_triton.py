@@ -15,6 +15,8 @@ query block (memory formula in triton_kernels/sla/attention.py: sla_backward).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..dispatch import register
@@ -50,6 +52,12 @@ class SLATriton(TritonKernel):
         if not block_size_supported((bq, bk)):
             return [f"block_size {(bq, bk)} not supported (supports {self.block_sizes_text})"]
         return []
+
+    def grid_yz(self, inp: AttentionInputs) -> dict[str, int]:
+        sizes = super().grid_yz(inp)
+        if os.environ.get("ATTNLIB_SLA_ROW_STATES", "0") == "1":  # row_states.py: z = batch * heads
+            sizes["batch * heads"] = inp.batch * inp.heads_q
+        return sizes
 
     @staticmethod
     def _kwargs(inp: AttentionInputs) -> dict:
