@@ -31,10 +31,15 @@ def gather_rows_kernel(
     offs_d = tl.arange(0, D_PAD)
     mask = (offs_m < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
     rows = tl.load(IDX + b * stride_ib + h * stride_ih + offs_m * stride_is, mask=offs_m < n_rows, other=0)
+    # rows are int64 (idx is). OUT's tile start in int64, int32 offsets inside the tile:
+    # offs_m * stride_os passes 2**31 for a caller's out of bshd strides at long sequences
+    # (int64 rows instead took 56 registers, not 48, on sm_90)
     b_x = tl.load(X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xs + offs_d[None, :] * stride_xd,
                   mask=mask)
-    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
-             b_x.to(OUT.dtype.element_ty), mask=mask)
+    m64 = (pid_m * BLOCK_M).to(tl.int64)
+    offs_i = tl.arange(0, BLOCK_M)
+    tl.store(OUT + b * stride_ob + h * stride_oh + m64 * stride_os
+             + (offs_i[:, None] * stride_os + offs_d[None, :] * stride_od), b_x.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -56,8 +61,10 @@ def scatter_add_rows_kernel(
     m_ok = offs_m < n_rows
     mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     slots = tl.load(IDX + b * stride_ib + h * stride_ih + offs_m * stride_is, mask=m_ok, other=0)
-    b_x = tl.load(X + b * stride_xb + h * stride_xh + offs_m[:, None] * stride_xs + offs_d[None, :] * stride_xd,
-                  mask=mask, other=0.0).to(tl.float32)
+    # int64 rows: offs_m * stride_xs passes 2**31 for a bshd x at long sequences (an int64 tile
+    # start with int32 offsets inside the tile took 96 registers, not 89, on sm_90)
+    b_x = tl.load(X + b * stride_xb + h * stride_xh + offs_m[:, None].to(tl.int64) * stride_xs
+                  + offs_d[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
     tl.atomic_add(ACC + b * stride_ab + h * stride_ah + slots[:, None] * stride_as + offs_d[None, :], b_x,
                   mask=mask)
 

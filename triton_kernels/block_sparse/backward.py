@@ -15,7 +15,7 @@ from ..flash.backward import bwd_preprocess
 from ..flash.common import (LOG2E, dkdv_query_block, dot_precision, dq_key_block, key_query_range, load_tile,
                             log2_lse, store_tile)
 from .configs import launch_config, padded_head_dim
-from .forward import count_listed_below, key_tile, kv_tile_bases, listed_key_range, query_tile, strides_bhm
+from .forward import count_listed_below, key_tile, kv_tile_bases, listed_key_range, query_tile, row_tile, strides_bhm
 
 
 @triton.jit
@@ -53,10 +53,11 @@ def block_sparse_dq_kernel(
     b64, h64, kvh64, start_m, mask_row, offs_m, offs_n, offs_d, m_ok, d_ok = query_tile(
         group, seq_q, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, MASK_M)
     CHECK_D: tl.constexpr = D_PAD != HEAD_DIM
-    b_q = load_tile(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm
-                    + offs_d[None, :] * stride_qd, m_ok, d_ok, True, CHECK_D)
-    b_do = load_tile(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
-                     + offs_d[None, :] * stride_dod, m_ok, d_ok, True, CHECK_D)
+    offs_i = tl.arange(0, BLOCK_M)
+    b_q = load_tile(row_tile(Q + b64 * stride_qb + h64 * stride_qh, start_m, offs_i, offs_d, stride_qm, stride_qd),
+                    m_ok, d_ok, True, CHECK_D)
+    b_do = load_tile(row_tile(DO + b64 * stride_dob + h64 * stride_doh, start_m, offs_i, offs_d, stride_dom,
+                              stride_dod), m_ok, d_ok, True, CHECK_D)
     lse_off = b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm
     lse2 = log2_lse(tl.load(LSE + lse_off, mask=m_ok, other=0.0))
     delta = tl.load(DELTA + lse_off, mask=m_ok, other=0.0)
@@ -71,7 +72,7 @@ def block_sparse_dq_kernel(
                     d_ok, seq_k, diag, qk_scale, CHECK_D, False, CAUSAL, PREC, BLOCK_N, MASK_N)
     dq = _dq_listed(dq, b_q, b_do, lse2, delta, row, n_full, n_vis, k_base, v_base, stride_kn, stride_vn, offs_m,
                     offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, True, CAUSAL, PREC, BLOCK_N, MASK_N)
-    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    dq_ptrs = row_tile(DQ + b64 * stride_dqb + h64 * stride_dqh, start_m, offs_i, offs_d, stride_dqm, stride_dqd)
     dq = dq * scale
     if ACCUM:
         dq += load_tile(dq_ptrs, m_ok, d_ok, True, CHECK_D).to(tl.float32)
@@ -119,11 +120,12 @@ def block_sparse_dkdv_kernel(
     MASK_M / BLOCK_M tiles."""
     b64, kvh64, start_n, mask_col, offs_n, offs_d, n_ok, d_ok = key_tile(seq_k, HEAD_DIM, D_PAD, BLOCK_N, MASK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
+    offs_j = tl.arange(0, BLOCK_N)
     CHECK_D: tl.constexpr = D_PAD != HEAD_DIM
-    b_k = load_tile(K + b64 * stride_kb + kvh64 * stride_kh + offs_n[:, None] * stride_kn
-                    + offs_d[None, :] * stride_kd, n_ok, d_ok, True, CHECK_D)
-    b_v = load_tile(V + b64 * stride_vb + kvh64 * stride_vh + offs_n[:, None] * stride_vn
-                    + offs_d[None, :] * stride_vd, n_ok, d_ok, True, CHECK_D)
+    b_k = load_tile(row_tile(K + b64 * stride_kb + kvh64 * stride_kh, start_n, offs_j, offs_d, stride_kn, stride_kd),
+                    n_ok, d_ok, True, CHECK_D)
+    b_v = load_tile(row_tile(V + b64 * stride_vb + kvh64 * stride_vh, start_n, offs_j, offs_d, stride_vn, stride_vd),
+                    n_ok, d_ok, True, CHECK_D)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     diag = seq_k - seq_q
@@ -150,10 +152,10 @@ def block_sparse_dkdv_kernel(
         dk, dv = _dkdv_listed(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, col, n_end, n_listed,
                               stride_qm, stride_dom, stride_lm, offs_m0, offs_n, d_ok, seq_q, seq_k, diag, qk_scale,
                               BLOCK_M, MASK_M, CHECK_D, True, CAUSAL, PREC)
-    store_tile(DK + b64 * stride_dkb + kvh64 * stride_dkh + offs_n[:, None] * stride_dkn
-               + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), n_ok, d_ok, CHECK_D)
-    store_tile(DV + b64 * stride_dvb + kvh64 * stride_dvh + offs_n[:, None] * stride_dvn
-               + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), n_ok, d_ok, CHECK_D)
+    store_tile(row_tile(DK + b64 * stride_dkb + kvh64 * stride_dkh, start_n, offs_j, offs_d, stride_dkn, stride_dkd),
+               (dk * scale).to(DK.dtype.element_ty), n_ok, d_ok, CHECK_D)
+    store_tile(row_tile(DV + b64 * stride_dvb + kvh64 * stride_dvh, start_n, offs_j, offs_d, stride_dvn, stride_dvd),
+               dv.to(DV.dtype.element_ty), n_ok, d_ok, CHECK_D)
 
 
 def _slots(idx: torch.Tensor) -> int:

@@ -76,8 +76,11 @@ def _sage_inner(acc, l_i, m_i, b_q, b_dq, k_ptrs, v_ptrs, DK, stride_kn, stride_
                 MASK: tl.constexpr, CAUSAL: tl.constexpr, PV: tl.constexpr):
     """Fold key blocks [lo, hi) into (acc, l_i, m_i); MASK applies the key tail and causal masks."""
     d_ok = offs_d < HEAD_DIM
-    k_ptrs += lo * stride_kn
-    v_ptrs += lo * stride_vn
+    # int64 (as flash's _fwd_inner): lo * stride_vn passes 2**31 at long sequences (V is the
+    # caller's view: bshd with Hkv * D = 4096 from 512k keys); tl.cast also takes the literal 0
+    lo64 = tl.cast(lo, tl.int64)
+    k_ptrs += lo64 * stride_kn
+    v_ptrs += lo64 * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_ok = cols < seq_k

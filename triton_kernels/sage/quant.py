@@ -92,8 +92,11 @@ def load_block(X, stride_xb, stride_xh, stride_xs, stride_xd, seq,
 
 @triton.jit
 def store_block(OUT, y, b64, h64, row0, offs_s, offs_d, s_ok, d_ok, heads, seq, HEAD_DIM: tl.constexpr):
-    """y into the contiguous (B, H, S, HEAD_DIM) OUT at the program's token block."""
-    ptrs = _tile_ptrs(OUT, b64, h64, row0, offs_s, offs_d, heads * seq * HEAD_DIM, seq * HEAD_DIM, HEAD_DIM, 1)
+    """y into the contiguous (B, H, S, HEAD_DIM) OUT at the program's token block. The batch
+    stride in int64: heads * seq * HEAD_DIM in int32 wrapped from 2**31 elements per batch entry
+    (e.g. 32 heads x 512k tokens x hd128)."""
+    ptrs = _tile_ptrs(OUT, b64, h64, row0, offs_s, offs_d, tl.cast(heads, tl.int64) * seq * HEAD_DIM, seq * HEAD_DIM,
+                      HEAD_DIM, 1)
     tl.store(ptrs, y, mask=s_ok[:, None] & d_ok[None, :])
 
 

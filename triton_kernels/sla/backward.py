@@ -87,8 +87,12 @@ def sla_linear_dq_kernel(
     n_crit = tl.load(N_CRIT + row_id)
     n_marg = tl.load(N_MARG + row_id)
     idx_row = IDX + row_id * num_kb
-    x = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=tile_mask, other=0.0).to(tl.float32)
+    # the tile's first row in int64 (its product with a row stride passes 2**31 at long sequences),
+    # int32 offsets inside the tile (row_tile's int64 tile spilled 28 B here at hd128 on sm_90)
+    m64 = (pid_m * BLOCK_M).to(tl.int64)
+    in_tile = offs_i[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    x = tl.load(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm + in_tile, mask=tile_mask,
+                other=0.0).to(tl.float32)
     phi_q = feature_map(x, m_ok, d_ok, FEAT)
     rows = (b64 * heads + h64) * seq_q + offs_m
     dn_rows = DN + rows[:, None] * HEAD_DIM
@@ -121,7 +125,8 @@ def sla_linear_dq_kernel(
     if WITH_OL:
         tl.store(GOL + rows, gol, mask=m_ok)
     dphi = t + dd[:, None] * b_z[None, :]
-    dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    dq_ptrs = (DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqm
+               + (offs_i[:, None] * stride_dqm + offs_d[None, :] * stride_dqd))
     dq = tl.load(dq_ptrs, mask=tile_mask, other=0.0).to(tl.float32) + feature_map_vjp(x, phi_q, dphi, FEAT)
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=tile_mask)
     tl.store(DD + rows, dd, mask=m_ok)
@@ -182,7 +187,9 @@ def sla_linear_total_kernel(
         for tile in range(t_lo, t_hi, t_step):
             offs_m = tile * BLOCK_M + offs_i
             m_ok = offs_m < seq_q
-            phi_q = phi_rows(q_head, offs_m * stride_qm, offs_d * stride_qd, m_ok, d_ok, FEAT)
+            # int64 rows (offs_m * stride_qm passes 2**31 at long sequences). A scalar int64 tile
+            # base instead left the in-tile offsets loop-invariant: hoisted, +9 registers at hd128
+            phi_q = phi_rows(q_head, offs_m.to(tl.int64) * stride_qm, offs_d * stride_qd, m_ok, d_ok, FEAT)
             b_dn = tl.load(DN + (row0 + offs_m)[:, None] * HEAD_DIM + cols[None, :],
                            mask=m_ok[:, None] & c_ok[None, :], other=0.0)
             dh = tl.dot(tl.trans(phi_q), b_dn, dh, input_precision=LIN_PREC)
@@ -203,7 +210,8 @@ def _fold_query_blocks(dh, dz, DN, DD, col, first, last, sign, q_head, row0, str
     for it in range(first * SUB, last * SUB):
         offs_m = tl.load(col + it // SUB) * MASK_M + (it % SUB) * BLOCK_M + offs_i
         m_ok = offs_m < seq_q
-        phi_q = phi_rows(q_head, offs_m * stride_qm, offs_d * stride_qd, m_ok, d_ok, FEAT)
+        # int64 rows, as in sla_linear_total_kernel (the scalar-base form took 255 registers here)
+        phi_q = phi_rows(q_head, offs_m.to(tl.int64) * stride_qm, offs_d * stride_qd, m_ok, d_ok, FEAT)
         b_dn = tl.load(DN + (row0 + offs_m)[:, None] * HEAD_DIM + cols[None, :],
                        mask=m_ok[:, None] & c_ok[None, :], other=0.0)
         dh = tl.dot(tl.trans(phi_q), b_dn * sign, dh, input_precision=LIN_PREC)
@@ -236,9 +244,14 @@ def sla_linear_dkdv_kernel(
     offs_i = tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, HC)
     tile_mask = n_ok[:, None] & d_ok[None, :]
-    k_ptrs = K + b64 * stride_kb + kvh64 * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_rows = V + b64 * stride_vb + kvh64 * stride_vh + offs_n[:, None] * stride_vn
-    dv_rows = DV + b64 * stride_dvb + kvh64 * stride_dvh + offs_n[:, None] * stride_dvn
+    # the key tile's first row in int64 (start_n * stride passes 2**31 at long sequences); the
+    # original sum order (row_tile's int64 tile took 254 registers at hd128 here, not 244)
+    n64 = tl.cast(start_n, tl.int64)
+    offs_j = tl.arange(0, BLOCK_N)
+    k_ptrs = (K + b64 * stride_kb + kvh64 * stride_kh + n64 * stride_kn
+              + offs_j[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+    v_rows = V + b64 * stride_vb + kvh64 * stride_vh + n64 * stride_vn + offs_j[:, None] * stride_vn
+    dv_rows = DV + b64 * stride_dvb + kvh64 * stride_dvh + n64 * stride_dvn + offs_j[:, None] * stride_dvn
     dphi = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dz = tl.zeros([D_PAD], dtype=tl.float32)
     for c0 in tl.static_range(0, D_PAD, HC):
@@ -290,7 +303,8 @@ def sla_linear_dkdv_kernel(
     dphi = tl.where(n_ok[:, None], dphi + dz[None, :], 0.0)
     x = tl.load(k_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
     phi_k = feature_map(x, n_ok, d_ok, FEAT)
-    dk_ptrs = DK + b64 * stride_dkb + kvh64 * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dk_ptrs = (DK + b64 * stride_dkb + kvh64 * stride_dkh + n64 * stride_dkn
+               + offs_j[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
     dk = tl.load(dk_ptrs, mask=tile_mask, other=0.0).to(tl.float32) + feature_map_vjp(x, phi_k, dphi, FEAT)
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=tile_mask)
 

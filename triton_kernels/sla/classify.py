@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..block_sparse.forward import row_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
 
 CRITICAL, MARGINAL, NEGLIGIBLE = 1, 0, -1
@@ -116,19 +117,21 @@ def key_block_kernel(K, V, PK, H, Z,
     b = tl.program_id(2)
     n_blocks = tl.num_programs(0)
     blk = (b.to(tl.int64) * tl.num_programs(1) + h) * n_blocks + pid_n  # flat (b, h, j)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = pid_n * BLOCK_N
+    offs_j = tl.arange(0, BLOCK_N)
+    offs_n = start_n + offs_j
     offs_d = tl.arange(0, D_PAD)
     n_ok = offs_n < seq_k
     d_ok = offs_d < HEAD_DIM
-    b_k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn
-                  + offs_d[None, :] * stride_kd, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    b_k = tl.load(row_tile(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, start_n, offs_j, offs_d,
+                           stride_kn, stride_kd), mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     count = tl.minimum(seq_k - pid_n * BLOCK_N, BLOCK_N).to(tl.float32)
     tl.store(PK + blk * HEAD_DIM + offs_d, tl.sum(b_k, 0) / count, mask=d_ok)
     if LINEAR:
         offs_e = tl.arange(0, DV_PAD)
         e_ok = offs_e < DV
-        b_v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
-                      + offs_e[None, :] * stride_vd, mask=n_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+        b_v = tl.load(row_tile(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, start_n, offs_j, offs_e,
+                               stride_vn, stride_vd), mask=n_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
         phi_k = feature_map(b_k, n_ok, d_ok, FEAT)
         b_h = tl.dot(tl.trans(phi_k), b_v, input_precision=PREC)
         tl.store(H + blk * HEAD_DIM * DV + offs_d[:, None] * DV + offs_e[None, :], b_h,
@@ -169,8 +172,8 @@ def classify_kernel(Q, PK, SCORE, CLS, COUNTS,
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_i < seq_q
-    b_q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_i[:, None] * stride_qm
-                  + offs_d[None, :] * stride_qd, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    b_q = tl.load(row_tile(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, pid_m * BLOCK_M, tl.arange(0, BLOCK_M),
+                           offs_d, stride_qm, stride_qd), mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     count = tl.minimum(seq_q - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
     pooled_q = tl.sum(b_q, 0) / count
     pk_base = PK + (b64 * (heads // group) + h // group) * num_kb * HEAD_DIM

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..block_sparse.forward import row_tile
 from .classify import padded
 
 
@@ -34,15 +35,17 @@ def sla_delta_kernel(
     h64 = tl.program_id(1).to(tl.int64)
     b64 = tl.program_id(2).to(tl.int64)
     heads = tl.num_programs(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_i
     offs_d = tl.arange(0, D_PAD)
     m_ok = offs_m < seq_q
     d_ok = offs_d < HEAD_DIM
     tile_mask = m_ok[:, None] & d_ok[None, :]
-    b_do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
-                   + offs_d[None, :] * stride_dod, mask=tile_mask, other=0.0).to(tl.float32)
-    b_out = tl.load(OUT + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om
-                    + offs_d[None, :] * stride_od, mask=tile_mask, other=0.0).to(tl.float32)
+    b_do = tl.load(row_tile(DO + b64 * stride_dob + h64 * stride_doh, start_m, offs_i, offs_d, stride_dom, stride_dod),
+                   mask=tile_mask, other=0.0).to(tl.float32)
+    b_out = tl.load(row_tile(OUT + b64 * stride_ob + h64 * stride_oh, start_m, offs_i, offs_d, stride_om, stride_od),
+                    mask=tile_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         b_out -= tl.load(BIAS + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     delta = tl.sum(b_do * b_out, 1)

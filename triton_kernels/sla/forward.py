@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..block_sparse.configs import launch_config
-from ..block_sparse.forward import attend_listed, count_listed_below, kv_tile_bases, query_tile
+from ..block_sparse.forward import attend_listed, count_listed_below, kv_tile_bases, query_tile, row_tile
 from ..flash.common import LOG2E, dot_precision, load_tile, query_key_range, store_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
 from .classify import BlockIndex, padded
@@ -164,7 +164,8 @@ def sla_fwd_kernel(
     idx_row = IDX + row_id * num_kb
     n_crit = tl.load(N_CRIT + row_id)
 
-    q_ptrs = (Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    offs_i = tl.arange(0, BLOCK_M)
+    q_ptrs = row_tile(Q + b64 * stride_qb + h64 * stride_qh, start_m, offs_i, offs_d, stride_qm, stride_qd)
     b_q = load_tile(q_ptrs, m_ok, d_ok, True, CHECK_D)
 
     if LINEAR:  # with PROJ, lin = O_l W^T; else O_l to OL (the backward's re-walk)
@@ -193,16 +194,15 @@ def sla_fwd_kernel(
     o_s = acc / l_safe[:, None]
     lse_off = b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm
     if WITH_DELTA:
-        b_do = load_tile(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
-                         + offs_d[None, :] * stride_dod, m_ok, d_ok, True, CHECK_D)
+        b_do = load_tile(row_tile(DO + b64 * stride_dob + h64 * stride_doh, start_m, offs_i, offs_d, stride_dom,
+                                  stride_dod), m_ok, d_ok, True, CHECK_D)
         tl.store(DELTA + lse_off, tl.sum(b_do.to(tl.float32) * o_s, 1), mask=m_ok)
     else:
         if PROJ:
             o_s += lin
         if HAS_BIAS:
             o_s += tl.load(BIAS + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        o_ptrs = (OS + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om
-                  + offs_d[None, :] * stride_od)
+        o_ptrs = row_tile(OS + b64 * stride_ob + h64 * stride_oh, start_m, offs_i, offs_d, stride_om, stride_od)
         store_tile(o_ptrs, o_s.to(OS.dtype.element_ty), m_ok, d_ok, CHECK_D)
     if STORE_LSE:
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
