@@ -71,7 +71,13 @@ def sage_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = "
 
 def block_sparse_attention(q, k, v, block_mask, *, block_size=(64, 64), causal: bool = False, scale=None,
                            layout: str = "bhsd", return_lse: bool = False, backend: str = "auto"):
-    """Attention over the (query block, key block) pairs a bool block mask allows."""
+    """Attention over the (query block, key block) pairs a bool block mask allows.
+
+    The kernels' index form of the mask is cached per mask object and version counter
+    (attnlib.block_mask.INDEX_CACHE). In-place torch writes (mask[i] = x, mask.copy_(new)) are
+    seen. Writes that bypass the version counter (mask.data[...], a NumPy or torch.from_numpy
+    view, DLPack, a custom kernel writing into it) are not: after those, pass a new mask tensor,
+    call attnlib.block_mask.INDEX_CACHE.clear(), or set ATTNLIB_BLOCK_INDEX_CACHE=0."""
     return attention(q, k, v, method="block_sparse", backend=backend, layout=layout, causal=causal,
                      scale=scale, return_lse=return_lse, block_mask=block_mask, block_size=block_size)
 

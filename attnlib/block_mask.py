@@ -55,11 +55,22 @@ class IndexCache:
     """The index forms of recently used masks, so a mask reused across layers, diffusion steps and
     the backward is sorted once. An entry belongs to one mask tensor object (held by a weak
     reference, so a freed mask's memory reused by another never hits) and to its version counter
-    (an in-place write to the mask misses). Masks made under torch.inference_mode have no version
-    counter, so a write could not be seen: they are never cached. Nor is anything during a CUDA
-    graph capture: the sort must be captured, or a replay with a new mask copied into the graph's
-    input would walk the old index forms. Bounded (least recently used out); thread-safe.
-    ATTNLIB_BLOCK_INDEX_CACHE=0 turns it off."""
+    (``mask._version``). An in-place write by a torch op on the mask, on a view of it or on
+    ``mask.detach()`` (``mask[i] = x``, ``mask.copy_(other)``, ``mask.fill_(x)``, ``out=mask``)
+    bumps that counter, so the next call misses and sorts again. Masks made under
+    torch.inference_mode have no version counter, so a write could not be seen: they are never
+    cached. Nor is anything during a CUDA graph capture: the sort must be captured, or a replay
+    with a new mask copied into the graph's input would walk the old index forms. Bounded (least
+    recently used out); thread-safe.
+
+    Not seen: a write that bypasses the version counter -- through ``mask.data`` (a tensor with a
+    counter of its own), a NumPy array sharing the memory (``mask.numpy()``, or the array behind
+    a mask made by ``torch.from_numpy``), another library's view of it through DLPack, or a custom
+    CUDA / Triton kernel writing into the mask's memory. The next call then silently uses the
+    index forms of the mask's old content. Comparing contents on every call would cost a device
+    sync per call, so the cache does not. After such a write, pass a new mask tensor, call
+    ``attnlib.block_mask.INDEX_CACHE.clear()``, or run with ``ATTNLIB_BLOCK_INDEX_CACHE=0``
+    (every call sorts its mask)."""
 
     def __init__(self, capacity: int = 16) -> None:
         self.capacity = capacity
@@ -198,15 +209,24 @@ def to_flex_block_mask(block_mask: torch.Tensor, block_size=(64, 64), *, seq_q: 
         raise RuntimeError("to_flex_block_mask needs torch.nn.attention.flex_attention (torch >= 2.5)") from e
     m = _check_bool_mask(block_mask)
     bq, bk = check_block_size(block_size)
-    if not isinstance(seq_q, int) or not isinstance(seq_k, int) or seq_q <= 0 or seq_k <= 0:
-        raise ValueError(f"seq_q and seq_k must be positive ints, got {seq_q!r}, {seq_k!r}")
+    for name, n in (("seq_q", seq_q), ("seq_k", seq_k)):
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+        if n < 0:
+            raise ValueError(f"{name} must be >= 0, got {n}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if m.shape[-2:] != (num_blocks(seq_q, bq), num_blocks(seq_k, bk)):
         raise ValueError(f"block_mask's last dims {tuple(m.shape[-2:])} do not match seq_q={seq_q}, seq_k={seq_k} "
                          f"with block_size={(bq, bk)}")
     bb, bh = int(m.shape[0] > 1), int(m.shape[1] > 1)
     diag = seq_k - seq_q
 
+    empty = m.numel() == 0  # seq_q or seq_k is 0
+
     def mask_mod(b, h, q_idx, kv_idx):
+        if empty:  # no (query, key) pair exists; vmap would still index the empty mask once
+            return q_idx < 0
         keep = m[b * bb, h * bh, q_idx // bq, kv_idx // bk]
         return (keep & (kv_idx <= q_idx + diag)) if causal else keep
 

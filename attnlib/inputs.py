@@ -8,6 +8,7 @@ lays the memory out in the caller's layout and returns the bhsd view of it.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -43,22 +44,33 @@ def check_backend(backend: Any) -> str:
     return backend
 
 
+def _is_real_number(value: Any) -> bool:
+    """A Python or NumPy real scalar (int, float, np.float32, ...); not a bool, tensor or array."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_real_number(value):
         raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
     if not (0.0 <= float(value) <= 1.0):
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
     return float(value)
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def check_scale(scale: Any, head_dim: int) -> float:
     if scale is None:
         return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+    if not _is_real_number(scale):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be finite and positive, got {scale}")
-    return float(scale)
+    if scale > FLOAT32_MAX:  # the kernels scale scores in float32: it would overflow to inf, then NaN
+        raise ValueError(f"scale must fit in float32 (at most {FLOAT32_MAX:.4g}), got {scale}")
+    return scale
 
 
 def check_block_size(block_size: Any) -> tuple[int, int]:

@@ -175,3 +175,46 @@ def validate_options(method: str, options: dict[str, Any], inp: AttentionInputs)
     if method == "asymrnr":
         _check_asymrnr_call(out, inp)
     return out
+
+
+class _NeedsInputs(Exception):
+    """Raised by :class:`_NoInputs`: the option's check reads the call's tensors."""
+
+
+class _NoInputs:
+    """Stands in for AttentionInputs when options are checked before any call: a check that
+    reads it (a projection's shape or device) can only run per call."""
+
+    def __getattr__(self, name: str):
+        raise _NeedsInputs(name)
+
+
+def check_method_options(method: str, options: dict[str, Any]) -> None:
+    """Check a method's option names and values before any call (patch_sdpa, diffusers.apply: errors at setup, not at the first call):
+    every check of options.METHOD_OPTIONS that does not read the call's tensors, and the rules
+    across options (sla: critical + negligible <= 1). Tensor-dependent checks (sla's
+    proj_weight shape, block_sparse's block_mask shape) still run at each call."""
+    spec = METHOD_OPTIONS[method]
+    no_inputs = _NoInputs()
+    deferred = set()
+    for name, value in options.items():
+        if name not in spec:  # validate_options names unknown options below
+            continue
+        check = spec[name][1]
+        if check is None:  # checked together with other options and the inputs (block_mask)
+            deferred.add(name)
+            continue
+        try:
+            check(value, no_inputs)
+        except _NeedsInputs:
+            deferred.add(name)
+    if any(spec[name][0] is _REQUIRED for name in deferred):
+        # validate_options would report a required option left out; its other checks ran above
+        unknown = sorted(set(options) - set(spec))
+        if unknown:
+            validate_options(method, {n: options[n] for n in unknown}, no_inputs)
+        return
+    try:  # unknown names, required options, cross-option rules
+        validate_options(method, {n: v for n, v in options.items() if n not in deferred}, no_inputs)
+    except _NeedsInputs:
+        pass

@@ -111,6 +111,8 @@ def predict_block_mask(q, k, *, block_size=(64, 64), topk: Optional[float] = Non
     scale = check_scale(scale, qb.shape[-1])  # the same rule as attention()'s scale
     sq, sk = qb.shape[2], kb.shape[2]
     mq, mk = num_blocks(sq, bq), num_blocks(sk, bk)
+    if mq == 0 or mk == 0:  # an empty sequence has no block pair to keep
+        return torch.zeros(qb.shape[0], qb.shape[1], mq, mk, dtype=torch.bool, device=qb.device)
     p = block_scores(qb, kb, (bq, bk), scale, causal)
     vis = _visible_blocks(mq, mk, (bq, bk), sq, sk, causal, qb.device)
     order = torch.sort(p, dim=-1, descending=True, stable=True)

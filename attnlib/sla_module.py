@@ -14,6 +14,7 @@ from torch import nn
 
 from .inputs import check_block_size, check_fraction, check_layout, check_scale, validate_qkv
 from .options import FEATURE_MAPS
+from .reference._common import num_blocks
 
 
 def sla_block_map(q, k, *, critical: float = 0.05, negligible: float = 0.10, block_size=(64, 64), scale=None,
@@ -32,6 +33,9 @@ def sla_block_map(q, k, *, critical: float = 0.05, negligible: float = 0.10, blo
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = check_scale(scale, qb.shape[-1])
+    if qb.device.type == "meta":  # shapes only, as the attention ops give for meta tensors
+        return qb.new_empty(qb.shape[0], qb.shape[1], num_blocks(qb.shape[2], block_size[0]),
+                            num_blocks(kb.shape[2], block_size[1]), dtype=torch.int8)
     kw = dict(critical=critical, negligible=negligible, block_size=block_size, scale=scale, causal=causal)
     from .kernels.sla_triton import block_size_supported  # the dispatcher's gate (kernels load lazily)
 

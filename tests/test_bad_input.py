@@ -1,6 +1,7 @@
 """Every public function validates before any kernel runs, with errors naming the argument."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,6 +33,19 @@ BAD = [
     ("scale-neg", lambda q, k, v: attnlib.flash_attention(q, k, v, scale=-1.0), ValueError, "scale"),
     ("scale-inf", lambda q, k, v: attnlib.flash_attention(q, k, v, scale=math.inf), ValueError, "scale"),
     ("scale-str", lambda q, k, v: attnlib.flash_attention(q, k, v, scale="0.1"), TypeError, "scale"),
+    ("scale-bool", lambda q, k, v: attnlib.flash_attention(q, k, v, scale=True), TypeError, "scale"),
+    ("scale-tensor", lambda q, k, v: attnlib.flash_attention(q, k, v, scale=torch.tensor(0.1)), TypeError, "scale"),
+    ("scale-np-bool", lambda q, k, v: attnlib.flash_attention(q, k, v, scale=np.bool_(True)), TypeError, "scale"),
+    # finite but beyond float32: the kernels' scaled scores overflow to inf, then NaN
+    ("scale-overflow", lambda q, k, v: attnlib.flash_attention(q, k, v, scale=1e300), ValueError,
+     "scale must fit in float32"),
+    ("scale-overflow-np", lambda q, k, v: attnlib.flash_attention(q, k, v, scale=np.float64(4e38)), ValueError,
+     "scale must fit in float32"),
+    ("scale-overflow-varlen", lambda q, k, v: attnlib.flash_attention_varlen(
+        q[0], k[0], v[0], *(torch.tensor([0, 4], dtype=torch.int32),) * 2, 4, 4, scale=1e39), ValueError,
+     "scale must fit in float32"),
+    ("scale-overflow-predict", lambda q, k, v: attnlib.predict_block_mask(q, k, topk=0.5, scale=1e300), ValueError,
+     "scale must fit in float32"),
     ("layout", lambda q, k, v: attnlib.flash_attention(q, k, v, layout="bsdh"), ValueError, "layout"),
     ("method", lambda q, k, v: attnlib.attention(q, k, v, method="flash3"), ValueError, "method"),
     ("backend", lambda q, k, v: attnlib.attention(q, k, v, backend="metal"), ValueError, "backend"),
@@ -86,3 +100,23 @@ def test_explain_validates_too():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="layout"):
         attnlib.explain(q, k, v, layout="xyz")
+
+
+@pytest.mark.parametrize("scale", [np.float32(0.3), np.float16(0.3), np.float64(0.3), np.int64(1), 1],
+                         ids=["np-float32", "np-float16", "np-float64", "np-int64", "int"])
+def test_real_scalar_scales_are_accepted(scale):
+    q, k, v = qkv()
+    out = attnlib.flash_attention(q, k, v, scale=scale, backend="torch")
+    assert torch.equal(out, attnlib.flash_attention(q, k, v, scale=float(scale), backend="torch"))
+
+
+def test_largest_float32_scale_is_accepted():
+    q, k, v = qkv()
+    inp = attnlib.api.build_inputs(q, k, v, scale=float(torch.finfo(torch.float32).max))
+    assert inp.scale == torch.finfo(torch.float32).max
+
+
+def test_numpy_fractions_are_accepted():
+    q, k, _ = qkv()
+    a = attnlib.predict_block_mask(q, k, topk=np.float32(0.5), block_size=(16, 16))
+    assert torch.equal(a, attnlib.predict_block_mask(q, k, topk=0.5, block_size=(16, 16)))

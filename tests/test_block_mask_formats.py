@@ -204,3 +204,84 @@ def test_index_cache_and_cuda_graph_replay_with_a_new_mask(index_cache):
     torch.cuda.synchronize()
     ref = block_sparse_reference(*(t.double() for t in (q, k, v)), new, block_size=(64, 64))
     torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_index_cache_sees_copy_into_the_same_mask(index_cache):
+    """copy_ bumps the version counter: the same mask object refilled (a static buffer reused
+    across steps) is sorted again, and the kernel follows the new content."""
+    from attnlib.block_mask import cached_col_index, cached_row_index
+
+    m = rand_mask((1, 2, 3, 5), 0.5, 40)
+    new = rand_mask((1, 2, 3, 5), 0.5, 41)
+    cached_row_index(m)
+    cached_col_index(m)
+    m.copy_(new)
+    assert all(torch.equal(a, b) for a, b in zip(cached_row_index(m), block_mask_to_index(new)))
+    assert all(torch.equal(a, b) for a, b in zip(cached_col_index(m), block_mask_to_col_index(new)))
+    assert (index_cache.hits, index_cache.misses) == (0, 4)
+    q, k, v, m = _cache_case(seed=42)
+    attnlib.block_sparse_attention(q, k, v, m, block_size=(16, 16))
+    new = rand_mask(m.shape, 0.5, 43)
+    new[..., 0] = True
+    m.copy_(new)
+    _check_against_reference(attnlib.block_sparse_attention(q, k, v, m, block_size=(16, 16)), q, k, v, new)
+
+
+@pytest.mark.parametrize("write", ["data", "numpy"])
+def test_index_cache_writes_past_the_version_counter_need_clear_or_off(index_cache, monkeypatch, write):
+    """Writes through .data or a NumPy view keep the version counter (documented on IndexCache);
+    INDEX_CACHE.clear() or ATTNLIB_BLOCK_INDEX_CACHE=0 makes them visible."""
+    from attnlib.block_mask import cached_row_index
+
+    def flip(m):
+        version = m._version
+        if write == "data":
+            m.data[0, 0, 1] = ~m.data[0, 0, 1]
+        else:
+            m.numpy()[0, 0, 1] = ~m.numpy()[0, 0, 1]
+        assert m._version == version  # the premise: nothing tells the cache
+
+    def fresh(m):
+        return all(torch.equal(a, b) for a, b in zip(cached_row_index(m), block_mask_to_index(m)))
+
+    m = rand_mask((1, 1, 3, 6), 0.5, 44)
+    cached_row_index(m)
+    flip(m)
+    index_cache.clear()
+    assert fresh(m)
+    monkeypatch.setenv("ATTNLIB_BLOCK_INDEX_CACHE", "0")
+    flip(m)
+    assert fresh(m)
+    # end to end, with the cache on again: clear() after the write gives the new mask's answer
+    monkeypatch.delenv("ATTNLIB_BLOCK_INDEX_CACHE")
+    q, k, v, m = _cache_case(seed=45)
+    attnlib.block_sparse_attention(q, k, v, m, block_size=(16, 16))
+    m[0, 0, 2, 1] = True  # make the flipped pair visible first, so the flip removes a real block
+    attnlib.block_sparse_attention(q, k, v, m, block_size=(16, 16))
+    (m.data if write == "data" else torch.from_numpy(m.numpy()))[0, 0, 2, 1] = False
+    index_cache.clear()
+    _check_against_reference(attnlib.block_sparse_attention(q, k, v, m, block_size=(16, 16)), q, k, v, m)
+
+
+@pytest.mark.parametrize("kw,exc,text", [
+    (dict(causal="yes"), TypeError, "causal must be a bool"),
+    (dict(causal=1), TypeError, "causal must be a bool"),
+    (dict(seq_q=True), TypeError, "seq_q must be an int"),
+    (dict(seq_k=16.0), TypeError, "seq_k must be an int"),
+    (dict(seq_q=-16), ValueError, "seq_q must be >= 0"),
+])
+def test_to_flex_block_mask_checks_its_arguments(kw, exc, text):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    args = dict(seq_q=16, seq_k=16, causal=False)
+    args.update(kw)
+    with pytest.raises(exc, match=text):
+        to_flex_block_mask(torch.ones(1, 1, 1, 1, dtype=torch.bool), (16, 16), **args)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("causal", [False, True])
+def test_to_flex_block_mask_with_no_queries(causal):
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    bm = to_flex_block_mask(torch.ones(1, 1, 0, 3, dtype=torch.bool), (16, 16), seq_q=0, seq_k=40, causal=causal)
+    q, k = torch.randn(1, 1, 0, 16), torch.randn(1, 1, 40, 16)
+    assert flex.flex_attention(q, k, k, block_mask=bm).shape == (1, 1, 0, 16)

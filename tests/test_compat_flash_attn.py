@@ -79,3 +79,45 @@ def test_install_aliases_in_a_subprocess():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+BAD_ARGUMENTS = [
+    ({"dropout_p": torch.tensor([0.1, 0.0])}, TypeError, "dropout_p must be a float"),
+    ({"dropout_p": True}, TypeError, "dropout_p must be a float"),
+    ({"dropout_p": 1.5}, ValueError, "dropout_p must lie in"),
+    ({"dropout_p": -0.1}, ValueError, "dropout_p must lie in"),
+    ({"window_size": None}, TypeError, "window_size must be a pair of ints"),
+    ({"window_size": 3}, TypeError, "window_size must be a pair of ints"),
+    ({"window_size": (-1, -1, -1)}, TypeError, "window_size must be a pair of ints"),
+    ({"window_size": (-1.0, -1)}, TypeError, "window_size must be a pair of ints"),
+    ({"window_size": (True, -1)}, TypeError, "window_size must be a pair of ints"),
+    ({"softcap": torch.tensor([1.0, 2.0])}, TypeError, "softcap must be a float"),
+    ({"softmax_scale": "0.3"}, TypeError, "softmax_scale must be a float"),
+    ({"softmax_scale": 0.0}, ValueError, "softmax_scale must be finite and positive"),
+    ({"softmax_scale": float("nan")}, ValueError, "softmax_scale must be finite and positive"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,text", BAD_ARGUMENTS)
+@pytest.mark.parametrize("func", ["func", "qkvpacked", "kvpacked", "varlen"])
+def test_bad_arguments_name_the_argument(func, kw, exc, text):
+    q, k, v = make_qkv(1, 2, 8, 16, layout="bshd")
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    call = {
+        "func": lambda: fa.flash_attn_func(q, k, v, **kw),
+        "qkvpacked": lambda: fa.flash_attn_qkvpacked_func(torch.stack([q, k, v], dim=2), **kw),
+        "kvpacked": lambda: fa.flash_attn_kvpacked_func(q, torch.stack([k, v], dim=2), **kw),
+        "varlen": lambda: fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 8, 8, **kw),
+    }[func]
+    with pytest.raises(exc, match=text):
+        call()
+
+
+def test_accepted_argument_forms():
+    np = pytest.importorskip("numpy")
+    q, k, v = make_qkv(1, 2, 8, 16, layout="bshd")
+    ref = fa.flash_attn_func(q, k, v, softmax_scale=0.25)
+    # a list window (flash_attn only indexes it), numpy scalars, an int dropout of 0
+    out = fa.flash_attn_func(q, k, v, dropout_p=0, softmax_scale=np.float32(0.25), window_size=[-1, -1],
+                             softcap=np.float64(0.0))
+    assert torch.equal(out, ref)

@@ -71,12 +71,30 @@ def test_fp32_runs_sage_and_options_pass_through():
 
 @pytest.mark.parametrize("kw,text", [
     ({"tensor_layout": "BSHD"}, "tensor_layout"), ({"attn_mask": torch.ones(1)}, "attn_mask"),
-    ({"dropout_p": 0.1}, "dropout_p"), ({"pv": "int4"}, "pv"),
+    ({"dropout_p": 0.1}, "dropout_p"), ({"pv": "int4"}, "pv"), ({"sm_scale": 0.0}, "sm_scale"),
+    ({"sm_scale": float("inf")}, "sm_scale"),
 ])
 def test_bad_arguments(kw, text):
     q, k, v = make_qkv(1, 2, 8, 64)
     with pytest.raises(ValueError, match=text):
         sageattn(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("kw,text", [
+    ({"tensor_layout": ["HND"]}, "tensor_layout must be a str"), ({"is_causal": 1}, "is_causal must be a bool"),
+    ({"sm_scale": "0.1"}, "sm_scale must be a float"), ({"dropout_p": torch.tensor([0.1, 0.0])}, "dropout_p"),
+    ({"smooth_k": "yes"}, "smooth_k"),
+])
+def test_bad_argument_types_name_the_argument(kw, text):
+    q, k, v = make_qkv(1, 2, 8, 64)
+    with pytest.raises(TypeError, match=text):
+        sageattn(q, k, v, **kw)
+
+
+def test_numpy_scale_is_a_float():
+    np = pytest.importorskip("numpy")
+    q, k, v = make_qkv(1, 2, 8, 64)
+    assert torch.equal(sageattn(q, k, v, sm_scale=np.float32(0.125)), sageattn(q, k, v, sm_scale=0.125))
 
 
 def test_requires_grad_names_flash_attention():

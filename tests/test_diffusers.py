@@ -68,13 +68,13 @@ def case(request):
 def attnlib_calls(monkeypatch):
     """Counts the calls that reach attnlib, so a test cannot pass by never switching anything."""
     calls = []
-    real = attnlib_sdpa.scaled_dot_product_attention
+    real = attnlib_sdpa._route  # the routers' entry (options were checked by apply)
 
     def spy(*args, **kwargs):
-        calls.append(kwargs["method"])
+        calls.append(args[8])  # method
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attnlib_sdpa, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(attnlib_sdpa, "_route", spy)
     return calls
 
 
@@ -244,6 +244,15 @@ def test_bad_arguments_switch_nothing():
         attnlib_diffusers.apply(model, method="block_sparse")  # needs a per-shape block mask
     with pytest.raises(TypeError, match="unknown option"):
         attnlib_diffusers.apply(model, method="sage", critical=0.5)
+    # option values too, at apply() rather than at the first forward
+    with pytest.raises(ValueError, match="critical"):
+        attnlib_diffusers.apply(model, method="sla", critical=5.0)
+    with pytest.raises(ValueError, match="critical \\+ negligible"):
+        attnlib_diffusers.apply(model, method="sla", critical=0.7, negligible=0.7)
+    with pytest.raises(ValueError, match="pv"):
+        attnlib_diffusers.apply(model, method="sage", pv="bad")
+    with pytest.raises(TypeError, match="proj_weight"):
+        attnlib_diffusers.apply(model, method="sla", proj_weight="x")
     with pytest.raises(TypeError, match="pipeline"):
         attnlib_diffusers.apply(types.SimpleNamespace(vae=model), method="flash")
     with pytest.raises(ValueError, match="no attention module"):
@@ -257,3 +266,41 @@ def test_unsupported_diffusers_version_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match=r"supports diffusers 0\.42\.x, found 0\.99\.0"):
         attnlib_diffusers.apply(model)
     assert not any(map(is_switched, processors(model).values()))
+
+
+def _bshd_qkv():
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(1, 8, 2, 16, generator=g) for _ in range(3)]
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+def test_dispatch_router_leaves_what_attnlib_refuses_to_diffusers(scale):
+    """A scale torch computes but attnlib refuses: diffusers' own dispatch serves it (so a backend set
+    with set_attention_backend still applies), with the bshd tensors it was called with."""
+    from diffusers.models import attention_dispatch
+    seen = []
+
+    def original(query, *args, **kwargs):
+        seen.append(query.shape)
+        return attention_dispatch.dispatch_attention_fn(query, *args, **kwargs)
+
+    def torch_bshd(q, k, v, scale):
+        return attnlib_sdpa.TORCH_SDPA(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       scale=scale).transpose(1, 2)
+
+    router = attnlib_diffusers._dispatch_router(original, attnlib_diffusers._Route("flash", "auto"))
+    q, k, v = _bshd_qkv()
+    assert_verbose_allclose(router(q, k, v, scale=scale), torch_bshd(q, k, v, scale), atol=1e-6, rtol=1e-5)
+    assert seen == [q.shape]
+    assert_verbose_allclose(router(q, k, v, scale=0.3), torch_bshd(q, k, v, 0.3), atol=2e-6, rtol=1e-5)
+    assert seen == [q.shape]  # a scale attnlib serves stays with attnlib
+
+
+@pytest.mark.parametrize("kw", [dict(scale=0.0), dict(scale=-0.5), dict(dropout_p=0.0, is_causal=False)])
+def test_functional_router_computes_what_torch_computes(kw):
+    router = attnlib_diffusers._functional_router(torch.nn.functional, attnlib_diffusers._Route("flash", "auto"))
+    q, k, v = (t.transpose(1, 2) for t in _bshd_qkv())
+    assert_verbose_allclose(router.scaled_dot_product_attention(q, k, v, **kw), attnlib_sdpa.TORCH_SDPA(q, k, v, **kw),
+                            atol=2e-6, rtol=1e-5)
+    empty = q[:, :0]  # zero heads: torch returns an empty result
+    assert router.scaled_dot_product_attention(empty, empty, empty, **kw).shape == empty.shape

@@ -338,6 +338,29 @@ def test_merge_attention_fp32_and_errors():
         merge_attention([a[0], b[0][:, :1]], [a[1], b[1]])
     with pytest.raises(ValueError, match="lse"):
         merge_attention([a[0], b[0]], [a[1], b[1]], layout="bshd")
+    with pytest.raises(TypeError, match=r"outs\[1\] must be a torch.Tensor, got str"):
+        merge_attention([a[0], "x"], [a[1], b[1]])
+    with pytest.raises(TypeError, match=r"lses\[0\] must be a torch.Tensor"):
+        merge_attention([a[0], b[0]], [None, b[1]])
+    with pytest.raises(TypeError, match=r"lses\[1\] must be floating point, got torch.int32"):
+        merge_attention([a[0], b[0]], [a[1], b[1].int()])
+    with pytest.raises(TypeError, match=r"outs\[0\] must be floating point"):
+        merge_attention([a[0].long(), b[0]], [a[1], b[1]])
+
+
+@pytest.mark.parametrize("lse_dtype", [torch.float16, torch.float32, torch.float64])
+def test_merge_attention_of_one_part_returns_new_tensors(lse_dtype):
+    q, k, v = make_qkv(1, 2, 6, 8, seed=4, requires_grad=True)
+    o, l = flash_reference(q, k, v, return_lse=True)
+    l = l.to(lse_dtype)
+    out, lse = merge_attention([o], [l])
+    assert out is not o and lse is not l
+    assert out.data_ptr() != o.data_ptr() and lse.data_ptr() != l.data_ptr()
+    assert torch.equal(out, o) and lse.dtype == (torch.float64 if lse_dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(lse, l.to(lse.dtype), atol=0, rtol=0)
+    out.detach().add_(1)  # the caller's tensors are untouched by writes into the result
+    assert torch.equal(o, flash_reference(q, k, v))
+    assert torch.autograd.grad(out.sum(), q)[0].shape == q.shape  # still differentiable
 
 
 def test_zigzag_and_usp_shard_roundtrip():

@@ -134,6 +134,27 @@ def test_relu_all_zero_rows_are_finite():
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_relu_eps_zero_backends_agree(causal):
+    """All-negative q and k with eps = 0: every denominator is 0; both backends give 0 (not NaN) and
+    no gradient, and on mixed rows they agree."""
+    qn = -torch.rand(1, 1, 4, 8, device=DEVICE)
+    for backend in ("torch", "triton"):
+        out = attnlib.linear_attention(qn, qn, qn, feature_map="relu", eps=0.0, causal=causal, backend=backend)
+        assert torch.all(out == 0), backend
+    q, k, v = make_qkv(1, 2, 12, 16, kv_heads=1, device=DEVICE, seed=9)
+    q[:, :, ::3] = -q[:, :, ::3].abs()
+    res = {}
+    for backend in ("torch", "triton"):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = attnlib.linear_attention(qq, kk, vv, feature_map="relu", eps=0.0, causal=causal, backend=backend)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=DEVICE).reshape(out.shape))
+        res[backend] = (out, qq.grad, kk.grad, vv.grad)
+    assert torch.all(res["torch"][0][:, :, ::3] == 0)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), res["torch"], res["triton"]):
+        assert torch.isfinite(a).all() and rel_rmse(b, a) <= 1e-5, name
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_long_sequence_is_finite(causal):
     """fp16 at 8k keys: the fp32 state stays bounded (128k is a gpu test)."""
     q, k, v = make_qkv(1, 1, 64 if not causal else 8192, 16, seq_k=8192, dtype=torch.float16, device=DEVICE,

@@ -127,3 +127,19 @@ def test_attention_api_backward_matches_reference():
     grads_ref = torch.autograd.grad((ref * g.transpose(1, 2)).sum(), (q, k, v))
     for name, ga, gr in zip("qkv", grads, grads_ref):
         assert_verbose_allclose(ga, gr, atol=ATOL32, rtol=RTOL32, name=f"d{name}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_zero_denominator_rows_are_zero(causal):
+    # relu with eps = 0: a row whose phi(q) is all zero has numerator and denominator 0; it gives 0
+    # (as the Triton kernels do), not NaN, and passes no gradient
+    q, k, v = make_qkv(1, 2, 9, 8, seq_k=12, dtype=torch.float64, seed=2)
+    q[:, :, ::2] = -q[:, :, ::2].abs() - 0.1
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = linear_reference(q, k, v, feature_map="relu", causal=causal, eps=0.0)
+    assert (out[:, :, ::2] == 0).all() and torch.isfinite(out).all()
+    ref = _loop_formula(q, k, v, "relu", causal, eps=0.0)
+    assert_verbose_allclose(out[:, :, 1::2], ref[:, :, 1::2], atol=ATOL64, rtol=RTOL64)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert (q.grad[:, :, ::2] == 0).all()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import attnlib
+from attnlib.integrations import sdpa as sdpa_module
 from attnlib.integrations.sdpa import TORCH_SDPA
 from attnlib.testing import assert_verbose_allclose, make_qkv
 
@@ -112,3 +113,107 @@ def test_dropout_and_masks_fall_back_to_torch_with_logged_reason(caplog):
 def test_three_d_inputs_fall_back():
     q, k, v = (torch.randn(5, 8, 16) for _ in range(3))
     assert_verbose_allclose(attnlib.scaled_dot_product_attention(q, k, v), TORCH_SDPA(q, k, v), atol=0)
+
+
+@pytest.mark.parametrize("case", ["scale=0", "scale<0", "scale=inf", "scale=nan", "scale=1e300", "heads=0",
+                                  "head_dim=0", "dropout<0"])
+def test_what_attnlib_refuses_and_torch_computes_goes_to_torch(case, caplog, monkeypatch):
+    """A drop-in computes whatever torch computes: attnlib's own refusals (scale must be finite and
+    positive, at least one head, ...) send the call to torch's builtin, never raise."""
+    q, k, v = make_qkv(1, 2, 8, 16)
+    kw = {"scale=0": dict(scale=0.0), "scale<0": dict(scale=-0.5), "scale=inf": dict(scale=float("inf")),
+          "scale=nan": dict(scale=float("nan")), "scale=1e300": dict(scale=1e300),
+          "dropout<0": dict(dropout_p=-0.1)}.get(case, {})
+    if case == "scale=1e300":
+        q, k, v = (t.double() for t in (q, k, v))  # beyond attnlib's float32 scores, fine for torch in fp64
+    if case == "heads=0":
+        q, k, v = q[:, :0], k[:, :0], v[:, :0]
+    if case == "head_dim=0":
+        q, k, v = q[..., :0], k[..., :0], v[..., :0]
+    try:
+        ref = TORCH_SDPA(q, k, v, **kw)
+    except RuntimeError as e:  # torch refuses it: so must the drop-in, with torch's error
+        with pytest.raises(RuntimeError, match=str(e)[:30]):
+            attnlib.scaled_dot_product_attention(q, k, v, **kw)
+        return
+    monkeypatch.setattr(sdpa_module, "_logged_reasons", set())  # each reason is logged once per process
+    with caplog.at_level(logging.INFO, logger="attnlib"):
+        out = attnlib.scaled_dot_product_attention(q, k, v, **kw)
+        with attnlib.patch_sdpa(method="sage"):  # any method: the call never reaches it
+            patched = call_sdpa(q, k, v, **kw)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, equal_nan=True, atol=0, rtol=0)
+    assert torch.allclose(patched, ref, equal_nan=True, atol=0, rtol=0)
+    assert "-> torch" in caplog.text
+
+
+def test_numpy_scale_runs_on_attnlib(monkeypatch):
+    np = pytest.importorskip("numpy")
+    ran = []
+    monkeypatch.setattr(sdpa_module, "TORCH_SDPA", lambda *a, **kw: ran.append("torch"))
+    q, k, v = make_qkv(1, 2, 8, 16)
+    out = attnlib.scaled_dot_product_attention(q, k, v, scale=np.float32(0.25))
+    assert ran == []
+    assert_verbose_allclose(out, TORCH_SDPA(q, k, v, scale=0.25), atol=2e-6, rtol=1e-5)
+
+
+def test_non_bool_is_causal_raises_torchs_error():
+    q, k, v = make_qkv(1, 2, 8, 16)
+    for kw in (dict(is_causal=1), dict(enable_gqa="yes")):
+        with pytest.raises(TypeError, match="must be bool"):
+            TORCH_SDPA(q, k, v, **kw)
+        with pytest.raises(TypeError, match="must be bool"):
+            attnlib.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def test_linear_patch_with_an_explicit_scale_falls_back_to_torch(caplog, monkeypatch):
+    monkeypatch.setattr(sdpa_module, "_logged_reasons", set())
+    q, k, v = make_qkv(1, 2, 16, 16)
+    with caplog.at_level(logging.INFO, logger="attnlib"), attnlib.patch_sdpa(method="linear"):
+        out = call_sdpa(q, k, v, scale=0.3)
+        approx = call_sdpa(q, k, v)
+    assert torch.equal(out, TORCH_SDPA(q, k, v, scale=0.3))
+    assert "has no softmax scale" in caplog.text
+    assert_verbose_allclose(approx, attnlib.linear_attention(q, k, v), atol=0)  # no scale: linear runs
+
+
+@pytest.mark.parametrize("method,options,exc,text", [
+    ("sage", dict(foo=1), TypeError, "unknown option"),
+    ("sage", dict(pv="bad"), ValueError, "pv"),
+    ("sage", dict(smooth_k="yes"), TypeError, "smooth_k"),
+    ("sla", dict(critical=5.0), ValueError, "critical"),
+    ("sla", dict(critical=0.6, negligible=0.6), ValueError, "critical \\+ negligible"),
+    ("sla", dict(proj_weight="x"), TypeError, "proj_weight"),
+    ("sla", dict(block_size=(0, 16)), ValueError, "block_size"),
+    ("linear", dict(eps=-1.0), ValueError, "eps"),
+    ("linear", dict(feature_map="tanh"), ValueError, "feature_map"),
+    ("flash", dict(smooth_k=True), TypeError, "unknown option"),
+])
+def test_options_are_checked_when_patching_not_at_the_first_call(method, options, exc, text):
+    with pytest.raises(exc, match=text):
+        attnlib.patch_sdpa(method=method, **options)
+    # the direct function checks them too, even for a call that torch serves (a mask)
+    q, k, v = make_qkv(1, 2, 16, 16)
+    with pytest.raises(exc, match=text):
+        attnlib.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(16, 16, dtype=torch.bool),
+                                             method=method, **options)
+    assert F.scaled_dot_product_attention is ORIGINAL
+
+
+def test_tensor_options_are_checked_against_each_call():
+    q, k, v = make_qkv(1, 2, 32, 16)
+    p = attnlib.patch_sdpa(method="sla", proj_weight=torch.zeros(8, 8), block_size=(16, 16))  # shape unknown yet
+    with p, pytest.raises(ValueError, match="proj_weight"):
+        call_sdpa(q, k, v)  # head_dim 16
+    good = attnlib.patch_sdpa(method="sla", proj_weight=torch.zeros(16, 16), block_size=(16, 16))
+    with good:
+        out = call_sdpa(q, k, v)
+    assert_verbose_allclose(out, attnlib.sla_attention(q, k, v, proj_weight=torch.zeros(16, 16),
+                                                       block_size=(16, 16)), atol=0)
+    # a required tensor option (block_sparse's mask) is checked per call, and the call runs
+    mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    out = attnlib.scaled_dot_product_attention(q, k, v, method="block_sparse", block_mask=mask,
+                                               block_size=(16, 16))
+    assert_verbose_allclose(out, TORCH_SDPA(q, k, v), atol=2e-6, rtol=1e-5)
+    with pytest.raises(TypeError, match="unknown option"):
+        attnlib.scaled_dot_product_attention(q, k, v, method="block_sparse", block_mask=mask, foo=1)

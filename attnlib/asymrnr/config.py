@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..inputs import check_fraction
+
 METRICS = ("euclidean", "cosine", "dot")
 MODES = ("replace", "mean")
 TEXT_SIDES = ("start", "end")
@@ -28,11 +30,8 @@ def check_triple(name: str, v: Any) -> tuple[int, int, int]:
 
 
 def check_ratio(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a number in [0, 1], got {type(v).__name__}")
-    if not (0.0 <= float(v) <= 1.0):  # also rejects NaN
-        raise ValueError(f"{name} must lie in [0, 1], got {v}")
-    return float(v)
+    """A ratio in [0, 1]: any real number (numpy scalars too), not bool, not NaN."""
+    return check_fraction(name, v)
 
 
 def check_choice(name: str, v: Any, choices: tuple[str, ...]) -> str:

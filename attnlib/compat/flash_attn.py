@@ -2,25 +2,52 @@
 softmax_scale, bottom-right causal, return_attn_probs -> (out, softmax_lse, None).
 
 Not implemented, and rejected with a ValueError rather than computed wrongly: dropout_p > 0,
-sliding windows other than (-1, -1), softcap != 0 and ALiBi slopes. With return_attn_probs
+sliding windows other than (-1, -1), softcap != 0 and ALiBi slopes. Arguments of the wrong
+type (dropout_p / softcap / softmax_scale not a float, window_size not a pair of ints) raise a
+TypeError naming the argument; a softmax_scale that is not finite and positive, a ValueError. With return_attn_probs
 the attention probabilities are not materialised (the third element is None), as flash_attn
 returns them only for testing with dropout.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 from .. import api, varlen
 
 
-def _check_unsupported(dropout_p, window_size, softcap, alibi_slopes) -> None:
-    if dropout_p:
+def _check_float(name: str, value) -> float:
+    """flash_attn takes these as Python floats (its op schema says float): no bool, no tensor."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_scale=None) -> None:
+    p = _check_float("dropout_p", dropout_p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1], got {dropout_p}")
+    if p:
         raise ValueError(f"dropout_p={dropout_p}: attnlib's flash_attn compatibility does not implement "
                          "attention dropout; use dropout_p=0.0 (inference) or torch SDPA")
-    if tuple(window_size) != (-1, -1):
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), -1 meaning unbounded, "
+                        f"got {window_size!r}")
+    if tuple(int(w) for w in window_size) != (-1, -1):
         raise ValueError(f"window_size={tuple(window_size)}: only (-1, -1) (no sliding window) is supported")
-    if softcap:
+    if _check_float("softcap", softcap):
         raise ValueError(f"softcap={softcap}: logit soft-capping is not supported")
     if alibi_slopes is not None:
         raise ValueError("alibi_slopes: ALiBi is not supported")
+    if softmax_scale is not None:
+        scale = _check_float("softmax_scale", softmax_scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"softmax_scale must be finite and positive (attnlib's kernels), got {softmax_scale}")
+
+
+def _scale(softmax_scale):
+    return None if softmax_scale is None else float(softmax_scale)  # numpy floats as flash_attn takes them
 
 
 def _result(res, return_attn_probs):
@@ -33,8 +60,8 @@ def _result(res, return_attn_probs):
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D) [, lse (B, H, Sq), None]."""
-    _check_unsupported(dropout_p, window_size, softcap, alibi_slopes)
-    res = api.flash_attention(q, k, v, causal=causal, scale=softmax_scale, layout="bshd",
+    _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_scale)
+    res = api.flash_attention(q, k, v, causal=causal, scale=_scale(softmax_scale), layout="bshd",
                               return_lse=bool(return_attn_probs))
     return _result(res, return_attn_probs)
 
@@ -59,11 +86,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                            alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
     """Packed (total_tokens, heads, head_dim) sequences delimited by int32 cu_seqlens."""
-    _check_unsupported(dropout_p, window_size, softcap, alibi_slopes)
+    _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_scale)
     if block_table is not None:
         raise ValueError("block_table: paged KV caches are not supported")
     res = varlen.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                        causal=causal, scale=softmax_scale,
+                                        causal=causal, scale=_scale(softmax_scale),
                                         return_lse=bool(return_attn_probs))
     return _result(res, return_attn_probs)
 

@@ -22,6 +22,8 @@ Differences, all deliberate:
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 from .. import api
@@ -33,17 +35,35 @@ __version__ = "1.0.6+attnlib"
 def _check_sdpa_kwargs(kwargs: dict[str, Any]) -> None:
     if kwargs.get("attn_mask") is not None:
         raise ValueError("attn_mask: sageattn has no attention mask; pass attn_mask=None")
-    if kwargs.get("dropout_p", 0.0):
-        raise ValueError(f"dropout_p={kwargs['dropout_p']}: sageattn has no dropout; use dropout_p=0.0")
+    dropout_p = kwargs.get("dropout_p", 0.0)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if dropout_p:
+        raise ValueError(f"dropout_p={dropout_p}: sageattn has no dropout; use dropout_p=0.0")
+
+
+def _check_arguments(tensor_layout: Any, is_causal: Any, sm_scale: Any) -> None:
+    """The package's own argument names in the errors (attnlib's say layout, causal, scale)."""
+    if not isinstance(tensor_layout, str):
+        raise TypeError(f"tensor_layout must be a str, 'HND' or 'NHD', got {type(tensor_layout).__name__}")
+    if tensor_layout not in LAYOUTS:
+        raise ValueError(f"tensor_layout must be 'HND' or 'NHD', got {tensor_layout!r}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if sm_scale is not None:
+        if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
+            raise TypeError(f"sm_scale must be a float or None, got {type(sm_scale).__name__}")
+        if not (math.isfinite(sm_scale) and sm_scale > 0):
+            raise ValueError(f"sm_scale must be finite and positive, got {sm_scale}")
 
 
 def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False, sm_scale=None,
              return_lse: bool = False, **kwargs: Any):
     """SageAttention with the sageattention package's signature (see the module docstring)."""
-    if tensor_layout not in LAYOUTS:
-        raise ValueError(f"tensor_layout must be 'HND' or 'NHD', got {tensor_layout!r}")
+    _check_arguments(tensor_layout, is_causal, sm_scale)
     _check_sdpa_kwargs(kwargs)
-    return api.sage_attention(q, k, v, causal=is_causal, scale=sm_scale, layout=LAYOUTS[tensor_layout],
+    scale = None if sm_scale is None else float(sm_scale)  # numpy floats, as the package takes them
+    return api.sage_attention(q, k, v, causal=is_causal, scale=scale, layout=LAYOUTS[tensor_layout],
                               smooth_k=kwargs.get("smooth_k", True),
                               qk_granularity=kwargs.get("qk_quant_gran", "per_block"),
                               pv=kwargs.get("pv", "fp16"), return_lse=return_lse,

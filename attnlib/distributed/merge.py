@@ -25,13 +25,20 @@ def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], 
     (float64 when an input is float64) and is differentiable in every ``out_i`` and ``lse_i``.
 
     Returns (out, lse): out in the layout and dtype of ``outs[0]``, lse float32 (float64 if
-    the lses were float64) of shape (B, H, S).
+    the lses were float64) of shape (B, H, S); both are new tensors, never one of the inputs
+    (a single part is copied).
     """
     layout = check_layout(layout)
     outs, lses = list(outs), list(lses)
     if not outs or len(outs) != len(lses):
         raise ValueError(f"merge_attention needs one lse per output and at least one of each, "
                          f"got {len(outs)} outputs and {len(lses)} lses")
+    for name, parts in (("outs", outs), ("lses", lses)):
+        for i, t in enumerate(parts):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"merge_attention: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"merge_attention: {name}[{i}] must be floating point, got {t.dtype}")
     shape, lse_shape = outs[0].shape, lses[0].shape
     want_lse = (shape[0], shape[1], shape[2]) if layout == "bhsd" else (shape[0], shape[2], shape[1])
     for i, (o, l) in enumerate(zip(outs, lses)):
@@ -41,8 +48,9 @@ def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], 
     if len(shape) != 4 or tuple(lse_shape) != want_lse:
         raise ValueError(f"merge_attention ({layout}): out must be 4-D and lse (B, H, S) = {want_lse}, "
                          f"got out {tuple(shape)}, lse {tuple(lse_shape)}")
-    if len(outs) == 1:
-        return outs[0], lses[0].float() if lses[0].dtype != torch.float64 else lses[0]
+    if len(outs) == 1:  # copies, so the caller never gets its own tensor back as the result
+        lse_dtype = torch.float64 if lses[0].dtype == torch.float64 else torch.float32
+        return outs[0].clone(), lses[0].to(lse_dtype, copy=True)
 
     wide = any(t.dtype == torch.float64 for t in outs + lses)
     ct = torch.float64 if wide else torch.float32

@@ -25,7 +25,8 @@ Processors of the same class that were not switched (another model) keep running
 Diffusers' own attention-backend registry is keyed by a closed Enum (``AttentionBackendName``)
 and is process-wide, so it cannot carry per-model attnlib methods and options; it is left alone,
 and a backend the user set with ``set_attention_backend`` still serves the calls attnlib leaves
-to diffusers (an attention mask, context parallelism, extra attention kwargs).
+to diffusers (an attention mask, context parallelism, extra attention kwargs, dropout, and
+anything else attnlib cannot compute exactly, such as a zero or negative scale).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from typing import Any, Callable
 import torch
 
 from .. import dispatch
-from ..options import METHOD_OPTIONS
+from ..options import check_method_options
 from . import sdpa as _sdpa
 
 log = logging.getLogger("attnlib")
@@ -105,10 +106,12 @@ def _diffusers():
 
 # --------------------------------------------------------------------------- routers
 
-def _to_attnlib(route: _Route, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    return _sdpa.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                              enable_gqa, method=route.method, backend=route.backend,
-                                              **route.options)
+def _to_attnlib(route: _Route, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                fallback: Callable | None = None, fallback_name: str = "torch"):
+    # route's method, backend and options were checked by apply(); torch (or the given fallback)
+    # serves what attnlib cannot serve exactly
+    return _sdpa._route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, route.method,
+                        route.backend, route.options, fallback, fallback_name)
 
 
 def _dispatch_router(original: Callable, route: _Route) -> Callable:
@@ -124,8 +127,17 @@ def _dispatch_router(original: Callable, route: _Route) -> Callable:
         elif attention_kwargs:
             reason = f"attention_kwargs {sorted(attention_kwargs)}"
         if reason is None:
+            def to_diffusers(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+                # what attnlib leaves (dropout, a scale it refuses, ...) goes to diffusers' own
+                # dispatch, so a backend set with set_attention_backend serves it
+                q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+                out = original(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs,
+                               backend=backend, parallel_config=parallel_config)
+                return out.transpose(1, 2)
+
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-            out = _to_attnlib(route, q, k, v, None, dropout_p, is_causal, scale, enable_gqa)
+            out = _to_attnlib(route, q, k, v, None, dropout_p, is_causal, scale, enable_gqa, to_diffusers,
+                              "diffusers dispatch_attention_fn")
             return out.transpose(1, 2)
         _log_once("attnlib: diffusers dispatch_attention_fn -> diffusers (%s)", reason)
         return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs,
@@ -272,10 +284,7 @@ def apply(model_or_pipeline, method: str = "flash", backend: str = "auto", **met
     if method not in METHODS:
         raise ValueError(f"diffusers apply method must be one of {METHODS}, got {method!r}")
     dispatch.check_backend(backend)
-    unknown = sorted(set(method_options) - set(METHOD_OPTIONS[method]))
-    if unknown:
-        allowed = ", ".join(sorted(METHOD_OPTIONS[method])) or "none"
-        raise TypeError(f"unknown option(s) {unknown} for method {method!r} (allowed: {allowed})")
+    check_method_options(method, method_options)  # names and values, here rather than at the first forward
     _diffusers()
     models = _models(model_or_pipeline)
     route = _Route(method, backend, dict(method_options))

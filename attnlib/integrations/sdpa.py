@@ -2,18 +2,25 @@
 
 The drop-in function keeps torch's exact semantics. Calls attnlib can serve exactly (no mask,
 no dropout, causal only with equal lengths because torch's is_causal is top-left aligned,
-4-D inputs) go through the dispatcher; every other call goes to torch's own kernel, with the
-reason logged once at INFO.
+4-D inputs, a finite positive scale, at least one head) go through the dispatcher; every other
+call goes to torch's own kernel (the builtin, never a patched function), with the reason logged
+once at INFO. So whatever torch computes is computed, and whatever torch refuses raises torch's
+error. attnlib's own extras (method, backend, method options) are checked as attnlib's: a bad
+one raises, it is never passed on to torch quietly.
 """
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .. import api, dispatch
+from ..inputs import make_inputs
+from ..options import NO_SCALE, check_method_options
 
 log = logging.getLogger("attnlib")
 
@@ -23,9 +30,15 @@ TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 # Methods patch_sdpa accepts; approximate ones run only when named.
 PATCHABLE_METHODS = ("flash", "sage", "sla", "linear")
 _logged_reasons: set[str] = set()
+# attnlib's kernels scale scores in float32
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> str | None:
+def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                     method) -> str | None:
+    """Why torch's own kernel must serve this call, or None when attnlib can serve it exactly.
+
+    Runs under torch.compile too (no tensor data read, no exceptions)."""
     ts = (query, key, value)
     if not all(isinstance(t, torch.Tensor) for t in ts):
         return "inputs are not tensors"
@@ -35,23 +48,41 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_
         return "inputs are not 4-D (batch, heads, seq, head_dim)"
     if attn_mask is not None:
         return "an explicit attn_mask"
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        return f"dropout_p of type {type(dropout_p).__name__}"
     if dropout_p > 0.0:
         return "dropout_p > 0"
+    if dropout_p != 0.0:
+        return "dropout_p < 0 or NaN"
+    if not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool):
+        return "is_causal or enable_gqa not a bool"
+    if scale is not None:
+        if method in NO_SCALE:
+            return f"an explicit scale (method {method!r} has no softmax scale)"
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            return f"scale of type {type(scale).__name__}"
+        if not (math.isfinite(scale) and 0 < scale <= _FLOAT32_MAX):
+            return "scale not finite, positive and within float32 range"
     if is_causal and query.shape[-2] != key.shape[-2]:
         return "is_causal with seq_q != seq_k (torch aligns top-left, attnlib bottom-right)"
     if query.shape[1] != key.shape[1] and not enable_gqa:
         return "different query and key/value heads without enable_gqa"
     if query.shape[:1] != key.shape[:1] or key.shape[:3] != value.shape[:3]:
         return "shapes torch would broadcast or reject"
-    if query.shape[1] % max(key.shape[1], 1) != 0:
+    if query.shape[1] == 0 or key.shape[1] == 0:
+        return "zero heads"
+    if query.shape[1] % key.shape[1] != 0:
         return "query heads not a multiple of key/value heads"
+    if query.shape[-1] == 0:
+        return "zero head_dim"
     return None
 
 
-def _log_fallback(reason: str) -> None:
-    if reason not in _logged_reasons:
-        _logged_reasons.add(reason)
-        log.info("attnlib: scaled_dot_product_attention -> torch (%s)", reason)
+def _log_fallback(reason: str, target: str = "torch") -> None:
+    key = f"{target}: {reason}"
+    if key not in _logged_reasons:
+        _logged_reasons.add(key)
+        log.info("attnlib: scaled_dot_product_attention -> %s (%s)", target, reason)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -60,20 +91,41 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """torch.nn.functional.scaled_dot_product_attention with attnlib kernels where they apply.
 
     method/backend/method_options are attnlib's extras (keyword-only); with the defaults the
-    result equals torch's up to the kernels' rounding.
+    result equals torch's up to the kernels' rounding. A call attnlib cannot serve exactly
+    (see the module docstring) runs torch's own kernel; bad extras raise.
     """
-    reason = _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if not torch.compiler.is_compiling():  # under compile the op's fake implementation checks
+        dispatch.check_method(method)
+        dispatch.check_backend(backend)
+        check_method_options(method, method_options)
+    return _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, method, backend,
+                  method_options)
+
+
+def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, method: str, backend: str,
+           method_options: dict[str, Any], fallback: Callable | None = None, fallback_name: str = "torch"):
+    """attnlib for what it serves exactly, else ``fallback`` (torch's builtin by default, same
+    arguments); method, backend and the options' tensor-free checks were done by the caller."""
+    reason = _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, method)
     if reason is None:
-        call = dict(method=method, backend=backend, causal=bool(is_causal), scale=scale, **method_options)
+        scale = None if scale is None else float(scale)  # NumPy scalars: a Python float for the op
+        call = dict(method=method, backend=backend, causal=is_causal, scale=scale, **method_options)
         if torch.compiler.is_compiling():
             return api.attention(query, key, value, **call)
-        inp = api.build_inputs(query, key, value, method=method, causal=bool(is_causal), scale=scale,
-                               **method_options)
-        ex = dispatch.explain(inp, backend)
-        if ex.chosen is not None or ex.backend != "auto":
-            return api.attention(query, key, value, **call)
-        reason = "no attnlib kernel fits: " + "; ".join(r for rs in ex.reasons.values() for r in rs)[:300]
-    _log_fallback(reason)
+        try:  # anything else attnlib's input checks refuse (dtypes, devices, ...) is torch's to judge
+            make_inputs(query, key, value, method=method, causal=is_causal, scale=scale)
+        except (TypeError, ValueError) as e:
+            reason = f"attnlib refuses the inputs: {e}"
+        else:  # option errors (a projection of the wrong shape) are attnlib's: they raise
+            inp = api.build_inputs(query, key, value, method=method, causal=is_causal, scale=scale,
+                                   **method_options)
+            ex = dispatch.explain(inp, backend)
+            if ex.chosen is not None or ex.backend != "auto":
+                return api.attention(query, key, value, **call)
+            reason = "no attnlib kernel fits: " + "; ".join(r for rs in ex.reasons.values() for r in rs)[:300]
+    _log_fallback(reason, fallback_name)
+    if fallback is not None:
+        return fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                       scale=scale, enable_gqa=enable_gqa)
 
@@ -92,14 +144,14 @@ class patch_sdpa:
         if method not in PATCHABLE_METHODS:
             raise ValueError(f"patch_sdpa method must be one of {PATCHABLE_METHODS}, got {method!r}")
         dispatch.check_backend(backend)
+        check_method_options(method, method_options)  # here, not at the first patched call
         self.method, self.backend, self.method_options = method, backend, dict(method_options)
         self._previous: list = []
 
         def patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                     enable_gqa=False):
-            return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                                enable_gqa, method=self.method, backend=self.backend,
-                                                **self.method_options)
+            return _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, self.method,
+                          self.backend, self.method_options)
 
         patched.__attnlib_patch__ = self
         patched.__doc__ = TORCH_SDPA.__doc__

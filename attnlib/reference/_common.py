@@ -31,7 +31,10 @@ def masked_row_exp(scores: torch.Tensor, mask: torch.Tensor | None, exp=torch.ex
     """
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    m = scores.amax(dim=-1, keepdim=True)
+    if scores.shape[-1] == 0:  # no keys (Sk == 0): amax refuses an empty reduction
+        m = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+    else:
+        m = scores.amax(dim=-1, keepdim=True)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = exp(scores - m_safe)
     l = p.sum(dim=-1, keepdim=True)
@@ -46,6 +49,14 @@ def masked_softmax_attention(scores: torch.Tensor, v: torch.Tensor, mask: torch.
     out = (p / l_safe) @ v
     lse = torch.where(has, m_safe + torch.log(l_safe), torch.full_like(l_safe, float("-inf")))
     return out, lse.squeeze(-1)
+
+
+def safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den (den broadcast, e.g. (..., Sq, 1)), and 0 with no gradient where den == 0: the
+    linear-attention row whose phi(q) meets no phi(k) mass (relu with eps 0, or no key), as the
+    Triton kernels' safe_recip gives."""
+    zero = den == 0
+    return (num / torch.where(zero, torch.ones_like(den), den)).masked_fill(zero, 0.0)
 
 
 def num_blocks(seq: int, block: int) -> int:

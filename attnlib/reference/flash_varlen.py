@@ -13,10 +13,6 @@ def _bhsd(x: torch.Tensor) -> torch.Tensor:
 
 def _one_sequence(q, k, v, causal: bool, scale: float):
     """(out (s_q, Hq, Dv), lse (Hq, s_q)) of one sequence; no keys gives 0 and -inf."""
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if k.shape[0] == 0:
-        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
-        return out, torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype, device=q.device)
     out, lse = flash_reference(_bhsd(q), _bhsd(k), _bhsd(v), causal=causal, scale=scale, return_lse=True)
     return out[0].transpose(0, 1), lse[0]
 

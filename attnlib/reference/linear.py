@@ -1,7 +1,9 @@
 """Linear attention (Katharopoulos et al., arXiv 2006.16236): the ground truth for method linear.
 
 out_i = phi(q_i) (sum_j phi(k_j)^T v_j) / (phi(q_i) . sum_j phi(k_j) + eps), over all keys, or
-with causal over keys j <= i + Sk - Sq (bottom-right), by prefix sums over keys.
+with causal over keys j <= i + Sk - Sq (bottom-right), by prefix sums over keys. A row whose
+denominator is exactly 0 (relu phi(q_i) all zero with eps = 0, or no key) gives 0, as the Triton
+kernels do.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ._common import compute_dtype, expand_kv
+from ._common import compute_dtype, expand_kv, safe_divide
 
 FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "elu": lambda x: F.elu(x) + 1.0,  # Katharopoulos et al. §3.2: positive, smooth
@@ -72,10 +74,10 @@ def linear_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, featu
     if not causal:
         num = pq @ (pk.transpose(-1, -2) @ vc)
         den = pq @ pk.sum(dim=-2)[..., None]
-        return (num / (den + eps)).to(q.dtype)
+        return safe_divide(num, den + eps).to(q.dtype)
     num, den, first = _causal_sums(pq, pk, vc)
     den = den + eps
-    if first:  # rows that see no key: numerator 0 over 1, so exactly 0 (also when eps == 0)
+    if first:  # rows that see no key: exactly 0 (also when eps == 0)
         sees = torch.arange(q.shape[2], device=q.device) >= first
-        den = torch.where(sees, den, torch.ones_like(den))
-    return (num / den[..., None]).to(q.dtype)
+        den = torch.where(sees, den, torch.zeros_like(den))
+    return safe_divide(num, den[..., None]).to(q.dtype)

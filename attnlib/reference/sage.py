@@ -93,7 +93,10 @@ def quantize_v_fp8(v: torch.Tensor):
     """V (..., S, D) -> (v_fp8 as float values, delta_v (..., 1, D) float32): per channel over all
     tokens, delta_v = max|v| / 448 (1 where a channel is all zero), v / delta_v rounded to e4m3."""
     vc = v.detach().to(torch.float32)
-    delta = vc.abs().amax(dim=-2, keepdim=True) / FP8_MAX
+    if vc.shape[-2] == 0:  # no tokens: amax refuses an empty reduction
+        delta = vc.new_zeros(*vc.shape[:-2], 1, vc.shape[-1])
+    else:
+        delta = vc.abs().amax(dim=-2, keepdim=True) / FP8_MAX
     delta = torch.where(delta > 0, delta, torch.ones_like(delta))
     v8 = (vc / delta).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return v8.to(torch.float32), delta
@@ -135,6 +138,7 @@ def sage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     qc, kc = q.detach().to(ct), k.detach().to(ct)
 
+    smooth_k = smooth_k and sk > 0  # no keys: nothing to smooth (the mean would be NaN)
     if smooth_k:  # SageAttention §3.2
         k_mean = kc.mean(dim=-2, keepdim=True)  # (B, Hkv, 1, D)
         kc = kc - k_mean

@@ -16,7 +16,7 @@ import math
 import torch
 
 from ._common import (block_mask_to_tokens, causal_mask, compute_dtype, expand_kv, masked_softmax_attention,
-                      num_blocks)
+                      num_blocks, safe_divide)
 from .linear import feature_map_fn
 
 CRITICAL, MARGINAL, NEGLIGIBLE = 1, 0, -1
@@ -42,7 +42,8 @@ def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
         x = torch.cat([x, x.new_zeros(*x.shape[:-2], pad, d)], dim=-2)
     sums = x.reshape(*x.shape[:-2], nb, block, d).sum(dim=-2)
     counts = torch.full((nb, 1), float(block), dtype=x.dtype, device=x.device)
-    counts[-1] = block - pad
+    if nb:  # S == 0 pools to no block
+        counts[-1] = block - pad
     return sums / counts
 
 
@@ -120,7 +121,8 @@ def sla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight
 
     O_sparse: softmax attention over critical blocks (causal token mask inside them); rows with
     no critical key give 0. O_linear_i = phi(q_i) (sum_j phi(k_j)^T v_j) / (phi(q_i) . sum_j
-    phi(k_j) + 1e-6) over the keys j of row i's marginal blocks; 0 where there are none."""
+    phi(k_j) + 1e-6) over the keys j of row i's marginal blocks; 0 where there are none (or where
+    that denominator is exactly 0)."""
     ct = compute_dtype(q.dtype)
     hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -140,7 +142,7 @@ def sla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight
     marginal = block_mask_to_tokens(classes == MARGINAL, block_size, sq, sk).to(ct)
     phi = feature_map_fn(feature_map)
     a = (phi(qc) @ phi(kc).transpose(-1, -2)) * marginal  # phi(q_i) . phi(k_j) on marginal keys
-    o_linear = (a @ vc) / (a.sum(dim=-1, keepdim=True) + LINEAR_EPS)
+    o_linear = safe_divide(a @ vc, a.sum(dim=-1, keepdim=True) + LINEAR_EPS)
     if proj_weight is not None:
         out = out + o_linear @ proj_weight.to(ct).transpose(0, 1)
     if proj_bias is not None:
