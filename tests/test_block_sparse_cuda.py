@@ -12,7 +12,7 @@ from attnlib.cuda import loader
 from attnlib.kernels.block_sparse_cuda import BlockSparseCUDA, all_specs
 from attnlib.reference import block_sparse_reference
 from attnlib.testing import make_qkv, poison_
-from test_block_sparse_triton import poison_unlisted_kv
+from test_block_sparse_triton import clean_and_poisoned_runs
 
 
 def test_every_specialisation_is_in_all_specs():
@@ -99,16 +99,9 @@ def test_gpu_unlisted_key_blocks_are_never_read(causal):
     mask = (torch.rand(1, 4, 5, 9, generator=torch.Generator().manual_seed(6)) < 0.35).cuda()
     mask[:, :2, :, 2] = False  # every query head of KV head 0 skips key block 2
     mask[:, 2:, :, 5] = False
-    kp, vp = poison_unlisted_kv(q, k, v, mask, bs)
-    runs = {}
-    for name, (kk, vv) in (("clean", (k, v)), ("poisoned", (kp, vp))):
-        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, kk, vv))
-        out, lse = attnlib.block_sparse_attention(qq, kk, vv, mask, block_size=bs, causal=causal, return_lse=True,
-                                                  backend="cuda")
-        out.float().sum().backward()
-        runs[name] = (out.detach(), lse, qq.grad, kk.grad, vv.grad)
-    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), runs["poisoned"], runs["clean"]):
+    clean, poisoned = clean_and_poisoned_runs(q, k, v, mask, bs, causal, "cuda")
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), poisoned, clean):
         assert not torch.isnan(got).any(), f"{name} read an unlisted (NaN) key block"
         assert torch.equal(got, want), name  # no atomics: the same blocks in the same order
     ref = block_sparse_reference(q.double(), k.double(), v.double(), mask, block_size=bs, causal=causal)
-    torch.testing.assert_close(runs["poisoned"][0].double(), ref, atol=4e-3, rtol=0)
+    torch.testing.assert_close(poisoned[0].double(), ref, atol=4e-3, rtol=0)

@@ -157,6 +157,20 @@ def poison_unlisted_kv(q, k, v, mask, block_size):
     return k2, v2
 
 
+def clean_and_poisoned_runs(q, k, v, mask, block_size, causal, backend):
+    """(out, lse, dq, dk, dv) of block_sparse_attention with clean K/V and with NaN in the
+    unlisted key blocks (poison_unlisted_kv), each with the backward of out's sum."""
+    kp, vp = poison_unlisted_kv(q, k, v, mask, block_size)
+    runs = {}
+    for name, (kk, vv) in (("clean", (k, v)), ("poisoned", (kp, vp))):
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, kk, vv))
+        out, lse = attnlib.block_sparse_attention(qq, kk, vv, mask, block_size=block_size, causal=causal,
+                                                  return_lse=True, backend=backend)
+        out.float().sum().backward()
+        runs[name] = (out.detach(), lse, qq.grad, kk.grad, vv.grad)
+    return runs["clean"], runs["poisoned"]
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_unlisted_key_blocks_are_never_read(causal):
     # work proportional to the listed blocks: NaN K/V in unlisted blocks cannot reach out, lse or dq
@@ -165,19 +179,12 @@ def test_unlisted_key_blocks_are_never_read(causal):
     mask = random_mask(1, 4, 50, 83, bs, 0.35, seed=15)
     mask[:, :2, :, 1] = False  # every query head of KV head 0 skips key block 1
     mask[:, 2:, :, 3] = False
-    kp, vp = poison_unlisted_kv(q, k, v, mask, bs)
-    runs = {}
-    for name, (kk, vv) in (("clean", (k, v)), ("poisoned", (kp, vp))):
-        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, kk, vv))
-        out, lse = attnlib.block_sparse_attention(qq, kk, vv, mask, block_size=bs, causal=causal, return_lse=True,
-                                                  backend="triton")
-        out.backward(torch.ones_like(out))
-        runs[name] = (out.detach(), lse, qq.grad, kk.grad, vv.grad)
-    out, lse, dq, dk, dv = runs["poisoned"]
+    clean, poisoned = clean_and_poisoned_runs(q, k, v, mask, bs, causal, "triton")
+    out, lse, dq, dk, dv = poisoned
     for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert torch.isfinite(t).all(), f"{name} read an unlisted (NaN) key block"
     assert not torch.isnan(lse).any()
-    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), runs["poisoned"], runs["clean"]):
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), poisoned, clean):
         assert torch.equal(got, want), name  # no atomics: the same blocks in the same order
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = block_sparse_reference(*leaves, mask, block_size=bs, causal=causal)
