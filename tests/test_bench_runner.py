@@ -256,3 +256,16 @@ def test_cuda_compile_times_builds_then_hits_the_cache():
     rows = bench_flash.cuda_compile_times(log=lambda s: None, cc=(9, 0), load=False)
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), rows
     assert all(r["compile_s"] > 0 and r["binary_bytes"] > 1000 and r["cached_from"] == "hit" for r in rows)
+
+
+def test_gpu_check_interleaves_test_files():
+    """gpu_check asks conftest for a round robin over test files, so a run cut off at its budget
+    has reached every file; each file keeps its own order, and nothing is lost or repeated."""
+    from types import SimpleNamespace
+
+    from conftest import interleave_by_file
+
+    assert gpu_check.test_environment(Path("/tmp"))["ATTNLIB_TEST_INTERLEAVE"] == "1"
+    ids = ["a.py::1", "a.py::2", "a.py::3", "b.py::1", "c.py::1", "c.py::2"]
+    got = [i.nodeid for i in interleave_by_file([SimpleNamespace(nodeid=n) for n in ids])]
+    assert got == ["a.py::1", "b.py::1", "c.py::1", "a.py::2", "c.py::2", "a.py::3"]
