@@ -21,6 +21,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REL_RMSE = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
+@pytest.fixture(autouse=True)
+def _release_cuda_cache():
+    """test_gpu_gradients' float64 causal reference keeps ~7 GB of (chunk, D, Dv) prefix states for
+    autograd. torch's caching allocator keeps that reserved in the test's process; with the xdist
+    workers of bench/gpu_check.py sharing one card it adds up. Hand it back after every test."""
+    yield
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
 def rel_rmse(out, ref) -> float:
     o, r = out.detach().double(), ref.detach().double()
     return ((o - r).pow(2).mean().sqrt() / r.pow(2).mean().sqrt().clamp_min(1e-30)).item()

@@ -167,7 +167,8 @@ def test_contract_biased_keys_smoothing_is_real(pv):
         pytest.skip("pv='fp8' needs sm_89+")
     # fp8: a larger shape, so the metrics average over more rows (its ratio has less room)
     b, h, s = (2, 4, 1024) if pv == "fp8" else (1, 2, 256)
-    q, k, v = make_qkv(b, h, s, 64, dtype=F16, device=DEVICE, k_bias=10.0)
+    # fp8 seeded: its smoothing margin is thin (rough/smooth rel L1 1.6-2.3x over 55 seeds vs 1.5x)
+    q, k, v = make_qkv(b, h, s, 64, dtype=F16, device=DEVICE, k_bias=10.0, seed=21 if pv == "fp8" else None)
     exact = flash_reference(q.double(), k.double(), v.double())
     smooth = attnlib.sage_attention(q, k, v, pv=pv, backend="triton")
     rough = attnlib.sage_attention(q, k, v, pv=pv, smooth_k=False, backend="triton")
@@ -176,7 +177,7 @@ def test_contract_biased_keys_smoothing_is_real(pv):
 
 def test_contract_biased_keys_smoothing_is_real_fp8_simulation():
     """pv="fp8" on CPU: the simulation (the kernel's GPU test above holds it to the same bounds)."""
-    q, k, v = make_qkv(2, 4, 1024, 64, dtype=F16, k_bias=10.0)
+    q, k, v = make_qkv(2, 4, 1024, 64, dtype=F16, k_bias=10.0, seed=21)  # seeded: the fp8 margin is thin
     exact = flash_reference(q.double(), k.double(), v.double())
     _assert_smoothing_is_real("fp8", sage_reference(q, k, v, pv="fp8"),
                               sage_reference(q, k, v, pv="fp8", smooth_k=False), exact)
@@ -324,6 +325,8 @@ def test_quantize_v_fp8_matches_reference(case):
 @pytest.mark.parametrize("case", QUANT_CASES, ids=QUANT_IDS)
 def test_quantize_v_fp8_rounding_gpu(case):
     """On the GPU the e4m3 cast itself is right: bit-exact on Normal(0, 1) inputs."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("Triton's e4m3 (fp8e4nv) needs sm_89+")
     from attnlib.reference.sage import quantize_v_fp8 as ref_v_fp8
     from attnlib.triton_kernels.sage.quant import quantize_v_fp8
 
