@@ -87,6 +87,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     length batch + 1; empty sequences allowed). causal is bottom-right aligned per sequence.
     Returns out (total_q, Hq, D), or (out, lse) with lse float32 (Hq, total_q). backend "auto"
     runs Triton on CUDA tensors (or under TRITON_INTERPRET=1), else the torch reference.
+
+    cu_seqlens values and max_seqlen_q/k are checked on CPU tensors. On the GPU they are trusted,
+    as flash_attn trusts them (checking would synchronise the host): the launch grid is sized from
+    max_seqlen_q, so a sequence longer than it leaves its tail rows unwritten.
     """
     if not torch.compiler.is_compiling():  # the fake implementation checks shapes while tracing
         check_backend(backend)
