@@ -165,11 +165,7 @@ def run_flash_suite(quick: bool = True, *, providers: Optional[Sequence[str]] = 
     if device == "cuda" and any(p.startswith("attnlib-cuda") for p in providers):
         left = None if budget_s is None else budget_s - (time.perf_counter() - t0)
         for rec in compile_records(left):
-            records.append(rec)
-            if on_record is not None:
-                on_record(rec)
-            if log is not None:
-                log(runner.format_record(rec))
+            runner.emit_record(records, rec, on_record, log)
     if log is not None:
         for kernel, picks in triton_autotune_picks().items():
             for key, config in picks.items():
@@ -320,6 +316,8 @@ def compile_records(budget_left_s: Optional[float] = None) -> list[dict]:
                          what="disk read + module load" if loaded else "disk read"))
     return recs
 
+
+if pytest is not None:
     @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
     def test_flash_cuda_compile_and_load(benchmark) -> None:
         """flash-cuda's first-call NVRTC compile time (extra_info, once per specialisation: a

@@ -545,6 +545,16 @@ class Budget:
         self.spent[name] = self.spent.get(name, 0.0) + seconds
 
 
+def emit_record(records: list[dict], rec: dict, on_record: Optional[Callable[[dict], None]],
+                log: Optional[Callable[[str], None]]) -> None:
+    """Append rec, hand it to on_record (results written as they come) and log its line."""
+    records.append(rec)
+    if on_record is not None:
+        on_record(rec)
+    if log is not None:
+        log(format_record(rec))
+
+
 def run_suite(cases: Sequence[Case], providers: Sequence[str], *, budget_s: Optional[float] = None,
               timing: Optional[TimingConfig] = None, log: Optional[Callable[[str], None]] = print,
               on_record: Optional[Callable[[dict], None]] = None) -> list[dict]:
@@ -554,11 +564,7 @@ def run_suite(cases: Sequence[Case], providers: Sequence[str], *, budget_s: Opti
     broken: Optional[str] = None
 
     def emit(rec: dict) -> None:
-        records.append(rec)
-        if on_record is not None:
-            on_record(rec)
-        if log is not None:
-            log(format_record(rec))
+        emit_record(records, rec, on_record, log)
 
     for case in cases:
         if budget.over() or broken:
