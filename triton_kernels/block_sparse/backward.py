@@ -13,9 +13,9 @@ import triton.language as tl
 
 from ..flash.backward import bwd_preprocess
 from ..flash.common import (LOG2E, dkdv_query_block, dot_precision, dq_key_block, key_query_range, load_tile,
-                            log2_lse, store_tile)
+                            log2_lse, row_tile, store_tile)
 from .configs import launch_config, padded_head_dim
-from .forward import count_listed_below, key_tile, kv_tile_bases, listed_key_range, query_tile, row_tile, strides_bhm
+from .forward import count_listed_below, key_tile, kv_tile_bases, listed_key_range, query_tile, strides_bhm
 
 
 @triton.jit

@@ -13,17 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..flash.common import (LOG2E, attend_key_block, dot_precision, load_tile, query_key_range, store_tile)
+from ..flash.common import (LOG2E, attend_key_block, dot_precision, load_tile, query_key_range, row_tile,
+                            store_tile)
 from .configs import launch_config, padded_head_dim
-
-
-@triton.jit
-def row_tile(base, start, offs_r, offs_c, stride_r, stride_c):
-    """Pointers to rows start + offs_r, columns offs_c of the slab at base, the row offsets in
-    int64: row * stride_r passes 2**31 at long sequences (bshd with H * D = 4096 from 512k rows).
-    For these load-once tiles ptxas on sm_90 did better with the int64 row column than with an
-    int64 scalar start plus int32 offsets inside the tile (fewer registers, fewer fp32 spills)."""
-    return base + (start + offs_r[:, None]).to(tl.int64) * stride_r + offs_c[None, :] * stride_c
 
 
 @triton.jit

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_sparse.forward import row_tile
+from ..flash.common import row_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
 
 CRITICAL, MARGINAL, NEGLIGIBLE = 1, 0, -1

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_sparse.forward import row_tile
+from ..flash.common import row_tile
 from .classify import padded
 
 

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ..block_sparse.configs import launch_config
-from ..block_sparse.forward import attend_listed, count_listed_below, kv_tile_bases, query_tile, row_tile
-from ..flash.common import LOG2E, dot_precision, load_tile, query_key_range, store_tile
+from ..block_sparse.forward import attend_listed, count_listed_below, kv_tile_bases, query_tile
+from ..flash.common import LOG2E, dot_precision, load_tile, query_key_range, row_tile, store_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
 from .classify import BlockIndex, padded
 
