@@ -9,7 +9,8 @@ import torch
 
 import attnlib
 from attnlib.cuda import loader
-from attnlib.kernels.block_sparse_cuda import BlockSparseCUDA, all_specs
+from attnlib.cuda.specs import BLOCK_SPARSE_FWD_SPECS
+from attnlib.kernels.block_sparse_cuda import BlockSparseCUDA
 from attnlib.reference import block_sparse_reference
 from attnlib.testing import make_qkv, poison_
 from test_block_sparse_triton import clean_and_poisoned_runs
@@ -20,14 +21,14 @@ def test_every_specialisation_is_in_all_specs():
     # spills), scripts/build_cubins.py (shipped cubins) and scripts/compile_report.py
     from attnlib.cuda import specs
 
-    assert len(all_specs()) == 16 and set(all_specs()) <= set(specs.ALL_SPECS)
-    assert {(s.name, s.source) for s in all_specs()} == {
+    assert len(BLOCK_SPARSE_FWD_SPECS) == 16 and set(BLOCK_SPARSE_FWD_SPECS) <= set(specs.ALL_SPECS)
+    assert {(s.name, s.source) for s in BLOCK_SPARSE_FWD_SPECS} == {
         (f"block_sparse_fwd_hd{hd}_{dt}_causal{c}_bm{bm}_bn{bn}", "block_sparse/block_sparse_fwd.cu")
         for hd in (64, 128) for dt in ("fp16", "bf16") for c in (0, 1) for bm, bn in ((64, 64), (128, 64))}
 
 
 @pytest.mark.skipif(bool(loader.availability_reasons()), reason="; ".join(loader.availability_reasons()))
-@pytest.mark.parametrize("spec", all_specs(), ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", BLOCK_SPARSE_FWD_SPECS, ids=lambda s: s.name)
 def test_nvrtc_compiles_for_sm89(spec):
     # sm_80 and sm_90 run in test_cuda_loader.py (every spec of ALL_SPECS); sm_89 (L4, RTX 40xx)
     # here, warnings failing as there

@@ -9,19 +9,11 @@ import math
 
 import torch
 
-from ..cuda.specs import BLOCK_SPARSE_BLOCK_SIZES, BLOCK_SPARSE_FWD_SPECS, block_sparse_fwd_spec
+from ..cuda.specs import BLOCK_SPARSE_BLOCK_SIZES, block_sparse_fwd_spec
 from ..dispatch import register
 from ..inputs import AttentionInputs
 from .families import CudaKernel
 from .flash_cuda import LOG2E
-
-BLOCK_SIZES = BLOCK_SPARSE_BLOCK_SIZES
-
-
-def all_specs():
-    """Every compiled specialisation (all in cuda.specs.ALL_SPECS: NVRTC tests, AOT cubins)."""
-    return BLOCK_SPARSE_FWD_SPECS
-
 
 def _strides_bhm(t: torch.Tensor):
     import numpy as np
@@ -69,8 +61,8 @@ class BlockSparseCUDA(CudaKernel):
 
     def kernel_reasons(self, inp: AttentionInputs) -> list[str]:
         bs = tuple(inp.options.get("block_size", (64, 64)))
-        if bs not in BLOCK_SIZES:
-            return [f"block_size {bs} not supported (supports {', '.join(map(str, BLOCK_SIZES))})"]
+        if bs not in BLOCK_SPARSE_BLOCK_SIZES:
+            return [f"block_size {bs} not supported (supports {', '.join(map(str, BLOCK_SPARSE_BLOCK_SIZES))})"]
         return []
 
     def spec(self, inp: AttentionInputs):

@@ -17,6 +17,11 @@ def interpreter_bf16_reasons(device: torch.device, dtype: torch.dtype) -> list[s
     return [INTERPRET_BF16_REASON] if device.type == "cpu" and dtype == torch.bfloat16 else []
 
 
+def heads_and_batch(inp: AttentionInputs) -> dict[str, int]:
+    """The common (blocks, heads, batch) grid's y and z axes, by name (for grid_yz_reasons)."""
+    return {"heads": inp.heads_q, "batch": inp.batch}
+
+
 def grid_yz_reasons(sizes: dict[str, int]) -> list[str]:
     """sizes: what a launch puts on grid axes y and z, by name; each axis holds at most GRID_YZ_MAX."""
     return [f"{name} {n} exceeds {GRID_YZ_MAX}, the CUDA grid limit of the axis (y or z) it is launched on"
@@ -44,7 +49,7 @@ class TritonKernel(Kernel):
     def grid_yz(self, inp: AttentionInputs) -> dict[str, int]:
         """What this kernel's launches put on grid axes y and z; override where it differs from
         the common (blocks, heads, batch) grid (e.g. batch * heads on one axis)."""
-        return {"heads": inp.heads_q, "batch": inp.batch}
+        return heads_and_batch(inp)
 
     def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
         r = super().not_supported_reasons(inp)
@@ -102,7 +107,7 @@ class CudaKernel(Kernel):
 
     def extra_reasons(self, inp: AttentionInputs) -> list[str]:
         r = self.kernel_reasons(inp)
-        r.extend(grid_yz_reasons({"heads": inp.heads_q, "batch": inp.batch}))
+        r.extend(grid_yz_reasons(heads_and_batch(inp)))
         if max(inp.seq_q, inp.seq_k) >= 2**31:
             r.append("sequence lengths must be < 2**31")
         if inp.device.type != "cuda" or r:
