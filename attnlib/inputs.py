@@ -44,13 +44,13 @@ def check_backend(backend: Any) -> str:
     return backend
 
 
-def _is_real_number(value: Any) -> bool:
+def is_real_number(value: Any) -> bool:
     """A Python or NumPy real scalar (int, float, np.float32, ...); not a bool, tensor or array."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_fraction(name: str, value: Any) -> float:
-    if not _is_real_number(value):
+    if not is_real_number(value):
         raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
     if not (0.0 <= float(value) <= 1.0):
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
@@ -63,7 +63,7 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 def check_scale(scale: Any, head_dim: int) -> float:
     if scale is None:
         return head_dim ** -0.5
-    if not _is_real_number(scale):
+    if not is_real_number(scale):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
     if not math.isfinite(scale) or scale <= 0:

@@ -190,10 +190,11 @@ class _NoInputs:
 
 
 def check_method_options(method: str, options: dict[str, Any]) -> None:
-    """Check a method's option names and values before any call (patch_sdpa, diffusers.apply: errors at setup, not at the first call):
-    every check of options.METHOD_OPTIONS that does not read the call's tensors, and the rules
-    across options (sla: critical + negligible <= 1). Tensor-dependent checks (sla's
-    proj_weight shape, block_sparse's block_mask shape) still run at each call."""
+    """Check a method's option names and values before any call, so patch_sdpa and
+    diffusers.apply raise at setup, not at the first call: every check of METHOD_OPTIONS that
+    does not read the call's tensors, and the rules across options (sla: critical + negligible
+    <= 1). Tensor-dependent checks (sla's proj_weight shape, block_sparse's block_mask shape)
+    still run at each call."""
     spec = METHOD_OPTIONS[method]
     no_inputs = _NoInputs()
     deferred = set()

@@ -14,11 +14,12 @@ import math
 import numbers
 
 from .. import api, varlen
+from ..inputs import is_real_number
 
 
 def _check_float(name: str, value) -> float:
     """flash_attn takes these as Python floats (its op schema says float): no bool, no tensor."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real_number(value):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     return float(value)
 

@@ -23,10 +23,10 @@ Differences, all deliberate:
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 from .. import api
+from ..inputs import is_real_number
 
 LAYOUTS = {"HND": "bhsd", "NHD": "bshd"}
 __version__ = "1.0.6+attnlib"
@@ -36,7 +36,7 @@ def _check_sdpa_kwargs(kwargs: dict[str, Any]) -> None:
     if kwargs.get("attn_mask") is not None:
         raise ValueError("attn_mask: sageattn has no attention mask; pass attn_mask=None")
     dropout_p = kwargs.get("dropout_p", 0.0)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+    if not is_real_number(dropout_p):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if dropout_p:
         raise ValueError(f"dropout_p={dropout_p}: sageattn has no dropout; use dropout_p=0.0")
@@ -51,7 +51,7 @@ def _check_arguments(tensor_layout: Any, is_causal: Any, sm_scale: Any) -> None:
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if sm_scale is not None:
-        if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
+        if not is_real_number(sm_scale):
             raise TypeError(f"sm_scale must be a float or None, got {type(sm_scale).__name__}")
         if not (math.isfinite(sm_scale) and sm_scale > 0):
             raise ValueError(f"sm_scale must be finite and positive, got {sm_scale}")

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import threading
 from typing import Any, Callable
 
 import torch
 
 from .. import api, dispatch
-from ..inputs import make_inputs
+from ..inputs import FLOAT32_MAX, is_real_number, make_inputs
 from ..options import NO_SCALE, check_method_options
 
 log = logging.getLogger("attnlib")
@@ -30,8 +29,6 @@ TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 # Methods patch_sdpa accepts; approximate ones run only when named.
 PATCHABLE_METHODS = ("flash", "sage", "sla", "linear")
 _logged_reasons: set[str] = set()
-# attnlib's kernels scale scores in float32
-_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
@@ -48,7 +45,7 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, 
         return "inputs are not 4-D (batch, heads, seq, head_dim)"
     if attn_mask is not None:
         return "an explicit attn_mask"
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+    if not is_real_number(dropout_p):
         return f"dropout_p of type {type(dropout_p).__name__}"
     if dropout_p > 0.0:
         return "dropout_p > 0"
@@ -59,9 +56,9 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, 
     if scale is not None:
         if method in NO_SCALE:
             return f"an explicit scale (method {method!r} has no softmax scale)"
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        if not is_real_number(scale):
             return f"scale of type {type(scale).__name__}"
-        if not (math.isfinite(scale) and 0 < scale <= _FLOAT32_MAX):
+        if not (math.isfinite(scale) and 0 < scale <= FLOAT32_MAX):  # check_scale's rule, without raising
             return "scale not finite, positive and within float32 range"
     if is_causal and query.shape[-2] != key.shape[-2]:
         return "is_causal with seq_q != seq_k (torch aligns top-left, attnlib bottom-right)"
