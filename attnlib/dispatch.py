@@ -1,8 +1,9 @@
 """The kernel registry: what each kernel supports (as data), selection, explanation, errors.
 
 A kernel module declares a :class:`Kernel` subclass and calls :func:`register` on an
-instance. Selection for ``backend="auto"`` takes the highest-priority kernel of the method
-with no reasons against it; a named backend goes through the same checks and raises them.
+instance. Selection for ``backend="auto"`` takes the highest-ranked kernel of the method
+with no reasons against it (``Kernel.rank``: the priority, or a per-call one); a named backend
+goes through the same checks and raises them.
 """
 from __future__ import annotations
 
@@ -78,6 +79,11 @@ class Kernel:
         if self.head_dim_multiple is not None:
             parts.append(f"multiples of {self.head_dim_multiple} up to {self.max_head_dim}")
         return ", ".join(parts)
+
+    def rank(self, inp: AttentionInputs) -> int:
+        """This kernel's place for one call (higher is tried first); the static priority unless
+        a kernel knows it is faster or slower for some inputs (FlashSDPA)."""
+        return self.priority
 
     def not_supported_reasons(self, inp: AttentionInputs) -> list[str]:
         r = list(self.unavailable_reasons())
@@ -261,7 +267,7 @@ def explain(inp: AttentionInputs, backend: str = "auto") -> Explanation:
     backend = effective_backend(backend)
     chosen = None
     rejected = []
-    cands = kernels(inp.method)
+    cands = sorted(kernels(inp.method), key=lambda k: -k.rank(inp))  # stable: ties keep priority order
     for k in cands:
         if backend != "auto" and k.backend != backend:
             continue

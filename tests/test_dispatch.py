@@ -178,13 +178,47 @@ def test_grid_axis_limit_of_batch_times_heads(method, name):
 
 
 def test_sla_row_states_grid_axis(monkeypatch):
-    """The opt-in SLA row states launch batch * heads on grid z; the default path does not."""
+    """The SLA row states (the default) launch batch * heads on grid z; the per-tile path
+    (ATTNLIB_SLA_ROW_STATES=0) does not."""
     from attnlib.inputs import AttentionInputs
 
     kernel = next(k for k in dispatch.kernels("sla") if k.name == "sla-triton")
     q = torch.zeros(1, 1, 16, 16, dtype=torch.float16).expand(300, 300, 16, 16)
     inp = AttentionInputs(q=q, k=q, v=q, method="sla")
-    monkeypatch.delenv("ATTNLIB_SLA_ROW_STATES", raising=False)
+    monkeypatch.setenv("ATTNLIB_SLA_ROW_STATES", "0")
     assert not any("grid limit" in r for r in kernel.not_supported_reasons(inp))
-    monkeypatch.setenv("ATTNLIB_SLA_ROW_STATES", "1")
+    monkeypatch.delenv("ATTNLIB_SLA_ROW_STATES", raising=False)
     assert any(r.startswith("batch * heads 90000 exceeds") for r in kernel.not_supported_reasons(inp))
+
+
+def test_sdpa_ranks_first_for_half_precision_inference_only():
+    """flash-torch-sdpa outranks flash-triton (20) for fp16/bf16 calls that build no graph, with head
+    dims torch's fused kernels take; otherwise it keeps its priority 10 (below the Triton and CUDA
+    kernels). explain() tries kernels in rank order."""
+    from attnlib.kernels.flash_sdpa import FlashSDPA
+
+    sdpa = FlashSDPA()
+    triton_rank = next(k for k in dispatch.kernels("flash") if k.name == "flash-triton").rank
+
+    def rank(dtype=torch.float16, d=64, grad=False, dv=None):
+        q, k, v = make_qkv(1, 2, 16, d, dtype=dtype, head_dim_v=dv, requires_grad=grad)
+        return sdpa.rank(attnlib.api.build_inputs(q, k, v))
+
+    inp = attnlib.api.build_inputs(*make_qkv(1, 2, 16, 64, dtype=torch.float16))
+    assert rank() == rank(torch.bfloat16) == rank(d=256) == sdpa.half_inference_priority > triton_rank(inp)
+    assert rank(torch.float32) == rank(grad=True) == rank(d=36) == rank(d=264) == rank(dv=32) == sdpa.priority
+    with torch.no_grad():
+        assert rank(grad=True) == sdpa.half_inference_priority
+    assert sdpa.priority < triton_rank(inp)
+
+
+def test_explain_follows_rank(monkeypatch):
+    """Kernels are tried (and their rejections listed) in rank order, ties in priority order."""
+    from attnlib.kernels.flash_sdpa import FlashSDPA
+
+    q, k, v = make_qkv(1, 2, 16, 16, dtype=torch.float64)
+    names = [kn.name for kn, _ in attnlib.explain(q, k, v).rejected]
+    assert names.index("flash-triton") < names.index("flash-torch-sdpa")
+    monkeypatch.setattr(FlashSDPA, "rank", lambda self, inp: 1000)
+    ex = attnlib.explain(q, k, v)
+    assert ex.rejected[0][0].name == "flash-torch-sdpa" and ex.chosen.name == "flash-torch-reference"

@@ -32,6 +32,28 @@ def test_quantize_ties_and_exact_delta():
     assert xi.flatten().tolist() == [127, 1, -1, 3, -3, 1, -2, 0]
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scales_are_ieee_quotients_on_every_device(device):
+    """delta = max|x| / 127 and delta_v = max|v| / 448 as correctly rounded float32 quotients (the
+    kernels use div_rn). PyTorch's CUDA division by a Python scalar multiplies by the reciprocal,
+    one ulp off for these x: the H100 run of 2026-11-27 failed 40 bit-exact kernel tests on it."""
+    from attnlib.reference.sage import divide_by_constant, quantize_v_fp8
+
+    x = torch.rand(200_000, generator=torch.Generator().manual_seed(5)).add_(0.5)
+    for c in (127.0, 448.0):
+        want = (x.double() / c).float()
+        assert not torch.equal(x * (1.0 / c), want)  # the reciprocal differs somewhere here
+        assert torch.equal(divide_by_constant(x.to(device), c).cpu(), want)
+    amax = x[:2048].reshape(32, 64)  # one block / one channel per row: its max is the scale
+    _, delta = quantize_per_block(amax.to(device)[:, None, :], block=1, dim=-2)
+    assert torch.equal(delta.flatten().cpu(), (amax.double().amax(-1) / 127).float())
+    _, delta_v = quantize_v_fp8(amax.t().to(device))
+    assert torch.equal(delta_v.flatten().cpu(), (amax.double().amax(-1) / 448).float())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_quantize_per_block_matches_definition(dtype):
     x = torch.randn(2, 3, 45, 16).to(dtype) * 3

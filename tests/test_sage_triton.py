@@ -35,7 +35,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 COS_MIN, REL_L1_MAX = 0.999, 0.02          # the contract, pv fp16 / fp16_accum
 FP8_COS_MIN, FP8_REL_L1_MAX = 0.998, 0.05  # e4m3 P and V (see the module docstring)
 SIM_REL_L1, SIM_LSE_ATOL = 1e-3, 1e-4      # Triton vs the simulation
-FP8_SIM_REL_L1, FP8_SIM_LSE_ATOL = 1e-2, 1e-3
+# pv='fp8': the kernel rounds P * 448 to e4m3 against its running row max, the simulation against
+# the row's final max, so early key tiles round differently (each e4m3 rounding up to 2^-4
+# relative). A float32 emulation of the kernel's tile loop (64- or 128-key tiles, exact
+# accumulation) against the simulation gives rel L1 0.020-0.021 on test_fp8_pv's non-causal
+# 1000-key rows and 0.010-0.013 causal; the H100 gave the same (0.0208 / 0.0132, 2026-11-27).
+FP8_SIM_REL_L1, FP8_SIM_LSE_ATOL = 3e-2, 1e-3
 # bf16 inputs compute as fp16 ones do (Q, K quantized to INT8 from fp32; V cast to fp16 for PV):
 # only the output's bf16 rounding differs. The interpreter's fp32 -> bf16 cast truncates (rounds
 # toward zero; the GPU rounds to nearest), an error of frac * ulp with frac ~ U[0, 1) and

@@ -371,11 +371,12 @@ def test_row_states_are_marginal_sums():
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=case_id)
-def test_row_states_path_forward_backward(case, monkeypatch):
-    """ATTNLIB_SLA_ROW_STATES=1: the forward, the O_l recompute and the linear dq read the query
-    blocks' sums from row_states.py instead of pre-aggregating per tile, and the linear dk/dv reads
-    each key block's summed dh_j, dz_j instead of folding query blocks; same accuracy contract."""
-    monkeypatch.setenv("ATTNLIB_SLA_ROW_STATES", "1")
+def test_per_tile_path_forward_backward(case, monkeypatch):
+    """ATTNLIB_SLA_ROW_STATES=0: the forward, the O_l recompute and the linear dq pre-aggregate the
+    marginal states per tile instead of reading the query blocks' sums from row_states.py (the
+    default every other test here runs), and the linear dk/dv folds query blocks instead of reading
+    each key block's summed dh_j, dz_j; same accuracy contract."""
+    monkeypatch.setenv("ATTNLIB_SLA_ROW_STATES", "0")
     check_case(case)
 
 
@@ -421,10 +422,12 @@ def test_gpu_block_sizes(block_size, dtype, head_dim):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_gpu_row_states_path(dtype, monkeypatch):
-    """The opt-in row states (ATTNLIB_SLA_ROW_STATES=1) at a realistic size on the card: bf16
-    (the interpreter cannot check it) and fp32, hd128, GQA, causal, forward and backward."""
-    monkeypatch.setenv("ATTNLIB_SLA_ROW_STATES", "1")
+@pytest.mark.parametrize("row_states", ["1", "0"], ids=["row-states", "per-tile"])
+def test_gpu_aggregation_paths(dtype, row_states, monkeypatch):
+    """Both aggregations (ATTNLIB_SLA_ROW_STATES=1, the default, and 0, per tile) at a realistic
+    size on the card: bf16 (the interpreter cannot check it) and fp32, hd128, GQA, causal, forward
+    and backward."""
+    monkeypatch.setenv("ATTNLIB_SLA_ROW_STATES", row_states)
     q, k, v = make_qkv(1, 4, 1000, 128, kv_heads=2, seq_k=1100, dtype=dtype, device="cuda", requires_grad=True,
                        seed=21)
     w, b = make_proj(128, seed=21)

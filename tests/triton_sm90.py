@@ -204,8 +204,8 @@ def _linear(which, dtype, d, causal):
 
 def _sla(which, dtype, d, causal):
     """"fwd": the forward with its projection; "bwd": that forward keeping lse, the backward from
-    it (O_l-only forward, delta kernel), the re-walking backward, and the backward on the opt-in
-    row states (row_states.py): every SLA kernel."""
+    it (O_l-only forward, delta kernel), the re-walking backward, each on the row states (the
+    default) and on the per-tile aggregation (ATTNLIB_SLA_ROW_STATES=0): every SLA kernel."""
     from unittest import mock
 
     import torch
@@ -214,10 +214,13 @@ def _sla(which, dtype, d, causal):
     kw = dict(critical=0.25, negligible=0.25, block_size=(64, 64), feature="softmax", scale=d ** -0.5, causal=causal)
     w, b = _t(d, d, dtype=dtype), _t(d, dtype=dtype)
     out, lse = sla_forward(q, k, v, torch.empty_like(q), w, b, with_lse=True, **kw)
+    if which == "fwd":
+        with mock.patch.dict(os.environ, {"ATTNLIB_SLA_ROW_STATES": "0"}):
+            sla_forward(q, k, v, torch.empty_like(q), w, b, with_lse=True, **kw)
     if which == "bwd":
         sla_backward(do, q, k, v, w, b, out=out, lse=lse, **kw)
         sla_backward(do, q, k, v, w, None, **kw)
-        with mock.patch.dict(os.environ, {"ATTNLIB_SLA_ROW_STATES": "1"}):  # the opt-in row-states path
+        with mock.patch.dict(os.environ, {"ATTNLIB_SLA_ROW_STATES": "0"}):  # the per-tile path
             sla_backward(do, q, k, v, w, b, out=out, lse=lse, **kw)
 
 

@@ -78,7 +78,11 @@ class CudaKernel(Kernel):
     Missing CuPy, NVRTC or headers, an unsupported arch and misaligned rows are reasons."""
 
     backend = "cuda"
-    priority = 30
+    # Below the Triton kernels (20): on an H100 (2026-11-27, bench/results/nvidia-h100-80gb-hbm3/)
+    # flash-cuda's forward took 2.0-2.2x flash-triton's time at hd128 (1.4-1.6x with the 128-row
+    # tile) and block_sparse-cuda's 1.5x block_sparse-triton's at density 0.1. Chosen by auto only
+    # where no Triton kernel can run (e.g. Triton not installed); backend="cuda" still asks for them.
+    priority = 15
     devices = ("cuda",)
     requires = ("cupy",)
     dtypes = (torch.float16, torch.bfloat16)

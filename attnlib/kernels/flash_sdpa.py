@@ -1,5 +1,6 @@
 """Method flash on torch's own scaled_dot_product_attention (GPU tensors): a torch-backend
-kernel that is fast where attnlib's Triton/CUDA kernels are not installed."""
+kernel, first for fp16/bf16 calls without gradients (measured fastest there; see ``rank``) and
+the fallback where attnlib's Triton/CUDA kernels are not installed."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +16,22 @@ class FlashSDPA(Kernel):
     priority = 10
     devices = ("cuda",)
     supports_lse = False  # torch's public SDPA does not return the log-sum-exp
+
+    # Above flash-triton (20) for half-precision calls that need no gradient: on an H100 (2026-11-27,
+    # bench/results/nvidia-h100-80gb-hbm3/) torch SDPA's own choice (cuDNN) ran the forward 1.2-1.5x
+    # faster than attnlib's Triton kernel at hd128. Calls that build a graph keep attnlib's kernels
+    # (their backward is deterministic by default; SDPA's backends differ), and float32 stays below:
+    # torch has no fused flash or cuDNN kernel for it and may fall back to a path that forms N x N.
+    half_inference_priority = 25
+
+    def rank(self, inp: AttentionInputs) -> int:
+        if inp.dtype not in (torch.float16, torch.bfloat16):
+            return self.priority
+        if inp.head_dim % 8 or inp.head_dim > 256 or inp.head_dim_v != inp.head_dim:
+            return self.priority  # outside torch's fused kernels: its math path forms N x N
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (inp.q, inp.k, inp.v)):
+            return self.priority
+        return self.half_inference_priority
 
     def extra_reasons(self, inp: AttentionInputs) -> list[str]:
         r = []

@@ -55,7 +55,7 @@ class SLATriton(TritonKernel):
 
     def grid_yz(self, inp: AttentionInputs) -> dict[str, int]:
         sizes = super().grid_yz(inp)
-        if os.environ.get("ATTNLIB_SLA_ROW_STATES", "0") == "1":  # row_states.py: z = batch * heads
+        if os.environ.get("ATTNLIB_SLA_ROW_STATES", "1") != "0":  # row_states.py: z = batch * heads
             sizes["batch * heads"] = inp.batch * inp.heads_q
         return sizes
 

@@ -50,6 +50,14 @@ def round_half_away(y: torch.Tensor) -> torch.Tensor:
     return torch.where(frac >= 0.5, t + torch.sign(y), t)
 
 
+def divide_by_constant(x: torch.Tensor, c: float) -> torch.Tensor:
+    """x / c rounded as IEEE division, on every device. PyTorch's CUDA division by a Python or
+    0-dim CPU scalar multiplies by the reciprocal instead (one ulp off for some x), so the same
+    reference gave other scales on the GPU than on the CPU, and than the kernels' div_rn; a
+    tensor divisor takes the true-division path everywhere."""
+    return x / torch.full_like(x, c)
+
+
 def quantize_per_block(x: torch.Tensor, block: int, dim: int = -2):
     """Symmetric INT8 quantization per block of `block` tokens along `dim`.
 
@@ -69,7 +77,7 @@ def quantize_per_block(x: torch.Tensor, block: int, dim: int = -2):
     else:
         xt_p = xt
     blocks = xt_p.reshape(*xt.shape[:-2], nb, block * d)
-    delta = (blocks.abs().amax(dim=-1, keepdim=True) / INT8_MAX).to(torch.float32)
+    delta = divide_by_constant(blocks.abs().amax(dim=-1, keepdim=True), INT8_MAX).to(torch.float32)
     safe = torch.where(delta > 0, delta, torch.ones_like(delta)).to(xt.dtype)
     y = blocks / safe
     xi = round_half_away(y).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
@@ -96,7 +104,7 @@ def quantize_v_fp8(v: torch.Tensor):
     if vc.shape[-2] == 0:  # no tokens: amax refuses an empty reduction
         delta = vc.new_zeros(*vc.shape[:-2], 1, vc.shape[-1])
     else:
-        delta = vc.abs().amax(dim=-2, keepdim=True) / FP8_MAX
+        delta = divide_by_constant(vc.abs().amax(dim=-2, keepdim=True), FP8_MAX)
     delta = torch.where(delta > 0, delta, torch.ones_like(delta))
     v8 = (vc / delta).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return v8.to(torch.float32), delta

@@ -50,8 +50,8 @@ def sla_forward_parts(q, k, v, *, linear: bool, critical: float, negligible: flo
 
 
 def _rows_hz(classes, h, z, dtype):
-    """The query blocks' marginal state sums as one product per head, when
-    ATTNLIB_SLA_ROW_STATES=1 (row_states.py: B*Hq*Mq*(D*D + D)*4 bytes); else None."""
+    """The query blocks' marginal state sums as one product per head (row_states.py:
+    B*Hq*Mq*(D*D + D)*4 bytes); None with ATTNLIB_SLA_ROW_STATES=0 (per-tile pre-aggregation)."""
     return row_states(classes, h, z, state_precision(dtype)) if row_states_enabled() else None
 
 
@@ -122,12 +122,12 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
       linear branch   B*Hq*Sq*D*4 (O_l, freed after delta and dW) + B*Hq*Sq*D*4 (G = dO W, then dN
                       in place) + B*Hq*Sq*4 (dd) + B*Hq*(P + 1)*4*(D*D + D) (totals)
                       + PROJECT_CHUNK_BYTES (dO in fp32, a chunk at a time)
-      row states      only with ATTNLIB_SLA_ROW_STATES=1 (row_states.py): B*Hq*Mq*4*(D*D + D)
+      row states      unless ATTNLIB_SLA_ROW_STATES=0 (row_states.py): B*Hq*Mq*4*(D*D + D)
                       (H_i, Z_i; freed after the linear dq), then the same for dH_i, dZ_i and
                       B*Hkv*Mk*4*(D*D + D) for their per-key-block sums
     At Wan2.1-1.3B (B=1, H=12, D=128, S=32760, 64 x 64 blocks): h 403 MB + 2 * 201 MB of
-    N x D fp32 at peak + about 45 MB of maps and index forms + 64 MB: about 0.9 GB (row states:
-    up to about 0.8 GB more)."""
+    N x D fp32 at peak + about 45 MB of maps and index forms + 64 MB: about 0.9 GB, and the row
+    states up to about 0.8 GB more (none per tile)."""
     seq_k = k.shape[2]
     linear = _runs_linear(q, k, proj_weight, block_size, causal, critical, negligible)
     no_linear_dw = torch.zeros_like(proj_weight) if proj_weight is not None and not linear else None
