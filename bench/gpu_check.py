@@ -68,6 +68,7 @@ SAGE_END_S = 370.0
 SPARSE_LINEAR_END_S = 425.0  # block_sparse (30 s) and linear (20 s) share what is left up to here
 SLA_END_S = 470.0            # sla (issue 7: Wan2.1-1.3B fwd/bwd vs flash / SDPA), 40 s, never past this mark
 PER_TEST_TIMEOUT_S = 120
+SUITES = ("flash", "cuda_compile", "asymrnr", "sage", "block_sparse", "linear", "sla")
 MAX_FAILURES = 40            # keep going past failures: one run must show as many of them as it can
 RESULT_FILES = ("results.json", "summary.md", "pytest-gpu.log", "pytest-failures.log", "sanitizer.log",
                 "asymrnr.json", "asymrnr.md", "block_sparse.json", "linear.json", "sla.json", "cuda_compile.json")
@@ -152,10 +153,10 @@ def test_environment(out: Path) -> dict:
                 ATTNLIB_TEST_INTERLEAVE="1")  # round robin over files (tests/conftest.py): a cut-off run covers every file
 
 
-def run_pytest(out: Path, budget_s: float, extra_args: Sequence[str] = ()) -> dict:
-    """``pytest -m gpu`` (verbose, spread over xdist workers, at most MAX_FAILURES failures) with
-    its output teed to out/pytest-gpu.log; killed after ``budget_s`` seconds."""
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", f"--maxfail={MAX_FAILURES}", "tests/",
+def run_pytest(out: Path, budget_s: float, extra_args: Sequence[str] = (), paths: Sequence[str] = ("tests/",)) -> dict:
+    """``pytest -m gpu`` on ``paths`` (verbose, spread over xdist workers, at most MAX_FAILURES
+    failures) with its output teed to out/pytest-gpu.log; killed after ``budget_s`` seconds."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", f"--maxfail={MAX_FAILURES}", *paths,
            "-p", "no:cacheprovider", "-o", "console_output_style=classic"]
     workers = xdist_workers()
     if workers:
@@ -330,12 +331,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--bench-budget", type=float, default=BENCH_BUDGET_S)
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-sanitizer", action="store_true", help="skip compute-sanitizer on the CUDA flash tile")
     ap.add_argument("--skip-asymrnr", action="store_true", help="skip the AsymRnR evaluation and timing")
     ap.add_argument("--skip-sage", action="store_true", help="skip the sage benchmarks")
     ap.add_argument("--providers", default=None, help="comma list (default: bench_flash.GPU_PROVIDERS)")
+    ap.add_argument("--tests", default="tests/",
+                    help="comma list of test files or node ids for pytest -m gpu (a follow-up run re-checks a few)")
+    ap.add_argument("--suites", default=",".join(SUITES),
+                    help=f"comma list of benchmark suites to run, of {','.join(SUITES)} (default: all)")
     ap.add_argument("--import", dest="import_dir", default=None,
                     help="only file the results fetched into this folder under bench/results/<gpu>/")
     args = ap.parse_args(argv)
+    suites = {s for s in args.suites.split(",") if s}
+    if suites - set(SUITES):
+        ap.error(f"--suites: unknown {sorted(suites - set(SUITES))}; choose from {','.join(SUITES)}")
     if args.import_dir:
         dest = file_results(Path(args.import_dir))
         say(f"filed {args.import_dir} under {dest}")
@@ -356,12 +365,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pytest_result = None
     if not args.skip_tests:
         try:
-            pytest_result = run_pytest(out, args.pytest_budget)
+            pytest_result = run_pytest(out, args.pytest_budget, paths=[t for t in args.tests.split(",") if t])
         except Exception as e:  # noqa: BLE001
             pytest_result = {"command": "pytest -m gpu tests/", "error": f"{type(e).__name__}: {e}",
                              "counts": {}}
             say(f"!! could not run pytest: {pytest_result['error']}")
-    if not args.skip_tests and torch.cuda.is_available():
+    if not args.skip_tests and not args.skip_sanitizer and torch.cuda.is_available():
         say(f"== compute-sanitizer (budget {SANITIZER_BUDGET_S:.0f} s)")
         try:
             notes.extend(run_sanitizer(out, SANITIZER_BUDGET_S))
@@ -370,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     save(out, [], env, pytest_result, notes, complete=False)
 
     records: list[dict] = []
-    if not args.skip_bench:
+    if not args.skip_bench and "flash" in suites:
         from bench.bench_flash import run_flash_suite
 
         left = TOTAL_TARGET_S - (time.perf_counter() - t_start) - 20
@@ -404,7 +413,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if over:
             notes.append(f"{len(over)} measurements skipped: the benchmark budget of {budget:.0f} s was spent")
         notes.append(f"benchmarks took {time.perf_counter() - t0:.0f} s (budget {budget:.0f} s)")
-    if not args.skip_bench and torch.cuda.is_available():
+    if not args.skip_bench and "cuda_compile" in suites and torch.cuda.is_available():
         say("== flash-cuda first-call compile and cached-load times")
         try:
             from bench.bench_flash import cuda_compile_times
@@ -417,7 +426,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  f"{r.get('cached_load_ms', r['cached_read_ms']):.1f} ms (disk + module load)")
         except Exception as e:  # noqa: BLE001
             notes.append(f"cuda compile timing failed: {type(e).__name__}: {e}")
-    if not args.skip_bench and not args.skip_asymrnr:
+    if not args.skip_bench and not args.skip_asymrnr and "asymrnr" in suites:
         budget = max(15.0, min(ASYMRNR_BUDGET_S, ASYMRNR_END_S - (time.perf_counter() - t_start)))
         say(f"== asymrnr evaluation and timing (budget {budget:.0f} s)")
         try:
@@ -432,7 +441,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as e:  # noqa: BLE001 - keep the rest of the run
             notes.append(f"the asymrnr suite stopped: {type(e).__name__}: {e}")
             say("!! " + notes[-1])
-    if not args.skip_bench and not args.skip_sage:
+    if not args.skip_bench and not args.skip_sage and "sage" in suites:
         budget = max(10.0, min(SAGE_BUDGET_S, SAGE_END_S - (time.perf_counter() - t_start)))
         say(f"== sage benchmarks (budget {budget:.0f} s)")
         try:
@@ -450,6 +459,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 ("block_sparse", "bench.bench_block_sparse", "run_block_sparse_suite", 30.0, SPARSE_LINEAR_END_S),
                 ("linear", "bench.bench_linear", "run_linear_suite", 20.0, SPARSE_LINEAR_END_S),
                 ("sla", "bench.bench_sla", "run_sla_suite", 40.0, SLA_END_S)):
+            if name not in suites:
+                continue
             cap = min(cap, end_s - (time.perf_counter() - t_start))
             if cap < 5.0:
                 notes.append(f"{name} benchmarks skipped: the run reached {end_s:.0f} s")

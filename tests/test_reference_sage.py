@@ -32,10 +32,7 @@ def test_quantize_ties_and_exact_delta():
     assert xi.flatten().tolist() == [127, 1, -1, 3, -3, 1, -2, 0]
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_scales_are_ieee_quotients_on_every_device(device):
     """delta = max|x| / 127 and delta_v = max|v| / 448 as correctly rounded float32 quotients (the
     kernels use div_rn). PyTorch's CUDA division by a Python scalar multiplies by the reciprocal,

@@ -1,0 +1,154 @@
+"""Where the time goes, for the cases the benchmarks left unexplained (GPU only).
+
+    python bench/profile_gpu.py [--out DIR]      # writes profile.md (and prints it)
+
+For each case: the call's median time with CUDA events (as the benchmarks time it), the same call
+replayed from a CUDA graph (no host work: the gap to the eager time is Python / launch overhead),
+and the device kernels it launches with their summed time from torch.profiler. Cases:
+
+- block_sparse at density 0.05 and 0.1 (bench_block_sparse's shape): the H100 run of 2026-11-27
+  measured 0.65 ms at 0.05, no less than 0.62 ms at 0.1, where FlexAttention took 0.34 ms;
+- sla at critical 0.05 on the Wan2.1-1.3B shape, forward, row states (default) and per tile:
+  the linear branch took 62% of the forward there;
+- flash auto vs torch SDPA (bf16, no grad) at the Wan2.1-1.3B shape: auto should now be SDPA.
+Cases that may fail CUDA-graph capture (a host sync inside the call) come last.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def _median_ms(fn: Callable[[], object], reps: int = 30) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _graph_ms(fn: Callable[[], object]) -> float | str:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            fn()
+    except Exception as e:  # noqa: BLE001 - a host sync inside the call makes capture fail: say so
+        return f"capture failed: {type(e).__name__}: {str(e)[:120]}"
+    return _median_ms(g.replay)
+
+
+def _kernels(fn: Callable[[], object], top: int = 8) -> list[tuple[str, int, float]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.key and not e.key.startswith("cuda"):
+            rows.append((e.key[:70], e.count // 5, t / 5 / 1e3))
+    rows.sort(key=lambda r: -r[2])
+    return rows[:top]
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def cases():
+    import attnlib
+    from bench import bench_block_sparse as bbs
+    from bench import bench_sla as bsla
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = bsla.SHAPE
+    q, k, v = (torch.randn(w["batch"], w["heads"], w["seq"], w["head_dim"], device="cuda", dtype=torch.bfloat16,
+                           generator=gen) for _ in range(3))
+    pw = torch.randn(w["head_dim"], w["head_dim"], device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    pb = torch.zeros(w["head_dim"], device="cuda", dtype=torch.bfloat16)
+    yield ("flash auto (bf16, no grad) Wan2.1-1.3B", lambda: attnlib.flash_attention(q, k, v), None)
+    yield ("flash triton Wan2.1-1.3B", lambda: attnlib.flash_attention(q, k, v, backend="triton"), None)
+    yield ("torch SDPA default Wan2.1-1.3B", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), None)
+    s = bbs.SHAPE
+    qs, ks, vs = (torch.randn(s["batch"], s["heads"], s["seq"], s["head_dim"], device="cuda", dtype=torch.bfloat16,
+                           generator=gen) for _ in range(3))
+    for density in (0.05, 0.1):
+        mask = bbs.random_block_mask(density, device="cuda")
+        yield (f"block_sparse triton density {density} ({s['heads']}x{s['seq']}, hd{s['head_dim']}, block {bbs.BLOCK})",
+               lambda m=mask: attnlib.block_sparse_attention(qs, ks, vs, m, block_size=bbs.BLOCK, backend="triton"), None)
+    for rows in ("1", "0"):
+        yield (f"sla fwd critical 0.05 Wan2.1-1.3B, ATTNLIB_SLA_ROW_STATES={rows}",
+               lambda: attnlib.sla_attention(q, k, v, pw, pb, critical=0.05, negligible=bsla.NEGLIGIBLE,
+                                             block_size=bsla.BLOCK, backend="triton"), rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu-results"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_gpu: no CUDA device; nothing to profile")
+        return 0
+    lines = [f"# Kernel profile: {torch.cuda.get_device_name()}", "",
+             "eager: median of 30 calls with CUDA events; graph: the same call replayed from a CUDA graph "
+             "(no host work); kernels: torch.profiler device time per call.", ""]
+    with torch.no_grad():
+        for name, fn, rows in cases():
+            ctx = _env("ATTNLIB_SLA_ROW_STATES", rows) if rows is not None else contextlib.nullcontext()
+            with ctx:
+                try:
+                    fn()
+                    torch.cuda.synchronize()
+                    eager = _median_ms(fn)
+                    graph = _graph_ms(fn)
+                    ks = _kernels(fn)
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    lines += [f"## {name}", "", f"failed: {type(e).__name__}: {str(e)[:300]}", ""]
+                    print(lines[-2], flush=True)
+                    continue
+            g = f"{graph:.3f} ms" if isinstance(graph, float) else graph
+            lines += [f"## {name}", "", f"eager {eager:.3f} ms; graph {g}; kernel time "
+                      f"{sum(r[2] for r in ks):.3f} ms in the top {len(ks)}", "",
+                      "| kernel | launches per call | ms per call |", "|---|---:|---:|"]
+            lines += [f"| `{k}` | {n} | {t:.3f} |" for k, n, t in ks]
+            lines.append("")
+            print("\n".join(lines[-(len(ks) + 6):]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.md").write_text("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
