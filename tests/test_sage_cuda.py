@@ -13,6 +13,11 @@ from attnlib.reference import flash_reference, sage_reference
 from attnlib.reference.sage import K_BLOCK, Q_BLOCK, Q_WARP_BLOCK, quantize_per_block
 from attnlib.testing import assert_verbose_allclose, make_qkv, metrics
 
+# lse vs the simulation: the kernel's K mean and torch's differ in the last bits, which can move a
+# smoothed K element across an INT8 rounding tie (test_sage_triton.py's SIM_LSE_ATOL says how far
+# that moves a row's lse); the H100 gave up to 1.6e-4 on test_forward_gpu's float32 case.
+SIM_LSE_ATOL = 5e-4
+
 _NVRTC = loader.availability_reasons()
 needs_nvrtc = pytest.mark.skipif(bool(_NVRTC), reason="; ".join(_NVRTC) or "ok")
 
@@ -215,7 +220,7 @@ def _check(q, k, v, *, causal, pv="fp16", qk_granularity="per_block", layout="bh
     exact, exact_lse = flash_reference(t(q).double(), t(k).double(), t(v).double(), causal=causal, return_lse=True)
     assert out.dtype == q.dtype and torch.isfinite(out).all()
     assert metrics(t(out), sim)["rel_l1"] <= 1e-3
-    assert_verbose_allclose(lse, sim_lse, atol=1e-4, name="lse")
+    assert_verbose_allclose(lse, sim_lse, atol=SIM_LSE_ATOL, name="lse")
     vis = torch.isfinite(exact_lse)
     m = metrics(t(out)[vis], exact[vis])
     assert m["cos_sim"] >= 0.999 and m["rel_l1"] <= 0.02, m

@@ -34,7 +34,12 @@ triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 COS_MIN, REL_L1_MAX = 0.999, 0.02          # the issue's contract, pv fp16 / fp16_accum
 FP8_COS_MIN, FP8_REL_L1_MAX = 0.998, 0.05  # e4m3 P and V (see the module docstring)
-SIM_REL_L1, SIM_LSE_ATOL = 1e-3, 1e-4      # Triton vs the simulation
+# Triton vs the simulation. The lse bound: the kernels' K mean (fp32 sums in block order) and the
+# simulation's (torch's mean) differ in the last bits, so a smoothed K element within that of an
+# INT8 rounding tie lands one step apart, moving that key's scores by delta_q * delta_k (~1e-3 in
+# log2 units) and a row's lse by the key's softmax weight times that: up to 1.6e-4 on an H100
+# (2026-11-27, 4100-token rows) once the scales round alike (reference.sage.divide_by_constant).
+SIM_REL_L1, SIM_LSE_ATOL = 1e-3, 5e-4
 # pv='fp8': the kernel rounds P * 448 to e4m3 against its running row max, the simulation against
 # the row's final max, so early key tiles round differently (each e4m3 rounding up to 2^-4
 # relative). A float32 emulation of the kernel's tile loop (64- or 128-key tiles, exact
