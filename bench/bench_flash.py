@@ -70,21 +70,21 @@ runner.register_provider("attnlib-triton-tma", _attnlib_triton_tma,
                          info=runner.PROVIDERS["attnlib-triton"].info, check=True, replace_existing=True)
 
 
-def _attnlib_cuda_tile128(case: Case, q, k, v):
-    """attnlib-cuda with the opt-in 128-row query tile (ATTNLIB_CUDA_FLASH_TILE_M=128, read per
-    call): side by side with the default 64-row kernel, to decide which becomes the default."""
+def _attnlib_cuda_tile64(case: Case, q, k, v):
+    """attnlib-cuda with the 64-row query tile (ATTNLIB_CUDA_FLASH_TILE_M=64, read per call), side
+    by side with the default 128-row tile (the default since the H100 run of 2026-11-27)."""
     from attnlib.kernels.flash_cuda import TILE_M_ENV
 
     step = runner.PROVIDERS["attnlib-cuda"].make(case, q, k, v)  # same skip reasons
 
     def run():
-        with _env(TILE_M_ENV, "128"):
+        with _env(TILE_M_ENV, "64"):
             return step()
     return run
 
 
-runner.register_provider("attnlib-cuda-tile128", _attnlib_cuda_tile128,
-                         "attnlib.flash_attention(backend='cuda') with ATTNLIB_CUDA_FLASH_TILE_M=128",
+runner.register_provider("attnlib-cuda-tile64", _attnlib_cuda_tile64,
+                         "attnlib.flash_attention(backend='cuda') with ATTNLIB_CUDA_FLASH_TILE_M=64",
                          info=runner.PROVIDERS["attnlib-cuda"].info, check=True, replace_existing=True)
 
 TOKEN_HEADS = 16384 * 32           # batch * heads * seq of the synthetic shapes
@@ -100,7 +100,7 @@ WORKLOAD_CAP_S = {True: 0.25, False: 1.0}   # quick / full
 QUICK_BUDGET_S = 170.0
 
 GPU_PROVIDERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "attnlib-triton", "attnlib-triton-tma", "attnlib-cuda",
-                 "attnlib-cuda-tile128", "attnlib-auto", "flex", "sdpa-math")
+                 "attnlib-cuda-tile64", "attnlib-auto", "flex", "sdpa-math")
 CPU_PROVIDERS = ("attnlib-torch",)
 CPU_CASE = dict(workload="cpu-tiny", batch=1, heads=2, seq_q=128, head_dim=64, dtype="fp32", device="cpu")
 

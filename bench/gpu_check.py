@@ -14,7 +14,7 @@ Steps, each bounded in time so the whole run ends inside about 8 minutes on an H
 2. ``pytest -m gpu -v tests/`` in a subprocess (xdist workers when pytest-xdist is there, each
    kernel's default config: autotuning off), output teed to ``pytest-gpu.log``; at most
    ``--pytest-budget`` seconds (killed after); failures are counted and the run goes on;
-   then compute-sanitizer memcheck and racecheck on a small launch of the opt-in 128-row CUDA
+   then compute-sanitizer memcheck and racecheck on a small launch of the default 128-row CUDA
    flash tile (``sanitizer.log``);
 3. the flash benchmarks (:func:`bench.bench_flash.run_flash_suite`, quick list) with a time
    budget: cases past it are recorded as skipped, and say so;
@@ -59,7 +59,7 @@ TOTAL_TARGET_S = 385.0      # pytest + sanitizer + flash benchmarks end by here 
 # Budgets, in the order the steps run; each later step also stops at its END_S mark so the
 # whole script stays inside about 8 minutes (470 s of steps plus start-up and writing).
 PYTEST_BUDGET_S = 140.0
-SANITIZER_BUDGET_S = 40.0   # memcheck + racecheck on a small launch of the new CUDA tile
+SANITIZER_BUDGET_S = 40.0   # memcheck + racecheck on a small launch of the 128-row CUDA flash tile
 BENCH_BUDGET_S = 100.0
 ASYMRNR_BUDGET_S = 30.0     # AsymRnR accuracy + Wan2.1 timing; never past ASYMRNR_END_S into the run
 ASYMRNR_END_S = 325.0
@@ -209,7 +209,7 @@ def run_pytest(out: Path, budget_s: float, extra_args: Sequence[str] = (), paths
     return result
 
 
-# A small launch of each opt-in / not-yet-verified CUDA kernel, run under compute-sanitizer.
+# A small launch of the CUDA flash forward (the default 128-row tile), run under compute-sanitizer.
 SANITIZER_SNIPPET = """
 import torch, attnlib
 from attnlib.testing import make_qkv
@@ -223,7 +223,7 @@ SANITIZER_TOOLS = ("memcheck", "racecheck")
 
 
 def run_sanitizer(out: Path, budget_s: float) -> list[str]:
-    """compute-sanitizer memcheck and racecheck on the 128-row CUDA flash tile (opt-in, new):
+    """compute-sanitizer memcheck and racecheck on the 128-row CUDA flash tile (the default):
     notes for the summary, the full output in sanitizer.log."""
     exe = shutil.which("compute-sanitizer")
     if exe is None:

@@ -358,7 +358,7 @@ SHAPES = [  # batch, heads_q, heads_kv, seq_q, seq_k
 ]
 
 
-TILES = [pytest.param(None, id="tile64"), pytest.param(128, id="tile128")]
+TILES = [pytest.param(64, id="tile64"), pytest.param(None, id="tile128")]  # None: the default
 
 
 @pytest.fixture
@@ -376,7 +376,8 @@ def tile_env(monkeypatch, request):
 
 def assert_tile_spec(kernel, inp, tile):
     name = kernel.spec(inp).name
-    assert name.endswith("_ma2") == (tile == 128) and ("_bm128_" in name) == (tile == 128), name
+    big = tile != 64  # None: the default, the 128-row tile
+    assert name.endswith("_ma2") == big and ("_bm128_" in name) == big, name
 
 
 @pytest.mark.gpu
@@ -515,13 +516,14 @@ def test_disk_cache_reused_by_second_process(cuda_kernel, tmp_path):
             "q,k,v = make_qkv(1, 2, 33, 64, dtype=torch.float16, device='cuda', seed=1); "
             "o = attnlib.flash_attention(q, k, v, backend='cuda'); torch.cuda.synchronize(); print('ran')")
     env = dict(os.environ, ATTNLIB_CACHE_DIR=str(tmp_path), ATTNLIB_CUDA_VERBOSE="1", ATTNLIB_CUDA_NO_CUBINS="1")
+    env.pop("ATTNLIB_CUDA_FLASH_TILE_M", None)  # the default tile (128 rows)
     logs = []
     for _ in range(2):
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
         assert res.returncode == 0 and "ran" in res.stdout, res.stderr
         logs.append(res.stderr)
-    assert "flash_fwd_hd64_fp16_causal0_bm64_bn64: built" in logs[0], logs[0]
-    assert "flash_fwd_hd64_fp16_causal0_bm64_bn64: hit" in logs[1], logs[1]
+    assert "flash_fwd_hd64_fp16_causal0_bm128_bn64_ma2: built" in logs[0], logs[0]
+    assert "flash_fwd_hd64_fp16_causal0_bm128_bn64_ma2: hit" in logs[1], logs[1]
     assert "nvrtc " not in logs[1]
 
 
@@ -554,11 +556,11 @@ def test_tile_m_env_selects_spec_and_rejects_bad_values(monkeypatch):
     from attnlib.kernels import flash_cuda
 
     monkeypatch.delenv(flash_cuda.TILE_M_ENV, raising=False)
-    assert flash_cuda._spec_for(128, torch.bfloat16, True).name == "flash_fwd_hd128_bf16_causal1_bm64_bn64"
-    monkeypatch.setenv(flash_cuda.TILE_M_ENV, "128")
     assert flash_cuda._spec_for(128, torch.bfloat16, True).name == "flash_fwd_hd128_bf16_causal1_bm128_bn32_ma2"
     assert flash_cuda._spec_for(64, torch.float16, False).name == "flash_fwd_hd64_fp16_causal0_bm128_bn64_ma2"
-    assert flash_cuda._spec_for(64, torch.float16, False, tile_m=64).name.endswith("_bm64_bn64")
+    monkeypatch.setenv(flash_cuda.TILE_M_ENV, "64")
+    assert flash_cuda._spec_for(128, torch.bfloat16, True).name == "flash_fwd_hd128_bf16_causal1_bm64_bn64"
+    assert flash_cuda._spec_for(64, torch.float16, False, tile_m=128).name.endswith("_bm128_bn64_ma2")
     monkeypatch.setenv(flash_cuda.TILE_M_ENV, "96")
     with pytest.raises(ValueError, match="ATTNLIB_CUDA_FLASH_TILE_M"):
         flash_cuda._spec_for(64, torch.float16, False)

@@ -18,7 +18,7 @@ Environment switches:
 ``ATTNLIB_CUDA_INCLUDE``     CUDA toolkit include folder, for sources that need toolkit headers
                              (also searched: $CUDA_PATH, $CUDA_HOME, /usr/local/cuda, pip's
                              nvidia/cu13, nvidia/cu12, nvidia/cuda_runtime include folders)
-``ATTNLIB_CUDA_FLASH_TILE_M`` 64 (default) or 128: query tile of the flash forward (128: two 16-row
+``ATTNLIB_CUDA_FLASH_TILE_M`` 128 (default) or 64: query tile of the flash forward (128: two 16-row
                             MMA atoms per warp, FlashAttention-2's tiling; opt-in, not yet GPU-verified)
 ``NVCC``                     nvcc used by ahead-of-time builds and :func:`compile_report`
 """

@@ -81,7 +81,8 @@ def flash_fwd_spec(head_dim: int, dtype: str, causal: bool, block_m: int = 64, b
 
 
 def flash_fwd_tile128_spec(head_dim: int, dtype: str, causal: bool) -> KernelSpec:
-    """The 128-row tile (ATTNLIB_CUDA_FLASH_TILE_M=128): two atoms per warp, TILE128_BLOCK_N keys."""
+    """The 128-row tile (the default; ATTNLIB_CUDA_FLASH_TILE_M=64 picks the other): two atoms per
+    warp, TILE128_BLOCK_N keys."""
     if head_dim not in TILE128_BLOCK_N:
         raise ValueError(f"flash_fwd is built for head dims 64 and 128, not {head_dim}")
     return flash_fwd_spec(head_dim, dtype, causal, block_m=128, block_n=TILE128_BLOCK_N[head_dim], m_atoms=2)

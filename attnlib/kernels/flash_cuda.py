@@ -4,12 +4,13 @@ backward from the saved out and lse.
 
 Query tile (``ATTNLIB_CUDA_FLASH_TILE_M``, read at each call):
 
-* ``64`` (default): 4 warps x 16 rows, 64 keys per step; the kernel verified on an H100.
-* ``128``: 4 warps x 32 rows (two 16-row mma atoms per warp, FlashAttention-2's sm_80 tiling:
-  each K/V fragment read from shared memory feeds twice the mma, Q re-read per key block),
-  64 keys per step at hd64 and 32 at hd128 (the largest without register spills). Compiles for
-  sm_80/sm_90 without spills; NOT yet run on a GPU, so it is opt-in until a GPU run shows it
-  correct and faster.
+* ``128`` (default): 4 warps x 32 rows (two 16-row mma atoms per warp, FlashAttention-2's sm_80
+  tiling: each K/V fragment read from shared memory feeds twice the mma, Q re-read per key
+  block), 64 keys per step at hd64 and 32 at hd128 (the largest without register spills). On an
+  H100 (2026-11-27) it passed the GPU tests and compute-sanitizer, and its hd128 forward ran
+  1.27-1.41x faster than the 64-row tile (0.78-0.91x torch SDPA's flash backend, against
+  0.62-0.68x).
+* ``64``: 4 warps x 16 rows, 64 keys per step.
 
 ``flash_fwd_cuda(..., tile_m=128)`` picks the tile for one call regardless of the variable.
 Imports without CuPy; a missing CuPy, NVRTC, arch or alignment shows up as a reason.
@@ -31,10 +32,10 @@ TILE_M_CHOICES = (64, 128)
 
 
 def tile_m_from_env() -> int:
-    """The query tile ATTNLIB_CUDA_FLASH_TILE_M asks for (64 when unset or empty)."""
+    """The query tile ATTNLIB_CUDA_FLASH_TILE_M asks for (128 when unset or empty)."""
     raw = os.environ.get(TILE_M_ENV, "").strip()
     if not raw:
-        return 64
+        return 128
     try:
         tile = int(raw)
     except ValueError:
@@ -60,7 +61,7 @@ def flash_fwd_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
                    lse: torch.Tensor | None, *, causal: bool, scale: float, tile_m: int | None = None) -> None:
     """Launch the forward kernel on bhsd views (unit last stride); writes out and, when given,
     lse (dense float32 (B, Hq, Sq)). Runs on torch's current stream of q's device; no sync.
-    tile_m: query rows per block, 64 or 128 (None: ATTNLIB_CUDA_FLASH_TILE_M, default 64)."""
+    tile_m: query rows per block, 64 or 128 (None: ATTNLIB_CUDA_FLASH_TILE_M, default 128)."""
     import numpy as np
 
     from ..cuda import loader

@@ -18,8 +18,8 @@ class FlashSDPA(Kernel):
     supports_lse = False  # torch's public SDPA does not return the log-sum-exp
 
     # Above flash-triton (20) for half-precision calls that need no gradient: on an H100 (2026-11-27,
-    # bench/results/nvidia-h100-80gb-hbm3/) torch SDPA's own choice (cuDNN) ran the forward 1.2-1.5x
-    # faster than attnlib's Triton kernel at hd128. Calls that build a graph keep attnlib's kernels
+    # bench/results/nvidia-h100-80gb-hbm3/) torch SDPA's own choice (cuDNN) ran the forward 1.15-1.55x
+    # faster than attnlib's Triton kernel at hd64-128. Calls that build a graph keep attnlib's kernels
     # (their backward is deterministic by default; SDPA's backends differ), and float32 stays below:
     # torch has no fused flash or cuDNN kernel for it and may fall back to a path that forms N x N.
     half_inference_priority = 25
