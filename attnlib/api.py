@@ -9,7 +9,7 @@ import torch
 from . import dispatch, ops
 from .dispatch import check_method
 from .inputs import AttentionInputs, check_backend, make_inputs
-from .options import NO_LSE, NO_SCALE, validate_options
+from .options import NO_LSE, NO_SCALE, names_complete, validate_options
 
 
 def build_inputs(q, k, v, *, method: str = "flash", layout: str = "bhsd", causal: bool = False, scale=None,
@@ -33,14 +33,27 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
     heads (Hq a multiple of Hkv). causal is bottom-right aligned. Returns the output in the
     input's layout and dtype, or (out, lse) with lse float32 (B, Hq, Sq) when return_lse.
     """
-    if not torch.compiler.is_compiling():
-        # eager: every check with its clear error before anything runs (under torch.compile
-        # the op's fake implementation runs the same checks while tracing)
+    eager = not torch.compiler.is_compiling()
+    if eager:
+        # every check with its clear error before anything runs (under torch.compile the op's
+        # fake implementation runs the same checks while tracing)
         check_backend(backend)
-        build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
-                     return_lse=return_lse, **method_options)
+        check_method(method)
+        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or not names_complete(method, method_options):
+            build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
+                         return_lse=return_lse, **method_options)  # raises, naming the argument
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in method_options.values()))
+    if eager and not needs_grad and ops.direct_call_ok(
+            (q, k, v, *(t for t in method_options.values() if isinstance(t, torch.Tensor)))):
+        # no autograd node needed: the op's implementation, which validates every argument
+        # before any kernel runs, without the dispatcher's round trip
+        out, lse = ops.attention_direct(q, k, v, method, backend, layout, causal, scale, return_lse,
+                                        ops.op_arguments(method, method_options))
+        return (out, lse) if return_lse else out
+    if eager:
+        build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
+                     return_lse=return_lse, **method_options)
     out, lse = torch.ops.attnlib.attention(q, k, v, method=method, backend=backend, layout=layout, causal=causal,
                                            scale=scale, return_lse=return_lse, needs_grad=needs_grad,
                                            **ops.op_arguments(method, method_options))

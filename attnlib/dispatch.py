@@ -25,6 +25,18 @@ log = logging.getLogger("attnlib")
 METHODS = ("flash", "sage", "block_sparse", "linear", "sla", "asymrnr")
 
 
+_INSTALLED: dict[str, bool] = {}
+
+
+def installed(module: str) -> bool:
+    """Whether a top-level package can be imported; asked once per process (importlib's search
+    walks sys.path on disk: about 30 us a call, which every dispatch paid before)."""
+    found = _INSTALLED.get(module)
+    if found is None:
+        found = _INSTALLED[module] = importlib.util.find_spec(module) is not None
+    return found
+
+
 class NoKernelError(RuntimeError):
     """No registered kernel can run these inputs; the message lists every reason."""
 
@@ -63,7 +75,7 @@ class Kernel:
     def unavailable_reasons(self) -> list[str]:
         reasons = []
         for mod in self.requires:
-            if importlib.util.find_spec(mod) is None:
+            if not installed(mod):
                 reasons.append(f"needs the '{mod}' package, which is not installed")
         return reasons
 
@@ -304,15 +316,23 @@ def _hint(ex: Explanation) -> str:
 
 
 def select(inp: AttentionInputs, backend: str = "auto") -> Kernel:
-    ex = explain(inp, backend)
-    if ex.chosen is None:
+    """The kernel explain() would choose. Only the kernels ranked above it are checked: the
+    others' reasons are formed (by explain) only for the error when none can run."""
+    wanted = effective_backend(backend)
+    chosen = None
+    for k in sorted(kernels(inp.method), key=lambda k: -k.rank(inp)):
+        if (wanted == "auto" or k.backend == wanted) and not k.not_supported_reasons(inp):
+            chosen = k
+            break
+    if chosen is None:
+        ex = explain(inp, backend)
         raise NoKernelError(f"no attnlib kernel can run this call.\n{ex}{_hint(ex)}")
-    key = (inp.method, ex.chosen.name)
+    key = (inp.method, chosen.name)
     if key not in _logged:
         _logged.add(key)
-        log.info("attnlib: %s -> %s (%s, %s, hd%d)", inp.method, ex.chosen.name, inp.layout,
+        log.info("attnlib: %s -> %s (%s, %s, hd%d)", inp.method, chosen.name, inp.layout,
                  inp.dtype_name, inp.head_dim)
-    return ex.chosen
+    return chosen
 
 
 def run(inp: AttentionInputs, backend: str = "auto"):

@@ -44,15 +44,16 @@ def op_arguments(method: str, method_options: dict[str, Any]) -> dict[str, Any]:
     args = {n: placeholder for n, (_t, placeholder) in OP_OPTION_TYPES.items()}
     for name, (default, _check) in METHOD_OPTIONS[method].items():
         args[name] = method_options.get(name, default)
-    for name in TUPLE_OPTIONS:
-        args[name] = list(args[name])
+    for name in TUPLE_OPTIONS:  # anything else stays as given, for validation to name it
+        if isinstance(args[name], (tuple, list)):
+            args[name] = list(args[name])
     return args
 
 
 def _method_options(method: str, args: dict[str, Any]) -> dict[str, Any]:
     opts = {name: args[name] for name in METHOD_OPTIONS[method]}
     for name in TUPLE_OPTIONS:
-        if name in opts:
+        if name in opts and isinstance(opts[name], list):
             opts[name] = tuple(opts[name])
     return opts
 
@@ -102,6 +103,28 @@ def _attention_impl(*args):
         fill = 0.0 if method in NO_LSE else float("nan")
         lse = torch.full(_lse_shape(method, q, layout, a["needs_grad"]), fill, dtype=_lse_dtype(q), device=q.device)
     return out, lse.to(_lse_dtype(q)).contiguous()
+
+
+def direct_call_ok(tensors) -> bool:
+    """Whether an eager call that needs no gradient may run the op's implementation directly,
+    skipping the dispatcher's round trip through torch.library (about 60 us a call on a CI
+    core, more than validation, selection and launch together). Only for plain tensors with no
+    torch-function or torch-dispatch mode active: FakeTensor, FunctionalTensor, make_fx and
+    torch.jit tracing, DTensor and other subclasses, vmap / grad transforms, FlopCounterMode and
+    the like all see the op itself. torch.compile does too (callers check is_compiling first)."""
+    if torch.jit.is_tracing() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch.overrides.has_torch_function(tensors):
+        return False
+    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def attention_direct(q, k, v, method: str, backend: str, layout: str, causal: bool, scale, return_lse: bool,
+                     options: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """What ``torch.ops.attnlib.attention`` returns, computed without the dispatcher (no autograd
+    node: for calls that need no gradient; see direct_call_ok). options: op_arguments(...)."""
+    return _attention_impl(q, k, v, method, backend, layout, causal, scale, return_lse, False,
+                           *(options[n] for n in OPTION_NAMES))
 
 
 @torch.library.register_fake("attnlib::attention", lib=_LIB)

@@ -154,6 +154,13 @@ AUX_LSE = ("sla",)
 NO_SCALE = ("linear",)
 
 
+def names_complete(method: str, options: dict[str, Any]) -> bool:
+    """Every option named is one of the method's, and every required one is there (what
+    validate_options checks before looking at values; cheap enough to ask on every call)."""
+    spec = METHOD_OPTIONS[method]
+    return set(options) <= set(spec) and all(name in options for name, (d, _) in spec.items() if d is _REQUIRED)
+
+
 def validate_options(method: str, options: dict[str, Any], inp: AttentionInputs) -> dict[str, Any]:
     spec = METHOD_OPTIONS[method]
     unknown = sorted(set(options) - set(spec))

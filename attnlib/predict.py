@@ -49,9 +49,9 @@ def _diagonal_blocks(mq: int, mk: int, block_size: tuple[int, int], seq_q: int, 
 
 
 def _use_triton(q: torch.Tensor) -> bool:
-    import importlib.util
+    from .dispatch import installed
 
-    if importlib.util.find_spec("triton") is None:
+    if not installed("triton"):
         return False
     return q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 

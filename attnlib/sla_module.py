@@ -52,9 +52,9 @@ def sla_block_map(q, k, *, critical: float = 0.05, negligible: float = 0.10, blo
 
 
 def _has_triton() -> bool:
-    import importlib.util
+    from .dispatch import installed
 
-    return importlib.util.find_spec("triton") is not None
+    return installed("triton")
 
 
 class SparseLinearAttention(nn.Module):

@@ -1,10 +1,11 @@
 """Which implementation the functional pieces run: the Triton kernels or the torch reference."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
+
+from ..dispatch import installed
 
 PIECE_BACKENDS = ("auto", "triton", "torch")
 
@@ -16,7 +17,7 @@ def use_triton(x: torch.Tensor, backend: str) -> bool:
         raise ValueError(f"backend must be one of {PIECE_BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
-    have = importlib.util.find_spec("triton") is not None
+    have = installed("triton")
     runnable = x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     if backend == "auto":
         return have and x.is_cuda and x.dtype != torch.float64

@@ -1,0 +1,110 @@
+"""Eager calls that need no gradient skip the torch.library dispatcher (ops.direct_call_ok):
+same results and errors as through the op, and the op whenever autograd, a mode, a tensor
+subclass or tracing needs to see it."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attnlib
+from attnlib import ops
+from attnlib.testing import make_qkv
+
+
+@pytest.fixture
+def paths(monkeypatch):
+    """Which path each call took: ["direct"] or ["op"]. The registered op holds the original
+    _attention_impl, which looks up _build at call time: a _build with no direct call before it
+    came through the dispatcher."""
+    seen = []
+    direct, build = ops.attention_direct, ops._build
+
+    def count_direct(*a, **kw):
+        seen.append("direct")
+        return direct(*a, **kw)
+
+    def count_build(*a, **kw):
+        if not seen:
+            seen.append("op")
+        return build(*a, **kw)
+    monkeypatch.setattr(ops, "attention_direct", count_direct)
+    monkeypatch.setattr(ops, "_build", count_build)
+    return seen
+
+
+def _mask(q, k, density=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(q.shape[0], q.shape[1], -(-q.shape[2] // 16), -(-k.shape[2] // 16), generator=g) < density
+
+
+@pytest.mark.parametrize("method", ["flash", "block_sparse", "linear"])
+def test_no_grad_calls_go_direct(paths, method):
+    q, k, v = make_qkv(2, 4, 37, 16, kv_heads=2, seed=1)
+    opts = {"block_sparse": dict(block_mask=_mask(q, k), block_size=(16, 16))}.get(method, {})
+    out = attnlib.attention(q, k, v, method=method, backend="torch", **opts)
+    assert paths == ["direct"] and out.shape == q.shape and torch.isfinite(out).all()
+
+
+def test_same_results_and_lse_as_the_op():
+    q, k, v = make_qkv(1, 2, 29, 16, seed=2)
+    out, lse = attnlib.flash_attention(q, k, v, causal=True, return_lse=True, backend="torch")
+    args = ops.op_arguments("flash", {})
+    want_out, want_lse = torch.ops.attnlib.attention(q, k, v, method="flash", backend="torch", layout="bhsd",
+                                                     causal=True, scale=None, return_lse=True, needs_grad=False,
+                                                     **args)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    assert out.is_contiguous() and lse.dtype == torch.float32
+
+
+def test_grad_needed_goes_through_the_op(paths):
+    q, k, v = make_qkv(1, 2, 16, 16, seed=3, requires_grad=True)
+    out = attnlib.flash_attention(q, k, v, backend="torch")
+    assert paths == ["op"] and out.grad_fn is not None
+    paths.clear()
+    with torch.no_grad():
+        out = attnlib.flash_attention(q, k, v, backend="torch")
+    assert paths == ["direct"] and out.grad_fn is None
+
+
+def test_dispatch_modes_and_subclasses_see_the_op(paths):
+    q, k, v = make_qkv(1, 2, 16, 16, seed=4)
+    seen_ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen_ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        attnlib.flash_attention(q, k, v, backend="torch")
+    assert paths[0] == "op" and any("attnlib.attention" in s for s in seen_ops)
+
+    class Sub(torch.Tensor):
+        pass
+
+    paths.clear()
+    attnlib.flash_attention(q.as_subclass(Sub), k, v, backend="torch")
+    assert paths == ["op"]
+
+
+def test_errors_are_the_same_on_the_direct_path():
+    q, k, v = make_qkv(1, 2, 16, 16, seed=5)
+    with pytest.raises(ValueError, match="backend"):
+        attnlib.flash_attention(q, k, v, backend="nope")
+    with pytest.raises(ValueError, match="method"):
+        attnlib.attention(q, k, v, method="nope")
+    with pytest.raises(TypeError, match="k"):
+        attnlib.flash_attention(q, k.numpy(), v)
+    with pytest.raises((TypeError, ValueError), match="no_such_option"):
+        attnlib.attention(q, k, v, method="flash", no_such_option=1)
+    with pytest.raises(ValueError, match="scale"):
+        attnlib.flash_attention(q, k, v, scale=float("nan"))
+    with pytest.raises(ValueError, match="block_mask"):
+        attnlib.block_sparse_attention(q, k, v, torch.ones(1, 2, 3, 3, dtype=torch.bool), block_size=(16, 16))
+    mask = torch.ones(1, 2, 1, 1, dtype=torch.bool)
+    for bad in (5, (16,), "ab"):  # tuple options are converted for the op only when they are sequences
+        with pytest.raises(ValueError, match="block_size must be a pair"):
+            attnlib.block_sparse_attention(q, k, v, mask, block_size=bad)
+    with pytest.raises(TypeError, match="needs the option 'grid'"):
+        attnlib.attention(q, k, v, method="asymrnr")
+    with pytest.raises(TypeError, match="grid must be three ints"):
+        attnlib.attention(q, k, v, method="asymrnr", grid=5)
