@@ -21,8 +21,8 @@ Steps, each bounded in time so the whole run ends inside about 8 minutes on an H
    then the AsymRnR suite (:func:`bench.bench_asymrnr.run_asymrnr_suite`: accuracy vs random
    dropping, time vs full flash at the Wan2.1-1.3B shape) in its own budget, written to
    ``asymrnr.json`` / ``asymrnr.md``; then the sage suite (:func:`bench.bench_sage.run_sage_suite`,
-   end-to-end TOPS with quantization, cos / rel L1 per row) in ``SAGE_BUDGET_S``; then block_sparse,
-   linear and sla (:func:`bench.bench_sla.run_sla_suite`: Wan2.1-1.3B fwd / bwd vs dense flash and
+   end-to-end TOPS with quantization, cos / rel L1 per row) in ``SAGE_BUDGET_S``; then the host time
+   per call (:mod:`bench.bench_overhead`), block_sparse, linear and sla (:func:`bench.bench_sla.run_sla_suite`: Wan2.1-1.3B fwd / bwd vs dense flash and
    SDPA) in small budgets, each to its own JSON file;
 4. ``results.json`` (environment, test counts, every record) and ``summary.md`` (a markdown
    table with the speed of each attnlib provider relative to the fastest SDPA backend), written
@@ -68,10 +68,11 @@ SAGE_END_S = 370.0
 SPARSE_LINEAR_END_S = 425.0  # block_sparse (30 s) and linear (20 s) share what is left up to here
 SLA_END_S = 470.0            # sla (issue 7: Wan2.1-1.3B fwd/bwd vs flash / SDPA), 40 s, never past this mark
 PER_TEST_TIMEOUT_S = 120
-SUITES = ("flash", "cuda_compile", "asymrnr", "sage", "block_sparse", "linear", "sla")
+SUITES = ("flash", "cuda_compile", "asymrnr", "sage", "overhead", "block_sparse", "linear", "sla")
 MAX_FAILURES = 40            # keep going past failures: one run must show as many of them as it can
 RESULT_FILES = ("results.json", "summary.md", "pytest-gpu.log", "pytest-failures.log", "sanitizer.log",
-                "asymrnr.json", "asymrnr.md", "block_sparse.json", "linear.json", "sla.json", "cuda_compile.json")
+                "asymrnr.json", "asymrnr.md", "overhead.json", "block_sparse.json", "linear.json", "sla.json",
+                "cuda_compile.json")
 
 
 def say(*args) -> None:
@@ -454,8 +455,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             notes.append(f"the sage suite stopped: {type(e).__name__}: {e}")
             say("!! " + notes[-1])
     if not args.skip_bench:
-        # issue 6: block_sparse (density sweep vs dense flash / flex) and linear (seq sweep, GB/s)
+        # host time per call (tiny inputs, vs torch SDPA); issue 6: block_sparse (density sweep vs
+        # dense flash / flex) and linear (seq sweep, GB/s); issue 7: sla
         for name, mod, fn, cap, end_s in (
+                ("overhead", "bench.bench_overhead", "run_overhead_suite", 10.0, SPARSE_LINEAR_END_S),
                 ("block_sparse", "bench.bench_block_sparse", "run_block_sparse_suite", 30.0, SPARSE_LINEAR_END_S),
                 ("linear", "bench.bench_linear", "run_linear_suite", 20.0, SPARSE_LINEAR_END_S),
                 ("sla", "bench.bench_sla", "run_sla_suite", 40.0, SLA_END_S)):
@@ -469,7 +472,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 recs = getattr(importlib.import_module(mod), fn)(cap, log=lambda s: say("  " + s))
                 (out / f"{name}.json").write_text(json.dumps(recs, indent=1))
-                notes.append(f"{name}: {sum('ms' in r for r in recs)} measurements in {name}.json")
+                notes.append(f"{name}: {sum(('ms' in r) or ('us_per_call' in r) for r in recs)} measurements in {name}.json")
             except Exception as e:  # noqa: BLE001 - keep the rest of the run
                 notes.append(f"the {name} suite stopped: {type(e).__name__}: {e}")
                 say("!! " + notes[-1])

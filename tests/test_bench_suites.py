@@ -82,3 +82,14 @@ def test_linear_suite_runs_on_cpu():
     assert len(ours) == 2 * 2 + 2  # (full, causal) x seqs forward, then fwd+bwd for each
     assert all("error" not in r and "skipped" not in r and r["gbs"] > 0 for r in ours), ours
     assert all(r["skipped"] for r in recs if r["provider"] == "fla" and "ms" not in r)
+
+
+def test_overhead_suite_on_cpu():
+    """bench_overhead: one record per call kind, us per call and the excess over torch SDPA."""
+    from bench.bench_overhead import run_overhead_suite
+
+    lines = []
+    recs = run_overhead_suite(60.0, lines.append, device="cpu", reps=5)
+    assert [r["call"] for r in recs] == ["torch sdpa", "attnlib flash (torch)", "attnlib block_sparse (torch)"]
+    assert all(r["us_per_call"] > 0 and "error" not in r for r in recs), recs
+    assert recs[0]["excess_us_vs_sdpa"] == 0 and len(lines) == 3
