@@ -28,23 +28,7 @@ except ImportError:  # pragma: no cover
 
 from bench import runner
 from bench.runner import Case
-
-
-class _env:
-    """Set one environment variable around a call (the kernels read their switches per call)."""
-
-    def __init__(self, name: str, value: str):
-        self.name, self.value, self.old = name, value, None
-
-    def __enter__(self):
-        self.old = os.environ.get(self.name)
-        os.environ[self.name] = self.value
-
-    def __exit__(self, *exc):
-        if self.old is None:
-            os.environ.pop(self.name, None)
-        else:
-            os.environ[self.name] = self.old
+from bench.runner import env_var as _env
 
 
 def _attnlib_triton_tma(case: Case, q, k, v):

@@ -16,8 +16,6 @@ table. GPU only.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import runner  # noqa: E402
+from bench.runner import env_var as _env  # noqa: E402
 
 WORKLOAD = "wan2.1-1.3b-480p-81f"
 SHAPE = dict(batch=1, heads=12, seq=32760, head_dim=128)  # bench/workloads.json, Wan2.1 T2V 1.3B
@@ -139,19 +138,6 @@ def run_sla_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] =
             measure(f"sdpa-{sdpa}", mode)
     _targets(records, log, criticals)
     return records
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _targets(records: list[dict], log, criticals: tuple = CRITICALS) -> None:

@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.runner import env_var as _env  # noqa: E402
+
 
 def _median_ms(fn: Callable[[], object], reps: int = 30) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -71,19 +73,6 @@ def _kernels(fn: Callable[[], object], top: int = 8) -> list[tuple[str, int, flo
             rows.append((e.key[:70], e.count // 5, t / 5 / 1e3))
     rows.sort(key=lambda r: -r[2])
     return rows[:top]
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def cases():

@@ -21,6 +21,7 @@ Entry point for ``python -m attnlib bench``: :func:`main_cli`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -386,6 +387,21 @@ class TimingConfig:
     min_reps: int = 3
     max_reps: int = 100
     warmup: int = 1             # untimed calls after the first (compile/autotune) one; at least 1: it sizes reps
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str):
+    """Set one environment variable around a block (attnlib's kernels read their switches per
+    call), restoring what was there before."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def time_step(step: Step, reset: Callable[[], None], device: torch.device, cfg: TimingConfig
