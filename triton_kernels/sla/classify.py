@@ -6,9 +6,8 @@ causal only the fully visible "eligible" key blocks take part); a block's rank i
 eligible blocks with larger P_c, or equal P_c and a lower index (the reference's stable descending
 sort: torch.argsort per row, O(Mk log Mk); the kernel counted it pairwise before, O(Mk^2) per row,
 and classification took 1.2 ms of a 6.2 ms forward at Wan2.1-1.3B on an H100, 2026-11-27);
-rank < n_crit is critical, rank >=
-n - n_neg negligible, the rest marginal; causal blocks crossing the diagonal are forced critical
-and blocks no query of the block sees are negligible.
+rank < n_crit is critical, rank >= n - n_neg negligible, the rest marginal; causal blocks crossing
+the diagonal are forced critical and blocks no query of the block sees are negligible.
 
 The per-row counts (n_crit, n_neg) come from sla_block_counts' float64 rule, evaluated with torch
 on the device (the same IEEE operations as the reference's Python floats, and no host sync).
