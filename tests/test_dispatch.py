@@ -222,3 +222,30 @@ def test_explain_follows_rank(monkeypatch):
     monkeypatch.setattr(FlashSDPA, "rank", lambda self, inp: 1000)
     ex = attnlib.explain(q, k, v)
     assert ex.rejected[0][0].name == "flash-torch-sdpa" and ex.chosen.name == "flash-torch-reference"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_auto_runs_torch_sdpa_for_half_inference_and_triton_for_training(layout, dtype):
+    """On a GPU, fp16/bf16 calls without a graph go to torch SDPA (measured fastest), against the
+    float64 reference by flash_attn's rule, on GQA, causal and an odd length in both layouts;
+    the same call with requires_grad goes to flash-triton, and so does a non-square causal call."""
+    from test_flash_triton import torch_same_dtype
+
+    from attnlib.reference import flash_reference
+    from attnlib.testing import assert_flash_rule
+
+    q, k, v = make_qkv(2, 8, 333, 64, kv_heads=2, dtype=dtype, device="cuda", layout=layout, seed=31)
+    t = (lambda x: x) if layout == "bhsd" else (lambda x: x.transpose(1, 2))  # noqa: E731
+    for causal in (False, True):
+        assert attnlib.explain(q, k, v, causal=causal, layout=layout).chosen.name == "flash-torch-sdpa"
+        out = attnlib.flash_attention(q, k, v, causal=causal, layout=layout)
+        ref = flash_reference(t(q).double(), t(k).double(), t(v).double(), causal=causal)
+        same = torch_same_dtype(t(q), t(k), t(v), causal=causal, scale=64 ** -0.5)[0]
+        assert out.shape == q.shape and out.dtype == dtype
+        assert_flash_rule(t(out), ref, same, factor=2.0, name=f"auto causal={causal}")
+    qg = q.detach().clone().requires_grad_()
+    assert attnlib.explain(qg, k, v, layout=layout).chosen.name == "flash-triton"
+    k2, v2 = make_qkv(2, 8, 333, 64, kv_heads=2, seq_k=400, dtype=dtype, device="cuda", layout=layout, seed=32)[1:]
+    assert attnlib.explain(q, k2, v2, causal=True, layout=layout).chosen.name == "flash-triton"
