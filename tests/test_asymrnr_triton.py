@@ -51,6 +51,21 @@ def test_match_equals_reference(metric, grid, stride, head_dim, layout):
     assert check_match(xb, part, metric, rtol=1e-5) == 0.0  # no near-ties in these seeded inputs
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine", "dot"])
+def test_match_exact_ties_pick_the_first_destination(metric):
+    """Destinations that are exact copies of one another tie for every source: the kernel picks
+    the lowest destination index, within a tile and across tiles, as torch's max does."""
+    from attnlib.triton_kernels.asymrnr.match import match_fwd
+
+    grid = (4, 6, 6)  # 144 tokens, stride 2: 18 destinations (several kernel tiles of 16 under the interpreter)
+    part = partition(grid, seed=5, device=DEVICE)
+    x = make_qkv(1, 2, 144, 16, seed=6, device=DEVICE)[0]
+    x[:, :, part.dst] = x[:, :, part.dst[:1]]  # every destination the same row
+    node, _ = match_fwd(x, part.src, part.dst, metric)
+    ref_node, _ = asymrnr_match_reference(x, part.src, part.dst, metric)
+    assert torch.equal(node, ref_node) and bool((node == 0).all())
+
+
 def test_match_fp16():
     x = make_qkv(1, 2, 60, 32, seed=2, dtype=torch.float16, device=DEVICE)[0]
     check_match(x, partition((3, 4, 5), device=DEVICE), "euclidean", rtol=2e-3)

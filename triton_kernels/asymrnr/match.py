@@ -70,8 +70,9 @@ def match_kernel(
         else:
             sim = dot
         sim = tl.where(n_ok[None, :], sim, float("-inf"))
-        tile_best = tl.max(sim, 1)
-        tile_i = tl.argmax(sim, 1, tie_break_left=True).to(tl.int32) + start_n
+        # one reduction for the value and its (leftmost) index, not a max and an argmax
+        tile_best, tile_i = tl.max(sim, 1, return_indices=True, return_indices_tie_break_left=True)
+        tile_i = tile_i.to(tl.int32) + start_n
         # strictly greater: an earlier tile wins ties, as torch's max/argmax does
         better = tile_best > best
         best = tl.where(better, tile_best, best)
