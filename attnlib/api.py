@@ -9,7 +9,7 @@ import torch
 from . import dispatch, ops
 from .dispatch import check_method
 from .inputs import AttentionInputs, check_backend, make_inputs
-from .options import NO_LSE, NO_SCALE, names_complete, validate_options
+from .options import NO_LSE, NO_SCALE, check_option_names, validate_options
 
 
 def build_inputs(q, k, v, *, method: str = "flash", layout: str = "bhsd", causal: bool = False, scale=None,
@@ -33,13 +33,14 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
     heads (Hq a multiple of Hkv). causal is bottom-right aligned. Returns the output in the
     input's layout and dtype, or (out, lse) with lse float32 (B, Hq, Sq) when return_lse.
     """
+    check_method(method)
+    check_option_names(method, method_options)  # names only: the op's schema would drop unknown ones
     eager = not torch.compiler.is_compiling()
     if eager:
         # every check with its clear error before anything runs (under torch.compile the op's
         # fake implementation runs the same checks while tracing)
         check_backend(backend)
-        check_method(method)
-        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or not names_complete(method, method_options):
+        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
             build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
                          return_lse=return_lse, **method_options)  # raises, naming the argument
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or any(

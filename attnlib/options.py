@@ -154,24 +154,26 @@ AUX_LSE = ("sla",)
 NO_SCALE = ("linear",)
 
 
-def names_complete(method: str, options: dict[str, Any]) -> bool:
-    """Every option named is one of the method's, and every required one is there (what
-    validate_options checks before looking at values; cheap enough to ask on every call)."""
-    spec = METHOD_OPTIONS[method]
-    return set(options) <= set(spec) and all(name in options for name, (d, _) in spec.items() if d is _REQUIRED)
-
-
-def validate_options(method: str, options: dict[str, Any], inp: AttentionInputs) -> dict[str, Any]:
+def check_option_names(method: str, options: dict[str, Any]) -> None:
+    """TypeError for an option the method does not have, or a required one left out. Looks at
+    names only: cheap on every call, and under torch.compile too (the op's schema would drop an
+    unknown name silently)."""
     spec = METHOD_OPTIONS[method]
     unknown = sorted(set(options) - set(spec))
     if unknown:
         allowed = ", ".join(sorted(spec)) or "none"
         raise TypeError(f"unknown option(s) {unknown} for method {method!r} (allowed: {allowed})")
+    for name, (default, _check) in spec.items():
+        if default is _REQUIRED and name not in options:
+            raise TypeError(f"method {method!r} needs the option {name!r}")
+
+
+def validate_options(method: str, options: dict[str, Any], inp: AttentionInputs) -> dict[str, Any]:
+    spec = METHOD_OPTIONS[method]
+    check_option_names(method, options)
     out = {}
     for name, (default, check) in spec.items():
         if name not in options:
-            if default is _REQUIRED:
-                raise TypeError(f"method {method!r} needs the option {name!r}")
             out[name] = default
         else:
             out[name] = options[name] if check is None else check(options[name], inp)

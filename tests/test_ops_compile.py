@@ -95,6 +95,16 @@ def test_compiled_bad_input_still_raises():
         f(q, k[:, :3], v[:, :3])
 
 
+def test_compiled_unknown_option_raises():
+    """Option names are checked in Python before the op, compiled too: the op's schema has a slot
+    for every method's options and would otherwise drop an unknown name without a word."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: attnlib.attention(q, k, v, method="flash", bogus=1, backend="torch"),
+                      backend="eager")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['bogus'\]"):
+        f(*make_qkv(1, 2, 16, 16))
+
+
 def test_compiled_patched_sdpa_fullgraph():
     torch._dynamo.reset()
     q, k, v = make_qkv(1, 2, 16, 16)
