@@ -275,11 +275,16 @@ class Explanation:
         return {k.name: r for k, r in self.rejected}
 
 
+def _ranked(inp: AttentionInputs) -> list[Kernel]:
+    """The method's kernels in the order a call tries them (stable: ties keep priority order)."""
+    return sorted(kernels(inp.method), key=lambda k: -k.rank(inp))
+
+
 def explain(inp: AttentionInputs, backend: str = "auto") -> Explanation:
     backend = effective_backend(backend)
     chosen = None
     rejected = []
-    cands = sorted(kernels(inp.method), key=lambda k: -k.rank(inp))  # stable: ties keep priority order
+    cands = _ranked(inp)
     for k in cands:
         if backend != "auto" and k.backend != backend:
             continue
@@ -320,7 +325,7 @@ def select(inp: AttentionInputs, backend: str = "auto") -> Kernel:
     others' reasons are formed (by explain) only for the error when none can run."""
     wanted = effective_backend(backend)
     chosen = None
-    for k in sorted(kernels(inp.method), key=lambda k: -k.rank(inp)):
+    for k in _ranked(inp):
         if (wanted == "auto" or k.backend == wanted) and not k.not_supported_reasons(inp):
             chosen = k
             break

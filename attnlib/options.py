@@ -208,7 +208,7 @@ def check_method_options(method: str, options: dict[str, Any]) -> None:
     no_inputs = _NoInputs()
     deferred = set()
     for name, value in options.items():
-        if name not in spec:  # validate_options names unknown options below
+        if name not in spec:  # check_option_names names unknown options below
             continue
         check = spec[name][1]
         if check is None:  # checked together with other options and the inputs (block_mask)
@@ -218,13 +218,10 @@ def check_method_options(method: str, options: dict[str, Any]) -> None:
             check(value, no_inputs)
         except _NeedsInputs:
             deferred.add(name)
+    check_option_names(method, options)
     if any(spec[name][0] is _REQUIRED for name in deferred):
-        # validate_options would report a required option left out; its other checks ran above
-        unknown = sorted(set(options) - set(spec))
-        if unknown:
-            validate_options(method, {n: options[n] for n in unknown}, no_inputs)
-        return
-    try:  # unknown names, required options, cross-option rules
+        return  # validate_options would call the deferred required option missing
+    try:  # the cross-option rules
         validate_options(method, {n: v for n, v in options.items() if n not in deferred}, no_inputs)
     except _NeedsInputs:
         pass

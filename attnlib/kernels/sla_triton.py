@@ -1,9 +1,10 @@
 """Method sla on Triton (attnlib.triton_kernels.sla): block classification on the device, the
 key-block preprocess (pooled K, h_j = phi(K_j)^T V_j, z_j), one fused forward kernel (linear
-branch by pre-aggregation, then block_sparse's main loop over the critical blocks, then the
-projection O_l W^T + b in its epilogue: out is written once), and a fused backward
-(block_sparse's backward for the critical blocks, the linear-branch kernels for the marginal
-ones, dW and db).
+branch from each query block's marginal state sum, formed by row_states.py or, with
+ATTNLIB_SLA_ROW_STATES=0, pre-aggregated per tile; then block_sparse's main loop over the
+critical blocks, then the projection O_l W^T + b in its epilogue: out is written once), and a
+fused backward (block_sparse's backward for the critical blocks, the linear-branch kernels for
+the marginal ones, dW and db).
 
 Tiles are the classification blocks (BLOCK_M = bq, BLOCK_N = bk): powers of two from 16 to 128
 per side. The D x D states live in registers, so head dims go up to 128 (multiples of 8, padded
@@ -15,12 +16,11 @@ query block (memory formula in triton_kernels/sla/attention.py: sla_backward).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..dispatch import register
 from ..inputs import AttentionInputs
+from ..triton_kernels.sla.aggregation import row_states_enabled
 from .families import TritonKernel
 
 MIN_BLOCK, MAX_BLOCK = 16, 128  # mirrors triton_kernels/block_sparse/configs.py (imported lazily)
@@ -55,7 +55,7 @@ class SLATriton(TritonKernel):
 
     def grid_yz(self, inp: AttentionInputs) -> dict[str, int]:
         sizes = super().grid_yz(inp)
-        if os.environ.get("ATTNLIB_SLA_ROW_STATES", "1") != "0":  # row_states.py: z = batch * heads
+        if row_states_enabled():  # row_states.py launches z = batch * heads
             sizes["batch * heads"] = inp.batch * inp.heads_q
         return sizes
 

@@ -17,7 +17,8 @@ from . import classify as cls_mod
 from .backward import sla_linear_bwd, sla_linear_dkdv, sla_linear_dq
 from .delta import sla_delta
 from .forward import sla_fwd, state_precision
-from .row_states import row_states, row_states_enabled
+from .aggregation import row_states_enabled
+from .row_states import row_states
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""The fused SLA forward: per query block, the linear branch over the marginal key blocks (by
-pre-aggregation of the key-block states) and the block-sparse online softmax over the critical
-ones, in one kernel.
+"""The fused SLA forward: per query block, the linear branch over the marginal key blocks (from
+the query block's state sums of row_states.py, the default, or by pre-aggregation of the key-block
+states with ATTNLIB_SLA_ROW_STATES=0) and the block-sparse online softmax over the critical ones,
+in one kernel.
 
 Pre-aggregation (SLA appendix): H_i = sum of h_j over row i's marginal blocks, Z_i likewise, is
 summed directly when the marginal list is the shorter one, else as the row total minus the

@@ -14,25 +14,17 @@ The backward's dk/dv likewise folds, per key tile, phi(Q_i)^T dN_i over min(marg
 non-marginal) query blocks (a D x BLOCK_M x D product each, ~1 TFLOP per backward at Wan). Here
 instead dH_i = phi(Q_i)^T dN_i is formed once per query block and dh_j = sum over the marginal
 (query head of the group, query block) pairs of dH_i is the transposed product
-(column_states). Which way is faster is the GPU benchmark's call (bench/bench_sla.py, variant
-"row-states"); the default stays the issue's pre-aggregation.
+(column_states). This is the default (aggregation.py says when): on an H100 the per-tile
+pre-aggregation (bench/bench_sla.py, variant "per-tile") took 1.40x the forward's time and 4.05x
+the backward's.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .classify import interpreting
-
-
-def row_states_enabled() -> bool:
-    """The default since the H100 run of 2026-11-27 (Wan2.1-1.3B, critical 0.05: forward 1.40x,
-    backward 4.05x faster than pre-aggregating per tile); ATTNLIB_SLA_ROW_STATES=0 selects the
-    per-tile path, which keeps no D x D state per query block."""
-    return os.environ.get("ATTNLIB_SLA_ROW_STATES", "1") != "0"
 
 
 @triton.jit(do_not_specialize=["rows", "inner", "width"])
