@@ -21,9 +21,10 @@ Steps, each bounded in time so the whole run ends inside about 8 minutes on an H
    then the AsymRnR suite (:func:`bench.bench_asymrnr.run_asymrnr_suite`: accuracy vs random
    dropping, time vs full flash at the Wan2.1-1.3B shape) in its own budget, written to
    ``asymrnr.json`` / ``asymrnr.md``; then the sage suite (:func:`bench.bench_sage.run_sage_suite`,
-   end-to-end TOPS with quantization, cos / rel L1 per row) in ``SAGE_BUDGET_S``; then the host time
-   per call (:mod:`bench.bench_overhead`), block_sparse, linear and sla (:func:`bench.bench_sla.run_sla_suite`: Wan2.1-1.3B fwd / bwd vs dense flash and
-   SDPA) in small budgets, each to its own JSON file;
+   end-to-end TOPS with quantization, cos / rel L1 per row) in ``SAGE_BUDGET_S``; then the host
+   time per call (:mod:`bench.bench_overhead`), block_sparse, linear and sla
+   (:func:`bench.bench_sla.run_sla_suite`: Wan2.1-1.3B fwd / bwd vs dense flash and SDPA) in small
+   budgets, each to its own JSON file (``--suites`` picks which run);
 4. ``results.json`` (environment, test counts, every record) and ``summary.md`` (a markdown
    table with the speed of each attnlib provider relative to the fastest SDPA backend), written
    after every measurement so a run cut short still leaves its numbers, then copied into
@@ -346,6 +347,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     suites = {s for s in args.suites.split(",") if s}
     if suites - set(SUITES):
         ap.error(f"--suites: unknown {sorted(suites - set(SUITES))}; choose from {','.join(SUITES)}")
+    if args.skip_bench:
+        suites = set()
+    suites -= {name for name, skip in (("asymrnr", args.skip_asymrnr), ("sage", args.skip_sage)) if skip}
     if args.import_dir:
         dest = file_results(Path(args.import_dir))
         say(f"filed {args.import_dir} under {dest}")
@@ -380,7 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     save(out, [], env, pytest_result, notes, complete=False)
 
     records: list[dict] = []
-    if not args.skip_bench and "flash" in suites:
+    if "flash" in suites:
         from bench.bench_flash import run_flash_suite
 
         left = TOTAL_TARGET_S - (time.perf_counter() - t_start) - 20
@@ -414,7 +418,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if over:
             notes.append(f"{len(over)} measurements skipped: the benchmark budget of {budget:.0f} s was spent")
         notes.append(f"benchmarks took {time.perf_counter() - t0:.0f} s (budget {budget:.0f} s)")
-    if not args.skip_bench and "cuda_compile" in suites and torch.cuda.is_available():
+    if "cuda_compile" in suites and torch.cuda.is_available():
         say("== flash-cuda first-call compile and cached-load times")
         try:
             from bench.bench_flash import cuda_compile_times
@@ -427,7 +431,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  f"{r.get('cached_load_ms', r['cached_read_ms']):.1f} ms (disk + module load)")
         except Exception as e:  # noqa: BLE001
             notes.append(f"cuda compile timing failed: {type(e).__name__}: {e}")
-    if not args.skip_bench and not args.skip_asymrnr and "asymrnr" in suites:
+    if "asymrnr" in suites:
         budget = max(15.0, min(ASYMRNR_BUDGET_S, ASYMRNR_END_S - (time.perf_counter() - t_start)))
         say(f"== asymrnr evaluation and timing (budget {budget:.0f} s)")
         try:
@@ -442,7 +446,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as e:  # noqa: BLE001 - keep the rest of the run
             notes.append(f"the asymrnr suite stopped: {type(e).__name__}: {e}")
             say("!! " + notes[-1])
-    if not args.skip_bench and not args.skip_sage and "sage" in suites:
+    if "sage" in suites:
         budget = max(10.0, min(SAGE_BUDGET_S, SAGE_END_S - (time.perf_counter() - t_start)))
         say(f"== sage benchmarks (budget {budget:.0f} s)")
         try:
@@ -454,28 +458,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as e:  # noqa: BLE001 - keep the rest of the run
             notes.append(f"the sage suite stopped: {type(e).__name__}: {e}")
             say("!! " + notes[-1])
-    if not args.skip_bench:
-        # host time per call (tiny inputs, vs torch SDPA); issue 6: block_sparse (density sweep vs
-        # dense flash / flex) and linear (seq sweep, GB/s); issue 7: sla
-        for name, mod, fn, cap, end_s in (
-                ("overhead", "bench.bench_overhead", "run_overhead_suite", 10.0, SPARSE_LINEAR_END_S),
-                ("block_sparse", "bench.bench_block_sparse", "run_block_sparse_suite", 30.0, SPARSE_LINEAR_END_S),
-                ("linear", "bench.bench_linear", "run_linear_suite", 20.0, SPARSE_LINEAR_END_S),
-                ("sla", "bench.bench_sla", "run_sla_suite", 40.0, SLA_END_S)):
-            if name not in suites:
-                continue
-            cap = min(cap, end_s - (time.perf_counter() - t_start))
-            if cap < 5.0:
-                notes.append(f"{name} benchmarks skipped: the run reached {end_s:.0f} s")
-                continue
-            say(f"== {name} benchmarks (budget {cap:.0f} s)")
-            try:
-                recs = getattr(importlib.import_module(mod), fn)(cap, log=lambda s: say("  " + s))
-                (out / f"{name}.json").write_text(json.dumps(recs, indent=1))
-                notes.append(f"{name}: {sum(('ms' in r) or ('us_per_call' in r) for r in recs)} measurements in {name}.json")
-            except Exception as e:  # noqa: BLE001 - keep the rest of the run
-                notes.append(f"the {name} suite stopped: {type(e).__name__}: {e}")
-                say("!! " + notes[-1])
+    # host time per call (tiny inputs, vs torch SDPA); issue 6: block_sparse (density sweep vs
+    # dense flash / flex) and linear (seq sweep, GB/s); issue 7: sla
+    for name, mod, fn, cap, end_s in (
+            ("overhead", "bench.bench_overhead", "run_overhead_suite", 10.0, SPARSE_LINEAR_END_S),
+            ("block_sparse", "bench.bench_block_sparse", "run_block_sparse_suite", 30.0, SPARSE_LINEAR_END_S),
+            ("linear", "bench.bench_linear", "run_linear_suite", 20.0, SPARSE_LINEAR_END_S),
+            ("sla", "bench.bench_sla", "run_sla_suite", 40.0, SLA_END_S)):
+        if name not in suites:
+            continue
+        cap = min(cap, end_s - (time.perf_counter() - t_start))
+        if cap < 5.0:
+            notes.append(f"{name} benchmarks skipped: the run reached {end_s:.0f} s")
+            continue
+        say(f"== {name} benchmarks (budget {cap:.0f} s)")
+        try:
+            recs = getattr(importlib.import_module(mod), fn)(cap, log=lambda s: say("  " + s))
+            (out / f"{name}.json").write_text(json.dumps(recs, indent=1))
+            notes.append(f"{name}: {sum(('ms' in r) or ('us_per_call' in r) for r in recs)} measurements in {name}.json")
+        except Exception as e:  # noqa: BLE001 - keep the rest of the run
+            notes.append(f"the {name} suite stopped: {type(e).__name__}: {e}")
+            say("!! " + notes[-1])
     notes.append(f"gpu_check took {time.perf_counter() - t_start:.0f} s in all")
     save(out, records, env, pytest_result, notes, complete=True)
     say(f"== wrote {out / 'results.json'} and {out / 'summary.md'}")
