@@ -277,15 +277,27 @@ def test_block_map_fp16_and_public_helper():
     assert torch.equal(got, ref)
 
 
-def test_index_form_lists_classes_in_order():
-    from attnlib.triton_kernels.sla.classify import class_index
+@pytest.mark.parametrize("length", [7, 16, 1500])  # 1500: more than one 1024-wide chunk per row
+@pytest.mark.parametrize("transposed", [False, True])
+def test_index_form_lists_classes_in_order(length, transposed):
+    from attnlib.triton_kernels.sla.classify import class_index, class_index_reference
 
-    gen = torch.Generator().manual_seed(9)
-    classes = (torch.randint(-1, 2, (2, 3, 5, 7), generator=gen)).to(torch.int8)
-    ix = class_index(classes)
-    for row, crit, marg, idx in zip(classes.view(-1, 7), ix.n_crit.view(-1), ix.n_marg.view(-1), ix.idx.view(-1, 7)):
-        want = [j for c in (1, 0, -1) for j in range(7) if row[j] == c]
+    gen = torch.Generator().manual_seed(9 + length)
+    rows = 2 if length > 100 else 5
+    shape = (2, 3, length, rows) if transposed else (2, 3, rows, length)
+    classes = torch.randint(-1, 2, shape, generator=gen).to(torch.int8)
+    classes = classes.to(DEVICE)
+    classes = classes.transpose(-1, -2) if transposed else classes  # the backward's column form: strided
+    classes[0, 0, 0] = 1   # rows of one class
+    classes[0, 0, 1] = -1
+    ix, ref = class_index(classes), class_index_reference(classes)
+    flat = classes.reshape(-1, length).cpu()
+    for row, crit, marg, idx in zip(flat[:12], ix.n_crit.reshape(-1), ix.n_marg.reshape(-1),
+                                    ix.idx.reshape(-1, length)):
+        want = [j for c in (1, 0, -1) for j in range(length) if row[j] == c]
         assert idx.tolist() == want and crit == (row == 1).sum() and marg == (row == 0).sum()
+    for got, want in ((ix.n_crit, ref.n_crit), (ix.n_marg, ref.n_marg), (ix.idx, ref.idx)):
+        assert got.dtype == torch.int32 and got.is_contiguous() and torch.equal(got, want)
 
 
 # ---- launchers and rejection --------------------------------------------------------------------

@@ -231,7 +231,11 @@ def _asymrnr(which, dtype, d, causal):
     idx = torch.randint(0, 64, (1, 2, 256))
     gather.gather_rows(x, idx[:, :, :64])
     gather.merge_rows(x, idx, 64)
-    match.match_fwd(x, torch.arange(0, 256, 2), torch.arange(1, 256, 2), "cosine")
+    src, dst = torch.arange(0, 256, 2), torch.arange(1, 256, 2)
+    match.match_fwd(x, src, dst, "cosine")
+    if x.element_size() == 2:  # every candidate the GPU autotuner may pick must compile without spills
+        for config in match.CANDIDATES_16BIT:
+            match.match_fwd(x, src, dst, "euclidean", config=config)
 
 
 DTYPES = ("fp16", "bf16")

@@ -64,7 +64,15 @@ class BlockIndex:
 
 
 def class_index(classes: torch.Tensor) -> BlockIndex:
-    """The class-ordered index form of an int8 (B, H, M, N) map (one stable sort)."""
+    """The class-ordered index form of an int8 (B, H, M, N) map of 1/0/-1, any strides
+    (index_form.py: one kernel, no sort)."""
+    from .index_form import class_index_triton
+
+    return BlockIndex(*class_index_triton(classes))
+
+
+def class_index_reference(classes: torch.Tensor) -> BlockIndex:
+    """What class_index computes, with torch: one stable sort per row by class."""
     order_key = (1 - classes.to(torch.int16)).to(torch.uint8)  # critical 0, marginal 1, negligible 2
     idx = torch.sort(order_key, dim=-1, stable=True).indices.to(torch.int32).contiguous()
     n_crit = (classes == CRITICAL).sum(-1, dtype=torch.int32).contiguous()
@@ -89,6 +97,25 @@ def row_counts(seq_q: int, seq_k: int, block_size: tuple[int, int], causal: bool
     n_crit = torch.minimum(n, torch.ceil(critical * nf - _COUNT_SLACK).to(torch.int64)).clamp_min(0)
     n_neg = torch.minimum(n - n_crit, torch.floor(negligible * nf + _COUNT_SLACK).to(torch.int64)).clamp_min(0)
     return torch.stack([n, n_crit, n_neg], dim=1).to(torch.int32).contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def _row_counts_cached(seq_q: int, seq_k: int, block_size: tuple[int, int], causal: bool, critical: float,
+                       negligible: float, device: torch.device) -> torch.Tensor:
+    return row_counts(seq_q, seq_k, block_size, causal, critical, negligible, device)
+
+
+def device_row_counts(seq_q: int, seq_k: int, block_size: tuple[int, int], causal: bool, critical: float,
+                      negligible: float, device: torch.device) -> torch.Tensor:
+    """row_counts on the device, kept per (shapes, fractions, device): about 20 tiny kernels a
+    call otherwise. The kernels only read it. Not cached while a CUDA graph is being captured
+    (the tensor would live in the graph's private pool)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return row_counts(seq_q, seq_k, block_size, causal, critical, negligible, device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _row_counts_cached(seq_q, seq_k, tuple(block_size), causal, critical, negligible, device)
 
 
 @functools.lru_cache(maxsize=256)  # ~100 us of host work at Wan's 512 rows; a training loop repeats its shapes
@@ -276,7 +303,7 @@ def classify(q: torch.Tensor, pooled_k: torch.Tensor, *, seq_k: int, block_size:
     if cls.numel() == 0:
         return cls
     score = torch.empty(batch, heads, mq, mk, dtype=torch.float32, device=q.device)
-    counts = row_counts(seq_q, seq_k, block_size, causal, critical, negligible, q.device)
+    counts = device_row_counts(seq_q, seq_k, block_size, causal, critical, negligible, q.device)
     chunk = min(64, max(16, triton.next_power_of_2(mk)))
     classify_kernel[(mq, heads, batch)](
         q, pooled_k, score, *q.stride(), seq_q, seq_k, heads // pooled_k.shape[1], mk, scale,
