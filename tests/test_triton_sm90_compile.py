@@ -87,6 +87,12 @@ def compiled_extra():
     return recs
 
 
+# kernels whose main loop streams tiles with async copies: with 3 stages at least one wait in
+# the loop must leave copies in flight (see triton_sm90.async_waits)
+PIPELINED = {"block_sparse_fwd_kernel", "block_sparse_dq_kernel", "block_sparse_dkdv_kernel", "sla_fwd_kernel",
+             "sage_fwd_kernel", "match_kernel"}
+
+
 @pytest.mark.parametrize("case", EXTRA_CASES, ids=[_case_id(c) for c in EXTRA_CASES])
 def test_other_kernels_compile_for_sm90_and_fit(compiled_extra, case):
     recs = compiled_extra.get(case)
@@ -96,6 +102,9 @@ def test_other_kernels_compile_for_sm90_and_fit(compiled_extra, case):
         assert r["shared"] <= H100_SMEM_BYTES, f"{r['kernel']} config {r['config']}: {r['shared']} bytes"
         if r["dtype"] != "fp32":
             assert r["spill_bytes"] == 0, f"{r['kernel']} config {r['config']}: {r['report']}"
+            if r["kernel"] in PIPELINED:
+                assert max(r["async_waits"], default=0) > 0, \
+                    f"{r['kernel']} config {r['config']}: no load stays in flight (async_wait {r['async_waits']})"
 
 
 # The opt-in tensor-descriptor forward (ATTNLIB_FLASH_TMA=1): its default configs compile for
@@ -117,3 +126,15 @@ def test_tma_forward_compiles_with_tma_and_wgmma(compiled_tma):
         assert r["shared"] <= H100_SMEM_BYTES, f"{where}: {r['shared']} bytes"
         assert r["spill_bytes"] == 0, f"{where}: {r['report']}"
         assert r["tma_loads"] > 0 and r["tma_stores"] > 0 and r["wgmma"] > 0, f"{where}: {r}"
+
+
+@pytest.mark.parametrize("which,causal,head_dim,dtype",
+                         [c for c, _ in FAST],
+                         ids=[i for _, i in FAST])
+def test_default_h100_config_keeps_loads_in_flight(compiled, which, causal, head_dim, dtype):
+    """The dense loops' K/V (or Q/dO) copies overlap compute: some async_wait in the TTGIR
+    leaves copies in flight (triton_sm90.async_waits)."""
+    r = compiled[(which, dtype, head_dim, causal)]
+    assert "error" not in r, r["error"]
+    if r["config"][3] >= 3:  # with 2 stages or fewer Triton's pipeliner has nothing to keep in flight
+        assert max(r["async_waits"], default=0) > 0, f"config {r['config']}: waits {r['async_waits']}"

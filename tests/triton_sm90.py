@@ -65,8 +65,8 @@ def compile_kernel(kernel, dtype: str, const: dict, num_warps: int, num_stages: 
 def compile_sm90(kernel, dtype: str, constexprs: dict, block_m: int, block_n: int, num_warps: int,
                  num_stages: int) -> dict:
     """Compile for sm_90; returns shared memory bytes, registers and spill bytes per thread."""
-    return _ptxas_report(compile_kernel(kernel, dtype, dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n),
-                                        num_warps, num_stages))
+    compiled = compile_kernel(kernel, dtype, dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n), num_warps, num_stages)
+    return dict(_ptxas_report(compiled), async_waits=async_waits(compiled.asm["ttgir"]))
 
 
 def _ptxas_report(compiled) -> dict:
@@ -121,6 +121,14 @@ def flash_cases(all_candidates: bool = False, tma: bool = False):
                     yield which, kernel, dtype, head_dim, causal, config, 0
 
 
+def async_waits(ttgir: str) -> list[int]:
+    """The `num` of every ttg.async_wait in a kernel's TTGIR: how many async copies may stay in
+    flight at that wait. A pipelined loop's wait keeps num_stages - 2 (or more) tiles' copies
+    in flight; one that waits with num = 0 at the top of each iteration overlaps no load with
+    compute (what a block index loaded inside the loop did to the block-sparse loops)."""
+    return [int(n) for n in re.findall(r"ttg\.async_wait[^{]*\{num = (\d+)", ttgir)]
+
+
 @contextlib.contextmanager
 def compile_launches(records: list):
     """Within: a Triton launch compiles for sm_90 instead of running. The arguments are the
@@ -143,7 +151,9 @@ def compile_launches(records: list):
         blocks = {k[0] if isinstance(k, tuple) else k: v for k, v in const.items()}
         config = [blocks[n] for n in self.arg_names if n.startswith("BLOCK") and (n,) in const]
         try:
-            r = _ptxas_report(triton.compile(ASTSource(self, sig, const, attrs), target=SM90, options=options.__dict__))
+            compiled = triton.compile(ASTSource(self, sig, const, attrs), target=SM90, options=options.__dict__)
+            r = _ptxas_report(compiled)
+            r["async_waits"] = async_waits(compiled.asm["ttgir"])
         except Exception as e:  # reported per case, the test fails on it
             r = {"error": f"{type(e).__name__}: {e}"}
         r.update(kernel=self.__name__, config=config + [options.num_warps, options.num_stages])

@@ -64,5 +64,5 @@ def launch_config(bm: int, bn: int, head_dim: int, which: str, elem_size: int = 
     if which == "dkdv" and d >= 128:
         # queries stream in 16-row slices: with the mask's 64 rows the causal kernel spills
         # (8 warps: 44 B at 2 stages, 136 B at 1; 4 warps: 428 B)
-        return Launch(min(bm, 16), bn, 4, 2)
-    return Launch(bm, bn, 8 if big >= 64 * 128 else 4, 2)
+        return Launch(min(bm, 16), bn, 8, 3)
+    return Launch(bm, bn, 8 if big >= 64 * 128 else 4, 3)

@@ -28,15 +28,32 @@ def count_listed_below(row_ptr, n_listed, limit, BLOCK: tl.constexpr, SLOTS: tl.
 
 
 @triton.jit
+def listed_block(row, it, end, SUB: tl.constexpr):
+    """The block index of flat iteration `it` over (listed block, tile) pairs: row[it // SUB], or
+    0 from `end` on.
+
+    The loops over listed blocks load it one iteration ahead and carry it: loaded in the
+    iteration that uses it, Triton 3.6 on sm_90 pipelines it as an async copy and then waits for
+    every copy at the top of each iteration (TTGIR async_wait num = 0), so the tiles' loads were
+    never overlapped with compute; carried, the tile loads pipeline as the dense loops' do
+    (num = 2 with 3 stages; checked with tests/triton_sm90.py)."""
+    return tl.load(row + it // SUB, mask=it < end, other=0)
+
+
+@triton.jit
 def attend_listed(acc, l_i, m_i, b_q, row, first, last, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n,
                   d_ok, seq_k, diag, qk_scale, CHECK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
                   PREC: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr):
     """Fold the listed key blocks row[first:last] (mask blocks of MASK_N keys, each as
     MASK_N / BLOCK_N tiles) into the online softmax; MASK for blocks at the diagonal / key tail."""
     SUB: tl.constexpr = MASK_N // BLOCK_N
-    # one flat loop over (block, tile) pairs, so the compiler pipelines it as the dense loop
+    # one flat loop over (block, tile) pairs, so the compiler pipelines it as the dense loop;
+    # the block index is loaded one iteration ahead (listed_block says why)
+    blk = listed_block(row, first * SUB, last * SUB, SUB)
     for it in range(first * SUB, last * SUB):
-        start_n = tl.load(row + it // SUB) * MASK_N + (it % SUB) * BLOCK_N
+        nxt = listed_block(row, it + 1, last * SUB, SUB)
+        start_n = blk * MASK_N + (it % SUB) * BLOCK_N
+        blk = nxt
         off_k = start_n.to(tl.int64)
         acc, l_i, m_i = attend_key_block(acc, l_i, m_i, b_q, k_base + off_k * stride_kn, v_base + off_k * stride_vn,
                                          offs_m, start_n + offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, MASK, CAUSAL,

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..block_sparse.configs import launch_config
-from ..block_sparse.forward import key_tile
+from ..block_sparse.forward import key_tile, listed_block
 from ..linear.kernels import FEATURE_IDS, feature_map
 from .classify import BlockIndex, padded
 from .forward import LINEAR_EPS, query_block_state, state_chunk, state_precision
@@ -207,8 +207,11 @@ def _fold_query_blocks(dh, dz, DN, DD, col, first, last, sign, q_head, row0, str
     """dh += sign * sum of phi(Q_i)^T dN_i[:, cols] (with WITH_Z, dz += sign * phi(Q_i)^T dd_i)
     over the listed query blocks col[first:last], each as MASK_M / BLOCK_M tiles."""
     SUB: tl.constexpr = MASK_M // BLOCK_M
+    blk = listed_block(col, first * SUB, last * SUB, SUB)  # one iteration ahead: listed_block says why
     for it in range(first * SUB, last * SUB):
-        offs_m = tl.load(col + it // SUB) * MASK_M + (it % SUB) * BLOCK_M + offs_i
+        nxt = listed_block(col, it + 1, last * SUB, SUB)
+        offs_m = blk * MASK_M + (it % SUB) * BLOCK_M + offs_i
+        blk = nxt
         m_ok = offs_m < seq_q
         # int64 rows, as in sla_linear_total_kernel (the scalar-base form took 255 registers here)
         phi_q = phi_rows(q_head, offs_m.to(tl.int64) * stride_qm, offs_d * stride_qd, m_ok, d_ok, FEAT)

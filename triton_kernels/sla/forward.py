@@ -169,11 +169,6 @@ def sla_fwd_kernel(
     q_ptrs = row_tile(Q + b64 * stride_qb + h64 * stride_qh, start_m, offs_i, offs_d, stride_qm, stride_qd)
     b_q = load_tile(q_ptrs, m_ok, d_ok, True, CHECK_D)
 
-    if LINEAR:  # with PROJ, lin = O_l W^T; else O_l to OL (the backward's re-walk)
-        lin = linear_branch(tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32), b_q, H, Z, H_TOT, Z_TOT, W, OL, N_MARG,
-                            idx_row, row_id, n_crit, b64, h64, kvh64, heads, group, seq_q, num_kb, eps, offs_m,
-                            offs_d, m_ok, d_ok, HEAD_DIM, D_PAD, HC, FEAT, LIN_PREC, ROW_STATES, PROJ)
-
     # critical blocks: block_sparse's main loop over the list's first n_crit entries
     k_base, v_base = kv_tile_bases(K, V, b64, kvh64, offs_n, offs_d, stride_kb, stride_kh, stride_kn,
                                    stride_kd, stride_vb, stride_vh, stride_vn, stride_vd)
@@ -193,14 +188,19 @@ def sla_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o_s = acc / l_safe[:, None]
+    # the linear branch after the critical loop, so its D-wide result is not held in registers
+    # through it: before, at hd128 with the projection, ptxas spilled with 3 stages and the loop
+    # ran on 2, which on sm_90 leaves the K/V tiles' loads unoverlapped (TTGIR async_wait num = 0)
+    if LINEAR:  # with PROJ, o_s += O_l W^T; else O_l to OL (the backward's re-walk)
+        o_s = linear_branch(o_s, b_q, H, Z, H_TOT, Z_TOT, W, OL, N_MARG, idx_row, row_id, n_crit, b64, h64, kvh64,
+                            heads, group, seq_q, num_kb, eps, offs_m, offs_d, m_ok, d_ok, HEAD_DIM, D_PAD, HC, FEAT,
+                            LIN_PREC, ROW_STATES, PROJ)
     lse_off = b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm
     if WITH_DELTA:
         b_do = load_tile(row_tile(DO + b64 * stride_dob + h64 * stride_doh, start_m, offs_i, offs_d, stride_dom,
                                   stride_dod), m_ok, d_ok, True, CHECK_D)
         tl.store(DELTA + lse_off, tl.sum(b_do.to(tl.float32) * o_s, 1), mask=m_ok)
     else:
-        if PROJ:
-            o_s += lin
         if HAS_BIAS:
             o_s += tl.load(BIAS + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
         o_ptrs = row_tile(OS + b64 * stride_ob + h64 * stride_oh, start_m, offs_i, offs_d, stride_om, stride_od)
@@ -265,9 +265,7 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
     stats = lse if lse is not None else delta
     tile = launch_config(bm, bn, head_dim, "sla_fwd", q.element_size())
     d_pad = padded(head_dim)
-    # the projection epilogue holds O_l W^T through the critical loop: at hd128 with 3 stages
-    # ptxas spilled 12 B (sm_90); 2 stages fit in 254 registers without spills
-    stages = min(tile.num_stages, 2) if proj and d_pad >= 128 else tile.num_stages
+    stages = tile.num_stages
     sla_fwd_kernel[(triton.cdiv(seq_q, tile.block_m), heads_q, batch)](
         q, k, v, os_arg, o_l if o_l is not None else dummy, lse if lse is not None else dummy,
         dout if with_delta else dummy, delta if with_delta else dummy,
