@@ -100,6 +100,18 @@ def cases():
         yield (f"sla fwd critical 0.05 Wan2.1-1.3B, ATTNLIB_SLA_ROW_STATES={rows}",
                lambda: attnlib.sla_attention(q, k, v, pw, pb, critical=0.05, negligible=bsla.NEGLIGIBLE,
                                              block_size=bsla.BLOCK, backend="triton"), rows)
+    ql, kl, vl = (torch.randn(1, 16, 131072, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+                  for _ in range(3))
+    yield ("linear fwd non-causal elu (1x16x131072, hd128; the linear bench's largest shape)",
+           lambda: attnlib.linear_attention(ql, kl, vl, backend="triton"), None)
+    from attnlib.asymrnr import match, partition
+    from bench import bench_asymrnr as barn
+
+    rq, rkv = barn.PAPER_RATIOS
+    part = partition(barn.WAN_GRID, device="cuda")
+    yield (f"asymrnr q {rq} kv {rkv} Wan2.1-1.3B (matching every call)",
+           lambda: attnlib.attention(q, k, v, method="asymrnr", grid=barn.WAN_GRID, q_ratio=rq, kv_ratio=rkv), None)
+    yield ("asymrnr matching of Q and V alone Wan2.1-1.3B", lambda: (match(q, part), match(v, part)), None)
 
 
 def main(argv=None) -> int:

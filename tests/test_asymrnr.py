@@ -436,6 +436,35 @@ def test_bench_providers_run_on_cpu():
     assert len(res["accuracy"]) == 8 and "| 0.5 | 0.3 |" in summary_markdown(res)
 
 
+def test_bench_cache_provider_refreshes_once_per_step(monkeypatch):
+    """attnlib-asymrnr-cache<n>: each timed step is n calls of which exactly the first matches
+    (Q and V: two matchings), and time_ratios reports its time per call."""
+    import attnlib.asymrnr.module as module
+    from bench import runner
+    from bench.bench_asymrnr import CACHE_STEPS, CPU_CASE, calls_per_step, time_ratios
+
+    counted = {"match": 0}
+    real = module.match
+
+    def spy(*a, **k):
+        counted["match"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, "match", spy)
+    case = runner.Case(**CPU_CASE)
+    q, k, v = runner.make_inputs(case)
+    n = CACHE_STEPS[0]
+    step = runner.PROVIDERS[f"attnlib-asymrnr-cache{n}"].make(case, q, k, v)
+    for _ in range(3):
+        before = counted["match"]
+        step()
+        assert counted["match"] - before == 2
+    assert calls_per_step(f"attnlib-asymrnr-cache{n}") == n and calls_per_step("attnlib-asymrnr") == 1
+    recs = [{"provider": "attnlib-auto", "shape": "s", "ms": 2.0, "status": "ok"},
+            {"provider": f"attnlib-asymrnr-cache{n}", "shape": "s", "ms": 3.0 * n, "status": "ok"}]
+    assert time_ratios(recs)[0]["ratio"] == 1.5
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 def call(**kw):

@@ -16,7 +16,7 @@ import attnlib
 from attnlib.reference import flash_reference, linear_reference, sla_block_classes, sla_reference
 from attnlib.reference._common import block_mask_to_tokens, causal_mask, expand_kv
 from attnlib.reference.linear import feature_map_fn
-from attnlib.testing import assert_flash_rule, make_qkv, poison_
+from attnlib.testing import assert_flash_rule, assert_verbose_allclose, make_qkv, poison_
 
 triton = pytest.importorskip("triton")
 
@@ -277,6 +277,31 @@ def test_block_map_fp16_and_public_helper():
     assert torch.equal(got, ref)
 
 
+def _key_block_configs():
+    from attnlib.triton_kernels.sla.classify import KEY_BLOCK_CANDIDATES
+
+    # column halves and quarters on the CPU; on a GPU every candidate the autotuner may pick
+    return [None] + (KEY_BLOCK_CANDIDATES if DEVICE == "cuda" else [(64, 1), (32, 1)])
+
+
+@pytest.mark.parametrize("config", _key_block_configs(), ids=str)
+def test_key_block_states_equal_reference(config):
+    """h_j = phi(K_j)^T V_j, z_j = sum phi(K_j) and the pooled keys, per key block (ragged last
+    block), whole or formed in column chunks of V (the GPU autotuner's candidates), against
+    float64. Dv 72 pads to 128: chunks past Dv write nothing."""
+    from attnlib.triton_kernels.sla.classify import key_blocks
+
+    k = make_qkv(1, 2, 40, 24, seed=21, device=DEVICE)[1]
+    v = make_qkv(1, 2, 40, 72, seed=22, device=DEVICE)[2]
+    pk, h, z = key_blocks(k, v, block_n=16, feature="softmax", linear=True, config=config)
+    phi = feature_map_fn("softmax")(k.double())
+    for j, (lo, hi) in enumerate(((0, 16), (16, 32), (32, 40))):
+        want_h = phi[:, :, lo:hi].transpose(-1, -2) @ v[:, :, lo:hi].double()
+        assert_verbose_allclose(h[:, :, j].double(), want_h, atol=1e-5, rtol=1e-5)
+        assert_verbose_allclose(z[:, :, j].double(), phi[:, :, lo:hi].sum(2), atol=1e-5, rtol=1e-5)
+        assert_verbose_allclose(pk[:, :, j].double(), k[:, :, lo:hi].double().mean(2), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("length", [7, 16, 1500])  # 1500: more than one 1024-wide chunk per row
 @pytest.mark.parametrize("transposed", [False, True])
 def test_index_form_lists_classes_in_order(length, transposed):
@@ -351,6 +376,32 @@ def test_backward_from_saved_lse_equals_rewalk(proj, dtype):
         if got is not None:
             assert torch.isfinite(got).all(), name
             torch.testing.assert_close(got.float(), want_g.float(), msg=name, **tol)
+
+
+def _masked_sum_configs():
+    from attnlib.triton_kernels.sla.row_states import MASKED_SUM_CANDIDATES
+
+    # on a GPU every candidate the autotuner may pick; on the CPU another tiling than the default
+    return [None] + (MASKED_SUM_CANDIDATES if DEVICE == "cuda" else [(32, 16, 32, 1, 1)])
+
+
+@pytest.mark.parametrize("config", _masked_sum_configs(), ids=str)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_masked_sum_tilings_agree(config, transpose):
+    """The masked product under each tiling equals float64, rows and widths not tile multiples."""
+    from attnlib.triton_kernels.sla.row_states import _masked_sum
+
+    gen = torch.Generator().manual_seed(14)
+    classes = torch.randint(-1, 2, (1, 4, 70, 150), generator=gen).to(torch.int8)
+    marg = (classes == 0).double()
+    if transpose:  # states per (query head, query block) -> per (kv head, key block)
+        states = torch.randn(1, 4, 70, 300, generator=gen)
+        want = (marg.transpose(-1, -2) @ states.double()).reshape(1, 2, 2, 150, 300).sum(2)
+    else:
+        states = torch.randn(1, 2, 150, 300, generator=gen)
+        want = marg @ expand_kv(states, 4).double()
+    got = _masked_sum(classes.to(DEVICE), states.to(DEVICE), "tf32x3", 2, transpose=transpose, config=config)
+    torch.testing.assert_close(got.double().cpu(), want, atol=1e-4, rtol=1e-5)
 
 
 def test_row_states_are_marginal_sums():

@@ -59,6 +59,7 @@ EXTRA_CASES = [
     "sage-fp16-causal-hd128-bf16", "sage-fp8-causal-hd128-bf16", "sage-fp16_accum-causal-hd64-fp16",
     "block_sparse-fwd-causal-hd128-bf16", "block_sparse-bwd-causal-hd128-bf16",
     "block_sparse-fwd-causal-hd128-fp32",
+    "block_sparse-predict-causal-hd128-bf16",
     "linear-fwd-full-hd128-bf16",
     "linear-fwd-causal-hd128-bf16",
     "linear-bwd-causal-hd128-bf16",

@@ -224,6 +224,14 @@ def _sla(which, dtype, d, causal):
     kw = dict(critical=0.25, negligible=0.25, block_size=(64, 64), feature="softmax", scale=d ** -0.5, causal=causal)
     w, b = _t(d, d, dtype=dtype), _t(d, dtype=dtype)
     out, lse = sla_forward(q, k, v, torch.empty_like(q), w, b, with_lse=True, **kw)
+    if d == 128:  # every key-block candidate the GPU autotuner may pick
+        from attnlib.triton_kernels.sla.classify import KEY_BLOCK_CANDIDATES, key_blocks
+        from attnlib.triton_kernels.sla.row_states import MASKED_SUM_CANDIDATES, _masked_sum
+        for config in KEY_BLOCK_CANDIDATES:
+            key_blocks(k, v, block_n=64, feature="softmax", linear=True, config=config)
+        classes = torch.zeros(1, 2, 4, 4, dtype=torch.int8)
+        for config in MASKED_SUM_CANDIDATES:  # and every masked-sum candidate
+            _masked_sum(classes, torch.randn(1, 2, 4, d * d), "tf32", 2, transpose=False, config=config)
     if which == "fwd":
         with mock.patch.dict(os.environ, {"ATTNLIB_SLA_ROW_STATES": "0"}):
             sla_forward(q, k, v, torch.empty_like(q), w, b, with_lse=True, **kw)

@@ -243,15 +243,18 @@ def linear_state_kernel(K, V, S, RSCALE, ZW,
         tl.store(base + DK * DV + offs_k, z, mask=k_ok)
 
 
-@triton.jit(do_not_specialize=["seq"])
+@triton.jit(do_not_specialize=["seq", "rows_per_prog"])
 def linear_apply_kernel(Q, S, Z, O,
                         stride_qb, stride_qh, stride_qm, stride_qd,
                         stride_ob, stride_oh, stride_om, stride_od,
-                        heads, group, seq, eps,
+                        heads, group, seq, rows_per_prog, eps,
                         DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                         FEAT: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, MODE: tl.constexpr):
-    """Grid (query blocks, batch * heads, value blocks). S: (B, heads // group, DK, DV) fp32
-    contiguous, Z: (B, heads // group, DK); query head h reads state head h // group."""
+    """Grid (row chunks, batch * heads, value blocks). S: (B, heads // group, DK, DV) fp32
+    contiguous, Z: (B, heads // group, DK); query head h reads state head h // group. A program
+    loads its state block once and streams rows [pid_m * rows_per_prog, +rows_per_prog) of Q in
+    BLOCK_M tiles (rows_per_prog a multiple of BLOCK_M): one program per BLOCK_M rows re-read the
+    DK x BV fp32 state (32 KB at hd128) for every 16 KB tile of Q."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     pid_v = tl.program_id(2)
@@ -260,23 +263,32 @@ def linear_apply_kernel(Q, S, Z, O,
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     sh64 = (b * (heads // group) + h // group).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, DK_PAD)
     offs_v = pid_v * BV + tl.arange(0, BV)
-    m_ok = offs_m < seq
     k_ok = offs_k < DK
     v_ok = offs_v < DV
-    qt = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm
-                 + offs_k[None, :] * stride_qd, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-    qf = feature_map(qt, m_ok, k_ok, FEAT)
     s = tl.load(S + sh64 * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :],
                 other=0.0)
-    num = dot_acc(qf, s, tl.zeros([BLOCK_M, BV], dtype=tl.float32), MODE)
+    s_op, s_scale = acc_operand(s, MODE)  # once per program, as dot_acc would per tile
     if NORMALIZE:
         z = tl.load(Z + sh64 * DK + offs_k, mask=k_ok, other=0.0)
-        num = num * safe_recip(tl.sum(qf * z[None, :], 1) + eps)[:, None]
-    tl.store(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
-             + offs_v[None, :] * stride_od, num.to(O.dtype.element_ty), mask=m_ok[:, None] & v_ok[None, :])
+    q_row = Q + b64 * stride_qb + h64 * stride_qh
+    o_row = O + b64 * stride_ob + h64 * stride_oh
+    lo = pid_m * rows_per_prog
+    hi = tl.minimum(lo + rows_per_prog, seq)
+    for start in range(lo, hi, BLOCK_M):
+        offs_m = start + offs_i
+        m_ok = offs_m < hi
+        qt = tl.load(q_row + offs_m[:, None].to(tl.int64) * stride_qm + offs_k[None, :] * stride_qd,
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        qf = feature_map(qt, m_ok, k_ok, FEAT)
+        q_op, q_scale = acc_operand(qf, MODE)
+        num = dot_ops(q_op, q_scale, s_op, s_scale, tl.zeros([BLOCK_M, BV], dtype=tl.float32), MODE)
+        if NORMALIZE:
+            num = num * safe_recip(tl.sum(qf * z[None, :], 1) + eps)[:, None]
+        tl.store(o_row + offs_m[:, None].to(tl.int64) * stride_om + offs_v[None, :] * stride_od,
+                 num.to(O.dtype.element_ty), mask=m_ok[:, None] & v_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["n_units", "skip", "group"])
@@ -650,9 +662,11 @@ def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, r
 
 def state_config(dk_pad: int, dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(value block, warps, rows per step) of the state kernel."""
+    # 16-bit inputs: the whole value width up to 128 in one program, so K is read (and phi(K)
+    # formed) once, not once per 64 columns
+    bv = pad(dv) if dtype.itemsize == 2 and pad(dv) <= 128 else _value_block(dv)
     if interpreting():
-        return _value_block(dv), 1, 64
-    bv = _value_block(dv)
+        return bv, 1, 64
     return bv, _warps(dk_pad, bv), 64
 
 
@@ -680,12 +694,19 @@ def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.T
         return out
     s = s.contiguous()
     z = s if z is None else z.contiguous()
-    bv = _value_block(dv)
+    # 16-bit inputs: the whole value width in one program up to 128, so Q is read (and phi(Q)
+    # formed) once, not once per 64 columns
+    bv = pad(dv) if q.element_size() == 2 and pad(dv) <= 128 else _value_block(dv)
     block_m = 16 if interpreting() else 64
-    linear_apply_kernel[(triton.cdiv(seq, block_m), batch * heads, triton.cdiv(dv, bv))](
-        q, s, z, out, *q.stride(), *out.stride(), heads, heads // s.shape[1], seq, eps,
+    n_vb = triton.cdiv(dv, bv)
+    # about four programs per SM in all, each streaming whole tiles (interpreter: two tiles each)
+    want = 2 if interpreting() else max(1, 4 * _sm_count(q.device) // max(1, batch * heads * n_vb))
+    rows = max(block_m, triton.cdiv(triton.cdiv(seq, want), block_m) * block_m)
+    linear_apply_kernel[(triton.cdiv(seq, rows), batch * heads, n_vb)](
+        q, s, z, out, *q.stride(), *out.stride(), heads, heads // s.shape[1], seq, rows, eps,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], NORMALIZE=z is not s,
-        BLOCK_M=block_m, MODE=dot_mode(q.dtype), num_warps=_warps(pad(dk), bv), num_stages=_stages(q.dtype))
+        BLOCK_M=block_m, MODE=dot_mode(q.dtype), num_warps=_warps(pad(dk), bv),
+        num_stages=4 if q.element_size() == 2 else _stages(q.dtype))  # a streaming loop: two Q tiles in flight
     return out
 
 

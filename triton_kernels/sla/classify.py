@@ -136,14 +136,19 @@ def key_block_kernel(K, V, PK, H, Z,
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      seq_k,
                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-                     FEAT: tl.constexpr, LINEAR: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (key blocks, kv heads, batch). PK (B, Hkv, Mk, D) fp32: the block's token mean;
-    with LINEAR, H (B, Hkv, Mk, D, Dv) = phi(K_j)^T V_j and Z (B, Hkv, Mk, D) = sum phi(K_j), fp32
-    contiguous."""
-    pid_n = tl.program_id(0)
+                     FEAT: tl.constexpr, LINEAR: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_E: tl.constexpr):
+    """Grid (key blocks * column chunks, kv heads, batch), chunk-minor: program (j, c) forms
+    columns [c * BLOCK_E, (c + 1) * BLOCK_E) of H[j]; chunk 0 also writes PK[j] and Z[j]. PK
+    (B, Hkv, Mk, D) fp32: the block's token mean; with LINEAR, H (B, Hkv, Mk, D, Dv) =
+    phi(K_j)^T V_j and Z (B, Hkv, Mk, D) = sum phi(K_j), fp32 contiguous. Without LINEAR,
+    BLOCK_E = DV_PAD (one chunk)."""
+    N_CHUNKS: tl.constexpr = DV_PAD // BLOCK_E
+    pid_n = tl.program_id(0) // N_CHUNKS
+    chunk = tl.program_id(0) % N_CHUNKS
     h = tl.program_id(1)
     b = tl.program_id(2)
-    n_blocks = tl.num_programs(0)
+    n_blocks = tl.num_programs(0) // N_CHUNKS
     blk = (b.to(tl.int64) * tl.num_programs(1) + h) * n_blocks + pid_n  # flat (b, h, j)
     start_n = pid_n * BLOCK_N
     offs_j = tl.arange(0, BLOCK_N)
@@ -153,10 +158,11 @@ def key_block_kernel(K, V, PK, H, Z,
     d_ok = offs_d < HEAD_DIM
     b_k = tl.load(row_tile(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, start_n, offs_j, offs_d,
                            stride_kn, stride_kd), mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    first = chunk == 0
     count = tl.minimum(seq_k - pid_n * BLOCK_N, BLOCK_N).to(tl.float32)
-    tl.store(PK + blk * HEAD_DIM + offs_d, tl.sum(b_k, 0) / count, mask=d_ok)
+    tl.store(PK + blk * HEAD_DIM + offs_d, tl.sum(b_k, 0) / count, mask=d_ok & first)
     if LINEAR:
-        offs_e = tl.arange(0, DV_PAD)
+        offs_e = chunk * BLOCK_E + tl.arange(0, BLOCK_E)
         e_ok = offs_e < DV
         b_v = tl.load(row_tile(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, start_n, offs_j, offs_e,
                                stride_vn, stride_vd), mask=n_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
@@ -164,7 +170,19 @@ def key_block_kernel(K, V, PK, H, Z,
         b_h = tl.dot(tl.trans(phi_k), b_v, input_precision=PREC)
         tl.store(H + blk * HEAD_DIM * DV + offs_d[:, None] * DV + offs_e[None, :], b_h,
                  mask=d_ok[:, None] & e_ok[None, :])
-        tl.store(Z + blk * HEAD_DIM + offs_d, tl.sum(phi_k, 0), mask=d_ok)
+        tl.store(Z + blk * HEAD_DIM + offs_d, tl.sum(phi_k, 0), mask=d_ok & first)
+
+
+# (BLOCK_E, num_warps) for the linear preprocess at Dv 128 (wider pads take the first): the whole
+# D x Dv state in one program needs 128 KB of shared memory for the tf32x3 operands on sm_90 (one
+# program per SM); column halves or quarters let several programs share an SM. Each compiles for
+# sm_90 without spills; the GPU autotuner picks.
+KEY_BLOCK_CANDIDATES = [(128, 8), (64, 4), (64, 8), (32, 4)]
+
+
+key_block_kernel_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_E": e}, num_warps=w) for e, w in KEY_BLOCK_CANDIDATES],
+    key=["HEAD_DIM", "DV", "FEAT", "BLOCK_N"])(key_block_kernel)
 
 
 @triton.jit
@@ -275,9 +293,12 @@ def _warps(tile: int) -> int:
     return 1 if interpreting() else (8 if tile >= 128 * 128 else 4)
 
 
-def key_blocks(k: torch.Tensor, v: torch.Tensor, *, block_n: int, feature: str, linear: bool
+def key_blocks(k: torch.Tensor, v: torch.Tensor, *, block_n: int, feature: str, linear: bool,
+               config: Optional[tuple[int, int]] = None
                ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(pooled K (B, Hkv, Mk, D), h (B, Hkv, Mk, D, Dv) or None, z (B, Hkv, Mk, D) or None), fp32."""
+    """(pooled K (B, Hkv, Mk, D), h (B, Hkv, Mk, D, Dv) or None, z (B, Hkv, Mk, D) or None), fp32.
+    The linear preprocess at Dv 128 on a GPU is autotuned (KEY_BLOCK_CANDIDATES); config
+    (BLOCK_E, num_warps) names one instead (tests)."""
     batch, heads, seq_k, d = k.shape
     dv = v.shape[3]
     mk = triton.cdiv(seq_k, block_n)
@@ -286,10 +307,14 @@ def key_blocks(k: torch.Tensor, v: torch.Tensor, *, block_n: int, feature: str, 
     z = torch.empty(batch, heads, mk, d, dtype=torch.float32, device=k.device) if linear else None
     if pk.numel() == 0:
         return pk, h, z
-    key_block_kernel[(mk, heads, batch)](
-        k, v, pk, h if linear else pk, z if linear else pk, *k.stride(), *v.stride(), seq_k,
-        HEAD_DIM=d, D_PAD=padded(d), DV=dv, DV_PAD=padded(dv), FEAT=FEATURE_IDS[feature], LINEAR=linear,
-        PREC="tf32x3", BLOCK_N=block_n, num_warps=_warps(padded(d) * padded(dv) if linear else 0))
+    args = (k, v, pk, h if linear else pk, z if linear else pk, *k.stride(), *v.stride(), seq_k)
+    meta = dict(HEAD_DIM=d, D_PAD=padded(d), DV=dv, DV_PAD=padded(dv), FEAT=FEATURE_IDS[feature], LINEAR=linear,
+                PREC="tf32x3", BLOCK_N=block_n)
+    if config is None and linear and padded(dv) == 128 and not interpreting():
+        key_block_kernel_tuned[lambda m: (mk * (128 // m["BLOCK_E"]), heads, batch)](*args, **meta)
+        return pk, h, z
+    block_e, warps = config or (padded(dv), _warps(padded(d) * padded(dv) if linear else 0))
+    key_block_kernel[(mk * (padded(dv) // block_e), heads, batch)](*args, **meta, BLOCK_E=block_e, num_warps=warps)
     return pk, h, z
 
 
