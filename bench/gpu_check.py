@@ -151,6 +151,7 @@ def test_environment(out: Path) -> dict:
     compiles and times every candidate, which costs minutes and tests nothing more); the
     benchmarks run with autotuning and compare each autotuned output with SDPA (runner.check_output)."""
     return dict(os.environ, PYTHONUNBUFFERED="1", ATTNLIB_FLASH_AUTOTUNE="0", ATTNLIB_SAGE_AUTOTUNE="0",
+                ATTNLIB_SLA_AUTOTUNE="0", ATTNLIB_ASYMRNR_AUTOTUNE="0",
                 ATTNLIB_FAILURE_LOG=str(out / "pytest-failures.log"),
                 ATTNLIB_TEST_INTERLEAVE="1")  # round robin over files (tests/conftest.py): a cut-off run covers every file
 

@@ -318,7 +318,7 @@ def main() -> None:
         bm, bn, warps, stages, ws = config
         compiled = compile_kernel(kernel, dtype, dict(const, WARP_SPEC=ws, BLOCK_M=bm, BLOCK_N=bn), warps, stages)
         ptx = compiled.asm["ptx"]
-        r = _ptxas_report(compiled)
+        r = dict(_ptxas_report(compiled), async_waits=async_waits(compiled.asm["ttgir"]))
         r.update(tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
                  tma_stores=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)),
                  wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), ld_global=len(re.findall(r"ld\.global", ptx)),

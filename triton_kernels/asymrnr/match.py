@@ -131,6 +131,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def autotune_enabled() -> bool:
+    """ATTNLIB_ASYMRNR_AUTOTUNE=0: the first candidate, no autotuning (the GPU tests set it)."""
+    return os.environ.get("ATTNLIB_ASYMRNR_AUTOTUNE", "1") != "0"
+
+
 def _as_config(c: tuple) -> triton.Config:
     bm, bn, warps, stages, running = c
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "RUNNING": running}, num_warps=warps, num_stages=stages)
@@ -190,7 +195,9 @@ def match_fwd(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, metric: str
             *x.stride(), xd.stride(0), xd.stride(1), dnorm.stride(0), dnorm.stride(1), *node.stride(),
             n_src, n_dst, H)
     meta = dict(HEAD_DIM=D, D_PAD=d_pad, METRIC=METRIC_IDS[metric], PREC=_dot_precision(x.dtype))
-    if config is not None:  # one named config (tests): BLOCK_M, BLOCK_N, num_warps, num_stages, RUNNING
+    if config is None and not autotune_enabled():
+        config = INTERPRET if interpreting() else candidates(d_pad, x.element_size())[0]
+    if config is not None:  # one named config: BLOCK_M, BLOCK_N, num_warps, num_stages, RUNNING
         bm, bn, warps, stages, running = config
         match_kernel[(triton.cdiv(n_src, bm), B * H)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, RUNNING=running,
                                                        num_warps=warps, num_stages=stages)
