@@ -189,7 +189,8 @@ def match_fwd(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, metric: str
     if x.dtype == torch.float64:
         raise TypeError("the Triton matching kernel takes fp16, bf16 or fp32; use backend='torch' for fp64")
     d_pad = max(16, triton.next_power_of_2(D))
-    xd = x.index_select(2, dst)  # (B, H, n_dst, D) contiguous: an eighth of x at stride (2, 2, 2)
+    # (B, H, n_dst, D) contiguous (the kernel walks its rows at stride D): an eighth of x at stride (2, 2, 2)
+    xd = x.index_select(2, dst).contiguous()
     dnorm = _destination_norms(xd, metric)
     args = (x, src.contiguous(), xd, dnorm, node, score,
             *x.stride(), xd.stride(0), xd.stride(1), dnorm.stride(0), dnorm.stride(1), *node.stride(),
