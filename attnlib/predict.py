@@ -16,6 +16,7 @@ import torch
 
 from .inputs import check_block_size, check_fraction, check_layout, check_scale, validate_qkv
 from .reference._common import num_blocks
+from .triton_kernels.device_constants import device_constant
 
 
 def _mean_pool_torch(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -23,13 +24,19 @@ def _mean_pool_torch(x: torch.Tensor, block: int) -> torch.Tensor:
     m = num_blocks(s, block)
     padded = x.new_zeros(b, h, m * block, d, dtype=torch.float32)
     padded[:, :, :s] = x.float()
-    counts = torch.clamp(s - torch.arange(m, device=x.device) * block, max=block).to(torch.float32)
-    return padded.view(b, h, m, block, d).sum(3) / counts[:, None]
+    return padded.view(b, h, m, block, d).sum(3) / _block_counts(m, s, block, x.device)[:, None]
 
 
+@device_constant
+def _block_counts(n_blocks: int, seq: int, block: int, device) -> torch.Tensor:
+    """(n_blocks,) float32: tokens in each block (the last may be short)."""
+    return torch.clamp(seq - torch.arange(n_blocks, device=device) * block, max=block).to(torch.float32)
+
+
+@device_constant
 def _visible_blocks(mq: int, mk: int, block_size: tuple[int, int], seq_q: int, seq_k: int, causal: bool,
                     device) -> torch.Tensor:
-    """(Mq, Mk) bool: key block j is seen by some query of block i."""
+    """(Mq, Mk) bool: key block j is seen by some query of block i. Shared: read only."""
     if not causal:
         return torch.ones(mq, mk, dtype=torch.bool, device=device)
     bq, bk = block_size
@@ -37,15 +44,26 @@ def _visible_blocks(mq: int, mk: int, block_size: tuple[int, int], seq_q: int, s
     return torch.arange(mk, device=device)[None, :] * bk <= last_q[:, None] + seq_k - seq_q
 
 
+@device_constant
 def _diagonal_blocks(mq: int, mk: int, block_size: tuple[int, int], seq_q: int, seq_k: int,
                      device) -> torch.Tensor:
-    """(Mq, Mk) bool: key blocks crossed by the bottom-right diagonal j = i + Sk - Sq within query block i."""
+    """(Mq, Mk) bool: key blocks crossed by the bottom-right diagonal j = i + Sk - Sq within query
+    block i. Shared: read only."""
     bq, bk = block_size
     first = torch.arange(mq, device=device) * bq + seq_k - seq_q
     last = torch.clamp((torch.arange(mq, device=device) + 1) * bq, max=seq_q) - 1 + seq_k - seq_q
     lo, hi = torch.clamp(first, min=0), torch.clamp(last, max=seq_k - 1)
     j = torch.arange(mk, device=device)[None, :]
     return (j >= (lo // bk)[:, None]) & (j <= (hi // bk)[:, None]) & (hi >= lo)[:, None]
+
+
+@device_constant
+def _topk_ranks(mq: int, mk: int, block_size: tuple[int, int], seq_q: int, seq_k: int, causal: bool,
+                topk: float, device) -> torch.Tensor:
+    """(Mq, Mk) bool: rank r of query block i's sorted key blocks is kept, r < ceil(topk * visible)."""
+    vis = _visible_blocks(mq, mk, block_size, seq_q, seq_k, causal, device)
+    n_keep = torch.ceil(topk * vis.sum(-1).to(torch.float64) - 1e-9).to(torch.long)  # (Mq,)
+    return torch.arange(mk, device=device) < n_keep[:, None]
 
 
 def _use_triton(q: torch.Tensor) -> bool:
@@ -63,22 +81,21 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: tuple[int, int], 
     sq, sk = q.shape[2], k.shape[2]
     use_triton = _use_triton(q) if use_triton is None else use_triton
     if use_triton:
-        from .triton_kernels.block_sparse.predict import block_scores as scores_triton, mean_pool
+        from .triton_kernels.block_sparse.predict import block_probabilities, mean_pool
 
         pq, pk = mean_pool(q, bq), mean_pool(k, bk)
     else:
         pq, pk = _mean_pool_torch(q, bq), _mean_pool_torch(k, bk)
     # SpargeAttn: subtract K's token mean (per head). Each row's scores shift by one constant, so P is
     # unchanged in exact arithmetic; it keeps the scores' range small.
-    counts = torch.clamp(sk - torch.arange(pk.shape[2], device=k.device) * bk, max=bk).to(torch.float32)
+    counts = _block_counts(pk.shape[2], sk, bk, k.device)
     pk = pk - (pk * counts[:, None]).sum(2, keepdim=True) / sk
-    if use_triton:
-        s = scores_triton(pq, pk, block_size=block_size, seq_q=sq, seq_k=sk, scale=scale, causal=causal)
-    else:
-        group = q.shape[1] // k.shape[1]
-        s = (pq @ pk.repeat_interleave(group, 1).transpose(-1, -2)) * scale
-        vis = _visible_blocks(pq.shape[2], pk.shape[2], block_size, sq, sk, causal, q.device)
-        s = s.masked_fill(~vis, float("-inf"))
+    if use_triton:  # the kernel's softmax, as below
+        return block_probabilities(pq, pk, block_size=block_size, seq_q=sq, seq_k=sk, scale=scale, causal=causal)
+    group = q.shape[1] // k.shape[1]
+    s = (pq @ pk.repeat_interleave(group, 1).transpose(-1, -2)) * scale
+    vis = _visible_blocks(pq.shape[2], pk.shape[2], tuple(block_size), sq, sk, causal, q.device)
+    s = s.masked_fill(~vis, float("-inf"))
     m = s.amax(-1, keepdim=True)
     p = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
     return p / p.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -117,8 +134,7 @@ def predict_block_mask(q, k, *, block_size=(64, 64), topk: Optional[float] = Non
     vis = _visible_blocks(mq, mk, (bq, bk), sq, sk, causal, qb.device)
     order = torch.sort(p, dim=-1, descending=True, stable=True)
     if topk is not None:
-        n_keep = torch.ceil(topk * vis.sum(-1).to(torch.float64) - 1e-9).to(torch.long)  # (Mq,)
-        rank_ok = torch.arange(mk, device=qb.device) < n_keep[:, None]
+        rank_ok = _topk_ranks(mq, mk, (bq, bk), sq, sk, causal, topk, qb.device)
     else:
         before = torch.cumsum(order.values, dim=-1) - order.values  # mass of the blocks ranked above
         rank_ok = before < cdf_threshold - 1e-7 if cdf_threshold > 0 else torch.zeros_like(before, dtype=torch.bool)

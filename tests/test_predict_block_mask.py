@@ -13,13 +13,18 @@ triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def test_triton_scores_match_torch():
-    q, k, _ = make_qkv(2, 4, 70, 40, kv_heads=2, seq_k=90, device=DEVICE, seed=1, k_bias=3.0)
+@pytest.mark.parametrize("seq_q,seq_k", [(70, 90), (90, 40)])  # (90, 40) causal: the first query blocks see nothing
+def test_triton_scores_match_torch(seq_q, seq_k):
+    """The kernel's probabilities (its own softmax over key blocks, over more than one 16-block
+    chunk) equal the torch path's; rows that see no key block are all 0, the others sum to 1."""
+    q, k, _ = make_qkv(2, 4, seq_q, 40, kv_heads=2, seq_k=seq_k, device=DEVICE, seed=1, k_bias=3.0)
     for causal in (False, True):
-        a = block_scores(q, k, (16, 32), 40 ** -0.5, causal, use_triton=True)
-        b = block_scores(q, k, (16, 32), 40 ** -0.5, causal, use_triton=False)
+        a = block_scores(q, k, (16, 2), 40 ** -0.5, causal, use_triton=True)  # 45 or 20 key blocks
+        b = block_scores(q, k, (16, 2), 40 ** -0.5, causal, use_triton=False)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(a.sum(-1), torch.ones_like(a[..., 0]))
+        sees = _visible_blocks(a.shape[2], a.shape[3], (16, 2), seq_q, seq_k, causal, q.device).any(-1)
+        torch.testing.assert_close(a.sum(-1), sees.to(a.dtype).expand_as(a[..., 0]))
+        assert (not causal or seq_q <= seq_k) or not bool(sees.all()), "the case must hold rows that see nothing"
 
 
 @pytest.mark.parametrize("block_size", [(24, 24), (16, 40), (3, 5)])

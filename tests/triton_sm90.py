@@ -188,7 +188,7 @@ def _block_sparse(which, dtype, d, causal):
                                   scale=d ** -0.5)
     else:
         pq, pk = predict.mean_pool(q, blk), predict.mean_pool(k, blk)
-        predict.block_scores(pq, pk, block_size=(blk, blk), seq_q=s, seq_k=s, scale=d ** -0.5, causal=causal)
+        predict.block_probabilities(pq, pk, block_size=(blk, blk), seq_q=s, seq_k=s, scale=d ** -0.5, causal=causal)
 
 
 def _sage(pv, dtype, d, causal):

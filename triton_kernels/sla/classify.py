@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device_constants import device_constant
 from ..flash.common import row_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
 
@@ -107,23 +108,12 @@ def row_counts(seq_q: int, seq_k: int, block_size: tuple[int, int], causal: bool
     return torch.stack([n, n_crit, n_neg], dim=1).to(torch.int32).contiguous()
 
 
-@functools.lru_cache(maxsize=256)
-def _row_counts_cached(seq_q: int, seq_k: int, block_size: tuple[int, int], causal: bool, critical: float,
-                       negligible: float, device: torch.device) -> torch.Tensor:
-    return row_counts(seq_q, seq_k, block_size, causal, critical, negligible, device)
-
-
+@device_constant
 def device_row_counts(seq_q: int, seq_k: int, block_size: tuple[int, int], causal: bool, critical: float,
                       negligible: float, device: torch.device) -> torch.Tensor:
-    """row_counts on the device, kept per (shapes, fractions, device): about 20 tiny kernels a
-    call otherwise. The kernels only read it. Not cached while a CUDA graph is being captured
-    (the tensor would live in the graph's private pool)."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return row_counts(seq_q, seq_k, block_size, causal, critical, negligible, device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return _row_counts_cached(seq_q, seq_k, tuple(block_size), causal, critical, negligible, device)
+    """row_counts on the device, kept per (shapes, fractions, device) (device_constants.py):
+    about 20 tiny kernels a call otherwise. The kernels only read it."""
+    return row_counts(seq_q, seq_k, block_size, causal, critical, negligible, device)
 
 
 @functools.lru_cache(maxsize=256)  # ~100 us of host work at Wan's 512 rows; a training loop repeats its shapes
@@ -336,7 +326,7 @@ def classify(q: torch.Tensor, pooled_k: torch.Tensor, *, seq_k: int, block_size:
     if cls.numel() == 0:
         return cls
     score = torch.empty(batch, heads, mq, mk, dtype=torch.float32, device=q.device)
-    counts = device_row_counts(seq_q, seq_k, block_size, causal, critical, negligible, q.device)
+    counts = device_row_counts(seq_q, seq_k, tuple(block_size), causal, critical, negligible, device=q.device)
     chunk = min(64, max(16, triton.next_power_of_2(mk)))
     classify_kernel[(mq, heads, batch)](
         q, pooled_k, score, *q.stride(), seq_q, seq_k, heads // pooled_k.shape[1], mk, scale,
