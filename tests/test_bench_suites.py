@@ -67,7 +67,7 @@ def test_sage_providers_run_on_cpu():
     tri = by["attnlib-sage-triton"]
     assert tri["status"] == "ok" and tri["ms"] > 0, tri
     assert tri["cos_sim"] > 0.99 and tri["rel_l1"] < 0.05, tri
-    for name in ("attnlib-sage-cuda", "sageattention-1.0.6"):
+    for name in ("attnlib-sage-triton-fp8pv", "attnlib-sage-cuda", "sageattention-1.0.6"):
         assert by[name]["status"] in ("ok", "skipped") and (by[name]["status"] == "ok" or by[name]["reason"])
 
 
