@@ -24,7 +24,8 @@ Steps, each bounded in time so the whole run ends inside about 8 minutes on an H
    end-to-end TOPS with quantization, cos / rel L1 per row) in ``SAGE_BUDGET_S``; then the host
    time per call (:mod:`bench.bench_overhead`), block_sparse, linear and sla
    (:func:`bench.bench_sla.run_sla_suite`: Wan2.1-1.3B fwd / bwd vs dense flash and SDPA) in small
-   budgets, each to its own JSON file (``--suites`` picks which run);
+   budgets, each to its own JSON file (``--suites`` picks which run); last the kernel profile
+   (:mod:`bench.profile_gpu`: eager vs CUDA-graph time and the kernels of each case, profile.md);
 4. ``results.json`` (environment, test counts, every record) and ``summary.md`` (a markdown
    table with the speed of each attnlib provider relative to the fastest SDPA backend), written
    after every measurement so a run cut short still leaves its numbers, then copied into
@@ -68,12 +69,13 @@ SAGE_BUDGET_S = 40.0        # sage end to end vs SDPA / flash / sageattention 1.
 SAGE_END_S = 370.0
 SPARSE_LINEAR_END_S = 425.0  # block_sparse (30 s) and linear (20 s) share what is left up to here
 SLA_END_S = 470.0            # sla (issue 7: Wan2.1-1.3B fwd/bwd vs flash / SDPA), 40 s, never past this mark
+PROFILE_END_S = 505.0        # bench/profile_gpu.py: eager vs CUDA graph and the kernels of each case, 35 s
 PER_TEST_TIMEOUT_S = 120
-SUITES = ("flash", "cuda_compile", "asymrnr", "sage", "overhead", "block_sparse", "linear", "sla")
+SUITES = ("flash", "cuda_compile", "asymrnr", "sage", "overhead", "block_sparse", "linear", "sla", "profile")
 MAX_FAILURES = 40            # keep going past failures: one run must show as many of them as it can
 RESULT_FILES = ("results.json", "summary.md", "pytest-gpu.log", "pytest-failures.log", "sanitizer.log",
                 "asymrnr.json", "asymrnr.md", "overhead.json", "block_sparse.json", "linear.json", "sla.json",
-                "cuda_compile.json")
+                "cuda_compile.json", "profile.md", "profile.json")
 
 
 def say(*args) -> None:
@@ -465,7 +467,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ("overhead", "bench.bench_overhead", "run_overhead_suite", 10.0, SPARSE_LINEAR_END_S),
             ("block_sparse", "bench.bench_block_sparse", "run_block_sparse_suite", 30.0, SPARSE_LINEAR_END_S),
             ("linear", "bench.bench_linear", "run_linear_suite", 20.0, SPARSE_LINEAR_END_S),
-            ("sla", "bench.bench_sla", "run_sla_suite", 40.0, SLA_END_S)):
+            ("sla", "bench.bench_sla", "run_sla_suite", 40.0, SLA_END_S),
+            ("profile", "bench.profile_gpu", "run_profile_suite", 35.0, PROFILE_END_S)):
         if name not in suites:
             continue
         cap = min(cap, end_s - (time.perf_counter() - t_start))
@@ -474,9 +477,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         say(f"== {name} benchmarks (budget {cap:.0f} s)")
         try:
-            recs = getattr(importlib.import_module(mod), fn)(cap, log=lambda s: say("  " + s))
+            kw = dict(out=out) if name == "profile" else {}  # the profile writes profile.md beside the rest
+            recs = getattr(importlib.import_module(mod), fn)(cap, log=lambda s: say("  " + s), **kw)
             (out / f"{name}.json").write_text(json.dumps(recs, indent=1))
-            notes.append(f"{name}: {sum(('ms' in r) or ('us_per_call' in r) for r in recs)} measurements in {name}.json")
+            notes.append(f"{name}: {sum(('ms' in r) or ('us_per_call' in r) or ('eager_ms' in r) for r in recs)} "
+                         f"measurements in {name}.json")
         except Exception as e:  # noqa: BLE001 - keep the rest of the run
             notes.append(f"the {name} suite stopped: {type(e).__name__}: {e}")
             say("!! " + notes[-1])

@@ -10,8 +10,11 @@ and the device kernels it launches with their summed time from torch.profiler. C
   measured 0.65 ms at 0.05, no less than 0.62 ms at 0.1, where FlexAttention took 0.34 ms;
 - sla at critical 0.05 on the Wan2.1-1.3B shape, forward, row states (default) and per tile:
   the linear branch took 62% of the forward there;
-- flash auto vs torch SDPA (bf16, no grad) at the Wan2.1-1.3B shape: auto should now be SDPA.
-Cases that may fail CUDA-graph capture (a host sync inside the call) come last.
+- flash auto vs torch SDPA (bf16, no grad) at the Wan2.1-1.3B shape: auto should now be SDPA;
+- the linear forward at 128k tokens (run 1: 27% of the copy bandwidth);
+- AsymRnR at the Wan2.1-1.3B shape, whole call and the matching alone (run 2: 4.25 ms of 9.18).
+Cases that may fail CUDA-graph capture (a host sync inside the call) come last. gpu_check.py runs
+it as its last suite ("profile"), within a time budget: cases past it are listed as not run.
 """
 from __future__ import annotations
 
@@ -114,18 +117,33 @@ def cases():
     yield ("asymrnr matching of Q and V alone Wan2.1-1.3B", lambda: (match(q, part), match(v, part)), None)
 
 
-def main(argv=None) -> int:
+def run_profile_suite(budget_s: float = 60.0, log: Callable[[str], None] = print, out: str = "gpu-results"
+                      ) -> list[dict]:
+    """gpu_check's "profile" suite: main() within budget_s; one record per case run."""
+    done: list[dict] = []
+    main(["--out", str(out), "--budget", str(budget_s)], log=log, records=done)
+    return done
+
+
+def main(argv=None, log: Callable[[str], None] = print, records: list | None = None) -> int:
+    import time
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-results"))
+    ap.add_argument("--budget", type=float, default=None, help="seconds; cases past it are listed as not run")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("profile_gpu: no CUDA device; nothing to profile")
+        log("profile_gpu: no CUDA device; nothing to profile")
         return 0
+    t0 = time.perf_counter()
     lines = [f"# Kernel profile: {torch.cuda.get_device_name()}", "",
              "eager: median of 30 calls with CUDA events; graph: the same call replayed from a CUDA graph "
              "(no host work); kernels: torch.profiler device time per call.", ""]
     with torch.no_grad():
         for name, fn, rows in cases():
+            if args.budget is not None and time.perf_counter() - t0 > args.budget:
+                lines += [f"## {name}", "", "not run: the profile's time budget was spent", ""]
+                continue
             ctx = _env("ATTNLIB_SLA_ROW_STATES", rows) if rows is not None else contextlib.nullcontext()
             with ctx:
                 try:
@@ -136,7 +154,7 @@ def main(argv=None) -> int:
                     ks = _kernels(fn)
                 except Exception as e:  # noqa: BLE001 - record and go on
                     lines += [f"## {name}", "", f"failed: {type(e).__name__}: {str(e)[:300]}", ""]
-                    print(lines[-2], flush=True)
+                    log(lines[-2])
                     continue
             g = f"{graph:.3f} ms" if isinstance(graph, float) else graph
             lines += [f"## {name}", "", f"eager {eager:.3f} ms; graph {g}; kernel time "
@@ -144,7 +162,10 @@ def main(argv=None) -> int:
                       "| kernel | launches per call | ms per call |", "|---|---:|---:|"]
             lines += [f"| `{k}` | {n} | {t:.3f} |" for k, n, t in ks]
             lines.append("")
-            print("\n".join(lines[-(len(ks) + 6):]), flush=True)
+            log("\n".join(lines[-(len(ks) + 6):]))
+            if records is not None:
+                records.append({"case": name, "eager_ms": eager, "graph_ms": graph if isinstance(graph, float) else None,
+                                "kernels": [{"kernel": k, "launches": n, "ms": t} for k, n, t in ks]})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.md").write_text("\n".join(lines))
