@@ -1,7 +1,8 @@
 """AsymRnR matching in Triton: each program holds a tile of source rows and streams the
 destination rows tile by tile, keeping a running best similarity and its index, so the
-(sources x destinations) similarity matrix never reaches HBM. Rows are gathered through the
-partition's index lists, so x is read in place (any strides, either layout)."""
+(sources x destinations) similarity matrix never reaches HBM. Source rows are read in place
+through the partition's index list (any strides, either layout); the destinations (an eighth of
+the tokens at stride 2 x 2 x 2) are gathered once into a contiguous buffer that the loop streams."""
 from __future__ import annotations
 
 import os
