@@ -60,8 +60,15 @@ def cases(q, k, v, mask, on_gpu: bool) -> list[tuple[str, Callable[[], object]]]
             lambda: attnlib.block_sparse_attention(q, k, v, mask, block_size=BLOCK, backend=backend))]
     if on_gpu:
         qg = q.detach().clone().requires_grad_()  # builds a graph: the call goes through the op
+        d = q.shape[-1]
+        w = torch.randn(d, d, device=q.device, dtype=q.dtype) * 0.02
         out += [("attnlib flash (triton)", lambda: attnlib.flash_attention(q, k, v, backend="triton")),
-                ("attnlib flash (triton, needs grad)", lambda: attnlib.flash_attention(qg, k, v, backend="triton"))]
+                ("attnlib flash (triton, needs grad)", lambda: attnlib.flash_attention(qg, k, v, backend="triton")),
+                # several launches each: what their Python and torch glue add per call
+                ("attnlib sage (triton)", lambda: attnlib.sage_attention(q, k, v, backend="triton")),
+                ("attnlib sla (triton, W)", lambda: attnlib.sla_attention(q, k, v, w, None, block_size=(16, 16),
+                                                                         backend="triton")),
+                ("attnlib predict_block_mask", lambda: attnlib.predict_block_mask(q, k, block_size=BLOCK, topk=0.5))]
     return out
 
 
