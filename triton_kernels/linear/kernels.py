@@ -43,6 +43,8 @@ give 0, not NaN, and pass no gradient.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -247,11 +249,13 @@ def linear_state_kernel(K, V, S, RSCALE, ZW,
 def linear_apply_kernel(Q, S, Z, O,
                         stride_qb, stride_qh, stride_qm, stride_qd,
                         stride_ob, stride_oh, stride_om, stride_od,
-                        heads, group, seq, rows_per_prog, eps,
+                        heads, group, seq, rows_per_prog, stride_sh, stride_zh, eps,
                         DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                         FEAT: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, MODE: tl.constexpr):
-    """Grid (row chunks, batch * heads, value blocks). S: (B, heads // group, DK, DV) fp32
-    contiguous, Z: (B, heads // group, DK); query head h reads state head h // group. A program
+    """Grid (row chunks, batch * heads, value blocks). S: (B, heads // group, DK, DV) fp32, each
+    head's DK x DV dense and heads stride_sh apart; Z: (B, heads // group, DK), heads stride_zh
+    apart (state() returns both as views of one buffer); query head h reads state head
+    h // group. A program
     loads its state block once and streams rows [pid_m * rows_per_prog, +rows_per_prog) of Q in
     BLOCK_M tiles (rows_per_prog a multiple of BLOCK_M): one program per BLOCK_M rows re-read the
     DK x BV fp32 state (32 KB at hd128) for every 16 KB tile of Q."""
@@ -268,11 +272,11 @@ def linear_apply_kernel(Q, S, Z, O,
     offs_v = pid_v * BV + tl.arange(0, BV)
     k_ok = offs_k < DK
     v_ok = offs_v < DV
-    s = tl.load(S + sh64 * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :],
+    s = tl.load(S + sh64 * stride_sh + offs_k[:, None] * DV + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :],
                 other=0.0)
     s_op, s_scale = acc_operand(s, MODE)  # once per program, as dot_acc would per tile
     if NORMALIZE:
-        z = tl.load(Z + sh64 * DK + offs_k, mask=k_ok, other=0.0)
+        z = tl.load(Z + sh64 * stride_zh + offs_k, mask=k_ok, other=0.0)
     q_row = Q + b64 * stride_qb + h64 * stride_qh
     o_row = O + b64 * stride_ob + h64 * stride_oh
     lo = pid_m * rows_per_prog
@@ -685,6 +689,18 @@ def state(k: torch.Tensor, v: torch.Tensor, feature: str) -> tuple[torch.Tensor,
     return sums[:, :dk * dv].view(batch, heads, dk, dv), sums[:, dk * dv:].view(batch, heads, dk)
 
 
+def _dense_heads(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(t, stride between its flattened (batch, head) entries) for t (B, H, ...) whose per-head
+    part is dense and whose heads are evenly spaced, as state()'s views of its one buffer are;
+    otherwise a contiguous copy. Saves two copy kernels per non-causal forward."""
+    inner = t.shape[2:]
+    dense = all(t.stride(i) == math.prod(inner[i - 1:]) for i in range(2, t.dim()))
+    if dense and t.stride(0) == t.shape[1] * t.stride(1):
+        return t, t.stride(1)
+    t = t.contiguous()
+    return t, math.prod(inner)
+
+
 def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.Tensor, feature: str,
           eps: float = 0.0) -> torch.Tensor:
     """out (B, Hq, N, DV) = phi(q) s [/ (phi(q) . z + eps) when z is given]; s (B, Hs, DK, DV)."""
@@ -692,8 +708,8 @@ def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.T
     dv = s.shape[3]
     if seq == 0 or batch * heads == 0:
         return out
-    s = s.contiguous()
-    z = s if z is None else z.contiguous()
+    s, stride_sh = _dense_heads(s)
+    z, stride_zh = (s, 0) if z is None else _dense_heads(z)
     # 16-bit inputs: the whole value width in one program up to 128, so Q is read (and phi(Q)
     # formed) once, not once per 64 columns
     bv = pad(dv) if q.element_size() == 2 and pad(dv) <= 128 else _value_block(dv)
@@ -703,7 +719,7 @@ def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.T
     want = 2 if interpreting() else max(1, 4 * _sm_count(q.device) // max(1, batch * heads * n_vb))
     rows = max(block_m, triton.cdiv(triton.cdiv(seq, want), block_m) * block_m)
     linear_apply_kernel[(triton.cdiv(seq, rows), batch * heads, n_vb)](
-        q, s, z, out, *q.stride(), *out.stride(), heads, heads // s.shape[1], seq, rows, eps,
+        q, s, z, out, *q.stride(), *out.stride(), heads, heads // s.shape[1], seq, rows, stride_sh, stride_zh, eps,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], NORMALIZE=z is not s,
         BLOCK_M=block_m, MODE=dot_mode(q.dtype), num_warps=_warps(pad(dk), bv),
         num_stages=4 if q.element_size() == 2 else _stages(q.dtype))  # a streaming loop: two Q tiles in flight
