@@ -65,14 +65,15 @@ def masked_sum_kernel(
 # Wan2.1-1.3B the forward's product took 1.8 ms on an H100 (2026-11-27) for about 0.1 TFLOP of
 # tf32 work; wider row tiles read each state column fewer times, deeper K tiles halve the loop
 # trips. Each compiles for sm_90 without spills (tests/triton_sm90.py); the GPU autotuner picks,
-# per output width (D * D or D) and precision.
+# per output width (D * D or D), inner length and precision.
 MASKED_SUM_CANDIDATES = [(64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (64, 128, 64, 4, 3),
                          (128, 128, 64, 8, 3), (128, 64, 64, 8, 3)]
 
+# inner: key blocks (forward) or query blocks x group (backward), so the two directions tune apart
 masked_sum_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
              for bm, bn, bk, w, st in MASKED_SUM_CANDIDATES],
-    key=["width", "PREC"])(masked_sum_kernel)
+    key=["width", "inner", "PREC"])(masked_sum_kernel)
 
 
 def _masked_sum(classes: torch.Tensor, states: torch.Tensor, prec: str, heads_kv: int, *,
