@@ -202,8 +202,9 @@ def test_match_gpu_wan_like(dtype):
     grid = (6, 30, 52)  # a slice of Wan2.1's 21 x 30 x 52 grid
     x = make_qkv(1, 4, 6 * 30 * 52, 128, seed=7, dtype=dtype, device="cuda")[0]
     part = partition(grid, device="cuda")
-    # the autotuned launch, then every config the autotuner may pick
-    for config in [None] + (CANDIDATES_16BIT if dtype != torch.float32 else []):
+    # the launcher's config, then (bf16: each candidate compiles per dtype, and the GPU test
+    # budget is short) every config the autotuner may pick
+    for config in [None] + (CANDIDATES_16BIT if dtype == torch.bfloat16 else []):
         mism = check_match(x, part, "euclidean", rtol=1e-5 if dtype == torch.float32 else 3e-3, config=config)
         assert mism < 0.02, config
 
