@@ -277,6 +277,31 @@ def test_block_map_fp16_and_public_helper():
     assert torch.equal(got, ref)
 
 
+def test_device_constants_are_kept_per_arguments_and_device():
+    """triton_kernels/device_constants.py: one tensor per (arguments, device), the device given by
+    position or keyword; other arguments give another tensor; the SLA row counts built on it equal
+    a fresh computation."""
+    from attnlib.triton_kernels.device_constants import device_constant
+    from attnlib.triton_kernels.sla.classify import device_row_counts, row_counts
+
+    built = []
+
+    @device_constant
+    def ramp(n: int, device) -> torch.Tensor:
+        built.append(n)
+        return torch.arange(n, device=device)
+
+    a, b = ramp(4, DEVICE), ramp(4, device=DEVICE)
+    assert a is b and built == [4]
+    assert ramp(5, DEVICE) is not a and built == [4, 5]
+    ramp.cache_clear()
+    assert ramp(4, DEVICE) is not a and built == [4, 5, 4]
+    args = (300, 170, (64, 32), True, 0.2, 0.3)
+    got = device_row_counts(*args, device=DEVICE)
+    assert got is device_row_counts(*args, device=DEVICE)
+    assert torch.equal(got.cpu(), row_counts(*args, "cpu"))
+
+
 def _key_block_configs():
     from attnlib.triton_kernels.sla.classify import KEY_BLOCK_CANDIDATES
 
