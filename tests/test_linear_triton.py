@@ -120,6 +120,18 @@ def test_fp16(causal):
         assert rel_rmse(t.grad, leaf.grad) <= REL_RMSE[torch.float16], name
 
 
+@pytest.mark.parametrize("head_dim_v", [96, 160])
+def test_fp16_value_widths(head_dim_v):
+    """16-bit non-causal forward at value widths whose state and apply kernels take the whole
+    padded width in one program (96 -> 128, masked tail) or split it into 64-column blocks (160 ->
+    256: three blocks, the last partial), with more rows than one apply program streams."""
+    q, k, v = make_qkv(1, 2, 150, 40, seq_k=130, head_dim_v=head_dim_v, dtype=torch.float16, device=DEVICE,
+                       seed=head_dim_v)
+    out = attnlib.linear_attention(q, k, v)
+    assert out.dtype == torch.float16 and out.shape[-1] == head_dim_v
+    assert rel_rmse(out, linear_reference(q.double(), k.double(), v.double())) <= REL_RMSE[torch.float16]
+
+
 @pytest.mark.parametrize("seq", [1, 63, 64, 65, 150])
 def test_causal_chunked_equals_recurrent(seq):
     q, k, v = make_qkv(1, 2, seq, 16, device=DEVICE, seed=seq)
