@@ -19,7 +19,6 @@ import collections
 import contextlib
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,6 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.bench_overhead import us_per_call  # noqa: E402
 
 # aten ops that wait for a CUDA device when their input lives on one
 SYNC_OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "nonzero", "nonzero_static", "masked_select",
@@ -68,10 +69,7 @@ def audit(fn: Callable[[], object], reps: int = 20) -> dict:
             fn()
         ops = collections.Counter(e.name[len("aten::"):] for e in prof.events() if e.name.startswith("aten::"))
         one = collections.Counter(launches)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        us = (time.perf_counter() - t0) / reps * 1e6
+        us = us_per_call(fn, torch.device("cpu"), reps=reps, warmup=0, rounds=1)
     return {"aten_ops": sum(ops.values()), "aten": ops, "triton_launches": sum(one.values()), "triton": one,
             "sync_ops": collections.Counter({k: v for k, v in ops.items() if k in SYNC_OPS}), "us_per_call": us}
 

@@ -64,12 +64,13 @@ def compile_kernel(kernel, dtype: str, const: dict, num_warps: int, num_stages: 
 
 def compile_sm90(kernel, dtype: str, constexprs: dict, block_m: int, block_n: int, num_warps: int,
                  num_stages: int) -> dict:
-    """Compile for sm_90; returns shared memory bytes, registers and spill bytes per thread."""
-    compiled = compile_kernel(kernel, dtype, dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n), num_warps, num_stages)
-    return dict(_ptxas_report(compiled), async_waits=async_waits(compiled.asm["ttgir"]))
+    """Compile for sm_90; returns _ptxas_report's record."""
+    return _ptxas_report(compile_kernel(kernel, dtype, dict(constexprs, BLOCK_M=block_m, BLOCK_N=block_n),
+                                        num_warps, num_stages))
 
 
 def _ptxas_report(compiled) -> dict:
+    """Shared memory, registers and spill bytes (ptxas), and the TTGIR's async_wait depths."""
     with tempfile.TemporaryDirectory() as d:
         ptx = os.path.join(d, "k.ptx")
         with open(ptx, "w") as f:
@@ -79,7 +80,8 @@ def _ptxas_report(compiled) -> dict:
     regs = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
     return {"shared": compiled.metadata.shared, "registers": int(regs.group(1)) if regs else -1,
-            "spill_bytes": int(spills.group(1)) if spills else 0, "report": report}
+            "spill_bytes": int(spills.group(1)) if spills else 0, "report": report,
+            "async_waits": async_waits(compiled.asm["ttgir"])}
 
 
 def flash_cases(all_candidates: bool = False, tma: bool = False):
@@ -151,9 +153,7 @@ def compile_launches(records: list):
         blocks = {k[0] if isinstance(k, tuple) else k: v for k, v in const.items()}
         config = [blocks[n] for n in self.arg_names if n.startswith("BLOCK") and (n,) in const]
         try:
-            compiled = triton.compile(ASTSource(self, sig, const, attrs), target=SM90, options=options.__dict__)
-            r = _ptxas_report(compiled)
-            r["async_waits"] = async_waits(compiled.asm["ttgir"])
+            r = _ptxas_report(triton.compile(ASTSource(self, sig, const, attrs), target=SM90, options=options.__dict__))
         except Exception as e:  # reported per case, the test fails on it
             r = {"error": f"{type(e).__name__}: {e}"}
         r.update(kernel=self.__name__, config=config + [options.num_warps, options.num_stages])
@@ -318,7 +318,7 @@ def main() -> None:
         bm, bn, warps, stages, ws = config
         compiled = compile_kernel(kernel, dtype, dict(const, WARP_SPEC=ws, BLOCK_M=bm, BLOCK_N=bn), warps, stages)
         ptx = compiled.asm["ptx"]
-        r = dict(_ptxas_report(compiled), async_waits=async_waits(compiled.asm["ttgir"]))
+        r = _ptxas_report(compiled)
         r.update(tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
                  tma_stores=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)),
                  wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), ld_global=len(re.findall(r"ld\.global", ptx)),

@@ -15,8 +15,8 @@ from ..flash.backward import bwd_preprocess
 from ..flash.common import (LOG2E, dkdv_query_block, dot_precision, dq_key_block, key_query_range, load_tile,
                             log2_lse, row_tile, store_tile)
 from .configs import launch_config, padded_head_dim
-from .forward import (count_listed_below, key_tile, kv_tile_bases, listed_block, listed_key_range, query_tile,
-                      strides_bhm)
+from .forward import (count_listed_below, key_tile, kv_tile_bases, listed_block, listed_key_range, listed_tile,
+                      query_tile, strides_bhm)
 
 
 @triton.jit
@@ -27,9 +27,7 @@ def _dq_listed(dq, b_q, b_do, lse2, delta, row, first, last, k_base, v_base, str
     SUB: tl.constexpr = MASK_N // BLOCK_N
     blk = listed_block(row, first * SUB, last * SUB, SUB)  # one iteration ahead: listed_block says why
     for it in range(first * SUB, last * SUB):
-        nxt = listed_block(row, it + 1, last * SUB, SUB)
-        start_n = blk * MASK_N + (it % SUB) * BLOCK_N
-        blk = nxt
+        start_n, blk = listed_tile(row, blk, it, last * SUB, SUB, MASK_N, BLOCK_N)
         off_k = start_n.to(tl.int64)
         dq = dq_key_block(dq, b_q, b_do, lse2, delta, k_base + off_k * stride_kn, v_base + off_k * stride_vn,
                           offs_m, start_n + offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, MASK, CAUSAL, PREC)
@@ -93,9 +91,7 @@ def _dkdv_listed(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, col, f
     SUB: tl.constexpr = MASK_M // BLOCK_M
     blk = listed_block(col, first * SUB, last * SUB, SUB)  # one iteration ahead: listed_block says why
     for it in range(first * SUB, last * SUB):
-        nxt = listed_block(col, it + 1, last * SUB, SUB)
-        start_m = blk * MASK_M + (it % SUB) * BLOCK_M
-        blk = nxt
+        start_m, blk = listed_tile(col, blk, it, last * SUB, SUB, MASK_M, BLOCK_M)
         off_m = start_m.to(tl.int64)
         dk, dv = dkdv_query_block(dk, dv, b_k, b_v, q_base + off_m * stride_qm, do_base + off_m * stride_dom,
                                   lse_base + off_m * stride_lm, delta_base + off_m * stride_lm,

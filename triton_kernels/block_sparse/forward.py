@@ -41,6 +41,13 @@ def listed_block(row, it, end, SUB: tl.constexpr):
 
 
 @triton.jit
+def listed_tile(row, blk, it, end, SUB: tl.constexpr, MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """(first row of iteration it's tile, the block index of iteration it + 1), given blk, the
+    block index of iteration it: each tile is one of a listed MASK-row block's SUB BLOCK-row parts."""
+    return blk * MASK + (it % SUB) * BLOCK, listed_block(row, it + 1, end, SUB)
+
+
+@triton.jit
 def attend_listed(acc, l_i, m_i, b_q, row, first, last, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n,
                   d_ok, seq_k, diag, qk_scale, CHECK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
                   PREC: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr):
@@ -51,9 +58,7 @@ def attend_listed(acc, l_i, m_i, b_q, row, first, last, k_base, v_base, stride_k
     # the block index is loaded one iteration ahead (listed_block says why)
     blk = listed_block(row, first * SUB, last * SUB, SUB)
     for it in range(first * SUB, last * SUB):
-        nxt = listed_block(row, it + 1, last * SUB, SUB)
-        start_n = blk * MASK_N + (it % SUB) * BLOCK_N
-        blk = nxt
+        start_n, blk = listed_tile(row, blk, it, last * SUB, SUB, MASK_N, BLOCK_N)
         off_k = start_n.to(tl.int64)
         acc, l_i, m_i = attend_key_block(acc, l_i, m_i, b_q, k_base + off_k * stride_kn, v_base + off_k * stride_vn,
                                          offs_m, start_n + offs_n, d_ok, seq_k, diag, qk_scale, CHECK_D, MASK, CAUSAL,

@@ -255,10 +255,10 @@ def linear_apply_kernel(Q, S, Z, O,
     """Grid (row chunks, batch * heads, value blocks). S: (B, heads // group, DK, DV) fp32, each
     head's DK x DV dense and heads stride_sh apart; Z: (B, heads // group, DK), heads stride_zh
     apart (state() returns both as views of one buffer); query head h reads state head
-    h // group. A program
-    loads its state block once and streams rows [pid_m * rows_per_prog, +rows_per_prog) of Q in
-    BLOCK_M tiles (rows_per_prog a multiple of BLOCK_M): one program per BLOCK_M rows re-read the
-    DK x BV fp32 state (32 KB at hd128) for every 16 KB tile of Q."""
+    h // group. A program loads its state block once and streams rows
+    [pid_m * rows_per_prog, +rows_per_prog) of Q in BLOCK_M tiles (rows_per_prog a multiple of
+    BLOCK_M): one program per BLOCK_M rows re-read the DK x BV fp32 state (32 KB at hd128) for
+    every 16 KB tile of Q."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     pid_v = tl.program_id(2)
@@ -613,6 +613,13 @@ def _value_block(dv: int) -> int:
     return min(64, pad(dv))
 
 
+def _streaming_value_block(dv: int, element_size: int) -> int:
+    """The value block of the state and apply kernels: for 16-bit inputs the whole padded width
+    up to 128 in one program, so K (Q) is read and phi(K) (phi(Q)) formed once, not once per 64
+    columns; otherwise _value_block."""
+    return pad(dv) if element_size == 2 and pad(dv) <= 128 else _value_block(dv)
+
+
 def _warps(dk_pad: int, bv: int) -> int:
     return 1 if interpreting() else (8 if dk_pad * bv >= 128 * 64 else 4)
 
@@ -666,9 +673,7 @@ def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, r
 
 def state_config(dk_pad: int, dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(value block, warps, rows per step) of the state kernel."""
-    # 16-bit inputs: the whole value width up to 128 in one program, so K is read (and phi(K)
-    # formed) once, not once per 64 columns
-    bv = pad(dv) if dtype.itemsize == 2 and pad(dv) <= 128 else _value_block(dv)
+    bv = _streaming_value_block(dv, dtype.itemsize)
     if interpreting():
         return bv, 1, 64
     return bv, _warps(dk_pad, bv), 64
@@ -710,9 +715,7 @@ def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.T
         return out
     s, stride_sh = _dense_heads(s)
     z, stride_zh = (s, 0) if z is None else _dense_heads(z)
-    # 16-bit inputs: the whole value width in one program up to 128, so Q is read (and phi(Q)
-    # formed) once, not once per 64 columns
-    bv = pad(dv) if q.element_size() == 2 and pad(dv) <= 128 else _value_block(dv)
+    bv = _streaming_value_block(dv, q.element_size())
     block_m = 16 if interpreting() else 64
     n_vb = triton.cdiv(dv, bv)
     # about four programs per SM in all, each streaming whole tiles (interpreter: two tiles each)

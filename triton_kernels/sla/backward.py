@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..block_sparse.configs import launch_config
-from ..block_sparse.forward import key_tile, listed_block
+from ..block_sparse.forward import key_tile, listed_block, listed_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
 from .classify import BlockIndex, padded
 from .forward import LINEAR_EPS, query_block_state, state_chunk, state_precision
@@ -209,9 +209,8 @@ def _fold_query_blocks(dh, dz, DN, DD, col, first, last, sign, q_head, row0, str
     SUB: tl.constexpr = MASK_M // BLOCK_M
     blk = listed_block(col, first * SUB, last * SUB, SUB)  # one iteration ahead: listed_block says why
     for it in range(first * SUB, last * SUB):
-        nxt = listed_block(col, it + 1, last * SUB, SUB)
-        offs_m = blk * MASK_M + (it % SUB) * BLOCK_M + offs_i
-        blk = nxt
+        start_m, blk = listed_tile(col, blk, it, last * SUB, SUB, MASK_M, BLOCK_M)
+        offs_m = start_m + offs_i
         m_ok = offs_m < seq_q
         # int64 rows, as in sla_linear_total_kernel (the scalar-base form took 255 registers here)
         phi_q = phi_rows(q_head, offs_m.to(tl.int64) * stride_qm, offs_d * stride_qd, m_ok, d_ok, FEAT)

@@ -265,7 +265,6 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
     stats = lse if lse is not None else delta
     tile = launch_config(bm, bn, head_dim, "sla_fwd", q.element_size())
     d_pad = padded(head_dim)
-    stages = tile.num_stages
     sla_fwd_kernel[(triton.cdiv(seq_q, tile.block_m), heads_q, batch)](
         q, k, v, os_arg, o_l if o_l is not None else dummy, lse if lse is not None else dummy,
         dout if with_delta else dummy, delta if with_delta else dummy,
@@ -282,5 +281,5 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
         PROJ=proj, HAS_BIAS=bias is not None,
         PREC=dot_precision(q.dtype),
         LIN_PREC=state_precision(q.dtype), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, MASK_M=bm, MASK_N=bn,
-        SLOTS=slots(mk), num_warps=tile.num_warps, num_stages=stages)
+        SLOTS=slots(mk), num_warps=tile.num_warps, num_stages=tile.num_stages)
     return o_l
