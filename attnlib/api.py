@@ -62,10 +62,16 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
 
 
 def flash_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = "bhsd",
-                    return_lse: bool = False, backend: str = "auto"):
-    """Exact softmax attention (FlashAttention-2 style kernels)."""
+                    return_lse: bool = False, backend: str = "auto", deterministic: bool = True):
+    """Exact softmax attention (FlashAttention-2 style kernels).
+
+    deterministic=False lets the Triton backward add dQ with fp32 atomics inside its dK/dV kernel
+    (5 block matmuls per query/key block pair instead of 7, as flash_attn's default does); dQ may
+    then differ in its last bits from run to run. torch.use_deterministic_algorithms(True) keeps
+    the deterministic backward whatever is asked here. Forward results do not depend on it.
+    """
     return attention(q, k, v, method="flash", backend=backend, layout=layout, causal=causal,
-                     scale=scale, return_lse=return_lse)
+                     scale=scale, return_lse=return_lse, deterministic=deterministic)
 
 
 def sage_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = "bhsd", smooth_k: bool = True,

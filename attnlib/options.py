@@ -94,7 +94,7 @@ def _proj(name: str, ndim: int) -> Callable[[Any, AttentionInputs], Any]:
 
 # method -> {option: (default, validator)}
 METHOD_OPTIONS: dict[str, dict[str, tuple[Any, Callable[[Any, AttentionInputs], Any]]]] = {
-    "flash": {},
+    "flash": {"deterministic": (True, _bool("deterministic"))},
     "sage": {
         "smooth_k": (True, _bool("smooth_k")),
         "qk_granularity": ("per_block", _choice("qk_granularity", SAGE_QK_GRANULARITIES)),
@@ -141,6 +141,7 @@ OP_OPTION_TYPES: dict[str, tuple[str, Any]] = {
     "text_side": ("str", "end"),
     "seed": ("int", 0),
     "inner_method": ("str", "flash"),
+    "deterministic": ("bool", True),
 }
 # options whose value is a tuple in Python and a list in the op schema
 TUPLE_OPTIONS = ("block_size", "grid", "stride")

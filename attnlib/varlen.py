@@ -79,7 +79,7 @@ def _pick_backend(backend: str, q, k, v, cu_seqlens_q, causal: bool, scale: floa
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                           causal=False, scale=None, return_lse=False, backend="auto"):
+                           causal=False, scale=None, return_lse=False, backend="auto", deterministic=True):
     """Exact attention over packed variable-length sequences (flash_attn's varlen interface).
 
     q (total_q, Hq, D), k/v (total_k, Hkv, D) with Hq a multiple of Hkv; sequence b owns rows
@@ -91,6 +91,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     cu_seqlens values and max_seqlen_q/k are checked on CPU tensors. On the GPU they are trusted,
     as flash_attn trusts them (checking would synchronise the host): the launch grid is sized from
     max_seqlen_q, so a sequence longer than it leaves its tail rows unwritten.
+
+    deterministic=False: the Triton backward adds dQ with atomics (see flash_attention).
     """
     if not torch.compiler.is_compiling():  # the fake implementation checks shapes while tracing
         check_backend(backend)
@@ -100,7 +102,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         if cu_seqlens_q.shape != cu_seqlens_k.shape:
             raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have one length (batch + 1), got "
                              f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
-        for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        for name, flag in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         scale = check_scale(scale, q.shape[2])
@@ -108,17 +110,18 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     elif scale is None:
         scale = q.shape[2] ** -0.5
     out, lse = torch.ops.attnlib.flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                              causal, scale, backend)
+                                              causal, scale, backend, deterministic)
     return (out, lse) if return_lse else out
 
 
 # -- the custom ops: forward and backward, opaque to torch.compile -------------------------------
 _LIB = torch.library.Library("attnlib", "FRAGMENT")
 _LIB.define("flash_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-            "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, str backend) -> (Tensor, Tensor)")
+            "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, str backend, bool deterministic) "
+            "-> (Tensor, Tensor)")
 _LIB.define("flash_varlen_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
             "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
-            "bool causal, float scale, str backend) -> Tensor[]")
+            "bool causal, float scale, str backend, bool deterministic) -> Tensor[]")
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -126,7 +129,7 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 @torch.library.impl(_LIB, "flash_varlen", "CompositeExplicitAutograd")
-def _flash_varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend):
+def _flash_varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend, deterministic):
     if _pick_backend(backend, q, k, v, cu_q, causal, scale) == "torch":
         from .reference.flash_varlen import flash_varlen_reference
 
@@ -139,14 +142,15 @@ def _flash_varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend
 
 
 @torch.library.register_fake("attnlib::flash_varlen", lib=_LIB)
-def _flash_varlen_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend):
+def _flash_varlen_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend, deterministic):
     _check_packed(q, k, v)
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     return out, q.new_empty(q.shape[1], q.shape[0], dtype=_lse_dtype(q))
 
 
 @torch.library.impl(_LIB, "flash_varlen_backward", "CompositeExplicitAutograd")
-def _flash_varlen_backward_impl(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, backend):
+def _flash_varlen_backward_impl(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, backend,
+                                deterministic):
     if _pick_backend(backend, q, k, v, cu_q, causal, scale) == "torch":
         from .reference.flash_varlen import flash_varlen_reference
 
@@ -162,25 +166,27 @@ def _flash_varlen_backward_impl(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q
 
     varlen = Varlen(cu_q, cu_k, int(max_q), int(max_k))
     grads = flash_bwd(packed_to_bhsd(dout), packed_to_bhsd(q), packed_to_bhsd(k), packed_to_bhsd(v),
-                      packed_to_bhsd(out), lse, causal=causal, scale=scale, varlen=varlen, dlse=dlse)
+                      packed_to_bhsd(out), lse, causal=causal, scale=scale, varlen=varlen, dlse=dlse,
+                      deterministic=deterministic)
     return [g.transpose(1, 2).squeeze(0).contiguous() for g in grads]
 
 
 @torch.library.register_fake("attnlib::flash_varlen_backward", lib=_LIB)
-def _flash_varlen_backward_fake(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, backend):
+def _flash_varlen_backward_fake(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, backend,
+                                deterministic):
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend, deterministic = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
-    ctx.args = (max_q, max_k, causal, scale, backend)
+    ctx.args = (max_q, max_k, causal, scale, backend, deterministic)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = torch.ops.attnlib.flash_varlen_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("attnlib::flash_varlen", _backward, setup_context=_setup_context, lib=_LIB)

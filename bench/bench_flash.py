@@ -54,6 +54,27 @@ runner.register_provider("attnlib-triton-tma", _attnlib_triton_tma,
                          info=runner.PROVIDERS["attnlib-triton"].info, check=True, replace_existing=True)
 
 
+def _attnlib_triton_atomic_dq(case: Case, q, k, v):
+    """attnlib-triton with deterministic=False: dQ added with atomics inside the dK/dV kernel (5
+    block matmuls per pair instead of 7), side by side with the deterministic default; backward
+    modes only (the forward is the same kernel)."""
+    import attnlib
+
+    if case.mode == "fwd":
+        raise runner.Skip("deterministic=False changes the backward only")
+    runner.PROVIDERS["attnlib-triton"].make(case, q, k, v)  # same skip reasons
+
+    def step():
+        return attnlib.flash_attention(q, k, v, causal=case.causal, layout=case.layout, backend="triton",
+                                       deterministic=False)
+    return step
+
+
+runner.register_provider("attnlib-triton-atomic-dq", _attnlib_triton_atomic_dq,
+                         "attnlib.flash_attention(backend='triton', deterministic=False)",
+                         info=runner.PROVIDERS["attnlib-triton"].info, check=True, replace_existing=True)
+
+
 def _attnlib_cuda_tile64(case: Case, q, k, v):
     """attnlib-cuda with the 64-row query tile (ATTNLIB_CUDA_FLASH_TILE_M=64, read per call), side
     by side with the default 128-row tile (the default since the H100 run of 2026-11-27)."""
@@ -83,7 +104,8 @@ ASSUMED_TFLOPS = 350.0
 WORKLOAD_CAP_S = {True: 0.25, False: 1.0}   # quick / full
 QUICK_BUDGET_S = 170.0
 
-GPU_PROVIDERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "attnlib-triton", "attnlib-triton-tma", "attnlib-cuda",
+GPU_PROVIDERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "attnlib-triton", "attnlib-triton-atomic-dq",
+                 "attnlib-triton-tma", "attnlib-cuda",
                  "attnlib-cuda-tile64", "attnlib-auto", "flex", "sdpa-math")
 CPU_PROVIDERS = ("attnlib-torch",)
 CPU_CASE = dict(workload="cpu-tiny", batch=1, heads=2, seq_q=128, head_dim=64, dtype="fp32", device="cpu")

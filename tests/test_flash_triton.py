@@ -56,12 +56,13 @@ def grads(out, inputs, dout):
 
 
 def check_against_reference(q, k, v, *, causal: bool, layout: str = "bhsd", backward: bool = True,
-                            backend: str = "auto"):
+                            backend: str = "auto", deterministic: bool = True):
     """Run attnlib (auto dispatch, or the backend named) on q, k, v and hold output, lse and
     gradients to the rule."""
     scale = q.shape[-1] ** -0.5
     to_bhsd = (lambda x: x) if layout == "bhsd" else (lambda x: x.transpose(1, 2))
-    out, lse = attnlib.flash_attention(q, k, v, causal=causal, layout=layout, return_lse=True, backend=backend)
+    out, lse = attnlib.flash_attention(q, k, v, causal=causal, layout=layout, return_lse=True, backend=backend,
+                                       deterministic=deterministic)
     qb, kb, vb = (to_bhsd(t) for t in (q, k, v))
     leaves = [t.detach().double().requires_grad_() for t in (qb, kb, vb)]
     ref, ref_lse = flash_reference(*leaves, causal=causal, scale=scale, return_lse=True)
@@ -118,6 +119,67 @@ def test_forward_backward(case, dtype, triton_runs):
         assert attnlib.explain(q, k, v, causal=causal, layout=layout).chosen.name == "flash-triton"
     check_against_reference(q, k, v, causal=causal, layout=layout, backend="triton")
     assert triton_runs == ["fwd", "bwd"]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", CASES[1:], ids=lambda c: "b{}h{}kv{}q{}k{}d{}{}-{}".format(
+    c[0], c[1], c[2], c[3], c[4], c[5], "-causal" if c[6] else "", c[7]))
+def test_forward_backward_atomic_dq(case, dtype, dq_launches):
+    """deterministic=False: dQ is added with atomics inside the dK/dV kernel, no dQ kernel runs;
+    the same accuracy rule against the float64 reference."""
+    b, hq, hkv, sq, sk, d, causal, layout = case
+    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, dtype=dtype, device=DEVICE, layout=layout,
+                       requires_grad=True, seed=sq * 1000 + sk + 1)
+    check_against_reference(q, k, v, causal=causal, layout=layout, backend="triton", deterministic=False)
+    assert dq_launches == ["dkdv+dq"]
+
+
+@pytest.fixture
+def dq_launches(monkeypatch):
+    """Names the backward's dQ launches: "dq" for the dQ kernel, "dkdv+dq" for the atomic path."""
+    import attnlib.triton_kernels.flash.backward as bw
+
+    launches = []
+    real_dq, real_dkdv = bw.bwd_dq, bw.bwd_dkdv
+    monkeypatch.setattr(bw, "bwd_dq", lambda *a, **kw: launches.append("dq") or real_dq(*a, **kw))
+    monkeypatch.setattr(bw, "bwd_dkdv", lambda *a, **kw: (
+        launches.append("dkdv+dq") if kw.get("dq_acc") is not None else None) or real_dkdv(*a, **kw))
+    return launches
+
+
+def test_deterministic_algorithms_keep_the_dq_kernel(dq_launches):
+    """torch.use_deterministic_algorithms(True) overrides deterministic=False."""
+    q, k, v = make_qkv(1, 2, 19, 32, device=DEVICE, requires_grad=True, seed=21)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        attnlib.flash_attention(q, k, v, backend="triton", deterministic=False).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert dq_launches == ["dq"]
+    attnlib.flash_attention(q, k, v, backend="triton", deterministic=False).sum().backward()
+    assert dq_launches == ["dq", "dkdv+dq"]
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        attnlib.flash_attention(q, k, v, backend="triton", deterministic=1)
+
+
+def test_atomic_dq_ignores_padded_keys_with_huge_probabilities():
+    """Scores all near -120 put lse near -120, so a key row past seq_k (loaded as 0, score 0) gets
+    p = exp(120) = inf in fp32: its dS must be zeroed before dS K, or inf * 0 makes dQ NaN.
+    seq_k = 37 leaves a partial key block under every config."""
+    gen = torch.Generator().manual_seed(8)
+    q = (4.0 + 0.1 * torch.randn(1, 2, 21, 64, generator=gen)).to(DEVICE).requires_grad_()
+    k = (-4.0 + 0.1 * torch.randn(1, 2, 37, 64, generator=gen)).to(DEVICE).requires_grad_()
+    v = torch.randn(1, 2, 37, 64, generator=gen).to(DEVICE).requires_grad_()
+    out, lse = attnlib.flash_attention(q, k, v, backend="triton", return_lse=True, deterministic=False)
+    assert lse.max() < -100, "the inputs no longer make lse very negative"
+    dout = torch.randn_like(out)
+    got = grads(out, (q, k, v), dout)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = grads(flash_reference(*leaves), leaves, dout.double())
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        torch.testing.assert_close(g.double(), w, atol=2e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -404,6 +466,19 @@ def test_bf16(case):
     q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, dtype=torch.bfloat16, device="cuda",
                        layout=layout, requires_grad=True, seed=11)
     check_against_reference(q, k, v, causal=causal, layout=layout, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_atomic_dq_on_gpu(dtype, head_dim, causal, dq_launches):
+    """deterministic=False at realistic sizes (GQA, odd lengths, several key blocks per program
+    adding into the same dQ rows): the rule against the float64 reference."""
+    q, k, v = make_qkv(2, 8, 1000, head_dim, kv_heads=2, seq_k=777, dtype=dtype, device="cuda",
+                       layout="bshd", requires_grad=True, seed=head_dim + causal)
+    check_against_reference(q, k, v, causal=causal, layout="bshd", backend="triton", deterministic=False)
+    assert dq_launches == ["dkdv+dq"]
 
 
 @pytest.mark.gpu

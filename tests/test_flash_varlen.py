@@ -66,15 +66,17 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "dq-atomic"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=["ragged-gqa", "with-empty", "mqa"])
-def test_varlen_forward_backward(case, dtype, causal, triton_calls):
+def test_varlen_forward_backward(case, dtype, causal, deterministic, triton_calls):
     lq, lk, hq, hkv, d = case
     q, k, v = packed(lq, lk, hq, hkv, d, dtype, seed=sum(lq))
     cq, ck = cu_seqlens(lq), cu_seqlens(lk)
     scale = d ** -0.5
-    out, lse = attnlib.flash_attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal, return_lse=True)
+    out, lse = attnlib.flash_attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal, return_lse=True,
+                                              deterministic=deterministic)
     assert triton_calls == [1]  # auto picked the Triton kernel
     assert out.shape == q.shape and lse.shape == (hq, sum(lq)) and lse.dtype == torch.float32
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -179,6 +181,7 @@ def test_float64_runs_on_torch_backend():
     (dict(k=torch.randn(7, 3, 16)), ValueError, "k and v must agree"),
     (dict(scale=-1.0), ValueError, "scale"),
     (dict(causal=1), TypeError, "causal"),
+    (dict(deterministic=None), TypeError, "deterministic"),
     (dict(backend="gpu"), ValueError, "backend"),
 ])
 def test_bad_arguments(change, error, match):

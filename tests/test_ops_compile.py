@@ -123,10 +123,11 @@ def _varlen_inputs(dtype=torch.float64):
     return q, k, v, cu, max(lens)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_varlen_opcheck(backend):
+@pytest.mark.parametrize("backend,deterministic", [("torch", True), ("triton", True), ("triton", False)])
+def test_varlen_opcheck(backend, deterministic):
     q, k, v, cu, m = _varlen_inputs(torch.float64 if backend == "torch" else torch.float32)
-    torch.library.opcheck(torch.ops.attnlib.flash_varlen.default, (q, k, v, cu, cu, m, m, True, 0.3, backend))
+    torch.library.opcheck(torch.ops.attnlib.flash_varlen.default,
+                          (q, k, v, cu, cu, m, m, True, 0.3, backend, deterministic))
 
 
 def test_varlen_compiles_fullgraph_and_matches_eager():

@@ -24,7 +24,7 @@ def compiled():
     return {(x["kernel"], x["dtype"], x["head_dim"], x["causal"]): x for x in recs}
 
 
-CASES = [(w, c, hd, dt) for w in ("fwd", "dkdv", "dq") for c in (False, True) for hd in (64, 128, 256)
+CASES = [(w, c, hd, dt) for w in ("fwd", "dkdv", "dkdv_dq", "dq") for c in (False, True) for hd in (64, 128, 256)
          for dt in ("fp16", "bf16", "fp32")]
 IDS = [f"{w}-{'causal' if c else 'full'}-hd{hd}-{dt}" for w, c, hd, dt in CASES]
 

@@ -24,7 +24,7 @@ SM90 = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 _TENSORS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
-_FP32_POINTERS = ("LSE", "DELTA")
+_FP32_POINTERS = ("LSE", "DELTA", "DQ_ACC")
 
 
 def _signature(fn, dtype: str, const: dict) -> dict:
@@ -99,6 +99,7 @@ def flash_cases(all_candidates: bool = False, tma: bool = False):
     else:
         kernels = {"fwd": (forward.flash_fwd_kernel, configs.FWD_H100, "M"),
                    "dkdv": (backward.flash_bwd_dkdv_kernel, configs.BWD_DKDV_H100, "N"),
+                   "dkdv_dq": (backward.flash_bwd_dkdv_dq_kernel, configs.BWD_DKDV_DQ_H100, "N"),
                    "dq": (backward.flash_bwd_dq_kernel, configs.BWD_DQ_H100, "M")}
     for which, (kernel, table, resident) in kernels.items():
         if all_candidates:
@@ -333,6 +334,8 @@ def main() -> None:
             else:
                 bm, bn, warps, stages = config
                 const.update(VARLEN=args.varlen, PREC="tf32x3" if dtype == "fp32" else "tf32")
+                if which.startswith("dkdv"):
+                    const["ATOMIC_DQ"] = which == "dkdv_dq"
                 r = compile_sm90(kernel, dtype, const, bm, bn, warps, stages)
         except Exception as e:  # reported per case, the test fails on it
             r = {"error": f"{type(e).__name__}: {e}"}

@@ -3,7 +3,8 @@
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (slow; for tests). Triton is
 imported only when the kernel runs, so this module imports without it. ``backward`` runs the
 fused FA2 backward from the saved out and lse (no recomputation of the forward); a gradient
-flowing into lse is honoured. ATTNLIB_FLASH_TMA=1 switches dense fp16/bf16 forwards on sm_90+ to
+flowing into lse is honoured; the option deterministic=False forms dQ with atomics inside the
+dK/dV kernel instead of a second kernel. ATTNLIB_FLASH_TMA=1 switches dense fp16/bf16 forwards on sm_90+ to
 the tensor-descriptor (TMA) kernel (triton_kernels/flash/forward_tma.py; same results, opt-in
 until a GPU run compares the two); inputs it cannot express keep the default forward.
 """
@@ -31,7 +32,8 @@ class FlashTriton(TritonKernel):
                  dlse: torch.Tensor | None) -> tuple:
         from ..triton_kernels.flash.backward import flash_bwd
 
-        dq, dk, dv = flash_bwd(dout, inp.q, inp.k, inp.v, out, lse, causal=inp.causal, scale=inp.scale, dlse=dlse)
+        dq, dk, dv = flash_bwd(dout, inp.q, inp.k, inp.v, out, lse, causal=inp.causal, scale=inp.scale, dlse=dlse,
+                               deterministic=inp.options.get("deterministic", True))
         return dq, dk, dv, None, None
 
 

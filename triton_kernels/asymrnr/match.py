@@ -5,12 +5,13 @@ through the partition's index list (any strides, either layout); the destination
 the tokens at stride 2 x 2 x 2) are gathered once into a contiguous buffer that the loop streams."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ..switches import autotune_enabled, interpreting
 
 METRIC_IDS = {"euclidean": 0, "cosine": 1, "dot": 2}
 COSINE_EPS = 1e-12  # as the reference's clamp on the norms
@@ -128,15 +129,6 @@ INTERPRET = (16, 16, 1, 1, 0)
 AUTOTUNE_KEY = ["HEAD_DIM", "D_PAD", "METRIC", "PREC"]
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def autotune_enabled() -> bool:
-    """ATTNLIB_ASYMRNR_AUTOTUNE=0: the first candidate, no autotuning (the GPU tests set it)."""
-    return os.environ.get("ATTNLIB_ASYMRNR_AUTOTUNE", "1") != "0"
-
-
 def _as_config(c: tuple) -> triton.Config:
     bm, bn, warps, stages, running = c
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "RUNNING": running}, num_warps=warps, num_stages=stages)
@@ -197,7 +189,7 @@ def match_fwd(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, metric: str
             *x.stride(), xd.stride(0), xd.stride(1), dnorm.stride(0), dnorm.stride(1), *node.stride(),
             n_src, n_dst, H)
     meta = dict(HEAD_DIM=D, D_PAD=d_pad, METRIC=METRIC_IDS[metric], PREC=_dot_precision(x.dtype))
-    if config is None and not autotune_enabled():
+    if config is None and not autotune_enabled("asymrnr"):
         config = INTERPRET if interpreting() else candidates(d_pad, x.element_size())[0]
     if config is not None:  # one named config: BLOCK_M, BLOCK_N, num_warps, num_stages, RUNNING
         bm, bn, warps, stages, running = config

@@ -10,10 +10,11 @@ H100 allows 227 KB per block. The dK/dV kernel at hd128 streams 16-row query sli
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import triton
+
+from ..switches import interpreting
 
 MIN_BLOCK = 16
 MAX_BLOCK = 128
@@ -25,10 +26,6 @@ class Launch(NamedTuple):
     block_n: int  # the tile's columns (keys), a power-of-two part of bk
     num_warps: int
     num_stages: int
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def padded_head_dim(head_dim: int) -> int:

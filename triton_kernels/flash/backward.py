@@ -1,7 +1,16 @@
 """FlashAttention-2 backward in Triton: D = rowsum(dO * O), a dK/dV kernel (one program per key
 block and kv head, looping over the group's query heads and query blocks, so GQA gradients are
-summed without atomics and the result is deterministic), and a dQ kernel (one program per query
-block and query head, looping over key blocks). Nothing N x N is stored."""
+summed without atomics), and then dQ one of two ways:
+
+- deterministic (the default): a dQ kernel, one program per query block and query head, looping
+  over key blocks. It recomputes S = QK^T and dP = dO V^T, so the backward runs 7 block matmuls
+  per (query block, key block) pair;
+- deterministic=False: the dK/dV kernel also forms dQ's share of each pair, dS K, and adds it to
+  an fp32 buffer with atomics (as FlashAttention-2's CUDA backward and FlashAttention-3 do). That
+  is 5 matmuls a pair and one launch fewer, but the order of the float additions into dQ varies
+  from run to run, so dQ may differ in its last bits between runs.
+
+Nothing N x N is stored."""
 from __future__ import annotations
 
 from typing import Optional
@@ -48,41 +57,53 @@ def _bwd_preprocess_kernel(O, DO, DELTA, CU_Q,
 
 
 @triton.jit
-def _dkdv_block(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, tile_q, tile_do, offs_m0, offs_n, d_ok,
-                t, n_blocks, lo, mid, seq_q, diag, qk_scale, stride_qh, stride_qm, stride_doh, stride_dom,
-                stride_lh, stride_lm,
-                CHECK_D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Step t of the flattened (query head of the group, query block) loop of one key block."""
+def _dkdv_block(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, dq_base, tile_q, tile_do, tile_dq,
+                offs_m0, offs_n, n_ok, d_ok, t, n_blocks, lo, mid, seq_q, diag, scale, qk_scale,
+                stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm, stride_dqh, stride_dqm,
+                CHECK_D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr):
+    """Step t of the flattened (query head of the group, query block) loop of one key block; with
+    ATOMIC_DQ also adds scale * dS K to the fp32 dQ buffer."""
     g = t // n_blocks
     start_m = lo + (t - g * n_blocks) * BLOCK_M
     offs_m = start_m + offs_m0
+    m_ok = offs_m < seq_q
     g64 = g.to(tl.int64)
     m64 = start_m.to(tl.int64)
     lse_off = g64 * stride_lh + offs_m * stride_lm
-    return dkdv_stream_block(dk, dv, b_k, b_v,
-                             q_base + (g64 * stride_qh + m64 * stride_qm) + tile_q,
-                             do_base + (g64 * stride_doh + m64 * stride_dom) + tile_do,
-                             lse_base + lse_off, delta_base + lse_off, offs_m, offs_n, offs_m < seq_q, d_ok,
-                             start_m < mid, diag, qk_scale, CHECK_D, CAUSAL, PREC)
+    dk, dv, ds_t = dkdv_stream_block(dk, dv, b_k, b_v,
+                                     q_base + (g64 * stride_qh + m64 * stride_qm) + tile_q,
+                                     do_base + (g64 * stride_doh + m64 * stride_dom) + tile_do,
+                                     lse_base + lse_off, delta_base + lse_off, offs_m, offs_n, m_ok, d_ok,
+                                     start_m < mid, diag, qk_scale, CHECK_D, CAUSAL, PREC)
+    if ATOMIC_DQ:
+        # key rows past seq_k: K is 0 there but p need not be finite (exp2(-lse2) of a padded
+        # score), so their dS is zeroed before it meets K
+        ds_t = tl.where(n_ok[:, None], ds_t, 0.0)
+        dq = tl.dot(tl.trans(ds_t), b_k, input_precision=PREC) * scale
+        tl.atomic_add(dq_base + (g64 * stride_dqh + m64 * stride_dqm) + tile_dq, dq,
+                      mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
+    return dk, dv
 
 
-@configs.dkdv_autotune()
 # sequence lengths vary per call: one compiled kernel for all (no "== 1" specialisation)
 @triton.jit(do_not_specialize=["seq_q", "seq_k"])
-def flash_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_lb, stride_lh, stride_lm,
     seq_q, seq_k, group, scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (key blocks, kv heads, batch); sums over the group query heads of each kv head."""
+    """Grid (key blocks, kv heads, batch); sums over the group query heads of each kv head. With
+    ATOMIC_DQ, DQ_ACC is a zeroed fp32 buffer shaped like Q that receives every dQ share."""
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
@@ -118,18 +139,28 @@ def flash_bwd_dkdv_kernel(
     l_base = b64 * stride_lb + h0 * stride_lh + q_start * stride_lm
     tile_q = offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
     tile_do = offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    dq_base = DQ_ACC + b64 * stride_dqb + h0 * stride_dqh + q_start * stride_dqm
+    tile_dq = offs_m0[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     n_blocks = (hi - lo) // BLOCK_M
     for t in range(0, group * n_blocks):
-        dk, dv = _dkdv_block(dk, dv, b_k, b_v, q_base, do_base, LSE + l_base, DELTA + l_base, tile_q, tile_do,
-                             offs_m0, offs_n, d_ok, t, n_blocks, lo, mid, seq_q, diag, qk_scale,
-                             stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm,
-                             D_PAD != HEAD_DIM, CAUSAL, PREC, BLOCK_M)
+        dk, dv = _dkdv_block(dk, dv, b_k, b_v, q_base, do_base, LSE + l_base, DELTA + l_base, dq_base,
+                             tile_q, tile_do, tile_dq, offs_m0, offs_n, n_ok, d_ok, t, n_blocks, lo, mid, seq_q,
+                             diag, scale, qk_scale, stride_qh, stride_qm, stride_doh, stride_dom,
+                             stride_lh, stride_lm, stride_dqh, stride_dqm,
+                             D_PAD != HEAD_DIM, CAUSAL, PREC, BLOCK_M, ATOMIC_DQ)
     dk_ptrs = (DK + b64 * stride_dkb + kvh64 * stride_dkh + row0 * stride_dkn
                + offs_j[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
     dv_ptrs = (DV + b64 * stride_dvb + kvh64 * stride_dvh + row0 * stride_dvn
                + offs_j[:, None] * stride_dvn + offs_d[None, :] * stride_dvd)
     store_tile(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), n_ok, d_ok, D_PAD != HEAD_DIM)
     store_tile(dv_ptrs, dv.to(DV.dtype.element_ty), n_ok, d_ok, D_PAD != HEAD_DIM)
+
+
+# The deterministic dK/dV kernel, and the one that also adds dQ's shares with atomics: one JIT
+# function under two autotuners, with their own candidates (the dQ share takes registers) and the
+# atomic one zeroing its buffer before each timed trial.
+flash_bwd_dkdv_kernel = configs.dkdv_autotune()(_dkdv_kernel)
+flash_bwd_dkdv_dq_kernel = configs.dkdv_dq_autotune()(_dkdv_kernel)
 
 
 @triton.jit
@@ -222,7 +253,9 @@ def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor, delta: torch.Tensor, v
         BLOCK_M=PREPROCESS_BLOCK_M)
 
 
-def bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, *, causal: bool, scale: float, varlen: Optional[Varlen]) -> None:
+def bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, *, causal: bool, scale: float, varlen: Optional[Varlen],
+             dq_acc: Optional[torch.Tensor] = None) -> None:
+    """dK, dV; with dq_acc (a zeroed fp32 tensor shaped like q) also dQ, added into it atomically."""
     batch, max_q, max_k = geometry(q, k, varlen)
     heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[3]
     cu_q, cu_k = cu_pointers(q, varlen)
@@ -230,13 +263,14 @@ def bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, *, causal: bool, scale: float, v
     def grid(meta):
         return (triton.cdiv(max_k, meta["BLOCK_N"]), heads_kv, batch)
 
-    flash_bwd_dkdv_kernel[grid](
-        q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
+    kernel = flash_bwd_dkdv_kernel if dq_acc is None else flash_bwd_dkdv_dq_kernel
+    kernel[grid](
+        q, k, v, dout, lse, delta, dk, dv, dk if dq_acc is None else dq_acc, cu_q, cu_k,
         *strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(dout, varlen),
-        *strides4(dk, varlen), *strides4(dv, varlen), *strides3(lse, varlen),
-        max_q, max_k, heads_q // heads_kv, scale, scale * LOG2E,
+        *strides4(dk, varlen), *strides4(dv, varlen), *strides4(dk if dq_acc is None else dq_acc, varlen),
+        *strides3(lse, varlen), max_q, max_k, heads_q // heads_kv, scale, scale * LOG2E,
         HEAD_DIM=head_dim, D_PAD=configs.padded_head_dim(head_dim), CAUSAL=causal,
-        VARLEN=varlen is not None, PREC=dot_precision(q.dtype))
+        VARLEN=varlen is not None, PREC=dot_precision(q.dtype), ATOMIC_DQ=dq_acc is not None)
 
 
 def bwd_dq(q, k, v, dout, lse, delta, dq, *, causal: bool, scale: float, varlen: Optional[Varlen]) -> None:
@@ -257,11 +291,13 @@ def bwd_dq(q, k, v, dout, lse, delta, dq, *, causal: bool, scale: float, varlen:
 
 
 def flash_bwd(dout, q, k, v, out, lse, *, causal: bool, scale: float, varlen: Optional[Varlen] = None,
-              dlse: Optional[torch.Tensor] = None):
+              dlse: Optional[torch.Tensor] = None, deterministic: bool = True):
     """dq, dk, dv (in q/k/v's dtype and strides where dense) from dout and the saved forward.
 
     dlse, the gradient flowing into lse, folds into delta: d lse / d s = P, so
-    dS = P * (dP - (rowsum(dO * O) - dlse)).
+    dS = P * (dP - (rowsum(dO * O) - dlse)). deterministic=False forms dQ inside the dK/dV kernel
+    with fp32 atomics (see the module docstring); it needs an fp32 buffer shaped like q, and
+    torch.use_deterministic_algorithms(True) overrides it.
     """
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     batch, max_q, max_k = geometry(q, k, varlen)
@@ -275,6 +311,11 @@ def flash_bwd(dout, q, k, v, out, lse, *, causal: bool, scale: float, varlen: Op
     bwd_preprocess(out, dout, delta, varlen)
     if dlse is not None:
         delta -= torch.where(torch.isfinite(lse), dlse.to(delta.dtype), 0.0)
-    bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal=causal, scale=scale, varlen=varlen)
-    bwd_dq(q, k, v, dout, lse, delta, dq, causal=causal, scale=scale, varlen=varlen)
+    if deterministic or torch.are_deterministic_algorithms_enabled():
+        bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal=causal, scale=scale, varlen=varlen)
+        bwd_dq(q, k, v, dout, lse, delta, dq, causal=causal, scale=scale, varlen=varlen)
+    else:
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal=causal, scale=scale, varlen=varlen, dq_acc=dq_acc)
+        dq.copy_(dq_acc)
     return dq, dk, dv

@@ -235,13 +235,15 @@ def dkdv_stream_block(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, o
     """dkdv_query_block with fewer live registers, for loops that stream many query blocks past a
     resident key block: rows are always masked at load time (no separate tail loop), the causal
     mask is applied only where the runtime flag on_diagonal says the block crosses the diagonal,
-    and key rows past seq_k are not masked at all.
+    and key rows past seq_k are not masked at all. Also returns dS^T (keys x queries, in the input
+    dtype) for a caller that accumulates dQ = dS K itself.
 
     Why that is exact: a query row past seq_q loads q = dO = 0, lse = delta = 0, so p = 1 and
     both its dV (p * dO) and dK (p * (dO.V - delta) * q) contributions are exactly 0. A key row
     past seq_k only ever reaches the same row of dK/dV (every product here keeps key rows apart),
-    and the caller never stores those rows. Pointers are built by the caller per block from a
-    scalar base and loop-invariant tile offsets, so no pointer tensor is carried across iterations.
+    and the caller never stores those rows (a caller forming dS K must zero them: their p need not
+    be finite). Pointers are built by the caller per block from a scalar base and loop-invariant
+    tile offsets, so no pointer tensor is carried across iterations.
     """
     b_q = load_tile(q_ptrs, m_ok, d_ok, True, CHECK_D)
     lse2 = log2_lse(tl.load(lse_ptrs, mask=m_ok, other=0.0))
@@ -255,5 +257,6 @@ def dkdv_stream_block(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, o
     delta = tl.load(delta_ptrs, mask=m_ok, other=0.0)
     dp_t = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk = tl.dot(ds_t.to(b_q.dtype), b_q, dk, input_precision=PREC)
-    return dk, dv
+    ds_t = ds_t.to(b_q.dtype)
+    dk = tl.dot(ds_t, b_q, dk, input_precision=PREC)
+    return dk, dv, ds_t

@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import triton
 
+from ..switches import autotune_enabled, interpreting
+
 # Each candidate is (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by the padded head dim
 # (HEAD_DIM rounded up to a power of two, at least 16). The first entry of each list is the
 # default when autotuning is off. For the backward dK/dV kernel BLOCK_M is the streamed query
@@ -38,12 +40,15 @@ import triton
 #            offered only on cards with that much (H100/H200), never as the default; a
 #            4-stage 128 x 64 and a 64 x 64 x 4 warps for small grids.
 #   hd256:   the 128 x 256 fp32 accumulator needs 8 warps; (64, 64, 8, 2) and (128, 32, 8, 2).
-#            128 x 64 and 64 x 32 x 4 warps spilled and are gone.
+#            128 x 64 and 64 x 32 x 4 warps spilled and are gone. The 2-stage tiles wait for every
+#            copy at each key block (TTGIR async_wait num = 0, at hd192 too); (128, 32, 8, 3)
+#            (160 KB) and (64, 32, 8, 3) (128 KB, 198 registers) keep one in flight without
+#            spilling, offered to the autotuner (64 x 64 at 3 stages spilled).
 FWD_H100 = {
     32: [(128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4)],
     64: [(128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 4)],
     128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
-    256: [(64, 64, 8, 2), (128, 32, 8, 2)],
+    256: [(64, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 8, 3)],
 }
 # dK/dV. K and V of the resident key block sit in shared memory as wgmma operands; the two
 # fp32 accumulators dK, dV (2 x BLOCK_N x D) are what fills the registers, so 8 warps (two
@@ -60,6 +65,18 @@ BWD_DKDV_H100 = {
     64: [(32, 128, 8, 4), (64, 128, 8, 3), (32, 64, 4, 4)],
     128: [(32, 128, 8, 3), (16, 128, 8, 4), (32, 64, 8, 3)],
     256: [(16, 64, 8, 3)],
+}
+# dK/dV plus dQ's share by atomics (deterministic=False): dS^T K adds a BLOCK_M x D fp32 result
+# per step to dK and dV, added to the fp32 buffer with 16-byte atomics (PTX
+# atom.global.relaxed.add.v4.f32 on sm_90). Compiled for sm_90 (dense and varlen, at the table's
+# head dim and 3/4 of it): the deterministic table's hd32-128 tiles still fit without spills
+# except 64 x 128 at hd64 (causal spilled 8 bytes); at hd256 (16, 64, 8, 3) spilled 32 bytes, so
+# one more stage at 16 x 64 (180 KB, no spill) leads, and 32 x 32 (mma.sync, 224 registers).
+BWD_DKDV_DQ_H100 = {
+    32: [(32, 128, 4, 5), (32, 128, 8, 4), (64, 128, 8, 3)],
+    64: [(32, 128, 8, 4), (32, 64, 4, 4)],
+    128: [(32, 128, 8, 3), (16, 128, 8, 4), (32, 64, 8, 3)],
+    256: [(16, 64, 8, 4), (32, 32, 8, 3)],
 }
 # dQ: the mirror image, a 128-row resident Q/dO tile and thin K/V slices. Dropped for spilling:
 # (64, 64, 4, 3) at hd128 and (64, 16, 4, 2) at hd256; (32, 32, 4, 2) at hd256 is too small for
@@ -117,14 +134,6 @@ def tma_requested() -> bool:
     return os.environ.get("ATTNLIB_FLASH_TMA", "0") == "1"
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def autotune_enabled() -> bool:
-    return os.environ.get("ATTNLIB_FLASH_AUTOTUNE", "1") != "0"
-
-
 def padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -179,7 +188,7 @@ def candidates(table: dict, d_pad: int, elem: int, resident_rows: str,
     budget = max(SMEM_BUDGET, exact_smem_limit or 0)
     cands = table[_table_key(d_pad)]
     wanted = [c for c in cands if _smem_bytes(c, d_pad, elem, resident_rows) <= budget] or [FALLBACK]
-    return wanted if autotune_enabled() else wanted[:1]
+    return wanted if autotune_enabled("flash") else wanted[:1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,6 +226,13 @@ def dkdv_autotune():
                            prune_configs_by={"early_config_prune": _pruner(BWD_DKDV_H100, "N")})
 
 
+def dkdv_dq_autotune():
+    # the timed trials would add dQ into the buffer again and again: zeroed before each
+    return triton.autotune(configs=_all_configs(BWD_DKDV_DQ_H100, INTERPRET_DKDV), key=AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": _pruner(BWD_DKDV_DQ_H100, "N")},
+                           reset_to_zero=["DQ_ACC"])
+
+
 def dq_autotune():
     return triton.autotune(configs=_all_configs(BWD_DQ_H100, INTERPRET_DQ), key=AUTOTUNE_KEY,
                            prune_configs_by={"early_config_prune": _pruner(BWD_DQ_H100, "M")})
@@ -241,7 +257,7 @@ def tma_candidates(d_pad: int, exact_smem_limit: Optional[int] = None) -> list[t
     budget = max(SMEM_BUDGET, exact_smem_limit or 0)
     cands = FWD_TMA_H100[_table_key(d_pad)]
     wanted = [c for c in cands if tma_smem_bytes(c, d_pad) <= budget] or [cands[0]]
-    return wanted if autotune_enabled() else wanted[:1]
+    return wanted if autotune_enabled("flash") else wanted[:1]
 
 
 def _tma_pruner(configs, named_args, **kwargs):

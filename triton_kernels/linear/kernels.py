@@ -49,15 +49,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..switches import interpreting
+
 FEATURE_IDS = {"identity": 0, "elu": 1, "relu": 2, "softmax": 3}
 CHUNK = 64  # causal chunk (issue 6): quadratic inside, state across
 MIN_SPAN = 256  # smallest causal super-chunk on a GPU: bounds the state memory (see above)
-
-
-def interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def pad(d: int) -> int:

@@ -10,7 +10,6 @@ Environment: ATTNLIB_SAGE_AUTOTUNE=0 skips autotuning (first candidate per head 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -18,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..flash.common import load_tile, query_key_range, store_tile
+from ..switches import autotune_enabled, interpreting
 from .quant import padded_head_dim
 
 PV_FP16, PV_FP16_ACCUM, PV_FP8 = 0, 1, 2
@@ -42,15 +42,11 @@ FWD_CONFIGS = {
 INTERPRET_CONFIG = (32, 16, 1, 1)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _configs() -> list[triton.Config]:
     def cfg(c):
         return triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]}, num_warps=c[2], num_stages=c[3])
 
-    if _interpreting():
+    if interpreting():
         return [cfg(INTERPRET_CONFIG)]
     seen = []
     for cands in FWD_CONFIGS.values():
@@ -63,7 +59,7 @@ def _prune(configs, named_args, **kwargs):
         return configs
     d_pad = kwargs.get("D_PAD", named_args.get("D_PAD"))
     wanted = FWD_CONFIGS[max(32, d_pad)]
-    if os.environ.get("ATTNLIB_SAGE_AUTOTUNE", "1") == "0":
+    if not autotune_enabled("sage"):
         wanted = wanted[:1]
     by_key = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
     return [by_key[w] for w in wanted if w in by_key]  # in the table's order: the first is the default

@@ -32,6 +32,7 @@ import triton.language as tl
 from ..device_constants import device_constant
 from ..flash.common import row_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
+from ..switches import autotune_enabled, interpreting
 
 CRITICAL, MARGINAL, NEGLIGIBLE = 1, 0, -1
 _COUNT_SLACK = 1e-9  # as attnlib.reference.sla: fraction * n a hair off an integer
@@ -39,20 +40,6 @@ _COUNT_SLACK = 1e-9  # as attnlib.reference.sla: fraction * n a hair off an inte
 
 def padded(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
-
-
-def interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def autotune_enabled() -> bool:
-    """ATTNLIB_SLA_AUTOTUNE=0: the SLA helper kernels (key-block preprocess, row-state product)
-    launch their first candidate instead of autotuning (the GPU tests set it)."""
-    import os
-
-    return os.environ.get("ATTNLIB_SLA_AUTOTUNE", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -308,7 +295,7 @@ def key_blocks(k: torch.Tensor, v: torch.Tensor, *, block_n: int, feature: str, 
     args = (k, v, pk, h if linear else pk, z if linear else pk, *k.stride(), *v.stride(), seq_k)
     meta = dict(HEAD_DIM=d, D_PAD=padded(d), DV=dv, DV_PAD=padded(dv), FEAT=FEATURE_IDS[feature], LINEAR=linear,
                 PREC="tf32x3", BLOCK_N=block_n)
-    if config is None and linear and padded(dv) == 128 and not interpreting() and autotune_enabled():
+    if config is None and linear and padded(dv) == 128 and not interpreting() and autotune_enabled("sla"):
         key_block_kernel_tuned[lambda m: (mk * (128 // m["BLOCK_E"]), heads, batch)](*args, **meta)
         return pk, h, z
     block_e, warps = config or (padded(dv), _warps(padded(d) * padded(dv) if linear else 0))

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .classify import autotune_enabled, interpreting
+from ..switches import autotune_enabled, interpreting
 
 
 @triton.jit(do_not_specialize=["rows", "inner", "width"])
@@ -98,7 +98,7 @@ def _masked_sum(classes: torch.Tensor, states: torch.Tensor, prec: str, heads_kv
     if inner == 0:
         return out.zero_()
     args = (classes, states.contiguous(), out, rows, inner, width)
-    if config is None and not interpreting() and autotune_enabled():
+    if config is None and not interpreting() and autotune_enabled("sla"):
         masked_sum_kernel_tuned[lambda m: (triton.cdiv(rows, m["BLOCK_M"]), triton.cdiv(width, m["BLOCK_N"]),
                                            batch * out_heads)](*args, PREC=prec, **strides)
         return out

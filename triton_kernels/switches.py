@@ -1,0 +1,19 @@
+"""The environment switches every Triton launcher reads, in one place.
+
+Read per call, not at import, so a test or benchmark may flip them with monkeypatch.setenv:
+  TRITON_INTERPRET=1            Triton's CPU interpreter runs the kernels (one small config each).
+  ATTNLIB_<METHOD>_AUTOTUNE=0   the method's launchers take their first (default) candidate
+                                instead of autotuning; METHOD is FLASH, SAGE, ASYMRNR or SLA.
+"""
+from __future__ import annotations
+
+import os
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotune_enabled(method: str) -> bool:
+    """False when ATTNLIB_<METHOD>_AUTOTUNE is "0" (the GPU tests set it for speed)."""
+    return os.environ.get(f"ATTNLIB_{method.upper()}_AUTOTUNE", "1") != "0"
