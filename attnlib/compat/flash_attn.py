@@ -7,6 +7,11 @@ type (dropout_p / softcap / softmax_scale not a float, window_size not a pair of
 TypeError naming the argument; a softmax_scale that is not finite and positive, a ValueError. With return_attn_probs
 the attention probabilities are not materialised (the third element is None), as flash_attn
 returns them only for testing with dropout.
+
+deterministic is accepted and the backward here is always the deterministic one, whatever it
+says (flash_attn's default, False, means atomics there): attnlib's atomic-dQ backward is opt-in
+through attnlib.flash_attention(..., deterministic=False) until a GPU run has timed it against
+the deterministic kernels.
 """
 from __future__ import annotations
 
