@@ -58,6 +58,7 @@ def check_fraction(name: str, value: Any) -> float:
 
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32, 1.18e-38
 
 
 def check_scale(scale: Any, head_dim: int) -> float:
@@ -70,6 +71,8 @@ def check_scale(scale: Any, head_dim: int) -> float:
         raise ValueError(f"scale must be finite and positive, got {scale}")
     if scale > FLOAT32_MAX:  # the kernels scale scores in float32: it would overflow to inf, then NaN
         raise ValueError(f"scale must fit in float32 (at most {FLOAT32_MAX:.4g}), got {scale}")
+    if scale < FLOAT32_TINY:  # float32 rounds it to 0 (or a denormal): a masked score -inf * 0 is NaN
+        raise ValueError(f"scale must be at least the smallest normal float32 ({FLOAT32_TINY:.4g}), got {scale}")
     return scale
 
 

@@ -44,6 +44,12 @@ BAD = [
     ("scale-overflow-varlen", lambda q, k, v: attnlib.flash_attention_varlen(
         q[0], k[0], v[0], *(torch.tensor([0, 4], dtype=torch.int32),) * 2, 4, 4, scale=1e39), ValueError,
      "scale must fit in float32"),
+    # positive but below float32's normal range: the kernels' scale rounds to 0 and -inf * 0 is NaN
+    ("scale-underflow", lambda q, k, v: attnlib.flash_attention(q, k, v, scale=1e-46), ValueError,
+     "smallest normal float32"),
+    ("scale-underflow-varlen", lambda q, k, v: attnlib.flash_attention_varlen(
+        q[0], k[0], v[0], *(torch.tensor([0, 4], dtype=torch.int32),) * 2, 4, 4, scale=1e-40), ValueError,
+     "smallest normal float32"),
     ("scale-overflow-predict", lambda q, k, v: attnlib.predict_block_mask(q, k, topk=0.5, scale=1e300), ValueError,
      "scale must fit in float32"),
     ("layout", lambda q, k, v: attnlib.flash_attention(q, k, v, layout="bsdh"), ValueError, "layout"),

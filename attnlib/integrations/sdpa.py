@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .. import api, dispatch
-from ..inputs import FLOAT32_MAX, is_real_number, make_inputs
+from ..inputs import FLOAT32_MAX, FLOAT32_TINY, is_real_number, make_inputs
 from ..options import NO_SCALE, check_method_options
 
 log = logging.getLogger("attnlib")
@@ -58,8 +58,8 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, 
             return f"an explicit scale (method {method!r} has no softmax scale)"
         if not is_real_number(scale):
             return f"scale of type {type(scale).__name__}"
-        if not (math.isfinite(scale) and 0 < scale <= FLOAT32_MAX):  # check_scale's rule, without raising
-            return "scale not finite, positive and within float32 range"
+        if not (math.isfinite(scale) and FLOAT32_TINY <= scale <= FLOAT32_MAX):  # check_scale's rule, not raising
+            return "scale not finite, positive and within float32's normal range"
     if is_causal and query.shape[-2] != key.shape[-2]:
         return "is_causal with seq_q != seq_k (torch aligns top-left, attnlib bottom-right)"
     if query.shape[1] != key.shape[1] and not enable_gqa:
