@@ -114,6 +114,18 @@ def test_forward(case):
     check_case(q, k, v, causal=causal, layout=layout, pv=pv, qk_granularity=gran)
 
 
+@pytest.mark.parametrize("pv", ["fp16", pytest.param("fp8", marks=pytest.mark.gpu)])
+def test_all_zero_query_head_under_causal_mask(pv):
+    """A head whose queries are all 0 quantises with delta 0, so its score scale is 0: the masked
+    (diagonal) key blocks must still give -inf, not -inf * 0 = NaN, and the output is the mean of
+    the visible values."""
+    if pv == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("pv='fp8' needs sm_89+")
+    q, k, v = make_qkv(1, 2, 45, 64, dtype=torch.float16, device=DEVICE, k_bias=2.0, seed=31)
+    q[:, 0] = 0
+    check_case(q, k, v, causal=True, pv=pv)
+
+
 @pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6]], ids=["causal", "mqa", "gqa-fp16_accum"])
 def test_bf16_output_rounding(case):
     b, hq, hkv, sq, sk, d, causal, layout, _, gran, pv = case
