@@ -481,6 +481,50 @@ def test_atomic_dq_on_gpu(dtype, head_dim, causal, dq_launches):
     assert dq_launches == ["dkdv+dq"]
 
 
+def _pinned_candidates():
+    """(kernel, head dim, config) of the candidates the GPU tests would otherwise never run (they
+    run with autotuning off, so only each table's first entry): the hd256 forward's and every
+    atomic-dQ dK/dV tile."""
+    from attnlib.triton_kernels.flash import configs
+
+    return ([("fwd", 256, c) for c in configs.FWD_H100[256][1:]]
+            + [("dkdv_dq", hd, c) for hd, cands in configs.BWD_DKDV_DQ_H100.items() for c in cands[1:]])
+
+
+def test_pinned_config_reaches_the_launch(monkeypatch):
+    """The pinning test_autotune_candidates_on_gpu relies on, here on another tile than the
+    interpreter's (BLOCK_M > BLOCK_N for the atomic dK/dV kernel's causal bounds): the launch
+    gets the pinned config and the gradients still meet the rule."""
+    from attnlib.triton_kernels.flash import backward
+
+    kernel = backward.flash_bwd_dkdv_dq_kernel
+    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1,
+                                                          num_stages=1)])
+    seen, run = [], kernel.fn.run
+    monkeypatch.setattr(kernel.fn, "run", lambda *a, **kw: seen.append((kw["BLOCK_M"], kw["BLOCK_N"])) or run(*a, **kw))
+    q, k, v = make_qkv(1, 4, 45, 40, kv_heads=2, seq_k=37, dtype=torch.float16, device=DEVICE,
+                       requires_grad=True, seed=16)
+    check_against_reference(q, k, v, causal=True, backend="triton", deterministic=False)
+    assert seen == [(32, 16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which,head_dim,config", _pinned_candidates(),
+                         ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
+def test_autotune_candidates_on_gpu(which, head_dim, config, monkeypatch):
+    """Each such candidate pinned as the autotuner's only config (a one-config Autotuner launches
+    it without tuning), bf16, GQA, causal with seq_q != seq_k: the rule against float64."""
+    from attnlib.triton_kernels.flash import backward, forward
+
+    kernel = forward.flash_fwd_kernel if which == "fwd" else backward.flash_bwd_dkdv_dq_kernel
+    bm, bn, warps, stages = config
+    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
+                                                          num_stages=stages)])
+    q, k, v = make_qkv(2, 4, 300, head_dim, kv_heads=2, seq_k=257, dtype=torch.bfloat16, device="cuda",
+                       requires_grad=True, seed=head_dim + bm + bn)
+    check_against_reference(q, k, v, causal=True, backend="triton", deterministic=which == "fwd")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [96, 192, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
