@@ -163,6 +163,21 @@ def test_deterministic_algorithms_keep_the_dq_kernel(dq_launches):
         attnlib.flash_attention(q, k, v, backend="triton", deterministic=1)
 
 
+def test_flash_cuda_backward_passes_the_option(monkeypatch):
+    """flash-cuda (auto's choice on a GPU where it fits) runs the Triton backward: the option
+    must reach it too, not only flash-triton's."""
+    from attnlib.kernels import flash_cuda
+
+    seen = []
+    monkeypatch.setattr(flash_cuda, "_triton_backward",
+                        lambda: lambda *a, **kw: seen.append(kw["deterministic"]) or (a[1], a[2], a[3]))
+    q, k, v = make_qkv(1, 2, 8, 16, device=DEVICE, seed=22)
+    for det in (False, True):
+        inp = attnlib.api.build_inputs(q, k, v, method="flash", deterministic=det)
+        flash_cuda.FLASH_CUDA.backward(inp, q, torch.zeros(1, 2, 8), q, None)
+    assert seen == [False, True]
+
+
 def test_atomic_dq_ignores_padded_keys_with_huge_probabilities():
     """Scores all near -120 put lse near -120, so a key row past seq_k (loaded as 0, score 0) gets
     p = exp(120) = inf in fp32: its dS must be zeroed before dS K, or inf * 0 makes dQ NaN.

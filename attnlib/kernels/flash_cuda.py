@@ -161,7 +161,8 @@ class FlashCUDA(CudaKernel):
         the float32 reference's gradients where Triton is not installed."""
         bwd = _triton_backward()
         if bwd is not None and lse is not None:
-            dq, dk, dv = bwd(dout, inp.q, inp.k, inp.v, out, lse, causal=inp.causal, scale=inp.scale, dlse=dlse)
+            dq, dk, dv = bwd(dout, inp.q, inp.k, inp.v, out, lse, causal=inp.causal, scale=inp.scale, dlse=dlse,
+                             deterministic=inp.options.get("deterministic", True))
         else:
             dq, dk, dv = _reference_backward(inp, dout, dlse)
         return dq, dk, dv, None, None

@@ -264,10 +264,11 @@ def bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, *, causal: bool, scale: float, v
         return (triton.cdiv(max_k, meta["BLOCK_N"]), heads_kv, batch)
 
     kernel = flash_bwd_dkdv_kernel if dq_acc is None else flash_bwd_dkdv_dq_kernel
+    dq_arg = dk if dq_acc is None else dq_acc  # never touched by the deterministic kernel
     kernel[grid](
-        q, k, v, dout, lse, delta, dk, dv, dk if dq_acc is None else dq_acc, cu_q, cu_k,
+        q, k, v, dout, lse, delta, dk, dv, dq_arg, cu_q, cu_k,
         *strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(dout, varlen),
-        *strides4(dk, varlen), *strides4(dv, varlen), *strides4(dk if dq_acc is None else dq_acc, varlen),
+        *strides4(dk, varlen), *strides4(dv, varlen), *strides4(dq_arg, varlen),
         *strides3(lse, varlen), max_q, max_k, heads_q // heads_kv, scale, scale * LOG2E,
         HEAD_DIM=head_dim, D_PAD=configs.padded_head_dim(head_dim), CAUSAL=causal,
         VARLEN=varlen is not None, PREC=dot_precision(q.dtype), ATOMIC_DQ=dq_acc is not None)
