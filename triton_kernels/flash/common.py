@@ -173,21 +173,16 @@ def attend_key_block(acc, l_i, m_i, b_q, k_ptrs, v_ptrs, offs_m, cols, d_ok, seq
     FOLD: tl.constexpr = b_q.shape[0] * b_k.shape[0] * b_q.shape[1] <= 1048576
     if not FOLD:
         qk = qk * qk_scale
+    late_scale = qk_scale if FOLD else 1.0  # what the scores still need (x * 1.0 folds away)
     if MASK:
         keep = n_ok[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
         qk = tl.where(keep, qk, float("-inf"))
-    if FOLD:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * late_scale)
     # rows that have seen no visible key yet keep m = -inf; shift them by 0 instead
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    if FOLD:
-        p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
-    else:
-        p = tl.math.exp2(qk - m_safe[:, None])
+    p = tl.math.exp2(qk * late_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     b_v = load_tile(v_ptrs, n_ok, d_ok, MASK, CHECK_D)
