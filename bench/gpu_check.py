@@ -463,12 +463,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             say("!! " + notes[-1])
     # host time per call (tiny inputs, vs torch SDPA); issue 6: block_sparse (density sweep vs
     # dense flash / flex) and linear (seq sweep, GB/s); issue 7: sla
-    for name, mod, fn, cap, end_s in (
-            ("overhead", "bench.bench_overhead", "run_overhead_suite", 10.0, SPARSE_LINEAR_END_S),
-            ("block_sparse", "bench.bench_block_sparse", "run_block_sparse_suite", 30.0, SPARSE_LINEAR_END_S),
-            ("linear", "bench.bench_linear", "run_linear_suite", 20.0, SPARSE_LINEAR_END_S),
-            ("sla", "bench.bench_sla", "run_sla_suite", 40.0, SLA_END_S),
-            ("profile", "bench.profile_gpu", "run_profile_suite", 35.0, PROFILE_END_S)):
+    # (suite, module, function, budget cap, end mark, extra keyword arguments)
+    for name, mod, fn, cap, end_s, extra in (
+            ("overhead", "bench.bench_overhead", "run_overhead_suite", 10.0, SPARSE_LINEAR_END_S, {}),
+            ("block_sparse", "bench.bench_block_sparse", "run_block_sparse_suite", 30.0, SPARSE_LINEAR_END_S, {}),
+            ("linear", "bench.bench_linear", "run_linear_suite", 20.0, SPARSE_LINEAR_END_S, {}),
+            ("sla", "bench.bench_sla", "run_sla_suite", 40.0, SLA_END_S, {}),
+            # the profile writes profile.md beside the rest
+            ("profile", "bench.profile_gpu", "run_profile_suite", 35.0, PROFILE_END_S, dict(out=out))):
         if name not in suites:
             continue
         cap = min(cap, end_s - (time.perf_counter() - t_start))
@@ -477,8 +479,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         say(f"== {name} benchmarks (budget {cap:.0f} s)")
         try:
-            kw = dict(out=out) if name == "profile" else {}  # the profile writes profile.md beside the rest
-            recs = getattr(importlib.import_module(mod), fn)(cap, log=lambda s: say("  " + s), **kw)
+            recs = getattr(importlib.import_module(mod), fn)(cap, log=lambda s: say("  " + s), **extra)
             (out / f"{name}.json").write_text(json.dumps(recs, indent=1))
             notes.append(f"{name}: {sum(('ms' in r) or ('us_per_call' in r) or ('eager_ms' in r) for r in recs)} "
                          f"measurements in {name}.json")

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -139,8 +140,6 @@ def run_profile_suite(budget_s: float = 60.0, log: Callable[[str], None] = print
 
 
 def main(argv=None, log: Callable[[str], None] = print, records: list | None = None) -> int:
-    import time
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-results"))
     ap.add_argument("--budget", type=float, default=None, help="seconds; cases past it are listed as not run")
