@@ -61,19 +61,26 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 FLOAT32_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32, 1.18e-38
 
 
+def scale_in_range(scale: float) -> bool:
+    """The kernels' rule for a real scale: finite and within float32's normal range (the
+    integrations ask it without raising; check_scale says which end a scale missed)."""
+    return math.isfinite(scale) and FLOAT32_TINY <= scale <= FLOAT32_MAX
+
+
 def check_scale(scale: Any, head_dim: int) -> float:
     if scale is None:
         return head_dim ** -0.5
     if not is_real_number(scale):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
+    if scale_in_range(scale):
+        return scale
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be finite and positive, got {scale}")
     if scale > FLOAT32_MAX:  # the kernels scale scores in float32: it would overflow to inf, then NaN
         raise ValueError(f"scale must fit in float32 (at most {FLOAT32_MAX:.4g}), got {scale}")
-    if scale < FLOAT32_TINY:  # float32 rounds it to 0 (or a denormal): a masked score -inf * 0 is NaN
-        raise ValueError(f"scale must be at least the smallest normal float32 ({FLOAT32_TINY:.4g}), got {scale}")
-    return scale
+    # below: float32 rounds it to 0 (or a denormal), and a masked score -inf * 0 is NaN
+    raise ValueError(f"scale must be at least the smallest normal float32 ({FLOAT32_TINY:.4g}), got {scale}")
 
 
 def check_block_size(block_size: Any) -> tuple[int, int]:

@@ -11,14 +11,13 @@ one raises, it is never passed on to torch quietly.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from typing import Any, Callable
 
 import torch
 
 from .. import api, dispatch
-from ..inputs import FLOAT32_MAX, FLOAT32_TINY, is_real_number, make_inputs
+from ..inputs import is_real_number, make_inputs, scale_in_range
 from ..options import NO_SCALE, check_method_options
 
 log = logging.getLogger("attnlib")
@@ -58,7 +57,7 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, 
             return f"an explicit scale (method {method!r} has no softmax scale)"
         if not is_real_number(scale):
             return f"scale of type {type(scale).__name__}"
-        if not (math.isfinite(scale) and FLOAT32_TINY <= scale <= FLOAT32_MAX):  # check_scale's rule, not raising
+        if not scale_in_range(float(scale)):
             return "scale not finite, positive and within float32's normal range"
     if is_causal and query.shape[-2] != key.shape[-2]:
         return "is_causal with seq_q != seq_k (torch aligns top-left, attnlib bottom-right)"
