@@ -95,6 +95,10 @@ CASES = [
 ]
 
 
+def case_id(c) -> str:
+    return "b{}h{}kv{}q{}k{}d{}{}-{}".format(c[0], c[1], c[2], c[3], c[4], c[5], "-causal" if c[6] else "", c[7])
+
+
 @pytest.fixture
 def triton_runs(monkeypatch):
     """Records each call of flash-triton's forward and backward, so a test sees which kernel ran
@@ -109,8 +113,7 @@ def triton_runs(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}kv{}q{}k{}d{}{}-{}".format(
-    c[0], c[1], c[2], c[3], c[4], c[5], "-causal" if c[6] else "", c[7]))
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_forward_backward(case, dtype, triton_runs):
     b, hq, hkv, sq, sk, d, causal, layout = case
     q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, dtype=dtype, device=DEVICE, layout=layout,
@@ -122,8 +125,7 @@ def test_forward_backward(case, dtype, triton_runs):
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("case", CASES[1:], ids=lambda c: "b{}h{}kv{}q{}k{}d{}{}-{}".format(
-    c[0], c[1], c[2], c[3], c[4], c[5], "-causal" if c[6] else "", c[7]))
+@pytest.mark.parametrize("case", CASES[1:], ids=case_id)
 def test_forward_backward_atomic_dq(case, dtype, dq_launches):
     """deterministic=False: dQ is added with atomics inside the dK/dV kernel, no dQ kernel runs;
     the same accuracy rule against the float64 reference."""
@@ -373,8 +375,7 @@ def _case_qkv(case, dtype, seed_extra=0):
                     seed=sq * 1000 + sk + seed_extra)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}kv{}q{}k{}d{}{}-{}".format(
-    c[0], c[1], c[2], c[3], c[4], c[5], "-causal" if c[6] else "", c[7]))
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_tma_forward(case, tma_launches):
     """The public API with ATTNLIB_FLASH_TMA=1 on fp16: the descriptor kernel runs, once."""
     causal, layout = case[6], case[7]
@@ -386,8 +387,7 @@ def test_tma_forward(case, tma_launches):
     check_forward(to_bhsd(out), lse, *(to_bhsd(t) for t in (q, k, v)), causal=causal)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}kv{}q{}k{}d{}{}-{}".format(
-    c[0], c[1], c[2], c[3], c[4], c[5], "-causal" if c[6] else "", c[7]))
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @NEEDS_SM90
 def test_tma_forward_warp_specialized(case):
     """The warp_specialize candidates' code path (a single masked loop), pinned by config."""
