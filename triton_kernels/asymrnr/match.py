@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..flash.common import dot_precision
 from ..switches import autotune_enabled, interpreting
 
 METRIC_IDS = {"euclidean": 0, "cosine": 1, "dot": 2}
@@ -114,11 +115,6 @@ def match_kernel(
     tl.store(SCORE + o_off, best, mask=m_ok)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep fp32-level products (three tf32 passes), as the flash kernels do
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, RUNNING) for 16-bit inputs up to head dim 128, the
 # first the default. Each compiles for sm_90 without spills (tests/triton_sm90.py); which is
 # fastest is the GPU autotuner's call, keyed on head dim, metric and dtype.
@@ -188,7 +184,7 @@ def match_fwd(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, metric: str
     args = (x, src.contiguous(), xd, dnorm, node, score,
             *x.stride(), xd.stride(0), xd.stride(1), dnorm.stride(0), dnorm.stride(1), *node.stride(),
             n_src, n_dst, H)
-    meta = dict(HEAD_DIM=D, D_PAD=d_pad, METRIC=METRIC_IDS[metric], PREC=_dot_precision(x.dtype))
+    meta = dict(HEAD_DIM=D, D_PAD=d_pad, METRIC=METRIC_IDS[metric], PREC=dot_precision(x.dtype))
     if config is None and not autotune_enabled("asymrnr"):
         config = INTERPRET if interpreting() else candidates(d_pad, x.element_size())[0]
     if config is not None:  # one named config: BLOCK_M, BLOCK_N, num_warps, num_stages, RUNNING
