@@ -8,7 +8,7 @@ import torch
 
 from . import dispatch, ops
 from .dispatch import check_method
-from .inputs import AttentionInputs, check_backend, make_inputs
+from .inputs import AttentionInputs, check_backend, from_bhsd, make_inputs
 from .options import NO_LSE, NO_SCALE, check_option_names, validate_options
 
 
@@ -53,22 +53,41 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
                                         ops.op_arguments(method, method_options))
         return (out, lse) if return_lse else out
     if eager:
-        build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
-                     return_lse=return_lse, **method_options)
+        inp = build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
+                           return_lse=return_lse, **method_options)
+        if method == "flash" and method_options.get("deterministic") is False:
+            out = _sdpa_with_its_autograd(inp, backend)
+            if out is not None:
+                return out
     out, lse = torch.ops.attnlib.attention(q, k, v, method=method, backend=backend, layout=layout, causal=causal,
                                            scale=scale, return_lse=return_lse, needs_grad=needs_grad,
                                            **ops.op_arguments(method, method_options))
     return (out, lse) if return_lse else out
 
 
+def _sdpa_with_its_autograd(inp: AttentionInputs, backend: str):
+    """The output, when the kernel chosen for this graph-building call is torch's SDPA
+    (deterministic=False on fp16/bf16 CUDA tensors: see kernels/flash_sdpa.py), called outside
+    attnlib's op so that torch's autograd runs SDPA's own backward from the statistics its forward
+    saved; through the op its backward would first recompute the forward. None otherwise."""
+    from .kernels.flash_sdpa import FlashSDPA
+
+    kernel = dispatch.select(replace(inp, grad=True), backend)
+    if not isinstance(kernel, FlashSDPA):
+        return None
+    return from_bhsd(kernel.forward(inp), inp.layout)
+
+
 def flash_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = "bhsd",
                     return_lse: bool = False, backend: str = "auto", deterministic: bool = True):
     """Exact softmax attention (FlashAttention-2 style kernels).
 
-    deterministic=False lets the Triton backward add dQ with fp32 atomics inside its dK/dV kernel
-    (5 block matmuls per query/key block pair instead of 7, as flash_attn's default does); dQ may
-    then differ in its last bits from run to run. torch.use_deterministic_algorithms(True) keeps
-    the deterministic backward whatever is asked here. Forward results do not depend on it.
+    deterministic=False permits a backward whose float additions may come in another order from
+    run to run (gradients then differ in their last bits). For fp16/bf16 calls on a GPU that build
+    a graph, auto then runs torch's SDPA (cuDNN) forward and its own backward, measured fastest;
+    elsewhere the Triton backward stays the deterministic one (its atomic-dQ variant, opt-in with
+    ATTNLIB_FLASH_ATOMIC_DQ=1, measured slower). torch.use_deterministic_algorithms(True) keeps
+    the deterministic kernels whatever is asked here. Forward results do not depend on it.
     """
     return attention(q, k, v, method="flash", backend=backend, layout=layout, causal=causal,
                      scale=scale, return_lse=return_lse, deterministic=deterministic)

@@ -92,7 +92,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     as flash_attn trusts them (checking would synchronise the host): the launch grid is sized from
     max_seqlen_q, so a sequence longer than it leaves its tail rows unwritten.
 
-    deterministic=False: the Triton backward adds dQ with atomics (see flash_attention).
+    deterministic=False permits a non-deterministic backward (see flash_attention): the Triton
+    backward adds dQ with atomics only under ATTNLIB_FLASH_ATOMIC_DQ=1.
     """
     if not torch.compiler.is_compiling():  # the fake implementation checks shapes while tracing
         check_backend(backend)

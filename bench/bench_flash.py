@@ -54,25 +54,86 @@ runner.register_provider("attnlib-triton-tma", _attnlib_triton_tma,
                          info=runner.PROVIDERS["attnlib-triton"].info, check=True, replace_existing=True)
 
 
+class _AtomicDqOn(torch.autograd.Function):
+    """Identity whose backward switches the atomic-dQ backward on (ATTNLIB_FLASH_ATOMIC_DQ=1) just
+    before attnlib's backward runs; _AtomicDqOff on the inputs switches it off after."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        os.environ["ATTNLIB_FLASH_ATOMIC_DQ"] = "1"
+        return g
+
+
+class _AtomicDqOff(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        os.environ.pop("ATTNLIB_FLASH_ATOMIC_DQ", None)
+        return g
+
+
 def _attnlib_triton_atomic_dq(case: Case, q, k, v):
-    """attnlib-triton with deterministic=False: dQ added with atomics inside the dK/dV kernel (5
-    block matmuls per pair instead of 7), side by side with the deterministic default; backward
-    modes only (the forward is the same kernel)."""
+    """attnlib-triton with its opt-in atomic-dQ backward (deterministic=False with
+    ATTNLIB_FLASH_ATOMIC_DQ=1, set only while attnlib's backward runs): dQ added with atomics
+    inside the dK/dV kernel, 5 block matmuls per pair instead of 7. Backward modes only (the
+    forward is the same kernel). On an H200 it took 1.17-1.42x the deterministic time (2026-11-27)."""
     import attnlib
 
     if case.mode == "fwd":
-        raise runner.Skip("deterministic=False changes the backward only")
+        raise runner.Skip("the atomic dQ changes the backward only")
     runner.PROVIDERS["attnlib-triton"].make(case, q, k, v)  # same skip reasons
 
     def step():
-        return attnlib.flash_attention(q, k, v, causal=case.causal, layout=case.layout, backend="triton",
-                                       deterministic=False)
+        qo, ko, vo = (_AtomicDqOff.apply(t) for t in (q, k, v))
+        out = attnlib.flash_attention(qo, ko, vo, causal=case.causal, layout=case.layout, backend="triton",
+                                      deterministic=False)
+        return _AtomicDqOn.apply(out)
     return step
 
 
 runner.register_provider("attnlib-triton-atomic-dq", _attnlib_triton_atomic_dq,
-                         "attnlib.flash_attention(backend='triton', deterministic=False)",
+                         "attnlib.flash_attention(backend='triton', deterministic=False), ATTNLIB_FLASH_ATOMIC_DQ=1",
                          info=runner.PROVIDERS["attnlib-triton"].info, check=True, replace_existing=True)
+
+
+def _nondet_explain(case: Case, q, k, v):
+    import attnlib
+
+    return attnlib.explain(q, k, v, method="flash", causal=case.causal, layout=case.layout, deterministic=False)
+
+
+def _attnlib_auto_nondet(case: Case, q, k, v):
+    """attnlib auto dispatch with deterministic=False: for graph-building fp16/bf16 GPU calls,
+    torch SDPA with its own autograd (kernels/flash_sdpa.py); otherwise what auto picks."""
+    import attnlib
+
+    if case.mode == "fwd":
+        raise runner.Skip("deterministic=False changes training calls only")
+    if _nondet_explain(case, q, k, v).chosen is None:
+        raise runner.Skip("attnlib auto has no kernel for these inputs")
+
+    def step():
+        return attnlib.flash_attention(q, k, v, causal=case.causal, layout=case.layout, deterministic=False)
+    return step
+
+
+def _auto_nondet_info(case: Case, q, k, v) -> dict:
+    try:
+        chosen = _nondet_explain(case, q, k, v).chosen
+        return {"kernel": chosen.name if chosen else None}
+    except Exception:  # noqa: BLE001 - info only
+        return {}
+
+
+runner.register_provider("attnlib-auto-nondet", _attnlib_auto_nondet,
+                         "attnlib.flash_attention(backend='auto', deterministic=False)",
+                         info=_auto_nondet_info, check=True, replace_existing=True)
 
 
 def _attnlib_cuda_tile64(case: Case, q, k, v):
@@ -106,8 +167,10 @@ QUICK_BUDGET_S = 170.0
 
 # The GPU script's flash budget is always spent (runs 1, 2 and 4), so a new provider displaces
 # others: attnlib-cuda-tile64 is out of the default list (the 128-row tile won 1.27-1.41x in run 1
-# and is the default; `--providers attnlib-cuda-tile64` still times it), the atomic-dQ backward in.
-GPU_PROVIDERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "attnlib-triton", "attnlib-triton-atomic-dq",
+# and is the default; `--providers attnlib-cuda-tile64` still times it); the atomic-dQ backward is
+# out since the H200 run of 2026-11-27 (1.17-1.42x slower; `--providers attnlib-triton-atomic-dq`),
+# auto with deterministic=False in.
+GPU_PROVIDERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "attnlib-triton", "attnlib-auto-nondet",
                  "attnlib-triton-tma", "attnlib-cuda", "attnlib-auto", "flex", "sdpa-math")
 CPU_PROVIDERS = ("attnlib-torch",)
 CPU_CASE = dict(workload="cpu-tiny", batch=1, heads=2, seq_q=128, head_dim=64, dtype="fp32", device="cpu")

@@ -65,6 +65,28 @@ def test_varlen_matches_per_sequence_reference():
         assert_flash_rule(out[None, sq], r, b)
 
 
+def test_deterministic_reaches_attnlib(monkeypatch):
+    """flash_attn's deterministic (default False) becomes attnlib's option, in the dense and the
+    varlen call, so a training call may take the fastest (non-deterministic) backward as with
+    flash_attn, and deterministic=True keeps attnlib's deterministic one."""
+    from attnlib import api, varlen
+
+    seen = []
+    real_dense, real_varlen = api.flash_attention, varlen.flash_attention_varlen
+    monkeypatch.setattr(api, "flash_attention", lambda *a, **kw: seen.append(kw["deterministic"]) or real_dense(*a, **kw))
+    monkeypatch.setattr(varlen, "flash_attention_varlen",
+                        lambda *a, **kw: seen.append(kw["deterministic"]) or real_varlen(*a, **kw))
+    q, k, v = make_qkv(1, 2, 9, 16, layout="bshd", requires_grad=True, seed=4)
+    fa.flash_attn_func(q, k, v).sum().backward()
+    fa.flash_attn_func(q, k, v, deterministic=True)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 5, 5)
+    fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 5, 5, deterministic=True)
+    assert seen == [False, True, False, True]
+    with pytest.raises(TypeError, match="deterministic"):
+        fa.flash_attn_func(q, k, v, deterministic="yes")
+
+
 def test_install_aliases_in_a_subprocess():
     code = (
         "import attnlib.compat, torch\n"

@@ -212,6 +212,84 @@ def test_sdpa_ranks_first_for_half_precision_inference_only():
     assert sdpa.priority < triton_rank(inp)
 
 
+def test_sdpa_rank_reads_the_call_not_the_grad_mode():
+    """Inside attnlib's op autograd is off, so the rank must come from inp.grad (whether the caller
+    builds a graph), not torch.is_grad_enabled(): a graph-building call keeps the deterministic
+    kernels unless it passed deterministic=False, and torch.use_deterministic_algorithms(True)
+    takes that permission back."""
+    from dataclasses import replace
+
+    from attnlib.kernels.flash_sdpa import FlashSDPA
+
+    sdpa = FlashSDPA()
+    q, k, v = make_qkv(1, 2, 16, 64, dtype=torch.bfloat16)
+    for det, want in ((True, sdpa.priority), (False, sdpa.half_inference_priority)):
+        inp = replace(attnlib.api.build_inputs(q, k, v, deterministic=det), grad=True)
+        with torch.no_grad():  # as inside the op
+            assert sdpa.rank(inp) == want, det
+        assert sdpa.rank(replace(inp, grad=False)) == sdpa.half_inference_priority
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert sdpa.rank(replace(attnlib.api.build_inputs(q, k, v, deterministic=False), grad=True)) == sdpa.priority
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def graph_names(out: torch.Tensor) -> str:
+    """The autograd node names from out down to its leaves, joined."""
+    names, todo = [], [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None:
+            names.append(type(node).__name__)
+            todo.extend(n for n, _ in node.next_functions)
+    return " ".join(names)
+
+
+@pytest.fixture
+def sdpa_on_cpu(monkeypatch):
+    """flash-torch-sdpa registered for CPU tensors too (torch's SDPA runs there), with its
+    forward calls counted."""
+    from attnlib.kernels.flash_sdpa import FlashSDPA
+
+    kernel = next(k for k in dispatch.kernels("flash") if isinstance(k, FlashSDPA))
+    monkeypatch.setattr(kernel, "devices", ("cuda", "cpu"))
+    calls = []
+    real = kernel.forward
+    monkeypatch.setattr(kernel, "forward", lambda inp: calls.append(inp.requires_grad) or real(inp))
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_nondeterministic_training_runs_sdpa_with_its_own_autograd(sdpa_on_cpu, layout):
+    """deterministic=False on a graph-building half-precision call: auto picks torch's SDPA and
+    calls it outside attnlib's op, so the graph is SDPA's own (no forward recomputed in backward);
+    the default keeps attnlib's op and a kernel with a deterministic backward. Gradients against
+    the float64 reference (GQA, causal, odd length; bf16 tolerance)."""
+    from attnlib.reference import flash_reference
+
+    q, k, v = make_qkv(1, 4, 37, 32, kv_heads=2, dtype=torch.bfloat16, layout=layout, requires_grad=True, seed=41)
+    t = (lambda x: x) if layout == "bhsd" else (lambda x: x.transpose(1, 2))  # noqa: E731
+    leaves = [t(x).detach().double().requires_grad_() for x in (q, k, v)]
+    ref = flash_reference(*leaves, causal=True)
+    dout = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    want = torch.autograd.grad(ref, leaves, dout)
+    out = attnlib.flash_attention(q, k, v, causal=True, layout=layout, deterministic=False)
+    assert sdpa_on_cpu == [True]
+    assert "ScaledDotProduct" in graph_names(out) and "attnlib" not in graph_names(out)
+    got = torch.autograd.grad(out, (q, k, v), t(dout).to(out.dtype))
+    torch.testing.assert_close(t(out).double(), ref, atol=2e-2, rtol=2e-2)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(t(g).double(), w, atol=3e-2, rtol=3e-2, msg=lambda m: f"{name}: {m}")
+    # the default: attnlib's op, whose kernel (on a GPU flash-triton; here, with no Triton, torch's
+    # SDPA at its low rank) runs inside it
+    out2 = attnlib.flash_attention(q, k, v, causal=True, layout=layout)
+    assert "attnlib" in graph_names(out2) and "ScaledDotProduct" not in graph_names(out2)
+    for name, g, w in zip(("dq", "dk", "dv"), torch.autograd.grad(out2, (q, k, v), t(dout).to(out2.dtype)), want):
+        torch.testing.assert_close(t(g).double(), w, atol=3e-2, rtol=3e-2, msg=lambda m: f"op {name}: {m}")
+
+
 def test_explain_follows_rank(monkeypatch):
     """Kernels are tried (and their rejections listed) in rank order, ties in priority order."""
     from attnlib.kernels.flash_sdpa import FlashSDPA
@@ -249,3 +327,39 @@ def test_auto_runs_torch_sdpa_for_half_inference_and_triton_for_training(layout,
     assert attnlib.explain(qg, k, v, layout=layout).chosen.name == "flash-triton"
     k2, v2 = make_qkv(2, 8, 333, 64, kv_heads=2, seq_k=400, dtype=dtype, device="cuda", layout=layout, seed=32)[1:]
     assert attnlib.explain(q, k2, v2, causal=True, layout=layout).chosen.name == "flash-triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "nondeterministic"])
+def test_training_on_gpu_runs_the_kernel_explain_names(deterministic, monkeypatch):
+    """What really runs for a bf16 graph-building call (selection happens inside attnlib's op,
+    where autograd is off): flash-triton by default, torch SDPA with its own autograd for
+    deterministic=False; output and gradients by flash_attn's rule against float64 (GQA, causal,
+    odd length, bshd)."""
+    from test_flash_triton import grads, torch_same_dtype
+
+    from attnlib.reference import flash_reference
+    from attnlib.testing import assert_flash_rule
+
+    ran = []
+    for kern in dispatch.kernels("flash"):
+        monkeypatch.setattr(kern, "forward", (lambda real, name: lambda inp: ran.append(name) or real(inp))(
+            kern.forward, kern.name))
+    q, k, v = make_qkv(2, 8, 333, 64, kv_heads=2, dtype=torch.bfloat16, device="cuda", layout="bshd",
+                       requires_grad=True, seed=33)
+    chosen = attnlib.explain(q, k, v, causal=True, layout="bshd", deterministic=deterministic).chosen.name
+    assert chosen == ("flash-triton" if deterministic else "flash-torch-sdpa")
+    out = attnlib.flash_attention(q, k, v, causal=True, layout="bshd", deterministic=deterministic)
+    assert ran == [chosen]
+    assert ("ScaledDotProduct" in graph_names(out)) != deterministic
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    leaves = [t(x).detach().double().requires_grad_() for x in (q, k, v)]
+    ref = flash_reference(*leaves, causal=True)
+    same = [t(x).detach().clone().requires_grad_() for x in (q, k, v)]
+    base = torch_same_dtype(*same, causal=True, scale=64 ** -0.5)[0]
+    assert_flash_rule(t(out), ref, base, name="out")
+    dout = torch.randn_like(out)
+    for name, g, w, h in zip(("dq", "dk", "dv"), grads(out, (q, k, v), dout), grads(ref, leaves, t(dout).double()),
+                             grads(base, same, t(dout))):
+        assert_flash_rule(t(g), w, h, factor=3.0, name=name)
+    assert ran == [chosen]  # no forward recomputed for the backward

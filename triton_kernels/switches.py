@@ -4,6 +4,9 @@ Read per call, not at import, so a test or benchmark may flip them with monkeypa
   TRITON_INTERPRET=1            Triton's CPU interpreter runs the kernels (one small config each).
   ATTNLIB_<METHOD>_AUTOTUNE=0   the method's launchers take their first (default) candidate
                                 instead of autotuning; METHOD is FLASH, SAGE, ASYMRNR or SLA.
+  ATTNLIB_FLASH_ATOMIC_DQ=1     the flash backward of a deterministic=False call adds dQ with
+                                atomics inside its dK/dV kernel (slower where measured: see
+                                triton_kernels/flash/backward.py).
 """
 from __future__ import annotations
 
@@ -17,3 +20,7 @@ def interpreting() -> bool:
 def autotune_enabled(method: str) -> bool:
     """False when ATTNLIB_<METHOD>_AUTOTUNE is "0" (the GPU tests set it for speed)."""
     return os.environ.get(f"ATTNLIB_{method.upper()}_AUTOTUNE", "1") != "0"
+
+
+def atomic_dq_enabled() -> bool:
+    return os.environ.get("ATTNLIB_FLASH_ATOMIC_DQ") == "1"

@@ -8,10 +8,11 @@ TypeError naming the argument; a softmax_scale that is not finite and positive, 
 the attention probabilities are not materialised (the third element is None), as flash_attn
 returns them only for testing with dropout.
 
-deterministic is accepted and the backward here is always the deterministic one, whatever it
-says (flash_attn's default, False, means atomics there): attnlib's atomic-dQ backward is opt-in
-through attnlib.flash_attention(..., deterministic=False) until a GPU run has timed it against
-the deterministic kernels.
+deterministic passes through as attnlib.flash_attention's option, with flash_attn's default
+False: a graph-building fp16/bf16 call on a GPU then runs torch's SDPA (cuDNN) forward and
+backward, measured the fastest (see attnlib/kernels/flash_sdpa.py), whose backward, like
+flash_attn's by default, is not bit-reproducible; deterministic=True keeps attnlib's
+deterministic kernels.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D) [, lse (B, H, Sq), None]."""
     _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_scale)
     res = api.flash_attention(q, k, v, causal=causal, scale=_scale(softmax_scale), layout="bshd",
-                              return_lse=bool(return_attn_probs))
+                              return_lse=bool(return_attn_probs), deterministic=deterministic)
     return _result(res, return_attn_probs)
 
 
@@ -97,7 +98,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise ValueError("block_table: paged KV caches are not supported")
     res = varlen.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         causal=causal, scale=_scale(softmax_scale),
-                                        return_lse=bool(return_attn_probs))
+                                        return_lse=bool(return_attn_probs), deterministic=deterministic)
     return _result(res, return_attn_probs)
 
 

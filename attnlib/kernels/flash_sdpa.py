@@ -1,6 +1,8 @@
 """Method flash on torch's own scaled_dot_product_attention (GPU tensors): a torch-backend
-kernel, first for fp16/bf16 calls without gradients (measured fastest there; see ``rank``) and
-the fallback where attnlib's Triton/CUDA kernels are not installed."""
+kernel, first for fp16/bf16 calls without gradients or with deterministic=False (measured
+fastest there; see ``rank``) and the fallback where attnlib's Triton/CUDA kernels are not
+installed. A graph-building call that selects it runs it outside attnlib's op (api.attention), so
+that torch's autograd runs SDPA's own backward."""
 from __future__ import annotations
 
 import torch
@@ -19,9 +21,12 @@ class FlashSDPA(Kernel):
 
     # Above flash-triton (20) for half-precision calls that need no gradient: on an H100 (2026-11-27,
     # bench/results/nvidia-h100-80gb-hbm3/) torch SDPA's own choice (cuDNN) ran the forward 1.15-1.55x
-    # faster than attnlib's Triton kernel at hd64-128. Calls that build a graph keep attnlib's kernels
-    # (their backward is deterministic by default; SDPA's backends differ), and float32 stays below:
-    # torch has no fused flash or cuDNN kernel for it and may fall back to a path that forms N x N.
+    # faster than attnlib's Triton kernel at hd64-128. Calls that build a graph keep attnlib's
+    # kernels, whose backward is deterministic, unless the caller passed deterministic=False: torch's
+    # cuDNN and flash backwards are not deterministic, and on an H200 (2026-11-27,
+    # bench/results/nvidia-h200/) SDPA's forward + backward took 0.62-0.72x flash-triton's time.
+    # float32 stays below: torch has no fused flash or cuDNN kernel for it and may fall back to a
+    # path that forms N x N.
     half_inference_priority = 25
 
     def rank(self, inp: AttentionInputs) -> int:
@@ -29,7 +34,9 @@ class FlashSDPA(Kernel):
             return self.priority
         if inp.head_dim % 8 or inp.head_dim > 256 or inp.head_dim_v != inp.head_dim:
             return self.priority  # outside torch's fused kernels: its math path forms N x N
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (inp.q, inp.k, inp.v)):
+        # inp.requires_grad, not torch.is_grad_enabled(): inside attnlib's op autograd is off, and
+        # inp.grad carries whether the caller builds a graph
+        if inp.requires_grad and not nondeterministic_ok(inp):
             return self.priority
         return self.half_inference_priority
 
@@ -44,6 +51,12 @@ class FlashSDPA(Kernel):
         # the builtin, not the torch.nn.functional attribute, which patch_sdpa may have replaced
         return torch._C._nn.scaled_dot_product_attention(
             inp.q, inp.k, inp.v, is_causal=inp.causal, scale=inp.scale, enable_gqa=inp.is_gqa)
+
+
+def nondeterministic_ok(inp: AttentionInputs) -> bool:
+    """Whether a backward that is not bit-reproducible may run: the caller passed
+    deterministic=False and torch.use_deterministic_algorithms is off."""
+    return inp.options.get("deterministic", True) is False and not torch.are_deterministic_algorithms_enabled()
 
 
 register(FlashSDPA())

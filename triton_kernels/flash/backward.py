@@ -5,10 +5,13 @@ summed without atomics), and then dQ one of two ways:
 - deterministic (the default): a dQ kernel, one program per query block and query head, looping
   over key blocks. It recomputes S = QK^T and dP = dO V^T, so the backward runs 7 block matmuls
   per (query block, key block) pair;
-- deterministic=False: the dK/dV kernel also forms dQ's share of each pair, dS K, and adds it to
-  an fp32 buffer with atomics (as FlashAttention-2's CUDA backward and FlashAttention-3 do). That
-  is 5 matmuls a pair and one launch fewer, but the order of the float additions into dQ varies
-  from run to run, so dQ may differ in its last bits between runs.
+- atomic (deterministic=False and ATTNLIB_FLASH_ATOMIC_DQ=1): the dK/dV kernel also forms dQ's
+  share of each pair, dS K, and adds it to an fp32 buffer with atomics (as FlashAttention-2's CUDA
+  backward and FlashAttention-3 do). That is 5 matmuls a pair and one launch fewer, but the order
+  of the float additions into dQ varies from run to run, so dQ may differ in its last bits
+  between runs. It is opt-in because it measured slower: on an H200 (2026-11-27,
+  bench/results/nvidia-h200/) forward + backward took 1.17-1.42x the deterministic path's time
+  at hd64/128, 4k-32k tokens, causal or not.
 
 Nothing N x N is stored."""
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..switches import atomic_dq_enabled
 from . import configs
 from .common import (LOG2E, Varlen, cu_pointers, dkdv_stream_block, dot_precision, dq_key_block, geometry,
                      key_query_range, load_tile, query_key_range, seq_bounds, store_tile, strides3, strides4)
@@ -296,8 +300,9 @@ def flash_bwd(dout, q, k, v, out, lse, *, causal: bool, scale: float, varlen: Op
     """dq, dk, dv (in q/k/v's dtype and strides where dense) from dout and the saved forward.
 
     dlse, the gradient flowing into lse, folds into delta: d lse / d s = P, so
-    dS = P * (dP - (rowsum(dO * O) - dlse)). deterministic=False forms dQ inside the dK/dV kernel
-    with fp32 atomics (see the module docstring); it needs an fp32 buffer shaped like q, and
+    dS = P * (dP - (rowsum(dO * O) - dlse)). deterministic=False permits dQ formed inside the
+    dK/dV kernel with fp32 atomics, which runs only under ATTNLIB_FLASH_ATOMIC_DQ=1 (slower where
+    measured; see the module docstring); it needs an fp32 buffer shaped like q, and
     torch.use_deterministic_algorithms(True) overrides it.
     """
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -312,7 +317,7 @@ def flash_bwd(dout, q, k, v, out, lse, *, causal: bool, scale: float, varlen: Op
     bwd_preprocess(out, dout, delta, varlen)
     if dlse is not None:
         delta -= torch.where(torch.isfinite(lse), dlse.to(delta.dtype), 0.0)
-    if deterministic or torch.are_deterministic_algorithms_enabled():
+    if deterministic or torch.are_deterministic_algorithms_enabled() or not atomic_dq_enabled():
         bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal=causal, scale=scale, varlen=varlen)
         bwd_dq(q, k, v, dout, lse, delta, dq, causal=causal, scale=scale, varlen=varlen)
     else:
