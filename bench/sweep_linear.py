@@ -1,0 +1,171 @@
+"""Launch-config sweep of the non-causal linear kernels (state, then apply), measured on a GPU.
+
+The H200 run of 2026-11-27 (bench/results/nvidia-h200/) timed the two kernels at 1.4 TB/s
+together at 128k tokens (state 0.84 ms, apply 0.70 ms for B1 H16 hd128 bf16), a third of the
+copy bandwidth, with one 8-warp program per SM (176 and 163 registers). This sweep times every
+(rows per step, value block, warps, stages) of each kernel and the number of programs per SM
+(row splits of the state, row ranges of the apply), each against the launcher's default on the
+same inputs (outputs compared), so the default can be chosen from measurements.
+
+    python bench/sweep_linear.py --out DIR          # GPU: times, writes DIR/sweep_linear.json
+    python bench/sweep_linear.py --compile-only     # CPU: registers / spills of each config on sm_90
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from attnlib.triton_kernels.linear import kernels as lk  # noqa: E402
+
+# (rows per step, value block, warps, stages); four warps on tiles of 64 x 128 elements or more
+# spilled on sm_90 (`--compile-only`, 2026-11-27: 8 to 876 bytes), so those are left out
+STATE_CONFIGS = [c for c in itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 3, 4))
+                 if not (c[2] == 4 and c[0] * c[1] >= 64 * 128)]
+APPLY_CONFIGS = list(STATE_CONFIGS)  # (BLOCK_M, value block, warps, stages), the same rule
+PER_SM = (1, 2, 4, 8)  # programs per SM the rows are cut for
+SEQS = (32768, 131072)
+SHAPE = dict(batch=1, heads=16, head_dim=128)
+FEATURE = "elu"
+
+
+def state(k, v, block_n, bv, warps, stages, per_sm, sms):
+    """(S, z) summed over row splits as kernels.state does, with the launch config given."""
+    batch, heads, seq, dk = k.shape
+    dv = v.shape[3]
+    rows = max(block_n, triton_cdiv(triton_cdiv(seq, max(1, per_sm * sms // max(1, batch * heads * triton_cdiv(dv, bv)))),
+                                    block_n) * block_n)
+    splits = triton_cdiv(seq, rows)
+    out = torch.empty(splits, batch * heads, dk * dv + dk, dtype=torch.float32, device=k.device)
+    lk.linear_state_kernel[(triton_cdiv(dv, bv) * splits * batch * heads,)](
+        k, v, out, out, out, *k.stride(), *v.stride(), heads, seq, 0, rows, splits,
+        DK=dk, DK_PAD=lk.pad(dk), DV=dv, BV=bv, FEAT=lk.FEATURE_IDS[FEATURE], WEIGHTED=False,
+        BLOCK_N=block_n, MODE=lk.dot_mode(k.dtype), num_warps=warps, num_stages=stages)
+    sums = out.sum(0)
+    return sums[:, :dk * dv].view(batch, heads, dk, dv), sums[:, dk * dv:].view(batch, heads, dk)
+
+
+def apply(q, s, z, out, block_m, bv, warps, stages, per_sm, sms, eps=1e-6):
+    batch, heads, seq, dk = q.shape
+    dv = s.shape[3]
+    s, stride_sh = lk._dense_heads(s)
+    z, stride_zh = lk._dense_heads(z)
+    n_vb = triton_cdiv(dv, bv)
+    want = max(1, per_sm * sms // max(1, batch * heads * n_vb))
+    rows = max(block_m, triton_cdiv(triton_cdiv(seq, want), block_m) * block_m)
+    lk.linear_apply_kernel[(triton_cdiv(seq, rows), batch * heads, n_vb)](
+        q, s, z, out, *q.stride(), *out.stride(), heads, 1, seq, rows, stride_sh, stride_zh, eps,
+        DK=dk, DK_PAD=lk.pad(dk), DV=dv, BV=bv, FEAT=lk.FEATURE_IDS[FEATURE], NORMALIZE=True,
+        BLOCK_M=block_m, MODE=lk.dot_mode(q.dtype), num_warps=warps, num_stages=stages)
+    return out
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def compile_only() -> None:
+    """Compile each config for sm_90 on the CPU (tests/triton_sm90.py) and print registers,
+    shared memory and spills: the configs that spill need no GPU time."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from triton_sm90 import compile_launches
+
+    d = SHAPE["head_dim"]
+    q, k, v = (torch.randn(1, 2, 1024, d).to(torch.bfloat16) for _ in range(3))
+    s, z = torch.zeros(1, 2, d, d), torch.zeros(1, 2, d)
+    for name, configs in (("state", STATE_CONFIGS), ("apply", APPLY_CONFIGS)):
+        for cfg in configs:
+            records: list = []
+            with compile_launches(records):
+                if name == "state":
+                    state(k, v, *cfg, per_sm=2, sms=132)
+                else:
+                    apply(q, s, z, torch.empty_like(q), *cfg, per_sm=2, sms=132)
+            r = records[0]
+            print(json.dumps({"kernel": name, "config": cfg, "registers": r.get("registers"),
+                              "shared": r.get("shared"), "spill_bytes": r.get("spill_bytes"),
+                              "async_waits": r.get("async_waits"), "error": r.get("error")}), flush=True)
+
+
+def sweep(out_dir: Path, budget_s: float) -> list[dict]:
+    import triton.testing
+
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    t0 = time.perf_counter()
+    records: list[dict] = []
+    path = out_dir / "sweep_linear.json"
+
+    def bench(fn):
+        return triton.testing.do_bench(fn, warmup=5, rep=25)  # ms, median, L2 cleared between calls
+
+    for seq in SEQS:
+        b, h, d = SHAPE["batch"], SHAPE["heads"], SHAPE["head_dim"]
+        gen = torch.Generator(device=dev).manual_seed(seq)
+        q, k, v = (torch.randn(b, h, seq, d, generator=gen, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        o = torch.empty_like(q)
+        s_ref, z_ref = lk.state(k, v, FEATURE)
+        o_ref = lk.apply(q, s_ref, z_ref, torch.empty_like(q), FEATURE, 1e-6)
+        nbytes = 2 * q.numel() * q.element_size()  # each kernel reads two tensors (apply: one read, one written)
+        base = {"state": bench(lambda: lk.state(k, v, FEATURE)),
+                "apply": bench(lambda: lk.apply(q, s_ref, z_ref, o, FEATURE, 1e-6))}
+        for name, ms in base.items():
+            records.append(dict(seq=seq, kernel=name, config="default", ms=ms, gbs=nbytes / ms / 1e6))
+            print(f"seq {seq} {name} default {ms:.3f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
+        for name, configs in (("state", STATE_CONFIGS), ("apply", APPLY_CONFIGS)):
+            for cfg in configs:
+                for per_sm in PER_SM:
+                    if time.perf_counter() - t0 > budget_s:
+                        records.append(dict(seq=seq, kernel=name, config=list(cfg), per_sm=per_sm,
+                                            skipped="budget spent"))
+                        continue
+                    rec = dict(seq=seq, kernel=name, config=list(cfg), per_sm=per_sm)
+                    try:
+                        if name == "state":
+                            fn = lambda: state(k, v, *cfg, per_sm=per_sm, sms=sms)  # noqa: E731
+                            s, z = fn()
+                            err = max(((s - s_ref).abs().max() / s_ref.abs().max()).item(),
+                                      ((z - z_ref).abs().max() / z_ref.abs().max()).item())
+                        else:
+                            fn = lambda: apply(q, s_ref, z_ref, o, *cfg, per_sm=per_sm, sms=sms)  # noqa: E731
+                            fn()
+                            err = ((o.float() - o_ref.float()).abs().max() / o_ref.float().abs().max()).item()
+                        ms = bench(fn)
+                        rec.update(ms=ms, gbs=nbytes / ms / 1e6, vs_default=base[name] / ms, rel_err=err)
+                    except Exception as e:  # noqa: BLE001 - a config that does not launch is a result
+                        rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    records.append(rec)
+            best = sorted((r for r in records if r.get("kernel") == name and r.get("seq") == seq and "ms" in r
+                           and r.get("config") != "default"), key=lambda r: r["ms"])[:5]
+            for r in best:
+                print(f"seq {seq} {name} best {r['config']} per_sm {r['per_sm']}: {r['ms']:.3f} ms "
+                      f"{r['gbs']:.0f} GB/s {r['vs_default']:.2f}x default, rel err {r['rel_err']:.1e}", flush=True)
+            path.write_text(json.dumps(records, indent=1))
+    return records
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--budget", type=float, default=150.0)
+    args = ap.parse_args()
+    if args.compile_only:
+        compile_only()
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep(out, args.budget)
+
+
+if __name__ == "__main__":
+    main()
