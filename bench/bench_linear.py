@@ -1,6 +1,7 @@
 """Benchmarks for method linear: forward time against sequence length 4k..128k (linear scaling)
 and achieved GB/s (bytes of q, k, v read + out written, per pass) against the card's measured
-copy bandwidth, next to flash-linear-attention (fla-core) where importable. Issue 6 target:
+copy bandwidth, next to flash-linear-attention (fla-core) where importable, each eager (CUDA
+events around the call) and replayed from a CUDA graph (the kernels alone). Issue 6 target:
 >= 60% of measured copy bandwidth at seq 32k. Then forward + backward (attnlib only) at seq 32k,
 its GB/s over the least bytes a backward can move (q, k, v, out, dout read, dq, dk, dv written,
 plus the forward's four tensors).
@@ -75,8 +76,10 @@ def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None
     dtype_name = str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
     records = []
 
-    def timed(rec: dict, step, nbytes: int, reset=lambda: None, why_not: Optional[str] = None) -> None:
-        """Time step into rec (ms, GB/s, fraction of copy bandwidth), or say why it was not."""
+    def timed(rec: dict, step, nbytes: int, reset=lambda: None, why_not: Optional[str] = None,
+              graph: bool = False) -> None:
+        """Time step into rec (ms, GB/s, fraction of copy bandwidth; with graph also replayed from
+        a CUDA graph, graph_ms ...), or say why it was not."""
         what = f"{rec['provider']:<15} {'causal' if rec['causal'] else 'full':<6} seq {rec['seq']:<7} {rec['direction']:<7}"
         if step is None:
             rec["skipped"] = why_not
@@ -89,6 +92,17 @@ def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None
                 gbs = nbytes / ms / 1e6
                 rec.update(ms=ms, reps=reps, gbs=gbs, frac_copy=gbs / copy_gbs)
                 log(f"{what} {ms:8.3f} ms {gbs:7.0f} GB/s ({100 * gbs / copy_gbs:.0f}% of copy)")
+                if graph and dev.type == "cuda":
+                    # the same call replayed from a CUDA graph: the kernels' time without the host's
+                    # (which bounds eager calls below ~32k tokens: run 1 on H200 timed 0.45 ms at 4k)
+                    from bench.profile_gpu import _graph_ms
+                    g = _graph_ms(step)
+                    if isinstance(g, float):
+                        rec.update(graph_ms=g, graph_gbs=nbytes / g / 1e6, graph_frac_copy=nbytes / g / 1e6 / copy_gbs)
+                        log(f"{what} {g:8.3f} ms {nbytes / g / 1e6:7.0f} GB/s from a CUDA graph "
+                            f"({100 * nbytes / g / 1e6 / copy_gbs:.0f}% of copy)")
+                    else:
+                        rec["graph_ms"] = g
             except Exception as e:  # noqa: BLE001
                 rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 log(f"{what} failed: {rec['error']}")
@@ -109,8 +123,8 @@ def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None
             nbytes = 4 * q.numel() * q.element_size()  # q, k, v read once, out written once
             fla_step, fla_why = _fla_step(q, k, v, causal)
             timed(record("attnlib-triton", "fwd", seq, causal),
-                  lambda: attnlib.linear_attention(q, k, v, causal=causal, backend="triton"), nbytes)
-            timed(record("fla", "fwd", seq, causal), fla_step, nbytes, why_not=fla_why)
+                  lambda: attnlib.linear_attention(q, k, v, causal=causal, backend="triton"), nbytes, graph=True)
+            timed(record("fla", "fwd", seq, causal), fla_step, nbytes, why_not=fla_why, graph=True)
     for causal in (False, True):  # forward + backward at bwd_seq
         q, k, v = inputs(bwd_seq, grad=True)
         dout = torch.randn_like(q)

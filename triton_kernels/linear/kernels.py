@@ -667,12 +667,29 @@ def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, r
     return out
 
 
+def _swept(dk_pad: int, bv: int, dtype: torch.dtype) -> bool:
+    """16-bit inputs with a 128 x 128 state block (head dims 65-128): the class that
+    bench/sweep_linear.py timed on an H200 (2026-11-27, B1 H16 hd128 bf16 at 32k and 128k tokens;
+    bench/results/nvidia-h200/run2-2026-11-27/). Its fastest configs, taken below: the state kernel with
+    128 rows per step (1.29-1.30x the 64-row step: 0.654 vs 0.845 ms at 128k), the apply kernel
+    with 2 stages instead of 4 (1.61-1.64x: 0.424 vs 0.684 ms; 116 instead of 163 registers, so
+    two programs fit an SM). Other head dims and fp32 keep the earlier configs (not timed)."""
+    return dtype.itemsize == 2 and dk_pad * bv >= 128 * 128
+
+
 def state_config(dk_pad: int, dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(value block, warps, rows per step) of the state kernel."""
     bv = _streaming_value_block(dv, dtype.itemsize)
     if interpreting():
         return bv, 1, 64
-    return bv, _warps(dk_pad, bv), 64
+    return bv, _warps(dk_pad, bv), 128 if _swept(dk_pad, bv, dtype) else 64
+
+
+def apply_stages(dk_pad: int, bv: int, dtype: torch.dtype) -> int:
+    """Pipeline stages of the apply kernel's streaming loop (see _swept)."""
+    if _swept(dk_pad, bv, dtype):
+        return 2
+    return 4 if dtype.itemsize == 2 else _stages(dtype)
 
 
 def state(k: torch.Tensor, v: torch.Tensor, feature: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -721,7 +738,7 @@ def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.T
         q, s, z, out, *q.stride(), *out.stride(), heads, heads // s.shape[1], seq, rows, stride_sh, stride_zh, eps,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], NORMALIZE=z is not s,
         BLOCK_M=block_m, MODE=dot_mode(q.dtype), num_warps=_warps(pad(dk), bv),
-        num_stages=4 if q.element_size() == 2 else _stages(q.dtype))  # a streaming loop: two Q tiles in flight
+        num_stages=apply_stages(pad(dk), bv, q.dtype))
     return out
 
 
