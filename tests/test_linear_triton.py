@@ -342,3 +342,26 @@ def test_gpu_gradients(dtype, causal):
     ref.backward(dout.double())
     for name, t, leaf in zip(("dq", "dk", "dv"), (q, k, v), leaves):
         assert rel_rmse(t.grad, leaf.grad) <= REL_RMSE[dtype], name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dk,dv", [(32, 32), (64, 64), (96, 96), (64, 32), (128, 64), (40, 72)],
+                         ids=lambda x: str(x))
+def test_gpu_head_dims_each_launch_config(dk, dv, causal, dtype):
+    """Every launch-config class the launchers pick on a GPU (state / apply / causal output
+    kernels by padded head dims and value widths; only hd128 was timed, and one untaken config of
+    the causal kernel, 32 value columns with 64-row chunks, compiled wrong there): the forward
+    and gradients against float64, GQA, an odd length."""
+    q, k, v = make_qkv(1, 4, 1999, dk, kv_heads=2, head_dim_v=dv, dtype=dtype, device="cuda", requires_grad=True,
+                       seed=dk + dv)
+    out = attnlib.linear_attention(q, k, v, causal=causal)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = linear_reference(*leaves, causal=causal)
+    assert rel_rmse(out, ref) <= REL_RMSE[dtype]
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref.backward(dout.double())
+    for name, t, leaf in zip(("dq", "dk", "dv"), (q, k, v), leaves):
+        assert rel_rmse(t.grad, leaf.grad) <= REL_RMSE[dtype], name

@@ -94,6 +94,12 @@ PIPELINED = {"block_sparse_fwd_kernel", "block_sparse_dq_kernel", "block_sparse_
              "sage_fwd_kernel", "match_kernel"}
 
 
+# (kernel, head dim): spill bytes accepted, where a spilling config measured faster than the
+# spill-free one (triton_kernels/linear/kernels.py fwd_config: 3x on an H200); a bound, so that
+# more spilling still fails
+SPILLS_MEASURED_FASTER = {("linear_chunk_fwd_kernel", 128): 512}
+
+
 @pytest.mark.parametrize("case", EXTRA_CASES, ids=[_case_id(c) for c in EXTRA_CASES])
 def test_other_kernels_compile_for_sm90_and_fit(compiled_extra, case):
     recs = compiled_extra.get(case)
@@ -102,7 +108,8 @@ def test_other_kernels_compile_for_sm90_and_fit(compiled_extra, case):
         assert "error" not in r, f"{r['kernel']}: {r['error'][-2000:]}"
         assert r["shared"] <= H100_SMEM_BYTES, f"{r['kernel']} config {r['config']}: {r['shared']} bytes"
         if r["dtype"] != "fp32":
-            assert r["spill_bytes"] == 0, f"{r['kernel']} config {r['config']}: {r['report']}"
+            allowed = SPILLS_MEASURED_FASTER.get((r["kernel"], r["head_dim"]), 0)
+            assert r["spill_bytes"] <= allowed, f"{r['kernel']} config {r['config']}: {r['report']}"
             if r["kernel"] in PIPELINED:
                 assert max(r["async_waits"], default=0) > 0, \
                     f"{r['kernel']} config {r['config']}: no load stays in flight (async_wait {r['async_waits']})"

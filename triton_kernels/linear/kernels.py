@@ -775,14 +775,25 @@ def causal_states(k: torch.Tensor, v: torch.Tensor, feature: str, *, offset: int
 
 def fwd_config(dk_pad: int, dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(value block, warps, chunk) of the causal output kernel: its state (DK x BV fp32) lives in
-    registers beside the chunk's tiles. Compiled for sm_90 (tests/triton_sm90.py): at hd128 a
-    64-row chunk spills at any value block (the 64-row dots replicate over two warpgroups), 32 rows
-    and 32 value columns do not."""
+    registers beside the chunk's tiles.
+
+    16-bit, DK and DV padded to 128: (128, 8, 64), the fastest of 9 configs timed on an H200
+    (2026-11-27, B1 H16 hd128 bf16; bench/results/nvidia-h200/run3-2026-11-27/): 0.886 ms at 32k
+    tokens against 2.639 ms for (32, 8, 32), the spill-free config chosen before from sm_90
+    compiles alone (3.3 ms against 10.5 ms at 128k). It spills 344 bytes on sm_90 and is faster
+    all the same (tests/test_triton_sm90_compile.py accepts those spills and no more).
+
+    Elsewhere (not timed): 32 rows and 32 value columns at DK 128 and more, else 64-row chunks
+    with value blocks of at least 64. The one config that gave wrong outputs in that run,
+    (32, 4, 64), had 32 value columns with 64-row chunks (right under the interpreter, so the
+    compiled code, not the algorithm), and no default takes that shape."""
     if interpreting():
         return _value_block(dv), 1, chunk_size()
+    if dtype.itemsize == 2 and dk_pad == 128 and pad(dv) == 128:
+        return 128, 8, CHUNK
     if dk_pad >= 128:
         return min(_value_block(dv), 32), 8, 32
-    return _value_block(dv), 8, CHUNK
+    return max(_value_block(dv), 64), 8, CHUNK
 
 
 def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, feature: str, *, offset: int,
