@@ -91,7 +91,9 @@ def _attention_impl(*args):
     q, method, layout = a["q"], a["method"], a["layout"]
     inp = _build(q, a["k"], a["v"], method, layout, a["causal"], a["scale"], a["return_lse"], a["needs_grad"], a)
     kernel = dispatch.select(inp, a["backend"])
-    want_lse = method not in NO_LSE and kernel.supports_lse
+    # lse only where someone reads it: the caller, or the backward. A kernel asked for it may be
+    # the slower choice one level down (asymrnr's inner attention then cannot run on torch SDPA)
+    want_lse = method not in NO_LSE and kernel.supports_lse and (inp.return_lse or a["needs_grad"])
     aux_lse = method in AUX_LSE and a["needs_grad"] and kernel.keeps_lse_for_backward
     res = kernel.forward(replace(inp, return_lse=want_lse))
     out, lse = res if (want_lse or aux_lse) else (res, None)

@@ -395,6 +395,22 @@ def test_backward_and_lse():
     assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (numeric.item(), analytic.item())
 
 
+def test_inner_attention_is_asked_for_lse_only_when_read(monkeypatch):
+    """The inner attention computes lse only when the caller asks for it or a backward will read
+    it: a kernel asked for lse may be a slower one (on a GPU torch SDPA, the fastest flash kernel
+    for inference, returns none)."""
+    from attnlib import api
+
+    asked = []
+    real = api.attention
+    monkeypatch.setattr(api, "attention", lambda *a, **kw: asked.append(kw["return_lse"]) or real(*a, **kw))
+    q, k, v = make_qkv(1, 2, S, 16, seed=5)
+    kw = dict(method="asymrnr", grid=GRID, q_ratio=0.5, kv_ratio=0.3)
+    attnlib.attention(q, k, v, **kw)
+    attnlib.attention(q, k, v, return_lse=True, **kw)
+    assert asked == [False, True]
+
+
 def test_opcheck_and_compile_fullgraph():
     from attnlib import ops
 
