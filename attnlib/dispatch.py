@@ -59,6 +59,10 @@ class Kernel:
     supports_gqa: bool = True
     supports_backward: bool = True
     supports_lse: bool = True
+    # whether lse comes at no cost beside the output (a kernel writing its row statistics): the op
+    # then always asks for it; otherwise only when the caller or a backward reads it (AsymRnR's
+    # inner attention, asked for lse, cannot run on torch SDPA, which returns none)
+    lse_is_free: bool = True
     # for AUX_LSE methods: forward returns (out, lse of its softmax part) when inp.requires_grad,
     # and backward reads that lse
     keeps_lse_for_backward: bool = False

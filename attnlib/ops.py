@@ -91,9 +91,10 @@ def _attention_impl(*args):
     q, method, layout = a["q"], a["method"], a["layout"]
     inp = _build(q, a["k"], a["v"], method, layout, a["causal"], a["scale"], a["return_lse"], a["needs_grad"], a)
     kernel = dispatch.select(inp, a["backend"])
-    # lse only where someone reads it: the caller, or the backward. A kernel asked for it may be
-    # the slower choice one level down (asymrnr's inner attention then cannot run on torch SDPA)
-    want_lse = method not in NO_LSE and kernel.supports_lse and (inp.return_lse or a["needs_grad"])
+    # lse where someone reads it (the caller, the backward) or where it costs nothing: a full
+    # placeholder would be one more launch (see Kernel.lse_is_free)
+    want_lse = method not in NO_LSE and kernel.supports_lse and (
+        kernel.lse_is_free or inp.return_lse or a["needs_grad"])
     aux_lse = method in AUX_LSE and a["needs_grad"] and kernel.keeps_lse_for_backward
     res = kernel.forward(replace(inp, return_lse=want_lse))
     out, lse = res if (want_lse or aux_lse) else (res, None)

@@ -13,6 +13,7 @@ class AsymrnrKernel(Kernel):
     method = "asymrnr"
     supports_causal = False          # bidirectional video attention: reduction breaks causal order
     supports_seq_q_ne_seq_k = False  # one partition of one token grid serves Q and K/V
+    lse_is_free = False              # lse takes an inner kernel that returns one (not torch SDPA)
     piece_backend = "torch"
 
     def extra_reasons(self, inp: AttentionInputs) -> list[str]:
