@@ -327,12 +327,8 @@ def test_gpu_128k_finite_and_accurate(dtype, causal):
     assert rel_rmse(out[:, :, sl], ref[:, :, sl]) <= REL_RMSE[dtype]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_gpu_gradients(dtype, causal):
-    q, k, v = make_qkv(2, 8, 3000, 128, kv_heads=2, seq_k=3100, dtype=dtype, device="cuda", requires_grad=True,
-                       seed=10)
+def check_forward_and_gradients(q, k, v, causal: bool, dtype: torch.dtype) -> None:
+    """auto dispatch's output and gradients against the float64 reference, rel RMSE <= REL_RMSE."""
     out = attnlib.linear_attention(q, k, v, causal=causal)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = linear_reference(*leaves, causal=causal)
@@ -342,6 +338,15 @@ def test_gpu_gradients(dtype, causal):
     ref.backward(dout.double())
     for name, t, leaf in zip(("dq", "dk", "dv"), (q, k, v), leaves):
         assert rel_rmse(t.grad, leaf.grad) <= REL_RMSE[dtype], name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_gradients(dtype, causal):
+    q, k, v = make_qkv(2, 8, 3000, 128, kv_heads=2, seq_k=3100, dtype=dtype, device="cuda", requires_grad=True,
+                       seed=10)
+    check_forward_and_gradients(q, k, v, causal, dtype)
 
 
 @pytest.mark.gpu
@@ -356,12 +361,4 @@ def test_gpu_head_dims_each_launch_config(dk, dv, causal, dtype):
     and gradients against float64, GQA, an odd length."""
     q, k, v = make_qkv(1, 4, 1999, dk, kv_heads=2, head_dim_v=dv, dtype=dtype, device="cuda", requires_grad=True,
                        seed=dk + dv)
-    out = attnlib.linear_attention(q, k, v, causal=causal)
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = linear_reference(*leaves, causal=causal)
-    assert rel_rmse(out, ref) <= REL_RMSE[dtype]
-    dout = torch.randn_like(out)
-    out.backward(dout)
-    ref.backward(dout.double())
-    for name, t, leaf in zip(("dq", "dk", "dv"), (q, k, v), leaves):
-        assert rel_rmse(t.grad, leaf.grad) <= REL_RMSE[dtype], name
+    check_forward_and_gradients(q, k, v, causal, dtype)
