@@ -306,6 +306,28 @@ def test_super_chunk_bounds_state_memory(monkeypatch):
         assert span >= kernels.MIN_SPAN and span % kernels.CHUNK == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dk,dv", [(32, 32), (40, 72), (64, 16)], ids=lambda x: str(x))
+def test_state_vt_first_form_is_the_same_sum(dk, dv, dtype):
+    """The state kernel's V^T phi(K) form (a candidate for the GPU sweep) sums the same S and z
+    as its default form, against a float64 sum: odd lengths, value widths other than DK."""
+    from attnlib.triton_kernels.linear import kernels
+
+    gen = torch.Generator().manual_seed(dk + dv)
+    k = torch.randn(2, 3, 333, dk, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(2, 3, 333, dv, generator=gen).to(DEVICE, dtype)
+    s0, z0 = kernels.state(k, v, "elu")
+    s1, z1 = kernels.state(k, v, "elu", vt_first=True)
+    pk = torch.nn.functional.elu(k.double()) + 1.0
+    want_s, want_z = pk.transpose(-1, -2) @ v.double(), pk.sum(2)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-2)
+    for got_s, got_z in ((s0, z0), (s1, z1)):
+        torch.testing.assert_close(got_s.double(), want_s, **tol)
+        torch.testing.assert_close(got_z.double(), want_z, **tol)
+    with pytest.raises(ValueError, match="vt_first"):
+        kernels._chunk_sums(k, v, "elu", first=0, rows=64, splits=1, weights=(z0, z0), vt_first=True)
+
+
 def test_bad_options_are_named():
     q, k, v = make_qkv(1, 2, 16, 32, device=DEVICE)
     with pytest.raises(ValueError, match="feature_map"):

@@ -200,12 +200,17 @@ def linear_state_kernel(K, V, S, RSCALE, ZW,
                         stride_vb, stride_vh, stride_vn, stride_vd,
                         heads, seq, first, rows_per_split, n_units,
                         DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-                        FEAT: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr):
+                        FEAT: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
+                        VT_FIRST: tl.constexpr = False):
     """Grid (value blocks * n_units splits * batch * heads,), see grid_ids. Split i sums the rows
     [first + i * rows_per_split, first + (i + 1) * rows_per_split) within [0, seq) into
     S[i, bh] = (phi(K)^T V flattened DK x DV, then sum phi(K)), fp32 (splits, B*H, DK*DV + DK).
     WEIGHTED (the causal backward's reverse states): row n of V is scaled by RSCALE[bh, n] and the
-    second part is sum_n ZW[bh, n] phi(K_n)."""
+    second part is sum_n ZW[bh, n] phi(K_n).
+    VT_FIRST (unweighted only) forms S^T = V^T phi(K) instead: on sm_90 both wgmma operands then
+    come from shared memory (V's tile as loaded, read transposed; phi(K) stored once, untransposed),
+    where phi(K)^T from registers made ptxas serialize the wgmmas (its warning C7515). Not the
+    default until a GPU times it (bench/sweep_linear.py)."""
     pid_v, split, bh, n_bh = grid_ids(tl.cdiv(DV, BV), n_units)
     b64 = (bh // heads).to(tl.int64)
     h64 = (bh % heads).to(tl.int64)
@@ -216,7 +221,10 @@ def linear_state_kernel(K, V, S, RSCALE, ZW,
     v_ok = offs_v < DV
     k_row = K + b64 * stride_kb + h64 * stride_kh
     v_row = V + b64 * stride_vb + h64 * stride_vh
-    s = tl.zeros([DK_PAD, BV], dtype=tl.float32)
+    if VT_FIRST:
+        s = tl.zeros([BV, DK_PAD], dtype=tl.float32)
+    else:
+        s = tl.zeros([DK_PAD, BV], dtype=tl.float32)
     z = tl.zeros([DK_PAD], dtype=tl.float32)
     lo = tl.maximum(first + split * rows_per_split, 0)
     hi = tl.minimum(first + (split + 1) * rows_per_split, seq)
@@ -232,11 +240,17 @@ def linear_state_kernel(K, V, S, RSCALE, ZW,
             s = dot_acc(tl.trans(kf), vt.to(tl.float32) * scale[:, None], s, MODE)
             zw = tl.load(ZW + bh.to(tl.int64) * seq + rows, mask=n_ok, other=0.0)
             z += tl.sum(kf.to(tl.float32) * zw[:, None], 0)
+        elif VT_FIRST:
+            s = dot_in(tl.trans(vt), kf, s, MODE)
+            z += tl.sum(kf.to(tl.float32), 0)
         else:
             s = dot_in(tl.trans(kf), vt, s, MODE)
             z += tl.sum(kf.to(tl.float32), 0)
     base = S + (split.to(tl.int64) * n_bh + bh) * (DK * DV + DK)
-    tl.store(base + offs_k[:, None] * DV + offs_v[None, :], s, mask=k_ok[:, None] & v_ok[None, :])
+    if VT_FIRST:
+        tl.store(base + offs_v[:, None] + offs_k[None, :] * DV, s, mask=v_ok[:, None] & k_ok[None, :])
+    else:
+        tl.store(base + offs_k[:, None] * DV + offs_v[None, :], s, mask=k_ok[:, None] & v_ok[None, :])
     if pid_v == 0:
         tl.store(base + DK * DV + offs_k, z, mask=k_ok)
 
@@ -650,9 +664,12 @@ def super_chunk(seq: int, programs_per_span: int, device: torch.device) -> int:
 
 
 def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, rows: int, splits: int,
-                weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                weights: tuple[torch.Tensor, torch.Tensor] | None = None, vt_first: bool = False) -> torch.Tensor:
     """(splits, B*H, DK*DV + DK) fp32: split i sums the rows [first + i*rows, first + (i+1)*rows);
-    weights (row scale of v, weights of z), each (B*H, N) fp32, for the backward's reverse states."""
+    weights (row scale of v, weights of z), each (B*H, N) fp32, for the backward's reverse states;
+    vt_first: the kernel's V^T phi(K) form (see linear_state_kernel; unweighted only)."""
+    if vt_first and weights is not None:
+        raise ValueError("vt_first takes no weights")
     batch, heads, seq, dk = k.shape
     dv = v.shape[3]
     out = torch.empty(splits, batch * heads, dk * dv + dk, dtype=torch.float32, device=k.device)
@@ -663,7 +680,7 @@ def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, r
     linear_state_kernel[(triton.cdiv(dv, bv) * splits * batch * heads,)](
         k, v, out, rscale, zw, *k.stride(), *v.stride(), heads, seq, first, rows, splits,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], WEIGHTED=weights is not None,
-        BLOCK_N=block_n, MODE=dot_mode(k.dtype), num_warps=warps, num_stages=_stages(k.dtype))
+        BLOCK_N=block_n, MODE=dot_mode(k.dtype), num_warps=warps, num_stages=_stages(k.dtype), VT_FIRST=vt_first)
     return out
 
 
@@ -692,8 +709,9 @@ def apply_stages(dk_pad: int, bv: int, dtype: torch.dtype) -> int:
     return 4 if dtype.itemsize == 2 else _stages(dtype)
 
 
-def state(k: torch.Tensor, v: torch.Tensor, feature: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S (B, H, DK, DV), z (B, H, DK)) fp32 over all rows of bhsd k (B, H, N, DK), v (B, H, N, DV)."""
+def state(k: torch.Tensor, v: torch.Tensor, feature: str, *, vt_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S (B, H, DK, DV), z (B, H, DK)) fp32 over all rows of bhsd k (B, H, N, DK), v (B, H, N, DV).
+    vt_first: see linear_state_kernel (same result; which is faster is for a GPU to say)."""
     batch, heads, seq, dk = k.shape
     dv = v.shape[3]
     if seq == 0 or batch * heads == 0:
@@ -703,7 +721,7 @@ def state(k: torch.Tensor, v: torch.Tensor, feature: str) -> tuple[torch.Tensor,
     # enough splits to fill the GPU; each split a multiple of block_n rows
     rows = max(block_n, triton.cdiv(triton.cdiv(seq, max(1, 2 * _sm_count(k.device) // max(1, batch * heads))),
                                     block_n) * block_n)
-    sums = _chunk_sums(k, v, feature, first=0, rows=rows, splits=triton.cdiv(seq, rows)).sum(0)
+    sums = _chunk_sums(k, v, feature, first=0, rows=rows, splits=triton.cdiv(seq, rows), vt_first=vt_first).sum(0)
     return sums[:, :dk * dv].view(batch, heads, dk, dv), sums[:, dk * dv:].view(batch, heads, dk)
 
 
