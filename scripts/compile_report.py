@@ -41,9 +41,12 @@ def triton_rows() -> list[str]:
     script = os.path.join(REPO, "tests", "triton_sm90.py")
     lines = ["## Triton (sm_90, Triton's pipeline and bundled ptxas)", "",
              "The last column lists each TTGIR `async_wait`'s depth (copies left in flight; "
-             "tests/triton_sm90.py async_waits): a streaming loop should show one above 0.", "",
+             "tests/triton_sm90.py async_waits): a streaming loop should show one above 0. "
+             "*wgmma serialized*: ptxas's warning C7515 (a non-wgmma instruction defines a wgmma "
+             "accumulator inside its pipeline stage, so each wgmma completes before what follows).", "",
              "| family | case / kernel | dtype | hd | causal | config (BM, BN, warps, stages) | shared bytes | "
-             "registers | spill bytes | async waits |", "|---|---|---|---:|---|---|---:|---:|---:|---|"]
+             "registers | spill bytes | async waits | wgmma serialized |",
+             "|---|---|---|---:|---|---|---:|---:|---:|---|---|"]
     for args in (["--suite", "flash"], ["--suite", "flash", "--tma"], ["--suite", "extra"]):
         out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, check=True).stdout
         for line in out.splitlines():
@@ -53,11 +56,12 @@ def triton_rows() -> list[str]:
             what = r.get("case", "") + (" " if r.get("case") else "") + str(r.get("kernel"))
             if "error" in r:
                 lines.append(f"| {r.get('family')} | {what} | {r.get('dtype')} | {r.get('head_dim')} | "
-                             f"{r.get('causal')} | {r.get('config')} | error: {r['error'][:80]} | | | |")
+                             f"{r.get('causal')} | {r.get('config')} | error: {r['error'][:80]} | | | | |")
                 continue
             lines.append(f"| {r.get('family')} | {what} | {r.get('dtype')} | {r.get('head_dim')} | "
                          f"{'yes' if r.get('causal') else 'no'} | {tuple(r.get('config', []))} | {r['shared']} | "
-                         f"{r['registers']} | {r['spill_bytes']} | {r.get('async_waits', '')} |")
+                         f"{r['registers']} | {r['spill_bytes']} | {r.get('async_waits', '')} | "
+                         f"{'yes' if r.get('wgmma_serialized') else ''} |")
     return lines + [""]
 
 

@@ -79,9 +79,11 @@ def _ptxas_report(compiled) -> dict:
                                 capture_output=True, text=True, check=True).stderr
     regs = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
+    # ptxas's C7515: wgmma instructions serialized (a non-wgmma instruction defines accumulator
+    # registers inside the pipeline stage), so no wgmma overlaps the instructions after it
     return {"shared": compiled.metadata.shared, "registers": int(regs.group(1)) if regs else -1,
             "spill_bytes": int(spills.group(1)) if spills else 0, "report": report,
-            "async_waits": async_waits(compiled.asm["ttgir"])}
+            "async_waits": async_waits(compiled.asm["ttgir"]), "wgmma_serialized": "C7515" in report}
 
 
 def flash_cases(all_candidates: bool = False, tma: bool = False):
