@@ -26,6 +26,8 @@ Steps, each bounded in time so the whole run ends inside about 8 minutes on an H
    (:func:`bench.bench_sla.run_sla_suite`: Wan2.1-1.3B fwd / bwd vs dense flash and SDPA) in small
    budgets, each to its own JSON file (``--suites`` picks which run); last the kernel profile
    (:mod:`bench.profile_gpu`: eager vs CUDA-graph time and the kernels of each case, profile.md);
+   Launch-config sweeps (``SWEEPS``) run only when ``--suites`` names them:
+   ``--skip-tests --suites sweep_linear,sweep_linear_causal,sweep_block_sparse``;
 4. ``results.json`` (environment, test counts, every record) and ``summary.md`` (a markdown
    table with the speed of each attnlib provider relative to the fastest SDPA backend), written
    after every measurement so a run cut short still leaves its numbers, then copied into
@@ -72,6 +74,10 @@ SLA_END_S = 470.0            # sla (issue 7: Wan2.1-1.3B fwd/bwd vs flash / SDPA
 PROFILE_END_S = 505.0        # bench/profile_gpu.py: eager vs CUDA graph and the kernels of each case, 35 s
 PER_TEST_TIMEOUT_S = 120
 SUITES = ("flash", "cuda_compile", "asymrnr", "sage", "overhead", "block_sparse", "linear", "sla", "profile")
+# launch-config sweeps, run only when named in --suites (each to its own JSON beside the rest):
+# bench/sweep_linear.py (non-causal, then --causal) and bench/sweep_block_sparse.py
+SWEEPS = ("sweep_linear", "sweep_linear_causal", "sweep_block_sparse")
+SWEEP_END_S = 540.0
 MAX_FAILURES = 40            # keep going past failures: one run must show as many of them as it can
 RESULT_FILES = ("results.json", "summary.md", "pytest-gpu.log", "pytest-failures.log", "sanitizer.log",
                 "asymrnr.json", "asymrnr.md", "overhead.json", "block_sparse.json", "linear.json", "sla.json",
@@ -343,13 +349,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--tests", default="tests/",
                     help="comma list of test files or node ids for pytest -m gpu (a follow-up run re-checks a few)")
     ap.add_argument("--suites", default=",".join(SUITES),
-                    help=f"comma list of benchmark suites to run, of {','.join(SUITES)} (default: all)")
+                    help=f"comma list of benchmark suites to run, of {','.join(SUITES)} (default: all), "
+                         f"or the sweeps {','.join(SWEEPS)} (only when named)")
     ap.add_argument("--import", dest="import_dir", default=None,
                     help="only file the results fetched into this folder under bench/results/<gpu>/")
     args = ap.parse_args(argv)
     suites = {s for s in args.suites.split(",") if s}
-    if suites - set(SUITES):
-        ap.error(f"--suites: unknown {sorted(suites - set(SUITES))}; choose from {','.join(SUITES)}")
+    if suites - set(SUITES + SWEEPS):
+        ap.error(f"--suites: unknown {sorted(suites - set(SUITES + SWEEPS))}; choose from "
+                 f"{','.join(SUITES + SWEEPS)}")
     if args.skip_bench:
         suites = set()
     suites -= {name for name, skip in (("asymrnr", args.skip_asymrnr), ("sage", args.skip_sage)) if skip}
@@ -470,7 +478,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ("linear", "bench.bench_linear", "run_linear_suite", 20.0, SPARSE_LINEAR_END_S, {}),
             ("sla", "bench.bench_sla", "run_sla_suite", 40.0, SLA_END_S, {}),
             # the profile writes profile.md beside the rest
-            ("profile", "bench.profile_gpu", "run_profile_suite", 35.0, PROFILE_END_S, dict(out=out))):
+            ("profile", "bench.profile_gpu", "run_profile_suite", 35.0, PROFILE_END_S, dict(out=out)),
+            ("sweep_linear", "bench.sweep_linear", "run_sweep_suite", 120.0, SWEEP_END_S, dict(out=out)),
+            ("sweep_linear_causal", "bench.sweep_linear", "run_sweep_suite", 120.0, SWEEP_END_S,
+             dict(out=out, causal=True)),
+            ("sweep_block_sparse", "bench.sweep_block_sparse", "run_sweep_suite", 60.0, SWEEP_END_S, dict(out=out))):
         if name not in suites:
             continue
         cap = min(cap, end_s - (time.perf_counter() - t_start))

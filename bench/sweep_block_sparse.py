@@ -93,6 +93,14 @@ def sweep(out_dir: Path, budget_s: float) -> list[dict]:
     return records
 
 
+def run_sweep_suite(budget_s: float, log=print, *, out) -> list[dict]:
+    """gpu_check's suite sweep_block_sparse: the sweep's records (also written under out); []
+    without CUDA."""
+    if not torch.cuda.is_available():
+        return []
+    return sweep(Path(out), budget_s)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")

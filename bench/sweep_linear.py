@@ -250,6 +250,14 @@ def causal_sweep(out_dir: Path, budget_s: float) -> list[dict]:
     return records
 
 
+def run_sweep_suite(budget_s: float, log=print, *, out, causal: bool = False) -> list[dict]:
+    """gpu_check's suites sweep_linear / sweep_linear_causal: the sweep's records (also written
+    under out); [] without CUDA."""
+    if not torch.cuda.is_available():
+        return []
+    return (causal_sweep if causal else sweep)(Path(out), budget_s)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--compile-only", action="store_true")
