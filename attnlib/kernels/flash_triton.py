@@ -4,9 +4,10 @@ Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (slow; for tes
 imported only when the kernel runs, so this module imports without it. ``backward`` runs the
 fused FA2 backward from the saved out and lse (no recomputation of the forward); a gradient
 flowing into lse is honoured; the option deterministic=False with ATTNLIB_FLASH_ATOMIC_DQ=1 forms
-dQ with atomics inside the dK/dV kernel instead of a second kernel (opt-in: measured slower). ATTNLIB_FLASH_TMA=1 switches dense fp16/bf16 forwards on sm_90+ to
-the tensor-descriptor (TMA) kernel (triton_kernels/flash/forward_tma.py; same results, opt-in
-until a GPU run compares the two); inputs it cannot express keep the default forward.
+dQ with atomics inside the dK/dV kernel instead of a second kernel (opt-in: measured slower).
+ATTNLIB_FLASH_TMA=1 switches dense fp16/bf16 forwards on sm_90+ to the tensor-descriptor (TMA)
+kernel (triton_kernels/flash/forward_tma.py; same results, opt-in until a GPU run compares the
+two); inputs it cannot express keep the default forward.
 """
 from __future__ import annotations
 
