@@ -15,7 +15,7 @@ kernel that ran forward (selection is deterministic for the same inputs) and cal
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -87,7 +87,12 @@ _BWD_NAMES = ("dout", "dlse", "q", "k", "v", "out", "lse") + _CALL_ARGS + OPTION
 
 @torch.library.impl(_LIB, "attention", "CompositeExplicitAutograd")
 def _attention_impl(*args):
-    a = _split(_FWD_NAMES, args)
+    return _attention(_split(_FWD_NAMES, args), placeholder=True)
+
+
+def _attention(a: dict[str, Any], *, placeholder: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """The op's implementation; placeholder=False (the direct path, whose caller did not ask for
+    lse) returns None where a kernel gave no lse, instead of filling a tensor for it."""
     q, method, layout = a["q"], a["method"], a["layout"]
     inp = _build(q, a["k"], a["v"], method, layout, a["causal"], a["scale"], a["return_lse"], a["needs_grad"], a)
     kernel = dispatch.select(inp, a["backend"])
@@ -99,6 +104,8 @@ def _attention_impl(*args):
     res = kernel.forward(replace(inp, return_lse=want_lse))
     out, lse = res if (want_lse or aux_lse) else (res, None)
     out = from_bhsd(out, layout).contiguous()
+    if lse is None and not placeholder:
+        return out, None
     if lse is None:
         # only when the caller did not ask for lse (a kernel without one is rejected otherwise);
         # that kernel's backward does not read it. NaN marks it; an AUX_LSE method's slot, which
@@ -123,11 +130,13 @@ def direct_call_ok(tensors) -> bool:
 
 
 def attention_direct(q, k, v, method: str, backend: str, layout: str, causal: bool, scale, return_lse: bool,
-                     options: dict[str, Any]) -> tuple[Tensor, Tensor]:
+                     options: dict[str, Any]) -> tuple[Tensor, Optional[Tensor]]:
     """What ``torch.ops.attnlib.attention`` returns, computed without the dispatcher (no autograd
-    node: for calls that need no gradient; see direct_call_ok). options: op_arguments(...)."""
-    return _attention_impl(q, k, v, method, backend, layout, causal, scale, return_lse, False,
-                           *(options[n] for n in OPTION_NAMES))
+    node: for calls that need no gradient; see direct_call_ok), except that lse is None when the
+    caller did not ask for it and the kernel gave none (the op fills a tensor for it: on a GPU one
+    more launch per call, e.g. on torch SDPA). options: op_arguments(...)."""
+    args = (q, k, v, method, backend, layout, causal, scale, return_lse, False, *(options[n] for n in OPTION_NAMES))
+    return _attention(_split(_FWD_NAMES, args), placeholder=return_lse)
 
 
 @torch.library.register_fake("attnlib::attention", lib=_LIB)

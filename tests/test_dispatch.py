@@ -261,6 +261,22 @@ def sdpa_on_cpu(monkeypatch):
     return calls
 
 
+def test_inference_on_sdpa_fills_no_lse_placeholder(sdpa_on_cpu):
+    """An eager call that needs no gradient and no lse, on a kernel that gives none (torch SDPA),
+    launches nothing beside it: no NaN-filled lse tensor (on a GPU one more kernel per call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = make_qkv(1, 2, 33, 32, dtype=torch.bfloat16, seed=42)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = attnlib.flash_attention(q, k, v)
+    names = {e.name for e in prof.events()}
+    assert sdpa_on_cpu == [False] and torch.equal(out, want)
+    assert not names & {"aten::full", "aten::fill_"}, sorted(n for n in names if n.startswith("aten::"))
+    out, lse = attnlib.flash_attention(q.float(), k.float(), v.float(), return_lse=True)  # lse asked: a kernel gives it
+    assert lse.shape == (1, 2, 33) and torch.isfinite(lse).all()
+
+
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_nondeterministic_training_runs_sdpa_with_its_own_autograd(sdpa_on_cpu, layout):
     """deterministic=False on a graph-building half-precision call: auto picks torch's SDPA and
