@@ -384,3 +384,40 @@ def test_gpu_head_dims_each_launch_config(dk, dv, causal, dtype):
     q, k, v = make_qkv(1, 4, 1999, dk, kv_heads=2, head_dim_v=dv, dtype=dtype, device="cuda", requires_grad=True,
                        seed=dk + dv)
     check_forward_and_gradients(q, k, v, causal, dtype)
+
+
+def test_noncausal_backward_bf16_plumbing_with_emulated_kernels(monkeypatch):
+    """The bf16 branch of the non-causal backward (bf16 operands for the state / apply kernels)
+    cannot run under the interpreter, whose bf16 tl.dot is wrong: here the two kernels are
+    replaced by torch with their rounding (operands to bf16, fp32 accumulation), so the branch's
+    own arithmetic (which tensors, GQA group sums, den / dd) is checked against float64."""
+    import torch.nn.functional as F
+
+    from attnlib.triton_kernels.linear import attention, kernels
+
+    phis = {"elu": lambda x: F.elu(x) + 1.0, "identity": lambda x: x}
+
+    def bf16(t):  # an operand as the kernel multiplies it
+        return t.to(torch.bfloat16).float()
+
+    def state(k, v, feature, **kw):
+        assert k.dtype == v.dtype == torch.bfloat16, "the backward's states take bf16 operands"
+        pk = phis[feature](k.float())
+        return bf16(pk).transpose(-1, -2) @ bf16(v), pk.sum(2)
+
+    def apply(q, s, z, out, feature, eps=0.0):
+        assert z is None and q.dtype == torch.bfloat16, "the backward applies bf16 operands, no normaliser"
+        out.copy_(bf16(phis[feature](q.float())) @ bf16(s.repeat_interleave(q.shape[1] // s.shape[1], 1)))
+        return out
+
+    q, k, v = make_qkv(1, 4, 200, 32, kv_heads=2, seq_k=230, dtype=torch.bfloat16, seed=12)
+    out = linear_reference(q.double(), k.double(), v.double()).to(torch.bfloat16)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    linear_reference(*leaves).backward(dout.double())
+    monkeypatch.setattr(kernels, "state", state)
+    monkeypatch.setattr(kernels, "apply", apply)
+    grads = attention.linear_bwd(dout, q, k, v, out, feature="elu", causal=False, eps=1e-6)
+    for name, g, leaf in zip(("dq", "dk", "dv"), grads, leaves):
+        assert g.dtype == torch.bfloat16 and g.shape == leaf.shape, name
+        assert rel_rmse(g, leaf.grad) <= REL_RMSE[torch.bfloat16], name
