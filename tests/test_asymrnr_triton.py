@@ -8,10 +8,13 @@ bound. Gathers are exact copies; the mean merge within 1e-6 (fp32 atomics in any
 """
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
 import attnlib
+from attnlib import dispatch
 from attnlib.asymrnr import AsymRnR, match, partition, plan_reduction, reduce, restore
 from attnlib.reference.asymrnr import asymrnr_match_reference, asymrnr_similarity
 from attnlib.testing import assert_verbose_allclose, make_qkv, metrics
@@ -217,7 +220,13 @@ def test_asymrnr_gpu_end_to_end_bf16():
     q, k, v = video_latents(grid, heads=4, head_dim=64, dtype=torch.bfloat16, device="cuda")
     q32, k32, v32 = (t.float() for t in (q, k, v))
     kw = dict(method="asymrnr", grid=grid, q_ratio=0.5, kv_ratio=0.3)
-    got = attnlib.attention(q, k, v, **kw)
+    inner = []
+    real_select = dispatch.select
+    with mock.patch.object(dispatch, "select", lambda inp, backend="auto": (
+            lambda kern: inner.append(kern.name) or kern)(real_select(inp, backend))):
+        got = attnlib.attention(q, k, v, **kw)
+    # the inner attention, asked for no lse, runs on torch SDPA (cuDNN: the H200's fastest)
+    assert inner == ["asymrnr-triton", "flash-torch-sdpa"], inner
     assert attnlib.explain(q, k, v, **kw).chosen.name == "asymrnr-triton"
     want = attnlib.attention(q32, k32, v32, backend="torch", **kw)
     m = metrics(got, want)
