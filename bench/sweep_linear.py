@@ -51,39 +51,14 @@ SHAPE = dict(batch=1, heads=16, head_dim=128)
 FEATURE = "elu"
 
 
-def state(k, v, block_n, bv, warps, stages, vt_first=False, *, per_sm, sms):
-    """(S, z) summed over row splits as kernels.state does, with the launch config given."""
-    batch, heads, seq, dk = k.shape
-    dv = v.shape[3]
-    rows = max(block_n, triton_cdiv(triton_cdiv(seq, max(1, per_sm * sms // max(1, batch * heads * triton_cdiv(dv, bv)))),
-                                    block_n) * block_n)
-    splits = triton_cdiv(seq, rows)
-    out = torch.empty(splits, batch * heads, dk * dv + dk, dtype=torch.float32, device=k.device)
-    lk.linear_state_kernel[(triton_cdiv(dv, bv) * splits * batch * heads,)](
-        k, v, out, out, out, *k.stride(), *v.stride(), heads, seq, 0, rows, splits,
-        DK=dk, DK_PAD=lk.pad(dk), DV=dv, BV=bv, FEAT=lk.FEATURE_IDS[FEATURE], WEIGHTED=False,
-        BLOCK_N=block_n, MODE=lk.dot_mode(k.dtype), num_warps=warps, num_stages=stages, VT_FIRST=vt_first)
-    sums = out.sum(0)
-    return sums[:, :dk * dv].view(batch, heads, dk, dv), sums[:, dk * dv:].view(batch, heads, dk)
+def state(k, v, block_n, bv, warps, stages, vt_first=False, *, per_sm):
+    """(S, z) from kernels.state with the launch config given, per_sm row splits per SM."""
+    return lk.state(k, v, FEATURE, vt_first=vt_first, config=(bv, warps, block_n, stages), splits_per_sm=per_sm)
 
 
-def apply(q, s, z, out, block_m, bv, warps, stages, per_sm, sms, eps=1e-6):
-    batch, heads, seq, dk = q.shape
-    dv = s.shape[3]
-    s, stride_sh = lk._dense_heads(s)
-    z, stride_zh = lk._dense_heads(z)
-    n_vb = triton_cdiv(dv, bv)
-    want = max(1, per_sm * sms // max(1, batch * heads * n_vb))
-    rows = max(block_m, triton_cdiv(triton_cdiv(seq, want), block_m) * block_m)
-    lk.linear_apply_kernel[(triton_cdiv(seq, rows), batch * heads, n_vb)](
-        q, s, z, out, *q.stride(), *out.stride(), heads, 1, seq, rows, stride_sh, stride_zh, eps,
-        DK=dk, DK_PAD=lk.pad(dk), DV=dv, BV=bv, FEAT=lk.FEATURE_IDS[FEATURE], NORMALIZE=True,
-        BLOCK_M=block_m, MODE=lk.dot_mode(q.dtype), num_warps=warps, num_stages=stages)
-    return out
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
+def apply(q, s, z, out, block_m, bv, warps, stages, *, per_sm):
+    """kernels.apply with the launch config given, per_sm programs per SM."""
+    return lk.apply(q, s, z, out, FEATURE, 1e-6, config=(block_m, bv, warps, stages), programs_per_sm=per_sm)
 
 
 def compile_only() -> None:
@@ -100,9 +75,9 @@ def compile_only() -> None:
             records: list = []
             with compile_launches(records):
                 if name == "state":
-                    state(k, v, *cfg, per_sm=2, sms=132)
+                    state(k, v, *cfg, per_sm=2)
                 else:
-                    apply(q, s, z, torch.empty_like(q), *cfg, per_sm=2, sms=132)
+                    apply(q, s, z, torch.empty_like(q), *cfg, per_sm=2)
             r = records[0]
             print(json.dumps({"kernel": name, "config": cfg, "registers": r.get("registers"),
                               "shared": r.get("shared"), "spill_bytes": r.get("spill_bytes"),
@@ -113,7 +88,6 @@ def sweep(out_dir: Path, budget_s: float) -> list[dict]:
     import triton.testing
 
     dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
     t0 = time.perf_counter()
     records: list[dict] = []
     path = out_dir / "sweep_linear.json"
@@ -144,12 +118,12 @@ def sweep(out_dir: Path, budget_s: float) -> list[dict]:
                     rec = dict(seq=seq, kernel=name, config=list(cfg), per_sm=per_sm)
                     try:
                         if name == "state":
-                            fn = lambda: state(k, v, *cfg, per_sm=per_sm, sms=sms)  # noqa: E731
+                            fn = lambda: state(k, v, *cfg, per_sm=per_sm)  # noqa: E731
                             s, z = fn()
                             err = max(((s - s_ref).abs().max() / s_ref.abs().max()).item(),
                                       ((z - z_ref).abs().max() / z_ref.abs().max()).item())
                         else:
-                            fn = lambda: apply(q, s_ref, z_ref, o, *cfg, per_sm=per_sm, sms=sms)  # noqa: E731
+                            fn = lambda: apply(q, s_ref, z_ref, o, *cfg, per_sm=per_sm)  # noqa: E731
                             fn()
                             err = ((o.float() - o_ref.float()).abs().max() / o_ref.float().abs().max()).item()
                         ms = bench(fn)

@@ -664,10 +664,13 @@ def super_chunk(seq: int, programs_per_span: int, device: torch.device) -> int:
 
 
 def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, rows: int, splits: int,
-                weights: tuple[torch.Tensor, torch.Tensor] | None = None, vt_first: bool = False) -> torch.Tensor:
+                weights: tuple[torch.Tensor, torch.Tensor] | None = None, vt_first: bool = False,
+                config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """(splits, B*H, DK*DV + DK) fp32: split i sums the rows [first + i*rows, first + (i+1)*rows);
     weights (row scale of v, weights of z), each (B*H, N) fp32, for the backward's reverse states;
-    vt_first: the kernel's V^T phi(K) form (see linear_state_kernel; unweighted only)."""
+    vt_first: the kernel's V^T phi(K) form (see linear_state_kernel; unweighted only); config:
+    (value block, warps, rows per step, stages) in place of state_config's and _stages'
+    (bench/sweep_linear.py)."""
     if vt_first and weights is not None:
         raise ValueError("vt_first takes no weights")
     batch, heads, seq, dk = k.shape
@@ -675,12 +678,12 @@ def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, r
     out = torch.empty(splits, batch * heads, dk * dv + dk, dtype=torch.float32, device=k.device)
     if splits == 0 or batch * heads == 0:
         return out
-    bv, warps, block_n = state_config(pad(dk), dv, k.dtype)
+    bv, warps, block_n, stages = config or (*state_config(pad(dk), dv, k.dtype), _stages(k.dtype))
     rscale, zw = weights if weights is not None else (out, out)
     linear_state_kernel[(triton.cdiv(dv, bv) * splits * batch * heads,)](
         k, v, out, rscale, zw, *k.stride(), *v.stride(), heads, seq, first, rows, splits,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], WEIGHTED=weights is not None,
-        BLOCK_N=block_n, MODE=dot_mode(k.dtype), num_warps=warps, num_stages=_stages(k.dtype), VT_FIRST=vt_first)
+        BLOCK_N=block_n, MODE=dot_mode(k.dtype), num_warps=warps, num_stages=stages, VT_FIRST=vt_first)
     return out
 
 
@@ -709,19 +712,24 @@ def apply_stages(dk_pad: int, bv: int, dtype: torch.dtype) -> int:
     return 4 if dtype.itemsize == 2 else _stages(dtype)
 
 
-def state(k: torch.Tensor, v: torch.Tensor, feature: str, *, vt_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def state(k: torch.Tensor, v: torch.Tensor, feature: str, *, vt_first: bool = False,
+          config: tuple[int, int, int, int] | None = None,
+          splits_per_sm: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """(S (B, H, DK, DV), z (B, H, DK)) fp32 over all rows of bhsd k (B, H, N, DK), v (B, H, N, DV).
-    vt_first: see linear_state_kernel (same result; which is faster is for a GPU to say)."""
+    vt_first: see linear_state_kernel (same result; which is faster is for a GPU to say); config
+    (see _chunk_sums) and splits_per_sm (row splits per SM over all batch * heads): what
+    bench/sweep_linear.py varies."""
     batch, heads, seq, dk = k.shape
     dv = v.shape[3]
     if seq == 0 or batch * heads == 0:
         return (k.new_zeros(batch, heads, dk, dv, dtype=torch.float32),
                 k.new_zeros(batch, heads, dk, dtype=torch.float32))
-    block_n = state_config(pad(dk), dv, k.dtype)[2]
+    block_n = config[2] if config else state_config(pad(dk), dv, k.dtype)[2]
     # enough splits to fill the GPU; each split a multiple of block_n rows
-    rows = max(block_n, triton.cdiv(triton.cdiv(seq, max(1, 2 * _sm_count(k.device) // max(1, batch * heads))),
-                                    block_n) * block_n)
-    sums = _chunk_sums(k, v, feature, first=0, rows=rows, splits=triton.cdiv(seq, rows), vt_first=vt_first).sum(0)
+    wanted = max(1, splits_per_sm * _sm_count(k.device) // max(1, batch * heads))
+    rows = max(block_n, triton.cdiv(triton.cdiv(seq, wanted), block_n) * block_n)
+    sums = _chunk_sums(k, v, feature, first=0, rows=rows, splits=triton.cdiv(seq, rows), vt_first=vt_first,
+                       config=config).sum(0)
     return sums[:, :dk * dv].view(batch, heads, dk, dv), sums[:, dk * dv:].view(batch, heads, dk)
 
 
@@ -738,8 +746,11 @@ def _dense_heads(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.Tensor, feature: str,
-          eps: float = 0.0) -> torch.Tensor:
-    """out (B, Hq, N, DV) = phi(q) s [/ (phi(q) . z + eps) when z is given]; s (B, Hs, DK, DV)."""
+          eps: float = 0.0, *, config: tuple[int, int, int, int] | None = None,
+          programs_per_sm: int = 4) -> torch.Tensor:
+    """out (B, Hq, N, DV) = phi(q) s [/ (phi(q) . z + eps) when z is given]; s (B, Hs, DK, DV).
+    config: (rows per step, value block, warps, stages) in place of the defaults below, and
+    programs_per_sm: what bench/sweep_linear.py varies."""
     batch, heads, seq, dk = q.shape
     dv = s.shape[3]
     if seq == 0 or batch * heads == 0:
@@ -747,16 +758,16 @@ def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.T
     s, stride_sh = _dense_heads(s)
     z, stride_zh = (s, 0) if z is None else _dense_heads(z)
     bv = _streaming_value_block(dv, q.element_size())
-    block_m = 16 if interpreting() else 64
+    block_m, bv, warps, stages = config or (16 if interpreting() else 64, bv, _warps(pad(dk), bv),
+                                            apply_stages(pad(dk), bv, q.dtype))
     n_vb = triton.cdiv(dv, bv)
     # about four programs per SM in all, each streaming whole tiles (interpreter: two tiles each)
-    want = 2 if interpreting() else max(1, 4 * _sm_count(q.device) // max(1, batch * heads * n_vb))
+    want = 2 if interpreting() else max(1, programs_per_sm * _sm_count(q.device) // max(1, batch * heads * n_vb))
     rows = max(block_m, triton.cdiv(triton.cdiv(seq, want), block_m) * block_m)
     linear_apply_kernel[(triton.cdiv(seq, rows), batch * heads, n_vb)](
         q, s, z, out, *q.stride(), *out.stride(), heads, heads // s.shape[1], seq, rows, stride_sh, stride_zh, eps,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], NORMALIZE=z is not s,
-        BLOCK_M=block_m, MODE=dot_mode(q.dtype), num_warps=_warps(pad(dk), bv),
-        num_stages=apply_stages(pad(dk), bv, q.dtype))
+        BLOCK_M=block_m, MODE=dot_mode(q.dtype), num_warps=warps, num_stages=stages)
     return out
 
 
