@@ -61,7 +61,7 @@ def linear_bwd(dout, q, k, v, out, *, feature: str, causal: bool, eps: float):
     # passes, twice the bytes). Not fp16: dn = dO / den falls below fp16's normal range once den
     # grows with the length (a float32 emulation at 3000 keys: dq rel RMSE 0.017 against a bound of
     # 5e-3; bf16 0.0062 against 0.02), so fp16 keeps fp32 operands.
-    low = (lambda t: t.to(q.dtype)) if q.dtype == torch.bfloat16 else (lambda t: t)  # noqa: E731
+    low = (lambda t: t.to(q.dtype)) if q.dtype == torch.bfloat16 else (lambda t: t.float())  # noqa: E731
     s, z = kernels.state(k, v, feature)  # the forward's S and z, phi fused
     den = torch.einsum("bhnd,bhd->bhn", pq, z.repeat_interleave(group, dim=1)) + eps
     zero = den == 0.0  # only with eps = 0: such rows output 0 and pass no gradient
