@@ -251,7 +251,8 @@ def triton_autotune_picks() -> dict:
     picks = {}
     for module, names in (("attnlib.triton_kernels.flash.forward", ("flash_fwd_kernel",)),
                           ("attnlib.triton_kernels.flash.forward_tma", ("flash_fwd_tma_kernel",)),
-                          ("attnlib.triton_kernels.flash.backward", ("flash_bwd_dkdv_kernel", "flash_bwd_dkdv_dq_kernel", "flash_bwd_dq_kernel"))):
+                          ("attnlib.triton_kernels.flash.backward",
+                           ("flash_bwd_dkdv_kernel", "flash_bwd_dkdv_dq_kernel", "flash_bwd_dq_kernel"))):
         mod = sys.modules.get(module)  # never imported: nothing ran, nothing to report
         for name in names:
             cache = getattr(getattr(mod, name, None), "cache", None) or {}
