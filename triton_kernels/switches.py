@@ -1,4 +1,6 @@
-"""The environment switches every Triton launcher reads, in one place.
+"""The environment switches the Triton launchers of several methods read, in one place (a
+method's own opt-ins stay beside it: ATTNLIB_FLASH_TMA in flash/configs.py, ATTNLIB_SLA_ROW_STATES
+in sla/aggregation.py).
 
 Read per call, not at import, so a test or benchmark may flip them with monkeypatch.setenv:
   TRITON_INTERPRET=1            Triton's CPU interpreter runs the kernels (one small config each).

@@ -6,11 +6,11 @@ float32 with atomics and divided by the slot counts.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ..switches import interpreting
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -70,7 +70,7 @@ def scatter_add_rows_kernel(
 
 
 def _block_m(d_pad: int) -> int:
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         return 16
     return max(8, min(64, 8192 // d_pad))
 
