@@ -61,6 +61,12 @@ def apply(q, s, z, out, block_m, bv, warps, stages, *, per_sm):
     return lk.apply(q, s, z, out, FEATURE, 1e-6, config=(block_m, bv, warps, stages), programs_per_sm=per_sm)
 
 
+def print_compile_record(r: dict, **tags) -> None:
+    """One JSON line: tags, then what tests/triton_sm90.py read off the sm_90 compile."""
+    keys = ("registers", "shared", "spill_bytes", "async_waits", "wgmma_serialized", "error")
+    print(json.dumps({**tags, **{key: r.get(key) for key in keys}}), flush=True)
+
+
 def compile_only() -> None:
     """Compile each config for sm_90 on the CPU (tests/triton_sm90.py) and print registers,
     shared memory and spills: the configs that spill need no GPU time."""
@@ -78,10 +84,7 @@ def compile_only() -> None:
                     state(k, v, *cfg, per_sm=2)
                 else:
                     apply(q, s, z, torch.empty_like(q), *cfg, per_sm=2)
-            r = records[0]
-            print(json.dumps({"kernel": name, "config": cfg, "registers": r.get("registers"),
-                              "shared": r.get("shared"), "spill_bytes": r.get("spill_bytes"),
-                              "async_waits": r.get("async_waits"), "error": r.get("error")}), flush=True)
+            print_compile_record(records[0], kernel=name, config=cfg)
 
 
 def sweep(out_dir: Path, budget_s: float) -> list[dict]:
@@ -177,9 +180,7 @@ def causal_compile_only() -> None:
                 causal_call(which, q, k, v, o, do)
             for r in records:
                 if r["kernel"] in kernels:
-                    print(json.dumps({"which": which, "kernel": r["kernel"], "config": cfg,
-                                      "registers": r.get("registers"), "shared": r.get("shared"),
-                                      "spill_bytes": r.get("spill_bytes"), "error": r.get("error")}), flush=True)
+                    print_compile_record(r, which=which, kernel=r["kernel"], config=cfg)
 
 
 def causal_sweep(out_dir: Path, budget_s: float) -> list[dict]:
