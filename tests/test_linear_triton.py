@@ -264,6 +264,21 @@ def test_causal_other_chunk_sizes(monkeypatch, chunk):
     _check_against_reference(q, k, v, "relu", out, dout, grads, REL_RMSE[torch.float32])
 
 
+def test_causal_backward_value_tiles_padded_past_dv(monkeypatch):
+    """The GPU rule of causal_value_pad (value tiles at least 64 wide beside 64-wide key tiles: dk
+    64, dv 32 faulted on an H100 otherwise) runs the value columns past dv masked: same gradients."""
+    from attnlib.triton_kernels.linear import kernels
+
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    assert kernels.causal_value_pad(64, 32) == 64 and kernels.causal_value_pad(128, 32) == 64
+    assert kernels.causal_value_pad(32, 32) == 32 and kernels.causal_value_pad(64, 72) == 128
+    monkeypatch.undo()
+    monkeypatch.setattr(kernels, "causal_value_pad", lambda dk_pad, dv: max(kernels.pad(dv), 64))
+    q, k, v = make_qkv(1, 4, 83, 40, kv_heads=2, seq_k=90, head_dim_v=24, device=DEVICE, seed=31)
+    out, dout, grads = _causal_grads(q, k, v, "elu", span=64)
+    _check_against_reference(q, k, v, "elu", out, dout, grads, REL_RMSE[torch.float32])
+
+
 def test_causal_span_must_hold_whole_chunks():
     from attnlib.triton_kernels.linear import kernels
 
@@ -374,13 +389,14 @@ def test_gpu_gradients(dtype, causal):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dk,dv", [(32, 32), (64, 64), (96, 96), (64, 32), (128, 64), (40, 72)],
+@pytest.mark.parametrize("dk,dv", [(32, 32), (64, 64), (96, 96), (64, 32), (128, 64), (40, 72), (128, 32)],
                          ids=lambda x: str(x))
 def test_gpu_head_dims_each_launch_config(dk, dv, causal, dtype):
     """Every launch-config class the launchers pick on a GPU (state / apply / causal output
     kernels by padded head dims and value widths; only hd128 was timed, and one untaken config of
-    the causal kernel, 32 value columns with 64-row chunks, compiled wrong there): the forward
-    and gradients against float64, GQA, an odd length."""
+    the causal kernel, 32 value columns with 64-row chunks, compiled wrong there; dk 64 with dv 32
+    faulted in the causal backward on an H100 before causal_value_pad): the forward and gradients
+    against float64, GQA, an odd length."""
     q, k, v = make_qkv(1, 4, 1999, dk, kv_heads=2, head_dim_v=dv, dtype=dtype, device="cuda", requires_grad=True,
                        seed=dk + dv)
     check_forward_and_gradients(q, k, v, causal, dtype)

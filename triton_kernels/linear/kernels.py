@@ -875,6 +875,23 @@ def dkv_config(dk_pad: int, dv_pad: int, dtype: torch.dtype, feature: str) -> tu
     return bk, min(64, dv_pad), 8, chunk
 
 
+def causal_value_pad(dk_pad: int, dv: int) -> int:
+    """DV_PAD of the causal backward's kernels (the dq and dk kernels' value tiles; the dv kernel's
+    value block follows from it): pad(dv), but on a GPU at least min(64, dk_pad), the value width
+    the dk kernel's key-dim block (min(64, dk_pad)) was verified with.
+
+    Found on an H100 (2026-11-27, bench/results/nvidia-h100-80gb-hbm3/stop19-run2/): at dk 64,
+    dv 32 (value tiles 32 wide beside 64-wide key tiles) the dk kernel faulted with an illegal
+    address at its fp16 products (compute-sanitizer: linear_chunk_dk_kernel, dot_ops, warps 4-7)
+    at 64- and 32-row chunks alike, and in bf16 the dv kernel's output was wrong (rel RMSE 7e2).
+    The algorithm is right at those shapes under the interpreter, so it is the compiled code (as
+    with the forward's (32, 4, 64) config on an H200); padding to 64 runs the value columns past
+    dv masked, as at dv 40-64, which passed there in fp16 and bf16."""
+    if interpreting():
+        return pad(dv)
+    return max(pad(dv), min(64, dk_pad))
+
+
 def causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, feature: str, *, offset: int, eps: float,
                span: int | None = None) -> None:
@@ -891,8 +908,9 @@ def causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         dv.zero_()
         return
     mode = dot_mode(q.dtype)
-    bk, dq_warps, dq_chunk = dq_config(pad(d), pad(d_v), q.dtype, feature)
-    kv_bk, kv_bv, kv_warps, kv_chunk = dkv_config(pad(d), pad(d_v), q.dtype, feature)
+    v_pad = causal_value_pad(pad(d), d_v)
+    bk, dq_warps, dq_chunk = dq_config(pad(d), v_pad, q.dtype, feature)
+    kv_bk, kv_bv, kv_warps, kv_chunk = dkv_config(pad(d), v_pad, q.dtype, feature)
     span = span or super_chunk(seq_q, batch * heads * triton.cdiv(pad(d), bk), q.device)
     _check_span(span, dq_chunk, kv_chunk)
     n_sc = triton.cdiv(seq_q, span)
@@ -904,7 +922,7 @@ def causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         q, k, v, out, dout, dq, states, rden, dd,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
         heads, group, seq_q, seq_k, offset, span, n_sc, eps,
-        DK=d, DK_PAD=pad(d), BK=bk, DV=d_v, DV_PAD=pad(d_v), FEAT=FEATURE_IDS[feature], CHUNK=dq_chunk, MODE=mode,
+        DK=d, DK_PAD=pad(d), BK=bk, DV=d_v, DV_PAD=v_pad, FEAT=FEATURE_IDS[feature], CHUNK=dq_chunk, MODE=mode,
         num_warps=dq_warps, num_stages=1)
     del states
     # dh_s = (phi(Q_s)^T (dO_s / d), phi(Q_s)^T dd_s) per query super-chunk, then dS by a reverse prefix
@@ -916,7 +934,7 @@ def causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     common = (heads_kv, group, seq_q, seq_k, offset, span, n_pre, units)
     linear_chunk_dk_kernel[(triton.cdiv(pad(d), kv_bk) * units * batch * heads_kv,)](
         q, k, v, dout, dk, ds, rden, dd, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
-        *common, DK=d, DK_PAD=pad(d), BK=kv_bk, DV=d_v, DV_PAD=pad(d_v), FEAT=FEATURE_IDS[feature], CHUNK=kv_chunk,
+        *common, DK=d, DK_PAD=pad(d), BK=kv_bk, DV=d_v, DV_PAD=v_pad, FEAT=FEATURE_IDS[feature], CHUNK=kv_chunk,
         MODE=mode, num_warps=kv_warps, num_stages=1)
     linear_chunk_dv_kernel[(triton.cdiv(d_v, kv_bv) * units * batch * heads_kv,)](
         q, k, dout, dv, ds, rden, *q.stride(), *k.stride(), *dout.stride(), *dv.stride(),
