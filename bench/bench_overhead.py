@@ -72,9 +72,42 @@ def cases(q, k, v, mask, on_gpu: bool) -> list[tuple[str, Callable[[], object]]]
     return out
 
 
+PROFILED_CALLS = ("attnlib flash (triton)", "attnlib flash (triton, needs grad)", "attnlib sage (triton)",
+                  "attnlib block_sparse (auto)")
+
+
+def profile_calls(named: list[tuple[str, Callable[[], object]]], dev: torch.device, *, reps: int = 100,
+                  top: int = 25) -> str:
+    """cProfile of `reps` back-to-back calls of each of PROFILED_CALLS: the functions with the most
+    own time, as markdown. On a CPU with the launches stubbed, torch.library's fill_defaults (the
+    op's schema walked once per argument, 32 arguments: quadratic) took 265 of 420 us of a
+    graph-building flash call; this says where a GPU host spends the rest."""
+    import cProfile
+    import io
+    import pstats
+
+    parts = [f"# Host profile per call ({dev}; {reps} calls each, cProfile, top {top} by own time)\n"]
+    for name, fn in named:
+        if name not in PROFILED_CALLS:
+            continue
+        fn()
+        _sync(dev)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(reps):
+            fn()
+        _sync(dev)
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+        parts.append(f"## {name}\n\n```\n{buf.getvalue().strip()}\n```\n")
+    return "\n".join(parts)
+
+
 def run_overhead_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] = print,
-                       device: Optional[str] = None, *, reps: int = 200) -> list[dict]:
-    """One record per call kind: us per call, and the excess over torch SDPA's on the same tensors."""
+                       device: Optional[str] = None, *, reps: int = 200, out: Optional[Path] = None) -> list[dict]:
+    """One record per call kind: us per call, and the excess over torch SDPA's on the same tensors;
+    with `out`, also host_profile.md there (profile_calls)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     on_gpu = dev.type == "cuda"
@@ -88,7 +121,8 @@ def run_overhead_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], No
     t0 = time.perf_counter()
     records: list[dict] = []
     base = None
-    for name, fn in cases(q, k, v, mask, on_gpu):
+    named = cases(q, k, v, mask, on_gpu)
+    for name, fn in named:
         rec = dict(suite="overhead", call=name, device=device, dtype=str(dtype).replace("torch.", ""), **s)
         if time.perf_counter() - t0 > budget_s:
             rec["skipped"] = "time budget spent"
@@ -104,6 +138,12 @@ def run_overhead_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], No
                 rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 log(f"{name}: failed: {rec['error']}")
         records.append(rec)
+    if out is not None and time.perf_counter() - t0 < budget_s:
+        try:
+            (Path(out) / "host_profile.md").write_text(profile_calls(named, dev))
+            log("host profile written to host_profile.md")
+        except Exception as e:  # noqa: BLE001 - the timings above stand
+            log(f"host profile failed: {type(e).__name__}: {e}")
     return records
 
 

@@ -81,7 +81,7 @@ SWEEP_END_S = 540.0
 MAX_FAILURES = 40            # keep going past failures: one run must show as many of them as it can
 RESULT_FILES = ("results.json", "summary.md", "pytest-gpu.log", "pytest-failures.log", "sanitizer.log",
                 "asymrnr.json", "asymrnr.md", "overhead.json", "block_sparse.json", "linear.json", "sla.json",
-                "cuda_compile.json", "profile.md", "profile.json")
+                "cuda_compile.json", "profile.md", "profile.json", "host_profile.md")
 
 
 def say(*args) -> None:
@@ -473,7 +473,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # dense flash / flex) and linear (seq sweep, GB/s); issue 7: sla
     # (suite, module, function, budget cap, end mark, extra keyword arguments)
     for name, mod, fn, cap, end_s, extra in (
-            ("overhead", "bench.bench_overhead", "run_overhead_suite", 10.0, SPARSE_LINEAR_END_S, {}),
+            ("overhead", "bench.bench_overhead", "run_overhead_suite", 15.0, SPARSE_LINEAR_END_S, dict(out=out)),
             ("block_sparse", "bench.bench_block_sparse", "run_block_sparse_suite", 30.0, SPARSE_LINEAR_END_S, {}),
             ("linear", "bench.bench_linear", "run_linear_suite", 20.0, SPARSE_LINEAR_END_S, {}),
             ("sla", "bench.bench_sla", "run_sla_suite", 40.0, SLA_END_S, {}),
