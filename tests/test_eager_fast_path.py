@@ -108,3 +108,35 @@ def test_errors_are_the_same_on_the_direct_path():
         attnlib.attention(q, k, v, method="asymrnr")
     with pytest.raises(TypeError, match="grid must be three ints"):
         attnlib.attention(q, k, v, method="asymrnr", grid=5)
+
+
+@pytest.mark.parametrize("method", ["flash", "sla"])
+def test_graph_building_calls_skip_torch_library_autograd(monkeypatch, method):
+    """Eager calls that build a graph run the op inside ops.attnlib_attention (the op's own
+    setup_context and backward) instead of torch.library's generated autograd, whose per-call
+    fill_defaults walks the 32-argument schema once per argument. Same outputs and gradients,
+    bitwise, as the op with its registered autograd; GQA, odd length, causal; sla's W and b too."""
+    import torch._library.utils as lib_utils
+
+    q, k, v = make_qkv(1, 4, 45, 16, kv_heads=2, seed=7, requires_grad=True)
+    opts = {}
+    if method == "sla":
+        w = (torch.randn(16, 16, generator=torch.Generator().manual_seed(8)) * 0.1).requires_grad_()
+        b = (torch.randn(16, generator=torch.Generator().manual_seed(9)) * 0.1).requires_grad_()
+        opts = dict(proj_weight=w, proj_bias=b, block_size=(16, 16), critical=0.3, negligible=0.2)
+    leaves = (q, k, v) + tuple(t for t in opts.values() if isinstance(t, torch.Tensor))
+    filled = []
+    real_fill = lib_utils.fill_defaults
+    monkeypatch.setattr(lib_utils, "fill_defaults", lambda *a: filled.append(1) or real_fill(*a))
+    out = attnlib.attention(q, k, v, method=method, causal=True, backend="torch", **opts)
+    assert "attnlib_attention" in type(out.grad_fn).__name__ and not filled
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(10))
+    got = torch.autograd.grad(out, leaves, dout)
+    want_out, _ = torch.ops.attnlib.attention(q, k, v, method=method, backend="torch", layout="bhsd", causal=True,
+                                              scale=None, return_lse=False, needs_grad=True,
+                                              **ops.op_arguments(method, opts))
+    assert filled and "GeneratedBackwardFor_attnlib" in type(want_out.grad_fn).__name__
+    want = torch.autograd.grad(want_out, leaves, dout)
+    assert torch.equal(out, want_out)
+    for g, w_ in zip(got, want):
+        assert torch.equal(g, w_)
