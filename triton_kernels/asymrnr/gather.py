@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..switches import interpreting
+from ..hostmath import cdiv, next_power_of_2
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -84,9 +85,9 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = N
         out = torch.empty(B, H, R, D, dtype=x.dtype, device=x.device)
     if B * H * R == 0 or D == 0:
         return out
-    d_pad = triton.next_power_of_2(D)
+    d_pad = next_power_of_2(D)
     block_m = _block_m(d_pad)
-    grid = (triton.cdiv(R, block_m), B * H)
+    grid = (cdiv(R, block_m), B * H)
     gather_rows_kernel[grid](x, idx, out, *x.stride(), *idx.stride(), *out.stride(), R, H,
                              HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=block_m)
     return out
@@ -99,9 +100,9 @@ def merge_rows(x: torch.Tensor, idx: torch.Tensor, n_slots: int) -> torch.Tensor
     counts = torch.zeros(B, H, n_slots, dtype=torch.float32, device=x.device)
     counts.scatter_add_(2, idx, torch.ones(idx.shape, dtype=torch.float32, device=x.device))
     if B * H * S > 0 and D > 0:
-        d_pad = triton.next_power_of_2(D)
+        d_pad = next_power_of_2(D)
         block_m = _block_m(d_pad)
-        grid = (triton.cdiv(S, block_m), B * H)
+        grid = (cdiv(S, block_m), B * H)
         scatter_add_rows_kernel[grid](x, idx, acc, *x.stride(), *idx.stride(), *acc.stride()[:3], S, H,
                                       HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=block_m)
     return (acc / counts.unsqueeze(-1)).to(x.dtype)

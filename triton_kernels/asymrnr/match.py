@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ..flash.common import dot_precision
 from ..switches import autotune_enabled, interpreting
+from ..hostmath import cdiv, next_power_of_2
 
 METRIC_IDS = {"euclidean": 0, "cosine": 1, "dot": 2}
 COSINE_EPS = 1e-12  # as the reference's clamp on the norms
@@ -177,7 +178,7 @@ def match_fwd(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, metric: str
         return node, score
     if x.dtype == torch.float64:
         raise TypeError("the Triton matching kernel takes fp16, bf16 or fp32; use backend='torch' for fp64")
-    d_pad = max(16, triton.next_power_of_2(D))
+    d_pad = max(16, next_power_of_2(D))
     # (B, H, n_dst, D) contiguous (the kernel walks its rows at stride D): an eighth of x at stride (2, 2, 2)
     xd = x.index_select(2, dst).contiguous()
     dnorm = _destination_norms(xd, metric)
@@ -189,8 +190,8 @@ def match_fwd(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, metric: str
         config = INTERPRET if interpreting() else candidates(d_pad, x.element_size())[0]
     if config is not None:  # one named config: BLOCK_M, BLOCK_N, num_warps, num_stages, RUNNING
         bm, bn, warps, stages, running = config
-        match_kernel[(triton.cdiv(n_src, bm), B * H)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, RUNNING=running,
+        match_kernel[(cdiv(n_src, bm), B * H)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, RUNNING=running,
                                                        num_warps=warps, num_stages=stages)
     else:
-        match_kernel_tuned[lambda m: (triton.cdiv(n_src, m["BLOCK_M"]), B * H)](*args, **meta)
+        match_kernel_tuned[lambda m: (cdiv(n_src, m["BLOCK_M"]), B * H)](*args, **meta)
     return node, score

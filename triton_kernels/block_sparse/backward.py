@@ -17,6 +17,7 @@ from ..flash.common import (LOG2E, dkdv_query_block, dot_precision, dq_key_block
 from .configs import launch_config, padded_head_dim
 from .forward import (count_listed_below, key_tile, kv_tile_bases, listed_block, listed_key_range, listed_tile,
                       query_tile, strides_bhm)
+from ..hostmath import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -162,7 +163,7 @@ def block_sparse_dkdv_kernel(
 
 
 def _slots(idx: torch.Tensor) -> int:
-    return max(16, triton.next_power_of_2(idx.shape[-1]))
+    return max(16, next_power_of_2(idx.shape[-1]))
 
 
 def block_sparse_bwd(dout, q, k, v, out, lse, row_form, col_form, *, block_size: tuple[int, int], causal: bool,
@@ -193,14 +194,14 @@ def block_sparse_bwd(dout, q, k, v, out, lse, row_form, col_form, *, block_size:
     kv_num, kv_idx = row_form
     q_num, q_idx = col_form
     tile = launch_config(bm, bn, head_dim, "dkdv", q.element_size())
-    block_sparse_dkdv_kernel[(triton.cdiv(seq_k, tile.block_n), heads_kv, batch)](
+    block_sparse_dkdv_kernel[(cdiv(seq_k, tile.block_n), heads_kv, batch)](
         q, k, v, dout, lse, delta, dk, dv, q_num, q_idx,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *lse.stride(),
         *strides_bhm(q_num), *strides_bhm(q_idx),
         seq_q, seq_k, heads_q // heads_kv, scale, scale * LOG2E, SLOTS=_slots(q_idx), BLOCK_M=tile.block_m,
         BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages, **common)
     tile = launch_config(bm, bn, head_dim, "dq", q.element_size())
-    block_sparse_dq_kernel[(triton.cdiv(seq_q, tile.block_m), heads_q, batch)](
+    block_sparse_dq_kernel[(cdiv(seq_q, tile.block_m), heads_q, batch)](
         q, k, v, dout, lse, delta, dq, kv_num, kv_idx,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *lse.stride(),
         *strides_bhm(kv_num), *strides_bhm(kv_idx),

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import triton
-
 from ..switches import interpreting
+from ..hostmath import next_power_of_2
 
 MIN_BLOCK = 16
 MAX_BLOCK = 128
@@ -29,7 +28,7 @@ class Launch(NamedTuple):
 
 
 def padded_head_dim(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def block_size_ok(b: int) -> bool:

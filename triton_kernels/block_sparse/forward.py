@@ -16,6 +16,7 @@ import triton.language as tl
 from ..flash.common import (LOG2E, attend_key_block, dot_precision, load_tile, query_key_range, row_tile,
                             store_tile)
 from .configs import launch_config, padded_head_dim
+from ..hostmath import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -180,7 +181,7 @@ def block_sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
         return
     bm, bn = block_size
     tile = launch_config(bm, bn, head_dim, "fwd", q.element_size())
-    grid = (triton.cdiv(seq_q, tile.block_m), heads_q, batch)
+    grid = (cdiv(seq_q, tile.block_m), heads_q, batch)
     block_sparse_fwd_kernel[grid](
         q, k, v, out, lse, kv_num_blocks, kv_indices,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
@@ -188,6 +189,6 @@ def block_sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
         seq_q, seq_k, heads_q // heads_kv, scale * LOG2E,
         HEAD_DIM=head_dim, D_PAD=padded_head_dim(head_dim), CAUSAL=causal, PREC=dot_precision(q.dtype),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, MASK_M=bm, MASK_N=bn,
-        SLOTS=max(16, triton.next_power_of_2(kv_indices.shape[-1])), num_warps=tile.num_warps,
+        SLOTS=max(16, next_power_of_2(kv_indices.shape[-1])), num_warps=tile.num_warps,
         num_stages=tile.num_stages,
     )

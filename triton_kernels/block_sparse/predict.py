@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from ..hostmath import cdiv, next_power_of_2
 
 
 @triton.jit(do_not_specialize=["seq"])
@@ -82,11 +83,11 @@ def block_scores_kernel(PQ, PK, S, heads_q, group, mq, mk, seq_q, seq_k, scale,
 def mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
     """(B, H, S, D) bhsd view -> (B, H, ceil(S/block), D) float32 block means."""
     b, h, s, d = x.shape
-    m = triton.cdiv(s, block)
+    m = cdiv(s, block)
     out = torch.empty(b, h, m, d, dtype=torch.float32, device=x.device)
     if out.numel():
-        mean_pool_kernel[(m, h, b)](x, out, *x.stride(), h, m, s, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)),
-                                    BLOCK=block, BLOCK_PAD=triton.next_power_of_2(block))
+        mean_pool_kernel[(m, h, b)](x, out, *x.stride(), h, m, s, HEAD_DIM=d, D_PAD=max(16, next_power_of_2(d)),
+                                    BLOCK=block, BLOCK_PAD=next_power_of_2(block))
     return out
 
 
@@ -99,8 +100,8 @@ def block_probabilities(pq: torch.Tensor, pk: torch.Tensor, *, block_size: tuple
     out = torch.empty(b, hq, mq, mk, dtype=torch.float32, device=pq.device)
     tile = 16
     if out.numel():
-        block_scores_kernel[(triton.cdiv(mq, tile), hq, b)](
+        block_scores_kernel[(cdiv(mq, tile), hq, b)](
             pq.contiguous(), pk.contiguous(), out, hq, hq // pk.shape[1], mq, mk, seq_q, seq_k, scale,
-            HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)), BQ=block_size[0], BK=block_size[1],
+            HEAD_DIM=d, D_PAD=max(16, next_power_of_2(d)), BQ=block_size[0], BK=block_size[1],
             CAUSAL=causal, TILE=tile)
     return out

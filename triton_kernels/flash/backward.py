@@ -27,6 +27,7 @@ from . import configs
 from .common import (LOG2E, Varlen, cu_pointers, dkdv_stream_block, dot_precision, dq_key_block, geometry,
                      key_query_range, load_tile, query_key_range, seq_bounds, store_tile, strides3, strides4)
 from .common import log2_lse as _log2_lse
+from ..hostmath import cdiv
 
 PREPROCESS_BLOCK_M = 64
 
@@ -250,7 +251,7 @@ def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor, delta: torch.Tensor, v
     batch, max_q, _ = geometry(out, out, varlen)
     head_dim = out.shape[3]
     cu_q, _ = cu_pointers(out, varlen)
-    grid = (triton.cdiv(max_q, PREPROCESS_BLOCK_M), out.shape[1], batch)
+    grid = (cdiv(max_q, PREPROCESS_BLOCK_M), out.shape[1], batch)
     _bwd_preprocess_kernel[grid](
         out, dout, delta, cu_q, *strides4(out, varlen), *strides4(dout, varlen), *strides3(delta, varlen),
         max_q, HEAD_DIM=head_dim, D_PAD=configs.padded_head_dim(head_dim), VARLEN=varlen is not None,
@@ -265,7 +266,7 @@ def bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, *, causal: bool, scale: float, v
     cu_q, cu_k = cu_pointers(q, varlen)
 
     def grid(meta):
-        return (triton.cdiv(max_k, meta["BLOCK_N"]), heads_kv, batch)
+        return (cdiv(max_k, meta["BLOCK_N"]), heads_kv, batch)
 
     kernel = flash_bwd_dkdv_kernel if dq_acc is None else flash_bwd_dkdv_dq_kernel
     dq_arg = dk if dq_acc is None else dq_acc  # never touched by the deterministic kernel
@@ -284,7 +285,7 @@ def bwd_dq(q, k, v, dout, lse, delta, dq, *, causal: bool, scale: float, varlen:
     cu_q, cu_k = cu_pointers(q, varlen)
 
     def grid(meta):
-        return (triton.cdiv(max_q, meta["BLOCK_M"]), heads_q, batch)
+        return (cdiv(max_q, meta["BLOCK_M"]), heads_q, batch)
 
     flash_bwd_dq_kernel[grid](
         q, k, v, dout, lse, delta, dq, cu_q, cu_k,

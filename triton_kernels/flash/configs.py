@@ -18,6 +18,7 @@ import torch
 import triton
 
 from ..switches import autotune_enabled, interpreting
+from ..hostmath import next_power_of_2
 
 # Each candidate is (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by the padded head dim
 # (HEAD_DIM rounded up to a power of two, at least 16). The first entry of each list is the
@@ -146,7 +147,7 @@ def tma_requested() -> bool:
 
 
 def padded_head_dim(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _table_key(d_pad: int) -> int:

@@ -14,6 +14,7 @@ import triton.language as tl
 from . import configs
 from .common import (LOG2E, Varlen, attend_key_block, cu_pointers, dot_precision, geometry, load_tile,
                      query_key_range, seq_bounds, store_tile, strides3, strides4)
+from ..hostmath import cdiv
 
 
 @triton.jit
@@ -133,7 +134,7 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     cu_q, cu_k = cu_pointers(q, varlen)
 
     def grid(meta):
-        return (triton.cdiv(max_q, meta["BLOCK_M"]), heads_q, batch)
+        return (cdiv(max_q, meta["BLOCK_M"]), heads_q, batch)
 
     flash_fwd_kernel[grid](
         q, k, v, out, lse, cu_q, cu_k,

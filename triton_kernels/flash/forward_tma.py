@@ -47,6 +47,7 @@ import triton.language as tl
 
 from . import configs
 from .common import LOG2E, query_key_range
+from ..hostmath import cdiv
 
 TMA_DTYPES = (torch.float16, torch.bfloat16)
 _ALIGN = 16  # bytes: TMA's rule for the global base address and every non-unit stride
@@ -223,7 +224,7 @@ def flash_fwd_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
         meta = dict(BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=ws, num_warps=warps, num_stages=stages)
 
     def grid(meta):
-        return (triton.cdiv(seq_q, meta["BLOCK_M"]), heads_q, batch)
+        return (cdiv(seq_q, meta["BLOCK_M"]), heads_q, batch)
 
     def launch():
         if q.device.type == "cuda":

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from ..switches import interpreting
+from ..hostmath import cdiv, next_power_of_2
 
 FEATURE_IDS = {"identity": 0, "elu": 1, "relu": 2, "softmax": 3}
 CHUNK = 64  # causal chunk (issue 6): quadratic inside, state across
@@ -57,7 +58,7 @@ MIN_SPAN = 256  # smallest causal super-chunk on a GPU: bounds the state memory 
 
 
 def pad(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def dot_mode(dtype: torch.dtype) -> int:
@@ -658,9 +659,9 @@ def super_chunk(seq: int, programs_per_span: int, device: torch.device) -> int:
     super-chunks on long sequences (the interpreter pays for every program it starts)."""
     chunk = chunk_size()
     if interpreting():
-        return max(2 * chunk, triton.cdiv(seq, 4 * chunk) * chunk)
+        return max(2 * chunk, cdiv(seq, 4 * chunk) * chunk)
     wanted = max(1, 4 * _sm_count(device) // max(1, programs_per_span))
-    return max(MIN_SPAN, triton.cdiv(triton.cdiv(max(seq, 1), wanted), chunk) * chunk)
+    return max(MIN_SPAN, cdiv(cdiv(max(seq, 1), wanted), chunk) * chunk)
 
 
 def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, rows: int, splits: int,
@@ -680,7 +681,7 @@ def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, r
         return out
     bv, warps, block_n, stages = config or (*state_config(pad(dk), dv, k.dtype), _stages(k.dtype))
     rscale, zw = weights if weights is not None else (out, out)
-    linear_state_kernel[(triton.cdiv(dv, bv) * splits * batch * heads,)](
+    linear_state_kernel[(cdiv(dv, bv) * splits * batch * heads,)](
         k, v, out, rscale, zw, *k.stride(), *v.stride(), heads, seq, first, rows, splits,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], WEIGHTED=weights is not None,
         BLOCK_N=block_n, MODE=dot_mode(k.dtype), num_warps=warps, num_stages=stages, VT_FIRST=vt_first)
@@ -727,8 +728,8 @@ def state(k: torch.Tensor, v: torch.Tensor, feature: str, *, vt_first: bool = Fa
     block_n = config[2] if config else state_config(pad(dk), dv, k.dtype)[2]
     # enough splits to fill the GPU; each split a multiple of block_n rows
     wanted = max(1, splits_per_sm * _sm_count(k.device) // max(1, batch * heads))
-    rows = max(block_n, triton.cdiv(triton.cdiv(seq, wanted), block_n) * block_n)
-    sums = _chunk_sums(k, v, feature, first=0, rows=rows, splits=triton.cdiv(seq, rows), vt_first=vt_first,
+    rows = max(block_n, cdiv(cdiv(seq, wanted), block_n) * block_n)
+    sums = _chunk_sums(k, v, feature, first=0, rows=rows, splits=cdiv(seq, rows), vt_first=vt_first,
                        config=config).sum(0)
     return sums[:, :dk * dv].view(batch, heads, dk, dv), sums[:, dk * dv:].view(batch, heads, dk)
 
@@ -760,11 +761,11 @@ def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.T
     bv = _streaming_value_block(dv, q.element_size())
     block_m, bv, warps, stages = config or (16 if interpreting() else 64, bv, _warps(pad(dk), bv),
                                             apply_stages(pad(dk), bv, q.dtype))
-    n_vb = triton.cdiv(dv, bv)
+    n_vb = cdiv(dv, bv)
     # about four programs per SM in all, each streaming whole tiles (interpreter: two tiles each)
     want = 2 if interpreting() else max(1, programs_per_sm * _sm_count(q.device) // max(1, batch * heads * n_vb))
-    rows = max(block_m, triton.cdiv(triton.cdiv(seq, want), block_m) * block_m)
-    linear_apply_kernel[(triton.cdiv(seq, rows), batch * heads, n_vb)](
+    rows = max(block_m, cdiv(cdiv(seq, want), block_m) * block_m)
+    linear_apply_kernel[(cdiv(seq, rows), batch * heads, n_vb)](
         q, s, z, out, *q.stride(), *out.stride(), heads, heads // s.shape[1], seq, rows, stride_sh, stride_zh, eps,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], NORMALIZE=z is not s,
         BLOCK_M=block_m, MODE=dot_mode(q.dtype), num_warps=warps, num_stages=stages)
@@ -774,8 +775,8 @@ def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.T
 def _prefix(h: torch.Tensor, out: torch.Tensor, *, n_units: int, group: int, skip: int = 0,
             reverse: bool = False) -> torch.Tensor:
     e = h.shape[2]
-    block = min(16384, triton.next_power_of_2(e)) if interpreting() else 1024
-    linear_prefix_kernel[(out.shape[1], triton.cdiv(e, block))](
+    block = min(16384, next_power_of_2(e)) if interpreting() else 1024
+    linear_prefix_kernel[(out.shape[1], cdiv(e, block))](
         h, out, n_units, skip, group, e, REVERSE=reverse, BLOCK=block, num_warps=1 if interpreting() else 4)
     return out
 
@@ -793,8 +794,8 @@ def causal_states(k: torch.Tensor, v: torch.Tensor, feature: str, *, offset: int
     s * span + offset, the start state of query super-chunk s."""
     batch, heads_kv, _, dk = k.shape
     dv = v.shape[3]
-    n_sc = triton.cdiv(seq_q, span)
-    n_pre = triton.cdiv(max(offset, 0), span)
+    n_sc = cdiv(seq_q, span)
+    n_pre = cdiv(max(offset, 0), span)
     units = n_pre + n_sc
     # unit u sums keys [offset + (u - n_pre) * span, + span); the last unit's sum is never read
     sums = _chunk_sums(k, v, feature, first=offset - n_pre * span, rows=span, splits=units - 1)
@@ -835,11 +836,11 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     if seq_q == 0 or batch * heads == 0:
         return out
     bv, warps, chunk = fwd_config(pad(dk), dv, q.dtype)
-    span = span or super_chunk(seq_q, batch * heads * triton.cdiv(dv, bv), q.device)
+    span = span or super_chunk(seq_q, batch * heads * cdiv(dv, bv), q.device)
     _check_span(span, chunk)
     states = causal_states(k, v, feature, offset=offset, seq_q=seq_q, span=span)
-    n_sc = triton.cdiv(seq_q, span)
-    linear_chunk_fwd_kernel[(triton.cdiv(dv, bv) * n_sc * batch * heads,)](
+    n_sc = cdiv(seq_q, span)
+    linear_chunk_fwd_kernel[(cdiv(dv, bv) * n_sc * batch * heads,)](
         q, k, v, out, states, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, heads // k.shape[1], seq_q, seq_k, offset, span, n_sc, eps,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], CHUNK=chunk,
@@ -911,14 +912,14 @@ def causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     v_pad = causal_value_pad(pad(d), d_v)
     bk, dq_warps, dq_chunk = dq_config(pad(d), v_pad, q.dtype, feature)
     kv_bk, kv_bv, kv_warps, kv_chunk = dkv_config(pad(d), v_pad, q.dtype, feature)
-    span = span or super_chunk(seq_q, batch * heads * triton.cdiv(pad(d), bk), q.device)
+    span = span or super_chunk(seq_q, batch * heads * cdiv(pad(d), bk), q.device)
     _check_span(span, dq_chunk, kv_chunk)
-    n_sc = triton.cdiv(seq_q, span)
-    n_pre = triton.cdiv(max(offset, 0), span)
+    n_sc = cdiv(seq_q, span)
+    n_pre = cdiv(max(offset, 0), span)
     states = causal_states(k, v, feature, offset=offset, seq_q=seq_q, span=span)
     rden = torch.empty(batch * heads, seq_q, dtype=torch.float32, device=q.device)
     dd = torch.empty_like(rden)
-    linear_chunk_dq_kernel[(triton.cdiv(pad(d), bk) * n_sc * batch * heads,)](
+    linear_chunk_dq_kernel[(cdiv(pad(d), bk) * n_sc * batch * heads,)](
         q, k, v, out, dout, dq, states, rden, dd,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
         heads, group, seq_q, seq_k, offset, span, n_sc, eps,
@@ -932,11 +933,11 @@ def causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     del dh
     units = n_pre + n_sc
     common = (heads_kv, group, seq_q, seq_k, offset, span, n_pre, units)
-    linear_chunk_dk_kernel[(triton.cdiv(pad(d), kv_bk) * units * batch * heads_kv,)](
+    linear_chunk_dk_kernel[(cdiv(pad(d), kv_bk) * units * batch * heads_kv,)](
         q, k, v, dout, dk, ds, rden, dd, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
         *common, DK=d, DK_PAD=pad(d), BK=kv_bk, DV=d_v, DV_PAD=v_pad, FEAT=FEATURE_IDS[feature], CHUNK=kv_chunk,
         MODE=mode, num_warps=kv_warps, num_stages=1)
-    linear_chunk_dv_kernel[(triton.cdiv(d_v, kv_bv) * units * batch * heads_kv,)](
+    linear_chunk_dv_kernel[(cdiv(d_v, kv_bv) * units * batch * heads_kv,)](
         q, k, dout, dv, ds, rden, *q.stride(), *k.stride(), *dout.stride(), *dv.stride(),
         *common, DK=d, DK_PAD=pad(d), DV=d_v, BV=kv_bv, FEAT=FEATURE_IDS[feature], CHUNK=kv_chunk,
         MODE=mode, num_warps=kv_warps, num_stages=1)

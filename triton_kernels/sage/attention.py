@@ -19,6 +19,7 @@ import triton.language as tl
 from ..flash.common import load_tile, query_key_range, store_tile
 from ..switches import autotune_enabled, interpreting
 from .quant import padded_head_dim
+from ..hostmath import cdiv
 
 PV_FP16, PV_FP16_ACCUM, PV_FP8 = 0, 1, 2
 PV_CODES = {"fp16": PV_FP16, "fp16_accum": PV_FP16_ACCUM, "fp8": PV_FP8}
@@ -197,7 +198,7 @@ def sage_fwd(q_int8: torch.Tensor, k_int8: torch.Tensor, v: torch.Tensor, delta_
     if k_block % 64:  # every key tile (BLOCK_N <= 64) must lie inside one K quantization block
         raise ValueError(f"k_block must be a multiple of 64, got {k_block}")
     placeholder = delta_q
-    sage_fwd_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), heads_q, batch)](
+    sage_fwd_kernel[lambda meta: (cdiv(seq_q, meta["BLOCK_M"]), heads_q, batch)](
         q_int8, k_int8, v, delta_q, delta_k, placeholder if delta_v is None else delta_v, out,
         placeholder if lse is None else lse, placeholder if lse_shift is None else lse_shift,
         *v.stride(), *out.stride(),

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..flash.common import load_tile
+from ..hostmath import cdiv, next_power_of_2
 
 # tl.constexpr: compiled Triton reads module globals only when they are constexpr (the CPU
 # interpreter does not check this; compiling for sm_90 here does, tests/triton_sm90.py)
@@ -211,7 +212,7 @@ def quant_v_fp8_kernel(
 # -- launchers ----------------------------------------------------------------------------------
 def padded_head_dim(head_dim: int) -> int:
     """Power of two >= 32: INT8 dots need a reduction dimension of at least 32."""
-    return max(32, triton.next_power_of_2(head_dim))
+    return max(32, next_power_of_2(head_dim))
 
 
 def quant_warps(block: int, d_pad: int) -> int:
@@ -259,7 +260,7 @@ def channel_stats(x: torch.Tensor, block: int, absmax: bool) -> torch.Tensor:
         x, part, *x.stride(), seq, heads, nb, HEAD_DIM=d, D_PAD=d_pad, BLOCK=block, ABSMAX=absmax,
         num_warps=quant_warps(block, d_pad),
     )
-    reduce_stats_kernel[(triton.cdiv(d, REDUCE_CHANNELS), heads, bsz)](
+    reduce_stats_kernel[(cdiv(d, REDUCE_CHANNELS), heads, bsz)](
         part, out, seq, heads, nb, HEAD_DIM=d, CHANNELS=REDUCE_CHANNELS, UNROLL=REDUCE_UNROLL, ABSMAX=absmax,
         num_warps=1,
     )

@@ -33,13 +33,14 @@ from ..device_constants import device_constant
 from ..flash.common import row_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
 from ..switches import autotune_enabled, interpreting
+from ..hostmath import cdiv, next_power_of_2
 
 CRITICAL, MARGINAL, NEGLIGIBLE = 1, 0, -1
 _COUNT_SLACK = 1e-9  # as attnlib.reference.sla: fraction * n a hair off an integer
 
 
 def padded(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def row_counts(seq_q: int, seq_k: int, block_size: tuple[int, int], causal: bool
                negligible: float, device) -> torch.Tensor:
     """int32 (Mq, 3): eligible blocks n, n_crit, n_neg per query-block row (sla_block_counts)."""
     bq, bk = block_size
-    mq, mk = triton.cdiv(seq_q, bq), triton.cdiv(seq_k, bk)
+    mq, mk = cdiv(seq_q, bq), cdiv(seq_k, bk)
     if causal:
         q_first = torch.arange(mq, device=device, dtype=torch.int64) * bq
         # fully visible key blocks: last key <= first query + offset
@@ -286,7 +287,7 @@ def key_blocks(k: torch.Tensor, v: torch.Tensor, *, block_n: int, feature: str, 
     (BLOCK_E, num_warps) names one instead (tests)."""
     batch, heads, seq_k, d = k.shape
     dv = v.shape[3]
-    mk = triton.cdiv(seq_k, block_n)
+    mk = cdiv(seq_k, block_n)
     pk = torch.empty(batch, heads, mk, d, dtype=torch.float32, device=k.device)
     h = torch.empty(batch, heads, mk, d, dv, dtype=torch.float32, device=k.device) if linear else None
     z = torch.empty(batch, heads, mk, d, dtype=torch.float32, device=k.device) if linear else None
@@ -308,13 +309,13 @@ def classify(q: torch.Tensor, pooled_k: torch.Tensor, *, seq_k: int, block_size:
     """int8 (B, Hq, Mq, Mk) block map from q (bhsd view) and pooled keys (B, Hkv, Mk, D)."""
     batch, heads, seq_q, d = q.shape
     bq, bk = block_size
-    mq, mk = triton.cdiv(seq_q, bq), pooled_k.shape[2]
+    mq, mk = cdiv(seq_q, bq), pooled_k.shape[2]
     cls = torch.empty(batch, heads, mq, mk, dtype=torch.int8, device=q.device)
     if cls.numel() == 0:
         return cls
     score = torch.empty(batch, heads, mq, mk, dtype=torch.float32, device=q.device)
     counts = device_row_counts(seq_q, seq_k, tuple(block_size), causal, critical, negligible, device=q.device)
-    chunk = min(64, max(16, triton.next_power_of_2(mk)))
+    chunk = min(64, max(16, next_power_of_2(mk)))
     classify_kernel[(mq, heads, batch)](
         q, pooled_k, score, *q.stride(), seq_q, seq_k, heads // pooled_k.shape[1], mk, scale,
         HEAD_DIM=d, D_PAD=padded(d), CAUSAL=causal, BLOCK_M=bq, BLOCK_N=bk, CHUNK=chunk, num_warps=_warps(0))

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from ..flash.common import row_tile
 from .classify import padded
+from ..hostmath import cdiv
 
 
 @triton.jit(do_not_specialize=["seq_q"])
@@ -65,7 +66,7 @@ def sla_delta(dout: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor
         return delta
     d_pad = padded(d)
     block_m = max(16, min(128, 8192 // d_pad))
-    sla_delta_kernel[(triton.cdiv(seq_q, block_m), heads, batch)](
+    sla_delta_kernel[(cdiv(seq_q, block_m), heads, batch)](
         dout, out, gol if gol is not None else delta, bias.contiguous() if bias is not None else out, delta,
         *dout.stride(), *out.stride(), seq_q,
         HEAD_DIM=d, D_PAD=d_pad, HAS_GOL=gol is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,

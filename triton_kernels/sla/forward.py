@@ -30,6 +30,7 @@ from ..block_sparse.forward import attend_listed, count_listed_below, kv_tile_ba
 from ..flash.common import LOG2E, dot_precision, load_tile, query_key_range, row_tile, store_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
 from .classify import BlockIndex, padded
+from ..hostmath import cdiv, next_power_of_2
 
 LINEAR_EPS = 1e-6  # attnlib.reference.sla.LINEAR_EPS
 
@@ -211,7 +212,7 @@ def sla_fwd_kernel(
 
 
 def slots(num_kb: int) -> int:
-    return max(16, triton.next_power_of_2(num_kb))
+    return max(16, next_power_of_2(num_kb))
 
 
 def state_chunk(d_pad: int) -> int:
@@ -265,7 +266,7 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
     stats = lse if lse is not None else delta
     tile = launch_config(bm, bn, head_dim, "sla_fwd", q.element_size())
     d_pad = padded(head_dim)
-    sla_fwd_kernel[(triton.cdiv(seq_q, tile.block_m), heads_q, batch)](
+    sla_fwd_kernel[(cdiv(seq_q, tile.block_m), heads_q, batch)](
         q, k, v, os_arg, o_l if o_l is not None else dummy, lse if lse is not None else dummy,
         dout if with_delta else dummy, delta if with_delta else dummy,
         h if linear else dummy, z if linear else dummy,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from ..hostmath import next_power_of_2
 
 
 @triton.jit(do_not_specialize=["rows_per_head", "length"])
@@ -71,7 +72,7 @@ def class_index_triton(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     idx = torch.empty(batch, heads, rows, length, dtype=torch.int32, device=classes.device)
     if n_crit.numel() == 0 or length == 0:
         return n_crit.zero_(), n_marg.zero_(), idx
-    chunk = min(1024, max(16, triton.next_power_of_2(length)))
+    chunk = min(1024, max(16, next_power_of_2(length)))
     class_index_kernel[(rows, heads, batch)](
         classes, n_crit, n_marg, idx, heads, rows, length, *classes.stride(), CHUNK=chunk,
         num_warps=1 if chunk <= 128 else 4)

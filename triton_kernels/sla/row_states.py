@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..switches import autotune_enabled, interpreting
+from ..hostmath import cdiv
 
 
 @triton.jit(do_not_specialize=["rows", "inner", "width"])
@@ -99,11 +100,11 @@ def _masked_sum(classes: torch.Tensor, states: torch.Tensor, prec: str, heads_kv
         return out.zero_()
     args = (classes, states.contiguous(), out, rows, inner, width)
     if config is None and not interpreting() and autotune_enabled("sla"):
-        masked_sum_kernel_tuned[lambda m: (triton.cdiv(rows, m["BLOCK_M"]), triton.cdiv(width, m["BLOCK_N"]),
+        masked_sum_kernel_tuned[lambda m: (cdiv(rows, m["BLOCK_M"]), cdiv(width, m["BLOCK_N"]),
                                            batch * out_heads)](*args, PREC=prec, **strides)
         return out
     bm, bn, bk, warps, stages = config or ((16, 32, 16, 1, 1) if interpreting() else MASKED_SUM_CANDIDATES[0])
-    masked_sum_kernel[(triton.cdiv(rows, bm), triton.cdiv(width, bn), batch * out_heads)](
+    masked_sum_kernel[(cdiv(rows, bm), cdiv(width, bn), batch * out_heads)](
         *args, PREC=prec, **strides, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out
 
