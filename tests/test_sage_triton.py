@@ -420,6 +420,32 @@ def test_bf16(case):
     check_case(q, k, v, causal=causal, layout=layout, pv=pv, qk_granularity=gran)
 
 
+def _later_sage_candidates():
+    """(head dim, config) of every sage forward candidate but each table's first: the GPU tests run
+    with autotuning off (bench/gpu_check.py), a user's autotuner may pick any of them."""
+    from attnlib.triton_kernels.sage.attention import FWD_CONFIGS
+
+    return [(hd, c) for hd, cands in FWD_CONFIGS.items() for c in cands[1:]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,config", _later_sage_candidates(), ids=lambda x: "x".join(map(str, x))
+                         if isinstance(x, tuple) else str(x))
+def test_autotune_candidates_on_gpu(head_dim, config, monkeypatch):
+    """Each later candidate pinned as the autotuner's only config: bf16, GQA, causal with
+    seq_q != seq_k, odd lengths, against the contract (check_case)."""
+    import triton
+
+    from attnlib.triton_kernels.sage.attention import sage_fwd_kernel
+
+    bm, bn, warps, stages = config
+    monkeypatch.setattr(sage_fwd_kernel, "configs", [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn},
+                                                                   num_warps=warps, num_stages=stages)])
+    q, k, v = make_qkv(2, 4, 333, head_dim, kv_heads=2, seq_k=300, dtype=torch.bfloat16, device="cuda",
+                       k_bias=2.0, seed=head_dim + bm + warps)
+    check_case(q, k, v, causal=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -269,7 +269,10 @@ def tma_candidates(d_pad: int, exact_smem_limit: Optional[int] = None) -> list[t
     budget = max(SMEM_BUDGET, exact_smem_limit or 0)
     cands = FWD_TMA_H100[_table_key(d_pad)]
     wanted = [c for c in cands if tma_smem_bytes(c, d_pad) <= budget] or [cands[0]]
-    return wanted if autotune_enabled("flash") else wanted[:1]
+    # the first entry only, autotuning or not, until test_gpu_tma_each_candidate has passed on a
+    # GPU: the H100 failures of stop 19 came with the autotuner free to pick (see WS_WITHDRAWN),
+    # and with autotuning off (the first entries) the same tests passed on an H200
+    return wanted[:1]
 
 
 def _tma_pruner(configs, named_args, **kwargs):
