@@ -389,7 +389,8 @@ def test_gpu_gradients(dtype, causal):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dk,dv", [(32, 32), (64, 64), (96, 96), (64, 32), (128, 64), (40, 72), (128, 32)],
+@pytest.mark.parametrize("dk,dv", [(32, 32), (64, 64), (96, 96), (64, 32), (128, 64), (40, 72), (128, 32),
+                                   (32, 128), (256, 256)],
                          ids=lambda x: str(x))
 def test_gpu_head_dims_each_launch_config(dk, dv, causal, dtype):
     """Every launch-config class the launchers pick on a GPU (state / apply / causal output
