@@ -111,3 +111,36 @@ def assert_flash_rule(out: torch.Tensor, ref64: torch.Tensor, torch_out: torch.T
         raise AssertionError(describe_mismatch(out, ref64, name)
                              + f"\n  flash rule: err {err_max:.3g} > {factor} x torch err "
                                f"{base.max().item():.3g} + atol {atol:.3g}")
+
+
+# CUDA errors after which the process's CUDA context is unusable: every later CUDA call in it
+# fails with the same error (an H100 run of 2026-11-27 lost a pytest worker's 39 later tests so)
+STICKY_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure", "misaligned address",
+                      "illegal instruction", "device-side assert", "hardware stack error")
+CUDA_FAULT_EXIT = 70
+
+
+def is_sticky_cuda_error(message: str) -> bool:
+    m = message.lower()
+    return any(s in m for s in STICKY_CUDA_ERRORS)
+
+
+def end_worker_after_cuda_fault(nodeid: str, excinfo, failure_log: Optional[str] = None) -> None:
+    """For a pytest-xdist worker (PYTEST_XDIST_WORKER set) whose test just raised a sticky CUDA
+    error: record it (stderr, and failure_log when given), then end the worker process, so that
+    xdist reports that test as crashed and starts a fresh worker for the rest instead of every later
+    test in this one failing on the poisoned context. Does nothing otherwise, or outside xdist
+    (ending a plain pytest run would stop it)."""
+    if excinfo is None or not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    message = f"{excinfo.typename}: {excinfo.value}"
+    if not is_sticky_cuda_error(message):
+        return
+    line = f"[cuda fault] {nodeid}: {message.splitlines()[0] if message else ''}; ending this worker\n"
+    if failure_log:
+        with open(failure_log, "a") as f:
+            f.write(f"==== {nodeid} (call)\n{line}{excinfo.getrepr(style='short')}\n\n")
+    import sys
+    sys.stderr.write(line)
+    sys.stderr.flush()
+    os._exit(CUDA_FAULT_EXIT)

@@ -44,3 +44,15 @@ def pytest_runtest_logreport(report):
     if path and report.failed:
         with open(path, "a") as f:
             f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that leaves a sticky CUDA error (illegal address, launch failure, ...) ends its
+    xdist worker, which xdist replaces: later tests get a working CUDA context (see
+    attnlib.testing.end_worker_after_cuda_fault)."""
+    outcome = yield
+    if outcome.get_result().failed and call.excinfo is not None:
+        from attnlib.testing import end_worker_after_cuda_fault
+
+        end_worker_after_cuda_fault(item.nodeid, call.excinfo, os.environ.get("ATTNLIB_FAILURE_LOG"))
