@@ -204,16 +204,21 @@ class attnlib_attention(torch.autograd.Function):  # grad_fn: attnlib_attentionB
     setup_context and backward (_setup_context, _backward), so the same tensors are saved and the
     same backward runs. It skips what torch.library's generated autograd adds per call:
     fill_defaults, which reads the op's schema arguments once per argument (32 of them), 265 us of
-    a 420 us graph-building flash call on the CI CPU with the launches stubbed."""
+    a 420 us graph-building flash call on the CI CPU with the launches stubbed. Gradients are not
+    materialised: an lse that never reached the loss (the API drops it unless return_lse) gives
+    dlse None, not a zeros tensor the backward would mask and subtract (three launches a call)."""
 
     @staticmethod
     def forward(ctx, *args):
         output = attention_op(*args)
         _setup_context(ctx, args, output)
+        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if dout is None:  # only lse reached the loss
+            dout = torch.zeros_like(ctx.saved_tensors[3])
         return _backward(ctx, dout, dlse)
 
 

@@ -140,3 +140,27 @@ def test_graph_building_calls_skip_torch_library_autograd(monkeypatch, method):
     assert torch.equal(out, want_out)
     for g, w_ in zip(got, want):
         assert torch.equal(g, w_)
+
+
+@pytest.mark.parametrize("uses", ["out", "lse", "both"])
+def test_graph_building_gradients_when_lse_is_or_is_not_used(uses):
+    """ops.attnlib_attention leaves unused gradients None (no zeros tensor for an unused lse);
+    the gradients equal the op's registered autograd (which materialises them) whichever outputs
+    reach the loss: out only, lse only (dout None), both. GQA, causal, odd length."""
+    q, k, v = make_qkv(1, 4, 29, 16, kv_heads=2, seed=11, requires_grad=True)
+    g = torch.Generator().manual_seed(12)
+    w_out, w_lse = torch.randn(1, 4, 29, 16, generator=g), torch.randn(1, 4, 29, generator=g)
+
+    def loss(out, lse):
+        return {"out": (out * w_out).sum(), "lse": (lse * w_lse).sum(),
+                "both": (out * w_out).sum() + (lse * w_lse).sum()}[uses]
+
+    out, lse = attnlib.flash_attention(q, k, v, causal=True, return_lse=True, backend="torch")
+    assert "attnlib_attention" in type(out.grad_fn).__name__
+    got = torch.autograd.grad(loss(out, lse), (q, k, v))
+    want_out, want_lse = torch.ops.attnlib.attention(q, k, v, method="flash", backend="torch", layout="bhsd",
+                                                     causal=True, scale=None, return_lse=True, needs_grad=True,
+                                                     **ops.op_arguments("flash", {}))
+    want = torch.autograd.grad(loss(want_out, want_lse), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
