@@ -184,11 +184,18 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.scalars = {n: a[n] for n in _CALL_ARGS + OPTION_NAMES if n not in TENSOR_OPTIONS}
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, direct: bool = False):
+    """direct: call the backward op's implementation without the dispatcher, as attention_direct
+    does for forwards (eager calls through attnlib_attention with plain tensors, not double
+    backward)."""
     q, k, v, out, lse, *tensor_opts = ctx.saved_tensors
     opts = dict(ctx.scalars, **dict(zip(TENSOR_OPTIONS, tensor_opts)))
-    grads = torch.ops.attnlib.attention_backward(dout, dlse, q, k, v, out, lse,
-                                                 *(opts[n] for n in _CALL_ARGS + OPTION_NAMES))
+    args = (dout, dlse, q, k, v, out, lse, *(opts[n] for n in _CALL_ARGS + OPTION_NAMES))
+    if direct and not torch.is_grad_enabled() and direct_call_ok(
+            [t for t in args if isinstance(t, torch.Tensor)]):
+        grads = _attention_backward_impl(*args)
+    else:
+        grads = torch.ops.attnlib.attention_backward(*args)
     by_name = {n: (g if opts[n] is not None else None) for n, g in zip(GRAD_OPTIONS, grads[3:])}
     option_grads = tuple(by_name.get(n) for n in OPTION_NAMES)
     return (grads[0], grads[1], grads[2]) + (None,) * (len(_CALL_ARGS) + 2) + option_grads
@@ -219,7 +226,7 @@ class attnlib_attention(torch.autograd.Function):  # grad_fn: attnlib_attentionB
     def backward(ctx, dout, dlse):
         if dout is None:  # only lse reached the loss
             dout = torch.zeros_like(ctx.saved_tensors[3])
-        return _backward(ctx, dout, dlse)
+        return _backward(ctx, dout, dlse, direct=True)
 
 
 def attention_with_grad(q, k, v, method: str, backend: str, layout: str, causal: bool, scale, return_lse: bool,
