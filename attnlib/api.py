@@ -61,7 +61,7 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
                 return out
         if needs_grad and ops.direct_call_ok(
                 (q, k, v, *(t for t in method_options.values() if isinstance(t, torch.Tensor)))):
-            # the op's own autograd, without torch.library's per-call overhead (ops.attnlib_attention)
+            # the op's implementation and autograd without the dispatcher (ops.attnlib_attention)
             out, lse = ops.attention_with_grad(q, k, v, method, backend, layout, causal, scale, return_lse,
                                                ops.op_arguments(method, method_options))
             return (out, lse) if return_lse else out

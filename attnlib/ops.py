@@ -207,17 +207,21 @@ attention_op = torch.ops.attnlib.attention.default
 
 
 class attnlib_attention(torch.autograd.Function):  # grad_fn: attnlib_attentionBackward
-    """An eager graph-building call: the op under no-grad inside forward, and the op's registered
-    setup_context and backward (_setup_context, _backward), so the same tensors are saved and the
-    same backward runs. It skips what torch.library's generated autograd adds per call:
-    fill_defaults, which reads the op's schema arguments once per argument (32 of them), 265 us of
-    a 420 us graph-building flash call on the CI CPU with the launches stubbed. Gradients are not
+    """An eager graph-building call on plain tensors: the op's implementation inside forward (no
+    grad there), and the op's registered setup_context and backward (_setup_context, _backward),
+    so the same tensors are saved and the same backward runs. It skips the dispatcher's round
+    trips and what torch.library's generated autograd adds per call: fill_defaults, which reads
+    the op's schema arguments once per argument (32 of them), 265 us of a 420 us graph-building
+    flash call on the CI CPU with the launches stubbed (now 119 us; fwd+bwd 506 -> 290 us,
+    with the backward's direct call and unmaterialised dlse below). Gradients are not
     materialised: an lse that never reached the loss (the API drops it unless return_lse) gives
     dlse None, not a zeros tensor the backward would mask and subtract (three launches a call)."""
 
     @staticmethod
     def forward(ctx, *args):
-        output = attention_op(*args)
+        # the op's implementation without the dispatcher's round trip (attention_with_grad is
+        # called only for plain tensors: see direct_call_ok)
+        output = _attention_impl(*args)
         _setup_context(ctx, args, output)
         ctx.set_materialize_grads(False)
         return output
