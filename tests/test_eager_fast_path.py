@@ -166,3 +166,20 @@ def test_graph_building_gradients_when_lse_is_or_is_not_used(uses):
     want = torch.autograd.grad(loss(want_out, want_lse), (q, k, v))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_graph_building_calls_under_activation_checkpointing(reentrant):
+    """torch.utils.checkpoint (both kinds, as DiT training uses it) around an attnlib call: the
+    forward is re-run in backward through ops.attnlib_attention; gradients equal the plain call's."""
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v = make_qkv(1, 4, 33, 16, kv_heads=2, seed=13, requires_grad=True)
+
+    def f(q, k, v):
+        return attnlib.flash_attention(q, k, v, causal=True, backend="torch")
+    dout = torch.randn(1, 4, 33, 16, generator=torch.Generator().manual_seed(14))
+    want = torch.autograd.grad(f(q, k, v), (q, k, v), dout)
+    (checkpoint(f, q, k, v, use_reentrant=reentrant) * dout).sum().backward()
+    for t, w in zip((q, k, v), want):
+        assert torch.equal(t.grad, w)
