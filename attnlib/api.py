@@ -45,26 +45,28 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
                          return_lse=return_lse, **method_options)  # raises, naming the argument
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in method_options.values()))
-    if eager and not needs_grad and ops.direct_call_ok(
-            (q, k, v, *(t for t in method_options.values() if isinstance(t, torch.Tensor)))):
-        # no autograd node needed: the op's implementation, which validates every argument
-        # before any kernel runs, without the dispatcher's round trip
+    # plain tensors with no mode or transform watching: the op's implementation may run without
+    # the dispatcher's round trip; it validates every argument before any kernel runs
+    plain = eager and ops.direct_call_ok(
+        (q, k, v, *(t for t in method_options.values() if isinstance(t, torch.Tensor))))
+    if plain and not needs_grad:  # no autograd node needed
         out, lse = ops.attention_direct(q, k, v, method, backend, layout, causal, scale, return_lse,
                                         ops.op_arguments(method, method_options))
         return (out, lse) if return_lse else out
-    if eager:
+    inp = None
+    if eager and method == "flash" and method_options.get("deterministic") is False:
         inp = build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
                            return_lse=return_lse, **method_options)
-        if method == "flash" and method_options.get("deterministic") is False:
-            out = _sdpa_with_its_autograd(inp, backend)
-            if out is not None:
-                return out
-        if needs_grad and ops.direct_call_ok(
-                (q, k, v, *(t for t in method_options.values() if isinstance(t, torch.Tensor)))):
-            # the op's implementation and autograd without the dispatcher (ops.attnlib_attention)
-            out, lse = ops.attention_with_grad(q, k, v, method, backend, layout, causal, scale, return_lse,
-                                               ops.op_arguments(method, method_options))
-            return (out, lse) if return_lse else out
+        out = _sdpa_with_its_autograd(inp, backend)
+        if out is not None:
+            return out
+    if plain:  # the op's implementation and autograd (ops.attnlib_attention)
+        out, lse = ops.attention_with_grad(q, k, v, method, backend, layout, causal, scale, return_lse,
+                                           ops.op_arguments(method, method_options))
+        return (out, lse) if return_lse else out
+    if eager and inp is None:  # validated here, with its clear errors, before the dispatcher
+        build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
+                     return_lse=return_lse, **method_options)
     out, lse = torch.ops.attnlib.attention(q, k, v, method=method, backend=backend, layout=layout, causal=causal,
                                            scale=scale, return_lse=return_lse, needs_grad=needs_grad,
                                            **ops.op_arguments(method, method_options))

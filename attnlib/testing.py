@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -136,11 +137,10 @@ def end_worker_after_cuda_fault(nodeid: str, excinfo, failure_log: Optional[str]
     message = f"{excinfo.typename}: {excinfo.value}"
     if not is_sticky_cuda_error(message):
         return
-    line = f"[cuda fault] {nodeid}: {message.splitlines()[0] if message else ''}; ending this worker\n"
+    line = f"[cuda fault] {nodeid}: {message.splitlines()[0]}; ending this worker\n"
     if failure_log:
         with open(failure_log, "a") as f:
             f.write(f"==== {nodeid} (call)\n{line}{excinfo.getrepr(style='short')}\n\n")
-    import sys
     sys.stderr.write(line)
     sys.stderr.flush()
     os._exit(CUDA_FAULT_EXIT)

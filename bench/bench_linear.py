@@ -98,9 +98,10 @@ def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None
                     from bench.profile_gpu import _graph_ms
                     g = _graph_ms(step)
                     if isinstance(g, float):
-                        rec.update(graph_ms=g, graph_gbs=nbytes / g / 1e6, graph_frac_copy=nbytes / g / 1e6 / copy_gbs)
-                        log(f"{what} {g:8.3f} ms {nbytes / g / 1e6:7.0f} GB/s from a CUDA graph "
-                            f"({100 * nbytes / g / 1e6 / copy_gbs:.0f}% of copy)")
+                        g_gbs = nbytes / g / 1e6
+                        rec.update(graph_ms=g, graph_gbs=g_gbs, graph_frac_copy=g_gbs / copy_gbs)
+                        log(f"{what} {g:8.3f} ms {g_gbs:7.0f} GB/s from a CUDA graph "
+                            f"({100 * g_gbs / copy_gbs:.0f}% of copy)")
                     else:
                         rec["graph_ms"] = g
             except Exception as e:  # noqa: BLE001

@@ -57,10 +57,10 @@ def one(dk: int, dv: int, causal: bool, dtype_name: str, dkv_chunk: int | None, 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     q, k, v = make_qkv(1, 4, 1999, dk, kv_heads=2, head_dim_v=dv, dtype=dtype, device=DEVICE,
                        requires_grad=True, seed=dk + dv)
-    cfg = dict(fwd=kernels.fwd_config(kernels.pad(dk), dv, dtype),
-               dq=kernels.dq_config(kernels.pad(dk), kernels.causal_value_pad(kernels.pad(dk), dv), dtype, "elu"),
-               dkv=kernels.dkv_config(kernels.pad(dk), kernels.causal_value_pad(kernels.pad(dk), dv), dtype, "elu"),
-               v_pad=kernels.causal_value_pad(kernels.pad(dk), dv))
+    dk_pad = kernels.pad(dk)
+    v_pad = kernels.causal_value_pad(dk_pad, dv)
+    cfg = dict(fwd=kernels.fwd_config(dk_pad, dv, dtype), dq=kernels.dq_config(dk_pad, v_pad, dtype, "elu"),
+               dkv=kernels.dkv_config(dk_pad, v_pad, dtype, "elu"), v_pad=v_pad)
     try:
         out = attnlib.linear_attention(q, k, v, causal=causal)
         sync()

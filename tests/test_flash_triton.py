@@ -599,10 +599,7 @@ def test_gpu_tma_each_candidate(head_dim, causal, dtype):
 
     q, k, v = make_qkv(2, 4, 300, head_dim, kv_heads=2, seq_k=257, dtype=dtype, device="cuda",
                        seed=head_dim + 2 * causal)
-    d_pad = configs.padded_head_dim(head_dim)
-    budget = max(configs.SMEM_BUDGET, configs.device_smem_limit(q) or 0)
-    for config in [c for c in configs.FWD_TMA_H100[configs._table_key(d_pad)]
-                   if configs.tma_smem_bytes(c, d_pad) <= budget]:
+    for config in configs.tma_fitting(configs.padded_head_dim(head_dim), configs.device_smem_limit(q)):
         out = poison_(torch.empty_like(q))
         lse = poison_(torch.empty(q.shape[:3], device="cuda"))
         assert tma_unsupported_reasons(q, k, v, out) == []

@@ -263,16 +263,21 @@ def tma_smem_bytes(c: tuple, d_pad: int) -> int:
     return _smem_bytes(c[:4], d_pad, 2, "M") + (bm * d_pad * 2 if ws else 0) + 1024
 
 
-def tma_candidates(d_pad: int, exact_smem_limit: Optional[int] = None) -> list[tuple]:
-    """The descriptor forward's candidates for this padded head dim (16-bit inputs only), best
-    guess first; the same shared-memory rule as candidates() for the pointer forward."""
+def tma_fitting(d_pad: int, exact_smem_limit: Optional[int] = None) -> list[tuple]:
+    """The descriptor forward's table entries for this padded head dim (16-bit inputs only) that
+    fit the shared memory, best guess first; the same rule as candidates() for the pointer
+    forward."""
     budget = max(SMEM_BUDGET, exact_smem_limit or 0)
     cands = FWD_TMA_H100[_table_key(d_pad)]
-    wanted = [c for c in cands if tma_smem_bytes(c, d_pad) <= budget] or [cands[0]]
-    # the first entry only, autotuning or not, until test_gpu_tma_each_candidate has passed on a
-    # GPU: the H100 failures of stop 19 came with the autotuner free to pick (see WS_WITHDRAWN),
-    # and with autotuning off (the first entries) the same tests passed on an H200
-    return wanted[:1]
+    return [c for c in cands if tma_smem_bytes(c, d_pad) <= budget] or [cands[0]]
+
+
+def tma_candidates(d_pad: int, exact_smem_limit: Optional[int] = None) -> list[tuple]:
+    """What the descriptor forward's autotuner may launch: the first fitting entry only,
+    autotuning or not, until test_gpu_tma_each_candidate (which pins every tma_fitting entry) has
+    passed on a GPU: the H100 failures of stop 19 came with the autotuner free to pick (see
+    WS_WITHDRAWN), and with autotuning off (the first entries) the same tests passed on an H200."""
+    return tma_fitting(d_pad, exact_smem_limit)[:1]
 
 
 def _tma_pruner(configs, named_args, **kwargs):
