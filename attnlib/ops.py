@@ -212,7 +212,7 @@ class attnlib_attention(torch.autograd.Function):  # grad_fn: attnlib_attentionB
     so the same tensors are saved and the same backward runs. It skips the dispatcher's round
     trips and what torch.library's generated autograd adds per call: fill_defaults, which reads
     the op's schema arguments once per argument (32 of them), 265 us of a 420 us graph-building
-    flash call on the CI CPU with the launches stubbed (now 119 us; fwd+bwd 506 -> 290 us,
+    flash call on the CI CPU with the launches stubbed (now 105 us; fwd+bwd 506 -> about 260 us,
     with the backward's direct call and unmaterialised dlse below). Gradients are not
     materialised: an lse that never reached the loss (the API drops it unless return_lse) gives
     dlse None, not a zeros tensor the backward would mask and subtract (three launches a call)."""
