@@ -59,12 +59,15 @@ def check_fraction(name: str, value: Any) -> float:
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
 FLOAT32_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32, 1.18e-38
+# the largest scale: the kernels pass scale * log2(e) as a float32 (base-2 softmax), which must
+# stay finite (from 2.36e38 on it rounds to inf, and a masked score -inf * inf is NaN)
+SCALE_MAX = FLOAT32_MAX / math.log2(math.e)
 
 
 def scale_in_range(scale: float) -> bool:
-    """The kernels' rule for a real scale: finite and within float32's normal range (the
-    integrations ask it without raising; check_scale says which end a scale missed)."""
-    return math.isfinite(scale) and FLOAT32_TINY <= scale <= FLOAT32_MAX
+    """The kernels' rule for a real scale: finite, at least float32's smallest normal and at most
+    SCALE_MAX (the integrations ask it without raising; check_scale says which end it missed)."""
+    return math.isfinite(scale) and FLOAT32_TINY <= scale <= SCALE_MAX
 
 
 def check_scale(scale: Any, head_dim: int) -> float:
@@ -77,8 +80,9 @@ def check_scale(scale: Any, head_dim: int) -> float:
         return scale
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be finite and positive, got {scale}")
-    if scale > FLOAT32_MAX:  # the kernels scale scores in float32: it would overflow to inf, then NaN
-        raise ValueError(f"scale must fit in float32 (at most {FLOAT32_MAX:.4g}), got {scale}")
+    if scale > SCALE_MAX:  # the kernels scale scores in float32: it would overflow to inf, then NaN
+        raise ValueError(f"scale must fit in float32 once multiplied by log2(e) (at most {SCALE_MAX:.4g}), "
+                         f"got {scale}")
     # below: float32 rounds it to 0 (or a denormal), and a masked score -inf * 0 is NaN
     raise ValueError(f"scale must be at least the smallest normal float32 ({FLOAT32_TINY:.4g}), got {scale}")
 
@@ -231,7 +235,9 @@ def validate_qkv(q: Any, k: Any, v: Any, layout: str, *, same_head_dim_v: bool =
         raise ValueError(f"v must have the head_dim of q ({qb.shape[3]}), got {vb.shape[3]}")
     if qb.shape[3] == 0:
         raise ValueError("head_dim must be positive, got 0")
-    if kb.shape[1] == 0 or qb.shape[1] % kb.shape[1] != 0:
+    if kb.shape[1] == 0:
+        raise ValueError(f"k and v must have at least one head, got {tuple(k.shape)} for layout={layout!r}")
+    if qb.shape[1] % kb.shape[1] != 0:
         raise ValueError(
             f"query heads ({qb.shape[1]}) must be a multiple of key/value heads ({kb.shape[1]}) for GQA/MQA")
     return qb, kb, vb

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 
 from .asymrnr.config import DISPATCH_OPTIONS as _ASYMRNR_OPTIONS, check_call as _check_asymrnr_call, check_grid_option
-from .inputs import AttentionInputs, check_block_size, check_fraction
+from .inputs import AttentionInputs, check_block_size, check_fraction, is_real_number
 
 FEATURE_MAPS = ("elu", "relu", "softmax", "identity")
 _REQUIRED = object()
@@ -42,7 +42,9 @@ def _choice(name: str, allowed: tuple[str, ...]) -> Callable[[Any, AttentionInpu
 
 
 def _eps(v: Any, inp: AttentionInputs) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+    if not is_real_number(v):  # NumPy scalars too, as the fractions take them
+        raise TypeError(f"eps must be a finite number >= 0, got {type(v).__name__}")
+    if not math.isfinite(float(v)) or v < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {v!r}")
     return float(v)
 

@@ -114,6 +114,8 @@ def predict_block_mask(q, k, *, block_size=(64, 64), topk: Optional[float] = Non
     the diagonal (where visible). q, k: (B, H, S, D) for layout "bhsd", (B, S, H, D) for "bshd".
     """
     check_layout(layout)
+    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dtype != k.dtype:
+        raise TypeError(f"q and k must share one dtype, got q={q.dtype}, k={k.dtype}")  # no v here
     qb, kb, _ = validate_qkv(q, k, k, layout)
     bq, bk = check_block_size(block_size)
     if (topk is None) == (cdf_threshold is None):
@@ -135,9 +137,16 @@ def predict_block_mask(q, k, *, block_size=(64, 64), topk: Optional[float] = Non
     order = torch.sort(p, dim=-1, descending=True, stable=True)
     if topk is not None:
         rank_ok = _topk_ranks(mq, mk, (bq, bk), sq, sk, causal, topk, qb.device)
-    else:
+    elif cdf_threshold >= 1.0:
+        # every visible block has P > 0 in exact arithmetic, so all are needed to reach 1; the
+        # float32 sum saturates first (blocks under ~1e-7 of the mass would be dropped)
+        rank_ok = torch.ones_like(p, dtype=torch.bool)
+    elif cdf_threshold > 0:
         before = torch.cumsum(order.values, dim=-1) - order.values  # mass of the blocks ranked above
-        rank_ok = before < cdf_threshold - 1e-7 if cdf_threshold > 0 else torch.zeros_like(before, dtype=torch.bool)
+        rank_ok = before < cdf_threshold - 1e-7
+        rank_ok[..., 0] = True  # any positive threshold needs the most probable block
+    else:
+        rank_ok = torch.zeros_like(p, dtype=torch.bool)
     keep = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order.indices, rank_ok.expand_as(p))
     if keep_sink:
         keep[..., 0] = True

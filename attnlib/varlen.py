@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import NoKernelError, effective_backend
-from .inputs import AttentionInputs, check_backend, check_scale
+from .inputs import FLOAT_DTYPES, AttentionInputs, check_backend, check_scale
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -15,8 +15,8 @@ def _check_packed(q, k, v) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"{name} must be 3-D (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype not in FLOAT_DTYPES:  # as the dense API (inputs.validate_qkv): no float8
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
     if not (q.device == k.device == v.device):
@@ -38,8 +38,10 @@ def _check_cu_seqlens(name: str, cu, total: int, device: torch.device, max_name:
         raise ValueError(f"{name} must be 1-D of length batch + 1 >= 2, got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} must be on the device of q ({device}), got {cu.device}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    if max_seqlen < 0:
+        raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
     if cu.device.type != "cpu":
         return  # values on the GPU are trusted (checking them would synchronise), as in flash_attn
     lens = cu[1:] - cu[:-1]

@@ -26,6 +26,7 @@ BAD = [
     ("kv-seq", lambda q, k, v: attnlib.flash_attention(q, k, v[:, :, :5]), ValueError, "k and v must agree"),
     ("kv-heads", lambda q, k, v: attnlib.flash_attention(q, k[:, :2], v), ValueError, "k and v must agree"),
     ("gqa", lambda q, k, v: attnlib.flash_attention(q, k[:, :3], v[:, :3]), ValueError, "multiple of key/value heads"),
+    ("no-kv-heads", lambda q, k, v: attnlib.flash_attention(q, k[:, :0], v[:, :0]), ValueError, "at least one head"),
     ("dtype-mix", lambda q, k, v: attnlib.flash_attention(q, k.half(), v), TypeError, "share one dtype"),
     ("int-dtype", lambda q, k, v: attnlib.flash_attention(q.int(), k.int(), v.int()), TypeError, "q must be float16"),
     ("device", lambda q, k, v: attnlib.flash_attention(q, k.to("meta"), v), ValueError, "one device"),
@@ -116,13 +117,28 @@ def test_real_scalar_scales_are_accepted(scale):
     assert torch.equal(out, attnlib.flash_attention(q, k, v, scale=float(scale), backend="torch"))
 
 
-def test_largest_float32_scale_is_accepted():
+def test_largest_scale_is_accepted_and_one_past_it_refused():
+    # the kernels multiply by scale * log2(e) in float32: the largest scale keeps that finite
     q, k, v = qkv()
-    inp = attnlib.api.build_inputs(q, k, v, scale=float(torch.finfo(torch.float32).max))
-    assert inp.scale == torch.finfo(torch.float32).max
+    top = attnlib.inputs.SCALE_MAX
+    assert math.isfinite(float(torch.tensor(top * math.log2(math.e), dtype=torch.float32)))
+    assert attnlib.api.build_inputs(q, k, v, scale=top).scale == top
+    for too_big in (top * 1.0001, float(torch.finfo(torch.float32).max)):
+        with pytest.raises(ValueError, match="scale"):
+            attnlib.flash_attention(q, k, v, scale=too_big, backend="torch")
 
 
 def test_numpy_fractions_are_accepted():
     q, k, _ = qkv()
     a = attnlib.predict_block_mask(q, k, topk=np.float32(0.5), block_size=(16, 16))
     assert torch.equal(a, attnlib.predict_block_mask(q, k, topk=0.5, block_size=(16, 16)))
+
+
+def test_numpy_eps_is_accepted_and_a_non_number_is_a_type_error():
+    q, k, v = qkv()
+    want = attnlib.linear_attention(q, k, v, eps=1e-3, backend="torch")
+    assert torch.equal(attnlib.linear_attention(q, k, v, eps=np.float32(1e-3).item(), backend="torch"), want)
+    got = attnlib.linear_attention(q, k, v, eps=np.float64(1e-3), backend="torch")
+    assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="eps"):
+        attnlib.linear_attention(q, k, v, eps="1e-3", backend="torch")

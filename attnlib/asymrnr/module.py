@@ -99,7 +99,9 @@ class AsymRnR:
     partition and matches are reused for this many consecutive steps; text_tokens: None, a count
     at ``text_side`` ("start" | "end") or a slice touching one end, never reduced; seed: the
     partition's generator seed; method: the inner attention ("flash" | "sage"); backend: "auto",
-    "triton" or "torch" for the matching / gathers (torch also runs the inner attention on torch).
+    "triton" or "torch" for the matching / gathers (torch also runs the inner attention on torch);
+    the Triton gathers have no backward, so with inputs that require grad auto runs the torch
+    gathers and "triton" raises.
 
     Positional encoding (RoPE) must already be applied to q and k.
     """

@@ -77,7 +77,7 @@ def reduce(x: torch.Tensor, plan: ReductionPlan, *, mode: str = "replace", backe
     sources; "mean" averages each removed source into its destination."""
     check_choice("mode", mode, MODES)
     _check_rows("x", x, plan, plan.seq_len, "the plan's full length")
-    triton = use_triton(x, backend)
+    triton = use_triton(x, backend, differentiable=True)
     if mode == "replace":
         if triton:
             from ..triton_kernels.asymrnr.gather import gather_rows
@@ -102,7 +102,7 @@ def restore(y: torch.Tensor, plan: ReductionPlan, *, out: torch.Tensor | None = 
     _check_rows("y", y, plan, plan.reduced_len, "the plan's reduced length")
     if out is not None:
         _check_rows("out", out, plan, plan.seq_len, "the plan's full length")
-    if use_triton(y, backend):
+    if use_triton(y, backend, differentiable=True):
         from ..triton_kernels.asymrnr.gather import gather_rows
 
         return gather_rows(y, plan.restore_idx, out=out)

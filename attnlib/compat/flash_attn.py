@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
+
 from .. import api, varlen
 from ..inputs import is_real_number
 
@@ -51,6 +53,22 @@ def _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_sc
         scale = _check_float("softmax_scale", softmax_scale)
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"softmax_scale must be finite and positive (attnlib's kernels), got {softmax_scale}")
+
+
+def _max_seqlen(name: str, value):
+    """flash_attn's max_seqlen_q/k as attnlib's int. flash_attn converts the argument with
+    __index__, so callers pass numpy ints and one-element integer tensors too (transformers'
+    prepare_fa2_from_position_ids passes cu_seqlens.diff().max(), a 0-d tensor); those become
+    Python ints here. Anything else (Python ints, SymInts under torch.compile, wrong types)
+    goes to attnlib unchanged, which checks it."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_floating_point() or value.is_complex() or value.numel() != 1:
+            raise TypeError(f"{name} must be an int (or a one-element integer tensor), got a tensor of "
+                            f"dtype {value.dtype} and shape {tuple(value.shape)}")
+        return int(value.item())
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        return int(value)  # numpy integers
+    return value
 
 
 def _scale(softmax_scale):
@@ -96,6 +114,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_scale)
     if block_table is not None:
         raise ValueError("block_table: paged KV caches are not supported")
+    max_seqlen_q, max_seqlen_k = _max_seqlen("max_seqlen_q", max_seqlen_q), _max_seqlen("max_seqlen_k", max_seqlen_k)
     res = varlen.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         causal=causal, scale=_scale(softmax_scale),
                                         return_lse=bool(return_attn_probs), deterministic=deterministic)
@@ -103,8 +122,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 def _check_packed(name, x, ndim, n):
-    import torch
-
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim or x.shape[2] != n:

@@ -17,8 +17,10 @@ Differences, all deliberate:
   that is its mask too;
 - inputs that require grad raise (sage is forward-only; use attnlib.flash_attention), where
   the package would silently return an output without gradient;
-- attn_mask and dropout_p, passed by SDPA-style callers, must be None / 0 (a ValueError
-  otherwise); any other keyword is ignored, as the package ignores it.
+- SDPA-style callers (``F.scaled_dot_product_attention = sageattn``): attn_mask and dropout_p
+  must be None / 0 (a ValueError otherwise); SDPA's ``scale`` keyword is the softmax scale, as
+  sm_scale (both given and different: a ValueError), where the package would silently drop it
+  and run with head_dim ** -0.5; any other keyword is ignored, as the package ignores it.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import math
 from typing import Any
 
 from .. import api
-from ..inputs import is_real_number
+from ..inputs import FLOAT32_TINY, SCALE_MAX, is_real_number
+from ..options import SAGE_QK_GRANULARITIES
 
 LAYOUTS = {"HND": "bhsd", "NHD": "bshd"}
 __version__ = "1.0.6+attnlib"
@@ -42,6 +45,17 @@ def _check_sdpa_kwargs(kwargs: dict[str, Any]) -> None:
         raise ValueError(f"dropout_p={dropout_p}: sageattn has no dropout; use dropout_p=0.0")
 
 
+def _check_scale(name: str, value: Any) -> None:
+    if value is not None:
+        if not is_real_number(value):
+            raise TypeError(f"{name} must be a float or None, got {type(value).__name__}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be finite and positive, got {value}")
+        if not FLOAT32_TINY <= value <= SCALE_MAX:  # the kernels scale scores in float32, times log2(e)
+            raise ValueError(f"{name} must lie in [{FLOAT32_TINY:.4g}, {SCALE_MAX:.4g}] (scale * log2(e) "
+                             f"must fit in float32), got {value}")
+
+
 def _check_arguments(tensor_layout: Any, is_causal: Any, sm_scale: Any) -> None:
     """The package's own argument names in the errors (attnlib's say layout, causal, scale)."""
     if not isinstance(tensor_layout, str):
@@ -50,11 +64,28 @@ def _check_arguments(tensor_layout: Any, is_causal: Any, sm_scale: Any) -> None:
         raise ValueError(f"tensor_layout must be 'HND' or 'NHD', got {tensor_layout!r}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if sm_scale is not None:
-        if not is_real_number(sm_scale):
-            raise TypeError(f"sm_scale must be a float or None, got {type(sm_scale).__name__}")
-        if not (math.isfinite(sm_scale) and sm_scale > 0):
-            raise ValueError(f"sm_scale must be finite and positive, got {sm_scale}")
+    _check_scale("sm_scale", sm_scale)
+
+
+def _softmax_scale(sm_scale: Any, kwargs: dict[str, Any]):
+    """sm_scale, or SDPA's ``scale`` keyword when only that is given (float, or None: the default)."""
+    sdpa_scale = kwargs.get("scale")
+    _check_scale("scale", sdpa_scale)
+    if sdpa_scale is not None:
+        if sm_scale is not None and float(sm_scale) != float(sdpa_scale):
+            raise ValueError(f"sm_scale={sm_scale} and scale={sdpa_scale} disagree: pass one softmax scale")
+        sm_scale = sdpa_scale
+    return None if sm_scale is None else float(sm_scale)  # numpy floats, as the package takes them
+
+
+def _qk_granularity(kwargs: dict[str, Any]) -> Any:
+    """qk_quant_gran checked under its own name (attnlib's errors say qk_granularity)."""
+    gran = kwargs.get("qk_quant_gran", "per_block")
+    if not isinstance(gran, str):
+        raise TypeError(f"qk_quant_gran must be a str, one of {SAGE_QK_GRANULARITIES}, got {type(gran).__name__}")
+    if gran not in SAGE_QK_GRANULARITIES:
+        raise ValueError(f"qk_quant_gran must be one of {SAGE_QK_GRANULARITIES}, got {gran!r}")
+    return gran
 
 
 def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False, sm_scale=None,
@@ -62,10 +93,9 @@ def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False, sm_sc
     """SageAttention with the sageattention package's signature (see the module docstring)."""
     _check_arguments(tensor_layout, is_causal, sm_scale)
     _check_sdpa_kwargs(kwargs)
-    scale = None if sm_scale is None else float(sm_scale)  # numpy floats, as the package takes them
+    scale = _softmax_scale(sm_scale, kwargs)
     return api.sage_attention(q, k, v, causal=is_causal, scale=scale, layout=LAYOUTS[tensor_layout],
-                              smooth_k=kwargs.get("smooth_k", True),
-                              qk_granularity=kwargs.get("qk_quant_gran", "per_block"),
+                              smooth_k=kwargs.get("smooth_k", True), qk_granularity=_qk_granularity(kwargs),
                               pv=kwargs.get("pv", "fp16"), return_lse=return_lse,
                               backend=kwargs.get("backend", "auto"))
 

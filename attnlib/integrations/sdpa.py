@@ -58,7 +58,7 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, 
         if not is_real_number(scale):
             return f"scale of type {type(scale).__name__}"
         if not scale_in_range(float(scale)):
-            return "scale not finite, positive and within float32's normal range"
+            return "scale not finite, positive and within the kernels' float32 range"
     if is_causal and query.shape[-2] != key.shape[-2]:
         return "is_causal with seq_q != seq_k (torch aligns top-left, attnlib bottom-right)"
     if query.shape[1] != key.shape[1] and not enable_gqa:

@@ -157,7 +157,9 @@ def sage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     dots = q_i8.to(torch.float64) @ expand_kv(k_i8.to(torch.float64), hq).transpose(-1, -2)
     dq_tok = _per_token(dq, q_block, sq).to(ct)                                  # (B, Hq, Sq, 1)
     dk_tok = _per_token(expand_kv(dk, hq), k_block, sk).to(ct).transpose(-1, -2)  # (B, Hq, 1, Sk)
-    s2 = dots.to(ct) * dq_tok * dk_tok  # base-2 logits
+    # base-2 logits; delta_q * delta_k first, as the kernels multiply (dots * delta_q alone
+    # overflowed float32 to inf, then NaN, from scale ~1e36 on, which the kernels run finitely)
+    s2 = dots.to(ct) * (dq_tok * dk_tok)
 
     mask = causal_mask(sq, sk, q.device) if causal else None
     p, m_safe, l_safe, has = masked_row_exp(s2, mask, exp=torch.exp2)

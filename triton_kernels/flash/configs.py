@@ -125,6 +125,9 @@ AUTOTUNE_KEY = ["HEAD_DIM", "D_PAD", "CAUSAL", "VARLEN"]
 # fits the two consumer warpgroups' row halves. The same tests had passed on an H200 (run of
 # 11:28 the same day), where the autotuner may have picked plain candidates. Which candidate ran
 # was not recorded; test_gpu_tma_each_candidate now pins each entry so that a GPU run names it.
+# Triton's own tutorial turns warp specialization off for Hopper and older (triton-lang/triton
+# PR 7108), and wrong results from warp_specialize=True with descriptor loads are an open Triton
+# bug (issue 8311): the fault is more likely the compiler's than this kernel's.
 WS_WITHDRAWN = {
     32: [(128, 64, 4, 4, True), (128, 128, 4, 3, True)],
     64: [(128, 64, 4, 4, True), (128, 128, 4, 3, True)],

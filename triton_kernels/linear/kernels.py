@@ -451,7 +451,17 @@ def linear_chunk_dq_kernel(Q, K, V, O, DO, DQ, S, RDEN, DD,
                                 mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32), 1)
         scores = dot_in(qf, tl.trans(kf), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
         scores = tl.where(offs_c[None, :] <= offs_c[:, None], scores, 0.0)
-        rden = safe_recip(tl.sum(qf.to(tl.float32) * z[None, :], 1) + tl.sum(scores, 1) + eps)
+        mass = tl.sum(qf.to(tl.float32) * z[None, :], 1) + tl.sum(scores, 1)
+        rden = safe_recip(mass + eps)
+        # Rows with no key mass output 0 and pass no gradient: a row that sees no key (Sq > Sk),
+        # and with relu one whose products phi(q_i) . phi(k_j) are all 0 (every term of its
+        # gradient is multiplied by a zero phi entry or by relu' = 0). Their den is eps alone, and
+        # 1 / eps in dn would set the power-of-two scale of the fp16 products (acc_operand) of
+        # the whole chunk, flushing the other rows' dn to fp16 subnormals: give them rden 0.
+        no_mass = rows + offset < 0
+        if FEAT == 2:
+            no_mass = no_mass | (mass == 0.0)
+        rden = tl.where(no_mass, 0.0, rden)
         dn = g * rden[:, None]
         dd = -go * rden
         dn_op, dn_scale = acc_operand(dn, MODE)  # used twice: scaled once

@@ -1,0 +1,74 @@
+"""flash_attn compatibility of the varlen entry point and argument validation of
+flash_attention_varlen. Small shapes (Triton interpreter on CPU)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import attnlib
+from attnlib.compat import flash_attn as fa
+from attnlib.reference.flash_varlen import flash_varlen_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# max |attnlib - float64 reference| allowed, per input dtype (outputs are O(1))
+ATOL = {torch.float16: 4e-3, torch.float32: 2e-5}
+
+
+def _cu(lengths):
+    return torch.tensor([0] + np.cumsum(lengths).tolist(), dtype=torch.int32, device=DEVICE)
+
+
+def _packed(lq, lk, hq, hkv, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lq), hq, d, generator=g).to(DEVICE, dtype)
+    k = torch.randn(sum(lk), hkv, d, generator=g).to(DEVICE, dtype)
+    v = torch.randn(sum(lk), hkv, d, generator=g).to(DEVICE, dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_compat_varlen_takes_tensor_and_numpy_max_seqlen(dtype):
+    """flash_attn converts max_seqlen_q/k with __index__: transformers' packed-sequence path
+    (prepare_fa2_from_position_ids) passes cu_seqlens.diff().max(), a 0-d int32 tensor, and
+    numpy ints are common. They raised TypeError here; they must give the int call's answer."""
+    lq, lk = [5, 0, 19, 1], [7, 3, 19, 2]
+    q, k, v = _packed(lq, lk, 4, 2, 32, dtype, seed=11)
+    cq, ck = _cu(lq), _cu(lk)
+    ref = flash_varlen_reference(q.double(), k.double(), v.double(), cq, ck, causal=True)
+    want = fa.flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk), causal=True)
+    assert (want.double() - ref).abs().max().item() <= ATOL[dtype]
+    for mq, mk in ((cq.diff().max(), ck.diff().max()), (np.int64(max(lq)), np.int32(max(lk))),
+                   (torch.tensor([max(lq)]), torch.tensor(max(lk), dtype=torch.int64))):
+        out, lse, probs = fa.flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, causal=True, return_attn_probs=True)
+        assert probs is None and lse.shape == (4, sum(lq))
+        assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(5.0), torch.tensor(True), torch.tensor([5, 5]), 5.0, True],
+                         ids=["float-tensor", "bool-tensor", "two-elements", "float", "bool"])
+def test_compat_varlen_rejects_non_integer_max_seqlen(bad):
+    q, k, v = _packed([3, 5], [3, 5], 2, 2, 16, torch.float32, seed=1)
+    cu = _cu([3, 5])
+    with pytest.raises(TypeError, match="max_seqlen_q"):
+        fa.flash_attn_varlen_func(q, k, v, cu, cu, bad, 5)
+
+
+def test_varlen_rejects_float8_like_the_dense_api():
+    """flash_attention rejects float8 with a TypeError; the varlen entry point accepted it and
+    ran the reference (float32 math rounded to e4m3)."""
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8 in this torch")
+    q, k, v = (t.to(torch.float8_e4m3fn) for t in _packed([3, 4], [3, 4], 2, 1, 16, torch.float32, seed=2))
+    cu = _cu([3, 4])
+    with pytest.raises(TypeError, match="q must be float16, bfloat16, float32 or float64"):
+        attnlib.flash_attention_varlen(q, k, v, cu, cu, 4, 4)
+
+
+def test_varlen_negative_max_seqlen_is_a_value_error():
+    q, k, v = _packed([3, 4], [3, 4], 2, 1, 16, torch.float32, seed=3)
+    cu = _cu([3, 4])
+    with pytest.raises(ValueError, match="max_seqlen_k must be a non-negative int"):
+        attnlib.flash_attention_varlen(q, k, v, cu, cu, 4, -1)
+    with pytest.raises(TypeError, match="max_seqlen_q"):
+        attnlib.flash_attention_varlen(q, k, v, cu, cu, 4.0, 4)
