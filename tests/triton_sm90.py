@@ -265,7 +265,7 @@ DTYPES = ("fp16", "bf16")
 EXTRA = [("block_sparse", w, DTYPES + ("fp32",), (False, True)) for w in ("fwd", "bwd")] + [
     ("block_sparse", "predict", ("bf16",), (True,)),
     *[("sage", pv, DTYPES, (True,)) for pv in ("fp16", "fp16_accum", "fp8")],
-    *[("linear", w, ("bf16", "fp32"), (False, True)) for w in ("fwd", "bwd")],
+    *[("linear", w, DTYPES + ("fp32",), (False, True)) for w in ("fwd", "bwd")],
     ("sla", "bwd", DTYPES, (True,)),
     ("asymrnr", "all", DTYPES + ("fp32",), (False,)),
 ]

@@ -357,6 +357,12 @@ __device__ __forceinline__ void flash_fwd_mainloop_sm80_atoms(const FlashFwdPara
     __syncthreads();  // everyone is done with buffer buf before step nb + 1 refills it
   }
   cp_async_wait<0>();
+  // With no key block (causal tiles above the diagonal, seq_k == 0, an empty block list) no
+  // barrier follows the Q load: the Q tile's rows of warp w are copied by threads of every warp
+  // (load_tile_async), and wait_group only covers this thread's own copies, so another warp's
+  // late cp.async could land on the O rows the epilogue stages there. n_blocks is uniform over
+  // the block. (The one-atom loop's prologue barrier covers it there.)
+  if (n_blocks == 0) __syncthreads();
 }
 
 // Runs the key blocks `blocks` lists on the main loop the traits select (see above).

@@ -238,7 +238,9 @@ def linear_state_kernel(K, V, S, RSCALE, ZW,
                      mask=n_ok[:, None] & v_ok[None, :], other=0.0)
         if WEIGHTED:
             scale = tl.load(RSCALE + bh.to(tl.int64) * seq + rows, mask=n_ok, other=0.0)
-            s = dot_acc(tl.trans(kf), vt.to(tl.float32) * scale[:, None], s, MODE)
+            # the row scale (1 / den) on phi(K)'s side, V (dO) multiplied as loaded: phi(q_n) / den_n
+            # stays within fp16's range where dO / den_n spans the rows' 1 / den (see scaled_rows)
+            s = dot_acc(tl.trans(kf.to(tl.float32) * scale[:, None]), vt, s, MODE)
             zw = tl.load(ZW + bh.to(tl.int64) * seq + rows, mask=n_ok, other=0.0)
             z += tl.sum(kf.to(tl.float32) * zw[:, None], 0)
         elif VT_FIRST:
@@ -445,8 +447,9 @@ def linear_chunk_dq_kernel(Q, K, V, O, DO, DQ, S, RDEN, DD,
         kf = load_phi(tile(k_row, n64, offs_c, offs_k, stride_kn, stride_kd), n_ok, k_ok, FEAT, MODE)
         vt = tl.load(tile(v_row, n64, offs_c, offs_v, stride_vn, stride_vd),
                      mask=n_ok[:, None] & v_ok[None, :], other=0.0)
-        g = tl.load(tile(do_row, m64, offs_c, offs_v, stride_dom, stride_dod),
-                    mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+        g_in = tl.load(tile(do_row, m64, offs_c, offs_v, stride_dom, stride_dod),
+                       mask=m_ok[:, None] & v_ok[None, :], other=0.0)
+        g = g_in.to(tl.float32)
         go = tl.sum(g * tl.load(tile(o_row, m64, offs_c, offs_v, stride_om, stride_od),
                                 mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32), 1)
         scores = dot_in(qf, tl.trans(kf), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
@@ -455,26 +458,25 @@ def linear_chunk_dq_kernel(Q, K, V, O, DO, DQ, S, RDEN, DD,
         rden = safe_recip(mass + eps)
         # Rows with no key mass output 0 and pass no gradient: a row that sees no key (Sq > Sk),
         # and with relu one whose products phi(q_i) . phi(k_j) are all 0 (every term of its
-        # gradient is multiplied by a zero phi entry or by relu' = 0). Their den is eps alone, and
-        # 1 / eps in dn would set the power-of-two scale of the fp16 products (acc_operand) of
-        # the whole chunk, flushing the other rows' dn to fp16 subnormals: give them rden 0.
+        # gradient is multiplied by a zero phi entry or by relu' = 0). Their den is eps alone:
+        # give them rden 0 (no 1 / den enters an fp16 scale any more, see below and scaled_rows).
         no_mass = rows + offset < 0
         if FEAT == 2:
             no_mass = no_mass | (mass == 0.0)
         rden = tl.where(no_mass, 0.0, rden)
-        dn = g * rden[:, None]
         dd = -go * rden
-        dn_op, dn_scale = acc_operand(dn, MODE)  # used twice: scaled once
-        vt_op, vt_scale = acc_operand(tl.trans(vt), MODE)
-        dp = dot_ops(dn_op, dn_scale, vt_op, vt_scale, tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
-        dp = tl.where(offs_c[None, :] <= offs_c[:, None], dp + dd[:, None], 0.0)
+        # Every term of row i's dq carries its 1 / den_i: formed from dO as loaded and multiplied
+        # in after the products (fp32), so no row's 1 / den enters a chunk-wide fp16 scale: rows
+        # whose den is tiny but not 0 (phi(q) underflowing in fp16, den ~ eps) flushed the other
+        # rows' dn to fp16 subnormals. dp / rden = dO_i . v_j - dO_i . O_i.
+        dp = dot_in(g_in, tl.trans(vt), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
+        dp = tl.where(offs_c[None, :] <= offs_c[:, None], dp - go[:, None], 0.0)
         if BK == DK_PAD:  # one block: the whole row (always so for softmax, whose derivative needs it)
             kf_t = kf
         else:
             kf_t = load_phi(tile(k_row, n64, offs_c, offs_t, stride_kn, stride_kd), n_ok, t_ok, FEAT, MODE)
-        s_op, s_scale = acc_operand(tl.trans(s), MODE)
-        dqf = dot_ops(dn_op, dn_scale, s_op, s_scale, dd[:, None] * z_t[None, :], MODE)
-        dqf = dot_acc(dp, kf_t, dqf, MODE)
+        dqf = dot_acc(g_in, tl.trans(s), -go[:, None] * z_t[None, :], MODE)
+        dqf = dot_acc(dp, kf_t, dqf, MODE) * rden[:, None]
         # phi's derivative from the fp32 pre-activation (re-read: cheaper than keeping it live)
         qt = tl.load(tile(q_row, m64, offs_c, offs_t, stride_qm, stride_qd),
                      mask=m_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32)
@@ -506,12 +508,17 @@ def key_unit(DS, u, n_pre, bkv, n_bkv, offset, span, seq_k, DK: tl.constexpr, DV
 
 
 @triton.jit
-def scaled_dout(DO, RDEN, b64, h64, bh64, r64, rows, m_ok, offs_c, offs_v, v_ok, seq_q,
+def scaled_rows(DO, RDEN, qf, b64, h64, bh64, r64, rows, m_ok, offs_c, offs_v, v_ok, seq_q,
                 stride_dob, stride_doh, stride_dom, stride_dod):
-    """dn = dO / den for a chunk of query rows (fp32), den from the dq pass."""
+    """(dO as loaded, phi(q) / den (fp32), 1 / den) for a chunk of query rows, den from the dq pass.
+    dn = dO / den enters the key side's products as dO times phi(q) / den (or the scores over
+    den, the attention weights): per row, 1 / den spans as widely as the rows' denominators (1e6
+    where phi(q) underflows in fp16 and den ~ eps), which a chunk-wide fp16 scale (acc_operand)
+    cannot hold beside the other rows; phi(q_r)_d / den_r <= 1 / z_d stays in range."""
     do = tl.load(tile(DO + b64 * stride_dob + h64 * stride_doh, r64, offs_c, offs_v, stride_dom, stride_dod),
-                 mask=m_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-    return do * tl.load(RDEN + bh64 * seq_q + rows, mask=m_ok, other=0.0)[:, None]
+                 mask=m_ok[:, None] & v_ok[None, :], other=0.0)
+    rden = tl.load(RDEN + bh64 * seq_q + rows, mask=m_ok, other=0.0)
+    return do, qf.to(tl.float32) * rden[:, None], rden
 
 
 @triton.jit(do_not_specialize=["seq_q", "seq_k", "offset", "span", "n_pre", "n_units"])
@@ -564,13 +571,14 @@ def linear_chunk_dk_kernel(Q, K, V, DO, DK_, DS, RDEN, DD,
                 q_head = Q + b64 * stride_qb + h64 * stride_qh
                 qf = load_phi(tile(q_head, r64, offs_c, offs_t, stride_qm, stride_qd), m_ok, t_ok, FEAT, MODE)
                 dd = tl.load(DD + bh64 * seq_q + rows, mask=m_ok, other=0.0)
-                dn = scaled_dout(DO, RDEN, b64, h64, bh64, r64, rows, m_ok, offs_c, offs_v, v_ok, seq_q,
-                                 stride_dob, stride_doh, stride_dom, stride_dod)
-                dp_t = dot_acc(vt, tl.trans(dn), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
-                # [key t, query r]: query r sees key t when r >= t
-                dp_t = tl.where(offs_c[None, :] >= offs_c[:, None], dp_t + dd[None, :], 0.0)
-                dkf = dot_acc(dp_t, qf, dkf, MODE)
-                ds = dot_acc(tl.trans(qf), dn, ds, MODE)
+                do, qn, rden = scaled_rows(DO, RDEN, qf, b64, h64, bh64, r64, rows, m_ok, offs_c, offs_v, v_ok,
+                                           seq_q, stride_dob, stride_doh, stride_dom, stride_dod)
+                go = -dd / tl.where(rden == 0.0, 1.0, rden)  # dO_r . O_r (dd_r = -dO_r . O_r / den_r)
+                dp_t = dot_in(vt, tl.trans(do), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
+                # [key t, query r]: query r sees key t when r >= t; dp_t * rden_r is dn_r . v_t + dd_r
+                dp_t = tl.where(offs_c[None, :] >= offs_c[:, None], dp_t - go[None, :], 0.0)
+                dkf = dot_acc(dp_t, qn, dkf, MODE)
+                ds = dot_acc(tl.trans(qn), do, ds, MODE)
                 dz += tl.sum(qf.to(tl.float32) * dd[:, None], 0)
         kt = tl.load(tile(k_row, c64, offs_c, offs_t, stride_kn, stride_kd),
                      mask=n_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32)
@@ -619,12 +627,13 @@ def linear_chunk_dv_kernel(Q, K, DO, DV_, DS, RDEN,
                 bh64 = bkv.to(tl.int64) * group + g
                 q_head = Q + b64 * stride_qb + h64 * stride_qh
                 qf = load_phi(tile(q_head, r64, offs_c, offs_k, stride_qm, stride_qd), m_ok, k_ok, FEAT, MODE)
-                dn = scaled_dout(DO, RDEN, b64, h64, bh64, r64, rows, m_ok, offs_c, offs_v, v_ok, seq_q,
-                                 stride_dob, stride_doh, stride_dom, stride_dod)
+                do, qn, rden = scaled_rows(DO, RDEN, qf, b64, h64, bh64, r64, rows, m_ok, offs_c, offs_v, v_ok,
+                                           seq_q, stride_dob, stride_doh, stride_dom, stride_dod)
                 scores_t = dot_in(kf, tl.trans(qf), tl.zeros([CHUNK, CHUNK], dtype=tl.float32), MODE)
-                scores_t = tl.where(offs_c[None, :] >= offs_c[:, None], scores_t, 0.0)
-                dv = dot_acc(scores_t, dn, dv, MODE)
-                ds = dot_acc(tl.trans(qf), dn, ds, MODE)
+                # the attention weights phi(k_t) . phi(q_r) / den_r (at most 1 for positive feature maps)
+                scores_t = tl.where(offs_c[None, :] >= offs_c[:, None], scores_t * rden[None, :], 0.0)
+                dv = dot_acc(scores_t, do, dv, MODE)
+                ds = dot_acc(tl.trans(qn), do, ds, MODE)
         tl.store(tile(dv_row, c64, offs_c, offs_v, stride_dvn, stride_dvd),
                  dv.to(DV_.dtype.element_ty), mask=n_ok[:, None] & v_ok[None, :])
 
