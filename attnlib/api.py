@@ -8,7 +8,7 @@ import torch
 
 from . import dispatch, ops
 from .dispatch import check_method
-from .inputs import AttentionInputs, check_backend, from_bhsd, make_inputs
+from .inputs import AttentionInputs, from_bhsd, make_inputs
 from .options import NO_LSE, NO_SCALE, check_option_names, validate_options
 
 
@@ -39,7 +39,11 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
     if eager:
         # every check with its clear error before anything runs (under torch.compile the op's
         # fake implementation runs the same checks while tracing)
-        check_backend(backend)
+        # resolved here (use_backend's thread-local override, ATTNLIB_BACKEND) and passed on, so
+        # the backward re-selects the kernel that ran forward even where the override is not in
+        # force: loss.backward() after the use_backend block, or on autograd's device threads.
+        # (A compiled graph's ops resolve "auto" when they run.)
+        backend = dispatch.effective_backend(backend)
         if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
             build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
                          return_lse=return_lse, **method_options)  # raises, naming the argument
@@ -49,6 +53,11 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
     # the dispatcher's round trip; it validates every argument before any kernel runs
     plain = eager and ops.direct_call_ok(
         (q, k, v, *(t for t in method_options.values() if isinstance(t, torch.Tensor))))
+    if eager and not plain and _forward_mode_transform():
+        raise NotImplementedError(
+            f"attnlib.attention (method {method!r}) has no forward-mode derivative: under torch.func.jvp, "
+            "jacfwd, linearize or hessian its op would give a zero tangent without a word. Use reverse mode "
+            "(torch.autograd.grad, torch.func.vjp/jacrev) or torch's scaled_dot_product_attention there")
     if plain and not needs_grad:  # no autograd node needed
         out, lse = ops.attention_direct(q, k, v, method, backend, layout, causal, scale, return_lse,
                                         ops.op_arguments(method, method_options))
@@ -73,6 +82,15 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
     return (out, lse) if return_lse else out
 
 
+def _forward_mode_transform() -> bool:
+    """Whether a torch.func forward-mode transform (jvp; jacfwd, linearize and hessian use it) is
+    active: functorch treats an output the custom op gives without a tangent as a zero tangent."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    jvp = torch._C._functorch.TransformType.Jvp
+    return any(i.key() == jvp for i in retrieve_all_functorch_interpreters())
+
+
 def _sdpa_with_its_autograd(inp: AttentionInputs, backend: str):
     """The output, when the kernel chosen for this graph-building call is torch's SDPA
     (deterministic=False on fp16/bf16 CUDA tensors: see kernels/flash_sdpa.py), called outside
@@ -83,7 +101,8 @@ def _sdpa_with_its_autograd(inp: AttentionInputs, backend: str):
     kernel = dispatch.select(replace(inp, grad=True), backend)
     if not isinstance(kernel, FlashSDPA):
         return None
-    return from_bhsd(kernel.forward(inp), inp.layout)
+    with ops.no_autocast(inp.q):
+        return from_bhsd(kernel.forward(inp), inp.layout)
 
 
 def flash_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = "bhsd",

@@ -14,6 +14,7 @@ kernel that ran forward (selection is deterministic for the same inputs) and cal
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -66,6 +67,17 @@ def _build(q, k, v, method, layout, causal, scale, return_lse, grad, options) ->
     return replace(inp, grad=grad)
 
 
+def no_autocast(q: Tensor):
+    """A context in which kernels run with torch.autocast off for q's device (a no-op context when
+    it is off): the op returns its inputs' dtype and kernels compute at their own precision, so a
+    torch-backend kernel (torch SDPA casts under autocast, references' matmuls would run in the
+    autocast dtype) gives what it gives outside autocast, and what the fake implementation says."""
+    dev = q.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _lse_shape(method: str, q: Tensor, layout: str, needs_grad: bool) -> tuple:
     """(B, H, Sq), or (0,) for a method without lse (unless its kernel keeps one for backward)."""
     if method in NO_LSE and not (method in AUX_LSE and needs_grad):
@@ -101,7 +113,8 @@ def _attention(a: dict[str, Any], *, placeholder: bool) -> tuple[Tensor, Optiona
     want_lse = method not in NO_LSE and kernel.supports_lse and (
         kernel.lse_is_free or inp.return_lse or a["needs_grad"])
     aux_lse = method in AUX_LSE and a["needs_grad"] and kernel.keeps_lse_for_backward
-    res = kernel.forward(replace(inp, return_lse=want_lse))
+    with no_autocast(q):
+        res = kernel.forward(replace(inp, return_lse=want_lse))
     out, lse = res if (want_lse or aux_lse) else (res, None)
     out = from_bhsd(out, layout).contiguous()
     if lse is None and not placeholder:
@@ -164,8 +177,9 @@ def _attention_backward_impl(*args):
     lse = a["lse"]
     if not has_lse:  # the kernel's own statistic from forward, when it kept one
         lse = lse if method in AUX_LSE and kernel.keeps_lse_for_backward and lse.dim() == 3 else None
-    grads = kernel.backward(inp, to_bhsd(a["out"], layout), lse,
-                            to_bhsd(a["dout"], layout), a["dlse"] if has_lse else None)
+    with no_autocast(q):
+        grads = kernel.backward(inp, to_bhsd(a["out"], layout), lse,
+                                to_bhsd(a["dout"], layout), a["dlse"] if has_lse else None)
     dq, dk, dv = (from_bhsd(g, layout).contiguous() for g in grads[:3])
     rest = [g if g is not None else q.new_empty(0) for g in grads[3:3 + len(GRAD_OPTIONS)]]
     return [dq, dk, dv] + rest
@@ -202,6 +216,18 @@ def _backward(ctx, dout, dlse, direct: bool = False):
 
 
 torch.library.register_autograd("attnlib::attention", _backward, setup_context=_setup_context, lib=_LIB)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("attnlib attention has no double backward (a gradient of its gradients, e.g. "
+                       "autograd.grad(..., create_graph=True) followed by a backward through that "
+                       "gradient, as a gradient penalty does): its backward kernels are not differentiable")
+
+
+# Without an autograd kernel torch's fallback lets a double backward through the backward op run
+# with only a warning, and the fused kernels then give zero second-order gradients without a word.
+torch.library.register_autograd("attnlib::attention_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None, lib=_LIB)
 
 attention_op = torch.ops.attnlib.attention.default
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import NoKernelError, effective_backend
-from .inputs import FLOAT_DTYPES, AttentionInputs, check_backend, check_scale
+from .inputs import FLOAT_DTYPES, AttentionInputs, check_scale
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -98,8 +98,16 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     backward adds dQ with atomics only under ATTNLIB_FLASH_ATOMIC_DQ=1.
     """
     if not torch.compiler.is_compiling():  # the fake implementation checks shapes while tracing
-        check_backend(backend)
+        # resolved now (use_backend, ATTNLIB_BACKEND), so the backward runs the forward's backend
+        # even outside the use_backend block (see api.attention)
+        backend = effective_backend(backend)
         _check_packed(q, k, v)
+        from .api import _forward_mode_transform
+
+        if _forward_mode_transform():
+            raise NotImplementedError("flash_attention_varlen has no forward-mode derivative: under "
+                                      "torch.func.jvp, jacfwd, linearize or hessian it would give a zero "
+                                      "tangent. Use reverse mode (torch.autograd.grad, torch.func.vjp)")
         _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, "max_seqlen_q", max_seqlen_q)
         _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, "max_seqlen_k", max_seqlen_k)
         if cu_seqlens_q.shape != cu_seqlens_k.shape:
@@ -193,3 +201,13 @@ def _backward(ctx, dout, dlse):
 
 
 torch.library.register_autograd("attnlib::flash_varlen", _backward, setup_context=_setup_context, lib=_LIB)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("flash_attention_varlen has no double backward (a gradient of its gradients): its "
+                       "backward kernels are not differentiable")
+
+
+# without it, torch's fallback runs a double backward with a warning and zero second-order gradients
+torch.library.register_autograd("attnlib::flash_varlen_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None, lib=_LIB)

@@ -72,3 +72,37 @@ def test_varlen_negative_max_seqlen_is_a_value_error():
         attnlib.flash_attention_varlen(q, k, v, cu, cu, 4, -1)
     with pytest.raises(TypeError, match="max_seqlen_q"):
         attnlib.flash_attention_varlen(q, k, v, cu, cu, 4.0, 4)
+
+
+def _grads(q, k, v, cu_q, cu_k, dout, inside_backward: bool):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    with attnlib.use_backend("torch"):
+        out = attnlib.flash_attention_varlen(*leaves, cu_q, cu_k, 9, 11, causal=True)
+        if inside_backward:
+            out.backward(dout)
+    if not inside_backward:
+        out.backward(dout)  # after the block: must still run the torch backend's backward
+    return [t.grad for t in leaves]
+
+
+def test_varlen_backward_after_use_backend_runs_the_forwards_backend():
+    q, k, v = _packed([9, 4, 7], [11, 3, 8], 4, 2, 32, torch.float32, seed=11)
+    cu_q, cu_k = _cu([9, 4, 7]), _cu([11, 3, 8])
+    dout = torch.randn(q.shape[0], 4, 32, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    want = _grads(q, k, v, cu_q, cu_k, dout, inside_backward=True)
+    got = _grads(q, k, v, cu_q, cu_k, dout, inside_backward=False)
+    for name, g, w in zip("qkv", got, want):
+        assert torch.equal(g, w), f"d{name}: the backward ran another backend than the forward"
+
+
+def test_varlen_double_backward_and_jvp_raise_instead_of_zeros():
+    q, k, v = _packed([5, 6], [7, 4], 2, 2, 16, torch.float32, seed=13)
+    cu_q, cu_k = _cu([5, 6]), _cu([7, 4])
+    qg = q.clone().requires_grad_()
+    out = attnlib.flash_attention_varlen(qg, k, v, cu_q, cu_k, 6, 7)
+    (gq,) = torch.autograd.grad(out.square().sum(), qg, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gq.square().sum().backward()
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jvp(lambda a: attnlib.flash_attention_varlen(a, k, v, cu_q, cu_k, 6, 7), (q,),
+                       (torch.randn_like(q),))

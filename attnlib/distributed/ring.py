@@ -43,12 +43,13 @@ def require_initialized(what: str) -> None:
         raise RuntimeError(f"{what} needs torch.distributed initialised (torch.distributed.init_process_group)")
 
 
-def visible_blocks(rank: int, src: int, seq: int, *, causal: bool, zigzag: bool):
+def visible_blocks(rank: int, src: int, seq: int, *, causal: bool, zigzag: bool, seq_k: Optional[int] = None):
     """(query rows, key rows, causal) blocks of rank ``rank``'s queries against rank ``src``'s
-    K/V shard that have visible pairs, given local shard length ``seq``."""
+    K/V shard that have visible pairs, given local shard length ``seq`` (of the queries) and
+    ``seq_k`` of the K/V shard (default ``seq``; it may differ only without causal)."""
     full = slice(0, seq)
     if not causal:
-        return [(full, full, False)]
+        return [(full, slice(0, seq if seq_k is None else seq_k), False)]
     if src == rank:
         return [(full, full, True)]
     if not zigzag:  # contiguous shards: earlier shards fully visible, later ones not at all
@@ -112,7 +113,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(world):
             src = (rank - step) % world
             nxt = ring.start([k_cur, v_cur]) if step + 1 < world else None  # before the compute
-            for qs, ks, blk_causal in visible_blocks(rank, src, s, causal=causal, zigzag=zigzag):
+            for qs, ks, blk_causal in visible_blocks(rank, src, s, causal=causal, zigzag=zigzag, seq_k=k.shape[2]):
                 o, l = _block_attention(q[:, :, qs], k_cur[:, :, ks], v_cur[:, :, ks], causal=blk_causal,
                                         scale=scale, method=method, backend=backend)
                 acc_out[:, :, qs], acc_lse[:, :, qs] = merge_attention(
@@ -155,7 +156,7 @@ class _RingAttention(torch.autograd.Function):
             nxt = kv_ring.start([k_cur, v_cur]) if step + 1 < world else None
             dk_blk = torch.zeros(k.shape, dtype=ct, device=k.device)
             dv_blk = torch.zeros(v.shape, dtype=ct, device=v.device)
-            for qs, ks, blk_causal in visible_blocks(rank, src, s, causal=causal, zigzag=zigzag):
+            for qs, ks, blk_causal in visible_blocks(rank, src, s, causal=causal, zigzag=zigzag, seq_k=k.shape[2]):
                 _block_grads(q[:, :, qs], k_cur[:, :, ks], v_cur[:, :, ks], dout[:, :, qs], lse[:, :, qs],
                              delta[:, :, qs], causal=blk_causal, scale=scale,
                              dq=dq[:, :, qs], dk=dk_blk[:, :, ks], dv=dv_blk[:, :, ks])
@@ -195,6 +196,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
     """
     require_initialized("ring_attention")
     check_method(method)
+    if method not in ("flash", "sage"):
+        raise ValueError(f"ring_attention merges each step's partial result by its lse, so its method must be "
+                         f"'flash' or 'sage' (softmax with lse and no required option), got {method!r}")
     layout = check_layout(layout)
     if not isinstance(causal, bool) or not isinstance(zigzag, bool):
         raise TypeError("causal and zigzag must be bools")

@@ -5,8 +5,10 @@ no dropout, causal only with equal lengths because torch's is_causal is top-left
 4-D inputs, a finite positive scale, at least one head) go through the dispatcher; every other
 call goes to torch's own kernel (the builtin, never a patched function), with the reason logged
 once at INFO. So whatever torch computes is computed, and whatever torch refuses raises torch's
-error. attnlib's own extras (method, backend, method options) are checked as attnlib's: a bad
-one raises, it is never passed on to torch quietly.
+error. Under torch.autocast the inputs are cast as autocast casts them for torch's SDPA (so the
+output has torch's dtype); calls under torch.func transforms or forward-mode AD go to torch.
+attnlib's own extras (method, backend, method options) are checked as attnlib's: a bad one
+raises, it is never passed on to torch quietly.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import threading
 from typing import Any, Callable
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 
 from .. import api, dispatch
 from ..inputs import is_real_number, make_inputs, scale_in_range
@@ -40,6 +43,13 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, 
         return "inputs are not tensors"
     if any(t.is_nested for t in ts):
         return "nested tensors"
+    if not torch.compiler.is_compiling():
+        # attnlib's op has no functorch rules (torch.func.grad/vjp raise, jvp gives a zero tangent,
+        # vmap loops per sample) and no forward-mode derivative; torch's SDPA has its own
+        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts):
+            return "a torch.func transform (vmap, grad, vjp, jvp, ...)"
+        if _fwAD._current_level >= 0 and any(_fwAD.unpack_dual(t).tangent is not None for t in ts):
+            return "forward-mode AD (dual tensors)"
     if not all(t.dim() == 4 for t in ts):
         return "inputs are not 4-D (batch, heads, seq, head_dim)"
     if attn_mask is not None:
@@ -74,6 +84,22 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, 
     return None
 
 
+def _autocast_inputs(query, key, value):
+    """q, k, v as torch's autocast hands them to its SDPA: under torch.autocast for the query's
+    device, every floating-point tensor on that device except float64 is cast to the autocast
+    dtype (SDPA is on autocast's lower-precision list, CPU and CUDA), so the result has the dtype
+    torch's would have. attnlib's op itself keeps its inputs' dtype (and runs its kernels with
+    autocast off)."""
+    if not isinstance(query, torch.Tensor):
+        return query, key, value
+    dev = query.device.type
+    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == dev
+                 and t.dtype != torch.float64 else t for t in (query, key, value))
+
+
 def _log_fallback(reason: str, target: str = "torch") -> None:
     key = f"{target}: {reason}"
     if key not in _logged_reasons:
@@ -102,6 +128,8 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
            method_options: dict[str, Any], fallback: Callable | None = None, fallback_name: str = "torch"):
     """attnlib for what it serves exactly, else ``fallback`` (torch's builtin by default, same
     arguments); method, backend and the options' tensor-free checks were done by the caller."""
+    original = (query, key, value)  # what a fallback gets: torch's (or diffusers') autocast casts them itself
+    query, key, value = _autocast_inputs(query, key, value)
     reason = _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, method)
     if reason is None:
         scale = None if scale is None else float(scale)  # NumPy scalars: a Python float for the op
@@ -120,6 +148,7 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
                 return api.attention(query, key, value, **call)
             reason = "no attnlib kernel fits: " + "; ".join(r for rs in ex.reasons.values() for r in rs)[:300]
     _log_fallback(reason, fallback_name)
+    query, key, value = original
     if fallback is not None:
         return fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
