@@ -74,30 +74,43 @@ def cases(q, k, v, mask, on_gpu: bool) -> list[tuple[str, Callable[[], object]]]
 
 PROFILED_CALLS = ("attnlib flash (triton)", "attnlib flash (triton, needs grad)", "attnlib sage (triton)",
                   "attnlib block_sparse (auto)")
+PROFILE_REPS = 100
 
 
-def profile_calls(named: list[tuple[str, Callable[[], object]]], dev: torch.device, *, reps: int = 100,
-                  top: int = 25) -> str:
-    """cProfile of `reps` back-to-back calls of each of PROFILED_CALLS: the functions with the most
-    own time, as markdown. On a CPU with the launches stubbed, torch.library's fill_defaults (the
-    op's schema walked once per argument, 32 arguments: quadratic) took 265 of 420 us of a
-    graph-building flash call; this says where a GPU host spends the rest."""
+def profile_calls(named: list[tuple[str, Callable[[], object]]], dev: torch.device, *, reps: int = PROFILE_REPS,
+                  top: int = 25, skipped: Optional[dict] = None) -> str:
+    """cProfile of `reps` back-to-back calls of each call named (PROFILED_CALLS first, then the
+    other attnlib calls): the functions with the most own time, as markdown. On a CPU with the
+    launches stubbed, torch.library's fill_defaults (the op's schema walked once per argument, 32
+    arguments: quadratic) took 265 of 420 us of a graph-building flash call; this says where a GPU
+    host spends the rest. ``skipped``: call name -> why it is not profiled (listed as such)."""
     import cProfile
     import io
     import pstats
 
-    parts = [f"# Host profile per call ({dev}; {reps} calls each, cProfile, top {top} by own time)\n"]
-    for name, fn in named:
-        if name not in PROFILED_CALLS:
+    skipped = dict(skipped or {})
+    order = [n for n in PROFILED_CALLS if any(n == m for m, _ in named)]
+    order += [n for n, _ in named if n.startswith("attnlib") and n not in order]
+    fns = dict(named)
+    parts = [f"# Host profile per call ({dev}; {reps} calls each, cProfile, top {top} by own time)\n",
+             "Profiled: " + (", ".join(f"`{n}`" for n in order if n not in skipped) or "none") + "\n"]
+    for name in order:
+        if name in skipped:
+            parts.append(f"## {name}\n\nnot profiled: {skipped[name]}\n")
             continue
-        fn()
-        _sync(dev)
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(reps):
+        fn = fns[name]
+        try:
             fn()
-        _sync(dev)
-        prof.disable()
+            _sync(dev)
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(reps):
+                fn()
+            _sync(dev)
+            prof.disable()
+        except Exception as e:  # noqa: BLE001 - one call's failure leaves the others' profiles
+            parts.append(f"## {name}\n\nfailed: {type(e).__name__}: {str(e)[:300]}\n")
+            continue
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
         parts.append(f"## {name}\n\n```\n{buf.getvalue().strip()}\n```\n")
@@ -138,10 +151,16 @@ def run_overhead_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], No
                 rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 log(f"{name}: failed: {rec['error']}")
         records.append(rec)
-    if out is not None and time.perf_counter() - t0 < budget_s:
+    if out is not None:
+        # always written (run 1's 15 s budget ended before it): only calls that ran above, whose
+        # kernels are compiled, so each profile costs reps x the call's host time; fewer reps
+        # once the budget is spent
+        skipped = {r["call"]: r.get("skipped") or r.get("error") for r in records
+                   if "us_per_call" not in r}
+        reps_p = PROFILE_REPS if time.perf_counter() - t0 < budget_s else max(10, PROFILE_REPS // 5)
         try:
-            (Path(out) / "host_profile.md").write_text(profile_calls(named, dev))
-            log("host profile written to host_profile.md")
+            (Path(out) / "host_profile.md").write_text(profile_calls(named, dev, reps=reps_p, skipped=skipped))
+            log(f"host profile written to host_profile.md ({reps_p} calls each)")
         except Exception as e:  # noqa: BLE001 - the timings above stand
             log(f"host profile failed: {type(e).__name__}: {e}")
     return records

@@ -80,25 +80,34 @@ def _kernels(fn: Callable[[], object], top: int = 8) -> list[tuple[str, int, flo
     return rows[:top]
 
 
-def cases():
+LINEAR_SHAPE = (1, 16, 131072, 128)
+
+
+def cases(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, *, sla_shape=None, sparse_shape=None,
+          linear_shape=LINEAR_SHAPE, grid=None):
+    """(name, call, ATTNLIB_SLA_ROW_STATES or None) per case, inputs made as each is reached.
+    The keyword arguments (shapes, the AsymRnR grid, whose product must equal sla_shape's seq)
+    and device / dtype are for the CPU smoke test; the defaults are the benchmarks' shapes."""
     import attnlib
     from bench import bench_block_sparse as bbs
     from bench import bench_sla as bsla
+    from bench import bench_asymrnr as barn
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    w = bsla.SHAPE
-    q, k, v = (torch.randn(w["batch"], w["heads"], w["seq"], w["head_dim"], device="cuda", dtype=torch.bfloat16,
+    gen = torch.Generator(device=device).manual_seed(0)
+    w = sla_shape or bsla.SHAPE
+    grid = grid or barn.WAN_GRID
+    q, k, v = (torch.randn(w["batch"], w["heads"], w["seq"], w["head_dim"], device=device, dtype=dtype,
                            generator=gen) for _ in range(3))
-    pw = torch.randn(w["head_dim"], w["head_dim"], device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
-    pb = torch.zeros(w["head_dim"], device="cuda", dtype=torch.bfloat16)
+    pw = torch.randn(w["head_dim"], w["head_dim"], device=device, dtype=dtype, generator=gen) * 0.02
+    pb = torch.zeros(w["head_dim"], device=device, dtype=dtype)
     yield ("flash auto (bf16, no grad) Wan2.1-1.3B", lambda: attnlib.flash_attention(q, k, v), None)
     yield ("flash triton Wan2.1-1.3B", lambda: attnlib.flash_attention(q, k, v, backend="triton"), None)
     yield ("torch SDPA default Wan2.1-1.3B", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), None)
-    s = bbs.SHAPE
-    qs, ks, vs = (torch.randn(s["batch"], s["heads"], s["seq"], s["head_dim"], device="cuda", dtype=torch.bfloat16,
-                           generator=gen) for _ in range(3))
+    s = sparse_shape or bbs.SHAPE
+    qs, ks, vs = (torch.randn(s["batch"], s["heads"], s["seq"], s["head_dim"], device=device, dtype=dtype,
+                              generator=gen) for _ in range(3))
     for density in (0.05, 0.1):
-        mask = bbs.random_block_mask(density, device="cuda")
+        mask = bbs.random_block_mask(density, device=device, shape=s)
         yield (f"block_sparse triton density {density} ({s['heads']}x{s['seq']}, hd{s['head_dim']}, block {bbs.BLOCK})",
                lambda m=mask: attnlib.block_sparse_attention(qs, ks, vs, m, block_size=bbs.BLOCK, backend="triton"), None)
     for rows in ("1", "0"):
@@ -117,17 +126,15 @@ def cases():
         for t in (qg, kg, vg, pwg):
             t.grad = None
     yield ("sla fwd+bwd critical 0.05 Wan2.1-1.3B (row states)", sla_train_step, None)
-    ql, kl, vl = (torch.randn(1, 16, 131072, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-                  for _ in range(3))
+    ql, kl, vl = (torch.randn(*linear_shape, device=device, dtype=dtype, generator=gen) for _ in range(3))
     yield ("linear fwd non-causal elu (1x16x131072, hd128; the linear bench's largest shape)",
            lambda: attnlib.linear_attention(ql, kl, vl, backend="triton"), None)
     from attnlib.asymrnr import match, partition
-    from bench import bench_asymrnr as barn
 
     rq, rkv = barn.PAPER_RATIOS
-    part = partition(barn.WAN_GRID, device="cuda")
+    part = partition(grid, device=device)
     yield (f"asymrnr q {rq} kv {rkv} Wan2.1-1.3B (matching every call)",
-           lambda: attnlib.attention(q, k, v, method="asymrnr", grid=barn.WAN_GRID, q_ratio=rq, kv_ratio=rkv), None)
+           lambda: attnlib.attention(q, k, v, method="asymrnr", grid=grid, q_ratio=rq, kv_ratio=rkv), None)
     yield ("asymrnr matching of Q and V alone Wan2.1-1.3B", lambda: (match(q, part), match(v, part)), None)
 
 

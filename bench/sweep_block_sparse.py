@@ -59,46 +59,56 @@ def run(q, k, v, num, idx, block, config=None):
     return out, lse
 
 
-def sweep(out_dir: Path, budget_s: float) -> list[dict]:
-    import triton.testing
+def sweep(out_dir: Path, budget_s: float, *, device: str = "cuda", shape=None, dtype=torch.bfloat16,
+          candidates=CONFIGS, blocks=BLOCKS, densities=DENSITIES) -> list[dict]:
+    """Each (warps, stages) against the default per (block, density); records also written to
+    out_dir/sweep_block_sparse.json after each. device, shape, dtype, candidates, blocks and
+    densities are for the CPU smoke test (Triton's interpreter)."""
+    from bench.sweep_linear import timer
 
+    bench = timer(torch.device(device), 5, 25)
     t0 = time.perf_counter()
     records: list[dict] = []
-    for block in BLOCKS:
-        for density in DENSITIES:
-            q, k, v, num, idx = inputs(block, density, "cuda")
-            ref, _ = run(q, k, v, num, idx, block)
-            base = triton.testing.do_bench(lambda: run(q, k, v, num, idx, block), warmup=5, rep=25)
-            default = configs.launch_config(*block, q.shape[-1], "fwd", q.element_size())
-            records.append(dict(block=list(block), density=density, config="default",
-                                default=[default.num_warps, default.num_stages], ms=base))
-            print(f"block {block} density {density} default {default} {base:.3f} ms", flush=True)
-            for cfg in CONFIGS:
-                rec = dict(block=list(block), density=density, config=list(cfg))
-                if time.perf_counter() - t0 > budget_s:
-                    rec["skipped"] = "budget spent"
-                    records.append(rec)
-                    continue
-                try:
-                    got, _ = run(q, k, v, num, idx, block, cfg)
-                    diff = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-                    ms = triton.testing.do_bench(lambda: run(q, k, v, num, idx, block, cfg), warmup=5, rep=25)
-                    rec.update(ms=ms, vs_default=base / ms, rel_diff=diff)
-                    print(f"block {block} density {density} warps {cfg[0]} stages {cfg[1]}: {ms:.3f} ms "
-                          f"{base / ms:.2f}x default, rel diff {diff:.1e}", flush=True)
-                except Exception as e:  # noqa: BLE001 - a config that does not launch is a result
-                    rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    points = [(block, density) for block in blocks for density in densities]
+    for i, (block, density) in enumerate(points):
+        if time.perf_counter() - t0 > budget_s:
+            records.append(dict(block=list(block), density=density, config="default", skipped="budget spent"))
+            continue
+        # an even share of what is left for each (block, density), so every one is reached
+        deadline = time.perf_counter() + (budget_s - (time.perf_counter() - t0)) / (len(points) - i)
+        q, k, v, num, idx = inputs(block, density, device, dtype, shape)
+        ref, _ = run(q, k, v, num, idx, block)
+        base = bench(lambda: run(q, k, v, num, idx, block))
+        default = configs.launch_config(*block, q.shape[-1], "fwd", q.element_size())
+        records.append(dict(block=list(block), density=density, config="default",
+                            default=[default.num_warps, default.num_stages], ms=base))
+        print(f"block {block} density {density} default {default} {base:.3f} ms", flush=True)
+        for cfg in candidates:
+            rec = dict(block=list(block), density=density, config=list(cfg))
+            if time.perf_counter() > deadline:
+                rec["skipped"] = "budget spent"
                 records.append(rec)
-            (out_dir / "sweep_block_sparse.json").write_text(json.dumps(records, indent=1))
+                continue
+            try:
+                got, _ = run(q, k, v, num, idx, block, cfg)
+                diff = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                ms = bench(lambda: run(q, k, v, num, idx, block, cfg))
+                rec.update(ms=ms, vs_default=base / ms, rel_diff=diff)
+                print(f"block {block} density {density} warps {cfg[0]} stages {cfg[1]}: {ms:.3f} ms "
+                      f"{base / ms:.2f}x default, rel diff {diff:.1e}", flush=True)
+            except Exception as e:  # noqa: BLE001 - a config that does not launch is a result
+                rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            records.append(rec)
+        (out_dir / "sweep_block_sparse.json").write_text(json.dumps(records, indent=1))
     return records
 
 
-def run_sweep_suite(budget_s: float, log=print, *, out) -> list[dict]:
+def run_sweep_suite(budget_s: float, log=print, *, out, **kw) -> list[dict]:
     """gpu_check's suite sweep_block_sparse: the sweep's records (also written under out); []
-    without CUDA."""
-    if not torch.cuda.is_available():
+    without CUDA unless ``device`` is given (kw: the CPU smoke test's sizes)."""
+    if not torch.cuda.is_available() and "device" not in kw:
         return []
-    return sweep(Path(out), budget_s)
+    return sweep(Path(out), budget_s, **kw)
 
 
 def main() -> None:

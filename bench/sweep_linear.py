@@ -87,21 +87,41 @@ def compile_only() -> None:
             print_compile_record(records[0], kernel=name, config=cfg)
 
 
-def sweep(out_dir: Path, budget_s: float) -> list[dict]:
-    import triton.testing
+def timer(device: torch.device, warmup: int, rep: int):
+    """ms of one call: triton.testing.do_bench on CUDA (median, L2 cleared between calls); on
+    the CPU (the smoke test, Triton's interpreter) one call's wall time."""
+    if device.type == "cuda":
+        import triton.testing
 
-    dev = torch.device("cuda")
+        return lambda fn: triton.testing.do_bench(fn, warmup=warmup, rep=rep)
+
+    def once(fn):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return once
+
+
+def sweep(out_dir: Path, budget_s: float, *, device: str = "cuda", seqs=SEQS, shape=None,
+          dtype=torch.bfloat16, configs=None, per_sm_values=PER_SM) -> list[dict]:
+    """Every state / apply config at each seq against the default; records also written to
+    out_dir/sweep_linear.json after each kernel's sweep. ``configs`` ({"state": [...], "apply":
+    [...]}), per_sm_values, shape, seqs, device and dtype are for the CPU smoke test."""
+    dev = torch.device(device)
+    shape = shape or SHAPE
+    configs = configs or {"state": STATE_CONFIGS, "apply": APPLY_CONFIGS}
     t0 = time.perf_counter()
     records: list[dict] = []
     path = out_dir / "sweep_linear.json"
+    bench = timer(dev, 5, 25)
 
-    def bench(fn):
-        return triton.testing.do_bench(fn, warmup=5, rep=25)  # ms, median, L2 cleared between calls
-
-    for seq in SEQS:
-        b, h, d = SHAPE["batch"], SHAPE["heads"], SHAPE["head_dim"]
+    for seq in seqs:
+        if time.perf_counter() - t0 > budget_s:
+            records.append(dict(seq=seq, skipped="budget spent"))
+            continue
+        b, h, d = shape["batch"], shape["heads"], shape["head_dim"]
         gen = torch.Generator(device=dev).manual_seed(seq)
-        q, k, v = (torch.randn(b, h, seq, d, generator=gen, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(b, h, seq, d, generator=gen, device=dev, dtype=dtype) for _ in range(3))
         o = torch.empty_like(q)
         s_ref, z_ref = lk.state(k, v, FEATURE)
         o_ref = lk.apply(q, s_ref, z_ref, torch.empty_like(q), FEATURE, 1e-6)
@@ -111,10 +131,14 @@ def sweep(out_dir: Path, budget_s: float) -> list[dict]:
         for name, ms in base.items():
             records.append(dict(seq=seq, kernel=name, config="default", ms=ms, gbs=nbytes / ms / 1e6))
             print(f"seq {seq} {name} default {ms:.3f} ms {nbytes / ms / 1e6:.0f} GB/s", flush=True)
-        for name, configs in (("state", STATE_CONFIGS), ("apply", APPLY_CONFIGS)):
-            for cfg in configs:
-                for per_sm in PER_SM:
-                    if time.perf_counter() - t0 > budget_s:
+        for i, name in enumerate(("state", "apply")):
+            # each kernel gets an even share of what is left at this seq (in turn, the state
+            # kernel's 54 configs x 4 would take the whole budget and leave the apply kernel none)
+            left = budget_s - (time.perf_counter() - t0)
+            deadline = time.perf_counter() + left / (2 - i)
+            for cfg in configs[name]:
+                for per_sm in per_sm_values:
+                    if time.perf_counter() > deadline:
                         records.append(dict(seq=seq, kernel=name, config=list(cfg), per_sm=per_sm,
                                             skipped="budget spent"))
                         continue
@@ -183,29 +207,39 @@ def causal_compile_only() -> None:
                     print_compile_record(r, which=which, kernel=r["kernel"], config=cfg)
 
 
-def causal_sweep(out_dir: Path, budget_s: float) -> list[dict]:
-    import triton.testing
+def causal_sweep(out_dir: Path, budget_s: float, *, device: str = "cuda", seq: int = CAUSAL_SEQ, shape=None,
+                 dtype=torch.bfloat16, configs=CAUSAL_CONFIGS) -> list[dict]:
+    """Each causal kernel's candidates against its default (records also written to
+    out_dir/sweep_linear_causal.json after each kernel); device, seq, shape, dtype and configs
+    are for the CPU smoke test."""
     from unittest import mock
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    shape = shape or SHAPE
+    bench = timer(dev, 3, 20)
     t0 = time.perf_counter()
     records: list[dict] = []
     path = out_dir / "sweep_linear_causal.json"
-    b, h, d = SHAPE["batch"], SHAPE["heads"], SHAPE["head_dim"]
+    b, h, d = shape["batch"], shape["heads"], shape["head_dim"]
     gen = torch.Generator(device=dev).manual_seed(7)
-    q, k, v, dout = (torch.randn(b, h, CAUSAL_SEQ, d, generator=gen, device=dev, dtype=torch.bfloat16)
+    q, k, v, dout = (torch.randn(b, h, seq, d, generator=gen, device=dev, dtype=dtype)
                      for _ in range(4))
     out = causal_call("fwd", q, k, v, None, None)[0]
-    for which, fn_name, cands in CAUSAL_CONFIGS:
+    for i, (which, fn_name, cands) in enumerate(configs):
+        if time.perf_counter() - t0 > budget_s:
+            records.append(dict(which=which, config="default", skipped="budget spent"))
+            continue
+        # an even share of what is left for each kernel, so the last one is reached too
+        deadline = time.perf_counter() + (budget_s - (time.perf_counter() - t0)) / (len(configs) - i)
         ref = causal_call(which, q, k, v, out, dout)
-        base = triton.testing.do_bench(lambda: causal_call(which, q, k, v, out, dout), warmup=3, rep=20)
+        base = bench(lambda: causal_call(which, q, k, v, out, dout))
         default = getattr(lk, fn_name)(lk.pad(d), d if which == "fwd" else lk.pad(d), q.dtype,
                                        *(() if which == "fwd" else (FEATURE,)))
         records.append(dict(which=which, config="default", default=list(default), ms=base))
         print(f"causal {which} default {list(default)} {base:.3f} ms", flush=True)
         for cfg in cands:
             rec = dict(which=which, config=list(cfg))
-            if time.perf_counter() - t0 > budget_s:
+            if time.perf_counter() > deadline:
                 rec["skipped"] = "budget spent"
                 records.append(rec)
                 continue
@@ -214,7 +248,7 @@ def causal_sweep(out_dir: Path, budget_s: float) -> list[dict]:
                     got = causal_call(which, q, k, v, out, dout)
                     err = max(((g.float() - r.float()).abs().max() / r.float().abs().max()).item()
                               for g, r in zip(got, ref))
-                    ms = triton.testing.do_bench(lambda: causal_call(which, q, k, v, out, dout), warmup=3, rep=20)
+                    ms = bench(lambda: causal_call(which, q, k, v, out, dout))
                 rec.update(ms=ms, vs_default=base / ms, rel_diff=err)
                 print(f"causal {which} {list(cfg)} {ms:.3f} ms {base / ms:.2f}x default, rel diff {err:.1e}",
                       flush=True)
@@ -225,12 +259,12 @@ def causal_sweep(out_dir: Path, budget_s: float) -> list[dict]:
     return records
 
 
-def run_sweep_suite(budget_s: float, log=print, *, out, causal: bool = False) -> list[dict]:
+def run_sweep_suite(budget_s: float, log=print, *, out, causal: bool = False, **kw) -> list[dict]:
     """gpu_check's suites sweep_linear / sweep_linear_causal: the sweep's records (also written
-    under out); [] without CUDA."""
-    if not torch.cuda.is_available():
+    under out); [] without CUDA unless ``device`` is given (kw: the CPU smoke test's sizes)."""
+    if not torch.cuda.is_available() and "device" not in kw:
         return []
-    return (causal_sweep if causal else sweep)(Path(out), budget_s)
+    return (causal_sweep if causal else sweep)(Path(out), budget_s, **kw)
 
 
 def main() -> None:

@@ -269,3 +269,181 @@ def test_gpu_check_interleaves_test_files():
     ids = ["a.py::1", "a.py::2", "a.py::3", "b.py::1", "c.py::1", "c.py::2"]
     got = [i.nodeid for i in interleave_by_file([SimpleNamespace(nodeid=n) for n in ids])]
     assert got == ["a.py::1", "b.py::1", "c.py::1", "a.py::2", "c.py::2", "a.py::3"]
+
+
+# ----------------------------------------------------------------------------------------------
+# gpu_check on a device machine: what comes back ($OUT, at most 8 files), interrupts, test order
+def _stage_every_file(stage: Path) -> set:
+    names = set(gpu_check.RESULT_FILES) - set(gpu_check.OUT_LIVE) | {"stray-extra.json"}
+    for name in names:
+        (stage / name).write_text(f"{name}\n")
+    return names
+
+
+def test_gpu_check_out_holds_at_most_8_files_and_import_unpacks(tmp_path, monkeypatch):
+    """publish: whatever the steps wrote, $OUT holds OUT_MAX_FILES files at most (the device tool
+    returns 8); every staged file is in the bundle or loose, and --import files them all."""
+    out, stage = tmp_path / "out", tmp_path / "stage"
+    out.mkdir()
+    stage.mkdir()
+    for name in gpu_check.OUT_LIVE:
+        (out / name).write_text("x\n")
+    staged = _stage_every_file(stage)
+    runner.write_json(out / "results.json", [_rec("sdpa-flash", 1.0)], {"gpu": "NVIDIA H100 80GB HBM3"})
+    (out / "written-straight-to-out.md").write_text("a step that ignored the staging folder\n")
+    files = gpu_check.publish(out, stage, since=0.0)
+    in_out = sorted(p.name for p in out.iterdir())
+    assert len(in_out) <= gpu_check.OUT_MAX_FILES == 8, in_out
+    assert len(gpu_check.OUT_LIVE) + len(gpu_check.OUT_LOOSE) + 1 <= gpu_check.OUT_MAX_FILES
+    assert gpu_check.BUNDLE in in_out and "host_profile.md" in in_out and "profile.md" in in_out
+    listed = {f["name"] for f in files}
+    assert staged | {"written-straight-to-out.md"} | set(gpu_check.OUT_LIVE) <= listed
+    monkeypatch.setattr(gpu_check, "REPO", tmp_path)
+    dest = gpu_check.file_results(out)
+    assert dest == tmp_path / "bench" / "results" / "nvidia-h100-80gb-hbm3"
+    got = {p.name for p in dest.iterdir()}
+    assert staged | {"written-straight-to-out.md", "results.json", "summary.md"} <= got, got
+    assert (dest / "sweep_linear.json").read_text() == "sweep_linear.json\n"
+
+
+def test_gpu_check_cuts_a_runaway_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "OUT_MAX_BYTES", 10_000)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pytest-gpu.log").write_text("".join(f"line {i}\n" for i in range(20_000)))
+    gpu_check.publish(out, None)
+    text = (out / "pytest-gpu.log").read_text()
+    assert (out / "pytest-gpu.log").stat().st_size <= 10_000
+    assert text.startswith("line 0\n") and text.endswith("line 19999\n") and "bytes cut here" in text
+
+
+def test_gpu_check_end_marks():
+    marks = gpu_check.end_marks(None)
+    assert marks["sweep"] == gpu_check.SWEEP_END_S and marks["flash"] == gpu_check.TOTAL_TARGET_S
+    assert all(v <= 100.0 for v in gpu_check.end_marks(100.0).values())
+
+
+def test_gpu_check_main_on_cpu_writes_summary_with_files(tmp_path, monkeypatch):
+    """The whole script on the CPU (no tests, the overhead suite and a sweep, which has nothing to
+    do without CUDA): $OUT within its limit, summary.md lists every file, host_profile.md there."""
+    out = tmp_path / "out"
+    monkeypatch.setenv("OUT", str(out))
+    rc = gpu_check.main(["--skip-tests", "--suites", "overhead,sweep_block_sparse", "--end", "120"])
+    assert rc == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) <= gpu_check.OUT_MAX_FILES and "host_profile.md" in names, names
+    data = json.loads((out / "results.json").read_text())
+    assert data["complete"] is True
+    listed = {f["name"] for f in data["files"]}
+    assert {"overhead.json", "host_profile.md", "sweep_block_sparse.json", gpu_check.BUNDLE} <= listed
+    summary = (out / "summary.md").read_text()
+    assert "## Files" in summary and "`overhead.json` | suites.tar.gz" in summary
+
+
+def test_gpu_check_sigint_stops_pytest_and_writes_results(tmp_path):
+    """timeout -s INT during the tests: gpu_check stops the pytest process group (nothing left
+    on the GPU), writes results.json / summary.md with complete false, and exits 130."""
+    import signal
+    import subprocess
+    import time
+
+    tdir = tmp_path / "t"
+    tdir.mkdir()
+    mark = tmp_path / "pid"
+    (tdir / "test_hang.py").write_text(
+        "import os, time\nimport pytest\n\n@pytest.mark.gpu\ndef test_hang():\n"
+        f"    open({str(mark)!r}, 'w').write(str(os.getpid()))\n    time.sleep(120)\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(Path(gpu_check.__file__)), "--skip-bench", "--pytest-budget", "200",
+                             "--select", "gpu", "--tests", str(tdir / "test_hang.py")],
+                            cwd=gpu_check.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.time()
+        while not mark.exists() and time.time() - t0 < 120 and proc.poll() is None:
+            time.sleep(0.2)
+        assert mark.exists(), proc.communicate(timeout=30)[0][-3000:]
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, text[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["complete"] is False and data["pytest"]["interrupted"] is True
+    assert any("INTERRUPTED" in n for n in data["notes"])
+    assert "INTERRUPTED" in (out / "summary.md").read_text()
+    pid = int(mark.read_text())
+    for _ in range(50):  # the test process (in pytest's own session) is gone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"pytest's test process {pid} still runs after gpu_check was interrupted")
+
+
+def _collect(args, env_extra, cwd):
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(gpu_check.REPO), **env_extra)
+    if "ATTNLIB_GPU_SELECT" not in env_extra:
+        env.pop("ATTNLIB_GPU_SELECT", None)
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                        "-p", "bench.gpu_test_order", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return r, [ln.strip() for ln in r.stdout.splitlines() if "::" in ln]
+
+
+def test_gpu_test_order_tiers(tmp_path):
+    """bench/gpu_test_order.py: priority tests first (in PRIORITY's order), then the gpu-marked
+    ones, then with gpu+device the device-agnostic ones; CPU-only tests dropped."""
+    (tmp_path / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
+    (tmp_path / "test_a.py").write_text(
+        "import pytest\nDEVICE = 'cuda'\n\n@pytest.mark.gpu\ndef test_g1(): pass\n\n"
+        "def test_d1(): pass\n\n@pytest.mark.gpu\ndef test_new(): pass\n\n@pytest.mark.gpu\ndef test_g2(): pass\n")
+    (tmp_path / "test_b.py").write_text(
+        "import pytest\n\n@pytest.mark.gpu\ndef test_h(): pass\n\ndef test_cpu_only(): pass\n")
+    plan = tmp_path / "plan.tsv"
+    env = {"ATTNLIB_GPU_SELECT": "gpu+device", "ATTNLIB_GPU_ORDER_FILE": str(plan), "ATTNLIB_TEST_INTERLEAVE": "1",
+           "ATTNLIB_GPU_PRIORITY": "test_a.py::test_new,test_b.py::test_h"}
+    r, ids = _collect(["test_a.py", "test_b.py"], env, tmp_path)
+    assert ids == ["test_a.py::test_new", "test_b.py::test_h", "test_a.py::test_g1", "test_a.py::test_g2",
+                   "test_a.py::test_d1"], r.stdout + r.stderr
+    assert [ln.split("\t")[0] for ln in plan.read_text().splitlines()] == ["0", "0", "1", "1", "2"]
+    r, ids = _collect(["test_a.py", "test_b.py"], dict(env, ATTNLIB_GPU_SELECT="gpu",
+                                                       ATTNLIB_GPU_ORDER_FILE=str(tmp_path / "plan-gpu.tsv")), tmp_path)
+    assert "test_a.py::test_d1" not in ids and "test_b.py::test_cpu_only" not in ids and len(ids) == 4
+    text = "[gw0] PASSED test_a.py::test_new\n[gw1] FAILED test_b.py::test_h\n"
+    tiers = gpu_check.plan_reach(plan, text)
+    assert [(t["planned"], t["reached"], t["failed"]) for t in tiers] == [(2, 2, 1), (2, 0, 0), (1, 0, 0)]
+    assert tiers[1]["not_reached"] == ["test_a.py::test_g1", "test_a.py::test_g2"]
+
+
+def test_gpu_test_order_on_the_real_suite(tmp_path):
+    """On tests/: every PRIORITY prefix names a collected test, every file with a gpu marker is
+    in the plan (found by marker, so a new GPU test file joins by itself), and the plan starts
+    with the priority tests in PRIORITY's order (on this CPU, without the device-agnostic ones)."""
+    from bench.gpu_test_order import PRIORITY
+
+    repo = gpu_check.REPO
+    r, every = _collect(["tests/"], {}, repo)
+    assert every, r.stdout[-2000:] + r.stderr[-2000:]
+    for prefix in PRIORITY:
+        assert any(n.startswith(prefix) for n in every), f"PRIORITY entry {prefix!r} matches no test"
+    plan = tmp_path / "plan.tsv"
+    r, ids = _collect(["tests/"], {"ATTNLIB_GPU_SELECT": "gpu+device", "ATTNLIB_GPU_ORDER_FILE": str(plan),
+                                   "ATTNLIB_TEST_INTERLEAVE": "1"}, repo)
+    import re
+
+    marked = {p.name for p in (repo / "tests").glob("test_*.py")
+              if re.search(r"^\s*(@pytest\.mark\.gpu\b|pytestmark\s*=.*mark\.gpu\b)", p.read_text(), re.M)}
+    assert "test_flash_triton.py" in marked
+    assert marked <= {n.split("::")[0].split("/")[-1] for n in ids}, marked
+    rows = [ln.split("\t") for ln in plan.read_text().splitlines()]
+    assert [node for _, node in rows] == ids
+    first = [node for tier, node in rows if tier == "0"]
+    ranks = [next(i for i, p in enumerate(PRIORITY) if n.startswith(p)) for n in first]
+    assert ranks == sorted(ranks) and ranks[0] == 0
+    assert rows[len(first)][0] == "1"
