@@ -1,7 +1,10 @@
 """attnlib.integrations.diffusers on tiny, randomly initialised diffusers models (CPU, nothing downloaded)."""
+import copy
 import inspect
+import io
 import sys
 import types
+import weakref
 
 import pytest
 import torch
@@ -304,3 +307,140 @@ def test_functional_router_computes_what_torch_computes(kw):
                             atol=2e-6, rtol=1e-5)
     empty = q[:, :0]  # zero heads: torch returns an empty result
     assert router.scaled_dot_product_attention(empty, empty, empty, **kw).shape == empty.shape
+
+
+# --------------------------------------------------------------------------- pickling, deepcopy, set_attn_processor
+
+def shadow_modules():
+    return [m for m in sys.modules if m.startswith(attnlib_diffusers.__name__ + ".")]
+
+
+def fresh_inputs(inputs, seed):
+    """The model's inputs with new random activations (ids, timestep and flags kept)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) if k in ("hidden_states", "encoder_hidden_states") else v
+            for k, v in inputs.items()}
+
+
+def attention_module_classes(model):
+    return {name: type(m) for name, m in model.named_modules() if hasattr(m, "set_processor")}
+
+
+def pickled(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def unpickled(data):
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("fresh_process", [False, True], ids=["same_process", "fresh_process"])
+def test_torch_save_load_keeps_the_model_on_attnlib(name, fresh_process, attnlib_calls, monkeypatch):
+    """torch.save(model) after apply() used to raise PicklingError (the routed processor classes are
+    made at run time and cannot be looked up by name). The loaded model routes through attnlib and
+    computes what the saved one did."""
+    model, inputs, n_attn = MODELS[name]()
+    module_classes = attention_module_classes(model)
+    assert attnlib_diffusers.apply(model, method="sla", **SLA_OPTIONS) == n_attn
+    x = fresh_inputs(inputs, seed=7)
+    routed_out = run(model, x)
+    data = pickled(model)
+    if fresh_process:  # nothing of the saving process left: the loader builds the routed classes again
+        assert attnlib_diffusers.remove(model) == n_attn
+        del model
+        monkeypatch.setattr(attnlib_diffusers, "_routed_classes", weakref.WeakValueDictionary())
+        assert shadow_modules() == []
+    attnlib_calls.clear()
+    loaded = unpickled(data)
+    try:
+        procs = processors(loaded)
+        assert len(procs) == n_attn and all(map(is_switched, procs.values()))
+        for p in procs.values():  # registered where torch.compile looks the routed globals up
+            assert sys.modules[type(p)._attnlib_shadow.__name__] is type(p)._attnlib_shadow
+        out = run(loaded, x)
+        assert attnlib_calls == ["sla"] * n_attn
+        assert torch.equal(out, routed_out)
+    finally:
+        assert attnlib_diffusers.remove(loaded) == n_attn
+        if not fresh_process:
+            assert attnlib_diffusers.remove(model) == n_attn
+    assert shadow_modules() == []
+    assert attention_module_classes(loaded) == module_classes
+    assert not any(map(is_switched, processors(unpickled(pickled(loaded))).values()))
+
+
+def test_deepcopy_and_state_dict_after_apply(attnlib_calls):
+    model, inputs, n_attn = tiny_flux()
+    native = run(model, inputs)
+    attnlib_diffusers.apply(model, method="sla", **SLA_OPTIONS)
+    routed = run(model, inputs)
+    twin = copy.deepcopy(model)
+    assert model.state_dict().keys() == twin.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    assert all(is_switched(p) and p is not processors(model)[n] for n, p in processors(twin).items())
+    attnlib_calls.clear()
+    assert torch.equal(run(twin, inputs), routed)
+    assert attnlib_calls == ["sla"] * n_attn
+    assert attnlib_diffusers.remove(model) == n_attn
+    assert shadow_modules()  # still used by the copy
+    attnlib_calls.clear()
+    assert torch.equal(run(twin, inputs), routed) and attnlib_calls == ["sla"] * n_attn
+    assert attnlib_diffusers.remove(twin) == n_attn
+    assert shadow_modules() == []
+    assert torch.equal(run(model, inputs), native) and torch.equal(run(twin, inputs), native)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_set_attn_processor_after_apply_undoes_it(name, attnlib_calls):
+    """Replacing processors with diffusers' set_attn_processor used to leave the replaced processors
+    switched and their shadow modules in sys.modules."""
+    model, inputs, n_attn = MODELS[name]()
+    native = run(model, inputs)
+    before, classes = processors(model), classes_of(model)
+    module_classes = attention_module_classes(model)
+    assert attnlib_diffusers.apply(model, method="flash") == n_attn
+    saved = model.attn_processors
+    model.set_attn_processor({k: type(p)._attnlib_original_class() for k, p in saved.items()})
+    assert shadow_modules() == []
+    assert not any(map(is_switched, before.values())) and classes_of(model) == classes
+    assert attention_module_classes(model) == module_classes
+    assert torch.equal(run(model, inputs), native) and attnlib_calls == []
+    model.set_attn_processor(saved)  # the processors apply() switched, put back: native now
+    assert processors(model) == before and classes_of(model) == classes
+    assert torch.equal(run(model, inputs), native) and attnlib_calls == []
+
+    assert attnlib_diffusers.apply(model, method="flash") == n_attn  # and apply works again
+    try:
+        assert_verbose_allclose(run(model, inputs), native, atol=FLASH_ATOL, rtol=FLASH_RTOL)
+        assert attnlib_calls == ["flash"] * n_attn
+    finally:
+        assert attnlib_diffusers.remove(model) == n_attn
+    assert attnlib_diffusers.remove(model) == 0
+    attnlib_calls.clear()
+    assert_restored(model, inputs, native, before, classes)
+    assert attention_module_classes(model) == module_classes and attnlib_calls == []
+
+
+def test_set_processor_on_legacy_attention_after_apply():
+    attn = attention_processor.Attention(query_dim=32, heads=2, dim_head=16).eval()
+    proc = attn.processor
+    attnlib_diffusers.apply(attn, method="flash")
+    assert shadow_modules() and type(attn) is not attention_processor.Attention
+    attn.set_processor(attention_processor.AttnProcessor())
+    assert shadow_modules() == []
+    assert type(attn) is attention_processor.Attention and type(proc) is attention_processor.AttnProcessor2_0
+    assert attnlib_diffusers.remove(attn) == 0
+
+
+def test_models_without_apply_pickle_as_before():
+    model, inputs, _ = tiny_flux()
+    classes, module_classes = classes_of(model), attention_module_classes(model)
+    loaded = unpickled(pickled(model))
+    twin = copy.deepcopy(model)
+    for m in (model, loaded, twin):
+        assert classes_of(m) == classes and attention_module_classes(m) == module_classes
+    assert shadow_modules() == []
+    assert torch.equal(run(loaded, inputs), run(model, inputs))

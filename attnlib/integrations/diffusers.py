@@ -19,7 +19,12 @@ of Liger's ``monkey_patch`` (STYLE habit 11); no diffusers or torch module is mo
   everything else the processor does are unchanged. The copy is taken at apply() time;
 * instance level: each processor's ``__class__`` is set to that subclass (identity, attributes
   and, for ``nn.Module`` processors, weights stay); remove() sets the original class back and
-  drops shadow modules no processor uses any more.
+  drops shadow modules no processor uses any more. Each attention module whose processor is
+  switched gets a subclass too, whose only change is ``set_processor``: replacing the processor
+  (diffusers' ``set_attn_processor``) undoes apply() for that module, as remove() would;
+* the subclasses are made at run time, so pickle cannot find them by name: their
+  ``__reduce_ex__`` stores the original class (and the route) and makes the subclass again on
+  load, so ``torch.save(model)`` / ``torch.load`` and ``copy.deepcopy`` keep the model on attnlib.
 
 Processors of the same class that were not switched (another model) keep running natively.
 Diffusers' own attention-backend registry is keyed by a closed Enum (``AttentionBackendName``)
@@ -31,12 +36,13 @@ anything else attnlib cannot compute exactly, such as a zero or negative scale).
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 import re
 import sys
 import threading
 import types
+import uuid
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -183,17 +189,71 @@ def _rebinding(cls: type) -> tuple[str, Callable] | tuple[None, str]:
     return None, f"its __call__ calls attention through neither {_DISPATCH_NAME} nor F.scaled_dot_product_attention"
 
 
-# Shadow modules by name -> how many processors use them. torch.compile reaches a function's
-# globals through sys.modules[__globals__["__name__"]], so each routed copy of a processor's
-# globals is a registered module of its own, dropped when the last processor using it is restored.
-_shadow_users: Counter = Counter()
-_shadow_serial = itertools.count()
+# Shadow modules by name -> the live processors that use them (by id, weakly). torch.compile reaches
+# a function's globals through sys.modules[__globals__["__name__"]], so each routed copy of a
+# processor's globals is a registered module of its own, dropped once no live processor uses it:
+# when the last one is restored (remove(), or diffusers' set_processor on a switched module), and
+# at the next switch or restore after the last one was garbage collected (a dropped deepcopy).
+# Weak references rather than a count, because pickle and deepcopy make users apply() never saw.
+_shadow_users: dict[str, weakref.WeakValueDictionary] = {}
+# Routed classes by shadow module name. Names are unique across processes (uuid), so unpickling or
+# deepcopying a processor in the process that made its class finds that class again.
+_routed_classes: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+# Attention module classes with apply()'s set_processor hook, by original class (a few per process).
+_hooked_classes: dict[type, type] = {}
 
 
-def _routed_class(cls: type, name: str, factory: Callable, route: _Route) -> type:
+def _reduce_as(self, protocol: int, loader: Callable, loader_args: tuple):
+    """__reduce_ex__ for the classes made here. pickle (torch.save) stores a class by its qualified
+    name, which a class made at run time does not have, so the object is reduced as its class's
+    parent would reduce it and loader(*loader_args, ...) makes the run-time class again on load.
+    deepcopy takes the same path."""
+    cls = type(self)
+    rv = super(cls, self).__reduce_ex__(protocol)  # (copyreg.__newobj__ or _reconstructor, (cls, ...), state, ...)
+    if not (isinstance(rv, tuple) and len(rv) >= 2 and rv[1] and rv[1][0] is cls):
+        return rv  # a parent's own __reduce__ that does not name the class: nothing to replace
+    return (loader, (*loader_args, rv[0], rv[1][1:])) + rv[2:]
+
+
+def _processor_reduce_ex(self, protocol):
+    cls = type(self)
+    return _reduce_as(self, protocol, _load_processor,
+                      (cls._attnlib_original_class, cls._attnlib_shadow.__name__, cls._attnlib_route))
+
+
+def _module_reduce_ex(self, protocol):
+    return _reduce_as(self, protocol, _load_module, (type(self)._attnlib_module_class,))
+
+
+def _load_processor(original: type, module_name: str, route: _Route, new: Callable, args: tuple):
+    """Unpickles a routed processor (see _reduce_as): the routed class for that route, built again if
+    this process has none (a fresh process), or the original class if this diffusers cannot be routed."""
+    with _lock:
+        routed = _routed_classes.get(module_name)
+        if routed is None:
+            try:
+                _diffusers()
+                name, factory = _rebinding(original)
+                if name is None:
+                    raise RuntimeError(factory)
+            except RuntimeError as e:
+                log.warning("attnlib: unpickled diffusers processor %s runs natively (%s)", original.__name__, e)
+                return new(original, *args)
+            routed = _routed_class(original, name, factory, route, module_name)
+        processor = new(routed, *args)
+        _acquire(processor, routed)
+        return processor
+
+
+def _load_module(original: type, new: Callable, args: tuple):
+    with _lock:
+        return new(_hooked_class(original), *args)
+
+
+def _routed_class(cls: type, name: str, factory: Callable, route: _Route, module_name: str | None = None) -> type:
     """A subclass of cls whose __call__ is cls.__call__'s code with `name` bound to attnlib."""
     original_call = cls.__call__
-    module_name = f"{__name__}._routed_{next(_shadow_serial)}"  # one per (class, apply call)
+    module_name = module_name or f"{__name__}._routed_{uuid.uuid4().hex}"  # one per (class, apply call)
     shadow = types.ModuleType(module_name, original_call.__globals__.get("__doc__"))
     shadow.__dict__.update(original_call.__globals__)
     shadow.__dict__.update(__name__=module_name, __spec__=None, __loader__=None)
@@ -204,35 +264,84 @@ def _routed_class(cls: type, name: str, factory: Callable, route: _Route) -> typ
     call.__qualname__, call.__doc__ = original_call.__qualname__, original_call.__doc__
     call.__annotations__ = dict(original_call.__annotations__)
     call.__dict__.update(original_call.__dict__)
-    return type(cls.__name__, (cls,), {
+    routed = type(cls.__name__, (cls,), {
         "__call__": call, "__module__": cls.__module__, "__doc__": cls.__doc__,
-        "__qualname__": f"{cls.__qualname__}[attnlib {route.method}]", "_attnlib_original_class": cls,
-        "_attnlib_shadow": shadow,
+        "__qualname__": f"{cls.__qualname__}[attnlib {route.method}]", "__reduce_ex__": _processor_reduce_ex,
+        "_attnlib_original_class": cls, "_attnlib_shadow": shadow, "_attnlib_route": route,
     })
+    _routed_classes[module_name] = routed
+    return routed
+
+
+def _acquire(processor, routed: type) -> None:
+    shadow = routed._attnlib_shadow
+    sys.modules[shadow.__name__] = shadow
+    _shadow_users.setdefault(shadow.__name__, weakref.WeakValueDictionary())[id(processor)] = processor
+
+
+def _drop_unused_shadows() -> None:
+    for module_name, users in list(_shadow_users.items()):
+        if not users:
+            del _shadow_users[module_name]
+            sys.modules.pop(module_name, None)
 
 
 def _switch(processor, routed: type) -> None:
     _unswitch(processor)
     processor.__class__ = routed
-    shadow = routed._attnlib_shadow
-    sys.modules[shadow.__name__] = shadow
-    _shadow_users[shadow.__name__] += 1
+    _acquire(processor, routed)
+    _drop_unused_shadows()
 
 
 def _unswitch(processor) -> None:
     original = _original_class(processor)
     if original is None:
         return
-    shadow = type(processor)._attnlib_shadow.__name__
+    users = _shadow_users.get(type(processor)._attnlib_shadow.__name__)
     processor.__class__ = original
-    _shadow_users[shadow] -= 1
-    if _shadow_users[shadow] <= 0:
-        del _shadow_users[shadow]
-        sys.modules.pop(shadow, None)
+    if users is not None:
+        users.pop(id(processor), None)
+    _drop_unused_shadows()
 
 
 def _original_class(processor) -> type | None:
     return type(processor).__dict__.get("_attnlib_original_class")
+
+
+def _set_processor(self, processor) -> None:
+    """set_processor of an attention module whose processor apply() switched (diffusers'
+    set_attn_processor and set_default_attn_processor call it). Replacing the processor undoes
+    apply() for this module, as remove() would: the replaced processor gets its class back (and its
+    shadow module is dropped with its last user; a processor shared by several modules is thereby
+    restored for all of them), the module gets its class back, then diffusers' set_processor runs."""
+    original = type(self)._attnlib_module_class
+    with _lock:
+        if processor is not getattr(self, "processor", None):
+            _unswitch(getattr(self, "processor", None))
+            self.__class__ = original
+    original.set_processor(self, processor)
+
+
+def _hooked_class(cls: type) -> type:
+    """A subclass of an attention module class whose set_processor undoes apply() (see _set_processor)."""
+    hooked = _hooked_classes.get(cls)
+    if hooked is None:
+        hooked = _hooked_classes[cls] = type(cls.__name__, (cls,), {
+            "set_processor": _set_processor, "__reduce_ex__": _module_reduce_ex, "__module__": cls.__module__,
+            "__qualname__": f"{cls.__qualname__}[attnlib]", "__doc__": cls.__doc__, "_attnlib_module_class": cls,
+        })
+    return hooked
+
+
+def _hook(module) -> None:
+    if "_attnlib_module_class" not in type(module).__dict__:
+        module.__class__ = _hooked_class(type(module))
+
+
+def _unhook(module) -> None:
+    original = type(module).__dict__.get("_attnlib_module_class")
+    if original is not None:
+        module.__class__ = original
 
 
 # --------------------------------------------------------------------------- discovery
@@ -290,6 +399,7 @@ def apply(model_or_pipeline, method: str = "flash", backend: str = "auto", **met
     route = _Route(method, backend, dict(method_options))
 
     plan: dict[int, tuple[Any, type]] = {}  # processor id -> (processor, its routed class)
+    modules = []  # attention modules whose processor is switched: their set_processor undoes apply()
     classes: dict[type, type | str] = {}  # original class -> routed class, or why it is left as is
     switched: Counter = Counter()
     for module in _attention_modules(models):
@@ -301,6 +411,7 @@ def apply(model_or_pipeline, method: str = "flash", backend: str = "auto", **met
         if isinstance(classes[cls], str):
             continue
         plan[id(processor)] = (processor, classes[cls])
+        modules.append(module)
         switched[cls.__name__] += 1
     skipped = {cls.__name__: why for cls, why in classes.items() if isinstance(why, str)}
     for cls_name, why in skipped.items():
@@ -312,6 +423,8 @@ def apply(model_or_pipeline, method: str = "flash", backend: str = "auto", **met
     with _lock:  # all or nothing: nothing above changed the model
         for processor, routed in plan.values():
             _switch(processor, routed)
+        for module in modules:
+            _hook(module)
     log.info("attnlib: diffusers %s -> %s (%s)", ", ".join(type(m).__name__ for m in models), method,
              ", ".join(f"{n} x{c}" for n, c in sorted(switched.items())))
     return total
@@ -320,7 +433,10 @@ def apply(model_or_pipeline, method: str = "flash", backend: str = "auto", **met
 def remove(model_or_pipeline) -> int:
     """Undo apply(): every switched processor gets its original class back; returns how many modules."""
     with _lock:
-        modules = [m for m in _attention_modules(_models(model_or_pipeline)) if _original_class(m.processor)]
-        for module in modules:
+        modules = list(_attention_modules(_models(model_or_pipeline)))
+        switched = [m for m in modules if _original_class(m.processor)]
+        for module in switched:
             _unswitch(module.processor)  # a no-op once a shared processor is restored
-    return len(modules)
+        for module in modules:
+            _unhook(module)
+    return len(switched)
