@@ -105,7 +105,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -233,6 +233,8 @@ def test_environment(out: Path, stage: Optional[Path] = None, select: str = "gpu
                ATTNLIB_GPU_SELECT=select)
     if stage is not None:
         env["ATTNLIB_GPU_ORDER_FILE"] = str(stage / TEST_PLAN)
+    for name in [n for n in env if n.startswith("PYTEST_XDIST_")]:  # started from an xdist worker
+        env.pop(name)  # (a test): the child pytest is no worker of it
     return env
 
 
@@ -616,6 +618,16 @@ class RunState:
         save(self.out, self.records, self.env, self.pytest_result, self.notes, complete=complete,
              stage=self.stage, since=self.since)
 
+    def recorder(self, say: Callable[[str], None]) -> Callable[[dict], None]:
+        """A suite's on_record: keep the record and write the partial results at once."""
+        def on_record(rec: dict) -> None:
+            self.records.append(rec)
+            try:
+                self.save(complete=False)
+            except Exception as e:  # noqa: BLE001
+                say(f"!! could not write partial results: {e}")
+        return on_record
+
 
 def _interrupt(signum, frame):  # SIGTERM: as SIGINT, so the same handler writes the results
     raise KeyboardInterrupt(f"signal {signum}")
@@ -749,14 +761,8 @@ def run_steps(args, suites: set, state: RunState, torch) -> int:
         t0 = time.perf_counter()
         n0 = len(records)
 
-        def on_record(rec: dict) -> None:
-            records.append(rec)
-            try:
-                state.save(complete=False)
-            except Exception as e:  # noqa: BLE001
-                say(f"!! could not write partial results: {e}")
         try:
-            flash = run_flash_suite(quick=True, budget_s=budget, on_record=on_record,
+            flash = run_flash_suite(quick=True, budget_s=budget, on_record=state.recorder(say),
                                     providers=args.providers.split(",") if args.providers else None,
                                     log=lambda s: say("  " + s))
             records[n0:] = flash  # the same records, with their speed ratios
@@ -822,13 +828,8 @@ def run_steps(args, suites: set, state: RunState, torch) -> int:
         try:
             from bench.bench_sage import run_sage_suite, target_notes
 
-            def on_sage(rec: dict) -> None:
-                records.append(rec)
-                try:
-                    state.save(complete=False)
-                except Exception as e:  # noqa: BLE001
-                    say(f"!! could not write partial results: {e}")
-            sage_records = run_sage_suite(budget_s=budget, log=lambda s: say("  " + s), on_record=on_sage)
+            sage_records = run_sage_suite(budget_s=budget, log=lambda s: say("  " + s),
+                                          on_record=state.recorder(say))
             records[n0:] = sage_records
             notes.extend(target_notes(sage_records))
         except KeyboardInterrupt:

@@ -391,6 +391,8 @@ def _collect(args, env_extra, cwd):
     env = dict(os.environ, PYTHONPATH=str(gpu_check.REPO), **env_extra)
     if "ATTNLIB_GPU_SELECT" not in env_extra:
         env.pop("ATTNLIB_GPU_SELECT", None)
+    for name in [n for n in env if n.startswith("PYTEST_XDIST_")]:  # run under xdist: the inner
+        env.pop(name)  # pytest is no worker (the plugin writes the plan only from gw0 or no worker)
     r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                         "-p", "bench.gpu_test_order", *args], cwd=cwd, env=env, capture_output=True, text=True)
     return r, [ln.strip() for ln in r.stdout.splitlines() if "::" in ln]

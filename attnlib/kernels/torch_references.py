@@ -1,4 +1,5 @@
-"""The pure-PyTorch references as torch-backend kernels: CPU fallback (and fp64) for every method."""
+"""The pure-PyTorch references as torch-backend kernels: CPU fallback (and fp64) for every method
+(flash in fp16/bf16/fp32 falls back to flash-torch-chunked first, which holds no N x N scores)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
-"""Exact softmax attention: the ground truth for method flash (and the CPU fallback)."""
+"""Exact softmax attention: the ground truth for method flash (and its fp64 kernel; the CPU
+fallback for other dtypes is the memory-bounded kernels/flash_torch_chunked.py)."""
 from __future__ import annotations
 
 import torch
