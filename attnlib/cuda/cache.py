@@ -13,8 +13,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import struct
-import tempfile
 from typing import Any, Callable, Iterator
 
 try:
@@ -30,11 +30,14 @@ FORMAT_VERSION = 1
 
 
 def default_cache_dir() -> str:
+    # expanduser: a "~" from a Dockerfile ENV, a .env file or a quoted shell value is not expanded
+    # by any shell and would otherwise make a folder named "~" in the working directory
     env = os.environ.get("ATTNLIB_CACHE_DIR")
     if env:
-        return env
+        return os.path.expanduser(env)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return os.path.join(xdg, "attnlib") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "attnlib")
+    return os.path.join(os.path.expanduser(xdg), "attnlib") if xdg else os.path.join(
+        os.path.expanduser("~"), ".cache", "attnlib")
 
 
 def cache_key(**material: Any) -> str:
@@ -81,7 +84,10 @@ class BinaryCache:
 
     def write(self, path: str, payload: bytes) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+        # not tempfile.mkstemp: its files are 0600 whatever the umask, so an entry written by one
+        # user (a Docker image warmed as root, a shared ATTNLIB_CACHE_DIR) could not be read by another
+        tmp = f"{path}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(pack(payload))
@@ -113,15 +119,20 @@ class BinaryCache:
         if payload is not None:
             return payload, "hit"
         built = None
+        building = False
         try:
             with self.lock(path):
                 # another process may have built it while this one waited for the lock
                 payload = self.read(path) if os.path.exists(path) else None
                 if payload is not None:
                     return payload, "hit"
+                building = True
                 built = build()
+                building = False
                 self.write(path, built)
                 return built, "built"
         except OSError as e:  # read-only or full cache folder: compile, do not store
+            if building:  # the build itself failed: not a cache problem, and not worth a second try
+                raise
             log.warning("attnlib: kernel cache %s not writable (%s); compiling without caching", self.root, e)
             return (build() if built is None else built), "uncached"
