@@ -88,7 +88,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k/v (int32,
     length batch + 1; empty sequences allowed). causal is bottom-right aligned per sequence.
     Returns out (total_q, Hq, D), or (out, lse) with lse float32 (Hq, total_q). backend "auto"
-    runs Triton on CUDA tensors (or under TRITON_INTERPRET=1), else the torch reference.
+    runs Triton on CUDA tensors (or under TRITON_INTERPRET=1), else torch: flash-torch-chunked's
+    functions sequence by sequence (the float64 reference for float64).
 
     cu_seqlens values and max_seqlen_q/k are checked on CPU tensors. On the GPU they are trusted,
     as flash_attn trusts them (checking would synchronise the host): the launch grid is sized from
@@ -142,9 +143,14 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 @torch.library.impl(_LIB, "flash_varlen", "CompositeExplicitAutograd")
 def _flash_varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend, deterministic):
     if _pick_backend(backend, q, k, v, cu_q, causal, scale) == "torch":
-        from .reference.flash_varlen import flash_varlen_reference
+        if q.dtype in _KERNEL_DTYPES:  # memory-bounded: no sequence's (s_q, s_k) scores held whole
+            from .kernels.flash_torch_chunked import varlen_forward
 
-        out, lse = flash_varlen_reference(q, k, v, cu_q, cu_k, causal=causal, scale=scale, return_lse=True)
+            out, lse = varlen_forward(q, k, v, cu_q, cu_k, causal=causal, scale=scale)
+        else:  # fp64: the reference, in float64
+            from .reference.flash_varlen import flash_varlen_reference
+
+            out, lse = flash_varlen_reference(q, k, v, cu_q, cu_k, causal=causal, scale=scale, return_lse=True)
     else:
         from .triton_kernels.flash.varlen import flash_attn_varlen_func
 
@@ -163,6 +169,11 @@ def _flash_varlen_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend
 def _flash_varlen_backward_impl(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, backend,
                                 deterministic):
     if _pick_backend(backend, q, k, v, cu_q, causal, scale) == "torch":
+        if q.dtype in _KERNEL_DTYPES:  # FlashAttention-2's backward from the saved out and lse
+            from .kernels.flash_torch_chunked import varlen_backward
+
+            return [g.contiguous() for g in varlen_backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k,
+                                                             causal=causal, scale=scale)]
         from .reference.flash_varlen import flash_varlen_reference
 
         def f(q_, k_, v_):

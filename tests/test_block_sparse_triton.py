@@ -218,7 +218,7 @@ def test_unsupported_block_size_has_reason_and_falls_back():
     mask = random_mask(1, 1, 40, 40, (24, 24), 0.5, seed=9)
     ex = attnlib.explain(q, k, v, method="block_sparse", block_mask=mask, block_size=(24, 24))
     assert any("block_size (24, 24)" in r for r in ex.reasons["block_sparse-triton"])
-    assert ex.chosen.name == "block_sparse-torch-reference"
+    assert ex.chosen.name == "block_sparse-torch-chunked"  # the memory-bounded torch fallback
     out = attnlib.block_sparse_attention(q, k, v, mask, block_size=(24, 24))
     torch.testing.assert_close(out, block_sparse_reference(q, k, v, mask, block_size=(24, 24)))
     with pytest.raises(attnlib.NoKernelError, match="block_size"):

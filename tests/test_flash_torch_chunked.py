@@ -220,8 +220,9 @@ def test_dispatch(monkeypatch):
     assert attnlib.explain(q, k, v).chosen.name == KERNEL
 
 
-def test_backward_is_its_own(monkeypatch):
-    """The FA2 backward from the saved out and lse, not the base class's recompute under vjp."""
+def assert_backward_is_its_own(monkeypatch, attention) -> None:
+    """attention(q, k, v)'s backward is the FA2 backward from the saved out and lse (one call of
+    chunked_backward), not the base class's recompute under vjp."""
     from attnlib.dispatch import Kernel
 
     monkeypatch.setattr(Kernel, "backward", lambda *a, **kw: pytest.fail("Kernel.backward (vjp) ran"))
@@ -229,8 +230,12 @@ def test_backward_is_its_own(monkeypatch):
     real = chunked.chunked_backward
     monkeypatch.setattr(chunked, "chunked_backward", lambda *a, **kw: ran.append(1) or real(*a, **kw))
     q, k, v = make_qkv(1, 2, 9, 16, requires_grad=True, seed=2)
-    attnlib.flash_attention(q, k, v, backend="torch").sum().backward()
+    attention(q, k, v).sum().backward()
     assert ran == [1] and q.grad is not None
+
+
+def test_backward_is_its_own(monkeypatch):
+    assert_backward_is_its_own(monkeypatch, lambda q, k, v: attnlib.flash_attention(q, k, v, backend="torch"))
 
 
 def test_torch_compile_fullgraph():

@@ -7,7 +7,7 @@ import torch
 
 import attnlib
 from attnlib.reference.flash_varlen import flash_varlen_reference
-from attnlib.testing import assert_flash_rule
+from attnlib.testing import assert_flash_rule, per_sequence
 
 from test_flash_triton import torch_same_dtype
 
@@ -29,15 +29,7 @@ def packed(lengths_q, lengths_k, heads_q, heads_kv, head_dim, dtype, seed=0):
 
 def same_dtype_varlen(q, k, v, cq, ck, causal, scale):
     """PyTorch in the inputs' dtype, sequence by sequence: (out, lse (H, total_q))."""
-    outs, lses = [], []
-    cq, ck = cq.tolist(), ck.tolist()
-    for b in range(len(cq) - 1):
-        qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in
-                      (q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]))
-        o, lse = torch_same_dtype(qs, ks, vs, causal=causal, scale=scale)
-        outs.append(o[0].transpose(0, 1))
-        lses.append(lse[0])
-    return torch.cat(outs), torch.cat(lses, dim=1)
+    return per_sequence(lambda *qkv: torch_same_dtype(*qkv, causal=causal, scale=scale), q, k, v, cq, ck)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from ..dispatch import register_module
 KERNEL_MODULES = (
     "attnlib.kernels.torch_references",
     "attnlib.kernels.flash_torch_chunked",
+    "attnlib.kernels.block_sparse_torch_chunked",
     "attnlib.kernels.flash_sdpa",
     "attnlib.kernels.flash_triton",
     "attnlib.kernels.flash_cuda",

@@ -9,8 +9,14 @@ stay under SCORE_BUDGET_BYTES (the backward holds two such tensors at once: P an
 Scores and softmax are computed in float32 as the reference does; the loop runs in one order,
 so results are deterministic. GQA/MQA folds a kv head's query heads into the rows of one matmul
 against that head's K and V (no repeat_interleave copy), which also sums their dK/dV.
+
+The same functions serve block_sparse-torch-chunked (a `blocked` row mask per chunk, beside
+causal) and flash_attention_varlen's torch backend (varlen_forward/varlen_backward: one call per
+packed sequence).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -51,15 +57,27 @@ def _to_heads(x: torch.Tensor, heads_q: int, rows: int) -> torch.Tensor:
     return x.reshape(x.shape[0], heads_q, rows, *x.shape[3:])
 
 
-def _scores(inp: AttentionInputs, qc: torch.Tensor, kc: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-    """scale * q_chunk @ k^T in float32, (B, Hkv, group * rows, kend), causal positions -inf."""
+# blocked(r0, r1, kend) -> bool (B or 1, Hq or 1, r1 - r0, kend), True = the pair is masked out:
+# a mask beyond causal (method block_sparse's), built one chunk of rows at a time
+RowMask = Callable[[int, int, int], torch.Tensor]
+
+
+def _scores(inp: AttentionInputs, qc: torch.Tensor, kc: torch.Tensor, r0: int, r1: int,
+            blocked: RowMask | None = None) -> torch.Tensor:
+    """scale * q_chunk @ k^T in float32, (B, Hkv, group * rows, kend), causal positions and
+    those blocked(r0, r1, kend) names -inf."""
     s = torch.matmul(qc, kc.transpose(-1, -2)).mul_(inp.scale)
     kend, offset = kc.shape[2], inp.seq_k - inp.seq_q
+    b, hkv, rows = s.shape[0], s.shape[1], r1 - r0
+    s5 = s.view(b, hkv, -1, rows, kend)  # (B, Hkv, group, rows, kend)
     if inp.causal and kend - 1 > r0 + offset:  # the chunk's first row misses some of its keys
         i = torch.arange(r0, r1, device=s.device)[:, None]
         j = torch.arange(kend, device=s.device)[None, :]
-        b, hkv = s.shape[:2]
-        s.view(b, hkv, -1, r1 - r0, kend).masked_fill_(j > i + offset, float("-inf"))
+        s5.masked_fill_(j > i + offset, float("-inf"))
+    if blocked is not None:
+        m = blocked(r0, r1, kend)
+        heads = (hkv, s5.shape[2]) if m.shape[1] > 1 else (1, 1)  # per query head, or broadcast
+        s5.masked_fill_(m.view(m.shape[0], *heads, rows, kend), float("-inf"))
     return s
 
 
@@ -71,9 +89,9 @@ def _empty_like_layout(inp: AttentionInputs, like: torch.Tensor, dtype: torch.dt
     return torch.empty(b, s, h, d, dtype=dtype, device=like.device).transpose(1, 2)
 
 
-def chunked_forward(inp: AttentionInputs, budget: int | None = None):
+def chunked_forward(inp: AttentionInputs, budget: int | None = None, blocked: RowMask | None = None):
     """(out in q's dtype via inp.new_output, lse float32 (B, Hq, Sq)); rows that see no key give
-    0 and -inf."""
+    0 and -inf. blocked masks out more (query, key) pairs than causal does, chunk by chunk."""
     b, hq, hkv, sq = inp.batch, inp.heads_q, inp.heads_kv, inp.seq_q
     out = inp.new_output()
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=inp.device)
@@ -88,7 +106,7 @@ def chunked_forward(inp: AttentionInputs, budget: int | None = None):
             out[:, :, r0:r1] = 0
             lse[:, :, r0:r1] = float("-inf")
             continue
-        s = _scores(inp, _rows(inp.q, hkv, r0, r1), kf[:, :, :kend], r0, r1)
+        s = _scores(inp, _rows(inp.q, hkv, r0, r1), kf[:, :, :kend], r0, r1, blocked)
         m = s.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = s.sub_(m).exp_()
@@ -103,7 +121,7 @@ def chunked_forward(inp: AttentionInputs, budget: int | None = None):
 
 
 def chunked_backward(inp: AttentionInputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-                     dlse: torch.Tensor | None, budget: int | None = None):
+                     dlse: torch.Tensor | None, budget: int | None = None, blocked: RowMask | None = None):
     """FlashAttention-2's backward from the saved out and lse, over the same query chunks:
     (dq, dk, dv) in the inputs' dtype and the caller's layout (bhsd views)."""
     b, hq, hkv, sq, sk = inp.batch, inp.heads_q, inp.heads_kv, inp.seq_q, inp.seq_k
@@ -127,7 +145,7 @@ def chunked_backward(inp: AttentionInputs, out: torch.Tensor, lse: torch.Tensor,
         # a row that sees nothing (lse -inf) has P = 0: exp(s - inf)
         row_lse = torch.where(row_lse == float("-inf"), torch.full_like(row_lse, float("inf")), row_lse)
         kc, vc = kf[:, :, :kend], vf[:, :, :kend]
-        p = _scores(inp, qc, kc, r0, r1).sub_(row_lse).exp_()
+        p = _scores(inp, qc, kc, r0, r1, blocked).sub_(row_lse).exp_()
         dv[:, :, :kend] += torch.matmul(p.transpose(-1, -2), do)
         ds = torch.matmul(do, vc.transpose(-1, -2)).sub_(delta).mul_(p)
         del p
@@ -135,6 +153,52 @@ def chunked_backward(inp: AttentionInputs, out: torch.Tensor, lse: torch.Tensor,
         dk[:, :, :kend] += torch.matmul(ds.transpose(-1, -2), qc).mul_(inp.scale)
         del ds
     return dq, dk.to(inp.dtype), dv.to(inp.dtype)
+
+
+# -- flash_attention_varlen's torch backend: each packed sequence through the functions above ---
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0).transpose(1, 2)  # packed (s, h, d) -> (1, h, s, d), a view of a bshd tensor
+
+
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)[0]  # (1, h, s, d) bhsd view -> (s, h, d)
+
+
+def _sequence(q, k, v, causal: bool, scale: float) -> AttentionInputs:
+    """One packed sequence, q (s_q, Hq, D) and k/v (s_k, Hkv, D[v]), as bshd inputs of batch 1."""
+    return AttentionInputs(q=_bhsd(q), k=_bhsd(k), v=_bhsd(v), method="flash", layout="bshd", causal=causal,
+                           scale=scale)
+
+
+def varlen_forward(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, *, causal: bool, scale: float):
+    """flash_attention_varlen in fp16/bf16/fp32 off the Triton path: out (total_q, Hq, Dv) in q's
+    dtype, lse float32 (Hq, total_q); causal is bottom-right per sequence, and a sequence with
+    no keys gives 0 and -inf. Each sequence runs chunked, so no (s_q, s_k) scores are held whole."""
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cq) - 1):
+        (q0, q1), (k0, k1) = cq[b:b + 2], ck[b:b + 2]
+        o, l = chunked_forward(_sequence(q[q0:q1], k[k0:k1], v[k0:k1], causal, scale))
+        out[q0:q1] = _packed(o)
+        lse[:, q0:q1] = l[0]
+    return out, lse
+
+
+def varlen_backward(dout, dlse, q, k, v, out, lse, cu_q: torch.Tensor, cu_k: torch.Tensor, *, causal: bool,
+                    scale: float):
+    """[dq, dk, dv] of varlen_forward, packed like q, k, v (a key outside every sequence gets 0)."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cq) - 1):
+        (q0, q1), (k0, k1) = cq[b:b + 2], ck[b:b + 2]
+        inp = _sequence(q[q0:q1], k[k0:k1], v[k0:k1], causal, scale)
+        seq_dlse = None if dlse is None else dlse[None, :, q0:q1]
+        grads = chunked_backward(inp, _bhsd(out[q0:q1]), lse[None, :, q0:q1], _bhsd(dout[q0:q1]), seq_dlse)
+        for full, g, (a, z) in zip((dq, dk, dv), grads, ((q0, q1), (k0, k1), (k0, k1))):
+            full[a:z] = _packed(g)
+    return [dq, dk, dv]
 
 
 class FlashTorchChunked(Kernel):
@@ -146,15 +210,19 @@ class FlashTorchChunked(Kernel):
     priority = 5
     dtypes = (torch.float16, torch.bfloat16, torch.float32)  # fp64 stays on the reference
 
+    def blocked(self, inp: AttentionInputs) -> RowMask | None:
+        """The pairs masked out beyond causal (a subclass's method option); none for flash."""
+        return None
+
     def forward(self, inp: AttentionInputs):
-        out, lse = chunked_forward(inp)
+        out, lse = chunked_forward(inp, blocked=self.blocked(inp))
         return (out, lse) if inp.return_lse else out
 
     def backward(self, inp: AttentionInputs, out: torch.Tensor, lse: torch.Tensor | None, dout: torch.Tensor,
                  dlse: torch.Tensor | None) -> tuple:
         if lse is None:
-            raise RuntimeError("flash-torch-chunked's backward needs the forward's lse")
-        dq, dk, dv = chunked_backward(inp, out, lse, dout, dlse)
+            raise RuntimeError(f"{self.name}'s backward needs the forward's lse")
+        dq, dk, dv = chunked_backward(inp, out, lse, dout, dlse, blocked=self.blocked(inp))
         return dq, dk, dv, None, None
 
 

@@ -1,5 +1,6 @@
 """Softmax attention over the (query block, key block) pairs a bool block mask allows: the
-ground truth for method block_sparse."""
+ground truth for method block_sparse (and its fp64 kernel; the CPU fallback for other dtypes is
+the memory-bounded kernels/block_sparse_torch_chunked.py)."""
 from __future__ import annotations
 
 import torch

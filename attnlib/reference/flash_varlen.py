@@ -1,5 +1,6 @@
-"""Exact softmax attention on packed variable-length sequences: the ground truth (and torch
-backend) for flash_attention_varlen. Loops over sequences calling flash_reference."""
+"""Exact softmax attention on packed variable-length sequences: the ground truth for
+flash_attention_varlen (and its torch backend in float64; fp16/bf16/fp32 run flash-torch-chunked's
+memory-bounded functions). Loops over sequences calling flash_reference."""
 from __future__ import annotations
 
 import torch
