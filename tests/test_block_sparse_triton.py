@@ -194,7 +194,11 @@ def test_unlisted_key_blocks_are_never_read(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_launchers_write_every_element(causal):
+def test_launchers_write_every_element(causal, monkeypatch):
+    """NaN-filled buffers: the forward's out/lse are passed in poisoned; block_sparse_bwd
+    allocates dq, dk, dv itself (torch.empty_like), so that allocation is poisoned for the call:
+    rows of a query block with nothing listed, and key blocks no query block lists, must still be
+    written (0)."""
     from attnlib.block_mask import block_mask_to_col_index, block_mask_to_index
     from attnlib.triton_kernels.block_sparse.backward import block_sparse_bwd
     from attnlib.triton_kernels.block_sparse.forward import block_sparse_fwd
@@ -206,9 +210,13 @@ def test_launchers_write_every_element(causal):
     block_sparse_fwd(q, k, v, out, lse, *block_mask_to_index(mask), block_size=(16, 16), causal=causal,
                      scale=40 ** -0.5)
     assert torch.isfinite(out).all() and not torch.isnan(lse).any()
-    dq, dk, dv = block_sparse_bwd(torch.randn_like(out), q, k, v, out, lse, block_mask_to_index(mask),
-                                  block_mask_to_col_index(mask), block_size=(16, 16), causal=causal,
-                                  scale=40 ** -0.5)
+    dout = torch.randn_like(out)
+    with monkeypatch.context() as m:
+        empty_like = torch.empty_like
+        m.setattr(torch, "empty_like", lambda *a, **kw: poison_(empty_like(*a, **kw)))
+        dq, dk, dv = block_sparse_bwd(dout, q, k, v, out, lse, block_mask_to_index(mask),
+                                      block_mask_to_col_index(mask), block_size=(16, 16), causal=causal,
+                                      scale=40 ** -0.5)
     for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
         assert torch.isfinite(t).all(), f"{name} not fully written"
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attnlib
+from attnlib.reference import flash_reference
 from attnlib.reference.flash_varlen import flash_varlen_reference
 from attnlib.testing import assert_flash_rule, per_sequence
 
@@ -159,10 +160,19 @@ def test_forced_triton_without_interpreter_raises(monkeypatch, triton_calls):
     assert not triton_calls
 
 
-def test_float64_runs_on_torch_backend():
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_float64_runs_on_torch_backend(causal, triton_calls):
+    """float64 (no Triton kernel takes it): auto serves it without Triton, in float64, with the
+    reference's values and lse (causal: the first sequence's first query sees no key)."""
     q, k, v = (t.detach().double() for t in packed([3, 4], [2, 5], 2, 1, 16, torch.float32))
-    out = attnlib.flash_attention_varlen(q, k, v, cu_seqlens([3, 4]), cu_seqlens([2, 5]), 4, 5)
+    cq, ck = cu_seqlens([3, 4]), cu_seqlens([2, 5])
+    out, lse = attnlib.flash_attention_varlen(q, k, v, cq, ck, 4, 5, causal=causal, return_lse=True)
+    assert not triton_calls
     assert out.dtype == torch.float64 and out.shape == q.shape
+    # the dense reference sequence by sequence (not flash_varlen_reference, which serves float64)
+    ref, ref_lse = per_sequence(lambda *qkv: flash_reference(*qkv, causal=causal, return_lse=True), q, k, v, cq, ck)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("change, error, match", [
