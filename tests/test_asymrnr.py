@@ -31,7 +31,7 @@ def tile_ids(tokens: torch.Tensor, grid, stride, offset: int = 0) -> torch.Tenso
 
 
 def loop_reference(q, k, v, grid, *, q_ratio, kv_ratio, seed=0, metric="euclidean", mode="replace",
-                   text_tokens=0, text_side="end", scale=None):
+                   text_tokens=0, text_side="end", scale=None, return_lse=False):
     """AsymRnR written head by head with Python sets: the partition is shared, everything else
     (matching by brute force, which sources go, restoring) is independent of the library."""
     part = partition(grid, seed=seed, text_tokens=text_tokens, text_side=text_side)
@@ -73,16 +73,19 @@ def loop_reference(q, k, v, grid, *, q_ratio, kv_ratio, seed=0, metric="euclidea
     qp, kvp = side(q, q_ratio), side(v, kv_ratio)
     group = q.shape[1] // k.shape[1]
     out = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=torch.float64)
+    lse = torch.empty(q.shape[:3], dtype=torch.float64)
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
             qr = reduced(q, qp, b, h)
             kr, vr = reduced(k, kvp, b, h // group), reduced(v, kvp, b, h // group)
             o = torch.softmax(qr @ kr.T * scale, -1) @ vr
+            l = torch.logsumexp(qr @ kr.T * scale, -1)
             kept, removed = qp[b, h]
             row = {i: j for j, i in enumerate(kept)}
             for i in range(q.shape[2]):
                 out[b, h, i] = o[row[removed.get(i, i)]]
-    return out
+                lse[b, h, i] = l[row[removed.get(i, i)]]
+    return (out, lse) if return_lse else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,6 +383,11 @@ def test_backward_and_lse():
     q, k, v = make_qkv(1, 4, S, 8, kv_heads=2, seed=13, dtype=torch.float64, requires_grad=True)
     out, lse = attnlib.attention(q, k, v, method="asymrnr", grid=GRID, return_lse=True, backend="torch")
     assert lse.shape == (1, 4, S) and torch.isfinite(lse).all()
+    # defaults: q_ratio 0.5, kv_ratio 0.3, seed 0; a removed query takes its destination's lse
+    want, want_lse = loop_reference(q.detach(), k.detach(), v.detach(), GRID, q_ratio=0.5, kv_ratio=0.3,
+                                    return_lse=True)
+    assert_verbose_allclose(out, want, atol=1e-12)
+    assert_verbose_allclose(lse, want_lse, atol=1e-12, name="lse")
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     # directional derivative by central differences (the matching is piecewise constant: tiny eps)

@@ -101,7 +101,7 @@ def test_reduce_restore_equal_reference(mode):
         assert torch.equal(got, want)
     else:
         assert_verbose_allclose(got, want, atol=1e-6)
-    out = torch.empty(1, 60 + T, 3, 24, device=DEVICE).transpose(1, 2)  # caller's bshd layout
+    out = torch.full((1, 60 + T, 3, 24), float("nan"), device=DEVICE).transpose(1, 2)  # caller's bshd layout, poisoned
     back = restore(got, plan, out=out, backend="triton")
     assert back.data_ptr() == out.data_ptr()
     assert torch.equal(back, restore(got, plan, backend="torch"))

@@ -14,7 +14,7 @@ from attnlib.reference.sage import sage_reference
 from attnlib.testing import assert_verbose_allclose, make_qkv, metrics, poison_
 
 from test_flash_cuda import check_against_reference
-from test_sage_cuda import SIM_LSE_ATOL
+from test_sage_cuda import SIM_LSE_ATOL, poisoned_outputs  # noqa: F401 (fixture)
 
 
 def _kernel(method, name):
@@ -113,9 +113,10 @@ def test_flash_offsets_past_int32(flash_cuda, tile):
     from attnlib.kernels.flash_cuda import flash_fwd_cuda
 
     q, k, v = _big_inputs(11 + tile)
-    out = poison_(torch.empty_like(q))
-    lse = poison_(torch.empty(q.shape[:3], device="cuda", dtype=torch.float32))
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], device="cuda", dtype=torch.float32)
     for causal in (False, True):
+        poison_(out), poison_(lse)  # each pass must write every element itself
         flash_fwd_cuda(q, k, v, out, lse, causal=causal, scale=BIG["d"] ** -0.5, tile_m=tile)
         torch.cuda.synchronize()
         assert not torch.isnan(out).any() and not torch.isnan(lse).any()
@@ -155,14 +156,15 @@ def test_block_sparse_offsets_past_int32(flash_cuda):
 
 
 @pytest.mark.gpu
-def test_sage_offsets_past_int32():
+def test_sage_offsets_past_int32(poisoned_outputs):
     k_ = _kernel("sage", "sage-cuda")
     if k_.unavailable_reasons():
         pytest.skip("; ".join(k_.unavailable_reasons()))
     q, k, v = _big_inputs(31)
     out, lse = attnlib.sage_attention(q, k, v, causal=True, return_lse=True, backend="cuda")
     torch.cuda.synchronize()
-    assert torch.isfinite(out).all()
+    assert poisoned_outputs, "the kernel's output did not come from AttentionInputs.new_output"
+    assert torch.isfinite(out).all()  # every element written (the output started as NaN)
     sim, sim_lse = sage_reference(q[-1:], k[-1:], v[-1:], causal=True, return_lse=True)
     assert metrics(out[-1:], sim)["rel_l1"] <= 1e-3
     assert_verbose_allclose(lse[-1:], sim_lse, atol=SIM_LSE_ATOL, name="lse")

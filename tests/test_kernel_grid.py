@@ -6,6 +6,7 @@ import torch
 
 from attnlib import dispatch
 from attnlib.api import build_inputs
+from attnlib.cuda.specs import BLOCK_SPARSE_BLOCK_SIZES
 from attnlib.reference import block_sparse_reference, flash_reference, linear_reference
 from attnlib.testing import assert_flash_rule, make_qkv
 
@@ -20,15 +21,19 @@ CASES = [
     ("s19-d40-fp64", 1, 2, 2, 19, 19, 40, torch.float64, "bhsd", True),
 ]
 BLOCK = (16, 16)
+# block_sparse-cuda takes only BLOCK_SPARSE_BLOCK_SIZES: with BLOCK alone it would skip every case,
+# on a GPU too
+KERNEL_BLOCK = {"block_sparse-cuda": BLOCK_SPARSE_BLOCK_SIZES[0]}
 
 
-def _method_options(method, case):
+def _method_options(kernel, case):
     _, b, h, hkv, sq, sk, d, dtype, layout, causal = case
-    if method == "block_sparse":
+    if kernel.method == "block_sparse":
+        block = KERNEL_BLOCK.get(kernel.name, BLOCK)
         g = torch.Generator().manual_seed(sq * 31 + sk)
-        mq, mk = -(-sq // BLOCK[0]), -(-sk // BLOCK[1])
+        mq, mk = -(-sq // block[0]), -(-sk // block[1])
         mask = torch.rand(1, h, mq, mk, generator=g) < 0.6
-        return {"block_mask": mask.to(DEVICE), "block_size": BLOCK}
+        return {"block_mask": mask.to(DEVICE), "block_size": block}
     return {}
 
 
@@ -50,7 +55,7 @@ def _grid(methods):
 @pytest.mark.parametrize("kernel,case", list(_grid(("flash", "block_sparse", "linear"))))
 def test_kernel_against_float64_reference(kernel, case):
     _, b, h, hkv, sq, sk, d, dtype, layout, causal = case
-    opts = _method_options(kernel.method, case)
+    opts = _method_options(kernel, case)
     q, k, v = make_qkv(b, h, sq, d, kv_heads=hkv, seq_k=sk, dtype=dtype, device=DEVICE, layout=layout)
     inp = build_inputs(q, k, v, method=kernel.method, layout=layout, causal=causal, **opts)
     reasons = kernel.not_supported_reasons(inp)

@@ -7,6 +7,7 @@ import torch
 
 import attnlib
 from attnlib.predict import _diagonal_blocks, _visible_blocks, block_scores
+from attnlib.reference import block_sparse_reference
 from attnlib.testing import make_qkv
 
 triton = pytest.importorskip("triton")
@@ -87,8 +88,11 @@ def test_sink_and_diagonal_kept_and_causal_respected(causal):
     assert torch.all(m[..., 0])
     assert torch.equal(m, (diag | (torch.arange(7, device=q.device) == 0)[None, :]).expand_as(m) & vis)
     assert not torch.any(m & ~vis)
-    # the predicted mask runs through block_sparse_attention
-    attnlib.block_sparse_attention(q, k, k, m, block_size=(16, 16), causal=causal)
+    # the predicted mask runs through block_sparse_attention and gives the reference's answer
+    v = make_qkv(1, 2, 112, 32, device=DEVICE, seed=16)[0]
+    out = attnlib.block_sparse_attention(q, k, v, m, block_size=(16, 16), causal=causal)
+    ref = block_sparse_reference(q.double(), k.double(), v.double(), m, block_size=(16, 16), causal=causal)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
 
 
 def test_bad_arguments_are_named():

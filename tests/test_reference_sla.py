@@ -147,6 +147,25 @@ def test_identity_projection_marginal_matches_loops(causal):
     assert_verbose_allclose(marginal, _marginal_loops(q, k, v, classes, bs), atol=ATOL64)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_projection_is_applied_as_linear_layer(causal):
+    """A random, non-symmetric proj_weight W and bias b: the output is the sparse part plus
+    marginal @ W^T + b (nn.Linear's convention), with marginal from the loops above. The identity
+    and zero projections elsewhere cannot tell W from W^T."""
+    bs = (8, 8)
+    q, k, v = make_qkv(1, 4, 29, 8, kv_heads=2, seq_k=35, head_dim_v=6, dtype=torch.float64, seed=11)
+    kw = dict(critical=0.25, negligible=0.25, block_size=bs, causal=causal)
+    classes = sla_block_classes(q, k, **kw)
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    b = torch.randn(6, generator=gen, dtype=torch.float64)
+    assert not torch.allclose(w, w.T)
+    want = (block_sparse_reference(q, k, v, classes == 1, block_size=bs, causal=causal)
+            + _marginal_loops(q, k, v, classes, bs) @ w.T + b)
+    assert_verbose_allclose(sla_reference(q, k, v, w, b, **kw), want, atol=ATOL64)
+    assert_verbose_allclose(sla_reference(q, k, v, w, **kw), want - b, atol=ATOL64)
+
+
 def test_gqa_equals_expanded_kv():
     q, k, v = make_qkv(1, 4, 40, 16, kv_heads=2, seq_k=52)
     w, b = torch.randn(16, 16), torch.randn(16)

@@ -211,6 +211,25 @@ def test_cpu_reasons():
 
 
 # == GPU ====================================================================================
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Kernel outputs made by AttentionInputs.new_output start as NaN, so the isfinite check
+    below sees any element the kernel does not write (torch.empty may hold an earlier answer)."""
+    from attnlib.inputs import AttentionInputs
+    from attnlib.testing import poison_
+
+    real = AttentionInputs.new_output
+    made = []
+
+    def new_output(self, *a, **kw):
+        out = poison_(real(self, *a, **kw))
+        made.append(out)
+        return out
+
+    monkeypatch.setattr(AttentionInputs, "new_output", new_output)
+    return made
+
+
 def _check(q, k, v, *, causal, pv="fp16", qk_granularity="per_block", layout="bhsd"):
     out, lse = attnlib.sage_attention(q, k, v, causal=causal, pv=pv, qk_granularity=qk_granularity, layout=layout,
                                       return_lse=True, backend="cuda")
@@ -233,11 +252,12 @@ def _check(q, k, v, *, causal, pv="fp16", qk_granularity="per_block", layout="bh
     (2, 4, 4, 129, 1000, 128, False, "bshd", "fp16_accum", "per_warp"),
     (1, 8, 1, 1000, 77, 128, True, "bhsd", "fp16", "per_warp"),  # rows without keys
 ])
-def test_forward_gpu(case, dtype):
+def test_forward_gpu(case, dtype, poisoned_outputs):
     b, hq, hkv, sq, sk, d, causal, layout, pv, gran = case
     q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, dtype=dtype, device="cuda", layout=layout,
                        k_bias=10.0, seed=sq + sk)
     _check(q, k, v, causal=causal, pv=pv, qk_granularity=gran, layout=layout)
+    assert poisoned_outputs, "the kernel's output did not come from AttentionInputs.new_output"
 
 
 @pytest.mark.gpu
@@ -303,10 +323,11 @@ def _per_token_k(dk, seq):
 @pytest.mark.gpu
 @pytest.mark.parametrize("seq_k", [1, 63, 65, 1000])
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
-def test_forward_ragged_keys_gqa_gpu(seq_k, layout):
+def test_forward_ragged_keys_gqa_gpu(seq_k, layout, poisoned_outputs):
     """End to end with the parallel K mean: GQA (6 query heads on 2 kv heads), ragged key counts."""
     q, k, v = make_qkv(2, 6, 77, 128, kv_heads=2, seq_k=seq_k, dtype=torch.float16, device="cuda", layout=layout,
                        k_bias=10.0, seed=seq_k)
     before = k.clone()
     _check(q, k, v, causal=False, layout=layout)
+    assert poisoned_outputs, "the kernel's output did not come from AttentionInputs.new_output"
     assert torch.equal(k, before)

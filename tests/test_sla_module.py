@@ -63,6 +63,9 @@ def test_block_map_for_block_sizes_the_kernels_do_not_take(block_size):
     out, block_map = m(q, k, v, causal=True, return_block_map=True)
     ref_map = sla_block_classes(q, k, causal=True, **kw)
     assert block_map.dtype == torch.int8 and torch.equal(block_map, ref_map)
+    # zero-initialised projection: the output is sparse attention over the critical blocks
+    ref = block_sparse_reference(q.double(), k.double(), v.double(), ref_map == 1, block_size=block_size, causal=True)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(out, m(q, k, v, causal=True))
     assert torch.equal(attnlib.sla_block_map(q, k, **kw), sla_block_classes(q, k, **kw))
 
