@@ -53,7 +53,7 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
     # the dispatcher's round trip; it validates every argument before any kernel runs
     plain = eager and ops.direct_call_ok(
         (q, k, v, *(t for t in method_options.values() if isinstance(t, torch.Tensor))))
-    if eager and not plain and _forward_mode_transform():
+    if eager and not plain and ops.forward_mode_transform_active():
         raise NotImplementedError(
             f"attnlib.attention (method {method!r}) has no forward-mode derivative: under torch.func.jvp, "
             "jacfwd, linearize or hessian its op would give a zero tangent without a word. Use reverse mode "
@@ -80,15 +80,6 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
                                            scale=scale, return_lse=return_lse, needs_grad=needs_grad,
                                            **ops.op_arguments(method, method_options))
     return (out, lse) if return_lse else out
-
-
-def _forward_mode_transform() -> bool:
-    """Whether a torch.func forward-mode transform (jvp; jacfwd, linearize and hessian use it) is
-    active: functorch treats an output the custom op gives without a tangent as a zero tangent."""
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    jvp = torch._C._functorch.TransformType.Jvp
-    return any(i.key() == jvp for i in retrieve_all_functorch_interpreters())
 
 
 def _sdpa_with_its_autograd(inp: AttentionInputs, backend: str):

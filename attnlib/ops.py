@@ -218,16 +218,29 @@ def _backward(ctx, dout, dlse, direct: bool = False):
 torch.library.register_autograd("attnlib::attention", _backward, setup_context=_setup_context, lib=_LIB)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("attnlib attention has no double backward (a gradient of its gradients, e.g. "
-                       "autograd.grad(..., create_graph=True) followed by a backward through that "
-                       "gradient, as a gradient penalty does): its backward kernels are not differentiable")
+def refuse_double_backward(backward_op: str, what: str, lib) -> None:
+    """Give the backward op ``attnlib::<backward_op>`` an autograd that raises. Without one, torch's
+    fallback lets a double backward through it run with only a warning, and the fused kernels
+    then give zero second-order gradients without a word."""
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError(f"{what} has no double backward (a gradient of its gradients, e.g. "
+                           "autograd.grad(..., create_graph=True) followed by a backward through that "
+                           "gradient, as a gradient penalty does): its backward kernels are not differentiable")
+
+    torch.library.register_autograd(f"attnlib::{backward_op}", no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None, lib=lib)
 
 
-# Without an autograd kernel torch's fallback lets a double backward through the backward op run
-# with only a warning, and the fused kernels then give zero second-order gradients without a word.
-torch.library.register_autograd("attnlib::attention_backward", _no_double_backward,
-                                setup_context=lambda ctx, inputs, output: None, lib=_LIB)
+def forward_mode_transform_active() -> bool:
+    """Whether a torch.func forward-mode transform (jvp; jacfwd, linearize and hessian use it) is
+    active: functorch treats an output a custom op gives without a tangent as a zero tangent."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    jvp = torch._C._functorch.TransformType.Jvp
+    return any(i.key() == jvp for i in retrieve_all_functorch_interpreters())
+
+
+refuse_double_backward("attention_backward", "attnlib attention", _LIB)
 
 attention_op = torch.ops.attnlib.attention.default
 

@@ -103,9 +103,9 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         # even outside the use_backend block (see api.attention)
         backend = effective_backend(backend)
         _check_packed(q, k, v)
-        from .api import _forward_mode_transform
+        from .ops import forward_mode_transform_active
 
-        if _forward_mode_transform():
+        if forward_mode_transform_active():
             raise NotImplementedError("flash_attention_varlen has no forward-mode derivative: under "
                                       "torch.func.jvp, jacfwd, linearize or hessian it would give a zero "
                                       "tangent. Use reverse mode (torch.autograd.grad, torch.func.vjp)")
@@ -214,11 +214,10 @@ def _backward(ctx, dout, dlse):
 torch.library.register_autograd("attnlib::flash_varlen", _backward, setup_context=_setup_context, lib=_LIB)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("flash_attention_varlen has no double backward (a gradient of its gradients): its "
-                       "backward kernels are not differentiable")
+def _refuse_double_backward() -> None:
+    from .ops import refuse_double_backward
+
+    refuse_double_backward("flash_varlen_backward", "flash_attention_varlen", _LIB)
 
 
-# without it, torch's fallback runs a double backward with a warning and zero second-order gradients
-torch.library.register_autograd("attnlib::flash_varlen_backward", _no_double_backward,
-                                setup_context=lambda ctx, inputs, output: None, lib=_LIB)
+_refuse_double_backward()
