@@ -47,21 +47,6 @@ def make_qkv(batch: int = 1, heads: int = 2, seq_q: int = 64, head_dim: int = 64
     return tuple(out)
 
 
-def per_sequence(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                 cu_seqlens_k: torch.Tensor):
-    """A dense attention fn(q, k, v) -> (out, lse) on (1, H, s, d) views run over packed varlen
-    sequences (flash_attention_varlen's layout): (out (total_q, H, Dv), lse (H, total_q))."""
-    outs, lses = [], []
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for b in range(len(cq) - 1):
-        qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in
-                      (q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]))
-        o, lse = fn(qs, ks, vs)
-        outs.append(o[0].transpose(0, 1))
-        lses.append(lse[0])
-    return torch.cat(outs), torch.cat(lses, dim=1)
-
-
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN (or the dtype's max for integers) so unwritten elements show."""
     if t.is_floating_point():

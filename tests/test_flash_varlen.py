@@ -7,8 +7,8 @@ import torch
 
 import attnlib
 from attnlib.reference import flash_reference
-from attnlib.reference.flash_varlen import flash_varlen_reference
-from attnlib.testing import assert_flash_rule, per_sequence
+from attnlib.reference.flash_varlen import flash_varlen_reference, per_sequence
+from attnlib.testing import assert_flash_rule
 
 from test_flash_triton import torch_same_dtype
 

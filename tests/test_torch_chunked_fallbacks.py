@@ -18,8 +18,8 @@ import attnlib
 from attnlib.kernels import flash_torch_chunked as chunked
 from attnlib.reference import block_sparse_reference
 from attnlib.reference._common import block_mask_to_tokens, causal_mask
-from attnlib.reference.flash_varlen import flash_varlen_reference
-from attnlib.testing import assert_flash_rule, make_qkv, per_sequence
+from attnlib.reference.flash_varlen import flash_varlen_reference, per_sequence
+from attnlib.testing import assert_flash_rule, make_qkv
 
 from test_flash_torch_chunked import (assert_backward_is_its_own, assert_fp32_close, dtype_id, finite_part, loss_grads,
                                      peak_cpu_bytes, to_bhsd, torch_same_dtype)

@@ -28,7 +28,7 @@ import math
 from typing import Any
 
 from .. import api
-from ..inputs import FLOAT32_TINY, SCALE_MAX, is_real_number
+from ..inputs import FLOAT32_TINY, SCALE_MAX, is_real_number, scale_in_range
 from ..options import SAGE_QK_GRANULARITIES
 
 LAYOUTS = {"HND": "bhsd", "NHD": "bshd"}
@@ -51,7 +51,7 @@ def _check_scale(name: str, value: Any) -> None:
             raise TypeError(f"{name} must be a float or None, got {type(value).__name__}")
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be finite and positive, got {value}")
-        if not FLOAT32_TINY <= value <= SCALE_MAX:  # the kernels scale scores in float32, times log2(e)
+        if not scale_in_range(float(value)):  # the kernels scale scores in float32, times log2(e)
             raise ValueError(f"{name} must lie in [{FLOAT32_TINY:.4g}, {SCALE_MAX:.4g}] (scale * log2(e) "
                              f"must fit in float32), got {value}")
 

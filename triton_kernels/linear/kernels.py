@@ -120,10 +120,10 @@ def fp16_scaled(x):
 
 @triton.jit
 def acc_operand(x, MODE: tl.constexpr):
-    """(operand, scale) of an fp32 accumulation (state, scores, dn) for dot_ops, which needs fp32's
-    range: bf16 for bf16 inputs (as fla multiplies its states in the input dtype); for fp16 the
-    tile scaled by a power of two into fp16 (its 11-bit precision: bf16 there cost 2e-3 relative
-    error in a simulation at seq 3000, tf32 spilled registers on sm_90)."""
+    """(operand, scale) of an fp32 accumulation (state, scores, dp, phi(q) / den) for dot_ops, which
+    needs fp32's range: bf16 for bf16 inputs (as fla multiplies its states in the input dtype); for
+    fp16 the tile scaled by a power of two into fp16 (its 11-bit precision: bf16 there cost 2e-3
+    relative error in a simulation at seq 3000, tf32 spilled registers on sm_90)."""
     if MODE == 1:
         op, scale = fp16_scaled(x)
     elif MODE == 2:
