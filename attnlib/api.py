@@ -8,7 +8,7 @@ import torch
 
 from . import dispatch, ops
 from .dispatch import check_method
-from .inputs import AttentionInputs, from_bhsd, make_inputs
+from .inputs import AttentionInputs, from_bhsd, make_inputs, plain_number
 from .options import NO_LSE, NO_SCALE, check_option_names, validate_options
 
 
@@ -35,6 +35,7 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
     """
     check_method(method)
     check_option_names(method, method_options)  # names only: the op's schema would drop unknown ones
+    scale = plain_number(scale)
     eager = not torch.compiler.is_compiling()
     if eager:
         # every check with its clear error before anything runs (under torch.compile the op's

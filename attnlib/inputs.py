@@ -14,6 +14,11 @@ from typing import Any, Mapping
 
 import torch
 
+try:  # a NumPy scalar is a valid scale or option; torch runs without NumPy too
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
+
 LAYOUTS = ("bhsd", "bshd")
 BACKENDS = ("auto", "cuda", "triton", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -47,6 +52,22 @@ def check_backend(backend: Any) -> str:
 def is_real_number(value: Any) -> bool:
     """A Python or NumPy real scalar (int, float, np.float32, ...); not a bool, tensor or array."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def plain_number(value: Any, traced_float: bool = True) -> Any:
+    """A NumPy scalar as the Python number it holds, anything else unchanged: users pass np.float32
+    scales and epsilons read from configs. Eagerly .item() keeps the scalar's own kind for
+    validation to judge. Under torch.compile dynamo traces a NumPy scalar as a 0-d array, which
+    the op's float arguments refuse; float() of it traces (traced_float: the argument is a float;
+    int() of a traced array does not trace, so an int argument stays as given and fails there).
+    A NumPy scalar that torch.compile makes a graph input (a function argument, an np.float32
+    module attribute) still fails while tracing, as it does for torch's own
+    scaled_dot_product_attention: its value is unknown there."""
+    if np is None or isinstance(value, (bool, np.bool_)) or not isinstance(value, (np.generic, np.ndarray)):
+        return value
+    if not torch.compiler.is_compiling():
+        return value.item() if isinstance(value, np.generic) else value
+    return float(value) if traced_float else value
 
 
 def check_fraction(name: str, value: Any) -> float:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .inputs import AttentionInputs, from_bhsd, to_bhsd
+from .inputs import AttentionInputs, from_bhsd, plain_number, to_bhsd
 from .options import AUX_LSE, METHOD_OPTIONS, NO_LSE, OP_OPTION_TYPES, TUPLE_OPTIONS
 
 _LIB = torch.library.Library("attnlib", "FRAGMENT")
@@ -44,11 +44,20 @@ def op_arguments(method: str, method_options: dict[str, Any]) -> dict[str, Any]:
     """Every option argument of the op: the method's options (given or default), placeholders elsewhere."""
     args = {n: placeholder for n, (_t, placeholder) in OP_OPTION_TYPES.items()}
     for name, (default, _check) in METHOD_OPTIONS[method].items():
-        args[name] = method_options.get(name, default)
+        args[name] = _schema_numbers(method_options.get(name, default), OP_OPTION_TYPES[name][0])
     for name in TUPLE_OPTIONS:  # anything else stays as given, for validation to name it
         if isinstance(args[name], (tuple, list)):
             args[name] = list(args[name])
     return args
+
+
+def _schema_numbers(value: Any, schema_type: str) -> Any:
+    """NumPy scalars in a float, int or int[] option as Python numbers (inputs.plain_number)."""
+    if schema_type in ("float", "int"):
+        return plain_number(value, traced_float=schema_type == "float")
+    if schema_type == "int[]" and isinstance(value, (tuple, list)):
+        return type(value)(plain_number(x, traced_float=False) for x in value)
+    return value
 
 
 def _method_options(method: str, args: dict[str, Any]) -> dict[str, Any]:

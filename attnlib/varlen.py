@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import NoKernelError, effective_backend
-from .inputs import FLOAT_DTYPES, AttentionInputs, check_scale
+from .inputs import FLOAT_DTYPES, AttentionInputs, check_scale, plain_number
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -121,6 +121,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         _pick_backend(backend, q, k, v, cu_seqlens_q, causal, scale)  # raises for a backend that cannot run it
     elif scale is None:
         scale = q.shape[2] ** -0.5
+    else:
+        scale = plain_number(scale)
     out, lse = torch.ops.attnlib.flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                               causal, scale, backend, deterministic)
     return (out, lse) if return_lse else out

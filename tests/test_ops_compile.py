@@ -87,6 +87,27 @@ def test_torch_compile_fullgraph_matches_eager(attn_kw):
     assert m.qkv.weight.grad is not None and torch.isfinite(m.qkv.weight.grad).all()
 
 
+def test_compiled_numpy_scalar_options_match_eager():
+    """NumPy float scalars written into the code (np.float32 scales and eps) trace: dynamo turns
+    them into 0-d arrays, which the op's float arguments refused before. Eagerly NumPy integers
+    serve as block sizes too."""
+    np = pytest.importorskip("numpy")
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 2, 20, 16, kv_heads=1)
+    mask = torch.rand(1, 2, 3, 3) > 0.3
+
+    def f(q, k, v, block=(8, 8)):
+        return (attnlib.flash_attention(q, k, v, scale=np.float32(0.3), causal=True)
+                + attnlib.linear_attention(q, k, v, eps=np.float32(1e-3))
+                + attnlib.block_sparse_attention(q, k, v, mask, block_size=block, scale=np.float64(0.2)))
+
+    want = (attnlib.flash_attention(q, k, v, scale=float(np.float32(0.3)), causal=True)
+            + attnlib.linear_attention(q, k, v, eps=float(np.float32(1e-3)))
+            + attnlib.block_sparse_attention(q, k, v, mask, block_size=(8, 8), scale=0.2))
+    assert_verbose_allclose(f(q, k, v, (np.int64(8), np.int32(8))), want, atol=0)
+    assert_verbose_allclose(torch.compile(f, fullgraph=True, backend="eager")(q, k, v), want, atol=0)
+
+
 def test_compiled_bad_input_still_raises():
     torch._dynamo.reset()
     f = torch.compile(lambda q, k, v: attnlib.flash_attention(q, k, v), fullgraph=True, backend="eager")
