@@ -37,14 +37,16 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
     check_option_names(method, method_options)  # names only: the op's schema would drop unknown ones
     scale = plain_number(scale)
     eager = not torch.compiler.is_compiling()
+    # resolved here (use_backend's thread-local override, ATTNLIB_BACKEND) and passed on, so the
+    # backward re-selects the kernel that ran forward even where the override is not in force:
+    # loss.backward() after the use_backend block, or on autograd's device threads. Compiled too:
+    # dynamo bakes the resolved name into the graph and guards on the override (a graph traced
+    # inside use_backend("torch") is retraced outside it), where "auto" resolved by the ops when
+    # they ran let a backward outside the block pair another kernel with the forward's output.
+    backend = dispatch.effective_backend(backend)
     if eager:
         # every check with its clear error before anything runs (under torch.compile the op's
         # fake implementation runs the same checks while tracing)
-        # resolved here (use_backend's thread-local override, ATTNLIB_BACKEND) and passed on, so
-        # the backward re-selects the kernel that ran forward even where the override is not in
-        # force: loss.backward() after the use_backend block, or on autograd's device threads.
-        # (A compiled graph's ops resolve "auto" when they run.)
-        backend = dispatch.effective_backend(backend)
         if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
             build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
                          return_lse=return_lse, **method_options)  # raises, naming the argument

@@ -98,10 +98,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     deterministic=False permits a non-deterministic backward (see flash_attention): the Triton
     backward adds dQ with atomics only under ATTNLIB_FLASH_ATOMIC_DQ=1.
     """
+    # resolved now (use_backend, ATTNLIB_BACKEND), compiled or not, so the backward runs the
+    # forward's backend even outside the use_backend block (see api.attention)
+    backend = effective_backend(backend)
     if not torch.compiler.is_compiling():  # the fake implementation checks shapes while tracing
-        # resolved now (use_backend, ATTNLIB_BACKEND), so the backward runs the forward's backend
-        # even outside the use_backend block (see api.attention)
-        backend = effective_backend(backend)
         _check_packed(q, k, v)
         from .ops import forward_mode_transform_active
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import attnlib
-from attnlib import ops
+from attnlib import dispatch, ops
 from attnlib.reference import flash_reference
 from attnlib.testing import assert_verbose_allclose, make_qkv
 
@@ -106,6 +106,38 @@ def test_compiled_numpy_scalar_options_match_eager():
             + attnlib.block_sparse_attention(q, k, v, mask, block_size=(8, 8), scale=0.2))
     assert_verbose_allclose(f(q, k, v, (np.int64(8), np.int32(8))), want, atol=0)
     assert_verbose_allclose(torch.compile(f, fullgraph=True, backend="eager")(q, k, v), want, atol=0)
+
+
+@pytest.mark.parametrize("method,options", [("flash", {}), ("sla", dict(block_size=(16, 16), critical=0.5,
+                                                                               negligible=0.0))])
+def test_compiled_backward_runs_the_backend_forward_ran(method, options, monkeypatch):
+    """A compiled forward inside use_backend("torch"), its backward outside: the graph's ops
+    resolved "auto" when they ran, so the backward re-selected (the Triton kernel under the
+    interpreter, as on a GPU) against the torch kernel's forward. Now the name is resolved while
+    tracing, and dynamo's guard on the override retraces the graph outside the block."""
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 2, 64, 16, requires_grad=True)
+    dout = torch.randn(1, 2, 64, 16)
+    f = torch.compile(lambda q, k, v: attnlib.attention(q, k, v, method=method, **options), fullgraph=True,
+                      backend="aot_eager")
+    seen = []
+    real = dispatch.select
+    monkeypatch.setattr(dispatch, "select", lambda inp, backend="auto": seen.append(real(inp, backend))
+                        or real(inp, backend))
+    with attnlib.use_backend("torch"):
+        out = f(q, k, v)
+    torch_kernels = {k.name for k in seen}
+    assert all(k.backend == "torch" for k in seen), torch_kernels
+    seen.clear()
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    assert seen and all(k.backend == "torch" for k in seen), [k.name for k in seen]
+    want = torch.autograd.grad(attnlib.attention(q, k, v, method=method, backend="torch", **options), (q, k, v),
+                               dout)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5, msg=name)
+    seen.clear()
+    f(q, k, v)  # outside the block: retraced, "auto" again
+    assert any(k.backend != "torch" for k in seen), [k.name for k in seen]
 
 
 def test_compiled_bad_input_still_raises():
