@@ -119,3 +119,69 @@ def test_install_alias_in_a_subprocess():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def _packed_sequences(lens_q, lens_k, heads=4, kv_heads=2, d=64, dtype=torch.float16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = torch.randn(tq, heads, d, generator=g).to(dtype).to(DEVICE)
+    k = (torch.randn(tk, kv_heads, d, generator=g) + 4.0 * torch.randn(1, kv_heads, d, generator=g)).to(dtype)
+    v = torch.randn(tk, kv_heads, d, generator=g).to(dtype).to(DEVICE)
+    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32,  # noqa: E731
+                                   device=DEVICE)
+    return q, k.to(DEVICE), v, cu(lens_q), cu(lens_k)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_varlen_each_sequence_is_its_own_sage_call(is_causal):
+    """sageattn_varlen against each sequence alone: the simulation of the algorithm on that
+    sequence (its own K mean) and exact float64 attention; ragged lengths incl. 0 and 1, keys
+    longer and shorter than queries (bottom-right causal), GQA 2:1; a sequence whose queries
+    see no key gives zeros."""
+    from attnlib.compat.sageattention import sageattn_varlen
+
+    lens_q, lens_k = [37, 0, 1, 70, 5], [37, 3, 9, 50, 0]
+    q, k, v, cq, ck = _packed_sequences(lens_q, lens_k)
+    out = sageattn_varlen(q, k, v, cq, ck, max(lens_q), max(lens_k), is_causal=is_causal, sm_scale=0.15)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    bq, bk = cq.tolist(), ck.tolist()
+    for i in range(len(lens_q)):
+        o = out[bq[i]:bq[i + 1]].transpose(0, 1)[None]
+        qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t, a, b in ((q, bq[i], bq[i + 1]), (k, bk[i], bk[i + 1]),
+                                                                  (v, bk[i], bk[i + 1])))
+        if o.numel() == 0:
+            continue
+        if ks.shape[2] == 0:
+            assert (o == 0).all()
+            continue
+        sim = sage_reference(qs, ks, vs, causal=is_causal, scale=0.15)
+        exact = flash_reference(qs.double(), ks.double(), vs.double(), causal=is_causal, scale=0.15)
+        seen = torch.isfinite(exact).all(-1)  # rows that see a key (bottom-right causal, Sq > Sk)
+        assert (o[~seen] == 0).all()
+        if seen.any():
+            ms, me = metrics(o[seen], sim[seen]), metrics(o[seen], exact[seen])
+            assert ms["rel_l1"] <= 1e-3, (i, ms)
+            if ks.shape[2] >= 16:  # the contract's statistics need more than a handful of keys
+                assert me["cos_sim"] >= 0.999 and me["rel_l1"] <= 0.02, (i, me)
+
+
+def test_varlen_bad_arguments_name_them():
+    from attnlib.compat.sageattention import sageattn_varlen
+
+    q, k, v, cq, ck = _packed_sequences([5, 6], [4, 7])
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        sageattn_varlen(q, k, v, cq, ck, 5, 7)
+    with pytest.raises(TypeError, match="cu_seqlens_k must have dtype torch.int32"):
+        sageattn_varlen(q, k, v, cq, ck.long(), 6, 7)
+    with pytest.raises(ValueError, match="cu_seqlens_q must start at 0"):
+        sageattn_varlen(q, k, v, cq.flip(0), ck, 6, 7)
+    with pytest.raises(ValueError, match="one length"):
+        sageattn_varlen(q[:5], k, v, cq[:2], ck, 6, 7)
+    with pytest.raises(ValueError, match="q must be 3-D"):
+        sageattn_varlen(q[None], k, v, cq, ck, 6, 7)
+    with pytest.raises(TypeError, match="smooth_k must be a bool"):
+        sageattn_varlen(q, k, v, cq, ck, 6, 7, smooth_k="yes")
+    with pytest.raises(ValueError, match="attn_mask"):
+        sageattn_varlen(q, k, v, cq, ck, 6, 7, attn_mask=torch.ones(1))
+    with pytest.raises(ValueError, match="sm_scale"):
+        sageattn_varlen(q, k, v, cq, ck, 6, 7, sm_scale=float("nan"))

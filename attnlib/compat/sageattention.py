@@ -17,6 +17,10 @@ Differences, all deliberate:
   that is its mask too;
 - inputs that require grad raise (sage is forward-only; use attnlib.flash_attention), where
   the package would silently return an output without gradient;
+- ``sageattn_varlen`` (packed (total_tokens, heads, head_dim) sequences with int32 cu_seqlens, as
+  the package's) runs one sage call per sequence: each sequence's K is smoothed by its own
+  mean (the package subtracts one mean over the whole pack; either shift is exact, only the
+  rounding differs), and causal is bottom-right per sequence. It reads cu_seqlens on the host.
 - SDPA-style callers (``F.scaled_dot_product_attention = sageattn``): attn_mask and dropout_p
   must be None / 0 (a ValueError otherwise); SDPA's ``scale`` keyword is the softmax scale, as
   sm_scale (both given and different: a ValueError), where the package would silently drop it
@@ -26,6 +30,8 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
+import torch
 
 from .. import api
 from ..inputs import FLOAT32_TINY, SCALE_MAX, is_real_number, scale_in_range
@@ -100,4 +106,67 @@ def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False, sm_sc
                               backend=kwargs.get("backend", "auto"))
 
 
-__all__ = ["sageattn"]
+def _packed(name: str, t: Any) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be 3-D (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
+
+
+def _sequence_bounds(name: str, cu: Any, total: int, device: torch.device, max_name: str, max_seqlen: Any
+                     ) -> list[int]:
+    """cu_seqlens as host ints, checked: int32, 1-D, on q's device, from 0 up to total, never
+    decreasing, no sequence longer than max_seqlen."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError(f"{name} must be 1-D of length batch + 1 >= 2, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on the device of q ({device}), got {cu.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    bounds = cu.tolist()
+    if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"{name} must start at 0, never decrease and end at the token count {total}, got {bounds}")
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    if longest > max_seqlen:
+        raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence in {name} ({longest})")
+    return bounds
+
+
+def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                    is_causal: bool = False, sm_scale=None, smooth_k: bool = True, **kwargs: Any):
+    """SageAttention on packed sequences with the sageattention package's signature: q
+    (total_q, Hq, D), k and v (total_k, Hkv, D), cu_seqlens_q / cu_seqlens_k int32 (batch + 1,)
+    on q's device. Returns (total_q, Hq, D) in q's dtype. A sequence with queries but no keys
+    gives zeros. qk_quant_gran, pv and backend keywords as in sageattn."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _packed(name, t)
+    _check_arguments("NHD", is_causal, sm_scale)
+    if not isinstance(smooth_k, bool):
+        raise TypeError(f"smooth_k must be a bool, got {type(smooth_k).__name__}")
+    _check_sdpa_kwargs(kwargs)
+    scale = _softmax_scale(sm_scale, kwargs)
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k and v must agree on tokens and heads, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    bq = _sequence_bounds("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, "max_seqlen_q", max_seqlen_q)
+    bk = _sequence_bounds("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, "max_seqlen_k", max_seqlen_k)
+    if len(bq) != len(bk):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have one length (batch + 1), got {len(bq)} and {len(bk)}")
+    options = dict(causal=is_causal, scale=scale, layout="bshd", smooth_k=smooth_k,
+                   qk_granularity=_qk_granularity(kwargs), pv=kwargs.get("pv", "fp16"),
+                   backend=kwargs.get("backend", "auto"))
+    if q.shape[0] == 0 or len(bq) == 2:  # one sequence (or none): one call checks everything
+        return api.sage_attention(q[None], k[None], v[None], **options)[0]
+    parts = []
+    for (q0, q1), (k0, k1) in zip(zip(bq, bq[1:]), zip(bk, bk[1:])):
+        # every sequence runs, empty ones too, so bad input raises whatever the lengths
+        parts.append(api.sage_attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], **options)[0])
+    return torch.cat(parts)
+
+
+__all__ = ["sageattn", "sageattn_varlen"]
