@@ -212,6 +212,32 @@ def test_sdpa_ranks_first_for_half_precision_inference_only():
     assert sdpa.priority < triton_rank(inp)
 
 
+def test_sdpa_ranks_below_chunked_where_torch_would_run_its_math_path(monkeypatch):
+    """On CUDA, where torch SDPA has no fused kernel for the inputs (its own can_use_* checks,
+    switches included), it would form the N x N scores: flash-torch-chunked (5) must win."""
+    from attnlib.kernels import flash_sdpa
+    from attnlib.kernels.flash_torch_chunked import FlashTorchChunked
+
+    sdpa = flash_sdpa.FlashSDPA()
+    inp = attnlib.api.build_inputs(*make_qkv(1, 2, 16, 64, dtype=torch.float16))
+    assert not flash_sdpa.torch_says_fused(inp)  # torch's own answer for CPU tensors
+    assert flash_sdpa.fused_sdpa_possible(inp)  # which is asked for CUDA tensors only
+    monkeypatch.setattr(flash_sdpa, "fused_sdpa_possible", lambda inp: False)
+    assert sdpa.rank(inp) == sdpa.math_path_priority < FlashTorchChunked.priority
+    monkeypatch.setattr(flash_sdpa, "fused_sdpa_possible", lambda inp: True)
+    assert sdpa.rank(inp) == sdpa.half_inference_priority
+
+
+def test_fused_sdpa_possible_keeps_the_rank_on_another_torch(monkeypatch):
+    from attnlib.kernels import flash_sdpa
+
+    def gone(*a):
+        raise TypeError("SDPAParams() takes 6 arguments")
+
+    monkeypatch.setattr(torch.backends.cuda, "SDPAParams", gone)
+    assert flash_sdpa.torch_says_fused(attnlib.api.build_inputs(*make_qkv(1, 2, 16, 64)))
+
+
 def test_sdpa_rank_reads_the_call_not_the_grad_mode():
     """Inside attnlib's op autograd is off, so the rank must come from inp.grad (whether the caller
     builds a graph), not torch.is_grad_enabled(): a graph-building call keeps the deterministic
@@ -379,3 +405,21 @@ def test_training_on_gpu_runs_the_kernel_explain_names(deterministic, monkeypatc
                              grads(base, same, t(dout))):
         assert_flash_rule(t(g), w, h, factor=3.0, name=name)
     assert ran == [chosen]  # no forward recomputed for the backward
+
+
+@pytest.mark.gpu
+def test_gpu_sdpa_with_its_fused_kernels_off_yields_to_chunked():
+    """With torch SDPA's flash, memory-efficient and cuDNN kernels switched off it would run its
+    math path (N x N scores): the torch backend must pick flash-torch-chunked instead; with them
+    on, fp16 inference keeps SDPA."""
+    q, k, v = make_qkv(1, 2, 300, 64, dtype=torch.float16, device="cuda")
+    assert attnlib.explain(q, k, v, backend="torch").chosen.name == "flash-torch-sdpa"
+    switches = ("flash", "mem_efficient", "cudnn")
+    before = {s: getattr(torch.backends.cuda, f"{s}_sdp_enabled")() for s in switches}
+    try:
+        for s in switches:
+            getattr(torch.backends.cuda, f"enable_{s}_sdp")(False)
+        assert attnlib.explain(q, k, v, backend="torch").chosen.name == "flash-torch-chunked"
+    finally:
+        for s, on in before.items():
+            getattr(torch.backends.cuda, f"enable_{s}_sdp")(on)

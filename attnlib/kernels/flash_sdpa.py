@@ -29,7 +29,14 @@ class FlashSDPA(Kernel):
     # path that forms N x N.
     half_inference_priority = 25
 
+    # below flash-torch-chunked (5) where torch SDPA has no fused kernel for the inputs and would
+    # run its math path, which forms the N x N scores (fp32 at a head dim past its kernels', a
+    # fused backend switched off with torch.backends.cuda.enable_*_sdp(False))
+    math_path_priority = 1
+
     def rank(self, inp: AttentionInputs) -> int:
+        if not fused_sdpa_possible(inp):
+            return self.math_path_priority
         if inp.dtype not in (torch.float16, torch.bfloat16):
             return self.priority
         if inp.head_dim % 8 or inp.head_dim > 256 or inp.head_dim_v != inp.head_dim:
@@ -51,6 +58,27 @@ class FlashSDPA(Kernel):
         # the builtin, not the torch.nn.functional attribute, which patch_sdpa may have replaced
         return torch._C._nn.scaled_dot_product_attention(
             inp.q, inp.k, inp.v, is_causal=inp.causal, scale=inp.scale, enable_gqa=inp.is_gqa)
+
+
+def fused_sdpa_possible(inp: AttentionInputs) -> bool:
+    """Whether torch SDPA would run one of its fused kernels (flash, memory-efficient, cuDNN) on
+    these inputs, as its own dispatcher decides (dtype, head dim, alignment, the enable_*_sdp
+    switches), rather than its math path. True where torch lacks the query functions, and for
+    CPU tensors (the kernel serves CUDA; tests register it for the CPU)."""
+    if not inp.q.is_cuda:
+        return True
+    return torch_says_fused(inp)
+
+
+def torch_says_fused(inp: AttentionInputs) -> bool:
+    cuda = torch.backends.cuda
+    try:
+        params = cuda.SDPAParams(inp.q, inp.k, inp.v, None, 0.0, inp.causal, inp.is_gqa)
+        checks = [cuda.can_use_flash_attention, cuda.can_use_efficient_attention,
+                  getattr(cuda, "can_use_cudnn_attention", None)]
+        return any(check(params, False) for check in checks if check is not None)
+    except (AttributeError, TypeError, RuntimeError):  # another torch's signature: rank as before
+        return True
 
 
 def nondeterministic_ok(inp: AttentionInputs) -> bool:
