@@ -40,7 +40,7 @@ def test_packed_variants():
 
 
 @pytest.mark.parametrize("kw,text", [
-    ({"dropout_p": 0.1}, "dropout_p"), ({"window_size": (8, 0)}, "window_size"), ({"softcap": 30.0}, "softcap"),
+    ({"dropout_p": 0.1}, "dropout_p"), ({"window_size": (3, 0)}, "window_size"), ({"softcap": 30.0}, "softcap"),
     ({"alibi_slopes": torch.ones(2)}, "alibi_slopes"),
 ])
 def test_unsupported_options_are_rejected_clearly(kw, text):
@@ -93,6 +93,7 @@ def test_install_aliases_in_a_subprocess():
         "attnlib.compat.install_aliases()\n"
         "from flash_attn import flash_attn_func\n"
         "from flash_attn.flash_attn_interface import flash_attn_varlen_func\n"
+        "from flash_attn import flash_attn_with_kvcache, flash_attn_varlen_kvpacked_func\n"
         "import flash_attn\n"
         "q = torch.randn(1, 8, 2, 16)\n"
         "o = flash_attn_func(q, q, q, causal=True)\n"
@@ -143,3 +144,130 @@ def test_accepted_argument_forms():
     out = fa.flash_attn_func(q, k, v, dropout_p=0, softmax_scale=np.float32(0.25), window_size=[-1, -1],
                              softcap=np.float64(0.0))
     assert torch.equal(out, ref)
+
+
+def cu_seqlens(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def grads(out, inputs, dout):
+    for t in inputs:
+        t.grad = None
+    out.backward(dout)
+    return [t.grad.detach().clone() for t in inputs]
+
+
+def varlen_references(q, k, v, lens_q, lens_k, causal, scale):
+    """(float64 reference, PyTorch in the inputs' dtype) on (total, H, D) packs, each (out, lse (H, total_q)),
+    differentiable to q, k, v. The caller passes float64 leaves for the first, same-dtype ones for the second."""
+    from attnlib.reference.flash_varlen import flash_varlen_reference, per_sequence
+    from test_flash_triton import torch_same_dtype
+
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    if q.dtype == torch.float64:
+        return flash_varlen_reference(q, k, v, cu_q, cu_k, causal=causal, scale=scale, return_lse=True)
+    return per_sequence(lambda *qkv: torch_same_dtype(*qkv, causal=causal, scale=scale), q, k, v, cu_q, cu_k)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("packing", ["qkv", "kv"])
+def test_varlen_packed_forward_backward(packing, dtype, causal):
+    """flash_attn_varlen_qkvpacked_func / _kvpacked_func against the float64 reference: output, lse and
+    the packed tensors' gradients, on ragged sequences with lengths 0 and 1 (GQA for kv)."""
+    gen = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    heads, d, scale = 4, 16, 0.3
+    lens_q = [5, 0, 1, 9]
+    if packing == "qkv":
+        lens_k = lens_q
+        inputs = [torch.randn(sum(lens_q), 3, heads, d, generator=gen)]
+
+        def call(qkv):
+            return fa.flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens(lens_q), max(lens_q), softmax_scale=scale,
+                                                       causal=causal, return_attn_probs=True)
+
+        def split(qkv):
+            return qkv.unbind(1)
+    else:
+        lens_k = [7, 3, 1, 0]
+        inputs = [torch.randn(sum(lens_q), heads, d, generator=gen), torch.randn(sum(lens_k), 2, 2, d, generator=gen)]
+
+        def call(q, kv):
+            return fa.flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens(lens_q), cu_seqlens(lens_k), max(lens_q),
+                                                      max(lens_k), softmax_scale=scale, causal=causal,
+                                                      return_attn_probs=True)
+
+        def split(q, kv):
+            return (q, *kv.unbind(1))
+    inputs = [t.to(dtype).requires_grad_() for t in inputs]
+    out, lse, probs = call(*inputs)
+    assert probs is None and out.shape == (sum(lens_q), heads, d) and lse.shape == (heads, sum(lens_q))
+    leaves64 = [t.detach().double().requires_grad_() for t in inputs]
+    leaves_same = [t.detach().clone().requires_grad_() for t in inputs]
+    ref, ref_lse = varlen_references(*split(*leaves64), lens_q, lens_k, causal, scale)
+    base, base_lse = varlen_references(*split(*leaves_same), lens_q, lens_k, causal, scale)
+    assert_flash_rule(out, ref, base)
+    assert_flash_rule(lse, ref_lse, base_lse, atol=1e-4, name="lse")
+    dout = torch.randn(out.shape, generator=gen).to(dtype)
+    got, want, have = grads(out, inputs, dout), grads(ref, leaves64, dout.double()), grads(base, leaves_same, dout)
+    for g, w, h in zip(got, want, have):
+        assert torch.isfinite(g).all()
+        assert_flash_rule(g, w, h, factor=3.0, name="grad")
+
+
+@pytest.mark.parametrize("window,causal,same_as", [
+    ((-1, -1), False, False), ((-1, 0), False, True), ((-7, 0), False, True), ((29, 0), False, True),
+    ((100, 0), False, True), ((29, 29), False, False), ((-1, -1), True, True), ((-1, 5), True, True),
+    ((40, 3), True, True),
+])
+def test_windows_equal_to_full_or_causal_are_accepted(window, causal, same_as):
+    """flash_attn's window (left, right) with every bound unbounded (negative, or >= the key length)
+    is full attention, and (unbounded, 0) bottom-right causal; causal=True forces right = 0."""
+    q, k, v = make_qkv(1, 2, 11, 16, seq_k=29, layout="bshd")
+    want = fa.flash_attn_func(q, k, v, causal=same_as)
+    assert torch.equal(fa.flash_attn_func(q, k, v, causal=causal, window_size=window), want)
+    qv, kv_, vv = q[0], k[0], v[0]
+    cu_q, cu_k = cu_seqlens([11]), cu_seqlens([29])
+    want = fa.flash_attn_varlen_func(qv, kv_, vv, cu_q, cu_k, 11, 29, causal=same_as)
+    got = fa.flash_attn_varlen_func(qv, kv_, vv, cu_q, cu_k, 11, 29, causal=causal, window_size=window)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("window,causal", [((3, 0), False), ((28, 0), False), ((-1, 2), False), ((2, -1), False),
+                                           ((0, 0), False), ((3, -1), True), ((28, 28), False)])
+@pytest.mark.parametrize("func", ["func", "qkvpacked", "kvpacked", "varlen", "varlen_qkvpacked", "varlen_kvpacked"])
+def test_local_windows_are_refused(func, window, causal):
+    q, k, v = make_qkv(1, 2, 29, 16, layout="bshd")
+    cu = cu_seqlens([29])
+    kw = {"causal": causal, "window_size": window}
+    call = {
+        "func": lambda: fa.flash_attn_func(q, k, v, **kw),
+        "qkvpacked": lambda: fa.flash_attn_qkvpacked_func(torch.stack([q, k, v], dim=2), **kw),
+        "kvpacked": lambda: fa.flash_attn_kvpacked_func(q, torch.stack([k, v], dim=2), **kw),
+        "varlen": lambda: fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 29, 29, **kw),
+        "varlen_qkvpacked": lambda: fa.flash_attn_varlen_qkvpacked_func(torch.stack([q[0], k[0], v[0]], 1), cu, 29,
+                                                                        **kw),
+        "varlen_kvpacked": lambda: fa.flash_attn_varlen_kvpacked_func(q[0], torch.stack([k[0], v[0]], 1), cu, cu,
+                                                                      29, 29, **kw),
+    }[func]
+    with pytest.raises(ValueError, match=r"window_size.*no sliding-window kernels"):
+        call()
+
+
+@pytest.mark.parametrize("func", ["varlen_qkvpacked", "varlen_kvpacked"])
+def test_varlen_packed_shapes_are_checked(func):
+    q = torch.randn(8, 2, 16)
+    cu = cu_seqlens([8])
+    with pytest.raises(ValueError, match=r"(qkv|kv) must have shape \(total_tokens"):
+        if func == "varlen_qkvpacked":
+            fa.flash_attn_varlen_qkvpacked_func(torch.stack([q, q], 1), cu, 8)
+        else:
+            fa.flash_attn_varlen_kvpacked_func(q, torch.stack([q, q, q], 1), cu, cu, 8, 8)
+    with pytest.raises(TypeError, match="qkv must be a torch.Tensor"):
+        fa.flash_attn_varlen_qkvpacked_func([q, q, q], cu, 8)
+
+
+def test_new_names_are_exported():
+    """install_aliases copies __all__ onto the flash_attn alias package, so these import from it too."""
+    for name in ("flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"):
+        assert name in fa.__all__ and callable(getattr(fa, name))

@@ -1,8 +1,12 @@
 """flash_attn 2 call signatures on attnlib kernels: (batch, seq, heads, head_dim) tensors,
-softmax_scale, bottom-right causal, return_attn_probs -> (out, softmax_lse, None).
+softmax_scale, bottom-right causal, return_attn_probs -> (out, softmax_lse, None). The dense,
+packed and varlen functions are here; flash_attn_with_kvcache (decoding on a KV cache) is in
+flash_attn_kvcache.py and re-exported.
 
 Not implemented, and rejected with a ValueError rather than computed wrongly: dropout_p > 0,
-sliding windows other than (-1, -1), softcap != 0 and ALiBi slopes. Arguments of the wrong
+sliding (local) windows, softcap != 0 and ALiBi slopes. A window_size that flash_attn itself
+treats as full or causal attention is accepted: (-1, -1), or any bound >= the key length, is no
+window, and (-1, 0) is bottom-right causal (see _window_causal). Arguments of the wrong
 type (dropout_p / softcap / softmax_scale not a float, window_size not a pair of ints) raise a
 TypeError naming the argument; a softmax_scale that is not finite and positive, a ValueError. With return_attn_probs
 the attention probabilities are not materialised (the third element is None), as flash_attn
@@ -32,19 +36,17 @@ def _check_float(name: str, value) -> float:
     return float(value)
 
 
-def _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_scale=None) -> None:
+def _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_scale=None, *, causal=False,
+                       seqlen_k=None):
+    """Refuse what attnlib does not compute; return the causal flag, window_size folded in.
+    seqlen_k: the key length flash_attn compares window bounds with (None when unknown)."""
     p = _check_float("dropout_p", dropout_p)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1], got {dropout_p}")
     if p:
         raise ValueError(f"dropout_p={dropout_p}: attnlib's flash_attn compatibility does not implement "
                          "attention dropout; use dropout_p=0.0 (inference) or torch SDPA")
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in window_size)):
-        raise TypeError(f"window_size must be a pair of ints (left, right), -1 meaning unbounded, "
-                        f"got {window_size!r}")
-    if tuple(int(w) for w in window_size) != (-1, -1):
-        raise ValueError(f"window_size={tuple(window_size)}: only (-1, -1) (no sliding window) is supported")
+    causal = _window_causal(window_size, causal, seqlen_k)
     if _check_float("softcap", softcap):
         raise ValueError(f"softcap={softcap}: logit soft-capping is not supported")
     if alibi_slopes is not None:
@@ -53,6 +55,39 @@ def _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_sc
         scale = _check_float("softmax_scale", softmax_scale)
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"softmax_scale must be finite and positive (attnlib's kernels), got {softmax_scale}")
+    return causal
+
+
+def _window_causal(window_size, causal, seqlen_k):
+    """The causal flag equivalent to flash_attn's window (left, right), or a ValueError for a
+    genuinely local window. flash_attn lets query i see keys i + Sk - Sq - left .. i + Sk - Sq + right;
+    its C++ entry points treat a negative bound, or one >= seqlen_k, as unbounded, and causal as
+    right = 0. So an unbounded pair is full attention and (unbounded, 0) bottom-right causal."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), -1 meaning unbounded, "
+                        f"got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+
+    def unbounded(w):
+        return w < 0 or (seqlen_k is not None and w >= seqlen_k)
+
+    if causal is True:
+        right = 0
+    if unbounded(left) and unbounded(right):
+        return causal
+    if unbounded(left) and right == 0:
+        return True
+    keys = "" if seqlen_k is None else f" over {seqlen_k} keys"
+    raise ValueError(f"window_size={tuple(window_size)} (causal={causal}){keys} is a sliding-window (local) attention, "
+                     "and attnlib has no sliding-window kernels; only windows equivalent to full attention "
+                     "((-1, -1)) or bottom-right causal ((-1, 0)) are supported")
+
+
+def _seqlen(x, axis: int):
+    """x.shape[axis] where x is a tensor that has that axis (flash_attn's seqlen_k), else None: the
+    shape checks further on then name the argument."""
+    return x.shape[axis] if isinstance(x, torch.Tensor) and x.dim() > axis else None
 
 
 def _max_seqlen(name: str, value):
@@ -85,7 +120,8 @@ def _result(res, return_attn_probs):
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D) [, lse (B, H, Sq), None]."""
-    _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_scale)
+    causal = _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_scale, causal=causal,
+                                seqlen_k=_seqlen(k, 1))
     res = api.flash_attention(q, k, v, causal=causal, scale=_scale(softmax_scale), layout="bshd",
                               return_lse=bool(return_attn_probs), deterministic=deterministic)
     return _result(res, return_attn_probs)
@@ -94,7 +130,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """qkv (B, S, 3, H, D)."""
-    _check_packed("qkv", qkv, 5, 3)
+    _check_packed("qkv", qkv, 3)
     return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
                            window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
 
@@ -102,7 +138,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (B, Sq, H, D), kv (B, Sk, 2, Hkv, D)."""
-    _check_packed("kv", kv, 5, 2)
+    _check_packed("kv", kv, 2)
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size,
                            softcap, alibi_slopes, deterministic, return_attn_probs)
 
@@ -111,21 +147,49 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                            alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
     """Packed (total_tokens, heads, head_dim) sequences delimited by int32 cu_seqlens."""
-    _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_scale)
-    if block_table is not None:
-        raise ValueError("block_table: paged KV caches are not supported")
     max_seqlen_q, max_seqlen_k = _max_seqlen("max_seqlen_q", max_seqlen_q), _max_seqlen("max_seqlen_k", max_seqlen_k)
+    causal = _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_scale, causal=causal,
+                                seqlen_k=max_seqlen_k if isinstance(max_seqlen_k, int) else None)
+    if block_table is not None:
+        raise ValueError("block_table: flash_attn_varlen_func's paged KV cache is not supported "
+                         "(flash_attn_with_kvcache takes one)")
     res = varlen.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         causal=causal, scale=_scale(softmax_scale),
                                         return_lse=bool(return_attn_probs), deterministic=deterministic)
     return _result(res, return_attn_probs)
 
 
-def _check_packed(name, x, ndim, n):
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """qkv (total, 3, H, D); one cu_seqlens and max_seqlen for queries and keys."""
+    _check_packed("qkv", qkv, 3, varlen=True)
+    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                  deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q (total_q, H, D), kv (total_k, 2, Hkv, D)."""
+    _check_packed("kv", kv, 2, varlen=True)
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                  deterministic, return_attn_probs)
+
+
+def _check_packed(name, x, n, varlen=False):
+    """x stacks n tensors on the axis after the token axes: (B, S, n, H, D), or (total, n, H, D) for varlen."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim or x.shape[2] != n:
-        raise ValueError(f"{name} must have shape (batch, seq, {n}, heads, head_dim), got {tuple(x.shape)}")
+    axis, tokens = (1, "total_tokens") if varlen else (2, "batch, seq")
+    if x.dim() != axis + 3 or x.shape[axis] != n:
+        raise ValueError(f"{name} must have shape ({tokens}, {n}, heads, head_dim), got {tuple(x.shape)}")
 
 
-__all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func"]
+# below the checks it builds on: flash_attn_kvcache imports them from this module
+from .flash_attn_kvcache import flash_attn_with_kvcache  # noqa: E402
+
+__all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"]
