@@ -239,7 +239,7 @@ def _load_processor(original: type, module_name: str, route: _Route, new: Callab
             except RuntimeError as e:
                 log.warning("attnlib: unpickled diffusers processor %s runs natively (%s)", original.__name__, e)
                 return new(original, *args)
-            routed = _routed_class(original, name, factory, route, module_name)
+            routed = _register_routed(_routed_class(original, name, factory, route, module_name))
         processor = new(routed, *args)
         _acquire(processor, routed)
         return processor
@@ -269,7 +269,13 @@ def _routed_class(cls: type, name: str, factory: Callable, route: _Route, module
         "__qualname__": f"{cls.__qualname__}[attnlib {route.method}]", "__reduce_ex__": _processor_reduce_ex,
         "_attnlib_original_class": cls, "_attnlib_shadow": shadow, "_attnlib_route": route,
     })
-    _routed_classes[module_name] = routed
+    return routed
+
+
+def _register_routed(routed: type) -> type:
+    """Makes a routed class findable by its shadow module's name (unpickling looks it up); the
+    caller holds _lock."""
+    _routed_classes[routed._attnlib_shadow.__name__] = routed
     return routed
 
 
@@ -422,6 +428,7 @@ def apply(model_or_pipeline, method: str = "flash", backend: str = "auto", **met
         raise ValueError(f"attnlib.integrations.diffusers.apply found no attention module it can switch ({detail})")
     with _lock:  # all or nothing: nothing above changed the model
         for processor, routed in plan.values():
+            _register_routed(routed)
             _switch(processor, routed)
         for module in modules:
             _hook(module)
