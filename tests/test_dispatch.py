@@ -220,7 +220,9 @@ def test_sdpa_ranks_below_chunked_where_torch_would_run_its_math_path(monkeypatc
 
     sdpa = flash_sdpa.FlashSDPA()
     inp = attnlib.api.build_inputs(*make_qkv(1, 2, 16, 64, dtype=torch.float16))
-    assert not flash_sdpa.torch_says_fused(inp)  # torch's own answer for CPU tensors
+    assert flash_sdpa.torch_says_fused(inp)  # torch's own choice: its CPU flash kernel
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        assert not flash_sdpa.torch_says_fused(inp)
     assert flash_sdpa.fused_sdpa_possible(inp)  # which is asked for CUDA tensors only
     monkeypatch.setattr(flash_sdpa, "fused_sdpa_possible", lambda inp: False)
     assert sdpa.rank(inp) == sdpa.math_path_priority < FlashTorchChunked.priority
@@ -234,6 +236,7 @@ def test_fused_sdpa_possible_keeps_the_rank_on_another_torch(monkeypatch):
     def gone(*a):
         raise TypeError("SDPAParams() takes 6 arguments")
 
+    monkeypatch.setattr(torch, "_fused_sdp_choice", gone)
     monkeypatch.setattr(torch.backends.cuda, "SDPAParams", gone)
     assert flash_sdpa.torch_says_fused(attnlib.api.build_inputs(*make_qkv(1, 2, 16, 64)))
 

@@ -71,6 +71,16 @@ def fused_sdpa_possible(inp: AttentionInputs) -> bool:
 
 
 def torch_says_fused(inp: AttentionInputs) -> bool:
+    """torch SDPA's own choice for these inputs (torch._fused_sdp_choice, the function SDPA calls),
+    else its public can_use_* checks where that private function is missing or changed."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        choice = SDPBackend(torch._fused_sdp_choice(inp.q, inp.k, inp.v, is_causal=inp.causal, scale=inp.scale,
+                                                    enable_gqa=inp.is_gqa))
+        return choice not in (SDPBackend.MATH, SDPBackend.ERROR)
+    except (AttributeError, ImportError, TypeError, ValueError, RuntimeError):
+        pass
     cuda = torch.backends.cuda
     try:
         params = cuda.SDPAParams(inp.q, inp.k, inp.v, None, 0.0, inp.causal, inp.is_gqa)
