@@ -26,10 +26,11 @@ v receives the gradient of the fp16 PV product (fp16 rounding treated as identit
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 
-from ._common import causal_mask, compute_dtype, expand_kv, masked_row_exp, num_blocks
+from ._common import causal_mask, compute_dtype, num_blocks
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -110,23 +111,145 @@ def quantize_v_fp8(v: torch.Tensor):
     return v8.to(torch.float32), delta
 
 
-def _pv_product(p: torch.Tensor, v: torch.Tensor, pv: str, k_block: int, ct: torch.dtype):
-    """(unnormalised P) V as the chosen PV mode computes it; returns (PV, factor) so that the
-    output is PV * factor / l with l the row sum of p (p is exp2(s - m) in fp32/fp64)."""
-    if pv == "fp8":  # p * 448 <= 448; l is scaled alike, so the factor 1/448 cancels
-        p8 = (p * FP8_MAX).to(torch.float32).to(torch.float8_e4m3fn).to(ct)
-        v8, delta_v = quantize_v_fp8(v)
-        return p8 @ v8.to(ct), delta_v.to(ct) / FP8_MAX
-    p16 = p.to(torch.float16).to(ct)
-    v16 = v.to(torch.float16).to(ct)
+def exact_dot_dtype(head_dim: int, ct: torch.dtype) -> torch.dtype:
+    """A dtype whose matmul of INT8 values is exact: every partial sum, at most 127^2 * head_dim
+    in magnitude, is an integer float32 holds exactly while below 2^24 (head_dim <= 1040), float64
+    below 2^53. Exact sums are the same in any order, so a block of rows gets the whole call's."""
+    return torch.float32 if ct == torch.float32 and INT8_MAX ** 2 * head_dim < 2 ** 24 else torch.float64
+
+
+@dataclass(frozen=True)
+class SageKeys:
+    """What every block of query rows shares, prepared once over all keys: K smoothed and INT8
+    quantized, V as the PV mode reads it, and the call's options. Tensors are (B, heads, ...) with
+    one kv head per head until select() gives each query head its own."""
+
+    k_i8: torch.Tensor               # (B, H, Sk, D) int8
+    dk_tok: torch.Tensor             # (B, H, 1, Sk) each key's INT8 scale, compute dtype
+    k_mean: torch.Tensor | None      # (B, H, 1, D) K's token mean, compute dtype; None unsmoothed
+    v_pv: torch.Tensor               # (B, H, Sk, Dv) V as given (pv="fp8": e4m3 of V / delta_v)
+    v_factor: torch.Tensor | float   # pv="fp8": delta_v / 448, (B, H, 1, Dv); else 1.0
+    scale: float
+    causal: bool
+    q_block: int
+    k_block: int
+    pv: str
+
+    def select(self, batches: slice, heads_q: slice, group: int) -> "SageKeys":
+        """The keys of query heads heads_q (group query heads per kv head) in batches: views
+        without GQA, copies of the kv heads they read with it."""
+        heads = heads_q
+        if group != 1:
+            heads = torch.arange(heads_q.start, heads_q.stop, device=self.k_i8.device) // group
+
+        def pick(t):
+            return t[batches][:, heads] if isinstance(t, torch.Tensor) else t
+
+        return replace(self, k_i8=pick(self.k_i8), dk_tok=pick(self.dk_tok), k_mean=pick(self.k_mean),
+                       v_pv=pick(self.v_pv), v_factor=pick(self.v_factor))
+
+
+def _by_head(quantize, heads: int):
+    """quantize(slice(h, h + 1)) for every head h, its results concatenated along heads: the same
+    values as one call over all heads (no scale spans two heads), while the quantization's float
+    temporaries (five or six copies of its input) stay one head's size."""
+    parts = [quantize(slice(h, h + 1)) for h in range(heads)]
+    return tuple(torch.cat(p, dim=1) for p in zip(*parts))
+
+
+def prepare_keys(k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False, smooth_k: bool = True,
+                 q_block: int = Q_BLOCK, k_block: int = K_BLOCK, pv: str = "fp16",
+                 ct: torch.dtype = torch.float32) -> SageKeys:
+    """k/v (B, Hkv, Sk, D[v]) bhsd -> SageKeys, computing in ct (float32, or float64)."""
+    if pv not in PV_MODES:
+        raise ValueError(f"pv must be one of {PV_MODES}, got {pv!r}")
+    kc = k.detach().to(ct)
+    k_mean = None
+    if smooth_k and kc.shape[-2] > 0:  # SageAttention §3.2 (no keys: the mean would be NaN)
+        k_mean = kc.mean(dim=-2, keepdim=True)
+    k_i8, dk = _by_head(lambda h: quantize_per_block(kc[:, h] if k_mean is None else kc[:, h] - k_mean[:, h],
+                                                     k_block), kc.shape[1])
+    dk_tok = _per_token(dk, k_block, kc.shape[-2]).to(ct).transpose(-1, -2)
+    if pv == "fp8":  # P is scaled by 448 into e4m3's range: 1/448 here cancels it
+        v8, delta_v = _by_head(lambda h: quantize_v_fp8(v[:, h]), v.shape[1])
+        v_pv, v_factor = v8.to(ct), delta_v.to(ct) / FP8_MAX
+    else:  # rounded to fp16 per query head, after select(), as ever: the cast's backward then
+        # rounds each query head's gradient to fp16 before GQA sums them
+        v_pv, v_factor = v, 1.0
+    return SageKeys(k_i8, dk_tok, k_mean, v_pv, v_factor, scale, causal, q_block, k_block, pv)
+
+
+def _row_exp2_(s: torch.Tensor, mask: torch.Tensor | None):
+    """masked_row_exp(s, mask, exp=torch.exp2), the same values computed in s's own memory, which
+    becomes p: a block of rows then holds one score tensor instead of four."""
+    if mask is not None:
+        s.masked_fill_(~mask, float("-inf"))
+    if s.shape[-1] == 0:  # no keys: amax refuses an empty reduction
+        m = s.new_full((*s.shape[:-1], 1), float("-inf"))
+    else:
+        m = s.amax(dim=-1, keepdim=True)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = s.sub_(m_safe).exp2_()
+    l = p.sum(dim=-1, keepdim=True)
+    has = l > 0
+    return p, m_safe, torch.where(has, l, torch.ones_like(l)), has
+
+
+def _pv_product_(p: torch.Tensor, v: torch.Tensor, pv: str, k_block: int) -> torch.Tensor:
+    """(unnormalised P) V as the PV mode computes it, p (exp2(s - m) in fp32/fp64) rounded in
+    place, v SageKeys.v_pv (rounded to fp16 here). The output is this times v_factor over the row
+    sum of p."""
+    if pv == "fp8":  # p * 448 <= 448: e4m3's range (SageAttention2 §3.3)
+        p.copy_(p.mul_(FP8_MAX).to(torch.float32).to(torch.float8_e4m3fn))
+        return p @ v
+    p.copy_(p.to(torch.float16))
+    v = v.to(torch.float16).to(p.dtype)
     if pv == "fp16":
-        return p16 @ v16, 1.0
+        return p @ v
     # fp16_accum: every key block's partial product passes through an fp16 accumulator
-    acc = torch.zeros(*p.shape[:-1], v.shape[-1], dtype=ct, device=p.device)
+    acc = torch.zeros(*p.shape[:-1], v.shape[-1], dtype=p.dtype, device=p.device)
     for j0 in range(0, p.shape[-1], k_block):
-        part = p16[..., j0:j0 + k_block] @ v16[..., j0:j0 + k_block, :]
-        acc = acc + part.to(torch.float16).to(ct)
-    return acc, 1.0
+        part = p[..., j0:j0 + k_block] @ v[..., j0:j0 + k_block, :]
+        acc = acc + part.to(torch.float16).to(p.dtype)
+    return acc
+
+
+def attend_rows(keys: SageKeys, q: torch.Tensor, row0: int, seq_q: int, return_lse: bool = False):
+    """Rows row0:row0 + rows of a seq_q-row call: q (B, H, rows, D) and keys select()-ed to its
+    heads. row0 must be a multiple of keys.q_block, so Q's INT8 blocks are the whole call's.
+    Returns (out (B, H, rows, Dv) in q's dtype, lse (B, H, rows) or None)."""
+    if row0 % keys.q_block:
+        raise ValueError(f"row0 {row0} is not a multiple of the Q block {keys.q_block}")
+    ct = compute_dtype(q.dtype)
+    rows, seq_k = q.shape[2], keys.k_i8.shape[2]
+    # bottom-right causal: the last row sees keys j <= row0 + rows - 1 + seq_k - seq_q
+    kend = max(0, row0 + rows + seq_k - seq_q) if keys.causal else seq_k
+    qc = q.detach().to(ct)
+    q_i8, dq = quantize_per_block(qc * (keys.scale * LOG2E), keys.q_block)
+
+    dt = exact_dot_dtype(q.shape[-1], ct)  # exact integer dots, whatever rows a call holds
+    s = (q_i8.to(dt) @ keys.k_i8[..., :kend, :].to(dt).transpose(-1, -2)).to(ct)
+    # base-2 logits; delta_q * delta_k first, as the kernels multiply (dots * delta_q alone
+    # overflowed float32 to inf, then NaN, from scale ~1e36 on, which the kernels run finitely)
+    dk_tok = keys.dk_tok[..., :kend]
+    for i, r in enumerate(range(0, rows, keys.q_block)):
+        s[..., r:r + keys.q_block, :].mul_(dq[..., i:i + 1, :].to(ct) * dk_tok)
+
+    # these rows of the call's mask: causal_mask's diagonal offset kend - rows is row0 + seq_k - seq_q
+    # (where kend is clipped to 0, no row sees a key either way)
+    mask = causal_mask(rows, kend, q.device) if keys.causal else None
+    p, m_safe, l_safe, has = _row_exp2_(s, mask)
+    # SageAttention §3.4: P and V in fp16 (or fp8), accumulation in fp32 (float64 for float64 inputs)
+    pv_out = _pv_product_(p, keys.v_pv[..., :kend, :], keys.pv, keys.k_block)
+    out = (pv_out * keys.v_factor / l_safe).to(q.dtype)
+    if not return_lse:
+        return out, None
+
+    lse = (m_safe + torch.log2(l_safe)) * LN2
+    if keys.k_mean is not None:  # undo the per-row shift scale * (q . mean_k) that smoothing introduced
+        lse = lse + keys.scale * (qc @ keys.k_mean.transpose(-1, -2))
+    lse = torch.where(has, lse, torch.full_like(lse, float("-inf"))).squeeze(-1)
+    return out, lse.to(torch.float64 if ct == torch.float64 else torch.float32)
 
 
 def sage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -137,41 +260,12 @@ def sage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     the unsmoothed scores) float32 (float64 for float64 inputs), shape (B, Hq, Sq). Rows with no
     visible key give 0 and lse -inf. Blocks are per (batch, head); K is quantized per kv head.
     q_block defaults to the qk_granularity's block (128 per_block, 32 per_warp); pv is one of
-    PV_MODES (see the module docstring)."""
-    if pv not in PV_MODES:
-        raise ValueError(f"pv must be one of {PV_MODES}, got {pv!r}")
+    PV_MODES (see the module docstring). All rows at once: sage-torch-chunked runs attend_rows
+    per block of rows instead."""
     q_block = q_block_size(qk_granularity) if q_block is None else q_block
-    ct = compute_dtype(q.dtype)
-    hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qc, kc = q.detach().to(ct), k.detach().to(ct)
-
-    smooth_k = smooth_k and sk > 0  # no keys: nothing to smooth (the mean would be NaN)
-    if smooth_k:  # SageAttention §3.2
-        k_mean = kc.mean(dim=-2, keepdim=True)  # (B, Hkv, 1, D)
-        kc = kc - k_mean
-    q_i8, dq = quantize_per_block(qc * (scale * LOG2E), q_block)
-    k_i8, dk = quantize_per_block(kc, k_block)
-
-    # exact integer dot products: |sum| <= 127^2 * D, far inside float64's 2^53
-    dots = q_i8.to(torch.float64) @ expand_kv(k_i8.to(torch.float64), hq).transpose(-1, -2)
-    dq_tok = _per_token(dq, q_block, sq).to(ct)                                  # (B, Hq, Sq, 1)
-    dk_tok = _per_token(expand_kv(dk, hq), k_block, sk).to(ct).transpose(-1, -2)  # (B, Hq, 1, Sk)
-    # base-2 logits; delta_q * delta_k first, as the kernels multiply (dots * delta_q alone
-    # overflowed float32 to inf, then NaN, from scale ~1e36 on, which the kernels run finitely)
-    s2 = dots.to(ct) * (dq_tok * dk_tok)
-
-    mask = causal_mask(sq, sk, q.device) if causal else None
-    p, m_safe, l_safe, has = masked_row_exp(s2, mask, exp=torch.exp2)
-
-    # SageAttention §3.4: P and V in fp16 (or fp8), accumulation in fp32 (float64 for float64 inputs)
-    pv_out, factor = _pv_product(p, expand_kv(v.detach() if pv == "fp8" else v, hq), pv, k_block, ct)
-    out = (pv_out * factor / l_safe).to(q.dtype)
-    if not return_lse:
-        return out
-
-    lse = (m_safe + torch.log2(l_safe)) * LN2
-    if smooth_k:  # undo the per-row shift scale * (q . mean_k) that smoothing introduced
-        lse = lse + scale * (qc @ expand_kv(k_mean, hq).transpose(-1, -2))
-    lse = torch.where(has, lse, torch.full_like(lse, float("-inf"))).squeeze(-1)
-    return out, lse.to(torch.float64 if ct == torch.float64 else torch.float32)
+    keys = prepare_keys(k, v, scale=scale, causal=causal, smooth_k=smooth_k, q_block=q_block, k_block=k_block,
+                        pv=pv, ct=compute_dtype(q.dtype))
+    keys = keys.select(slice(None), slice(0, q.shape[1]), q.shape[1] // k.shape[1])
+    out, lse = attend_rows(keys, q, 0, q.shape[2], return_lse)
+    return (out, lse) if return_lse else out
