@@ -86,7 +86,7 @@ def test_backward_runs_the_backend_forward_ran(method, options, monkeypatch):
         out = attnlib.attention(q, k, v, method=method, **options)
     seen.clear()
     got = torch.autograd.grad(out, (q, k, v), dout)
-    torch_kernel = {"flash": "flash-torch-chunked", "sla": "sla-torch-reference"}[method]
+    torch_kernel = {"flash": "flash-torch-chunked", "sla": "sla-torch-chunked"}[method]
     assert seen and all(n == torch_kernel for n in seen), seen
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         torch.testing.assert_close(g, w, atol=0, rtol=0, msg=name)  # the same kernel: bitwise

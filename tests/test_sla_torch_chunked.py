@@ -1,0 +1,263 @@
+"""sla-torch-chunked, the memory-bounded torch kernel of method sla: forward and every gradient
+(dq, dk, dv, dW, db) against the float64 reference, dispatch, and peak memory.
+
+Accuracy: flash_attn's rule, error against float64 at most 2x that of the reference itself given
+inputs (and W, b) of the same dtype, plus ATOL[dtype] (dW, db: PROJ_ATOL, sums over every row).
+That reference computes in float32 and rounds once, so this is tighter than the rule
+tests/test_sla_triton.py states against the formula evaluated in fp16/bf16. A score budget of a
+few rows (autouse fixture) runs several chunks of the critical part and of the linear branch at
+these small shapes: odd lengths, GQA and MQA, causal with seq_q != seq_k both ways, blocks
+(64, 64) and (128, 64), each feature map, value head_dim != head_dim, both layouts through
+attnlib.sla_attention and attnlib.SparseLinearAttention.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlib
+from attnlib.kernels import flash_torch_chunked as chunked
+from attnlib.kernels import sla_torch_chunked as sla_chunked
+from attnlib.reference import sla_block_classes, sla_reference
+from attnlib.testing import assert_flash_rule, make_qkv
+
+from test_flash_torch_chunked import peak_cpu_bytes
+
+KERNEL = "sla-torch-chunked"
+PROJ_ATOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2, torch.float32: 2e-4}  # dW, db: sums over rows
+SMALL_BUDGET = 48 << 10  # about ten query rows of scores and one query block's states per chunk
+
+
+@pytest.fixture(autouse=True)
+def small_budget(monkeypatch):
+    monkeypatch.setattr(chunked, "SCORE_BUDGET_BYTES", SMALL_BUDGET)
+
+
+def to_bhsd(x, layout):
+    return x if layout == "bhsd" else x.transpose(1, 2)
+
+
+def make_proj(dv, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(dv, dv, generator=gen) * dv ** -0.5).to(dtype).requires_grad_()
+    b = (torch.randn(dv, generator=gen) * 0.1).to(dtype).requires_grad_()
+    return w, b
+
+
+def grads(out, inputs, dout):
+    return [g.detach() for g in torch.autograd.grad(out, inputs, dout)]
+
+
+def check(q, k, v, w, b, *, layout="bhsd", causal=False, critical=0.3, negligible=0.2, block_size=(64, 64),
+          feature_map="softmax", module=False):
+    """attnlib's sla on the torch backend (which must pick sla-torch-chunked) against the float64
+    reference: out, dq, dk, dv, and dW, db where given. module: through SparseLinearAttention
+    (w and b become its projection's parameters)."""
+    kw = dict(critical=critical, negligible=negligible, block_size=block_size, feature_map=feature_map)
+    ex = attnlib.explain(q, k, v, method="sla", layout=layout, causal=causal, proj_weight=w, proj_bias=b,
+                         backend="torch", **kw)
+    assert ex.chosen is not None and ex.chosen.name == KERNEL, str(ex)
+    if module:
+        m = attnlib.SparseLinearAttention(q.shape[-1], **kw)
+        with torch.no_grad():
+            m.proj.weight.copy_(w)
+            m.proj.bias.copy_(b)
+        m = m.to(w.dtype)
+        w, b = m.proj.weight, m.proj.bias
+        out = m(q, k, v, causal=causal, layout=layout, backend="torch")
+    else:
+        out = attnlib.sla_attention(q, k, v, w, b, causal=causal, layout=layout, backend="torch", **kw)
+    assert out.dtype == q.dtype and out.shape == q.shape[:3] + (v.shape[-1],) and out.is_contiguous()
+    qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
+    classes = sla_block_classes(qb, kb, causal=causal, critical=critical, negligible=negligible,
+                                block_size=block_size)
+    classes64 = sla_block_classes(qb.double(), kb.double(), causal=causal, critical=critical,
+                                  negligible=negligible, block_size=block_size)
+    assert torch.equal(classes, classes64), "float64 and low-precision classification differ: pick another seed"
+    assert (classes == 1).any() and (classes == 0).any()
+    proj = [t for t in (w, b) if t is not None]
+    leaves = [t.detach().double().requires_grad_() for t in (qb, kb, vb)]
+    proj64 = [t.detach().double().requires_grad_() if t is not None else None for t in (w, b)]
+    ref = sla_reference(*leaves, *proj64, causal=causal, **kw)
+    same = [t.detach().clone().requires_grad_() for t in (qb, kb, vb)]
+    proj_same = [t.detach().clone().requires_grad_() if t is not None else None for t in (w, b)]
+    base = sla_reference(*same, *proj_same, causal=causal, **kw)
+    assert_flash_rule(to_bhsd(out, layout), ref, base, name="out")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(q.shape[2])).to(q.dtype)
+    got = grads(out, (q, k, v, *proj), dout)
+    want = grads(ref, leaves + [t for t in proj64 if t is not None], to_bhsd(dout, layout).double())
+    have = grads(base, same + [t for t in proj_same if t is not None], to_bhsd(dout, layout))
+    names = ["dq", "dk", "dv"] + [n for n, t in (("dW", w), ("db", b)) if t is not None]
+    for name, g, wt, h in zip(names, got, want, have):
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        assert g.dtype == (q.dtype if name in ("dq", "dk", "dv") else w.dtype if name == "dW" else b.dtype)
+        g = to_bhsd(g, layout) if name in ("dq", "dk", "dv") else g
+        atol = PROJ_ATOL[g.dtype] if name in ("dW", "db") else None
+        assert_flash_rule(g, wt, h, atol=atol, name=name)
+
+
+# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, head_dim_v, causal, layout, block_size, critical,
+#  negligible, feature_map)
+CASES = [
+    (1, 4, 2, 200, 300, 32, 32, False, "bhsd", (64, 64), 0.3, 0.2, "softmax"),   # GQA 2:1, ragged tails
+    (2, 4, 1, 300, 200, 32, 32, True, "bshd", (128, 64), 0.25, 0.25, "elu"),     # MQA, Sq > Sk: rows see nothing
+    (1, 2, 2, 201, 290, 24, 24, True, "bhsd", (64, 64), 0.3, 0.3, "relu"),       # Sq < Sk, head_dim 24
+    (1, 4, 2, 250, 250, 16, 16, False, "bshd", (128, 64), 0.2, 0.3, "identity"), # positive q, k
+    (1, 2, 1, 190, 260, 32, 40, True, "bshd", (64, 64), 0.2, 0.2, "softmax"),    # value head_dim 40
+]
+
+
+def case_id(c):
+    return "b{}h{}kv{}q{}k{}d{}v{}{}-{}-bs{}x{}-c{}-n{}-{}".format(*c[:7], "-causal" if c[7] else "", c[8],
+                                                                   *c[9], *c[10:])
+
+
+def case_inputs(case, dtype, seed_extra=0):
+    b, hq, hkv, sq, sk, d, dv, causal, layout, bs, crit, neg, fm = case
+    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, head_dim_v=dv, layout=layout, dtype=dtype,
+                       seed=sq * 1000 + sk + seed_extra)
+    if fm == "identity":  # phi(q) . phi(k) > 0: a denominator near 0 would make any error unbounded
+        q, k = q.abs(), k.abs()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    w, bias = make_proj(dv, dtype, seed=sq + seed_extra)
+    kw = dict(layout=layout, causal=causal, critical=crit, negligible=neg, block_size=bs, feature_map=fm)
+    return q, k, v, w, bias, kw
+
+
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matches_reference(case, dtype):
+    q, k, v, w, b, kw = case_inputs(case, dtype)
+    check(q, k, v, w, b, **kw)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=case_id)
+def test_bf16(case):
+    q, k, v, w, b, kw = case_inputs(case, torch.bfloat16)
+    check(q, k, v, w, b, **kw)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_module_fp16_activations_fp32_parameters(layout):
+    """SparseLinearAttention with fp32 parameters and fp16 activations (mixed precision): the
+    output stays fp16, dW and db come in fp32."""
+    q, k, v, _, _, kw = case_inputs(CASES[2], torch.float16)
+    w, b = make_proj(24, torch.float32, seed=3)
+    if layout == "bshd":
+        q, k, v = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    check(q, k, v, w, b, **dict(kw, layout=layout), module=True)
+
+
+@pytest.mark.parametrize("proj", ["bias", "none", "weight"])
+def test_partial_projection(proj, monkeypatch):
+    """W or b None: without W no linear branch is formed (the output is O_sparse [+ b])."""
+    q, k, v, w, b, kw = case_inputs(CASES[1], torch.float32, seed_extra=1)
+    w, b = {"bias": (None, b), "none": (None, None), "weight": (w, None)}[proj]
+    if w is None:
+        monkeypatch.setattr(sla_chunked, "LinearBranch", lambda *a, **kw_: pytest.fail("linear branch formed"))
+    check(q, k, v, w, b, **kw)
+
+
+def test_runs_several_chunks(monkeypatch):
+    """The small budget splits the critical part into chunks of a few rows and the linear branch
+    into chunks of one query block, forward and backward."""
+    rows, blocks = [], []
+    real_scores, real_states = chunked._scores, sla_chunked.LinearBranch.row_states
+    monkeypatch.setattr(chunked, "_scores", lambda *a: rows.append(a[3]) or real_scores(*a))
+    monkeypatch.setattr(sla_chunked.LinearBranch, "row_states",
+                        lambda self, i0, i1: blocks.append((i0, i1)) or real_states(self, i0, i1))
+    q, k, v, w, b, kw = case_inputs(CASES[0], torch.float32)
+    out = attnlib.sla_attention(q, k, v, w, b, backend="torch", **kw)
+    out.backward(torch.randn_like(out))
+    assert len(set(rows)) > 4 and max(rows) > 0
+    assert len(set(blocks)) == 4 and len(blocks) == 8  # Mq = 4, one block a chunk, forward and backward
+    assert all(i1 - i0 == 1 for i0, i1 in blocks)
+
+
+def test_deterministic():
+    q, k, v, w, b, kw = case_inputs(CASES[1], torch.float32)
+    runs = []
+    for _ in range(2):
+        out = attnlib.sla_attention(q, k, v, w, b, backend="torch", **kw)
+        runs.append((out, *torch.autograd.grad((out * out).sum(), (q, k, v, w, b))))
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+def test_backward_is_its_own_and_never_runs_the_reference(monkeypatch):
+    """Forward and backward run this kernel's own code: not the reference (through the
+    ReferenceKernel or otherwise), not the base class's recompute under vjp."""
+    import attnlib.reference as ref_pkg
+    import attnlib.reference.sla as ref_sla
+    from attnlib.dispatch import Kernel
+
+    fail = lambda *a, **kw: pytest.fail("sla_reference ran")  # noqa: E731
+    monkeypatch.setattr(ref_sla, "sla_reference", fail)
+    monkeypatch.setattr(ref_pkg, "sla_reference", fail)
+    monkeypatch.setattr(Kernel, "backward", lambda *a, **kw: pytest.fail("Kernel.backward (vjp) ran"))
+    ran = []
+    real = chunked.chunked_backward
+    monkeypatch.setattr(chunked, "chunked_backward", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    q, k, v, w, b, kw = case_inputs(CASES[2], torch.float16)
+    out = attnlib.sla_attention(q, k, v, w, b, backend="torch", **kw)
+    torch.autograd.grad(out.float().sum(), (q, k, v, w, b))
+    assert ran == [1]
+
+
+def test_dispatch(monkeypatch):
+    """Outranks the reference on CPU for fp16/bf16/fp32, whether the torch backend is named or
+    auto picks; fp64 keeps the reference; under the Triton interpreter sla-triton still wins
+    where it applies, and this kernel takes the block sizes it refuses."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        q, k, v = make_qkv(1, 2, 40, 16, dtype=dtype, seed=1)
+        for backend in ("auto", "torch"):
+            ex = attnlib.explain(q, k, v, method="sla", backend=backend)
+            assert ex.chosen.name == KERNEL and "sla-torch-reference" not in ex.reasons, str(ex)
+    q, k, v = make_qkv(1, 2, 40, 16, dtype=torch.float64, seed=1)
+    ex = attnlib.explain(q, k, v, method="sla", backend="torch")
+    assert ex.chosen.name == "sla-torch-reference"
+    assert ex.reasons[KERNEL] == ["dtype fp64 not supported (supports fp16, bf16, fp32)"]
+    kernel = next(k_ for k_ in attnlib.dispatch.kernels("sla") if k_.name == KERNEL)
+    triton = next(k_ for k_ in attnlib.dispatch.kernels("sla") if k_.name == "sla-triton")
+    assert kernel.options == triton.options and kernel.keeps_lse_for_backward and not kernel.supports_lse
+    q, k, v = make_qkv(1, 2, 40, 32, seed=1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert attnlib.explain(q, k, v, method="sla", block_size=(24, 24)).chosen.name == KERNEL
+    if not triton.unavailable_reasons():
+        assert attnlib.explain(q, k, v, method="sla", block_size=(16, 16)).chosen.name == "sla-triton"
+
+
+def test_no_keys_gives_the_bias_and_zero_gradients():
+    q, k, v = make_qkv(1, 4, 70, 16, kv_heads=2, seq_k=0, requires_grad=True, seed=2)
+    w, b = make_proj(16, seed=2)
+    out = attnlib.sla_attention(q, k, v, w, b, block_size=(64, 64), causal=True, backend="torch")
+    assert torch.equal(out, b.detach().expand_as(out))
+    dq, dw, db = torch.autograd.grad((out * out).sum(), (q, w, b))
+    assert (dq == 0).all() and (dw == 0).all() and torch.allclose(db, 2 * out.detach().sum((0, 1, 2)))
+
+
+SEQ = 4096  # H2: 128 MiB of fp32 scores, which the reference forms and keeps for backward
+
+
+def test_peak_memory_stays_far_below_the_score_matrix(monkeypatch):
+    """A forward + backward with W and b, causal, at a 4 MiB budget peaks at about two chunks of
+    scores plus the inputs, outputs, gradients and the states; never near the (Sq, Sk) scores."""
+    budget = 4 << 20
+    monkeypatch.setattr(chunked, "SCORE_BUDGET_BYTES", budget)
+    q, k, v = make_qkv(1, 2, SEQ, 32, requires_grad=True, seed=6)
+    w, b = make_proj(32, seed=6)
+
+    def step():
+        out = attnlib.sla_attention(q, k, v, w, b, critical=0.1, negligible=0.2, block_size=(64, 64), causal=True,
+                                    backend="torch")
+        out.backward(torch.ones_like(out))
+
+    peak = peak_cpu_bytes(step)
+    io = 16 * q.numel() * 4
+    scores = 2 * SEQ * SEQ * 4
+    assert peak <= 2.5 * budget + io, f"peak {peak / 2**20:.1f} MiB, budget {budget / 2**20:.0f} MiB"
+    assert peak < scores / 3, f"peak {peak / 2**20:.1f} MiB against {scores / 2**20:.0f} MiB of scores"
+    assert torch.isfinite(q.grad).all() and w.grad.abs().sum() > 0
