@@ -14,10 +14,12 @@ KERNEL_MODULES = (
     "attnlib.kernels.flash_cuda",
     "attnlib.kernels.sage_triton",
     "attnlib.kernels.sage_cuda",
+    "attnlib.kernels.sage_torch_chunked",
     "attnlib.kernels.block_sparse_triton",
     "attnlib.kernels.block_sparse_cuda",
     "attnlib.kernels.linear_triton",
     "attnlib.kernels.sla_triton",
+    "attnlib.kernels.sla_torch_chunked",
     "attnlib.kernels.asymrnr_torch",
     "attnlib.kernels.asymrnr_triton",
 )

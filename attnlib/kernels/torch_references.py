@@ -1,6 +1,6 @@
 """The pure-PyTorch references as torch-backend kernels: CPU fallback (and fp64) for every method
-(flash and block_sparse in fp16/bf16/fp32 fall back to flash-torch-chunked and
-block_sparse-torch-chunked first, which hold no N x N scores)."""
+(flash, block_sparse and sage in fp16/bf16/fp32 fall back to flash-torch-chunked,
+block_sparse-torch-chunked and sage-torch-chunked first, which hold no N x N scores)."""
 from __future__ import annotations
 
 import torch
