@@ -271,3 +271,57 @@ def test_new_names_are_exported():
     """install_aliases copies __all__ onto the flash_attn alias package, so these import from it too."""
     for name in ("flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"):
         assert name in fa.__all__ and callable(getattr(fa, name))
+
+
+@pytest.mark.parametrize("softcap", [0.0, -1.0, -30.0])
+def test_softcap_at_or_below_zero_is_no_softcap(softcap):
+    """flash_attn soft-caps only for softcap > 0 ("anything > 0 activates softcapping"); a value <= 0
+    is plain attention there, so it runs here too, with the uncapped call's exact output."""
+    q, k, v = make_qkv(1, 2, 8, 16, layout="bshd", seed=7)
+    want = fa.flash_attn_func(q, k, v, causal=True)
+    assert torch.equal(fa.flash_attn_func(q, k, v, causal=True, softcap=softcap), want)
+    cu = cu_seqlens([8])
+    got = fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 8, 8, causal=True, softcap=softcap)
+    assert torch.equal(got, fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 8, 8, causal=True))
+    with pytest.raises(ValueError, match="softcap"):
+        fa.flash_attn_func(q, k, v, softcap=0.5)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dense_packed_gradients(causal):
+    """flash_attn_qkvpacked_func / flash_attn_kvpacked_func: gradients reach the packed tensors,
+    each slice's against the float64 reference (GQA 2:1 for kv, seq_q != seq_k)."""
+    gen = torch.Generator().manual_seed(11)
+    qkv = torch.randn(2, 9, 3, 2, 16, generator=gen).requires_grad_()
+    q = torch.randn(2, 5, 4, 16, generator=gen).requires_grad_()
+    kv = torch.randn(2, 9, 2, 2, 16, generator=gen).requires_grad_()
+    cases = [(fa.flash_attn_qkvpacked_func, [qkv], lambda x: x.unbind(2)),
+             (fa.flash_attn_kvpacked_func, [q, kv], lambda a, b: (a, *b.unbind(2)))]
+    for func, leaves, split in cases:
+        out = func(*leaves, softmax_scale=0.3, causal=causal)
+        dout = torch.randn(out.shape, generator=gen)
+        leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+        leaves32 = [t.detach().clone().requires_grad_() for t in leaves]
+        ref, _ = ref_bshd(*split(*leaves64), causal, 0.3)
+        base, _ = ref_bshd(*split(*leaves32), causal, 0.3, dtype=torch.float32)
+        assert_flash_rule(out, ref, base)
+        got, want, have = grads(out, leaves, dout), grads(ref, leaves64, dout.double()), grads(base, leaves32, dout)
+        for g, w, h in zip(got, want, have):
+            assert g.shape == w.shape
+            assert_flash_rule(g, w, h, factor=3.0, name="grad")
+
+
+def test_rows_that_see_no_key_give_zero_and_minus_inf_lse():
+    """Bottom-right causal with Sq > Sk: the first Sq - Sk query rows see no key. Their output is 0
+    (as flash_attn's) and their lse -inf (flash_attn writes +inf; the module docstring says why),
+    in the dense and the varlen call; the other rows match the reference."""
+    q, k, v = make_qkv(1, 2, 7, 16, seq_k=3, layout="bshd", seed=9)
+    out, lse, _ = fa.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    cu_q, cu_k = cu_seqlens([7]), cu_seqlens([3])
+    vout, vlse, _ = fa.flash_attn_varlen_func(q[0], k[0], v[0], cu_q, cu_k, 7, 3, causal=True, return_attn_probs=True)
+    ref, ref_lse = ref_bshd(q, k, v, True)
+    base, _ = ref_bshd(q, k, v, True, dtype=torch.float32)
+    for o, l in ((out, lse), (vout[None], vlse[None])):
+        assert bool((o[:, :4] == 0).all()) and bool((l[..., :4] == float("-inf")).all())
+        assert_flash_rule(o[:, 4:], ref[:, 4:], base[:, 4:])
+        assert_flash_rule(l[..., 4:], ref_lse[..., 4:].float(), ref_lse[..., 4:].float(), atol=1e-4, name="lse")

@@ -4,13 +4,19 @@ packed and varlen functions are here; flash_attn_with_kvcache (decoding on a KV 
 flash_attn_kvcache.py and re-exported.
 
 Not implemented, and rejected with a ValueError rather than computed wrongly: dropout_p > 0,
-sliding (local) windows, softcap != 0 and ALiBi slopes. A window_size that flash_attn itself
+sliding (local) windows, softcap > 0 and ALiBi slopes (flash_attn soft-caps only for softcap > 0,
+so 0 or a negative softcap is plain attention there and here). A window_size that flash_attn itself
 treats as full or causal attention is accepted: (-1, -1), or any bound >= the key length, is no
 window, and (-1, 0) is bottom-right causal (see _window_causal). Arguments of the wrong
 type (dropout_p / softcap / softmax_scale not a float, window_size not a pair of ints) raise a
 TypeError naming the argument; a softmax_scale that is not finite and positive, a ValueError. With return_attn_probs
 the attention probabilities are not materialised (the third element is None), as flash_attn
-returns them only for testing with dropout.
+returns them only for testing with dropout. softmax_lse is float32 (B, H, Sq), or (H, total_q) from
+the varlen functions, as flash_attn 2.x's; one deliberate difference: a query row that sees no key
+(bottom-right causal with Sq > Sk, an empty key sequence) has output 0 and lse -inf, the log of an
+empty sum, where flash_attn's kernels write +inf. Code merging partial results by their lse (ring
+attention, split KV) gives those rows weight 0 with -inf; code written for flash_attn maps its +inf
+to -inf first, which leaves attnlib's value unchanged.
 
 deterministic passes through as attnlib.flash_attention's option, with flash_attn's default
 False: a graph-building fp16/bf16 call on a GPU then runs torch's SDPA (cuDNN) forward and
@@ -47,7 +53,7 @@ def _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_sc
         raise ValueError(f"dropout_p={dropout_p}: attnlib's flash_attn compatibility does not implement "
                          "attention dropout; use dropout_p=0.0 (inference) or torch SDPA")
     causal = _window_causal(window_size, causal, seqlen_k)
-    if _check_float("softcap", softcap):
+    if _check_float("softcap", softcap) > 0:  # flash_attn: softcap <= 0 switches capping off
         raise ValueError(f"softcap={softcap}: logit soft-capping is not supported")
     if alibi_slopes is not None:
         raise ValueError("alibi_slopes: ALiBi is not supported")

@@ -198,7 +198,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ignored. Returns out (B, Sq, H, D) [, softmax_lse (B, H, Sq) float32 (float64 for
     float64 inputs); -inf where a query sees no key].
 
-    Refused with a ValueError: cache_leftpad, softcap, alibi_slopes, local windows, and
+    Refused with a ValueError: cache_leftpad, softcap > 0, alibi_slopes, local windows, and
     cache_batch_idx with block_table (as flash_attn).
     """
     _check_tensors(q, k_cache, v_cache, k, v)

@@ -2,8 +2,9 @@
 
 ``sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, return_lse=False,
 **kwargs)`` follows sageattention 1.0.6: tensor_layout "HND" is (batch, heads, seq, head_dim),
-"NHD" is (batch, seq, heads, head_dim); K is smoothed by its token mean (``smooth_k=True``, a
-keyword as in 1.0.6); sm_scale defaults to head_dim ** -0.5; the output has the input's dtype
+"NHD" is (batch, seq, heads, head_dim); K is smoothed by its token mean (``smooth_k=True``, by
+keyword only: the positional order is SageAttention2's, whose seventh argument is return_lse
+where 1.0.6's is smooth_k); sm_scale defaults to head_dim ** -0.5; the output has the input's dtype
 and layout (fp32 inputs run the quantized algorithm too, PV in fp16). ``return_lse=True``
 returns (out, lse) as SageAttention2 does: lse (batch, heads, seq_q) float32, natural log, of
 the unsmoothed scores. ``qk_quant_gran`` ("per_block"/"per_warp") and ``pv`` pick attnlib's
@@ -17,8 +18,8 @@ Differences, all deliberate:
   that is its mask too;
 - inputs that require grad raise (sage is forward-only; use attnlib.flash_attention), where
   the package would silently return an output without gradient;
-- ``sageattn_varlen`` (packed (total_tokens, heads, head_dim) sequences with int32 cu_seqlens, as
-  the package's) runs one sage call per sequence: each sequence's K is smoothed by its own
+- ``sageattn_varlen`` (packed (total_tokens, heads, head_dim) sequences with int32 or int64
+  cu_seqlens, as the package's) runs one sage call per sequence: each sequence's K is smoothed by its own
   mean (the package subtracts one mean over the whole pack; either shift is exact, only the
   rounding differs), and causal is bottom-right per sequence. It reads cu_seqlens on the host.
 - SDPA-style callers (``F.scaled_dot_product_attention = sageattn``): attn_mask and dropout_p
@@ -36,6 +37,7 @@ import torch
 from .. import api
 from ..inputs import FLOAT32_TINY, SCALE_MAX, is_real_number, scale_in_range
 from ..options import SAGE_QK_GRANULARITIES
+from .flash_attn import _max_seqlen
 
 LAYOUTS = {"HND": "bhsd", "NHD": "bshd"}
 __version__ = "1.0.6+attnlib"
@@ -115,16 +117,18 @@ def _packed(name: str, t: Any) -> None:
 
 def _sequence_bounds(name: str, cu: Any, total: int, device: torch.device, max_name: str, max_seqlen: Any
                      ) -> list[int]:
-    """cu_seqlens as host ints, checked: int32, 1-D, on q's device, from 0 up to total, never
-    decreasing, no sequence longer than max_seqlen."""
+    """cu_seqlens as host ints, checked: int32 or int64 (as the package documents), 1-D, on q's
+    device, from 0 up to total, never decreasing, no sequence longer than max_seqlen (a Python,
+    NumPy or one-element tensor int, as flash_attn's varlen takes it)."""
     if not isinstance(cu, torch.Tensor):
-        raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(cu).__name__}")
-    if cu.dtype != torch.int32:
-        raise TypeError(f"{name} must have dtype torch.int32, got {cu.dtype}")
+        raise TypeError(f"{name} must be an int32 or int64 torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must have dtype torch.int32 or torch.int64, got {cu.dtype}")
     if cu.dim() != 1 or cu.shape[0] < 2:
         raise ValueError(f"{name} must be 1-D of length batch + 1 >= 2, got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} must be on the device of q ({device}), got {cu.device}")
+    max_seqlen = _max_seqlen(max_name, max_seqlen)
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
     bounds = cu.tolist()
@@ -139,9 +143,9 @@ def _sequence_bounds(name: str, cu: Any, total: int, device: torch.device, max_n
 def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                     is_causal: bool = False, sm_scale=None, smooth_k: bool = True, **kwargs: Any):
     """SageAttention on packed sequences with the sageattention package's signature: q
-    (total_q, Hq, D), k and v (total_k, Hkv, D), cu_seqlens_q / cu_seqlens_k int32 (batch + 1,)
-    on q's device. Returns (total_q, Hq, D) in q's dtype. A sequence with queries but no keys
-    gives zeros. qk_quant_gran, pv and backend keywords as in sageattn."""
+    (total_q, Hq, D), k and v (total_k, Hkv, D), cu_seqlens_q / cu_seqlens_k int32 or int64
+    (batch + 1,) on q's device. Returns (total_q, Hq, D) in q's dtype. A sequence with queries but
+    no keys gives zeros. qk_quant_gran, pv and backend keywords as in sageattn."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _packed(name, t)
     _check_arguments("NHD", is_causal, sm_scale)
