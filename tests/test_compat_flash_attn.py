@@ -94,7 +94,11 @@ def test_install_aliases_in_a_subprocess():
         "from flash_attn import flash_attn_func\n"
         "from flash_attn.flash_attn_interface import flash_attn_varlen_func\n"
         "from flash_attn import flash_attn_with_kvcache, flash_attn_varlen_kvpacked_func\n"
-        "import flash_attn\n"
+        "from flash_attn.bert_padding import pad_input, unpad_input, index_first_axis\n"
+        "import flash_attn, importlib.util\n"
+        "assert importlib.util.find_spec('flash_attn') is not None\n"
+        "assert importlib.util.find_spec('flash_attn.bert_padding') is not None\n"
+        "assert importlib.util.find_spec('sageattention') is not None\n"
         "q = torch.randn(1, 8, 2, 16)\n"
         "o = flash_attn_func(q, q, q, causal=True)\n"
         "assert o.shape == q.shape and flash_attn.__version__.endswith('attnlib')\n"
@@ -218,7 +222,7 @@ def test_varlen_packed_forward_backward(packing, dtype, causal):
 @pytest.mark.parametrize("window,causal,same_as", [
     ((-1, -1), False, False), ((-1, 0), False, True), ((-7, 0), False, True), ((29, 0), False, True),
     ((100, 0), False, True), ((29, 29), False, False), ((-1, -1), True, True), ((-1, 5), True, True),
-    ((40, 3), True, True),
+    ((40, 3), True, True), ((28, 0), False, True), ((28, 10), False, False), ((-1, 10), False, False),
 ])
 def test_windows_equal_to_full_or_causal_are_accepted(window, causal, same_as):
     """flash_attn's window (left, right) with every bound unbounded (negative, or >= the key length)
@@ -233,8 +237,35 @@ def test_windows_equal_to_full_or_causal_are_accepted(window, causal, same_as):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("window,causal", [((3, 0), False), ((28, 0), False), ((-1, 2), False), ((2, -1), False),
-                                           ((0, 0), False), ((3, -1), True), ((28, 28), False)])
+@pytest.mark.parametrize("seq_q,seq_k", [(11, 29), (29, 11), (1, 7), (7, 1), (16, 16)])
+def test_window_rule_matches_flash_attns_mask(seq_q, seq_k):
+    """Every window (left, right) in a range, with and without causal: accepted exactly when
+    flash_attn's own mask (query i sees keys i + Sk - Sq - left .. i + Sk - Sq + right, a negative
+    bound unbounded, causal making right 0) equals the full or the bottom-right causal mask, and
+    then as that one."""
+    i = torch.arange(seq_q)[:, None]
+    j = torch.arange(seq_k)[None, :]
+    off = seq_k - seq_q
+    full, causal_mask = torch.ones(seq_q, seq_k, dtype=torch.bool), j <= i + off
+    for causal in (False, True):
+        for left in range(-2, seq_k + 2):
+            for right in range(-2, seq_q + 2):
+                r = 0 if causal else right
+                mask = ((j >= i + off - left) if left >= 0 else full) & ((j <= i + off + r) if r >= 0 else full)
+                want = True if torch.equal(mask, causal_mask) else False if torch.equal(mask, full) else None
+                try:
+                    got = fa._window_causal((left, right), causal, seq_k, seq_q)
+                except ValueError:
+                    got = None
+                if want is not None and got is not None:
+                    # both masks agree where causal hides nothing (seq_q == 1 ... ): either answer is exact
+                    assert torch.equal(causal_mask, full) or got == want, (left, right, causal)
+                else:
+                    assert got == want, (left, right, causal, got, want)
+
+
+@pytest.mark.parametrize("window,causal", [((3, 0), False), ((27, 0), False), ((-1, 2), False), ((2, -1), False),
+                                           ((0, 0), False), ((3, -1), True), ((27, 27), False), ((-1, 27), False)])
 @pytest.mark.parametrize("func", ["func", "qkvpacked", "kvpacked", "varlen", "varlen_qkvpacked", "varlen_kvpacked"])
 def test_local_windows_are_refused(func, window, causal):
     q, k, v = make_qkv(1, 2, 29, 16, layout="bshd")

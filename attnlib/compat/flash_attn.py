@@ -43,16 +43,16 @@ def _check_float(name: str, value) -> float:
 
 
 def _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_scale=None, *, causal=False,
-                       seqlen_k=None):
+                       seqlen_k=None, seqlen_q=None):
     """Refuse what attnlib does not compute; return the causal flag, window_size folded in.
-    seqlen_k: the key length flash_attn compares window bounds with (None when unknown)."""
+    seqlen_k, seqlen_q: the (longest) key and query lengths, None when unknown."""
     p = _check_float("dropout_p", dropout_p)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1], got {dropout_p}")
     if p:
         raise ValueError(f"dropout_p={dropout_p}: attnlib's flash_attn compatibility does not implement "
                          "attention dropout; use dropout_p=0.0 (inference) or torch SDPA")
-    causal = _window_causal(window_size, causal, seqlen_k)
+    causal = _window_causal(window_size, causal, seqlen_k, seqlen_q)
     if _check_float("softcap", softcap) > 0:  # flash_attn: softcap <= 0 switches capping off
         raise ValueError(f"softcap={softcap}: logit soft-capping is not supported")
     if alibi_slopes is not None:
@@ -64,25 +64,29 @@ def _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_sc
     return causal
 
 
-def _window_causal(window_size, causal, seqlen_k):
+def _window_causal(window_size, causal, seqlen_k, seqlen_q=None):
     """The causal flag equivalent to flash_attn's window (left, right), or a ValueError for a
     genuinely local window. flash_attn lets query i see keys i + Sk - Sq - left .. i + Sk - Sq + right;
-    its C++ entry points treat a negative bound, or one >= seqlen_k, as unbounded, and causal as
-    right = 0. So an unbounded pair is full attention and (unbounded, 0) bottom-right causal."""
+    a negative bound is unbounded, and causal means right = 0. A bound that cuts no key is
+    unbounded too: left >= Sk - 1 (even the last query's lower edge is at or below key 0) and
+    right >= Sq - 1 (even the first query's upper edge is at or past the last key); flash_attn's
+    C++ entry points drop bounds >= Sk, and transformers passes a model's sliding window also for
+    sequences shorter than it. So an unbounded pair is full attention, (unbounded, 0) bottom-right
+    causal."""
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in window_size)):
         raise TypeError(f"window_size must be a pair of ints (left, right), -1 meaning unbounded, "
                         f"got {window_size!r}")
     left, right = (int(w) for w in window_size)
 
-    def unbounded(w):
-        return w < 0 or (seqlen_k is not None and w >= seqlen_k)
+    def unbounded(w, length):
+        return w < 0 or (length is not None and w >= max(length - 1, 0))
 
     if causal is True:
         right = 0
-    if unbounded(left) and unbounded(right):
+    if unbounded(left, seqlen_k) and unbounded(right, seqlen_q):
         return causal
-    if unbounded(left) and right == 0:
+    if unbounded(left, seqlen_k) and right == 0:
         return True
     keys = "" if seqlen_k is None else f" over {seqlen_k} keys"
     raise ValueError(f"window_size={tuple(window_size)} (causal={causal}){keys} is a sliding-window (local) attention, "
@@ -127,7 +131,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D) [, lse (B, H, Sq), None]."""
     causal = _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_scale, causal=causal,
-                                seqlen_k=_seqlen(k, 1))
+                                seqlen_k=_seqlen(k, 1), seqlen_q=_seqlen(q, 1))
     res = api.flash_attention(q, k, v, causal=causal, scale=_scale(softmax_scale), layout="bshd",
                               return_lse=bool(return_attn_probs), deterministic=deterministic)
     return _result(res, return_attn_probs)
@@ -155,7 +159,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """Packed (total_tokens, heads, head_dim) sequences delimited by int32 cu_seqlens."""
     max_seqlen_q, max_seqlen_k = _max_seqlen("max_seqlen_q", max_seqlen_q), _max_seqlen("max_seqlen_k", max_seqlen_k)
     causal = _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_scale, causal=causal,
-                                seqlen_k=max_seqlen_k if isinstance(max_seqlen_k, int) else None)
+                                seqlen_k=max_seqlen_k if isinstance(max_seqlen_k, int) else None,
+                                seqlen_q=max_seqlen_q if isinstance(max_seqlen_q, int) else None)
     if block_table is not None:
         raise ValueError("block_table: flash_attn_varlen_func's paged KV cache is not supported "
                          "(flash_attn_with_kvcache takes one)")

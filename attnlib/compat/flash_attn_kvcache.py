@@ -206,7 +206,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     layout = _layout(q, k_cache, cache_batch_idx, block_table)
     causal = _check_unsupported(0.0, window_size, softcap, alibi_slopes, softmax_scale, causal=causal,
-                                seqlen_k=layout.capacity)
+                                seqlen_k=layout.capacity, seqlen_q=q.shape[1])
     if cache_leftpad is not None:
         raise ValueError("cache_leftpad: left-padded KV caches are not supported; shift each row's keys to "
                          "position 0 and pass its length in cache_seqlens")
