@@ -179,7 +179,9 @@ def varlen_references(q, k, v, lens_q, lens_k, causal, scale):
 def test_varlen_packed_forward_backward(packing, dtype, causal):
     """flash_attn_varlen_qkvpacked_func / _kvpacked_func against the float64 reference: output, lse and
     the packed tensors' gradients, on ragged sequences with lengths 0 and 1 (GQA for kv)."""
-    gen = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    seed = torch.randint(0, 2**31, ()).item()
+    print(f"seed {seed}")  # fresh inputs each run; pytest shows this on a failure
+    gen = torch.Generator().manual_seed(seed)
     heads, d, scale = 4, 16, 0.3
     lens_q = [5, 0, 1, 9]
     if packing == "qkv":

@@ -99,7 +99,9 @@ def expected_call(cache, q, k, v, lengths, cos, sin, interleaved, causal, scale)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("layout", ["contiguous", "batch_idx", "paged"])
 def test_append_and_attend(layout, dtype, rotary, causal):
-    gen = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    seed = torch.randint(0, 2**31, ()).item()
+    print(f"seed {seed}")  # fresh inputs each run; pytest shows this on a failure
+    gen = torch.Generator().manual_seed(seed)
     cache = Cache(layout, dtype, gen)
     seq_q = new = 3
     lengths = [0, 17, cache.capacity - new]  # an empty row, one across a page boundary, one filled up
@@ -138,7 +140,9 @@ def test_append_and_attend(layout, dtype, rotary, causal):
 def test_decode_int_seqlens_full_cache_and_mqa(dtype):
     """Sq = 1 decoding with MQA: cache_seqlens as an int (every row), None (every row full) and 0
     without an append (no key: output 0, lse -inf), the cache unchanged without k/v."""
-    gen = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    seed = torch.randint(0, 2**31, ()).item()
+    print(f"seed {seed}")  # fresh inputs each run; pytest shows this on a failure
+    gen = torch.Generator().manual_seed(seed)
     q = torch.randn(2, 1, 4, DIM, generator=gen).to(dtype)
     k_cache, v_cache = (torch.randn(2, 9, 1, DIM, generator=gen).to(dtype) for _ in range(2))
     k, v = (torch.randn(2, 1, 1, DIM, generator=gen).to(dtype) for _ in range(2))
