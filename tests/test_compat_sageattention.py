@@ -207,3 +207,55 @@ def test_varlen_takes_the_packages_argument_forms():
         sageattn_varlen(q, k, v, cq.float(), ck, 6, 7)
     with pytest.raises(TypeError, match="max_seqlen_k must be an int"):
         sageattn_varlen(q, k, v, cq, ck, 6, torch.tensor(7.0))
+
+
+SAGE2_FUNCTIONS = [
+    ("sageattn_qk_int8_pv_fp16_triton", {}, dict(qk_granularity="per_block", pv="fp16")),
+    ("sageattn_qk_int8_pv_fp16_cuda", {}, dict(qk_granularity="per_warp", pv="fp16")),
+    ("sageattn_qk_int8_pv_fp16_cuda", {"pv_accum_dtype": "fp16+fp32", "qk_quant_gran": "per_warp"},
+     dict(qk_granularity="per_warp", pv="fp16_accum")),
+    ("sageattn_qk_int8_pv_fp16_cuda", {"pv_accum_dtype": "fp16", "smooth_v": True},
+     dict(qk_granularity="per_warp", pv="fp16_accum")),
+    ("sageattn_qk_int8_pv_fp8_cuda", {}, dict(qk_granularity="per_warp", pv="fp8")),
+    ("sageattn_qk_int8_pv_fp8_cuda_sm90", {"pv_accum_dtype": "fp32"}, dict(qk_granularity="per_warp", pv="fp8")),
+]
+
+
+@pytest.mark.parametrize("name,kw,options", SAGE2_FUNCTIONS)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sageattention2_entry_points_run_the_nearest_options(name, kw, options, is_causal):
+    """SageAttention2's kernel-specific functions: the simulation of the options they map to
+    (relative L1 <= 1e-3) and exact attention (the accuracy contract; fp8 PV 0.998 / 0.05)."""
+    from attnlib.compat import sageattention as sa
+
+    q, k, v = make_qkv(1, 4, 75, 64, kv_heads=2, dtype=torch.float16, device=DEVICE, layout="bshd", k_bias=5.0,
+                       seed=11)
+    out, lse = getattr(sa, name)(q, k, v, tensor_layout="NHD", is_causal=is_causal, sm_scale=0.12,
+                                 return_lse=True, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (1, 4, 75)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    sim = sage_reference(t(q), t(k), t(v), causal=is_causal, scale=0.12, **options)
+    exact = flash_reference(t(q).double(), t(k).double(), t(v).double(), causal=is_causal, scale=0.12)
+    assert metrics(t(out), sim)["rel_l1"] <= 1e-3
+    me = metrics(t(out), exact)
+    fp8 = options["pv"] == "fp8"
+    # fp8 P and V: the contract of tests/test_sage_triton.py (the float64 simulation itself gives ~0.04)
+    assert me["cos_sim"] >= (0.998 if fp8 else 0.999) and me["rel_l1"] <= (0.05 if fp8 else 0.02), me
+
+
+def test_sageattention2_entry_points_refuse_what_they_cannot_run():
+    from attnlib.compat import sageattention as sa
+
+    q, k, v = make_qkv(1, 2, 16, 64, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="pv_accum_dtype must be one of"):
+        sa.sageattn_qk_int8_pv_fp16_cuda(q, k, v, pv_accum_dtype="fp32+fp32")
+    with pytest.raises(ValueError, match="pv_accum_dtype must be one of"):
+        sa.sageattn_qk_int8_pv_fp8_cuda(q, k, v, pv_accum_dtype="fp16")
+    with pytest.raises(ValueError, match="qk_quant_gran must be one of"):
+        sa.sageattn_qk_int8_pv_fp8_cuda(q, k, v, qk_quant_gran="per_block")
+    with pytest.raises(ValueError, match="quantization_backend must be one of"):
+        sa.sageattn_qk_int8_pv_fp16_triton(q, k, v, quantization_backend="cutlass")
+    with pytest.raises(ValueError, match="attn_mask"):
+        sa.sageattn_qk_int8_pv_fp16_triton(q, k, v, attn_mask=torch.ones(16, 16, dtype=torch.bool))
+    with pytest.raises(TypeError, match="smooth_v must be a bool"):
+        sa.sageattn_qk_int8_pv_fp16_cuda(q, k, v, smooth_v="no")

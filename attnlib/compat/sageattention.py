@@ -173,4 +173,69 @@ def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
     return torch.cat(parts)
 
 
-__all__ = ["sageattn", "sageattn_varlen"]
+# SageAttention2's kernel-specific entry points (sageattention 2.x), which pipelines call directly
+# to pick a kernel for their GPU. Each runs attnlib's sage with the nearest options, on every
+# device: qk_quant_gran "per_thread" (a scale per thread's rows) maps to "per_warp", the finest
+# granularity attnlib has; pv_accum_dtype "fp32" is pv="fp16", "fp16" and "fp16+fp32" (an fp16
+# accumulator, flushed to fp32 in the second) are pv="fp16_accum", which flushes after every key
+# block; the fp8 functions are pv="fp8" with fp32 accumulation. smooth_v (subtracting V's mean
+# before an fp16 accumulator) changes no exact result and is accepted and not applied.
+_SAGE2_GRANULARITIES = {"per_thread": "per_warp", "per_warp": "per_warp"}
+_FP16_ACCUMULATORS = {"fp32": "fp16", "fp16+fp32": "fp16_accum", "fp16": "fp16_accum"}
+_FP8_ACCUMULATORS = ("fp32", "fp32+fp32")
+
+
+def _choice(name: str, value: Any, allowed) -> Any:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
+def _sage2(q, k, v, tensor_layout, is_causal, qk_quant_gran, sm_scale, smooth_k, smooth_v, return_lse, pv, kwargs):
+    gran = _SAGE2_GRANULARITIES[_choice("qk_quant_gran", qk_quant_gran, _SAGE2_GRANULARITIES)]
+    if not isinstance(smooth_v, bool):
+        raise TypeError(f"smooth_v must be a bool, got {type(smooth_v).__name__}")
+    return sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse,
+                    **dict(kwargs, smooth_k=smooth_k, qk_quant_gran=gran, pv=pv))
+
+
+def sageattn_qk_int8_pv_fp16_triton(q, k, v, tensor_layout: str = "HND", quantization_backend: str = "triton",
+                                    is_causal: bool = False, attn_mask=None, sm_scale=None, smooth_k: bool = True,
+                                    return_lse: bool = False, **kwargs: Any):
+    """INT8 QK^T per block, fp16 PV: SageAttention's first kernel (attnlib's defaults)."""
+    _choice("quantization_backend", quantization_backend, ("triton", "cuda"))
+    return sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse,
+                    **dict(kwargs, attn_mask=attn_mask, smooth_k=smooth_k, qk_quant_gran="per_block", pv="fp16"))
+
+
+def sageattn_qk_int8_pv_fp16_cuda(q, k, v, tensor_layout: str = "HND", is_causal: bool = False,
+                                  qk_quant_gran: str = "per_thread", sm_scale=None, pv_accum_dtype: str = "fp32",
+                                  smooth_k: bool = True, smooth_v: bool = False, return_lse: bool = False,
+                                  **kwargs: Any):
+    """INT8 QK^T, fp16 PV with the accumulator pv_accum_dtype names (see above)."""
+    pv = _FP16_ACCUMULATORS[_choice("pv_accum_dtype", pv_accum_dtype, _FP16_ACCUMULATORS)]
+    return _sage2(q, k, v, tensor_layout, is_causal, qk_quant_gran, sm_scale, smooth_k, smooth_v, return_lse, pv,
+                  kwargs)
+
+
+def sageattn_qk_int8_pv_fp8_cuda(q, k, v, tensor_layout: str = "HND", is_causal: bool = False,
+                                 qk_quant_gran: str = "per_thread", sm_scale=None, pv_accum_dtype: str = "fp32+fp32",
+                                 smooth_k: bool = True, smooth_v: bool = False, return_lse: bool = False,
+                                 **kwargs: Any):
+    """INT8 QK^T, fp8 (e4m3) P and V with fp32 accumulation: SageAttention2's kernel for sm_89/sm_90."""
+    _choice("pv_accum_dtype", pv_accum_dtype, _FP8_ACCUMULATORS)
+    return _sage2(q, k, v, tensor_layout, is_causal, qk_quant_gran, sm_scale, smooth_k, smooth_v, return_lse, "fp8",
+                  kwargs)
+
+
+def sageattn_qk_int8_pv_fp8_cuda_sm90(q, k, v, tensor_layout: str = "HND", is_causal: bool = False,
+                                      qk_quant_gran: str = "per_thread", sm_scale=None,
+                                      pv_accum_dtype: str = "fp32+fp32", smooth_k: bool = True,
+                                      return_lse: bool = False, **kwargs: Any):
+    """SageAttention2's sm_90 fp8 kernel: the same as sageattn_qk_int8_pv_fp8_cuda here."""
+    return sageattn_qk_int8_pv_fp8_cuda(q, k, v, tensor_layout, is_causal, qk_quant_gran, sm_scale, pv_accum_dtype,
+                                        smooth_k, False, return_lse, **kwargs)
+
+
+__all__ = ["sageattn", "sageattn_varlen", "sageattn_qk_int8_pv_fp16_triton", "sageattn_qk_int8_pv_fp16_cuda",
+           "sageattn_qk_int8_pv_fp8_cuda", "sageattn_qk_int8_pv_fp8_cuda_sm90"]
