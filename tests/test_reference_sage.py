@@ -219,3 +219,23 @@ def test_attention_api_torch_backend(dtype, layout):
     no_smooth = attnlib.sage_attention(q, k, v, layout=layout, smooth_k=False, backend="torch")
     ref_ns = sage_reference(qb, kb, vb, smooth_k=False)
     assert torch.equal(no_smooth if layout == "bhsd" else no_smooth.transpose(1, 2), ref_ns)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("pv", ["fp16", "fp16_accum"])
+def test_gqa_value_gradient_equals_expanded_kv(dtype, pv):
+    """GQA's gradient into v: each query head's, then summed per kv head as repeat_interleave's
+    backward sums (in float32, rounded once), bit for bit what the reference gives for V repeated
+    by hand. A gather of kv heads per query head instead accumulates the query heads' half
+    gradients one rounding at a time."""
+    q, k, v = make_qkv(1, 8, 300, 32, kv_heads=2, seq_k=257, dtype=dtype, k_bias=3.0, seed=3)
+    v.requires_grad_()
+    dout = torch.randn(1, 8, 300, 32, generator=torch.Generator().manual_seed(4)).to(dtype)
+    for causal in (False, True):
+        out = sage_reference(q, k, v, causal=causal, pv=pv)
+        kx, vx = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
+        out_x = sage_reference(q, kx, vx, causal=causal, pv=pv)
+        assert torch.equal(out, out_x)
+        (dv,) = torch.autograd.grad(out, v, dout)
+        (dv_x,) = torch.autograd.grad(out_x, v, dout)
+        assert torch.equal(dv, dv_x), (dv.double() - dv_x.double()).abs().max()

@@ -221,13 +221,16 @@ def test_attention_api_backward_matches_reference():
     """fp32 runs sla-torch-chunked (its own backward): the reference's gradients to float32
     rounding, relative to their size."""
     q, k, v = make_qkv(1, 4, 40, 16, kv_heads=2, seq_k=50, layout="bshd", requires_grad=True)
-    w, b = torch.randn(16, 16, requires_grad=True), torch.randn(16, requires_grad=True)
+    gen = torch.Generator().manual_seed(220)
+    w = torch.randn(16, 16, generator=gen).requires_grad_()
+    b = torch.randn(16, generator=gen).requires_grad_()
     opts = dict(critical=0.3, negligible=0.2, block_size=(8, 8))
     out = attnlib.attention(q, k, v, method="sla", backend="torch", layout="bshd", causal=True,
                             proj_weight=w, proj_bias=b, **opts)
-    g = torch.randn_like(out)
+    g = torch.randn(out.shape, generator=gen)
     grads = torch.autograd.grad((out * g).sum(), (q, k, v, w, b))
     ref = sla_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), w, b, causal=True, **opts)
     grads_ref = torch.autograd.grad((ref * g.transpose(1, 2)).sum(), (q, k, v, w, b))
     for name, ga, gr in zip("qkvwb", grads, grads_ref):
-        assert_verbose_allclose(ga, gr, atol=ATOL32, rtol=1e-6, name=f"d{name}")
+        # dW, db sum 40 rows of entries ~10 in float32: a few ulps of that (was flaky at 1e-6)
+        assert_verbose_allclose(ga, gr, atol=ATOL32, rtol=1e-5, name=f"d{name}")

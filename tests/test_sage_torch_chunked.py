@@ -142,7 +142,7 @@ def test_matches_reference_in_chunks(case, pv, granularity, monkeypatch):
 @pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[4]], ids=case_id)
 def test_half_inputs_in_chunks(case, dtype, pv, monkeypatch):
     q, k, v, kw = inputs(case, dtype, seed=1)
-    tiny_budget(monkeypatch, case, rows=300)  # a Q block of 2 heads
+    tiny_budget(monkeypatch, case, rows=520)  # a Q block of 2 heads and their K and V (D + Dv rows each)
     got = run(q, k, v, pv=pv, **kw)
     assert_matches_reference(got, reference(q, k, v, pv=pv, **kw), q, k, v, kw["layout"])
     assert_contract(got[0], q, k, v, pv=pv, **kw)
@@ -171,8 +171,10 @@ def test_chunk_scores_are_the_references(case, granularity, monkeypatch):
     scores.clear()
     calls = tiny_budget(monkeypatch, case)
     run(q, k, v, **kw, **opts)
-    assert len(calls) == len(picks) == len(scores) > 1
-    for (bs, hs), r0, s in zip(picks, calls, scores):
+    assert len(calls) == len(scores) > 1 and len(calls) % len(picks) == 0
+    per_pick = len(calls) // len(picks)  # the heads of each select() run all their rows
+    for i, (r0, s) in enumerate(zip(calls, scores)):
+        bs, hs = picks[i // per_pick]
         assert torch.equal(s, whole[bs, hs, r0:r0 + s.shape[2], :s.shape[3]]), (bs, hs, r0)
 
 
@@ -185,14 +187,19 @@ def test_causal_chunks_stop_at_their_diagonal(monkeypatch):
     q, k, v, kw = inputs(case, seed=3)
     calls = tiny_budget(monkeypatch, case)
     run(q, k, v, **kw)
-    assert calls == [0, 0, 128, 128, 256, 256]
-    assert scores == [28, 28, 156, 156, 200, 200]  # keys j <= i - 100 for rows i < 128, 256, 300
+    assert calls == [0, 128, 256] * 2  # head by head, all rows of each
+    assert scores == [28, 156, 200] * 2  # keys j <= i - 100 for rows i < 128, 256, 300
 
 
-@pytest.mark.parametrize("budget_rows,calls", [(2 * 4 * 300, 1), (2 * 4 * 256, 2), (2 * 4 * 128, 3), (128, 24)])
+# a (batch, head) pair's K and V as its chunk holds them, (32 + 32) x 4 bytes a key: 64 rows of scores
+KV_ROWS = 64
+
+
+@pytest.mark.parametrize("budget_rows,calls", [(2 * 4 * (300 + KV_ROWS), 1), (2 * 4 * (256 + KV_ROWS), 2),
+                                               (2 * 4 * (128 + KV_ROWS), 3), (128 + KV_ROWS, 24)])
 def test_chunks_over_rows_then_heads(budget_rows, calls, monkeypatch):
-    """Whole Q blocks of all heads while they fit, then one Q block of fewer heads; the same
-    answer whatever the chunking."""
+    """Whole Q blocks of all heads while they fit (scores, K and V), then one Q block of fewer
+    heads; the same answer whatever the chunking."""
     case = (2, 4, 2, 300, 64, 32, False, "bhsd")
     q, k, v, kw = inputs(case, seed=4)
     seen = tiny_budget(monkeypatch, case, rows=budget_rows)
@@ -213,6 +220,32 @@ def test_chunk_shape():
     assert shape(2, 4, 100, 10 ** 5, 128, budget=mib) == (1, 1, 100)
     assert shape(2, 4, 1, 1, 128, budget=4) == (1, 1, 1)                      # one row, one head
     assert shape(2, 4, 0, 64, 128, budget=mib)[2] >= 1 and shape(2, 4, 5, 0, 128) == (2, 4, 5)
+    # a pair's K and V count: 32k tokens x 12 heads, hd128 ((128 + 128) x 4 bytes a key, 256 rows'
+    # worth), the default budget: one head a chunk, with the rest of the budget in Q blocks
+    big = dict(budget=64 * mib, key_bytes=1024)
+    assert shape(1, 12, 32760, 32760, 128, **big) == (1, 1, 256)
+    assert shape(1, 12, 32760, 32760, 32, **big) == (1, 1, 256)  # not 32 rows of 12 heads and their K, V
+    assert shape(1, 12, 32760, 32760, 32, budget=64 * mib) == (1, 12, 32)
+    assert shape(2, 4, 300, 64, 128, budget=mib, key_bytes=256) == (2, 4, 300)
+    assert shape(2, 4, 3000, 1024, 128, budget=mib, key_bytes=256) == (1, 1, 128)  # 192 rows' worth a pair
+
+
+def test_keys_are_converted_once_per_chunk_of_heads(monkeypatch):
+    """attend_rows gets K's INT8 values already in float32 and V already rounded (in_dot_dtype),
+    converted once for each chunk of heads, which runs all its rows: never once per block of rows
+    (at 32k tokens x 12 heads, per_warp, that conversion took longer than the chunk's matmuls)."""
+    case = (2, 4, 2, 300, 64, 32, True, "bshd")
+    q, k, v, kw = inputs(case, seed=11)
+    seen = []
+    real = chunked.attend_rows
+    monkeypatch.setattr(chunked, "attend_rows",
+                        lambda keys, *a: seen.append(keys) or real(keys, *a))  # keeps them alive
+    tiny_budget(monkeypatch, case, rows=128 + KV_ROWS)  # one Q block of one head a chunk
+    got = run(q, k, v, **kw)
+    assert len(seen) == 2 * 4 * 3 and all(keys.k_i8.dtype == torch.float32 and keys.v_ready for keys in seen)
+    distinct = [keys for i, keys in enumerate(seen) if all(keys is not other for other in seen[:i])]
+    assert len(distinct) == 2 * 4  # one prepared SageKeys per (batch, head), for its 3 blocks of rows
+    assert_matches_reference(got, reference(q, k, v, **kw), q, k, v, kw["layout"])
 
 
 # -- one chunk: the reference itself -------------------------------------------------------------
@@ -249,8 +282,10 @@ def test_output_buffers_are_written_everywhere(layout, monkeypatch):
 def test_without_lse_and_deterministic(monkeypatch):
     case = CASES[4]
     q, k, v, kw = inputs(case, seed=7)
+    before = [t.clone() for t in (q, k, v)]
     tiny_budget(monkeypatch, case)
     out, lse = run(q, k, v, **kw)
+    assert all(torch.equal(t, t0) for t, t0 in zip((q, k, v), before))
     alone = attnlib.sage_attention(q, k, v, backend="torch", **kw)
     assert isinstance(alone, torch.Tensor) and torch.equal(to_bhsd(alone, kw["layout"]), out)
     again = run(q, k, v, **kw)

@@ -10,10 +10,14 @@ runs reference.sage.attend_rows, the very function the reference runs on all row
 start on Q quantization blocks (128 rows per_block, 32 per_warp), so every Q scale is the
 reference's; causal chunks stop at their last row's diagonal key.
 
-Memory: a chunk's float32 scores stay under flash-torch-chunked's SCORE_BUDGET_BYTES (one Q block
-of one head runs whatever the budget) and become P in place; rounding P adds a half-size copy, and
-the chunk reads its heads' K and V in float32. Before the chunks, K in float32 and one kv head's
-quantization temporaries. The peak is thus about 1.5x the budget plus a few copies of K and V.
+Memory: a chunk is one or more (batch, head) pairs and a block of rows of each. It holds its
+float32 scores, which become P in place (rounding P adds a half-size copy), and its heads' K and V
+as the dots and the PV product read them (K's INT8 values in float32, V rounded to fp16 and held
+in float32: (D + Dv) x 4 bytes a key), converted once for all the rows of those heads; scores and
+K and V together stay under flash-torch-chunked's SCORE_BUDGET_BYTES (one Q block of one head runs
+whatever the budget). Before the chunks, K in float32 and one kv head's quantization temporaries;
+pv="fp8" keeps V's e4m3 values in float32 throughout. The peak is thus about 1.5x the budget plus
+that one float32 copy of K (or of K and V).
 
 Exactness: one chunk (the default budget at small shapes) is the reference bit for bit. Several
 chunks give the same quantized scores bit for bit (the INT8 dots are exact in any order), but
@@ -31,22 +35,33 @@ from ..dispatch import Kernel, register
 from ..inputs import AttentionInputs
 from ..options import NO_LSE
 from ..reference._common import compute_dtype
-from ..reference.sage import K_BLOCK, attend_rows, prepare_keys, q_block_size
+from ..reference.sage import K_BLOCK, attend_rows, exact_dot_dtype, prepare_keys, q_block_size
 from .flash_torch_chunked import rows_per_chunk
 
 
-def chunk_shape(batch: int, heads_q: int, seq_q: int, seq_k: int, q_block: int,
-                budget: int | None = None) -> tuple[int, int, int]:
-    """(batches, heads, rows) of one chunk, rows in whole Q blocks: one Q block (or the whole
-    sequence, if shorter) of as many (batch, head) pairs as flash-torch-chunked's score budget
-    holds, at least one; where all pairs fit, as many Q blocks of them as fit."""
+def chunk_shape(batch: int, heads_q: int, seq_q: int, seq_k: int, q_block: int, budget: int | None = None,
+                key_bytes: int = 0) -> tuple[int, int, int]:
+    """(batches, heads, rows) of one chunk, rows in whole Q blocks. Each (batch, head) pair of a
+    chunk holds rows x seq_k float32 scores and key_bytes per key (its K and V); together within
+    flash-torch-chunked's score budget: as many pairs as hold one Q block (or the whole sequence,
+    if shorter) each, at least one, and as many Q blocks of them as fit."""
+    kv_rows = -(-key_bytes // 4)  # a pair's K and V, counted as rows of float32 scores
     rows = min(seq_q, q_block)
-    # rows_per_chunk counting other units: (batch, head) pairs of rows x seq_k scores
-    pairs = rows_per_chunk(1, 1, batch * heads_q, rows * seq_k, budget)
-    if pairs < batch * heads_q:
-        return (pairs // heads_q, heads_q, rows) if pairs >= heads_q else (1, pairs, rows)
-    rows = rows_per_chunk(batch, heads_q, seq_q, seq_k, budget)
-    return batch, heads_q, (max(seq_q, 1) if rows >= seq_q else rows - rows % q_block)
+    # rows_per_chunk counting other units: (batch, head) pairs of (rows + kv_rows) x seq_k scores
+    pairs = rows_per_chunk(1, 1, batch * heads_q, (rows + kv_rows) * seq_k, budget)
+    if pairs >= batch * heads_q:
+        nb, nh = batch, heads_q
+    else:
+        nb, nh = (pairs // heads_q, heads_q) if pairs >= heads_q else (1, pairs)
+    fit = rows_per_chunk(nb, nh, seq_q + kv_rows, seq_k, budget) - kv_rows
+    return nb, nh, (max(seq_q, 1) if fit >= seq_q else max(rows, fit - fit % q_block))
+
+
+def key_bytes(inp: AttentionInputs) -> int:
+    """Bytes a key of one (batch, head) pair of a chunk holds: K's INT8 values in the dtype of
+    their exact dots and V in the compute dtype (SageKeys.in_dot_dtype)."""
+    ct = compute_dtype(inp.dtype)
+    return exact_dot_dtype(inp.head_dim, ct).itemsize * inp.head_dim + ct.itemsize * inp.head_dim_v
 
 
 def chunked_forward(inp: AttentionInputs, budget: int | None = None):
@@ -62,17 +77,21 @@ def chunked_forward(inp: AttentionInputs, budget: int | None = None):
     if out.numel() == 0:  # no batch, head or query row
         return out, lse
     group = hq // inp.heads_kv
-    nb, nh, rows = chunk_shape(b, hq, sq, inp.seq_k, q_block, budget)
-    for r0 in range(0, sq, rows):
-        r1 = min(sq, r0 + rows)
-        for b0 in range(0, b, nb):
-            bs = slice(b0, min(b, b0 + nb))
-            for h0 in range(0, hq, nh):
-                hs = slice(h0, min(hq, h0 + nh))
-                o_c, lse_c = attend_rows(keys.select(bs, hs, group), inp.q[bs, hs, r0:r1], r0, sq, inp.return_lse)
+    nb, nh, rows = chunk_shape(b, hq, sq, inp.seq_k, q_block, budget, key_bytes(inp))
+    # heads outside, rows inside: a chunk's K and V are converted once for all its rows
+    for b0 in range(0, b, nb):
+        bs = slice(b0, min(b, b0 + nb))
+        for h0 in range(0, hq, nh):
+            hs = slice(h0, min(hq, h0 + nh))
+            chunk_keys = keys.select(bs, hs, group).in_dot_dtype()
+            for r0 in range(0, sq, rows):
+                r1 = min(sq, r0 + rows)
+                o_c, lse_c = attend_rows(chunk_keys, inp.q[bs, hs, r0:r1], r0, sq, inp.return_lse)
                 out[bs, hs, r0:r1] = o_c
                 if lse is not None:
                     lse[bs, hs, r0:r1] = lse_c
+                del o_c, lse_c
+            del chunk_keys  # before the next heads' K and V, or two chunks' live at once
     return out, lse
 
 

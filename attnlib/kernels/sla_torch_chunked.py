@@ -10,14 +10,19 @@ and autograd keeps them for backward: tens of GB at 32k tokens x 12 heads.
 Here the blocks are classified as the reference does (sla_block_classes, once per forward and
 once per backward, not differentiated). The critical part is block_sparse-torch-chunked's (the
 critical blocks as its block mask): one chunk's fp32 scores stay under flash-torch-chunked's
-SCORE_BUDGET_BYTES, and the backward reads the lse the op keeps (options.AUX_LSE). The linear
-branch forms h_j = phi(K_j)^T V_j and z_j = sum phi(K_j) per key block once, then, chunk by chunk
+SCORE_BUDGET_BYTES, and the backward reads the lse the op keeps (options.AUX_LSE) but not the
+saved output: delta = rowsum(dO * O_s) comes from each chunk's P and dP (critical_backward), as
+O_s cannot be taken back out of the rounded O_s + O_l W^T + b where b or O_l W^T dominates. The
+linear branch forms h_j = phi(K_j)^T V_j and z_j = sum phi(K_j) per key block once, then, chunk by chunk
 of query blocks, each query block's marginal sums H_i, Z_i as a masked product of the block map
 with those states, O_l = phi(Q) H_i / (phi(Q) . Z_i + 1e-6). Its backward runs the same chunks:
 dH_i, dZ_i go back to every key block through the transposed masked product, then to phi(K) and
 V; phi's own gradient is torch.func.vjp of the feature map (a custom op runs with autograd off).
-Memory beyond inputs and outputs: a few score budgets, the states (B x Hkv x Mk x D x Dv) and
-their gradients. Everything computes in float32, as the reference does; deterministic.
+Memory beyond inputs and outputs: float32 copies of q, k, v (for half inputs), a few score
+budgets, the states (B x Hkv x Mk x D x Dv: 2x K's size in float32 at D = Dv = 128 and 64-key
+blocks) and in the backward their gradient, freed before phi(K)'s backward; the linear branch's
+gradients are the buffers the critical part's add to. Everything computes in float32, as the
+reference does; deterministic.
 """
 from __future__ import annotations
 
@@ -139,17 +144,18 @@ class LinearBranch:
             o_l, _ = self.rows(pq_b, big_h, big_z)
             out32[:, :, r0:r1] += _unpadded(o_l, r1 - r0) @ w_t
 
-    def backward(self, weight: torch.Tensor, dout: torch.Tensor, o_s: torch.Tensor):
-        """(dq, dk, dv, dW) of the linear branch's O_l W^T, all float32; subtracts O_l W^T from
-        o_s (the saved output less its bias, float32) in place, leaving O_s for the critical
-        part's delta."""
+    def backward(self, weight: torch.Tensor, dout: torch.Tensor):
+        """(dq, dk, dv, dW) of the linear branch's O_l W^T, all float32. Frees the states on the
+        way out (the branch is then spent)."""
         inp, bq = self.inp, self.block_q
         b, hkv, mk, d, dv = self.h.shape
         group = inp.heads_q // hkv
         w = weight.float()
         dq = torch.empty(b, inp.heads_q, inp.seq_q, d, dtype=torch.float32, device=inp.device)
         dw = torch.zeros(dv, dv, dtype=torch.float32, device=inp.device)
-        dh, dz = torch.zeros_like(self.h), torch.zeros_like(self.z)
+        # contiguous (not zeros_like, which copies the states' strides): viewed as batches of matrices
+        dh = torch.zeros(self.h.shape, dtype=torch.float32, device=inp.device)
+        dz = torch.zeros(self.z.shape, dtype=torch.float32, device=inp.device)
         for i0, i1, r0, r1 in self.chunks():
             big_h, big_z = self.row_states(i0, i1)
             pq, phi_q_vjp = torch.func.vjp(self.phi, inp.q[:, :, r0:r1])
@@ -158,23 +164,66 @@ class LinearBranch:
             o_l_rows = _unpadded(o_l, r1 - r0)
             do = dout[:, :, r0:r1].float()
             dw += do.reshape(-1, dv).t() @ o_l_rows.reshape(-1, dv)
-            o_s[:, :, r0:r1] -= o_l_rows @ w.t()
             # O_l = num / den: dnum = dO_l / den, dden = -(dO_l . O_l) / den; padded rows have dO_l 0
             dnum = _padded_blocks(do @ w, bq).mul_(inv)
             dden = (dnum * o_l).sum(dim=-1, keepdim=True).neg_()
             dpq_b = dnum @ big_h.transpose(-1, -2) + dden * big_z.unsqueeze(-2)
             dq[:, :, r0:r1] = phi_q_vjp(_unpadded(dpq_b, r1 - r0))[0]
             # H_i = sum of h_j over its marginal j: each key block gathers dH_i of the query
-            # blocks (and query heads of its group) for which it is marginal
-            m_t = _stacked(self.marginal, hkv, i0, i1).transpose(-1, -2)
+            # blocks (and query heads of its group) for which it is marginal, added in place
+            # (baddbmm_: the product alone would be a temporary as large as dh, every chunk)
             rows = group * (i1 - i0)
-            dh += (m_t @ (pq_b.transpose(-1, -2) @ dnum).reshape(b, hkv, rows, d * dv)).view_as(dh)
-            dz += m_t @ (dden * pq_b).sum(dim=-2).reshape(b, hkv, rows, d)
-            del pq_b, o_l, dnum, dpq_b
+            m_t = _stacked(self.marginal, hkv, i0, i1).transpose(-1, -2).reshape(b * hkv, mk, rows)
+            dh_i = (pq_b.transpose(-1, -2) @ dnum).reshape(b * hkv, rows, d * dv)
+            dh.view(b * hkv, mk, d * dv).baddbmm_(m_t, dh_i)
+            dz.view(b * hkv, mk, d).baddbmm_(m_t, (dden * pq_b).sum(dim=-2).reshape(b * hkv, rows, d))
+            del pq_b, o_l, dnum, dpq_b, dh_i
+        # the states, then their gradients, go as soon as they are read: this branch is spent
+        self.h = self.z = None
         sk = inp.seq_k
-        dpk = _unpadded(self.v_b @ dh.transpose(-1, -2) + dz.unsqueeze(-2), sk)
+        dpk_b = (self.v_b @ dh.transpose(-1, -2)).add_(dz.unsqueeze(-2))
         dv_l = _unpadded(self.pk_b @ dh, sk)
-        return dq, self.phi_k_vjp(dpk)[0], dv_l, dw
+        del dh, dz
+        return dq, self.phi_k_vjp(_unpadded(dpk_b, sk))[0], dv_l, dw
+
+
+def critical_backward(inp32: AttentionInputs, lse: torch.Tensor, dout: torch.Tensor, blocked: RowMask,
+                      into: tuple | None = None):
+    """(dq, dk, dv) float32 of the critical part O_s, added in place to into's float32 (dq, dk,
+    dv) (the linear branch's) where given: flash_torch_chunked.chunked_backward over the same
+    chunks of rows, except that each row's delta = dO . O_s is formed as rowsum(P * dP) from the
+    chunk's own P and dP = dO V^T (the same sum, sum_j P_ij dO_i . v_j), not from a saved output. sla saves O_s + O_l W^T + b rounded to the inputs' dtype, and O_s taken back out of it
+    by subtraction keeps only what that rounding left of it: where |b| or |O_l W^T| is 100x |O_s|,
+    in fp16, dq and dk came out 100x less accurate than the reference's."""
+    b, hq, hkv, sq = inp32.batch, inp32.heads_q, inp32.heads_kv, inp32.seq_q
+    if into is None:
+        dq = flash_chunked._empty_like_layout(inp32, inp32.q, torch.float32).zero_()
+        dk = flash_chunked._empty_like_layout(inp32, inp32.k, torch.float32).zero_()
+        dv = flash_chunked._empty_like_layout(inp32, inp32.v, torch.float32).zero_()
+    else:
+        dq, dk, dv = into
+    step = flash_chunked.rows_per_chunk(b, hq, sq, inp32.seq_k)
+    for r0 in range(0, sq if dq.numel() else 0, step):
+        r1 = min(sq, r0 + step)
+        kend = flash_chunked._visible_keys(inp32, r1)
+        if kend == 0:  # no row of the chunk sees a key: nothing to add
+            continue
+        qc, do = flash_chunked._rows(inp32.q, hkv, r0, r1), flash_chunked._rows(dout, hkv, r0, r1)
+        row_lse = flash_chunked._rows(lse.unsqueeze(-1), hkv, r0, r1)
+        # a row that sees nothing (lse -inf) has P = 0: exp(s - inf)
+        row_lse = torch.where(row_lse == float("-inf"), torch.full_like(row_lse, float("inf")), row_lse)
+        kc, vc = inp32.k[:, :, :kend], inp32.v[:, :, :kend]
+        p = flash_chunked._scores(inp32, qc, kc, r0, r1, blocked).sub_(row_lse).exp_()
+        dv[:, :, :kend] += torch.matmul(p.transpose(-1, -2), do)
+        dp = torch.matmul(do, vc.transpose(-1, -2))
+        # rowsum(P * dP) as a batch of dot products: no third (rows, keys) tensor
+        delta = torch.matmul(p.unsqueeze(-2), dp.unsqueeze(-1)).squeeze(-1)
+        ds = dp.sub_(delta).mul_(p)
+        del p, dp
+        dq[:, :, r0:r1] += flash_chunked._to_heads(torch.matmul(ds, kc).mul_(inp32.scale), hq, r1 - r0)
+        dk[:, :, :kend] += torch.matmul(ds.transpose(-1, -2), qc).mul_(inp32.scale)
+        del ds
+    return dq, dk, dv
 
 
 class SLATorchChunked(Kernel):
@@ -212,23 +261,15 @@ class SLATorchChunked(Kernel):
         if lse is None:  # the op kept none (a forward that expected no backward): re-form it
             _, lse = flash_chunked.chunked_forward(inp32, blocked=blocked)
         weight, bias = inp.options["proj_weight"], inp.options["proj_bias"]
-        # delta = rowsum(dO * O_s) needs O_s: the saved output less the projection, as
-        # FlashAttention forms delta from its saved output
-        o_s = out.to(torch.float32, copy=True)
         dw = db = None
         if bias is not None:
-            o_s -= bias.float()
             db = dout.sum(dim=(0, 1, 2), dtype=torch.float32).to(bias.dtype)
         linear = None
         if weight is not None:
-            branch = LinearBranch(inp32, classes, with_grad=True)
-            linear = branch.backward(weight, dout, o_s)
-            dw = linear[3].to(weight.dtype)
-        dq, dk, dv = flash_chunked.chunked_backward(inp32, o_s, lse, dout, None, blocked=blocked)
-        if linear is not None:
-            dq += linear[0]
-            dk += linear[1]
-            dv += linear[2]
+            *linear, dw = LinearBranch(inp32, classes, with_grad=True).backward(weight, dout)
+            dw = dw.to(weight.dtype)
+        # out (the saved output) is not read: see critical_backward
+        dq, dk, dv = critical_backward(inp32, lse, dout, blocked, into=linear)
         return dq.to(inp.dtype), dk.to(inp.dtype), dv.to(inp.dtype), dw, db
 
 

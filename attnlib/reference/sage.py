@@ -124,7 +124,7 @@ class SageKeys:
     quantized, V as the PV mode reads it, and the call's options. Tensors are (B, heads, ...) with
     one kv head per head until select() gives each query head its own."""
 
-    k_i8: torch.Tensor               # (B, H, Sk, D) int8
+    k_i8: torch.Tensor               # (B, H, Sk, D) int8 (in the dot dtype after in_dot_dtype())
     dk_tok: torch.Tensor             # (B, H, 1, Sk) each key's INT8 scale, compute dtype
     k_mean: torch.Tensor | None      # (B, H, 1, D) K's token mean, compute dtype; None unsmoothed
     v_pv: torch.Tensor               # (B, H, Sk, Dv) V as given (pv="fp8": e4m3 of V / delta_v)
@@ -134,19 +134,43 @@ class SageKeys:
     q_block: int
     k_block: int
     pv: str
+    v_ready: bool = False            # v_pv already as the PV product reads it (in_dot_dtype())
 
     def select(self, batches: slice, heads_q: slice, group: int) -> "SageKeys":
         """The keys of query heads heads_q (group query heads per kv head) in batches: views
-        without GQA, copies of the kv heads they read with it."""
-        heads = heads_q
-        if group != 1:
-            heads = torch.arange(heads_q.start, heads_q.stop, device=self.k_i8.device) // group
+        without GQA, copies of the kv heads they read with it. Whole groups are copied as expand_kv
+        copies them, by repeat_interleave, whose backward sums a kv head's query-head gradients of
+        v in float32 and rounds once, as the reference always has (a gather's backward adds them
+        one fp16 rounding at a time); part of a group (a chunk of heads, no backward) by a gather."""
+        h0, h1 = heads_q.start, heads_q.stop
+        if group == 1:
+            heads = heads_q
+        elif h0 % group == 0 and (h1 - h0) % group == 0:
+            heads = None  # whole groups
+        else:
+            heads = torch.arange(h0, h1, device=self.k_i8.device) // group
 
         def pick(t):
-            return t[batches][:, heads] if isinstance(t, torch.Tensor) else t
+            if not isinstance(t, torch.Tensor):
+                return t
+            if heads is None:
+                return t[batches][:, h0 // group:h1 // group].repeat_interleave(group, dim=1)
+            return t[batches][:, heads]
 
         return replace(self, k_i8=pick(self.k_i8), dk_tok=pick(self.dk_tok), k_mean=pick(self.k_mean),
                        v_pv=pick(self.v_pv), v_factor=pick(self.v_factor))
+
+    def in_dot_dtype(self) -> "SageKeys":
+        """These keys with the conversions attend_rows would make of them on every call made once:
+        K's INT8 values in the dtype of their exact dots, V rounded to fp16 (pv="fp16",
+        "fp16_accum") in the compute dtype; the same values, so the same results. For the blocks of
+        rows of one chunk of heads in sage-torch-chunked, which has no backward: detached."""
+        ct = self.dk_tok.dtype
+        v = self.v_pv.detach()
+        if self.pv != "fp8" and not self.v_ready:
+            v = v.to(torch.float16).to(ct)
+        k = self.k_i8.to(exact_dot_dtype(self.k_i8.shape[-1], ct))
+        return replace(self, k_i8=k, v_pv=v, v_ready=True)
 
 
 def _by_head(quantize, heads: int):
@@ -195,15 +219,17 @@ def _row_exp2_(s: torch.Tensor, mask: torch.Tensor | None):
     return p, m_safe, torch.where(has, l, torch.ones_like(l)), has
 
 
-def _pv_product_(p: torch.Tensor, v: torch.Tensor, pv: str, k_block: int) -> torch.Tensor:
+def _pv_product_(p: torch.Tensor, v: torch.Tensor, pv: str, k_block: int,
+                 v_ready: bool = False) -> torch.Tensor:
     """(unnormalised P) V as the PV mode computes it, p (exp2(s - m) in fp32/fp64) rounded in
-    place, v SageKeys.v_pv (rounded to fp16 here). The output is this times v_factor over the row
-    sum of p."""
+    place, v SageKeys.v_pv (rounded to fp16 here, unless v_ready). The output is this times
+    v_factor over the row sum of p."""
     if pv == "fp8":  # p * 448 <= 448: e4m3's range (SageAttention2 §3.3)
         p.copy_(p.mul_(FP8_MAX).to(torch.float32).to(torch.float8_e4m3fn))
         return p @ v
     p.copy_(p.to(torch.float16))
-    v = v.to(torch.float16).to(p.dtype)
+    if not v_ready:
+        v = v.to(torch.float16).to(p.dtype)
     if pv == "fp16":
         return p @ v
     # fp16_accum: every key block's partial product passes through an fp16 accumulator
@@ -240,7 +266,7 @@ def attend_rows(keys: SageKeys, q: torch.Tensor, row0: int, seq_q: int, return_l
     mask = causal_mask(rows, kend, q.device) if keys.causal else None
     p, m_safe, l_safe, has = _row_exp2_(s, mask)
     # SageAttention §3.4: P and V in fp16 (or fp8), accumulation in fp32 (float64 for float64 inputs)
-    pv_out = _pv_product_(p, keys.v_pv[..., :kend, :], keys.pv, keys.k_block)
+    pv_out = _pv_product_(p, keys.v_pv[..., :kend, :], keys.pv, keys.k_block, keys.v_ready)
     out = (pv_out * keys.v_factor / l_safe).to(q.dtype)
     if not return_lse:
         return out, None
