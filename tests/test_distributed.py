@@ -1,6 +1,6 @@
 """Sequence parallelism (attnlib.distributed) on CPU with gloo: one spawned job of 4 ranks runs
-every distributed check on the whole world (group size 4) and on two pairs at once (group size 2);
-the pytest tests below read back each check's result."""
+every distributed check on the whole world (group size 4), on two pairs at once (group size 2) or
+on each rank alone (group size 1); the pytest tests below read back each check's result."""
 from __future__ import annotations
 
 import datetime
@@ -17,24 +17,25 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import attnlib
 from attnlib.distributed import (make_groups, merge_attention, ring_attention, ulysses_attention, usp_attention,
                                  usp_shard, usp_unshard, zigzag_shard, zigzag_unshard)
 from attnlib.reference import flash_reference
 from attnlib.reference._common import causal_mask, masked_softmax_attention
-from attnlib.testing import assert_flash_rule, make_qkv
+from attnlib.testing import assert_flash_rule, make_qkv, metrics
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
 HEAD_DIM = 8
-SEQ = {2: 16, 4: 32}          # total tokens by group size: 2P chunks of 4 for zigzag
+SEQ = {1: 8, 2: 16, 4: 32}    # total tokens by group size: 2P chunks of 4 for zigzag
 JOB_TIMEOUT_S = 150
 
 
 # -- helpers run inside the workers -----------------------------------------------------------
-def _full_problem(world, *, heads=4, kv_heads=None, seed=0):
+def _full_problem(world, *, heads=4, kv_heads=None, seq_k=None, seed=0):
     """The same full-sequence problem on every rank (bshd, fp32) and fixed upstream gradients for
     out and lse. Only the test holds the full sequence, to shard it and to check against."""
-    q, k, v = make_qkv(1, heads, SEQ[world], HEAD_DIM, kv_heads=kv_heads, layout="bshd", seed=seed)
+    q, k, v = make_qkv(1, heads, SEQ[world], HEAD_DIM, kv_heads=kv_heads, seq_k=seq_k, layout="bshd", seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(q.shape, generator=gen)
     dlse = torch.randn(q.shape[0], q.shape[1], q.shape[2], generator=gen).transpose(1, 2)  # (B, H, S)
@@ -52,13 +53,15 @@ def _reference(q, k, v, dout, dlse, causal, dtype):
     return out.detach(), lse.detach(), qq.grad, kk.grad, vv.grad
 
 
-def _check_sp(world, attn, shard, *, causal, heads=4, kv_heads=None, with_lse=False, seed=0):
-    """attn(q, k, v) on this rank's shards == the float64 reference's shards, forward and backward."""
-    q, k, v, dout, dlse = _full_problem(world, heads=heads, kv_heads=kv_heads, seed=seed)
+def _check_sp(world, attn, shard, *, causal, heads=4, kv_heads=None, seq_k=None, with_lse=False, seed=0,
+              dtype=torch.float32):
+    """attn(q, k, v) on this rank's shards (in ``dtype``) == the float64 reference's shards, forward
+    and backward, within flash_attn's rule against PyTorch in ``dtype``."""
+    q, k, v, dout, dlse = _full_problem(world, heads=heads, kv_heads=kv_heads, seq_k=seq_k, seed=seed)
     dlse = dlse if with_lse else None
     ref64 = _reference(q, k, v, dout, dlse, causal, torch.float64)
-    ref32 = _reference(q, k, v, dout, dlse, causal, torch.float32)
-    ql, kl, vl = (shard(t, 1).detach().requires_grad_() for t in (q, k, v))
+    ref32 = _reference(q, k, v, dout, dlse, causal, dtype)
+    ql, kl, vl = (shard(t, 1).detach().to(dtype).requires_grad_() for t in (q, k, v))
     res = attn(ql, kl, vl)
     out, lse = res if with_lse else (res, None)
     loss = (out * shard(dout, 1)).sum()
@@ -157,12 +160,145 @@ def check_errors(rank, world, group):
     _expect_value_error(lambda: ring_attention(q, k, v, group=group, backend="torch"),
                         "same shape", "rank 1", "seq_q=5")
     q, k, v = make_qkv(1, 3, 4, HEAD_DIM, layout="bshd", seed=0)           # 3 heads over 2 or 4 ranks
-    _expect_value_error(lambda: ulysses_attention(q, k, v, group=group), "query heads (3)",
-                        f"group size ({world})")
+    _expect_value_error(lambda: ulysses_attention(q, k, v, group=group), "ulysses_attention", "query heads (3)",
+                        f"group size ({world})", "usp_attention")
     q, k, v = make_qkv(1, 4, 3, HEAD_DIM, layout="bshd", seed=0)           # odd zigzag shard
     _expect_value_error(lambda: ring_attention(q, k, v, group=group, causal=True), "even")
-    _expect_value_error(lambda: make_groups(3, dist.get_world_size()), "must equal the world size")
+    _expect_value_error(lambda: make_groups(3, dist.get_world_size()), "must divide the world size")
     _expect_value_error(lambda: make_groups(0, 2), "positive")
+
+
+def check_ulysses_causal_bottom_right(rank, world, group):
+    # Sq > Sk under causal: the first Sq - Sk queries (the first half of the ranks') see no key:
+    # out 0, lse -inf
+    f = lambda q, k, v: ulysses_attention(q, k, v, group=group, backend="torch", causal=True,  # noqa: E731
+                                          return_lse=True)
+    _check_sp(world, f, _contiguous(rank, world), causal=True, seq_k=SEQ[world] // 2, with_lse=True, seed=11)
+
+
+def check_ring_cross_lengths(rank, world, group):
+    f = lambda q, k, v: ring_attention(q, k, v, group=group, backend="torch", return_lse=True)  # noqa: E731
+    _check_sp(world, f, _contiguous(rank, world), causal=False, seq_k=SEQ[world] // 2, with_lse=True, seed=12)
+
+
+def check_ring_causal_zigzag_bf16(rank, world, group):
+    # bf16 shards travel as bf16; steps merge in float32 and the output is rounded once
+    f = lambda q, k, v: ring_attention(q, k, v, group=group, backend="torch", causal=True,  # noqa: E731
+                                       return_lse=True)
+    _check_sp(world, f, _zigzag(rank, world), causal=True, with_lse=True, seed=13, dtype=torch.bfloat16)
+
+
+def check_group_of_one(rank, world, group):
+    # a group of one rank: no exchange, the local attention on the whole sequence
+    whole = lambda x, dim: x  # noqa: E731
+    for fn, kw in ((ulysses_attention, {}), (ring_attention, {}), (ring_attention, {"zigzag": False})):
+        f = lambda q, k, v: fn(q, k, v, group=group, backend="torch", causal=True, return_lse=True, **kw)  # noqa: E731
+        _check_sp(world, f, whole, causal=True, heads=4, kv_heads=2, with_lse=True, seed=14)
+
+
+def check_usp_beside_data_parallel(rank, world, group):
+    """make_groups tiles the world with SP blocks of ulysses_size x ring_size ranks (the rest of
+    the world is data or CFG parallel): each block runs its own copy of the problem."""
+    for u, r in ((2, 1), (1, 2)):
+        groups = make_groups(u, r)
+        shard = lambda x, dim: usp_shard(x, ulysses_rank=groups.ulysses_rank, ulysses_size=u,  # noqa: E731
+                                         ring_rank=groups.ring_rank, ring_size=r, dim=dim, zigzag=True)
+        f = lambda q, k, v: usp_attention(q, k, v, ulysses_group=groups.ulysses, ring_group=groups.ring,  # noqa: E731
+                                          backend="torch", causal=True, return_lse=True)
+        _check_sp(u * r, f, shard, causal=True, with_lse=True, seed=15)
+    _expect_value_error(lambda: make_groups(3, 1), "ulysses_size x ring_size", "divide the world size")
+
+
+def check_usp_groups_must_cross(rank, world, group):
+    """Ulysses and ring groups that share more than this rank (both left None: the world twice)
+    would attend one rank's heads to another's: refused before any exchange."""
+    q, k, v = (_contiguous(rank, world)(t, 1) for t in make_qkv(1, 4, SEQ[world], HEAD_DIM, layout="bshd"))
+    _expect_value_error(lambda: usp_attention(q, k, v, ulysses_group=None, ring_group=None, backend="torch"),
+                        "usp_attention", "share ranks")
+    _expect_value_error(lambda: usp_attention(q, k, v, ulysses_group=group, ring_group=group, backend="torch"),
+                        "usp_attention", "share ranks")
+
+
+def check_packed_qkv(rank, world, group):
+    # q, k, v as strided views of one packed (B, S, 3, H, D) projection, as DiT blocks make them
+    for fn in (ulysses_attention, ring_attention):
+        f = lambda q, k, v: fn(*torch.stack([q, k, v], dim=2).unbind(2), group=group, backend="torch")  # noqa: E731
+        _check_sp(world, f, _contiguous(rank, world), causal=False, seed=16)
+
+
+def check_disagreeing_ranks_raise_together(rank, world, group):
+    """One rank's shard breaks a rule that the others' shards keep: every rank raises the shape
+    table at once, none waits in a collective for the rank that gave up (each call gets its own
+    group with a short timeout, so a rank left waiting fails fast and leaves no pending op)."""
+    odd = rank == world - 1
+    cases = [  # (function, kwargs, q/k/v shapes on this rank as (heads, seq_q, seq_k))
+        (ring_attention, {"causal": True}, (4, 5 if odd else 4, 5 if odd else 4)),   # odd zigzag shard
+        (ring_attention, {"causal": True}, (4, 4, 6 if odd else 4)),                   # seq_q != seq_k
+        (ulysses_attention, {}, (2 if odd else 4, 4, 4)),                              # heads % world
+    ]
+    for fn, kw, (heads, sq, sk) in cases:
+        quick = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=10))
+        q, k, v = make_qkv(1, heads, sq, HEAD_DIM, seq_k=sk, layout="bshd", seed=0)
+        _expect_value_error(lambda: fn(q, k, v, group=quick, backend="torch", **kw), "same shape",
+                            f"rank {world - 1}")
+
+
+def check_ulysses_block_sparse_per_head_mask(rank, world, group):
+    """A per-head block_mask covers all Hq heads, as single-process attention takes it; each rank
+    applies the rows of its own heads (a rank-local mask of Hq/P heads is accepted too)."""
+    heads, seq = 4, SEQ[world]
+    q, k, v = make_qkv(1, heads, seq, HEAD_DIM, layout="bshd", seed=8)
+    nb = seq // 4
+    mask = torch.rand(1, heads, nb, nb, generator=torch.Generator().manual_seed(8)) > 0.5
+    for h in range(heads):
+        mask[:, h, :, h % nb] = True   # no query block without a key block
+    opts = dict(method="block_sparse", block_size=(4, 4), backend="torch")
+    ref = attnlib.attention(q, k, v, layout="bshd", block_mask=mask, **opts)
+    shard = _contiguous(rank, world)
+    ql, kl, vl = (shard(t, 1) for t in (q, k, v))
+    out = ulysses_attention(ql, kl, vl, group=group, block_mask=mask, **opts)
+    torch.testing.assert_close(out, shard(ref, 1))
+    local = mask.chunk(world, dim=1)[rank]
+    torch.testing.assert_close(ulysses_attention(ql, kl, vl, group=group, block_mask=local, **opts), shard(ref, 1))
+    _expect_value_error(lambda: ulysses_attention(ql, kl, vl, group=group, block_mask=mask[:, :3], **opts),
+                        "block_mask", f"{heads} query heads")
+
+
+def check_double_backward_is_refused(rank, world, group):
+    """autograd.grad(create_graph=True) gives the right first gradient and a graph whose backward
+    raises, never a gradient that silently drops out of a gradient penalty."""
+    shard = _contiguous(rank, world)
+    q, k, v = make_qkv(1, 4, SEQ[world], HEAD_DIM, layout="bshd", seed=9)
+    for fn, refusal in ((ulysses_attention, "double backward"), (ring_attention, "differentiate twice")):
+        ql = shard(q, 1).requires_grad_()
+        out = fn(ql, shard(k, 1), shard(v, 1), group=group, backend="torch")
+        plain, = torch.autograd.grad((out ** 2).sum(), ql, retain_graph=True)
+        g, = torch.autograd.grad((out ** 2).sum(), ql, create_graph=True)
+        torch.testing.assert_close(g, plain, atol=0, rtol=0)
+        assert g.requires_grad, f"{fn.__name__}: the gradient of a create_graph backward is a constant"
+        try:
+            (g ** 2).sum().backward()
+        except RuntimeError as e:
+            assert refusal in str(e), f"{fn.__name__}: {e}"
+        else:
+            raise AssertionError(f"{fn.__name__}: a double backward ran")
+
+
+def check_methods_refused_early(rank, world, group):
+    shard = _contiguous(rank, world)
+    full = make_qkv(1, 4, SEQ[world], HEAD_DIM, layout="bshd", seed=10)
+    exact = flash_reference(*(t.double().transpose(1, 2) for t in full)).transpose(1, 2)
+    q, k, v = (shard(t, 1) for t in full)
+    # sage over the ring keeps sage's accuracy contract against exact attention ...
+    m = metrics(ring_attention(q, k, v, group=group, method="sage", backend="torch"), shard(exact, 1))
+    assert m["cos_sim"] >= 0.999 and m["rel_l1"] <= 0.02, m
+    # ... and is forward-only, as sage_attention (which refuses inputs that require grad)
+    qg = q.clone().requires_grad_()
+    _expect_value_error(lambda: ring_attention(qg, k, v, group=group, method="sage", backend="torch"),
+                        "method='sage'", "forward-only")
+    groups = make_groups(world, 1)
+    _expect_value_error(lambda: usp_attention(q, k, v, ulysses_group=groups.ulysses, ring_group=groups.ring,
+                                              method="linear", backend="torch"), "usp_attention", "'linear'")
 
 
 def check_ring_overlap(rank, world, group):
@@ -215,7 +351,8 @@ def check_ring_overlap(rank, world, group):
 
 WORLD = 4
 # name -> (check, group sizes): size 4 runs on the default group, size 2 on the pairs {0, 1} and
-# {2, 3} at once (so the peers of a subgroup must be addressed by their global ranks)
+# {2, 3} at once (so the peers of a subgroup must be addressed by their global ranks), size 1 on
+# a group of each rank alone
 CHECKS = {
     "ulysses": (check_ulysses, (2, 4)),
     "ulysses_causal_gqa_lse": (check_ulysses_causal_gqa_lse, (2, 4)),
@@ -227,6 +364,17 @@ CHECKS = {
     "usp_2x2_causal_lse": (check_usp_causal_lse, (4,)),
     "errors": (check_errors, (2, 4)),
     "ring_overlap": (check_ring_overlap, (2, 4)),
+    "ulysses_causal_bottom_right": (check_ulysses_causal_bottom_right, (2, 4)),
+    "ring_cross_lengths": (check_ring_cross_lengths, (2, 4)),
+    "ring_causal_zigzag_bf16": (check_ring_causal_zigzag_bf16, (4,)),
+    "group_of_one": (check_group_of_one, (1,)),
+    "packed_qkv": (check_packed_qkv, (2,)),
+    "usp_beside_data_parallel": (check_usp_beside_data_parallel, (4,)),
+    "usp_groups_must_cross": (check_usp_groups_must_cross, (4,)),
+    "disagreeing_ranks_raise_together": (check_disagreeing_ranks_raise_together, (4,)),
+    "ulysses_block_sparse_per_head_mask": (check_ulysses_block_sparse_per_head_mask, (2, 4)),
+    "double_backward_is_refused": (check_double_backward_is_refused, (2,)),
+    "methods_refused_early": (check_methods_refused_early, (4,)),
 }
 
 
@@ -235,10 +383,11 @@ def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]   # every rank creates every group
+    solos = [dist.new_group([r]) for r in range(world)]
     results = {}
     for name, (fn, sizes) in CHECKS.items():
         for size in sizes:
-            group = None if size == world else pairs[rank // 2]
+            group = None if size == world else pairs[rank // 2] if size == 2 else solos[rank]
             t0 = time.perf_counter()
             try:
                 fn(dist.get_rank(group), size, group)
@@ -346,6 +495,12 @@ def test_merge_attention_fp32_and_errors():
         merge_attention([a[0], b[0]], [a[1], b[1].int()])
     with pytest.raises(TypeError, match=r"outs\[0\] must be floating point"):
         merge_attention([a[0].long(), b[0]], [a[1], b[1]])
+    with pytest.raises(ValueError, match=r"out must be 4-D"):   # was an IndexError
+        merge_attention([a[0][0, 0]] * 2, [a[1][0, 0]] * 2)
+    # the lse dtype follows the lses (float32 unless they are float64), with one part or several
+    for n in (1, 2):
+        _, l = merge_attention([a[0].double()] * n, [a[1]] * n)
+        assert l.dtype == torch.float32, (n, l.dtype)
 
 
 @pytest.mark.parametrize("lse_dtype", [torch.float16, torch.float32, torch.float64])
@@ -390,3 +545,29 @@ def test_sp_model_prints_rows(capsys):
     assert sp_model.main(["--workload", "flux.1-1024", "--machines", "1", "--gpus", "4"]) == 0
     rows = [l for l in capsys.readouterr().out.splitlines() if l.strip().startswith(("ulysses", "ring"))]
     assert len(rows) == 2 and "%" in rows[0]
+
+
+def test_ulysses_head_slice_keeps_the_block_index_cache(monkeypatch):
+    """The per-rank slice of a block_mask is one object per (mask, heads), so the index cache hits
+    on the next layer or step, sees in-place writes to the mask, and is dropped with the mask."""
+    import gc
+
+    monkeypatch.setenv("ATTNLIB_BLOCK_INDEX_CACHE", "1")
+
+    from attnlib.block_mask import INDEX_CACHE, cached_row_index
+    from attnlib.distributed import ulysses
+
+    mask = torch.zeros(1, 4, 3, 3, dtype=torch.bool)
+    mask[..., 0] = True
+    a = ulysses._head_slice(mask, 2, 2)
+    assert a is ulysses._head_slice(mask, 2, 2) and torch.equal(a, mask[:, 2:])
+    INDEX_CACHE.clear()
+    first = cached_row_index(a)
+    assert cached_row_index(ulysses._head_slice(mask, 2, 2)) is first and INDEX_CACHE.hits == 1
+    mask[0, 3, 1, 2] = True   # seen through the shared version counter: sorted again
+    assert cached_row_index(ulysses._head_slice(mask, 2, 2)) is not first and INDEX_CACHE.misses == 2
+    key = id(mask)
+    del mask, a, first
+    gc.collect()
+    assert key not in ulysses._HEAD_SLICES
+    INDEX_CACHE.clear()

@@ -40,8 +40,10 @@ def check_same_shapes(what: str, shapes: dict, group, device) -> None:
     if any(r != rows[0] for r in rows):
         table = "; ".join(f"rank {i}: " + ", ".join(f"{n}={v}" for n, v in zip(names, r))
                           for i, r in enumerate(rows))
-        raise ValueError(f"{what}: every rank of the group must hold a shard of the same shape "
-                         f"(pad the sequence to a multiple of the group size); got {table}")
+        raise ValueError(f"{what}: every rank of the group must hold a shard of the same shape; got {table}. "
+                         f"Padding the sequence to a multiple of the group size (twice it for zigzag) is "
+                         f"exact only for causal self-attention padded at its end (drop the padded rows of "
+                         f"the output): without causal every padded key takes part in every row's softmax")
 
 
 # -- all-to-all with a backward ---------------------------------------------------------------
@@ -67,7 +69,10 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_to_all(grad.contiguous(), ctx.group, ctx.gather_dim, ctx.scatter_dim), None, None, None
+        # through apply, not the bare exchange: under create_graph the gradient stays connected, so a
+        # double backward reaches the local attention's own (refusing) double backward instead of
+        # treating this gradient as a constant that a gradient penalty would silently drop
+        return _AllToAll.apply(grad.contiguous(), ctx.group, ctx.gather_dim, ctx.scatter_dim), None, None, None
 
 
 def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
@@ -125,7 +130,8 @@ class RingExchange:
 
 # -- process groups ---------------------------------------------------------------------------
 class SPGroups(NamedTuple):
-    """The groups of this rank in the 2-D layout: global rank = ring_rank * ulysses_size + ulysses_rank."""
+    """The groups of this rank in the 2-D layout: within its SP block of ulysses_size x ring_size
+    ranks, rank in block = ring_rank * ulysses_size + ulysses_rank."""
 
     ulysses: Optional[dist.ProcessGroup]
     ring: Optional[dist.ProcessGroup]
@@ -136,9 +142,11 @@ class SPGroups(NamedTuple):
 def make_groups(ulysses_size: int, ring_size: int, *, backend: Optional[str] = None) -> SPGroups:
     """Build the USP layout on the default group; every rank must call it (new_group is collective).
 
-    Ulysses groups are runs of consecutive ranks (keep them inside one machine: the all-to-all
-    is the heavy exchange), ring groups stride across them (one K/V pass per step suits the
-    slower links between machines).
+    The world is tiled with SP blocks of ulysses_size x ring_size consecutive ranks (block b holds
+    global ranks [b U R, (b+1) U R); the blocks are the data- or CFG-parallel replicas, one block
+    when U R is the world size). Inside a block, Ulysses groups are runs of consecutive ranks (keep
+    them inside one machine: the all-to-all is the heavy exchange), ring groups stride across them
+    (one K/V pass per step suits the slower links between machines).
     """
     for name, n in (("ulysses_size", ulysses_size), ("ring_size", ring_size)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -146,19 +154,27 @@ def make_groups(ulysses_size: int, ring_size: int, *, backend: Optional[str] = N
     if not dist.is_initialized():
         raise RuntimeError("make_groups needs torch.distributed to be initialised (init_process_group)")
     world, rank = dist.get_world_size(), dist.get_rank()
-    if ulysses_size * ring_size != world:
-        raise ValueError(f"make_groups: ulysses_size x ring_size = {ulysses_size} x {ring_size} = "
-                         f"{ulysses_size * ring_size} must equal the world size {world}")
+    block = ulysses_size * ring_size
+    if world % block:
+        raise ValueError(f"make_groups: ulysses_size x ring_size = {ulysses_size} x {ring_size} = {block} "
+                         f"must divide the world size {world} (the world is tiled with SP blocks of that size)")
     mine_u = mine_r = None
-    for r in range(ring_size):
-        ranks = [r * ulysses_size + u for u in range(ulysses_size)]
-        g = dist.new_group(ranks, backend=backend)
-        if rank in ranks:
-            mine_u = g
-    for u in range(ulysses_size):
-        ranks = [r * ulysses_size + u for r in range(ring_size)]
-        g = dist.new_group(ranks, backend=backend)
-        if rank in ranks:
-            mine_r = g
-    return SPGroups(ulysses=mine_u, ring=mine_r, ulysses_rank=rank % ulysses_size,
-                    ring_rank=rank // ulysses_size)
+    for base in range(0, world, block):  # every rank creates every group, in one order
+        for r in range(ring_size):
+            ranks = [base + r * ulysses_size + u for u in range(ulysses_size)]
+            g = dist.new_group(ranks, backend=backend)
+            if rank in ranks:
+                mine_u = g
+        for u in range(ulysses_size):
+            ranks = [base + r * ulysses_size + u for r in range(ring_size)]
+            g = dist.new_group(ranks, backend=backend)
+            if rank in ranks:
+                mine_r = g
+    in_block = rank % block
+    return SPGroups(ulysses=mine_u, ring=mine_r, ulysses_rank=in_block % ulysses_size,
+                    ring_rank=in_block // ulysses_size)
+
+
+def group_ranks(group) -> list[int]:
+    """The global ranks of ``group`` (None: the world)."""
+    return dist.get_process_group_ranks(dist.group.WORLD if group is None else group)

@@ -24,9 +24,9 @@ def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], 
     (its ``out_i`` must be finite, as attnlib returns 0 there). The combine runs in float32
     (float64 when an input is float64) and is differentiable in every ``out_i`` and ``lse_i``.
 
-    Returns (out, lse): out in the layout and dtype of ``outs[0]``, lse float32 (float64 if
-    the lses were float64) of shape (B, H, S); both are new tensors, never one of the inputs
-    (a single part is copied).
+    Returns (out, lse): out in the layout and dtype of ``outs[0]``, lse float32 (float64 if an
+    lse was float64; the combine itself runs in float64 when any input is) of shape (B, H, S);
+    both are new tensors, never one of the inputs (a single part is copied).
     """
     layout = check_layout(layout)
     outs, lses = list(outs), list(lses)
@@ -40,16 +40,18 @@ def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], 
             if not t.is_floating_point():
                 raise TypeError(f"merge_attention: {name}[{i}] must be floating point, got {t.dtype}")
     shape, lse_shape = outs[0].shape, lses[0].shape
-    want_lse = (shape[0], shape[1], shape[2]) if layout == "bhsd" else (shape[0], shape[2], shape[1])
     for i, (o, l) in enumerate(zip(outs, lses)):
         if o.shape != shape or l.shape != lse_shape:
             raise ValueError(f"merge_attention: part {i} has out {tuple(o.shape)}, lse {tuple(l.shape)}; "
                              f"part 0 has out {tuple(shape)}, lse {tuple(lse_shape)}")
-    if len(shape) != 4 or tuple(lse_shape) != want_lse:
-        raise ValueError(f"merge_attention ({layout}): out must be 4-D and lse (B, H, S) = {want_lse}, "
-                         f"got out {tuple(shape)}, lse {tuple(lse_shape)}")
+    want_lse = None
+    if len(shape) == 4:
+        want_lse = (shape[0], shape[1], shape[2]) if layout == "bhsd" else (shape[0], shape[2], shape[1])
+    if want_lse is None or tuple(lse_shape) != want_lse:
+        raise ValueError(f"merge_attention ({layout}): out must be 4-D and lse (B, H, S) = "
+                         f"{want_lse or '(out dims 0..2)'}, got out {tuple(shape)}, lse {tuple(lse_shape)}")
+    lse_dtype = torch.float64 if any(l.dtype == torch.float64 for l in lses) else torch.float32
     if len(outs) == 1:  # copies, so the caller never gets its own tensor back as the result
-        lse_dtype = torch.float64 if lses[0].dtype == torch.float64 else torch.float32
         return outs[0].clone(), lses[0].to(lse_dtype, copy=True)
 
     wide = any(t.dtype == torch.float64 for t in outs + lses)
@@ -67,4 +69,4 @@ def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], 
     if layout == "bshd":
         w = w.transpose(-1, -2)                                         # (N, B, S, H)
     out = sum(wi.unsqueeze(-1) * o.to(ct) for wi, o in zip(w.unbind(0), outs))
-    return out.to(outs[0].dtype), lse_out
+    return out.to(outs[0].dtype), lse_out.to(lse_dtype)

@@ -43,6 +43,21 @@ def require_initialized(what: str) -> None:
         raise RuntimeError(f"{what} needs torch.distributed initialised (torch.distributed.init_process_group)")
 
 
+def check_ring_method(method, what: str, needs_grad: bool) -> str:
+    """The ring merges each step's partial result by its lse and computes the backward of exact
+    softmax itself: only flash qualifies for training, sage (forward-only, as sage_attention) for
+    inference. Checked before any exchange, on every rank alike."""
+    check_method(method)
+    if method not in ("flash", "sage"):
+        raise ValueError(f"{what} runs ring attention, which merges each step's partial result by its lse, so "
+                         f"its method must be 'flash' or 'sage' (softmax with lse and no required option), "
+                         f"got {method!r}")
+    if method == "sage" and needs_grad:
+        raise ValueError(f"{what}(method='sage') is forward-only, as sage_attention is: q, k or v requires grad. "
+                         f"Use method='flash' to train, or run under torch.no_grad()")
+    return method
+
+
 def visible_blocks(rank: int, src: int, seq: int, *, causal: bool, zigzag: bool, seq_k: Optional[int] = None):
     """(query rows, key rows, causal) blocks of rank ``rank``'s queries against rank ``src``'s
     K/V shard that have visible pairs, given local shard length ``seq`` (of the queries) and
@@ -134,6 +149,7 @@ class _RingAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: it raises, never returns a constant
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         group, causal, zigzag, scale = ctx.group, ctx.causal, ctx.zigzag, ctx.scale
@@ -188,32 +204,34 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
     (rank r holds the r-th slice; correct but rank P-1 does P times the work of rank 0).
 
     The local attention runs through ``attnlib.attention(method=..., backend=...)`` and must
-    return lse (method "flash" or "sage"). The backward is that of exact softmax attention,
-    computed blockwise in PyTorch. No rank holds more than two K/V shards at a time.
+    return lse: method "flash", or "sage" for inference (forward-only, as sage_attention: inputs
+    that require grad are refused). The backward is that of exact softmax attention, computed
+    blockwise in PyTorch (no double backward). No rank holds more than two K/V shards at a time.
 
     Returns the local output shard in the input's layout and dtype, and with ``return_lse``
     also its lse (B, Hq, S/P), float32.
     """
     require_initialized("ring_attention")
-    check_method(method)
-    if method not in ("flash", "sage"):
-        raise ValueError(f"ring_attention merges each step's partial result by its lse, so its method must be "
-                         f"'flash' or 'sage' (softmax with lse and no required option), got {method!r}")
     layout = check_layout(layout)
-    if not isinstance(causal, bool) or not isinstance(zigzag, bool):
-        raise TypeError("causal and zigzag must be bools")
+    for name, flag in (("causal", causal), ("zigzag", zigzag)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"ring_attention: {name} must be a bool, got {type(flag).__name__}")
     qb, kb, vb = validate_qkv(q, k, v, layout)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qb, kb, vb))
+    check_ring_method(method, "ring_attention", needs_grad)
     scale = check_scale(scale, qb.shape[3])
     world = comm.group_size(group)
+    # the shapes are agreed first: a rule checked on one rank's shape alone would let that rank
+    # raise while the others wait for it in the next collective
+    comm.check_same_shapes("ring_attention", {
+        "batch": qb.shape[0], "heads_q": qb.shape[1], "heads_kv": kb.shape[1], "seq_q": qb.shape[2],
+        "seq_k": kb.shape[2], "head_dim": qb.shape[3], "head_dim_v": vb.shape[3]}, group, qb.device)
     if causal and qb.shape[2] != kb.shape[2]:
         raise ValueError(f"ring_attention(causal=True) needs query and key shards of one length "
                          f"(self-attention), got {qb.shape[2]} and {kb.shape[2]}")
     if causal and zigzag and world > 1 and qb.shape[2] % 2:
         raise ValueError(f"ring_attention(causal=True): a zigzag shard holds two equal chunks, so its "
                          f"length must be even, got {qb.shape[2]}")
-    comm.check_same_shapes("ring_attention", {
-        "batch": qb.shape[0], "heads_q": qb.shape[1], "heads_kv": kb.shape[1], "seq_q": qb.shape[2],
-        "seq_k": kb.shape[2], "head_dim": qb.shape[3], "head_dim_v": vb.shape[3]}, group, qb.device)
     out, lse = _RingAttention.apply(qb, kb, vb, group, causal, zigzag, scale, method, backend, layout)
     out = from_bhsd(out, layout)
     return (out, lse) if return_lse else out

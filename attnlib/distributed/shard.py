@@ -49,8 +49,8 @@ def usp_shard(x: torch.Tensor, *, ulysses_rank: int, ulysses_size: int, ring_ran
 
 def usp_unshard(shards: Sequence[torch.Tensor], *, ulysses_size: int, ring_size: int, dim: int,
                 zigzag: bool = False) -> torch.Tensor:
-    """Inverse of :func:`usp_shard` from the shards in global rank order
-    (global rank = ring_rank * ulysses_size + ulysses_rank, as :func:`make_groups` lays out)."""
+    """Inverse of :func:`usp_shard` from the shards of one SP block in rank order
+    (rank in the block = ring_rank * ulysses_size + ulysses_rank, as :func:`make_groups` lays out)."""
     if len(shards) != ulysses_size * ring_size:
         raise ValueError(f"usp_unshard: expected {ulysses_size * ring_size} shards, got {len(shards)}")
     ring_shards = [torch.cat(list(shards[r * ulysses_size:(r + 1) * ulysses_size]), dim=dim)

@@ -13,6 +13,7 @@ part against the other groups' parts, the all-to-all scatters back.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -21,7 +22,10 @@ import torch.distributed as dist
 from ..dispatch import check_method
 from ..inputs import check_layout, validate_qkv
 from . import comm
-from .ring import require_initialized, ring_attention
+from .ring import check_ring_method, require_initialized, ring_attention
+
+# method options indexed by query head on dim 1, which the local attention must see for its own heads
+_HEAD_INDEXED_OPTIONS = ("block_mask",)
 
 
 def kv_replication(heads_q: int, heads_kv: int, world: int) -> int:
@@ -41,15 +45,63 @@ def kv_replication(heads_q: int, heads_kv: int, world: int) -> int:
     return target // heads_kv
 
 
+# id(option tensor) -> (weak reference to it, {(start, count): slice}); an entry leaves with its tensor
+_HEAD_SLICES: dict = {}
+
+
+def _head_slice(t: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """``t[:, start:start + count]``, the same tensor object on every call for one ``t``, so the
+    block-index cache (keyed by mask object and version) still hits across layers and steps.
+    Cut from ``t.detach()``: it shares t's version counter (in-place writes to t are seen) and
+    holds no reference to t itself, so t and, through the weak reference, its entry die together."""
+    key = id(t)
+    entry = _HEAD_SLICES.get(key)
+    if entry is None or entry[0]() is not t:
+        def drop(ref, key=key):
+            if _HEAD_SLICES.get(key, (None,))[0] is ref:
+                del _HEAD_SLICES[key]
+        entry = _HEAD_SLICES[key] = (weakref.ref(t, drop), {})
+    memo = entry[1]
+    if (start, count) not in memo:
+        memo[(start, count)] = t.detach().narrow(1, start, count)
+    return memo[(start, count)]
+
+
+def _local_head_options(options: dict, *, heads_q: int, rank: int, world: int, what: str) -> dict:
+    """Options indexed by query head (block_mask) for this rank's heads [rank H/P, (rank+1) H/P):
+    given for all Hq heads, each rank takes its rows; one head (for every head) or this rank's Hq/P
+    pass as they are; anything else is refused here, before any exchange, naming the global count."""
+    local = heads_q // world
+    out = dict(options)
+    for name in _HEAD_INDEXED_OPTIONS:
+        t = options.get(name)
+        if world == 1 or not isinstance(t, torch.Tensor) or t.dim() != 4:
+            continue  # the method's own validation judges it
+        h = t.shape[1]
+        if h == heads_q:
+            out[name] = _head_slice(t, rank * local, local)
+        elif h not in (1, local):
+            raise ValueError(f"{what}: {name} must cover all {heads_q} query heads (each rank applies the "
+                             f"{local} of its own), this rank's {local}, or 1 head for all; got {h} heads "
+                             f"(shape {tuple(t.shape)})")
+    return out
+
+
 def _ulysses(q, k, v, *, group, layout: str, local: Callable, return_lse: bool, what: str):
     """all-to-all (seq -> heads), ``local(q, k, v) -> (out, lse)`` in ``layout``, all-to-all back."""
     layout = check_layout(layout)
     qb, kb, vb = validate_qkv(q, k, v, layout)
     world = comm.group_size(group)
-    rep = kv_replication(qb.shape[1], kb.shape[1], world)
+    # the shapes are agreed first: a rule checked on one rank's shape alone (heads % world) would
+    # let that rank raise while the others wait for it in the next collective
     comm.check_same_shapes(what, {
         "batch": qb.shape[0], "heads_q": qb.shape[1], "heads_kv": kb.shape[1], "seq_q": qb.shape[2],
         "seq_k": kb.shape[2], "head_dim": qb.shape[3], "head_dim_v": vb.shape[3]}, group, qb.device)
+    if qb.shape[1] % world:
+        raise ValueError(f"{what}: Ulysses splits heads over the group: query heads ({qb.shape[1]}) must be a "
+                         f"multiple of the group size ({world}); a smaller Ulysses group with ring attention "
+                         f"across groups (usp_attention, make_groups) or ring_attention alone has no such limit")
+    rep = kv_replication(qb.shape[1], kb.shape[1], world)
     head_dim, seq_dim = (1, 2) if layout == "bhsd" else (2, 1)
     if rep > 1:
         k, v = (t.repeat_interleave(rep, dim=head_dim) for t in (k, v))
@@ -73,11 +125,19 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     needed (:func:`kv_replication`). The local attention is ``attnlib.attention`` with
     ``method``, ``backend``, ``causal``, ``scale`` and ``method_options`` on the whole sequence
     of Hq/P heads, so its backward is the method's own, and autograd runs through the
-    all-to-alls. Returns this rank's output shard (and lse (B, Hq, S/P) with ``return_lse``).
+    all-to-alls. A per-head option (block_mask) is given as for single-process attention, over
+    all Hq heads (or one head for all), and each rank applies its own heads' rows. Returns this
+    rank's output shard (and lse (B, Hq, S/P) with ``return_lse``).
     """
     require_initialized("ulysses_attention")
     check_method(method)
     from ..api import attention
+
+    qb, _, _ = validate_qkv(q, k, v, check_layout(layout))
+    world = comm.group_size(group)
+    if qb.shape[1] % world == 0:  # else _ulysses refuses the head count after the shape agreement
+        method_options = _local_head_options(method_options, heads_q=qb.shape[1], rank=comm.group_rank(group),
+                                             world=world, what="ulysses_attention")
 
     def local(q, k, v):
         r = attention(q, k, v, method=method, backend=backend, layout=layout, causal=causal, scale=scale,
@@ -92,7 +152,8 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses_
                   ring_group: Optional[dist.ProcessGroup], method: str = "flash", backend: str = "auto",
                   layout: str = "bshd", causal: bool = False, scale: Optional[float] = None,
                   return_lse: bool = False):
-    """Ulysses inside ``ulysses_group``, ring attention across ``ring_group`` (from :func:`make_groups`).
+    """Ulysses inside ``ulysses_group``, ring attention across ``ring_group`` (from :func:`make_groups`;
+    the two groups must cross in this rank alone).
 
     Shard the sequence with :func:`usp_shard` (``zigzag=causal``): each ring rank's part of
     the sequence (zigzag when causal) is cut into ulysses_size contiguous pieces. Hq must be a
@@ -100,7 +161,13 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses_
     layout (and lse (B, Hq, S/P) with ``return_lse``).
     """
     require_initialized("usp_attention")
-    check_method(method)
+    needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v))
+    check_ring_method(method, "usp_attention", needs_grad)  # before the first exchange
+    shared = set(comm.group_ranks(ulysses_group)) & set(comm.group_ranks(ring_group))
+    if len(shared) > 1:  # the ring would treat another rank's heads (or the same tokens) as new keys
+        raise ValueError(f"usp_attention: ulysses_group and ring_group share ranks {sorted(shared)}; they must "
+                         f"cross in this rank alone (None means the world for either): build them with "
+                         f"make_groups")
 
     def local(q, k, v):
         return ring_attention(q, k, v, group=ring_group, method=method, backend=backend, layout=layout,
