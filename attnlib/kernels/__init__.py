@@ -18,6 +18,7 @@ KERNEL_MODULES = (
     "attnlib.kernels.block_sparse_triton",
     "attnlib.kernels.block_sparse_cuda",
     "attnlib.kernels.linear_triton",
+    "attnlib.kernels.linear_torch_chunked",
     "attnlib.kernels.sla_triton",
     "attnlib.kernels.sla_torch_chunked",
     "attnlib.kernels.asymrnr_torch",

@@ -1,6 +1,7 @@
 """The pure-PyTorch references as torch-backend kernels: CPU fallback (and fp64) for every method
-(flash, block_sparse and sage in fp16/bf16/fp32 fall back to flash-torch-chunked,
-block_sparse-torch-chunked and sage-torch-chunked first, which hold no N x N scores)."""
+(flash, block_sparse, sage and linear in fp16/bf16/fp32 fall back to flash-torch-chunked,
+block_sparse-torch-chunked, sage-torch-chunked and linear-torch-chunked first, which hold no
+N x N scores, nor linear's per-key D x Dv prefix states)."""
 from __future__ import annotations
 
 import torch
