@@ -302,3 +302,20 @@ def test_backward_peak_memory(seq, head_dim, monkeypatch):
     tensor, states = 4 * q.numel(), 4 * 2 * (seq // 64) * head_dim ** 2
     bound = 3 * tensor + 2 * states + 3 * budget  # before: 12.1 and 10.6 MiB against 10 and 7 MiB
     assert peak <= bound, f"peak {peak / 2**20:.2f} MiB > {bound / 2**20:.2f} MiB"
+
+
+def test_backward_runs_under_a_torch_dispatch_mode():
+    """FlopCounterMode (how training scripts measure MFU) keeps a TorchDispatchMode on the stack
+    through the backward; torch.func.vjp of the feature map failed there ("Cannot access data
+    pointer of Tensor that doesn't have storage"). The same gradients with and without it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = make_qkv(1, 2, 70, 16, kv_heads=1, requires_grad=True, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    w, b = torch.randn(16, 16, generator=gen), torch.randn(16, generator=gen)
+    kw = dict(critical=0.3, negligible=0.2, block_size=(16, 16), feature_map="elu", backend="torch")
+    want = torch.autograd.grad(attnlib.sla_attention(q, k, v, w, b, **kw).square().sum(), (q, k, v))
+    with FlopCounterMode(display=False):
+        got = torch.autograd.grad(attnlib.sla_attention(q, k, v, w, b, **kw).square().sum(), (q, k, v))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)

@@ -110,24 +110,29 @@ def _row_dot(rows: torch.Tensor, per_position: torch.Tensor, group: int) -> torc
     return dot.view(b, hkv, group * c, 1)
 
 
-def _phi_with_grad(name: str, x: torch.Tensor):
-    """(phi(x), g -> g's pull-back through phi): the derivative written out for the four maps,
-    without torch.func.vjp, which fails inside the op under a TorchDispatchMode such as
-    FlopCounterMode (functorch's wrappers find no storage there) and holds more full-size
-    temporaries; any other map falls back to it. The pull-back may overwrite g and phi(x) (a
-    fresh allocation of this size costs page faults), so it comes after phi(x)'s last use."""
-    phi = feature_map_fn(name)
-    px = phi(x)
+def phi_pullback(name: str, x: torch.Tensor, px: torch.Tensor, g: torch.Tensor, inplace: bool = False):
+    """g pulled back through the feature map phi at x (px = phi(x)): the derivative written out
+    for the four maps, without torch.func.vjp, which fails inside the op under a TorchDispatchMode
+    such as FlopCounterMode (functorch's wrappers find no storage there) and holds more full-size
+    temporaries. inplace: may overwrite g and px (a fresh allocation of this size costs page
+    faults), so the caller must be done with px."""
     if name == "elu":  # d(elu(x) + 1)/dx is 1 above 0 and exp(x) = phi(x) <= 1 at and below
-        return px, lambda g: g.mul_(px.clamp_(max=1.0))
+        return g.mul_(px.clamp_(max=1.0)) if inplace else g * px.clamp(max=1.0)
     if name == "relu":  # 0 at x = 0, as torch's relu backward
-        return px, lambda g: g.masked_fill_(x <= 0, 0.0)
+        return g.masked_fill_(x <= 0, 0.0) if inplace else g.masked_fill(x <= 0, 0.0)
     if name == "softmax":  # over head_dim: s * (g - g . s)
-        return px, lambda g: g.sub_((g * px).sum(dim=-1, keepdim=True)).mul_(px)
+        if inplace:
+            return g.sub_((g * px).sum(dim=-1, keepdim=True)).mul_(px)
+        return (g - (g * px).sum(dim=-1, keepdim=True)) * px
     if name == "identity":
-        return px, lambda g: g
-    px, vjp = torch.func.vjp(phi, x)
-    return px, lambda g: vjp(g)[0]
+        return g
+    return torch.func.vjp(feature_map_fn(name), x)[1](g)[0]
+
+
+def _phi_with_grad(name: str, x: torch.Tensor):
+    """(phi(x), g -> g's pull-back through phi, in place: after phi(x)'s last use)."""
+    px = feature_map_fn(name)(x)
+    return px, lambda g: phi_pullback(name, x, px, g, inplace=True)
 
 
 # -- non-causal -----------------------------------------------------------------------------------

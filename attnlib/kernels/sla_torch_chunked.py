@@ -17,7 +17,8 @@ linear branch forms h_j = phi(K_j)^T V_j and z_j = sum phi(K_j) per key block on
 of query blocks, each query block's marginal sums H_i, Z_i as a masked product of the block map
 with those states, O_l = phi(Q) H_i / (phi(Q) . Z_i + 1e-6). Its backward runs the same chunks:
 dH_i, dZ_i go back to every key block through the transposed masked product, then to phi(K) and
-V; phi's own gradient is torch.func.vjp of the feature map (a custom op runs with autograd off).
+V; phi's own gradient is written out (linear_torch_chunked.phi_pullback: torch.func.vjp fails in
+the op under a TorchDispatchMode such as FlopCounterMode).
 Memory beyond inputs and outputs: float32 copies of q, k, v (for half inputs), a few score
 budgets, the states (B x Hkv x Mk x D x Dv: 2x K's size in float32 at D = Dv = 128 and 64-key
 blocks) and in the backward their gradient, freed before phi(K)'s backward; the linear branch's
@@ -38,6 +39,7 @@ from ..reference.linear import feature_map_fn
 from ..reference.sla import CRITICAL, LINEAR_EPS, MARGINAL, sla_block_classes
 from . import flash_torch_chunked as flash_chunked
 from .block_sparse_torch_chunked import blocked_rows
+from .linear_torch_chunked import phi_pullback
 from .flash_torch_chunked import RowMask
 
 
@@ -98,12 +100,12 @@ class LinearBranch:
     def __init__(self, inp32: AttentionInputs, classes: torch.Tensor, with_grad: bool = False):
         self.inp = inp32
         self.block_q, self.block_k = tuple(inp32.options["block_size"])
-        self.phi = feature_map_fn(inp32.options["feature_map"])
+        self.feature = inp32.options["feature_map"]
+        self.phi = feature_map_fn(self.feature)
         self.marginal = (classes == MARGINAL).float()
-        if with_grad:
-            pk, self.phi_k_vjp = torch.func.vjp(self.phi, inp32.k)
-        else:
-            pk = self.phi(inp32.k)
+        pk = self.phi(inp32.k)
+        # phi(K) for its pull-back at the end of the backward (pk_b may be a view of it)
+        self.pk = pk if with_grad else None
         self.pk_b, self.v_b = _padded_blocks(pk, self.block_k), _padded_blocks(inp32.v, self.block_k)
         self.h = self.pk_b.transpose(-1, -2) @ self.v_b
         self.z = self.pk_b.sum(dim=-2)
@@ -158,7 +160,8 @@ class LinearBranch:
         dz = torch.zeros(self.z.shape, dtype=torch.float32, device=inp.device)
         for i0, i1, r0, r1 in self.chunks():
             big_h, big_z = self.row_states(i0, i1)
-            pq, phi_q_vjp = torch.func.vjp(self.phi, inp.q[:, :, r0:r1])
+            q_rows = inp.q[:, :, r0:r1]
+            pq = self.phi(q_rows)
             pq_b = _padded_blocks(pq, bq)
             o_l, inv = self.rows(pq_b, big_h, big_z)
             o_l_rows = _unpadded(o_l, r1 - r0)
@@ -168,7 +171,7 @@ class LinearBranch:
             dnum = _padded_blocks(do @ w, bq).mul_(inv)
             dden = (dnum * o_l).sum(dim=-1, keepdim=True).neg_()
             dpq_b = dnum @ big_h.transpose(-1, -2) + dden * big_z.unsqueeze(-2)
-            dq[:, :, r0:r1] = phi_q_vjp(_unpadded(dpq_b, r1 - r0))[0]
+            dq[:, :, r0:r1] = phi_pullback(self.feature, q_rows, pq, _unpadded(dpq_b, r1 - r0))
             # H_i = sum of h_j over its marginal j: each key block gathers dH_i of the query
             # blocks (and query heads of its group) for which it is marginal, added in place
             # (baddbmm_: the product alone would be a temporary as large as dh, every chunk)
@@ -184,7 +187,7 @@ class LinearBranch:
         dpk_b = (self.v_b @ dh.transpose(-1, -2)).add_(dz.unsqueeze(-2))
         dv_l = _unpadded(self.pk_b @ dh, sk)
         del dh, dz
-        return dq, self.phi_k_vjp(_unpadded(dpk_b, sk))[0], dv_l, dw
+        return dq, phi_pullback(self.feature, inp.k, self.pk, _unpadded(dpk_b, sk)), dv_l, dw
 
 
 def critical_backward(inp32: AttentionInputs, lse: torch.Tensor, dout: torch.Tensor, blocked: RowMask,
