@@ -22,7 +22,7 @@ from attnlib.kernels import linear_torch_chunked as chunked
 from attnlib.reference import linear_reference
 from attnlib.testing import assert_flash_rule, make_qkv
 
-from test_flash_torch_chunked import dtype_id, peak_cpu_bytes, to_bhsd
+from test_flash_torch_chunked import case_id, dtype_id, peak_cpu_bytes, to_bhsd
 
 KERNEL = "linear-torch-chunked"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -88,10 +88,6 @@ CASES = [
     (1, 8, 2, 47, 129, 64, 64, False, "bshd"),    # GQA, non-causal
     (2, 4, 2, 17, 300, 12, 28, False, "bhsd"),    # non-causal, dv != d
 ]
-
-
-def case_id(c) -> str:
-    return "b{}h{}kv{}q{}k{}d{}dv{}{}-{}".format(*c[:7], "-causal" if c[7] else "", c[8])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
