@@ -287,3 +287,33 @@ def attention_with_grad(q, k, v, method: str, backend: str, layout: str, causal:
     take this path; the rest, and torch.compile, call the op and its registered autograd)."""
     return attnlib_attention.apply(q, k, v, method, backend, layout, causal, scale, return_lse, True,
                                  *(options[n] for n in OPTION_NAMES))
+
+
+def _dense_shapes(names: tuple, args: tuple, kwargs: dict):
+    """(method, q, k, v shapes as bhsd) of an op call as a dispatch mode sees it."""
+    a = dict(zip(names, args), **kwargs)
+    return a["method"], *(tuple(to_bhsd(a[n], a["layout"]).shape) for n in ("q", "k", "v"))
+
+
+def _register_flop_formulas() -> None:
+    """FlopCounterMode (how training scripts measure MFU) counts attnlib's ops like torch's SDPA
+    (torch's own formulas: QK^T and PV forward, with the recompute backward), for method flash;
+    the op is opaque to it otherwise and counted 0. Sparse, quantized and linear methods do less
+    or other work than dense attention and get no formula rather than a wrong one."""
+    try:
+        from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+    except ImportError:  # pragma: no cover - a torch without them
+        return
+
+    @register_flop_formula(torch.ops.attnlib.attention, get_raw=True)
+    def _attention_flops(*args, out_val=None, **kwargs) -> int:
+        method, q, k, v = _dense_shapes(_FWD_NAMES, args, kwargs)
+        return sdpa_flop_count(q, k, v) if method == "flash" else 0
+
+    @register_flop_formula(torch.ops.attnlib.attention_backward, get_raw=True)
+    def _attention_backward_flops(*args, out_val=None, **kwargs) -> int:
+        method, q, k, v = _dense_shapes(_BWD_NAMES, args, kwargs)
+        return sdpa_backward_flop_count((*q[:3], v[3]), q, k, v) if method == "flash" else 0
+
+
+_register_flop_formulas()

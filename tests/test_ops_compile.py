@@ -225,3 +225,42 @@ def test_gpu_cuda_graph_capture_and_replay(backend):
         torch.cuda.synchronize()
         ref = attnlib.flash_attention(q, k, v, backend="torch")
         assert_verbose_allclose(out, ref, atol=2e-2)
+
+
+def test_flop_counter_counts_flash_like_torch_sdpa():
+    """FlopCounterMode sees attnlib's op as one opaque call: flash gets torch's SDPA formulas
+    (forward QK^T + PV, backward with the recompute: 2.5x), with GQA counted per query head;
+    other methods are not dense attention and count 0 rather than a wrong number."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    b, hq, hkv, sq, sk, d = 2, 4, 2, 40, 56, 16
+    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, layout="bshd", requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        attnlib.flash_attention(q, k, v, layout="bshd", causal=True).sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    fwd = 4 * b * hq * sq * sk * d
+    assert counts["attnlib.attention"] == fwd and counts["attnlib.attention_backward"] == fwd * 5 // 2, counts
+    with FlopCounterMode(display=False) as counter:
+        attnlib.linear_attention(q, k, v, layout="bshd").sum().backward()
+    assert counter.get_total_flops() == 0
+
+
+@pytest.mark.parametrize("method,options", [("linear", {}), ("linear", {"causal": True}), ("flash", {}),
+                                            ("block_sparse", None)])
+def test_backward_under_flop_counter_equals_plain(method, options):
+    """Under a TorchDispatchMode the kernels' backward must not rely on torch.func.vjp (its
+    wrappers have no storage there): linear's backward pulled gradients through phi with it and
+    failed under FlopCounterMode (on a GPU too). Same gradients with the mode as without."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = make_qkv(1, 4, 37, 16, kv_heads=2, seq_k=45, requires_grad=True)
+    if method == "block_sparse":
+        mask = torch.rand(1, 4, 3, 3, generator=torch.Generator().manual_seed(3)) > 0.4
+        call = lambda: attnlib.block_sparse_attention(q, k, v, mask, block_size=(16, 16))  # noqa: E731
+    else:
+        call = lambda: attnlib.attention(q, k, v, method=method, **options)  # noqa: E731
+    want = torch.autograd.grad(call().square().sum(), (q, k, v))
+    with FlopCounterMode(display=False):
+        got = torch.autograd.grad(call().square().sum(), (q, k, v))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)

@@ -29,6 +29,18 @@ def _phi_torch(name: str):
     }[name]
 
 
+def _phi_pullback(name: str, x: torch.Tensor, px: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """g pulled back through phi at x (px = phi(x)), written out: torch.func.vjp fails inside the
+    op under a TorchDispatchMode such as FlopCounterMode (functorch's wrappers have no storage)."""
+    if name == "elu":  # 1 above 0, exp(x) = phi(x) <= 1 at and below
+        return g * px.clamp(max=1.0)
+    if name == "relu":  # 0 at x = 0, as torch's relu backward
+        return g.masked_fill(x <= 0, 0.0)
+    if name == "softmax":  # over head_dim
+        return (g - (g * px).sum(dim=-1, keepdim=True)) * px
+    return g  # identity
+
+
 def linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, feature: str,
                causal: bool, eps: float) -> torch.Tensor:
     """Write phi(Q) (phi(K)^T V) / (phi(Q) . sum phi(K) + eps) into out (bhsd views; causal
@@ -53,8 +65,8 @@ def linear_bwd(dout, q, k, v, out, *, feature: str, causal: bool, eps: float):
     phi = _phi_torch(feature)
     hkv = k.shape[1]
     group = q.shape[1] // hkv
-    pq, vjp_q = torch.func.vjp(phi, q.float())
-    pk, vjp_k = torch.func.vjp(phi, k.float())
+    q32, k32 = q.float(), k.float()
+    pq, pk = phi(q32), phi(k32)
     g = dout.float()
     # bf16 inputs: the kernels' operands in bf16 (as the forward multiplies: phi formed in fp32 and
     # rounded; accumulations fp32), their tensor cores instead of tf32x3 on fp32 copies (three
@@ -77,6 +89,6 @@ def linear_bwd(dout, q, k, v, out, *, feature: str, causal: bool, eps: float):
     dpq += dd[..., None] * z.repeat_interleave(group, dim=1)[:, :, None, :]
     dpk = kernels.apply(low(v), ds.transpose(-1, -2), None, torch.empty_like(pk), "identity") + dz[:, :, None, :]
     dv = kernels.apply(low(pk), ds, None, torch.empty(v.shape, dtype=torch.float32, device=v.device), "identity")
-    (dq,) = vjp_q(dpq)
-    (dk,) = vjp_k(dpk)
+    dq = _phi_pullback(feature, q32, pq, dpq)
+    dk = _phi_pullback(feature, k32, pk, dpk)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
