@@ -218,10 +218,15 @@ def test_backward_is_its_own_and_never_runs_the_reference(monkeypatch):
     monkeypatch.setattr(ref_pkg, "sla_reference", fail)
     monkeypatch.setattr(Kernel, "backward", lambda *a, **kw: pytest.fail("Kernel.backward (vjp) ran"))
     ran = []
-    real = sla_chunked.critical_backward
-    monkeypatch.setattr(sla_chunked, "critical_backward", lambda *a, **kw: ran.append(1) or real(*a, **kw))
-    no_delta_from_out = lambda *a, **kw: pytest.fail("delta from the saved output")  # noqa: E731
-    monkeypatch.setattr(chunked, "chunked_backward", no_delta_from_out)
+    real = chunked.chunked_backward
+
+    def spy(inp, out, *a, **kw):
+        if out is not None:
+            pytest.fail("delta from the saved output")
+        ran.append(1)
+        return real(inp, out, *a, **kw)
+
+    monkeypatch.setattr(chunked, "chunked_backward", spy)
     q, k, v, w, b, kw = case_inputs(CASES[2], torch.float16)
     out = attnlib.sla_attention(q, k, v, w, b, backend="torch", **kw)
     torch.autograd.grad(out.float().sum(), (q, k, v, w, b))

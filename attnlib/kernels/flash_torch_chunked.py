@@ -120,38 +120,58 @@ def chunked_forward(inp: AttentionInputs, budget: int | None = None, blocked: Ro
     return out, lse
 
 
-def chunked_backward(inp: AttentionInputs, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-                     dlse: torch.Tensor | None, budget: int | None = None, blocked: RowMask | None = None):
+def chunked_backward(inp: AttentionInputs, out: torch.Tensor | None, lse: torch.Tensor, dout: torch.Tensor,
+                     dlse: torch.Tensor | None, budget: int | None = None, blocked: RowMask | None = None,
+                     into: tuple | None = None):
     """FlashAttention-2's backward from the saved out and lse, over the same query chunks:
-    (dq, dk, dv) in the inputs' dtype and the caller's layout (bhsd views)."""
+    (dq, dk, dv) in the inputs' dtype and the caller's layout (bhsd views).
+
+    out None: each row's D = dO . O comes from the chunk's own P and dP = dO V^T as rowsum(P * dP)
+    (the same sum), for a caller whose saved output is not this softmax's O (sla saves
+    O_s + O_l W^T + b rounded, from which O_s cannot be taken back where the rest dominates).
+    into: float32 (dq, dk, dv) buffers, in the caller's layout, that the gradients are added to
+    and returned (float32) instead of fresh ones."""
     b, hq, hkv, sq, sk = inp.batch, inp.heads_q, inp.heads_kv, inp.seq_q, inp.seq_k
-    dq = _empty_like_layout(inp, inp.q, inp.dtype)
-    dk = _empty_like_layout(inp, inp.k, torch.float32).zero_()
-    dv = _empty_like_layout(inp, inp.v, torch.float32).zero_()
+    if into is None:
+        dq = _empty_like_layout(inp, inp.q, inp.dtype)
+        dk = _empty_like_layout(inp, inp.k, torch.float32).zero_()
+        dv = _empty_like_layout(inp, inp.v, torch.float32).zero_()
+    else:
+        dq, dk, dv = into
     kf, vf = inp.k.float(), inp.v.float()
     step = rows_per_chunk(b, hq, sq, sk, budget)
     for r0 in range(0, sq if dq.numel() else 0, step):
         r1 = min(sq, r0 + step)
         kend = _visible_keys(inp, r1)
-        if kend == 0:
-            dq[:, :, r0:r1] = 0
+        if kend == 0:  # no row of the chunk sees a key
+            if into is None:
+                dq[:, :, r0:r1] = 0
             continue
         qc, do = _rows(inp.q, hkv, r0, r1), _rows(dout, hkv, r0, r1)
-        # D = rowsum(dO * O); a gradient into lse adds P * dlse to dS: fold it into D
-        delta = (do * _rows(out, hkv, r0, r1)).sum(-1, keepdim=True)
-        if dlse is not None:
-            delta = delta - _rows(dlse.unsqueeze(-1), hkv, r0, r1)
         row_lse = _rows(lse.unsqueeze(-1), hkv, r0, r1)
         # a row that sees nothing (lse -inf) has P = 0: exp(s - inf)
         row_lse = torch.where(row_lse == float("-inf"), torch.full_like(row_lse, float("inf")), row_lse)
         kc, vc = kf[:, :, :kend], vf[:, :, :kend]
         p = _scores(inp, qc, kc, r0, r1, blocked).sub_(row_lse).exp_()
         dv[:, :, :kend] += torch.matmul(p.transpose(-1, -2), do)
-        ds = torch.matmul(do, vc.transpose(-1, -2)).sub_(delta).mul_(p)
-        del p
-        dq[:, :, r0:r1] = _to_heads(torch.matmul(ds, kc).mul_(inp.scale), hq, r1 - r0)
+        dp = torch.matmul(do, vc.transpose(-1, -2))
+        if out is None:  # rowsum(P * dP) as a batch of dot products: no third (rows, keys) tensor
+            delta = torch.matmul(p.unsqueeze(-2), dp.unsqueeze(-1)).squeeze(-1)
+        else:
+            delta = (do * _rows(out, hkv, r0, r1)).sum(-1, keepdim=True)
+        if dlse is not None:  # a gradient into lse adds P * dlse to dS: fold it into D
+            delta = delta - _rows(dlse.unsqueeze(-1), hkv, r0, r1)
+        ds = dp.sub_(delta).mul_(p)
+        del p, dp
+        dq_rows = _to_heads(torch.matmul(ds, kc).mul_(inp.scale), hq, r1 - r0)
+        if into is None:
+            dq[:, :, r0:r1] = dq_rows
+        else:
+            dq[:, :, r0:r1] += dq_rows
         dk[:, :, :kend] += torch.matmul(ds.transpose(-1, -2), qc).mul_(inp.scale)
         del ds
+    if into is not None:
+        return dq, dk, dv
     return dq, dk.to(inp.dtype), dv.to(inp.dtype)
 
 

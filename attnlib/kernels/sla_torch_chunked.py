@@ -11,8 +11,9 @@ Here the blocks are classified as the reference does (sla_block_classes, once pe
 once per backward, not differentiated). The critical part is block_sparse-torch-chunked's (the
 critical blocks as its block mask): one chunk's fp32 scores stay under flash-torch-chunked's
 SCORE_BUDGET_BYTES, and the backward reads the lse the op keeps (options.AUX_LSE) but not the
-saved output: delta = rowsum(dO * O_s) comes from each chunk's P and dP (critical_backward), as
-O_s cannot be taken back out of the rounded O_s + O_l W^T + b where b or O_l W^T dominates. The
+saved output: delta = rowsum(dO * O_s) comes from each chunk's P and dP (chunked_backward with
+out=None), as O_s cannot be taken back out of the rounded O_s + O_l W^T + b where b or O_l W^T
+dominates (in fp16 dq and dk came out 100x less accurate than the reference's at |b| ~ 100). The
 linear branch forms h_j = phi(K_j)^T V_j and z_j = sum phi(K_j) per key block once, then, chunk by chunk
 of query blocks, each query block's marginal sums H_i, Z_i as a masked product of the block map
 with those states, O_l = phi(Q) H_i / (phi(Q) . Z_i + 1e-6). Its backward runs the same chunks:
@@ -190,45 +191,6 @@ class LinearBranch:
         return dq, phi_pullback(self.feature, inp.k, self.pk, _unpadded(dpk_b, sk)), dv_l, dw
 
 
-def critical_backward(inp32: AttentionInputs, lse: torch.Tensor, dout: torch.Tensor, blocked: RowMask,
-                      into: tuple | None = None):
-    """(dq, dk, dv) float32 of the critical part O_s, added in place to into's float32 (dq, dk,
-    dv) (the linear branch's) where given: flash_torch_chunked.chunked_backward over the same
-    chunks of rows, except that each row's delta = dO . O_s is formed as rowsum(P * dP) from the
-    chunk's own P and dP = dO V^T (the same sum, sum_j P_ij dO_i . v_j), not from a saved output. sla saves O_s + O_l W^T + b rounded to the inputs' dtype, and O_s taken back out of it
-    by subtraction keeps only what that rounding left of it: where |b| or |O_l W^T| is 100x |O_s|,
-    in fp16, dq and dk came out 100x less accurate than the reference's."""
-    b, hq, hkv, sq = inp32.batch, inp32.heads_q, inp32.heads_kv, inp32.seq_q
-    if into is None:
-        dq = flash_chunked._empty_like_layout(inp32, inp32.q, torch.float32).zero_()
-        dk = flash_chunked._empty_like_layout(inp32, inp32.k, torch.float32).zero_()
-        dv = flash_chunked._empty_like_layout(inp32, inp32.v, torch.float32).zero_()
-    else:
-        dq, dk, dv = into
-    step = flash_chunked.rows_per_chunk(b, hq, sq, inp32.seq_k)
-    for r0 in range(0, sq if dq.numel() else 0, step):
-        r1 = min(sq, r0 + step)
-        kend = flash_chunked._visible_keys(inp32, r1)
-        if kend == 0:  # no row of the chunk sees a key: nothing to add
-            continue
-        qc, do = flash_chunked._rows(inp32.q, hkv, r0, r1), flash_chunked._rows(dout, hkv, r0, r1)
-        row_lse = flash_chunked._rows(lse.unsqueeze(-1), hkv, r0, r1)
-        # a row that sees nothing (lse -inf) has P = 0: exp(s - inf)
-        row_lse = torch.where(row_lse == float("-inf"), torch.full_like(row_lse, float("inf")), row_lse)
-        kc, vc = inp32.k[:, :, :kend], inp32.v[:, :, :kend]
-        p = flash_chunked._scores(inp32, qc, kc, r0, r1, blocked).sub_(row_lse).exp_()
-        dv[:, :, :kend] += torch.matmul(p.transpose(-1, -2), do)
-        dp = torch.matmul(do, vc.transpose(-1, -2))
-        # rowsum(P * dP) as a batch of dot products: no third (rows, keys) tensor
-        delta = torch.matmul(p.unsqueeze(-2), dp.unsqueeze(-1)).squeeze(-1)
-        ds = dp.sub_(delta).mul_(p)
-        del p, dp
-        dq[:, :, r0:r1] += flash_chunked._to_heads(torch.matmul(ds, kc).mul_(inp32.scale), hq, r1 - r0)
-        dk[:, :, :kend] += torch.matmul(ds.transpose(-1, -2), qc).mul_(inp32.scale)
-        del ds
-    return dq, dk, dv
-
-
 class SLATorchChunked(Kernel):
     name = "sla-torch-chunked"
     method = "sla"
@@ -271,8 +233,10 @@ class SLATorchChunked(Kernel):
         if weight is not None:
             *linear, dw = LinearBranch(inp32, classes, with_grad=True).backward(weight, dout)
             dw = dw.to(weight.dtype)
-        # out (the saved output) is not read: see critical_backward
-        dq, dk, dv = critical_backward(inp32, lse, dout, blocked, into=linear)
+        # out (the saved output) is not read: delta from each chunk's P and dP (chunked_backward's
+        # out=None), as O_s cannot be taken back out of the rounded O_s + O_l W^T + b
+        dq, dk, dv = flash_chunked.chunked_backward(inp32, None, lse, dout, None, blocked=blocked,
+                                                    into=None if linear is None else tuple(linear))
         return dq.to(inp.dtype), dk.to(inp.dtype), dv.to(inp.dtype), dw, db
 
 
