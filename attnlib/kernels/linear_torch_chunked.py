@@ -35,23 +35,13 @@ from ..dispatch import Kernel, register
 from ..inputs import AttentionInputs
 from ..reference._common import safe_divide
 from ..reference.linear import feature_map_fn
-from .flash_torch_chunked import _empty_like_layout
+# flash's row helpers: a kv head's query heads stacked along the rows (row g * rows + i is query
+# head g of the group, position r0 + i), float32, and back
+from .flash_torch_chunked import _empty_like_layout, _rows, _to_heads
 
 # keys (and as many diagonal queries) per causal chunk: the C x C term costs C * D per row, the
 # state term D * Dv; 128 was fastest on a 2-core CPU at hd64 and hd128 (64 and 256 up to 25 % slower)
 CHUNK = 128
-
-
-def _rows(x: torch.Tensor, heads_kv: int, r0: int, r1: int) -> torch.Tensor:
-    """(B, Hq, S, d) -> rows r0:r1 as float32 (B, Hkv, group * rows, d): a kv head's query heads
-    stacked along the rows (row g * rows + i is query head g of the group, position r0 + i)."""
-    b, hq, _, d = x.shape
-    return x[:, :, r0:r1].float().reshape(b, heads_kv, (hq // heads_kv) * (r1 - r0), d)
-
-
-def _to_heads(x: torch.Tensor, heads_q: int, rows: int) -> torch.Tensor:
-    """(B, Hkv, group * rows, d) -> (B, Hq, rows, d), a view where it can be."""
-    return x.reshape(x.shape[0], heads_q, rows, x.shape[-1])
 
 
 def _tril_(a: torch.Tensor, group: int) -> torch.Tensor:
