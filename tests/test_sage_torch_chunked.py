@@ -155,14 +155,15 @@ def test_chunk_scores_are_the_references(case, granularity, monkeypatch):
     (batch, head, row, key): Q scales from aligned Q blocks, K smoothed and quantized once, exact
     INT8 dots."""
     picks, scores = [], []
-    real_select, real_exp = sage_ref.SageKeys.select, sage_ref._row_exp2_
+    real_select, real_exp = sage_ref.SageKeys.select, sage_ref.masked_row_exp
 
     def select(self, batches, heads_q, group):
         picks.append((batches, heads_q))
         return real_select(self, batches, heads_q, group)
 
     monkeypatch.setattr(sage_ref.SageKeys, "select", select)
-    monkeypatch.setattr(sage_ref, "_row_exp2_", lambda s, mask: scores.append(s.clone()) or real_exp(s, mask))
+    monkeypatch.setattr(sage_ref, "masked_row_exp",
+                        lambda s, mask, **kw: scores.append(s.clone()) or real_exp(s, mask, **kw))
     q, k, v, kw = inputs(case, seed=2)
     opts = dict(qk_granularity=granularity)
     reference(q, k, v, **kw, **opts)
@@ -181,8 +182,9 @@ def test_chunk_scores_are_the_references(case, granularity, monkeypatch):
 def test_causal_chunks_stop_at_their_diagonal(monkeypatch):
     """Bottom-right causal: a chunk of rows reads no key past its last row's diagonal."""
     scores = []
-    real_exp = sage_ref._row_exp2_
-    monkeypatch.setattr(sage_ref, "_row_exp2_", lambda s, mask: scores.append(s.shape[-1]) or real_exp(s, mask))
+    real_exp = sage_ref.masked_row_exp
+    monkeypatch.setattr(sage_ref, "masked_row_exp",
+                        lambda s, mask, **kw: scores.append(s.shape[-1]) or real_exp(s, mask, **kw))
     case = (1, 2, 2, 300, 200, 32, True, "bhsd")
     q, k, v, kw = inputs(case, seed=3)
     calls = tiny_budget(monkeypatch, case)

@@ -22,21 +22,22 @@ def causal_mask(seq_q: int, seq_k: int, device) -> torch.Tensor:
     return j <= i + (seq_k - seq_q)
 
 
-def masked_row_exp(scores: torch.Tensor, mask: torch.Tensor | None, exp=torch.exp):
+def masked_row_exp(scores: torch.Tensor, mask: torch.Tensor | None, exp=torch.exp, inplace: bool = False):
     """Unnormalised softmax rows, stable and NaN-free where a row sees nothing.
 
     Returns (p, m_safe, l_safe, has): p = exp(scores - m_safe) (0 where masked), the row max
     (0 for empty rows), the row sum (1 for empty rows) and whether the row saw any key. exp may
-    be torch.exp2 for base-2 logits.
+    be torch.exp2 for base-2 logits. inplace: p is computed in scores' own memory (no autograd
+    through it), so a block of rows holds one score tensor instead of several.
     """
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill_(~mask, float("-inf")) if inplace else scores.masked_fill(~mask, float("-inf"))
     if scores.shape[-1] == 0:  # no keys (Sk == 0): amax refuses an empty reduction
         m = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
     else:
         m = scores.amax(dim=-1, keepdim=True)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = exp(scores - m_safe)
+    p = exp(scores.sub_(m_safe), out=scores) if inplace else exp(scores - m_safe)
     l = p.sum(dim=-1, keepdim=True)
     has = l > 0
     return p, m_safe, torch.where(has, l, torch.ones_like(l)), has

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ._common import causal_mask, compute_dtype, num_blocks
+from ._common import causal_mask, compute_dtype, masked_row_exp, num_blocks
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -203,22 +203,6 @@ def prepare_keys(k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool
     return SageKeys(k_i8, dk_tok, k_mean, v_pv, v_factor, scale, causal, q_block, k_block, pv)
 
 
-def _row_exp2_(s: torch.Tensor, mask: torch.Tensor | None):
-    """masked_row_exp(s, mask, exp=torch.exp2), the same values computed in s's own memory, which
-    becomes p: a block of rows then holds one score tensor instead of four."""
-    if mask is not None:
-        s.masked_fill_(~mask, float("-inf"))
-    if s.shape[-1] == 0:  # no keys: amax refuses an empty reduction
-        m = s.new_full((*s.shape[:-1], 1), float("-inf"))
-    else:
-        m = s.amax(dim=-1, keepdim=True)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = s.sub_(m_safe).exp2_()
-    l = p.sum(dim=-1, keepdim=True)
-    has = l > 0
-    return p, m_safe, torch.where(has, l, torch.ones_like(l)), has
-
-
 def _pv_product_(p: torch.Tensor, v: torch.Tensor, pv: str, k_block: int,
                  v_ready: bool = False) -> torch.Tensor:
     """(unnormalised P) V as the PV mode computes it, p (exp2(s - m) in fp32/fp64) rounded in
@@ -264,7 +248,7 @@ def attend_rows(keys: SageKeys, q: torch.Tensor, row0: int, seq_q: int, return_l
     # these rows of the call's mask: causal_mask's diagonal offset kend - rows is row0 + seq_k - seq_q
     # (where kend is clipped to 0, no row sees a key either way)
     mask = causal_mask(rows, kend, q.device) if keys.causal else None
-    p, m_safe, l_safe, has = _row_exp2_(s, mask)
+    p, m_safe, l_safe, has = masked_row_exp(s, mask, exp=torch.exp2, inplace=True)
     # SageAttention §3.4: P and V in fp16 (or fp8), accumulation in fp32 (float64 for float64 inputs)
     pv_out = _pv_product_(p, keys.v_pv[..., :kend, :], keys.pv, keys.k_block, keys.v_ready)
     out = (pv_out * keys.v_factor / l_safe).to(q.dtype)
