@@ -9,7 +9,8 @@ from .inputs import FLOAT_DTYPES, AttentionInputs, check_scale, plain_number
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check_packed(q, k, v) -> None:
+def check_packed(q, k, v) -> None:
+    """Packed (total_tokens, heads, head_dim) q, k, v that agree (also sageattn_varlen's check)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -102,7 +103,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     # forward's backend even outside the use_backend block (see api.attention)
     backend = effective_backend(backend)
     if not torch.compiler.is_compiling():  # the fake implementation checks shapes while tracing
-        _check_packed(q, k, v)
+        check_packed(q, k, v)
         from .ops import forward_mode_transform_active
 
         if forward_mode_transform_active():
@@ -162,7 +163,7 @@ def _flash_varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend
 
 @torch.library.register_fake("attnlib::flash_varlen", lib=_LIB)
 def _flash_varlen_fake(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend, deterministic):
-    _check_packed(q, k, v)
+    check_packed(q, k, v)
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     return out, q.new_empty(q.shape[1], q.shape[0], dtype=_lse_dtype(q))
 

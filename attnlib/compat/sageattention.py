@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .. import api
+from .. import api, varlen
 from ..inputs import FLOAT32_TINY, SCALE_MAX, is_real_number, scale_in_range
 from ..options import SAGE_QK_GRANULARITIES
 from .flash_attn import _max_seqlen
@@ -108,13 +108,6 @@ def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False, sm_sc
                               backend=kwargs.get("backend", "auto"))
 
 
-def _packed(name: str, t: Any) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 3:
-        raise ValueError(f"{name} must be 3-D (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
-
-
 def _sequence_bounds(name: str, cu: Any, total: int, device: torch.device, max_name: str, max_seqlen: Any
                      ) -> list[int]:
     """cu_seqlens as host ints, checked: int32 or int64 (as the package documents), 1-D, on q's
@@ -146,17 +139,12 @@ def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
     (total_q, Hq, D), k and v (total_k, Hkv, D), cu_seqlens_q / cu_seqlens_k int32 or int64
     (batch + 1,) on q's device. Returns (total_q, Hq, D) in q's dtype. A sequence with queries but
     no keys gives zeros. qk_quant_gran, pv and backend keywords as in sageattn."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _packed(name, t)
+    varlen.check_packed(q, k, v)
     _check_arguments("NHD", is_causal, sm_scale)
     if not isinstance(smooth_k, bool):
         raise TypeError(f"smooth_k must be a bool, got {type(smooth_k).__name__}")
     _check_sdpa_kwargs(kwargs)
     scale = _softmax_scale(sm_scale, kwargs)
-    if k.shape[:2] != v.shape[:2]:
-        raise ValueError(f"k and v must agree on tokens and heads, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
     bq = _sequence_bounds("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, "max_seqlen_q", max_seqlen_q)
     bk = _sequence_bounds("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, "max_seqlen_k", max_seqlen_k)
     if len(bq) != len(bk):
