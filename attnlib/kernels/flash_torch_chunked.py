@@ -194,16 +194,13 @@ def _sequence(q, k, v, causal: bool, scale: float) -> AttentionInputs:
 def varlen_forward(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, *, causal: bool, scale: float):
     """flash_attention_varlen in fp16/bf16/fp32 off the Triton path: out (total_q, Hq, Dv) in q's
     dtype, lse float32 (Hq, total_q); causal is bottom-right per sequence, and a sequence with
-    no keys gives 0 and -inf. Each sequence runs chunked, so no (s_q, s_k) scores are held whole."""
-    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
-    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    for b in range(len(cq) - 1):
-        (q0, q1), (k0, k1) = cq[b:b + 2], ck[b:b + 2]
-        o, l = chunked_forward(_sequence(q[q0:q1], k[k0:k1], v[k0:k1], causal, scale))
-        out[q0:q1] = _packed(o)
-        lse[:, q0:q1] = l[0]
-    return out, lse
+    no keys gives 0 and -inf. Each sequence runs chunked (through the reference's per-sequence
+    loop), so no (s_q, s_k) scores are held whole."""
+    from ..reference.flash_varlen import per_sequence
+
+    return per_sequence(lambda qs, ks, vs: chunked_forward(AttentionInputs(q=qs, k=ks, v=vs, method="flash",
+                                                                           causal=causal, scale=scale)),
+                        q, k, v, cu_q, cu_k)
 
 
 def varlen_backward(dout, dlse, q, k, v, out, lse, cu_q: torch.Tensor, cu_k: torch.Tensor, *, causal: bool,
