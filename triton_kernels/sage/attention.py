@@ -106,14 +106,16 @@ def _sage_inner(acc, l_i, m_i, b_q, b_dq, k_ptrs, v_ptrs, DK, stride_kn, stride_
             p = tl.math.exp2(s - shift[:, None])
         else:
             p = tl.math.exp2(s * qk_scale[:, None] - shift[:, None])
-        b_v = load_tile(v_ptrs, n_ok, d_ok, MASK, D_PAD != HEAD_DIM)
-        if PV == 2:
-            acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None])
-        elif PV == 1:  # fp16 accumulator for this key block, flushed into the fp32 buffer
-            part = tl.dot(p.to(tl.float16), b_v.to(tl.float16), out_dtype=tl.float16)
-            acc = acc * alpha[:, None] + part.to(tl.float32)
+        if PV == 2:  # a (D_PAD, BLOCK_N) tile of the e4m3 V^T, transposed in registers' view only
+            b_vt = load_tile(v_ptrs, d_ok, n_ok, D_PAD != HEAD_DIM, MASK)
+            acc = tl.dot(p.to(b_vt.dtype), tl.trans(b_vt), acc * alpha[:, None])
         else:
-            acc = tl.dot(p.to(tl.float16), b_v.to(tl.float16), acc * alpha[:, None])
+            b_v = load_tile(v_ptrs, n_ok, d_ok, MASK, D_PAD != HEAD_DIM)
+            if PV == 1:  # fp16 accumulator for this key block, flushed into the fp32 buffer
+                part = tl.dot(p.to(tl.float16), b_v.to(tl.float16), out_dtype=tl.float16)
+                acc = acc * alpha[:, None] + part.to(tl.float32)
+            else:
+                acc = tl.dot(p.to(tl.float16), b_v.to(tl.float16), acc * alpha[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
@@ -150,7 +152,11 @@ def sage_fwd_kernel(
     q_ptrs = (Q + (b64 * heads_q + h64) * seq_q * HEAD_DIM + offs_m[:, None].to(tl.int64) * HEAD_DIM
               + offs_d[None, :])
     k_ptrs = (K + (b64 * heads_kv + kvh64) * seq_k * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
-    v_ptrs = (V + b64 * stride_vb + kvh64 * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    v_base = V + b64 * stride_vb + kvh64 * stride_vh
+    if PV == 2:  # quantize_v_fp8's transposed storage: tokens innermost, K-major for the fp8 dot
+        v_ptrs = v_base + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn
+    else:
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     b_q = load_tile(q_ptrs, m_ok, d_ok, True, D_PAD != HEAD_DIM)
     # each row's delta_q (per block or per warp group of rows)
     b_dq = tl.load(DQ + (b64 * heads_q + h64) * nq_blocks + offs_m // Q_BLOCK, mask=m_ok, other=0.0)

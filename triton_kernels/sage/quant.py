@@ -193,20 +193,24 @@ def quant_k_kernel(
     tl.store(DELTA + (b64 * heads + h64) * n_blocks + blk, delta)
 
 
-@triton.jit(do_not_specialize=["seq"])
+@triton.jit(do_not_specialize=["seq", "seq_pad"])
 def quant_v_fp8_kernel(
     X, XF8, DELTA,
     stride_xb, stride_xh, stride_xs, stride_xd,
-    seq, heads,
+    seq, seq_pad, heads,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Grid (blocks, heads, batch): one block of x / delta_v (DELTA fp32 (B, H, D), from
-    reduce_stats_kernel) rounded to e4m3. XF8 (B, H, S, D) contiguous."""
+    reduce_stats_kernel) rounded to e4m3. XF8 is stored transposed, (B, H, D, seq_pad)
+    contiguous (tokens innermost): see quantize_v_fp8."""
     x, _, b64, h64, row0, offs_s, offs_d, s_ok, d_ok = load_block(
         X, stride_xb, stride_xh, stride_xs, stride_xd, seq, HEAD_DIM, D_PAD, BLOCK)
     delta = tl.load(DELTA + (b64 * heads + h64) * HEAD_DIM + offs_d, mask=d_ok, other=1.0)
     y = tl.minimum(tl.maximum(tl.math.div_rn(x, delta[None, :]), -FP8_MAX), FP8_MAX)
-    store_block(XF8, y.to(XF8.dtype.element_ty), b64, h64, row0, offs_s, offs_d, s_ok, d_ok, heads, seq, HEAD_DIM)
+    # token s, channel d at XF8[b, h, d, s]: the pointer tile is (BLOCK, D_PAD) like x, strided
+    ptrs = _tile_ptrs(XF8, b64, h64, row0, offs_s, offs_d, tl.cast(heads, tl.int64) * HEAD_DIM * seq_pad,
+                      HEAD_DIM * seq_pad, 1, seq_pad)
+    tl.store(ptrs, y.to(XF8.dtype.element_ty), mask=s_ok[:, None] & d_ok[None, :])
 
 
 # -- launchers ----------------------------------------------------------------------------------
@@ -285,14 +289,23 @@ def quantize_k(k: torch.Tensor, block: int, smooth: bool):
 
 
 def quantize_v_fp8(v: torch.Tensor, block: int = 64):
-    """v bhsd view -> (v_fp8 e4m3 (B, H, S, D), delta_v (B, H, D) fp32)."""
+    """v bhsd view -> (v_fp8 e4m3 (B, H, S, D), delta_v (B, H, D) fp32).
+
+    v_fp8 is a transposed view: its storage is (B, H, D, S rounded up to 16) with the tokens
+    innermost (strides (H*D*S16, D*S16, 1, S16)). The PV product's B operand is then K-major
+    (K = tokens), the only fp8 operand order Hopper's wgmma takes: with V row-major, Triton 3.6
+    loaded each V tile synchronously to transpose it into shared memory (sm_90 TTGIR: a plain
+    tt.load in the loop, no async copy), and pv="fp8" ran at half the speed of pv="fp16" on an
+    H100 (stop 22). The 16-token rounding keeps each channel's row 16-byte aligned."""
     bsz, heads, seq, d = v.shape
-    v8 = torch.empty(bsz, heads, seq, d, dtype=torch.float8_e4m3fn, device=v.device)
+    seq_pad = -(-seq // 16) * 16
+    v8 = torch.empty(bsz, heads, d, seq_pad, dtype=torch.float8_e4m3fn, device=v.device)
+    v8 = v8[..., :seq].transpose(2, 3)
     if v8.numel() == 0:
         return v8, torch.ones(bsz, heads, d, dtype=torch.float32, device=v.device)
     delta = channel_stats(v, block, absmax=True)
     quant_v_fp8_kernel[(n_blocks(seq, block), heads, bsz)](
-        v, v8, delta, *v.stride(), seq, heads, HEAD_DIM=d, D_PAD=padded_head_dim(d), BLOCK=block,
+        v, v8, delta, *v.stride(), seq, seq_pad, heads, HEAD_DIM=d, D_PAD=padded_head_dim(d), BLOCK=block,
         num_warps=quant_warps(block, padded_head_dim(d)),
     )
     return v8, delta
