@@ -1,6 +1,7 @@
 """sageattention-compatible sageattn on attnlib: layouts, causal, scale, lse, no input mutation,
 the import alias. Numbers are checked against attnlib's simulation of the algorithm (same
-quantization: relative L1 <= 1e-3) and exact float64 attention (cos >= 0.999, rel L1 <= 0.02)."""
+quantization: relative L1 <= 1e-3; 6e-3 for fp8 PV, see SIM_REL_L1) and exact float64 attention
+(cos >= 0.999, rel L1 <= 0.02)."""
 import subprocess
 import sys
 
@@ -35,7 +36,7 @@ def test_layouts_causal_and_scale(tensor_layout, is_causal):
     _close(t(out), sim, exact)
     # equal lengths: the package's top-left mask (key j <= query i) is attnlib's bottom-right mask
     if is_causal:
-        i = torch.arange(45)
+        i = torch.arange(45, device=q.device)  # the test's own mask: on q's device (cpu or cuda)
         top_left = i[None, :] <= i[:, None]
         s = (t(q).double() @ t(k).double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.1
         ref = s.masked_fill(~top_left, float("-inf")).softmax(-1) @ t(v).double().repeat_interleave(2, 1)
@@ -221,11 +222,28 @@ SAGE2_FUNCTIONS = [
 ]
 
 
+# The entry points against the simulation of the options they map to, per PV mode:
+# - fp16, fp16_accum: relative L1 <= 1e-3, the bound of _close (the kernels round P to fp16
+#   against the online softmax's running max; at fp16's 11 bits that moves nothing measurable).
+# - fp8: relative L1 <= 6e-3. sage-triton rounds P * 448 to e4m3 against the running row max of
+#   each 64-key tile (every hd64 config has BLOCK_N 64), the simulation against the row's final
+#   max, so a row whose max lies in its second tile rounds its first tile's P at another scale
+#   (e4m3: up to 2^-4 relative per element; tests/test_sage_triton.py's FP8_SIM_REL_L1 is the
+#   same effect over 1000-key rows). On this test's 75 seeded keys a float32 emulation of the
+#   kernel's tile loop gives 2.6e-3 non-causal and 1.3e-4 causal; an H100 (2026-11-27) gave
+#   2.69e-3 non-causal. The nearest other option stays out: the fp8 simulation per_block is
+#   1.2e-2 (causal) to 1.6e-2 from per_warp's, fp16 PV 2.9e-2. On CPU pv="fp8" runs the torch
+#   simulation itself (the interpreter refuses fp8), so there the two agree to float32 rounding.
+# Which options ran is checked exactly, by the same call through attnlib.sage_attention.
+SIM_REL_L1 = {"fp16": 1e-3, "fp16_accum": 1e-3, "fp8": 6e-3}
+
+
 @pytest.mark.parametrize("name,kw,options", SAGE2_FUNCTIONS)
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_sageattention2_entry_points_run_the_nearest_options(name, kw, options, is_causal):
-    """SageAttention2's kernel-specific functions: the simulation of the options they map to
-    (relative L1 <= 1e-3) and exact attention (the accuracy contract; fp8 PV 0.998 / 0.05)."""
+    """SageAttention2's kernel-specific functions: bitwise attnlib.sage_attention with the options
+    they map to (same dispatch, deterministic kernels), the simulation of those options (SIM_REL_L1
+    per PV mode) and exact attention (the accuracy contract; fp8 PV 0.998 / 0.05)."""
     from attnlib.compat import sageattention as sa
 
     q, k, v = make_qkv(1, 4, 75, 64, kv_heads=2, dtype=torch.float16, device=DEVICE, layout="bshd", k_bias=5.0,
@@ -233,10 +251,14 @@ def test_sageattention2_entry_points_run_the_nearest_options(name, kw, options, 
     out, lse = getattr(sa, name)(q, k, v, tensor_layout="NHD", is_causal=is_causal, sm_scale=0.12,
                                  return_lse=True, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (1, 4, 75)
+    want, want_lse = attnlib.sage_attention(q, k, v, layout="bshd", causal=is_causal, scale=0.12, smooth_k=True,
+                                            return_lse=True, **options)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse), metrics(out, want)
     t = lambda x: x.transpose(1, 2)  # noqa: E731
     sim = sage_reference(t(q), t(k), t(v), causal=is_causal, scale=0.12, **options)
     exact = flash_reference(t(q).double(), t(k).double(), t(v).double(), causal=is_causal, scale=0.12)
-    assert metrics(t(out), sim)["rel_l1"] <= 1e-3
+    ms = metrics(t(out), sim)
+    assert ms["rel_l1"] <= SIM_REL_L1[options["pv"]], ms
     me = metrics(t(out), exact)
     fp8 = options["pv"] == "fp8"
     # fp8 P and V: the contract of tests/test_sage_triton.py (the float64 simulation itself gives ~0.04)
