@@ -266,6 +266,15 @@ def _stop_group(proc: subprocess.Popen, waits: Sequence[float] = (10, 10)) -> No
             continue
 
 
+def verbose_node(line: str, m: "re.Match") -> str:
+    """The test id of a verbose pytest line, whole even when its parameters hold spaces: after the
+    outcome word (xdist: ``[gw3] PASSED tests/a.py::t[x y]``) or before it (``tests/a.py::t[x y]
+    PASSED [ 12%]``)."""
+    after, before = line[m.end():].strip(), line[:m.start()].strip()
+    node = after if "::" in after else before
+    return re.sub(r"\s*\[\s*\d+%\]$", "", node).strip()
+
+
 def plan_reach(plan_path: Path, text: str) -> list[dict]:
     """Per tier of the test plan (bench/gpu_test_order.py): tests planned, reached (an outcome in
     the verbose log) and failed, and the first few priority tests not reached."""
@@ -275,7 +284,7 @@ def plan_reach(plan_path: Path, text: str) -> list[dict]:
     for line in text.splitlines():
         m = _VERBOSE_OUTCOME.search(line)
         if m and "::" in line:
-            node = next((w for w in line.split() if "::" in w), None)
+            node = verbose_node(line, m)
             if node:
                 outcome[node] = _OUTCOME_WORD[m.group(1)]
     tiers: dict[int, dict] = {}

@@ -41,7 +41,9 @@ def pytest_runtest_logreport(report):
     """ATTNLIB_FAILURE_LOG=<file>: each failure's traceback is appended there as soon as it
     happens (gpu_check kills pytest at its time budget, before pytest prints any traceback)."""
     path = os.environ.get("ATTNLIB_FAILURE_LOG")
-    if path and report.failed:
+    # under xdist this hook runs in the worker and again in the controller for the same report:
+    # the controller writes (it also sees a crashed worker's report), so each failure is logged once
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
         with open(path, "a") as f:
             f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
 

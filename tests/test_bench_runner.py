@@ -421,6 +421,12 @@ def test_gpu_test_order_tiers(tmp_path):
     tiers = gpu_check.plan_reach(plan, text)
     assert [(t["planned"], t["reached"], t["failed"]) for t in tiers] == [(2, 2, 1), (2, 0, 0), (1, 0, 0)]
     assert tiers[1]["not_reached"] == ["test_a.py::test_g1", "test_a.py::test_g2"]
+    # ids whose parameters hold spaces are read whole, in both verbose forms (the stop 22 summary
+    # listed such passed tests as not reached)
+    spaced = "tests/t.py::test_e[kw1-ValueError-scale must be finite]"
+    for line in (f"[gw3] PASSED {spaced} ", f"{spaced} PASSED                     [ 12%]"):
+        m = gpu_check._VERBOSE_OUTCOME.search(line)
+        assert gpu_check.verbose_node(line, m) == spaced
 
 
 def test_gpu_test_order_on_the_real_suite(tmp_path):
