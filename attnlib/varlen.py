@@ -30,7 +30,8 @@ def check_packed(q, k, v) -> None:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
 
 
-def _check_cu_seqlens(name: str, cu, total: int, device: torch.device, max_name: str, max_seqlen) -> None:
+def _check_cu_seqlens(name: str, cu, device: torch.device, max_name: str, max_seqlen) -> None:
+    """Type, shape and device of one cu_seqlens tensor and its max_seqlen (no values read)."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -43,15 +44,36 @@ def _check_cu_seqlens(name: str, cu, total: int, device: torch.device, max_name:
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
     if max_seqlen < 0:
         raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
-    if cu.device.type != "cpu":
-        return  # values on the GPU are trusted (checking them would synchronise), as in flash_attn
-    lens = cu[1:] - cu[:-1]
-    if cu[0].item() != 0 or cu[-1].item() != total or bool((lens < 0).any()):
-        raise ValueError(f"{name} must start at 0, never decrease and end at the token count {total}, "
-                         f"got {cu.tolist()}")
-    if int(lens.max()) > max_seqlen:
-        raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence in {name} "
-                         f"({int(lens.max())})")
+
+
+def _values_readable(cu: torch.Tensor) -> bool:
+    """Whether cu_seqlens values may be read on the host now: not on the meta device (no values),
+    and not while a CUDA graph is being captured (a device-to-host copy is not allowed there; the
+    values of a replay are not known at capture anyway)."""
+    if cu.device.type == "meta":
+        return False
+    return not (cu.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_cu_values(cu_q, cu_k, total_q: int, total_k: int, max_seqlen_q: int, max_seqlen_k: int) -> None:
+    """The values of cu_seqlens_q/k (same length, checked before) against the token counts and
+    max_seqlen_q/k. A cu_seqlens that does not start at 0 or end at the token count, or that
+    decreases, makes a kernel read or write rows outside q/k/v/out; a max_seqlen below the longest
+    sequence sizes the launch grid too small, leaving that sequence's tail rows unwritten. Read
+    with one host copy of the 2 * (batch + 1) ints: on a GPU one synchronisation (flash_attn
+    trusts these values; a wrong answer or a fault inside a kernel is worse than the sync)."""
+    n = cu_q.shape[0]
+    values = torch.cat((cu_q, cu_k)).tolist()
+    for name, cu, total, max_name, max_seqlen in (("cu_seqlens_q", values[:n], total_q, "max_seqlen_q", max_seqlen_q),
+                                                  ("cu_seqlens_k", values[n:], total_k, "max_seqlen_k", max_seqlen_k)):
+        lens = [b - a for a, b in zip(cu, cu[1:])]
+        if cu[0] != 0 or cu[-1] != total or min(lens) < 0:
+            shown = cu if len(cu) <= 64 else cu[:32] + ["..."] + cu[-32:]
+            raise ValueError(f"{name} must start at 0, never decrease and end at the token count {total}, "
+                             f"got {shown}")
+        if max(lens) > max_seqlen:
+            raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence in {name} "
+                             f"({max(lens)})")
 
 
 def _triton_reasons(q, k, v, cu_seqlens_q, causal: bool, scale: float) -> list[str]:
@@ -92,9 +114,12 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     runs Triton on CUDA tensors (or under TRITON_INTERPRET=1), else torch: flash-torch-chunked's
     functions sequence by sequence (the float64 reference for float64).
 
-    cu_seqlens values and max_seqlen_q/k are checked on CPU tensors. On the GPU they are trusted,
-    as flash_attn trusts them (checking would synchronise the host): the launch grid is sized from
-    max_seqlen_q, so a sequence longer than it leaves its tail rows unwritten.
+    cu_seqlens values and max_seqlen_q/k are checked on every device (a ValueError, where a wrong
+    cu_seqlens would make the kernel read or write out of bounds and a too small max_seqlen_q,
+    which sizes the launch grid, would leave rows unwritten). That reads the 2 * (batch + 1) ints
+    on the host: on a GPU one synchronisation per call (flash_attn does not check). They are
+    trusted, as in flash_attn, while a CUDA graph is captured (no host reads there) and under
+    torch.compile (no values while tracing).
 
     deterministic=False permits a non-deterministic backward (see flash_attention): the Triton
     backward adds dQ with atomics only under ATTNLIB_FLASH_ATOMIC_DQ=1.
@@ -110,11 +135,13 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise NotImplementedError("flash_attention_varlen has no forward-mode derivative: under "
                                       "torch.func.jvp, jacfwd, linearize or hessian it would give a zero "
                                       "tangent. Use reverse mode (torch.autograd.grad, torch.func.vjp)")
-        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, "max_seqlen_q", max_seqlen_q)
-        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, "max_seqlen_k", max_seqlen_k)
+        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, "max_seqlen_q", max_seqlen_q)
+        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, "max_seqlen_k", max_seqlen_k)
         if cu_seqlens_q.shape != cu_seqlens_k.shape:
             raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have one length (batch + 1), got "
                              f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+        if _values_readable(cu_seqlens_q):
+            _check_cu_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
         for name, flag in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")

@@ -206,7 +206,7 @@ def test_launchers_write_every_element(causal, monkeypatch):
     q, k, v = make_qkv(1, 4, 37, 40, kv_heads=2, seq_k=21, device=DEVICE, seed=6)
     mask = random_mask(1, 1, 37, 21, (16, 16), 0.5, seed=7)
     mask[0, 0, 0] = False
-    out, lse = poison_(torch.empty_like(q)), poison_(torch.empty(q.shape[:3]))
+    out, lse = poison_(torch.empty_like(q)), poison_(torch.empty(q.shape[:3], device=q.device))
     block_sparse_fwd(q, k, v, out, lse, *block_mask_to_index(mask), block_size=(16, 16), causal=causal,
                      scale=40 ** -0.5)
     assert torch.isfinite(out).all() and not torch.isnan(lse).any()

@@ -102,13 +102,22 @@ def case_id(c) -> str:
 @pytest.fixture
 def triton_runs(monkeypatch):
     """Records each call of flash-triton's forward and backward, so a test sees which kernel ran
-    (on a GPU, auto dispatch prefers flash-cuda where it fits)."""
+    (on a GPU, auto dispatch may pick another kernel: the tests name backend="triton").
+
+    Wraps the registered instance's methods through its __dict__ (setitem: undone by deleting the
+    entry), not the class: pytest < 9.2's monkeypatch.setattr on an instance (test_dispatch's
+    fixtures) leaves the bound method in the instance's __dict__ on undo, which shadows any later
+    patch of the class for the rest of the worker (on the H100, every test_forward_backward after
+    test_training_on_gpu_runs_the_kernel_explain_names on the same xdist worker saw ['bwd'])."""
+    from attnlib import dispatch
     from attnlib.kernels.flash_triton import FlashTriton
 
     runs = []
-    fwd, bwd = FlashTriton.forward, FlashTriton.backward
-    monkeypatch.setattr(FlashTriton, "forward", lambda self, *a, **kw: runs.append("fwd") or fwd(self, *a, **kw))
-    monkeypatch.setattr(FlashTriton, "backward", lambda self, *a, **kw: runs.append("bwd") or bwd(self, *a, **kw))
+    kernel = next(k for k in dispatch.kernels("flash") if isinstance(k, FlashTriton))
+    for name, tag in (("forward", "fwd"), ("backward", "bwd")):
+        real = getattr(kernel, name)  # bound method, or what an earlier patch left on the instance
+        monkeypatch.setitem(vars(kernel), name,
+                            (lambda real, tag: lambda *a, **kw: runs.append(tag) or real(*a, **kw))(real, tag))
     return runs
 
 
@@ -275,7 +284,7 @@ def test_launchers_write_every_element(causal):
     from attnlib.triton_kernels.flash.forward import flash_fwd
 
     q, k, v = make_qkv(1, 4, 37, 40, kv_heads=2, seq_k=21, device=DEVICE, seed=5)
-    out, lse = poison_(torch.empty_like(q)), poison_(torch.empty(q.shape[:3]))
+    out, lse = poison_(torch.empty_like(q)), poison_(torch.empty(q.shape[:3], device=q.device))
     flash_fwd(q, k, v, out, lse, causal=causal, scale=40 ** -0.5)
     assert torch.isfinite(out).all()
     assert not torch.isnan(lse).any()
@@ -535,7 +544,10 @@ def test_pinned_config_reaches_the_launch(monkeypatch, dq_launches):
     monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1,
                                                           num_stages=1)])
     seen, run = [], kernel.fn.run
-    monkeypatch.setattr(kernel.fn, "run", lambda *a, **kw: seen.append((kw["BLOCK_M"], kw["BLOCK_N"])) or run(*a, **kw))
+    # through the instance's __dict__: setattr on an instance leaves the bound method there on
+    # undo with pytest < 9.2 (see triton_runs)
+    monkeypatch.setitem(vars(kernel.fn), "run",
+                        lambda *a, **kw: seen.append((kw["BLOCK_M"], kw["BLOCK_N"])) or run(*a, **kw))
     q, k, v = make_qkv(1, 4, 45, 40, kv_heads=2, seq_k=37, dtype=torch.float16, device=DEVICE,
                        requires_grad=True, seed=16)
     check_against_reference(q, k, v, causal=True, backend="triton", deterministic=False)

@@ -187,14 +187,22 @@ def test_float64_runs_on_torch_backend(causal, triton_calls):
     (dict(causal=1), TypeError, "causal"),
     (dict(deterministic=None), TypeError, "deterministic"),
     (dict(backend="gpu"), ValueError, "backend"),
+    (dict(cu_seqlens_q=torch.tensor([1, 3, 7], dtype=torch.int32)), ValueError, "cu_seqlens_q must start at 0"),
+    (dict(cu_seqlens_q=torch.tensor([0, 8, 7], dtype=torch.int32)), ValueError, "never decrease"),
+    (dict(cu_seqlens_q=torch.tensor([0, 3, 6], dtype=torch.int32)), ValueError, "end at the token count 7"),
+    (dict(max_seqlen_k=4), ValueError, r"max_seqlen_k \(4\) is smaller than the longest sequence"),
 ])
-def test_bad_arguments(change, error, match):
+def test_bad_arguments(change, error, match, triton_calls):
+    """A clear error before any kernel runs, on CPU and CUDA tensors alike: cu_seqlens values and
+    max_seqlen_q/k are read on the host on a GPU too (a wrong cu_seqlens would make the kernel read
+    or write out of bounds, a too small max_seqlen_q leave rows unwritten)."""
     q, k, v = (t.detach() for t in packed([3, 4], [2, 5], 2, 1, 16, torch.float32))
     args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens([3, 4]), cu_seqlens_k=cu_seqlens([2, 5]),
                 max_seqlen_q=4, max_seqlen_k=5)
     args.update({n: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for n, t in change.items()})
     with pytest.raises(error, match=match):
         attnlib.flash_attention_varlen(**args)
+    assert not triton_calls
 
 
 @pytest.mark.gpu
@@ -213,3 +221,23 @@ def test_varlen_bf16_and_long(causal):
     got, want, have = grads(out, (q, k, v), dout), grads(ref, leaves, dout.double()), grads(base, same, dout)
     for name, g, w, h in zip(("dq", "dk", "dv"), got, want, have):
         assert_flash_rule(g, w, h, factor=3.0, name=name)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_trusts_cu_seqlens():
+    """The one exception to the value checks: under CUDA graph capture no host read is allowed
+    (and a replay's values are not known at capture), so cu_seqlens are trusted there, as
+    flash_attn does. The capture must not fail on the check, and its replay gives the eager
+    answer."""
+    lq, lk = [5, 0, 70], [9, 3, 64]
+    q, k, v = (t.detach() for t in packed(lq, lk, 4, 2, 64, torch.float16, seed=4))
+    cq, ck = cu_seqlens(lq), cu_seqlens(lk)
+    want = attnlib.flash_attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=True)  # compile outside
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = attnlib.flash_attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=True)
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+
