@@ -57,7 +57,7 @@ def test_op_keeps_its_inputs_dtype_under_autocast(monkeypatch):
     from attnlib.kernels.flash_sdpa import FlashSDPA
 
     kernel = next(k for k in dispatch.kernels("flash") if isinstance(k, FlashSDPA))
-    monkeypatch.setattr(kernel, "devices", ("cuda", "cpu"))
+    monkeypatch.setitem(vars(kernel), "devices", ("cuda", "cpu"))
     q, k, v = make_qkv(1, 2, 40, 32, dtype=torch.bfloat16)
     assert attnlib.explain(q, k, v).chosen is kernel
     want = TORCH_SDPA(q, k, v)
