@@ -431,9 +431,12 @@ def _later_sage_candidates():
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim,config", _later_sage_candidates(), ids=lambda x: "x".join(map(str, x))
                          if isinstance(x, tuple) else str(x))
-def test_autotune_candidates_on_gpu(head_dim, config, monkeypatch):
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+def test_autotune_candidates_on_gpu(head_dim, config, pv, monkeypatch):
     """Each later candidate pinned as the autotuner's only config: bf16, GQA, causal with
-    seq_q != seq_k, odd lengths, against the contract (check_case)."""
+    seq_q != seq_k, odd lengths, against the contract (check_case); fp16 and fp8 PV."""
+    if pv == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("pv='fp8' needs sm_89+")
     import triton
 
     from attnlib.triton_kernels.sage.attention import sage_fwd_kernel
@@ -443,18 +446,23 @@ def test_autotune_candidates_on_gpu(head_dim, config, monkeypatch):
                                                                    num_warps=warps, num_stages=stages)])
     q, k, v = make_qkv(2, 4, 333, head_dim, kv_heads=2, seq_k=300, dtype=torch.bfloat16, device="cuda",
                        k_bias=2.0, seed=head_dim + bm + warps)
-    check_case(q, k, v, causal=True)
+    check_case(q, k, v, causal=True, pv=pv)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_fp8_pv(head_dim, causal):
+@pytest.mark.parametrize("head_dim,seq_q,seq_k,layout", [(64, 1000, 1000, "bhsd"), (128, 1000, 1000, "bhsd"),
+                                                         (40, 333, 517, "bshd"), (256, 257, 300, "bhsd"),
+                                                         (128, 77, 1, "bshd")],
+                         ids=lambda x: str(x))
+def test_fp8_pv(head_dim, seq_q, seq_k, layout, causal):
+    """The e4m3 V is stored transposed with its token rows rounded up to 16 (quantize_v_fp8):
+    key counts off the 16 / 64 grid, a masked head-dim tail (40), hd256, both layouts, GQA."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("pv='fp8' needs sm_89+")
-    q, k, v = make_qkv(2, 4, 1000, head_dim, kv_heads=2, seq_k=1000, dtype=torch.float16, device="cuda",
-                       k_bias=10.0, seed=12)
-    check_case(q, k, v, causal=causal, pv="fp8")
+    q, k, v = make_qkv(2, 4, seq_q, head_dim, kv_heads=2, seq_k=seq_k, dtype=torch.float16, device="cuda",
+                       layout=layout, k_bias=10.0, seed=12 + head_dim + seq_k)
+    check_case(q, k, v, causal=causal, layout=layout, pv="fp8")
 
 
 @pytest.mark.gpu
