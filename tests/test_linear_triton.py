@@ -7,6 +7,12 @@ for fp16 (bf16 on GPU: 2e-2, its 8-bit mantissa); gradients the same per tensor.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,6 +24,7 @@ from attnlib.testing import make_qkv, poison_
 triton = pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HERE = Path(__file__).resolve().parent
 REL_RMSE = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
@@ -78,6 +85,11 @@ SHAPES = [
     (2, 4, 2, 45, 130, 24, 40, "bshd"),   # GQA, seq_q < seq_k, odd dims
     (1, 4, 1, 130, 45, 64, 64, "bhsd"),   # MQA, seq_q > seq_k: causal rows without keys give 0
 ]
+
+
+# (key, value) head dims of test_gpu_head_dims_each_launch_config: a launch-config class each, on a
+# GPU; test_launches_fit_h100_shared_memory compiles every launch at them for sm_90 on the CPU
+GPU_HEAD_DIMS = [(32, 32), (64, 64), (96, 96), (64, 32), (128, 64), (40, 72), (128, 32), (32, 128), (256, 256)]
 
 
 @pytest.mark.parametrize("feature", ["elu", "relu", "softmax", "identity"])
@@ -176,6 +188,35 @@ def test_relu_eps_zero_backends_agree(causal):
         assert torch.isfinite(a).all() and rel_rmse(b, a) <= 1e-5, name
 
 
+@pytest.mark.parametrize("d", [8, 16])
+def test_relu_eps_zero_causal_with_the_gpu_configs(monkeypatch, d):
+    """The causal case of test_relu_eps_zero_backends_agree (fp32, relu, eps = 0, MQA, 12 rows, head
+    dim 16; head dim 8 in its first part) raised "an illegal memory access" on an H100 (stop 22),
+    reported at the test's first synchronisation after the triton forward and backward. Here the
+    launchers take the configs they take on a GPU (output kernel: 64 value columns over DV 16 in
+    64-row chunks; dq kernel: key block 16 in 32-row chunks; dk / dv kernels: 16 x 16 blocks in
+    64-row chunks; one 256-row super-chunk) and the interpreter runs them: the results equal the
+    torch backend's, with every access masked to the tensors (no index depends on the data, so
+    relu and eps = 0 change values only). On a GPU (interpreting() is False there anyway) this is
+    the test's causal case on its own."""
+    from attnlib.triton_kernels.linear import kernels
+
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    f32 = torch.float32
+    assert kernels.fwd_config(16, d, f32) == (64, 8, 64)
+    assert kernels.dq_config(16, 16, f32, "relu") == (16, 8, 32)
+    assert kernels.dkv_config(16, 16, f32, "relu") == (16, 16, 8, 64)
+    q, k, v = make_qkv(1, 2, 12, d, kv_heads=1, device=DEVICE, seed=9)
+    q[:, :, ::3] = -q[:, :, ::3].abs()
+    out, dout, grads = _causal_grads(q, k, v, "relu", eps=0.0)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attnlib.linear_attention(*leaves, feature_map="relu", eps=0.0, causal=True, backend="torch")
+    ref.backward(dout)
+    assert torch.all(out[:, :, ::3] == 0)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (ref, *(t.grad for t in leaves)), (out, *grads)):
+        assert torch.isfinite(b).all() and rel_rmse(b, a) <= 1e-5, name
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_long_sequence_is_finite(causal):
     """fp16 at 8k keys: the fp32 state stays bounded (128k is a gpu test), and the output is still
@@ -194,7 +235,7 @@ def test_launchers_write_every_element():
 
     q, k, v = make_qkv(1, 4, 37, 40, kv_heads=2, seq_k=21, head_dim_v=24, device=DEVICE, seed=8)
     for causal in (False, True):
-        out = poison_(torch.empty(1, 4, 37, 24))
+        out = poison_(torch.empty(1, 4, 37, 24, device=DEVICE))
         if causal:
             kernels.causal(q, k, v, out, "elu", offset=21 - 37, eps=1e-6)
         else:
@@ -209,8 +250,8 @@ def _causal_grads(q, k, v, feature, eps=1e-6, span=None):
     from attnlib.triton_kernels.linear import kernels
 
     offset = k.shape[2] - q.shape[2]
-    out = kernels.causal(q, k, v, torch.empty(*q.shape[:3], v.shape[3], dtype=q.dtype), feature, offset=offset,
-                         eps=eps, span=span)
+    out = kernels.causal(q, k, v, torch.empty(*q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device), feature,
+                         offset=offset, eps=eps, span=span)
     dout = torch.randn_like(out)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     kernels.causal_bwd(dout, q, k, v, out, dq, dk, dv, feature, offset=offset, eps=eps, span=span)
@@ -355,6 +396,119 @@ def test_bad_options_are_named():
         attnlib.linear_attention(q, k, v, eps=-1.0)
 
 
+# ---- launch configs on a GPU ----------------------------------------------------------------
+def test_gpu_launch_configs(monkeypatch):
+    """The configs the launchers take on a GPU. hd128 bf16: the winners of the H100 sweep of stop 22
+    (bench/sweep_linear.py; see _h100_stop22 and _causal_bwd_stop22 in kernels.py); fp16 and the
+    other head dims keep theirs. Head dim 256 is not in the class the H200 and H100 sweeps timed
+    (its 128-row state steps overflowed the H100's shared memory) and fp32 steps fewer rows there.
+    Every chunk divides the super-chunk's multiple (chunk_size()), every key block the padded key
+    dim, and the causal backward's value tiles stay at least min(64, key block) wide
+    (causal_value_pad). Under the interpreter the configs are the small ones of before."""
+    from attnlib.triton_kernels.linear import kernels as lk
+
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    monkeypatch.setattr(lk, "interpreting", lambda: True)
+    assert lk.dq_config(128, 128, bf16, "elu") == (128, 1, lk.chunk_size())
+    assert lk.dkv_config(128, 128, bf16, "elu") == (128, 128, 1, lk.chunk_size())
+    assert lk.state_config(128, 128, bf16) == (128, 1, 64) and lk.state_splits_per_sm(128, 128, bf16) == 2
+    assert lk.apply_config(128, 128, bf16)[:4] == (16, 128, 1, 2)
+    monkeypatch.setattr(lk, "interpreting", lambda: False)
+    # hd128 bf16: H100, stop 22
+    assert lk.state_config(128, 128, bf16) == (128, 8, 128) and lk._stages(bf16) == 3
+    assert lk.state_splits_per_sm(128, 128, bf16) == 1
+    assert lk.apply_config(128, 128, bf16) == (64, 128, 8, 3, 2)
+    assert lk.fwd_config(128, 128, bf16) == (128, 8, 64)
+    assert lk.dq_config(128, 128, bf16, "elu") == (128, 4, 16)
+    assert lk.dkv_config(128, 128, bf16, "elu") == (128, 128, 8, 64)
+    # fp16 at hd128, softmax, and hd128 with narrower values keep their earlier configs
+    assert lk.apply_config(128, 128, fp16) == (64, 128, 8, 2, 4)
+    assert lk.dq_config(128, 128, fp16, "elu") == (64, 8, 16)
+    assert lk.dkv_config(128, 128, fp16, "elu") == (64, 64, 8, 32)
+    assert lk.dq_config(128, 128, bf16, "softmax") == (128, 8, 16)
+    assert lk.dkv_config(128, 128, bf16, "softmax") == (128, 64, 8, 16)
+    assert lk.dq_config(128, 64, bf16, "elu") == (64, 8, 16)
+    assert lk.apply_config(128, 64, bf16) == (64, 64, 8, 4, 4)
+    # head dim 256
+    assert lk.state_config(256, 256, fp16) == (64, 8, 64) and lk.state_config(256, 128, bf16) == (128, 8, 64)
+    assert lk.apply_config(256, 256, bf16) == (64, 64, 8, 4, 4)
+    assert lk.state_config(256, 256, fp32) == (64, 8, 32) and lk.apply_config(256, 256, fp32) == (16, 64, 8, 2, 4)
+    for dk_pad in (16, 32, 64, 128, 256):
+        for dv in (8, 16, 24, 32, 40, 64, 72, 96, 128, 160, 256):
+            for dtype in (fp16, bf16, fp32):
+                for feature in ("elu", "softmax"):
+                    v_pad = lk.causal_value_pad(dk_pad, dv)
+                    _, _, chunk = lk.fwd_config(dk_pad, dv, dtype)
+                    bk, _, dq_chunk = lk.dq_config(dk_pad, v_pad, dtype, feature)
+                    kv_bk, kv_bv, _, kv_chunk = lk.dkv_config(dk_pad, v_pad, dtype, feature)
+                    where = (dk_pad, dv, dtype, feature)
+                    assert all(lk.chunk_size() % c == 0 for c in (chunk, dq_chunk, kv_chunk)), where
+                    assert dk_pad % bk == 0 and dk_pad % kv_bk == 0 and kv_bv <= v_pad, where
+                    assert v_pad >= min(64, kv_bk, dk_pad), where
+                    if feature == "softmax":
+                        assert bk == kv_bk == dk_pad, where  # its derivative needs whole rows
+
+
+H100_SMEM_BYTES = 232448  # opt-in shared memory per block on sm_90: the limit Triton's launch checks
+
+# run in a subprocess: triton.compile must not be in interpreter mode (see tests/triton_sm90.py,
+# whose compile_launches turns each launch into a compile for sm_90)
+_SM90_LAUNCHES = r"""
+import json, sys
+sys.path[:0] = sys.argv[1:3]
+import torch
+import triton_sm90
+from attnlib.triton_kernels.linear.attention import linear_bwd, linear_fwd
+
+# the shared memory is all this needs: Triton's own figure, which its launch compares with the
+# device's limit (no ptxas report)
+triton_sm90._ptxas_report = lambda compiled: {"shared": compiled.metadata.shared}
+torch.manual_seed(0)
+for dk, dv, dtype, causal in json.loads(sys.argv[3]):
+    dt = getattr(torch, dtype)
+    q, k = (torch.randn(1, 2, 2048, dk).to(dt) for _ in range(2))
+    v, o, do = (torch.randn(1, 2, 2048, dv).to(dt) for _ in range(3))
+    records = []
+    with triton_sm90.compile_launches(records):
+        linear_fwd(q, k, v, o, feature="elu", causal=causal, eps=1e-6)
+        linear_bwd(do, q, k, v, o, feature="elu", causal=causal, eps=1e-6)
+    for r in records:
+        print(json.dumps(dict(r, dk=dk, dv=dv, dtype=dtype, causal=causal)), flush=True)
+"""
+
+
+def test_launches_fit_h100_shared_memory():
+    """Every kernel launch of the forward and backward (full and causal, elu) at each head-dim pair
+    of test_gpu_head_dims_each_launch_config, in fp16 and bf16 as there and in fp32 (which the fp16
+    non-causal backward's state and apply products take too), compiled for sm_90 on the CPU: the
+    shared memory Triton gives each launch fits the H100's 232448 bytes. At stop 22 on an H100,
+    dk = dv = 256 in fp16 needed 245760 (the fp32 state kernel, 64 rows, 2 stages) and 246784 (the
+    causal backward's weighted state kernel, 128 rows): OutOfResources at launch. The figure is the
+    compiler's allocation (pipeline buffers, operands staged for the dots, layout conversions), not
+    a formula of the tiles: the first of those is 3 x the 81920 bytes of one stage's tiles, the
+    unweighted 128-row fp16 step 188416 = 2.3 x, so it is compiled, not estimated. A cold Triton
+    cache takes a minute or two; a warm one seconds. (The launchers do not tell GPU models apart:
+    compiled for sm_86, whose cards (and sm_89's) give a block 101376 bytes, the hd128 class's
+    state kernel already takes 163840, so this checks the H100's limit only.)"""
+    cases = [[dk, dv, dt, causal] for dk, dv in GPU_HEAD_DIMS for dt in ("float16", "bfloat16", "float32")
+             for causal in (False, True)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _SM90_LAUNCHES, str(HERE), str(HERE.parent), json.dumps(cases)],
+                       capture_output=True, text=True, env=env, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    full = {"linear_state_kernel", "linear_apply_kernel"}
+    causal_kernels = {"linear_state_kernel", "linear_prefix_kernel", "linear_chunk_fwd_kernel",
+                      "linear_chunk_dq_kernel", "linear_chunk_dk_kernel", "linear_chunk_dv_kernel"}
+    for dk, dv, dt, causal in cases:
+        seen = {x["kernel"] for x in recs if [x["dk"], x["dv"], x["dtype"], x["causal"]] == [dk, dv, dt, causal]}
+        assert seen == (causal_kernels if causal else full), (dk, dv, dt, causal, seen)
+    bad = [(x["dk"], x["dv"], x["dtype"], "causal" if x["causal"] else "full", x["kernel"], x["config"],
+            x.get("shared"), x.get("error", "")[-300:])
+           for x in recs if "error" in x or x["shared"] > H100_SMEM_BYTES]
+    assert not bad, bad
+
+
 # ---- GPU only --------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -393,9 +547,7 @@ def test_gpu_gradients(dtype, causal):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dk,dv", [(32, 32), (64, 64), (96, 96), (64, 32), (128, 64), (40, 72), (128, 32),
-                                   (32, 128), (256, 256)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize("dk,dv", GPU_HEAD_DIMS, ids=lambda x: str(x))
 def test_gpu_head_dims_each_launch_config(dk, dv, causal, dtype):
     """Every launch-config class the launchers pick on a GPU (state / apply / causal output
     kernels by padded head dims and value widths; only hd128 was timed, and one untaken config of

@@ -98,7 +98,12 @@ PIPELINED = {"block_sparse_fwd_kernel", "block_sparse_dq_kernel", "block_sparse_
 # (kernel, head dim): spill bytes accepted, where a spilling config measured faster than the
 # spill-free one (triton_kernels/linear/kernels.py fwd_config: 3x on an H200); a bound, so that
 # more spilling still fails
-SPILLS_MEASURED_FASTER = {("linear_chunk_fwd_kernel", 128): 512}
+SPILLS_MEASURED_FASTER = {("linear_chunk_fwd_kernel", 128): 512,
+                          # the causal backward's bf16 hd128 configs from the H100 sweep of stop 22
+                          # (dq (128, 4, 16) 1.55x, dk/dv (128, 128, 8, 64) 1.12x the spill-free
+                          # defaults' time, spills included)
+                          ("linear_chunk_dq_kernel", 128): 200, ("linear_chunk_dk_kernel", 128): 128,
+                          ("linear_chunk_dv_kernel", 128): 128}
 # (kernel, head dim, dtype): spills known and not yet timed against a spill-free config. The causal
 # backward's weighted state kernel in fp16 (its power-of-two operand scaling): 208 bytes until
 # stop 20 moved 1/den out of the scaled operand, 68 since; bf16 does not spill. A bound, so that

@@ -708,13 +708,39 @@ def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, r
 
 
 def _swept(dk_pad: int, bv: int, dtype: torch.dtype) -> bool:
-    """16-bit inputs with a 128 x 128 state block (head dims 65-128): the class that
-    bench/sweep_linear.py timed on an H200 (2026-11-27, B1 H16 hd128 bf16 at 32k and 128k tokens;
-    bench/results/nvidia-h200/run2-2026-11-27/). Its fastest configs, taken below: the state kernel with
-    128 rows per step (1.29-1.30x the 64-row step: 0.654 vs 0.845 ms at 128k), the apply kernel
-    with 2 stages instead of 4 (1.61-1.64x: 0.424 vs 0.684 ms; 116 instead of 163 registers, so
-    two programs fit an SM). Other head dims and fp32 keep the earlier configs (not timed)."""
-    return dtype.itemsize == 2 and dk_pad * bv >= 128 * 128
+    """16-bit inputs with a 128 x 128 state block (key and value head dims both 65-128): the class
+    that bench/sweep_linear.py timed on an H200 (2026-11-27, B1 H16 hd128 bf16 at 32k and 128k
+    tokens; bench/results/nvidia-h200/run2-2026-11-27/). Its fastest configs, taken below: the
+    state kernel with 128 rows per step (1.29-1.30x the 64-row step: 0.654 vs 0.845 ms at 128k),
+    the apply kernel with 2 stages instead of 4 (1.61-1.64x: 0.424 vs 0.684 ms; 116 instead of 163
+    registers, so two programs fit an SM). Other head dims and fp32 keep the earlier configs (not
+    timed).
+
+    Until stop 22 this read dk_pad * bv >= 128 * 128, which took in head dim 256 (64-wide value
+    blocks) as well: its 128-row state steps need 188416 bytes of shared memory on sm_90 and, in
+    the causal backward's weighted fp16 form, 246784, over the H100's 232448 (stop 22,
+    tests/test_linear_triton.py::test_gpu_head_dims_each_launch_config[256-256-*-float16]). With
+    64-row steps they take 98304 and 123392."""
+    return dtype.itemsize == 2 and dk_pad == 128 and bv == 128
+
+
+def _h100_stop22(dk_pad: int, bv: int, dtype: torch.dtype) -> bool:
+    """bf16 in the _swept class: the inputs bench/sweep_linear.py timed on an H100 at stop 22
+    (2026-11-27, B1 H16 hd128 bf16; bench/results/nvidia-h100-80gb-hbm3/stop22-run2-bench/). Not
+    fp16: its apply kernel scales each tile of phi(Q) into fp16 (acc_operand), and with the third
+    stage taken below it compiles to 172 registers on sm_90 instead of 118 (bf16: 122), so two
+    8-warp programs no longer fit an SM, which is what made 2 stages 1.6x faster on the H200."""
+    return dtype == torch.bfloat16 and _swept(dk_pad, bv, dtype)
+
+
+# fp32 at head dims 129-256 (dk_pad 256): the state and apply kernels' rows per step. With the
+# 64 rows per step taken until stop 22 they need 245760 (state, 2 stages) and 327680 (apply, 2
+# stages) bytes of shared memory on sm_90, over the H100's 232448 (OutOfResources at launch, stop
+# 22); 32 state rows take 122880, 16 apply rows 180224 (neither spills). fp32 runs here for fp16
+# inputs too: the non-causal backward's state and apply products take fp32 operands
+# (attention.linear_bwd). Not timed.
+_FP32_WIDE_STATE_ROWS = 32
+_FP32_WIDE_APPLY_ROWS = 16
 
 
 def state_config(dk_pad: int, dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -722,29 +748,66 @@ def state_config(dk_pad: int, dv: int, dtype: torch.dtype) -> tuple[int, int, in
     bv = _streaming_value_block(dv, dtype.itemsize)
     if interpreting():
         return bv, 1, 64
-    return bv, _warps(dk_pad, bv), 128 if _swept(dk_pad, bv, dtype) else 64
+    if _swept(dk_pad, bv, dtype):
+        rows = 128
+    elif dtype.itemsize == 4 and dk_pad >= 256:
+        rows = _FP32_WIDE_STATE_ROWS
+    else:
+        rows = 64
+    return bv, _warps(dk_pad, bv), rows
+
+
+def state_splits_per_sm(dk_pad: int, dv: int, dtype: torch.dtype) -> int:
+    """Row splits per SM (over all batch * heads) of state(): 1 in the _swept class (H100, stop
+    22 sweep, B1 H16 hd128 bf16, config (128 rows, value block 128, 8 warps, 3 stages) as before:
+    1.06x the 2 splits per SM taken until then at 32k tokens, 1.03x at 128k; the H200 sweep of
+    run 2 agrees, 0.175 against 0.183 ms at 32k), otherwise 2."""
+    if not interpreting() and _swept(dk_pad, _streaming_value_block(dv, dtype.itemsize), dtype):
+        return 1
+    return 2
 
 
 def apply_stages(dk_pad: int, bv: int, dtype: torch.dtype) -> int:
-    """Pipeline stages of the apply kernel's streaming loop (see _swept)."""
+    """Pipeline stages of the apply kernel's streaming loop (see _swept): 3 for bf16 in the swept
+    class (H100, stop 22 sweep, with 2 programs per SM, see apply_config), 2 for fp16 there (and
+    under the interpreter, as before)."""
+    if _h100_stop22(dk_pad, bv, dtype) and not interpreting():
+        return 3
     if _swept(dk_pad, bv, dtype):
         return 2
     return 4 if dtype.itemsize == 2 else _stages(dtype)
 
 
+def apply_config(dk_pad: int, dv: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(rows per step, value block, warps, stages, programs per SM) of the apply kernel.
+
+    bf16 with DK and DV padded to 128 (H100, stop 22 sweep, B1 H16 hd128 bf16): (64, 128, 8, 3)
+    with 2 programs per SM, 1.06x the (64, 128, 8, 2) with 4 per SM taken until then at 32k
+    tokens (0.116 against 0.123 ms), 1.08x at 128k (0.423 against 0.456 ms). On the H200 of
+    run 2 the same config ran 0.99x and 0.97x that one (0.117 / 0.431 against 0.116 / 0.418 ms):
+    the H100's numbers decide."""
+    bv = _streaming_value_block(dv, dtype.itemsize)
+    if interpreting():
+        return 16, bv, 1, apply_stages(dk_pad, bv, dtype), 4
+    rows = _FP32_WIDE_APPLY_ROWS if dtype.itemsize == 4 and dk_pad >= 256 else 64
+    per_sm = 2 if _h100_stop22(dk_pad, bv, dtype) else 4
+    return rows, bv, _warps(dk_pad, bv), apply_stages(dk_pad, bv, dtype), per_sm
+
+
 def state(k: torch.Tensor, v: torch.Tensor, feature: str, *, vt_first: bool = False,
           config: tuple[int, int, int, int] | None = None,
-          splits_per_sm: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+          splits_per_sm: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(S (B, H, DK, DV), z (B, H, DK)) fp32 over all rows of bhsd k (B, H, N, DK), v (B, H, N, DV).
     vt_first: see linear_state_kernel (same result; which is faster is for a GPU to say); config
-    (see _chunk_sums) and splits_per_sm (row splits per SM over all batch * heads): what
-    bench/sweep_linear.py varies."""
+    (see _chunk_sums) and splits_per_sm (row splits per SM over all batch * heads; default
+    state_splits_per_sm): what bench/sweep_linear.py varies."""
     batch, heads, seq, dk = k.shape
     dv = v.shape[3]
     if seq == 0 or batch * heads == 0:
         return (k.new_zeros(batch, heads, dk, dv, dtype=torch.float32),
                 k.new_zeros(batch, heads, dk, dtype=torch.float32))
     block_n = config[2] if config else state_config(pad(dk), dv, k.dtype)[2]
+    splits_per_sm = splits_per_sm or state_splits_per_sm(pad(dk), dv, k.dtype)
     # enough splits to fill the GPU; each split a multiple of block_n rows
     wanted = max(1, splits_per_sm * _sm_count(k.device) // max(1, batch * heads))
     rows = max(block_n, cdiv(cdiv(seq, wanted), block_n) * block_n)
@@ -767,21 +830,21 @@ def _dense_heads(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.Tensor, feature: str,
           eps: float = 0.0, *, config: tuple[int, int, int, int] | None = None,
-          programs_per_sm: int = 4) -> torch.Tensor:
+          programs_per_sm: int | None = None) -> torch.Tensor:
     """out (B, Hq, N, DV) = phi(q) s [/ (phi(q) . z + eps) when z is given]; s (B, Hs, DK, DV).
-    config: (rows per step, value block, warps, stages) in place of the defaults below, and
-    programs_per_sm: what bench/sweep_linear.py varies."""
+    config: (rows per step, value block, warps, stages) in place of apply_config's, and
+    programs_per_sm (default apply_config's): what bench/sweep_linear.py varies."""
     batch, heads, seq, dk = q.shape
     dv = s.shape[3]
     if seq == 0 or batch * heads == 0:
         return out
     s, stride_sh = _dense_heads(s)
     z, stride_zh = (s, 0) if z is None else _dense_heads(z)
-    bv = _streaming_value_block(dv, q.element_size())
-    block_m, bv, warps, stages = config or (16 if interpreting() else 64, bv, _warps(pad(dk), bv),
-                                            apply_stages(pad(dk), bv, q.dtype))
+    *default, per_sm = apply_config(pad(dk), dv, q.dtype)
+    block_m, bv, warps, stages = config or default
+    programs_per_sm = programs_per_sm or per_sm
     n_vb = cdiv(dv, bv)
-    # about four programs per SM in all, each streaming whole tiles (interpreter: two tiles each)
+    # a few programs per SM in all, each streaming whole tiles (interpreter: two tiles each)
     want = 2 if interpreting() else max(1, programs_per_sm * _sm_count(q.device) // max(1, batch * heads * n_vb))
     rows = max(block_m, cdiv(cdiv(seq, want), block_m) * block_m)
     linear_apply_kernel[(cdiv(seq, rows), batch * heads, n_vb)](
@@ -867,13 +930,33 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     return out
 
 
+def _causal_bwd_stop22(dk_pad: int, dv_pad: int, dtype: torch.dtype) -> bool:
+    """bf16 with DK and DV padded to 128: the causal backward's inputs that bench/sweep_linear.py
+    --causal timed on an H100 at stop 22 (2026-11-27, B1 H16 hd128 bf16, elu, 32k tokens;
+    bench/results/nvidia-h100-80gb-hbm3/stop22-run2-bench/sweep_linear_causal.json). Not fp16
+    (its products scale operands into fp16: with these configs the dq kernel spills 716 bytes on
+    sm_90 and the dk kernel 620, against 200 and 128 for bf16; fp16's earlier configs do not
+    spill) and not fp32 (the dv kernel would need 262144 bytes of shared memory)."""
+    return dtype == torch.bfloat16 and dk_pad == 128 and dv_pad == 128
+
+
 def dq_config(dk_pad: int, dv_pad: int, dtype: torch.dtype, feature: str) -> tuple[int, int, int]:
     """(key-dim block, warps, chunk) of the causal dq kernel; softmax's derivative needs whole rows.
-    Chosen by compiling for sm_90: bf16/fp16 do not spill with these (elu and softmax)."""
+    Chosen by compiling for sm_90: bf16/fp16 do not spill with these (elu and softmax).
+
+    bf16 with DK and DV padded to 128, feature maps other than softmax (see _causal_bwd_stop22):
+    (128, 4, 16), the whole key dim in one 4-warp program, timed on an H100 (stop 22 sweep, B1 H16
+    hd128 bf16 elu, 32k tokens, the whole causal backward): 3.51 ms against 5.45 ms for the
+    (64, 8, 16) taken until then (1.55x; results within 9e-5 relative of it). It spills 200 bytes
+    on sm_90 and is faster all the same; (128, 8, 32) ran 3.47 ms, but in 32-row chunks (1.5e-3
+    from the default's results), so the default's chunk is kept. Its grid has half the programs
+    per super-chunk, so super_chunk gives the backward half the span (as in the sweep)."""
     if interpreting():
         return dk_pad, 1, chunk_size()
     if feature == "softmax":
         return dk_pad, 8, 16 if dk_pad >= 128 else 32
+    if _causal_bwd_stop22(dk_pad, dv_pad, dtype):
+        return 128, 4, 16
     # 64-row chunks at hd64 and 32 at hd128 sit at 255 registers (4 bytes spilled at hd128 bf16);
     # 32 rows take 189 at hd64, 16 rows 216 at hd128
     return min(64, dk_pad), 8, 16 if max(dk_pad, dv_pad) >= 128 else 32
@@ -883,9 +966,18 @@ def dkv_config(dk_pad: int, dv_pad: int, dtype: torch.dtype, feature: str) -> tu
     """(key-dim block, value block, warps, chunk) of the causal dk and dv kernels; softmax's
     derivative needs whole rows. Compiled for sm_90: no spills for bf16/fp16; at hd128 fp32 takes
     32-row chunks (64 KB of shared memory instead of 160 KB), fp16 too (its scaled products hold
-    more registers), whole-row softmax 16."""
+    more registers), whole-row softmax 16.
+
+    bf16 with DK and DV padded to 128, feature maps other than softmax (see _causal_bwd_stop22):
+    (128, 128, 8, 64), timed on an H100 (stop 22 sweep, B1 H16 hd128 bf16 elu, 32k tokens, the
+    whole causal backward): 4.87 ms against 5.44 ms for the (64, 64, 8, 64) taken until then
+    (1.12x; results within 5.8e-5 relative of it). The dk and dv kernels spill 128 bytes each on
+    sm_90 with it. Timed beside the dq kernel's earlier config, so at twice the super-chunk span
+    the backward takes now (see dq_config); the two new configs were not timed together."""
     if interpreting():
         return dk_pad, dv_pad, 1, chunk_size()
+    if feature != "softmax" and _causal_bwd_stop22(dk_pad, dv_pad, dtype):
+        return 128, 128, 8, CHUNK
     wide = max(dk_pad, dv_pad) >= 128
     bk = dk_pad if feature == "softmax" else min(64, dk_pad)
     if feature == "softmax" and dk_pad >= 128:
