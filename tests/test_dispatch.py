@@ -29,7 +29,7 @@ def test_fp64_on_cpu_goes_to_reference_and_explain_lists_rejections():
     assert ex.chosen.name == "flash-torch-reference"
     rejected = ex.reasons
     assert "flash-torch-sdpa" in rejected
-    assert any("device cpu not supported" in r for r in rejected["flash-torch-sdpa"])
+    assert any("dtype fp64 not supported" in r for r in rejected["flash-torch-sdpa"])
 
 
 def test_forced_backend_with_no_fitting_kernel_raises_listing_inputs_and_reasons():
@@ -191,10 +191,20 @@ def test_sla_row_states_grid_axis(monkeypatch):
     assert any(r.startswith("batch * heads 90000 exceeds") for r in kernel.not_supported_reasons(inp))
 
 
-def test_sdpa_ranks_first_for_half_precision_inference_only():
-    """flash-torch-sdpa outranks flash-triton (20) for fp16/bf16 calls that build no graph, with head
-    dims torch's fused kernels take; otherwise it keeps its priority 10 (below the Triton and CUDA
-    kernels). explain() tries kernels in rank order."""
+@pytest.fixture
+def sdpa_ranks_as_on_gpu(monkeypatch):
+    """flash-torch-sdpa ranks CPU tensors as it ranks CUDA ones (the GPU ranking, tested here),
+    with torch's fused kernels taking the inputs (its CPU choice differs from its CUDA one)."""
+    from attnlib.kernels import flash_sdpa
+
+    monkeypatch.setattr(flash_sdpa, "on_gpu", lambda inp: True)
+    monkeypatch.setattr(flash_sdpa, "fused_sdpa_possible", lambda inp: True)
+
+
+def test_sdpa_ranks_first_for_half_precision_inference_only(sdpa_ranks_as_on_gpu):
+    """On GPUs flash-torch-sdpa outranks flash-triton (20) for fp16/bf16 calls that build no graph,
+    with head dims torch's fused kernels take; otherwise it keeps its priority 10 (below the Triton
+    and CUDA kernels). explain() tries kernels in rank order."""
     from attnlib.kernels.flash_sdpa import FlashSDPA
 
     sdpa = FlashSDPA()
@@ -212,7 +222,7 @@ def test_sdpa_ranks_first_for_half_precision_inference_only():
     assert sdpa.priority < triton_rank(inp)
 
 
-def test_sdpa_ranks_below_chunked_where_torch_would_run_its_math_path(monkeypatch):
+def test_sdpa_ranks_below_chunked_where_torch_would_run_its_math_path(monkeypatch, sdpa_ranks_as_on_gpu):
     """On CUDA, where torch SDPA has no fused kernel for the inputs (its own can_use_* checks,
     switches included), it would form the N x N scores: flash-torch-chunked (5) must win."""
     from attnlib.kernels import flash_sdpa
@@ -223,14 +233,13 @@ def test_sdpa_ranks_below_chunked_where_torch_would_run_its_math_path(monkeypatc
     assert flash_sdpa.torch_says_fused(inp)  # torch's own choice: its CPU flash kernel
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         assert not flash_sdpa.torch_says_fused(inp)
-    assert flash_sdpa.fused_sdpa_possible(inp)  # which is asked for CUDA tensors only
     monkeypatch.setattr(flash_sdpa, "fused_sdpa_possible", lambda inp: False)
     assert sdpa.rank(inp) == sdpa.math_path_priority < FlashTorchChunked.priority
     monkeypatch.setattr(flash_sdpa, "fused_sdpa_possible", lambda inp: True)
     assert sdpa.rank(inp) == sdpa.half_inference_priority
 
 
-def test_fused_sdpa_possible_keeps_the_rank_on_another_torch(monkeypatch):
+def test_fused_sdpa_possible_keeps_the_rank_on_another_torch(monkeypatch, sdpa_ranks_as_on_gpu):
     from attnlib.kernels import flash_sdpa
 
     def gone(*a):
@@ -238,10 +247,39 @@ def test_fused_sdpa_possible_keeps_the_rank_on_another_torch(monkeypatch):
 
     monkeypatch.setattr(torch, "_fused_sdp_choice", gone)
     monkeypatch.setattr(torch.backends.cuda, "SDPAParams", gone)
-    assert flash_sdpa.torch_says_fused(attnlib.api.build_inputs(*make_qkv(1, 2, 16, 64)))
+    inp = attnlib.api.build_inputs(*make_qkv(1, 2, 16, 64))
+    assert flash_sdpa.torch_says_fused(inp)
+    monkeypatch.setattr(flash_sdpa, "on_gpu", lambda inp: False)  # CPU: no public check, chunked keeps it
+    assert not flash_sdpa.torch_says_fused(inp)
 
 
-def test_sdpa_rank_reads_the_call_not_the_grad_mode():
+def test_sdpa_serves_cpu_inference_where_torch_runs_its_cpu_flash_kernel():
+    """CPU tensors: inference goes to torch SDPA where torch picks its CPU flash kernel (above
+    flash-torch-chunked, below flash-triton, which runs CPU tensors only under the interpreter);
+    graph-building calls, lse, bottom-right causal with seq_q != seq_k and fp64 keep the others."""
+    from attnlib.kernels.flash_sdpa import FlashSDPA
+    from attnlib.kernels.flash_torch_chunked import FlashTorchChunked
+    from attnlib.reference import flash_reference
+
+    sdpa = FlashSDPA()
+    assert FlashTorchChunked.priority < sdpa.cpu_priority < 20
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        q, k, v = make_qkv(1, 2, 45, 64, kv_heads=1, dtype=dtype, seed=3)
+        inp = attnlib.api.build_inputs(q, k, v)
+        assert sdpa.rank(inp) == sdpa.cpu_priority
+        with dispatch.use_backend("torch"):
+            assert attnlib.explain(q, k, v).chosen.name == "flash-torch-sdpa"
+            out = attnlib.flash_attention(q, k, v, causal=True)
+            assert attnlib.explain(q, k, v, return_lse=True).chosen.name == FlashTorchChunked.name
+            assert attnlib.explain(q, k[:, :, :30], v[:, :, :30], causal=True).chosen.name == FlashTorchChunked.name
+        ref = flash_reference(q.double(), k.double(), v.double(), causal=True)
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
+        qg, kg, vg = make_qkv(1, 2, 45, 64, dtype=dtype, requires_grad=True, seed=3)
+        assert sdpa.rank(attnlib.api.build_inputs(qg, kg, vg)) == sdpa.math_path_priority
+
+
+def test_sdpa_rank_reads_the_call_not_the_grad_mode(sdpa_ranks_as_on_gpu):
     """Inside attnlib's op autograd is off, so the rank must come from inp.grad (whether the caller
     builds a graph), not torch.is_grad_enabled(): a graph-building call keeps the deterministic
     kernels unless it passed deterministic=False, and torch.use_deterministic_algorithms(True)
@@ -278,12 +316,13 @@ def graph_names(out: torch.Tensor) -> str:
 
 @pytest.fixture
 def sdpa_on_cpu(monkeypatch):
-    """flash-torch-sdpa registered for CPU tensors too (torch's SDPA runs there), with its
-    forward calls counted."""
+    """flash-torch-sdpa ranking CPU tensors as it ranks CUDA ones, with its forward calls counted."""
     from attnlib.kernels.flash_sdpa import FlashSDPA
 
+    from attnlib.kernels import flash_sdpa
+
     kernel = next(k for k in dispatch.kernels("flash") if isinstance(k, FlashSDPA))
-    monkeypatch.setitem(vars(kernel), "devices", ("cuda", "cpu"))
+    monkeypatch.setattr(flash_sdpa, "on_gpu", lambda inp: True)  # ranked as on a GPU
     calls = []
     real = kernel.forward
     monkeypatch.setitem(vars(kernel), "forward", lambda inp: calls.append(inp.requires_grad) or real(inp))

@@ -202,22 +202,26 @@ def test_deterministic():
 
 
 def test_dispatch(monkeypatch):
-    """Outranks the reference on the torch backend for fp16/bf16/fp32; fp64 keeps the reference;
-    auto picks it on CPU where no Triton kernel runs (none without TRITON_INTERPRET=1)."""
+    """Outranks the reference on the torch backend for fp16/bf16/fp32 (inference on CPU goes to
+    torch's CPU flash kernel, flash-torch-sdpa, where torch takes the inputs; calls with lse or a
+    graph come here); fp64 keeps the reference; auto picks it on CPU where no Triton kernel runs
+    (none without TRITON_INTERPRET=1) and SDPA does not serve the call."""
     for dtype in DTYPES:
         q, k, v = make_qkv(1, 2, 8, 16, dtype=dtype, seed=1)
-        ex = attnlib.explain(q, k, v, backend="torch")
+        ex = attnlib.explain(q, k, v, backend="torch", return_lse=True)
         assert ex.chosen.name == KERNEL and "flash-torch-reference" not in ex.reasons
+        qg, kg, vg = make_qkv(1, 2, 8, 16, dtype=dtype, requires_grad=True, seed=1)
+        assert attnlib.explain(qg, kg, vg, backend="torch").chosen.name == KERNEL
     q, k, v = make_qkv(1, 2, 8, 16, dtype=torch.float64, seed=1)
     ex = attnlib.explain(q, k, v, backend="torch")
     assert ex.chosen.name == "flash-torch-reference"
     assert ex.reasons[KERNEL] == ["dtype fp64 not supported (supports fp16, bf16, fp32)"]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = make_qkv(1, 2, 8, 16, seed=1)
-    assert attnlib.explain(q, k, v).chosen.name == KERNEL
+    assert attnlib.explain(q, k, v, return_lse=True).chosen.name == KERNEL
     q, k, v = make_qkv(1, 2, 8, 12, head_dim_v=20, seed=1)  # no Triton kernel takes it, interpreter or not
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert attnlib.explain(q, k, v).chosen.name == KERNEL
+    assert attnlib.explain(q, k, v, return_lse=True).chosen.name == KERNEL
 
 
 def assert_backward_is_its_own(monkeypatch, attention) -> None:

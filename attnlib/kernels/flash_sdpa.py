@@ -1,8 +1,10 @@
-"""Method flash on torch's own scaled_dot_product_attention (GPU tensors): a torch-backend
-kernel, first for fp16/bf16 calls without gradients or with deterministic=False (measured
-fastest there; see ``rank``) and the fallback where attnlib's Triton/CUDA kernels are not
-installed. A graph-building call that selects it runs it outside attnlib's op (api.attention), so
-that torch's autograd runs SDPA's own backward."""
+"""Method flash on torch's own scaled_dot_product_attention: a torch-backend kernel. On GPUs,
+first for fp16/bf16 calls without gradients or with deterministic=False (measured fastest there;
+see ``rank``) and the fallback where attnlib's Triton/CUDA kernels are not installed. On the CPU,
+the inference kernel wherever torch's dispatcher picks its CPU flash kernel (fp32/fp16/bf16,
+memory-bounded like flash-torch-chunked and 2-4x faster on the CI CPU: see ``cpu_priority``).
+A graph-building call that selects it runs it outside attnlib's op (api.attention), so that
+torch's autograd runs SDPA's own backward."""
 from __future__ import annotations
 
 import torch
@@ -16,7 +18,7 @@ class FlashSDPA(Kernel):
     method = "flash"
     backend = "torch"
     priority = 10
-    devices = ("cuda",)
+    devices = ("cuda", "cpu")
     supports_lse = False  # torch's public SDPA does not return the log-sum-exp
 
     # Above flash-triton (20) for half-precision calls that need no gradient: on an H100 (2026-11-27,
@@ -34,9 +36,18 @@ class FlashSDPA(Kernel):
     # fused backend switched off with torch.backends.cuda.enable_*_sdp(False))
     math_path_priority = 1
 
+    # CPU tensors, no gradient, where torch picks its CPU flash kernel (tiled, O(N) memory): above
+    # flash-torch-chunked (5), which took 2.2-4.4x its time on the CI CPU (1x8x2048x64, fp32 / fp16
+    # / bf16, 2026-11-27), and below flash-triton (20), which runs CPU tensors only under
+    # TRITON_INTERPRET=1, i.e. in tests of the Triton kernels. Graph-building CPU calls keep the
+    # chunked kernel (its backward is attnlib's, deterministic) by ranking at math_path_priority.
+    cpu_priority = 8
+
     def rank(self, inp: AttentionInputs) -> int:
         if not fused_sdpa_possible(inp):
             return self.math_path_priority
+        if not on_gpu(inp):
+            return self.math_path_priority if inp.requires_grad else self.cpu_priority
         if inp.dtype not in (torch.float16, torch.bfloat16):
             return self.priority
         if inp.head_dim % 8 or inp.head_dim > 256 or inp.head_dim_v != inp.head_dim:
@@ -60,19 +71,24 @@ class FlashSDPA(Kernel):
             inp.q, inp.k, inp.v, is_causal=inp.causal, scale=inp.scale, enable_gqa=inp.is_gqa)
 
 
+def on_gpu(inp: AttentionInputs) -> bool:
+    """Whether the call's tensors are on a GPU (the GPU ranking applies; tests of that ranking
+    on a CPU-only machine patch this)."""
+    return inp.q.is_cuda
+
+
 def fused_sdpa_possible(inp: AttentionInputs) -> bool:
-    """Whether torch SDPA would run one of its fused kernels (flash, memory-efficient, cuDNN) on
-    these inputs, as its own dispatcher decides (dtype, head dim, alignment, the enable_*_sdp
-    switches), rather than its math path. True where torch lacks the query functions, and for
-    CPU tensors (the kernel serves CUDA; tests register it for the CPU)."""
-    if not inp.q.is_cuda:
-        return True
+    """Whether torch SDPA would run one of its fused kernels (flash, memory-efficient, cuDNN; on
+    the CPU its flash kernel) on these inputs, as its own dispatcher decides (dtype, head dim,
+    alignment, the enable_*_sdp switches), rather than its math path."""
     return torch_says_fused(inp)
 
 
 def torch_says_fused(inp: AttentionInputs) -> bool:
     """torch SDPA's own choice for these inputs (torch._fused_sdp_choice, the function SDPA calls),
-    else its public can_use_* checks where that private function is missing or changed."""
+    else, on CUDA, its public can_use_* checks where that private function is missing or changed
+    (True where those are missing too: rank as before). On the CPU without the private function:
+    False (no public check there), so CPU calls keep flash-torch-chunked."""
     try:
         from torch.nn.attention import SDPBackend
 
@@ -81,6 +97,8 @@ def torch_says_fused(inp: AttentionInputs) -> bool:
         return choice not in (SDPBackend.MATH, SDPBackend.ERROR)
     except (AttributeError, ImportError, TypeError, ValueError, RuntimeError):
         pass
+    if not on_gpu(inp):
+        return False
     cuda = torch.backends.cuda
     try:
         params = cuda.SDPAParams(inp.q, inp.k, inp.v, None, 0.0, inp.causal, inp.is_gqa)
