@@ -19,23 +19,25 @@ for 30 s only; a fresh start costs 1-2 minutes), then ``give_back``:
    ``export PYTHONUNBUFFERED=1; python3 -m pip install -q --no-deps --no-build-isolation -e .
    >/tmp/install.log 2>&1 || { tail -20 /tmp/install.log; exit 1; }; timeout -s INT -k 15 345
    python3 bench/gpu_check.py --skip-bench --skip-sanitizer --pytest-budget 300``)
-2. benchmarks: host time per call with its cProfile (``host_profile.md``), the launch-config sweeps
-   prepared in stop 18, and sage (skipped on the H100 in stop 19);
+2. benchmarks: sage (pv=fp8 on the transposed V of stop 22, against pv=fp16 and SDPA), linear
+   (the 32k GB/s with the stop 22 configs, end to end), the causal linear sweep again (stop 22's
+   dq and dk/dv configs were timed apart), then flash and sla in what is left;
    run(timeout_s=400, carry=[".whl"], command=
    ``export PYTHONUNBUFFERED=1; python3 -m pip install -q --no-index --no-deps --no-compile
    --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
    python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || exit 1;
    timeout -s INT -k 15 370 python3 bench/gpu_check.py --skip-tests
-   --suites overhead,sage,sweep_linear,sweep_linear_causal,sweep_block_sparse --end 340``)
+   --suites sage,linear,sweep_linear_causal,flash,sla --end 340``)
    (without ``.whl/``, drop the wheel install; a fresh machine needs the ``-e .`` install again)
 
 The two limits add up to 770 s, under 13 minutes (with a 1-2 minute start, inside the 15): each
 ``timeout`` ends gpu_check before the tool's limit; on its SIGINT gpu_check stops pytest (or the
 suite in hand), writes what it has and exits, and the call then reports rc 124 with every file
 back. Call 1 takes about 320 s (pytest is cut at 300 s: the list does not finish; the summary's
-tier table says how far it got), call 2 about 350 s (sage 40 s, overhead 30 s, then the sweeps in
-what is left up to 340 s: sweep_linear 120 s, sweep_linear_causal 120 s, sweep_block_sparse the
-rest). Before call 2, if ``status`` shows less than 430 s of budget left, lower ``--end`` and both
+tier table says how far it got; in stop 22 the whole list of 1379 tests took 268 s), call 2
+about 350 s (each suite in gpu_check's order, each to its end mark; sweep_linear_causal 120 s).
+Helpers (subagents) must not call the device tool: in stop 22 one did, and the 150 s it spent
+left too little to start a machine for the check of the fixes. Before call 2, if ``status`` shows less than 430 s of budget left, lower ``--end`` and both
 limits by the difference. Afterwards, here: ``python bench/gpu_check.py --import <files_at of
 each call>`` (the second import overwrites results.json / summary.md: import call 1's folder, read
 or rename them, then call 2's).
