@@ -172,8 +172,31 @@ CAUSAL_CONFIGS = (
     ("fwd", "fwd_config", [c for c in itertools.product((32, 64, 128), (4, 8), (32, 64))]),
     ("dq", "dq_config", [c for c in itertools.product((32, 64, 128), (4, 8), (16, 32, 64))]),
     ("dkv", "dkv_config", [c for c in itertools.product((64, 128), (64, 128), (4, 8), (32, 64))]),
+    # software-pipelining stages of each kernel with its default tiles (kernels.causal_stages: 1
+    # until measured; compiled for sm_90 at stop 22, 2 and 3 stages fit and give async copies)
+    ("fwd", "causal_stages", [(2,), (3,)]),
+    ("dq", "causal_stages", [(2,), (3,)]),
+    ("dkv", "causal_stages", [(2,), (3,)]),
 )
 CAUSAL_SEQ = 32768
+
+
+def patched(fn_name: str, which: str, cfg: tuple):
+    """A context in which kernels.<fn_name> gives cfg: the config function itself, or for
+    causal_stages the stages of the one kernel ``which`` names (the others keep theirs)."""
+    from unittest import mock
+
+    if fn_name == "causal_stages":
+        real = lk.causal_stages
+        return mock.patch.object(lk, fn_name, lambda w, cfg=cfg: cfg[0] if w == which else real(w))
+    return mock.patch.object(lk, fn_name, lambda *a, cfg=cfg: cfg)
+
+
+def default_config(fn_name: str, which: str, d: int, dtype: torch.dtype) -> tuple:
+    if fn_name == "causal_stages":
+        return (lk.causal_stages(which),)
+    return getattr(lk, fn_name)(lk.pad(d), d if which == "fwd" else lk.pad(d), dtype,
+                                *(() if which == "fwd" else (FEATURE,)))
 
 
 def causal_call(which: str, q, k, v, out, dout):
@@ -189,7 +212,6 @@ def causal_call(which: str, q, k, v, out, dout):
 
 def causal_compile_only() -> None:
     sys.path.insert(0, str(REPO / "tests"))
-    from unittest import mock
 
     from triton_sm90 import compile_launches
 
@@ -200,7 +222,7 @@ def causal_compile_only() -> None:
                    "dkv": ("linear_chunk_dk_kernel", "linear_chunk_dv_kernel")}[which]
         for cfg in cands:
             records: list = []
-            with mock.patch.object(lk, fn_name, lambda *a, cfg=cfg: cfg), compile_launches(records):
+            with patched(fn_name, which, cfg), compile_launches(records):
                 causal_call(which, q, k, v, o, do)
             for r in records:
                 if r["kernel"] in kernels:
@@ -212,7 +234,6 @@ def causal_sweep(out_dir: Path, budget_s: float, *, device: str = "cuda", seq: i
     """Each causal kernel's candidates against its default (records also written to
     out_dir/sweep_linear_causal.json after each kernel); device, seq, shape, dtype and configs
     are for the CPU smoke test."""
-    from unittest import mock
 
     dev = torch.device(device)
     shape = shape or SHAPE
@@ -233,18 +254,17 @@ def causal_sweep(out_dir: Path, budget_s: float, *, device: str = "cuda", seq: i
         deadline = time.perf_counter() + (budget_s - (time.perf_counter() - t0)) / (len(configs) - i)
         ref = causal_call(which, q, k, v, out, dout)
         base = bench(lambda: causal_call(which, q, k, v, out, dout))
-        default = getattr(lk, fn_name)(lk.pad(d), d if which == "fwd" else lk.pad(d), q.dtype,
-                                       *(() if which == "fwd" else (FEATURE,)))
-        records.append(dict(which=which, config="default", default=list(default), ms=base))
-        print(f"causal {which} default {list(default)} {base:.3f} ms", flush=True)
+        default = default_config(fn_name, which, d, q.dtype)
+        records.append(dict(which=which, config="default", knob=fn_name, default=list(default), ms=base))
+        print(f"causal {which} {fn_name} default {list(default)} {base:.3f} ms", flush=True)
         for cfg in cands:
-            rec = dict(which=which, config=list(cfg))
+            rec = dict(which=which, knob=fn_name, config=list(cfg))
             if time.perf_counter() > deadline:
                 rec["skipped"] = "budget spent"
                 records.append(rec)
                 continue
             try:
-                with mock.patch.object(lk, fn_name, lambda *a, cfg=cfg: cfg):
+                with patched(fn_name, which, cfg):
                     got = causal_call(which, q, k, v, out, dout)
                     err = max(((g.float() - r.float()).abs().max() / r.float().abs().max()).item()
                               for g, r in zip(got, ref))

@@ -124,12 +124,17 @@ def test_linear_sweeps_run_on_cpu(tmp_path):
     recs = sl.run_sweep_suite(600.0, out=tmp_path, causal=True, device="cpu", seq=96,
                               shape=dict(batch=1, heads=1, head_dim=32), dtype=torch.float32, configs=small)
     timed = [r for r in recs if r.get("config") != "default"]
-    assert [r["which"] for r in timed] == ["fwd", "dq", "dkv"], recs
+    assert [(r["which"], r["knob"]) for r in timed] == [
+        ("fwd", "fwd_config"), ("dq", "dq_config"), ("dkv", "dkv_config"),
+        ("fwd", "causal_stages"), ("dq", "causal_stages"), ("dkv", "causal_stages")], recs
     assert all("error" not in r and r["rel_diff"] < 1e-4 for r in timed), timed
+    # the stages knob reaches the one kernel named, the others keep theirs
+    with sl.patched("causal_stages", "dq", (3,)):
+        assert [sl.lk.causal_stages(w) for w in ("fwd", "dq", "dkv")] == [1, 3, 1]
     # a spent budget still reaches every kernel's default line, and skips the rest
     recs = sl.run_sweep_suite(0.0, out=tmp_path, causal=True, device="cpu", seq=96,
                               shape=dict(batch=1, heads=1, head_dim=32), dtype=torch.float32, configs=small)
-    assert all(r.get("skipped") for r in recs) and len(recs) == 3
+    assert all(r.get("skipped") for r in recs) and len(recs) == len(small)
 
 
 def test_block_sparse_sweep_runs_on_cpu(tmp_path):

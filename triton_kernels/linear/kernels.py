@@ -908,6 +908,15 @@ def fwd_config(dk_pad: int, dv: int, dtype: torch.dtype) -> tuple[int, int, int]
     return max(_value_block(dv), 64), 8, CHUNK
 
 
+def causal_stages(which: str) -> int:
+    """Software-pipelining stages of the causal chunk kernels ("fwd": the output kernel, "dq", "dkv":
+    the dk and dv kernels): 1, so every tile load of the chunk loop waits for its data (sm_90
+    TTGIR, stop 22: synchronous tt.load of every tile in the loop, no async copy). Whether 2
+    stages overlap the next chunk's loads with this chunk's products and run faster is for
+    bench/sweep_linear.py --causal on a GPU to say (it patches this function)."""
+    return 1
+
+
 def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, feature: str, *, offset: int,
            eps: float = 0.0, span: int | None = None) -> torch.Tensor:
     """out_i = sum_{j <= i + offset} (phi(q_i) . phi(k_j)) v_j / (sum_j phi(q_i) . phi(k_j) + eps);
@@ -926,7 +935,7 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
         q, k, v, out, states, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, heads // k.shape[1], seq_q, seq_k, offset, span, n_sc, eps,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], CHUNK=chunk,
-        MODE=dot_mode(q.dtype), num_warps=warps, num_stages=1)
+        MODE=dot_mode(q.dtype), num_warps=warps, num_stages=causal_stages("fwd"))
     return out
 
 
@@ -1035,7 +1044,7 @@ def causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
         heads, group, seq_q, seq_k, offset, span, n_sc, eps,
         DK=d, DK_PAD=pad(d), BK=bk, DV=d_v, DV_PAD=v_pad, FEAT=FEATURE_IDS[feature], CHUNK=dq_chunk, MODE=mode,
-        num_warps=dq_warps, num_stages=1)
+        num_warps=dq_warps, num_stages=causal_stages("dq"))
     del states
     # dh_s = (phi(Q_s)^T (dO_s / d), phi(Q_s)^T dd_s) per query super-chunk, then dS by a reverse prefix
     dh = _chunk_sums(q, dout, feature, first=0, rows=span, splits=n_sc, weights=(rden, dd))
@@ -1047,8 +1056,8 @@ def causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     linear_chunk_dk_kernel[(cdiv(pad(d), kv_bk) * units * batch * heads_kv,)](
         q, k, v, dout, dk, ds, rden, dd, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
         *common, DK=d, DK_PAD=pad(d), BK=kv_bk, DV=d_v, DV_PAD=v_pad, FEAT=FEATURE_IDS[feature], CHUNK=kv_chunk,
-        MODE=mode, num_warps=kv_warps, num_stages=1)
+        MODE=mode, num_warps=kv_warps, num_stages=causal_stages("dkv"))
     linear_chunk_dv_kernel[(cdiv(d_v, kv_bv) * units * batch * heads_kv,)](
         q, k, dout, dv, ds, rden, *q.stride(), *k.stride(), *dout.stride(), *dv.stride(),
         *common, DK=d, DK_PAD=pad(d), DV=d_v, BV=kv_bv, FEAT=FEATURE_IDS[feature], CHUNK=kv_chunk,
-        MODE=mode, num_warps=kv_warps, num_stages=1)
+        MODE=mode, num_warps=kv_warps, num_stages=causal_stages("dkv"))
