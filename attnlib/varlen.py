@@ -64,16 +64,21 @@ def _check_cu_values(cu_q, cu_k, total_q: int, total_k: int, max_seqlen_q: int, 
     trusts these values; a wrong answer or a fault inside a kernel is worse than the sync)."""
     n = cu_q.shape[0]
     values = torch.cat((cu_q, cu_k)).tolist()
-    for name, cu, total, max_name, max_seqlen in (("cu_seqlens_q", values[:n], total_q, "max_seqlen_q", max_seqlen_q),
-                                                  ("cu_seqlens_k", values[n:], total_k, "max_seqlen_k", max_seqlen_k)):
-        lens = [b - a for a, b in zip(cu, cu[1:])]
-        if cu[0] != 0 or cu[-1] != total or min(lens) < 0:
-            shown = cu if len(cu) <= 64 else cu[:32] + ["..."] + cu[-32:]
-            raise ValueError(f"{name} must start at 0, never decrease and end at the token count {total}, "
-                             f"got {shown}")
-        if max(lens) > max_seqlen:
-            raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence in {name} "
-                             f"({max(lens)})")
+    check_bounds("cu_seqlens_q", values[:n], total_q, "max_seqlen_q", max_seqlen_q)
+    check_bounds("cu_seqlens_k", values[n:], total_k, "max_seqlen_k", max_seqlen_k)
+
+
+def check_bounds(name: str, cu: list[int], total: int, max_name: str, max_seqlen: int) -> None:
+    """One cu_seqlens, read to host ints (length >= 2): it starts at 0, never decreases and ends at
+    the token count, and no sequence is longer than max_seqlen; else a ValueError naming both."""
+    lens = [b - a for a, b in zip(cu, cu[1:])]
+    if cu[0] != 0 or cu[-1] != total or min(lens) < 0:
+        shown = cu if len(cu) <= 64 else cu[:32] + ["..."] + cu[-32:]
+        raise ValueError(f"{name} must start at 0, never decrease and end at the token count {total}, "
+                         f"got {shown}")
+    if max(lens) > max_seqlen:
+        raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence in {name} "
+                         f"({max(lens)})")
 
 
 def _triton_reasons(q, k, v, cu_seqlens_q, causal: bool, scale: float) -> list[str]:

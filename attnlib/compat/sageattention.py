@@ -125,11 +125,7 @@ def _sequence_bounds(name: str, cu: Any, total: int, device: torch.device, max_n
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
     bounds = cu.tolist()
-    if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"{name} must start at 0, never decrease and end at the token count {total}, got {bounds}")
-    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
-    if longest > max_seqlen:
-        raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence in {name} ({longest})")
+    varlen.check_bounds(name, bounds, total, max_name, max_seqlen)
     return bounds
 
 
