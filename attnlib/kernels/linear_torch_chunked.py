@@ -34,7 +34,7 @@ import torch
 from ..dispatch import Kernel, register
 from ..inputs import AttentionInputs
 from ..reference._common import safe_divide
-from ..reference.linear import feature_map_fn
+from ..reference.linear import feature_map_fn, phi_pullback
 # flash's row helpers: a kv head's query heads stacked along the rows (row g * rows + i is query
 # head g of the group, position r0 + i), float32, and back
 from .flash_torch_chunked import _empty_like_layout, _rows, _to_heads
@@ -98,25 +98,6 @@ def _row_dot(rows: torch.Tensor, per_position: torch.Tensor, group: int) -> torc
     b, hkv, c, d = per_position.shape
     dot = rows.view(b, hkv, group, c, d).mul(per_position.unsqueeze(2)).sum(dim=-1, keepdim=True)
     return dot.view(b, hkv, group * c, 1)
-
-
-def phi_pullback(name: str, x: torch.Tensor, px: torch.Tensor, g: torch.Tensor, inplace: bool = False):
-    """g pulled back through the feature map phi at x (px = phi(x)): the derivative written out
-    for the four maps, without torch.func.vjp, which fails inside the op under a TorchDispatchMode
-    such as FlopCounterMode (functorch's wrappers find no storage there) and holds more full-size
-    temporaries. inplace: may overwrite g and px (a fresh allocation of this size costs page
-    faults), so the caller must be done with px."""
-    if name == "elu":  # d(elu(x) + 1)/dx is 1 above 0 and exp(x) = phi(x) <= 1 at and below
-        return g.mul_(px.clamp_(max=1.0)) if inplace else g * px.clamp(max=1.0)
-    if name == "relu":  # 0 at x = 0, as torch's relu backward
-        return g.masked_fill_(x <= 0, 0.0) if inplace else g.masked_fill(x <= 0, 0.0)
-    if name == "softmax":  # over head_dim: s * (g - g . s)
-        if inplace:
-            return g.sub_((g * px).sum(dim=-1, keepdim=True)).mul_(px)
-        return (g - (g * px).sum(dim=-1, keepdim=True)) * px
-    if name == "identity":
-        return g
-    return torch.func.vjp(feature_map_fn(name), x)[1](g)[0]
 
 
 def _phi_with_grad(name: str, x: torch.Tensor):

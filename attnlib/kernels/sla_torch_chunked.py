@@ -18,7 +18,7 @@ linear branch forms h_j = phi(K_j)^T V_j and z_j = sum phi(K_j) per key block on
 of query blocks, each query block's marginal sums H_i, Z_i as a masked product of the block map
 with those states, O_l = phi(Q) H_i / (phi(Q) . Z_i + 1e-6). Its backward runs the same chunks:
 dH_i, dZ_i go back to every key block through the transposed masked product, then to phi(K) and
-V; phi's own gradient is written out (linear_torch_chunked.phi_pullback: torch.func.vjp fails in
+V; phi's own gradient is written out (reference.linear.phi_pullback: torch.func.vjp fails in
 the op under a TorchDispatchMode such as FlopCounterMode).
 Memory beyond inputs and outputs: float32 copies of q, k, v (for half inputs), a few score
 budgets, the states (B x Hkv x Mk x D x Dv: 2x K's size in float32 at D = Dv = 128 and 64-key
@@ -40,7 +40,7 @@ from ..reference.linear import feature_map_fn
 from ..reference.sla import CRITICAL, LINEAR_EPS, MARGINAL, sla_block_classes
 from . import flash_torch_chunked as flash_chunked
 from .block_sparse_torch_chunked import blocked_rows
-from .linear_torch_chunked import phi_pullback
+from ..reference.linear import phi_pullback
 from .flash_torch_chunked import RowMask
 
 

@@ -33,6 +33,25 @@ def feature_map_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"feature_map must be one of {tuple(FEATURE_MAPS)}, got {name!r}") from None
 
 
+def phi_pullback(name: str, x: torch.Tensor, px: torch.Tensor, g: torch.Tensor, inplace: bool = False):
+    """g pulled back through the feature map phi at x (px = phi(x)): the derivative written out
+    for the four maps, without torch.func.vjp, which fails inside an op under a TorchDispatchMode
+    such as FlopCounterMode (functorch's wrappers find no storage there) and holds more full-size
+    temporaries. inplace: may overwrite g and px (a fresh allocation of this size costs page
+    faults), so the caller must be done with px. Used by the torch and Triton backwards alike."""
+    if name == "elu":  # d(elu(x) + 1)/dx is 1 above 0 and exp(x) = phi(x) <= 1 at and below
+        return g.mul_(px.clamp_(max=1.0)) if inplace else g * px.clamp(max=1.0)
+    if name == "relu":  # 0 at x = 0, as torch's relu backward
+        return g.masked_fill_(x <= 0, 0.0) if inplace else g.masked_fill(x <= 0, 0.0)
+    if name == "softmax":  # over head_dim: s * (g - g . s)
+        if inplace:
+            return g.sub_((g * px).sum(dim=-1, keepdim=True)).mul_(px)
+        return (g - (g * px).sum(dim=-1, keepdim=True)) * px
+    if name == "identity":
+        return g
+    return torch.func.vjp(feature_map_fn(name), x)[1](g)[0]
+
+
 def _causal_sums(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor):
     """Numerator (B, H, Sq, Dv) and denominator (B, H, Sq) for causal linear attention: query i
     reads the prefix sums of phi(k_j) v_j^T and phi(k_j) up to key i + Sk - Sq. Rows with no key

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...reference.linear import phi_pullback
 from . import kernels
 
 
@@ -27,18 +28,6 @@ def _phi_torch(name: str):
         "softmax": lambda x: torch.softmax(x, dim=-1),
         "identity": lambda x: x,
     }[name]
-
-
-def _phi_pullback(name: str, x: torch.Tensor, px: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """g pulled back through phi at x (px = phi(x)), written out: torch.func.vjp fails inside the
-    op under a TorchDispatchMode such as FlopCounterMode (functorch's wrappers have no storage)."""
-    if name == "elu":  # 1 above 0, exp(x) = phi(x) <= 1 at and below
-        return g * px.clamp(max=1.0)
-    if name == "relu":  # 0 at x = 0, as torch's relu backward
-        return g.masked_fill(x <= 0, 0.0)
-    if name == "softmax":  # over head_dim
-        return (g - (g * px).sum(dim=-1, keepdim=True)) * px
-    return g  # identity
 
 
 def linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, feature: str,
@@ -89,6 +78,6 @@ def linear_bwd(dout, q, k, v, out, *, feature: str, causal: bool, eps: float):
     dpq += dd[..., None] * z.repeat_interleave(group, dim=1)[:, :, None, :]
     dpk = kernels.apply(low(v), ds.transpose(-1, -2), None, torch.empty_like(pk), "identity") + dz[:, :, None, :]
     dv = kernels.apply(low(pk), ds, None, torch.empty(v.shape, dtype=torch.float32, device=v.device), "identity")
-    dq = _phi_pullback(feature, q32, pq, dpq)
-    dk = _phi_pullback(feature, k32, pk, dpk)
+    dq = phi_pullback(feature, q32, pq, dpq)
+    dk = phi_pullback(feature, k32, pk, dpk)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
