@@ -279,25 +279,25 @@ class Explanation:
         return {k.name: r for k, r in self.rejected}
 
 
-def _ranked(inp: AttentionInputs) -> list[Kernel]:
-    """The method's kernels in the order a call tries them (stable: ties keep priority order)."""
-    return sorted(kernels(inp.method), key=lambda k: -k.rank(inp))
+def _ranked(inp: AttentionInputs, backend: str = "auto") -> list[Kernel]:
+    """The method's kernels of the backend (all for "auto") in the order a call tries them (stable:
+    ties keep priority order). Only those are ranked: a rank may ask torch (FlashSDPA's)."""
+    return sorted((k for k in kernels(inp.method) if backend == "auto" or k.backend == backend),
+                  key=lambda k: -k.rank(inp))
 
 
 def explain(inp: AttentionInputs, backend: str = "auto") -> Explanation:
     backend = effective_backend(backend)
     chosen = None
     rejected = []
-    cands = _ranked(inp)
+    cands = _ranked(inp, backend)
     for k in cands:
-        if backend != "auto" and k.backend != backend:
-            continue
         reasons = k.not_supported_reasons(inp)
         if reasons:
             rejected.append((k, reasons))
         elif chosen is None:
             chosen = k
-    if backend != "auto" and not any(k.backend == backend for k in cands):
+    if backend != "auto" and not cands:
         rejected.append((_Placeholder(inp.method, backend), [f"no {backend} kernel registered for {inp.method}"]))
     return Explanation(inp, backend, chosen, rejected)
 
@@ -329,8 +329,8 @@ def select(inp: AttentionInputs, backend: str = "auto") -> Kernel:
     others' reasons are formed (by explain) only for the error when none can run."""
     wanted = effective_backend(backend)
     chosen = None
-    for k in _ranked(inp):
-        if (wanted == "auto" or k.backend == wanted) and not k.not_supported_reasons(inp):
+    for k in _ranked(inp, wanted):
+        if not k.not_supported_reasons(inp):
             chosen = k
             break
     if chosen is None:
