@@ -22,7 +22,10 @@ def build_inputs(q, k, v, *, method: str = "flash", layout: str = "bhsd", causal
         raise ValueError(f"return_lse=True is not defined for method {method!r} (no softmax normaliser)")
     inp = make_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
                       return_lse=return_lse)
-    return replace(inp, options=validate_options(method, method_options, inp))
+    # set on the instance just made (nothing else holds it yet): dataclasses.replace would build a
+    # second one, a few microseconds per call
+    object.__setattr__(inp, "options", validate_options(method, method_options, inp))
+    return inp
 
 
 def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: str = "bhsd",

@@ -73,7 +73,8 @@ def _build(q, k, v, method, layout, causal, scale, return_lse, grad, options) ->
 
     inp = build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
                        return_lse=return_lse, **_method_options(method, options))
-    return replace(inp, grad=grad)
+    object.__setattr__(inp, "grad", grad)  # the instance just made (see api.build_inputs)
+    return inp
 
 
 def no_autocast(q: Tensor):
@@ -123,7 +124,7 @@ def _attention(a: dict[str, Any], *, placeholder: bool) -> tuple[Tensor, Optiona
         kernel.lse_is_free or inp.return_lse or a["needs_grad"])
     aux_lse = method in AUX_LSE and a["needs_grad"] and kernel.keeps_lse_for_backward
     with no_autocast(q):
-        res = kernel.forward(replace(inp, return_lse=want_lse))
+        res = kernel.forward(inp if inp.return_lse == want_lse else replace(inp, return_lse=want_lse))
     out, lse = res if (want_lse or aux_lse) else (res, None)
     out = from_bhsd(out, layout).contiguous()
     if lse is None and not placeholder:
