@@ -25,13 +25,20 @@ from bench.runner import Case, Skip
 
 HEADS = {64: 32, 128: 16}
 TOKEN_HEADS = 16384 * 32
-# (head_dim, seq, causal) in run order: the target shape first, so a spent budget cuts the rest
-SHAPES = ((128, 8192, False), (128, 16384, False), (64, 8192, False), (128, 8192, True), (128, 4096, False),
-          (128, 32768, False), (64, 1024, False), (128, 1024, True), (64, 32768, True))
+# (head_dim, seq, causal[, dtype]) in run order: the target shape first, so a spent budget cuts the
+# rest; then the same in bf16 (DiT models run bf16; the fp16 PV converts bf16 V in the kernel)
+SHAPES = ((128, 8192, False), (128, 8192, False, "bf16"), (128, 16384, False), (64, 8192, False),
+          (128, 8192, True), (128, 4096, False), (128, 32768, False), (64, 1024, False), (128, 1024, True),
+          (64, 32768, True))
 BASELINES = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "attnlib-triton")
 # attnlib-sage-triton-fp8pv: pv="fp8" (SageAttention2's FP8 PV, sm_89+), the setting whose published
 # H100 speed the 1.5x target is near; the default pv="fp16" tops out near SDPA's speed
-SAGE_PROVIDERS = ("attnlib-sage-triton", "attnlib-sage-triton-fp8pv", "attnlib-sage-cuda", "sageattention-1.0.6")
+# attnlib-sage-triton-v16 (bf16 cases only): the Triton forward on V converted to fp16 by one torch
+# cast inside the timed region, against attnlib-sage-triton's conversion of each V tile in the kernel
+# (sm_90 TTGIR, stop 22: bf16 V goes through an unswizzled shared-memory tile, registers and a
+# second shared-memory tile before the PV wgmma; with fp16 V it feeds the wgmma directly)
+SAGE_PROVIDERS = ("attnlib-sage-triton", "attnlib-sage-triton-fp8pv", "attnlib-sage-triton-v16", "attnlib-sage-cuda",
+                  "sageattention-1.0.6")
 ACCURACY_ROWS = 256
 BUDGET_S = 30.0
 
@@ -44,7 +51,7 @@ def sage_case(head_dim: int, seq: int, causal: bool, dtype: str = "fp16") -> Cas
 
 
 def sage_cases() -> list[Case]:
-    return [sage_case(d, s, c) for d, s, c in SHAPES]
+    return [sage_case(*shape) for shape in SHAPES]
 
 
 def _exact_rows(q, k, v, causal: bool, scale: float) -> torch.Tensor:
@@ -82,6 +89,28 @@ def _attnlib_sage(backend: str, pv: str = "fp16") -> Callable:
             return attnlib.sage_attention(q, k, v, causal=case.causal, layout=case.layout, backend=backend, pv=pv)
         return step
     return make
+
+
+def _sage_v16_make(case: Case, q, k, v):
+    if q.dtype != torch.bfloat16:
+        raise Skip("bf16 inputs only (with fp16 inputs it is attnlib-sage-triton)")
+    from attnlib.reference.sage import K_BLOCK, Q_BLOCK
+    from attnlib.triton_kernels.sage.forward import sage_forward
+
+    qb, kb, vb = (runner._bhsd(t, case.layout) for t in (q, k, v))
+
+    def step():
+        return sage_forward(qb, kb, vb.to(torch.float16), causal=case.causal, scale=case.head_dim ** -0.5,
+                            smooth_k=True, pv="fp16", q_block=Q_BLOCK, k_block=K_BLOCK, return_lse=False)[0]
+    return step
+
+
+def _sage_v16_info(case: Case, q, k, v) -> dict:
+    try:
+        with torch.no_grad():
+            return dict(_accuracy(_sage_v16_make(case, q, k, v)(), case, q, k, v), note="V cast to fp16 inside")
+    except Exception:  # noqa: BLE001
+        return {}
 
 
 def _attnlib_sage_info(backend: str, pv: str = "fp16"):
@@ -126,6 +155,10 @@ def register_providers() -> None:
         runner.register_provider("attnlib-sage-triton-fp8pv", _attnlib_sage("triton", "fp8"),
                                  "attnlib.sage_attention(backend='triton', pv='fp8')",
                                  info=_attnlib_sage_info("triton", "fp8"))
+    if "attnlib-sage-triton-v16" not in runner.PROVIDERS:
+        runner.register_provider("attnlib-sage-triton-v16", _sage_v16_make,
+                                 "triton_kernels.sage.forward.sage_forward on v.to(float16) (bf16 cases)",
+                                 info=_sage_v16_info)
     if "sageattention-1.0.6" not in runner.PROVIDERS:
         runner.register_provider("sageattention-1.0.6", _sageattention_make,
                                  "sageattention.sageattn (pure Triton), K cloned per call",
@@ -156,7 +189,7 @@ def target_notes(records: Sequence[dict]) -> list[str]:
         rows = {r["provider"]: r for r in ok if r["shape"] == shape and not r["causal"]}
         sdpa = [r["ms"] for p, r in rows.items() if p.startswith("sdpa-")]
         ref = rows.get("sageattention-1.0.6")
-        for p in ("attnlib-sage-triton", "attnlib-sage-triton-fp8pv", "attnlib-sage-cuda"):
+        for p in ("attnlib-sage-triton", "attnlib-sage-triton-fp8pv", "attnlib-sage-triton-v16", "attnlib-sage-cuda"):
             if p not in rows:
                 continue
             r = rows[p]

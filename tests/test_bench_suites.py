@@ -71,6 +71,26 @@ def test_sage_providers_run_on_cpu():
         assert by[name]["status"] in ("ok", "skipped") and (by[name]["status"] == "ok" or by[name]["reason"])
 
 
+def test_sage_v16_provider_is_the_same_computation():
+    """attnlib-sage-triton-v16 (V cast to fp16 by torch before the kernel) computes what
+    attnlib-sage-triton computes on bf16 inputs (the kernel casts each V tile the same way): equal
+    outputs, so its time is a fair comparison; fp16 cases are skipped with the reason."""
+    import attnlib
+    from bench.bench_sage import _sage_v16_make
+    from bench.runner import Case, Skip
+
+    from attnlib.testing import make_qkv
+
+    case = Case(workload="sage-cpu-smoke", batch=1, heads=2, seq_q=160, head_dim=64, causal=True, mode="fwd",
+                dtype="bf16", device="cpu")
+    q, k, v = make_qkv(1, 2, 160, 64, dtype=torch.bfloat16, k_bias=2.0, seed=5)
+    got = _sage_v16_make(case, q, k, v)()
+    want = attnlib.sage_attention(q, k, v, causal=True, backend="triton")
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    with pytest.raises(Skip, match="bf16 inputs only"):
+        _sage_v16_make(case, q.half(), k.half(), v.half())
+
+
 def test_linear_suite_runs_on_cpu():
     from bench.bench_linear import run_linear_suite
 
