@@ -36,8 +36,11 @@ _OPTION_SCHEMA = ", ".join(f"{t} {n}" for n, (t, _) in OP_OPTION_TYPES.items())
 
 _LIB.define(f"attention(Tensor q, Tensor k, Tensor v, str method, str backend, str layout, bool causal, "
             f"float? scale, bool return_lse, bool needs_grad, {_OPTION_SCHEMA}) -> (Tensor, Tensor)")
+# return_lse: the forward's, for the backward to re-select the kernel that ran (a kernel without lse,
+# torch SDPA, may rank first without it, and its backward has no dlse term)
 _LIB.define(f"attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-            f"str method, str backend, str layout, bool causal, float? scale, {_OPTION_SCHEMA}) -> Tensor[]")
+            f"str method, str backend, str layout, bool causal, float? scale, bool return_lse, {_OPTION_SCHEMA}) "
+            f"-> Tensor[]")
 
 
 def op_arguments(method: str, method_options: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +107,7 @@ def _split(names: tuple, args: tuple) -> dict[str, Any]:
 
 
 _FWD_NAMES = ("q", "k", "v") + _CALL_ARGS + ("return_lse", "needs_grad") + OPTION_NAMES
-_BWD_NAMES = ("dout", "dlse", "q", "k", "v", "out", "lse") + _CALL_ARGS + OPTION_NAMES
+_BWD_NAMES = ("dout", "dlse", "q", "k", "v", "out", "lse") + _CALL_ARGS + ("return_lse",) + OPTION_NAMES
 
 
 @torch.library.impl(_LIB, "attention", "CompositeExplicitAutograd")
@@ -181,7 +184,8 @@ def _attention_backward_impl(*args):
     q, method, layout = a["q"], a["method"], a["layout"]
     has_lse = method not in NO_LSE
     inp = _build(q, a["k"], a["v"], method, layout, a["causal"], a["scale"], has_lse, True, a)
-    kernel = dispatch.select(replace(inp, return_lse=False), a["backend"])
+    # the forward's selection: its return_lse (the caller's), not has_lse
+    kernel = dispatch.select(replace(inp, return_lse=a["return_lse"]), a["backend"])
     if not kernel.supports_backward:
         raise RuntimeError(f"attnlib kernel {kernel.name} has no backward pass")
     lse = a["lse"]
@@ -205,7 +209,7 @@ def _attention_backward_fake(*args):
 def _setup_context(ctx, inputs, output) -> None:
     a = _split(_FWD_NAMES, inputs)
     ctx.save_for_backward(a["q"], a["k"], a["v"], output[0], output[1], *(a[n] for n in TENSOR_OPTIONS))
-    ctx.scalars = {n: a[n] for n in _CALL_ARGS + OPTION_NAMES if n not in TENSOR_OPTIONS}
+    ctx.scalars = {n: a[n] for n in _CALL_ARGS + ("return_lse",) + OPTION_NAMES if n not in TENSOR_OPTIONS}
 
 
 def _backward(ctx, dout, dlse, direct: bool = False):
@@ -214,7 +218,7 @@ def _backward(ctx, dout, dlse, direct: bool = False):
     backward)."""
     q, k, v, out, lse, *tensor_opts = ctx.saved_tensors
     opts = dict(ctx.scalars, **dict(zip(TENSOR_OPTIONS, tensor_opts)))
-    args = (dout, dlse, q, k, v, out, lse, *(opts[n] for n in _CALL_ARGS + OPTION_NAMES))
+    args = (dout, dlse, q, k, v, out, lse, *(opts[n] for n in _CALL_ARGS + ("return_lse",) + OPTION_NAMES))
     if direct and not torch.is_grad_enabled() and direct_call_ok(
             [t for t in args if isinstance(t, torch.Tensor)]):
         grads = _attention_backward_impl(*args)

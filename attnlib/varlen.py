@@ -74,8 +74,16 @@ def check_bounds(name: str, cu: list[int], total: int, max_name: str, max_seqlen
     lens = [b - a for a, b in zip(cu, cu[1:])]
     if cu[0] != 0 or cu[-1] != total or min(lens) < 0:
         shown = cu if len(cu) <= 64 else cu[:32] + ["..."] + cu[-32:]
-        raise ValueError(f"{name} must start at 0, never decrease and end at the token count {total}, "
-                         f"got {shown}")
+        # where it goes wrong: a long cu_seqlens is shown shortened, which may hide the decrease
+        if cu[0] != 0:
+            where = f"{name}[0] is {cu[0]}"
+        elif min(lens) < 0:
+            i = next(i for i, n in enumerate(lens) if n < 0)
+            where = f"{name} decreases from {cu[i]} at index {i} to {cu[i + 1]} at index {i + 1}"
+        else:
+            where = f"{name}[-1] is {cu[-1]}"
+        raise ValueError(f"{name} must start at 0, never decrease and end at the token count {total} "
+                         f"({where}), got {shown}")
     if max(lens) > max_seqlen:
         raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence in {name} "
                          f"({max(lens)})")

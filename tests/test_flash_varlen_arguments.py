@@ -74,6 +74,24 @@ def test_varlen_negative_max_seqlen_is_a_value_error():
         attnlib.flash_attention_varlen(q, k, v, cu, cu, 4.0, 4)
 
 
+def test_varlen_bad_cu_seqlens_error_names_where():
+    """The message shows a long cu_seqlens shortened (first and last 32 values), which can hide
+    where it goes wrong: it names the first wrong value and its index. int64 stays refused."""
+    lengths = [1] * 199
+    q, k, v = _packed(lengths, lengths, 2, 1, 16, torch.float32, seed=4)
+    good = _cu(lengths)
+    bad = good.clone()
+    bad[100] = 98  # 99 at index 99, then 98: hidden in the "..." of the values shown
+    with pytest.raises(ValueError, match=r"cu_seqlens_k decreases from 99 at index 99 to 98 at index 100\)"):
+        attnlib.flash_attention_varlen(q, k, v, good, bad, 1, 1)
+    with pytest.raises(ValueError, match=r"\(cu_seqlens_q\[0\] is 1\)"):
+        attnlib.flash_attention_varlen(q, k, v, good + 1, good, 1, 1)
+    with pytest.raises(ValueError, match=r"token count 199 \(cu_seqlens_q\[-1\] is 198\)"):
+        attnlib.flash_attention_varlen(q, k, v, torch.cat((good[:-1], good[-2:-1])), good, 1, 1)
+    with pytest.raises(TypeError, match="cu_seqlens_q must have dtype torch.int32, got torch.int64"):
+        attnlib.flash_attention_varlen(q, k, v, good.long(), good, 1, 1)
+
+
 def _grads(q, k, v, cu_q, cu_k, dout, inside_backward: bool):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     with attnlib.use_backend("torch"):

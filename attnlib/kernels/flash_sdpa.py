@@ -7,6 +7,8 @@ A graph-building call that selects it runs it outside attnlib's op (api.attentio
 torch's autograd runs SDPA's own backward."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..dispatch import Kernel, register
@@ -92,9 +94,16 @@ def torch_says_fused(inp: AttentionInputs) -> bool:
     try:
         from torch.nn.attention import SDPBackend
 
-        choice = SDPBackend(torch._fused_sdp_choice(inp.q, inp.k, inp.v, is_causal=inp.causal, scale=inp.scale,
-                                                    enable_gqa=inp.is_gqa))
-        return choice not in (SDPBackend.MATH, SDPBackend.ERROR)
+        if torch.backends.cuda.math_sdp_enabled():
+            choice = _fused_sdp_choice(inp)
+        else:
+            # math switched off (sdpa_kernel(FLASH_ATTENTION), ...): torch warns why each enabled fused
+            # kernel cannot take inputs it has no kernel for, which here are a question, not a call
+            # (attnlib then runs another kernel)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                choice = _fused_sdp_choice(inp)
+        return SDPBackend(choice) not in (SDPBackend.MATH, SDPBackend.ERROR)
     except (AttributeError, ImportError, TypeError, ValueError, RuntimeError):
         pass
     if not on_gpu(inp):
@@ -107,6 +116,11 @@ def torch_says_fused(inp: AttentionInputs) -> bool:
         return any(check(params, False) for check in checks if check is not None)
     except (AttributeError, TypeError, RuntimeError):  # another torch's signature: rank as before
         return True
+
+
+def _fused_sdp_choice(inp: AttentionInputs) -> int:
+    return torch._fused_sdp_choice(inp.q, inp.k, inp.v, is_causal=inp.causal, scale=inp.scale,
+                                   enable_gqa=inp.is_gqa)
 
 
 def nondeterministic_ok(inp: AttentionInputs) -> bool:
