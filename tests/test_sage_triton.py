@@ -359,6 +359,99 @@ def test_quantize_v_fp8_rounding_gpu(case):
     assert torch.equal(dv, want_dv.squeeze(-2)) and torch.equal(v8.float(), want)
 
 
+def _poisoned_empty(monkeypatch):
+    """torch.empty filling with NaN: what quantize_v_fp8 leaves unwritten shows."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison_(empty(*a, **kw)))
+
+
+def _skip_unless_fp8_runs():
+    if DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("pv='fp8' needs sm_89+")
+
+
+# (batch, heads, seq, head_dim, layout): token counts off the 16 / 64 grids, the hd40 tail
+V_FP8_LAYOUT_CASES = [(1, 2, 1, 40, "bshd"), (2, 1, 15, 40, "packed"), (1, 2, 64, 64, "bhsd"),
+                      (1, 1, 65, 72, "bshd"), (2, 2, 100, 40, "packed"), (1, 1, 129, 256, "bhsd")]
+
+
+@pytest.mark.parametrize("case", V_FP8_LAYOUT_CASES, ids=lambda c: "b{}h{}s{}d{}-{}".format(*c))
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_quantize_v_fp8_transposed_storage(case, block, monkeypatch):
+    """The e4m3 V is a (B, H, S, D) view of (B, H, D, S_pad) storage, tokens innermost, S_pad a
+    multiple of quant.V_FP8_SEQ_ALIGN; every padding token is written as 0 (the attention kernel
+    reads V^T tiles past seq_k unmasked), whatever the quantization block."""
+    from attnlib.reference.sage import quantize_v_fp8 as ref_v_fp8
+    from attnlib.triton_kernels.sage.quant import V_FP8_SEQ_ALIGN, quantize_v_fp8
+
+    b, h, s, d, layout = case
+    v = _e4m3_exact_v(b, h, s, d, F16, layout, seed=s * 11 + d)
+    _poisoned_empty(monkeypatch)
+    v8, dv = quantize_v_fp8(v, block)
+    s_pad = v8.stride(3)
+    assert s_pad % V_FP8_SEQ_ALIGN == 0 and s <= s_pad < s + V_FP8_SEQ_ALIGN
+    assert v8.shape == v.shape and v8.stride() == (h * d * s_pad, d * s_pad, 1, s_pad)
+    want, want_dv = ref_v_fp8(v)
+    assert torch.equal(dv, want_dv.squeeze(-2)) and torch.equal(v8.float(), want), describe_mismatch(
+        v8.float(), want, "v_fp8")
+    storage = torch.as_strided(v8, (b, h, d, s_pad), (h * d * s_pad, d * s_pad, s_pad, 1))
+    assert torch.all(storage[..., s:].float() == 0), "padding tokens not written as 0"
+
+
+# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal): GQA and MQA, key counts off the
+# 16 / 64 grids, the hd40 / hd72 tails, seq_k 1 causal (all but the last query row see no key)
+FP8_SELF_CASES = [(1, 4, 2, 33, 17, 40, True), (2, 2, 1, 77, 1, 128, True), (1, 2, 2, 40, 100, 72, False),
+                  (1, 4, 2, 70, 33, 72, True), (1, 2, 1, 50, 64, 64, True), (1, 2, 2, 9, 15, 256, True)]
+
+
+@pytest.mark.parametrize("case", FP8_SELF_CASES, ids=lambda c: "b{}h{}kv{}q{}k{}d{}{}".format(
+    *c[:6], "-causal" if c[6] else ""))
+def test_fp8_pv_self_consistent(case, monkeypatch):
+    """pv='fp8' kernel against itself (the interpreter's fp8 dots are not exact, so no reference):
+    bhsd and bshd inputs give bitwise the same output and lse; GQA equals the same query heads
+    with K and V repeated per query head (V^T addressed through the kv head); nothing reads
+    unwritten memory (allocations poisoned with NaN); rows with no visible key are 0 / -inf.
+    Against the simulation only a loose cosine (0.997-0.998 measured under the interpreter at
+    such shapes), which still catches a V^T tile addressed wrongly (swapped strides, kv head)."""
+    _skip_unless_fp8_runs()
+    from attnlib.triton_kernels.sage.forward import sage_forward
+
+    b, hq, hkv, sq, sk, d, causal = case
+    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, dtype=F16, device=DEVICE, k_bias=2.0, seed=sq + sk + d)
+    kw = dict(causal=causal, scale=d ** -0.5, smooth_k=True, pv="fp8", q_block=Q_BLOCK, k_block=K_BLOCK,
+              return_lse=True)
+    sim = sage_reference(q, k, v, causal=causal, pv="fp8")
+    _poisoned_empty(monkeypatch)
+    out, lse = sage_forward(q, k, v, **kw)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert metrics(out, sim)["cos_sim"] >= 0.99, metrics(out, sim)
+    bshd = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    out2, lse2 = sage_forward(*bshd, **kw)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2), describe_mismatch(out2, out, "bshd vs bhsd")
+    g = hq // hkv
+    out3, lse3 = sage_forward(q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), **kw)
+    assert torch.equal(out, out3) and torch.equal(lse, lse3), describe_mismatch(out3, out, "repeated kv vs GQA")
+    if causal:
+        empty = torch.arange(sq, device=DEVICE) + sk - sq < 0  # bottom-right aligned: no key visible
+        assert torch.all(out[:, :, empty] == 0) and torch.all(lse[:, :, empty] == float("-inf"))
+        assert torch.isfinite(lse[:, :, ~empty]).all()
+
+
+def test_fp8_pv_refuses_unpadded_v():
+    """sage_fwd's pv='fp8' reads V^T tiles past seq_k unmasked: a V not from quantize_v_fp8 is refused."""
+    from attnlib.triton_kernels.sage.attention import sage_fwd
+    from attnlib.triton_kernels.sage.quant import quantize_k, quantize_q, quantize_v_fp8
+
+    q, k, v = make_qkv(1, 2, 20, 64, seq_k=20, dtype=F16, device=DEVICE, seed=3)
+    qi, dq, _ = quantize_q(q, Q_BLOCK, 0.18)
+    ki, dk, _ = quantize_k(k, K_BLOCK, smooth=True)
+    v8, dv = quantize_v_fp8(v)
+    out = torch.empty_like(q)
+    for bad in (v8.contiguous(), v8.transpose(2, 3).contiguous().transpose(2, 3)):  # row-major; 20-token rows
+        with pytest.raises(ValueError, match="quantize_v_fp8"):
+            sage_fwd(qi, ki, bad, dq, dk, out, causal=False, q_block=Q_BLOCK, k_block=K_BLOCK, pv="fp8", delta_v=dv)
+
+
 # -- behaviour ----------------------------------------------------------------------------------------
 def test_every_output_written_and_inputs_untouched():
     from attnlib.triton_kernels.sage.forward import sage_forward
@@ -456,7 +549,7 @@ def test_autotune_candidates_on_gpu(head_dim, config, pv, monkeypatch):
                                                          (128, 77, 1, "bshd")],
                          ids=lambda x: str(x))
 def test_fp8_pv(head_dim, seq_q, seq_k, layout, causal):
-    """The e4m3 V is stored transposed with its token rows rounded up to 16 (quantize_v_fp8):
+    """The e4m3 V is stored transposed with its token rows rounded up to 64 (quantize_v_fp8):
     key counts off the 16 / 64 grid, a masked head-dim tail (40), hd256, both layouts, GQA."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("pv='fp8' needs sm_89+")

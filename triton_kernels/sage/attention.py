@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ..flash.common import load_tile, query_key_range, store_tile
 from ..switches import autotune_enabled, interpreting
-from .quant import padded_head_dim
+from .quant import V_FP8_SEQ_ALIGN, padded_head_dim
 from ..hostmath import cdiv
 
 PV_FP16, PV_FP16_ACCUM, PV_FP8 = 0, 1, 2
@@ -106,8 +106,11 @@ def _sage_inner(acc, l_i, m_i, b_q, b_dq, k_ptrs, v_ptrs, DK, stride_kn, stride_
             p = tl.math.exp2(s - shift[:, None])
         else:
             p = tl.math.exp2(s * qk_scale[:, None] - shift[:, None])
-        if PV == 2:  # a (D_PAD, BLOCK_N) tile of the e4m3 V^T, transposed in registers' view only
-            b_vt = load_tile(v_ptrs, d_ok, n_ok, D_PAD != HEAD_DIM, MASK)
+        if PV == 2:  # a (D_PAD, BLOCK_N) tile of the e4m3 V^T, transposed in registers' view only.
+            # No key mask, even in masked tiles: quantize_v_fp8 pads the tokens to a multiple of 64
+            # (of BLOCK_N) with zeros, and p is 0 for masked keys (a mask per token along the
+            # contiguous axis made this a byte-wise synchronous load on sm_90)
+            b_vt = load_tile(v_ptrs, d_ok, n_ok, D_PAD != HEAD_DIM, False)
             acc = tl.dot(p.to(b_vt.dtype), tl.trans(b_vt), acc * alpha[:, None])
         else:
             b_v = load_tile(v_ptrs, n_ok, d_ok, MASK, D_PAD != HEAD_DIM)
@@ -153,8 +156,10 @@ def sage_fwd_kernel(
               + offs_d[None, :])
     k_ptrs = (K + (b64 * heads_kv + kvh64) * seq_k * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
     v_base = V + b64 * stride_vb + kvh64 * stride_vh
-    if PV == 2:  # quantize_v_fp8's transposed storage: tokens innermost, K-major for the fp8 dot
-        v_ptrs = v_base + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn
+    if PV == 2:  # quantize_v_fp8's transposed storage: tokens innermost, K-major for the fp8 dot;
+        # channel offsets in int64 (HEAD_DIM * padded tokens passes 2**31 at 8M tokens of hd256)
+        tl.static_assert(64 % BLOCK_N == 0)  # V_FP8_SEQ_ALIGN: padded tiles end inside the storage
+        v_ptrs = v_base + offs_d[:, None].to(tl.int64) * stride_vd + offs_n[None, :] * stride_vn
     else:
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     b_q = load_tile(q_ptrs, m_ok, d_ok, True, D_PAD != HEAD_DIM)
@@ -203,6 +208,10 @@ def sage_fwd(q_int8: torch.Tensor, k_int8: torch.Tensor, v: torch.Tensor, delta_
     heads_kv, seq_k = k_int8.shape[1], k_int8.shape[2]
     if k_block % 64:  # every key tile (BLOCK_N <= 64) must lie inside one K quantization block
         raise ValueError(f"k_block must be a multiple of 64, got {k_block}")
+    if pv == "fp8" and not (v.stride(2) == 1 and v.stride(3) % V_FP8_SEQ_ALIGN == 0 and v.stride(3) >= seq_k):
+        # the kernel loads V^T tiles past seq_k unmasked: only quantize_v_fp8's padded storage has them
+        raise ValueError(f"pv='fp8' takes V from quantize_v_fp8 (tokens innermost, padded to "
+                         f"{V_FP8_SEQ_ALIGN}), got strides {tuple(v.stride())}")
     placeholder = delta_q
     sage_fwd_kernel[lambda meta: (cdiv(seq_q, meta["BLOCK_M"]), heads_q, batch)](
         q_int8, k_int8, v, delta_q, delta_k, placeholder if delta_v is None else delta_v, out,

@@ -48,6 +48,9 @@ INT8_MAX = tl.constexpr(127.0)
 FP8_MAX = tl.constexpr(448.0)
 REDUCE_CHANNELS = 32  # channels per one-warp program folding the block partials: one per lane
 REDUCE_UNROLL = 32    # block partials loaded per step of that fold (loads in flight, not adds)
+# quantize_v_fp8's token rows are rounded up to this (a multiple of every key tile, BLOCK_N <= 64)
+# and the padding is written as 0: the attention kernel then loads V^T tiles without a key mask
+V_FP8_SEQ_ALIGN = 64
 
 
 @triton.jit
@@ -193,24 +196,28 @@ def quant_k_kernel(
     tl.store(DELTA + (b64 * heads + h64) * n_blocks + blk, delta)
 
 
-@triton.jit(do_not_specialize=["seq", "seq_pad"])
+@triton.jit(do_not_specialize=["seq"])
 def quant_v_fp8_kernel(
     X, XF8, DELTA,
     stride_xb, stride_xh, stride_xs, stride_xd,
     seq, seq_pad, heads,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Grid (blocks, heads, batch): one block of x / delta_v (DELTA fp32 (B, H, D), from
-    reduce_stats_kernel) rounded to e4m3. XF8 is stored transposed, (B, H, D, seq_pad)
-    contiguous (tokens innermost): see quantize_v_fp8."""
-    x, _, b64, h64, row0, offs_s, offs_d, s_ok, d_ok = load_block(
+    """Grid (ceil(seq_pad / BLOCK), heads, batch): one block of x / delta_v (DELTA fp32 (B, H, D),
+    from reduce_stats_kernel) rounded to e4m3. XF8 is stored transposed, (B, H, D, seq_pad)
+    contiguous (tokens innermost): see quantize_v_fp8. Tokens seq..seq_pad-1 are written as 0
+    (x loads as 0 there). seq_pad (a multiple of 64) is specialised: its divisibility and the
+    mask's constancy along the tokens let the stores be vectorised."""
+    x, _, b64, h64, row0, offs_s, offs_d, _, d_ok = load_block(
         X, stride_xb, stride_xh, stride_xs, stride_xd, seq, HEAD_DIM, D_PAD, BLOCK)
     delta = tl.load(DELTA + (b64 * heads + h64) * HEAD_DIM + offs_d, mask=d_ok, other=1.0)
     y = tl.minimum(tl.maximum(tl.math.div_rn(x, delta[None, :]), -FP8_MAX), FP8_MAX)
-    # token s, channel d at XF8[b, h, d, s]: the pointer tile is (BLOCK, D_PAD) like x, strided
-    ptrs = _tile_ptrs(XF8, b64, h64, row0, offs_s, offs_d, tl.cast(heads, tl.int64) * HEAD_DIM * seq_pad,
-                      HEAD_DIM * seq_pad, 1, seq_pad)
-    tl.store(ptrs, y.to(XF8.dtype.element_ty), mask=s_ok[:, None] & d_ok[None, :])
+    # token s, channel d at XF8[b, h, d, s]: the pointer tile is (BLOCK, D_PAD) like x, strided;
+    # offsets in int64 (HEAD_DIM * seq_pad passes 2**31 at 8M tokens of hd256)
+    pad64 = tl.cast(seq_pad, tl.int64)
+    ptrs = _tile_ptrs(XF8, b64, h64, row0, offs_s, offs_d, heads * HEAD_DIM * pad64, HEAD_DIM * pad64, 1, pad64)
+    p_ok = row0 + offs_s < seq_pad
+    tl.store(ptrs, y.to(XF8.dtype.element_ty), mask=p_ok[:, None] & d_ok[None, :])
 
 
 # -- launchers ----------------------------------------------------------------------------------
@@ -291,20 +298,23 @@ def quantize_k(k: torch.Tensor, block: int, smooth: bool):
 def quantize_v_fp8(v: torch.Tensor, block: int = 64):
     """v bhsd view -> (v_fp8 e4m3 (B, H, S, D), delta_v (B, H, D) fp32).
 
-    v_fp8 is a transposed view: its storage is (B, H, D, S rounded up to 16) with the tokens
-    innermost (strides (H*D*S16, D*S16, 1, S16)). The PV product's B operand is then K-major
-    (K = tokens), the only fp8 operand order Hopper's wgmma takes: with V row-major, Triton 3.6
-    loaded each V tile synchronously to transpose it into shared memory (sm_90 TTGIR: a plain
-    tt.load in the loop, no async copy), and pv="fp8" ran at half the speed of pv="fp16" on an
-    H100 (stop 22). The 16-token rounding keeps each channel's row 16-byte aligned."""
+    v_fp8 is a transposed view: its storage is (B, H, D, S rounded up to V_FP8_SEQ_ALIGN = 64)
+    with the tokens innermost (strides (H*D*S64, D*S64, 1, S64)), the padding tokens 0. The PV
+    product's B operand is then K-major (K = tokens), the only fp8 operand order Hopper's wgmma
+    takes: with V row-major, Triton 3.6 loaded each V tile synchronously to transpose it into
+    shared memory (sm_90 TTGIR: a plain tt.load in the loop, no async copy), and pv="fp8" ran at
+    half the speed of pv="fp16" on an H100 (stop 22). Padding to a multiple of every key tile,
+    written as 0, lets the attention kernel load V^T tiles with no key mask (a per-token mask
+    along the contiguous axis would make that load byte-wise and synchronous); it also keeps
+    each channel's row 16-byte aligned."""
     bsz, heads, seq, d = v.shape
-    seq_pad = -(-seq // 16) * 16
+    seq_pad = -(-seq // V_FP8_SEQ_ALIGN) * V_FP8_SEQ_ALIGN
     v8 = torch.empty(bsz, heads, d, seq_pad, dtype=torch.float8_e4m3fn, device=v.device)
     v8 = v8[..., :seq].transpose(2, 3)
     if v8.numel() == 0:
         return v8, torch.ones(bsz, heads, d, dtype=torch.float32, device=v.device)
     delta = channel_stats(v, block, absmax=True)
-    quant_v_fp8_kernel[(n_blocks(seq, block), heads, bsz)](
+    quant_v_fp8_kernel[(n_blocks(seq_pad, block), heads, bsz)](
         v, v8, delta, *v.stride(), seq, seq_pad, heads, HEAD_DIM=d, D_PAD=padded_head_dim(d), BLOCK=block,
         num_warps=quant_warps(block, padded_head_dim(d)),
     )
