@@ -158,3 +158,36 @@ def test_default_h100_config_keeps_loads_in_flight(compiled, which, causal, head
     assert "error" not in r, r["error"]
     if r["config"][3] >= 3:  # with 2 stages or fewer Triton's pipeliner has nothing to keep in flight
         assert max(r["async_waits"], default=0) > 0, f"config {r['config']}: waits {r['async_waits']}"
+
+
+# Cards with less shared memory per block than an H100 (A100: 163 KB; sm_86 / sm_89: 99 KB): the
+# flash kernels' first candidate there (what a launch takes with autotuning off) compiled for that
+# card fits it. Until stop 22 the candidates' budget never went below the H100's, so on a 99 KB card
+# the hd128 forward's default needed 128 KB and failed at launch.
+def test_flash_defaults_fit_cards_with_less_shared_memory():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(HERE / "triton_sm90.py"), "--suite", "small-smem"], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    # 2 cards x 4 kernels x 3 head dims x 2 dtypes, less the fp32 atomic dK/dV kernel (not run there)
+    assert len(recs) == 2 * (4 * 3 * 2 - 3), r.stdout[-2000:]
+    for x in recs:
+        assert "error" not in x, x
+        assert x["shared"] <= x["limit"], x
+    by = {(x["arch"], x["kernel"], x["dtype"], x["head_dim"]): x["config"] for x in recs}
+    # the 99 KB cards get the entries added for them, not FALLBACK's 32 x 32 tile
+    assert by[("sm_89", "fwd", "fp16", 128)] == [128, 64, 8, 2] and by[("sm_89", "fwd", "fp16", 256)] == [64, 32, 8, 2]
+    assert by[("sm_80", "fwd", "fp16", 128)] == [128, 64, 8, 3]  # the H100 default fits an A100
+
+
+def test_atomic_dq_kernel_not_used_for_fp32_on_cards_with_less_shared_memory(monkeypatch):
+    """Its fp32 tiles take 128 KB compiled for sm_89 (over 99 KB): the deterministic kernels run."""
+    import torch
+
+    from attnlib.triton_kernels.flash import backward, configs
+
+    q16, q32 = torch.empty(1, dtype=torch.float16), torch.empty(1)
+    for limit, fits32 in ((101376, False), (166912, False), (H100_SMEM_BYTES, True), (None, True)):
+        monkeypatch.setattr(configs, "device_smem_limit", lambda t, limit=limit: limit)
+        assert backward._atomic_fits(q16) and backward._atomic_fits(q32) == fits32

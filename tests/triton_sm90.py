@@ -47,9 +47,10 @@ def _signature(fn, dtype: str, const: dict) -> dict:
     return sig
 
 
-def compile_kernel(kernel, dtype: str, const: dict, num_warps: int, num_stages: int):
-    """triton.compile for sm_90 with the JIT's specialisation of contiguous inputs (unit head-dim
-    strides constant, pointers and other strides multiples of 16); returns the compiled kernel."""
+def compile_kernel(kernel, dtype: str, const: dict, num_warps: int, num_stages: int, target=None):
+    """triton.compile for sm_90 (or target) with the JIT's specialisation of contiguous inputs
+    (unit head-dim strides constant, pointers and other strides multiples of 16); returns the
+    compiled kernel."""
     fn = getattr(kernel, "fn", kernel)  # under @triton.autotune, the JIT function
     const = dict(const)
     for name in fn.arg_names:
@@ -59,7 +60,7 @@ def compile_kernel(kernel, dtype: str, const: dict, num_warps: int, num_stages: 
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
              if sig[name].startswith("*") or (name.startswith("stride") and sig[name] != "constexpr")}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-    return triton.compile(src, target=SM90, options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(src, target=target or SM90, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def compile_sm90(kernel, dtype: str, constexprs: dict, block_m: int, block_n: int, num_warps: int,
@@ -124,6 +125,41 @@ def flash_cases(all_candidates: bool = False, tma: bool = False):
                 config = configs.candidates(table, head_dim, elem, resident)[0]
                 for causal in (False, True):
                     yield which, kernel, dtype, head_dim, causal, config, 0
+
+
+# cards with less opt-in shared memory per block than an H100: A100 (sm_80) and the sm_89 cards
+# (RTX 4090, L40, L4); sm_86 (RTX 3090, A6000) has sm_89's 99 KB
+SMALL_SMEM_TARGETS = {"sm_80": (GPUTarget("cuda", 80, 32), 166912), "sm_89": (GPUTarget("cuda", 89, 32), 101376)}
+
+
+def small_smem_records():
+    """The flash kernels' first candidate (what a launch takes with autotuning off) for each card
+    of SMALL_SMEM_TARGETS, head dims 64 / 128 / 256, 16- and 32-bit, compiled for that card: the
+    shared memory Triton allocates, against the card's limit."""
+    from attnlib.triton_kernels.flash import backward, configs, forward
+
+    kernels = {"fwd": (forward.flash_fwd_kernel, configs.FWD_H100, "M", True),
+               "dkdv": (backward.flash_bwd_dkdv_kernel, configs.BWD_DKDV_H100, "N", False),
+               "dkdv_dq": (backward.flash_bwd_dkdv_dq_kernel, configs.BWD_DKDV_DQ_H100, "N", False),
+               "dq": (backward.flash_bwd_dq_kernel, configs.BWD_DQ_H100, "M", False)}
+    for arch, (target, limit) in SMALL_SMEM_TARGETS.items():
+        for which, (kernel, table, resident, exact) in kernels.items():
+            for head_dim in (64, 128, 256):
+                for dtype, elem in (("fp16", 2), ("fp32", 4)):
+                    if which == "dkdv_dq" and elem == 4:
+                        continue  # flash_bwd runs the deterministic kernels there (backward._atomic_fits)
+                    config = configs.candidates(table, head_dim, elem, resident, limit if exact else None, limit)[0]
+                    bm, bn, warps, stages = config
+                    const = dict(HEAD_DIM=head_dim, D_PAD=configs.padded_head_dim(head_dim), CAUSAL=False,
+                                 VARLEN=False, PREC="tf32x3" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn)
+                    if which.startswith("dkdv"):
+                        const["ATOMIC_DQ"] = which == "dkdv_dq"
+                    r = dict(arch=arch, limit=limit, kernel=which, dtype=dtype, head_dim=head_dim, config=list(config))
+                    try:
+                        r["shared"] = compile_kernel(kernel, dtype, const, warps, stages, target=target).metadata.shared
+                    except Exception as e:  # reported per case, the test fails on it
+                        r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    yield r
 
 
 def async_waits(ttgir: str) -> list[int]:
@@ -283,7 +319,7 @@ def extra_cases():
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--suite", choices=("all", "flash", "extra"), default="all")
+    parser.add_argument("--suite", choices=("all", "flash", "extra", "small-smem"), default="all")
     parser.add_argument("--only", help="run only the extra cases whose id is one of these (comma-separated)")
     parser.add_argument("--all-candidates", action="store_true",
                         help="flash: every fp16/bf16 autotune candidate, not only the default config")
@@ -293,6 +329,10 @@ def main() -> None:
                              "default kernels; records also count TMA copies and wgmma in the PTX")
     args = parser.parse_args()
     suite = args.suite
+    if suite == "small-smem":
+        for r in small_smem_records():
+            print(json.dumps(r), flush=True)
+        return
     only = set(args.only.split(",")) if args.only else None
     if suite in ("all", "extra"):
         import torch

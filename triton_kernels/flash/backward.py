@@ -296,6 +296,14 @@ def bwd_dq(q, k, v, dout, lse, delta, dq, *, causal: bool, scale: float, varlen:
         VARLEN=varlen is not None, PREC=dot_precision(q.dtype))
 
 
+def _atomic_fits(q: torch.Tensor) -> bool:
+    """Whether the atomic dK/dV kernel's tile fits the device: not for fp32 on a card with less
+    shared memory per block than an H100 (compiled for sm_89, its FALLBACK / FP32_WIDE tiles take
+    128 KB at head dims 128 and 256, over the 99 KB there); the deterministic kernels run instead."""
+    limit = configs.device_smem_limit(q)
+    return q.element_size() != 4 or limit is None or limit >= configs.H100_SMEM
+
+
 def flash_bwd(dout, q, k, v, out, lse, *, causal: bool, scale: float, varlen: Optional[Varlen] = None,
               dlse: Optional[torch.Tensor] = None, deterministic: bool = True):
     """dq, dk, dv (in q/k/v's dtype and strides where dense) from dout and the saved forward.
@@ -318,7 +326,7 @@ def flash_bwd(dout, q, k, v, out, lse, *, causal: bool, scale: float, varlen: Op
     bwd_preprocess(out, dout, delta, varlen)
     if dlse is not None:
         delta -= torch.where(torch.isfinite(lse), dlse.to(delta.dtype), 0.0)
-    if deterministic or torch.are_deterministic_algorithms_enabled() or not atomic_dq_enabled():
+    if deterministic or torch.are_deterministic_algorithms_enabled() or not atomic_dq_enabled() or not _atomic_fits(q):
         bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal=causal, scale=scale, varlen=varlen)
         bwd_dq(q, k, v, dout, lse, delta, dq, causal=causal, scale=scale, varlen=varlen)
     else:

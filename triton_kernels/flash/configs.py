@@ -48,9 +48,12 @@ from ..hostmath import next_power_of_2
 FWD_H100 = {
     32: [(128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4)],
     64: [(128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 4)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
-    256: [(64, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 8, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 64, 8, 2)],
+    256: [(64, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 8, 3), (64, 32, 8, 2)],
 }
+# The last entries of hd128 and hd256, 96 KB each, are for cards with 99 KB of shared memory per
+# block (sm_86 / sm_89), where every entry before them needs more: the first that fits is their
+# default (before stop 22 they fell to FALLBACK's 32 x 32 tile).
 # dK/dV. K and V of the resident key block sit in shared memory as wgmma operands; the two
 # fp32 accumulators dK, dV (2 x BLOCK_N x D) are what fills the registers, so 8 warps (two
 # warpgroups, 64 key rows each) wherever BLOCK_N = 128 or D = 256. Q/dO stream in thin slices
@@ -101,6 +104,7 @@ INTERPRET_DKDV = (16, 32, 1, 1)
 INTERPRET_DQ = (32, 16, 1, 1)
 
 SMEM_BUDGET = 170 * 1024  # bytes of the estimate, leaving room below H100's 227 KB for layout conversions
+H100_SMEM = 227 * 1024    # the opt-in shared memory per block (sm_90) the tables and SMEM_BUDGET were fitted to
 # The autotuner re-tunes when one of these changes: the real head dim (72 and 96 both pad to 128
 # but mask different columns, so their best tiles may differ), causal, varlen. The dtype needs no
 # entry: Triton's Autotuner.run (3.6, runtime/autotuner.py) appends str(arg.dtype) of every
@@ -186,13 +190,21 @@ def _smem_bytes(c: tuple[int, int, int, int], d_pad: int, elem: int, resident_ro
 
 
 def candidates(table: dict, d_pad: int, elem: int, resident_rows: str,
-               exact_smem_limit: Optional[int] = None) -> list[tuple[int, int, int, int]]:
+               exact_smem_limit: Optional[int] = None,
+               device_smem: Optional[int] = None) -> list[tuple[int, int, int, int]]:
     """The configs autotuning may try for this head dim and element size, best guess first.
 
     exact_smem_limit: for a kernel whose estimate _smem_bytes is exact (the forward: compiled
     for sm_90, Q + stages x (K + V) is what Triton allocates), the device's opt-in shared
     memory per block; candidates up to it are kept. Otherwise the estimate must stay under
     SMEM_BUDGET, which leaves room for what it does not count.
+
+    device_smem: the device's opt-in shared memory per block. Below H100's (A100 164 KB, sm_86 /
+    sm_89 cards 99 KB) the budget shrinks with it: for the exact kernels to the limit itself,
+    for the others in SMEM_BUDGET's proportion to H100's. Until stop 22 the budget was never
+    below SMEM_BUDGET, so a first candidate (autotuning off) could need more shared memory than
+    such a card has and fail at launch (tests/test_triton_sm90_compile.py compiles them for
+    sm_80 and sm_89).
     """
     if elem == 4:
         # fp32 inputs are served for accuracy, not speed, and the shared-memory estimate above
@@ -201,6 +213,8 @@ def candidates(table: dict, d_pad: int, elem: int, resident_rows: str,
         # FALLBACK fits every kernel and head dim (at most 192 KB) and needs one compile.
         return [FP32_WIDE if d_pad >= 256 else FALLBACK]
     budget = max(SMEM_BUDGET, exact_smem_limit or 0)
+    if device_smem is not None and device_smem < H100_SMEM:
+        budget = device_smem if exact_smem_limit is not None else SMEM_BUDGET * device_smem // H100_SMEM
     cands = table[_table_key(d_pad)]
     wanted = [c for c in cands if _smem_bytes(c, d_pad, elem, resident_rows) <= budget] or [FALLBACK]
     return wanted if autotune_enabled("flash") else wanted[:1]
@@ -224,8 +238,8 @@ def _pruner(table: dict, resident_rows: str, exact_smem: bool = False):
             return configs
         d_pad = kwargs.get("D_PAD", named_args.get("D_PAD"))
         q = named_args["Q"]
-        limit = device_smem_limit(q) if exact_smem else None
-        wanted = candidates(table, d_pad, q.element_size(), resident_rows, limit)
+        limit = device_smem_limit(q)
+        wanted = candidates(table, d_pad, q.element_size(), resident_rows, limit if exact_smem else None, limit)
         by_key = {_key(cfg): cfg for cfg in configs}
         return [by_key[w] for w in wanted if w in by_key]  # the table's order: the first is the default
     return prune
