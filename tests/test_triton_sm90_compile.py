@@ -161,8 +161,8 @@ def test_default_h100_config_keeps_loads_in_flight(compiled, which, causal, head
 
 
 # Cards with less shared memory per block than an H100 (A100: 163 KB; sm_86 / sm_89: 99 KB): the
-# flash kernels' first candidate there (what a launch takes with autotuning off) compiled for that
-# card fits it. Until stop 22 the candidates' budget never went below the H100's, so on a 99 KB card
+# flash kernels' first candidate there (what a launch takes with autotuning off) and the
+# block-sparse launchers' tiles, compiled for that card, fit it. Until stop 22 the candidates' budget never went below the H100's, so on a 99 KB card
 # the hd128 forward's default needed 128 KB and failed at launch.
 def test_flash_defaults_fit_cards_with_less_shared_memory():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -170,12 +170,18 @@ def test_flash_defaults_fit_cards_with_less_shared_memory():
                        text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    flash = [x for x in recs if "block" not in x]
     # 2 cards x 4 kernels x 3 head dims x 2 dtypes, less the fp32 atomic dK/dV kernel (not run there)
-    assert len(recs) == 2 * (4 * 3 * 2 - 3), r.stdout[-2000:]
+    assert len(flash) == 2 * (4 * 3 * 2 - 3), r.stdout[-2000:]
+    # and the block-sparse launchers (fwd, preprocess, dK/dV, dQ) at two mask blocks per card
+    sparse = {(x["arch"], x["kernel"], tuple(x["block"])): x["config"] for x in recs if "block" in x}
+    assert len(sparse) == 2 * 2 * 4, sparse
     for x in recs:
         assert "error" not in x, x
         assert x["shared"] <= x["limit"], x
-    by = {(x["arch"], x["kernel"], x["dtype"], x["head_dim"]): x["config"] for x in recs}
+    assert sparse[("sm_89", "block_sparse_dq_kernel", (64, 64))] == [8, 2]  # 3 stages took 104 KB there
+    assert sparse[("sm_80", "block_sparse_dq_kernel", (64, 64))] == [8, 3]  # as on an H100
+    by = {(x["arch"], x["kernel"], x["dtype"], x["head_dim"]): x["config"] for x in flash}
     # the 99 KB cards get the entries added for them, not FALLBACK's 32 x 32 tile
     assert by[("sm_89", "fwd", "fp16", 128)] == [128, 64, 8, 2] and by[("sm_89", "fwd", "fp16", 256)] == [64, 32, 8, 2]
     assert by[("sm_80", "fwd", "fp16", 128)] == [128, 64, 8, 3]  # the H100 default fits an A100

@@ -160,6 +160,36 @@ def small_smem_records():
                     except Exception as e:  # reported per case, the test fails on it
                         r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     yield r
+        yield from _block_sparse_small_smem(arch, target, limit)
+
+
+def _block_sparse_small_smem(arch: str, target, limit: int):
+    """The block-sparse forward and backward launchers at hd128, mask blocks (64, 64) and (128, 64),
+    fp16, compiled for the card with its shared memory limit as the launchers read it."""
+    from unittest import mock
+
+    import torch
+    from attnlib.triton_kernels.block_sparse import backward, forward
+    from attnlib.triton_kernels.flash import configs
+
+    for blk in ((64, 64), (128, 64)):
+        b, h, s, d = 1, 2, 256, 128
+        q, k, v, o, do = (_t(b, h, s, d, dtype=torch.float16) for _ in range(5))
+        lse = torch.zeros(b, h, s)
+        mq, mk = s // blk[0], s // blk[1]
+        num = torch.full((1, 1, mq), mk, dtype=torch.int32)
+        idx = torch.arange(mk, dtype=torch.int32).expand(1, 1, mq, mk).contiguous()
+        cnum = torch.full((1, 1, mk), mq, dtype=torch.int32)
+        cidx = torch.arange(mq, dtype=torch.int32).expand(1, 1, mk, mq).contiguous()
+        records: list = []
+        shared = lambda compiled: {"shared": compiled.metadata.shared}  # noqa: E731
+        with mock.patch.object(configs, "device_smem_limit", lambda t: limit), \
+                compile_launches(records, target=target, report=shared):
+            forward.block_sparse_fwd(q, k, v, o, lse, num, idx, block_size=blk, causal=False, scale=d ** -0.5)
+            backward.block_sparse_bwd(do, q, k, v, o, lse, (num, idx), (cnum, cidx), block_size=blk, causal=False,
+                                      scale=d ** -0.5)
+        for r in records:
+            yield dict(r, arch=arch, limit=limit, dtype="fp16", head_dim=d, block=list(blk))
 
 
 def async_waits(ttgir: str) -> list[int]:
@@ -171,7 +201,7 @@ def async_waits(ttgir: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def compile_launches(records: list):
+def compile_launches(records: list, target=None, report=None):
     """Within: a Triton launch compiles for sm_90 instead of running. The arguments are the
     launcher's own (CPU tensors, its block sizes, warps and stages), specialised by the JIT's
     binder for the sm_90 backend; an autotuned kernel takes its first pruned candidate (its config
@@ -183,7 +213,9 @@ def compile_launches(records: list):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    backend = make_backend(SM90)
+    target = target or SM90
+    report = report or _ptxas_report
+    backend = make_backend(target)
 
     def run(self, *args, grid, warmup, **kwargs):
         kwargs.update(debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
@@ -192,7 +224,7 @@ def compile_launches(records: list):
         blocks = {k[0] if isinstance(k, tuple) else k: v for k, v in const.items()}
         config = [blocks[n] for n in self.arg_names if n.startswith("BLOCK") and (n,) in const]
         try:
-            r = _ptxas_report(triton.compile(ASTSource(self, sig, const, attrs), target=SM90, options=options.__dict__))
+            r = report(triton.compile(ASTSource(self, sig, const, attrs), target=target, options=options.__dict__))
         except Exception as e:  # reported per case, the test fails on it
             r = {"error": f"{type(e).__name__}: {e}"}
         r.update(kernel=self.__name__, config=config + [options.num_warps, options.num_stages])

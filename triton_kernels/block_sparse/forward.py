@@ -15,6 +15,7 @@ import triton.language as tl
 
 from ..flash.common import (LOG2E, attend_key_block, dot_precision, load_tile, query_key_range, row_tile,
                             store_tile)
+from ..flash import configs as flash_configs
 from .configs import launch_config, padded_head_dim
 from ..hostmath import cdiv, next_power_of_2
 
@@ -180,7 +181,7 @@ def block_sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
         lse.fill_(float("-inf"))
         return
     bm, bn = block_size
-    tile = launch_config(bm, bn, head_dim, "fwd", q.element_size())
+    tile = launch_config(bm, bn, head_dim, "fwd", q.element_size(), flash_configs.device_smem_limit(q))
     grid = (cdiv(seq_q, tile.block_m), heads_q, batch)
     block_sparse_fwd_kernel[grid](
         q, k, v, out, lse, kv_num_blocks, kv_indices,
