@@ -594,3 +594,25 @@ def test_noncausal_backward_bf16_plumbing_with_emulated_kernels(monkeypatch):
     for name, g, leaf in zip(("dq", "dk", "dv"), grads, leaves):
         assert g.dtype == torch.bfloat16 and g.shape == leaf.shape, name
         assert rel_rmse(g, leaf.grad) <= REL_RMSE[torch.bfloat16], name
+
+
+def test_cards_with_less_shared_memory_refuse_the_head_dims_that_do_not_fit(monkeypatch):
+    """Compiled for sm_89 (99 KB per block) and sm_80 (A100, 163 KB) at stop 22, the linear
+    launches fit up to padded head dims 64 and 128 respectively; past that a launch needs more and
+    would fail with OutOfResources, so linear-triton says why and auto runs linear-torch-chunked."""
+    from types import SimpleNamespace
+
+    from attnlib.kernels import linear_triton
+    from attnlib.triton_kernels.flash import configs
+
+    def reasons(limit, dk, dv):
+        monkeypatch.setattr(configs, "device_smem_limit", lambda t: limit)
+        inp = SimpleNamespace(device=torch.device("cuda"), head_dim=dk, head_dim_v=dv, q=None)
+        return linear_triton.shared_memory_reasons(inp)
+
+    assert reasons(101376, 64, 40) == [] and reasons(101376, 64, 72) and reasons(101376, 128, 128)
+    assert reasons(166912, 128, 96) == [] and reasons(166912, 256, 64)
+    assert reasons(232448, 256, 256) == [] and reasons(None, 256, 256) == []
+    assert "need 166912 bytes" in reasons(101376, 128, 128)[0] and "gives 101376" in reasons(101376, 128, 128)[0]
+    q, k, v = make_qkv(1, 2, 16, 128)
+    assert linear_triton.shared_memory_reasons(attnlib.api.build_inputs(q, k, v, method="linear")) == []  # CPU
