@@ -121,6 +121,27 @@ STICKY_CUDA_ERRORS = ("illegal memory access", "unspecified launch failure", "mi
 CUDA_FAULT_EXIT = 70
 
 
+def sla_float64_reference(qb, kb, vb, w, b, *, causal: bool, critical: float, negligible: float,
+                          block_size, feature_map: str):
+    """The float64 ground truth of an SLA test on bhsd q, k, v and the projection (w, b; b may be
+    None): (classes, leaves, proj64, ref). The float64 reference classifies in float64 and must see
+    the block map the inputs' own precision gives (fixed seeds; else the test picks another).
+    leaves / proj64: the float64 copies that ref's gradients flow to."""
+    from .reference import sla_reference
+    from .reference.sla import sla_block_classes
+
+    classes = sla_block_classes(qb, kb, causal=causal, critical=critical, negligible=negligible,
+                                block_size=block_size)
+    classes64 = sla_block_classes(qb.double(), kb.double(), causal=causal, critical=critical,
+                                  negligible=negligible, block_size=block_size)
+    assert torch.equal(classes, classes64), "float64 and low-precision classification differ: pick another seed"
+    leaves = [t.detach().double().requires_grad_() for t in (qb, kb, vb)]
+    proj64 = [t.detach().double().requires_grad_() if t is not None else None for t in (w, b)]
+    ref = sla_reference(*leaves, *proj64, causal=causal, critical=critical, negligible=negligible,
+                        block_size=block_size, feature_map=feature_map)
+    return classes, leaves, proj64, ref
+
+
 def is_sticky_cuda_error(message: str) -> bool:
     m = message.lower()
     return any(s in m for s in STICKY_CUDA_ERRORS)

@@ -18,8 +18,8 @@ import torch
 import attnlib
 from attnlib.kernels import flash_torch_chunked as chunked
 from attnlib.kernels import sla_torch_chunked as sla_chunked
-from attnlib.reference import sla_block_classes, sla_reference
-from attnlib.testing import assert_flash_rule, make_qkv
+from attnlib.reference import sla_reference
+from attnlib.testing import assert_flash_rule, make_qkv, sla_float64_reference
 
 from test_flash_torch_chunked import peak_cpu_bytes
 
@@ -69,16 +69,9 @@ def check(q, k, v, w, b, *, layout="bhsd", causal=False, critical=0.3, negligibl
         out = attnlib.sla_attention(q, k, v, w, b, causal=causal, layout=layout, backend="torch", **kw)
     assert out.dtype == q.dtype and out.shape == q.shape[:3] + (v.shape[-1],) and out.is_contiguous()
     qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
-    classes = sla_block_classes(qb, kb, causal=causal, critical=critical, negligible=negligible,
-                                block_size=block_size)
-    classes64 = sla_block_classes(qb.double(), kb.double(), causal=causal, critical=critical,
-                                  negligible=negligible, block_size=block_size)
-    assert torch.equal(classes, classes64), "float64 and low-precision classification differ: pick another seed"
+    classes, leaves, proj64, ref = sla_float64_reference(qb, kb, vb, w, b, causal=causal, **kw)
     assert (classes == 1).any() and (classes == 0).any()
     proj = [t for t in (w, b) if t is not None]
-    leaves = [t.detach().double().requires_grad_() for t in (qb, kb, vb)]
-    proj64 = [t.detach().double().requires_grad_() if t is not None else None for t in (w, b)]
-    ref = sla_reference(*leaves, *proj64, causal=causal, **kw)
     same = [t.detach().clone().requires_grad_() for t in (qb, kb, vb)]
     proj_same = [t.detach().clone().requires_grad_() if t is not None else None for t in (w, b)]
     base = sla_reference(*same, *proj_same, causal=causal, **kw)

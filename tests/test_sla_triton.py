@@ -16,7 +16,7 @@ import attnlib
 from attnlib.reference import flash_reference, linear_reference, sla_block_classes, sla_reference
 from attnlib.reference._common import block_mask_to_tokens, causal_mask, expand_kv
 from attnlib.reference.linear import feature_map_fn
-from attnlib.testing import assert_flash_rule, assert_verbose_allclose, make_qkv, poison_
+from attnlib.testing import assert_flash_rule, assert_verbose_allclose, make_qkv, poison_, sla_float64_reference
 
 triton = pytest.importorskip("triton")
 
@@ -73,16 +73,9 @@ def check(q, k, v, w, b, *, critical, negligible, block_size, causal, feature_ma
     assert ex.chosen is not None and ex.chosen.name == "sla-triton", str(ex)
     out = attnlib.sla_attention(q, k, v, w, b, causal=causal, layout=layout, **kw)
     qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
-    classes = sla_block_classes(qb, kb, critical=critical, negligible=negligible, block_size=block_size,
-                                causal=causal)
     # the float64 ground truth classifies in float64: it must see the same map (fixed seeds)
-    classes64 = sla_block_classes(qb.double(), kb.double(), critical=critical, negligible=negligible,
-                                  block_size=block_size, causal=causal)
-    assert torch.equal(classes, classes64), "float64 and float32 classification differ: pick another seed"
+    classes, leaves, proj64, ref = sla_float64_reference(qb, kb, vb, w, b, causal=causal, **kw)
     proj = [t for t in (w, b) if t is not None]
-    leaves = [t.detach().double().requires_grad_() for t in (qb, kb, vb)]
-    proj64 = [t.detach().double().requires_grad_() if t is not None else None for t in (w, b)]
-    ref = sla_reference(*leaves, *proj64, causal=causal, **kw)
     same = [t.detach().clone().requires_grad_() for t in (qb, kb, vb)]
     proj_same = [t.detach().clone().requires_grad_() if t is not None else None for t in (w, b)]
     base = sla_same_dtype(*same, *proj_same, classes, block_size=block_size, causal=causal,

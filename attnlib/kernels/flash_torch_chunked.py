@@ -223,7 +223,7 @@ class FlashTorchChunked(Kernel):
     method = "flash"
     backend = "torch"
     # above flash-torch-reference (0), which it replaces as the fallback; below flash-torch-sdpa
-    # (10), whose fused CUDA kernels are faster where they apply
+    # where torch runs a fused kernel (10 and up on GPUs, 8 for CPU inference), which is faster
     priority = 5
     dtypes = (torch.float16, torch.bfloat16, torch.float32)  # fp64 stays on the reference
 
