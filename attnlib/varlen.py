@@ -137,6 +137,15 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     deterministic=False permits a non-deterministic backward (see flash_attention): the Triton
     backward adds dQ with atomics only under ATTNLIB_FLASH_ATOMIC_DQ=1.
     """
+    return packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                            scale=scale, return_lse=return_lse, backend=backend, deterministic=deterministic)
+
+
+def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal, scale,
+                     return_lse, backend, deterministic, host_checked=False):
+    """flash_attention_varlen's body. host_checked=True: the caller built cu_seqlens_q/k and
+    max_seqlen_q/k from host values it has checked itself (flash_attn_with_kvcache), so their
+    values are not read back from the device (one host synchronisation fewer per call)."""
     # resolved now (use_backend, ATTNLIB_BACKEND), compiled or not, so the backward runs the
     # forward's backend even outside the use_backend block (see api.attention)
     backend = effective_backend(backend)
@@ -153,7 +162,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         if cu_seqlens_q.shape != cu_seqlens_k.shape:
             raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have one length (batch + 1), got "
                              f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
-        if _values_readable(cu_seqlens_q):
+        if not host_checked and _values_readable(cu_seqlens_q):
             _check_cu_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
         for name, flag in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic)):
             if not isinstance(flag, bool):

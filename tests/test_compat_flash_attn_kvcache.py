@@ -249,3 +249,27 @@ def test_refusals_name_the_argument_and_leave_the_cache_alone(change, error, mat
         fa.flash_attn_with_kvcache(**args)
     for name, before in caches.items():
         assert torch.equal(args[name], before), f"{name} was written before the refusal"
+
+
+def test_lengths_are_read_to_the_host_once(monkeypatch):
+    """The cache lengths are read and checked on the host once (_cache_lengths); the packed
+    cu_seqlens built from them are not read back by the varlen call (on a GPU that was a second
+    synchronisation per decoding step). Direct flash_attention_varlen calls still check them."""
+    from attnlib import varlen
+
+    reads = []
+    real = varlen._check_cu_values
+    monkeypatch.setattr(varlen, "_check_cu_values", lambda *a: reads.append(a) or real(*a))
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    q = torch.randn(2, 1, 4, DIM, generator=gen)
+    k_cache, v_cache = (torch.randn(2, 9, 2, DIM, generator=gen) for _ in range(2))
+    lengths = torch.tensor([3, 7], dtype=torch.int32)
+    out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
+    assert reads == []
+    t = lambda x, n: x[:, :n].transpose(1, 2).double()  # noqa: E731
+    for b, n in enumerate(lengths.tolist()):
+        ref = flash_reference(t(q[b:b + 1], 1), t(k_cache[b:b + 1], n), t(v_cache[b:b + 1], n))
+        torch.testing.assert_close(out[b:b + 1].double(), ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+    varlen.flash_attention_varlen(q.view(2, 4, DIM), k_cache[0, :2], v_cache[0, :2], cu, cu, 1, 1)
+    assert len(reads) == 1

@@ -248,9 +248,11 @@ def _attend(q, k_cache, v_cache, layout: _CacheLayout, key_lengths, causal, soft
     device = q.device
     cu_k = torch.cat([key_lengths.new_zeros(1), torch.cumsum(key_lengths, 0)]).to(device, torch.int32)
     cu_q = (torch.arange(batch + 1) * seq_q).to(device, torch.int32)
-    out, lse = varlen.flash_attention_varlen(q.reshape(batch * seq_q, heads, dim), k_cache[i0, i1], v_cache[i0, i1],
-                                             cu_q, cu_k, seq_q, int(key_lengths.max()), causal=causal,
-                                             scale=_scale(softmax_scale), return_lse=True)
+    # cu_q / cu_k come from host lengths checked in _cache_lengths: varlen need not read them back
+    out, lse = varlen.packed_attention(q.reshape(batch * seq_q, heads, dim), k_cache[i0, i1], v_cache[i0, i1],
+                                       cu_q, cu_k, seq_q, int(key_lengths.max()), causal=causal,
+                                       scale=_scale(softmax_scale), return_lse=True, backend="auto",
+                                       deterministic=True, host_checked=True)
     out = out.view(batch, seq_q, heads, dim)
     if not return_lse:
         return out
