@@ -47,6 +47,12 @@ def make_qkv(batch: int = 1, heads: int = 2, seq_q: int = 64, head_dim: int = 64
     return tuple(out)
 
 
+def input_grads(out: torch.Tensor, inputs, dout: torch.Tensor) -> list[torch.Tensor]:
+    """The gradients of (out * dout).sum() with respect to each of inputs, detached (nothing is
+    accumulated into .grad)."""
+    return [g.detach() for g in torch.autograd.grad(out, list(inputs), dout)]
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN (or the dtype's max for integers) so unwritten elements show."""
     if t.is_floating_point():

@@ -15,7 +15,7 @@ import torch
 import attnlib
 from attnlib.reference import block_sparse_reference
 from attnlib.reference._common import block_mask_to_tokens, causal_mask
-from attnlib.testing import assert_flash_rule, make_qkv, poison_
+from attnlib.testing import assert_flash_rule, input_grads, make_qkv, poison_
 
 triton = pytest.importorskip("triton")
 
@@ -41,13 +41,6 @@ def torch_same_dtype(q, k, v, visible, scale):
     return out, lse
 
 
-def grads(out, inputs, dout):
-    for t in inputs:
-        t.grad = None
-    out.backward(dout)
-    return [t.grad.detach().clone() for t in inputs]
-
-
 def check(q, k, v, mask, *, block_size, causal, layout="bhsd", backward=True, backend="auto"):
     scale = q.shape[-1] ** -0.5
     to_bhsd = (lambda x: x) if layout == "bhsd" else (lambda x: x.transpose(1, 2))
@@ -66,9 +59,9 @@ def check(q, k, v, mask, *, block_size, causal, layout="bhsd", backward=True, ba
     if not backward:
         return out
     dout = torch.randn_like(out)
-    got = grads(out, (q, k, v), dout)
-    want = grads(ref, leaves, to_bhsd(dout).double())
-    have = grads(base, same, to_bhsd(dout))
+    got = input_grads(out, (q, k, v), dout)
+    want = input_grads(ref, leaves, to_bhsd(dout).double())
+    have = input_grads(base, same, to_bhsd(dout))
     for name, g, w, h in zip(("dq", "dk", "dv"), got, want, have):
         assert torch.isfinite(g).all(), f"{name} has non-finite values"
         assert_flash_rule(to_bhsd(g), w, h, factor=3.0, name=name)
@@ -135,10 +128,10 @@ def test_lse_gradient():
     out, lse = attnlib.block_sparse_attention(q, k, v, mask, block_size=(16, 16), causal=True, return_lse=True)
     w = torch.randn_like(lse)
     loss = out.sum() + torch.where(torch.isfinite(lse), lse * w, 0.0).sum()
-    got = grads(loss, (q, k, v), None)
+    got = input_grads(loss, (q, k, v), None)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref, ref_lse = block_sparse_reference(*leaves, mask, block_size=(16, 16), causal=True, return_lse=True)
-    want = grads(ref.sum() + torch.where(torch.isfinite(ref_lse), ref_lse * w.double(), 0.0).sum(), leaves, None)
+    want = input_grads(ref.sum() + torch.where(torch.isfinite(ref_lse), ref_lse * w.double(), 0.0).sum(), leaves, None)
     for name, g, wt in zip(("dq", "dk", "dv"), got, want):
         torch.testing.assert_close(g.double(), wt, atol=1e-4, rtol=1e-4, msg=name)
 

@@ -7,7 +7,7 @@ import torch
 
 from attnlib.compat import flash_attn as fa
 from attnlib.reference import flash_reference
-from attnlib.testing import assert_flash_rule, make_qkv
+from attnlib.testing import assert_flash_rule, input_grads, make_qkv
 
 
 def ref_bshd(q, k, v, causal, scale=None, dtype=torch.float64):
@@ -154,13 +154,6 @@ def cu_seqlens(lengths):
     return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
 
 
-def grads(out, inputs, dout):
-    for t in inputs:
-        t.grad = None
-    out.backward(dout)
-    return [t.grad.detach().clone() for t in inputs]
-
-
 def varlen_references(q, k, v, lens_q, lens_k, causal, scale):
     """(float64 reference, PyTorch in the inputs' dtype) on (total, H, D) packs, each (out, lse (H, total_q)),
     differentiable to q, k, v. The caller passes float64 leaves for the first, same-dtype ones for the second."""
@@ -215,7 +208,7 @@ def test_varlen_packed_forward_backward(packing, dtype, causal):
     assert_flash_rule(out, ref, base)
     assert_flash_rule(lse, ref_lse, base_lse, atol=1e-4, name="lse")
     dout = torch.randn(out.shape, generator=gen).to(dtype)
-    got, want, have = grads(out, inputs, dout), grads(ref, leaves64, dout.double()), grads(base, leaves_same, dout)
+    got, want, have = input_grads(out, inputs, dout), input_grads(ref, leaves64, dout.double()), input_grads(base, leaves_same, dout)
     for g, w, h in zip(got, want, have):
         assert torch.isfinite(g).all()
         assert_flash_rule(g, w, h, factor=3.0, name="grad")
@@ -338,7 +331,7 @@ def test_dense_packed_gradients(causal):
         ref, _ = ref_bshd(*split(*leaves64), causal, 0.3)
         base, _ = ref_bshd(*split(*leaves32), causal, 0.3, dtype=torch.float32)
         assert_flash_rule(out, ref, base)
-        got, want, have = grads(out, leaves, dout), grads(ref, leaves64, dout.double()), grads(base, leaves32, dout)
+        got, want, have = input_grads(out, leaves, dout), input_grads(ref, leaves64, dout.double()), input_grads(base, leaves32, dout)
         for g, w, h in zip(got, want, have):
             assert g.shape == w.shape
             assert_flash_rule(g, w, h, factor=3.0, name="grad")

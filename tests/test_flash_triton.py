@@ -12,7 +12,7 @@ import torch
 import attnlib
 from attnlib.reference import flash_reference
 from attnlib.reference._common import causal_mask
-from attnlib.testing import assert_flash_rule, make_qkv, poison_
+from attnlib.testing import assert_flash_rule, input_grads, make_qkv, poison_
 
 triton = pytest.importorskip("triton")
 
@@ -48,13 +48,6 @@ def torch_same_dtype(q, k, v, *, causal: bool, scale: float):
     return out, lse
 
 
-def grads(out, inputs, dout):
-    for t in inputs:
-        t.grad = None
-    out.backward(dout)
-    return [t.grad.detach().clone() for t in inputs]
-
-
 def check_against_reference(q, k, v, *, causal: bool, layout: str = "bhsd", backward: bool = True,
                             backend: str = "auto", deterministic: bool = True):
     """Run attnlib (auto dispatch, or the backend named) on q, k, v and hold output, lse and
@@ -73,9 +66,9 @@ def check_against_reference(q, k, v, *, causal: bool, layout: str = "bhsd", back
     if not backward:
         return
     dout = torch.randn_like(out)
-    got = grads(out, (q, k, v), dout)
-    want = grads(ref, leaves, to_bhsd(dout).double())
-    have = grads(base, same, to_bhsd(dout))
+    got = input_grads(out, (q, k, v), dout)
+    want = input_grads(ref, leaves, to_bhsd(dout).double())
+    have = input_grads(base, same, to_bhsd(dout))
     for name, g, w, h in zip(("dq", "dk", "dv"), got, want, have):
         assert torch.isfinite(g).all(), f"{name} has non-finite values"
         assert_flash_rule(to_bhsd(g), w, h, factor=3.0, name=name)
@@ -215,9 +208,9 @@ def test_atomic_dq_ignores_padded_keys_with_huge_probabilities(dq_launches):
     out, lse = attnlib.flash_attention(q, k, v, backend="triton", return_lse=True, deterministic=False)
     assert lse.max() < -100, "the inputs no longer make lse very negative"
     dout = torch.randn_like(out)
-    got = grads(out, (q, k, v), dout)
+    got = input_grads(out, (q, k, v), dout)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    want = grads(flash_reference(*leaves), leaves, dout.double())
+    want = input_grads(flash_reference(*leaves), leaves, dout.double())
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         assert torch.isfinite(g).all(), f"{name} has non-finite values"
         torch.testing.assert_close(g.double(), w, atol=2e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
@@ -231,7 +224,7 @@ def test_backward_is_deterministic(causal, triton_runs):
     q, k, v = make_qkv(1, 4, 45, 40, kv_heads=2, seq_k=37, dtype=torch.float16, device=DEVICE,
                        requires_grad=True, seed=12)
     dout = torch.randn(1, 4, 45, 40, generator=torch.Generator().manual_seed(13)).to(DEVICE, torch.float16)
-    runs = [grads(attnlib.flash_attention(q, k, v, causal=causal, backend="triton"), (q, k, v), dout)
+    runs = [input_grads(attnlib.flash_attention(q, k, v, causal=causal, backend="triton"), (q, k, v), dout)
             for _ in range(2)]
     assert triton_runs == ["fwd", "bwd"] * 2
     for name, a, b in zip(("dq", "dk", "dv"), *runs):
@@ -266,13 +259,13 @@ def test_lse_gradient(dtype):
     out, lse = attnlib.flash_attention(q, k, v, causal=True, return_lse=True)
     assert lse.requires_grad and lse.dtype == torch.float32
     w = torch.randn_like(lse)
-    got = grads(out.float().sum() + (lse * w).sum(), (q, k, v), None)
+    got = input_grads(out.float().sum() + (lse * w).sum(), (q, k, v), None)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref, ref_lse = flash_reference(*leaves, causal=True, return_lse=True)
-    want = grads(ref.sum() + (ref_lse * w.double()).sum(), leaves, None)
+    want = input_grads(ref.sum() + (ref_lse * w.double()).sum(), leaves, None)
     same = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     base, base_lse = torch_same_dtype(*same, causal=True, scale=40 ** -0.5)
-    have = grads(base.float().sum() + (base_lse * w).sum(), same, None)
+    have = input_grads(base.float().sum() + (base_lse * w).sum(), same, None)
     for name, g, wt, h in zip(("dq", "dk", "dv"), got, want, have):
         assert_flash_rule(g, wt, h, factor=3.0, name=name)
 
@@ -694,9 +687,9 @@ def test_key_offsets_past_2_31_elements():
         base, _ = torch_same_dtype(q, kc, vc, causal=causal, scale=d ** -0.5)
         assert_flash_rule(out, ref, base)
         dout = torch.randn_like(out)
-        got = grads(out, leaves, dout)
+        got = input_grads(out, leaves, dout)
         dense = [t.detach().clone().requires_grad_() for t in (q, kc, vc)]
-        want = grads(attnlib.flash_attention(*dense, causal=causal, backend="triton"), dense, dout)
+        want = input_grads(attnlib.flash_attention(*dense, causal=causal, backend="triton"), dense, dout)
         for name, g, w in zip(("dq", "dk", "dv"), got, want):
             torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
     del buf, k, v

@@ -8,7 +8,7 @@ import torch
 import attnlib
 from attnlib.reference import flash_reference
 from attnlib.reference.flash_varlen import flash_varlen_reference, per_sequence
-from attnlib.testing import assert_flash_rule
+from attnlib.testing import assert_flash_rule, input_grads
 
 from test_flash_triton import torch_same_dtype
 
@@ -44,13 +44,6 @@ def triton_calls(monkeypatch):
     return calls
 
 
-def grads(out, inputs, dout):
-    for t in inputs:
-        t.grad = None
-    out.backward(dout)
-    return [t.grad.detach().clone() for t in inputs]
-
-
 # (lengths_q, lengths_k, heads_q, heads_kv, head_dim)
 CASES = [
     ([5, 0, 1, 17, 33], [7, 3, 0, 17, 20], 4, 2, 40),
@@ -81,7 +74,7 @@ def test_varlen_forward_backward(case, dtype, causal, deterministic, triton_call
     assert_flash_rule(out, ref, base, name="out")
     assert_flash_rule(lse, ref_lse, base_lse, atol=1e-4 if dtype == torch.float16 else 2e-5, name="lse")
     dout = torch.randn_like(out)
-    got, want, have = grads(out, (q, k, v), dout), grads(ref, leaves, dout.double()), grads(base, same, dout)
+    got, want, have = input_grads(out, (q, k, v), dout), input_grads(ref, leaves, dout.double()), input_grads(base, same, dout)
     for name, g, w, h in zip(("dq", "dk", "dv"), got, want, have):
         assert torch.isfinite(g).all(), f"{name} has non-finite values"
         assert_flash_rule(g, w, h, factor=3.0, name=name)
@@ -114,9 +107,9 @@ def test_strided_cu_seqlens(triton_calls):
     assert not sq.is_contiguous() and torch.equal(sq, cq)
     o1, l1 = attnlib.flash_attention_varlen(q, k, v, cq, ck, 9, 7, causal=True, return_lse=True)
     dout = torch.randn_like(o1)
-    g1 = grads(o1, (q, k, v), dout)
+    g1 = input_grads(o1, (q, k, v), dout)
     o2, l2 = attnlib.flash_attention_varlen(q, k, v, sq, sk, 9, 7, causal=True, return_lse=True)
-    g2 = grads(o2, (q, k, v), dout)
+    g2 = input_grads(o2, (q, k, v), dout)
     assert triton_calls == [1, 1]
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
     for name, a, b in zip(("dq", "dk", "dv"), g1, g2):
@@ -218,7 +211,7 @@ def test_varlen_bf16_and_long(causal):
     base, base_lse = same_dtype_varlen(*same, cq, ck, causal, 128 ** -0.5)
     assert_flash_rule(out, ref, base)
     dout = torch.randn_like(out)
-    got, want, have = grads(out, (q, k, v), dout), grads(ref, leaves, dout.double()), grads(base, same, dout)
+    got, want, have = input_grads(out, (q, k, v), dout), input_grads(ref, leaves, dout.double()), input_grads(base, same, dout)
     for name, g, w, h in zip(("dq", "dk", "dv"), got, want, have):
         assert_flash_rule(g, w, h, factor=3.0, name=name)
 

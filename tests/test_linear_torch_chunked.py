@@ -20,7 +20,7 @@ from attnlib.api import build_inputs
 from attnlib.dispatch import kernels
 from attnlib.kernels import linear_torch_chunked as chunked
 from attnlib.reference import linear_reference
-from attnlib.testing import assert_flash_rule, make_qkv
+from attnlib.testing import assert_flash_rule, input_grads, make_qkv
 
 from test_flash_torch_chunked import case_id, dtype_id, peak_cpu_bytes, to_bhsd
 
@@ -40,10 +40,6 @@ def qkv(b, hq, hkv, sq, sk, d, dv, *, dtype, layout, feature_map, seed):
     return tuple(t.requires_grad_() for t in (q, k, v))
 
 
-def grads(out, leaves, dout):
-    return torch.autograd.grad((out * dout).sum(), leaves)
-
-
 def check(q, k, v, *, feature_map="elu", causal=False, layout="bhsd", eps=1e-6):
     """attnlib's linear attention on the torch backend (which must pick linear-torch-chunked)
     against the float64 reference: out, dq, dk, dv; returns (out, grads) in bhsd."""
@@ -56,13 +52,13 @@ def check(q, k, v, *, feature_map="elu", causal=False, layout="bhsd", eps=1e-6):
     qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
     gen = torch.Generator().manual_seed(q.numel() + k.shape[2])
     dout = torch.randn(out.shape, generator=gen).to(q.dtype)
-    got = grads(out, (q, k, v), dout)
+    got = input_grads(out, (q, k, v), dout)
     leaves = [t.detach().double().requires_grad_() for t in (qb, kb, vb)]
     ref = linear_reference(*leaves, **ref_kw)
-    want = grads(ref, leaves, to_bhsd(dout, layout).double())
+    want = input_grads(ref, leaves, to_bhsd(dout, layout).double())
     same = [t.detach().clone().requires_grad_() for t in (qb, kb, vb)]
     base = linear_reference(*same, **ref_kw)  # the reference at the inputs' dtype
-    have = grads(base, same, to_bhsd(dout, layout))
+    have = input_grads(base, same, to_bhsd(dout, layout))
     out_b, got_b = to_bhsd(out, layout), [to_bhsd(g, layout) for g in got]
     assert_flash_rule(out_b, ref, base, name="out")
     for name, g, w, h in zip(("dq", "dk", "dv"), got_b, want, have):

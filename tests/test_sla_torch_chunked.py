@@ -19,7 +19,7 @@ import attnlib
 from attnlib.kernels import flash_torch_chunked as chunked
 from attnlib.kernels import sla_torch_chunked as sla_chunked
 from attnlib.reference import sla_reference
-from attnlib.testing import assert_flash_rule, make_qkv, sla_float64_reference
+from attnlib.testing import assert_flash_rule, input_grads, make_qkv, sla_float64_reference
 
 from test_flash_torch_chunked import peak_cpu_bytes
 
@@ -42,10 +42,6 @@ def make_proj(dv, dtype=torch.float32, seed=0):
     w = (torch.randn(dv, dv, generator=gen) * dv ** -0.5).to(dtype).requires_grad_()
     b = (torch.randn(dv, generator=gen) * 0.1).to(dtype).requires_grad_()
     return w, b
-
-
-def grads(out, inputs, dout):
-    return [g.detach() for g in torch.autograd.grad(out, inputs, dout)]
 
 
 def check(q, k, v, w, b, *, layout="bhsd", causal=False, critical=0.3, negligible=0.2, block_size=(64, 64),
@@ -77,9 +73,9 @@ def check(q, k, v, w, b, *, layout="bhsd", causal=False, critical=0.3, negligibl
     base = sla_reference(*same, *proj_same, causal=causal, **kw)
     assert_flash_rule(to_bhsd(out, layout), ref, base, name="out")
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(q.shape[2])).to(q.dtype)
-    got = grads(out, (q, k, v, *proj), dout)
-    want = grads(ref, leaves + [t for t in proj64 if t is not None], to_bhsd(dout, layout).double())
-    have = grads(base, same + [t for t in proj_same if t is not None], to_bhsd(dout, layout))
+    got = input_grads(out, (q, k, v, *proj), dout)
+    want = input_grads(ref, leaves + [t for t in proj64 if t is not None], to_bhsd(dout, layout).double())
+    have = input_grads(base, same + [t for t in proj_same if t is not None], to_bhsd(dout, layout))
     names = ["dq", "dk", "dv"] + [n for n, t in (("dW", w), ("db", b)) if t is not None]
     for name, g, wt, h in zip(names, got, want, have):
         assert torch.isfinite(g).all(), f"{name} has non-finite values"

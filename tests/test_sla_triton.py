@@ -16,7 +16,8 @@ import attnlib
 from attnlib.reference import flash_reference, linear_reference, sla_block_classes, sla_reference
 from attnlib.reference._common import block_mask_to_tokens, causal_mask, expand_kv
 from attnlib.reference.linear import feature_map_fn
-from attnlib.testing import assert_flash_rule, assert_verbose_allclose, make_qkv, poison_, sla_float64_reference
+from attnlib.testing import (assert_flash_rule, assert_verbose_allclose, input_grads, make_qkv, poison_,
+                             sla_float64_reference)
 
 triton = pytest.importorskip("triton")
 
@@ -60,10 +61,6 @@ def sla_same_dtype(q, k, v, w, b, classes, *, block_size, causal, feature_map, s
     return out
 
 
-def grads(out, inputs, dout):
-    return [g.detach() for g in torch.autograd.grad(out, inputs, dout)]
-
-
 def check(q, k, v, w, b, *, critical, negligible, block_size, causal, feature_map="softmax", layout="bhsd",
           backward=True):
     """Run sla-triton and compare out (and gradients) with the float64 reference."""
@@ -84,9 +81,9 @@ def check(q, k, v, w, b, *, critical, negligible, block_size, causal, feature_ma
     if not backward:
         return out
     dout = torch.randn_like(out)
-    got = grads(out, (q, k, v, *proj), dout)
-    want = grads(ref, leaves + [t for t in proj64 if t is not None], to_bhsd(dout, layout).double())
-    have = grads(base, same + [t for t in proj_same if t is not None], to_bhsd(dout, layout))
+    got = input_grads(out, (q, k, v, *proj), dout)
+    want = input_grads(ref, leaves + [t for t in proj64 if t is not None], to_bhsd(dout, layout).double())
+    have = input_grads(base, same + [t for t in proj_same if t is not None], to_bhsd(dout, layout))
     names = ["dq", "dk", "dv"] + [n for n, t in (("dW", w), ("db", b)) if t is not None]
     for name, g, wt, h in zip(names, got, want, have):
         assert torch.isfinite(g).all(), f"{name} has non-finite values"
@@ -153,8 +150,8 @@ def test_all_critical_is_exact_attention(causal):
     base = flash_reference(*same, causal=causal)
     assert_flash_rule(out, ref, base)
     dout = torch.randn_like(out)
-    got = grads(out, (q, k, v, w), dout)
-    want, have = grads(ref, leaves, dout.double()), grads(base, same, dout)
+    got = input_grads(out, (q, k, v, w), dout)
+    want, have = input_grads(ref, leaves, dout.double()), input_grads(base, same, dout)
     for name, g, wt, h in zip(("dq", "dk", "dv"), got, want, have):
         assert_flash_rule(g, wt, h, factor=3.0, name=name)
     assert torch.equal(got[3], torch.zeros_like(w)), "dW: no marginal block, O_l = 0"
@@ -174,9 +171,9 @@ def test_no_critical_no_negligible_identity_projection_is_linear_attention():
     base = linear_reference(*(t.detach() for t in (q, k, v)), feature_map="softmax")
     assert_flash_rule(out, ref, base)
     dout = torch.randn_like(out)
-    got = grads(out, (q, k, v, eye, zero), dout)
+    got = input_grads(out, (q, k, v, eye, zero), dout)
     d64 = dout.double()
-    want = grads(ref, leaves, d64) + [torch.einsum("bhse,bhsc->ec", d64, ref.detach()), d64.sum((0, 1, 2))]
+    want = input_grads(ref, leaves, d64) + [torch.einsum("bhse,bhsc->ec", d64, ref.detach()), d64.sum((0, 1, 2))]
     for name, g, w in zip(("dq", "dk", "dv", "dW", "db"), got, want):
         torch.testing.assert_close(g.double(), w, atol=2e-5 if name in ("dq", "dk", "dv") else 2e-4, rtol=1e-4,
                                    msg=name)
@@ -219,11 +216,11 @@ def test_no_marginal_block_skips_the_linear_branch(with_bias, monkeypatch):
     out = attnlib.sla_attention(q, k, v, w, b, **kw)
     dout = torch.randn_like(out)
     proj = [t for t in (w, b) if t is not None]
-    got = grads(out, (q, k, v, *proj), dout)
+    got = input_grads(out, (q, k, v, *proj), dout)
     assert linear_flags and not any(linear_flags), "the key-block states were formed with nothing marginal"
     plain = attnlib.sla_attention(q, k, v, None, b, **kw)
     assert torch.equal(out, plain)
-    want = grads(plain, (q, k, v, *proj[1:]), dout)
+    want = input_grads(plain, (q, k, v, *proj[1:]), dout)
     for name, g, wt in zip(("dq", "dk", "dv"), got[:3], want[:3]):
         assert torch.equal(g, wt), name
     assert torch.equal(got[3], torch.zeros_like(w)), "dW"
