@@ -299,20 +299,29 @@ def _key_block_configs():
     return [None] + (KEY_BLOCK_CANDIDATES if DEVICE == "cuda" else [(64, 1), (32, 1)])
 
 
+# h's tolerance per input dtype: fp32 runs one tf32x3 product; 16-bit inputs split phi(K) into
+# two pieces of V's dtype (classify.split_product): 16 significant bits with bf16 (2^-17 relative
+# per product), fp16's at least as fine but for subnormal low pieces (6e-8 absolute each)
+KEY_BLOCK_TOL = {torch.float32: 1e-5, torch.float16: 2e-5, torch.bfloat16: 4e-5}
+
+
 @pytest.mark.parametrize("config", _key_block_configs(), ids=str)
-def test_key_block_states_equal_reference(config):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []),
+                         ids=str)
+def test_key_block_states_equal_reference(config, dtype):
     """h_j = phi(K_j)^T V_j, z_j = sum phi(K_j) and the pooled keys, per key block (ragged last
     block), whole or formed in column chunks of V (the GPU autotuner's candidates), against
-    float64. Dv 72 pads to 128: chunks past Dv write nothing."""
+    float64 on the same (rounded) inputs. Dv 72 pads to 128: chunks past Dv write nothing."""
     from attnlib.triton_kernels.sla.classify import key_blocks
 
-    k = make_qkv(1, 2, 40, 24, seed=21, device=DEVICE)[1]
-    v = make_qkv(1, 2, 40, 72, seed=22, device=DEVICE)[2]
+    k = make_qkv(1, 2, 40, 24, seed=21, device=DEVICE, dtype=dtype)[1]
+    v = make_qkv(1, 2, 40, 72, seed=22, device=DEVICE, dtype=dtype)[2]
     pk, h, z = key_blocks(k, v, block_n=16, feature="softmax", linear=True, config=config)
     phi = feature_map_fn("softmax")(k.double())
+    tol = KEY_BLOCK_TOL[dtype]
     for j, (lo, hi) in enumerate(((0, 16), (16, 32), (32, 40))):
         want_h = phi[:, :, lo:hi].transpose(-1, -2) @ v[:, :, lo:hi].double()
-        assert_verbose_allclose(h[:, :, j].double(), want_h, atol=1e-5, rtol=1e-5)
+        assert_verbose_allclose(h[:, :, j].double(), want_h, atol=tol, rtol=tol)
         assert_verbose_allclose(z[:, :, j].double(), phi[:, :, lo:hi].sum(2), atol=1e-5, rtol=1e-5)
         assert_verbose_allclose(pk[:, :, j].double(), k[:, :, lo:hi].double().mean(2), atol=1e-6, rtol=1e-6)
 
@@ -417,6 +426,27 @@ def test_masked_sum_tilings_agree(config, transpose):
         want = marg @ expand_kv(states, 4).double()
     got = _masked_sum(classes.to(DEVICE), states.to(DEVICE), "tf32x3", 2, transpose=transpose, config=config)
     torch.testing.assert_close(got.double().cpu(), want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prec,terms", [("tf32", 2), ("tf32x3", 3)])
+def test_masked_sum_split_precision(prec, terms):
+    """The product splits each fp32 state into bf16 pieces (row_states.split_dot): 2 pieces keep
+    16 significant bits, 3 fp32's 24, so each sum is within 2^-(8 * terms) of the sum of |states|
+    it adds (plus fp32 accumulation), and 2 pieces are finer than one (a plain bf16 product's
+    2^-8 would fail the bound) and than tf32's 2^-11."""
+    from attnlib.triton_kernels.sla.row_states import SPLIT_TERMS, _masked_sum
+
+    assert SPLIT_TERMS[prec] == terms
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    classes = torch.randint(-1, 2, (1, 2, 33, 70), generator=gen).to(torch.int8)
+    states = torch.randn(1, 2, 70, 96, generator=gen) * torch.logspace(-3, 3, 96)  # wide magnitudes
+    marg = (classes == 0).double()
+    want = marg @ states.double()
+    bound = (marg @ states.double().abs()) * (2.0 ** -(8 * terms) + 70 * 2.0 ** -24) + 1e-30
+    got = _masked_sum(classes.to(DEVICE), states.to(DEVICE), prec, 2, transpose=False)
+    err = (got.double().cpu() - want).abs()
+    assert bool((err <= bound).all()), float((err / bound).max())
+    assert float((err / (marg @ states.double().abs() + 1e-30)).max()) < 2.0 ** -11
 
 
 def test_row_states_are_marginal_sums():

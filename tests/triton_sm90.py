@@ -84,7 +84,15 @@ def _ptxas_report(compiled) -> dict:
     # registers inside the pipeline stage), so no wgmma overlaps the instructions after it
     return {"shared": compiled.metadata.shared, "registers": int(regs.group(1)) if regs else -1,
             "spill_bytes": int(spills.group(1)) if spills else 0, "report": report,
-            "async_waits": async_waits(compiled.asm["ttgir"]), "wgmma_serialized": "C7515" in report}
+            "async_waits": async_waits(compiled.asm["ttgir"]), "wgmma_serialized": "C7515" in report,
+            "copy_bytes": copy_widths(compiled.asm["ptx"])}
+
+
+def copy_widths(ptx: str) -> list[int]:
+    """The distinct sizes (bytes) of the PTX's async global-to-shared copies: 16 where tiles copy in
+    vectors; 4 or 2 where a tile is copied element by element (e.g. transposed for an operand
+    layout the tensor cores need, or unaligned)."""
+    return sorted({int(n, 0) for n in re.findall(r"cp\.async\.c[ag]\.shared\.global\S*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-f]+|\d+)", ptx)})
 
 
 def flash_cases(all_candidates: bool = False, tma: bool = False):

@@ -116,19 +116,37 @@ def has_marginal_blocks(seq_q: int, seq_k: int, block_size: tuple[int, int], cau
 
 
 # ---- kernels -------------------------------------------------------------------------------------
+@triton.jit
+def split_product(a, b, EMULATE: tl.constexpr):
+    """a @ b for fp32 a and 16-bit b, fp32 result, on the 16-bit tensor cores: a = hi + lo in b's
+    dtype (16 significant bits with bf16, up to 22 with fp16; tf32 keeps 11), each multiplied
+    with b and accumulated in fp32. Hopper's tf32 wgmma takes only K-major operands, so a tf32
+    product with b (N-major here) transposes b's tile; 16-bit operands need no transposition.
+    EMULATE (the interpreter, whose bf16 tl.dot is wrong): the pieces multiplied in fp32, exact."""
+    hi = a.to(b.dtype)
+    lo = (a - hi.to(tl.float32)).to(b.dtype)
+    if EMULATE:
+        acc = tl.dot(hi.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(lo.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(lo, b, tl.dot(hi, b))
+
+
 @triton.jit(do_not_specialize=["seq_k"])
 def key_block_kernel(K, V, PK, H, Z,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      seq_k,
                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-                     FEAT: tl.constexpr, LINEAR: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_E: tl.constexpr):
+                     FEAT: tl.constexpr, LINEAR: tl.constexpr, SPLIT: tl.constexpr, EMULATE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     """Grid (key blocks * column chunks, kv heads, batch), chunk-minor: program (j, c) forms
     columns [c * BLOCK_E, (c + 1) * BLOCK_E) of H[j]; chunk 0 also writes PK[j] and Z[j]. PK
     (B, Hkv, Mk, D) fp32: the block's token mean; with LINEAR, H (B, Hkv, Mk, D, Dv) =
     phi(K_j)^T V_j and Z (B, Hkv, Mk, D) = sum phi(K_j), fp32 contiguous. Without LINEAR,
-    BLOCK_E = DV_PAD (one chunk)."""
+    BLOCK_E = DV_PAD (one chunk).
+
+    SPLIT (16-bit K and V): phi(K_j)^T V_j as split_product's two 16-bit products, V as loaded;
+    otherwise (fp32) one tf32x3 product."""
     N_CHUNKS: tl.constexpr = DV_PAD // BLOCK_E
     pid_n = tl.program_id(0) // N_CHUNKS
     chunk = tl.program_id(0) % N_CHUNKS
@@ -151,9 +169,12 @@ def key_block_kernel(K, V, PK, H, Z,
         offs_e = chunk * BLOCK_E + tl.arange(0, BLOCK_E)
         e_ok = offs_e < DV
         b_v = tl.load(row_tile(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, start_n, offs_j, offs_e,
-                               stride_vn, stride_vd), mask=n_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+                               stride_vn, stride_vd), mask=n_ok[:, None] & e_ok[None, :], other=0.0)
         phi_k = feature_map(b_k, n_ok, d_ok, FEAT)
-        b_h = tl.dot(tl.trans(phi_k), b_v, input_precision=PREC)
+        if SPLIT:
+            b_h = split_product(tl.trans(phi_k), b_v, EMULATE)
+        else:
+            b_h = tl.dot(tl.trans(phi_k), b_v.to(tl.float32), input_precision="tf32x3")
         tl.store(H + blk * HEAD_DIM * DV + offs_d[:, None] * DV + offs_e[None, :], b_h,
                  mask=d_ok[:, None] & e_ok[None, :])
         tl.store(Z + blk * HEAD_DIM + offs_d, tl.sum(phi_k, 0), mask=d_ok & first)
@@ -295,7 +316,7 @@ def key_blocks(k: torch.Tensor, v: torch.Tensor, *, block_n: int, feature: str, 
         return pk, h, z
     args = (k, v, pk, h if linear else pk, z if linear else pk, *k.stride(), *v.stride(), seq_k)
     meta = dict(HEAD_DIM=d, D_PAD=padded(d), DV=dv, DV_PAD=padded(dv), FEAT=FEATURE_IDS[feature], LINEAR=linear,
-                PREC="tf32x3", BLOCK_N=block_n)
+                SPLIT=v.element_size() == 2, EMULATE=interpreting(), BLOCK_N=block_n)
     if config is None and linear and padded(dv) == 128 and not interpreting() and autotune_enabled("sla"):
         key_block_kernel_tuned[lambda m: (mk * (128 // m["BLOCK_E"]), heads, batch)](*args, **meta)
         return pk, h, z

@@ -7,8 +7,8 @@ Wan2.1-1.3B shape (512 x 512 blocks of 64, hd128, critical 0.05, negligible 0.10
 = 4.9 MB per tile, about 30 GB per forward, several times the critical blocks' K/V traffic. Here
 instead H = [classes == 0] @ h per (batch, query head): (Mq x Mk) 0/1 times (Mk x D*D) on the
 tensor cores, written once (B * Hq * Mq * (D*D + D) * 4 bytes) and read once per tile. The 0/1
-factor is exact in tf32, so the product has the kernels' own state precision (tf32 for 16-bit
-inputs, tf32x3 for fp32).
+factor is exact in bf16 and the fp32 states are split into bf16 pieces (split_dot), so the product
+is at least as fine as the kernels' own state precision (tf32 for 16-bit inputs, tf32x3 for fp32).
 
 The backward's dk/dv likewise folds, per key tile, phi(Q_i)^T dN_i over min(marginal,
 non-marginal) query blocks (a D x BLOCK_M x D product each, ~1 TFLOP per backward at Wan). Here
@@ -30,16 +30,41 @@ from ..switches import autotune_enabled, interpreting
 from ..hostmath import cdiv
 
 
-@triton.jit(do_not_specialize=["rows", "inner", "width"])
+@triton.jit
+def split_dot(a, b, acc, TERMS: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + a @ b for a 0/1 matrix a and fp32 b, on 16-bit tensor cores: b is split into TERMS
+    bf16 pieces (b = hi + lo (+ lo2) up to rounding: 2 terms keep 16 significant bits, finer than
+    tf32's 11; 3 terms keep fp32's 24) and a (exact in bf16) multiplies each with fp32
+    accumulation. EMULATE (the interpreter, whose bf16 tl.dot is wrong): the same pieces multiplied
+    in fp32, which is exact for 0/1 times bf16."""
+    rest = b
+    for _ in tl.static_range(TERMS):
+        piece = rest.to(tl.bfloat16)
+        rest = rest - piece.to(tl.float32)
+        if EMULATE:
+            acc = tl.dot(a.to(tl.float32), piece.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, piece, acc)
+    return acc
+
+
+@triton.jit(do_not_specialize=["rows", "inner"])
 def masked_sum_kernel(
     CLS, S, OUT, rows, inner, width, group, cls_head, cls_sm, cls_sk, s_head,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TERMS: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Grid (row tiles, state-column tiles, output heads). For output head o (a flat batch-head
     index): OUT[o, m] = sum over k < inner of [CLS[o*cls_head + m*cls_sm + k*cls_sk] == 0] *
     S[(o // group)*s_head + k*width]. CLS int8, S fp32 (rows of width), OUT (heads, rows, width)
     fp32 contiguous. Forward: rows = query blocks, k = key blocks; backward: rows = key blocks,
-    k = (query head of the group, query block)."""
+    k = (query head of the group, query block).
+
+    The products run as split_dot's bf16 pieces, not tf32: Hopper's tf32 wgmma takes only K-major
+    operands, so a tf32 S tile (width-contiguous, N-major) was copied into shared memory 4 bytes
+    at a time, transposed (sm_90 PTX, 2026-11-27); 16-bit operands may be N-major, so the tiles
+    copy in 16-byte vectors. width is specialised (its divisibility by 16 lets the copies
+    vectorise)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     o = tl.program_id(2).to(tl.int64)
@@ -55,26 +80,33 @@ def masked_sum_kernel(
         ks = k0 + offs_k
         k_ok = ks < inner
         c = tl.load(cls_rows + ks[None, :].to(tl.int64) * cls_sk, mask=m_ok[:, None] & k_ok[None, :], other=1)
-        a = tl.where(c == 0, 1.0, 0.0)
         b_s = tl.load(s_base + ks[:, None].to(tl.int64) * width + offs_n[None, :],
                       mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b_s, acc, input_precision=PREC)
+        acc = split_dot(tl.where(c == 0, 1.0, 0.0).to(tl.bfloat16), b_s, acc, TERMS, EMULATE)
     tl.store(OUT + (o * rows + offs_m[:, None]) * width + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), the first the earlier fixed choice. At
 # Wan2.1-1.3B the forward's product took 1.8 ms on an H100 (2026-11-27) for about 0.1 TFLOP of
-# tf32 work; wider row tiles read each state column fewer times, deeper K tiles halve the loop
-# trips. Each compiles for sm_90 without spills (tests/triton_sm90.py); the GPU autotuner picks,
-# per output width (D * D or D), inner length and precision.
-MASKED_SUM_CANDIDATES = [(64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (64, 128, 64, 4, 3),
+# tf32 work, its state tiles copied 4 bytes at a time (see masked_sum_kernel); wider row tiles read
+# each state column fewer times, deeper K tiles halve the loop trips. With split_dot's bf16 pieces
+# each compiles for sm_90 without spills or serialized wgmma, copying 16-byte vectors
+# (tests/triton_sm90.py; (64, 256, 32, 8, 3) and (64, 128, 64, 4, 3) spilled and were replaced by
+# (128, 256, 32, 8, 3) and (128, 128, 32, 8, 4)); the GPU autotuner picks, per output width
+# (D * D or D), inner length and number of pieces.
+MASKED_SUM_CANDIDATES = [(64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (128, 256, 32, 8, 3), (128, 128, 32, 8, 4),
                          (128, 128, 64, 8, 3), (128, 64, 64, 8, 3)]
 
 # inner: key blocks (forward) or query blocks x group (backward), so the two directions tune apart
 masked_sum_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
              for bm, bn, bk, w, st in MASKED_SUM_CANDIDATES],
-    key=["width", "inner", "PREC"])(masked_sum_kernel)
+    key=["width", "inner", "TERMS"])(masked_sum_kernel)
+
+
+# bf16 pieces per fp32 state in split_dot, by the kernels' state precision: "tf32" (16-bit
+# inputs) -> 2 (16 significant bits, finer than tf32), "tf32x3" (fp32 inputs) -> 3 (fp32's 24)
+SPLIT_TERMS = {"tf32": 2, "tf32x3": 3}
 
 
 def _masked_sum(classes: torch.Tensor, states: torch.Tensor, prec: str, heads_kv: int, *,
@@ -99,13 +131,14 @@ def _masked_sum(classes: torch.Tensor, states: torch.Tensor, prec: str, heads_kv
     if inner == 0:
         return out.zero_()
     args = (classes, states.contiguous(), out, rows, inner, width)
+    split = dict(TERMS=SPLIT_TERMS[prec], EMULATE=interpreting())
     if config is None and not interpreting() and autotune_enabled("sla"):
         masked_sum_kernel_tuned[lambda m: (cdiv(rows, m["BLOCK_M"]), cdiv(width, m["BLOCK_N"]),
-                                           batch * out_heads)](*args, PREC=prec, **strides)
+                                           batch * out_heads)](*args, **strides, **split)
         return out
     bm, bn, bk, warps, stages = config or ((16, 32, 16, 1, 1) if interpreting() else MASKED_SUM_CANDIDATES[0])
     masked_sum_kernel[(cdiv(rows, bm), cdiv(width, bn), batch * out_heads)](
-        *args, PREC=prec, **strides, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        *args, **strides, **split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out
 
 
