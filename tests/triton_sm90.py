@@ -92,7 +92,8 @@ def copy_widths(ptx: str) -> list[int]:
     """The distinct sizes (bytes) of the PTX's async global-to-shared copies: 16 where tiles copy in
     vectors; 4 or 2 where a tile is copied element by element (e.g. transposed for an operand
     layout the tensor cores need, or unaligned)."""
-    return sorted({int(n, 0) for n in re.findall(r"cp\.async\.c[ag]\.shared\.global\S*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-f]+|\d+)", ptx)})
+    copy = r"cp\.async\.c[ag]\.shared\.global\S*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-f]+|\d+)"
+    return sorted({int(n, 0) for n in re.findall(copy, ptx)})
 
 
 def flash_cases(all_candidates: bool = False, tma: bool = False):
