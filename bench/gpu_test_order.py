@@ -27,8 +27,9 @@ import pytest
 # Never run on a GPU (H100 notes of stop 22: every test of the list ran there, 28 failed; what
 # changed since), most telling first: sage's fp8 PV on the transposed e4m3 V (its tests and every
 # pinned candidate), the linear launch configs taken from the stop 22 sweeps and the hd256
-# shared-memory fix, the linear tests that failed on CPU-made buffers or faulted, the compat and
-# varlen fixes, then the lists of stop 19 that stop 22 passed (kept near the front: cheap).
+# shared-memory fix, SLA's state products on 16-bit tensor cores (bf16 pieces, stop 23), the
+# linear tests that failed on CPU-made buffers or faulted, the compat and varlen fixes, then the
+# lists of stop 19 that stop 22 passed (kept near the front: cheap).
 PRIORITY: tuple[str, ...] = (
     "tests/test_sage_triton.py::test_fp8_pv",
     "tests/test_sage_triton.py::test_quantize_v_fp8_rounding_gpu",
@@ -36,6 +37,9 @@ PRIORITY: tuple[str, ...] = (
     "tests/test_sage_triton.py::test_all_zero_query_head_under_causal_mask",
     "tests/test_sage_triton.py::test_contract_normal_inputs",
     "tests/test_sage_triton.py::test_contract_biased_keys_smoothing_is_real",
+    "tests/test_sla_triton.py::test_masked_sum",
+    "tests/test_sla_triton.py::test_key_block_states_equal_reference",
+    "tests/test_sla_triton.py::test_row_states_are_marginal_sums",
     "tests/test_linear_triton.py::test_relu_eps_zero",
     "tests/test_linear_triton.py::test_gpu_head_dims_each_launch_config",
     "tests/test_linear_triton.py",
