@@ -21,13 +21,16 @@ for 30 s only; a fresh start costs 1-2 minutes), then ``give_back``:
    python3 bench/gpu_check.py --skip-bench --skip-sanitizer --pytest-budget 300``)
 2. benchmarks: sage (pv=fp8 on the transposed V of stop 22, against pv=fp16 and SDPA), linear
    (the 32k GB/s with the stop 22 configs, end to end), the causal linear sweep again (stop 22's
-   dq and dk/dv configs were timed apart), then flash and sla in what is left;
+   dq and dk/dv configs were timed apart), then flash, sla and the kernel profile in what is left
+   (stop 23 moved SLA's masked state sum and key-block preprocess to 16-bit tensor cores: the
+   profile's SLA rows give their kernel times against 1.25 / 0.61 ms on the H200 and 1.82 / 0.63 ms
+   on the H100 before);
    run(timeout_s=400, carry=[".whl"], command=
    ``export PYTHONUNBUFFERED=1; python3 -m pip install -q --no-index --no-deps --no-compile
    --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
    python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || exit 1;
    timeout -s INT -k 15 370 python3 bench/gpu_check.py --skip-tests
-   --suites sage,linear,sweep_linear_causal,flash,sla --end 340``)
+   --suites sage,linear,sweep_linear_causal,flash,sla,profile --end 340``)
    (without ``.whl/``, drop the wheel install; a fresh machine needs the ``-e .`` install again)
 
 The two limits add up to 770 s, under 13 minutes (with a 1-2 minute start, inside the 15): each
