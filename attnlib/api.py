@@ -127,6 +127,12 @@ def sage_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = "
     per key block, as on consumer cards) or "fp8" (e4m3 P and per-channel V; sm_89+). fp32
     inputs run the same quantized algorithm. Inputs that require grad are rejected: use
     flash_attention for a differentiable attention.
+
+    Range: pv="fp16" and "fp16_accum" multiply V in fp16, so fp32 / bf16 values of V beyond
+    fp16's 65504 overflow (inf / NaN outputs), as in SageAttention; "fp16_accum" also overflows
+    where a key block's sum P V passes 65504 (e.g. V with a mean of ~1500 over 64 keys).
+    pv="fp8" scales V per channel. For V with a large mean, the sageattention compat entry
+    points take smooth_v=True (V's token mean subtracted before and added back after).
     """
     return attention(q, k, v, method="sage", backend=backend, layout=layout, causal=causal, scale=scale,
                      return_lse=return_lse, smooth_k=smooth_k, qk_granularity=qk_granularity, pv=pv)

@@ -2,6 +2,7 @@
 the import alias. Numbers are checked against attnlib's simulation of the algorithm (same
 quantization: relative L1 <= 1e-3; 6e-3 for fp8 PV, see SIM_REL_L1) and exact float64 attention
 (cos >= 0.999, rel L1 <= 0.02)."""
+import math
 import subprocess
 import sys
 
@@ -215,7 +216,7 @@ SAGE2_FUNCTIONS = [
     ("sageattn_qk_int8_pv_fp16_cuda", {}, dict(qk_granularity="per_warp", pv="fp16")),
     ("sageattn_qk_int8_pv_fp16_cuda", {"pv_accum_dtype": "fp16+fp32", "qk_quant_gran": "per_warp"},
      dict(qk_granularity="per_warp", pv="fp16_accum")),
-    ("sageattn_qk_int8_pv_fp16_cuda", {"pv_accum_dtype": "fp16", "smooth_v": True},
+    ("sageattn_qk_int8_pv_fp16_cuda", {"pv_accum_dtype": "fp16", "smooth_v": False},
      dict(qk_granularity="per_warp", pv="fp16_accum")),
     ("sageattn_qk_int8_pv_fp8_cuda", {}, dict(qk_granularity="per_warp", pv="fp8")),
     ("sageattn_qk_int8_pv_fp8_cuda_sm90", {"pv_accum_dtype": "fp32"}, dict(qk_granularity="per_warp", pv="fp8")),
@@ -281,3 +282,44 @@ def test_sageattention2_entry_points_refuse_what_they_cannot_run():
         sa.sageattn_qk_int8_pv_fp16_triton(q, k, v, attn_mask=torch.ones(16, 16, dtype=torch.bool))
     with pytest.raises(TypeError, match="smooth_v must be a bool"):
         sa.sageattn_qk_int8_pv_fp16_cuda(q, k, v, smooth_v="no")
+
+
+# (entry point, options, V's mean, max error with smooth_v): the output is fp16 near V's mean, so
+# its rounding alone is up to half an fp16 step there (0.5 at 1500, 2 at 8000); sage's own error on
+# the smoothed V (std 10) adds ~0.1 (fp16 accumulator) to ~0.6 (fp8, e4m3 per element)
+SMOOTH_V_CASES = [("sageattn_qk_int8_pv_fp16_cuda", {"pv_accum_dtype": "fp16"}, 8000.0, 2.5),
+                  ("sageattn_qk_int8_pv_fp8_cuda", {}, 1500.0, 1.5)]
+
+
+@pytest.mark.parametrize("name,kw,v_mean,tol", SMOOTH_V_CASES, ids=["fp16_accum", "fp8"])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("tensor_layout", ["HND", "NHD"])
+def test_smooth_v_keeps_a_large_v_mean(name, kw, v_mean, tol, is_causal, tensor_layout):
+    """smooth_v=True subtracts V's token mean before the call and adds it back to every row that
+    sees a key. With near-uniform attention, an fp16 accumulator overflows without it (a key
+    block's sum of P V passes 65504: V ~ 8000 here, so even the interpreter's 16-key blocks do),
+    and fp8's per-channel scale keeps 3 mantissa bits of ~1500 (steps of ~100, far above V's
+    spread of 10): errors of tens. With it both are within the output's own rounding plus sage's
+    error on the smoothed V. seq_q > seq_k: causal rows that see no key stay 0 (lse -inf)."""
+    from attnlib.compat import sageattention as sa
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    q = torch.randn(1, 4, 80, 64, generator=gen) * 0.1
+    k = torch.randn(1, 2, 70, 64, generator=gen)
+    v = v_mean + 10 * torch.randn(1, 2, 70, 64, generator=gen)
+    q, k, v = (x.half().to(DEVICE) for x in (q, k, v))
+    t = (lambda x: x) if tensor_layout == "HND" else (lambda x: x.transpose(1, 2))  # noqa: E731
+    fn = getattr(sa, name)
+    out, lse = fn(t(q), t(k), t(v), tensor_layout=tensor_layout, is_causal=is_causal, return_lse=True,
+                  smooth_v=True, **kw)
+    out = t(out)
+    exact = flash_reference(q.double(), k.double(), v.double(), causal=is_causal)
+    sees = slice(10, None) if is_causal else slice(None)
+    err = (out.double() - exact)[:, :, sees].abs().max().item()
+    assert err <= tol, err
+    if is_causal:
+        assert torch.equal(out[:, :, :10], torch.zeros_like(out[:, :, :10]))
+        assert bool((lse[:, :, :10] == float("-inf")).all())
+    plain = t(fn(t(q), t(k), t(v), tensor_layout=tensor_layout, is_causal=is_causal, smooth_v=False, **kw))
+    err_plain = (plain.double() - exact)[:, :, sees].abs().max().item()
+    assert not math.isfinite(err_plain) or err_plain > 10 * tol, err_plain  # the need for smoothing

@@ -162,8 +162,10 @@ def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
 # device: qk_quant_gran "per_thread" (a scale per thread's rows) maps to "per_warp", the finest
 # granularity attnlib has; pv_accum_dtype "fp32" is pv="fp16", "fp16" and "fp16+fp32" (an fp16
 # accumulator, flushed to fp32 in the second) are pv="fp16_accum", which flushes after every key
-# block; the fp8 functions are pv="fp8" with fp32 accumulation. smooth_v (subtracting V's mean
-# before an fp16 accumulator) changes no exact result and is accepted and not applied.
+# block; the fp8 functions are pv="fp8" with fp32 accumulation. smooth_v=True subtracts V's token
+# mean (per batch, kv head, channel) before the call and adds it back to every row that sees a
+# key, as SageAttention2 fuses it: exact (each row's P sums to 1), and it keeps a V with a large
+# mean inside the fp16 accumulator's range and the fp8 per-channel scale's resolution.
 _SAGE2_GRANULARITIES = {"per_thread": "per_warp", "per_warp": "per_warp"}
 _FP16_ACCUMULATORS = {"fp32": "fp16", "fp16+fp32": "fp16_accum", "fp16": "fp16_accum"}
 _FP8_ACCUMULATORS = ("fp32", "fp32+fp32")
@@ -179,8 +181,22 @@ def _sage2(q, k, v, tensor_layout, is_causal, qk_quant_gran, sm_scale, smooth_k,
     gran = _SAGE2_GRANULARITIES[_choice("qk_quant_gran", qk_quant_gran, _SAGE2_GRANULARITIES)]
     if not isinstance(smooth_v, bool):
         raise TypeError(f"smooth_v must be a bool, got {type(smooth_v).__name__}")
-    return sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse,
-                    **dict(kwargs, smooth_k=smooth_k, qk_quant_gran=gran, pv=pv))
+    options = dict(kwargs, smooth_k=smooth_k, qk_quant_gran=gran, pv=pv)
+    shaped = all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)) and \
+        isinstance(tensor_layout, str) and tensor_layout in LAYOUTS
+    if not (smooth_v and shaped):  # (not shaped: the call raises, naming the argument)
+        return sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, **options)
+    tokens, heads = (2, 1) if tensor_layout == "HND" else (1, 2)
+    mean = v.float().mean(dim=tokens, keepdim=True)
+    res = sageattn(q, k, (v.float() - mean).to(v.dtype), tensor_layout, is_causal, sm_scale, return_lse, **options)
+    out = res[0] if return_lse else res
+    if out.numel() and v.shape[tokens]:  # (no key: every row is 0 and V's mean is undefined)
+        seq_q, seq_k = q.shape[tokens], k.shape[tokens]
+        # rows that see no key (bottom-right causal, seq_q > seq_k) output 0 and stay 0
+        sees = torch.arange(seq_q, device=out.device) >= (seq_q - seq_k if is_causal else 0)
+        mean = mean.repeat_interleave(q.shape[heads] // v.shape[heads], dim=heads)
+        out = (out.float() + mean * sees.view((-1, 1) if tensor_layout == "HND" else (-1, 1, 1))).to(out.dtype)
+    return (out, res[1]) if return_lse else out
 
 
 def sageattn_qk_int8_pv_fp16_triton(q, k, v, tensor_layout: str = "HND", quantization_backend: str = "triton",
