@@ -447,34 +447,82 @@ def test_gpu_launch_configs(monkeypatch):
                     assert v_pad >= min(64, kv_bk, dk_pad), where
                     if feature == "softmax":
                         assert bk == kv_bk == dk_pad, where  # its derivative needs whole rows
+                    # kernels.fit keeps them without a device (None) and on an H100 or more
+                    h100 = {"state": (*lk.state_config(dk_pad, dv, dtype), lk._stages(dtype)),
+                            "apply": lk.apply_config(dk_pad, dv, dtype)[:4], "fwd": lk.fwd_config(dk_pad, dv, dtype),
+                            "dq": lk.dq_config(dk_pad, v_pad, dtype, feature),
+                            "dkv": lk.dkv_config(dk_pad, v_pad, dtype, feature)}
+                    for launch, config in h100.items():
+                        v = v_pad if launch in ("dq", "dkv") else dv
+                        for limit in (None, H100_SMEM_BYTES, 2 ** 20):
+                            assert lk.launch_config(launch, dk_pad, v, dtype, limit, feature)[0] == config, where
 
 
 H100_SMEM_BYTES = 232448  # opt-in shared memory per block on sm_90: the limit Triton's launch checks
 
 # run in a subprocess: triton.compile must not be in interpreter mode (see tests/triton_sm90.py,
-# whose compile_launches turns each launch into a compile for sm_90)
-_SM90_LAUNCHES = r"""
+# whose compile_launches turns each launch into a compile for the target). argv: the two paths, the
+# cases, the target ("sm_90" or one of triton_sm90.SMALL_SMEM_TARGETS) and the device's shared
+# memory limit the launchers see (null: none, as on the CPU). Prints a record per launch and last
+# the _SMEM entries (kernels.fit) that changed a launch's config.
+_LAUNCHES = r"""
 import json, sys
+from unittest import mock
 sys.path[:0] = sys.argv[1:3]
 import torch
 import triton_sm90
+from attnlib.triton_kernels.flash import configs
+from attnlib.triton_kernels.linear import kernels
 from attnlib.triton_kernels.linear.attention import linear_bwd, linear_fwd
+
+arch, limit = sys.argv[4], json.loads(sys.argv[5])
+target = triton_sm90.SM90 if arch == "sm_90" else triton_sm90.SMALL_SMEM_TARGETS[arch][0]
+fit, changed = kernels.fit, set()
+
+
+def recording_fit(launch, dk_pad, v, dtype, config, limit):
+    fitted, ok = fit(launch, dk_pad, v, dtype, config, limit)
+    if fitted != config:
+        changed.add((launch, dk_pad, v, dtype.itemsize))
+    return fitted, ok
+
 
 # the shared memory is all this needs: Triton's own figure, which its launch compares with the
 # device's limit (no ptxas report)
-triton_sm90._ptxas_report = lambda compiled: {"shared": compiled.metadata.shared}
+shared = lambda compiled: {"shared": compiled.metadata.shared}  # noqa: E731
 torch.manual_seed(0)
-for dk, dv, dtype, causal in json.loads(sys.argv[3]):
+for dk, dv, dtype, causal, feature in json.loads(sys.argv[3]):
     dt = getattr(torch, dtype)
     q, k = (torch.randn(1, 2, 2048, dk).to(dt) for _ in range(2))
     v, o, do = (torch.randn(1, 2, 2048, dv).to(dt) for _ in range(3))
     records = []
-    with triton_sm90.compile_launches(records):
-        linear_fwd(q, k, v, o, feature="elu", causal=causal, eps=1e-6)
-        linear_bwd(do, q, k, v, o, feature="elu", causal=causal, eps=1e-6)
+    with mock.patch.object(configs, "device_smem_limit", lambda t: limit), \
+            mock.patch.object(kernels, "fit", recording_fit), \
+            triton_sm90.compile_launches(records, target=target, report=shared):
+        linear_fwd(q, k, v, o, feature=feature, causal=causal, eps=1e-6)
+        linear_bwd(do, q, k, v, o, feature=feature, causal=causal, eps=1e-6)
     for r in records:
-        print(json.dumps(dict(r, dk=dk, dv=dv, dtype=dtype, causal=causal)), flush=True)
+        print(json.dumps(dict(r, dk=dk, dv=dv, dtype=dtype, causal=causal, feature=feature)), flush=True)
+print(json.dumps({"changed": sorted(changed)}))
 """
+
+
+def compile_linear_launches(cases, arch: str, limit):
+    """(launch records, the _SMEM entries that changed a config) of every kernel launch of the
+    forward and backward at each [dk, dv, dtype, causal, feature] case, compiled for arch on the CPU
+    with the launchers seeing limit bytes of shared memory per block."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _LAUNCHES, str(HERE), str(HERE.parent), json.dumps(cases), arch,
+                        json.dumps(limit)], capture_output=True, text=True, env=env, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return [x for x in recs if "kernel" in x], {tuple(key) for key in recs[-1]["changed"]}
+
+
+def oversized(recs, limit):
+    return [(x["dk"], x["dv"], x["dtype"], "causal" if x["causal"] else "full", x["feature"], x["kernel"],
+             x["config"], x.get("shared"), x.get("error", "")[-300:])
+            for x in recs if "error" in x or x["shared"] > limit]
 
 
 def test_launches_fit_h100_shared_memory():
@@ -487,26 +535,57 @@ def test_launches_fit_h100_shared_memory():
     compiler's allocation (pipeline buffers, operands staged for the dots, layout conversions), not
     a formula of the tiles: the first of those is 3 x the 81920 bytes of one stage's tiles, the
     unweighted 128-row fp16 step 188416 = 2.3 x, so it is compiled, not estimated. A cold Triton
-    cache takes a minute or two; a warm one seconds. (The launchers do not tell GPU models apart:
-    compiled for sm_86, whose cards (and sm_89's) give a block 101376 bytes, the hd128 class's
-    state kernel already takes 163840, so this checks the H100's limit only.)"""
-    cases = [[dk, dv, dt, causal] for dk, dv in GPU_HEAD_DIMS for dt in ("float16", "bfloat16", "float32")
+    cache takes a minute or two; a warm one seconds. (Cards with less shared memory per block:
+    test_launches_fit_cards_with_less_shared_memory.)"""
+    cases = [[dk, dv, dt, causal, "elu"] for dk, dv in GPU_HEAD_DIMS for dt in ("float16", "bfloat16", "float32")
              for causal in (False, True)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _SM90_LAUNCHES, str(HERE), str(HERE.parent), json.dumps(cases)],
-                       capture_output=True, text=True, env=env, timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
-    recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    recs, changed = compile_linear_launches(cases, "sm_90", None)
+    assert not changed
     full = {"linear_state_kernel", "linear_apply_kernel"}
     causal_kernels = {"linear_state_kernel", "linear_prefix_kernel", "linear_chunk_fwd_kernel",
                       "linear_chunk_dq_kernel", "linear_chunk_dk_kernel", "linear_chunk_dv_kernel"}
-    for dk, dv, dt, causal in cases:
+    for dk, dv, dt, causal, _ in cases:
         seen = {x["kernel"] for x in recs if [x["dk"], x["dv"], x["dtype"], x["causal"]] == [dk, dv, dt, causal]}
         assert seen == (causal_kernels if causal else full), (dk, dv, dt, causal, seen)
-    bad = [(x["dk"], x["dv"], x["dtype"], "causal" if x["causal"] else "full", x["kernel"], x["config"],
-            x.get("shared"), x.get("error", "")[-300:])
-           for x in recs if "error" in x or x["shared"] > H100_SMEM_BYTES]
+    bad = oversized(recs, H100_SMEM_BYTES)
     assert not bad, bad
+
+
+# Cases whose launches take every config that kernels.fit steps down to for an sm_89 card (101376 bytes)
+# and for an A100 (166912), chosen greedily over the padded head dims (a few unpadded): fp32 at DK 128
+# and 256 (narrow values: the state and apply kernels' value blocks), 16-bit at DK 256 and
+# DK = DV = 128, softmax where its whole-row dk / dv kernels step down. The test checks the
+# coverage against kernels._SMEM.
+SMALL_CARD_CASES = {
+    101376: [[256, 100, "float16", False, "elu"], [256, 32, "float16", False, "elu"],
+             [256, 256, "float32", True, "elu"], [128, 256, "float32", True, "elu"], [256, 16, "float32", True, "elu"],
+             [128, 16, "float32", False, "elu"], [96, 32, "float32", False, "elu"], [256, 16, "float16", False, "elu"],
+             [200, 64, "bfloat16", False, "elu"], [64, 256, "float32", True, "elu"], [256, 128, "float32", True, "elu"],
+             [128, 128, "float16", True, "elu"], [128, 256, "float16", True, "softmax"]],
+    166912: [[256, 128, "float16", False, "elu"], [256, 16, "float32", True, "elu"], [256, 32, "float32", True, "elu"]],
+}
+
+
+@pytest.mark.parametrize("arch,limit", [("sm_89", 101376), ("sm_80", 166912)])
+def test_launches_fit_cards_with_less_shared_memory(arch, limit):
+    """On cards with less shared memory per block than an H100 (sm_86 / sm_89: 101376 bytes; A100:
+    166912) the launchers step down (kernels.fit: fewer stages, then smaller tiles) where the H100's
+    config does not fit: every launch of SMALL_CARD_CASES, compiled for that card on the CPU with the
+    launchers seeing its limit, fits it, and the cases take every step down that kernels._SMEM
+    lists for the card. Before kernels.fit, linear-triton refused head dims past 64 (sm_89) or 128
+    (A100) there. A cold Triton cache takes about 50 s (sm_89) and 15 s (sm_80), a warm one 2 s each."""
+    from attnlib.triton_kernels.linear import kernels
+
+    recs, changed = compile_linear_launches(SMALL_CARD_CASES[limit], arch, limit)
+    assert len(recs) >= 5 * len(SMALL_CARD_CASES[limit]), recs
+    bad = oversized(recs, limit)
+    assert not bad, bad
+    # the entries with a step down that fits, less softmax's dk / dv beside a dq that none fits (the
+    # calls linear-triton refuses there)
+    stepping = {key for key, smem in kernels._SMEM.items() if smem[0] > limit >= min(smem)}
+    refused = {("dkv softmax", *key[1:]) for key, smem in kernels._SMEM.items()
+               if key[0] == "dq softmax" and min(smem) > limit}
+    assert changed == stepping - refused, (stepping - refused - changed, changed - stepping)
 
 
 # ---- GPU only --------------------------------------------------------------------------
@@ -596,23 +675,89 @@ def test_noncausal_backward_bf16_plumbing_with_emulated_kernels(monkeypatch):
         assert rel_rmse(g, leaf.grad) <= REL_RMSE[torch.bfloat16], name
 
 
-def test_cards_with_less_shared_memory_refuse_the_head_dims_that_do_not_fit(monkeypatch):
-    """Compiled for sm_89 (99 KB per block) and sm_80 (A100, 163 KB) at stop 22, the linear
-    launches fit up to padded head dims 64 and 128 respectively; past that a launch needs more and
-    would fail with OutOfResources, so linear-triton says why and auto runs linear-torch-chunked."""
+def test_cards_with_less_shared_memory_refuse_only_what_no_config_fits(monkeypatch):
+    """The launchers fit every launch at padded head dims up to 256 to sm_89's 101376 bytes per
+    block and an A100's 166912 (kernels.fit), except the causal backward's dq kernel with softmax
+    (whole rows, 16-row chunks: nothing left to step down) at the widest head dims, in fp32 at
+    dk x dv >= 128 x 128 on sm_89 and >= 128 x 256 on an A100 and an H100 (278528 to 557056 bytes
+    compiled for sm_90 too), in 16-bit at 256 x 256 on sm_89. linear-triton refuses those calls
+    with the reason (auto runs linear-torch-chunked), the forward-only and non-causal ones not; and
+    every call on a card with less than 101376 bytes, which no config was compiled for."""
     from types import SimpleNamespace
 
     from attnlib.kernels import linear_triton
     from attnlib.triton_kernels.flash import configs
 
-    def reasons(limit, dk, dv):
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+
+    def reasons(limit, dk, dv, dtype=f32, feature="elu", causal=True, grad=True):
         monkeypatch.setattr(configs, "device_smem_limit", lambda t: limit)
-        inp = SimpleNamespace(device=torch.device("cuda"), head_dim=dk, head_dim_v=dv, q=None)
+        inp = SimpleNamespace(device=torch.device("cuda"), head_dim=dk, head_dim_v=dv, q=None, causal=causal,
+                              requires_grad=grad, options={"feature_map": feature}, dtype=dtype, dtype_name=str(dtype))
         return linear_triton.shared_memory_reasons(inp)
 
-    assert reasons(101376, 64, 40) == [] and reasons(101376, 64, 72) and reasons(101376, 128, 128)
-    assert reasons(166912, 128, 96) == [] and reasons(166912, 256, 64)
-    assert reasons(232448, 256, 256) == [] and reasons(None, 256, 256) == []
-    assert "need 166912 bytes" in reasons(101376, 128, 128)[0] and "gives 101376" in reasons(101376, 128, 128)[0]
+    for limit in (101376, 166912, H100_SMEM_BYTES, None):
+        for dk, dv in ((64, 40), (128, 128), (200, 256), (256, 16)):
+            for dtype in (f16, bf16, f32):
+                assert reasons(limit, dk, dv, dtype) == [], (limit, dk, dv, dtype)
+                assert reasons(limit, dk, dv, dtype, "softmax", causal=False) == []
+                assert reasons(limit, dk, dv, dtype, "softmax", grad=False) == []
+    assert reasons(101376, 128, 64, f32, "softmax") == [] and reasons(101376, 128, 128, f16, "softmax") == []
+    assert reasons(101376, 128, 128, f32, "softmax") and reasons(101376, 256, 256, bf16, "softmax")
+    assert reasons(166912, 128, 128, f32, "softmax") == [] and reasons(166912, 256, 256, f16, "softmax") == []
+    assert reasons(166912, 100, 256, f32, "softmax") and reasons(H100_SMEM_BYTES, 256, 128, f32, "softmax")
+    assert reasons(None, 256, 256, f32, "softmax") == []
+    why = reasons(101376, 128, 128, f32, "softmax")[0]
+    assert "dq kernel" in why and "101376" in why and "softmax" in why
+    assert "101376" in reasons(65536, 32, 32)[0]
     q, k, v = make_qkv(1, 2, 16, 128)
     assert linear_triton.shared_memory_reasons(attnlib.api.build_inputs(q, k, v, method="linear")) == []  # CPU
+
+
+# (dk, dv, dtype, causal): the configs fit takes for sm_89 (101376 bytes) that the interpreter can tell
+# from the H100's (it ignores stages and warps, all that changes for 16-bit inputs): 32-row apply
+# steps, 32-wide apply value blocks, 16-row causal chunks, 32-wide dq key blocks beside 256-wide
+# value tiles
+SMALL_CARD_RUNS = [(256, 256, torch.float32, False), (256, 256, torch.float32, True), (128, 64, torch.float32, False),
+                   (64, 256, torch.float32, True)]
+
+
+@pytest.mark.parametrize("dk,dv,dtype,causal", SMALL_CARD_RUNS, ids=str)
+def test_configs_fitted_to_cards_with_less_shared_memory_compute_the_same(monkeypatch, dk, dv, dtype, causal):
+    """The launchers with a GPU's configs (interpreting() patched off) fitted to sm_89's 101376 bytes
+    (device_smem_limit patched): forward and gradients against float64 within the file's
+    tolerances, several chunks and super-chunks, GQA. The interpreter runs them: correct tiles,
+    whatever the card's compiler does with them."""
+    from attnlib.triton_kernels.flash import configs
+    from attnlib.triton_kernels.linear import attention, kernels
+
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    h100 = _launch_configs(kernels, dk, dv, dtype)
+    monkeypatch.setattr(configs, "device_smem_limit", lambda t: 101376)
+    small = _launch_configs(kernels, dk, dv, dtype)
+    assert any(small[w] != h100[w] for w in (("fwd", "dq", "dkv") if causal else ("apply",))), (h100, small)
+    q, k, v = make_qkv(1, 4, 75, dk, kv_heads=2, seq_k=83, head_dim_v=dv, dtype=dtype, device=DEVICE, seed=dk + dv)
+    if causal:
+        out, dout, grads = _causal_grads(q, k, v, "elu", span=64)
+        _check_against_reference(q, k, v, "elu", out, dout, grads, REL_RMSE[dtype])
+        return
+    out = attention.linear_fwd(q, k, v, torch.empty(*q.shape[:3], dv, dtype=dtype, device=DEVICE), feature="elu",
+                               causal=False, eps=1e-6)
+    dout = torch.randn_like(out)
+    grads = attention.linear_bwd(dout, q, k, v, out, feature="elu", causal=False, eps=1e-6)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = linear_reference(*leaves, feature_map="elu")
+    ref.backward(dout.double())
+    assert rel_rmse(out, ref) <= REL_RMSE[dtype], "out"
+    for name, g, leaf in zip(("dq", "dk", "dv"), grads, leaves):
+        assert rel_rmse(g, leaf.grad) <= REL_RMSE[dtype], name
+
+
+def _launch_configs(kernels, dk, dv, dtype):
+    """The configs the launchers take (kernels.launch_config with the limit device_smem_limit gives)."""
+    from attnlib.triton_kernels.flash import configs
+
+    limit = configs.device_smem_limit(torch.empty(0))
+    dk_pad, v_pad = kernels.pad(dk), kernels.causal_value_pad(kernels.pad(dk), dv)
+    return {w: kernels.launch_config(w, dk_pad, v_pad if w in ("dq", "dkv") else dv, dtype, limit)[0]
+            for w in ("state", "apply", "fwd", "dq", "dkv")}

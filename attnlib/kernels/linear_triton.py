@@ -49,23 +49,33 @@ class LinearTriton(TritonKernel):
 register(LinearTriton())
 
 
-# The launch configs are fitted to an H100's 227 KB of shared memory per block and do not yet
-# look at the device. Compiled on the CPU for the cards with less (tests/triton_sm90.py, stop 22):
-# every launch at padded head dims up to 64 fits sm_86 / sm_89's 99 KB, up to 128 an A100's 163 KB;
-# past those some launch needs more (e.g. the hd128 16-bit state kernel 160 KB, the hd256 apply
-# kernel 176 KB) and would fail at launch, so those calls go to linear-torch-chunked instead.
-SMEM_NEEDED = ((64, 101376), (128, 166912), (256, 232448))  # (widest padded head dim, bytes per block)
+# The launchers fit their configs to the device's shared memory per block (fit in
+# triton_kernels/linear/kernels.py, from bytes compiled for sm_80 / sm_89): every launch at padded
+# head dims up to 256 fits an A100's 166912 bytes and sm_86 / sm_89's 101376, except the causal
+# backward's dq kernel with softmax's whole rows at the widest head dims (in fp32 on an H100 too),
+# which no config of its kernel fits. Those calls, and every call on a card with less than 101376
+# bytes (not compiled for), go to linear-torch-chunked instead of failing at launch.
+SMALLEST_FITTED_SMEM = 101376
 
 
 def shared_memory_reasons(inp: AttentionInputs) -> list[str]:
     if inp.device.type != "cuda":
         return []
-    from ..triton_kernels.flash.configs import device_smem_limit, padded_head_dim
+    from ..triton_kernels.flash.configs import device_smem_limit
 
-    widest = max(padded_head_dim(inp.head_dim), padded_head_dim(inp.head_dim_v))
-    need = next((b for d, b in SMEM_NEEDED if widest <= d), SMEM_NEEDED[-1][1])
     limit = device_smem_limit(inp.q)
-    if limit is not None and limit < need:
-        return [f"head dims {inp.head_dim} / {inp.head_dim_v}: the Triton linear kernels' tiles need {need} bytes "
-                f"of shared memory per block here, the device gives {limit}"]
+    if limit is None:
+        return []
+    if limit < SMALLEST_FITTED_SMEM:
+        return [f"the Triton linear kernels' launch configs are fitted down to {SMALLEST_FITTED_SMEM} bytes of "
+                f"shared memory per block, the device gives {limit}"]
+    if not (inp.causal and inp.requires_grad):
+        return []
+    from ..triton_kernels.linear import kernels
+
+    feature = inp.options.get("feature_map", "elu")
+    unfit = kernels.unfit_causal_backward(inp.head_dim, inp.head_dim_v, inp.dtype, feature, limit)
+    if unfit:
+        return [f"head dims {inp.head_dim} / {inp.head_dim_v}, {feature}, {inp.dtype_name}: no config of the causal "
+                f"backward's {' and '.join(unfit)} fits the device's {limit} bytes of shared memory per block"]
     return []

@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..flash import configs as flash_configs
 from ..switches import interpreting
 from ..hostmath import cdiv, next_power_of_2
 
@@ -689,8 +690,7 @@ def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, r
     """(splits, B*H, DK*DV + DK) fp32: split i sums the rows [first + i*rows, first + (i+1)*rows);
     weights (row scale of v, weights of z), each (B*H, N) fp32, for the backward's reverse states;
     vt_first: the kernel's V^T phi(K) form (see linear_state_kernel; unweighted only); config:
-    (value block, warps, rows per step, stages) in place of state_config's and _stages'
-    (bench/sweep_linear.py)."""
+    (value block, warps, rows per step, stages) in place of launch_config's (bench/sweep_linear.py)."""
     if vt_first and weights is not None:
         raise ValueError("vt_first takes no weights")
     batch, heads, seq, dk = k.shape
@@ -698,7 +698,8 @@ def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, r
     out = torch.empty(splits, batch * heads, dk * dv + dk, dtype=torch.float32, device=k.device)
     if splits == 0 or batch * heads == 0:
         return out
-    bv, warps, block_n, stages = config or (*state_config(pad(dk), dv, k.dtype), _stages(k.dtype))
+    bv, warps, block_n, stages = config or launch_config("state", pad(dk), dv, k.dtype,
+                                                         flash_configs.device_smem_limit(k))[0]
     rscale, zw = weights if weights is not None else (out, out)
     linear_state_kernel[(cdiv(dv, bv) * splits * batch * heads,)](
         k, v, out, rscale, zw, *k.stride(), *v.stride(), heads, seq, first, rows, splits,
@@ -794,6 +795,114 @@ def apply_config(dk_pad: int, dv: int, dtype: torch.dtype) -> tuple[int, int, in
     return rows, bv, _warps(dk_pad, bv), apply_stages(dk_pad, bv, dtype), per_sm
 
 
+# ---- cards with less shared memory per block than an H100 ---------------------------------------
+H100_SMEM = 232448  # opt-in shared memory per block on sm_90, which the configs above were fitted to
+
+# Each launch's way down on a card with less (fit): its config's entries (index, floor) lowered in
+# this order, each to its floor before the next: stages (floor 1) by one, tiles and warps halved.
+# Fewer pipeline stages first, then smaller tiles; the causal backward's chunks first (its kernels
+# run one stage), then its key blocks, which softmax's whole-row derivative keeps at DK.
+_KNOBS = {"state": ((3, 1), (2, 16), (0, 16)),  # (value block, warps, rows per step, stages)
+          "apply": ((3, 1), (0, 16), (1, 16)),  # (rows per step, value block, warps, stages)
+          "fwd": ((2, 16), (0, 16)),  # (value block, warps, chunk)
+          "dq": ((2, 16), (0, 16)), "dq softmax": ((2, 16),),  # (key block, warps, chunk)
+          "dkv": ((3, 16), (2, 4)), "dkv softmax": ((3, 16), (2, 4))}  # (key block, value block, warps, chunk)
+
+# Shared memory per block of each launch that an sm_86 / sm_89 card's 101376 bytes do not hold with
+# the H100's config: (launch, padded DK, value width (the value block; dq / dkv: the causal
+# backward's value pad), element size) -> bytes of that config and of each step down (_KNOBS) up to
+# the first that fits 101376 (or as far as the knobs go). The largest over fp16 / bf16, the weighted
+# / unweighted state kernel, the apply kernel with / without z, and for dkv over the dk and dv
+# kernels. Compiled on the CPU with Triton 3.6 for sm_80 and sm_89 (the same bytes for both),
+# 2026-11-27, through tests/triton_sm90.py (tests/test_linear_triton.py::
+# test_launches_fit_cards_with_less_shared_memory compiles what fit chooses). An A100 (sm_80,
+# 166912) takes the first step that fits it, often none. Every other launch at padded head dims
+# up to 256 (fp16, bf16, fp32; elu and softmax, the same bytes at the same config; relu and
+# identity take elu's configs) took at most 101376. The three causal softmax dq entries with no
+# step below 232448 need that on sm_90 too (278528, 294912, 557056 bytes): with whole rows and
+# 16-row chunks no knob is left, so linear-triton refuses those calls (unfit_causal_backward).
+_SMEM = {
+    # state kernel: one stage fewer (16-bit 3 -> 2, fp32 2 -> 1)
+    ("state", 128, 128, 2): (164864, 98816), ("state", 256, 16, 2): (102912, 67840),
+    ("state", 256, 32, 2): (107008, 69888), ("state", 256, 64, 2): (115200, 73984),
+    ("state", 256, 128, 2): (131584, 82176), ("state", 128, 16, 4): (102656, 65536),
+    ("state", 128, 32, 4): (106752, 65536), ("state", 128, 64, 4): (114944, 65536),
+    ("state", 256, 32, 4): (102528, 65536), ("state", 256, 64, 4): (106624, 65536),
+    # apply kernel: stages 4 -> 2 (16-bit; 4 -> 1 at value block 128), fp32 one stage, then at
+    # DK 128 x 64 32-row steps and at DK 256 x 64 (16-row steps already) 32-wide value blocks
+    ("apply", 256, 16, 2): (139264, 106496, 73728), ("apply", 256, 32, 2): (147456, 114688, 81920),
+    ("apply", 256, 64, 2): (163840, 131072, 98304), ("apply", 256, 128, 2): (196608, 163840, 131072, 98304),
+    ("apply", 128, 16, 4): (114688, 81920), ("apply", 128, 32, 4): (131072, 98304),
+    ("apply", 128, 64, 4): (163840, 131072, 98304), ("apply", 256, 32, 4): (114688, 98304),
+    ("apply", 256, 64, 4): (180224, 163840, 98304),
+    # causal output kernel, fp32 at DK 256: 16-row chunks (an A100 too)
+    ("fwd", 256, 16, 4): (196608, 98304), ("fwd", 256, 32, 4): (196608, 98304),
+    # causal backward, fp32: dq with 32-wide key blocks beside 256-wide value tiles, dk / dv in
+    # 16-row chunks; softmax's dk / dv (whole rows, 16-row chunks already) with 4 warps
+    ("dq", 64, 256, 4): (139264, 65536), ("dq", 128, 256, 4): (131072, 65536), ("dq", 256, 256, 4): (131072, 65536),
+    ("dkv", 256, 64, 4): (131072, 65536), ("dkv", 256, 128, 4): (131072, 65536), ("dkv", 256, 256, 4): (131072, 65536),
+    ("dkv softmax", 128, 256, 2): (131072, 65536), ("dkv softmax", 256, 256, 2): (131072, 65536),
+    ("dkv softmax", 256, 256, 4): (131072, 65536),
+    # softmax's dq: whole rows in 16-row chunks (at DK 64, 32 -> 16 first): no step fits sm_89
+    ("dq softmax", 256, 256, 2): (151552,), ("dq softmax", 64, 256, 4): (147456, 139264),
+    ("dq softmax", 128, 128, 4): (147456,), ("dq softmax", 256, 64, 4): (163840,),
+    ("dq softmax", 128, 256, 4): (278528,), ("dq softmax", 256, 128, 4): (294912,),
+    ("dq softmax", 256, 256, 4): (557056,),
+}
+
+
+def _rungs(config: tuple, knobs: tuple):
+    """config, then each step down _KNOBS' way."""
+    config = list(config)
+    yield tuple(config)
+    for i, floor in knobs:
+        while config[i] > floor:
+            config[i] = config[i] - 1 if floor == 1 else config[i] // 2
+            yield tuple(config)
+
+
+def fit(launch: str, dk_pad: int, v: int, dtype: torch.dtype, config: tuple, limit: int | None) -> tuple[tuple, bool]:
+    """(config of the launch for a device with limit bytes of shared memory per block, whether it
+    fits) from the H100's config, by _SMEM's compiled bytes: the config itself where limit is None
+    (no device: CPU, interpreter) or at least an H100's, or where _SMEM does not list the launch;
+    else its first step down that fits (the last listed one, and False, where none does)."""
+    smem = _SMEM.get((launch, dk_pad, v, dtype.itemsize))
+    if limit is None or smem is None:
+        return config, True
+    first = next((i for i, b in enumerate(smem) if b <= limit), None)
+    if limit >= H100_SMEM:
+        return config, first == 0
+    rungs = list(_rungs(config, _KNOBS[launch]))
+    return rungs[len(smem) - 1 if first is None else first], first is not None
+
+
+def launch_config(launch: str, dk_pad: int, dv: int, dtype: torch.dtype, limit: int | None,
+                  feature: str = "elu") -> tuple[tuple, bool]:
+    """(config, whether it fits) of a launch on a device with limit bytes of shared memory per block
+    (None: no device), fit from the H100's: "state" (value block, warps, rows per step, stages),
+    "apply" (rows per step, value block, warps, stages), "fwd" (fwd_config's), "dq" (dq_config's)
+    and "dkv" (dkv_config's; for these two dv is the causal backward's value pad)."""
+    if launch == "state":
+        config = (*state_config(dk_pad, dv, dtype), _stages(dtype))
+    elif launch == "apply":
+        config = tuple(apply_config(dk_pad, dv, dtype)[:4])
+    elif launch == "fwd":
+        config = fwd_config(dk_pad, dv, dtype)
+    else:
+        config = (dq_config if launch == "dq" else dkv_config)(dk_pad, dv, dtype, feature)
+        return fit(launch + (" softmax" if feature == "softmax" else ""), dk_pad, dv, dtype, config, limit)
+    return fit(launch, dk_pad, config[1 if launch == "apply" else 0], dtype, config, limit)
+
+
+def unfit_causal_backward(dk: int, dv: int, dtype: torch.dtype, feature: str, limit: int | None) -> list[str]:
+    """The causal backward's kernels that no config fits in limit bytes per block (see _SMEM): every
+    other launch of linear-triton fits down to 101376 bytes."""
+    dk_pad = pad(dk)
+    v_pad = causal_value_pad(dk_pad, dv)
+    return [name for launch, name in (("dq", "dq kernel"), ("dkv", "dk / dv kernels"))
+            if not launch_config(launch, dk_pad, v_pad, dtype, limit, feature)[1]]
+
+
 def state(k: torch.Tensor, v: torch.Tensor, feature: str, *, vt_first: bool = False,
           config: tuple[int, int, int, int] | None = None,
           splits_per_sm: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -806,7 +915,8 @@ def state(k: torch.Tensor, v: torch.Tensor, feature: str, *, vt_first: bool = Fa
     if seq == 0 or batch * heads == 0:
         return (k.new_zeros(batch, heads, dk, dv, dtype=torch.float32),
                 k.new_zeros(batch, heads, dk, dtype=torch.float32))
-    block_n = config[2] if config else state_config(pad(dk), dv, k.dtype)[2]
+    config = config or launch_config("state", pad(dk), dv, k.dtype, flash_configs.device_smem_limit(k))[0]
+    block_n = config[2]
     splits_per_sm = splits_per_sm or state_splits_per_sm(pad(dk), dv, k.dtype)
     # enough splits to fill the GPU; each split a multiple of block_n rows
     wanted = max(1, splits_per_sm * _sm_count(k.device) // max(1, batch * heads))
@@ -840,9 +950,9 @@ def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.T
         return out
     s, stride_sh = _dense_heads(s)
     z, stride_zh = (s, 0) if z is None else _dense_heads(z)
-    *default, per_sm = apply_config(pad(dk), dv, q.dtype)
-    block_m, bv, warps, stages = config or default
-    programs_per_sm = programs_per_sm or per_sm
+    block_m, bv, warps, stages = config or launch_config("apply", pad(dk), dv, q.dtype,
+                                                         flash_configs.device_smem_limit(q))[0]
+    programs_per_sm = programs_per_sm or apply_config(pad(dk), dv, q.dtype)[4]
     n_vb = cdiv(dv, bv)
     # a few programs per SM in all, each streaming whole tiles (interpreter: two tiles each)
     want = 2 if interpreting() else max(1, programs_per_sm * _sm_count(q.device) // max(1, batch * heads * n_vb))
@@ -926,7 +1036,7 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     seq_k, dv = k.shape[2], v.shape[3]
     if seq_q == 0 or batch * heads == 0:
         return out
-    bv, warps, chunk = fwd_config(pad(dk), dv, q.dtype)
+    bv, warps, chunk = launch_config("fwd", pad(dk), dv, q.dtype, flash_configs.device_smem_limit(q))[0]
     span = span or super_chunk(seq_q, batch * heads * cdiv(dv, bv), q.device)
     _check_span(span, chunk)
     states = causal_states(k, v, feature, offset=offset, seq_q=seq_q, span=span)
@@ -1030,8 +1140,9 @@ def causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         return
     mode = dot_mode(q.dtype)
     v_pad = causal_value_pad(pad(d), d_v)
-    bk, dq_warps, dq_chunk = dq_config(pad(d), v_pad, q.dtype, feature)
-    kv_bk, kv_bv, kv_warps, kv_chunk = dkv_config(pad(d), v_pad, q.dtype, feature)
+    limit = flash_configs.device_smem_limit(q)
+    bk, dq_warps, dq_chunk = launch_config("dq", pad(d), v_pad, q.dtype, limit, feature)[0]
+    kv_bk, kv_bv, kv_warps, kv_chunk = launch_config("dkv", pad(d), v_pad, q.dtype, limit, feature)[0]
     span = span or super_chunk(seq_q, batch * heads * cdiv(pad(d), bk), q.device)
     _check_span(span, dq_chunk, kv_chunk)
     n_sc = cdiv(seq_q, span)
