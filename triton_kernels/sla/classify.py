@@ -118,11 +118,13 @@ def has_marginal_blocks(seq_q: int, seq_k: int, block_size: tuple[int, int], cau
 # ---- kernels -------------------------------------------------------------------------------------
 @triton.jit
 def split_product(a, b, EMULATE: tl.constexpr):
-    """a @ b for fp32 a and 16-bit b, fp32 result, on the 16-bit tensor cores: a = hi + lo in b's
-    dtype (16 significant bits with bf16, up to 22 with fp16; tf32 keeps 11), each multiplied
-    with b and accumulated in fp32. Hopper's tf32 wgmma takes only K-major operands, so a tf32
-    product with b (N-major here) transposes b's tile; 16-bit operands need no transposition.
-    EMULATE (the interpreter, whose bf16 tl.dot is wrong): the pieces multiplied in fp32, exact."""
+    """a @ b for fp32 a and bf16 b, fp32 result, on the 16-bit tensor cores: a = hi + lo in bf16
+    (16 significant bits at fp32's range; tf32 keeps 11), each multiplied with b and accumulated
+    in fp32. Hopper's tf32 wgmma takes only K-major operands, so a tf32 product with b (N-major
+    here) transposes b's tile; 16-bit operands need no transposition. Not for fp16 b: fp16 pieces
+    go subnormal below 6e-5 (elu's phi of keys under about -10 lost most bits, under -17 all:
+    a review's probe, stop 23). EMULATE (the interpreter, whose bf16 tl.dot is wrong): the pieces
+    multiplied in fp32, exact."""
     hi = a.to(b.dtype)
     lo = (a - hi.to(tl.float32)).to(b.dtype)
     if EMULATE:
@@ -145,8 +147,8 @@ def key_block_kernel(K, V, PK, H, Z,
     phi(K_j)^T V_j and Z (B, Hkv, Mk, D) = sum phi(K_j), fp32 contiguous. Without LINEAR,
     BLOCK_E = DV_PAD (one chunk).
 
-    SPLIT (16-bit K and V): phi(K_j)^T V_j as split_product's two 16-bit products, V as loaded;
-    otherwise (fp32) one tf32x3 product."""
+    SPLIT (bf16 K and V): phi(K_j)^T V_j as split_product's two bf16 products, V as loaded;
+    otherwise (fp16, fp32) one tf32x3 product."""
     N_CHUNKS: tl.constexpr = DV_PAD // BLOCK_E
     pid_n = tl.program_id(0) // N_CHUNKS
     chunk = tl.program_id(0) % N_CHUNKS
@@ -316,7 +318,7 @@ def key_blocks(k: torch.Tensor, v: torch.Tensor, *, block_n: int, feature: str, 
         return pk, h, z
     args = (k, v, pk, h if linear else pk, z if linear else pk, *k.stride(), *v.stride(), seq_k)
     meta = dict(HEAD_DIM=d, D_PAD=padded(d), DV=dv, DV_PAD=padded(dv), FEAT=FEATURE_IDS[feature], LINEAR=linear,
-                SPLIT=v.element_size() == 2, EMULATE=interpreting(), BLOCK_N=block_n)
+                SPLIT=v.dtype == torch.bfloat16, EMULATE=interpreting(), BLOCK_N=block_n)
     if config is None and linear and padded(dv) == 128 and not interpreting() and autotune_enabled("sla"):
         key_block_kernel_tuned[lambda m: (mk * (128 // m["BLOCK_E"]), heads, batch)](*args, **meta)
         return pk, h, z
