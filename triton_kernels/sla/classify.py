@@ -124,7 +124,10 @@ def split_product(a, b, EMULATE: tl.constexpr):
     here) transposes b's tile; 16-bit operands need no transposition. Not for fp16 b: fp16 pieces
     go subnormal below 6e-5 (elu's phi of keys under about -10 lost most bits, under -17 all:
     a review's probe, stop 23). EMULATE (the interpreter, whose bf16 tl.dot is wrong): the pieces
-    multiplied in fp32, exact."""
+    multiplied in fp32, exact. row_states.split_dot is its twin for the masked state sum; one
+    helper for both was tried (stop 23): each kernel compiles best with its own order (this one
+    forms lo before the first product: 128 registers at the hd128 default on sm_90, 174 with
+    split_dot's order; split_dot's order in turn keeps a masked-sum candidate from spilling)."""
     hi = a.to(b.dtype)
     lo = (a - hi.to(tl.float32)).to(b.dtype)
     if EMULATE:

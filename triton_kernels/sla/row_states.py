@@ -36,7 +36,8 @@ def split_dot(a, b, acc, TERMS: tl.constexpr, EMULATE: tl.constexpr):
     bf16 pieces (b = hi + lo (+ lo2) up to rounding: 2 terms keep 16 significant bits, finer than
     tf32's 11; 3 terms keep fp32's 24) and a (exact in bf16) multiplies each with fp32
     accumulation. EMULATE (the interpreter, whose bf16 tl.dot is wrong): the same pieces multiplied
-    in fp32, which is exact for 0/1 times bf16."""
+    in fp32, which is exact for 0/1 times bf16. classify.split_product is its twin (why two:
+    there)."""
     rest = b
     for _ in tl.static_range(TERMS):
         piece = rest.to(tl.bfloat16)
