@@ -187,8 +187,9 @@ def _sage2(q, k, v, tensor_layout, is_causal, qk_quant_gran, sm_scale, smooth_k,
     if not (smooth_v and shaped):  # (not shaped: the call raises, naming the argument)
         return sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, **options)
     tokens, heads = (2, 1) if tensor_layout == "HND" else (1, 2)
-    mean = v.float().mean(dim=tokens, keepdim=True)
-    res = sageattn(q, k, (v.float() - mean).to(v.dtype), tensor_layout, is_causal, sm_scale, return_lse, **options)
+    v32 = v.float()
+    mean = v32.mean(dim=tokens, keepdim=True)
+    res = sageattn(q, k, (v32 - mean).to(v.dtype), tensor_layout, is_causal, sm_scale, return_lse, **options)
     out = res[0] if return_lse else res
     if out.numel() and v.shape[tokens]:  # (no key: every row is 0 and V's mean is undefined)
         seq_q, seq_k = q.shape[tokens], k.shape[tokens]
