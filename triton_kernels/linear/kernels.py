@@ -950,9 +950,10 @@ def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.T
         return out
     s, stride_sh = _dense_heads(s)
     z, stride_zh = (s, 0) if z is None else _dense_heads(z)
-    block_m, bv, warps, stages = config or launch_config("apply", pad(dk), dv, q.dtype,
-                                                         flash_configs.device_smem_limit(q))[0]
-    programs_per_sm = programs_per_sm or apply_config(pad(dk), dv, q.dtype)[4]
+    base = apply_config(pad(dk), dv, q.dtype)  # once: launch_config("apply") would recompute it
+    block_m, bv, warps, stages = config or fit("apply", pad(dk), base[1], q.dtype, base[:4],
+                                               flash_configs.device_smem_limit(q))[0]
+    programs_per_sm = programs_per_sm or base[4]
     n_vb = cdiv(dv, bv)
     # a few programs per SM in all, each streaming whole tiles (interpreter: two tiles each)
     want = 2 if interpreting() else max(1, programs_per_sm * _sm_count(q.device) // max(1, batch * heads * n_vb))
