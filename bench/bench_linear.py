@@ -56,11 +56,21 @@ def _fla_step(q, k, v, causal: bool):
     return (lambda: f(qt, kt, vt, normalize=True)), None
 
 
+def workload_shapes(workloads: list[dict], near_seq: int) -> list[dict]:
+    """The workloads (runner.load_workloads) whose sequence is within a factor 2 of near_seq, for
+    the forward rows at real models' shapes (multi-head, non-causal ones: kv_heads == heads)."""
+    return [w for w in workloads if near_seq / 2 <= w["seq"] <= near_seq * 2
+            and w.get("kv_heads", w["heads"]) == w["heads"] and not w.get("causal")]
+
+
 def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] = print,
                      device: str = "cuda", *, seqs: tuple = SEQS, bwd_seq: int = BWD_SEQ,
                      shape: Optional[dict] = None, dtype: torch.dtype = torch.bfloat16,
-                     timing: Optional[runner.TimingConfig] = None, copy_bytes: int = 1 << 30) -> list[dict]:
-    """Forward GB/s over seqs (attnlib next to fla), fwd+bwd at bwd_seq; [] without CUDA. (device
+                     timing: Optional[runner.TimingConfig] = None, copy_bytes: int = 1 << 30,
+                     workloads: Optional[list[dict]] = None) -> list[dict]:
+    """Forward GB/s over seqs (attnlib next to fla), then at the real models' shapes near bwd_seq
+    tokens (workloads: those shapes; default workload_shapes of runner.load_workloads()), fwd+bwd
+    at bwd_seq; [] without CUDA. (device
     "cpu" with small seqs, shape and copy_bytes is the smoke test, under TRITON_INTERPRET=1:
     tests/test_bench_suites.py.)"""
     if device == "cuda" and not torch.cuda.is_available():
@@ -81,6 +91,8 @@ def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None
         """Time step into rec (ms, GB/s, fraction of copy bandwidth; with graph also replayed from
         a CUDA graph, graph_ms ...), or say why it was not."""
         what = f"{rec['provider']:<15} {'causal' if rec['causal'] else 'full':<6} seq {rec['seq']:<7} {rec['direction']:<7}"
+        if "workload" in rec:
+            what += f" {rec['workload']} (B{rec['batch']} H{rec['heads']} hd{rec['head_dim']})"
         if step is None:
             rec["skipped"] = why_not
         elif time.perf_counter() - t0 > budget_s:
@@ -118,7 +130,7 @@ def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None
         return [torch.randn(shape["batch"], shape["heads"], seq, shape["head_dim"], generator=gen)
                 .to(dev, dtype).requires_grad_(grad) for _ in range(3)]
 
-    for causal in (False, True):
+    def forward_rows(causal: bool) -> None:
         for seq in seqs:
             q, k, v = inputs(seq)
             nbytes = 4 * q.numel() * q.element_size()  # q, k, v read once, out written once
@@ -126,6 +138,20 @@ def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None
             timed(record("attnlib-triton", "fwd", seq, causal),
                   lambda: attnlib.linear_attention(q, k, v, causal=causal, backend="triton"), nbytes, graph=True)
             timed(record("fla", "fwd", seq, causal), fla_step, nbytes, why_not=fla_why, graph=True)
+
+    forward_rows(False)
+    # the real models' shapes near bwd_seq tokens (non-causal, as DiTs attend), before the causal
+    # rows so that the suite's budget reaches them: the rows above keep one (batch, heads), to show
+    # the scaling with length alone
+    for w in workload_shapes(runner.load_workloads(), bwd_seq) if workloads is None else workloads:
+        q, k, v = (torch.randn(w["batch"], w["heads"], w["seq"], w["head_dim"], generator=torch.Generator()
+                               .manual_seed(i)).to(dev, dtype) for i in range(3))
+        rec = dict(record("attnlib-triton", "fwd", w["seq"], False), workload=w["name"],
+                   batch=w["batch"], heads=w["heads"], head_dim=w["head_dim"])
+        timed(rec, lambda: attnlib.linear_attention(q, k, v, backend="triton"), 4 * q.numel() * q.element_size(),
+              graph=True)
+        del q, k, v
+    forward_rows(True)
     for causal in (False, True):  # forward + backward at bwd_seq
         q, k, v = inputs(bwd_seq, grad=True)
         dout = torch.randn_like(q)

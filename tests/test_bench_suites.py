@@ -97,9 +97,12 @@ def test_linear_suite_runs_on_cpu():
     lines = []
     recs = run_linear_suite(600.0, lines.append, "cpu", seqs=(100, 200), bwd_seq=150,
                             shape=dict(batch=1, heads=2, head_dim=32), dtype=torch.float32, timing=QUICK,
-                            copy_bytes=1 << 20)
+                            copy_bytes=1 << 20,
+                            workloads=[dict(name="tiny-dit", batch=1, heads=3, head_dim=16, seq=70)])
     ours = [r for r in recs if r["provider"] == "attnlib-triton"]
-    assert len(ours) == 2 * 2 + 2  # (full, causal) x seqs forward, then fwd+bwd for each
+    # (full, causal) x seqs forward, the workload's forward, then fwd+bwd for each
+    assert len(ours) == 2 * 2 + 1 + 2
+    assert [(r["heads"], r["head_dim"], r["seq"]) for r in ours if r.get("workload") == "tiny-dit"] == [(3, 16, 70)]
     assert all("error" not in r and "skipped" not in r and r["gbs"] > 0 for r in ours), ours
     assert all(r["skipped"] for r in recs if r["provider"] == "fla" and "ms" not in r)
 
