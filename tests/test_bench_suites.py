@@ -44,12 +44,12 @@ def test_sla_suite_runs_every_variant_on_cpu():
     got = {(r["provider"], r["mode"], r.get("critical"), r["variant"]) for r in recs if "error" not in r}
     for mode in ("fwd", "bwd"):
         assert ("attnlib-flash", mode, None, "sla") in got
-        assert ("attnlib-sla", mode, criticals[0], "per-tile") in got
+        assert ("attnlib-sla", mode, criticals[0], "block-128x64") in got
         for crit in criticals:
             assert ("attnlib-sla", mode, crit, "sla") in got
             assert ("attnlib-sla", mode, crit, "sparse-only") in got
     assert any(line.startswith("target: sla fwd") for line in lines), lines
-    assert any(line.startswith("per tile (bwd") for line in lines), lines
+    assert any(line.startswith("target with block_size (128, 64): sla bwd") for line in lines), lines
 
 
 def test_sage_providers_run_on_cpu():
