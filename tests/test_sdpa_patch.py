@@ -217,3 +217,96 @@ def test_tensor_options_are_checked_against_each_call():
     assert_verbose_allclose(out, TORCH_SDPA(q, k, v), atol=2e-6, rtol=1e-5)
     with pytest.raises(TypeError, match="unknown option"):
         attnlib.scaled_dot_product_attention(q, k, v, method="block_sparse", block_mask=mask, foo=1)
+
+
+def test_patches_may_end_in_any_order():
+    """Two threads' contexts end in the order they began: the function in place is the latest
+    patch still active, and torch's own once none is (before: the first exit raised and the
+    second put the first patch back for good)."""
+    a, b = attnlib.patch_sdpa(method="flash"), attnlib.patch_sdpa(method="sage")
+    a.install()
+    b.install()
+    a.uninstall()
+    assert F.scaled_dot_product_attention.__attnlib_patch__ is b
+    b.uninstall()
+    assert F.scaled_dot_product_attention is ORIGINAL
+    a.install()
+    try:  # something else replacing the patch while it is active is refused, not undone
+        F.scaled_dot_product_attention = TORCH_SDPA
+        with pytest.raises(RuntimeError, match="something other than"):
+            a.uninstall()
+    finally:
+        F.scaled_dot_product_attention = a._fn
+        a.uninstall()
+    assert F.scaled_dot_product_attention is ORIGINAL
+
+
+class _Overriding(torch.Tensor):
+    """A subclass with its own SDPA (as a quantised or wrapper tensor may have)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (F.scaled_dot_product_attention, TORCH_SDPA):
+            return torch.full((1,), 42.0)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_subclasses_and_function_modes_overriding_sdpa_see_the_call():
+    q, k, v = make_qkv(1, 2, 16, 16)
+    assert attnlib.scaled_dot_product_attention(q.as_subclass(_Overriding), k, v).item() == 42.0
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is TORCH_SDPA:
+                Mode.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        out = attnlib.scaled_dot_product_attention(q, k, v)
+    assert Mode.seen == [TORCH_SDPA]
+    assert_verbose_allclose(out, TORCH_SDPA(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_device_context_does_not_send_calls_to_torch(monkeypatch):
+    """`with torch.device(...)` is a function mode too, but changes only factory defaults."""
+    seen = []
+    from attnlib import dispatch
+    real = dispatch.select
+    monkeypatch.setattr(dispatch, "select", lambda inp, backend="auto": seen.append(inp.method) or real(inp, backend))
+    q, k, v = make_qkv(1, 2, 16, 16)
+    with torch.device("cpu"):
+        attnlib.scaled_dot_product_attention(q, k, v, backend="torch")
+    assert seen == ["flash"]
+
+
+def test_forward_only_methods_match_the_registry():
+    from attnlib.dispatch import kernels
+    for method in sdpa_module.PATCHABLE_METHODS:
+        backward = [k.supports_backward for k in kernels() if k.method == method]
+        assert backward, method
+        assert (method in sdpa_module.FORWARD_ONLY) == (not any(backward)), method
+
+
+@pytest.mark.parametrize("case", ["mask", "sage needs grad"])
+def test_compiled_fullgraph_fallbacks(case, monkeypatch):
+    """Calls handed to torch compile with fullgraph=True also the first time their reason comes
+    up (the INFO log is skipped while tracing: dynamo cannot trace logging), and the compiled
+    call takes the eager call's route (sage with an input that requires grad: torch's kernel)."""
+    monkeypatch.setattr(sdpa_module, "_logged_reasons", set())
+    q, k, v = make_qkv(1, 2, 16, 16)
+    mask = torch.rand(16, 16, generator=torch.Generator().manual_seed(1)) > 0.3
+    if case == "mask":
+        def fn(q, k, v):
+            return attnlib.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        want = TORCH_SDPA(q, k, v, attn_mask=mask)
+    else:
+        q = q.requires_grad_()
+
+        def fn(q, k, v):
+            return attnlib.scaled_dot_product_attention(q, k, v, method="sage")
+        want = TORCH_SDPA(q, k, v)
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True, backend="eager")(q, k, v)
+    assert_verbose_allclose(got, want, atol=1e-6, rtol=1e-6)

@@ -79,6 +79,8 @@ _logged: set[str] = set()
 
 
 def _log_once(msg: str, *args) -> None:
+    if torch.compiler.is_compiling():  # dynamo cannot trace logging (fullgraph would fail on it)
+        return
     key = msg % args
     if key not in _logged:
         _logged.add(key)

@@ -6,7 +6,11 @@ no dropout, causal only with equal lengths because torch's is_causal is top-left
 call goes to torch's own kernel (the builtin, never a patched function), with the reason logged
 once at INFO. So whatever torch computes is computed, and whatever torch refuses raises torch's
 error. Under torch.autocast the inputs are cast as autocast casts them for torch's SDPA (so the
-output has torch's dtype); calls under torch.func transforms or forward-mode AD go to torch.
+output has torch's dtype); calls under torch.func transforms or forward-mode AD, on tensor
+subclasses with their own __torch_function__ or under a TorchFunctionMode (the device context
+aside), and calls of a forward-only method (sage) that build a graph go to torch, also when
+compiled (the fallback's log is skipped while tracing: dynamo cannot trace logging). patch_sdpa
+contexts may end in any order.
 attnlib's own extras (method, backend, method options) are checked as attnlib's: a bad one
 raises, it is never passed on to torch quietly.
 """
@@ -21,7 +25,7 @@ import torch.autograd.forward_ad as _fwAD
 
 from .. import api, dispatch
 from ..inputs import is_real_number, make_inputs, scale_in_range
-from ..options import NO_SCALE, check_method_options
+from ..options import NO_SCALE, check_method_options, validate_options
 
 log = logging.getLogger("attnlib")
 
@@ -30,6 +34,8 @@ TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 
 # Methods patch_sdpa accepts; approximate ones run only when named.
 PATCHABLE_METHODS = ("flash", "sage", "sla", "linear")
+# methods with no backward kernel (the drop-in hands their graph-building calls to torch)
+FORWARD_ONLY = ("sage",)
 _logged_reasons: set[str] = set()
 
 
@@ -44,6 +50,12 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, 
     if any(t.is_nested for t in ts):
         return "nested tensors"
     if not torch.compiler.is_compiling():
+        # a tensor subclass or a TorchFunctionMode may override SDPA itself: torch's builtin lets
+        # it (attnlib's op would compute plain attention past it)
+        if _overriding_subclass(ts):
+            return "a tensor subclass with __torch_function__"
+        if _overriding_function_mode():
+            return "a TorchFunctionMode is active"
         # attnlib's op has no functorch rules (torch.func.grad/vjp raise, jvp gives a zero tangent,
         # vmap loops per sample) and no forward-mode derivative; torch's SDPA has its own
         if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts):
@@ -81,7 +93,29 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, 
         return "query heads not a multiple of key/value heads"
     if query.shape[-1] == 0:
         return "zero head_dim"
+    if not (query.dtype == key.dtype == value.dtype) or not (query.device == key.device == value.device):
+        return "q, k and v differ in dtype or device (torch's error)"
+    if method in FORWARD_ONLY and torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return f"an input requires grad and method {method!r} is forward-only"
     return None
+
+
+def _overriding_subclass(ts) -> bool:
+    """Whether a tensor of ts is a subclass with its own __torch_function__ (nn.Parameter and
+    FakeTensor have it disabled). has_torch_function would also answer True for any active
+    function mode, the device context included."""
+    if not torch.overrides.has_torch_function(ts):
+        return False
+    return any(type(a) is not torch.Tensor for a in torch.overrides._get_overloaded_args(ts))
+
+
+def _overriding_function_mode() -> bool:
+    """Whether a TorchFunctionMode other than torch's device context (``with torch.device(...)``,
+    which changes only factory functions' default device) is active."""
+    if not torch._C._is_torch_function_mode_enabled():
+        return False
+    from torch.utils._device import DeviceContext
+    return any(not isinstance(m, DeviceContext) for m in torch.overrides._get_current_function_mode_stack())
 
 
 def _autocast_inputs(query, key, value):
@@ -101,6 +135,8 @@ def _autocast_inputs(query, key, value):
 
 
 def _log_fallback(reason: str, target: str = "torch") -> None:
+    if torch.compiler.is_compiling():  # dynamo cannot trace logging (fullgraph would fail on it)
+        return
     key = f"{target}: {reason}"
     if key not in _logged_reasons:
         _logged_reasons.add(key)
@@ -137,16 +173,19 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         if torch.compiler.is_compiling():
             return api.attention(query, key, value, **call)
         try:  # anything else attnlib's input checks refuse (dtypes, devices, ...) is torch's to judge
-            make_inputs(query, key, value, method=method, causal=is_causal, scale=scale)
+            inp = make_inputs(query, key, value, method=method, causal=is_causal, scale=scale)
         except (TypeError, ValueError) as e:
             reason = f"attnlib refuses the inputs: {e}"
         else:  # option errors (a projection of the wrong shape) are attnlib's: they raise
-            inp = api.build_inputs(query, key, value, method=method, causal=is_causal, scale=scale,
-                                   **method_options)
-            ex = dispatch.explain(inp, backend)
-            if ex.chosen is not None or ex.backend != "auto":
+            object.__setattr__(inp, "options", validate_options(method, method_options, inp))
+            if dispatch.effective_backend(backend) != "auto":  # forced: attnlib's error if none fits
                 return api.attention(query, key, value, **call)
-            reason = "no attnlib kernel fits: " + "; ".join(r for rs in ex.reasons.values() for r in rs)[:300]
+            try:
+                dispatch.select(inp, "auto")
+            except dispatch.NoKernelError as e:
+                reason = "no attnlib kernel fits: " + " ".join(str(e).split())[:300]
+            else:
+                return api.attention(query, key, value, **call)
     _log_fallback(reason, fallback_name)
     query, key, value = original
     if fallback is not None:
@@ -159,10 +198,14 @@ class patch_sdpa:
     """Route torch.nn.functional.scaled_dot_product_attention through attnlib.
 
     As a context manager it restores what was there before on exit (exceptions too; nesting
-    works); ``install()`` / ``uninstall()`` do the same for process-wide use.
+    works); ``install()`` / ``uninstall()`` do the same for process-wide use. Patches may end in
+    any order (two threads' contexts, say): the function in place is always the most recently
+    installed patch still active, and torch's own once none is.
     """
 
     _lock = threading.Lock()
+    _active: list = []  # installed patches, oldest first (one entry per install)
+    _base: Any = None   # what the first active patch replaced
 
     def __init__(self, method: str = "flash", backend: str = "auto", **method_options: Any) -> None:
         dispatch.check_method(method)
@@ -171,7 +214,6 @@ class patch_sdpa:
         dispatch.check_backend(backend)
         check_method_options(method, method_options)  # here, not at the first patched call
         self.method, self.backend, self.method_options = method, backend, dict(method_options)
-        self._previous: list = []
 
         def patched(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                     enable_gqa=False):
@@ -184,18 +226,29 @@ class patch_sdpa:
 
     def install(self) -> "patch_sdpa":
         with self._lock:
-            self._previous.append(torch.nn.functional.scaled_dot_product_attention)
+            active = patch_sdpa._active
+            current = torch.nn.functional.scaled_dot_product_attention
+            if active and current is not active[-1]._fn:
+                raise RuntimeError("scaled_dot_product_attention was replaced by something other than attnlib's "
+                                   "patch while one is active; restore it before installing another")
+            if not active:
+                patch_sdpa._base = current
+            active.append(self)
             torch.nn.functional.scaled_dot_product_attention = self._fn
         return self
 
     def uninstall(self) -> None:
         with self._lock:
-            if not self._previous:
+            active = patch_sdpa._active
+            if self not in active:
                 raise RuntimeError("patch_sdpa.uninstall() called without install()")
-            if torch.nn.functional.scaled_dot_product_attention is not self._fn:
-                raise RuntimeError("another patch of scaled_dot_product_attention was installed after this "
-                                   "one and is still in place; uninstall that one first")
-            torch.nn.functional.scaled_dot_product_attention = self._previous.pop()
+            if torch.nn.functional.scaled_dot_product_attention is not active[-1]._fn:
+                raise RuntimeError("scaled_dot_product_attention was replaced by something other than attnlib's "
+                                   "patch after this one was installed; restore it first")
+            del active[len(active) - 1 - active[::-1].index(self)]  # this patch's latest install
+            torch.nn.functional.scaled_dot_product_attention = active[-1]._fn if active else patch_sdpa._base
+            if not active:
+                patch_sdpa._base = None
 
     def __enter__(self) -> "patch_sdpa":
         return self.install()
