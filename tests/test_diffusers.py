@@ -218,6 +218,25 @@ def test_torch_compile_traces_the_routed_processors(attnlib_calls):
     assert_verbose_allclose(compiled, eager, atol=FLASH_ATOL, rtol=FLASH_RTOL)
 
 
+def test_compiled_fullgraph_masked_call_goes_to_diffusers(monkeypatch):
+    """A masked call (diffusers' own path) compiles with fullgraph=True also the first time its
+    reason comes up: the once-per-reason INFO log is skipped while tracing."""
+    model, inputs, _ = tiny_flux()
+    mask = torch.ones(1, 8 + 64, dtype=torch.bool)
+    mask[:, 5:8] = False
+    masked = dict(inputs, joint_attention_kwargs={"attention_mask": mask})
+    native = run(model, masked)
+    monkeypatch.setattr(attnlib_diffusers, "_logged", set())
+    attnlib_diffusers.apply(model, method="flash")
+    try:
+        torch._dynamo.reset()
+        compiled = run(torch.compile(model, backend="eager", fullgraph=True), masked)
+    finally:
+        attnlib_diffusers.remove(model)
+        torch._dynamo.reset()
+    assert_verbose_allclose(compiled, native, atol=1e-6, rtol=1e-6)
+
+
 def test_legacy_attention_processor_via_functional(attnlib_calls):
     """Legacy diffusers Attention (UNets, VAEs) calls F.scaled_dot_product_attention in its module."""
     torch.manual_seed(0)
