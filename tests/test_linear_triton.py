@@ -167,6 +167,28 @@ def test_relu_all_zero_rows_are_finite():
                 t.grad = None
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_elu_of_very_negative_rows(backend, causal):
+    """phi = elu + 1 is exp(x) at and below 0: query rows near -10, -14 and -20 (phi ~ 5e-5, 8e-7,
+    2e-9) keep their output and dq. Formed as F.elu(x) + 1 in fp32 it cancelled: the -20 row's
+    output (torch) and dq (torch, Triton's non-causal backward) were 0, the -14 row's dq 2e-2 off."""
+    gen = torch.Generator().manual_seed(30)
+    q, k, v = (torch.randn(1, 1, 64, 16, generator=gen) for _ in range(3))
+    v = v + 2.0
+    for row, centre in ((1, -10.0), (2, -14.0), (3, -20.0)):
+        q[0, 0, row] = centre + 0.5 * torch.randn(16, generator=gen)
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = linear_reference(*exact, feature_map="elu", causal=causal, eps=1e-6)
+    ref.sum().backward()
+    ours = [t.to(DEVICE).requires_grad_() for t in (q, k, v)]
+    out = attnlib.linear_attention(*ours, feature_map="elu", causal=causal, eps=1e-6, backend=backend)
+    out.sum().backward()
+    for row in (1, 2, 3):  # per row, so the tiny rows are not hidden by the rest
+        assert rel_rmse(out[0, 0, row].cpu(), ref[0, 0, row]) <= 1e-5, row
+        assert rel_rmse(ours[0].grad[0, 0, row].cpu(), exact[0].grad[0, 0, row]) <= 1e-3, row
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_relu_eps_zero_backends_agree(causal):
     """All-negative q and k with eps = 0: every denominator is 0; both backends give 0 (not NaN) and

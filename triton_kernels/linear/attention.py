@@ -15,19 +15,13 @@ derivative applied by torch.func.vjp.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ...reference.linear import phi_pullback
+from ...reference.linear import FEATURE_MAPS, phi_pullback
 from . import kernels
 
 
 def _phi_torch(name: str):
-    return {
-        "elu": lambda x: F.elu(x) + 1.0,
-        "relu": F.relu,
-        "softmax": lambda x: torch.softmax(x, dim=-1),
-        "identity": lambda x: x,
-    }[name]
+    return FEATURE_MAPS[name]
 
 
 def linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, feature: str,
