@@ -236,8 +236,8 @@ def test_windows_equal_to_full_or_causal_are_accepted(window, causal, same_as):
 def test_window_rule_matches_flash_attns_mask(seq_q, seq_k):
     """Every window (left, right) in a range, with and without causal: accepted exactly when
     flash_attn's own mask (query i sees keys i + Sk - Sq - left .. i + Sk - Sq + right, a negative
-    bound unbounded, causal making right 0) equals the full or the bottom-right causal mask, and
-    then as that one."""
+    bound or one >= Sk unbounded, causal making right 0) equals the full or the bottom-right causal
+    mask, and then as that one (with Sq > Sk, (-1, Sk) was refused, flash_attn runs it full)."""
     i = torch.arange(seq_q)[:, None]
     j = torch.arange(seq_k)[None, :]
     off = seq_k - seq_q
@@ -245,8 +245,10 @@ def test_window_rule_matches_flash_attns_mask(seq_q, seq_k):
     for causal in (False, True):
         for left in range(-2, seq_k + 2):
             for right in range(-2, seq_q + 2):
-                r = 0 if causal else right
-                mask = ((j >= i + off - left) if left >= 0 else full) & ((j <= i + off + r) if r >= 0 else full)
+                # flash_attn's C++ entry points first drop bounds >= seq_k (-1), then causal sets right 0
+                lo = -1 if left >= seq_k else left
+                r = 0 if causal else (-1 if right >= seq_k else right)
+                mask = ((j >= i + off - lo) if lo >= 0 else full) & ((j <= i + off + r) if r >= 0 else full)
                 want = True if torch.equal(mask, causal_mask) else False if torch.equal(mask, full) else None
                 try:
                     got = fa._window_causal((left, right), causal, seq_k, seq_q)

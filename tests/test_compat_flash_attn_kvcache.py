@@ -273,3 +273,34 @@ def test_lengths_are_read_to_the_host_once(monkeypatch):
     cu = torch.tensor([0, 1, 2], dtype=torch.int32)
     varlen.flash_attention_varlen(q.view(2, 4, DIM), k_cache[0, :2], v_cache[0, :2], cu, cu, 1, 1)
     assert len(reads) == 1
+
+
+@pytest.mark.parametrize("window", [(-1, 5), (9, -1)])
+def test_rotary_q_positions_are_consecutive_for_local_windows_that_cut_nothing(window):
+    """flash_attn rotates q at cache_seqlens + i when causal or local, local meaning a window bound
+    below its seqlen_k (the cache's capacity, 10 here), even one that cuts no key (attention is then
+    full): here the same call as on inputs rotated that way beforehand, without window or rotary."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, 2, DIM, generator=gen) for _ in range(3))
+    k_cache, v_cache = torch.randn(2, 10, 2, DIM, generator=gen), torch.randn(2, 10, 2, DIM, generator=gen)
+    lens = [2, 5]
+    angles = torch.rand(16, DIM // 2, generator=gen) * 6.28
+    cos, sin = angles.cos(), angles.sin()
+    pos = torch.tensor(lens)[:, None] + torch.arange(3)
+    q_rot, k_rot = (rotary_reference(t, cos[pos][:, :, None], sin[pos][:, :, None], True).float() for t in (q, k))
+    kc, vc = k_cache.clone(), v_cache.clone()
+    want = fa.flash_attn_with_kvcache(q_rot, kc, vc, k_rot, v, cache_seqlens=torch.tensor(lens, dtype=torch.int32))
+    got = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
+                                     cache_seqlens=torch.tensor(lens, dtype=torch.int32), window_size=window)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_cache, kc, atol=1e-6, rtol=1e-6)
+
+
+def test_a_backend_that_cannot_run_the_call_raises_before_the_cache_is_written():
+    import attnlib
+    q, k, v = (torch.randn(2, 1, 2, DIM) for _ in range(3))
+    k_cache, v_cache = torch.randn(2, 10, 2, DIM), torch.randn(2, 10, 2, DIM)
+    before = k_cache.clone(), v_cache.clone()
+    with attnlib.use_backend("cuda"), pytest.raises(attnlib.NoKernelError):
+        fa.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=3)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])

@@ -80,7 +80,10 @@ def _window_causal(window_size, causal, seqlen_k, seqlen_q=None):
     left, right = (int(w) for w in window_size)
 
     def unbounded(w, length):
-        return w < 0 or (length is not None and w >= max(length - 1, 0))
+        # cuts no key within length, or (flash_attn's rule) a bound of at least seqlen_k, which its
+        # kernels treat as -1
+        return (w < 0 or (length is not None and w >= max(length - 1, 0))
+                or (seqlen_k is not None and w >= seqlen_k))
 
     if causal is True:
         right = 0

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .. import varlen
-from ..inputs import FLOAT_DTYPES
+from ..inputs import FLOAT_DTYPES, check_scale
 from .flash_attn import _check_unsupported, _scale
 
 
@@ -192,7 +192,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     k, v (B, S_new, Hk, D) are written into the cache in place at positions cache_seqlens[b] ..
     cache_seqlens[b] + S_new - 1 (cache_seqlens: int or (B,) int32; None: every row full), after
     rotary embedding of k when rotary_cos/rotary_sin (S_ro, rotary_dim / 2) are given; q is rotated
-    at the same positions if causal, else all at position cache_seqlens[b] (flash_attn's rule).
+    at the same positions if causal or local (a window_size bound below the cache's capacity,
+    as flash_attn decides it), else all at position cache_seqlens[b] (flash_attn's rule).
     Row b then attends to its first cache_seqlens[b] + S_new keys, causal bottom-right aligned.
     cache_batch_idx (B,) int32 picks each row's cache row. num_splits is a performance hint,
     ignored. Returns out (B, Sq, H, D) [, softmax_lse (B, H, Sq) float32 (float64 for
@@ -214,8 +215,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise TypeError(f"num_splits must be a non-negative int, got {num_splits!r}")
     new_tokens = 0 if k is None else k.shape[1]
     lengths = _cache_lengths(cache_seqlens, q, layout, new_tokens)
-    q_positions = _positions(lengths, q.shape[1], same=not causal)
+    # flash_attn rotates q at consecutive positions when causal or local: a window bound below its
+    # seqlen_k (the cache's capacity), even one that cuts no key and so runs as full attention here
+    local = any(0 <= int(w) < layout.capacity for w in window_size)
+    q_positions = _positions(lengths, q.shape[1], same=not (causal or local))
     _check_rotary(rotary_cos, rotary_sin, q, k, q_positions, _positions(lengths, new_tokens))
+    _check_backend(q, k_cache, v_cache, causal, softmax_scale)  # before the cache is written
     with torch.no_grad():
         if k is not None:
             _append(k_cache, v_cache, k, v, layout, lengths, rotary_cos, rotary_sin, rotary_interleaved)
@@ -224,6 +229,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             q = _rotate(q, rotary_cos[pos].unsqueeze(2), rotary_sin[pos].unsqueeze(2), rotary_interleaved)
         return _attend(q, k_cache, v_cache, layout, lengths + new_tokens, causal, softmax_scale,
                        bool(return_softmax_lse))
+
+
+def _check_backend(q, k_cache, v_cache, causal: bool, softmax_scale) -> None:
+    """The NoKernelError _attend would raise for a backend that cannot run the call (use_backend,
+    ATTNLIB_BACKEND), raised before anything is written: the kernels' reasons depend on dtypes,
+    devices, head counts and dims, which one-row stand-ins carry."""
+    def row(t):
+        return t.reshape(-1, t.shape[-2], t.shape[-1])[:1]
+
+    batch_slots = torch.empty(q.shape[0] + 1, dtype=torch.int32)
+    scale = check_scale(_scale(softmax_scale), q.shape[-1])
+    varlen._pick_backend("auto", row(q), row(k_cache), row(v_cache), batch_slots, causal, scale)
 
 
 def _append(k_cache, v_cache, k, v, layout: _CacheLayout, lengths, rotary_cos, rotary_sin, interleaved) -> None:
