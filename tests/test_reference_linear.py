@@ -49,7 +49,9 @@ def _loop_formula(q, k, v, feature_map, causal, eps=1e-6):
 
 def test_feature_map_fn():
     x = torch.randn(3, 8, dtype=torch.float64)
-    assert torch.equal(feature_map_fn("elu")(x), F.elu(x) + 1)
+    torch.testing.assert_close(feature_map_fn("elu")(x), F.elu(x) + 1, atol=1e-15, rtol=0)
+    assert torch.equal(feature_map_fn("elu")(-x.abs()), torch.exp(-x.abs()))  # exp below 0: no cancellation
+    assert feature_map_fn("elu")(torch.tensor(-30.0)) > 0
     assert torch.equal(feature_map_fn("relu")(x), F.relu(x))
     assert torch.allclose(feature_map_fn("softmax")(x).sum(-1), torch.ones(3, dtype=torch.float64))
     assert feature_map_fn("identity")(x) is x
