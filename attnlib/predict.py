@@ -74,6 +74,16 @@ def _use_triton(q: torch.Tensor) -> bool:
     return q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+# elements of the Triton pooling kernel's one (block, head_dim) tile, both padded to powers of two:
+# Triton refuses tiles past 2**20 elements (a (8193, 128) block), and far below that the tile no
+# longer fits registers; larger blocks pool with torch
+_POOL_TILE_MAX = 1 << 16
+
+
+def _pool_tile_fits(block: int, head_dim: int) -> bool:
+    return (1 << (block - 1).bit_length()) * max(16, 1 << (head_dim - 1).bit_length()) <= _POOL_TILE_MAX
+
+
 def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: tuple[int, int], scale: float, causal: bool,
                  use_triton: Optional[bool] = None) -> torch.Tensor:
     """Block-level probabilities P (B, Hq, Mq, Mk) float32 from bhsd q, k (K smoothed by its mean)."""
@@ -83,7 +93,8 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: tuple[int, int], 
     if use_triton:
         from .triton_kernels.block_sparse.predict import block_probabilities, mean_pool
 
-        pq, pk = mean_pool(q, bq), mean_pool(k, bk)
+        pq, pk = (mean_pool(x, b) if _pool_tile_fits(b, x.shape[3]) else _mean_pool_torch(x, b)
+                  for x, b in ((q, bq), (k, bk)))
     else:
         pq, pk = _mean_pool_torch(q, bq), _mean_pool_torch(k, bk)
     # SpargeAttn: subtract K's token mean (per head). Each row's scores shift by one constant, so P is

@@ -28,6 +28,15 @@ def test_triton_scores_match_torch(seq_q, seq_k):
         assert (not causal or seq_q <= seq_k) or not bool(sees.all()), "the case must hold rows that see nothing"
 
 
+def test_blocks_larger_than_the_pooling_tile_pool_with_torch():
+    """A block whose (block, head_dim) tile passes Triton's limit (8193 x 128: 2**21 elements after
+    padding; Triton raised "numel exceeds triton maximum") pools with torch, same probabilities."""
+    q, k, _ = make_qkv(1, 1, 9000, 128, seq_k=300, device=DEVICE, seed=2)
+    a = block_scores(q, k, (8193, 64), 128 ** -0.5, False, use_triton=True)
+    b = block_scores(q, k, (8193, 64), 128 ** -0.5, False, use_triton=False)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("block_size", [(24, 24), (16, 40), (3, 5)])
 def test_block_size_not_a_power_of_two(block_size):
     # the Triton mean pool runs its rows over the next power of two, masked to the block
