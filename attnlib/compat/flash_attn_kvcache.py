@@ -235,8 +235,11 @@ def _check_backend(q, k_cache, v_cache, causal: bool, softmax_scale) -> None:
     """The NoKernelError _attend would raise for a backend that cannot run the call (use_backend,
     ATTNLIB_BACKEND), raised before anything is written: the kernels' reasons depend on dtypes,
     devices, head counts and dims, which one-row stand-ins carry."""
-    def row(t):
-        return t.reshape(-1, t.shape[-2], t.shape[-1])[:1]
+    if any(t.shape[0] == 0 or t.shape[1] == 0 for t in (q, k_cache, v_cache)):
+        return  # nothing to attend with or to: _attend's own checks speak
+
+    def row(t):  # one (1, heads, dim) row, copied (a reshape of a strided cache would copy it whole)
+        return t[0, 0].unsqueeze(0).contiguous()
 
     batch_slots = torch.empty(q.shape[0] + 1, dtype=torch.int32)
     scale = check_scale(_scale(softmax_scale), q.shape[-1])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ._common import compute_dtype, expand_kv, safe_divide
 
+
 def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
     """elu(x) + 1 (Katharopoulos et al. §3.2: positive, smooth), as x + 1 above 0 and exp(x) at and
     below: F.elu(x) + 1 forms exp(x) - 1 + 1, which cancels to an absolute error of ~6e-8 in fp32
