@@ -22,9 +22,14 @@ def build_inputs(q, k, v, *, method: str = "flash", layout: str = "bhsd", causal
         raise ValueError(f"return_lse=True is not defined for method {method!r} (no softmax normaliser)")
     inp = make_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
                       return_lse=return_lse)
-    # set on the instance just made (nothing else holds it yet): dataclasses.replace would build a
-    # second one, a few microseconds per call
-    object.__setattr__(inp, "options", validate_options(method, method_options, inp))
+    return with_options(inp, method_options)
+
+
+def with_options(inp: AttentionInputs, method_options: dict[str, Any]) -> AttentionInputs:
+    """inp, just made by make_inputs, with its method's options validated and set in place
+    (nothing else holds it yet: dataclasses.replace would build a second instance, a few
+    microseconds per call)."""
+    object.__setattr__(inp, "options", validate_options(inp.method, method_options, inp))
     return inp
 
 

@@ -17,6 +17,7 @@ import torch
 from .inputs import check_block_size, check_fraction, check_layout, check_scale, validate_qkv
 from .reference._common import num_blocks
 from .triton_kernels.device_constants import device_constant
+from .triton_kernels.hostmath import next_power_of_2
 
 
 def _mean_pool_torch(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -81,7 +82,7 @@ _POOL_TILE_MAX = 1 << 16
 
 
 def _pool_tile_fits(block: int, head_dim: int) -> bool:
-    return (1 << (block - 1).bit_length()) * max(16, 1 << (head_dim - 1).bit_length()) <= _POOL_TILE_MAX
+    return next_power_of_2(block) * max(16, next_power_of_2(head_dim)) <= _POOL_TILE_MAX
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: tuple[int, int], scale: float, causal: bool,

@@ -125,9 +125,10 @@ def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None
         return dict(method="linear", provider=provider, direction=direction, seq=seq, causal=causal,
                     dtype=dtype_name, **shape, copy_gbs=copy_gbs)
 
-    def inputs(seq: int, grad: bool = False):
+    def inputs(seq: int, grad: bool = False, of: Optional[dict] = None):
+        of = of or shape  # (batch, heads, head_dim)
         gen = torch.Generator().manual_seed(seq)
-        return [torch.randn(shape["batch"], shape["heads"], seq, shape["head_dim"], generator=gen)
+        return [torch.randn(of["batch"], of["heads"], seq, of["head_dim"], generator=gen)
                 .to(dev, dtype).requires_grad_(grad) for _ in range(3)]
 
     def forward_rows(causal: bool) -> None:
@@ -144,8 +145,7 @@ def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None
     # rows so that the suite's budget reaches them: the rows above keep one (batch, heads), to show
     # the scaling with length alone
     for w in workload_shapes(runner.load_workloads(), bwd_seq) if workloads is None else workloads:
-        q, k, v = (torch.randn(w["batch"], w["heads"], w["seq"], w["head_dim"], generator=torch.Generator()
-                               .manual_seed(i)).to(dev, dtype) for i in range(3))
+        q, k, v = inputs(w["seq"], of=w)
         rec = dict(record("attnlib-triton", "fwd", w["seq"], False), workload=w["name"],
                    batch=w["batch"], heads=w["heads"], head_dim=w["head_dim"])
         timed(rec, lambda: attnlib.linear_attention(q, k, v, backend="triton"), 4 * q.numel() * q.element_size(),

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .. import varlen
+from ..dispatch import effective_backend
 from ..inputs import FLOAT_DTYPES, check_scale
 from .flash_attn import _check_unsupported, _scale
 
@@ -234,7 +235,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 def _check_backend(q, k_cache, v_cache, causal: bool, softmax_scale) -> None:
     """The NoKernelError _attend would raise for a backend that cannot run the call (use_backend,
     ATTNLIB_BACKEND), raised before anything is written: the kernels' reasons depend on dtypes,
-    devices, head counts and dims, which one-row stand-ins carry."""
+    devices, head counts and dims, which one-row stand-ins carry. "auto" never raises there (it
+    falls back to torch), so the decode path then skips this."""
+    if effective_backend("auto") == "auto":
+        return
     if any(t.shape[0] == 0 or t.shape[1] == 0 for t in (q, k_cache, v_cache)):
         return  # nothing to attend with or to: _attend's own checks speak
 

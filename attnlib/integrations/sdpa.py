@@ -25,7 +25,7 @@ import torch.autograd.forward_ad as _fwAD
 
 from .. import api, dispatch
 from ..inputs import is_real_number, make_inputs, scale_in_range
-from ..options import NO_SCALE, check_method_options, validate_options
+from ..options import NO_SCALE, check_method_options
 
 log = logging.getLogger("attnlib")
 
@@ -177,7 +177,7 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         except (TypeError, ValueError) as e:
             reason = f"attnlib refuses the inputs: {e}"
         else:  # option errors (a projection of the wrong shape) are attnlib's: they raise
-            object.__setattr__(inp, "options", validate_options(method, method_options, inp))
+            api.with_options(inp, method_options)
             if dispatch.effective_backend(backend) != "auto":  # forced: attnlib's error if none fits
                 return api.attention(query, key, value, **call)
             try:

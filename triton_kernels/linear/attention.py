@@ -16,12 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ...reference.linear import FEATURE_MAPS, phi_pullback
+from ...reference.linear import feature_map_fn, phi_pullback
 from . import kernels
-
-
-def _phi_torch(name: str):
-    return FEATURE_MAPS[name]
 
 
 def linear_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, feature: str,
@@ -45,7 +41,7 @@ def linear_bwd(dout, q, k, v, out, *, feature: str, causal: bool, eps: float):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         kernels.causal_bwd(dout, q, k, v, out, dq, dk, dv, feature, offset=k.shape[2] - q.shape[2], eps=eps)
         return dq, dk, dv
-    phi = _phi_torch(feature)
+    phi = feature_map_fn(feature)
     hkv = k.shape[1]
     group = q.shape[1] // hkv
     q32, k32 = q.float(), k.float()
