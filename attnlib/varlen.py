@@ -55,24 +55,28 @@ def _values_readable(cu: torch.Tensor) -> bool:
     return not (cu.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _check_cu_values(cu_q, cu_k, total_q: int, total_k: int, max_seqlen_q: int, max_seqlen_k: int) -> None:
+def _check_cu_values(cu_q, cu_k, total_q: int, total_k: int, max_seqlen_q: int,
+                     max_seqlen_k: int) -> tuple[int, int]:
     """The values of cu_seqlens_q/k (same length, checked before) against the token counts and
-    max_seqlen_q/k. A cu_seqlens that does not start at 0 or end at the token count, or that
-    decreases, makes a kernel read or write rows outside q/k/v/out; a max_seqlen below the longest
-    sequence sizes the launch grid too small, leaving that sequence's tail rows unwritten. Read
-    with one host copy of the 2 * (batch + 1) ints: on a GPU one synchronisation (flash_attn
-    trusts these values; a wrong answer or a fault inside a kernel is worse than the sync)."""
+    max_seqlen_q/k; returns (cu_seqlens_q[-1], cu_seqlens_k[-1]). A cu_seqlens that does not start
+    at 0, decreases or ends past the token count makes a kernel read or write rows outside
+    q/k/v/out; a max_seqlen below the longest sequence sizes the launch grid too small, leaving
+    that sequence's tail rows unwritten. Read with one host copy of the 2 * (batch + 1) ints: on a
+    GPU one synchronisation (flash_attn trusts these values; a wrong answer or a fault inside a
+    kernel is worse than the sync)."""
     n = cu_q.shape[0]
     values = torch.cat((cu_q, cu_k)).tolist()
     check_bounds("cu_seqlens_q", values[:n], total_q, "max_seqlen_q", max_seqlen_q)
     check_bounds("cu_seqlens_k", values[n:], total_k, "max_seqlen_k", max_seqlen_k)
+    return values[n - 1], values[-1]
 
 
 def check_bounds(name: str, cu: list[int], total: int, max_name: str, max_seqlen: int) -> None:
     """One cu_seqlens, read to host ints (length >= 2): it starts at 0, never decreases and ends at
-    the token count, and no sequence is longer than max_seqlen; else a ValueError naming both."""
+    most at the token count (rows past its end are padding, as flash_attn allows), and no sequence
+    is longer than max_seqlen; else a ValueError naming both."""
     lens = [b - a for a, b in zip(cu, cu[1:])]
-    if cu[0] != 0 or cu[-1] != total or min(lens) < 0:
+    if cu[0] != 0 or cu[-1] > total or min(lens) < 0:
         shown = cu if len(cu) <= 64 else cu[:32] + ["..."] + cu[-32:]
         # where it goes wrong: a long cu_seqlens is shown shortened, which may hide the decrease
         if cu[0] != 0:
@@ -82,7 +86,7 @@ def check_bounds(name: str, cu: list[int], total: int, max_name: str, max_seqlen
             where = f"{name} decreases from {cu[i]} at index {i} to {cu[i + 1]} at index {i + 1}"
         else:
             where = f"{name}[-1] is {cu[-1]}"
-        raise ValueError(f"{name} must start at 0, never decrease and end at the token count {total} "
+        raise ValueError(f"{name} must start at 0, never decrease and end at most at the token count {total} "
                          f"({where}), got {shown}")
     if max(lens) > max_seqlen:
         raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence in {name} "
@@ -134,6 +138,11 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     trusted, as in flash_attn, while a CUDA graph is captured (no host reads there) and under
     torch.compile (no values while tracing).
 
+    q, k and v may be longer than their sequences (cu_seqlens_q[-1] < total_q, cu_seqlens_k[-1] <
+    total_k; flash_attn allows such padded buffers): padding rows output 0 with lse -inf and get
+    zero gradients. While a CUDA graph is captured or under torch.compile (values not read) the
+    padding rows of out and lse are left unspecified, as flash_attn leaves them.
+
     deterministic=False permits a non-deterministic backward (see flash_attention): the Triton
     backward adds dQ with atomics only under ATTNLIB_FLASH_ATOMIC_DQ=1.
     """
@@ -162,13 +171,17 @@ def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         if cu_seqlens_q.shape != cu_seqlens_k.shape:
             raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have one length (batch + 1), got "
                              f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+        ends = None
         if not host_checked and _values_readable(cu_seqlens_q):
-            _check_cu_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+            ends = _check_cu_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
         for name, flag in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         scale = check_scale(scale, q.shape[2])
         _pick_backend(backend, q, k, v, cu_seqlens_q, causal, scale)  # raises for a backend that cannot run it
+        if ends is not None and (ends[0] < q.shape[0] or ends[1] < k.shape[0]):
+            return _padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ends, causal=causal,
+                           scale=scale, return_lse=return_lse, backend=backend, deterministic=deterministic)
     elif scale is None:
         scale = q.shape[2] ** -0.5
     else:
@@ -176,6 +189,22 @@ def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     out, lse = torch.ops.attnlib.flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                               causal, scale, backend, deterministic)
     return (out, lse) if return_lse else out
+
+
+def _padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ends: tuple[int, int], *, causal,
+            scale, return_lse, backend, deterministic):
+    """Buffers longer than their sequences (cu_seqlens_q[-1] < total_q or cu_seqlens_k[-1] <
+    total_k: padding rows, as in static buffers sized for CUDA graphs): the sequences' rows only
+    (views), then the padding rows appended as output 0 and lse -inf, rows that see no key. Their
+    gradients are 0 (flash_attn leaves such rows of out, lse, dq, dk, dv unwritten)."""
+    (q_end, k_end), total_q = ends, q.shape[0]
+    out, lse = packed_attention(q[:q_end], k[:k_end], v[:k_end], cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                max_seqlen_k, causal=causal, scale=scale, return_lse=True, backend=backend,
+                                deterministic=deterministic, host_checked=True)
+    out = torch.cat((out, out.new_zeros(total_q - q_end, *out.shape[1:])))
+    if not return_lse:
+        return out
+    return out, torch.cat((lse, lse.new_full((lse.shape[0], total_q - q_end), float("-inf"))), dim=1)
 
 
 # -- the custom ops: forward and backward, opaque to torch.compile -------------------------------

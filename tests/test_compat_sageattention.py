@@ -323,3 +323,20 @@ def test_smooth_v_keeps_a_large_v_mean(name, kw, v_mean, tol, is_causal, tensor_
     plain = t(fn(t(q), t(k), t(v), tensor_layout=tensor_layout, is_causal=is_causal, smooth_v=False, **kw))
     err_plain = (plain.double() - exact)[:, :, sees].abs().max().item()
     assert not math.isfinite(err_plain) or err_plain > 10 * tol, err_plain  # the need for smoothing
+
+
+def test_varlen_padded_buffers():
+    """Buffers longer than their sequences (cu_seqlens[-1] < total, as flash_attn allows): the
+    sequences' rows are the exact buffers' answer, rows past the last sequence are 0. One
+    sequence in a padded buffer must not attend the padding rows."""
+    from attnlib.compat.sageattention import sageattn_varlen
+
+    for lens_q, lens_k in (([9, 0, 13], [11, 4, 6]), ([17], [12])):
+        q, k, v, cq, ck = _packed_sequences(lens_q + [5], lens_k + [3])
+        cq, ck = cq[:-1], ck[:-1]
+        nq, nk = sum(lens_q), sum(lens_k)
+        out = sageattn_varlen(q, k, v, cq, ck, max(lens_q), max(lens_k), sm_scale=0.15)
+        want = sageattn_varlen(q[:nq], k[:nk], v[:nk], cq, ck, max(lens_q), max(lens_k), sm_scale=0.15)
+        assert out.shape == q.shape
+        assert torch.equal(out[:nq], want)
+        assert torch.equal(out[nq:], torch.zeros_like(out[nq:]))

@@ -170,7 +170,7 @@ def test_float64_runs_on_torch_backend(causal, triton_calls):
 
 @pytest.mark.parametrize("change, error, match", [
     (dict(cu_seqlens_q=torch.tensor([0, 3, 7], dtype=torch.int64)), TypeError, "cu_seqlens_q must have dtype"),
-    (dict(cu_seqlens_k=torch.tensor([0, 2, 6], dtype=torch.int32)), ValueError, "cu_seqlens_k must start at 0"),
+    (dict(cu_seqlens_k=torch.tensor([0, 2, 8], dtype=torch.int32)), ValueError, "cu_seqlens_k must start at 0"),
     (dict(cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32), max_seqlen_k=7), ValueError, "one length"),
     (dict(max_seqlen_q=3), ValueError, "max_seqlen_q"),
     (dict(max_seqlen_k=2.5), TypeError, "max_seqlen_k"),
@@ -182,7 +182,7 @@ def test_float64_runs_on_torch_backend(causal, triton_calls):
     (dict(backend="gpu"), ValueError, "backend"),
     (dict(cu_seqlens_q=torch.tensor([1, 3, 7], dtype=torch.int32)), ValueError, "cu_seqlens_q must start at 0"),
     (dict(cu_seqlens_q=torch.tensor([0, 8, 7], dtype=torch.int32)), ValueError, "never decrease"),
-    (dict(cu_seqlens_q=torch.tensor([0, 3, 6], dtype=torch.int32)), ValueError, "end at the token count 7"),
+    (dict(cu_seqlens_q=torch.tensor([0, 3, 8], dtype=torch.int32)), ValueError, "end at most at the token count 7"),
     (dict(max_seqlen_k=4), ValueError, r"max_seqlen_k \(4\) is smaller than the longest sequence"),
 ])
 def test_bad_arguments(change, error, match, triton_calls):

@@ -86,8 +86,8 @@ def test_varlen_bad_cu_seqlens_error_names_where():
         attnlib.flash_attention_varlen(q, k, v, good, bad, 1, 1)
     with pytest.raises(ValueError, match=r"\(cu_seqlens_q\[0\] is 1\)"):
         attnlib.flash_attention_varlen(q, k, v, good + 1, good, 1, 1)
-    with pytest.raises(ValueError, match=r"token count 199 \(cu_seqlens_q\[-1\] is 198\)"):
-        attnlib.flash_attention_varlen(q, k, v, torch.cat((good[:-1], good[-2:-1])), good, 1, 1)
+    with pytest.raises(ValueError, match=r"token count 199 \(cu_seqlens_q\[-1\] is 200\)"):
+        attnlib.flash_attention_varlen(q, k, v, torch.cat((good[:-1], good[-1:] + 1)), good, 1, 1)
     with pytest.raises(TypeError, match="cu_seqlens_q must have dtype torch.int32, got torch.int64"):
         attnlib.flash_attention_varlen(q, k, v, good.long(), good, 1, 1)
 
@@ -124,3 +124,50 @@ def test_varlen_double_backward_and_jvp_raise_instead_of_zeros():
     with pytest.raises(NotImplementedError, match="forward-mode"):
         torch.func.jvp(lambda a: attnlib.flash_attention_varlen(a, k, v, cu_q, cu_k, 6, 7), (q,),
                        (torch.randn_like(q),))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_varlen_padded_buffers(backend, dtype):
+    """flash_attn takes q/k/v longer than their sequences (static buffers sized for CUDA graphs:
+    cu_seqlens[-1] < total); they were refused here. The sequences' rows give the exact buffers'
+    answer, padding rows output 0 with lse -inf, and every padding row's gradient is 0 (the
+    sequences' gradients as without padding)."""
+    if backend == "triton" and dtype == torch.float16 and DEVICE == "cpu":
+        dtype = torch.float32  # keep the interpreter run small: one dtype suffices there
+    lq, lk = [5, 0, 9], [7, 3, 6]
+    pad_q, pad_k = 4, 3
+    q, k, v = _packed(lq + [pad_q], lk + [pad_k], 4, 2, 16, dtype, seed=21)
+    g = torch.Generator().manual_seed(22)
+    dout = torch.randn(q.shape, generator=g).to(DEVICE, dtype)
+    cq, ck = _cu(lq), _cu(lk)
+    nq, nk = sum(lq), sum(lk)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attnlib.flash_attention_varlen(*leaves, cq, ck, max(lq), max(lk), causal=True, return_lse=True,
+                                              backend=backend)
+    out.backward(dout)
+    assert out.shape == q.shape and lse.shape == (4, q.shape[0])
+    ref64, lse64 = flash_varlen_reference(q[:nq].double(), k[:nk].double(), v[:nk].double(), cq, ck, causal=True,
+                                          return_lse=True)
+    assert (out[:nq].double() - ref64).abs().max().item() <= ATOL[dtype]
+    assert torch.equal(out[nq:], torch.zeros_like(out[nq:]))
+    assert torch.isneginf(lse[:, nq:]).all()
+    finite = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse[:, :nq]), finite)
+    assert (lse[:, :nq][finite].double() - lse64[finite]).abs().max().item() <= 1e-3
+    exact = [t.detach().clone().requires_grad_() for t in (q[:nq], k[:nk], v[:nk])]
+    o2 = attnlib.flash_attention_varlen(*exact, cq, ck, max(lq), max(lk), causal=True, backend=backend)
+    o2.backward(dout[:nq])
+    for full, part, n in zip(leaves, exact, (nq, nk, nk)):
+        assert torch.equal(full.grad[n:], torch.zeros_like(full.grad[n:]))
+        assert (full.grad[:n].double() - part.grad.double()).abs().max().item() <= ATOL[dtype]
+    # the flash_attn entry point takes the same buffers
+    out_fa = fa.flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk), causal=True)
+    assert torch.equal(out_fa[nq:], torch.zeros_like(out_fa[nq:]))
+    assert (out_fa[:nq].double() - ref64).abs().max().item() <= ATOL[dtype]
+
+
+def test_varlen_cu_seqlens_past_the_buffer_still_refused():
+    q, k, v = _packed([3, 4], [3, 4], 2, 1, 16, torch.float32, seed=5)
+    with pytest.raises(ValueError, match=r"end at most at the token count 7 \(cu_seqlens_k\[-1\] is 8\)"):
+        attnlib.flash_attention_varlen(q, k, v, _cu([3, 4]), _cu([3, 5]), 4, 5)

@@ -134,7 +134,8 @@ def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
     """SageAttention on packed sequences with the sageattention package's signature: q
     (total_q, Hq, D), k and v (total_k, Hkv, D), cu_seqlens_q / cu_seqlens_k int32 or int64
     (batch + 1,) on q's device. Returns (total_q, Hq, D) in q's dtype. A sequence with queries but
-    no keys gives zeros. qk_quant_gran, pv and backend keywords as in sageattn."""
+    no keys gives zeros, as do rows past cu_seqlens_q[-1] (a buffer longer than its sequences).
+    qk_quant_gran, pv and backend keywords as in sageattn."""
     varlen.check_packed(q, k, v)
     _check_arguments("NHD", is_causal, sm_scale)
     if not isinstance(smooth_k, bool):
@@ -148,13 +149,15 @@ def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
     options = dict(causal=is_causal, scale=scale, layout="bshd", smooth_k=smooth_k,
                    qk_granularity=_qk_granularity(kwargs), pv=kwargs.get("pv", "fp16"),
                    backend=kwargs.get("backend", "auto"))
-    if q.shape[0] == 0 or len(bq) == 2:  # one sequence (or none): one call checks everything
+    if q.shape[0] == 0:  # nothing to attend: one call checks everything
         return api.sage_attention(q[None], k[None], v[None], **options)[0]
     parts = []
     for (q0, q1), (k0, k1) in zip(zip(bq, bq[1:]), zip(bk, bk[1:])):
         # every sequence runs, empty ones too, so bad input raises whatever the lengths
         parts.append(api.sage_attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], **options)[0])
-    return torch.cat(parts)
+    if bq[-1] < q.shape[0]:  # rows past the last sequence (a padded buffer) give 0
+        parts.append(parts[0].new_zeros(q.shape[0] - bq[-1], *parts[0].shape[1:]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 # SageAttention2's kernel-specific entry points (sageattention 2.x), which pipelines call directly

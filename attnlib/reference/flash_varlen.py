@@ -11,7 +11,8 @@ from .flash import flash_reference
 def per_sequence(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                  cu_seqlens_k: torch.Tensor):
     """A dense attention fn(q, k, v) -> (out, lse) on (1, H, s, d) views run over packed varlen
-    sequences (flash_attention_varlen's layout): (out (total_q, H, Dv), lse (H, total_q))."""
+    sequences (flash_attention_varlen's layout): (out (total_q, H, Dv), lse (H, total_q)); rows
+    past cu_seqlens_q[-1] (padding) give 0 and -inf."""
     outs, lses = [], []
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
@@ -20,6 +21,10 @@ def per_sequence(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         o, lse = fn(qs, ks, vs)
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0])
+    pad = q.shape[0] - cq[-1]
+    if pad:
+        outs.append(q.new_zeros(pad, q.shape[1], v.shape[2], dtype=outs[0].dtype))
+        lses.append(torch.full((q.shape[1], pad), float("-inf"), dtype=lses[0].dtype, device=q.device))
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
