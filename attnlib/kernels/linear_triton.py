@@ -60,7 +60,11 @@ SMALLEST_FITTED_SMEM = 101376
 # The causal backward with key head dims padded to 16 (dk <= 16) faulted with an illegal memory
 # access on an H100 (stop 22: tests/test_linear_triton.py::test_relu_eps_zero_backends_agree,
 # fp32 relu, dk = dv = 16, MQA, 12 rows) where every index traced in bounds under the interpreter;
-# key tiles of 32 and up passed there. Until a GPU run finds the cause (the memcheck command is in
+# key tiles of 32 and up passed there. Likely the class of upstream Triton faults on Hopper in
+# kernels with several tl.dot over narrow tiles (triton-lang/triton#10573: "3.6.0 and later", an
+# attention backward at head dim 32; #10486 and #11366: several dots, BLOCK_D 32, "Invalid __shared__
+# read" under memcheck, clean on 3.5.1), as stop 19's dk 64 / dv 32 fault in the dk kernel (see
+# triton_kernels/linear/kernels.causal_value_pad). Until a GPU run finds the cause (the memcheck command is in
 # bench/results/nvidia-h100-80gb-hbm3/NOTES-stop22-2026-11-27.md), such calls with gradients run on
 # linear-torch-chunked instead of risking a fault that ends the process's CUDA context.
 UNFAULTED_CAUSAL_KEY_PAD = 32
