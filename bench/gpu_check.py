@@ -19,18 +19,19 @@ for 30 s only; a fresh start costs 1-2 minutes), then ``give_back``:
    ``export PYTHONUNBUFFERED=1; python3 -m pip install -q --no-deps --no-build-isolation -e .
    >/tmp/install.log 2>&1 || { tail -20 /tmp/install.log; exit 1; }; timeout -s INT -k 15 345
    python3 bench/gpu_check.py --skip-bench --skip-sanitizer --pytest-budget 300``)
-2. benchmarks: sage (pv=fp8 on the transposed V of stop 22, against pv=fp16 and SDPA), linear
-   (the 32k GB/s with the stop 22 configs, end to end), the causal linear sweep again (stop 22's
-   dq and dk/dv configs were timed apart), then flash, sla and the kernel profile in what is left
-   (stop 23 moved SLA's masked state sum and key-block preprocess to 16-bit tensor cores: the
-   profile's SLA rows give their kernel times against 1.25 / 0.61 ms on the H200 and 1.82 / 0.63 ms
-   on the H100 before);
+2. benchmarks for the open issues' targets, in gpu_check's order: flash (issue 4: attnlib-cuda
+   against sdpa-flash at hd128 4k / 16k), linear (issue 6: the 32k GB/s with the stop 22 configs,
+   end to end), sla (issue 7, up to 90 s: critical 0.05 at blocks (64, 64) and (128, 64)) and the
+   kernel profile (stop 23 moved SLA's masked state sum and key-block preprocess to 16-bit tensor
+   cores: the profile's SLA rows give their kernel times against 1.25 / 0.61 ms on the H200 and
+   1.82 / 0.63 ms on the H100 before). Sage (issue 5, blocked at stop 24) and the causal linear
+   sweep are left out; name them in --suites to run them after;
    run(timeout_s=400, carry=[".whl"], command=
    ``export PYTHONUNBUFFERED=1; python3 -m pip install -q --no-index --no-deps --no-compile
    --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site;
    python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || exit 1;
    timeout -s INT -k 15 370 python3 bench/gpu_check.py --skip-tests
-   --suites sage,linear,sweep_linear_causal,flash,sla,profile --end 340``)
+   --suites linear,flash,sla,profile --end 340``)
    (without ``.whl/``, drop the wheel install; a fresh machine needs the ``-e .`` install again)
 
 The two limits add up to 770 s, under 13 minutes (with a 1-2 minute start, inside the 15): each
@@ -38,7 +39,7 @@ The two limits add up to 770 s, under 13 minutes (with a 1-2 minute start, insid
 suite in hand), writes what it has and exits, and the call then reports rc 124 with every file
 back. Call 1 takes about 320 s (pytest is cut at 300 s: the list does not finish; the summary's
 tier table says how far it got; in stop 22 the whole list of 1379 tests took 268 s), call 2
-about 350 s (each suite in gpu_check's order, each to its end mark; sweep_linear_causal 120 s).
+about 300 s (each suite in gpu_check's order, each to its end mark or budget).
 Helpers (subagents) must not call the device tool: in stop 22 one did, and the 150 s it spent
 left too little to start a machine for the check of the fixes. Before call 2, if ``status`` shows less than 430 s of budget left, lower ``--end`` and both
 limits by the difference. Afterwards, here: ``python bench/gpu_check.py --import <files_at of
@@ -129,7 +130,7 @@ ASYMRNR_END_S = 325.0
 SAGE_BUDGET_S = 40.0        # sage end to end vs SDPA / flash / sageattention 1.0.6; never past SAGE_END_S
 SAGE_END_S = 370.0
 SPARSE_LINEAR_END_S = 425.0  # block_sparse (30 s) and linear (20 s) share what is left up to here
-SLA_END_S = 470.0            # sla (issue 7: Wan2.1-1.3B fwd/bwd vs flash / SDPA), 40 s, never past this mark
+SLA_END_S = 470.0            # sla (issue 7: Wan2.1-1.3B fwd/bwd vs flash / SDPA), 90 s, never past this mark
 PROFILE_END_S = 505.0        # bench/profile_gpu.py: eager vs CUDA graph and the kernels of each case, 35 s
 PER_TEST_TIMEOUT_S = 120
 OVERHEAD_BUDGET_S = 30.0     # run 1: 15 s ended before sla / predict_block_mask (first-call compiles)
@@ -662,7 +663,7 @@ SUITE_TABLE = (
     ("overhead", "bench.bench_overhead", "run_overhead_suite", OVERHEAD_BUDGET_S, "sparse_linear", {"out": True}),
     ("block_sparse", "bench.bench_block_sparse", "run_block_sparse_suite", 30.0, "sparse_linear", {}),
     ("linear", "bench.bench_linear", "run_linear_suite", 20.0, "sparse_linear", {}),
-    ("sla", "bench.bench_sla", "run_sla_suite", 40.0, "sla", {}),
+    ("sla", "bench.bench_sla", "run_sla_suite", 90.0, "sla", {}),
     # the profile writes profile.md beside the rest
     ("profile", "bench.profile_gpu", "run_profile_suite", 35.0, "profile", {"out": True}),
     ("sweep_linear", "bench.sweep_linear", "run_sweep_suite", 120.0, "sweep", {"out": True}),
