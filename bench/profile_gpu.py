@@ -6,12 +6,13 @@ For each case: the call's median time with CUDA events (as the benchmarks time i
 replayed from a CUDA graph (no host work: the gap to the eager time is Python / launch overhead),
 and the device kernels it launches with their summed time from torch.profiler. Cases:
 
+- sla at critical 0.05 on the Wan2.1-1.3B shape, forward, at block sizes (64, 64) and (128, 64):
+  the linear branch took 62% of the forward at stop 19 (the per-tile aggregation, 1.75x slower
+  there, is no longer profiled);
+- the SLA forward and backward together (a training step of the attention alone);
+- flash auto vs torch SDPA (bf16, no grad) at the Wan2.1-1.3B shape: auto should now be SDPA;
 - block_sparse at density 0.05 and 0.1 (bench_block_sparse's shape): the H100 run of 2026-11-27
   measured 0.65 ms at 0.05, no less than 0.62 ms at 0.1, where FlexAttention took 0.34 ms;
-- sla at critical 0.05 on the Wan2.1-1.3B shape, forward, row states (default) and per tile:
-  the linear branch took 62% of the forward there;
-- flash auto vs torch SDPA (bf16, no grad) at the Wan2.1-1.3B shape: auto should now be SDPA;
-- the SLA forward and backward together (a training step of the attention alone);
 - the linear forward at 128k tokens (run 1: 27% of the copy bandwidth);
 - AsymRnR at the Wan2.1-1.3B shape, whole call and the matching alone (run 2: 4.25 ms of 9.18).
 Cases that may fail CUDA-graph capture (a host sync inside the call) come last. gpu_check.py runs
@@ -20,7 +21,6 @@ it as its last suite ("profile"), within a time budget: cases past it are listed
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -32,8 +32,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-
-from bench.runner import env_var as _env  # noqa: E402
 
 
 def _median_ms(fn: Callable[[], object], reps: int = 30) -> float:
@@ -85,7 +83,7 @@ LINEAR_SHAPE = (1, 16, 131072, 128)
 
 def cases(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, *, sla_shape=None, sparse_shape=None,
           linear_shape=LINEAR_SHAPE, grid=None):
-    """(name, call, ATTNLIB_SLA_ROW_STATES or None) per case, inputs made as each is reached.
+    """(name, call) per case, inputs made as each is reached.
     The keyword arguments (shapes, the AsymRnR grid, whose product must equal sla_shape's seq)
     and device / dtype are for the CPU smoke test; the defaults are the benchmarks' shapes."""
     import attnlib
@@ -100,20 +98,11 @@ def cases(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, *, sla_shap
                            generator=gen) for _ in range(3))
     pw = torch.randn(w["head_dim"], w["head_dim"], device=device, dtype=dtype, generator=gen) * 0.02
     pb = torch.zeros(w["head_dim"], device=device, dtype=dtype)
-    yield ("flash auto (bf16, no grad) Wan2.1-1.3B", lambda: attnlib.flash_attention(q, k, v), None)
-    yield ("flash triton Wan2.1-1.3B", lambda: attnlib.flash_attention(q, k, v, backend="triton"), None)
-    yield ("torch SDPA default Wan2.1-1.3B", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), None)
-    s = sparse_shape or bbs.SHAPE
-    qs, ks, vs = (torch.randn(s["batch"], s["heads"], s["seq"], s["head_dim"], device=device, dtype=dtype,
-                              generator=gen) for _ in range(3))
-    for density in (0.05, 0.1):
-        mask = bbs.random_block_mask(density, device=device, shape=s)
-        yield (f"block_sparse triton density {density} ({s['heads']}x{s['seq']}, hd{s['head_dim']}, block {bbs.BLOCK})",
-               lambda m=mask: attnlib.block_sparse_attention(qs, ks, vs, m, block_size=bbs.BLOCK, backend="triton"), None)
-    for rows in ("1", "0"):
-        yield (f"sla fwd critical 0.05 Wan2.1-1.3B, ATTNLIB_SLA_ROW_STATES={rows}",
-               lambda: attnlib.sla_attention(q, k, v, pw, pb, critical=0.05, negligible=bsla.NEGLIGIBLE,
-                                             block_size=bsla.BLOCK, backend="triton"), rows)
+    # issue 7's first (where its time goes is what the next change needs), then the others
+    for block in (bsla.BLOCK, bsla.WIDE_BLOCK):
+        yield (f"sla fwd critical 0.05 Wan2.1-1.3B, block_size {block}",
+               lambda b=block: attnlib.sla_attention(q, k, v, pw, pb, critical=0.05, negligible=bsla.NEGLIGIBLE,
+                                                     block_size=b, backend="triton"))
     qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
     pwg = pw.detach().clone().requires_grad_()
     dout = torch.randn_like(q)
@@ -125,17 +114,27 @@ def cases(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, *, sla_shap
             out.backward(dout)
         for t in (qg, kg, vg, pwg):
             t.grad = None
-    yield ("sla fwd+bwd critical 0.05 Wan2.1-1.3B (row states)", sla_train_step, None)
+    yield ("sla fwd+bwd critical 0.05 Wan2.1-1.3B (row states)", sla_train_step)
+    yield ("flash auto (bf16, no grad) Wan2.1-1.3B", lambda: attnlib.flash_attention(q, k, v))
+    yield ("flash triton Wan2.1-1.3B", lambda: attnlib.flash_attention(q, k, v, backend="triton"))
+    yield ("torch SDPA default Wan2.1-1.3B", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    s = sparse_shape or bbs.SHAPE
+    qs, ks, vs = (torch.randn(s["batch"], s["heads"], s["seq"], s["head_dim"], device=device, dtype=dtype,
+                              generator=gen) for _ in range(3))
+    for density in (0.05, 0.1):
+        mask = bbs.random_block_mask(density, device=device, shape=s)
+        yield (f"block_sparse triton density {density} ({s['heads']}x{s['seq']}, hd{s['head_dim']}, block {bbs.BLOCK})",
+               lambda m=mask: attnlib.block_sparse_attention(qs, ks, vs, m, block_size=bbs.BLOCK, backend="triton"))
     ql, kl, vl = (torch.randn(*linear_shape, device=device, dtype=dtype, generator=gen) for _ in range(3))
     yield ("linear fwd non-causal elu (1x16x131072, hd128; the linear bench's largest shape)",
-           lambda: attnlib.linear_attention(ql, kl, vl, backend="triton"), None)
+           lambda: attnlib.linear_attention(ql, kl, vl, backend="triton"))
     from attnlib.asymrnr import match, partition
 
     rq, rkv = barn.PAPER_RATIOS
     part = partition(grid, device=device)
     yield (f"asymrnr q {rq} kv {rkv} Wan2.1-1.3B (matching every call)",
-           lambda: attnlib.attention(q, k, v, method="asymrnr", grid=grid, q_ratio=rq, kv_ratio=rkv), None)
-    yield ("asymrnr matching of Q and V alone Wan2.1-1.3B", lambda: (match(q, part), match(v, part)), None)
+           lambda: attnlib.attention(q, k, v, method="asymrnr", grid=grid, q_ratio=rq, kv_ratio=rkv))
+    yield ("asymrnr matching of Q and V alone Wan2.1-1.3B", lambda: (match(q, part), match(v, part)))
 
 
 def run_profile_suite(budget_s: float = 60.0, log: Callable[[str], None] = print, out: str = "gpu-results"
@@ -159,22 +158,20 @@ def main(argv=None, log: Callable[[str], None] = print, records: list | None = N
              "eager: median of 30 calls with CUDA events; graph: the same call replayed from a CUDA graph "
              "(no host work); kernels: torch.profiler device time per call.", ""]
     with torch.no_grad():
-        for name, fn, rows in cases():
+        for name, fn in cases():
             if args.budget is not None and time.perf_counter() - t0 > args.budget:
                 lines += [f"## {name}", "", "not run: the profile's time budget was spent", ""]
                 continue
-            ctx = _env("ATTNLIB_SLA_ROW_STATES", rows) if rows is not None else contextlib.nullcontext()
-            with ctx:
-                try:
-                    fn()
-                    torch.cuda.synchronize()
-                    eager = _median_ms(fn)
-                    graph = _graph_ms(fn)
-                    ks = _kernels(fn)
-                except Exception as e:  # noqa: BLE001 - record and go on
-                    lines += [f"## {name}", "", f"failed: {type(e).__name__}: {str(e)[:300]}", ""]
-                    log(lines[-2])
-                    continue
+            try:
+                fn()
+                torch.cuda.synchronize()
+                eager = _median_ms(fn)
+                graph = _graph_ms(fn)
+                ks = _kernels(fn)
+            except Exception as e:  # noqa: BLE001 - record and go on
+                lines += [f"## {name}", "", f"failed: {type(e).__name__}: {str(e)[:300]}", ""]
+                log(lines[-2])
+                continue
             g = f"{graph:.3f} ms" if isinstance(graph, float) else graph
             lines += [f"## {name}", "", f"eager {eager:.3f} ms; graph {g}; kernel time "
                       f"{sum(r[2] for r in ks):.3f} ms in the top {len(ks)}", "",

@@ -173,17 +173,13 @@ def test_block_sparse_sweep_runs_on_cpu(tmp_path):
 def test_profile_cases_run_on_cpu():
     """bench/profile_gpu.py's cases (GPU only in gpu_check): each call built and run once at tiny
     fp32 shapes under the interpreter, so a renamed argument shows here."""
-    import contextlib
-
     from bench import profile_gpu
-    from bench.runner import env_var
 
     names = []
-    for name, fn, rows in profile_gpu.cases("cpu", torch.float32, sla_shape=dict(batch=1, heads=2, seq=128, head_dim=32),
-                                            sparse_shape=dict(batch=1, heads=2, seq=256, head_dim=32),
-                                            linear_shape=(1, 2, 128, 32), grid=(2, 4, 16)):
-        ctx = env_var("ATTNLIB_SLA_ROW_STATES", rows) if rows is not None else contextlib.nullcontext()
-        with ctx, torch.no_grad():
+    for name, fn in profile_gpu.cases("cpu", torch.float32, sla_shape=dict(batch=1, heads=2, seq=128, head_dim=32),
+                                      sparse_shape=dict(batch=1, heads=2, seq=256, head_dim=32),
+                                      linear_shape=(1, 2, 128, 32), grid=(2, 4, 16)):
+        with torch.no_grad():
             fn()
         names.append(name)
     assert len(names) == 11 and any(n.startswith("asymrnr matching") for n in names), names
