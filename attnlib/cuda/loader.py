@@ -183,8 +183,26 @@ def compile_nvrtc(spec: KernelSpec, arch: str, *, csrc: str | None = None, ptx: 
 
 # -- binaries: shipped cubin, disk cache, NVRTC --------------------------------------------------
 def cubin_dir() -> str:
-    return os.environ.get("ATTNLIB_CUBIN_DIR") or os.path.join(os.path.dirname(os.path.dirname(
+    # expanduser as for ATTNLIB_CACHE_DIR (cache.default_cache_dir): a "~" no shell expanded (a
+    # Dockerfile ENV) made every shipped cubin silently missing, and NVRTC compile them instead
+    env = os.environ.get("ATTNLIB_CUBIN_DIR")
+    return os.path.expanduser(env) if env else os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "_cubins")
+
+
+_source_hashes: dict[tuple[str, KernelSpec], str] = {}
+
+
+def _source_hash_once(csrc: str, spec: KernelSpec) -> str:
+    """source_hash, computed once per process for (sources folder, spec): shipped_cubin runs in
+    every dispatch check of a CUDA kernel (arch_reasons), where reading and hashing the sources
+    again cost about 1 ms per attention call. A running process keeps the kernels it loaded
+    anyway (get_function), so sources edited under it are not picked up either way."""
+    key = (csrc, spec)
+    h = _source_hashes.get(key)
+    if h is None:
+        h = _source_hashes[key] = source_hash(csrc, spec)
+    return h
 
 
 def shipped_cubin(spec: KernelSpec, cc: tuple[int, int], csrc: str | None = None) -> str | None:
@@ -196,7 +214,7 @@ def shipped_cubin(spec: KernelSpec, cc: tuple[int, int], csrc: str | None = None
     if not os.path.isdir(d):
         return None
     try:
-        h = source_hash(csrc or toolchain.csrc_dir(), spec)
+        h = _source_hash_once(csrc or toolchain.csrc_dir(), spec)
     except FileNotFoundError:
         return None
     major, minor = cc

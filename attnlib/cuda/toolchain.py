@@ -25,7 +25,7 @@ def csrc_dir() -> str:
     repository's csrc/ next to the attnlib package (a source checkout)."""
     env = os.environ.get("ATTNLIB_CSRC_DIR")
     if env:
-        return env
+        return os.path.expanduser(env)  # as ATTNLIB_CACHE_DIR: a "~" no shell expanded
     tried = []
     try:
         spec = importlib.util.find_spec("attnlib._csrc")

@@ -158,7 +158,7 @@ class SageCUDA(CudaKernel):
     def spec(self, inp: AttentionInputs):
         from ..cuda.specs import sage_fwd_spec
 
-        return sage_fwd_spec(inp.head_dim, inp.causal, "fp16")
+        return sage_fwd_spec(inp.head_dim, inp.causal, inp.options.get("pv", "fp16"), block_n=K_BLOCK)
 
     def forward(self, inp: AttentionInputs):
         out, lse = sage_forward_cuda(inp)
