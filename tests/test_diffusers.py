@@ -463,3 +463,104 @@ def test_models_without_apply_pickle_as_before():
         assert classes_of(m) == classes and attention_module_classes(m) == module_classes
     assert shadow_modules() == []
     assert torch.equal(run(loaded, inputs), run(model, inputs))
+
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_set_attn_processor_round_trip_keeps_attnlib(name, attnlib_calls):
+    """diffusers' PAG pipelines save model.attn_processors, assign their own processor to a few
+    modules, and put the saved ones back after every call: the model must stay on attnlib. apply()
+    switches processors in place, so processors saved *before* apply() are the same objects and
+    putting them back does not undo it either (the module docstring says why); remove() does."""
+    model, inputs, n_attn = MODELS[name]()
+    native = run(model, inputs)
+    before, classes = processors(model), classes_of(model)
+    saved_before = model.attn_processors
+    assert attnlib_diffusers.apply(model, method="flash") == n_attn
+    saved = model.attn_processors
+    assert all(p is saved_before[n] for n, p in saved.items())
+    name0, module0 = next((n, m) for n, m in model.named_modules() if hasattr(m, "set_processor"))
+    module0.processor = type(module0.processor)._attnlib_original_class()  # as PAG assigns its own
+    run(model, inputs)
+    assert attnlib_calls == ["flash"] * (n_attn - 1)
+    model.set_attn_processor(saved)
+    assert all(map(is_switched, processors(model).values()))
+    attnlib_calls.clear()
+    assert_verbose_allclose(run(model, inputs), native, atol=FLASH_ATOL, rtol=FLASH_RTOL)
+    assert attnlib_calls == ["flash"] * n_attn
+    model.set_attn_processor(saved_before)  # the same objects: still on attnlib
+    assert all(map(is_switched, processors(model).values()))
+    assert attnlib_diffusers.remove(model) == n_attn
+    attnlib_calls.clear()
+    assert_restored(model, inputs, native, before, classes)
+    assert attnlib_calls == []
+
+
+def test_sdpa_kernel_math_leaves_the_calls_to_diffusers(monkeypatch):
+    """sdpa_kernel(SDPBackend.MATH) around a model apply() switched: torch's math path, through
+    diffusers' own dispatch (attnlib's flash stood in for it before)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from attnlib import api
+
+    served = []
+    real = api.attention
+    monkeypatch.setattr(api, "attention", lambda *a, **kw: served.append(kw["method"]) or real(*a, **kw))
+    model, inputs, n_attn = tiny_flux()
+    with sdpa_kernel(SDPBackend.MATH):
+        native = run(model, inputs)
+    attnlib_diffusers.apply(model, method="flash")
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            out = run(model, inputs)
+        assert served == [] and torch.equal(out, native)
+        run(model, inputs)
+        assert served == ["flash"] * n_attn
+    finally:
+        attnlib_diffusers.remove(model)
+
+
+def test_set_default_attn_processor_after_apply_on_a_unet(attnlib_calls):
+    """UNets and VAEs check ``proc.__class__ in CROSS_ATTENTION_PROCESSORS`` in
+    set_default_attn_processor, which raised ValueError after apply() (the routed subclass is not in
+    that set); it must replace the processors and so undo apply()."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=8, norm_num_groups=8).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.tensor([10]),
+                  encoder_hidden_states=torch.randn(1, 5, 16, generator=g), return_dict=False)
+    native = run(unet, inputs)
+    n_attn = attnlib_diffusers.apply(unet, method="flash")
+    assert n_attn == len(unet.attn_processors)
+    assert_verbose_allclose(run(unet, inputs), native, atol=FLASH_ATOL, rtol=FLASH_RTOL)
+    assert attnlib_calls == ["flash"] * n_attn
+    for p in processors(unet).values():  # __class__ reads as the original class, type() is the routed one
+        assert p.__class__ is attention_processor.AttnProcessor2_0 and is_switched(p)
+    unet.set_default_attn_processor()
+    assert {type(p) for p in processors(unet).values()} == {attention_processor.AttnProcessor}
+    assert shadow_modules() == [] and attnlib_diffusers.remove(unet) == 0
+    attnlib_calls.clear()
+    assert_verbose_allclose(run(unet, inputs), native, atol=FLASH_ATOL, rtol=FLASH_RTOL)
+    assert attnlib_calls == []
+
+
+def test_every_pickle_protocol_keeps_the_model_on_attnlib():
+    """Protocols 0 and 1 reduce an object by its __class__, which a routed processor reads as its
+    original class: the reduction must still be recognised as the routed class's."""
+    import pickle
+
+    model, _, n_attn = tiny_flux()
+    attnlib_diffusers.apply(model, method="flash")
+    try:
+        for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+            loaded = pickle.loads(pickle.dumps(model, protocol=protocol))
+            assert all(map(is_switched, processors(loaded).values())), protocol
+            assert attnlib_diffusers.remove(loaded) == n_attn
+    finally:
+        attnlib_diffusers.remove(model)
+    assert shadow_modules() == []

@@ -18,10 +18,22 @@ of Liger's ``monkey_patch`` (STYLE habit 11); no diffusers or torch module is mo
   signature are the original's, so diffusers' kwarg filtering (by ``inspect.signature``) and
   everything else the processor does are unchanged. The copy is taken at apply() time;
 * instance level: each processor's ``__class__`` is set to that subclass (identity, attributes
-  and, for ``nn.Module`` processors, weights stay); remove() sets the original class back and
-  drops shadow modules no processor uses any more. Each attention module whose processor is
-  switched gets a subclass too, whose only change is ``set_processor``: replacing the processor
-  (diffusers' ``set_attn_processor``) undoes apply() for that module, as remove() would;
+  and, for ``nn.Module`` processors, weights stay; ``processor.__class__`` still reads as the
+  original class, which diffusers' class checks test, ``type(processor)`` gives the subclass);
+  remove() sets the original class back and drops shadow modules no processor uses any more.
+  Each attention module whose processor is switched gets a subclass too, whose only change is
+  ``set_processor``: replacing the processor (diffusers' ``set_attn_processor``) undoes apply()
+  for that module, as remove() would. Setting the processor a module already has changes
+  nothing, so ``model.set_attn_processor(saved)`` with processors saved *before* apply()
+  (``saved = model.attn_processors``) does not undo it:
+  apply() switches the processor objects in place, so the saved processors are the switched
+  ones, and that call cannot be told from the round trip diffusers' PAG pipelines make around
+  every call (``original_attn_proc = unet.attn_processors``, PAG processors assigned to a few
+  modules, then ``unet.set_attn_processor(original_attn_proc)``), which must leave the model on
+  attnlib. Switching copies instead would tell them apart, but attributes set through
+  ``model.attn_processors`` after apply() (``set_ip_adapter_scale`` sets each processor's
+  ``scale``) would then land on the copies and be lost at remove(). Undo apply() with remove(),
+  or set new processor objects;
 * the subclasses are made at run time, so pickle cannot find them by name: their
   ``__reduce_ex__`` stores the original class (and the route) and makes the subclass again on
   load, so ``torch.save(model)`` / ``torch.load`` and ``copy.deepcopy`` keep the model on attnlib.
@@ -212,7 +224,8 @@ def _reduce_as(self, protocol: int, loader: Callable, loader_args: tuple):
     deepcopy takes the same path."""
     cls = type(self)
     rv = super(cls, self).__reduce_ex__(protocol)  # (copyreg.__newobj__ or _reconstructor, (cls, ...), state, ...)
-    if not (isinstance(rv, tuple) and len(rv) >= 2 and rv[1] and rv[1][0] is cls):
+    # protocols 0 and 1 (copyreg._reduce_ex) name self.__class__, which a routed processor reads as its original
+    if not (isinstance(rv, tuple) and len(rv) >= 2 and rv[1] and rv[1][0] in (cls, self.__class__)):
         return rv  # a parent's own __reduce__ that does not name the class: nothing to replace
     return (loader, (*loader_args, rv[0], rv[1][1:])) + rv[2:]
 
@@ -252,8 +265,15 @@ def _load_module(original: type, new: Callable, args: tuple):
         return new(_hooked_class(original), *args)
 
 
+# Assigning obj.__class__, which the routed classes' __class__ property hides (its setter).
+_SET_CLASS = object.__dict__["__class__"].__set__
+
+
 def _routed_class(cls: type, name: str, factory: Callable, route: _Route, module_name: str | None = None) -> type:
-    """A subclass of cls whose __call__ is cls.__call__'s code with `name` bound to attnlib."""
+    """A subclass of cls whose __call__ is cls.__call__'s code with `name` bound to attnlib. Its
+    instances' ``__class__`` reads as cls (type() gives the subclass): diffusers tests processor
+    classes by membership, ``proc.__class__ in CROSS_ATTENTION_PROCESSORS`` in the UNets' and VAEs'
+    set_default_attn_processor, which raised after apply(); assigning ``__class__`` still works."""
     original_call = cls.__call__
     module_name = module_name or f"{__name__}._routed_{uuid.uuid4().hex}"  # one per (class, apply call)
     shadow = types.ModuleType(module_name, original_call.__globals__.get("__doc__"))
@@ -269,6 +289,7 @@ def _routed_class(cls: type, name: str, factory: Callable, route: _Route, module
     routed = type(cls.__name__, (cls,), {
         "__call__": call, "__module__": cls.__module__, "__doc__": cls.__doc__,
         "__qualname__": f"{cls.__qualname__}[attnlib {route.method}]", "__reduce_ex__": _processor_reduce_ex,
+        "__class__": property(lambda self: cls, _SET_CLASS),
         "_attnlib_original_class": cls, "_attnlib_shadow": shadow, "_attnlib_route": route,
     })
     return routed
@@ -321,7 +342,8 @@ def _set_processor(self, processor) -> None:
     set_attn_processor and set_default_attn_processor call it). Replacing the processor undoes
     apply() for this module, as remove() would: the replaced processor gets its class back (and its
     shadow module is dropped with its last user; a processor shared by several modules is thereby
-    restored for all of them), the module gets its class back, then diffusers' set_processor runs."""
+    restored for all of them), the module gets its class back, then diffusers' set_processor runs.
+    Setting the processor the module has keeps it switched (see the module docstring: PAG)."""
     original = type(self)._attnlib_module_class
     with _lock:
         if processor is not getattr(self, "processor", None):

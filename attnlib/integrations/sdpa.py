@@ -11,6 +11,20 @@ subclasses with their own __torch_function__ or under a TorchFunctionMode (the d
 aside), and calls of a forward-only method (sage) that build a graph go to torch, also when
 compiled (the fallback's log is skipped while tracing: dynamo cannot trace logging). patch_sdpa
 contexts may end in any order.
+torch's SDPA backend selection is honoured: attnlib stands in for torch's fused kernels, so a call
+for which the user switched every fused backend of its device off goes to torch, which then runs
+its math path (double backward, the reference numerics, debugging) or raises its "no available
+kernel" error. The fused backends are flash on the CPU (torch has no other fused CPU kernel) and
+flash, memory-efficient and cuDNN elsewhere: ``with torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``
+rules them out everywhere, ``torch.backends.cuda.enable_flash_sdp(False)`` alone on the CPU only
+(with ``enable_mem_efficient_sdp(False)`` and ``enable_cudnn_sdp(False)`` on a GPU too). While one
+of them is on (the default: all are) attnlib serves the call, also for a selection such as
+``[FLASH_ATTENTION]`` or ``[EFFICIENT_ATTENTION, MATH]`` on a GPU. The selection wins over
+attnlib's extras (method, backend, patch_sdpa's and diffusers.apply's arguments). The flags are
+process-wide and read on each call (one C call with the defaults, three at most); under
+torch.compile they are read when tracing, as torch's own compiled SDPA reads them: an
+``sdpa_kernel`` block inside the compiled function is seen, flags changed after compiling do not
+recompile (torch's SDPA's neither).
 attnlib's own extras (method, backend, method options) are checked as attnlib's: a bad one
 raises, it is never passed on to torch quietly.
 """
@@ -62,6 +76,8 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, 
             return "a torch.func transform (vmap, grad, vjp, jvp, ...)"
         if _fwAD._current_level >= 0 and any(_fwAD.unpack_dual(t).tangent is not None for t in ts):
             return "forward-mode AD (dual tensors)"
+    if _fused_sdpa_disabled(query):
+        return "torch's SDPA backend selection (sdpa_kernel / enable_*_sdp) switched its fused kernels off"
     if not all(t.dim() == 4 for t in ts):
         return "inputs are not 4-D (batch, heads, seq, head_dim)"
     if attn_mask is not None:
@@ -98,6 +114,17 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, 
     if method in FORWARD_ONLY and torch.is_grad_enabled() and any(t.requires_grad for t in ts):
         return f"an input requires grad and method {method!r} is forward-only"
     return None
+
+
+def _fused_sdpa_disabled(query: torch.Tensor) -> bool:
+    """Whether the user's torch SDPA backend selection rules out every fused kernel torch has for
+    the query's device: flash on the CPU; flash, memory-efficient and cuDNN elsewhere (see the
+    module docstring). Reads torch's global flags directly (about 20 ns each; dynamo folds them to
+    constants); with the default flags it is one call."""
+    if torch._C._get_flash_sdp_enabled():
+        return False
+    return query.device.type == "cpu" or not (torch._C._get_mem_efficient_sdp_enabled()
+                                              or torch._C._get_cudnn_sdp_enabled())
 
 
 def _overriding_subclass(ts) -> bool:
