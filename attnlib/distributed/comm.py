@@ -23,24 +23,48 @@ def global_rank(group, rank_in_group: int) -> int:
     return dist.get_global_rank(group, rank_in_group)
 
 
-def check_same_shapes(what: str, shapes: dict, group, device) -> None:
-    """Raise one ValueError on every rank when the ranks disagree on ``shapes`` (name -> int).
+def require_member(group, what: str) -> None:
+    """Refuse a group this rank is not in: torch reports its size and rank as -1, so the ring
+    would run no step and return zeros, and the all-to-all would fail with an opaque error.
+    Only this rank raises, and the group's members wait for no one: it takes no part in their
+    collectives."""
+    if group is not None and group is not dist.group.WORLD and dist.get_rank(group) < 0:
+        # no ranks in the message: new_group hands every non-member one shared placeholder group
+        raise ValueError(f"{what}: this rank (global rank {dist.get_rank()}) is not a member of group; only the "
+                         f"ranks passed to new_group for it may call {what.split(' ')[0]} with it")
 
-    Uneven shards would otherwise make the collectives hang or fail with an opaque error; one
-    small all_gather of a few integers is cheap next to the attention it protects.
+
+# dtypes travel in the shape agreement as their index here (the rest of a row is sizes)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_same_shapes(what: str, shapes: dict, group, device, *, rule: Optional[str] = None) -> None:
+    """Raise one ValueError on every rank when the ranks disagree on ``shapes`` (name -> int, or a
+    torch.dtype: ranks whose shards differ in dtype exchange buffers of different byte sizes).
+    ``rule``: what the values must agree for, in the message (default: the shards' shapes).
+
+    Uneven shards would otherwise make the collectives hang or fail with an opaque error (gloo
+    aborts the process on a dtype mismatch); one small all_gather of a few integers is cheap next
+    to the attention it protects.
     """
     world = group_size(group)
     if world == 1:
         return
     names = list(shapes)
-    mine = torch.tensor([int(shapes[n]) for n in names], dtype=torch.int64, device=device)
+    codes = [_DTYPES.index(shapes[n]) if isinstance(shapes[n], torch.dtype) else int(shapes[n]) for n in names]
+    mine = torch.tensor(codes, dtype=torch.int64, device=device)
     got = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(got, mine, group=group)
     rows = [t.tolist() for t in got]
     if any(r != rows[0] for r in rows):
-        table = "; ".join(f"rank {i}: " + ", ".join(f"{n}={v}" for n, v in zip(names, r))
+        def shown(n, v):
+            return str(_DTYPES[v]).replace("torch.", "") if isinstance(shapes[n], torch.dtype) else v
+        table = "; ".join(f"rank {i}: " + ", ".join(f"{n}={shown(n, v)}" for n, v in zip(names, r))
                           for i, r in enumerate(rows))
-        raise ValueError(f"{what}: every rank of the group must hold a shard of the same shape; got {table}. "
+        if rule is not None:
+            raise ValueError(f"{what}: {rule}; got {table}")
+        raise ValueError(f"{what}: every rank of the group must hold a shard of the same shape and dtype; "
+                         f"got {table}. "
                          f"Padding the sequence to a multiple of the group size (twice it for zigzag) is "
                          f"exact only for causal self-attention padded at its end (drop the padded rows of "
                          f"the output): without causal every padded key takes part in every row's softmax")

@@ -39,8 +39,11 @@ def merge_attention(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], 
                 raise TypeError(f"merge_attention: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
             if not t.is_floating_point():
                 raise TypeError(f"merge_attention: {name}[{i}] must be floating point, got {t.dtype}")
-    shape, lse_shape = outs[0].shape, lses[0].shape
+    shape, lse_shape, device = outs[0].shape, lses[0].shape, outs[0].device
     for i, (o, l) in enumerate(zip(outs, lses)):
+        if o.device != device or l.device != device:
+            raise ValueError(f"merge_attention: part {i} has out on {o.device}, lse on {l.device}; every out and "
+                             f"lse must be on the device of outs[0] ({device})")
         if o.shape != shape or l.shape != lse_shape:
             raise ValueError(f"merge_attention: part {i} has out {tuple(o.shape)}, lse {tuple(l.shape)}; "
                              f"part 0 has out {tuple(shape)}, lse {tuple(lse_shape)}")

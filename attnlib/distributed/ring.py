@@ -110,8 +110,9 @@ def _block_grads(q, k, v, dout, lse, delta, *, causal, scale, dq, dk, dv) -> Non
         dq[:, :, r] += scale * (ds @ kc)
         dk_e += scale * (ds.transpose(-1, -2) @ qc)
     group = hq // hkv
-    dk += dk_e.view(b, hkv, group, sk, -1).sum(2)
-    dv += dv_e.view(b, hkv, group, sk, -1).sum(2)
+    # the head dims are spelled out: with an empty K/V shard (sk = 0) a -1 cannot be inferred
+    dk += dk_e.view(b, hkv, group, sk, k.shape[3]).sum(2)
+    dv += dv_e.view(b, hkv, group, sk, v.shape[3]).sum(2)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -212,6 +213,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
     also its lse (B, Hq, S/P), float32.
     """
     require_initialized("ring_attention")
+    comm.require_member(group, "ring_attention")
     layout = check_layout(layout)
     for name, flag in (("causal", causal), ("zigzag", zigzag)):
         if not isinstance(flag, bool):
@@ -225,7 +227,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: 
     # raise while the others wait for it in the next collective
     comm.check_same_shapes("ring_attention", {
         "batch": qb.shape[0], "heads_q": qb.shape[1], "heads_kv": kb.shape[1], "seq_q": qb.shape[2],
-        "seq_k": kb.shape[2], "head_dim": qb.shape[3], "head_dim_v": vb.shape[3]}, group, qb.device)
+        "seq_k": kb.shape[2], "head_dim": qb.shape[3], "head_dim_v": vb.shape[3],
+        "dtype": qb.dtype}, group, qb.device)
     if causal and qb.shape[2] != kb.shape[2]:
         raise ValueError(f"ring_attention(causal=True) needs query and key shards of one length "
                          f"(self-attention), got {qb.shape[2]} and {kb.shape[2]}")

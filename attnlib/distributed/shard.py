@@ -12,12 +12,23 @@ def _check_split(x: torch.Tensor, dim: int, parts: int, what: str) -> None:
                          f"{parts}; pad it first")
 
 
+def _check_rank(what: str, rank_name: str, rank, size_name: str, size) -> None:
+    """A rank and its group size as ints with 0 <= rank < size: a negative rank would index the
+    chunks from the end and hand this rank another rank's tokens without an error."""
+    for name, n in ((size_name, size), (rank_name, rank)):
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"{what}: {name} must be an int, got {type(n).__name__}")
+    if size < 1:
+        raise ValueError(f"{what}: {size_name} must be positive, got {size}")
+    if not 0 <= rank < size:
+        raise ValueError(f"{what}: {rank_name} {rank} outside [0, {size})")
+
+
 def zigzag_shard(x: torch.Tensor, rank: int, world: int, dim: int) -> torch.Tensor:
     """Rank ``rank``'s zigzag shard: split the sequence into 2*world chunks, take chunks
     ``rank`` and ``2*world - 1 - rank`` (in that order). Under causal attention every rank then
     has the same amount of visible work (ring-flash-attention's balancing)."""
-    if not 0 <= rank < world:
-        raise ValueError(f"zigzag_shard: rank {rank} outside [0, {world})")
+    _check_rank("zigzag_shard", "rank", rank, "world", world)
     _check_split(x, dim, 2 * world, "zigzag_shard")
     chunks = x.chunk(2 * world, dim=dim)
     return torch.cat([chunks[rank], chunks[2 * world - 1 - rank]], dim=dim)
@@ -38,6 +49,8 @@ def usp_shard(x: torch.Tensor, *, ulysses_rank: int, ulysses_size: int, ring_ran
     """This rank's shard for :func:`usp_attention`: the ring shard of ``ring_rank`` (zigzag when
     the attention is causal), cut into ``ulysses_size`` contiguous pieces, piece ``ulysses_rank``.
     The Ulysses all-to-all then reassembles exactly the ring shard on each rank."""
+    _check_rank("usp_shard", "ulysses_rank", ulysses_rank, "ulysses_size", ulysses_size)
+    _check_rank("usp_shard", "ring_rank", ring_rank, "ring_size", ring_size)
     if zigzag:
         ring_shard = zigzag_shard(x, ring_rank, ring_size, dim)
     else:

@@ -87,8 +87,10 @@ def _local_head_options(options: dict, *, heads_q: int, rank: int, world: int, w
     return out
 
 
-def _ulysses(q, k, v, *, group, layout: str, local: Callable, return_lse: bool, what: str):
-    """all-to-all (seq -> heads), ``local(q, k, v) -> (out, lse)`` in ``layout``, all-to-all back."""
+def _ulysses(q, k, v, *, group, layout: str, local: Callable, return_lse: bool, what: str,
+             agreed: Optional[Callable[[], None]] = None):
+    """all-to-all (seq -> heads), ``local(q, k, v) -> (out, lse)`` in ``layout``, all-to-all back.
+    ``agreed()`` runs the caller's own checks once the ranks agree on the shapes, before any exchange."""
     layout = check_layout(layout)
     qb, kb, vb = validate_qkv(q, k, v, layout)
     world = comm.group_size(group)
@@ -96,11 +98,14 @@ def _ulysses(q, k, v, *, group, layout: str, local: Callable, return_lse: bool, 
     # let that rank raise while the others wait for it in the next collective
     comm.check_same_shapes(what, {
         "batch": qb.shape[0], "heads_q": qb.shape[1], "heads_kv": kb.shape[1], "seq_q": qb.shape[2],
-        "seq_k": kb.shape[2], "head_dim": qb.shape[3], "head_dim_v": vb.shape[3]}, group, qb.device)
+        "seq_k": kb.shape[2], "head_dim": qb.shape[3], "head_dim_v": vb.shape[3],
+        "dtype": qb.dtype}, group, qb.device)
     if qb.shape[1] % world:
         raise ValueError(f"{what}: Ulysses splits heads over the group: query heads ({qb.shape[1]}) must be a "
                          f"multiple of the group size ({world}); a smaller Ulysses group with ring attention "
                          f"across groups (usp_attention, make_groups) or ring_attention alone has no such limit")
+    if agreed is not None:
+        agreed()
     rep = kv_replication(qb.shape[1], kb.shape[1], world)
     head_dim, seq_dim = (1, 2) if layout == "bhsd" else (2, 1)
     if rep > 1:
@@ -130,22 +135,24 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     rank's output shard (and lse (B, Hq, S/P) with ``return_lse``).
     """
     require_initialized("ulysses_attention")
+    comm.require_member(group, "ulysses_attention")
     check_method(method)
     from ..api import attention
 
     qb, _, _ = validate_qkv(q, k, v, check_layout(layout))
-    world = comm.group_size(group)
-    if qb.shape[1] % world == 0:  # else _ulysses refuses the head count after the shape agreement
-        method_options = _local_head_options(method_options, heads_q=qb.shape[1], rank=comm.group_rank(group),
-                                             world=world, what="ulysses_attention")
+    local_options: dict = {}
+
+    def agreed():  # after the shape agreement: a rank whose head count breaks a rule raises with all the others
+        local_options.update(_local_head_options(method_options, heads_q=qb.shape[1], rank=comm.group_rank(group),
+                                                 world=comm.group_size(group), what="ulysses_attention"))
 
     def local(q, k, v):
         r = attention(q, k, v, method=method, backend=backend, layout=layout, causal=causal, scale=scale,
-                      return_lse=return_lse, **method_options)
+                      return_lse=return_lse, **local_options)
         return r if return_lse else (r, None)
 
     return _ulysses(q, k, v, group=group, layout=layout, local=local, return_lse=return_lse,
-                    what="ulysses_attention")
+                    what="ulysses_attention", agreed=agreed)
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses_group: Optional[dist.ProcessGroup],
@@ -161,6 +168,8 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses_
     layout (and lse (B, Hq, S/P) with ``return_lse``).
     """
     require_initialized("usp_attention")
+    comm.require_member(ulysses_group, "usp_attention (ulysses_group)")
+    comm.require_member(ring_group, "usp_attention (ring_group)")
     needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v))
     check_ring_method(method, "usp_attention", needs_grad)  # before the first exchange
     shared = set(comm.group_ranks(ulysses_group)) & set(comm.group_ranks(ring_group))
@@ -168,6 +177,13 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses_
         raise ValueError(f"usp_attention: ulysses_group and ring_group share ranks {sorted(shared)}; they must "
                          f"cross in this rank alone (None means the world for either): build them with "
                          f"make_groups")
+    # the ring attends its ranks' queries to each other's keys, so they must hold the same heads: one
+    # place in Ulysses groups of one size (groups that cross in one rank may still pair other heads)
+    qb, _, _ = validate_qkv(q, k, v, check_layout(layout))
+    comm.check_same_shapes("usp_attention (ring group)", {
+        "ulysses_size": comm.group_size(ulysses_group), "ulysses_rank": comm.group_rank(ulysses_group)},
+        ring_group, qb.device, rule="the ranks of a ring group must hold the same heads, so the same rank in "
+                                    "Ulysses groups of the same size (make_groups builds such groups)")
 
     def local(q, k, v):
         return ring_attention(q, k, v, group=ring_group, method=method, backend=backend, layout=layout,
