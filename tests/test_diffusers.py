@@ -465,7 +465,6 @@ def test_models_without_apply_pickle_as_before():
     assert torch.equal(run(loaded, inputs), run(model, inputs))
 
 
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_set_attn_processor_round_trip_keeps_attnlib(name, attnlib_calls):
     """diffusers' PAG pipelines save model.attn_processors, assign their own processor to a few

@@ -1,6 +1,6 @@
 """Review of attnlib.integrations: torch's SDPA backend selection (sdpa_kernel, enable_*_sdp) is
-honoured by the drop-in, and diffusers' set_attn_processor with processors saved before apply()
-undoes apply(). Small random inputs; tolerances are stated per check."""
+honoured by the drop-in (diffusers' processor round trips are in test_diffusers.py). Small random
+inputs; tolerances are stated per check."""
 from __future__ import annotations
 
 import logging
