@@ -30,6 +30,7 @@ from bench import runner  # noqa: E402
 
 SEQS = (4096, 8192, 16384, 32768, 65536, 131072)
 BWD_SEQ = 32768
+ZDOT_SEQ = 32768  # issue 6's length: the forward there also with kernels.STATE_Z_DOT
 SHAPE = dict(batch=1, heads=16, head_dim=128)
 SUITE_BUDGET_S = 30.0
 
@@ -63,14 +64,25 @@ def workload_shapes(workloads: list[dict], near_seq: int) -> list[dict]:
             and w.get("kv_heads", w["heads"]) == w["heads"] and not w.get("causal")]
 
 
+def _with_z_dot(fn: Callable[[], object]):
+    """fn() with the non-causal state kernel's z formed by a product (kernels.STATE_Z_DOT)."""
+    from attnlib.triton_kernels.linear import kernels
+
+    kernels.STATE_Z_DOT = True
+    try:
+        return fn()
+    finally:
+        kernels.STATE_Z_DOT = False
+
+
 def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] = print,
                      device: str = "cuda", *, seqs: tuple = SEQS, bwd_seq: int = BWD_SEQ,
                      shape: Optional[dict] = None, dtype: torch.dtype = torch.bfloat16,
                      timing: Optional[runner.TimingConfig] = None, copy_bytes: int = 1 << 30,
-                     workloads: Optional[list[dict]] = None) -> list[dict]:
+                     workloads: Optional[list[dict]] = None, zdot_seq: int = ZDOT_SEQ) -> list[dict]:
     """Forward GB/s over seqs (attnlib next to fla), then at the real models' shapes near bwd_seq
     tokens (workloads: those shapes; default workload_shapes of runner.load_workloads()), fwd+bwd
-    at bwd_seq; [] without CUDA. (device
+    at bwd_seq; at zdot_seq the non-causal forward also with kernels.STATE_Z_DOT; [] without CUDA. (device
     "cpu" with small seqs, shape and copy_bytes is the smoke test, under TRITON_INTERPRET=1:
     tests/test_bench_suites.py.)"""
     if device == "cuda" and not torch.cuda.is_available():
@@ -138,6 +150,10 @@ def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None
             fla_step, fla_why = _fla_step(q, k, v, causal)
             timed(record("attnlib-triton", "fwd", seq, causal),
                   lambda: attnlib.linear_attention(q, k, v, causal=causal, backend="triton"), nbytes, graph=True)
+            if not causal and seq == zdot_seq:  # the state kernel's z by a product (kernels.STATE_Z_DOT)
+                timed(record("attnlib-triton-zdot", "fwd", seq, causal),
+                      lambda: _with_z_dot(lambda: attnlib.linear_attention(q, k, v, backend="triton")), nbytes,
+                      graph=True)
             timed(record("fla", "fwd", seq, causal), fla_step, nbytes, why_not=fla_why, graph=True)
 
     forward_rows(False)

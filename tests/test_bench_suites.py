@@ -98,7 +98,11 @@ def test_linear_suite_runs_on_cpu():
     recs = run_linear_suite(600.0, lines.append, "cpu", seqs=(100, 200), bwd_seq=150,
                             shape=dict(batch=1, heads=2, head_dim=32), dtype=torch.float32, timing=QUICK,
                             copy_bytes=1 << 20,
-                            workloads=[dict(name="tiny-dit", batch=1, heads=3, head_dim=16, seq=70)])
+                            workloads=[dict(name="tiny-dit", batch=1, heads=3, head_dim=16, seq=70)], zdot_seq=200)
+    zdot = [r for r in recs if r["provider"] == "attnlib-triton-zdot"]
+    assert [(r["seq"], r["causal"]) for r in zdot] == [(200, False)] and zdot[0]["gbs"] > 0, zdot
+    from attnlib.triton_kernels.linear import kernels
+    assert kernels.STATE_Z_DOT is False  # restored after the variant's calls
     ours = [r for r in recs if r["provider"] == "attnlib-triton"]
     # (full, causal) x seqs forward, the workload's forward, then fwd+bwd for each
     assert len(ours) == 2 * 2 + 1 + 2

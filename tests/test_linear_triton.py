@@ -213,6 +213,27 @@ def test_relu_eps_zero_backends_agree(causal):
         assert torch.isfinite(a).all() and rel_rmse(b, a) <= 1e-5, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dk,dv,seq", [(32, 32, 300), (40, 72, 129), (64, 16, 77)], ids=str)
+def test_state_z_by_product_is_the_same_sum(dk, dv, seq, dtype):
+    """kernels.STATE_Z_DOT's form (z = phi(K)^T times ones beside the main product) against the
+    default (a sum over each tile's rows): S identical, z to fp32 rounding, odd lengths and head
+    dims, every feature map; and against float64."""
+    from attnlib.reference.linear import feature_map_fn
+    from attnlib.triton_kernels.linear import kernels
+
+    g = torch.Generator().manual_seed(dk + seq)
+    k = torch.randn(2, 3, seq, dk, generator=g).to(DEVICE, dtype)
+    v = torch.randn(2, 3, seq, dv, generator=g).to(DEVICE, dtype)
+    for feature in ("elu", "relu", "softmax", "identity"):
+        s0, z0 = kernels.state(k, v, feature)
+        s1, z1 = kernels.state(k, v, feature, z_dot=True)
+        assert torch.equal(s0, s1), feature
+        assert rel_rmse(z1, z0) <= 1e-6, feature
+        z64 = feature_map_fn(feature)(k.double()).sum(2)
+        assert rel_rmse(z1, z64) <= (1e-5 if dtype == torch.float32 else 2e-3), feature
+
+
 def test_narrow_causal_backward_is_refused_on_gpus():
     """The causal backward at key tiles of 16 (head dim <= 16) made an illegal memory access on an
     H100 (stop 22, cause not found): on CUDA tensors such calls with gradients get a reason (auto

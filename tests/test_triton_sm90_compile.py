@@ -61,6 +61,7 @@ EXTRA_CASES = [
     "block_sparse-fwd-causal-hd128-fp32",
     "block_sparse-predict-causal-hd128-bf16",
     "linear-fwd-full-hd128-bf16",
+    "linear-fwdzdot-full-hd128-bf16",
     "linear-fwd-causal-hd128-bf16",
     "linear-bwd-causal-hd128-bf16",
     "linear-bwd-causal-hd128-fp16",

@@ -286,7 +286,10 @@ def _linear(which, dtype, d, causal):
     """Long enough (2048 rows, 64 programs) for several causal super-chunks: every kernel launches."""
     from attnlib.triton_kernels.linear.attention import linear_bwd, linear_fwd
     q, k, v, o, do = (_t(1, 2, 2048, d, dtype=dtype) for _ in range(5))
-    if which == "fwd":
+    if which == "fwdzdot":  # the non-causal state kernel with z by a product (kernels.STATE_Z_DOT)
+        from attnlib.triton_kernels.linear import kernels
+        kernels.state(k, v, "elu", z_dot=True)
+    elif which == "fwd":
         linear_fwd(q, k, v, o, feature="elu", causal=causal, eps=1e-6)
     else:
         linear_bwd(do, q, k, v, o, feature="elu", causal=causal, eps=1e-6)
@@ -343,6 +346,7 @@ EXTRA = [("block_sparse", w, DTYPES + ("fp32",), (False, True)) for w in ("fwd",
     ("block_sparse", "predict", ("bf16",), (True,)),
     *[("sage", pv, DTYPES, (True,)) for pv in ("fp16", "fp16_accum", "fp8")],
     *[("linear", w, DTYPES + ("fp32",), (False, True)) for w in ("fwd", "bwd")],
+    ("linear", "fwdzdot", DTYPES, (False,)),
     ("sla", "bwd", DTYPES, (True,)),
     ("asymrnr", "all", DTYPES + ("fp32",), (False,)),
 ]

@@ -203,7 +203,7 @@ def linear_state_kernel(K, V, S, RSCALE, ZW,
                         heads, seq, first, rows_per_split, n_units,
                         DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                         FEAT: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
-                        VT_FIRST: tl.constexpr = False):
+                        VT_FIRST: tl.constexpr = False, Z_DOT: tl.constexpr = False):
     """Grid (value blocks * n_units splits * batch * heads,), see grid_ids. Split i sums the rows
     [first + i * rows_per_split, first + (i + 1) * rows_per_split) within [0, seq) into
     S[i, bh] = (phi(K)^T V flattened DK x DV, then sum phi(K)), fp32 (splits, B*H, DK*DV + DK).
@@ -212,7 +212,9 @@ def linear_state_kernel(K, V, S, RSCALE, ZW,
     VT_FIRST (unweighted only) forms S^T = V^T phi(K) instead: on sm_90 both wgmma operands then
     come from shared memory (V's tile as loaded, read transposed; phi(K) stored once, untransposed),
     where phi(K)^T from registers made ptxas serialize the wgmmas (its warning C7515). Not the
-    default until a GPU times it (bench/sweep_linear.py)."""
+    default until a GPU times it (bench/sweep_linear.py).
+    Z_DOT (unweighted, not VT_FIRST): z as phi(K)^T times a block of ones beside the main product,
+    where the sum over each tile's rows crossed warps (see STATE_Z_DOT)."""
     pid_v, split, bh, n_bh = grid_ids(tl.cdiv(DV, BV), n_units)
     b64 = (bh // heads).to(tl.int64)
     h64 = (bh % heads).to(tl.int64)
@@ -228,6 +230,9 @@ def linear_state_kernel(K, V, S, RSCALE, ZW,
     else:
         s = tl.zeros([DK_PAD, BV], dtype=tl.float32)
     z = tl.zeros([DK_PAD], dtype=tl.float32)
+    if Z_DOT:
+        zs = tl.zeros([DK_PAD, 16], dtype=tl.float32)
+        ones = tl.full([BLOCK_N, 16], 1.0, dtype=tl.float32)
     lo = tl.maximum(first + split * rows_per_split, 0)
     hi = tl.minimum(first + (split + 1) * rows_per_split, seq)
     for start in range(lo, hi, BLOCK_N):
@@ -247,9 +252,15 @@ def linear_state_kernel(K, V, S, RSCALE, ZW,
         elif VT_FIRST:
             s = dot_in(tl.trans(vt), kf, s, MODE)
             z += tl.sum(kf.to(tl.float32), 0)
+        elif Z_DOT:
+            kt = tl.trans(kf)
+            s = dot_in(kt, vt, s, MODE)
+            zs = dot_in(kt, ones, zs, MODE)
         else:
             s = dot_in(tl.trans(kf), vt, s, MODE)
             z += tl.sum(kf.to(tl.float32), 0)
+    if Z_DOT:  # every column of zs is the sum: take the first (adding zeros is exact)
+        z = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, zs, 0.0), 1)
     base = S + (split.to(tl.int64) * n_bh + bh) * (DK * DV + DK)
     if VT_FIRST:
         tl.store(base + offs_v[:, None] + offs_k[None, :] * DV, s, mask=v_ok[:, None] & k_ok[None, :])
@@ -686,7 +697,7 @@ def super_chunk(seq: int, programs_per_span: int, device: torch.device) -> int:
 
 def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, rows: int, splits: int,
                 weights: tuple[torch.Tensor, torch.Tensor] | None = None, vt_first: bool = False,
-                config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                config: tuple[int, int, int, int] | None = None, z_dot: bool = False) -> torch.Tensor:
     """(splits, B*H, DK*DV + DK) fp32: split i sums the rows [first + i*rows, first + (i+1)*rows);
     weights (row scale of v, weights of z), each (B*H, N) fp32, for the backward's reverse states;
     vt_first: the kernel's V^T phi(K) form (see linear_state_kernel; unweighted only); config:
@@ -704,7 +715,8 @@ def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, r
     linear_state_kernel[(cdiv(dv, bv) * splits * batch * heads,)](
         k, v, out, rscale, zw, *k.stride(), *v.stride(), heads, seq, first, rows, splits,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], WEIGHTED=weights is not None,
-        BLOCK_N=block_n, MODE=dot_mode(k.dtype), num_warps=warps, num_stages=stages, VT_FIRST=vt_first)
+        BLOCK_N=block_n, MODE=dot_mode(k.dtype), num_warps=warps, num_stages=stages, VT_FIRST=vt_first,
+        Z_DOT=z_dot)
     return out
 
 
@@ -903,13 +915,23 @@ def unfit_causal_backward(dk: int, dv: int, dtype: torch.dtype, feature: str, li
             if not launch_config(launch, dk_pad, v_pad, dtype, limit, feature)[1]]
 
 
+# The non-causal state kernel's z = sum phi(K) as a product with ones (Z_DOT in linear_state_kernel)
+# instead of a sum over each tile's rows: no cross-warp reduction per tile (sm_90, bf16 hd128 at
+# the default config: 14 barriers, 4 shuffles, 25 / 25 shared stores / loads in the PTX against 16,
+# 20, 38 / 36; 242 registers, no spill), for a 16-column product beside the main one (1/8 of its
+# MMA work at DV 128). Off until a GPU times it (bench/bench_linear.py's "attnlib-triton-zdot"
+# rows); the same sums up to their order (z's in fp32 either way).
+STATE_Z_DOT = False
+
+
 def state(k: torch.Tensor, v: torch.Tensor, feature: str, *, vt_first: bool = False,
           config: tuple[int, int, int, int] | None = None,
-          splits_per_sm: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          splits_per_sm: int | None = None, z_dot: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(S (B, H, DK, DV), z (B, H, DK)) fp32 over all rows of bhsd k (B, H, N, DK), v (B, H, N, DV).
     vt_first: see linear_state_kernel (same result; which is faster is for a GPU to say); config
     (see _chunk_sums) and splits_per_sm (row splits per SM over all batch * heads; default
-    state_splits_per_sm): what bench/sweep_linear.py varies."""
+    state_splits_per_sm): what bench/sweep_linear.py varies. z_dot (default STATE_Z_DOT; takes
+    precedence over vt_first): see STATE_Z_DOT."""
     batch, heads, seq, dk = k.shape
     dv = v.shape[3]
     if seq == 0 or batch * heads == 0:
@@ -921,8 +943,9 @@ def state(k: torch.Tensor, v: torch.Tensor, feature: str, *, vt_first: bool = Fa
     # enough splits to fill the GPU; each split a multiple of block_n rows
     wanted = max(1, splits_per_sm * _sm_count(k.device) // max(1, batch * heads))
     rows = max(block_n, cdiv(cdiv(seq, wanted), block_n) * block_n)
-    sums = _chunk_sums(k, v, feature, first=0, rows=rows, splits=cdiv(seq, rows), vt_first=vt_first,
-                       config=config).sum(0)
+    z_dot = STATE_Z_DOT if z_dot is None else z_dot
+    sums = _chunk_sums(k, v, feature, first=0, rows=rows, splits=cdiv(seq, rows), vt_first=vt_first and not z_dot,
+                       config=config, z_dot=z_dot).sum(0)
     return sums[:, :dk * dv].view(batch, heads, dk, dv), sums[:, dk * dv:].view(batch, heads, dk)
 
 
