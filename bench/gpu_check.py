@@ -21,7 +21,7 @@ for 30 s only; a fresh start costs 1-2 minutes), then ``give_back``:
    python3 bench/gpu_check.py --skip-bench --skip-sanitizer --pytest-budget 300``)
 2. benchmarks for the open issues' targets, in gpu_check's order: flash (issue 4: attnlib-cuda
    against sdpa-flash at hd128 4k / 16k), linear (issue 6: the 32k GB/s with the stop 22 configs,
-   end to end), sla (issue 7, up to 90 s: critical 0.05 at blocks (64, 64) and (128, 64)) and the
+   end to end, and with kernels.STATE_Z_DOT: take it as the default if faster), sla (issue 7, up to 90 s: critical 0.05 at blocks (64, 64) and (128, 64)) and the
    kernel profile (stop 23 moved SLA's masked state sum and key-block preprocess to 16-bit tensor
    cores: the profile's SLA rows give their kernel times against 1.25 / 0.61 ms on the H200 and
    1.82 / 0.63 ms on the H100 before). Sage (issue 5, blocked at stop 24) and the causal linear
