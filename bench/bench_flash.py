@@ -153,6 +153,30 @@ runner.register_provider("attnlib-cuda-tile64", _attnlib_cuda_tile64,
                          "attnlib.flash_attention(backend='cuda') with ATTNLIB_CUDA_FLASH_TILE_M=64",
                          info=runner.PROVIDERS["attnlib-cuda"].info, check=True, replace_existing=True)
 
+
+def _attnlib_cuda_block_n(block_n: int):
+    """attnlib-cuda's 128-row tile stepping block_n keys at hd128 (ATTNLIB_CUDA_FLASH_BLOCK_N, read
+    per call; issue 4's forward was 0.78x sdpa-flash at 16k with the default 32): forward only,
+    hd128 only (the other head dims have one step), skipped otherwise."""
+    def make(case: Case, q, k, v):
+        from attnlib.kernels.flash_cuda import BLOCK_N_ENV
+
+        if case.head_dim != 128 or case.mode != "fwd":
+            raise runner.Skip(f"keys per step {block_n} is an hd128 forward variant")
+        step = runner.PROVIDERS["attnlib-cuda"].make(case, q, k, v)  # same skip reasons
+
+        def run():
+            with _env(BLOCK_N_ENV, str(block_n)):
+                return step()
+        return run
+    return make
+
+
+for _bn in (48, 64):
+    runner.register_provider(f"attnlib-cuda-bn{_bn}", _attnlib_cuda_block_n(_bn),
+                             f"attnlib.flash_attention(backend='cuda') with ATTNLIB_CUDA_FLASH_BLOCK_N={_bn}",
+                             info=runner.PROVIDERS["attnlib-cuda"].info, check=True, replace_existing=True)
+
 TOKEN_HEADS = 16384 * 32           # batch * heads * seq of the synthetic shapes
 HEADS = {64: 32, 128: 16}          # heads per head_dim, as a 2048-wide model has
 # (head_dim, seq) in the order they run, so a spent budget cuts the least telling ones
@@ -171,7 +195,8 @@ QUICK_BUDGET_S = 170.0
 # out since the H200 run of 2026-11-27 (1.17-1.42x slower; `--providers attnlib-triton-atomic-dq`),
 # auto with deterministic=False in.
 GPU_PROVIDERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "attnlib-triton", "attnlib-auto-nondet",
-                 "attnlib-triton-tma", "attnlib-cuda", "attnlib-auto", "flex", "sdpa-math")
+                 "attnlib-triton-tma", "attnlib-cuda", "attnlib-cuda-bn48", "attnlib-cuda-bn64", "attnlib-auto",
+                 "flex", "sdpa-math")
 CPU_PROVIDERS = ("attnlib-torch",)
 CPU_CASE = dict(workload="cpu-tiny", batch=1, heads=2, seq_q=128, head_dim=64, dtype="fp32", device="cpu")
 

@@ -178,7 +178,7 @@ def softmax_atoms_plan(m0, warp, lane, seq_q, seq_k, n0, block_n, causal, atoms=
     return out
 
 
-@pytest.mark.parametrize("hd,block_n", [(64, 64), (128, 32), (128, 64)])
+@pytest.mark.parametrize("hd,block_n", [(64, 64), (128, 32), (128, 48), (128, 64)])
 def test_two_atom_fragment_index_math_emulated(hd, block_n):
     """The 128-row tile: lean loads into padded rows, the byte addresses of the atoms loop (one
     base per operand plus constants), mma over both atoms, P packed by the softmax, the
@@ -288,7 +288,8 @@ def kernel_plan(m0, seq_q, seq_k, causal, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N):
 @pytest.mark.parametrize("seq_q,seq_k", [(1, 1), (17, 17), (129, 129), (1000, 17), (17, 1000), (64, 128),
                                          (128, 64), (200, 0), (65, 63)])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("BLOCK_M,BLOCK_N", [(64, 64), (128, 64), (128, 32)], ids=["64x64", "128x64", "128x32"])
+@pytest.mark.parametrize("BLOCK_M,BLOCK_N", [(64, 64), (128, 64), (128, 32), (128, 48)],
+                         ids=["64x64", "128x64", "128x32", "128x48"])
 def test_key_block_plan_covers_exactly_the_visible_keys(seq_q, seq_k, causal, BLOCK_M, BLOCK_N):
     i = np.arange(seq_q)[:, None]
     j = np.arange(seq_k)[None, :]
@@ -566,3 +567,66 @@ def test_tile_m_env_selects_spec_and_rejects_bad_values(monkeypatch):
         flash_cuda._spec_for(64, torch.float16, False)
     with pytest.raises(ValueError, match="tile_m"):
         flash_cuda._spec_for(64, torch.float16, False, tile_m=32)
+
+
+def test_block_n_env_selects_the_tile128_step_and_rejects_bad_values(monkeypatch):
+    """ATTNLIB_CUDA_FLASH_BLOCK_N (read per call) picks the 128-row tile's keys per step among
+    specs.TILE128_BLOCK_N_CHOICES; the 64-row tile ignores it; bad values name the variable."""
+    from attnlib.cuda import specs
+    from attnlib.kernels import flash_cuda
+
+    monkeypatch.delenv(flash_cuda.TILE_M_ENV, raising=False)
+    monkeypatch.setenv(flash_cuda.BLOCK_N_ENV, "48")
+    assert flash_cuda._spec_for(128, torch.bfloat16, False).name == "flash_fwd_hd128_bf16_causal0_bm128_bn48_ma2"
+    assert flash_cuda._spec_for(128, torch.float16, True, block_n=64).name.endswith("_bm128_bn64_ma2")
+    assert flash_cuda._spec_for(128, torch.float16, True, tile_m=64).name == "flash_fwd_hd128_fp16_causal1_bm64_bn64"
+    spec = flash_cuda._spec_for(128, torch.bfloat16, True)
+    assert spec.smem_bytes == specs.flash_fwd_smem_bytes(128, 128, 48, 2) and spec.threads == 128
+    with pytest.raises(ValueError, match="ATTNLIB_CUDA_FLASH_BLOCK_N: the 128-row tile at head dim 64 takes"):
+        flash_cuda._spec_for(64, torch.float16, False)
+    for bad in ("40", "16"):
+        monkeypatch.setenv(flash_cuda.BLOCK_N_ENV, bad)
+        with pytest.raises(ValueError, match="ATTNLIB_CUDA_FLASH_BLOCK_N"):
+            flash_cuda._spec_for(128, torch.float16, False)
+    monkeypatch.setenv(flash_cuda.BLOCK_N_ENV, "many")
+    with pytest.raises(ValueError, match="ATTNLIB_CUDA_FLASH_BLOCK_N must be an int"):
+        flash_cuda._spec_for(128, torch.float16, False)
+    monkeypatch.delenv(flash_cuda.BLOCK_N_ENV)
+    assert flash_cuda._spec_for(128, torch.float16, False).name.endswith("_bm128_bn32_ma2")
+    with pytest.raises(ValueError, match=r"takes \(32, 48, 64\) keys per step, not 40"):
+        specs.flash_fwd_tile128_spec(128, "fp16", False, block_n=40)
+
+
+@pytest.mark.parametrize("block_n", [48, 64])
+def test_tile128_wider_key_steps_compile_for_sm80_and_sm90(block_n):
+    """The opt-in key steps of the 128-row tile at hd128 compile under NVRTC (what a GPU loads)
+    for sm_80 and sm_90, both dtypes, causal or not, without compiler warnings."""
+    from attnlib.cuda import loader, specs
+
+    if loader.availability_reasons():
+        pytest.skip("; ".join(loader.availability_reasons()))
+    for dtype in ("fp16", "bf16"):
+        for causal in (False, True):
+            spec = specs.flash_fwd_tile128_spec(128, dtype, causal, block_n)
+            for arch in ("80", "90"):
+                res = loader.compile_nvrtc(spec, arch)
+                assert res.binary and not res.log.strip(), res.log
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_n", [48, 64])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_tile128_wider_key_steps_match_reference(cuda_kernel, block_n, causal, dtype):
+    """The opt-in key steps of the 128-row tile at hd128 (ATTNLIB_CUDA_FLASH_BLOCK_N): odd
+    lengths that end mid-step, more queries than keys and the reverse, GQA, poisoned outputs,
+    against the float64 reference."""
+    from attnlib.kernels.flash_cuda import flash_fwd_cuda
+
+    for b, hq, hkv, sq, sk in ((2, 4, 2, 1000, 1537), (1, 6, 2, 77, 300), (1, 2, 1, 333, 50)):
+        q, k, v = make_qkv(b, hq, sq, 128, kv_heads=hkv, seq_k=sk, dtype=dtype, device="cuda", seed=sq + block_n)
+        out = poison_(torch.empty_like(q))
+        lse = poison_(torch.empty(b, hq, sq, device="cuda", dtype=torch.float32))
+        flash_fwd_cuda(q, k, v, out, lse, causal=causal, scale=128 ** -0.5, tile_m=128, block_n=block_n)
+        torch.cuda.synchronize()
+        check_against_reference(q, k, v, out, lse, causal)

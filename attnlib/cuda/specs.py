@@ -44,6 +44,12 @@ def flash_fwd_smem_bytes(head_dim: int, block_m: int, block_n: int, m_atoms: int
 # keys per main-loop step by head dim. The largest step that compiles without register spills
 # for sm_80 and sm_90 (nvcc 13.0): hd128 x 64 keys spilled 8-88 bytes in every variant tried.
 TILE128_BLOCK_N = {64: 64, 128: 32}
+# The steps ATTNLIB_CUDA_FLASH_BLOCK_N may ask for (the first is the default). At hd128 (nvcc 13.0,
+# 255 registers): 48 keys spill 16 bytes (causal 40) on sm_90 and none on sm_80; 64 keys (what
+# FlashAttention-2 runs on sm_80 / sm_90 at hd128: half the barriers and softmax steps per key)
+# spill 128-176 bytes on sm_90, 92-112 on sm_80. Which is fastest is for a GPU to say
+# (bench/bench_flash.py's attnlib-cuda-bn48 / -bn64); only the default is shipped as a cubin.
+TILE128_BLOCK_N_CHOICES = {64: (64,), 128: (32, 48, 64)}
 
 
 def flash_fwd_spec(head_dim: int, dtype: str, causal: bool, block_m: int = 64, block_n: int = 64,
@@ -80,12 +86,16 @@ def flash_fwd_spec(head_dim: int, dtype: str, causal: bool, block_m: int = 64, b
     )
 
 
-def flash_fwd_tile128_spec(head_dim: int, dtype: str, causal: bool) -> KernelSpec:
+def flash_fwd_tile128_spec(head_dim: int, dtype: str, causal: bool, block_n: int | None = None) -> KernelSpec:
     """The 128-row tile (the default; ATTNLIB_CUDA_FLASH_TILE_M=64 picks the other): two atoms per
-    warp, TILE128_BLOCK_N keys."""
+    warp, block_n keys per step (default TILE128_BLOCK_N; one of TILE128_BLOCK_N_CHOICES)."""
     if head_dim not in TILE128_BLOCK_N:
         raise ValueError(f"flash_fwd is built for head dims 64 and 128, not {head_dim}")
-    return flash_fwd_spec(head_dim, dtype, causal, block_m=128, block_n=TILE128_BLOCK_N[head_dim], m_atoms=2)
+    block_n = TILE128_BLOCK_N[head_dim] if block_n is None else block_n
+    if block_n not in TILE128_BLOCK_N_CHOICES[head_dim]:
+        raise ValueError(f"flash_fwd's 128-row tile at head dim {head_dim} takes "
+                         f"{TILE128_BLOCK_N_CHOICES[head_dim]} keys per step, not {block_n!r}")
+    return flash_fwd_spec(head_dim, dtype, causal, block_m=128, block_n=block_n, m_atoms=2)
 
 
 FLASH_FWD_SPECS = tuple(flash_fwd_spec(hd, dt, c) for hd in (64, 128) for dt in DTYPES for c in (False, True))

@@ -12,7 +12,13 @@ Query tile (``ATTNLIB_CUDA_FLASH_TILE_M``, read at each call):
   0.62-0.68x).
 * ``64``: 4 warps x 16 rows, 64 keys per step.
 
-``flash_fwd_cuda(..., tile_m=128)`` picks the tile for one call regardless of the variable.
+Keys per step of the 128-row tile (``ATTNLIB_CUDA_FLASH_BLOCK_N``, read at each call; unset: the
+default above): at hd128 also 48 or 64 (specs.TILE128_BLOCK_N_CHOICES: they spill a few registers
+on sm_90; FlashAttention-2 steps 64 keys there), for a GPU benchmark to compare. The 64-row tile
+ignores it.
+
+``flash_fwd_cuda(..., tile_m=128, block_n=48)`` picks both for one call regardless of the
+variables.
 Imports without CuPy; a missing CuPy, NVRTC, arch or alignment shows up as a reason.
 """
 from __future__ import annotations
@@ -29,6 +35,7 @@ from .families import CudaKernel
 LOG2E = 1.4426950408889634
 TILE_M_ENV = "ATTNLIB_CUDA_FLASH_TILE_M"
 TILE_M_CHOICES = (64, 128)
+BLOCK_N_ENV = "ATTNLIB_CUDA_FLASH_BLOCK_N"
 
 
 def tile_m_from_env() -> int:
@@ -45,7 +52,20 @@ def tile_m_from_env() -> int:
     return tile
 
 
-def _spec_for(head_dim: int, dtype: torch.dtype, causal: bool, tile_m: int | None = None):
+def block_n_from_env() -> int | None:
+    """The keys per step ATTNLIB_CUDA_FLASH_BLOCK_N asks of the 128-row tile (None when unset or
+    empty); the spec checks it against the head dim's choices."""
+    raw = os.environ.get(BLOCK_N_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {BLOCK_N_ENV} must be an int, got {raw!r}") from None
+
+
+def _spec_for(head_dim: int, dtype: torch.dtype, causal: bool, tile_m: int | None = None,
+              block_n: int | None = None):
     from ..cuda.specs import flash_fwd_spec, flash_fwd_tile128_spec
 
     tile_m = tile_m_from_env() if tile_m is None else tile_m
@@ -53,15 +73,26 @@ def _spec_for(head_dim: int, dtype: torch.dtype, causal: bool, tile_m: int | Non
     if tile_m == 64:
         return flash_fwd_spec(head_dim, dt, causal)
     if tile_m == 128:
-        return flash_fwd_tile128_spec(head_dim, dt, causal)
+        if block_n is None:
+            from ..cuda.specs import TILE128_BLOCK_N_CHOICES
+
+            block_n = block_n_from_env()
+            choices = TILE128_BLOCK_N_CHOICES.get(head_dim, ())
+            if block_n is not None and choices and block_n not in choices:
+                raise ValueError(f"environment variable {BLOCK_N_ENV}: the 128-row tile at head dim {head_dim} "
+                                 f"takes {choices} keys per step, not {block_n}")
+        return flash_fwd_tile128_spec(head_dim, dt, causal, block_n)
     raise ValueError(f"tile_m must be one of {TILE_M_CHOICES}, got {tile_m!r}")
 
 
 def flash_fwd_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor | None, *, causal: bool, scale: float, tile_m: int | None = None) -> None:
+                   lse: torch.Tensor | None, *, causal: bool, scale: float, tile_m: int | None = None,
+                   block_n: int | None = None) -> None:
     """Launch the forward kernel on bhsd views (unit last stride); writes out and, when given,
     lse (dense float32 (B, Hq, Sq)). Runs on torch's current stream of q's device; no sync.
-    tile_m: query rows per block, 64 or 128 (None: ATTNLIB_CUDA_FLASH_TILE_M, default 128)."""
+    tile_m: query rows per block, 64 or 128 (None: ATTNLIB_CUDA_FLASH_TILE_M, default 128);
+    block_n: the 128-row tile's keys per step (None: ATTNLIB_CUDA_FLASH_BLOCK_N, default
+    specs.TILE128_BLOCK_N)."""
     import numpy as np
 
     from ..cuda import loader
@@ -70,7 +101,7 @@ def flash_fwd_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     heads_kv, seq_k = k.shape[1], k.shape[2]
     if batch == 0 or heads_q == 0 or seq_q == 0:
         return
-    spec = _spec_for(head_dim, q.dtype, causal, tile_m)
+    spec = _spec_for(head_dim, q.dtype, causal, tile_m, block_n)
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     fn = loader.get_function(spec, dev, torch.cuda.get_device_capability(dev))
     block_m = int(dict(spec.defines)["ATTNLIB_BLOCK_M"])
