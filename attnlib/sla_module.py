@@ -89,8 +89,9 @@ class SparseLinearAttention(nn.Module):
         (Hq a multiple). Returns the output in q's layout and dtype, and with return_block_map
         also the int8 block map (B, Hq, Mq, Mk)."""
         check_layout(layout)
-        if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] != self.head_dim:
-            raise ValueError(f"q must have head_dim {self.head_dim} (the module's), got {q.shape[-1]}")
+        for name, t in (("q", q), ("v", v)):  # k: validate_qkv names it against q
+            if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] != self.head_dim:
+                raise ValueError(f"{name} must have head_dim {self.head_dim} (the module's), got {t.shape[-1]}")
         if not isinstance(return_block_map, bool):
             raise TypeError(f"return_block_map must be a bool, got {type(return_block_map).__name__}")
         from .api import attention
