@@ -16,8 +16,9 @@ class Matches:
     """Per (batch, head): node[b, h, i] = index into partition.dst of source i's best destination,
     score its similarity, order the source indices from the most to the least similar.
     partition_key: Partition.key of the partition they were made on (match() sets it;
-    plan_reduction refuses another partition); None for matches built by hand (then only the
-    source count is checked)."""
+    plan_reduction refuses another partition); None for matches built by hand (then their
+    shapes, dtypes and index ranges are checked: node within the destinations, order a
+    permutation of the sources)."""
 
     node: torch.Tensor   # (B, H, n_src) int64
     score: torch.Tensor  # (B, H, n_src) float32 (float64 for float64 inputs)
@@ -45,6 +46,9 @@ def match(x: torch.Tensor, part: Partition, *, metric: str = "euclidean", backen
     _check_x(x, part)
     check_choice("metric", metric, METRICS)
     part = part.to(x.device)
+    # the matching is a constant of the inputs: no autograd graph (the torch reference's would
+    # hold x's graph and its row copies for as long as the matches live, e.g. in AsymRnR's cache)
+    x = x.detach()
     if use_triton(x, backend):
         from ..triton_kernels.asymrnr.match import match_fwd
 

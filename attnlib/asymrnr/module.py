@@ -136,7 +136,11 @@ class AsymRnR:
                              text_tokens=self.text_tokens, text_side=self.text_side, device=x.device)
             return part, match(x, part, metric=self.metric, backend=self.backend)
 
-        sig = (tuple(x.shape), x.dtype, x.device)
+        # the settings the partition and matches depend on, not only the tensors: a grid, stride,
+        # seed or metric changed on the object (a transposed resolution keeps the token count)
+        # must not reuse the old ones for the rest of the epoch
+        sig = (tuple(x.shape), x.dtype, x.device, self.grid, self.stride, self.text_tokens, self.text_side,
+               self.seed, self.metric)
         return self.cache.get((block, kind), step, sig, compute)
 
     def attention(self, q, k, v, *, step: int = 0, block: int = 0, layout: str = "bhsd", scale=None):

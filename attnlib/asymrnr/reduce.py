@@ -36,6 +36,8 @@ def plan_reduction(part: Partition, matches: Matches, ratio: float) -> Reduction
     have been made on ``part`` (ValueError otherwise)."""
     ratio = check_ratio("ratio", ratio)
     node, order = matches.node, matches.order
+    if matches.partition_key is None:
+        _check_hand_built(node, order, part)
     B, H, n_src = node.shape
     if n_src != part.n_src:
         raise ValueError(f"matches have {n_src} sources but the partition has {part.n_src}")
@@ -59,6 +61,27 @@ def plan_reduction(part: Partition, matches: Matches, ratio: float) -> Reduction
     keep_idx = torch.empty(B, H, R + 1, dtype=torch.int64, device=dev)
     keep_idx.scatter_(-1, slot, torch.arange(S, device=dev).expand(B, H, S))
     return ReductionPlan(keep_idx[..., :R].contiguous(), restore_idx.contiguous(), S, R)
+
+
+def _check_hand_built(node, order, part: Partition) -> None:
+    """Matches built by hand (match() makes valid ones): integer (B, H, n_src) node and order with
+    node indexing part.dst and order a permutation of the sources; out-of-range indices would
+    wrap around (negative) or fault on the GPU, a repeated source would mis-size the plan."""
+    int_kinds = {"matches.node": (torch.int64, torch.int32), "matches.order": (torch.int64,)}
+    for (name, dtypes), t in zip(int_kinds.items(), (node, order)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or t.dim() != 3:
+            kinds = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name} must be an {kinds} (batch, heads, n_src) tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if node.shape != order.shape or node.device != order.device:
+        raise ValueError(f"matches.node {tuple(node.shape)} on {node.device} and matches.order "
+                         f"{tuple(order.shape)} on {order.device} must share shape and device")
+    if node.numel() and not bool(((node >= 0) & (node < part.n_dst)).all()):
+        raise ValueError(f"matches.node must index the partition's {part.n_dst} destinations (0 .. {part.n_dst - 1})")
+    if order.numel() and not torch.equal(order.sort(-1).values,
+                                         torch.arange(order.shape[-1], device=order.device).expand_as(order)):
+        raise ValueError(f"matches.order must order the {order.shape[-1]} sources: each index 0 .. "
+                         f"{order.shape[-1] - 1} once per (batch, head)")
 
 
 def _check_rows(name: str, x, plan: ReductionPlan, rows: int, what: str) -> None:
