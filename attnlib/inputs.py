@@ -37,6 +37,16 @@ def _require_tensor(name: str, x: Any) -> torch.Tensor:
     return x
 
 
+def check_dense(name: str, x: torch.Tensor) -> torch.Tensor:
+    """A strided tensor: sparse, MKL-DNN and nested (jagged) tensors have no strides or storage the
+    kernels can read (they failed deep inside a kernel or the op with torch's NotImplementedError)."""
+    if x.layout != torch.strided or x.is_nested:
+        kind = "nested" if x.is_nested else str(x.layout)
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor: call .to_dense() "
+                        "(or torch.nested.to_padded_tensor; flash_attention_varlen takes packed sequences)")
+    return x
+
+
 def check_layout(layout: Any) -> str:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -234,6 +244,7 @@ def validate_qkv(q: Any, k: Any, v: Any, layout: str, *, same_head_dim_v: bool =
     v = _require_tensor("v", v)
     layout = check_layout(layout)
     for name, t in (("q", q), ("k", k), ("v", v)):
+        check_dense(name, t)
         if t.dim() != 4:
             dims = "(batch, heads, seq, head_dim)" if layout == "bhsd" else "(batch, seq, heads, head_dim)"
             raise ValueError(f"{name} must be 4-D {dims} for layout={layout!r}, got shape {tuple(t.shape)}")

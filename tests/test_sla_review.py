@@ -4,7 +4,6 @@ test that fails without its fix."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import attnlib
 from attnlib.testing import make_qkv

@@ -26,13 +26,12 @@ deterministic kernels.
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
 from .. import api, varlen
-from ..inputs import is_real_number
+from ..inputs import FLOAT32_TINY, SCALE_MAX, check_dense, is_real_number, scale_in_range
 
 
 def _check_float(name: str, value) -> float:
@@ -59,8 +58,10 @@ def _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, softmax_sc
         raise ValueError("alibi_slopes: ALiBi is not supported")
     if softmax_scale is not None:
         scale = _check_float("softmax_scale", softmax_scale)
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"softmax_scale must be finite and positive (attnlib's kernels), got {softmax_scale}")
+        if not scale_in_range(scale):  # inputs.check_scale's rule, under this argument's name
+            raise ValueError(f"softmax_scale must be finite and positive, between float32's smallest normal "
+                             f"({FLOAT32_TINY:.4g}) and {SCALE_MAX:.4g} (attnlib's kernels scale scores in "
+                             f"float32), got {softmax_scale}")
     return causal
 
 
@@ -167,6 +168,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if block_table is not None:
         raise ValueError("block_table: flash_attn_varlen_func's paged KV cache is not supported "
                          "(flash_attn_with_kvcache takes one)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if isinstance(t, torch.Tensor):  # varlen's checks name the other faults
+            check_dense(name, t)
     res = varlen.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         causal=causal, scale=_scale(softmax_scale),
                                         return_lse=bool(return_attn_probs), deterministic=deterministic)
@@ -197,6 +201,7 @@ def _check_packed(name, x, n, varlen=False):
     """x stacks n tensors on the axis after the token axes: (B, S, n, H, D), or (total, n, H, D) for varlen."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_dense(name, x)
     axis, tokens = (1, "total_tokens") if varlen else (2, "batch, seq")
     if x.dim() != axis + 3 or x.shape[axis] != n:
         raise ValueError(f"{name} must have shape ({tokens}, {n}, heads, head_dim), got {tuple(x.shape)}")

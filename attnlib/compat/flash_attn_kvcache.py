@@ -18,7 +18,7 @@ import torch
 
 from .. import varlen
 from ..dispatch import effective_backend
-from ..inputs import FLOAT_DTYPES, check_scale
+from ..inputs import FLOAT_DTYPES, check_dense, check_scale
 from .flash_attn import _check_unsupported, _scale
 
 
@@ -41,6 +41,7 @@ class _CacheLayout:
 def _tensor(name, x, dims, dtype=None):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_dense(name, x)
     if x.dim() != len(dims):
         raise ValueError(f"{name} must have shape ({', '.join(dims)}), got {tuple(x.shape)}")
     if dtype is not None and x.dtype != dtype:

@@ -1,0 +1,110 @@
+"""Review of the public API's validation and the flash_attn compatibility layer: inputs that are not
+dense tensors, and softmax_scale values outside the kernels' float32 range, are refused with an
+error naming the argument (they failed inside a kernel or named attnlib's own argument)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlib
+from attnlib.compat import flash_attn as fa
+
+
+def dense_qkv(layout="bshd"):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    shape = (1, 5, 2, 16) if layout == "bshd" else (1, 2, 5, 16)
+    return [torch.randn(*shape, generator=gen) for _ in range(3)]
+
+
+def nested(x):
+    """A jagged nested tensor of x's first row split in two sequences (as torch SDPA takes them)."""
+    return torch.nested.nested_tensor([x[0, :, :2], x[0, :, 2:]], layout=torch.jagged)
+
+
+NOT_DENSE = {
+    "sparse_coo": lambda x: x.to_sparse(),
+    "mkldnn": lambda x: x.to_mkldnn(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_DENSE))
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["q", "k", "v"])
+def test_non_dense_inputs_are_a_type_error_naming_the_argument(kind, which):
+    """Sparse and MKL-DNN tensors passed validation and raised torch's NotImplementedError ("Cannot
+    access storage of SparseTensorImpl") from inside the kernel."""
+    name = "qkv"[which]
+    args = dense_qkv("bhsd")
+    args[which] = NOT_DENSE[kind](args[which])
+    with pytest.raises(TypeError, match=f"{name} must be a dense"):
+        attnlib.flash_attention(*args)
+    with pytest.raises(TypeError, match=f"{name} must be a dense"):
+        attnlib.explain(*args)
+    bshd = [t.transpose(1, 2) if i != which else NOT_DENSE[kind](dense_qkv()[0]) for i, t in enumerate(dense_qkv())]
+    with pytest.raises(TypeError, match=f"{name} must be a dense"):
+        fa.flash_attn_func(*bshd)
+
+
+def test_nested_inputs_are_a_type_error():
+    """A jagged nested tensor (torch SDPA takes them) reached attnlib's op and raised
+    NotImplementedError naming only the op."""
+    q, k, v = dense_qkv("bhsd")
+    with pytest.raises(TypeError, match="q must be a dense.*nested"):
+        attnlib.flash_attention(nested(q), nested(k), nested(v))
+
+
+def test_compat_packed_varlen_and_kvcache_refuse_non_dense_tensors():
+    q, k, v = dense_qkv()
+    with pytest.raises(TypeError, match="qkv must be a dense"):
+        fa.flash_attn_qkvpacked_func(torch.stack((q, k, v), dim=2).to_sparse())
+    with pytest.raises(TypeError, match="kv must be a dense"):
+        fa.flash_attn_kvpacked_func(q, torch.stack((k, v), dim=2).to_sparse())
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(TypeError, match="k must be a dense"):
+        fa.flash_attn_varlen_func(q[0], k[0].to_sparse(), v[0], cu, cu, 5, 5)
+    k_cache, v_cache = k.clone(), v.clone()
+    with pytest.raises(TypeError, match="q must be a dense"):
+        fa.flash_attn_with_kvcache(q.to_sparse(), k_cache, v_cache, cache_seqlens=3)
+    with pytest.raises(TypeError, match="k_cache must be a dense"):
+        fa.flash_attn_with_kvcache(q, k_cache.to_sparse(), v_cache, cache_seqlens=3)
+    new = torch.randn(1, 1, 2, 16)
+    with pytest.raises(TypeError, match="v must be a dense"):
+        fa.flash_attn_with_kvcache(q, k_cache, v_cache, new, new.to_sparse(), cache_seqlens=3)
+    assert torch.equal(k_cache, k) and torch.equal(v_cache, v)
+
+
+def test_sdpa_drop_in_leaves_sparse_inputs_to_torch(monkeypatch):
+    """The SDPA drop-in sends what attnlib's input checks refuse to torch: a sparse key now is one
+    of those, where attnlib's kernel raised before."""
+    from attnlib.integrations import sdpa
+
+    sent = []
+    monkeypatch.setattr(sdpa, "TORCH_SDPA", lambda *a, **kw: sent.append(a) or "torch's")
+    q, k, v = dense_qkv("bhsd")
+    assert attnlib.scaled_dot_product_attention(q, k.to_sparse(), v) == "torch's" and len(sent) == 1
+
+
+@pytest.mark.parametrize("func", ["dense", "kvcache", "varlen"])
+@pytest.mark.parametrize("scale", [1e-40, 1e39], ids=["below-float32-normal", "past-float32"])
+def test_softmax_scale_out_of_the_kernels_range_names_softmax_scale(func, scale):
+    """A positive, finite softmax_scale outside float32's range (the kernels scale scores in
+    float32: below its smallest normal a masked score gives -inf * 0 = NaN, above ~2.4e38 inf) was
+    refused by the error for attnlib's own argument, "scale must ...", an argument flash_attn's
+    callers never passed."""
+    q, k, v = dense_qkv()
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    calls = {
+        "dense": lambda: fa.flash_attn_func(q, k, v, softmax_scale=scale),
+        "kvcache": lambda: fa.flash_attn_with_kvcache(q, k, v, cache_seqlens=3, softmax_scale=scale),
+        "varlen": lambda: fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 5, 5, softmax_scale=scale),
+    }
+    with pytest.raises(ValueError, match="^softmax_scale must be finite and positive, between"):
+        calls[func]()
+
+
+def test_softmax_scale_at_the_range_ends_is_accepted():
+    from attnlib.inputs import FLOAT32_TINY
+
+    q, k, v = dense_qkv()
+    for scale in (FLOAT32_TINY, 0.3):
+        out = fa.flash_attn_func(q, k, v, softmax_scale=scale)
+        assert out.shape == q.shape and bool(out.isfinite().all())
