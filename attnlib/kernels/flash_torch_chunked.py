@@ -160,7 +160,10 @@ def chunked_backward(inp: AttentionInputs, out: torch.Tensor | None, lse: torch.
         else:
             delta = (do * _rows(out, hkv, r0, r1)).sum(-1, keepdim=True)
         if dlse is not None:  # a gradient into lse adds P * dlse to dS: fold it into D
-            delta = delta - _rows(dlse.unsqueeze(-1), hkv, r0, r1)
+            # not where lse is -inf (P = 0 there): a loss like lse ** 2 sends NaN / inf into those
+            # rows, which P * (dP - D) would turn into NaN (the Triton backward drops them too)
+            row_dlse = _rows(dlse.unsqueeze(-1), hkv, r0, r1)
+            delta = delta - torch.where(torch.isfinite(row_lse), row_dlse, torch.zeros_like(row_dlse))
         ds = dp.sub_(delta).mul_(p)
         del p, dp
         dq_rows = _to_heads(torch.matmul(ds, kc).mul_(inp.scale), hq, r1 - r0)

@@ -283,10 +283,13 @@ def tma_smem_bytes(c: tuple, d_pad: int) -> int:
 def tma_fitting(d_pad: int, exact_smem_limit: Optional[int] = None) -> list[tuple]:
     """The descriptor forward's table entries for this padded head dim (16-bit inputs only) that
     fit the shared memory, best guess first; the same rule as candidates() for the pointer
-    forward."""
+    forward. Empty where none fits a card with less shared memory than an H100 (sm_120's 99 KB
+    at hd128 and up: TMA is there, the tiles are not): forward_tma then refuses the call."""
     budget = max(SMEM_BUDGET, exact_smem_limit or 0)
+    if exact_smem_limit is not None and exact_smem_limit < H100_SMEM:
+        budget = exact_smem_limit  # as candidates() (before, a 99 KB card was offered 130 KB tiles)
     cands = FWD_TMA_H100[_table_key(d_pad)]
-    return [c for c in cands if tma_smem_bytes(c, d_pad) <= budget] or [cands[0]]
+    return [c for c in cands if tma_smem_bytes(c, d_pad) <= budget]
 
 
 def tma_candidates(d_pad: int, exact_smem_limit: Optional[int] = None) -> list[tuple]:

@@ -176,6 +176,9 @@ def tma_unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
         reasons.append(f"dtype {q.dtype} (fp16/bf16 only; fp32 inputs are served for accuracy, not speed)")
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
         reasons.append("TMA needs sm_90 or newer")
+    elif not configs.tma_fitting(configs.padded_head_dim(q.shape[3]), configs.device_smem_limit(q)):
+        reasons.append(f"no descriptor-forward tile for head_dim {q.shape[3]} fits the device's "
+                       f"{configs.device_smem_limit(q)} bytes of shared memory per block")
     head_dim = q.shape[3]
     if (head_dim * q.element_size()) % _ALIGN:
         reasons.append(f"head_dim {head_dim}: a row of {head_dim * q.element_size()} bytes is not a multiple of "
