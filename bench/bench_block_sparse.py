@@ -57,9 +57,12 @@ def _step(provider: str, q, k, v, mask):
 
 def run_block_sparse_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] = print, *,
                            device: str = "cuda", shape: Optional[dict] = None, dtype: torch.dtype = torch.bfloat16,
-                           timing: Optional[runner.TimingConfig] = None) -> list[dict]:
+                           timing: Optional[runner.TimingConfig] = None,
+                           records: Optional[list[dict]] = None) -> list[dict]:
     """The GPU suite (SHAPE, bf16). device="cpu" with a small shape, fp32 and a short timing
-    config is the CPU smoke test of every provider path (tests/test_bench_suites.py)."""
+    config is the CPU smoke test of every provider path (tests/test_bench_suites.py). records: a
+    list the rows are appended to as they are measured (gpu_check keeps what an interrupt
+    leaves; default a new one)."""
     if device == "cuda" and not torch.cuda.is_available():
         return []
     t0 = time.perf_counter()
@@ -71,7 +74,7 @@ def run_block_sparse_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str]
                .to(dev, dtype) for _ in range(3))
     dense_flops = runner.flops(shape["batch"], shape["heads"], shape["seq"], shape["seq"], shape["head_dim"])
     cfg = timing or runner.TimingConfig(target_s=0.1, max_reps=20)
-    records = []
+    records = [] if records is None else records
     for density in DENSITIES:
         mask = random_block_mask(density, device=device, shape=shape)
         for prov in PROVIDERS:

@@ -51,8 +51,11 @@ def _fla_step(q, k, v, causal: bool):
         return None, "fla-core's linear attention is causal only"
     try:
         from fla.ops.linear_attn import chunk_linear_attn as f
-    except ImportError:
-        return None, "fla-core not installed (carry its wheel: see bench/gpu_check.py)"
+    except Exception as e:  # noqa: BLE001 - a skip with the cause (fla itself missing, or a need of
+        # it such as einops, or its import failing here), never the end of the suite's rows
+        what = ("fla-core not installed (carry its wheel: see bench/gpu_check.py)"
+                if getattr(e, "name", None) == "fla" else "fla-core is installed but does not import")
+        return None, f"{what}: {type(e).__name__}: {str(e)[:200]}"
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # fla takes (B, T, H, D)
     return (lambda: f(qt, kt, vt, normalize=True)), None
 
@@ -79,10 +82,13 @@ def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None
                      device: str = "cuda", *, seqs: tuple = SEQS, bwd_seq: int = BWD_SEQ,
                      shape: Optional[dict] = None, dtype: torch.dtype = torch.bfloat16,
                      timing: Optional[runner.TimingConfig] = None, copy_bytes: int = 1 << 30,
-                     workloads: Optional[list[dict]] = None, zdot_seq: int = ZDOT_SEQ) -> list[dict]:
+                     workloads: Optional[list[dict]] = None, zdot_seq: int = ZDOT_SEQ,
+                     records: Optional[list[dict]] = None) -> list[dict]:
     """Forward GB/s over seqs (attnlib next to fla), then at the real models' shapes near bwd_seq
     tokens (workloads: those shapes; default workload_shapes of runner.load_workloads()), fwd+bwd
-    at bwd_seq; at zdot_seq the non-causal forward also with kernels.STATE_Z_DOT; [] without CUDA. (device
+    at bwd_seq; at zdot_seq the non-causal forward also with kernels.STATE_Z_DOT; [] without CUDA.
+    records: a list the rows are appended to as they are measured (gpu_check keeps what an
+    interrupt leaves; default a new one). (device
     "cpu" with small seqs, shape and copy_bytes is the smoke test, under TRITON_INTERPRET=1:
     tests/test_bench_suites.py.)"""
     if device == "cuda" and not torch.cuda.is_available():
@@ -96,7 +102,7 @@ def run_linear_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None
     cfg = timing or runner.TimingConfig(target_s=0.1, max_reps=20)
     shape = shape or SHAPE
     dtype_name = str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
-    records = []
+    records = [] if records is None else records
 
     def timed(rec: dict, step, nbytes: int, reset=lambda: None, why_not: Optional[str] = None,
               graph: bool = False) -> None:

@@ -83,10 +83,12 @@ def _time(step, dev, cfg) -> float:
 
 def run_sla_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] = print, *, device: str = "cuda",
                   shape: Optional[dict] = None, dtype: torch.dtype = torch.bfloat16,
-                  timing: Optional[runner.TimingConfig] = None, criticals: tuple = CRITICALS) -> list[dict]:
+                  timing: Optional[runner.TimingConfig] = None, criticals: tuple = CRITICALS,
+                  records: Optional[list[dict]] = None) -> list[dict]:
     """The GPU suite (Wan2.1-1.3B shape, bf16). device="cpu" with a small shape, fp32, a short
     timing config and fewer criticals is the CPU smoke test of every provider path
-    (tests/test_bench_suites.py)."""
+    (tests/test_bench_suites.py). records: a list the rows are appended to as they are measured
+    (gpu_check keeps what an interrupt leaves; default a new one)."""
     if device == "cuda" and not torch.cuda.is_available():
         return []
     t0 = time.perf_counter()
@@ -100,7 +102,7 @@ def run_sla_suite(budget_s: float = SUITE_BUDGET_S, log: Callable[[str], None] =
     w = (torch.randn(d, d, generator=gen) * d ** -0.5).to(dev).requires_grad_()
     b = torch.zeros(d, device=dev, requires_grad=True)
     cfg = timing or runner.TimingConfig(target_s=0.05, max_reps=5)
-    records: list[dict] = []
+    records = [] if records is None else records
 
     def measure(provider: str, mode: str, critical=None, negligible=None, variant="sla", block=BLOCK) -> None:
         rec = dict(method="sla", workload=WORKLOAD, provider=provider, mode=mode, variant=variant,

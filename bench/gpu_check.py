@@ -90,7 +90,8 @@ Steps, each bounded in time:
    table with the speed of each attnlib provider relative to the fastest SDPA backend), written
    after every step so a run cut short still leaves its numbers, then copied into
    ``bench/results/<gpu-name-slug>/``. SIGINT or SIGTERM (``timeout -s INT``) stops the step in
-   hand (the pytest process group too), writes the results with ``complete: false`` and exits 130.
+   hand (the pytest process group too), writes the results with ``complete: false`` (the rows the
+   suite in hand measured so far included: its JSON, the profile's profile.md) and exits 130.
 
 On a lent device machine only $OUT comes back; afterwards, on the development machine,
 ``python bench/gpu_check.py --import <fetched folder>`` files those results under
@@ -100,6 +101,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -645,6 +647,11 @@ class RunState:
         return on_record
 
 
+def _measured(recs: Sequence[dict]) -> int:
+    """The records of a table suite that hold a time (the rest were skipped or failed)."""
+    return sum(('ms' in r) or ('us_per_call' in r) or ('eager_ms' in r) for r in recs)
+
+
 def _interrupt(signum, frame):  # SIGTERM: as SIGINT, so the same handler writes the results
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -867,15 +874,25 @@ def run_steps(args, suites: set, state: RunState, torch) -> int:
         state.step = f"suite {name}"
         say(f"== {name} benchmarks (budget {cap:.0f} s)")
         kwargs = {k: (stage if k == "out" else v) for k, v in extra.items()}
+        partial: list = []  # the rows so far, for suites that append as they measure (records=)
         try:
-            recs = getattr(importlib.import_module(mod), fn)(cap, log=lambda s: say("  " + s), **kwargs)
+            func = getattr(importlib.import_module(mod), fn)
+            if "records" in inspect.signature(func).parameters:
+                kwargs["records"] = partial
+            recs = func(cap, log=lambda s: say("  " + s), **kwargs)
             (stage / f"{name}.json").write_text(json.dumps(recs, indent=1, default=str))
-            notes.append(f"{name}: {sum(('ms' in r) or ('us_per_call' in r) or ('eager_ms' in r) for r in recs)} "
-                         f"measurements in {name}.json")
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001 - keep the rest of the run
-            notes.append(f"the {name} suite stopped: {type(e).__name__}: {e}")
+            notes.append(f"{name}: {_measured(recs)} measurements in {name}.json")
+        except BaseException as e:  # noqa: BLE001 - keep the rest of the run; an interrupt goes on up
+            if partial:  # what the suite measured before it stopped comes back too
+                try:
+                    (stage / f"{name}.json").write_text(json.dumps(partial, indent=1, default=str))
+                except Exception as e2:  # noqa: BLE001 - never in place of the interrupt
+                    notes.append(f"could not write {name}.json: {type(e2).__name__}: {e2}")
+            how = f"stopped: {type(e).__name__}: {e}" if isinstance(e, Exception) else "was interrupted"
+            notes.append(f"the {name} suite {how}" + (f" ({_measured(partial)} measurements before it in "
+                                                       f"{name}.json)" if partial else ""))
+            if not isinstance(e, Exception):  # KeyboardInterrupt (SIGINT / SIGTERM): main writes the rest
+                raise
             say("!! " + notes[-1])
         state.save(complete=False)
     state.step = "writing results"

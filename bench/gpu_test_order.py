@@ -29,8 +29,11 @@ import pytest
 # pinned candidate), the linear launch configs taken from the stop 22 sweeps and the hd256
 # shared-memory fix, SLA's state products on 16-bit tensor cores (bf16 pieces, stop 23), the
 # linear tests that failed on CPU-made buffers or faulted, the compat and varlen fixes, then the
-# lists of stop 19 that stop 22 passed (kept near the front: cheap).
+# lists of stop 19 that stop 22 passed (kept near the front: cheap). The 128-row CUDA tile at 48 /
+# 64 keys per step (after stop 24: call 2 times it as attnlib-cuda-bn48 / -bn64) is checked against
+# float64 first of all: a wrong variant's time would mean nothing.
 PRIORITY: tuple[str, ...] = (
+    "tests/test_flash_cuda.py::test_tile128_wider_key_steps_match_reference",
     "tests/test_sage_triton.py::test_fp8_pv",
     "tests/test_sage_triton.py::test_quantize_v_fp8_rounding_gpu",
     "tests/test_sage_triton.py::test_autotune_candidates_on_gpu",

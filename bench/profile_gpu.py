@@ -137,10 +137,11 @@ def cases(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, *, sla_shap
     yield ("asymrnr matching of Q and V alone Wan2.1-1.3B", lambda: (match(q, part), match(v, part)))
 
 
-def run_profile_suite(budget_s: float = 60.0, log: Callable[[str], None] = print, out: str = "gpu-results"
-                      ) -> list[dict]:
-    """gpu_check's "profile" suite: main() within budget_s; one record per case run."""
-    done: list[dict] = []
+def run_profile_suite(budget_s: float = 60.0, log: Callable[[str], None] = print, out: str = "gpu-results",
+                      records: list | None = None) -> list[dict]:
+    """gpu_check's "profile" suite: main() within budget_s; one record per case run, appended to
+    records (default a new list) as each case ends, so an interrupt leaves those done."""
+    done: list[dict] = [] if records is None else records
     main(["--out", str(out), "--budget", str(budget_s)], log=log, records=done)
     return done
 
@@ -157,9 +158,24 @@ def main(argv=None, log: Callable[[str], None] = print, records: list | None = N
     lines = [f"# Kernel profile: {torch.cuda.get_device_name()}", "",
              "eager: median of 30 calls with CUDA events; graph: the same call replayed from a CUDA graph "
              "(no host work); kernels: torch.profiler device time per call.", ""]
+    try:
+        _profile_cases(args.budget, t0, lines, log, records)
+    except KeyboardInterrupt:  # SIGINT / SIGTERM of gpu_check: profile.md still says what was done
+        lines += ["## interrupted", "", f"stopped by an interrupt {time.perf_counter() - t0:.0f} s in; "
+                  "the cases above it ran, the rest did not", ""]
+        raise
+    finally:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "profile.md").write_text("\n".join(lines))
+    return 0
+
+
+def _profile_cases(budget, t0: float, lines: list, log: Callable[[str], None], records: list | None) -> None:
+    """main's loop: each case's eager and graph times and kernels, as markdown into lines."""
     with torch.no_grad():
         for name, fn in cases():
-            if args.budget is not None and time.perf_counter() - t0 > args.budget:
+            if budget is not None and time.perf_counter() - t0 > budget:
                 lines += [f"## {name}", "", "not run: the profile's time budget was spent", ""]
                 continue
             try:
@@ -182,10 +198,6 @@ def main(argv=None, log: Callable[[str], None] = print, records: list | None = N
             if records is not None:
                 records.append({"case": name, "eager_ms": eager, "graph_ms": graph if isinstance(graph, float) else None,
                                 "kernels": [{"kernel": k, "launches": n, "ms": t} for k, n, t in ks]})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "profile.md").write_text("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":
