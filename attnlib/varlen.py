@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import NoKernelError, effective_backend
-from .inputs import FLOAT_DTYPES, AttentionInputs, check_scale, plain_number
+from .inputs import FLOAT_DTYPES, AttentionInputs, check_dense, check_scale, plain_number
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -14,6 +14,7 @@ def check_packed(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_dense(name, t)
         if t.dim() != 3:
             raise ValueError(f"{name} must be 3-D (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
         if t.dtype not in FLOAT_DTYPES:  # as the dense API (inputs.validate_qkv): no float8

@@ -72,6 +72,17 @@ def test_compat_packed_varlen_and_kvcache_refuse_non_dense_tensors():
     assert torch.equal(k_cache, k) and torch.equal(v_cache, v)
 
 
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["q", "k", "v"])
+def test_varlen_refuses_non_dense_tensors(which):
+    """attnlib.flash_attention_varlen (and sageattn_varlen, through the same check_packed) took a
+    sparse packed tensor into its kernels."""
+    args = [t[0] for t in dense_qkv()]
+    args[which] = args[which].to_sparse()
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(TypeError, match=f"{'qkv'[which]} must be a dense"):
+        attnlib.flash_attention_varlen(*args, cu, cu, 3, 3)
+
+
 def test_sdpa_drop_in_leaves_sparse_inputs_to_torch(monkeypatch):
     """The SDPA drop-in sends what attnlib's input checks refuse to torch: a sparse key now is one
     of those, where attnlib's kernel raised before."""

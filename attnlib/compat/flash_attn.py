@@ -168,9 +168,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if block_table is not None:
         raise ValueError("block_table: flash_attn_varlen_func's paged KV cache is not supported "
                          "(flash_attn_with_kvcache takes one)")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if isinstance(t, torch.Tensor):  # varlen's checks name the other faults
-            check_dense(name, t)
     res = varlen.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         causal=causal, scale=_scale(softmax_scale),
                                         return_lse=bool(return_attn_probs), deterministic=deterministic)
