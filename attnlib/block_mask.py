@@ -138,7 +138,9 @@ def cached_col_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def index_to_block_mask(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
                         num_key_blocks: Optional[int] = None) -> torch.Tensor:
     """Inverse of :func:`block_mask_to_index`: bool (B, H, Mq, Mk), Mk = num_key_blocks or
-    kv_indices.shape[-1]."""
+    kv_indices.shape[-1]. The first kv_num_blocks entries of each row must be distinct key
+    blocks in [0, Mk), in any order (ValueError otherwise: FlexAttention would attend a key
+    block listed twice twice, which no bool mask expresses); the other slots are never read."""
     for name, t, dim in (("kv_num_blocks", kv_num_blocks, 3), ("kv_indices", kv_indices, 4)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -170,11 +172,23 @@ def index_to_block_mask(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
         where = tuple(int(i) for i in torch.nonzero(bad)[0])
         raise ValueError(f"kv_indices must list key blocks in [0, {mk}) (num_key_blocks), got "
                          f"{int(kv_indices[where])} at {where}")
-    out = torch.zeros(*kv_indices.shape[:3], mk + 1, dtype=torch.bool, device=kv_indices.device)
-    # unlisted slots scatter into a spare column that is cut off
+    if kv_num_blocks.numel() and bool((kv_num_blocks > mk).any()):
+        # in range yet more than mk of them: some key block is listed twice
+        where = tuple(int(i) for i in torch.nonzero(kv_num_blocks > mk)[0])
+        raise ValueError(f"kv_num_blocks must be at most {mk} (num_key_blocks), got {int(kv_num_blocks[where])} "
+                         f"at {where}")
+    # unlisted slots go to a spare column that is cut off
     idx = torch.where(listed, kv_indices.long(), torch.full_like(kv_indices, mk, dtype=torch.long))
-    out.scatter_(-1, idx, True)
-    return out[..., :mk]
+    count = torch.zeros(*kv_indices.shape[:3], mk + 1, dtype=torch.int32, device=kv_indices.device)
+    count.scatter_add_(-1, idx, listed.to(torch.int32))
+    twice = count[..., :mk] > 1
+    if bool(twice.any()):
+        # FlexAttention would visit such a block twice (its keys counted twice in the softmax);
+        # a bool mask cannot say that, so the form is refused rather than silently deduplicated
+        where = tuple(int(i) for i in torch.nonzero(twice)[0])
+        raise ValueError(f"kv_indices must list each key block at most once per row, got key block {where[3]} "
+                         f"{int(count[where])} times in row {where[:3]}")
+    return count[..., :mk] > 0
 
 
 def block_mask_from_token_mask(mask: torch.Tensor, block_size=(64, 64)) -> torch.Tensor:
