@@ -37,6 +37,7 @@ import torch
 from .. import api, varlen
 from ..inputs import FLOAT32_TINY, SCALE_MAX, is_real_number, scale_in_range
 from ..options import SAGE_QK_GRANULARITIES
+from ..reference._common import compute_dtype
 from .flash_attn import _max_seqlen
 
 LAYOUTS = {"HND": "bhsd", "NHD": "bshd"}
@@ -190,16 +191,19 @@ def _sage2(q, k, v, tensor_layout, is_causal, qk_quant_gran, sm_scale, smooth_k,
     if not (smooth_v and shaped):  # (not shaped: the call raises, naming the argument)
         return sageattn(q, k, v, tensor_layout, is_causal, sm_scale, return_lse, **options)
     tokens, heads = (2, 1) if tensor_layout == "HND" else (1, 2)
-    v32 = v.float()
-    mean = v32.mean(dim=tokens, keepdim=True)
-    res = sageattn(q, k, (v32 - mean).to(v.dtype), tensor_layout, is_causal, sm_scale, return_lse, **options)
+    # float32, or float64 for float64 inputs: their sage runs in float64, and V's mean rounded to
+    # float32 and added back in float32 cost them ~half a float32 ulp of the mean (0.03 at 1e6)
+    ct = compute_dtype(v.dtype)
+    vc = v.to(ct)
+    mean = vc.mean(dim=tokens, keepdim=True)
+    res = sageattn(q, k, (vc - mean).to(v.dtype), tensor_layout, is_causal, sm_scale, return_lse, **options)
     out = res[0] if return_lse else res
     if out.numel() and v.shape[tokens]:  # (no key: every row is 0 and V's mean is undefined)
         seq_q, seq_k = q.shape[tokens], k.shape[tokens]
         # rows that see no key (bottom-right causal, seq_q > seq_k) output 0 and stay 0
         sees = torch.arange(seq_q, device=out.device) >= (seq_q - seq_k if is_causal else 0)
         mean = mean.repeat_interleave(q.shape[heads] // v.shape[heads], dim=heads)
-        out = (out.float() + mean * sees.view((-1, 1) if tensor_layout == "HND" else (-1, 1, 1))).to(out.dtype)
+        out = (out.to(ct) + mean * sees.view((-1, 1) if tensor_layout == "HND" else (-1, 1, 1))).to(out.dtype)
     return (out, res[1]) if return_lse else out
 
 
@@ -236,9 +240,13 @@ def sageattn_qk_int8_pv_fp8_cuda_sm90(q, k, v, tensor_layout: str = "HND", is_ca
                                       qk_quant_gran: str = "per_thread", sm_scale=None,
                                       pv_accum_dtype: str = "fp32+fp32", smooth_k: bool = True,
                                       return_lse: bool = False, **kwargs: Any):
-    """SageAttention2's sm_90 fp8 kernel: the same as sageattn_qk_int8_pv_fp8_cuda here."""
+    """SageAttention2's sm_90 fp8 kernel: the same as sageattn_qk_int8_pv_fp8_cuda here. Its
+    signature has no smooth_v, but a ``smooth_v`` keyword is honoured (checked, and exact as
+    there) rather than passed on twice: forwarded in kwargs next to the positional False it
+    raised Python's "got multiple values for argument 'smooth_v'" from inside this module."""
+    smooth_v = kwargs.pop("smooth_v", False)
     return sageattn_qk_int8_pv_fp8_cuda(q, k, v, tensor_layout, is_causal, qk_quant_gran, sm_scale, pv_accum_dtype,
-                                        smooth_k, False, return_lse, **kwargs)
+                                        smooth_k, smooth_v, return_lse, **kwargs)
 
 
 __all__ = ["sageattn", "sageattn_varlen", "sageattn_qk_int8_pv_fp16_triton", "sageattn_qk_int8_pv_fp16_cuda",
