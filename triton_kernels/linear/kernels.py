@@ -1147,12 +1147,44 @@ def causal_value_pad(dk_pad: int, dv: int) -> int:
     return max(pad(dv), min(64, dk_pad))
 
 
+def _subtract_eps_share(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mu: torch.Tensor, feature: str, *,
+                        offset: int, eps: float) -> None:
+    """out (B, Hq, Sq, DV) fp32, the causal output of V - mu, less mu eps / den per row (den = phi(q_i)
+    . sum_{j <= i + offset} phi(k_j) + eps; rows without a key or with den 0 unchanged): O - mu for
+    the O of V, as causal_bwd's centred backward needs it. On the host, in fp32: in the dq kernel
+    (mu or dO . mu per row) it spilled 32 to 80 more bytes at hd128 bf16 on sm_90, over the bound
+    of tests/test_triton_sm90_compile.py."""
+    from ...reference.linear import feature_map_fn
+
+    batch, heads, seq_q, d = q.shape
+    heads_kv, seq_k = k.shape[1], k.shape[2]
+    first = max(0, -offset)  # queries before it see no key
+    if first >= seq_q or seq_k == 0:
+        return
+    phi = feature_map_fn(feature)
+    zc = torch.cumsum(phi(k.float()), dim=2)[:, :, first + offset:seq_q + offset]  # each row's key sum
+    group = heads // heads_kv
+    pq = phi(q[:, :, first:].float()).view(batch, heads_kv, group, seq_q - first, d)
+    den = torch.einsum("bhgnd,bhnd->bhgn", pq, zc).reshape(batch, heads, seq_q - first, 1) + eps
+    share = torch.where(den == 0, 0.0, eps / torch.where(den == 0, 1.0, den))
+    out[:, :, first:] -= share * mu.repeat_interleave(group, dim=1)
+
+
 def causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, feature: str, *, offset: int, eps: float,
                span: int | None = None) -> None:
     """Write the gradients of causal() into dq (B, Hq, Sq, DK), dk (B, Hkv, Sk, DK), dv (B, Hkv, Sk, DV):
     the forward's states, dq (+ 1/den and dd per row), the reverse states of each query
-    super-chunk, their reverse prefix summed over the GQA group, then dk and dv per key unit."""
+    super-chunk, their reverse prefix summed over the GQA group, then dk and dv per key unit.
+
+    16-bit inputs run on V centred by its mean mu over the keys (per batch and kv head), with O - mu
+    recomputed from it (out is not read). The gradients depend on V only through
+    dO_i . (v_j - o_i), which shifting both by mu leaves unchanged; uncentred, both terms of
+    dphi(q_i) = (dO_i S_i^T - (dO_i . o_i) z_i) / d_i carry V's mean and cancel: with o_i rounded to
+    16 bits (the output as saved) and S in the products' 16-bit operands, dq's relative RMSE was
+    1.1e-2 (fp16, 500 tokens, V ~ N(3, 1); 7e-3 at N(1, 1), 2000 tokens) against the 5e-3
+    contract, linear-torch-chunked's 3e-4. Costs one more causal forward (fp32 out), a copy of V and,
+    with eps > 0, each row's denominator on the host (_subtract_eps_share)."""
     batch, heads, seq_q, d = q.shape
     heads_kv, seq_k, d_v = k.shape[1], k.shape[2], v.shape[3]
     group = heads // heads_kv
@@ -1163,6 +1195,16 @@ def causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         dv.zero_()
         return
     mode = dot_mode(q.dtype)
+    if mode != 0:
+        mu = v.float().sum(dim=2, keepdim=True) / max(seq_k, 1)  # (B, Hkv, 1, DV); 0 without keys
+        v = (v.float() - mu).to(v.dtype)
+        out = causal(q, k, v, torch.empty(batch, heads, seq_q, d_v, dtype=torch.float32, device=q.device),
+                     feature, offset=offset, eps=eps)
+        if eps > 0:  # O - mu = O(V - mu) - mu eps / den
+            _subtract_eps_share(out, q, k, mu, feature, offset=offset, eps=eps)
+        # rounded relative to |O - mu| now; in q's dtype the dq kernel compiles as before (an fp32 O
+        # spilled 16 more bytes at hd128 bf16 on sm_90)
+        out = out.to(q.dtype)
     v_pad = causal_value_pad(pad(d), d_v)
     limit = flash_configs.device_smem_limit(q)
     bk, dq_warps, dq_chunk = launch_config("dq", pad(d), v_pad, q.dtype, limit, feature)[0]
