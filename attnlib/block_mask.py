@@ -23,9 +23,20 @@ from .inputs import check_block_size
 from .reference._common import num_blocks
 
 
+def flex_block_mask_hint(obj: Any) -> str:
+    """The tail of a "must be a bool torch.Tensor" error when obj is torch's FlexAttention
+    BlockMask: how to convert it (nothing else: empty)."""
+    cls = type(obj)
+    if cls.__name__ != "BlockMask" or "flex_attention" not in cls.__module__:
+        return ""
+    return (": torch's FlexAttention BlockMask is not taken directly, convert it with "
+            "attnlib.block_mask_from_flex(block_mask) and pass block_size=block_mask.BLOCK_SIZE")
+
+
 def _check_bool_mask(block_mask: Any, name: str = "block_mask") -> torch.Tensor:
     if not isinstance(block_mask, torch.Tensor):
-        raise TypeError(f"{name} must be a bool torch.Tensor, got {type(block_mask).__name__}")
+        raise TypeError(f"{name} must be a bool torch.Tensor, got {type(block_mask).__name__}"
+                        + flex_block_mask_hint(block_mask))
     if block_mask.dtype != torch.bool:
         raise TypeError(f"{name} must have dtype torch.bool, got {block_mask.dtype}")
     if block_mask.dim() != 4:
@@ -258,5 +269,50 @@ def to_flex_block_mask(block_mask: torch.Tensor, block_size=(64, 64), *, seq_q: 
     return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=(bq, bk), mask_mod=mask_mod,
                                     seq_lengths=(seq_q, seq_k))
 
+
+def block_mask_from_flex(block_mask) -> torch.Tensor:
+    """torch's FlexAttention ``BlockMask`` -> the canonical bool block mask (B or 1, H or 1,
+    ceil(Sq/bq), ceil(Sk/bk)) with (bq, bk) = ``block_mask.BLOCK_SIZE``: a pair is on where flex
+    lists it, as a partial block (``kv_num_blocks`` / ``kv_indices``) or a full one
+    (``full_kv_num_blocks`` / ``full_kv_indices``). Pass ``block_size=block_mask.BLOCK_SIZE``
+    with it to block_sparse_attention.
+
+    Block level only: the ``mask_mod`` that flex applies per element inside partial blocks is not
+    carried (a bool block mask computes every pair of a listed block). For a causal flex mask pass
+    ``causal=True`` as well; other element-level masks have no block_sparse equivalent. A key
+    block listed twice in a row (also once partial and once full) is a ValueError, as in
+    :func:`index_to_block_mask`."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError as e:  # pragma: no cover - old torch
+        raise RuntimeError("block_mask_from_flex needs torch.nn.attention.flex_attention (torch >= 2.5)") from e
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a torch.nn.attention.flex_attention.BlockMask, got "
+                        f"{type(block_mask).__name__}")
+    size = block_mask.BLOCK_SIZE
+    bq, bk = (size, size) if isinstance(size, int) else size
+    num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
+    rows, slots = num.shape[-1], idx.shape[-1]
+    seq = getattr(block_mask, "seq_lengths", None)
+    mq, mk = (rows, slots) if seq is None else (num_blocks(seq[0], bq), num_blocks(seq[1], bk))
+    width = max(slots, mk)  # key blocks past the keys (a padded flex mask) are cut below
+    partial = index_to_block_mask(num, idx, width)
+    out = partial
+    if block_mask.full_kv_num_blocks is not None:
+        full = index_to_block_mask(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, width)
+        both = partial & full
+        if bool(both.any()):
+            where = tuple(int(i) for i in torch.nonzero(both)[0])
+            raise ValueError(f"block_mask lists key block {where[3]} both as a partial and as a full block in "
+                             f"row {where[:3]}: flex would attend it twice, which no bool block mask expresses")
+        out = partial | full
+    if out.shape[-2:] != (mq, mk):  # rows or key blocks past the sequences' ends see no token
+        fitted = out.new_zeros(*out.shape[:2], mq, mk)
+        r = min(rows, mq)
+        fitted[..., :r, :] = out[..., :r, :mk]
+        out = fitted
+    return out
+
+
 __all__ = ["block_mask_to_index", "block_mask_to_col_index", "index_to_block_mask", "block_mask_from_token_mask",
-           "to_flex_block_mask"]
+           "to_flex_block_mask", "block_mask_from_flex"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -119,14 +120,19 @@ def check_scale(scale: Any, head_dim: int) -> float:
 
 
 def check_block_size(block_size: Any) -> tuple[int, int]:
-    ok = (
-        isinstance(block_size, (tuple, list))
-        and len(block_size) == 2
-        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block_size)
-    )
-    if not ok:
+    """(block_q, block_k) as Python ints. Any integral number is taken, NumPy's included (the op's
+    argument conversion turns them into ints); a bool or float element is a TypeError, a value that
+    is not a pair of positive numbers a ValueError, both naming block_size."""
+    if not (isinstance(block_size, (tuple, list)) and len(block_size) == 2):
         raise ValueError(f"block_size must be a pair of positive ints (block_q, block_k), got {block_size!r}")
-    return int(block_size[0]), int(block_size[1])
+    for b in block_size:
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral):  # np.bool_ is not Integral
+            raise TypeError(f"block_size must be a pair of positive ints (block_q, block_k), got "
+                            f"{block_size!r} (a {type(b).__name__} is not an int)")
+    bq, bk = operator.index(block_size[0]), operator.index(block_size[1])
+    if bq <= 0 or bk <= 0:
+        raise ValueError(f"block_size must be a pair of positive ints (block_q, block_k), got {block_size!r}")
+    return bq, bk
 
 
 def to_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -266,7 +272,9 @@ def validate_qkv(q: Any, k: Any, v: Any, layout: str, *, same_head_dim_v: bool =
     if same_head_dim_v and vb.shape[3] != qb.shape[3]:
         raise ValueError(f"v must have the head_dim of q ({qb.shape[3]}), got {vb.shape[3]}")
     if qb.shape[3] == 0:
-        raise ValueError("head_dim must be positive, got 0")
+        raise ValueError("q and k must have a positive head_dim, got 0")
+    if vb.shape[3] == 0:  # no kernel takes it (it reached dispatch as a NoKernelError)
+        raise ValueError(f"v must have a positive head_dim, got 0 (v shape {tuple(v.shape)})")
     if kb.shape[1] == 0:
         raise ValueError(f"k and v must have at least one head, got {tuple(k.shape)} for layout={layout!r}")
     if qb.shape[1] % kb.shape[1] != 0:

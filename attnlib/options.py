@@ -7,16 +7,24 @@ from typing import Any, Callable
 import torch
 
 from .asymrnr.config import DISPATCH_OPTIONS as _ASYMRNR_OPTIONS, check_call as _check_asymrnr_call, check_grid_option
-from .inputs import AttentionInputs, check_block_size, check_fraction, is_real_number
+from .block_mask import check_block_size, flex_block_mask_hint
+from .inputs import AttentionInputs, check_fraction, is_real_number
 
 FEATURE_MAPS = ("elu", "relu", "softmax", "identity")
 _REQUIRED = object()
 
 
-def _feature_map(v: Any, inp: AttentionInputs) -> str:
+def check_feature_map(v: Any) -> str:
+    """A feature map's name (attention()'s option and SparseLinearAttention's argument)."""
+    if not isinstance(v, str):  # before `in`: an array compared with the names raised NumPy's ambiguity error
+        raise TypeError(f"feature_map must be a str, one of {FEATURE_MAPS}, got {type(v).__name__}")
     if v not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {v!r}")
     return v
+
+
+def _feature_map(v: Any, inp: AttentionInputs) -> str:
+    return check_feature_map(v)
 
 
 def _bool(name: str) -> Callable[[Any, AttentionInputs], bool]:
@@ -60,12 +68,17 @@ def _fraction(name: str) -> Callable[[Any, AttentionInputs], float]:
 def check_block_mask(mask: Any, inp: AttentionInputs, block_size: tuple[int, int]) -> torch.Tensor:
     """The canonical bool block mask (B or 1, H or 1, ceil(Sq/bq), ceil(Sk/bk))."""
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"block_mask must be a bool torch.Tensor, got {type(mask).__name__}")
+        raise TypeError(f"block_mask must be a bool torch.Tensor, got {type(mask).__name__}"
+                        + flex_block_mask_hint(mask))
     if mask.dtype != torch.bool:
         raise TypeError(f"block_mask must have dtype torch.bool, got {mask.dtype}")
     bq, bk = block_size
     mq, mk = -(-inp.seq_q // bq), -(-inp.seq_k // bk)
-    want = f"(1 or {inp.batch}, 1 or {inp.heads_q}, {mq}, {mk})"
+
+    def one_or(n: int) -> str:  # a dim that may broadcast: "1" alone when the call's size is 1
+        return "1" if n == 1 else f"1 or {n}"
+
+    want = f"({one_or(inp.batch)}, {one_or(inp.heads_q)}, {mq}, {mk})"
     if mask.dim() != 4:
         raise ValueError(f"block_mask must be 4-D {want} for block_size={block_size}, got {tuple(mask.shape)}")
     b, h, q, k = mask.shape

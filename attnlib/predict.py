@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .inputs import check_block_size, check_fraction, check_layout, check_scale, validate_qkv
+from .block_mask import check_block_size
+from .inputs import check_fraction, check_layout, check_scale, validate_qkv
 from .reference._common import num_blocks
 from .triton_kernels.device_constants import device_constant
 from .triton_kernels.hostmath import next_power_of_2
@@ -113,6 +114,26 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: tuple[int, int], 
     return p / p.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
+def _check_q_k(q, k, layout: str) -> None:
+    """validate_qkv's checks across q and k, in terms of q and k: called as (q, k, k), its own
+    messages for these name v ("batch sizes differ: q=1, k=2, v=2")."""
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)):
+        return  # validate_qkv names the argument
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must share one dtype, got q={q.dtype}, k={k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on one device, got q={q.device}, k={k.device}")
+    if q.dim() != 4 or k.dim() != 4 or q.is_nested or k.is_nested:
+        return  # validate_qkv says which
+    (qb, qh), (kb, kh) = ((t.shape[0], t.shape[1 if layout == "bhsd" else 2]) for t in (q, k))
+    if qb != kb:
+        raise ValueError(f"q and k must have one batch size, got q={qb}, k={kb}")
+    if kh == 0:
+        raise ValueError(f"k must have at least one head, got {tuple(k.shape)} for layout={layout!r}")
+    if qh % kh != 0:
+        raise ValueError(f"query heads ({qh}) must be a multiple of key heads ({kh}) for GQA/MQA")
+
+
 def predict_block_mask(q, k, *, block_size=(64, 64), topk: Optional[float] = None,
                        cdf_threshold: Optional[float] = None, causal: bool = False, keep_sink: bool = False,
                        keep_diagonal: bool = False, layout: str = "bhsd", scale: Optional[float] = None
@@ -126,9 +147,8 @@ def predict_block_mask(q, k, *, block_size=(64, 64), topk: Optional[float] = Non
     the diagonal (where visible). q, k: (B, H, S, D) for layout "bhsd", (B, S, H, D) for "bshd".
     """
     check_layout(layout)
-    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dtype != k.dtype:
-        raise TypeError(f"q and k must share one dtype, got q={q.dtype}, k={k.dtype}")  # no v here
-    qb, kb, _ = validate_qkv(q, k, k, layout)
+    _check_q_k(q, k, layout)
+    qb, kb, _ = validate_qkv(q, k, k, layout)  # the rest; its messages that name v cannot fire now
     bq, bk = check_block_size(block_size)
     if (topk is None) == (cdf_threshold is None):
         raise ValueError("give exactly one of topk and cdf_threshold")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .inputs import check_block_size, check_fraction, check_layout, check_scale, validate_qkv
-from .options import FEATURE_MAPS
+from .options import check_feature_map
 from .reference._common import num_blocks
 
 
@@ -75,9 +75,7 @@ class SparseLinearAttention(nn.Module):
         if self.critical + self.negligible > 1.0:
             raise ValueError(f"critical + negligible must not exceed 1, got {critical} + {negligible}")
         self.block_size = check_block_size(block_size)
-        if feature_map not in FEATURE_MAPS:
-            raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
-        self.feature_map = feature_map
+        self.feature_map = check_feature_map(feature_map)
         self.head_dim = head_dim
         self.proj = nn.Linear(head_dim, head_dim)
         nn.init.zeros_(self.proj.weight)

@@ -10,7 +10,7 @@ Backward, with n_i = phi(q_i) S_i, d_i = phi(q_i) . z_i + eps, O_i = n_i / d_i a
   dphi(k_j) = sum_{i sees j} (dn_i . v_j + dd_i) phi(q_i),   dv_j = sum_{i sees j} (phi(q_i) . phi(k_j)) dn_i.
 Causal: kernels.causal_bwd (dq with the feature map's derivative fused, then dk/dv from a reverse
 prefix of the query-side states). Non-causal these are state/apply products, the feature map's
-derivative applied by torch.func.vjp.
+derivative applied by reference.linear.phi_pullback (written out per feature map).
 """
 from __future__ import annotations
 
