@@ -85,6 +85,22 @@ def _demo_cases(device, dtype):
     ], seq
 
 
+def failure_details(lines: list[str]) -> list[str]:
+    """The lines of a dispatch error (NoKernelError) worth a line each under a failed method: why
+    each kernel was rejected and the hint. The first line alone ("no attnlib kernel can run this
+    call.") does not say why, e.g. --backend triton on a CPU without TRITON_INTERPRET=1."""
+    out, kernel = [], None
+    for line in lines:
+        text = line.strip()
+        if text.startswith("rejected ") and text.endswith(":"):
+            kernel = text[len("rejected "):-1]
+        elif text.startswith("- ") and kernel is not None:
+            out.append(f"{kernel}: {text[2:]}")
+        elif text.startswith("hint:"):
+            out.append(text)
+    return out
+
+
 def cmd_demo(args) -> int:
     import torch
 
@@ -96,7 +112,13 @@ def cmd_demo(args) -> int:
     cases, seq = _demo_cases(device, dtype)
     heads, head_dim = 4, 64
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-    print(f"attnlib demo on {device} ({name}), {dtype}, batch 1, {heads} heads, seq {seq}, head_dim {head_dim}")
+    try:
+        backend = attnlib.dispatch.effective_backend(args.backend)  # --backend, else ATTNLIB_BACKEND
+    except ValueError as e:  # a bad ATTNLIB_BACKEND: one line, not a traceback or 8 failures
+        print(f"python -m attnlib demo: {e}", file=sys.stderr)
+        return 2
+    print(f"attnlib demo on {device} ({name}), {dtype}, backend {backend}, batch 1, {heads} heads, seq {seq}, "
+          f"head_dim {head_dim}")
     print(f"{'method':<22} {'kernel':<30} {'max err':>10} {'cos sim':>10} {'time ms':>9}")
     failures = 0
     for method, opts, ref_fn in cases:
@@ -121,12 +143,22 @@ def cmd_demo(args) -> int:
                 failures += 1
         except Exception as e:  # the demo reports every method, it does not stop at the first problem
             failures += 1
-            print(f"{label:<22} FAILED: {type(e).__name__}: {str(e).splitlines()[0]}")
+            lines = str(e).splitlines() or [""]
+            print(f"{label:<22} FAILED: {type(e).__name__}: {lines[0]}")
+            for line in failure_details(lines[1:]):
+                print(f"{'':<24}{line}")
     print("all methods ran" if not failures else f"{failures} method(s) failed or were inaccurate")
     return 1 if failures else 0
 
 
 def cmd_bench(args) -> int:
+    return run_bench(args.rest)
+
+
+def run_bench(rest: list[str]) -> int:
+    """bench/runner.py's command line with every argument after "bench" (its own options and
+    --help): argparse's REMAINDER does not take arguments that start with "-", so the top-level
+    parser never sees them."""
     repo = Path(__file__).resolve().parent.parent
     if not (repo / "bench" / "runner.py").exists():
         print("python -m attnlib bench needs a source checkout (the bench/ folder is not installed)")
@@ -134,7 +166,7 @@ def cmd_bench(args) -> int:
     sys.path.insert(0, str(repo))
     from bench.runner import main_cli
 
-    return main_cli(args.rest)
+    return main_cli(list(rest))
 
 
 def main(argv=None) -> int:
@@ -145,6 +177,9 @@ def main(argv=None) -> int:
     d.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "torch"))
     b = sub.add_parser("bench", help="micro-benchmarks (from a source checkout)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":  # its options are bench/runner.py's, parsed there
+        return run_bench(argv[1:])
     args = p.parse_args(argv)
     return {"info": cmd_info, "demo": cmd_demo, "bench": cmd_bench}[args.cmd](args)
 

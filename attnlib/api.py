@@ -68,7 +68,15 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
         raise NotImplementedError(
             f"attnlib.attention (method {method!r}) has no forward-mode derivative: under torch.func.jvp, "
             "jacfwd, linearize or hessian its op would give a zero tangent without a word. Use reverse mode "
-            "(torch.autograd.grad, torch.func.vjp/jacrev) or torch's scaled_dot_product_attention there")
+            "outside torch.func (torch.autograd.grad, Tensor.backward) or torch's scaled_dot_product_attention "
+            "there")
+    if eager and not plain and ops.grad_transform_differentiates(
+            (q, k, v, *(t for t in method_options.values() if isinstance(t, torch.Tensor)))):
+        raise NotImplementedError(
+            f"attnlib.attention (method {method!r}) has no torch.func rules: under torch.func.grad, vjp or "
+            "jacrev its op cannot be differentiated (torch's autograd for torch.library ops is not "
+            "functorch-aware). Use torch.autograd.grad or Tensor.backward, or torch's "
+            "scaled_dot_product_attention there")
     if plain and not needs_grad:  # no autograd node needed
         out, lse = ops.attention_direct(q, k, v, method, backend, layout, causal, scale, return_lse,
                                         ops.op_arguments(method, method_options))

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from .inputs import check_block_size
+from .inputs import check_block_size, type_name
 from .reference._common import num_blocks
 
 
@@ -240,7 +240,7 @@ def to_flex_block_mask(block_mask: torch.Tensor, block_size=(64, 64), *, seq_q: 
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        raise TypeError(f"causal must be a bool, got {type_name(causal)}")
     if m.shape[-2:] != (num_blocks(seq_q, bq), num_blocks(seq_k, bk)):
         raise ValueError(f"block_mask's last dims {tuple(m.shape[-2:])} do not match seq_q={seq_q}, seq_k={seq_k} "
                          f"with block_size={(bq, bk)}")

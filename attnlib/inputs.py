@@ -119,6 +119,13 @@ def check_scale(scale: Any, head_dim: int) -> float:
     raise ValueError(f"scale must be at least the smallest normal float32 ({FLOAT32_TINY:.4g}), got {scale}")
 
 
+def type_name(x: Any) -> str:
+    """x's type for an error message, with its module where it is not a builtin: NumPy 2 names
+    its bool type "bool", so "must be a bool, got bool" said nothing; "numpy.bool" does."""
+    t = type(x)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
 def check_block_size(block_size: Any) -> tuple[int, int]:
     """(block_q, block_k) as Python ints. Any integral number is taken, NumPy's included (the op's
     argument conversion turns them into ints); a bool or float element is a TypeError, a value that
@@ -288,9 +295,9 @@ def make_inputs(q, k, v, *, method: str, layout: str = "bhsd", causal: bool = Fa
                 same_head_dim_v: bool = False) -> AttentionInputs:
     qb, kb, vb = validate_qkv(q, k, v, layout, same_head_dim_v=same_head_dim_v)
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        raise TypeError(f"causal must be a bool, got {type_name(causal)}")
     if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+        raise TypeError(f"return_lse must be a bool, got {type_name(return_lse)}")
     return AttentionInputs(
         q=qb, k=kb, v=vb, method=method, layout=layout, causal=causal,
         scale=check_scale(scale, qb.shape[3]), return_lse=return_lse, options=dict(options or {}),

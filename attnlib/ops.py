@@ -254,6 +254,20 @@ def forward_mode_transform_active() -> bool:
     return any(i.key() == jvp for i in retrieve_all_functorch_interpreters())
 
 
+def grad_transform_differentiates(tensors) -> bool:
+    """Whether a torch.func reverse-mode transform (grad, vjp, jacrev) is active and would
+    differentiate a call on these tensors: the autograd.Function torch builds behind the op's
+    registered autograd is not functorch-aware and raises an error about setup_context that names
+    nothing of attnlib's."""
+    if not torch._C._are_functorch_transforms_active() or not torch.is_grad_enabled():
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    grad = torch._C._functorch.TransformType.Grad
+    return (any(i.key() == grad for i in retrieve_all_functorch_interpreters())
+            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
+
+
 refuse_double_backward("attention_backward", "attnlib attention", _LIB)
 
 attention_op = torch.ops.attnlib.attention.default

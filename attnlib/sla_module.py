@@ -12,7 +12,7 @@ import os
 import torch
 from torch import nn
 
-from .inputs import check_block_size, check_fraction, check_layout, check_scale, validate_qkv
+from .inputs import check_block_size, check_fraction, check_layout, check_scale, type_name, validate_qkv
 from .options import check_feature_map
 from .reference._common import num_blocks
 
@@ -31,7 +31,7 @@ def sla_block_map(q, k, *, critical: float = 0.05, negligible: float = 0.10, blo
         raise ValueError(f"critical + negligible must not exceed 1, got {critical} + {negligible}")
     block_size = check_block_size(block_size)
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        raise TypeError(f"causal must be a bool, got {type_name(causal)}")
     scale = check_scale(scale, qb.shape[-1])
     if qb.device.type == "meta":  # shapes only, as the attention ops give for meta tensors
         return qb.new_empty(qb.shape[0], qb.shape[1], num_blocks(qb.shape[2], block_size[0]),
@@ -91,7 +91,7 @@ class SparseLinearAttention(nn.Module):
             if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] != self.head_dim:
                 raise ValueError(f"{name} must have head_dim {self.head_dim} (the module's), got {t.shape[-1]}")
         if not isinstance(return_block_map, bool):
-            raise TypeError(f"return_block_map must be a bool, got {type(return_block_map).__name__}")
+            raise TypeError(f"return_block_map must be a bool, got {type_name(return_block_map)}")
         from .api import attention
 
         w, b = self.proj.weight, self.proj.bias

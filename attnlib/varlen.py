@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import NoKernelError, effective_backend
-from .inputs import FLOAT_DTYPES, AttentionInputs, check_dense, check_scale, plain_number
+from .inputs import FLOAT_DTYPES, AttentionInputs, check_dense, check_scale, plain_number, type_name
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -161,12 +161,18 @@ def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     backend = effective_backend(backend)
     if not torch.compiler.is_compiling():  # the fake implementation checks shapes while tracing
         check_packed(q, k, v)
-        from .ops import forward_mode_transform_active
+        from .ops import forward_mode_transform_active, grad_transform_differentiates
 
         if forward_mode_transform_active():
             raise NotImplementedError("flash_attention_varlen has no forward-mode derivative: under "
                                       "torch.func.jvp, jacfwd, linearize or hessian it would give a zero "
-                                      "tangent. Use reverse mode (torch.autograd.grad, torch.func.vjp)")
+                                      "tangent. Use reverse mode outside torch.func (torch.autograd.grad, "
+                                      "Tensor.backward)")
+        if grad_transform_differentiates((q, k, v)):
+            raise NotImplementedError("flash_attention_varlen has no torch.func rules: under torch.func.grad, "
+                                      "vjp or jacrev its op cannot be differentiated (torch.library ops with a "
+                                      "registered autograd are not functorch-aware). Use torch.autograd.grad "
+                                      "or Tensor.backward")
         _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, "max_seqlen_q", max_seqlen_q)
         _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, "max_seqlen_k", max_seqlen_k)
         if cu_seqlens_q.shape != cu_seqlens_k.shape:
@@ -177,7 +183,7 @@ def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             ends = _check_cu_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
         for name, flag in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic)):
             if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+                raise TypeError(f"{name} must be a bool, got {type_name(flag)}")
         scale = check_scale(scale, q.shape[2])
         _pick_backend(backend, q, k, v, cu_seqlens_q, causal, scale)  # raises for a backend that cannot run it
         if ends is not None and (ends[0] < q.shape[0] or ends[1] < k.shape[0]):

@@ -18,7 +18,7 @@ import torch
 
 from .. import varlen
 from ..dispatch import effective_backend
-from ..inputs import FLOAT_DTYPES, check_dense, check_scale
+from ..inputs import FLOAT_DTYPES, check_dense, check_scale, type_name
 from .flash_attn import _check_unsupported, _scale
 
 
@@ -206,7 +206,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """
     _check_tensors(q, k_cache, v_cache, k, v)
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        raise TypeError(f"causal must be a bool, got {type_name(causal)}")
     layout = _layout(q, k_cache, cache_batch_idx, block_table)
     causal = _check_unsupported(0.0, window_size, softcap, alibi_slopes, softmax_scale, causal=causal,
                                 seqlen_k=layout.capacity, seqlen_q=q.shape[1])

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .. import api, varlen
-from ..inputs import FLOAT32_TINY, SCALE_MAX, is_real_number, scale_in_range
+from ..inputs import FLOAT32_TINY, SCALE_MAX, is_real_number, scale_in_range, type_name
 from ..options import SAGE_QK_GRANULARITIES
 from ..reference._common import compute_dtype
 from .flash_attn import _max_seqlen
@@ -72,7 +72,7 @@ def _check_arguments(tensor_layout: Any, is_causal: Any, sm_scale: Any) -> None:
     if tensor_layout not in LAYOUTS:
         raise ValueError(f"tensor_layout must be 'HND' or 'NHD', got {tensor_layout!r}")
     if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        raise TypeError(f"is_causal must be a bool, got {type_name(is_causal)}")
     _check_scale("sm_scale", sm_scale)
 
 
@@ -140,7 +140,7 @@ def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
     varlen.check_packed(q, k, v)
     _check_arguments("NHD", is_causal, sm_scale)
     if not isinstance(smooth_k, bool):
-        raise TypeError(f"smooth_k must be a bool, got {type(smooth_k).__name__}")
+        raise TypeError(f"smooth_k must be a bool, got {type_name(smooth_k)}")
     _check_sdpa_kwargs(kwargs)
     scale = _softmax_scale(sm_scale, kwargs)
     bq = _sequence_bounds("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, "max_seqlen_q", max_seqlen_q)
@@ -184,7 +184,7 @@ def _choice(name: str, value: Any, allowed) -> Any:
 def _sage2(q, k, v, tensor_layout, is_causal, qk_quant_gran, sm_scale, smooth_k, smooth_v, return_lse, pv, kwargs):
     gran = _SAGE2_GRANULARITIES[_choice("qk_quant_gran", qk_quant_gran, _SAGE2_GRANULARITIES)]
     if not isinstance(smooth_v, bool):
-        raise TypeError(f"smooth_v must be a bool, got {type(smooth_v).__name__}")
+        raise TypeError(f"smooth_v must be a bool, got {type_name(smooth_v)}")
     options = dict(kwargs, smooth_k=smooth_k, qk_quant_gran=gran, pv=pv)
     shaped = all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)) and \
         isinstance(tensor_layout, str) and tensor_layout in LAYOUTS
