@@ -1,9 +1,10 @@
 """SLA forward and backward orchestration: classification, key-block preprocess, the fused
 forward with its projection epilogue (out = O_s + O_l W^T + b written once by the kernel), and
 the backward (the block map and key-block states re-formed; the linear-branch dq kernel first,
-writing O_l and G . O_l; delta from the saved output; block_sparse's backward for the critical
-branch with the critical blocks' lse kept by the forward, adding to that dq; the linear-branch
-dk/dv kernels; dW = sum dO^T O_l, db = sum dO). When no block can be marginal the linear branch
+writing O_l and G . O_l; delta from the saved output, re-formed from the critical blocks for the
+tiles of rows where a 16-bit output's rounding spoiled it (delta.py); block_sparse's backward
+for the critical branch with the critical blocks' lse kept by the forward, adding to that dq;
+the linear-branch dk/dv kernels; dW = sum dO^T O_l, db = sum dO). When no block can be marginal the linear branch
 is skipped in both directions (_runs_linear)."""
 from __future__ import annotations
 
@@ -113,13 +114,18 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
     walked again, and the linear branch's dq kernel runs first: it forms each query block's
     state sums once and writes O_l (for dW) and G . O_l per row, so delta = rowsum(dO * out) -
     G . O_l - dO . b (triton_kernels/sla/delta.py); the critical branch's dq then adds to its dq.
+    A 16-bit out that carries b or O_l W^T holds O_s only to |out|'s rounding: the delta kernel
+    flags the rows where that costs delta more than delta.RECOMPUTE_RATIO times O_s's own
+    rounding, and the query tiles holding one walk their critical blocks again for an exact delta
+    (sla_fwd with redo; the other tiles walk nothing).
     Without them, one pass re-walks the critical blocks for lse, delta and O_l first. Nothing
     D x D is kept per query block. Memory it allocates beyond dq, dk, dv, dW, db, in bytes, with
     Mq = ceil(Sq/bq), Mk = ceil(Sk/bk) and P = backward.TOTAL_SPLITS:
       classification  B*Hkv*Mk*4*D (pooled K) + B*Hq*Mq*Mk*(4 + 1 + 2 * 4) (scores, map, row and
                       column index forms) + the sort's temporaries (B*Hq*Mq*Mk*8, transient)
       states          B*Hkv*Mk*4*(D*D + D) (h, z) + B*Hkv*4*(D*D + D) (their sums)
-      lse, delta      B*Hq*Sq*4 each (lse is the forward's when saved)
+      lse, delta      B*Hq*Sq*4 each (lse is the forward's when saved); B*Hq*Sq (delta's flags,
+                      16-bit out with b or the linear branch)
       linear branch   B*Hq*Sq*D*4 (O_l, freed after delta and dW) + B*Hq*Sq*D*4 (G = dO W, then dN
                       in place) + B*Hq*Sq*4 (dd) + B*Hq*(P + 1)*4*(D*D + D) (totals)
                       + PROJECT_CHUNK_BYTES (dO in fp32, a chunk at a time)
@@ -151,6 +157,10 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
         # (for dW and delta) and its dq part, which the critical branch's dq then adds to
         out = out if out.stride(-1) == 1 else out.contiguous()
         dq_acc = dd = d_weight = None
+        # a 16-bit out that also carries b or O_l W^T may have lost O_s's digits: delta.py flags
+        # the rows where it did, and their tiles re-walk the critical blocks for delta
+        redo = (torch.empty(q.shape[:3], dtype=torch.int8, device=q.device)
+                if out.element_size() < 4 and (linear or proj_bias is not None) else None)
         if linear:
             g = project_grad(dout, None, proj_weight)[0]
             o_l = torch.empty_like(g)
@@ -159,11 +169,15 @@ def sla_backward(dout, q, k, v, proj_weight, proj_bias, *, critical: float, negl
             del kw, rows_hz
             dd = sla_linear_dq(q, k, g, h, z, rows, dq_acc, rows_hz=holder, o_l=o_l, gol=gol, **lin)
             d_weight = project_grad(dout, o_l, None)[1]
-            del o_l
-            delta = sla_delta(dout, out, proj_bias, gol=gol)
-            del gol
+            delta = sla_delta(dout, out, proj_bias, gol=gol, redo=redo, o_l=o_l if redo is not None else None,
+                              weight=proj_weight if redo is not None else None)
+            del o_l, gol
         else:
-            delta = sla_delta(dout, out, proj_bias)
+            delta = sla_delta(dout, out, proj_bias, redo=redo)
+        if redo is not None:
+            sla_fwd(q, k, v, None, rows, block_size=block_size, causal=causal, scale=scale, feature=feature,
+                    dout=dout, delta=delta, redo=redo)
+            del redo
         dq, dk, dv = block_sparse_bwd(dout, q, k, v, None, lse, rows.row_form, cols.row_form, block_size=block_size,
                                       causal=causal, scale=scale, delta=delta, dq_acc=dq_acc)
         del lse, delta

@@ -133,7 +133,7 @@ def linear_branch(acc, b_q, H, Z, H_TOT, Z_TOT, W, OL, N_MARG, idx_row, row_id, 
 
 @triton.jit(do_not_specialize=["seq_q", "seq_k"])
 def sla_fwd_kernel(
-    Q, K, V, OS, OL, LSE, DO, DELTA, H, Z, H_TOT, Z_TOT, N_CRIT, N_MARG, IDX, W, BIAS,
+    Q, K, V, OS, OL, LSE, DO, DELTA, H, Z, H_TOT, Z_TOT, N_CRIT, N_MARG, IDX, W, BIAS, REDO,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -143,8 +143,8 @@ def sla_fwd_kernel(
     seq_q, seq_k, group, num_qb, num_kb, qk_scale, eps,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HC: tl.constexpr, FEAT: tl.constexpr, CAUSAL: tl.constexpr,
     LINEAR: tl.constexpr, STORE_LSE: tl.constexpr, WITH_DELTA: tl.constexpr,
-    ROW_STATES: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-    LIN_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr,
+    ROW_STATES: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, WITH_REDO: tl.constexpr,
+    PREC: tl.constexpr, LIN_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr,
     MASK_N: tl.constexpr, SLOTS: tl.constexpr,
 ):
     """Grid (query tiles, query heads, batch); a tile is BLOCK_M rows of mask row
@@ -157,7 +157,9 @@ def sla_fwd_kernel(
     contiguous; N_CRIT, N_MARG
     (B, Hq, Mq), IDX (B, Hq, Mq, Mk) int32 contiguous (classify.class_index).
     PROJ (with LINEAR): the epilogue writes OS = O_s + O_l W^T (+ BIAS with HAS_BIAS)
-    and OL is not written; W (D, D) contiguous, BIAS (D,) contiguous, any float dtype."""
+    and OL is not written; W (D, D) contiguous, BIAS (D,) contiguous, any float dtype.
+    WITH_REDO (with WITH_DELTA): REDO (B, Hq, Sq) int8 (LSE's strides) flags rows; a tile with no
+    flagged row walks no block and writes nothing, the others write DELTA for every row."""
     b64, h64, kvh64, start_m, mask_row, offs_m, offs_n, offs_d, m_ok, d_ok = query_tile(
         group, seq_q, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, MASK_M)
     heads = tl.num_programs(1)
@@ -165,6 +167,10 @@ def sla_fwd_kernel(
     row_id = (b64 * heads + h64) * num_qb + mask_row
     idx_row = IDX + row_id * num_kb
     n_crit = tl.load(N_CRIT + row_id)
+    if WITH_REDO:  # the backward's exact delta, only for tiles holding a row sla_delta flagged
+        redo_ptrs = REDO + b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm
+        redo = tl.max(tl.load(redo_ptrs, mask=m_ok, other=0).to(tl.int32), 0) > 0
+        n_crit = tl.where(redo, n_crit, 0)
 
     offs_i = tl.arange(0, BLOCK_M)
     q_ptrs = row_tile(Q + b64 * stride_qb + h64 * stride_qh, start_m, offs_i, offs_d, stride_qm, stride_qd)
@@ -200,7 +206,10 @@ def sla_fwd_kernel(
     if WITH_DELTA:
         b_do = load_tile(row_tile(DO + b64 * stride_dob + h64 * stride_doh, start_m, offs_i, offs_d, stride_dom,
                                   stride_dod), m_ok, d_ok, True, CHECK_D)
-        tl.store(DELTA + lse_off, tl.sum(b_do.to(tl.float32) * o_s, 1), mask=m_ok)
+        if WITH_REDO:
+            tl.store(DELTA + lse_off, tl.sum(b_do.to(tl.float32) * o_s, 1), mask=m_ok & redo)
+        else:
+            tl.store(DELTA + lse_off, tl.sum(b_do.to(tl.float32) * o_s, 1), mask=m_ok)
     else:
         if HAS_BIAS:
             o_s += tl.load(BIAS + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
@@ -232,7 +241,7 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
             lse: Optional[torch.Tensor] = None, dout: Optional[torch.Tensor] = None,
             delta: Optional[torch.Tensor] = None,
             rows_hz: Optional[tuple[torch.Tensor, torch.Tensor]] = None, weight: Optional[torch.Tensor] = None,
-            bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+            bias: Optional[torch.Tensor] = None, redo: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Launch the fused forward on bhsd views (unit last stride). Writes out_sparse, or with dout
     and delta (the backward's recompute) delta = rowsum(dout * O_s) instead; lse (B, Hq, Sq) fp32
     when given. rows_hz: each query block's marginal sums (row_states.row_states), used instead
@@ -240,6 +249,9 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
     weight (D, D), bias (D,), any strides (made contiguous here: D * D elements at most):
     out_sparse receives O_s + O_l W^T + b instead of O_s (weight needs the linear branch; then
     O_l is not returned).
+    redo (B, Hq, Sq) int8 contiguous, with dout and delta (delta.sla_delta's flags): only the query
+    tiles holding a flagged row walk their critical blocks and write delta (for all their rows);
+    the other rows' delta is left as it was.
     With the key-block states h, z (the linear branch) returns O_l (B, Hq, Sq, D)
     fp32, else None."""
     batch, heads_q, seq_q, head_dim = q.shape
@@ -250,6 +262,8 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
     proj = weight is not None
     if (proj or bias is not None) and (delta is not None or (proj and not linear)):
         raise ValueError("sla_fwd: the projection epilogue writes out_sparse (not delta) and needs h, z for weight")
+    if redo is not None and delta is None:
+        raise ValueError("sla_fwd: redo flags rows for delta, which needs dout and delta")
     o_l = (torch.empty(batch, heads_q, seq_q, head_dim, dtype=torch.float32, device=q.device)
            if linear and not proj else None)
     if batch == 0 or heads_q == 0 or seq_q == 0:
@@ -273,13 +287,14 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
         h_tot if h_tot is not None else dummy, z_tot if z_tot is not None else dummy,
         index.n_crit, index.n_marg, index.idx, weight.contiguous() if proj else dummy,
         bias.contiguous() if bias is not None else dummy,  # the kernel reads BIAS + offs_d
+        redo if redo is not None else dummy,
         *q.stride(), *k.stride(), *v.stride(), *os_arg.stride(),
         *(dout.stride() if with_delta else q.stride()),
         *(stats.stride() if stats is not None else (0, 0, 0)),
         seq_q, seq_k, heads_q // k.shape[1], mq, mk, scale * LOG2E, LINEAR_EPS,
         HEAD_DIM=head_dim, D_PAD=d_pad, HC=state_chunk(d_pad), FEAT=FEATURE_IDS[feature], CAUSAL=causal,
         LINEAR=linear, STORE_LSE=lse is not None, WITH_DELTA=with_delta, ROW_STATES=use_rows,
-        PROJ=proj, HAS_BIAS=bias is not None,
+        PROJ=proj, HAS_BIAS=bias is not None, WITH_REDO=redo is not None,
         PREC=dot_precision(q.dtype),
         LIN_PREC=state_precision(q.dtype), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, MASK_M=bm, MASK_N=bn,
         SLOTS=slots(mk), num_warps=tile.num_warps, num_stages=tile.num_stages)
