@@ -141,6 +141,8 @@ def cmd_demo(args) -> int:
             print(f"{label:<22} {kernel.name:<30} {m['max_abs']:>10.2e} {m['cos_sim']:>10.6f} {ms:>9.2f}")
             if not m["finite"] or m["cos_sim"] < 0.99:
                 failures += 1
+        except BrokenPipeError:  # the reader went away (| head): nothing more to say
+            raise
         except Exception as e:  # the demo reports every method, it does not stop at the first problem
             failures += 1
             lines = str(e).splitlines() or [""]
@@ -184,5 +186,16 @@ def main(argv=None) -> int:
     return {"info": cmd_info, "demo": cmd_demo, "bench": cmd_bench}[args.cmd](args)
 
 
+def run_main() -> int:
+    """main() for the command line: output piped into a reader that stops early (``| head``) ends
+    quietly with status 141, as other command-line tools do, not with a BrokenPipeError traceback."""
+    try:
+        return main()
+    except BrokenPipeError:
+        # stdout's buffered rest would fail again at exit: point it at devnull first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main())

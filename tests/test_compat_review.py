@@ -93,3 +93,19 @@ def test_bool_flags_name_numpy_bool_by_its_module():
     q = torch.randn(1, 2, 5, 16)
     with pytest.raises(TypeError, match="causal must be a bool, got numpy.bool"):
         attnlib.attention(q, q, q, causal=np.bool_(True))
+
+
+def test_demo_piped_into_a_reader_that_stops_ends_quietly():
+    # `python -m attnlib demo | head -1` printed a BrokenPipeError traceback: the demo's broad
+    # except caught it and printed again into the closed pipe
+    import subprocess
+    import sys
+
+    env = dict(__import__("os").environ, ATTNLIB_BACKEND="torch", PYTHONUNBUFFERED="1")  # each line at once
+    proc = subprocess.Popen([sys.executable, "-m", "attnlib", "demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.readline().startswith(b"attnlib demo on ")
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 141)
+    assert "Traceback" not in err and "BrokenPipe" not in err
