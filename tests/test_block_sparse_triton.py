@@ -15,7 +15,7 @@ import torch
 import attnlib
 from attnlib.reference import block_sparse_reference
 from attnlib.reference._common import block_mask_to_tokens, causal_mask
-from attnlib.testing import assert_flash_rule, input_grads, make_qkv, poison_
+from attnlib.testing import assert_flash_rule, assert_verbose_allclose, input_grads, make_qkv, poison_
 
 triton = pytest.importorskip("triton")
 
@@ -203,6 +203,12 @@ def test_launchers_write_every_element(causal, monkeypatch):
     block_sparse_fwd(q, k, v, out, lse, *block_mask_to_index(mask), block_size=(16, 16), causal=causal,
                      scale=40 ** -0.5)
     assert torch.isfinite(out).all() and not torch.isnan(lse).any()
+    # written with the float64 reference's values (0 / -inf where nothing is listed); fp32 ~3e-7
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = block_sparse_reference(*leaves, mask, block_size=(16, 16), causal=causal, scale=40 ** -0.5,
+                                          return_lse=True)
+    assert_verbose_allclose(out, ref, atol=1e-5, name="out")
+    assert_verbose_allclose(lse, ref_lse, atol=1e-5, name="lse")
     dout = torch.randn_like(out)
     with monkeypatch.context() as m:
         empty_like = torch.empty_like
@@ -210,8 +216,9 @@ def test_launchers_write_every_element(causal, monkeypatch):
         dq, dk, dv = block_sparse_bwd(dout, q, k, v, out, lse, block_mask_to_index(mask),
                                       block_mask_to_col_index(mask), block_size=(16, 16), causal=causal,
                                       scale=40 ** -0.5)
-    for name, t in (("dq", dq), ("dk", dk), ("dv", dv)):
+    for name, t, w in zip(("dq", "dk", "dv"), (dq, dk, dv), input_grads(ref, leaves, dout.double())):
         assert torch.isfinite(t).all(), f"{name} not fully written"
+        assert_verbose_allclose(t, w, atol=1e-5, name=name)
 
 
 def test_unsupported_block_size_has_reason_and_falls_back():

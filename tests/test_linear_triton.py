@@ -293,6 +293,9 @@ def test_long_sequence_is_finite(causal):
 
 
 def test_launchers_write_every_element():
+    """NaN-filled outputs: every element written, with the float64 reference's value (causal,
+    37 queries over 21 keys: rows 0-15 see no key and are 0). fp32 errors here are ~2e-7."""
+    from attnlib.testing import assert_verbose_allclose
     from attnlib.triton_kernels.linear import kernels
 
     q, k, v = make_qkv(1, 4, 37, 40, kv_heads=2, seq_k=21, head_dim_v=24, device=DEVICE, seed=8)
@@ -304,6 +307,8 @@ def test_launchers_write_every_element():
             s, z = kernels.state(k, v, "elu")
             kernels.apply(q, s, z, out, "elu", 1e-6)
         assert torch.isfinite(out).all()
+        ref = linear_reference(q.double(), k.double(), v.double(), feature_map="elu", causal=causal, eps=1e-6)
+        assert_verbose_allclose(out, ref, atol=1e-5, name=f"out causal={causal}")
 
 
 # ---- the chunk-parallel causal pipeline ------------------------------------------------------

@@ -23,13 +23,30 @@ def test_gradients_through_the_op_match_reference_autograd(layout):
 
 
 def test_sla_projection_gets_gradients():
-    q, k, v = make_qkv(1, 2, 40, 16, dtype=torch.float64)
+    """Every input's gradient through the op, the projection's included, equals float64 autograd
+    through sla_reference; the projection's also a central difference of the op's own output (the
+    output is affine in (w, b): the difference is exact up to rounding), which does not rely on
+    any backward."""
+    from attnlib.reference import sla_reference
+
+    kw = dict(critical=0.3, negligible=0.2, block_size=(8, 8))
+    q, k, v = make_qkv(1, 2, 40, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(16, 16, dtype=torch.float64, requires_grad=True)
     b = torch.randn(16, dtype=torch.float64, requires_grad=True)
-    out = attnlib.sla_attention(q, k, v, w, b, critical=0.3, negligible=0.2, block_size=(8, 8))
-    out.sum().backward()
-    assert w.grad is not None and b.grad is not None
-    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+    out = attnlib.sla_attention(q, k, v, w, b, **kw)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, w, b), dout)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, w, b)]
+    want = torch.autograd.grad(sla_reference(*leaves, **kw), leaves, dout)
+    for name, g, r in zip(("dq", "dk", "dv", "dW", "db"), got, want):
+        assert_verbose_allclose(g, r, atol=1e-10, name=name)
+    assert got[3].abs().sum() > 0 and got[4].abs().sum() > 0
+    dw, db = torch.randn_like(w), torch.randn_like(b)
+    with torch.no_grad():
+        f = lambda t: (attnlib.sla_attention(q, k, v, w + t * dw, b + t * db, **kw) * dout).sum()  # noqa: E731
+        fd = (f(0.5) - f(-0.5)).item()
+    ad = ((got[3] * dw).sum() + (got[4] * db).sum()).item()
+    assert abs(fd - ad) <= 1e-9 * (1 + abs(ad)), (fd, ad)
 
 
 def _opcheck_args(method, **opts):

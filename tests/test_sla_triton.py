@@ -374,11 +374,18 @@ def test_forward_writes_every_element(causal):
 
     q, k, v = make_qkv(1, 4, 37, 40, kv_heads=2, seq_k=21, device=DEVICE, seed=10)
     w, b = make_proj(40, requires_grad=False)
+    kw = dict(critical=0.3, negligible=0.3, block_size=(16, 16), scale=40 ** -0.5, causal=causal)
     for proj in ((None, None), (w, b)):
         out = poison_(torch.empty_like(q))
-        sla_forward(q, k, v, out, *proj, critical=0.3, negligible=0.3, block_size=(16, 16), feature="softmax",
-                    scale=40 ** -0.5, causal=causal)
+        sla_forward(q, k, v, out, *proj, feature="softmax", **kw)
         assert torch.isfinite(out).all()
+        # written with the float64 reference's values (the same block map: fixed seed, checked)
+        assert torch.equal(sla_block_classes(q, k, causal=causal, critical=0.3, negligible=0.3, block_size=(16, 16)),
+                           sla_block_classes(q.double(), k.double(), causal=causal, critical=0.3, negligible=0.3,
+                                             block_size=(16, 16)))
+        ref = sla_reference(q.double(), k.double(), v.double(), *(t if t is None else t.double() for t in proj),
+                            feature_map="softmax", **kw)
+        assert_verbose_allclose(out, ref, atol=1e-5, name=f"out proj={proj[0] is not None}")
 
 
 @pytest.mark.parametrize("proj", ["both", "weight", "bias", "none"])
