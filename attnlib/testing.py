@@ -148,6 +148,38 @@ def sla_float64_reference(qb, kb, vb, w, b, *, causal: bool, critical: float, ne
     return classes, leaves, proj64, ref
 
 
+SLA_PROJ_ATOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2, torch.float32: 2e-4}  # dW, db: sums over rows
+
+
+def assert_sla_rule(out, q, k, v, w, b, *, layout: str, ref, leaves, proj64, baseline, dout=None,
+                    factor: float = 2.0, check_dtypes: bool = False) -> None:
+    """An SLA kernel's out (and, given dout in out's layout, its gradients to q, k, v, w, b) by
+    flash_attn's rule against the float64 reference (ref, leaves, proj64: sla_float64_reference),
+    with baseline(q, k, v, w, b) the answer in the inputs' own dtype computed on detached copies
+    (the error a user already accepts); gradients of dW, db get SLA_PROJ_ATOL on top."""
+    from .inputs import to_bhsd
+
+    qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
+    same = [t.detach().clone().requires_grad_() for t in (qb, kb, vb)]
+    proj_same = [t.detach().clone().requires_grad_() if t is not None else None for t in (w, b)]
+    base = baseline(*same, *proj_same)
+    assert_flash_rule(to_bhsd(out, layout), ref, base, name="out")
+    if dout is None:
+        return
+    proj = [t for t in (w, b) if t is not None]
+    got = input_grads(out, (q, k, v, *proj), dout)
+    want = input_grads(ref, leaves + [t for t in proj64 if t is not None], to_bhsd(dout, layout).double())
+    have = input_grads(base, same + [t for t in proj_same if t is not None], to_bhsd(dout, layout))
+    names = ["dq", "dk", "dv"] + [n for n, t in (("dW", w), ("db", b)) if t is not None]
+    for name, g, wt, h in zip(names, got, want, have):
+        assert torch.isfinite(g).all(), f"{name} has non-finite values"
+        if check_dtypes:
+            assert g.dtype == (q.dtype if name in ("dq", "dk", "dv") else w.dtype if name == "dW" else b.dtype)
+        g = to_bhsd(g, layout) if name in ("dq", "dk", "dv") else g
+        atol = SLA_PROJ_ATOL[g.dtype] if name in ("dW", "db") else None
+        assert_flash_rule(g, wt, h, factor=factor, atol=atol, name=name)
+
+
 def is_sticky_cuda_error(message: str) -> bool:
     m = message.lower()
     return any(s in m for s in STICKY_CUDA_ERRORS)

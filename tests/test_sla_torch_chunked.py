@@ -2,7 +2,7 @@
 (dq, dk, dv, dW, db) against the float64 reference, dispatch, and peak memory.
 
 Accuracy: flash_attn's rule, error against float64 at most 2x that of the reference itself given
-inputs (and W, b) of the same dtype, plus ATOL[dtype] (dW, db: PROJ_ATOL, sums over every row).
+inputs (and W, b) of the same dtype, plus ATOL[dtype] (dW, db: attnlib.testing.SLA_PROJ_ATOL, sums over every row).
 That reference computes in float32 and rounds once, so this is tighter than the rule
 tests/test_sla_triton.py states against the formula evaluated in fp16/bf16. A score budget of a
 few rows (autouse fixture) runs several chunks of the critical part and of the linear branch at
@@ -19,12 +19,11 @@ import attnlib
 from attnlib.kernels import flash_torch_chunked as chunked
 from attnlib.kernels import sla_torch_chunked as sla_chunked
 from attnlib.reference import sla_reference
-from attnlib.testing import assert_flash_rule, input_grads, make_qkv, sla_float64_reference
+from attnlib.testing import assert_sla_rule, make_qkv, sla_float64_reference
 
 from test_flash_torch_chunked import peak_cpu_bytes
 
 KERNEL = "sla-torch-chunked"
-PROJ_ATOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2, torch.float32: 2e-4}  # dW, db: sums over rows
 SMALL_BUDGET = 48 << 10  # about ten query rows of scores and one query block's states per chunk
 
 
@@ -67,22 +66,9 @@ def check(q, k, v, w, b, *, layout="bhsd", causal=False, critical=0.3, negligibl
     qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
     classes, leaves, proj64, ref = sla_float64_reference(qb, kb, vb, w, b, causal=causal, **kw)
     assert (classes == 1).any() and (classes == 0).any()
-    proj = [t for t in (w, b) if t is not None]
-    same = [t.detach().clone().requires_grad_() for t in (qb, kb, vb)]
-    proj_same = [t.detach().clone().requires_grad_() if t is not None else None for t in (w, b)]
-    base = sla_reference(*same, *proj_same, causal=causal, **kw)
-    assert_flash_rule(to_bhsd(out, layout), ref, base, name="out")
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(q.shape[2])).to(q.dtype)
-    got = input_grads(out, (q, k, v, *proj), dout)
-    want = input_grads(ref, leaves + [t for t in proj64 if t is not None], to_bhsd(dout, layout).double())
-    have = input_grads(base, same + [t for t in proj_same if t is not None], to_bhsd(dout, layout))
-    names = ["dq", "dk", "dv"] + [n for n, t in (("dW", w), ("db", b)) if t is not None]
-    for name, g, wt, h in zip(names, got, want, have):
-        assert torch.isfinite(g).all(), f"{name} has non-finite values"
-        assert g.dtype == (q.dtype if name in ("dq", "dk", "dv") else w.dtype if name == "dW" else b.dtype)
-        g = to_bhsd(g, layout) if name in ("dq", "dk", "dv") else g
-        atol = PROJ_ATOL[g.dtype] if name in ("dW", "db") else None
-        assert_flash_rule(g, wt, h, atol=atol, name=name)
+    assert_sla_rule(out, q, k, v, w, b, layout=layout, ref=ref, leaves=leaves, proj64=proj64,
+                    baseline=lambda *t: sla_reference(*t, causal=causal, **kw), dout=dout, check_dtypes=True)
 
 
 # (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, head_dim_v, causal, layout, block_size, critical,

@@ -16,13 +16,12 @@ import attnlib
 from attnlib.reference import flash_reference, linear_reference, sla_block_classes, sla_reference
 from attnlib.reference._common import block_mask_to_tokens, causal_mask, expand_kv
 from attnlib.reference.linear import feature_map_fn
-from attnlib.testing import (assert_flash_rule, assert_verbose_allclose, input_grads, make_qkv, poison_,
+from attnlib.testing import (assert_flash_rule, assert_sla_rule, assert_verbose_allclose, input_grads, make_qkv, poison_,
                              sla_float64_reference)
 
 triton = pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-PROJ_ATOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2, torch.float32: 2e-4}  # dW, db: sums over rows
 
 
 def to_bhsd(x, layout):
@@ -72,24 +71,10 @@ def check(q, k, v, w, b, *, critical, negligible, block_size, causal, feature_ma
     qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
     # the float64 ground truth classifies in float64: it must see the same map (fixed seeds)
     classes, leaves, proj64, ref = sla_float64_reference(qb, kb, vb, w, b, causal=causal, **kw)
-    proj = [t for t in (w, b) if t is not None]
-    same = [t.detach().clone().requires_grad_() for t in (qb, kb, vb)]
-    proj_same = [t.detach().clone().requires_grad_() if t is not None else None for t in (w, b)]
-    base = sla_same_dtype(*same, *proj_same, classes, block_size=block_size, causal=causal,
-                          feature_map=feature_map, scale=scale)
-    assert_flash_rule(to_bhsd(out, layout), ref, base, name="out")
-    if not backward:
-        return out
-    dout = torch.randn_like(out)
-    got = input_grads(out, (q, k, v, *proj), dout)
-    want = input_grads(ref, leaves + [t for t in proj64 if t is not None], to_bhsd(dout, layout).double())
-    have = input_grads(base, same + [t for t in proj_same if t is not None], to_bhsd(dout, layout))
-    names = ["dq", "dk", "dv"] + [n for n, t in (("dW", w), ("db", b)) if t is not None]
-    for name, g, wt, h in zip(names, got, want, have):
-        assert torch.isfinite(g).all(), f"{name} has non-finite values"
-        g = to_bhsd(g, layout) if name in ("dq", "dk", "dv") else g
-        atol = PROJ_ATOL[q.dtype] if name in ("dW", "db") else None
-        assert_flash_rule(g, wt, h, factor=3.0, atol=atol, name=name)
+    assert_sla_rule(out, q, k, v, w, b, layout=layout, ref=ref, leaves=leaves, proj64=proj64,
+                    baseline=lambda *t: sla_same_dtype(*t, classes, block_size=block_size, causal=causal,
+                                                       feature_map=feature_map, scale=scale),
+                    dout=torch.randn_like(out) if backward else None, factor=3.0)
     return out
 
 
