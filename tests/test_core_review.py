@@ -112,10 +112,32 @@ def test_softmax_scale_out_of_the_kernels_range_names_softmax_scale(func, scale)
         calls[func]()
 
 
-def test_softmax_scale_at_the_range_ends_is_accepted():
-    from attnlib.inputs import FLOAT32_TINY
+@pytest.mark.parametrize("func", ["dense", "kvcache", "varlen"])
+@pytest.mark.parametrize("end", ["smallest-normal", "usual", "largest"])
+def test_softmax_scale_at_the_range_ends_is_accepted(func, end):
+    """softmax_scale at either end of the accepted range computes attention at that scale: against
+    the float64 reference (bottom-right causal, so masked scores meet the scale too). At the
+    smallest normal float32 every visible key weighs the same; at SCALE_MAX (the scale times
+    log2(e) is float32's largest finite value) the softmax is the row's argmax, so q is shrunk to
+    keep |q . k| * scale finite in float32 (larger scores overflow in any float32 softmax)."""
+    from attnlib.inputs import FLOAT32_TINY, SCALE_MAX
+    from attnlib.reference import flash_reference
+    from attnlib.testing import ATOL, assert_flash_rule
 
+    scale = {"smallest-normal": FLOAT32_TINY, "usual": 0.3, "largest": SCALE_MAX}[end]
     q, k, v = dense_qkv()
-    for scale in (FLOAT32_TINY, 0.3):
-        out = fa.flash_attn_func(q, k, v, softmax_scale=scale)
-        assert out.shape == q.shape and bool(out.isfinite().all())
+    if end == "largest":
+        q = q * (0.5 / (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)).abs().max())  # |scores| <= 0.5
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    seen = 3 if func == "kvcache" else 5  # keys in the cache / the sequence
+    calls = {
+        "dense": lambda: fa.flash_attn_func(q, k, v, softmax_scale=scale, causal=True),
+        "kvcache": lambda: fa.flash_attn_with_kvcache(q, k, v, cache_seqlens=3, softmax_scale=scale, causal=True),
+        "varlen": lambda: fa.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 5, 5, softmax_scale=scale,
+                                                    causal=True)[None],
+    }
+    out = calls[func]()
+    bhsd = [t.transpose(1, 2) for t in (q, k[:, :seen], v[:, :seen])]
+    ref = flash_reference(*(t.double() for t in bhsd), causal=True, scale=scale).transpose(1, 2)
+    same = flash_reference(*bhsd, causal=True, scale=scale).transpose(1, 2)  # computed in float32
+    assert_flash_rule(out, ref, same, atol=ATOL[torch.float32])

@@ -134,9 +134,20 @@ def test_double_backward_raises_instead_of_zeros(dtype):
     """A gradient penalty (grad of a grad) through attnlib: the backward op had no autograd kernel,
     so torch's fallback only warned, and the Triton backward gave zero second-order gradients.
     First-order gradients with create_graph=True still work."""
+    from attnlib.reference import flash_reference
+    from attnlib.testing import assert_flash_rule
+
     q, k, v = make_qkv(1, 2, 16, 16, dtype=dtype, requires_grad=True)
     g = torch.autograd.grad(attnlib.attention(q, k, v).pow(2).sum(), (q, k, v), create_graph=True)
-    assert all(torch.isfinite(x).all() for x in g)
+    # the first-order gradients against float64 autograd, by flash_attn's rule (the baseline:
+    # the reference's autograd in the inputs' dtype)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(flash_reference(*leaves64).pow(2).sum(), leaves64)
+    same = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    have = torch.autograd.grad(flash_reference(*same).pow(2).sum(), same)
+    for name, x, w, h in zip(("dq", "dk", "dv"), g, want, have):
+        assert x.dtype == dtype
+        assert_flash_rule(x, w, h, name=name)
     with pytest.raises(RuntimeError, match="no double backward"):
         torch.autograd.grad(sum(x.pow(2).sum() for x in g), (q, k, v))
 

@@ -79,3 +79,9 @@ def test_reference_huge_scale_is_finite():
     assert torch.isfinite(out).all()
     tri = attnlib.sage_attention(q, k, v, scale=1e36, causal=True, backend="triton")
     assert metrics(out, tri)["rel_l1"] <= 1e-3
+    # and that row is exact attention's at this scale (the float64 argmax): INT8 rounding can move
+    # the argmax of a row whose top two scores are close, each such row costing ~0.035 of relative
+    # L1 at this shape (seed 104: none; 0 or 1 row in 40 over other seeds); the default scale's
+    # output is ~1.4 away
+    exact = flash_reference(q.double(), k.double(), v.double(), scale=1e36, causal=True)
+    assert metrics(out, exact)["rel_l1"] <= 0.1 and metrics(tri, exact)["rel_l1"] <= 0.1

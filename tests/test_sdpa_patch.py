@@ -1,5 +1,6 @@
 """attnlib.scaled_dot_product_attention keeps torch's semantics; patch_sdpa restores what it replaced."""
 import logging
+import re
 
 import pytest
 import torch
@@ -42,8 +43,9 @@ def test_nesting_and_install_uninstall():
     finally:
         p.uninstall()
     assert F.scaled_dot_product_attention is ORIGINAL
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"^patch_sdpa.uninstall\(\) called without install\(\)"):
         p.uninstall()
+    assert F.scaled_dot_product_attention is ORIGINAL
 
 
 def test_patch_rejects_bad_arguments():
@@ -94,8 +96,10 @@ def test_gqa_and_scale_and_dtype():
     ref = TORCH_SDPA(q, k, v, scale=0.2, enable_gqa=True)
     out = attnlib.scaled_dot_product_attention(q, k, v, scale=0.2, enable_gqa=True)
     assert_verbose_allclose(out, ref, atol=1e-12)
-    # torch's error for heads that differ without enable_gqa is kept
-    with pytest.raises(RuntimeError):
+    # torch's error for heads that differ without enable_gqa is kept: the same message
+    with pytest.raises(RuntimeError) as torchs:
+        TORCH_SDPA(q, k, v)
+    with pytest.raises(RuntimeError, match=f"^{re.escape(str(torchs.value))}$"):
         attnlib.scaled_dot_product_attention(q, k, v)
 
 
