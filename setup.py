@@ -83,6 +83,6 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "diffusers": ["diffusers>=0.42,<0.43"],
     },
-    entry_points={"console_scripts": ["attnlib=attnlib.__main__:main"]},
+    entry_points={"console_scripts": ["attnlib=attnlib.__main__:run_main"]},
     cmdclass={"build_py": BuildPyWithCubins},
 )
