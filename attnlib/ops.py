@@ -245,13 +245,17 @@ def refuse_double_backward(backward_op: str, what: str, lib) -> None:
                                     setup_context=lambda ctx, inputs, output: None, lib=lib)
 
 
+def _transform_active(kind) -> bool:
+    """Whether a torch.func transform of this TransformType is on the functorch stack."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == kind for i in retrieve_all_functorch_interpreters())
+
+
 def forward_mode_transform_active() -> bool:
     """Whether a torch.func forward-mode transform (jvp; jacfwd, linearize and hessian use it) is
     active: functorch treats an output a custom op gives without a tangent as a zero tangent."""
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    jvp = torch._C._functorch.TransformType.Jvp
-    return any(i.key() == jvp for i in retrieve_all_functorch_interpreters())
+    return _transform_active(torch._C._functorch.TransformType.Jvp)
 
 
 def grad_transform_differentiates(tensors) -> bool:
@@ -261,10 +265,7 @@ def grad_transform_differentiates(tensors) -> bool:
     nothing of attnlib's."""
     if not torch._C._are_functorch_transforms_active() or not torch.is_grad_enabled():
         return False
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    grad = torch._C._functorch.TransformType.Grad
-    return (any(i.key() == grad for i in retrieve_all_functorch_interpreters())
+    return (_transform_active(torch._C._functorch.TransformType.Grad)
             and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
 
 

@@ -7,8 +7,8 @@ from typing import Any, Callable
 import torch
 
 from .asymrnr.config import DISPATCH_OPTIONS as _ASYMRNR_OPTIONS, check_call as _check_asymrnr_call, check_grid_option
-from .block_mask import check_block_size, flex_block_mask_hint
-from .inputs import AttentionInputs, check_fraction, is_real_number
+from .block_mask import flex_block_mask_hint
+from .inputs import AttentionInputs, check_block_size, check_fraction, is_real_number
 
 FEATURE_MAPS = ("elu", "relu", "softmax", "identity")
 _REQUIRED = object()

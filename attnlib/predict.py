@@ -14,8 +14,7 @@ from typing import Optional
 
 import torch
 
-from .block_mask import check_block_size
-from .inputs import check_fraction, check_layout, check_scale, validate_qkv
+from .inputs import check_block_size, check_fraction, check_layout, check_scale, validate_qkv
 from .reference._common import num_blocks
 from .triton_kernels.device_constants import device_constant
 from .triton_kernels.hostmath import next_power_of_2
