@@ -9,6 +9,7 @@ import torch
 from .asymrnr.config import DISPATCH_OPTIONS as _ASYMRNR_OPTIONS, check_call as _check_asymrnr_call, check_grid_option
 from .block_mask import flex_block_mask_hint
 from .inputs import AttentionInputs, check_block_size, check_fraction, is_real_number
+from .reference._common import check_block_mask_shape
 
 FEATURE_MAPS = ("elu", "relu", "softmax", "identity")
 _REQUIRED = object()
@@ -66,24 +67,9 @@ def _fraction(name: str) -> Callable[[Any, AttentionInputs], float]:
 
 
 def check_block_mask(mask: Any, inp: AttentionInputs, block_size: tuple[int, int]) -> torch.Tensor:
-    """The canonical bool block mask (B or 1, H or 1, ceil(Sq/bq), ceil(Sk/bk))."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"block_mask must be a bool torch.Tensor, got {type(mask).__name__}"
-                        + flex_block_mask_hint(mask))
-    if mask.dtype != torch.bool:
-        raise TypeError(f"block_mask must have dtype torch.bool, got {mask.dtype}")
-    bq, bk = block_size
-    mq, mk = -(-inp.seq_q // bq), -(-inp.seq_k // bk)
-
-    def one_or(n: int) -> str:  # a dim that may broadcast: "1" alone when the call's size is 1
-        return "1" if n == 1 else f"1 or {n}"
-
-    want = f"({one_or(inp.batch)}, {one_or(inp.heads_q)}, {mq}, {mk})"
-    if mask.dim() != 4:
-        raise ValueError(f"block_mask must be 4-D {want} for block_size={block_size}, got {tuple(mask.shape)}")
-    b, h, q, k = mask.shape
-    if b not in (1, inp.batch) or h not in (1, inp.heads_q) or q != mq or k != mk:
-        raise ValueError(f"block_mask must have shape {want} for block_size={block_size}, got {tuple(mask.shape)}")
+    """The canonical bool block mask (B or 1, H or 1, ceil(Sq/bq), ceil(Sk/bk)) on the inputs' device."""
+    check_block_mask_shape(mask, inp.batch, inp.heads_q, inp.seq_q, inp.seq_k, block_size,
+                           hint=flex_block_mask_hint(mask) if not isinstance(mask, torch.Tensor) else "")
     if mask.device != inp.device:
         raise ValueError(f"block_mask must be on {inp.device}, got {mask.device}")
     return mask

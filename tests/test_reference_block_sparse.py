@@ -146,3 +146,20 @@ def test_attention_api_backward_matches_reference():
     for name, ga, gr in zip("qkv", grads, grads_ref):
         assert torch.isfinite(ga).all(), name
         assert_verbose_allclose(ga, gr, atol=ATOL32, name=f"d{name}")
+
+
+@pytest.mark.parametrize("bad", [
+    "not a tensor", torch.ones(1, 1, 2, 2), torch.ones(1, 2, 2, dtype=torch.bool),
+    torch.ones(1, 1, 3, 2, dtype=torch.bool), torch.ones(1, 1, 2, 3, dtype=torch.bool),
+    torch.ones(3, 1, 2, 2, dtype=torch.bool), torch.ones(1, 4, 2, 2, dtype=torch.bool)])
+def test_reference_and_attention_refuse_a_mask_alike(bad):
+    """One shape rule (reference._common.check_block_mask_shape) for the ground truth and the
+    dispatcher: the same error type and message for every bad mask (B 2, Hq 2, 100/70 tokens in
+    blocks of 64 -> 2 x 2 blocks)."""
+    q, k, v = make_qkv(2, 2, 100, 32, seq_k=70, dtype=torch.float32, seed=3)
+    with pytest.raises((TypeError, ValueError)) as ref_err:
+        block_sparse_reference(q, k, v, bad, block_size=(64, 64))
+    with pytest.raises(type(ref_err.value)) as api_err:
+        attnlib.attention(q, k, v, method="block_sparse", block_mask=bad, block_size=(64, 64))
+    assert "block_mask" in str(ref_err.value)
+    assert str(api_err.value).startswith(str(ref_err.value))

@@ -22,6 +22,30 @@ def causal_mask(seq_q: int, seq_k: int, device) -> torch.Tensor:
     return j <= i + (seq_k - seq_q)
 
 
+def check_block_mask_shape(mask, batch: int, heads_q: int, seq_q: int, seq_k: int, block_size,
+                           hint: str = "") -> None:
+    """The canonical bool block mask's rule, shared by attention()'s option check and the float64
+    reference: a bool tensor (B or 1, Hq or 1, ceil(Sq/bq), ceil(Sk/bk)). hint is appended to the
+    type error (the dispatcher's pointer for a FlexAttention BlockMask)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"block_mask must be a bool torch.Tensor, got {type(mask).__name__}" + hint)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"block_mask must have dtype torch.bool, got {mask.dtype}")
+    bq, bk = block_size
+    mq, mk = num_blocks(seq_q, bq), num_blocks(seq_k, bk)
+
+    def one_or(n: int) -> str:  # a dim that may broadcast: "1" alone when the call's size is 1
+        return "1" if n == 1 else f"1 or {n}"
+
+    want = f"({one_or(batch)}, {one_or(heads_q)}, {mq}, {mk})"
+    if mask.dim() != 4:
+        raise ValueError(f"block_mask must be 4-D {want} for block_size={tuple(block_size)}, got {tuple(mask.shape)}")
+    b, h, q, k = mask.shape
+    if b not in (1, batch) or h not in (1, heads_q) or q != mq or k != mk:
+        raise ValueError(f"block_mask must have shape {want} for block_size={tuple(block_size)}, "
+                         f"got {tuple(mask.shape)}")
+
+
 def masked_row_exp(scores: torch.Tensor, mask: torch.Tensor | None, exp=torch.exp, inplace: bool = False):
     """Unnormalised softmax rows, stable and NaN-free where a row sees nothing.
 

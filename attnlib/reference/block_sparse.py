@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from ._common import block_mask_to_tokens, causal_mask, compute_dtype, expand_kv, masked_softmax_attention, num_blocks
+from ._common import (block_mask_to_tokens, causal_mask, check_block_mask_shape, compute_dtype, expand_kv,
+                      masked_softmax_attention)
 
 
 def _check_mask(block_mask, batch: int, heads_q: int, seq_q: int, seq_k: int, block_size) -> None:
     """The ground truth checks its mask as attention() does (any device: it is moved to q's):
     a bool mask with one query block too many was cut to Sq tokens, a float or int one cast to
     bool (0.5 or -inf meaning "on"), so a wrong mask gave a plausible answer to compare against."""
-    if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
-        got = block_mask.dtype if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__
-        raise TypeError(f"block_mask must be a bool torch.Tensor, got {got}")
-    want = (num_blocks(seq_q, block_size[0]), num_blocks(seq_k, block_size[1]))
-    if block_mask.dim() != 4 or block_mask.shape[0] not in (1, batch) or block_mask.shape[1] not in (1, heads_q) \
-            or tuple(block_mask.shape[2:]) != want:
-        raise ValueError(f"block_mask must have shape (1 or {batch}, 1 or {heads_q}, {want[0]}, {want[1]}) for "
-                         f"block_size={tuple(block_size)}, got {tuple(block_mask.shape)}")
+    check_block_mask_shape(block_mask, batch, heads_q, seq_q, seq_k, block_size)
 
 
 def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, *,
