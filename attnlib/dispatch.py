@@ -83,6 +83,12 @@ class Kernel:
                 reasons.append(f"needs the '{mod}' package, which is not installed")
         return reasons
 
+    def machine_reasons(self) -> list[str]:
+        """Why no call could run this kernel on this machine now, beyond missing packages (which
+        unavailable_reasons gives): for available_kernels(), so its list agrees with what calls
+        are refused. Per-call checks say the same thing in their own words."""
+        return []
+
     # -- per-call support --------------------------------------------------------------
     def head_dim_ok(self, d: int) -> bool:
         if d in self.head_dims:
@@ -353,6 +359,8 @@ def available_kernels() -> list[dict[str, Any]]:
     out = []
     for k in kernels():
         reasons = k.unavailable_reasons()
+        if not reasons:
+            reasons = k.machine_reasons()
         out.append({
             "name": k.name, "method": k.method, "backend": k.backend, "priority": k.priority,
             "available": not reasons, "reasons": reasons,

@@ -476,3 +476,25 @@ def test_gpu_sdpa_with_its_fused_kernels_off_yields_to_chunked():
     finally:
         for s, on in before.items():
             getattr(torch.backends.cuda, f"enable_{s}_sdp")(on)
+
+
+def test_available_kernels_agrees_with_what_a_cpu_call_may_run(monkeypatch):
+    """Without a GPU, Triton kernels run only under TRITON_INTERPRET=1: available_kernels() says
+    so (it listed them available while every call refused them), and lists them available under
+    the interpreter; torch kernels are available either way."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rows = {k["name"]: k for k in attnlib.available_kernels()}
+    q, k, v = make_qkv(1, 2, 16, 16, seed=1)
+    for name, row in rows.items():
+        if row["backend"] == "triton":
+            assert not row["available"] and "TRITON_INTERPRET=1" in row["reasons"][0], row
+        if row["backend"] == "torch":
+            assert row["available"], row
+    with pytest.raises(attnlib.NoKernelError, match="TRITON_INTERPRET"):
+        attnlib.attention(q, k, v, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rows = {k["name"]: k for k in attnlib.available_kernels()}
+    assert all(r["available"] for r in rows.values() if r["backend"] == "triton"), rows

@@ -2,6 +2,8 @@
 CUDA C++ family. A kernel class inherits its family and declares only what differs."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..dispatch import Kernel
@@ -45,6 +47,12 @@ class TritonKernel(Kernel):
     max_head_dim = 256
     needs_unit_last_stride = True
     same_head_dim_v = True
+
+    def machine_reasons(self) -> list[str]:
+        if "cpu" in self.devices or torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+            return []
+        return ["no CUDA device is visible (torch.cuda.is_available() is False); Triton kernels run on CPU "
+                "tensors only under TRITON_INTERPRET=1 (slow; for tests)"]
 
     def grid_yz(self, inp: AttentionInputs) -> dict[str, int]:
         """What this kernel's launches put on grid axes y and z; override where it differs from
