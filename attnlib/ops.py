@@ -121,11 +121,20 @@ def _attention(a: dict[str, Any], *, placeholder: bool) -> tuple[Tensor, Optiona
     q, method, layout = a["q"], a["method"], a["layout"]
     inp = _build(q, a["k"], a["v"], method, layout, a["causal"], a["scale"], a["return_lse"], a["needs_grad"], a)
     kernel = dispatch.select(inp, a["backend"])
+    return forward_selected(inp, kernel, q, layout, a["needs_grad"], placeholder=placeholder)
+
+
+def forward_selected(inp: AttentionInputs, kernel, q: Tensor, layout: str, needs_grad: bool, *,
+                     placeholder: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """The op's implementation after validation and selection: inp from _build (or the SDPA
+    drop-in's own checks, which made it), kernel = dispatch.select(inp, backend), q as the caller
+    gave it (its layout)."""
+    method = inp.method
     # lse where someone reads it (the caller, the backward) or where it costs nothing: a full
     # placeholder would be one more launch (see Kernel.lse_is_free)
     want_lse = method not in NO_LSE and kernel.supports_lse and (
-        kernel.lse_is_free or inp.return_lse or a["needs_grad"])
-    aux_lse = method in AUX_LSE and a["needs_grad"] and kernel.keeps_lse_for_backward
+        kernel.lse_is_free or inp.return_lse or needs_grad)
+    aux_lse = method in AUX_LSE and needs_grad and kernel.keeps_lse_for_backward
     with no_autocast(q):
         res = kernel.forward(inp if inp.return_lse == want_lse else replace(inp, return_lse=want_lse))
     out, lse = res if (want_lse or aux_lse) else (res, None)
@@ -137,7 +146,7 @@ def _attention(a: dict[str, Any], *, placeholder: bool) -> tuple[Tensor, Optiona
         # that kernel's backward does not read it. NaN marks it; an AUX_LSE method's slot, which
         # no caller sees, is zeros (NaN would make eager and traced outputs compare unequal)
         fill = 0.0 if method in NO_LSE else float("nan")
-        lse = torch.full(_lse_shape(method, q, layout, a["needs_grad"]), fill, dtype=_lse_dtype(q), device=q.device)
+        lse = torch.full(_lse_shape(method, q, layout, needs_grad), fill, dtype=_lse_dtype(q), device=q.device)
     return out, lse.to(_lse_dtype(q)).contiguous()
 
 

@@ -203,3 +203,18 @@ def end_worker_after_cuda_fault(nodeid: str, excinfo, failure_log: Optional[str]
     sys.stderr.write(line)
     sys.stderr.flush()
     os._exit(CUDA_FAULT_EXIT)
+
+
+def spy_attnlib_calls(monkeypatch) -> list[str]:
+    """The methods of the calls the SDPA drop-in (and diffusers' processors) hand to attnlib, in
+    order: through api.attention, or the drop-in's direct path for eager calls needing no
+    gradient (integrations.sdpa._serve_direct). monkeypatch: pytest's fixture."""
+    from . import api
+    from .integrations import sdpa
+
+    seen: list[str] = []
+    real_attention, real_direct = api.attention, sdpa._serve_direct
+    monkeypatch.setattr(api, "attention", lambda *a, **kw: seen.append(kw["method"]) or real_attention(*a, **kw))
+    monkeypatch.setattr(sdpa, "_serve_direct",
+                        lambda inp, kernel, query: seen.append(inp.method) or real_direct(inp, kernel, query))
+    return seen

@@ -500,11 +500,9 @@ def test_sdpa_kernel_math_leaves_the_calls_to_diffusers(monkeypatch):
     diffusers' own dispatch (attnlib's flash stood in for it before)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from attnlib import api
+    from attnlib.testing import spy_attnlib_calls
 
-    served = []
-    real = api.attention
-    monkeypatch.setattr(api, "attention", lambda *a, **kw: served.append(kw["method"]) or real(*a, **kw))
+    served = spy_attnlib_calls(monkeypatch)
     model, inputs, n_attn = tiny_flux()
     with sdpa_kernel(SDPBackend.MATH):
         native = run(model, inputs)

@@ -183,3 +183,42 @@ def test_graph_building_calls_under_activation_checkpointing(reentrant):
     (checkpoint(f, q, k, v, use_reentrant=reentrant) * dout).sum().backward()
     for t, w in zip((q, k, v), want):
         assert torch.equal(t.grad, w)
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("flash", {}), ("linear", dict(feature_map="relu")),
+    ("sla", dict(block_size=(16, 16), critical=0.3, negligible=0.2)),
+])
+def test_sdpa_drop_in_validates_and_selects_once(monkeypatch, method, opts):
+    """The drop-in checks a call (to decide between attnlib and torch), then runs the kernel it
+    selected: one make_inputs and one selection per eager no-grad call (there were two of each,
+    half of a small call's host time), with api.attention's result to the bit; a call needing a
+    gradient still goes through api.attention (its autograd)."""
+    from attnlib import dispatch, inputs
+    from attnlib.integrations import sdpa
+
+    q, k, v = make_qkv(1, 4, 37, 16, seed=3)
+    if method == "sla":
+        opts = dict(opts, proj_weight=0.1 * torch.randn(16, 16), proj_bias=torch.randn(16))
+    want = attnlib.attention(q, k, v, method=method, **opts)
+    counts = {"validate": 0, "select": 0}
+    real_validate, real_select = inputs.validate_qkv, dispatch.select
+
+    def validate(*a, **kw):
+        counts["validate"] += 1
+        return real_validate(*a, **kw)
+
+    def select(*a, **kw):
+        counts["select"] += 1
+        return real_select(*a, **kw)
+    monkeypatch.setattr(inputs, "validate_qkv", validate)
+    monkeypatch.setattr(dispatch, "select", select)
+    got = sdpa.scaled_dot_product_attention(q, k, v, method=method, **opts)
+    assert counts == {"validate": 1, "select": 1}
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert got.is_contiguous()
+    qg = q.clone().requires_grad_()
+    out = sdpa.scaled_dot_product_attention(qg, k, v, method=method, **opts)
+    assert out.grad_fn is not None
+    (dq,) = torch.autograd.grad(out.sum(), qg)
+    assert torch.isfinite(dq).all() and dq.abs().sum() > 0

@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attnlib
-from attnlib import api
 from attnlib.integrations import sdpa as sdpa_module
 from attnlib.integrations.sdpa import TORCH_SDPA
-from attnlib.testing import assert_verbose_allclose, make_qkv
+from attnlib.testing import assert_verbose_allclose, make_qkv, spy_attnlib_calls
 
 # fp64 throughout the double-backward check: torch's math path and the check agree to 1e-12
 FP64_TOL = 1e-12
@@ -25,10 +24,7 @@ FP32_ATOL, FP32_RTOL = 2e-6, 1e-5
 @pytest.fixture
 def attnlib_calls(monkeypatch):
     """The calls the drop-in hands to attnlib (by method)."""
-    seen = []
-    real = api.attention
-    monkeypatch.setattr(api, "attention", lambda *a, **kw: seen.append(kw["method"]) or real(*a, **kw))
-    return seen
+    return spy_attnlib_calls(monkeypatch)
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 import torch.autograd.forward_ad as _fwAD
 
-from .. import api, dispatch
+from .. import api, dispatch, ops
 from ..inputs import is_real_number, make_inputs, scale_in_range
 from ..options import NO_SCALE, check_method_options
 
@@ -207,11 +207,18 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
             api.with_options(inp, method_options)
             if dispatch.effective_backend(backend) != "auto":  # forced: attnlib's error if none fits
                 return api.attention(query, key, value, **call)
+            tensors = (query, key, value, *(t for t in method_options.values() if isinstance(t, torch.Tensor)))
+            needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            object.__setattr__(inp, "grad", needs_grad)  # as the op's _build sets it: selection reads it
             try:
-                dispatch.select(inp, "auto")
+                kernel = dispatch.select(inp, "auto")
             except dispatch.NoKernelError as e:
                 reason = "no attnlib kernel fits: " + " ".join(str(e).split())[:300]
             else:
+                if not needs_grad and ops.direct_call_ok(tensors):
+                    # what api.attention's direct path would do, without validating and selecting
+                    # a second time (half of a small call's host time)
+                    return _serve_direct(inp, kernel, query)
                 return api.attention(query, key, value, **call)
     _log_fallback(reason, fallback_name)
     query, key, value = original
@@ -219,6 +226,12 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         return fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                       scale=scale, enable_gqa=enable_gqa)
+
+
+def _serve_direct(inp, kernel: dispatch.Kernel, query: torch.Tensor) -> torch.Tensor:
+    """An eager call needing no gradient, validated and its kernel selected by _route: run it
+    (api.attention's direct path, less its second validation and selection)."""
+    return ops.forward_selected(inp, kernel, query, "bhsd", False, placeholder=False)[0]
 
 
 class patch_sdpa:
