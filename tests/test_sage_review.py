@@ -6,6 +6,9 @@ the sageattention compat module): defects found and fixed, each test failing wit
   forwarded the caller's keyword too); the keyword is now honoured and checked.
 - smooth_v on float64 inputs subtracted V's mean and added it back in float32: the float64 sage
   (the reference path) lost ~half a float32 ulp of the mean (0.03 for a mean of 1e6).
+- A NaN or inf in Q or K gave a finite output on the Triton (and CUDA) kernels: their INT8 block
+  scale took a max that drops NaN, and the non-finite value was clamped into INT8. The block's scale
+  is now NaN, as the reference's (torch's amax propagates NaN), so the rows reading it are NaN.
 """
 import pytest
 import torch
@@ -64,3 +67,34 @@ def test_smooth_v_float64_stays_float64(tensor_layout, causal):
     bh = (lambda t: t) if tensor_layout == "HND" else (lambda t: t.transpose(1, 2))
     exact = flash_reference(bh(q), bh(k), bh(v + mu), causal=causal)
     assert (bh(shifted) - exact).nan_to_num(0.0).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_input_is_not_hidden(backend, where, value):
+    """One NaN or inf element in head 0 of q, k or v: every kernel's output is non-finite in
+    head 0 (exact attention's is: all rows for k and v, the row for q; sage's per-block INT8 scale
+    spreads it to the block) and finite in the untouched head 1. The Triton and CUDA kernels gave a
+    finite head 0 for q and k."""
+    import attnlib
+    from attnlib.dispatch import kernels
+
+    if backend == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if backend == "triton" and not torch.cuda.is_available():
+        import os
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton kernels run on a CPU only under TRITON_INTERPRET=1")
+    if not any(k.backend == backend and not k.unavailable_reasons() for k in kernels("sage")):
+        pytest.skip(f"no available sage-{backend} kernel")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (t.to(device) for t in _qkv(1, 2, 2, 80, 80, 64, torch.float16, seed=4))
+    {"q": q, "k": k, "v": v}[where][0, 0, 5, 3] = value
+    out = attnlib.attention(q, k, v, method="sage", backend=backend)
+    assert not torch.isfinite(out[0, 0]).all(), "a non-finite input gave a finite output"
+    if where != "q":  # every row reads the broken key/value
+        assert (~torch.isfinite(out[0, 0])).any(-1).all()
+    else:
+        assert not torch.isfinite(out[0, 0, 5]).all()
+    assert torch.isfinite(out[0, 1]).all()

@@ -1,6 +1,7 @@
 // SageAttention's fused quantization kernels (one launch per tensor, three for smoothed K), matching
 // attnlib.reference.sage bit for bit: delta = max|x| / 127 (IEEE division), x / delta rounded
-// to nearest with ties away from zero, clamped to [-127, 127]. Head dim and input dtype
+// to nearest with ties away from zero, clamped to [-127, 127]; a block holding a non-finite value
+// gets delta NaN (the reference's amax propagates NaN). Head dim and input dtype
 // (0 fp16, 1 bf16, 2 fp32) are runtime arguments; tensors are bhsd views with unit last
 // stride, outputs contiguous: x_int8 (B, H, S, D), delta (B, H, n_blocks) float32.
 //
@@ -49,9 +50,14 @@ __device__ void quantize_block(const void* x, int kind, i64 stride_s, i64 row0, 
   for (int i = threadIdx.x; i < n; i += SAGE_QUANT_THREADS) {
     const int r = i / dim, c = i % dim;
     const float v = (load_as_float(x, (row0 + r) * stride_s + c, kind) - (mean ? mean[c] : 0.f)) * scale;
-    amax = fmaxf(amax, fabsf(v));
+    const float a = fabsf(v);
+    amax = fmaxf(amax, a <= 3.402823466e38f ? a : __int_as_float(0x7f800000));  // NaN -> inf: fmaxf drops NaN
   }
-  const float delta = __fdiv_rn(block_max(amax, red), 127.f);
+  // A non-finite value (NaN, inf, or an overflow of the scaling) makes the block's delta NaN, as
+  // the reference's amax does: the scores it enters, and every row reading them, come out NaN as
+  // in exact attention, never a finite guess from clamped INT8 values.
+  const float m = block_max(amax, red);
+  const float delta = m <= 3.402823466e38f ? __fdiv_rn(m, 127.f) : __int_as_float(0x7fc00000);
   const float safe = delta > 0.f ? delta : 1.f;
   for (int i = threadIdx.x; i < n; i += SAGE_QUANT_THREADS) {
     const int r = i / dim, c = i % dim;

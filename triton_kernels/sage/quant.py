@@ -64,8 +64,12 @@ def round_half_away(y):
 
 @triton.jit
 def int8_block(x):
-    """Symmetric INT8 of a whole fp32 tile (padding already 0): (x_int8, delta)."""
-    delta = tl.math.div_rn(tl.max(tl.max(tl.abs(x), 1), 0), INT8_MAX)
+    """Symmetric INT8 of a whole fp32 tile (padding already 0): (x_int8, delta). A non-finite value
+    (NaN, inf, an overflow of the scaling) makes delta NaN, as the reference's amax does (a GPU max
+    drops NaN): the scores it enters come out NaN, as in exact attention, not a finite guess."""
+    a = tl.abs(x)
+    amax = tl.max(tl.max(tl.where(a <= 3.4028234663852886e38, a, float("inf")), 1), 0)
+    delta = tl.where(amax <= 3.4028234663852886e38, tl.math.div_rn(amax, INT8_MAX), float("nan"))
     safe = tl.where(delta > 0, delta, 1.0)
     y = round_half_away(tl.math.div_rn(x, safe))
     return tl.minimum(tl.maximum(y, -INT8_MAX), INT8_MAX).to(tl.int8), delta
