@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import attnlib
+from attnlib.kernels import block_sparse_gather as gather
 from attnlib.kernels import flash_torch_chunked as chunked
 from attnlib.kernels import sla_torch_chunked as sla_chunked
 from attnlib.reference import sla_reference
@@ -102,9 +103,18 @@ def case_inputs(case, dtype, seed_extra=0):
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+@pytest.fixture(params=["masked", "gathered"])
+def form(request, monkeypatch):
+    """The critical part's two forms (block_sparse_gather.py: dense chunks masked, or the listed
+    blocks gathered), forced by the density threshold. The backward's out=None (delta from P and
+    dP) and into= (adding to the linear branch's gradients) modes exist in both for sla only."""
+    monkeypatch.setattr(gather, "GATHER_MAX_DENSITY", 0.0 if request.param == "masked" else 1.0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_matches_reference(case, dtype):
+def test_matches_reference(case, dtype, form):
     q, k, v, w, b, kw = case_inputs(case, dtype)
     check(q, k, v, w, b, **kw)
 
@@ -151,12 +161,15 @@ def test_partial_projection(proj, monkeypatch):
     check(q, k, v, w, b, **kw)
 
 
-def test_runs_several_chunks(monkeypatch):
-    """The small budget splits the critical part into chunks of a few rows and the linear branch
-    into chunks of one query block, forward and backward."""
+def test_runs_several_chunks(monkeypatch, form):
+    """The small budget splits the critical part into chunks of a few rows (or block rows) and the
+    linear branch into chunks of one query block, forward and backward."""
     rows, blocks = [], []
     real_scores, real_states = chunked._scores, sla_chunked.LinearBranch.row_states
+    real_index = gather._Rows.index
     monkeypatch.setattr(chunked, "_scores", lambda *a: rows.append(a[3]) or real_scores(*a))
+    monkeypatch.setattr(gather._Rows, "index", lambda self, longest: rows.append(int(self.rid[0]))
+                        or real_index(self, longest))
     monkeypatch.setattr(sla_chunked.LinearBranch, "row_states",
                         lambda self, i0, i1: blocks.append((i0, i1)) or real_states(self, i0, i1))
     q, k, v, w, b, kw = case_inputs(CASES[0], torch.float32)

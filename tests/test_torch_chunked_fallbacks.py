@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import attnlib
+from attnlib.kernels import block_sparse_gather as gather
 from attnlib.kernels import flash_torch_chunked as chunked
 from attnlib.reference import block_sparse_reference
 from attnlib.reference._common import block_mask_to_tokens, causal_mask
@@ -57,6 +58,15 @@ def compare(got, want, have, dtype, names=("out", "lse", "dq", "dk", "dv")) -> N
 
 
 # -- block_sparse ------------------------------------------------------------------------------
+
+@pytest.fixture(params=["masked", "gathered"])
+def form(request, monkeypatch):
+    """Each of block_sparse-torch-chunked's two forms (block_sparse_gather.py): the masked one
+    (dense chunks of query rows, scores masked) and the gathered one (listed blocks only), forced
+    by the density threshold."""
+    monkeypatch.setattr(gather, "GATHER_MAX_DENSITY", 0.0 if request.param == "masked" else 1.0)
+    return request.param
+
 
 def random_mask(mb, mh, sq, sk, block_size, density, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -124,7 +134,7 @@ def bs_inputs(case, dtype, seed_extra=0):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", BS_CASES, ids=bs_id)
-def test_block_sparse_matches_reference(case, dtype):
+def test_block_sparse_matches_reference(case, dtype, form):
     q, k, v, mask, kw = bs_inputs(case, dtype)
     _, lse = check_block_sparse(q, k, v, mask, **kw)
     if mask.numel() > 1:
@@ -133,7 +143,7 @@ def test_block_sparse_matches_reference(case, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", [BS_CASES[2], BS_CASES[3], BS_CASES[5]], ids=bs_id)
-def test_block_sparse_lse_gradient(case, dtype):
+def test_block_sparse_lse_gradient(case, dtype, form):
     q, k, v, mask, kw = bs_inputs(case, dtype, seed_extra=7)
     check_block_sparse(q, k, v, mask, with_dlse=True, **kw)
 
@@ -151,7 +161,9 @@ def count_chunks(monkeypatch, budget_rows, batch, heads, seq_k):
 @pytest.mark.parametrize("budget_rows", [1, 5, 16])
 @pytest.mark.parametrize("case", [BS_CASES[1], BS_CASES[3], BS_CASES[5], BS_CASES[6]], ids=bs_id)
 def test_block_sparse_several_chunks(case, budget_rows, monkeypatch):
-    """Chunk boundaries inside mask blocks, the causal diagonal and the rows that see no key."""
+    """Chunk boundaries inside mask blocks, the causal diagonal and the rows that see no key (the
+    masked form: the gathered one chunks by block rows, test_gathered_several_chunks)."""
+    monkeypatch.setattr(gather, "GATHER_MAX_DENSITY", 0.0)
     q, k, v, mask, kw = bs_inputs(case, torch.float32, seed_extra=budget_rows)
     calls = count_chunks(monkeypatch, budget_rows, case[0], case[1], case[4])
     check_block_sparse(q, k, v, mask, with_dlse=True, **kw)
@@ -160,7 +172,7 @@ def test_block_sparse_several_chunks(case, budget_rows, monkeypatch):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [(1, 2, 0, 5), (1, 2, 5, 0), (0, 2, 5, 5)], ids=lambda s: "b{}h{}q{}k{}".format(*s))
-def test_block_sparse_empty(shape, causal):
+def test_block_sparse_empty(shape, causal, form):
     b, h, sq, sk = shape
     q, k, v = make_qkv(max(b, 1), h, sq, 16, seq_k=sk, seed=3)
     q, k, v = (t[:b].clone().requires_grad_() for t in (q, k, v))
@@ -175,7 +187,52 @@ def test_block_sparse_empty(shape, causal):
         assert t.grad.shape == t.shape and (t.grad == 0).all()
 
 
-def test_block_sparse_nothing_allowed():
+@pytest.mark.parametrize("budget_rows", [1, 3])
+@pytest.mark.parametrize("case", [BS_CASES[1], BS_CASES[3], BS_CASES[5], BS_CASES[6]], ids=bs_id)
+def test_gathered_several_chunks(case, budget_rows, monkeypatch):
+    """The gathered form over several chunks of block rows (budget_rows block rows each at the
+    longest list), rows in order of their list length across batch and heads: still the
+    reference's out, lse and gradients."""
+    monkeypatch.setattr(gather, "GATHER_MAX_DENSITY", 1.0)
+    b, hq, _, _, _, d, _, _, (bq, bk), _, _ = case
+    q, k, v, mask, kw = bs_inputs(case, torch.float32, seed_extra=budget_rows)
+    chunks = []
+    real = gather._Rows.index
+    monkeypatch.setattr(gather._Rows, "index", lambda self, longest: chunks.append(self.rid.numel())
+                        or real(self, longest))
+    inp = attnlib.api.build_inputs(q, k, v, method="block_sparse", block_mask=mask, **kw)
+    longest = int(gather.listed_blocks(inp, mask, (bq, bk)).sum(-1).max())  # causal drops some blocks
+    monkeypatch.setattr(chunked, "SCORE_BUDGET_BYTES", budget_rows * longest * bk * (bq + 2 * d) * 4)
+    check_block_sparse(q, k, v, mask, with_dlse=True, **kw)
+    assert len(chunks) > 2 and max(chunks) <= budget_rows
+
+
+def test_gathered_work_follows_the_listed_blocks(monkeypatch):
+    """At density ~0.1 with rows listing 0 to 8 key blocks, the gathered form computes scores for
+    the listed blocks plus the padding of each chunk to its longest list, not for every block:
+    rows sorted by list length keep that padding small. And it is the form a sparse CPU call takes
+    (block_sparse_gather.use_gather), also for sla's critical blocks."""
+    q, k, v = make_qkv(1, 4, 512, 16, seed=9)
+    gen = torch.Generator().manual_seed(9)
+    counts = torch.randint(0, 9, (1, 4, 32, 1), generator=gen)
+    mask = torch.arange(32)[None, None, None, :] < counts  # rows list 0..8 of 32 key blocks
+    mask = torch.gather(mask, -1, torch.rand(1, 4, 32, 32, generator=gen).argsort(-1))  # scattered
+    computed = []
+    real = gather._Rows.scores
+    monkeypatch.setattr(gather._Rows, "scores", lambda self, qc, kc: computed.append(kc.shape[0] * kc.shape[1])
+                        or real(self, qc, kc))
+    monkeypatch.setattr(chunked, "SCORE_BUDGET_BYTES", 16 * 8 * 16 * (16 + 32) * 4)  # 16 block rows a chunk
+    out = attnlib.block_sparse_attention(q, k, v, mask, block_size=(16, 16), backend="torch")
+    listed_keys = int(mask.sum()) * 16
+    assert computed and listed_keys <= sum(computed) <= 1.35 * listed_keys, (sum(computed), listed_keys)
+    want = block_sparse_reference(q.double(), k.double(), v.double(), mask, block_size=(16, 16))
+    assert_fp32_close(out, want, "out")
+    n = len(computed)
+    attnlib.sla_attention(q, k, v, block_size=(16, 16), critical=0.1, negligible=0.5, backend="torch")
+    assert len(computed) > n  # sla's critical part went through the gathered form
+
+
+def test_block_sparse_nothing_allowed(form):
     """An all-False mask: every row 0 and -inf, zero gradients, no NaN."""
     q, k, v = make_qkv(2, 4, 33, 16, kv_heads=2, seq_k=40, requires_grad=True, seed=4)
     mask = torch.zeros(2, 4, 3, 3, dtype=torch.bool)
@@ -185,7 +242,7 @@ def test_block_sparse_nothing_allowed():
     assert all((t.grad == 0).all() for t in (q, k, v))
 
 
-def test_block_sparse_deterministic():
+def test_block_sparse_deterministic(form):
     q, k, v, mask, kw = bs_inputs(BS_CASES[5], torch.float32)
     runs = []
     for _ in range(2):
@@ -225,18 +282,19 @@ def test_block_sparse_never_forms_the_token_mask(monkeypatch):
     """No (Sq, Sk) token mask: the reference's expansion is never called, and each chunk's mask
     covers only its own rows."""
     import attnlib.reference.block_sparse as ref_module
-    from attnlib.kernels import block_sparse_torch_chunked as bstc
+    from attnlib.kernels import block_sparse_gather as gather
 
     monkeypatch.setattr(ref_module, "block_mask_to_tokens", lambda *a, **kw: pytest.fail("token mask formed"))
 
     shapes = []
-    real = bstc.blocked_rows
+    real = gather.blocked_rows_from
 
-    def spy(inp):
-        f = real(inp)
+    def spy(inp, block_mask, block_size):
+        f = real(inp, block_mask, block_size)
         return lambda r0, r1, kend: shapes.append(tuple(f(r0, r1, kend).shape)) or f(r0, r1, kend)
 
-    monkeypatch.setattr(bstc, "blocked_rows", spy)
+    monkeypatch.setattr(gather, "blocked_rows_from", spy)
+    monkeypatch.setattr(gather, "GATHER_MAX_DENSITY", 0.0)  # the masked form (the gathered: its own test)
     monkeypatch.setattr(chunked, "SCORE_BUDGET_BYTES", 8 * 2 * 4 * 100 * 4)  # 8 rows
     q, k, v = make_qkv(2, 4, 50, 16, seq_k=100, requires_grad=True, seed=5)
     mask = random_mask(1, 4, 50, 100, (16, 16), 0.5, seed=5)

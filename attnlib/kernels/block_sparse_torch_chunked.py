@@ -1,15 +1,16 @@
-"""Method block_sparse in plain PyTorch, memory-bounded: flash-torch-chunked's forward and
-backward (FlashAttention-2 over chunks of query rows) with the block mask applied chunk by chunk.
+"""Method block_sparse in plain PyTorch, memory-bounded: FlashAttention-2's forward and backward
+over chunks, visiting only the listed key blocks (block_sparse_gather.py) where the mask is sparse.
 
 The torch-backend kernel for fp16/bf16/fp32 wherever no Triton/CUDA kernel applies (CPU, block
 sizes those kernels refuse). The reference it ranks above (block_sparse-torch-reference, still the
 ground truth and the fp64 kernel) expands the block mask to a (B, H, Sq, Sk) token mask and forms
-the full score matrix. Here each chunk of query rows gathers only its own rows of the token mask
-from the block mask, (B or 1, H or 1, rows, keys) as the block mask broadcasts, and masks its
-scores with it and causal (bottom-right): one chunk's fp32 scores stay under flash-torch-chunked's
-SCORE_BUDGET_BYTES, its bool mask under a quarter of that. Semantics as the reference's: rows with
-nothing allowed give 0 and lse -inf, gradients finite; deterministic. GQA with a per-query-head
-mask: the mask's heads split as the chunk's rows stack a kv head's query heads.
+the full score matrix. Here, on CPU tensors with at most block_sparse_gather.GATHER_MAX_DENSITY of
+the visible block pairs listed, each chunk of block rows gathers its listed K/V blocks (work
+proportional to them); otherwise flash-torch-chunked's loop over chunks of query rows masks its
+scores with the rows' part of the block mask, (B or 1, H or 1, rows, keys) as the block mask
+broadcasts, and causal (bottom-right). Either way one chunk's fp32 scores stay under
+flash-torch-chunked's SCORE_BUDGET_BYTES and no (Sq, Sk) mask is formed. Semantics as the
+reference's: rows with nothing allowed give 0 and lse -inf, gradients finite; deterministic.
 """
 from __future__ import annotations
 
@@ -17,21 +18,8 @@ import torch
 
 from ..dispatch import register
 from ..inputs import AttentionInputs
-from .flash_torch_chunked import FlashTorchChunked, RowMask
-
-
-def blocked_rows(inp: AttentionInputs) -> RowMask:
-    """blocked(r0, r1, kend) -> bool (B or 1, Hq or 1, r1 - r0, kend), True where the block mask
-    leaves the (query, key) pair out; built from the block mask alone (no (Sq, Sk) mask)."""
-    bq, bk = inp.options["block_size"]
-    left_out = ~inp.options["block_mask"].to(device=inp.device, dtype=torch.bool)  # block-sized
-
-    def blocked(r0: int, r1: int, kend: int) -> torch.Tensor:
-        qb = torch.arange(r0, r1, device=inp.device) // bq
-        kb = torch.arange(kend, device=inp.device) // bk
-        return left_out[:, :, qb[:, None], kb[None, :]]
-
-    return blocked
+from .block_sparse_gather import sparse_backward, sparse_forward
+from .flash_torch_chunked import FlashTorchChunked
 
 
 class BlockSparseTorchChunked(FlashTorchChunked):
@@ -41,8 +29,16 @@ class BlockSparseTorchChunked(FlashTorchChunked):
     # fallback; below the Triton and CUDA kernels. fp16/bf16/fp32; fp64 stays on the reference
     options = ("block_mask", "block_size")
 
-    def blocked(self, inp: AttentionInputs) -> RowMask:
-        return blocked_rows(inp)
+    def forward(self, inp: AttentionInputs):
+        out, lse = sparse_forward(inp, inp.options["block_mask"], inp.options["block_size"])
+        return (out, lse) if inp.return_lse else out
+
+    def backward(self, inp: AttentionInputs, out: torch.Tensor, lse: torch.Tensor | None, dout: torch.Tensor,
+                 dlse: torch.Tensor | None) -> tuple:
+        if lse is None:
+            raise RuntimeError(f"{self.name}'s backward needs the forward's lse")
+        dq, dk, dv = sparse_backward(inp, out, lse, dout, dlse, inp.options["block_mask"], inp.options["block_size"])
+        return dq, dk, dv, None, None
 
 
 register(BlockSparseTorchChunked())

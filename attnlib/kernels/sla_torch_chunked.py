@@ -1,5 +1,6 @@
-"""Method sla in plain PyTorch, memory-bounded: the critical blocks by flash-torch-chunked's
-FlashAttention-2 over chunks of query rows, the marginal blocks by linear attention from
+"""Method sla in plain PyTorch, memory-bounded: the critical blocks by block_sparse-torch-chunked's
+FlashAttention-2 over chunks (on a CPU gathering only the critical blocks, block_sparse_gather.py),
+the marginal blocks by linear attention from
 per-key-block states, forward and an explicit backward; no (Sq, Sk) quantity is ever held.
 
 The torch-backend kernel for fp16/bf16/fp32 wherever sla-triton does not apply (CPU, block sizes
@@ -39,9 +40,8 @@ from ..reference._common import num_blocks
 from ..reference.linear import feature_map_fn
 from ..reference.sla import CRITICAL, LINEAR_EPS, MARGINAL, sla_block_classes
 from . import flash_torch_chunked as flash_chunked
-from .block_sparse_torch_chunked import blocked_rows
+from .block_sparse_gather import sparse_backward, sparse_forward
 from ..reference.linear import phi_pullback
-from .flash_torch_chunked import RowMask
 
 
 def block_classes(inp: AttentionInputs) -> torch.Tensor:
@@ -49,12 +49,6 @@ def block_classes(inp: AttentionInputs) -> torch.Tensor:
     o = inp.options
     return sla_block_classes(inp.q, inp.k, critical=o["critical"], negligible=o["negligible"],
                              block_size=tuple(o["block_size"]), scale=inp.scale, causal=inp.causal)
-
-
-def critical_rows(inp: AttentionInputs, classes: torch.Tensor) -> RowMask:
-    """The pairs outside the critical blocks, one chunk of rows at a time (causal comes on top)."""
-    return blocked_rows(replace(inp, options={"block_mask": classes == CRITICAL,
-                                              "block_size": tuple(inp.options["block_size"])}))
 
 
 def _float32(inp: AttentionInputs) -> AttentionInputs:
@@ -205,7 +199,7 @@ class SLATorchChunked(Kernel):
     def forward(self, inp: AttentionInputs):
         classes = block_classes(inp)
         inp32 = _float32(inp)
-        out32, lse = flash_chunked.chunked_forward(inp32, blocked=critical_rows(inp, classes))
+        out32, lse = sparse_forward(inp32, classes == CRITICAL, tuple(inp.options["block_size"]))
         weight, bias = inp.options["proj_weight"], inp.options["proj_bias"]
         if weight is not None:
             LinearBranch(inp32, classes).add_output(out32, weight)
@@ -222,9 +216,9 @@ class SLATorchChunked(Kernel):
                  dlse: torch.Tensor | None) -> tuple:
         classes = block_classes(inp)
         inp32 = _float32(inp)
-        blocked = critical_rows(inp, classes)
+        critical, block_size = classes == CRITICAL, tuple(inp.options["block_size"])
         if lse is None:  # the op kept none (a forward that expected no backward): re-form it
-            _, lse = flash_chunked.chunked_forward(inp32, blocked=blocked)
+            _, lse = sparse_forward(inp32, critical, block_size)
         weight, bias = inp.options["proj_weight"], inp.options["proj_bias"]
         dw = db = None
         if bias is not None:
@@ -235,8 +229,8 @@ class SLATorchChunked(Kernel):
             dw = dw.to(weight.dtype)
         # out (the saved output) is not read: delta from each chunk's P and dP (chunked_backward's
         # out=None), as O_s cannot be taken back out of the rounded O_s + O_l W^T + b
-        dq, dk, dv = flash_chunked.chunked_backward(inp32, None, lse, dout, None, blocked=blocked,
-                                                    into=None if linear is None else tuple(linear))
+        dq, dk, dv = sparse_backward(inp32, None, lse, dout, None, critical, block_size,
+                                     into=None if linear is None else tuple(linear))
         return dq.to(inp.dtype), dk.to(inp.dtype), dv.to(inp.dtype), dw, db
 
 
