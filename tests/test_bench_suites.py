@@ -187,3 +187,18 @@ def test_profile_cases_run_on_cpu():
             fn()
         names.append(name)
     assert len(names) == 11 and any(n.startswith("asymrnr matching") for n in names), names
+
+
+def test_torch_cpu_suite_runs_and_writes_its_table(tmp_path):
+    """bench/bench_torch_cpu.py at a cut sequence: every kernel and form measured, both files written."""
+    from bench import bench_torch_cpu
+
+    res = bench_torch_cpu.run(seq=96, reps=1, log=lambda _line: None)
+    names = {(r["name"], r["mode"]) for r in res["records"]}
+    for form in ("masked", "gathered"):
+        for density in bench_torch_cpu.DENSITIES:
+            assert (f"block_sparse {form} density {density}", "fwd") in names
+        assert (f"sla {form} critical 0.05", "fwd+bwd") in names
+    assert all(r["ms"] > 0 for r in res["records"]) and res["shape"]["seq"] == 96
+    bench_torch_cpu.write(res, tmp_path)
+    assert "| block_sparse gathered density 0.1 | fwd |" in (tmp_path / "torch-cpu.md").read_text()
