@@ -58,20 +58,18 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
         if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
             build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
                          return_lse=return_lse, **method_options)  # raises, naming the argument
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in method_options.values()))
+    tensors = ops.call_tensors(q, k, v, method_options)
+    needs_grad = ops.builds_graph(tensors)
     # plain tensors with no mode or transform watching: the op's implementation may run without
     # the dispatcher's round trip; it validates every argument before any kernel runs
-    plain = eager and ops.direct_call_ok(
-        (q, k, v, *(t for t in method_options.values() if isinstance(t, torch.Tensor))))
+    plain = eager and ops.direct_call_ok(tensors)
     if eager and not plain and ops.forward_mode_transform_active():
         raise NotImplementedError(
             f"attnlib.attention (method {method!r}) has no forward-mode derivative: under torch.func.jvp, "
             "jacfwd, linearize or hessian its op would give a zero tangent without a word. Use reverse mode "
             "outside torch.func (torch.autograd.grad, Tensor.backward) or torch's scaled_dot_product_attention "
             "there")
-    if eager and not plain and ops.grad_transform_differentiates(
-            (q, k, v, *(t for t in method_options.values() if isinstance(t, torch.Tensor)))):
+    if eager and not plain and ops.grad_transform_differentiates(tensors):
         raise NotImplementedError(
             f"attnlib.attention (method {method!r}) has no torch.func rules: under torch.func.grad, vjp or "
             "jacrev its op cannot be differentiated (torch's autograd for torch.library ops is not "

@@ -150,6 +150,16 @@ def forward_selected(inp: AttentionInputs, kernel, q: Tensor, layout: str, needs
     return out, lse.to(_lse_dtype(q)).contiguous()
 
 
+def call_tensors(q, k, v, method_options: dict[str, Any]) -> tuple:
+    """A call's tensors: q, k, v and its tensor options (projections, masks)."""
+    return (q, k, v, *(t for t in method_options.values() if isinstance(t, Tensor)))
+
+
+def builds_graph(tensors) -> bool:
+    """Whether autograd records a call on these tensors (call_tensors)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def direct_call_ok(tensors) -> bool:
     """Whether an eager call that needs no gradient may run the op's implementation directly,
     skipping the dispatcher's round trip through torch.library (about 60 us a call on a CI

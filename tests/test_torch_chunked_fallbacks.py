@@ -201,7 +201,7 @@ def test_gathered_several_chunks(case, budget_rows, monkeypatch):
     monkeypatch.setattr(gather._Rows, "index", lambda self, longest: chunks.append(self.rid.numel())
                         or real(self, longest))
     inp = attnlib.api.build_inputs(q, k, v, method="block_sparse", block_mask=mask, **kw)
-    longest = int(gather.listed_blocks(inp, mask, (bq, bk)).sum(-1).max())  # causal drops some blocks
+    longest = int(gather.gathered_blocks(inp, mask, (bq, bk)).sum(-1).max())  # causal drops some blocks
     monkeypatch.setattr(chunked, "SCORE_BUDGET_BYTES", budget_rows * longest * bk * (bq + 2 * d) * 4)
     check_block_sparse(q, k, v, mask, with_dlse=True, **kw)
     assert len(chunks) > 2 and max(chunks) <= budget_rows
@@ -211,7 +211,7 @@ def test_gathered_work_follows_the_listed_blocks(monkeypatch):
     """At density ~0.1 with rows listing 0 to 8 key blocks, the gathered form computes scores for
     the listed blocks plus the padding of each chunk to its longest list, not for every block:
     rows sorted by list length keep that padding small. And it is the form a sparse CPU call takes
-    (block_sparse_gather.use_gather), also for sla's critical blocks."""
+    (block_sparse_gather.gathered_blocks), also for sla's critical blocks."""
     q, k, v = make_qkv(1, 4, 512, 16, seed=9)
     gen = torch.Generator().manual_seed(9)
     counts = torch.randint(0, 9, (1, 4, 32, 1), generator=gen)

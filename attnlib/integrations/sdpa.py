@@ -207,8 +207,8 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
             api.with_options(inp, method_options)
             if dispatch.effective_backend(backend) != "auto":  # forced: attnlib's error if none fits
                 return api.attention(query, key, value, **call)
-            tensors = (query, key, value, *(t for t in method_options.values() if isinstance(t, torch.Tensor)))
-            needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            tensors = ops.call_tensors(query, key, value, method_options)
+            needs_grad = ops.builds_graph(tensors)
             object.__setattr__(inp, "grad", needs_grad)  # as the op's _build sets it: selection reads it
             try:
                 kernel = dispatch.select(inp, "auto")

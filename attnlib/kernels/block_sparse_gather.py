@@ -4,21 +4,22 @@ of block rows gathers only the keys and values its block-mask rows list, forward
 flash-torch-chunked's masked form (chunked_forward / chunked_backward with a `blocked` row mask)
 computes every (query, key) score and masks most of them away: at density 0.1 (4096 tokens, 4
 heads, hd64, blocks of 64, one CPU thread) it took 126 ms where torch SDPA's dense attention took
-179 ms; at FLUX.1's shape 3.5 s against 1.3 s (bench/results/cpu/torch-cpu.md). Here the block rows (b, query head, query block) are ordered by how many key blocks they
-list, and a chunk of them gathers its query rows and its listed keys (each row's listed blocks
-first, ascending, padded to the chunk's longest list: sorted rows keep that padding small) straight
-from the caller's tensors, so a chunk's scores are one batched (bq x listed keys) product; padding
-slots, keys past Sk and causal (bottom-right) positions are -inf. The same calls took 78 ms and
-0.34 s (10x faster than the masked form, 3.7x faster than dense SDPA; forward + backward 5.9x faster
-than the masked form). Backward
-recomputes P from the saved lse as FlashAttention-2 does; dQ rows are written back and dK/dV added
-to their keys with index_put_ (its accumulation runs serially on a CPU: deterministic). Semantics
-as the masked form's: rows with nothing allowed give 0 and lse -inf, their gradients 0; computed
-in float32; no padded copy of q, k, v or dout.
+179 ms; at FLUX.1's shape 3.5 s against 1.3 s (bench/results/cpu/torch-cpu.md).
 
-Used on CPU tensors when the mask lists at most GATHER_MAX_DENSITY of the visible block pairs (denser
-masks run the masked form); on a GPU the torch backend keeps the masked
-form (CUDA's accumulating index_put_ uses atomics: not deterministic). block_sparse-torch-chunked
+Here the block rows (b, query head, query block) are ordered by how many key blocks they list, and
+a chunk of them gathers its query rows and its listed keys (each row's listed blocks first,
+ascending, padded to the chunk's longest list: sorted rows keep that padding small) straight from
+the caller's tensors, so a chunk's scores are one batched (bq x listed keys) product; padding
+slots, keys past Sk and causal (bottom-right) positions are -inf. The same calls took 78 ms and
+0.34 s (10x faster than the masked form, 3.7x faster than dense SDPA; forward + backward 5.9x
+faster than the masked form). Backward recomputes P from the saved lse as FlashAttention-2 does;
+dQ rows are written back and dK/dV added to their keys with index_put_ (its accumulation runs
+serially on a CPU: deterministic). Semantics as the masked form's: rows with nothing allowed give
+0 and lse -inf, their gradients 0; computed in float32; no padded copy of q, k, v or dout.
+
+Used on CPU tensors when the mask lists at most GATHER_MAX_DENSITY of the visible block pairs
+(denser masks run the masked form); on a GPU the torch backend keeps the masked form (CUDA's
+accumulating index_put_ uses atomics: not deterministic). block_sparse-torch-chunked
 and sla-torch-chunked (its critical blocks: sla at critical 0.05 on the call above went from 686 to
 44 ms) both call sparse_forward / sparse_backward.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..inputs import AttentionInputs
+from ..reference._common import num_blocks
 from . import flash_torch_chunked as flash_chunked
 from .flash_torch_chunked import RowMask
 
@@ -55,7 +57,7 @@ def blocked_rows_from(inp: AttentionInputs, block_mask: torch.Tensor, block_size
 def visible_blocks(inp: AttentionInputs, bq: int, bk: int) -> torch.Tensor:
     """bool (Mq, Mk): the block pairs holding at least one (query, key) pair causal allows (all
     of them without causal)."""
-    mq, mk = -(-inp.seq_q // bq), -(-inp.seq_k // bk)
+    mq, mk = num_blocks(inp.seq_q, bq), num_blocks(inp.seq_k, bk)
     if not inp.causal:
         return torch.ones(mq, mk, dtype=torch.bool, device=inp.device)
     q_last = torch.clamp(torch.arange(1, mq + 1, device=inp.device) * bq, max=inp.seq_q) - 1
@@ -63,20 +65,18 @@ def visible_blocks(inp: AttentionInputs, bq: int, bk: int) -> torch.Tensor:
     return k_first[None, :] <= q_last[:, None] + (inp.seq_k - inp.seq_q)
 
 
-def listed_blocks(inp: AttentionInputs, block_mask: torch.Tensor, block_size) -> torch.Tensor:
-    """The block mask less the pairs causal leaves empty, (B or 1, Hq or 1, Mq, Mk) bool."""
-    bq, bk = block_size
-    return block_mask.to(device=inp.device, dtype=torch.bool) & visible_blocks(inp, bq, bk)
-
-
-def use_gather(inp: AttentionInputs, listed: torch.Tensor, block_size) -> bool:
-    """Whether the gathered form runs: CPU tensors, some keys, and a mask listing at most
-    GATHER_MAX_DENSITY of the visible block pairs."""
-    if inp.device.type != "cpu" or inp.q.numel() == 0 or inp.k.numel() == 0 or listed.numel() == 0:
-        return False
-    bq, bk = block_size
-    visible = visible_blocks(inp, bq, bk).sum().item() * listed.shape[0] * listed.shape[1]
-    return visible > 0 and listed.sum().item() <= GATHER_MAX_DENSITY * visible
+def gathered_blocks(inp: AttentionInputs, block_mask: torch.Tensor, block_size) -> torch.Tensor | None:
+    """The block pairs the gathered form visits, (B or 1, Hq or 1, Mq, Mk) bool (the block mask less
+    the pairs causal leaves empty), or None where the masked form runs: GPU tensors, no query or
+    key, or a mask listing more than GATHER_MAX_DENSITY of the visible block pairs."""
+    if inp.device.type != "cpu" or inp.q.numel() == 0 or inp.k.numel() == 0 or block_mask.numel() == 0:
+        return None
+    visible = visible_blocks(inp, *block_size)
+    listed = block_mask.to(device=inp.device, dtype=torch.bool) & visible
+    n_visible = visible.sum().item() * listed.shape[0] * listed.shape[1]
+    if n_visible == 0 or listed.sum().item() > GATHER_MAX_DENSITY * n_visible:
+        return None
+    return listed
 
 
 class _Blocks:
@@ -165,7 +165,7 @@ class _Rows:
 
 def gathered_forward(inp: AttentionInputs, listed: torch.Tensor, block_size, budget: int | None = None):
     """chunked_forward's contract (out in q's dtype via inp.new_output, lse float32 (B, Hq, Sq))
-    over the block pairs `listed` (listed_blocks(...)) names."""
+    over the block pairs `listed` (gathered_blocks(...)) names."""
     blocks = _Blocks(inp, listed, block_size, budget)
     out = inp.new_output().zero_()
     lse = torch.full((inp.batch, inp.heads_q, inp.seq_q), float("-inf"), dtype=torch.float32, device=inp.device)
@@ -227,10 +227,10 @@ def gathered_backward(inp: AttentionInputs, out: torch.Tensor | None, lse: torch
 
 
 def sparse_forward(inp: AttentionInputs, block_mask: torch.Tensor, block_size, budget: int | None = None):
-    """Attention over block_mask's pairs (causal on top): the gathered form where use_gather says,
-    else the masked form (chunked_forward with blocked_rows)."""
-    listed = listed_blocks(inp, block_mask, block_size)
-    if use_gather(inp, listed, block_size):
+    """Attention over block_mask's pairs (causal on top): the gathered form where gathered_blocks
+    names its pairs, else the masked form (chunked_forward with blocked_rows_from)."""
+    listed = gathered_blocks(inp, block_mask, block_size)
+    if listed is not None:
         return gathered_forward(inp, listed, block_size, budget)
     return flash_chunked.chunked_forward(inp, budget, blocked=blocked_rows_from(inp, block_mask, block_size))
 
@@ -238,8 +238,8 @@ def sparse_forward(inp: AttentionInputs, block_mask: torch.Tensor, block_size, b
 def sparse_backward(inp: AttentionInputs, out, lse, dout, dlse, block_mask: torch.Tensor, block_size,
                     budget: int | None = None, into: tuple | None = None):
     """The backward of sparse_forward (the same form for the same call)."""
-    listed = listed_blocks(inp, block_mask, block_size)
-    if use_gather(inp, listed, block_size):
+    listed = gathered_blocks(inp, block_mask, block_size)
+    if listed is not None:
         return gathered_backward(inp, out, lse, dout, dlse, listed, block_size, budget, into)
     return flash_chunked.chunked_backward(inp, out, lse, dout, dlse, budget,
                                           blocked=blocked_rows_from(inp, block_mask, block_size), into=into)

@@ -230,19 +230,15 @@ class FlashTorchChunked(Kernel):
     priority = 5
     dtypes = (torch.float16, torch.bfloat16, torch.float32)  # fp64 stays on the reference
 
-    def blocked(self, inp: AttentionInputs) -> RowMask | None:
-        """The pairs masked out beyond causal (a subclass's method option); none for flash."""
-        return None
-
     def forward(self, inp: AttentionInputs):
-        out, lse = chunked_forward(inp, blocked=self.blocked(inp))
+        out, lse = chunked_forward(inp)
         return (out, lse) if inp.return_lse else out
 
     def backward(self, inp: AttentionInputs, out: torch.Tensor, lse: torch.Tensor | None, dout: torch.Tensor,
                  dlse: torch.Tensor | None) -> tuple:
         if lse is None:
             raise RuntimeError(f"{self.name}'s backward needs the forward's lse")
-        dq, dk, dv = chunked_backward(inp, out, lse, dout, dlse, blocked=self.blocked(inp))
+        dq, dk, dv = chunked_backward(inp, out, lse, dout, dlse)
         return dq, dk, dv, None, None
 
 
