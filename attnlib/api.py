@@ -9,6 +9,7 @@ import torch
 from . import dispatch, ops
 from .dispatch import check_method
 from .inputs import AttentionInputs, from_bhsd, make_inputs, plain_number
+from .kernels.flash_sdpa import may_serve_graph
 from .options import NO_LSE, NO_SCALE, check_option_names, validate_options
 
 
@@ -80,7 +81,7 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
                                         ops.op_arguments(method, method_options))
         return (out, lse) if return_lse else out
     inp = None
-    if eager and method == "flash" and method_options.get("deterministic") is False:
+    if eager and needs_grad and method == "flash" and may_serve_graph(q, method_options.get("deterministic")):
         inp = build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
                            return_lse=return_lse, **method_options)
         out = _sdpa_with_its_autograd(inp, backend)
@@ -101,7 +102,7 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
 
 def _sdpa_with_its_autograd(inp: AttentionInputs, backend: str):
     """The output, when the kernel chosen for this graph-building call is torch's SDPA
-    (deterministic=False on fp16/bf16 CUDA tensors: see kernels/flash_sdpa.py), called outside
+    (deterministic=False on fp16/bf16 CUDA tensors, fp32 CPU tensors: see kernels/flash_sdpa.py), called outside
     attnlib's op so that torch's autograd runs SDPA's own backward from the statistics its forward
     saved; through the op its backward would first recompute the forward. None otherwise."""
     from .kernels.flash_sdpa import FlashSDPA

@@ -58,3 +58,13 @@ def pytest_runtest_makereport(item, call):
         from attnlib.testing import end_worker_after_cuda_fault
 
         end_worker_after_cuda_fault(item.nodeid, call.excinfo, os.environ.get("ATTNLIB_FAILURE_LOG"))
+
+
+@pytest.fixture
+def flash_training_on_chunked(monkeypatch):
+    """fp32 CPU calls that build a graph run flash-torch-chunked and attnlib's op (as 16-bit ones
+    do) instead of torch SDPA with its own autograd (kernels/flash_sdpa.py: cpu_backward_ok):
+    for tests of the chunked kernel's backward and of the op's autograd path."""
+    from attnlib.kernels import flash_sdpa
+
+    monkeypatch.setattr(flash_sdpa, "cpu_backward_ok", lambda inp: False)

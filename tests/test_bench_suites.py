@@ -200,5 +200,10 @@ def test_torch_cpu_suite_runs_and_writes_its_table(tmp_path):
             assert (f"block_sparse {form} density {density}", "fwd") in names
         assert (f"sla {form} critical 0.05", "fwd+bwd") in names
     assert all(r["ms"] > 0 for r in res["records"]) and res["shape"]["seq"] == 96
+    for dense in ("attnlib flash: torch SDPA and its backward", "flash-torch-chunked", "torch SDPA called directly"):
+        assert (f"dense ({dense})", "fwd+bwd") in names
+    from attnlib.kernels import flash_sdpa
+
+    assert flash_sdpa.cpu_backward_ok.__name__ == "cpu_backward_ok"  # the chunked run's switch restored
     bench_torch_cpu.write(res, tmp_path)
     assert "| block_sparse gathered density 0.1 | fwd |" in (tmp_path / "torch-cpu.md").read_text()

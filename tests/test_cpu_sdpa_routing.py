@@ -63,15 +63,96 @@ def test_cpu_inference_matches_the_float64_reference(case, dtype):
     torch.testing.assert_close(outb.transpose(1, 2).double(), ref, atol=TOL[dtype], rtol=0)
 
 
-def test_requires_grad_inputs_use_sdpa_only_without_a_graph():
-    q, k, v = qkv(1, 2, 33, 64, requires_grad=True)
+def grads_against_reference(q, k, v, dout, layout="bhsd", **call):
+    """(out, dq, dk, dv) of attnlib.flash_attention and the float64 reference's (in bhsd), for dout."""
+    for t in (q, k, v):
+        t.grad = None
+    out = attnlib.flash_attention(q, k, v, layout=layout, **call)
+    out.backward(dout)
+    bhsd = (lambda t: t.transpose(1, 2)) if layout == "bshd" else (lambda t: t)
+    q64, k64, v64 = (bhsd(t.detach()).double().requires_grad_() for t in (q, k, v))
+    o64 = flash_reference(q64, k64, v64, **call)
+    o64.backward(bhsd(dout).double())
+    return (bhsd(out), bhsd(q.grad), bhsd(k.grad), bhsd(v.grad)), (o64, q64.grad, k64.grad, v64.grad)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("case", ["causal", "gqa causal", "seq_q != seq_k", "head_dim 20"])
+def test_fp32_training_runs_torch_sdpa_and_its_own_backward(case, layout):
+    """A graph-building fp32 CPU call runs torch's SDPA outside attnlib's op: its autograd node is
+    SDPA's (no forward recompute), gradients match the float64 reference within fp32's bound."""
+    shape, call, _ = CASES[case]
+    q, k, v = qkv(**shape, seed=3)
+    if layout == "bshd":  # bshd-contiguous leaves
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert chosen(q, k, v, layout=layout, **call) == "flash-torch-sdpa"
+    got, want = grads_against_reference(q, k, v, torch.randn_like(q), layout, **call)
+    assert "attnlib" not in type(got[0].grad_fn).__name__
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=1e-5)
+
+
+def test_fp32_training_gradients_do_not_depend_on_the_thread_count():
+    """attnlib's backward promise (deterministic=True, the default) holds on torch's CPU kernel:
+    one thread walks all of a (batch, head)'s blocks, whatever the number of threads."""
+    q, k, v = qkv(2, 6, 301, 64, hkv=3, requires_grad=True, seed=4)
+    dout = torch.randn(2, 6, 301, 64)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(grads_against_reference(q, k, v, dout, causal=True)[0])
+    finally:
+        torch.set_num_threads(before)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_training_keeps_the_chunked_kernel(dtype):
+    """torch's CPU backward adds dQ/dK/dV up in the input dtype (dV 2.7x the chunked kernel's
+    error, fp16 causal): 16-bit graph-building calls stay on flash-torch-chunked, which matches
+    the float64 reference within flash_attn's rule; without a graph they run SDPA."""
+    q, k, v = qkv(1, 4, 200, 64, dtype=dtype, requires_grad=True, seed=5)
     assert chosen(q, k, v, causal=True) == "flash-torch-chunked"
     assert chosen(q, k, v, causal=True, deterministic=False) == "flash-torch-chunked"
     with torch.no_grad():
         assert chosen(q, k, v, causal=True) == "flash-torch-sdpa"
         out = attnlib.flash_attention(q, k, v, causal=True)
     assert out.grad_fn is None
-    torch.testing.assert_close(out.double(), ref64(q, k, v, causal=True), atol=2e-5, rtol=0)
+    torch.testing.assert_close(out.double(), ref64(q, k, v, causal=True), atol=TOL[dtype], rtol=0)
+    got, want = grads_against_reference(q, k, v, torch.randn(1, 4, 200, 64).to(dtype), causal=True)
+    assert "attnlib" in type(got[0].grad_fn).__name__
+    for g, w in zip(got[1:], want[1:]):
+        assert (g.double() - w).abs().max() <= 3 * TOL[dtype] * max(1.0, w.abs().max().item())
+
+
+def test_fp32_calls_needing_lse_or_bottom_right_causal_keep_the_chunked_kernel():
+    q, k, v = qkv(1, 2, 7, 64, sk=50, requires_grad=True)
+    assert chosen(q, k, v, causal=True) == "flash-torch-chunked"  # bottom-right
+    q, k, v = qkv(1, 2, 33, 64, requires_grad=True)
+    assert chosen(q, k, v, return_lse=True) == "flash-torch-chunked"
+    out, lse = attnlib.flash_attention(q, k, v, return_lse=True)
+    assert "attnlib" in type(out.grad_fn).__name__
+
+
+def test_patched_sdpa_training_runs_torch_sdpa_once():
+    """Through the SDPA drop-in an fp32 CPU training call gets torch's kernel and backward too."""
+    from attnlib.integrations.sdpa import patch_sdpa
+
+    q, k, v = qkv(1, 4, 65, 64, hkv=2, requires_grad=True, seed=6)
+    with patch_sdpa():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert "attnlib" not in type(out.grad_fn).__name__
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    flash_reference(q64, k64, v64, causal=True).backward(dout.double())
+    for t, t64 in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(t.grad.double(), t64.grad, atol=2e-5, rtol=1e-5)
 
 
 def test_no_torch_warnings_from_the_rank_probe_with_math_off():

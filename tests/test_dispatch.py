@@ -267,7 +267,8 @@ def test_fused_sdpa_possible_keeps_the_rank_on_another_torch(monkeypatch, sdpa_r
 def test_sdpa_serves_cpu_inference_where_torch_runs_its_cpu_flash_kernel():
     """CPU tensors: inference goes to torch SDPA where torch picks its CPU flash kernel (above
     flash-torch-chunked, below flash-triton, which runs CPU tensors only under the interpreter);
-    graph-building calls, lse, bottom-right causal with seq_q != seq_k and fp64 keep the others."""
+    fp32 graph-building calls too (its backward: flash_sdpa.cpu_backward_ok); fp16/bf16 graphs, lse,
+    bottom-right causal with seq_q != seq_k and fp64 keep the others."""
     from attnlib.kernels.flash_sdpa import FlashSDPA
     from attnlib.kernels.flash_torch_chunked import FlashTorchChunked
     from attnlib.reference import flash_reference
@@ -287,7 +288,8 @@ def test_sdpa_serves_cpu_inference_where_torch_runs_its_cpu_flash_kernel():
         tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
         torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
         qg, kg, vg = make_qkv(1, 2, 45, 64, dtype=dtype, requires_grad=True, seed=3)
-        assert sdpa.rank(attnlib.api.build_inputs(qg, kg, vg)) == sdpa.math_path_priority
+        want = sdpa.cpu_priority if dtype == torch.float32 else sdpa.math_path_priority
+        assert sdpa.rank(attnlib.api.build_inputs(qg, kg, vg)) == want
 
 
 def test_sdpa_rank_reads_the_call_not_the_grad_mode(sdpa_ranks_as_on_gpu):

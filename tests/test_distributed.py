@@ -269,7 +269,10 @@ def check_double_backward_is_refused(rank, world, group):
     raises, never a gradient that silently drops out of a gradient penalty."""
     shard = _contiguous(rank, world)
     q, k, v = make_qkv(1, 4, SEQ[world], HEAD_DIM, layout="bshd", seed=9)
-    for fn, refusal in ((ulysses_attention, "double backward"), (ring_attention, "differentiate twice")):
+    # ulysses' local attention: attnlib's op refuses ("double backward"); fp32 CPU training runs
+    # torch SDPA with its own autograd (kernels/flash_sdpa.py), whose backward has no derivative
+    for fn, refusal in ((ulysses_attention, ("double backward", "is not implemented")),
+                        (ring_attention, ("differentiate twice",))):
         ql = shard(q, 1).requires_grad_()
         out = fn(ql, shard(k, 1), shard(v, 1), group=group, backend="torch")
         plain, = torch.autograd.grad((out ** 2).sum(), ql, retain_graph=True)
@@ -279,7 +282,7 @@ def check_double_backward_is_refused(rank, world, group):
         try:
             (g ** 2).sum().backward()
         except RuntimeError as e:
-            assert refusal in str(e), f"{fn.__name__}: {e}"
+            assert any(r in str(e) for r in refusal), f"{fn.__name__}: {e}"
         else:
             raise AssertionError(f"{fn.__name__}: a double backward ran")
 

@@ -57,7 +57,7 @@ def test_same_results_and_lse_as_the_op():
     assert out.is_contiguous() and lse.dtype == torch.float32
 
 
-def test_grad_needed_runs_the_op_implementation_with_its_autograd(paths):
+def test_grad_needed_runs_the_op_implementation_with_its_autograd(paths, flash_training_on_chunked):
     q, k, v = make_qkv(1, 2, 16, 16, seed=3, requires_grad=True)
     out = attnlib.flash_attention(q, k, v, backend="torch")
     assert paths == ["op"] and type(out.grad_fn).__name__ == "attnlib_attentionBackward"
@@ -113,7 +113,7 @@ def test_errors_are_the_same_on_the_direct_path():
 
 
 @pytest.mark.parametrize("method", ["flash", "sla"])
-def test_graph_building_calls_skip_torch_library_autograd(monkeypatch, method):
+def test_graph_building_calls_skip_torch_library_autograd(monkeypatch, method, flash_training_on_chunked):
     """Eager calls that build a graph run the op inside ops.attnlib_attention (the op's own
     setup_context and backward) instead of torch.library's generated autograd, whose per-call
     fill_defaults walks the 32-argument schema once per argument. Same outputs and gradients,

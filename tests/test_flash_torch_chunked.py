@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import attnlib
+from attnlib.kernels import flash_sdpa as chunked_sdpa
 from attnlib.kernels import flash_torch_chunked as chunked
 from attnlib.reference import flash_reference
 from attnlib.reference._common import causal_mask
@@ -19,6 +20,12 @@ from attnlib.testing import assert_flash_rule, describe_mismatch, make_qkv
 
 KERNEL = "flash-torch-chunked"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _chunked_for_fp32_training(flash_training_on_chunked):
+    """Graph-building fp32 CPU calls would run torch SDPA (test_cpu_sdpa_routing.py): here they
+    run this kernel, whose backward is what these tests check."""
 
 
 def dtype_id(d: torch.dtype) -> str:
@@ -204,7 +211,7 @@ def test_deterministic():
 def test_dispatch(monkeypatch):
     """Outranks the reference on the torch backend for fp16/bf16/fp32 (inference on CPU goes to
     torch's CPU flash kernel, flash-torch-sdpa, where torch takes the inputs; calls with lse or a
-    graph come here); fp64 keeps the reference; auto picks it on CPU where no Triton kernel runs
+    fp16/bf16 graphs come here, fp32 ones with the fixture); fp64 keeps the reference; auto picks it on CPU where no Triton kernel runs
     (none without TRITON_INTERPRET=1) and SDPA does not serve the call."""
     for dtype in DTYPES:
         q, k, v = make_qkv(1, 2, 8, 16, dtype=dtype, seed=1)
@@ -212,6 +219,10 @@ def test_dispatch(monkeypatch):
         assert ex.chosen.name == KERNEL and "flash-torch-reference" not in ex.reasons
         qg, kg, vg = make_qkv(1, 2, 8, 16, dtype=dtype, requires_grad=True, seed=1)
         assert attnlib.explain(qg, kg, vg, backend="torch").chosen.name == KERNEL
+        monkeypatch.undo()  # without the fixture: fp32 training runs torch SDPA, 16-bit stays here
+        want = "flash-torch-sdpa" if dtype == torch.float32 else KERNEL
+        assert attnlib.explain(qg, kg, vg, backend="torch").chosen.name == want
+        monkeypatch.setattr(chunked_sdpa, "cpu_backward_ok", lambda inp: False)
     q, k, v = make_qkv(1, 2, 8, 16, dtype=torch.float64, seed=1)
     ex = attnlib.explain(q, k, v, backend="torch")
     assert ex.chosen.name == "flash-torch-reference"

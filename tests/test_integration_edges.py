@@ -69,7 +69,7 @@ def test_op_keeps_its_inputs_dtype_under_autocast(monkeypatch):
 
 @pytest.mark.parametrize("method,options", [("flash", {}), ("sla", dict(block_size=(16, 16), critical=0.5,
                                                                                negligible=0.0))])
-def test_backward_runs_the_backend_forward_ran(method, options, monkeypatch):
+def test_backward_runs_the_backend_forward_ran(method, options, monkeypatch, flash_training_on_chunked):
     """use_backend around the forward only (the usual `with use_backend(...): out = model(x)`,
     then `loss.backward()` outside): the backward must re-select the forward's kernel. It
     re-resolved "auto" instead, ran the Triton backward on the torch reference's forward, and for

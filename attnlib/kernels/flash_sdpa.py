@@ -1,8 +1,9 @@
 """Method flash on torch's own scaled_dot_product_attention: a torch-backend kernel. On GPUs,
 first for fp16/bf16 calls without gradients or with deterministic=False (measured fastest there;
 see ``rank``) and the fallback where attnlib's Triton/CUDA kernels are not installed. On the CPU,
-the inference kernel wherever torch's dispatcher picks its CPU flash kernel (fp32/fp16/bf16,
-memory-bounded like flash-torch-chunked and 2-4x faster on the CI CPU: see ``cpu_priority``).
+the kernel wherever torch's dispatcher picks its CPU flash kernel (fp32/fp16/bf16 inference and
+fp32 training, memory-bounded like flash-torch-chunked and faster on the CI CPU: see
+``cpu_priority`` and ``cpu_backward_ok``).
 A graph-building call that selects it runs it outside attnlib's op (api.attention), so that
 torch's autograd runs SDPA's own backward."""
 from __future__ import annotations
@@ -38,18 +39,19 @@ class FlashSDPA(Kernel):
     # fused backend switched off with torch.backends.cuda.enable_*_sdp(False))
     math_path_priority = 1
 
-    # CPU tensors, no gradient, where torch picks its CPU flash kernel (tiled, O(N) memory): above
+    # CPU tensors where torch picks its CPU flash kernel (tiled, O(N) memory): above
     # flash-torch-chunked (5), which took 2.2-4.4x its time on the CI CPU (1x8x2048x64, fp32 / fp16
     # / bf16, 2026-11-27), and below flash-triton (20), which runs CPU tensors only under
-    # TRITON_INTERPRET=1, i.e. in tests of the Triton kernels. Graph-building CPU calls keep the
-    # chunked kernel (its backward is attnlib's, deterministic) by ranking at math_path_priority.
+    # TRITON_INTERPRET=1, i.e. in tests of the Triton kernels. Graph-building calls too when fp32
+    # (cpu_backward_ok); 16-bit ones keep the chunked kernel by ranking at math_path_priority.
     cpu_priority = 8
 
     def rank(self, inp: AttentionInputs) -> int:
         if not fused_sdpa_possible(inp):
             return self.math_path_priority
         if not on_gpu(inp):
-            return self.math_path_priority if inp.requires_grad else self.cpu_priority
+            return self.math_path_priority if inp.requires_grad and not cpu_backward_ok(inp) else self.cpu_priority
+
         if inp.dtype not in (torch.float16, torch.bfloat16):
             return self.priority
         if inp.head_dim % 8 or inp.head_dim > 256 or inp.head_dim_v != inp.head_dim:
@@ -121,6 +123,28 @@ def torch_says_fused(inp: AttentionInputs) -> bool:
 def _fused_sdp_choice(inp: AttentionInputs) -> int:
     return torch._fused_sdp_choice(inp.q, inp.k, inp.v, is_causal=inp.causal, scale=inp.scale,
                                    enable_gqa=inp.is_gqa)
+
+
+def cpu_backward_ok(inp: AttentionInputs) -> bool:
+    """Whether torch's CPU flash backward may serve a graph-building call: fp32 only.
+
+    It is deterministic whatever the thread count (one thread walks all of a (batch, head)'s
+    blocks in a fixed order: aten/src/ATen/native/cpu/FlashAttentionKernel.cpp; gradients were
+    bit-identical at 1, 2 and 3 threads, GQA too, torch 2.13) and at the FLUX.1-1024 shape took
+    0.56x flash-torch-chunked's forward + backward time (bench/results/cpu/torch-cpu.md). For
+    fp16/bf16 it adds dQ, dK and dV up across blocks in the input dtype: dV's error against the
+    float64 reference was 2.7x the chunked kernel's (fp16, causal, 1x4x1000x64), past flash_attn's
+    2x-of-torch rule, so those keep flash-torch-chunked (fp32 accumulation)."""
+    return inp.dtype in CPU_TRAINING_DTYPES
+
+
+CPU_TRAINING_DTYPES = (torch.float32,)
+
+
+def may_serve_graph(q, deterministic) -> bool:
+    """Cheap pre-check for api.attention: whether a graph-building flash call on q might select
+    this kernel (then it runs outside attnlib's op, see api._sdpa_with_its_autograd)."""
+    return deterministic is False or (isinstance(q, torch.Tensor) and not q.is_cuda and q.dtype in CPU_TRAINING_DTYPES)
 
 
 def nondeterministic_ok(inp: AttentionInputs) -> bool:
