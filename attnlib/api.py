@@ -102,9 +102,10 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
 
 def _sdpa_with_its_autograd(inp: AttentionInputs, backend: str):
     """The output, when the kernel chosen for this graph-building call is torch's SDPA
-    (deterministic=False on fp16/bf16 CUDA tensors, fp32 CPU tensors: see kernels/flash_sdpa.py), called outside
-    attnlib's op so that torch's autograd runs SDPA's own backward from the statistics its forward
-    saved; through the op its backward would first recompute the forward. None otherwise."""
+    (deterministic=False on fp16/bf16 CUDA tensors; fp32 CPU tensors: see kernels/flash_sdpa.py),
+    called outside attnlib's op so that torch's autograd runs SDPA's own backward from the
+    statistics its forward saved; through the op its backward would first recompute the forward.
+    None otherwise."""
     from .kernels.flash_sdpa import FlashSDPA
 
     kernel = dispatch.select(replace(inp, grad=True), backend)
@@ -123,7 +124,9 @@ def flash_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = 
     a graph, auto then runs torch's SDPA (cuDNN) forward and its own backward, measured fastest;
     elsewhere the Triton backward stays the deterministic one (its atomic-dQ variant, opt-in with
     ATTNLIB_FLASH_ATOMIC_DQ=1, measured slower). torch.use_deterministic_algorithms(True) keeps
-    the deterministic kernels whatever is asked here. Forward results do not depend on it.
+    the deterministic kernels whatever is asked here. Forward results do not depend on it. On a
+    CPU, fp32 calls that build a graph run torch SDPA's CPU flash kernel and its own backward
+    either way: it is deterministic (kernels/flash_sdpa.py: cpu_backward_ok).
     """
     return attention(q, k, v, method="flash", backend=backend, layout=layout, causal=causal,
                      scale=scale, return_lse=return_lse, deterministic=deterministic)

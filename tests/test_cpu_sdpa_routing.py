@@ -130,9 +130,17 @@ def test_half_precision_training_keeps_the_chunked_kernel(dtype):
         assert (g.double() - w).abs().max() <= 3 * TOL[dtype] * max(1.0, w.abs().max().item())
 
 
-def test_fp32_calls_needing_lse_or_bottom_right_causal_keep_the_chunked_kernel():
+def test_fp32_training_torch_sdpa_cannot_serve_keeps_the_chunked_kernel():
+    """lse, bottom-right causal and a value head dim other than the query's (torch's CPU flash
+    backward refuses it) stay on flash-torch-chunked and attnlib's op."""
     q, k, v = qkv(1, 2, 7, 64, sk=50, requires_grad=True)
     assert chosen(q, k, v, causal=True) == "flash-torch-chunked"  # bottom-right
+    q, k, v = qkv(1, 2, 33, 64, dv=32, requires_grad=True)
+    assert chosen(q, k, v) == "flash-torch-chunked"
+    got, want = grads_against_reference(q, k, v, torch.randn(1, 2, 33, 32))
+    assert "attnlib" in type(got[0].grad_fn).__name__
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=1e-5)
     q, k, v = qkv(1, 2, 33, 64, requires_grad=True)
     assert chosen(q, k, v, return_lse=True) == "flash-torch-chunked"
     out, lse = attnlib.flash_attention(q, k, v, return_lse=True)

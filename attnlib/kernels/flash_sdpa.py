@@ -51,7 +51,6 @@ class FlashSDPA(Kernel):
             return self.math_path_priority
         if not on_gpu(inp):
             return self.math_path_priority if inp.requires_grad and not cpu_backward_ok(inp) else self.cpu_priority
-
         if inp.dtype not in (torch.float16, torch.bfloat16):
             return self.priority
         if inp.head_dim % 8 or inp.head_dim > 256 or inp.head_dim_v != inp.head_dim:
@@ -131,7 +130,7 @@ def cpu_backward_ok(inp: AttentionInputs) -> bool:
     It is deterministic whatever the thread count (one thread walks all of a (batch, head)'s
     blocks in a fixed order: aten/src/ATen/native/cpu/FlashAttentionKernel.cpp; gradients were
     bit-identical at 1, 2 and 3 threads, GQA too, torch 2.13) and at the FLUX.1-1024 shape took
-    0.56x flash-torch-chunked's forward + backward time (bench/results/cpu/torch-cpu.md). For
+    0.59x flash-torch-chunked's forward + backward time (bench/results/cpu/torch-cpu.md). For
     fp16/bf16 it adds dQ, dK and dV up across blocks in the input dtype: dV's error against the
     float64 reference was 2.7x the chunked kernel's (fp16, causal, 1x4x1000x64), past flash_attn's
     2x-of-torch rule, so those keep flash-torch-chunked (fp32 accumulation)."""
@@ -144,7 +143,9 @@ CPU_TRAINING_DTYPES = (torch.float32,)
 def may_serve_graph(q, deterministic) -> bool:
     """Cheap pre-check for api.attention: whether a graph-building flash call on q might select
     this kernel (then it runs outside attnlib's op, see api._sdpa_with_its_autograd)."""
-    return deterministic is False or (isinstance(q, torch.Tensor) and not q.is_cuda and q.dtype in CPU_TRAINING_DTYPES)
+    if deterministic is False:
+        return True
+    return isinstance(q, torch.Tensor) and not q.is_cuda and q.dtype in CPU_TRAINING_DTYPES
 
 
 def nondeterministic_ok(inp: AttentionInputs) -> bool:
