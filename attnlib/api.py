@@ -116,8 +116,15 @@ def _sdpa_with_its_autograd(inp: AttentionInputs, backend: str):
 
 
 def flash_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = "bhsd",
-                    return_lse: bool = False, backend: str = "auto", deterministic: bool = True):
+                    return_lse: bool = False, backend: str = "auto", deterministic: bool = True,
+                    key_mask=None):
     """Exact softmax attention (FlashAttention-2 style kernels).
+
+    key_mask (B or 1, Sk): which keys each batch element's queries may see, bool (True = attend:
+    a padded text prompt's valid tokens) or floating (added to scale * q . k), the same for every
+    head and query row, as torch SDPA's attn_mask of shape (B, 1, 1, Sk). A row that sees no key
+    gives 0 (lse -inf). No gradient flows into it. Served by flash-triton, torch SDPA (without
+    causal) and the torch kernels; see attnlib/key_mask.py.
 
     deterministic=False permits a backward whose float additions may come in another order from
     run to run (gradients then differ in their last bits). For fp16/bf16 calls on a GPU that build
@@ -129,7 +136,7 @@ def flash_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = 
     either way: it is deterministic (kernels/flash_sdpa.py: cpu_backward_ok).
     """
     return attention(q, k, v, method="flash", backend=backend, layout=layout, causal=causal,
-                     scale=scale, return_lse=return_lse, deterministic=deterministic)
+                     scale=scale, return_lse=return_lse, deterministic=deterministic, key_mask=key_mask)
 
 
 def sage_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = "bhsd", smooth_k: bool = True,

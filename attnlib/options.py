@@ -9,6 +9,7 @@ import torch
 from .asymrnr.config import DISPATCH_OPTIONS as _ASYMRNR_OPTIONS, check_call as _check_asymrnr_call, check_grid_option
 from .block_mask import flex_block_mask_hint
 from .inputs import AttentionInputs, check_block_size, check_fraction, is_real_number
+from .key_mask import check_key_mask
 from .reference._common import check_block_mask_shape
 
 FEATURE_MAPS = ("elu", "relu", "softmax", "identity")
@@ -95,7 +96,7 @@ def _proj(name: str, ndim: int) -> Callable[[Any, AttentionInputs], Any]:
 
 # method -> {option: (default, validator)}
 METHOD_OPTIONS: dict[str, dict[str, tuple[Any, Callable[[Any, AttentionInputs], Any]]]] = {
-    "flash": {"deterministic": (True, _bool("deterministic"))},
+    "flash": {"deterministic": (True, _bool("deterministic")), "key_mask": (None, check_key_mask)},
     "sage": {
         "smooth_k": (True, _bool("smooth_k")),
         "qk_granularity": ("per_block", _choice("qk_granularity", SAGE_QK_GRANULARITIES)),
@@ -122,6 +123,7 @@ METHOD_OPTIONS: dict[str, dict[str, tuple[Any, Callable[[Any, AttentionInputs], 
 # placeholder None. A new option is one line here plus its METHOD_OPTIONS entry.
 OP_OPTION_TYPES: dict[str, tuple[str, Any]] = {
     "block_mask": ("Tensor?", None),
+    "key_mask": ("Tensor?", None),
     "proj_weight": ("Tensor?", None),
     "proj_bias": ("Tensor?", None),
     "smooth_k": ("bool", True),

@@ -184,22 +184,40 @@ def test_pipeline_components_and_reapply(attnlib_calls):
     assert classes_of(vae_like) == classes["vae"]
 
 
-def test_attention_mask_stays_with_diffusers(attnlib_calls, caplog):
-    """diffusers' own backends serve masked calls (2-D key masks are theirs to interpret)."""
-    model, inputs, _ = tiny_flux()
+def test_key_masks_run_on_attnlib_other_methods_leave_them_to_diffusers(attnlib_calls, caplog, monkeypatch):
+    """A 2-D (B, N) key mask (diffusers' convention; hiding prompt tokens from Flux's joint
+    attention) runs on attnlib's flash kernels as key_mask, with native's answer; method sla
+    takes no mask, so there diffusers' own backends serve the masked calls, bit for bit."""
+    from attnlib import dispatch
+
+    model, inputs, n_attn = tiny_flux()
     mask = torch.ones(1, 8 + 64, dtype=torch.bool)
     mask[:, 5:8] = False  # hide three text tokens
     inputs = dict(inputs, joint_attention_kwargs={"attention_mask": mask})
     native = run(model, inputs)
+    masks_seen = []
+    real = dispatch.select
+    monkeypatch.setattr(dispatch, "select", lambda inp, backend="auto": masks_seen.append(
+        inp.options.get("key_mask")) or real(inp, backend))
     attnlib_diffusers.apply(model, method="flash")
+    try:
+        out = run(model, inputs)
+    finally:
+        attnlib_diffusers.remove(model)
+    assert attnlib_calls == ["flash"] * n_attn
+    assert len(masks_seen) >= n_attn and all(m is not None and torch.equal(m, mask) for m in masks_seen)
+    assert_verbose_allclose(out, native, atol=FLASH_ATOL, rtol=FLASH_RTOL)
+    attnlib_calls.clear()
+    masks_seen.clear()
+    attnlib_diffusers.apply(model, method="sla", **SLA_OPTIONS)
     try:
         with caplog.at_level("INFO", logger="attnlib"):
             out = run(model, inputs)
     finally:
         attnlib_diffusers.remove(model)
-    assert attnlib_calls == []
+    assert masks_seen == []
     assert torch.equal(out, native)
-    assert "an attention mask" in caplog.text or "an attention mask" in str(attnlib_diffusers._logged)
+    assert "attn_mask" in caplog.text or any("attn_mask" in r for r in attnlib_sdpa._logged_reasons)
 
 
 def test_torch_compile_traces_the_routed_processors(attnlib_calls):
@@ -218,9 +236,10 @@ def test_torch_compile_traces_the_routed_processors(attnlib_calls):
     assert_verbose_allclose(compiled, eager, atol=FLASH_ATOL, rtol=FLASH_RTOL)
 
 
-def test_compiled_fullgraph_masked_call_goes_to_diffusers(monkeypatch):
-    """A masked call (diffusers' own path) compiles with fullgraph=True also the first time its
-    reason comes up: the once-per-reason INFO log is skipped while tracing."""
+def test_compiled_fullgraph_masked_call(monkeypatch):
+    """A key-masked call (attnlib's flash with key_mask) compiles with fullgraph=True, with
+    native's answer; the once-per-reason INFO log of what goes to diffusers is skipped while
+    tracing."""
     model, inputs, _ = tiny_flux()
     mask = torch.ones(1, 8 + 64, dtype=torch.bool)
     mask[:, 5:8] = False

@@ -24,7 +24,7 @@ SM90 = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 _TENSORS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
-_FP32_POINTERS = ("LSE", "DELTA", "DQ_ACC")
+_FP32_POINTERS = ("LSE", "DELTA", "DQ_ACC", "KEY_BIAS")
 
 
 def _signature(fn, dtype: str, const: dict) -> dict:
@@ -53,6 +53,8 @@ def compile_kernel(kernel, dtype: str, const: dict, num_warps: int, num_stages: 
     compiled kernel."""
     fn = getattr(kernel, "fn", kernel)  # under @triton.autotune, the JIT function
     const = dict(const)
+    if "HAS_KEY_BIAS" in fn.arg_names:  # the flash kernels: no key bias unless the case says so
+        const.setdefault("HAS_KEY_BIAS", False)
     for name in fn.arg_names:
         if name.startswith("stride") and name.endswith("d"):
             const[name] = 1
@@ -369,6 +371,8 @@ def main() -> None:
     parser.add_argument("--all-candidates", action="store_true",
                         help="flash: every fp16/bf16 autotune candidate, not only the default config")
     parser.add_argument("--varlen", action="store_true", help="flash: compile the packed-sequence (varlen) variants")
+    parser.add_argument("--key-bias", action="store_true", help="flash: compile the variants with a key bias "
+                        "(the option key_mask, HAS_KEY_BIAS)")
     parser.add_argument("--tma", action="store_true",
                         help="flash: compile the tensor-descriptor forward (ATTNLIB_FLASH_TMA=1) instead of the "
                              "default kernels; records also count TMA copies and wgmma in the PTX")
@@ -420,7 +424,8 @@ def main() -> None:
                 r = compile_tma(kernel, dtype, const, config)
             else:
                 bm, bn, warps, stages = config
-                const.update(VARLEN=args.varlen, PREC="tf32x3" if dtype == "fp32" else "tf32")
+                const.update(VARLEN=args.varlen, PREC="tf32x3" if dtype == "fp32" else "tf32",
+                             HAS_KEY_BIAS=args.key_bias)
                 if which.startswith("dkdv"):
                     const["ATOMIC_DQ"] = which == "dkdv_dq"
                 r = compile_sm90(kernel, dtype, const, bm, bn, warps, stages)

@@ -42,8 +42,10 @@ Processors of the same class that were not switched (another model) keep running
 Diffusers' own attention-backend registry is keyed by a closed Enum (``AttentionBackendName``)
 and is process-wide, so it cannot carry per-model attnlib methods and options; it is left alone,
 and a backend the user set with ``set_attention_backend`` still serves the calls attnlib leaves
-to diffusers (an attention mask, context parallelism, extra attention kwargs, dropout, and
-anything else attnlib cannot compute exactly, such as a zero or negative scale).
+to diffusers (an attention mask other than a key mask, context parallelism, extra attention
+kwargs, dropout, and anything else attnlib cannot compute exactly, such as a zero or negative
+scale). A key mask (HunyuanVideo's (B, 1, 1, N) padded prompt, or diffusers' 2-D (B, N) form)
+runs on attnlib's flash kernels as ``key_mask`` (attnlib/key_mask.py) with method flash.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ from typing import Any, Callable
 import torch
 
 from .. import dispatch
+from ..key_mask import key_only_mask
 from ..options import check_method_options
 from . import sdpa as _sdpa
 
@@ -140,23 +143,25 @@ def _dispatch_router(original: Callable, route: _Route) -> Callable:
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
         reason = None
-        if attn_mask is not None:  # diffusers' 2-D key masks etc.: its backends interpret them
-            reason = "an attention mask"
+        mask = _key_mask_4d(attn_mask, query, key)
+        if attn_mask is not None and mask is None:  # other masks: diffusers' backends interpret them
+            reason = "an attention mask other than a key mask"
         elif parallel_config is not None:
             reason = "context parallelism"
         elif attention_kwargs:
             reason = f"attention_kwargs {sorted(attention_kwargs)}"
         if reason is None:
-            def to_diffusers(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+            def to_diffusers(q, k, v, _mask, dropout_p, is_causal, scale, enable_gqa):
                 # what attnlib leaves (dropout, a scale it refuses, ...) goes to diffusers' own
-                # dispatch, so a backend set with set_attention_backend serves it
+                # dispatch, so a backend set with set_attention_backend serves it (with the mask
+                # as the processor gave it)
                 q, k, v = (t.transpose(1, 2) for t in (q, k, v))
                 out = original(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs,
                                backend=backend, parallel_config=parallel_config)
                 return out.transpose(1, 2)
 
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-            out = _to_attnlib(route, q, k, v, None, dropout_p, is_causal, scale, enable_gqa, to_diffusers,
+            out = _to_attnlib(route, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, to_diffusers,
                               "diffusers dispatch_attention_fn")
             return out.transpose(1, 2)
         _log_once("attnlib: diffusers dispatch_attention_fn -> diffusers (%s)", reason)
@@ -164,6 +169,21 @@ def _dispatch_router(original: Callable, route: _Route) -> Callable:
                         backend=backend, parallel_config=parallel_config)
 
     return dispatch_attention_fn
+
+
+def _key_mask_4d(attn_mask, query, key):
+    """diffusers' attention mask as torch SDPA's (B or 1, 1, 1, Sk) key mask when it is one, else
+    None. q/k are (batch, seq, heads, head_dim). diffusers' native backend reads a 2-D mask of
+    shape (batch, seq_k) as a key mask (HunyuanVideo's padded prompt arrives as (B, 1, 1, N));
+    other shapes follow SDPA's broadcasting."""
+    if not isinstance(attn_mask, torch.Tensor) or query.dim() != 4 or key.dim() != 4:
+        return None
+    batch, seq_k = query.shape[0], key.shape[1]
+    if attn_mask.dim() == 2 and tuple(attn_mask.shape) == (batch, seq_k):
+        return attn_mask[:, None, None, :]
+    if key_only_mask(attn_mask, batch, query.shape[1], seq_k) is None:
+        return None
+    return attn_mask
 
 
 def _functional_router(original: types.ModuleType, route: _Route) -> types.SimpleNamespace:

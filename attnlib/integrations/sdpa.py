@@ -1,7 +1,7 @@
 """torch SDPA compatibility: attnlib.scaled_dot_product_attention and patch_sdpa.
 
-The drop-in function keeps torch's exact semantics. Calls attnlib can serve exactly (no mask,
-no dropout, causal only with equal lengths because torch's is_causal is top-left aligned,
+The drop-in function keeps torch's exact semantics. Calls attnlib can serve exactly (no mask or,
+for method flash, a key mask of shape (B or 1, 1, 1, Sk) without is_causal, no dropout, causal only with equal lengths because torch's is_causal is top-left aligned,
 4-D inputs, a finite positive scale, at least one head) go through the dispatcher; every other
 call goes to torch's own kernel (the builtin, never a patched function), with the reason logged
 once at INFO. So whatever torch computes is computed, and whatever torch refuses raises torch's
@@ -39,6 +39,7 @@ import torch.autograd.forward_ad as _fwAD
 
 from .. import api, dispatch, ops
 from ..inputs import is_real_number, make_inputs, scale_in_range
+from ..key_mask import key_only_mask
 from ..options import NO_SCALE, check_method_options
 
 log = logging.getLogger("attnlib")
@@ -81,7 +82,9 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, 
     if not all(t.dim() == 4 for t in ts):
         return "inputs are not 4-D (batch, heads, seq, head_dim)"
     if attn_mask is not None:
-        return "an explicit attn_mask"
+        why = _mask_reason(attn_mask, query, key, is_causal, method)
+        if why is not None:
+            return why
     if not is_real_number(dropout_p):
         return f"dropout_p of type {type(dropout_p).__name__}"
     if dropout_p > 0.0:
@@ -113,6 +116,23 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, 
         return "q, k and v differ in dtype or device (torch's error)"
     if method in FORWARD_ONLY and torch.is_grad_enabled() and any(t.requires_grad for t in ts):
         return f"an input requires grad and method {method!r} is forward-only"
+    return None
+
+
+def _mask_reason(attn_mask, query, key, is_causal, method) -> str | None:
+    """Why attnlib cannot serve this attn_mask (None: it is a key mask, attnlib/key_mask.py)."""
+    if method != "flash":
+        return f"an explicit attn_mask (method {method!r} takes none; flash takes key masks)"
+    if not isinstance(attn_mask, torch.Tensor):
+        return "an attn_mask that is not a tensor"
+    if is_causal:
+        return "attn_mask with is_causal (torch's error)"
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        return "a floating attn_mask of another dtype than the query's (torch's rule, or autocast's cast)"
+    if attn_mask.device != query.device or attn_mask.requires_grad:
+        return "an attn_mask on another device or requiring grad"
+    if query.dim() != 4 or key_only_mask(attn_mask, query.shape[0], query.shape[2], key.shape[2]) is None:
+        return "an attn_mask that is not a key mask of shape (batch or 1, 1, 1, seq_k)"
     return None
 
 
@@ -194,6 +214,12 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     original = (query, key, value)  # what a fallback gets: torch's (or diffusers') autocast casts them itself
     query, key, value = _autocast_inputs(query, key, value)
     reason = _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, method)
+    if reason is None and attn_mask is not None:
+        if "key_mask" in method_options:
+            reason = "an attn_mask beside the key_mask option"
+        else:  # a key mask (_mask_reason): flash's option
+            method_options = dict(method_options, key_mask=key_only_mask(attn_mask, query.shape[0], query.shape[2],
+                                                                         key.shape[2]))
     if reason is None:
         scale = None if scale is None else float(scale)  # NumPy scalars: a Python float for the op
         call = dict(method=method, backend=backend, causal=is_causal, scale=scale, **method_options)

@@ -179,6 +179,11 @@ class FlashCUDA(CudaKernel):
     def spec(self, inp: AttentionInputs):
         return _spec_for(inp.head_dim, inp.dtype, inp.causal)
 
+    def kernel_reasons(self, inp: AttentionInputs) -> list[str]:
+        if inp.options.get("key_mask") is not None:
+            return ["key_mask not supported (flash-triton and torch SDPA take it)"]
+        return []
+
     def forward(self, inp: AttentionInputs):
         if inp.requires_grad and torch.is_grad_enabled():
             out, lse = _FlashCudaFunction.apply(inp.q, inp.k, inp.v, inp)

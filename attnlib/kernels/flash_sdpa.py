@@ -51,7 +51,9 @@ class FlashSDPA(Kernel):
             return self.math_path_priority
         if not on_gpu(inp):
             return self.math_path_priority if inp.requires_grad and not cpu_backward_ok(inp) else self.cpu_priority
-        if inp.dtype not in (torch.float16, torch.bfloat16):
+        if inp.dtype not in (torch.float16, torch.bfloat16) or inp.options.get("key_mask") is not None:
+            # with a mask torch has no flash kernel (its measured lead was cuDNN / flash without
+            # one): flash-triton, which adds the key bias per tile, keeps the lead (not measured)
             return self.priority
         if inp.head_dim % 8 or inp.head_dim > 256 or inp.head_dim_v != inp.head_dim:
             return self.priority  # outside torch's fused kernels: its math path forms N x N
@@ -66,12 +68,26 @@ class FlashSDPA(Kernel):
         if inp.causal and inp.seq_q != inp.seq_k:
             r.append("torch SDPA's is_causal is top-left aligned; bottom-right causal with seq_q != seq_k "
                      "needs another kernel")
+        if inp.causal and inp.options.get("key_mask") is not None:
+            r.append("torch SDPA takes is_causal or an attn_mask, not both (a causal key mask would be "
+                     "seq_q x seq_k)")
         return r
 
     def forward(self, inp: AttentionInputs):
         # the builtin, not the torch.nn.functional attribute, which patch_sdpa may have replaced
         return torch._C._nn.scaled_dot_product_attention(
-            inp.q, inp.k, inp.v, is_causal=inp.causal, scale=inp.scale, enable_gqa=inp.is_gqa)
+            inp.q, inp.k, inp.v, attn_mask=sdpa_mask(inp), is_causal=inp.causal, scale=inp.scale,
+            enable_gqa=inp.is_gqa)
+
+
+def sdpa_mask(inp: AttentionInputs):
+    """The call's key mask (attnlib/key_mask.py) as torch SDPA's attn_mask (B or 1, 1, 1, Sk): bool
+    as given, floating in the inputs' dtype (SDPA's rule); None without one."""
+    mask = inp.options.get("key_mask")
+    if mask is None:
+        return None
+    mask = mask[:, None, None, :]
+    return mask if mask.dtype == torch.bool else mask.to(inp.dtype)
 
 
 def on_gpu(inp: AttentionInputs) -> bool:
@@ -111,7 +127,7 @@ def torch_says_fused(inp: AttentionInputs) -> bool:
         return False
     cuda = torch.backends.cuda
     try:
-        params = cuda.SDPAParams(inp.q, inp.k, inp.v, None, 0.0, inp.causal, inp.is_gqa)
+        params = cuda.SDPAParams(inp.q, inp.k, inp.v, sdpa_mask(inp), 0.0, inp.causal, inp.is_gqa)
         checks = [cuda.can_use_flash_attention, cuda.can_use_efficient_attention,
                   getattr(cuda, "can_use_cudnn_attention", None)]
         return any(check(params, False) for check in checks if check is not None)
@@ -120,8 +136,8 @@ def torch_says_fused(inp: AttentionInputs) -> bool:
 
 
 def _fused_sdp_choice(inp: AttentionInputs) -> int:
-    return torch._fused_sdp_choice(inp.q, inp.k, inp.v, is_causal=inp.causal, scale=inp.scale,
-                                   enable_gqa=inp.is_gqa)
+    return torch._fused_sdp_choice(inp.q, inp.k, inp.v, attn_mask=sdpa_mask(inp), is_causal=inp.causal,
+                                   scale=inp.scale, enable_gqa=inp.is_gqa)
 
 
 def cpu_backward_ok(inp: AttentionInputs) -> bool:

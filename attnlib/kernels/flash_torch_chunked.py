@@ -8,7 +8,8 @@ score matrix, forward and backward: 25 GB at 16k tokens x 24 heads. Here one chu
 stay under SCORE_BUDGET_BYTES (the backward holds two such tensors at once: P and dS).
 Scores and softmax are computed in float32 as the reference does; the loop runs in one order,
 so results are deterministic. GQA/MQA folds a kv head's query heads into the rows of one matmul
-against that head's K and V (no repeat_interleave copy), which also sums their dK/dV.
+against that head's K and V (no repeat_interleave copy), which also sums their dK/dV. A key mask
+(attnlib/key_mask.py) is added to each chunk's scores.
 
 The same functions serve block_sparse-torch-chunked (a `blocked` row mask per chunk, beside
 causal) and flash_attention_varlen's torch backend (varlen_forward/varlen_backward: one call per
@@ -22,6 +23,7 @@ import torch
 
 from ..dispatch import Kernel, register
 from ..inputs import AttentionInputs
+from ..key_mask import key_bias
 
 # Bytes of float32 scores one chunk may hold, across batch x heads (at least one query row runs)
 SCORE_BUDGET_BYTES = 64 << 20
@@ -63,13 +65,15 @@ RowMask = Callable[[int, int, int], torch.Tensor]
 
 
 def _scores(inp: AttentionInputs, qc: torch.Tensor, kc: torch.Tensor, r0: int, r1: int,
-            blocked: RowMask | None = None) -> torch.Tensor:
-    """scale * q_chunk @ k^T in float32, (B, Hkv, group * rows, kend), causal positions and
-    those blocked(r0, r1, kend) names -inf."""
+            blocked: RowMask | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """scale * q_chunk @ k^T (+ the key bias, key_mask.key_bias's (B or 1, Sk)) in float32,
+    (B, Hkv, group * rows, kend), causal positions and those blocked(r0, r1, kend) names -inf."""
     s = torch.matmul(qc, kc.transpose(-1, -2)).mul_(inp.scale)
     kend, offset = kc.shape[2], inp.seq_k - inp.seq_q
     b, hkv, rows = s.shape[0], s.shape[1], r1 - r0
     s5 = s.view(b, hkv, -1, rows, kend)  # (B, Hkv, group, rows, kend)
+    if bias is not None:
+        s5.add_(bias[:, None, None, None, :kend])
     if inp.causal and kend - 1 > r0 + offset:  # the chunk's first row misses some of its keys
         i = torch.arange(r0, r1, device=s.device)[:, None]
         j = torch.arange(kend, device=s.device)[None, :]
@@ -98,6 +102,7 @@ def chunked_forward(inp: AttentionInputs, budget: int | None = None, blocked: Ro
     if lse.numel() == 0:  # no batch, head or query row
         return out, lse
     kf, vf = inp.k.float(), inp.v.float()
+    bias = key_bias(inp)
     step = rows_per_chunk(b, hq, sq, inp.seq_k, budget)
     for r0 in range(0, sq, step):
         r1 = min(sq, r0 + step)
@@ -106,7 +111,7 @@ def chunked_forward(inp: AttentionInputs, budget: int | None = None, blocked: Ro
             out[:, :, r0:r1] = 0
             lse[:, :, r0:r1] = float("-inf")
             continue
-        s = _scores(inp, _rows(inp.q, hkv, r0, r1), kf[:, :, :kend], r0, r1, blocked)
+        s = _scores(inp, _rows(inp.q, hkv, r0, r1), kf[:, :, :kend], r0, r1, blocked, bias)
         m = s.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = s.sub_(m).exp_()
@@ -139,6 +144,7 @@ def chunked_backward(inp: AttentionInputs, out: torch.Tensor | None, lse: torch.
     else:
         dq, dk, dv = into
     kf, vf = inp.k.float(), inp.v.float()
+    bias = key_bias(inp)
     step = rows_per_chunk(b, hq, sq, sk, budget)
     for r0 in range(0, sq if dq.numel() else 0, step):
         r1 = min(sq, r0 + step)
@@ -152,7 +158,7 @@ def chunked_backward(inp: AttentionInputs, out: torch.Tensor | None, lse: torch.
         # a row that sees nothing (lse -inf) has P = 0: exp(s - inf)
         row_lse = torch.where(row_lse == float("-inf"), torch.full_like(row_lse, float("inf")), row_lse)
         kc, vc = kf[:, :, :kend], vf[:, :, :kend]
-        p = _scores(inp, qc, kc, r0, r1, blocked).sub_(row_lse).exp_()
+        p = _scores(inp, qc, kc, r0, r1, blocked, bias).sub_(row_lse).exp_()
         dv[:, :, :kend] += torch.matmul(p.transpose(-1, -2), do)
         dp = torch.matmul(do, vc.transpose(-1, -2))
         if out is None:  # rowsum(P * dP) as a batch of dot products: no third (rows, keys) tensor

@@ -7,7 +7,8 @@ flowing into lse is honoured; the option deterministic=False with ATTNLIB_FLASH_
 dQ with atomics inside the dK/dV kernel instead of a second kernel (opt-in: measured slower).
 ATTNLIB_FLASH_TMA=1 switches dense fp16/bf16 forwards on sm_90+ to the tensor-descriptor (TMA)
 kernel (triton_kernels/flash/forward_tma.py; same results, opt-in until a GPU run compares the
-two); inputs it cannot express keep the default forward.
+two); inputs it cannot express keep the default forward. The option key_mask reaches both passes
+as an additive per-key bias (attnlib/key_mask.py); with one the default forward always runs.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from ..dispatch import register
 from ..inputs import AttentionInputs
+from ..key_mask import key_bias
 from .families import TritonKernel
 
 
@@ -26,7 +28,7 @@ class FlashTriton(TritonKernel):
         from ..triton_kernels.flash.autograd import flash_attn_func
 
         out, lse = flash_attn_func(inp.q, inp.k, inp.v, causal=inp.causal, scale=inp.scale,
-                                   new_output=inp.new_output)
+                                   new_output=inp.new_output, key_bias=key_bias(inp))
         return (out, lse) if inp.return_lse else out
 
     def backward(self, inp: AttentionInputs, out: torch.Tensor, lse: torch.Tensor | None, dout: torch.Tensor,
@@ -34,7 +36,7 @@ class FlashTriton(TritonKernel):
         from ..triton_kernels.flash.backward import flash_bwd
 
         dq, dk, dv = flash_bwd(dout, inp.q, inp.k, inp.v, out, lse, causal=inp.causal, scale=inp.scale, dlse=dlse,
-                               deterministic=inp.options.get("deterministic", True))
+                               deterministic=inp.options.get("deterministic", True), key_bias=key_bias(inp))
         return dq, dk, dv, None, None
 
 

@@ -30,7 +30,7 @@ class ReferenceKernel(Kernel):
         q, k, v = inp.q, inp.k, inp.v
         if self.method == "flash":
             return reference.flash_reference(q, k, v, causal=inp.causal, scale=inp.scale,
-                                             return_lse=inp.return_lse)
+                                             return_lse=inp.return_lse, key_mask=o.get("key_mask"))
         if self.method == "sage":
             return reference.sage_reference(q, k, v, causal=inp.causal, scale=inp.scale,
                                             smooth_k=o["smooth_k"], return_lse=inp.return_lse,

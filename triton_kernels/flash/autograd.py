@@ -1,7 +1,8 @@
 """torch.autograd.Function over the Triton flash kernels (dense bhsd and packed varlen).
 
 Saves q, k, v, o and lse only (nothing N x N). lse is differentiable too: its gradient folds
-into the backward's delta term at no extra cost.
+into the backward's delta term at no extra cost. An optional key bias (float32 (B or 1, Sk), added
+to scale * q . k) is saved too and gets no gradient.
 """
 from __future__ import annotations
 
@@ -24,30 +25,33 @@ def lse_like(q: torch.Tensor, varlen: Optional[Varlen]) -> torch.Tensor:
 class FlashAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, scale: float, new_output: Callable[[], torch.Tensor],
-                varlen: Optional[Varlen]):
+                varlen: Optional[Varlen], key_bias: Optional[torch.Tensor]):
         out = new_output()
         lse = lse_like(q, varlen)
-        flash_fwd(q, k, v, out, lse, causal=causal, scale=scale, varlen=varlen)
-        ctx.save_for_backward(q, k, v, out, lse)
+        flash_fwd(q, k, v, out, lse, causal=causal, scale=scale, varlen=varlen, key_bias=key_bias)
+        ctx.save_for_backward(q, k, v, out, lse, key_bias)
         ctx.causal, ctx.scale, ctx.varlen = causal, scale, varlen
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, key_bias = ctx.saved_tensors
         dq, dk, dv = flash_bwd(dout, q, k, v, out, lse, causal=ctx.causal, scale=ctx.scale, varlen=ctx.varlen,
-                               dlse=dlse)
-        return dq, dk, dv, None, None, None, None
+                               dlse=dlse, key_bias=key_bias)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
                     new_output: Optional[Callable[[], torch.Tensor]] = None,
-                    varlen: Optional[Varlen] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    varlen: Optional[Varlen] = None,
+                    key_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) for bhsd views q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D); differentiable in q, k, v.
 
-    new_output allocates the bhsd output view (default: contiguous bhsd like q).
+    new_output allocates the bhsd output view (default: contiguous bhsd like q). key_bias (dense
+    only): float32 (B or 1, Sk), added to scale * q . k for every head and query row (natural-log
+    units, as torch SDPA's float attn_mask); a row whose keys are all -inf gives 0 and lse -inf.
     """
     if new_output is None:
         def new_output():
             return torch.empty(q.shape[:3] + (v.shape[3],), dtype=q.dtype, device=q.device)
-    return FlashAttnFunction.apply(q, k, v, causal, scale, new_output, varlen)
+    return FlashAttnFunction.apply(q, k, v, causal, scale, new_output, varlen, key_bias)

@@ -13,7 +13,8 @@ summed without atomics), and then dQ one of two ways:
   bench/results/nvidia-h200/) forward + backward took 1.17-1.42x the deterministic path's time
   at hd64/128, 4k-32k tokens, causal or not.
 
-Nothing N x N is stored."""
+An optional per-key bias (key_bias, float32 (B or 1, Sk), the forward's) enters every recomputed
+score; rows that saw no finite key (lse -inf) get no gradient. Nothing N x N is stored."""
 from __future__ import annotations
 
 from typing import Optional
@@ -25,8 +26,8 @@ import triton.language as tl
 from ..switches import atomic_dq_enabled
 from . import configs
 from .common import (LOG2E, Varlen, cu_pointers, dkdv_stream_block, dot_precision, dq_key_block, geometry,
-                     key_query_range, load_tile, query_key_range, seq_bounds, store_tile, strides3, strides4)
-from .common import log2_lse as _log2_lse
+                     key_bias_args, key_bias_log2, key_query_range, load_tile, padded_lse2, query_key_range,
+                     seq_bounds, store_tile, strides3, strides4)
 from ..hostmath import cdiv
 
 PREPROCESS_BLOCK_M = 64
@@ -65,10 +66,11 @@ def _bwd_preprocess_kernel(O, DO, DELTA, CU_Q,
 def _dkdv_block(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, dq_base, tile_q, tile_do, tile_dq,
                 offs_m0, offs_n, n_ok, d_ok, t, n_blocks, lo, mid, seq_q, diag, scale, qk_scale,
                 stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm, stride_dqh, stride_dqm,
-                CHECK_D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr):
+                key_bias2, CHECK_D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr, HAS_KEY_BIAS: tl.constexpr):
     """Step t of the flattened (query head of the group, query block) loop of one key block; with
-    ATOMIC_DQ also adds scale * dS K to the fp32 dQ buffer."""
+    ATOMIC_DQ also adds scale * dS K to the fp32 dQ buffer. key_bias2: the key block's bias in
+    log2 units (read with HAS_KEY_BIAS only)."""
     g = t // n_blocks
     start_m = lo + (t - g * n_blocks) * BLOCK_M
     offs_m = start_m + offs_m0
@@ -80,7 +82,7 @@ def _dkdv_block(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, dq_base
                                      q_base + (g64 * stride_qh + m64 * stride_qm) + tile_q,
                                      do_base + (g64 * stride_doh + m64 * stride_dom) + tile_do,
                                      lse_base + lse_off, delta_base + lse_off, offs_m, offs_n, m_ok, d_ok,
-                                     start_m < mid, diag, qk_scale, CHECK_D, CAUSAL, PREC)
+                                     start_m < mid, diag, qk_scale, CHECK_D, CAUSAL, PREC, key_bias2, HAS_KEY_BIAS)
     if ATOMIC_DQ:
         # key rows past seq_k: K is 0 there but p need not be finite (exp2(-lse2) of a padded
         # score), so their dS is zeroed before it meets K
@@ -94,7 +96,7 @@ def _dkdv_block(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, dq_base
 # sequence lengths vary per call: one compiled kernel for all (no "== 1" specialisation)
 @triton.jit(do_not_specialize=["seq_q", "seq_k"])
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K, KEY_BIAS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -102,13 +104,15 @@ def _dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_lb, stride_lh, stride_lm,
+    stride_lb, stride_lh, stride_lm, stride_biasb,
     seq_q, seq_k, group, scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Grid (key blocks, kv heads, batch); sums over the group query heads of each kv head. With
-    ATOMIC_DQ, DQ_ACC is a zeroed fp32 buffer shaped like Q that receives every dQ share."""
+    ATOMIC_DQ, DQ_ACC is a zeroed fp32 buffer shaped like Q that receives every dQ share. With
+    HAS_KEY_BIAS, KEY_BIAS (float32, batch stride stride_biasb) is added to every score."""
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
@@ -133,6 +137,10 @@ def _dkdv_kernel(
                     + offs_j[:, None] * stride_vn + offs_d[None, :] * stride_vd, n_ok, d_ok, True, D_PAD != HEAD_DIM)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    # the resident keys' bias is the same for every query block: loaded once
+    key_bias2 = 0.0
+    if HAS_KEY_BIAS:
+        key_bias2 = key_bias_log2(KEY_BIAS + b64 * stride_biasb, offs_n, n_ok, True)
     diag = seq_k - seq_q
     lo, mid, _, hi = key_query_range(start_n, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     # One flat loop over (query head of the group, query block): a loop over heads around the
@@ -151,8 +159,8 @@ def _dkdv_kernel(
         dk, dv = _dkdv_block(dk, dv, b_k, b_v, q_base, do_base, LSE + l_base, DELTA + l_base, dq_base,
                              tile_q, tile_do, tile_dq, offs_m0, offs_n, n_ok, d_ok, t, n_blocks, lo, mid, seq_q,
                              diag, scale, qk_scale, stride_qh, stride_qm, stride_doh, stride_dom,
-                             stride_lh, stride_lm, stride_dqh, stride_dqm,
-                             D_PAD != HEAD_DIM, CAUSAL, PREC, BLOCK_M, ATOMIC_DQ)
+                             stride_lh, stride_lm, stride_dqh, stride_dqm, key_bias2,
+                             D_PAD != HEAD_DIM, CAUSAL, PREC, BLOCK_M, ATOMIC_DQ, HAS_KEY_BIAS)
     dk_ptrs = (DK + b64 * stride_dkb + kvh64 * stride_dkh + row0 * stride_dkn
                + offs_j[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
     dv_ptrs = (DV + b64 * stride_dvb + kvh64 * stride_dvh + row0 * stride_dvn
@@ -170,10 +178,11 @@ flash_bwd_dkdv_dq_kernel = configs.dkdv_dq_autotune()(_dkdv_kernel)
 
 @triton.jit
 def _dq_inner(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-              seq_k, diag, lo, hi, qk_scale,
+              seq_k, diag, lo, hi, qk_scale, key_bias,
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    """Accumulate dQ of one query block over key blocks [lo, hi)."""
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_KEY_BIAS: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi); key_bias points at the
+    sequence's key 0 of the bias (read with HAS_KEY_BIAS only)."""
     d_ok = offs_d < HEAD_DIM
     # int64: lo * stride passes 2**31 at long sequences (bshd, 128 kv heads x hd128: from 128k keys);
     # tl.cast also takes the literal 0 of the unmasked call
@@ -182,7 +191,7 @@ def _dq_inner(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 
     v_ptrs += lo64 * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         dq = dq_key_block(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, offs_m, start_n + offs_n, d_ok, seq_k, diag,
-                          qk_scale, D_PAD != HEAD_DIM, MASK, CAUSAL, PREC)
+                          qk_scale, D_PAD != HEAD_DIM, MASK, CAUSAL, PREC, key_bias, HAS_KEY_BIAS)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     return dq
@@ -192,18 +201,19 @@ def _dq_inner(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 
 # sequence lengths vary per call: one compiled kernel for all (no "== 1" specialisation)
 @triton.jit(do_not_specialize=["seq_q", "seq_k"])
 def flash_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, KEY_BIAS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_lb, stride_lh, stride_lm,
+    stride_lb, stride_lh, stride_lm, stride_biasb,
     seq_q, seq_k, group, scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (query blocks, query heads, batch)."""
+    """Grid (query blocks, query heads, batch). With HAS_KEY_BIAS, KEY_BIAS (float32, batch
+    stride stride_biasb) is added to every score."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -228,19 +238,22 @@ def flash_bwd_dq_kernel(
                      + offs_i[:, None] * stride_dom + offs_d[None, :] * stride_dod, m_ok, d_ok, True,
                      D_PAD != HEAD_DIM)
     lse_off = b64 * stride_lb + h64 * stride_lh + row0 * stride_lm + offs_i * stride_lm
-    lse2 = _log2_lse(tl.load(LSE + lse_off, mask=m_ok, other=0.0))
+    lse2 = padded_lse2(LSE + lse_off, m_ok, HAS_KEY_BIAS)
     delta = tl.load(DELTA + lse_off, mask=m_ok, other=0.0)
     k_ptrs = (K + b64 * stride_kb + kvh64 * stride_kh + k_start * stride_kn
               + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
     v_ptrs = (V + b64 * stride_vb + kvh64 * stride_vh + k_start * stride_vn
               + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    key_bias = KEY_BIAS + b64 * stride_biasb
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     diag = seq_k - seq_q
     full_end, hi = query_key_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _dq_inner(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                   seq_k, diag, 0, full_end, qk_scale, HEAD_DIM, D_PAD, BLOCK_N, False, CAUSAL, PREC)
+                   seq_k, diag, 0, full_end, qk_scale, key_bias, HEAD_DIM, D_PAD, BLOCK_N, False, CAUSAL, PREC,
+                   HAS_KEY_BIAS)
     dq = _dq_inner(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                   seq_k, diag, full_end, hi, qk_scale, HEAD_DIM, D_PAD, BLOCK_N, True, CAUSAL, PREC)
+                   seq_k, diag, full_end, hi, qk_scale, key_bias, HEAD_DIM, D_PAD, BLOCK_N, True, CAUSAL, PREC,
+                   HAS_KEY_BIAS)
     dq_ptrs = (DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqm
                + offs_i[:, None] * stride_dqm + offs_d[None, :] * stride_dqd)
     store_tile(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), m_ok, d_ok, D_PAD != HEAD_DIM)
@@ -259,11 +272,13 @@ def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor, delta: torch.Tensor, v
 
 
 def bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, *, causal: bool, scale: float, varlen: Optional[Varlen],
-             dq_acc: Optional[torch.Tensor] = None) -> None:
-    """dK, dV; with dq_acc (a zeroed fp32 tensor shaped like q) also dQ, added into it atomically."""
+             dq_acc: Optional[torch.Tensor] = None, key_bias: Optional[torch.Tensor] = None) -> None:
+    """dK, dV; with dq_acc (a zeroed fp32 tensor shaped like q) also dQ, added into it atomically.
+    key_bias: the forward's (float32 (B or 1, Sk), dense only)."""
     batch, max_q, max_k = geometry(q, k, varlen)
     heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[3]
     cu_q, cu_k = cu_pointers(q, varlen)
+    bias, stride_biasb, has_bias = key_bias_args(key_bias, q, k, lse, varlen)
 
     def grid(meta):
         return (cdiv(max_k, meta["BLOCK_N"]), heads_kv, batch)
@@ -271,29 +286,32 @@ def bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, *, causal: bool, scale: float, v
     kernel = flash_bwd_dkdv_kernel if dq_acc is None else flash_bwd_dkdv_dq_kernel
     dq_arg = dk if dq_acc is None else dq_acc  # never touched by the deterministic kernel
     kernel[grid](
-        q, k, v, dout, lse, delta, dk, dv, dq_arg, cu_q, cu_k,
+        q, k, v, dout, lse, delta, dk, dv, dq_arg, cu_q, cu_k, bias,
         *strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(dout, varlen),
         *strides4(dk, varlen), *strides4(dv, varlen), *strides4(dq_arg, varlen),
-        *strides3(lse, varlen), max_q, max_k, heads_q // heads_kv, scale, scale * LOG2E,
+        *strides3(lse, varlen), stride_biasb, max_q, max_k, heads_q // heads_kv, scale, scale * LOG2E,
         HEAD_DIM=head_dim, D_PAD=configs.padded_head_dim(head_dim), CAUSAL=causal,
-        VARLEN=varlen is not None, PREC=dot_precision(q.dtype), ATOMIC_DQ=dq_acc is not None)
+        VARLEN=varlen is not None, PREC=dot_precision(q.dtype), ATOMIC_DQ=dq_acc is not None,
+        HAS_KEY_BIAS=has_bias)
 
 
-def bwd_dq(q, k, v, dout, lse, delta, dq, *, causal: bool, scale: float, varlen: Optional[Varlen]) -> None:
+def bwd_dq(q, k, v, dout, lse, delta, dq, *, causal: bool, scale: float, varlen: Optional[Varlen],
+           key_bias: Optional[torch.Tensor] = None) -> None:
     batch, max_q, max_k = geometry(q, k, varlen)
     heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[3]
     cu_q, cu_k = cu_pointers(q, varlen)
+    bias, stride_biasb, has_bias = key_bias_args(key_bias, q, k, lse, varlen)
 
     def grid(meta):
         return (cdiv(max_q, meta["BLOCK_M"]), heads_q, batch)
 
     flash_bwd_dq_kernel[grid](
-        q, k, v, dout, lse, delta, dq, cu_q, cu_k,
+        q, k, v, dout, lse, delta, dq, cu_q, cu_k, bias,
         *strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(dout, varlen),
-        *strides4(dq, varlen), *strides3(lse, varlen),
+        *strides4(dq, varlen), *strides3(lse, varlen), stride_biasb,
         max_q, max_k, heads_q // heads_kv, scale, scale * LOG2E,
         HEAD_DIM=head_dim, D_PAD=configs.padded_head_dim(head_dim), CAUSAL=causal,
-        VARLEN=varlen is not None, PREC=dot_precision(q.dtype))
+        VARLEN=varlen is not None, PREC=dot_precision(q.dtype), HAS_KEY_BIAS=has_bias)
 
 
 def _atomic_fits(q: torch.Tensor) -> bool:
@@ -305,8 +323,10 @@ def _atomic_fits(q: torch.Tensor) -> bool:
 
 
 def flash_bwd(dout, q, k, v, out, lse, *, causal: bool, scale: float, varlen: Optional[Varlen] = None,
-              dlse: Optional[torch.Tensor] = None, deterministic: bool = True):
+              dlse: Optional[torch.Tensor] = None, deterministic: bool = True,
+              key_bias: Optional[torch.Tensor] = None):
     """dq, dk, dv (in q/k/v's dtype and strides where dense) from dout and the saved forward.
+    key_bias: the forward's (float32 (B or 1, Sk), dense only); no gradient flows into it.
 
     dlse, the gradient flowing into lse, folds into delta: d lse / d s = P, so
     dS = P * (dP - (rowsum(dO * O) - dlse)). deterministic=False permits dQ formed inside the
@@ -327,10 +347,11 @@ def flash_bwd(dout, q, k, v, out, lse, *, causal: bool, scale: float, varlen: Op
     if dlse is not None:
         delta -= torch.where(torch.isfinite(lse), dlse.to(delta.dtype), 0.0)
     if deterministic or torch.are_deterministic_algorithms_enabled() or not atomic_dq_enabled() or not _atomic_fits(q):
-        bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal=causal, scale=scale, varlen=varlen)
-        bwd_dq(q, k, v, dout, lse, delta, dq, causal=causal, scale=scale, varlen=varlen)
+        bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal=causal, scale=scale, varlen=varlen, key_bias=key_bias)
+        bwd_dq(q, k, v, dout, lse, delta, dq, causal=causal, scale=scale, varlen=varlen, key_bias=key_bias)
     else:
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal=causal, scale=scale, varlen=varlen, dq_acc=dq_acc)
+        bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal=causal, scale=scale, varlen=varlen, dq_acc=dq_acc,
+                 key_bias=key_bias)
         dq.copy_(dq_acc)
     return dq, dk, dv

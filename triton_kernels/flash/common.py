@@ -1,5 +1,6 @@
 """Pieces shared by the flash forward and backward kernels: sequence bounds (dense or varlen),
-masked tile loads/stores, and the host-side geometry (strides, grid sizes) of a call."""
+masked tile loads/stores, the optional per-key bias, and the host-side geometry (strides, grid
+sizes) of a call."""
 from __future__ import annotations
 
 import math
@@ -60,6 +61,24 @@ def dot_precision(dtype: torch.dtype) -> str:
     # "ieee" lowers to unrolled FMA loops that take ptxas minutes at these tile sizes; tf32x3
     # (three tensor-core passes, hi/lo split) keeps fp32-level error on tensor cores.
     return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def key_bias_args(key_bias: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                  placeholder: torch.Tensor, varlen: Optional[Varlen]) -> tuple[torch.Tensor, int, bool]:
+    """(pointer, batch stride, HAS_KEY_BIAS) of a call's key bias for the kernels: float32
+    (B or 1, Sk), added to scale * q . k; a batch of 1 is broadcast (stride 0). Without a bias the
+    float32 placeholder stands in as a never-read pointer."""
+    if key_bias is None:
+        return placeholder, 0, False
+    if varlen is not None:
+        raise ValueError("the flash kernels take no key bias with packed (varlen) sequences")
+    batch, seq_k = q.shape[0], k.shape[2]
+    if (key_bias.dtype != torch.float32 or key_bias.dim() != 2 or key_bias.shape[1] != seq_k
+            or key_bias.shape[0] not in (1, batch) or key_bias.stride(1) != 1 or key_bias.device != q.device):
+        raise ValueError(f"key_bias must be a float32 ({batch} or 1, {seq_k}) tensor with unit key stride on "
+                         f"{q.device}, got {key_bias.dtype} {tuple(key_bias.shape)} strides {key_bias.stride()} "
+                         f"on {key_bias.device}")
+    return key_bias, (key_bias.stride(0) if key_bias.shape[0] > 1 else 0), True
 
 
 @triton.jit
@@ -157,10 +176,36 @@ def log2_lse(lse):
 
 
 @triton.jit
+def padded_lse2(lse_ptrs, m_ok, HAS_KEY_BIAS: tl.constexpr):
+    """log2_lse of rows m_ok; rows past the sequence read lse 0, or +inf with a key bias: their
+    q is 0, so a score there is its key's bias, and exp2 of a large one is inf (inf * 0 = NaN in
+    a product over rows), while lse2 = +inf makes their p exactly 0."""
+    if HAS_KEY_BIAS:
+        lse2 = log2_lse(tl.load(lse_ptrs, mask=m_ok, other=float("inf")))
+    else:
+        lse2 = log2_lse(tl.load(lse_ptrs, mask=m_ok, other=0.0))
+    return lse2
+
+
+@triton.jit
+def key_bias_log2(KEY_BIAS, cols, keys_ok, MASK: tl.constexpr):
+    """The key bias of keys `cols` (KEY_BIAS points at the sequence's key 0) in log2 units, as the
+    exp2-domain scores take it; 0 for keys past the sequence, which MASK-ed callers drop anyway."""
+    if MASK:
+        bias = tl.load(KEY_BIAS + cols, mask=keys_ok, other=0.0)
+    else:
+        bias = tl.load(KEY_BIAS + cols)
+    return bias * 1.4426950408889634
+
+
+@triton.jit
 def attend_key_block(acc, l_i, m_i, b_q, k_ptrs, v_ptrs, offs_m, cols, d_ok, seq_k, diag, qk_scale,
-                     CHECK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+                     CHECK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                     KEY_BIAS=None, HAS_KEY_BIAS: tl.constexpr = False):
     """Fold one key block (keys `cols`, tiles at k_ptrs/v_ptrs) into the running base-2 online
-    softmax (acc, l_i, m_i); MASK applies the key-tail and causal masks."""
+    softmax (acc, l_i, m_i); MASK applies the key-tail and causal masks. HAS_KEY_BIAS adds the
+    bias at KEY_BIAS (the sequence's key 0) to the scaled scores; a row whose keys so far are all
+    -inf keeps m = -inf and l = 0, as a row that has seen no key."""
     n_ok = cols < seq_k
     b_k = load_tile(k_ptrs, n_ok, d_ok, MASK, CHECK_D)
     qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
@@ -169,11 +214,14 @@ def attend_key_block(acc, l_i, m_i, b_q, k_ptrs, v_ptrs, offs_m, cols, d_ok, seq
     # scaling commutes with the max exactly: one multiply per row, and the scale folds into one
     # FMA per score (sm_90 SASS, 128 x 64 x 8 warps at hd128: 32 fewer FMUL per thread per tile,
     # same results bit for bit). Larger tiles scale first: folded, 128 x 128 at hd96-128 spilled
-    # 24-40 bytes on sm_90, scaled first it does not.
-    FOLD: tl.constexpr = b_q.shape[0] * b_k.shape[0] * b_q.shape[1] <= 1048576
+    # 24-40 bytes on sm_90, scaled first it does not. A key bias is added to scaled scores, so
+    # with one the scale cannot wait for the max.
+    FOLD: tl.constexpr = b_q.shape[0] * b_k.shape[0] * b_q.shape[1] <= 1048576 and not HAS_KEY_BIAS
     if not FOLD:
         qk = qk * qk_scale
     late_scale = qk_scale if FOLD else 1.0  # what the scores still need (x * 1.0 folds away)
+    if HAS_KEY_BIAS:
+        qk += key_bias_log2(KEY_BIAS, cols, n_ok, MASK)[None, :]
     if MASK:
         keep = n_ok[None, :]
         if CAUSAL:
@@ -192,12 +240,17 @@ def attend_key_block(acc, l_i, m_i, b_q, k_ptrs, v_ptrs, offs_m, cols, d_ok, seq
 
 @triton.jit
 def dq_key_block(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, offs_m, cols, d_ok, seq_k, diag, qk_scale,
-                 CHECK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    """Accumulate one key block's contribution to dQ (unscaled) of a resident query block."""
+                 CHECK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                 KEY_BIAS=None, HAS_KEY_BIAS: tl.constexpr = False):
+    """Accumulate one key block's contribution to dQ (unscaled) of a resident query block;
+    HAS_KEY_BIAS adds the bias at KEY_BIAS (the sequence's key 0) to the scaled scores. A row
+    with no visible key has lse2 = +inf, so its p is 0 whatever the bias (never inf - inf)."""
     n_ok = cols < seq_k
     b_k = load_tile(k_ptrs, n_ok, d_ok, MASK, CHECK_D)
     b_v = load_tile(v_ptrs, n_ok, d_ok, MASK, CHECK_D)
     qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
+    if HAS_KEY_BIAS:
+        qk += key_bias_log2(KEY_BIAS, cols, n_ok, MASK)[None, :]
     p = tl.math.exp2(qk - lse2[:, None])
     if MASK:
         keep = n_ok[None, :]
@@ -241,7 +294,8 @@ def dkdv_query_block(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, of
 @triton.jit
 def dkdv_stream_block(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, offs_m, offs_n, m_ok, d_ok,
                       on_diagonal, diag, qk_scale,
-                      CHECK_D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+                      CHECK_D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                      key_bias2=None, HAS_KEY_BIAS: tl.constexpr = False):
     """dkdv_query_block with fewer live registers, for loops that stream many query blocks past a
     resident key block: rows are always masked at load time (no separate tail loop), the causal
     mask is applied only where the runtime flag on_diagonal says the block crosses the diagonal,
@@ -254,10 +308,17 @@ def dkdv_stream_block(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, o
     and the caller never stores those rows (a caller forming dS K must zero them: their p need not
     be finite). Pointers are built by the caller per block from a scalar base and loop-invariant
     tile offsets, so no pointer tensor is carried across iterations.
+
+    HAS_KEY_BIAS adds key_bias2, the resident keys' bias in log2 units, to the scaled scores. A
+    query row past seq_q then scores its key's bias, whose exp2 may be inf (and inf * 0 = NaN in
+    dV): padded_lse2 gives such rows p = 0 instead. So are rows with no visible key (lse -inf,
+    log2_lse +inf), whatever the bias.
     """
     b_q = load_tile(q_ptrs, m_ok, d_ok, True, CHECK_D)
-    lse2 = log2_lse(tl.load(lse_ptrs, mask=m_ok, other=0.0))
+    lse2 = padded_lse2(lse_ptrs, m_ok, HAS_KEY_BIAS)
     qk_t = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale
+    if HAS_KEY_BIAS:
+        qk_t += key_bias2[:, None]
     p_t = tl.math.exp2(qk_t - lse2[None, :])
     if CAUSAL:
         if on_diagonal:

@@ -106,10 +106,11 @@ INTERPRET_DQ = (32, 16, 1, 1)
 SMEM_BUDGET = 170 * 1024  # bytes of the estimate, leaving room below H100's 227 KB for layout conversions
 H100_SMEM = 227 * 1024    # the opt-in shared memory per block (sm_90) the tables and SMEM_BUDGET were fitted to
 # The autotuner re-tunes when one of these changes: the real head dim (72 and 96 both pad to 128
-# but mask different columns, so their best tiles may differ), causal, varlen. The dtype needs no
-# entry: Triton's Autotuner.run (3.6, runtime/autotuner.py) appends str(arg.dtype) of every
-# tensor argument to the key (tests/test_flash_triton.py checks both).
-AUTOTUNE_KEY = ["HEAD_DIM", "D_PAD", "CAUSAL", "VARLEN"]
+# but mask different columns, so their best tiles may differ), causal, varlen, a key bias (its
+# scores are scaled before the row max: other registers). The dtype needs no entry: Triton's
+# Autotuner.run (3.6, runtime/autotuner.py) appends str(arg.dtype) of every tensor argument to the
+# key (tests/test_flash_triton.py checks both); it skips names a kernel lacks.
+AUTOTUNE_KEY = ["HEAD_DIM", "D_PAD", "CAUSAL", "VARLEN", "HAS_KEY_BIAS"]
 
 # Forward on tensor descriptors (forward_tma.py, ATTNLIB_FLASH_TMA=1): (BLOCK_M, BLOCK_N,
 # num_warps, num_stages, warp_specialize). The first entries are FWD_H100's tiles, so a run with

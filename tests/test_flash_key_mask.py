@@ -1,0 +1,212 @@
+"""Method flash with a key mask (attnlib/key_mask.py): every flash kernel x a grid of cases
+against the float64 reference (out, lse, dq, dk, dv, by flash_attn's rule), the reference against
+torch's own SDPA with the same attn_mask, validation errors, and the SDPA drop-in / diffusers
+routing of key-only attn_masks (HunyuanVideo's padded prompt) to attnlib."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import attnlib
+from attnlib import dispatch
+from attnlib.api import build_inputs
+from attnlib.reference import flash_reference
+from attnlib.testing import assert_flash_rule, make_qkv
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (id, batch, heads, kv_heads, seq_q, seq_k, head_dim, dtype, layout, causal, mask kind, mask batch)
+CASES = [
+    ("bool-b2h4-s33x45-d64-fp32", 2, 4, 4, 33, 45, 64, torch.float32, "bhsd", False, "bool", 2),
+    ("prefix-gqa-s77x93-d64-fp16-bshd", 2, 4, 2, 77, 93, 64, torch.float16, "bshd", False, "prefix", 2),
+    ("float-s40x40-d32-fp32-causal", 2, 2, 2, 40, 40, 32, torch.float32, "bhsd", True, "float", 2),
+    ("bool-mqa-s17x40-d128-fp16-causal-b1", 1, 4, 1, 17, 40, 128, torch.float16, "bshd", True, "bool", 1),
+    ("empty-row-s24x30-d64-bf16", 2, 2, 2, 24, 30, 64, torch.bfloat16, "bhsd", False, "one-empty", 2),
+    ("bool-s19-d40-fp64-causal", 1, 2, 2, 19, 19, 40, torch.float64, "bhsd", True, "bool", 1),
+]
+
+
+def make_mask(kind: str, batch: int, seq_k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "bool":
+        m = torch.rand(batch, seq_k, generator=g) > 0.3
+    elif kind == "prefix":  # a padded prompt: the first L_b keys are valid
+        lengths = torch.tensor([seq_k - 7 * (b + 1) for b in range(batch)])
+        m = torch.arange(seq_k)[None, :] < lengths[:, None]
+    elif kind == "float":  # an additive bias, with masked (-inf) keys too
+        m = torch.randn(batch, seq_k, generator=g) * 2
+        m[:, ::5] = float("-inf")
+    else:  # batch element 1 sees no key at all
+        m = torch.rand(batch, seq_k, generator=g) > 0.3
+        m[1] = False
+    return m.to(DEVICE)
+
+
+def _grid():
+    for kernel in dispatch.kernels("flash"):
+        for case in CASES:
+            yield pytest.param(kernel, case, id=f"{kernel.name}-{case[0]}")
+
+
+def _bhsd(t, layout):
+    return t if layout == "bhsd" else t.transpose(1, 2)
+
+
+@pytest.mark.parametrize("kernel,case", list(_grid()))
+def test_kernel_with_key_mask_against_float64_reference(kernel, case):
+    name, b, h, hkv, sq, sk, d, dtype, layout, causal, kind, mb = case
+    q, k, v = make_qkv(b, h, sq, d, kv_heads=hkv, seq_k=sk, dtype=dtype, device=DEVICE, layout=layout,
+                       seed=len(name))
+    mask = make_mask(kind, mb, sk, seed=sq)
+    inp = build_inputs(q, k, v, layout=layout, causal=causal, key_mask=mask)
+    reasons = kernel.not_supported_reasons(replace(inp, grad=True))
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    want_lse = kernel.supports_lse
+    res = kernel.forward(replace(inp, return_lse=want_lse, grad=True))
+    out, lse = res if want_lse else (res, None)
+    q64, k64, v64 = (_bhsd(t, layout).detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = flash_reference(q64, k64, v64, causal=causal, key_mask=mask, return_lse=True)
+    qs, ks, vs = (_bhsd(t, layout).detach().requires_grad_() for t in (q, k, v))
+    same, same_lse = flash_reference(qs, ks, vs, causal=causal, key_mask=mask, return_lse=True)
+    assert_flash_rule(out, ref, same)
+    if lse is not None:
+        assert_flash_rule(lse, ref_lse, same_lse, name="lse")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(device=DEVICE, dtype=dtype)
+    grads = kernel.backward(replace(inp, grad=True), out, lse, dout, None)[:3]
+    want = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    got_same = torch.autograd.grad(same, (qs, ks, vs), dout)
+    for gname, g, w, s in zip(("dq", "dk", "dv"), grads, want, got_same):
+        assert torch.isfinite(g).all(), gname
+        assert_flash_rule(g, w, s, factor=3.0, name=gname)
+    if kind == "one-empty":  # the batch element that sees no key: 0 out, -inf lse, no gradient
+        assert torch.all(out[1] == 0) and torch.all(grads[0][1] == 0)
+        if lse is not None:
+            assert torch.all(lse[1] == float("-inf"))
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_reference_matches_torch_sdpa_attn_mask(kind):
+    """The key mask means what torch SDPA's attn_mask of shape (B, 1, 1, Sk) means."""
+    q, k, v = (t.double() for t in make_qkv(2, 4, 21, 16, kv_heads=2, seq_k=30, seed=3))
+    mask = make_mask(kind, 2, 30, seed=4).cpu()
+    sdpa_mask = mask[:, None, None, :] if kind == "bool" else mask[:, None, None, :].double()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, enable_gqa=True)
+    torch.testing.assert_close(flash_reference(q, k, v, key_mask=mask), want, atol=1e-12, rtol=0)
+
+
+def test_bad_key_masks_raise_naming_the_argument():
+    q, k, v = make_qkv(2, 2, 9, 16, seq_k=11, device=DEVICE, seed=5)
+    good = torch.ones(2, 11, dtype=torch.bool, device=DEVICE)
+    attnlib.flash_attention(q, k, v, key_mask=good)
+    for bad, err in [(good[:, None, None, :], ValueError), (good[:, :10], ValueError),
+                     (torch.ones(3, 11, dtype=torch.bool, device=DEVICE), ValueError),
+                     (good.to(torch.int32), TypeError), (good.tolist(), TypeError),
+                     (torch.zeros(2, 11, device="meta"), ValueError)]:
+        with pytest.raises(err, match="key_mask"):
+            attnlib.flash_attention(q, k, v, key_mask=bad)
+    with pytest.raises(ValueError, match="key_mask must not require grad"):
+        attnlib.flash_attention(q, k, v, key_mask=torch.zeros(2, 11, device=DEVICE, requires_grad=True))
+    with pytest.raises(TypeError, match="key_mask"):  # flash's option only
+        attnlib.attention(q, k, v, method="linear", key_mask=good)
+
+
+def test_auto_serves_key_masks_and_torch_sdpa_is_never_given_one_with_causal():
+    q, k, v = make_qkv(1, 2, 33, 64, seed=6, device=DEVICE)
+    mask = make_mask("bool", 1, 33, seed=6)
+    for causal in (False, True):
+        ex = attnlib.explain(q, k, v, causal=causal, key_mask=mask)
+        if causal:
+            assert ex.chosen.name != "flash-torch-sdpa"
+            assert any("attn_mask" in r for r in ex.reasons.get("flash-torch-sdpa", [])), ex.reasons
+        out = attnlib.flash_attention(q, k, v, causal=causal, key_mask=mask)
+        ref = flash_reference(q.double(), k.double(), v.double(), causal=causal, key_mask=mask)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    cuda = next(kern for kern in dispatch.kernels("flash") if kern.name == "flash-cuda")
+    assert "key_mask not supported" in " ".join(cuda.kernel_reasons(build_inputs(q, k, v, key_mask=mask)))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 29), (1, 1, 1, 29), (1, 29)])
+def test_patched_sdpa_serves_key_only_masks(shape, monkeypatch):
+    """A key-only attn_mask goes to attnlib's kernels (here the torch backend's, forced), with
+    torch's answer; other masks and masks with is_causal stay torch's."""
+    from attnlib.integrations import sdpa
+
+    q, k, v = make_qkv(2, 4, 23, 32, seq_k=29, seed=8, device=DEVICE)
+    mask = (torch.rand(*shape, generator=torch.Generator().manual_seed(9)) > 0.4).to(DEVICE)
+    ran = []
+    real = dispatch.select
+    monkeypatch.setattr(dispatch, "select", lambda inp, backend="auto": ran.append(inp.options.get("key_mask"))
+                        or real(inp, backend))
+    with sdpa.patch_sdpa(backend="torch"):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert ran and ran[0] is not None and tuple(ran[0].shape) == (shape[0] if len(shape) == 4 else 1, 29)
+    want = sdpa.TORCH_SDPA(q.double(), k.double(), v.double(), attn_mask=mask)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=0)
+    ran.clear()
+    per_row = torch.rand(2, 1, 23, 29, generator=torch.Generator().manual_seed(10)).to(DEVICE) > 0.4
+    with sdpa.patch_sdpa(backend="torch"):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=per_row)
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(2, 1, 1, 29) if
+                                                         len(shape) == 4 else mask, is_causal=False)
+    assert len(ran) == 1  # the per-row mask went to torch
+    torch.testing.assert_close(out, sdpa.TORCH_SDPA(q, k, v, attn_mask=per_row))
+    for reason_args in [dict(attn_mask=per_row), dict(attn_mask=mask, is_causal=True),
+                        dict(attn_mask=mask.to(torch.float64))]:
+        assert sdpa._fallback_reason(q, k, v, reason_args["attn_mask"], 0.0, reason_args.get("is_causal", False),
+                                     None, False, "flash") is not None
+    assert sdpa._fallback_reason(q, k, v, mask, 0.0, False, None, False, "sla") is not None
+    assert sdpa._fallback_reason(q, k, v, mask, 0.0, False, None, False, "flash") is None
+
+
+def test_diffusers_router_serves_a_hunyuan_style_key_mask():
+    """diffusers' dispatch_attention_fn with HunyuanVideo's (B, 1, 1, N) bool mask, and a 2-D
+    (B, N) mask (diffusers' own key-mask convention), on attnlib; per-row masks on diffusers."""
+    pytest.importorskip("diffusers")
+    from attnlib.integrations import diffusers as dz
+
+    q, k, v = (t.transpose(1, 2) for t in make_qkv(2, 4, 25, 32, seed=11, device=DEVICE))  # (B, S, H, D)
+    lengths = torch.tensor([25, 18], device=DEVICE)
+    mask2 = torch.arange(25, device=DEVICE)[None, :] < lengths[:, None]
+    calls = []
+
+    def original(query, key, value, attn_mask=None, *args, **kwargs):
+        calls.append(attn_mask)
+        return sdpa_bshd(query, key, value, attn_mask)
+
+    def sdpa_bshd(query, key, value, attn_mask):
+        m = attn_mask[:, None, None, :] if attn_mask is not None and attn_mask.dim() == 2 else attn_mask
+        return torch.nn.functional.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=m).transpose(1, 2)
+
+    route = dz._Route(method="flash", backend="torch", options={})
+    fn = dz._dispatch_router(original, route)
+    for mask in (mask2, mask2[:, None, None, :]):
+        out = fn(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(out, sdpa_bshd(q, k, v, mask), atol=2e-5, rtol=0)
+    assert calls == []
+    per_row = torch.rand(2, 1, 25, 25, generator=torch.Generator().manual_seed(12)).to(DEVICE) > 0.3
+    fn(q, k, v, attn_mask=per_row)
+    assert len(calls) == 1 and calls[0] is per_row
+
+
+def test_compiled_call_with_key_mask_and_its_gradients():
+    """torch.compile(fullgraph=True) over attnlib.flash_attention with a key mask (the op carries
+    it as a tensor option): out and gradients as in eager."""
+    q, k, v = make_qkv(2, 2, 21, 16, seq_k=27, seed=13, device=DEVICE, requires_grad=True)
+    mask = make_mask("prefix", 2, 27, seed=13)
+
+    def f(q, k, v):
+        return attnlib.flash_attention(q, k, v, key_mask=mask)
+
+    eager = f(q, k, v)
+    want = torch.autograd.grad(eager.sum(), (q, k, v))
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    got = torch.autograd.grad(compiled.sum(), (q, k, v))
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+    ref = flash_reference(q.detach().double(), k.detach().double(), v.detach().double(), key_mask=mask)
+    torch.testing.assert_close(eager.double(), ref, atol=2e-5, rtol=0)
