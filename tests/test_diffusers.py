@@ -220,6 +220,42 @@ def test_key_masks_run_on_attnlib_other_methods_leave_them_to_diffusers(attnlib_
     assert "attn_mask" in caplog.text or any("attn_mask" in r for r in attnlib_sdpa._logged_reasons)
 
 
+def test_hunyuan_video_padded_prompt_runs_on_attnlib(monkeypatch):
+    """HunyuanVideo's joint attention hides each prompt's padding with a (B, 1, 1, N) bool mask:
+    those calls run on attnlib's flash kernels (as key_mask), with native's answer, for a batch
+    of two prompts of different lengths."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from attnlib import dispatch
+
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+        guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6)).eval()
+    g = torch.Generator().manual_seed(1)
+    prompt_mask = torch.ones(2, 10, dtype=torch.long)
+    prompt_mask[1, 6:] = 0  # the second prompt has 6 tokens
+    inputs = dict(hidden_states=torch.randn(2, 4, 2, 8, 8, generator=g), timestep=torch.tensor([500, 500]),
+                  encoder_hidden_states=torch.randn(2, 10, 32, generator=g), encoder_attention_mask=prompt_mask,
+                  pooled_projections=torch.randn(2, 16, generator=g), guidance=torch.tensor([3000.0, 3000.0]),
+                  return_dict=False)
+    native = run(model, inputs)
+    masks_seen = []
+    real = dispatch.select
+    monkeypatch.setattr(dispatch, "select", lambda inp, backend="auto": masks_seen.append(
+        inp.options.get("key_mask")) or real(inp, backend))
+    attnlib_diffusers.apply(model, method="flash")
+    try:
+        out = run(model, inputs)
+    finally:
+        attnlib_diffusers.remove(model)
+    keyed = [m for m in masks_seen if m is not None]
+    assert len(keyed) >= 2 and all(tuple(m.shape) == (2, 2 * 4 * 4 + 10) for m in keyed)  # latent + prompt
+    assert all(not m[1, -4:].any() and m[0].all() for m in keyed)  # the second prompt's padding is hidden
+    assert_verbose_allclose(out, native, atol=FLASH_ATOL, rtol=FLASH_RTOL)
+
+
 def test_torch_compile_traces_the_routed_processors(attnlib_calls):
     model, inputs, n_attn = tiny_flux()
     native = run(model, inputs)
