@@ -180,6 +180,57 @@ for _bn in (48, 64):
 TOKEN_HEADS = 16384 * 32           # batch * heads * seq of the synthetic shapes
 HEADS = {64: 32, 128: 16}          # heads per head_dim, as a 2048-wide model has
 # (head_dim, seq) in the order they run, so a spent budget cuts the least telling ones
+KEY_MASK_SHAPE = (128, 16384)  # (head_dim, seq): the one synthetic shape the key-mask providers time
+
+
+def _padded_prompt_mask(case: Case, q) -> torch.Tensor:
+    """A HunyuanVideo-style key mask (B, Sk): each batch element's last 1/20 of the keys (a
+    prompt's padding) hidden."""
+    seq_k = case.seq_k or case.seq_q
+    keep = seq_k - seq_k // 20
+    return (torch.arange(seq_k, device=q.device) < keep).expand(case.batch, seq_k).contiguous()
+
+
+def _key_mask_case(case: Case) -> None:
+    if (case.head_dim, case.seq_q) != KEY_MASK_SHAPE or case.causal or not case.workload.startswith("synth"):
+        raise runner.Skip(f"key-mask providers run at hd{KEY_MASK_SHAPE[0]} {KEY_MASK_SHAPE[1]} tokens, "
+                          "non-causal, only")
+
+
+def _attnlib_triton_key_mask(case: Case, q, k, v):
+    """attnlib-triton with a padded-prompt key_mask (flash-triton adds it per key tile)."""
+    import attnlib
+
+    _key_mask_case(case)
+    runner.PROVIDERS["attnlib-triton"].make(case, q, k, v)  # same skip reasons
+    mask = _padded_prompt_mask(case, q)
+
+    def step():
+        return attnlib.flash_attention(q, k, v, layout=case.layout, backend="triton", key_mask=mask)
+    return step
+
+
+def _sdpa_key_mask(case: Case, q, k, v):
+    """torch SDPA (its own choice of backend) with the same mask as attn_mask (B, 1, 1, Sk): what
+    the key-mask calls ran on before attnlib took them, and flash-torch-sdpa's rank with a mask."""
+    _key_mask_case(case)
+    mask = _padded_prompt_mask(case, q)[:, None, None, :]
+    heads_dim = 1 if case.layout == "bhsd" else 2
+
+    def step():
+        qb, kb, vb = (t if heads_dim == 1 else t.transpose(1, 2) for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask,
+                                                               enable_gqa=qb.shape[1] != kb.shape[1])
+        return out if heads_dim == 1 else out.transpose(1, 2)
+    return step
+
+
+runner.register_provider("attnlib-triton-keymask", _attnlib_triton_key_mask,
+                         "attnlib.flash_attention(backend='triton', key_mask=padded prompt)", replace_existing=True)
+runner.register_provider("sdpa-keymask", _sdpa_key_mask,
+                         "torch SDPA with the padded-prompt mask as attn_mask (B, 1, 1, Sk)", replace_existing=True)
+
+
 QUICK_SHAPES = ((128, 4096), (128, 16384), (64, 4096), (128, 1024), (128, 32768), (64, 16384))
 FULL_SHAPES = tuple((d, s) for d in (128, 64) for s in (1024, 2048, 4096, 8192, 16384, 32768))
 MODES = ("fwd", "full")
@@ -196,7 +247,7 @@ QUICK_BUDGET_S = 170.0
 # auto with deterministic=False in.
 GPU_PROVIDERS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "attnlib-triton", "attnlib-auto-nondet",
                  "attnlib-triton-tma", "attnlib-cuda", "attnlib-cuda-bn48", "attnlib-cuda-bn64", "attnlib-auto",
-                 "flex", "sdpa-math")
+                 "attnlib-triton-keymask", "sdpa-keymask", "flex", "sdpa-math")
 CPU_PROVIDERS = ("attnlib-torch",)
 CPU_CASE = dict(workload="cpu-tiny", batch=1, heads=2, seq_q=128, head_dim=64, dtype="fp32", device="cpu")
 

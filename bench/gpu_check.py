@@ -21,7 +21,9 @@ for 30 s only; a fresh start costs 1-2 minutes), then ``give_back``:
    python3 bench/gpu_check.py --skip-bench --skip-sanitizer --pytest-budget 300``)
 2. benchmarks for the open issues' targets, in gpu_check's order: flash (issue 4: attnlib-cuda
    against sdpa-flash at hd128 4k / 16k, and its 128-row tile stepping 48 or 64 keys instead of
-   32: attnlib-cuda-bn48 / -bn64; take the fastest as TILE128_BLOCK_N), linear (issue 6: the 32k GB/s with the stop 22 configs,
+   32: attnlib-cuda-bn48 / -bn64; take the fastest as TILE128_BLOCK_N; and at hd128 16k a
+   padded-prompt key mask, attnlib-triton-keymask against sdpa-keymask: if SDPA wins, rank
+   flash-torch-sdpa first for key-masked half-precision calls), linear (issue 6: the 32k GB/s with the stop 22 configs,
    end to end, and with kernels.STATE_Z_DOT: take it as the default if faster), sla (issue 7, up to 90 s: critical 0.05 at blocks (64, 64) and (128, 64)) and the
    kernel profile (stop 23 moved SLA's masked state sum and key-block preprocess to 16-bit tensor
    cores: the profile's SLA rows give their kernel times against 1.25 / 0.61 ms on the H200 and

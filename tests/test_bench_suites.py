@@ -207,3 +207,23 @@ def test_torch_cpu_suite_runs_and_writes_its_table(tmp_path):
     assert flash_sdpa.cpu_backward_ok.__name__ == "cpu_backward_ok"  # the chunked run's switch restored
     bench_torch_cpu.write(res, tmp_path)
     assert "| block_sparse gathered density 0.1 | fwd |" in (tmp_path / "torch-cpu.md").read_text()
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_key_mask_providers_time_the_same_masked_attention(layout, monkeypatch):
+    """bench_flash's key-mask providers (attnlib-triton with key_mask, torch SDPA with the same
+    attn_mask) compute the same attention, here at a small shape under the interpreter; any other
+    shape is skipped with its reason."""
+    from bench import bench_flash, runner
+
+    monkeypatch.setattr(bench_flash, "KEY_MASK_SHAPE", (64, 96))
+    case = runner.Case(workload="synth-small", batch=2, heads=2, seq_q=96, head_dim=64, dtype="fp16", device="cpu",
+                       layout=layout)
+    q, k, v = runner.make_inputs(case)
+    outs = [runner.PROVIDERS[name].make(case, q, k, v)() for name in ("attnlib-triton-keymask", "sdpa-keymask")]
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=3e-3, rtol=0)
+    unmasked = runner.PROVIDERS["attnlib-triton"].make(case, q, k, v)()
+    assert (unmasked.float() - outs[0].float()).abs().max() > 1e-2  # the mask is really applied
+    other = runner.Case(workload="synth-small", batch=1, heads=2, seq_q=64, head_dim=64, dtype="fp16", device="cpu")
+    with pytest.raises(runner.Skip, match="key-mask providers run at"):
+        runner.PROVIDERS["sdpa-keymask"].make(other, *runner.make_inputs(other))
