@@ -184,49 +184,54 @@ def test_pipeline_components_and_reapply(attnlib_calls):
     assert classes_of(vae_like) == classes["vae"]
 
 
-def test_key_masks_run_on_attnlib_other_methods_leave_them_to_diffusers(attnlib_calls, caplog, monkeypatch):
+@pytest.fixture
+def key_masks_seen(monkeypatch):
+    """The key_mask option of every call attnlib's dispatcher selects a kernel for (None: none)."""
+    from attnlib import dispatch
+
+    seen = []
+    real = dispatch.select
+    monkeypatch.setattr(dispatch, "select", lambda inp, backend="auto": seen.append(
+        inp.options.get("key_mask")) or real(inp, backend))
+    return seen
+
+
+def run_switched(model, inputs, method, **options):
+    """The model's output with its attention on attnlib (apply ... remove around one run)."""
+    attnlib_diffusers.apply(model, method=method, **options)
+    try:
+        return run(model, inputs)
+    finally:
+        attnlib_diffusers.remove(model)
+
+
+def test_key_masks_run_on_attnlib_other_methods_leave_them_to_diffusers(attnlib_calls, caplog, key_masks_seen):
     """A 2-D (B, N) key mask (diffusers' convention; hiding prompt tokens from Flux's joint
     attention) runs on attnlib's flash kernels as key_mask, with native's answer; method sla
     takes no mask, so there diffusers' own backends serve the masked calls, bit for bit."""
-    from attnlib import dispatch
-
     model, inputs, n_attn = tiny_flux()
     mask = torch.ones(1, 8 + 64, dtype=torch.bool)
     mask[:, 5:8] = False  # hide three text tokens
     inputs = dict(inputs, joint_attention_kwargs={"attention_mask": mask})
     native = run(model, inputs)
-    masks_seen = []
-    real = dispatch.select
-    monkeypatch.setattr(dispatch, "select", lambda inp, backend="auto": masks_seen.append(
-        inp.options.get("key_mask")) or real(inp, backend))
-    attnlib_diffusers.apply(model, method="flash")
-    try:
-        out = run(model, inputs)
-    finally:
-        attnlib_diffusers.remove(model)
+    out = run_switched(model, inputs, "flash")
     assert attnlib_calls == ["flash"] * n_attn
-    assert len(masks_seen) >= n_attn and all(m is not None and torch.equal(m, mask) for m in masks_seen)
+    assert len(key_masks_seen) >= n_attn and all(m is not None and torch.equal(m, mask) for m in key_masks_seen)
     assert_verbose_allclose(out, native, atol=FLASH_ATOL, rtol=FLASH_RTOL)
     attnlib_calls.clear()
-    masks_seen.clear()
-    attnlib_diffusers.apply(model, method="sla", **SLA_OPTIONS)
-    try:
-        with caplog.at_level("INFO", logger="attnlib"):
-            out = run(model, inputs)
-    finally:
-        attnlib_diffusers.remove(model)
-    assert masks_seen == []
+    key_masks_seen.clear()
+    with caplog.at_level("INFO", logger="attnlib"):
+        out = run_switched(model, inputs, "sla", **SLA_OPTIONS)
+    assert key_masks_seen == []
     assert torch.equal(out, native)
     assert "attn_mask" in caplog.text or any("attn_mask" in r for r in attnlib_sdpa._logged_reasons)
 
 
-def test_hunyuan_video_padded_prompt_runs_on_attnlib(monkeypatch):
+def test_hunyuan_video_padded_prompt_runs_on_attnlib(key_masks_seen):
     """HunyuanVideo's joint attention hides each prompt's padding with a (B, 1, 1, N) bool mask:
     those calls run on attnlib's flash kernels (as key_mask), with native's answer, for a batch
     of two prompts of different lengths."""
     from diffusers import HunyuanVideoTransformer3DModel
-
-    from attnlib import dispatch
 
     torch.manual_seed(0)
     model = HunyuanVideoTransformer3DModel(
@@ -241,16 +246,8 @@ def test_hunyuan_video_padded_prompt_runs_on_attnlib(monkeypatch):
                   pooled_projections=torch.randn(2, 16, generator=g), guidance=torch.tensor([3000.0, 3000.0]),
                   return_dict=False)
     native = run(model, inputs)
-    masks_seen = []
-    real = dispatch.select
-    monkeypatch.setattr(dispatch, "select", lambda inp, backend="auto": masks_seen.append(
-        inp.options.get("key_mask")) or real(inp, backend))
-    attnlib_diffusers.apply(model, method="flash")
-    try:
-        out = run(model, inputs)
-    finally:
-        attnlib_diffusers.remove(model)
-    keyed = [m for m in masks_seen if m is not None]
+    out = run_switched(model, inputs, "flash")
+    keyed = [m for m in key_masks_seen if m is not None]
     assert len(keyed) >= 2 and all(tuple(m.shape) == (2, 2 * 4 * 4 + 10) for m in keyed)  # latent + prompt
     assert all(not m[1, -4:].any() and m[0].all() for m in keyed)  # the second prompt's padding is hidden
     assert_verbose_allclose(out, native, atol=FLASH_ATOL, rtol=FLASH_RTOL)
