@@ -57,7 +57,7 @@ def key_only_mask(attn_mask: torch.Tensor, batch: int, seq_q: int, seq_k: int) -
     """torch SDPA's attn_mask (broadcast to (B, H, Sq, Sk)) as a key mask (B or 1, Sk) when it is
     one: the same for every head and query row (sizes 1 there). None for any other mask, which
     attnlib does not serve."""
-    if attn_mask.dim() > 4 or attn_mask.dim() == 0 or attn_mask.shape[-1] != seq_k:
+    if attn_mask.dim() > 4 or attn_mask.dim() < 2 or attn_mask.shape[-1] != seq_k:  # torch refuses 0-D / 1-D
         return None
     shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
     if shape[1] != 1 or shape[2] != 1 or shape[0] not in (1, batch):

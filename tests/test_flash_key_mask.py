@@ -210,3 +210,31 @@ def test_compiled_call_with_key_mask_and_its_gradients():
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
     ref = flash_reference(q.detach().double(), k.detach().double(), v.detach().double(), key_mask=mask)
     torch.testing.assert_close(eager.double(), ref, atol=2e-5, rtol=0)
+
+
+def test_float_masks_of_another_dtype_are_not_rounded_to_half_precision():
+    """torch SDPA takes a float attn_mask in the inputs' dtype only: an fp32 bias on fp16 inputs
+    would lose digits or overflow (-1e5 gave 0 rows, 7e4 NaN), so flash-torch-sdpa declines it and
+    the answer is the float64 reference's (review of stop 29)."""
+    q, k, v = make_qkv(2, 2, 8, 32, dtype=torch.float16, seed=14, device=DEVICE)
+    for mask in (torch.zeros(2, 8).index_fill_(0, torch.tensor([1]), -1e5),
+                 torch.zeros(2, 8).index_fill_(1, torch.tensor([3]), 7e4), torch.randn(2, 8) * 10):
+        mask = mask.to(DEVICE)
+        ex = attnlib.explain(q, k, v, key_mask=mask, backend="torch")
+        assert ex.chosen.name != "flash-torch-sdpa" and any("dtype" in r for r in ex.reasons["flash-torch-sdpa"])
+        out = attnlib.flash_attention(q, k, v, key_mask=mask)
+        ref = flash_reference(q.double(), k.double(), v.double(), key_mask=mask)
+        # fp32 scores plus -1e5 keep 2**-7 steps: the error a float32 computation already has
+        assert_flash_rule(out, ref, flash_reference(q, k, v, key_mask=mask))
+    assert attnlib.explain(q, k, v, key_mask=mask.half(), backend="torch").chosen.name == "flash-torch-sdpa"
+
+
+def test_patched_sdpa_leaves_1d_masks_to_torch():
+    """torch's SDPA refuses a 1-D attn_mask; the drop-in must not answer where torch raises."""
+    from attnlib.integrations import sdpa
+
+    q, k, v = make_qkv(2, 2, 5, 16, seed=15, device=DEVICE)
+    mask = torch.rand(5).to(DEVICE) > 0.3
+    assert sdpa._fallback_reason(q, k, v, mask, 0.0, False, None, False, "flash") is not None
+    with pytest.raises(Exception), sdpa.patch_sdpa():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)

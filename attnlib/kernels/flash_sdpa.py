@@ -68,9 +68,15 @@ class FlashSDPA(Kernel):
         if inp.causal and inp.seq_q != inp.seq_k:
             r.append("torch SDPA's is_causal is top-left aligned; bottom-right causal with seq_q != seq_k "
                      "needs another kernel")
-        if inp.causal and inp.options.get("key_mask") is not None:
+        mask = inp.options.get("key_mask")
+        if inp.causal and mask is not None:
             r.append("torch SDPA takes is_causal or an attn_mask, not both (a causal key mask would be "
                      "seq_q x seq_k)")
+        if mask is not None and mask.dtype != torch.bool and mask.dtype != inp.dtype:
+            # SDPA takes a float mask only in the inputs' dtype: rounded to fp16 / bf16 a bias loses
+            # digits, and -1e5 or 7e4 overflow (0 or NaN rows); the other kernels read it in fp32
+            r.append(f"a floating key_mask of dtype {mask.dtype} (torch SDPA would round it to the inputs' "
+                     f"{inp.dtype})")
         return r
 
     def forward(self, inp: AttentionInputs):
@@ -81,8 +87,9 @@ class FlashSDPA(Kernel):
 
 
 def sdpa_mask(inp: AttentionInputs):
-    """The call's key mask (attnlib/key_mask.py) as torch SDPA's attn_mask (B or 1, 1, 1, Sk): bool
-    as given, floating in the inputs' dtype (SDPA's rule); None without one."""
+    """The call's key mask (attnlib/key_mask.py) as torch SDPA's attn_mask (B or 1, 1, 1, Sk); None
+    without one. A floating one is served only in the inputs' dtype (extra_reasons); the cast is
+    for rank's probe, which runs before those reasons."""
     mask = inp.options.get("key_mask")
     if mask is None:
         return None
