@@ -47,13 +47,14 @@ def key_bias(inp: AttentionInputs) -> Optional[torch.Tensor]:
 
 
 def bias_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A key mask as float32 scores to add: 0 / -inf for bool, the values for floating."""
     if mask.dtype == torch.bool:
         zero = torch.zeros((), dtype=torch.float32, device=mask.device)
         return torch.where(mask, zero, torch.full_like(zero, float("-inf"))).contiguous()
     return mask.detach().to(torch.float32).contiguous()
 
 
-def key_only_mask(attn_mask: torch.Tensor, batch: int, seq_q: int, seq_k: int) -> Optional[torch.Tensor]:
+def key_only_mask(attn_mask: torch.Tensor, batch: int, seq_k: int) -> Optional[torch.Tensor]:
     """torch SDPA's attn_mask (broadcast to (B, H, Sq, Sk)) as a key mask (B or 1, Sk) when it is
     one: the same for every head and query row (sizes 1 there). None for any other mask, which
     attnlib does not serve."""

@@ -181,7 +181,7 @@ def _key_mask_4d(attn_mask, query, key):
     batch, seq_k = query.shape[0], key.shape[1]
     if attn_mask.dim() == 2 and tuple(attn_mask.shape) == (batch, seq_k):
         return attn_mask[:, None, None, :]
-    if key_only_mask(attn_mask, batch, query.shape[1], seq_k) is None:
+    if key_only_mask(attn_mask, batch, seq_k) is None:
         return None
     return attn_mask
 
