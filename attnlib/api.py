@@ -81,7 +81,8 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
                                         ops.op_arguments(method, method_options))
         return (out, lse) if return_lse else out
     inp = None
-    if eager and needs_grad and method == "flash" and may_serve_graph(q, method_options.get("deterministic")):
+    if eager and needs_grad and method == "flash" and may_serve_graph(q, method_options.get("deterministic"),
+                                                                      return_lse):
         inp = build_inputs(q, k, v, method=method, layout=layout, causal=causal, scale=scale,
                            return_lse=return_lse, **method_options)
         out = _sdpa_with_its_autograd(inp, backend)
