@@ -121,10 +121,11 @@ def flash_attention(q, k, v, *, causal: bool = False, scale=None, layout: str = 
                     key_mask=None):
     """Exact softmax attention (FlashAttention-2 style kernels).
 
-    key_mask (B or 1, Sk): which keys each batch element's queries may see, bool (True = attend:
-    a padded text prompt's valid tokens) or floating (added to scale * q . k), the same for every
-    head and query row, as torch SDPA's attn_mask of shape (B, 1, 1, Sk). A row that sees no key
-    gives 0 (lse -inf). No gradient flows into it. Served by flash-triton, torch SDPA (without
+    key_mask (B or 1, Sk), the same for every head, or (B or 1, Hq or 1, Sk), per query head:
+    which keys each batch element's queries may see, bool (True = attend: a padded text prompt's
+    valid tokens) or floating (added to scale * q . k), the same for every query row, as torch
+    SDPA's attn_mask of shape (B, 1, 1, Sk) or (B, Hq, 1, Sk). A row that sees no key gives 0
+    (lse -inf). No gradient flows into it. Served by flash-triton, torch SDPA (without
     causal) and the torch kernels; see attnlib/key_mask.py.
 
     deterministic=False permits a backward whose float additions may come in another order from

@@ -1,12 +1,15 @@
-"""Key masks for method flash: which keys every query of a batch element may see (a text prompt's
-padding, as HunyuanVideo's joint attention passes it), or a per-key additive bias.
+"""Key masks for method flash: which keys every query of a batch element (and head) may see (a
+text prompt's padding, as HunyuanVideo's joint attention or LTX-Video's cross-attention pass it),
+or a per-key additive bias.
 
-A key mask is a tensor of shape (B or 1, Sk): bool (True = attend, as torch SDPA's bool
-attn_mask) or floating point (added to scale * q . k before the softmax, as SDPA's float
-attn_mask; -inf masks a key). It is the same for every head and every query row. The kernels
-read it as ``key_bias``: float32 (B or 1, Sk) contiguous, 0 / -inf for a bool mask. A query row
-that sees no key (every key masked) gives output 0 and lse -inf, as rows with no visible key do
-under causal masking, and no gradient (torch 2.13's SDPA gives 0 there too).
+A key mask is a tensor of shape (B or 1, Sk), the same for every head, or (B or 1, Hq or 1, Sk),
+one per query head (torch SDPA's attn_mask of shape (B, Hq, 1, Sk); with GQA the heads are the
+query heads): bool (True = attend, as torch SDPA's bool attn_mask) or floating point (added to
+scale * q . k before the softmax, as SDPA's float attn_mask; -inf masks a key). It is the same for
+every query row. The kernels read it as ``key_bias``: float32 (B or 1, Hq or 1, Sk) contiguous,
+0 / -inf for a bool mask. A query row that sees no key (every key masked) gives output 0 and lse
+-inf, as rows with no visible key do under causal masking, and no gradient (torch 2.13's SDPA gives
+0 there too).
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ from .inputs import AttentionInputs
 
 
 def check_key_mask(mask: Any, inp: AttentionInputs) -> Optional[torch.Tensor]:
-    """The option's validation: None, or a (B or 1, Sk) bool / floating tensor on the inputs'
-    device that needs no gradient (no gradient flows into it)."""
+    """The option's validation: None, or a (B or 1, Sk) / (B or 1, Hq or 1, Sk) bool / floating
+    tensor on the inputs' device that needs no gradient (no gradient flows into it)."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -27,9 +30,12 @@ def check_key_mask(mask: Any, inp: AttentionInputs) -> Optional[torch.Tensor]:
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"key_mask must be bool (True = attend) or floating point (added to the scores), "
                         f"got {mask.dtype}")
-    want = f"({inp.batch} or 1, {inp.seq_k})"
-    if mask.dim() != 2 or mask.shape[1] != inp.seq_k or mask.shape[0] not in (1, inp.batch):
-        raise ValueError(f"key_mask must have shape {want} (batch, keys), got {tuple(mask.shape)}")
+    b, h, sk = inp.batch, inp.heads_q, inp.seq_k
+    ok = (mask.dim() in (2, 3) and mask.shape[-1] == sk and mask.shape[0] in (1, b)
+          and (mask.dim() == 2 or mask.shape[1] in (1, h)))
+    if not ok:
+        raise ValueError(f"key_mask must have shape ({b} or 1, {sk}) (batch, keys) or ({b} or 1, {h} or 1, {sk}) "
+                         f"(batch, query heads, keys), got {tuple(mask.shape)}")
     if mask.device != inp.device:
         raise ValueError(f"key_mask must be on {inp.device}, got {mask.device}")
     if mask.requires_grad and torch.is_grad_enabled():
@@ -38,29 +44,36 @@ def check_key_mask(mask: Any, inp: AttentionInputs) -> Optional[torch.Tensor]:
     return mask
 
 
+def per_head(mask: torch.Tensor) -> torch.Tensor:
+    """A key mask as a (B or 1, Hq or 1, Sk) view (a 2-D one is the same for every head)."""
+    return mask[:, None, :] if mask.dim() == 2 else mask
+
+
 def key_bias(inp: AttentionInputs) -> Optional[torch.Tensor]:
-    """The call's key mask as the kernels read it: float32 (B or 1, Sk) contiguous, added to
-    scale * q . k (natural-log units: kernels working in exp2 multiply it by log2(e)); None
+    """The call's key mask as the kernels read it: float32 (B or 1, Hq or 1, Sk) contiguous, added
+    to scale * q . k (natural-log units: kernels working in exp2 multiply it by log2(e)); None
     without a mask."""
     mask = inp.options.get("key_mask")
-    return None if mask is None else bias_from_mask(mask)
+    return None if mask is None else bias_from_mask(per_head(mask))
 
 
 def bias_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A key mask as float32 scores to add: 0 / -inf for bool, the values for floating."""
+    """A key mask as float32 scores to add, of its shape: 0 / -inf for bool, the values for
+    floating."""
     if mask.dtype == torch.bool:
         zero = torch.zeros((), dtype=torch.float32, device=mask.device)
         return torch.where(mask, zero, torch.full_like(zero, float("-inf"))).contiguous()
     return mask.detach().to(torch.float32).contiguous()
 
 
-def key_only_mask(attn_mask: torch.Tensor, batch: int, seq_k: int) -> Optional[torch.Tensor]:
-    """torch SDPA's attn_mask (broadcast to (B, H, Sq, Sk)) as a key mask (B or 1, Sk) when it is
-    one: the same for every head and query row (sizes 1 there). None for any other mask, which
-    attnlib does not serve."""
+def key_only_mask(attn_mask: torch.Tensor, batch: int, heads: int, seq_k: int) -> Optional[torch.Tensor]:
+    """torch SDPA's attn_mask (broadcast to (B, Hq, Sq, Sk)) as a key mask when it is one: the
+    same for every query row (size 1 there); (B or 1, Sk) when also the same for every head,
+    else (B or 1, Hq, Sk). None for any other mask, which attnlib does not serve."""
     if attn_mask.dim() > 4 or attn_mask.dim() < 2 or attn_mask.shape[-1] != seq_k:  # torch refuses 0-D / 1-D
         return None
     shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
-    if shape[1] != 1 or shape[2] != 1 or shape[0] not in (1, batch):
+    if shape[2] != 1 or shape[0] not in (1, batch) or shape[1] not in (1, heads):
         return None
-    return attn_mask.reshape(shape[0], seq_k)
+    mask = attn_mask.reshape(shape[0], shape[1], seq_k)
+    return mask[:, 0] if shape[1] == 1 else mask

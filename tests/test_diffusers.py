@@ -253,6 +253,31 @@ def test_hunyuan_video_padded_prompt_runs_on_attnlib(key_masks_seen):
     assert_verbose_allclose(out, native, atol=FLASH_ATOL, rtol=FLASH_RTOL)
 
 
+def test_ltx_video_cross_attention_prompt_mask_runs_on_attnlib(key_masks_seen):
+    """LTX-Video's cross-attention hides each prompt's padding with an additive mask that
+    Attention.prepare_attention_mask repeats per head, (B, H, 1, N): those calls run on attnlib's
+    flash kernels as a per-head key_mask, with native's answer, for two prompts of different
+    lengths."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+        num_layers=1, caption_channels=24).eval()
+    g = torch.Generator().manual_seed(2)
+    prompt_mask = torch.ones(2, 9, dtype=torch.long)
+    prompt_mask[1, 5:] = 0  # the second prompt has 5 tokens
+    inputs = dict(hidden_states=torch.randn(2, 2 * 4 * 4, 8, generator=g),
+                  encoder_hidden_states=torch.randn(2, 9, 24, generator=g), timestep=torch.tensor([500, 500]),
+                  encoder_attention_mask=prompt_mask, num_frames=2, height=4, width=4, return_dict=False)
+    native = run(model, inputs)
+    out = run_switched(model, inputs, "flash")
+    keyed = [m for m in key_masks_seen if m is not None]
+    assert keyed and all(tuple(m.shape) == (2, 2, 9) for m in keyed)  # per head; the self-attention has none
+    assert all((m[1, :, 5:] <= -1e4).all() and (m[1, :, :5] == 0).all() and (m[0] == 0).all() for m in keyed)
+    assert_verbose_allclose(out, native, atol=FLASH_ATOL, rtol=FLASH_RTOL)
+
+
 def test_torch_compile_traces_the_routed_processors(attnlib_calls):
     model, inputs, n_attn = tiny_flux()
     native = run(model, inputs)

@@ -1,7 +1,7 @@
 """Method flash with a key mask (attnlib/key_mask.py): every flash kernel x a grid of cases
 against the float64 reference (out, lse, dq, dk, dv, by flash_attn's rule), the reference against
 torch's own SDPA with the same attn_mask, validation errors, and the SDPA drop-in / diffusers
-routing of key-only attn_masks (HunyuanVideo's padded prompt) to attnlib."""
+routing of key-only attn_masks (HunyuanVideo's padded prompt, LTX-Video's per-head one) to attnlib."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -25,11 +25,22 @@ CASES = [
     ("bool-mqa-s17x40-d128-fp16-causal-b1", 1, 4, 1, 17, 40, 128, torch.float16, "bshd", True, "bool", 1),
     ("empty-row-s24x30-d64-bf16", 2, 2, 2, 24, 30, 64, torch.bfloat16, "bhsd", False, "one-empty", 2),
     ("bool-s19-d40-fp64-causal", 1, 2, 2, 19, 19, 40, torch.float64, "bhsd", True, "bool", 1),
+    # per query head (B or 1, Hq, Sk)
+    ("heads-bool-gqa-s37x50-d64-fp16", 2, 4, 2, 37, 50, 64, torch.float16, "bhsd", False, "heads-bool", 2),
+    ("heads-float-b1-s29-d32-fp32-causal-bshd", 2, 4, 4, 29, 29, 32, torch.float32, "bshd", True, "heads-float", 1),
+    ("heads-one-empty-mqa-s24x30-d64-fp32", 2, 2, 1, 24, 30, 64, torch.float32, "bhsd", False, "heads-one-empty", 2),
 ]
 
 
-def make_mask(kind: str, batch: int, seq_k: int, seed: int) -> torch.Tensor:
+def make_mask(kind: str, batch: int, seq_k: int, seed: int, heads: int = 1) -> torch.Tensor:
+    """(batch, seq_k), or (batch, heads, seq_k) for the "heads-" kinds (different per head)."""
     g = torch.Generator().manual_seed(seed)
+    if kind.startswith("heads-"):
+        if kind == "heads-one-empty":  # batch element 0's head 1 sees no key; the rest bool
+            m = torch.rand(batch, heads, seq_k, generator=g) > 0.3
+            m[0, 1] = False
+            return m.to(DEVICE)
+        return torch.stack([make_mask(kind[6:], batch, seq_k, seed + h) for h in range(heads)], dim=1)
     if kind == "bool":
         m = torch.rand(batch, seq_k, generator=g) > 0.3
     elif kind == "prefix":  # a padded prompt: the first L_b keys are valid
@@ -59,7 +70,7 @@ def test_kernel_with_key_mask_against_float64_reference(kernel, case):
     name, b, h, hkv, sq, sk, d, dtype, layout, causal, kind, mb = case
     q, k, v = make_qkv(b, h, sq, d, kv_heads=hkv, seq_k=sk, dtype=dtype, device=DEVICE, layout=layout,
                        seed=len(name))
-    mask = make_mask(kind, mb, sk, seed=sq)
+    mask = make_mask(kind, mb, sk, seed=sq, heads=h)
     inp = build_inputs(q, k, v, layout=layout, causal=causal, key_mask=mask)
     reasons = kernel.not_supported_reasons(replace(inp, grad=True))
     if reasons:
@@ -85,23 +96,38 @@ def test_kernel_with_key_mask_against_float64_reference(kernel, case):
         assert torch.all(out[1] == 0) and torch.all(grads[0][1] == 0)
         if lse is not None:
             assert torch.all(lse[1] == float("-inf"))
+    if kind == "heads-one-empty":  # only batch element 0's head 1 sees no key
+        o, dq = _bhsd(out, layout), _bhsd(grads[0], layout)
+        assert torch.all(o[0, 1] == 0) and torch.all(dq[0, 1] == 0)
+        assert (o[0, 0] != 0).any() and (o[1, 1] != 0).any()
+        if lse is not None:
+            assert torch.all(lse[0, 1] == float("-inf")) and torch.isfinite(lse[0, 0]).all()
 
 
-@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("kind", ["bool", "float", "heads-bool", "heads-float"])
 def test_reference_matches_torch_sdpa_attn_mask(kind):
-    """The key mask means what torch SDPA's attn_mask of shape (B, 1, 1, Sk) means."""
+    """The key mask means what torch SDPA's attn_mask of shape (B, 1, 1, Sk) means, or of shape
+    (B, Hq, 1, Sk) for a per-head one (GQA: the query heads)."""
     q, k, v = (t.double() for t in make_qkv(2, 4, 21, 16, kv_heads=2, seq_k=30, seed=3))
-    mask = make_mask(kind, 2, 30, seed=4).cpu()
-    sdpa_mask = mask[:, None, None, :] if kind == "bool" else mask[:, None, None, :].double()
+    mask = make_mask(kind, 2, 30, seed=4, heads=4).cpu()
+    sdpa_mask = mask[:, None, None, :] if mask.dim() == 2 else mask[:, :, None, :]
+    sdpa_mask = sdpa_mask if sdpa_mask.dtype == torch.bool else sdpa_mask.double()
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, enable_gqa=True)
     torch.testing.assert_close(flash_reference(q, k, v, key_mask=mask), want, atol=1e-12, rtol=0)
+    if mask.dim() == 3:  # a per-head mask whose heads are equal is the 2-D one
+        same = mask[:, :1].expand(-1, 4, -1)
+        torch.testing.assert_close(flash_reference(q, k, v, key_mask=same),
+                                   flash_reference(q, k, v, key_mask=mask[:, 0]), atol=0, rtol=0)
 
 
 def test_bad_key_masks_raise_naming_the_argument():
     q, k, v = make_qkv(2, 2, 9, 16, seq_k=11, device=DEVICE, seed=5)
     good = torch.ones(2, 11, dtype=torch.bool, device=DEVICE)
     attnlib.flash_attention(q, k, v, key_mask=good)
+    attnlib.flash_attention(q, k, v, key_mask=good[:, None, :].expand(2, 2, 11))
     for bad, err in [(good[:, None, None, :], ValueError), (good[:, :10], ValueError),
+                     (torch.ones(2, 3, 11, dtype=torch.bool, device=DEVICE), ValueError),  # 2 heads
+                     (torch.ones(2, 2, 10, dtype=torch.bool, device=DEVICE), ValueError),
                      (torch.ones(3, 11, dtype=torch.bool, device=DEVICE), ValueError),
                      (good.to(torch.int32), TypeError), (good.tolist(), TypeError),
                      (torch.zeros(2, 11, device="meta"), ValueError)]:
@@ -128,10 +154,12 @@ def test_auto_serves_key_masks_and_torch_sdpa_is_never_given_one_with_causal():
     assert "key_mask not supported" in " ".join(cuda.kernel_reasons(build_inputs(q, k, v, key_mask=mask)))
 
 
-@pytest.mark.parametrize("shape", [(2, 1, 1, 29), (1, 1, 1, 29), (1, 29)])
-def test_patched_sdpa_serves_key_only_masks(shape, monkeypatch):
-    """A key-only attn_mask goes to attnlib's kernels (here the torch backend's, forced), with
-    torch's answer; other masks and masks with is_causal stay torch's."""
+@pytest.mark.parametrize("shape,served", [((2, 1, 1, 29), (2, 29)), ((1, 1, 1, 29), (1, 29)), ((1, 29), (1, 29)),
+                                          ((2, 4, 1, 29), (2, 4, 29)), ((4, 1, 29), (1, 4, 29))])
+def test_patched_sdpa_serves_key_only_masks(shape, served, monkeypatch):
+    """A key-only attn_mask (one per head too: (B, Hq, 1, Sk), LTX-Video's) goes to attnlib's
+    kernels (here the torch backend's, forced), with torch's answer; other masks and masks with
+    is_causal stay torch's."""
     from attnlib.integrations import sdpa
 
     q, k, v = make_qkv(2, 4, 23, 32, seq_k=29, seed=8, device=DEVICE)
@@ -142,18 +170,19 @@ def test_patched_sdpa_serves_key_only_masks(shape, monkeypatch):
                         or real(inp, backend))
     with sdpa.patch_sdpa(backend="torch"):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert ran and ran[0] is not None and tuple(ran[0].shape) == (shape[0] if len(shape) == 4 else 1, 29)
+    assert ran and ran[0] is not None and tuple(ran[0].shape) == served
     want = sdpa.TORCH_SDPA(q.double(), k.double(), v.double(), attn_mask=mask)
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=0)
     ran.clear()
     per_row = torch.rand(2, 1, 23, 29, generator=torch.Generator().manual_seed(10)).to(DEVICE) > 0.4
     with sdpa.patch_sdpa(backend="torch"):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=per_row)
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(2, 1, 1, 29) if
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(2, -1, 1, 29) if
                                                          len(shape) == 4 else mask, is_causal=False)
     assert len(ran) == 1  # the per-row mask went to torch
     torch.testing.assert_close(out, sdpa.TORCH_SDPA(q, k, v, attn_mask=per_row))
-    for reason_args in [dict(attn_mask=per_row), dict(attn_mask=mask, is_causal=True),
+    bad_heads = torch.ones(2, 2, 1, 29, dtype=torch.bool, device=DEVICE)  # 2 of 4 heads: torch's error
+    for reason_args in [dict(attn_mask=per_row), dict(attn_mask=mask, is_causal=True), dict(attn_mask=bad_heads),
                         dict(attn_mask=mask.to(torch.float64))]:
         assert sdpa._fallback_reason(q, k, v, reason_args["attn_mask"], 0.0, reason_args.get("is_causal", False),
                                      None, False, "flash") is not None
@@ -162,14 +191,17 @@ def test_patched_sdpa_serves_key_only_masks(shape, monkeypatch):
 
 
 def test_diffusers_router_serves_a_hunyuan_style_key_mask():
-    """diffusers' dispatch_attention_fn with HunyuanVideo's (B, 1, 1, N) bool mask, and a 2-D
-    (B, N) mask (diffusers' own key-mask convention), on attnlib; per-row masks on diffusers."""
+    """diffusers' dispatch_attention_fn with HunyuanVideo's (B, 1, 1, N) bool mask, LTX-Video's
+    (B, H, 1, N) additive one (Attention.prepare_attention_mask repeats the prompt mask per head)
+    and a 2-D (B, N) mask (diffusers' own key-mask convention), on attnlib; per-row masks on
+    diffusers."""
     pytest.importorskip("diffusers")
     from attnlib.integrations import diffusers as dz
 
     q, k, v = (t.transpose(1, 2) for t in make_qkv(2, 4, 25, 32, seed=11, device=DEVICE))  # (B, S, H, D)
     lengths = torch.tensor([25, 18], device=DEVICE)
     mask2 = torch.arange(25, device=DEVICE)[None, :] < lengths[:, None]
+    ltx = ((1 - mask2.float()) * -10000.0)[:, None, :].repeat_interleave(4, dim=0).view(2, 4, 1, 25)
     calls = []
 
     def original(query, key, value, attn_mask=None, *args, **kwargs):
@@ -183,7 +215,7 @@ def test_diffusers_router_serves_a_hunyuan_style_key_mask():
 
     route = dz._Route(method="flash", backend="torch", options={})
     fn = dz._dispatch_router(original, route)
-    for mask in (mask2, mask2[:, None, None, :]):
+    for mask in (mask2, mask2[:, None, None, :], ltx):
         out = fn(q, k, v, attn_mask=mask)
         torch.testing.assert_close(out, sdpa_bshd(q, k, v, mask), atol=2e-5, rtol=0)
     assert calls == []

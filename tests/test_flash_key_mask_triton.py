@@ -1,8 +1,10 @@
 """Triton flash kernels with a key bias (the option key_mask, attnlib/key_mask.py): forward and
 backward launchers against a float64 reference written out here.
 
-The bias is float32 (B or 1, Sk), added to scale * q . k for every head and query row; a row
-whose visible keys are all -inf gives output 0, lse -inf and no gradient. Accuracy follows
+The bias is float32 (B or 1, Sk), added to scale * q . k for every head and query row, or
+(B or 1, Hq or 1, Sk), query head h's bias added to that head's every row (torch SDPA's attn_mask
+of shape (B, Hq, 1, Sk)); a row whose visible keys are all -inf gives output 0, lse -inf and no
+gradient. Accuracy follows
 flash_attn's rule, as tests/test_flash_triton.py: error against float64 at most 2x (gradients
 3x) PyTorch's own in the kernel's dtype. On CPU these run under TRITON_INTERPRET=1, fp16 and
 fp32 only (the interpreter's bf16 tl.dot is wrong).
@@ -28,12 +30,15 @@ NEG_INF = float("-inf")
 
 def attention_with_bias(q, k, v, bias, *, causal: bool, scale: float):
     """(out, lse) of softmax(scale * q k^T + bias) v in the inputs' dtype (float64 for the
-    reference): bias (B or 1, Sk) broadcast over heads and query rows, causal bottom-right
-    aligned, GQA by repeating kv heads. Rows with no finite score give 0 and lse -inf, and no
-    NaN in their gradients (the row max is taken as 0 there)."""
+    reference): bias (B or 1, Sk) broadcast over heads and query rows, or (B or 1, Hq or 1, Sk)
+    broadcast over query rows (and a dimension of 1 over its own), causal bottom-right aligned,
+    GQA by repeating kv heads. Rows with no finite score give 0 and lse -inf, and no NaN in their
+    gradients (the row max is taken as 0 there)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * scale + bias.to(q.dtype)[:, None, None, :]
+    bias = bias.to(q.dtype)
+    bias = bias[:, None, None, :] if bias.dim() == 2 else bias[:, :, None, :]
+    scores = (q @ k.transpose(-1, -2)) * scale + bias
     if causal:
         scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), NEG_INF)
     m = scores.amax(-1, keepdim=True).detach()
@@ -285,5 +290,183 @@ def test_bad_key_bias_is_refused():
     cu = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="varlen"):
         key_bias_args(torch.zeros(1, 12, device=DEVICE), q, k, q, Varlen(cu, cu, 8, 8))
-    assert key_bias_args(torch.zeros(1, 12, device=DEVICE), q, k, q, None)[1:] == (0, True)
-    assert key_bias_args(torch.zeros(2, 12, device=DEVICE), q, k, q, None)[1:] == (12, True)
+    assert key_bias_args(torch.zeros(1, 12, device=DEVICE), q, k, q, None)[1:] == (0, 0, True)
+    assert key_bias_args(torch.zeros(2, 12, device=DEVICE), q, k, q, None)[1:] == (12, 0, True)
+
+
+# ---- a bias per query head: float32 (B or 1, Hq or 1, Sk) ------------------------------------
+def make_head_bias(kind: str, batch: int, heads: int, seq_k: int, seed: int) -> torch.Tensor:
+    """A float32 (batch, heads, seq_k) key bias, different per query head:
+    bool: 0 / -inf, about 40% of keys masked, a different draw per head (key 0 kept);
+    left_pad: head h's first P_h keys masked, P_h different per head and batch element (causal
+    rows that see only those keys are empty in some heads, not in others);
+    float: randn * 2, every key finite;
+    one_head_empty: float, except batch element 1's head 1 whose keys are all -inf."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "bool":
+        masked = torch.rand(batch, heads, seq_k, generator=gen) < 0.4
+        masked[..., 0] = False
+        return torch.zeros(batch, heads, seq_k).masked_fill(masked, NEG_INF)
+    if kind == "left_pad":
+        pads = torch.linspace(seq_k // 2, 0, batch * heads).round().long()
+        pads = pads[torch.randperm(batch * heads, generator=gen)].view(batch, heads, 1)
+        return torch.zeros(batch, heads, seq_k).masked_fill(torch.arange(seq_k) < pads, NEG_INF)
+    bias = 2.0 * torch.randn(batch, heads, seq_k, generator=gen)
+    if kind == "one_head_empty":
+        bias[1, 1] = NEG_INF
+    return bias
+
+
+# (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal, bias kind, bias shape: "BH", "1H" or
+# "B1"); lengths off the block sizes (the interpreter's 32 x 16 / 16 x 32 tiles)
+HEAD_CASES = [
+    (2, 4, 2, 37, 45, 40, False, "bool", "BH"),           # GQA group 2: dK/dV reloads per head
+    (2, 4, 2, 45, 33, 64, True, "left_pad", "BH"),        # seq_q > seq_k: rows empty in some heads
+    (2, 4, 4, 29, 47, 64, True, "float", "BH"),           # MHA (group 1), seq_q < seq_k
+    (2, 4, 1, 31, 43, 64, False, "float", "1H"),          # MQA (group 4), broadcast over the batch
+    (3, 4, 2, 27, 38, 64, False, "one_head_empty", "BH"),
+    (2, 2, 1, 33, 41, 32, True, "bool", "B1"),            # 3-D, one bias for every head
+]
+
+
+def head_case_id(c) -> str:
+    b, hq, hkv, sq, sk, d, causal, kind, shape = c
+    return f"b{b}h{hq}kv{hkv}q{sq}k{sk}d{d}{'-causal' if causal else ''}-{kind}-bias{shape}"
+
+
+def head_case_inputs(case, dtype):
+    b, hq, hkv, sq, sk, d, causal, kind, shape = case
+    seed = sq * 1000 + sk + d + 7
+    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, dtype=dtype, device=DEVICE, seed=seed)
+    bias = make_head_bias(kind, b if shape[0] == "B" else 1, hq if shape[1] == "H" else 1, sk, seed).to(DEVICE)
+    return q, k, v, bias, causal, seed
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", HEAD_CASES, ids=head_case_id)
+def test_forward_backward_with_per_head_key_bias(case, dtype):
+    q, k, v, bias, causal, seed = head_case_inputs(case, dtype)
+    out, lse, dq, dk, dv = check_all(q, k, v, bias, causal=causal, seed=seed)
+    if case[7] == "one_head_empty":  # batch element 1, head 1 sees no key; its other heads do
+        assert torch.all(out[1, 1] == 0) and torch.all(lse[1, 1] == NEG_INF) and torch.all(dq[1, 1] == 0)
+        assert torch.isfinite(lse[1, 0]).all() and torch.isfinite(lse[1, 2:]).all()
+        assert (dq[1, 0] != 0).any() and (dk[1, 0] != 0).any() and (dv[1, 0] != 0).any()
+    if case[7] == "left_pad":  # query rows that see no key in some heads and keys in others
+        empty = lse == NEG_INF
+        assert (empty.any(1) & ~empty.all(1)).any()
+
+
+def test_per_head_key_bias_rows_fully_masked_in_one_head():
+    """The launchers one by one into NaN-filled buffers, a per-head bias that masks every key of
+    one head of one batch element: that head gives output 0, lse -inf and zero dQ; its kv head's
+    dK/dV (GQA group 2) are the other head's alone, every element written and as the reference."""
+    from attnlib.triton_kernels.flash.backward import bwd_dkdv, bwd_dq, bwd_preprocess
+    from attnlib.triton_kernels.flash.forward import flash_fwd
+
+    q, k, v = make_qkv(2, 4, 37, 40, kv_heads=2, seq_k=21, device=DEVICE, seed=6)
+    bias = make_head_bias("one_head_empty", 2, 4, 21, 6).to(DEVICE)
+    scale = 40 ** -0.5
+    out, lse = poison_(torch.empty_like(q)), poison_(torch.empty(q.shape[:3], device=DEVICE))
+    flash_fwd(q, k, v, out, lse, causal=True, scale=scale, key_bias=bias)
+    ref, ref_lse = attention_with_bias(q.double(), k.double(), v.double(), bias, causal=True, scale=scale)
+    assert torch.isfinite(out).all() and not torch.isnan(lse).any()
+    assert torch.all(out[1, 1] == 0) and torch.all(lse[1, 1] == NEG_INF)
+    assert torch.equal(lse == NEG_INF, ref_lse == NEG_INF) and torch.isfinite(lse[1, 0]).any()
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse.double().nan_to_num(neginf=0), ref_lse.nan_to_num(neginf=0), atol=1e-5, rtol=0)
+    dout = torch.randn_like(out)
+    delta = poison_(torch.empty_like(lse))
+    bwd_preprocess(out, dout, delta, None)
+    dq, dk, dv = (poison_(torch.empty_like(t)) for t in (q, k, v))
+    bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal=True, scale=scale, varlen=None, key_bias=bias)
+    bwd_dq(q, k, v, dout, lse, delta, dq, causal=True, scale=scale, varlen=None, key_bias=bias)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = attention_with_bias(*leaves, bias.double(), causal=True, scale=scale)[0]
+    want = torch.autograd.grad(ref, leaves, dout.double())
+    for name, t, w in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
+        assert torch.isfinite(t).all(), f"{name} not fully written"
+        torch.testing.assert_close(t.double(), w, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+    assert torch.all(dq[1, 1] == 0) and (dq[1, 0] != 0).any()
+    assert (dk[1, 0] != 0).any() and (dv[1, 0] != 0).any()  # head 0 of the pair still attends
+
+
+def test_atomic_dq_with_per_head_key_bias(monkeypatch):
+    """The atomic-dQ dK/dV kernel (its loop over the group's query heads reloads the bias per
+    head) matches the deterministic kernels with a per-head bias at GQA group 2, the fully masked
+    head included."""
+    import attnlib.triton_kernels.flash.backward as bw
+
+    monkeypatch.setenv("ATTNLIB_FLASH_ATOMIC_DQ", "1")
+    launches = []
+    real = bw.bwd_dkdv
+    monkeypatch.setattr(bw, "bwd_dkdv", lambda *a, **kw: launches.append(kw.get("dq_acc") is not None)
+                        or real(*a, **kw))
+    q, k, v, bias, causal, _ = head_case_inputs(HEAD_CASES[4], torch.float32)
+    scale = q.shape[-1] ** -0.5
+    out, lse = flash_attn_func(q, k, v, causal=causal, scale=scale, key_bias=bias)
+    dout = torch.randn_like(out)
+    det = flash_bwd(dout, q, k, v, out, lse, causal=causal, scale=scale, key_bias=bias)
+    atomic = flash_bwd(dout, q, k, v, out, lse, causal=causal, scale=scale, key_bias=bias, deterministic=False)
+    assert launches == [False, True]
+    for name, a, d in zip(("dq", "dk", "dv"), atomic, det):
+        assert torch.isfinite(a).all(), f"{name} has non-finite values"
+        torch.testing.assert_close(a, d, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert torch.all(atomic[0][1, 1] == 0)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = attention_with_bias(*leaves, bias.double(), causal=causal, scale=scale)[0]
+    want = torch.autograd.grad(ref, leaves, dout.double())
+    for name, a, w in zip(("dq", "dk", "dv"), atomic, want):
+        torch.testing.assert_close(a.double(), w, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_head_shared_3d_key_bias_is_the_2d_one():
+    """(B, 1, Sk) runs the 2-D bias's kernels (so does (B, Hq, Sk) expanded from it, head stride
+    0: key_bias_args gives both the 2-D strides): the same results bit for bit, forward and
+    backward. The same values copied per head take the per-head kernels (BIAS_PER_HEAD, the dK/dV
+    reload at GQA group 2) and agree."""
+    q, k, v = make_qkv(2, 4, 21, 32, kv_heads=2, seq_k=19, dtype=torch.float16, device=DEVICE, seed=21)
+    scale = 32 ** -0.5
+    bias = make_bias("bool", 2, 19, 21).to(DEVICE)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(22)).to(DEVICE, q.dtype)
+
+    def run(b):
+        out, lse = flash_attn_func(q, k, v, causal=True, scale=scale, key_bias=b)
+        return (out, lse, *flash_bwd(dout, q, k, v, out, lse, causal=True, scale=scale, key_bias=b))
+
+    want = run(bias)
+    got = run(bias[:, None, :])
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    got = run(bias[:, None, :].expand(2, 4, 19).contiguous())
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g, w, msg=lambda m: f"{name}: {m}")
+
+
+def test_autograd_passes_a_per_head_bias_to_the_backward():
+    q, k, v, bias, causal, _ = head_case_inputs(HEAD_CASES[3], torch.float32)
+    scale = q.shape[-1] ** -0.5
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = flash_attn_func(*leaves, causal=causal, scale=scale, key_bias=bias)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad([out, lse], leaves, [dout, dlse])
+    want = flash_bwd(dout, q, k, v, out.detach(), lse.detach(), causal=causal, scale=scale, dlse=dlse, key_bias=bias)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert torch.equal(g, w), name
+
+
+def test_bad_per_head_key_bias_is_refused():
+    from attnlib.triton_kernels.flash.common import Varlen, key_bias_args
+
+    q, k, v = make_qkv(2, 2, 8, 16, seq_k=12, device=DEVICE)
+    for bad in (torch.zeros(2, 3, 12), torch.zeros(3, 2, 12), torch.zeros(2, 2, 11), torch.zeros(2, 2, 1, 12),
+                torch.zeros(2, 2, 24)[..., ::2], torch.zeros(2, 2, 12, dtype=torch.float16), torch.zeros(12)):
+        with pytest.raises(ValueError, match="key_bias"):
+            key_bias_args(bad.to(DEVICE), q, k, q, None)
+    cu = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="varlen"):
+        key_bias_args(torch.zeros(1, 2, 12, device=DEVICE), q, k, q, Varlen(cu, cu, 8, 8))
+    # (pointer, batch stride, head stride, HAS_KEY_BIAS): a dimension of 1, or of stride 0, broadcasts
+    assert key_bias_args(torch.zeros(2, 2, 12, device=DEVICE), q, k, q, None)[1:] == (24, 12, True)
+    assert key_bias_args(torch.zeros(1, 2, 12, device=DEVICE), q, k, q, None)[1:] == (0, 12, True)
+    assert key_bias_args(torch.zeros(2, 1, 12, device=DEVICE), q, k, q, None)[1:] == (12, 0, True)
+    assert key_bias_args(torch.zeros(2, 1, 12, device=DEVICE).expand(2, 2, 12), q, k, q, None)[1:] == (12, 0, True)
+    assert key_bias_args(torch.zeros(2, 2, 20, device=DEVICE)[..., :12], q, k, q, None)[1:] == (40, 20, True)

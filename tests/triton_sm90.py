@@ -55,6 +55,7 @@ def compile_kernel(kernel, dtype: str, const: dict, num_warps: int, num_stages: 
     const = dict(const)
     if "HAS_KEY_BIAS" in fn.arg_names:  # the flash kernels: no key bias unless the case says so
         const.setdefault("HAS_KEY_BIAS", False)
+        const.setdefault("BIAS_PER_HEAD", False)
     for name in fn.arg_names:
         if name.startswith("stride") and name.endswith("d"):
             const[name] = 1
@@ -373,6 +374,8 @@ def main() -> None:
     parser.add_argument("--varlen", action="store_true", help="flash: compile the packed-sequence (varlen) variants")
     parser.add_argument("--key-bias", action="store_true", help="flash: compile the variants with a key bias "
                         "(the option key_mask, HAS_KEY_BIAS)")
+    parser.add_argument("--bias-per-head", action="store_true", help="flash: with --key-bias, a bias per query "
+                        "head (BIAS_PER_HEAD)")
     parser.add_argument("--tma", action="store_true",
                         help="flash: compile the tensor-descriptor forward (ATTNLIB_FLASH_TMA=1) instead of the "
                              "default kernels; records also count TMA copies and wgmma in the PTX")
@@ -425,7 +428,7 @@ def main() -> None:
             else:
                 bm, bn, warps, stages = config
                 const.update(VARLEN=args.varlen, PREC="tf32x3" if dtype == "fp32" else "tf32",
-                             HAS_KEY_BIAS=args.key_bias)
+                             HAS_KEY_BIAS=args.key_bias, BIAS_PER_HEAD=args.key_bias and args.bias_per_head)
                 if which.startswith("dkdv"):
                     const["ATOMIC_DQ"] = which == "dkdv_dq"
                 r = compile_sm90(kernel, dtype, const, bm, bn, warps, stages)

@@ -44,8 +44,9 @@ and is process-wide, so it cannot carry per-model attnlib methods and options; i
 and a backend the user set with ``set_attention_backend`` still serves the calls attnlib leaves
 to diffusers (an attention mask other than a key mask, context parallelism, extra attention
 kwargs, dropout, and anything else attnlib cannot compute exactly, such as a zero or negative
-scale). A key mask (HunyuanVideo's (B, 1, 1, N) padded prompt, or diffusers' 2-D (B, N) form)
-runs on attnlib's flash kernels as ``key_mask`` (attnlib/key_mask.py) with method flash.
+scale). A key mask (HunyuanVideo's (B, 1, 1, N) padded prompt, LTX-Video's and Sana's (B, Hq, 1,
+N), or diffusers' 2-D (B, N) form) runs on attnlib's flash kernels as ``key_mask``
+(attnlib/key_mask.py) with method flash.
 """
 from __future__ import annotations
 
@@ -172,16 +173,17 @@ def _dispatch_router(original: Callable, route: _Route) -> Callable:
 
 
 def _key_mask_4d(attn_mask, query, key):
-    """diffusers' attention mask as torch SDPA's (B or 1, 1, 1, Sk) key mask when it is one, else
-    None. q/k are (batch, seq, heads, head_dim). diffusers' native backend reads a 2-D mask of
-    shape (batch, seq_k) as a key mask (HunyuanVideo's padded prompt arrives as (B, 1, 1, N));
-    other shapes follow SDPA's broadcasting."""
+    """diffusers' attention mask as torch SDPA's (B or 1, Hq or 1, 1, Sk) key mask when it is one,
+    else None. q/k are (batch, seq, heads, head_dim). diffusers' native backend reads a 2-D mask of
+    shape (batch, seq_k) as a key mask (HunyuanVideo's padded prompt arrives as (B, 1, 1, N),
+    LTX-Video's and Sana's prompt masks, repeated per head by Attention.prepare_attention_mask, as
+    (B, Hq, 1, N)); other shapes follow SDPA's broadcasting."""
     if not isinstance(attn_mask, torch.Tensor) or query.dim() != 4 or key.dim() != 4:
         return None
     batch, seq_k = query.shape[0], key.shape[1]
     if attn_mask.dim() == 2 and tuple(attn_mask.shape) == (batch, seq_k):
         return attn_mask[:, None, None, :]
-    if key_only_mask(attn_mask, batch, seq_k) is None:
+    if key_only_mask(attn_mask, batch, query.shape[2], seq_k) is None:
         return None
     return attn_mask
 

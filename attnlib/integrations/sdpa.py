@@ -1,7 +1,7 @@
 """torch SDPA compatibility: attnlib.scaled_dot_product_attention and patch_sdpa.
 
 The drop-in function keeps torch's exact semantics. Calls attnlib can serve exactly (no mask or,
-for method flash, a key mask of shape (B or 1, 1, 1, Sk) without is_causal; no dropout; causal
+for method flash, a key mask of shape (B or 1, Hq or 1, 1, Sk) without is_causal; no dropout; causal
 only with equal lengths because torch's is_causal is top-left aligned; 4-D inputs, a finite
 positive scale, at least one head) go through the dispatcher; every other
 call goes to torch's own kernel (the builtin, never a patched function), with the reason logged
@@ -132,8 +132,8 @@ def _mask_reason(attn_mask, query, key, is_causal, method) -> str | None:
         return "a floating attn_mask of another dtype than the query's (torch's rule, or autocast's cast)"
     if attn_mask.device != query.device or attn_mask.requires_grad:
         return "an attn_mask on another device or requiring grad"
-    if query.dim() != 4 or key_only_mask(attn_mask, query.shape[0], key.shape[2]) is None:
-        return "an attn_mask that is not a key mask of shape (batch or 1, 1, 1, seq_k)"
+    if query.dim() != 4 or key_only_mask(attn_mask, query.shape[0], query.shape[1], key.shape[2]) is None:
+        return "an attn_mask that is not a key mask of shape (batch or 1, heads or 1, 1, seq_k)"
     return None
 
 
@@ -219,7 +219,8 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         if "key_mask" in method_options:
             reason = "an attn_mask beside the key_mask option"
         else:  # a key mask (_mask_reason): flash's option
-            method_options = dict(method_options, key_mask=key_only_mask(attn_mask, query.shape[0], key.shape[2]))
+            method_options = dict(method_options, key_mask=key_only_mask(attn_mask, *query.shape[:2],
+                                                                                   key.shape[2]))
     if reason is None:
         scale = None if scale is None else float(scale)  # NumPy scalars: a Python float for the op
         call = dict(method=method, backend=backend, causal=is_causal, scale=scale, **method_options)

@@ -14,6 +14,7 @@ import torch
 
 from ..dispatch import Kernel, register
 from ..inputs import AttentionInputs
+from ..key_mask import per_head
 
 
 class FlashSDPA(Kernel):
@@ -87,13 +88,13 @@ class FlashSDPA(Kernel):
 
 
 def sdpa_mask(inp: AttentionInputs):
-    """The call's key mask (attnlib/key_mask.py) as torch SDPA's attn_mask (B or 1, 1, 1, Sk); None
+    """The call's key mask (attnlib/key_mask.py) as torch SDPA's attn_mask (B or 1, Hq or 1, 1, Sk); None
     without one. A floating one is served only in the inputs' dtype (extra_reasons); the cast is
     for rank's probe, which runs before those reasons."""
     mask = inp.options.get("key_mask")
     if mask is None:
         return None
-    mask = mask[:, None, None, :]
+    mask = per_head(mask)[:, :, None, :]
     return mask if mask.dtype == torch.bool else mask.to(inp.dtype)
 
 

@@ -66,14 +66,15 @@ RowMask = Callable[[int, int, int], torch.Tensor]
 
 def _scores(inp: AttentionInputs, qc: torch.Tensor, kc: torch.Tensor, r0: int, r1: int,
             blocked: RowMask | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """scale * q_chunk @ k^T (+ the key bias, key_mask.key_bias's (B or 1, Sk)) in float32,
+    """scale * q_chunk @ k^T (+ the key bias, key_mask.key_bias's (B or 1, Hq or 1, Sk)) in float32,
     (B, Hkv, group * rows, kend), causal positions and those blocked(r0, r1, kend) names -inf."""
     s = torch.matmul(qc, kc.transpose(-1, -2)).mul_(inp.scale)
     kend, offset = kc.shape[2], inp.seq_k - inp.seq_q
     b, hkv, rows = s.shape[0], s.shape[1], r1 - r0
     s5 = s.view(b, hkv, -1, rows, kend)  # (B, Hkv, group, rows, kend)
     if bias is not None:
-        s5.add_(bias[:, None, None, None, :kend])
+        heads = (hkv, s5.shape[2]) if bias.shape[1] > 1 else (1, 1)  # per query head, or broadcast
+        s5.add_(bias.view(bias.shape[0], *heads, 1, -1)[..., :kend])
     if inp.causal and kend - 1 > r0 + offset:  # the chunk's first row misses some of its keys
         i = torch.arange(r0, r1, device=s.device)[:, None]
         j = torch.arange(kend, device=s.device)[None, :]

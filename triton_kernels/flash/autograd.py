@@ -1,8 +1,8 @@
 """torch.autograd.Function over the Triton flash kernels (dense bhsd and packed varlen).
 
 Saves q, k, v, o and lse only (nothing N x N). lse is differentiable too: its gradient folds
-into the backward's delta term at no extra cost. An optional key bias (float32 (B or 1, Sk), added
-to scale * q . k) is saved too and gets no gradient.
+into the backward's delta term at no extra cost. An optional key bias (float32 (B or 1, Sk), or
+(B or 1, Hq or 1, Sk) per query head, added to scale * q . k) is saved too and gets no gradient.
 """
 from __future__ import annotations
 
@@ -48,8 +48,10 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """(out, lse) for bhsd views q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D); differentiable in q, k, v.
 
     new_output allocates the bhsd output view (default: contiguous bhsd like q). key_bias (dense
-    only): float32 (B or 1, Sk), added to scale * q . k for every head and query row (natural-log
-    units, as torch SDPA's float attn_mask); a row whose keys are all -inf gives 0 and lse -inf.
+    only): float32 (B or 1, Sk), added to scale * q . k for every head and query row, or
+    (B or 1, Hq or 1, Sk), query head h's bias added to that head's every row (natural-log units,
+    as torch SDPA's float attn_mask of shape (B, Hq, 1, Sk)); a dimension of 1 is broadcast, and
+    a row whose keys are all -inf gives 0 and lse -inf.
     """
     if new_output is None:
         def new_output():

@@ -13,8 +13,9 @@ summed without atomics), and then dQ one of two ways:
   bench/results/nvidia-h200/) forward + backward took 1.17-1.42x the deterministic path's time
   at hd64/128, 4k-32k tokens, causal or not.
 
-An optional per-key bias (key_bias, float32 (B or 1, Sk), the forward's) enters every recomputed
-score; rows that saw no finite key (lse -inf) get no gradient. Nothing N x N is stored."""
+An optional key bias (key_bias, the forward's: float32 (B or 1, Sk) shared by the heads, or
+(B or 1, Hq or 1, Sk) per query head) enters every recomputed score; rows that saw no finite key
+(lse -inf) get no gradient. Nothing N x N is stored."""
 from __future__ import annotations
 
 from typing import Optional
@@ -66,17 +67,26 @@ def _bwd_preprocess_kernel(O, DO, DELTA, CU_Q,
 def _dkdv_block(dk, dv, b_k, b_v, q_base, do_base, lse_base, delta_base, dq_base, tile_q, tile_do, tile_dq,
                 offs_m0, offs_n, n_ok, d_ok, t, n_blocks, lo, mid, seq_q, diag, scale, qk_scale,
                 stride_qh, stride_qm, stride_doh, stride_dom, stride_lh, stride_lm, stride_dqh, stride_dqm,
-                key_bias2, CHECK_D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr, HAS_KEY_BIAS: tl.constexpr):
+                key_bias2, key_bias, stride_biash, CHECK_D: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, ATOMIC_DQ: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
+                BIAS_PER_HEAD: tl.constexpr):
     """Step t of the flattened (query head of the group, query block) loop of one key block; with
     ATOMIC_DQ also adds scale * dS K to the fp32 dQ buffer. key_bias2: the key block's bias in
-    log2 units (read with HAS_KEY_BIAS only)."""
+    log2 units (read with HAS_KEY_BIAS only); with BIAS_PER_HEAD it is loaded here instead, the
+    step's query head's, from key_bias (the group's first head's bias row, head stride
+    stride_biash)."""
     g = t // n_blocks
     start_m = lo + (t - g * n_blocks) * BLOCK_M
     offs_m = start_m + offs_m0
     m_ok = offs_m < seq_q
     g64 = g.to(tl.int64)
     m64 = start_m.to(tl.int64)
+    if BIAS_PER_HEAD:
+        # loaded every step, BLOCK_N floats the pipeliner prefetches with the Q tile (at group 1
+        # the same row each time). Compiled for sm_90, a copy carried across the loop and reloaded
+        # only where the head changes took as many registers or more and spilled more (hd256
+        # with ATOMIC_DQ: 24 bytes against 8).
+        key_bias2 = key_bias_log2(key_bias + g64 * stride_biash, offs_n, n_ok, True)
     lse_off = g64 * stride_lh + offs_m * stride_lm
     dk, dv, ds_t = dkdv_stream_block(dk, dv, b_k, b_v,
                                      q_base + (g64 * stride_qh + m64 * stride_qm) + tile_q,
@@ -104,15 +114,17 @@ def _dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_lb, stride_lh, stride_lm, stride_biasb,
+    stride_lb, stride_lh, stride_lm, stride_biasb, stride_biash,
     seq_q, seq_k, group, scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, BIAS_PER_HEAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (key blocks, kv heads, batch); sums over the group query heads of each kv head. With
     ATOMIC_DQ, DQ_ACC is a zeroed fp32 buffer shaped like Q that receives every dQ share. With
-    HAS_KEY_BIAS, KEY_BIAS (float32, batch stride stride_biasb) is added to every score."""
+    HAS_KEY_BIAS, KEY_BIAS (float32, batch stride stride_biasb) is added to every score; with
+    BIAS_PER_HEAD each query head has its own (head stride stride_biash, read only then: a
+    head-shared bias compiles as before there was one per head)."""
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
@@ -137,16 +149,20 @@ def _dkdv_kernel(
                     + offs_j[:, None] * stride_vn + offs_d[None, :] * stride_vd, n_ok, d_ok, True, D_PAD != HEAD_DIM)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    # the resident keys' bias is the same for every query block: loaded once
+    # a head-shared bias of the resident keys is the same for every query block: loaded once; one
+    # per query head is loaded in the loop (_dkdv_block), each step its query head's
+    key_bias = KEY_BIAS + b64 * stride_biasb
     key_bias2 = 0.0
-    if HAS_KEY_BIAS:
-        key_bias2 = key_bias_log2(KEY_BIAS + b64 * stride_biasb, offs_n, n_ok, True)
+    if HAS_KEY_BIAS and not BIAS_PER_HEAD:
+        key_bias2 = key_bias_log2(key_bias, offs_n, n_ok, True)
     diag = seq_k - seq_q
     lo, mid, _, hi = key_query_range(start_n, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
     # One flat loop over (query head of the group, query block): a loop over heads around the
     # block loop made ptxas keep the wgmma accumulators twice and spill (measured for sm_90:
     # 255 registers + 0.4-2.5 KB spills per thread, against 138-166 registers flat at hd64).
     h0 = kvh64 * group
+    if BIAS_PER_HEAD:
+        key_bias += h0 * stride_biash
     q_base = Q + b64 * stride_qb + h0 * stride_qh + q_start * stride_qm
     do_base = DO + b64 * stride_dob + h0 * stride_doh + q_start * stride_dom
     l_base = b64 * stride_lb + h0 * stride_lh + q_start * stride_lm
@@ -159,8 +175,8 @@ def _dkdv_kernel(
         dk, dv = _dkdv_block(dk, dv, b_k, b_v, q_base, do_base, LSE + l_base, DELTA + l_base, dq_base,
                              tile_q, tile_do, tile_dq, offs_m0, offs_n, n_ok, d_ok, t, n_blocks, lo, mid, seq_q,
                              diag, scale, qk_scale, stride_qh, stride_qm, stride_doh, stride_dom,
-                             stride_lh, stride_lm, stride_dqh, stride_dqm, key_bias2,
-                             D_PAD != HEAD_DIM, CAUSAL, PREC, BLOCK_M, ATOMIC_DQ, HAS_KEY_BIAS)
+                             stride_lh, stride_lm, stride_dqh, stride_dqm, key_bias2, key_bias, stride_biash,
+                             D_PAD != HEAD_DIM, CAUSAL, PREC, BLOCK_M, ATOMIC_DQ, HAS_KEY_BIAS, BIAS_PER_HEAD)
     dk_ptrs = (DK + b64 * stride_dkb + kvh64 * stride_dkh + row0 * stride_dkn
                + offs_j[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)
     dv_ptrs = (DV + b64 * stride_dvb + kvh64 * stride_dvh + row0 * stride_dvn
@@ -207,13 +223,15 @@ def flash_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_lb, stride_lh, stride_lm, stride_biasb,
+    stride_lb, stride_lh, stride_lm, stride_biasb, stride_biash,
     seq_q, seq_k, group, scale, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    PREC: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, BIAS_PER_HEAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Grid (query blocks, query heads, batch). With HAS_KEY_BIAS, KEY_BIAS (float32, batch
-    stride stride_biasb) is added to every score."""
+    stride stride_biasb) is added to every score; with BIAS_PER_HEAD each query head has its own
+    (head stride stride_biash, read only then)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -245,6 +263,8 @@ def flash_bwd_dq_kernel(
     v_ptrs = (V + b64 * stride_vb + kvh64 * stride_vh + k_start * stride_vn
               + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
     key_bias = KEY_BIAS + b64 * stride_biasb
+    if BIAS_PER_HEAD:
+        key_bias += h64 * stride_biash
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     diag = seq_k - seq_q
     full_end, hi = query_key_range(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
@@ -274,11 +294,11 @@ def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor, delta: torch.Tensor, v
 def bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, *, causal: bool, scale: float, varlen: Optional[Varlen],
              dq_acc: Optional[torch.Tensor] = None, key_bias: Optional[torch.Tensor] = None) -> None:
     """dK, dV; with dq_acc (a zeroed fp32 tensor shaped like q) also dQ, added into it atomically.
-    key_bias: the forward's (float32 (B or 1, Sk), dense only)."""
+    key_bias: the forward's (float32 (B or 1, Sk) or (B or 1, Hq or 1, Sk), dense only)."""
     batch, max_q, max_k = geometry(q, k, varlen)
     heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[3]
     cu_q, cu_k = cu_pointers(q, varlen)
-    bias, stride_biasb, has_bias = key_bias_args(key_bias, q, k, lse, varlen)
+    bias, stride_biasb, stride_biash, has_bias = key_bias_args(key_bias, q, k, lse, varlen)
 
     def grid(meta):
         return (cdiv(max_k, meta["BLOCK_N"]), heads_kv, batch)
@@ -289,10 +309,10 @@ def bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, *, causal: bool, scale: float, v
         q, k, v, dout, lse, delta, dk, dv, dq_arg, cu_q, cu_k, bias,
         *strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(dout, varlen),
         *strides4(dk, varlen), *strides4(dv, varlen), *strides4(dq_arg, varlen),
-        *strides3(lse, varlen), stride_biasb, max_q, max_k, heads_q // heads_kv, scale, scale * LOG2E,
-        HEAD_DIM=head_dim, D_PAD=configs.padded_head_dim(head_dim), CAUSAL=causal,
+        *strides3(lse, varlen), stride_biasb, stride_biash, max_q, max_k, heads_q // heads_kv, scale,
+        scale * LOG2E, HEAD_DIM=head_dim, D_PAD=configs.padded_head_dim(head_dim), CAUSAL=causal,
         VARLEN=varlen is not None, PREC=dot_precision(q.dtype), ATOMIC_DQ=dq_acc is not None,
-        HAS_KEY_BIAS=has_bias)
+        HAS_KEY_BIAS=has_bias, BIAS_PER_HEAD=stride_biash != 0)
 
 
 def bwd_dq(q, k, v, dout, lse, delta, dq, *, causal: bool, scale: float, varlen: Optional[Varlen],
@@ -300,7 +320,7 @@ def bwd_dq(q, k, v, dout, lse, delta, dq, *, causal: bool, scale: float, varlen:
     batch, max_q, max_k = geometry(q, k, varlen)
     heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[3]
     cu_q, cu_k = cu_pointers(q, varlen)
-    bias, stride_biasb, has_bias = key_bias_args(key_bias, q, k, lse, varlen)
+    bias, stride_biasb, stride_biash, has_bias = key_bias_args(key_bias, q, k, lse, varlen)
 
     def grid(meta):
         return (cdiv(max_q, meta["BLOCK_M"]), heads_q, batch)
@@ -308,10 +328,11 @@ def bwd_dq(q, k, v, dout, lse, delta, dq, *, causal: bool, scale: float, varlen:
     flash_bwd_dq_kernel[grid](
         q, k, v, dout, lse, delta, dq, cu_q, cu_k, bias,
         *strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(dout, varlen),
-        *strides4(dq, varlen), *strides3(lse, varlen), stride_biasb,
+        *strides4(dq, varlen), *strides3(lse, varlen), stride_biasb, stride_biash,
         max_q, max_k, heads_q // heads_kv, scale, scale * LOG2E,
         HEAD_DIM=head_dim, D_PAD=configs.padded_head_dim(head_dim), CAUSAL=causal,
-        VARLEN=varlen is not None, PREC=dot_precision(q.dtype), HAS_KEY_BIAS=has_bias)
+        VARLEN=varlen is not None, PREC=dot_precision(q.dtype), HAS_KEY_BIAS=has_bias,
+        BIAS_PER_HEAD=stride_biash != 0)
 
 
 def _atomic_fits(q: torch.Tensor) -> bool:
@@ -326,7 +347,8 @@ def flash_bwd(dout, q, k, v, out, lse, *, causal: bool, scale: float, varlen: Op
               dlse: Optional[torch.Tensor] = None, deterministic: bool = True,
               key_bias: Optional[torch.Tensor] = None):
     """dq, dk, dv (in q/k/v's dtype and strides where dense) from dout and the saved forward.
-    key_bias: the forward's (float32 (B or 1, Sk), dense only); no gradient flows into it.
+    key_bias: the forward's (float32 (B or 1, Sk) or (B or 1, Hq or 1, Sk), dense only); no
+    gradient flows into it.
 
     dlse, the gradient flowing into lse, folds into delta: d lse / d s = P, so
     dS = P * (dP - (rowsum(dO * O) - dlse)). deterministic=False permits dQ formed inside the

@@ -1,6 +1,6 @@
 """Pieces shared by the flash forward and backward kernels: sequence bounds (dense or varlen),
-masked tile loads/stores, the optional per-key bias, and the host-side geometry (strides, grid
-sizes) of a call."""
+masked tile loads/stores, the optional key bias (per key, shared by the heads or per query head),
+and the host-side geometry (strides, grid sizes) of a call."""
 from __future__ import annotations
 
 import math
@@ -64,21 +64,29 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def key_bias_args(key_bias: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-                  placeholder: torch.Tensor, varlen: Optional[Varlen]) -> tuple[torch.Tensor, int, bool]:
-    """(pointer, batch stride, HAS_KEY_BIAS) of a call's key bias for the kernels: float32
-    (B or 1, Sk), added to scale * q . k; a batch of 1 is broadcast (stride 0). Without a bias the
-    float32 placeholder stands in as a never-read pointer."""
+                  placeholder: torch.Tensor, varlen: Optional[Varlen]) -> tuple[torch.Tensor, int, int, bool]:
+    """(pointer, batch stride, head stride, HAS_KEY_BIAS) of a call's key bias for the kernels:
+    float32 (B or 1, Sk) or (B or 1, Hq or 1, Sk) with unit key stride, added to scale * q . k
+    (the bias of query head h to that head's every query row, as torch SDPA's attn_mask of shape
+    (B, Hq, 1, Sk); the 2-D form is (B or 1, 1, Sk)). A dimension of 1 is broadcast (stride 0);
+    a head stride of 0 means one bias for every head, which the kernels compile as the 2-D form
+    (BIAS_PER_HEAD = head stride != 0). Without a bias the float32 placeholder stands in as a
+    never-read pointer."""
     if key_bias is None:
-        return placeholder, 0, False
+        return placeholder, 0, 0, False
     if varlen is not None:
         raise ValueError("the flash kernels take no key bias with packed (varlen) sequences")
-    batch, seq_k = q.shape[0], k.shape[2]
-    if (key_bias.dtype != torch.float32 or key_bias.dim() != 2 or key_bias.shape[1] != seq_k
-            or key_bias.shape[0] not in (1, batch) or key_bias.stride(1) != 1 or key_bias.device != q.device):
-        raise ValueError(f"key_bias must be a float32 ({batch} or 1, {seq_k}) tensor with unit key stride on "
-                         f"{q.device}, got {key_bias.dtype} {tuple(key_bias.shape)} strides {key_bias.stride()} "
-                         f"on {key_bias.device}")
-    return key_bias, (key_bias.stride(0) if key_bias.shape[0] > 1 else 0), True
+    batch, heads, seq_k = q.shape[0], q.shape[1], k.shape[2]
+    rank = key_bias.dim()
+    if (key_bias.dtype != torch.float32 or rank not in (2, 3) or key_bias.shape[-1] != seq_k
+            or key_bias.shape[0] not in (1, batch) or (rank == 3 and key_bias.shape[1] not in (1, heads))
+            or key_bias.stride(-1) != 1 or key_bias.device != q.device):
+        raise ValueError(f"key_bias must be a float32 ({batch} or 1, {seq_k}) or ({batch} or 1, {heads} or 1, "
+                         f"{seq_k}) tensor with unit key stride on {q.device}, got {key_bias.dtype} "
+                         f"{tuple(key_bias.shape)} strides {key_bias.stride()} on {key_bias.device}")
+    stride_b = key_bias.stride(0) if key_bias.shape[0] > 1 else 0
+    stride_h = key_bias.stride(1) if rank == 3 and key_bias.shape[1] > 1 else 0
+    return key_bias, stride_b, stride_h, True
 
 
 @triton.jit
@@ -189,8 +197,9 @@ def padded_lse2(lse_ptrs, m_ok, HAS_KEY_BIAS: tl.constexpr):
 
 @triton.jit
 def key_bias_log2(KEY_BIAS, cols, keys_ok, MASK: tl.constexpr):
-    """The key bias of keys `cols` (KEY_BIAS points at the sequence's key 0) in log2 units, as the
-    exp2-domain scores take it; 0 for keys past the sequence, which MASK-ed callers drop anyway."""
+    """The key bias of keys `cols` (KEY_BIAS points at key 0 of the sequence's, and the query
+    head's, bias row) in log2 units, as the exp2-domain scores take it; 0 for keys past the
+    sequence, which MASK-ed callers drop anyway."""
     if MASK:
         bias = tl.load(KEY_BIAS + cols, mask=keys_ok, other=0.0)
     else:
@@ -204,8 +213,9 @@ def attend_key_block(acc, l_i, m_i, b_q, k_ptrs, v_ptrs, offs_m, cols, d_ok, seq
                      KEY_BIAS=None, HAS_KEY_BIAS: tl.constexpr = False):
     """Fold one key block (keys `cols`, tiles at k_ptrs/v_ptrs) into the running base-2 online
     softmax (acc, l_i, m_i); MASK applies the key-tail and causal masks. HAS_KEY_BIAS adds the
-    bias at KEY_BIAS (the sequence's key 0) to the scaled scores; a row whose keys so far are all
-    -inf keeps m = -inf and l = 0, as a row that has seen no key."""
+    bias at KEY_BIAS (key 0 of the sequence's, and the query head's, bias row) to the scaled
+    scores; a row whose keys so far are all -inf keeps m = -inf and l = 0, as a row that has seen
+    no key."""
     n_ok = cols < seq_k
     b_k = load_tile(k_ptrs, n_ok, d_ok, MASK, CHECK_D)
     qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
@@ -243,8 +253,9 @@ def dq_key_block(dq, b_q, b_do, lse2, delta, k_ptrs, v_ptrs, offs_m, cols, d_ok,
                  CHECK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
                  KEY_BIAS=None, HAS_KEY_BIAS: tl.constexpr = False):
     """Accumulate one key block's contribution to dQ (unscaled) of a resident query block;
-    HAS_KEY_BIAS adds the bias at KEY_BIAS (the sequence's key 0) to the scaled scores. A row
-    with no visible key has lse2 = +inf, so its p is 0 whatever the bias (never inf - inf)."""
+    HAS_KEY_BIAS adds the bias at KEY_BIAS (key 0 of the sequence's, and the query head's, bias
+    row) to the scaled scores. A row with no visible key has lse2 = +inf, so its p is 0 whatever
+    the bias (never inf - inf)."""
     n_ok = cols < seq_k
     b_k = load_tile(k_ptrs, n_ok, d_ok, MASK, CHECK_D)
     b_v = load_tile(v_ptrs, n_ok, d_ok, MASK, CHECK_D)
@@ -309,10 +320,10 @@ def dkdv_stream_block(dk, dv, b_k, b_v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, o
     be finite). Pointers are built by the caller per block from a scalar base and loop-invariant
     tile offsets, so no pointer tensor is carried across iterations.
 
-    HAS_KEY_BIAS adds key_bias2, the resident keys' bias in log2 units, to the scaled scores. A
-    query row past seq_q then scores its key's bias, whose exp2 may be inf (and inf * 0 = NaN in
-    dV): padded_lse2 gives such rows p = 0 instead. So are rows with no visible key (lse -inf,
-    log2_lse +inf), whatever the bias.
+    HAS_KEY_BIAS adds key_bias2, the resident keys' bias in log2 units (q_ptrs' query head's), to
+    the scaled scores. A query row past seq_q then scores its key's bias, whose exp2 may be inf
+    (and inf * 0 = NaN in dV): padded_lse2 gives such rows p = 0 instead. So are rows with no
+    visible key (lse -inf, log2_lse +inf), whatever the bias.
     """
     b_q = load_tile(q_ptrs, m_ok, d_ok, True, CHECK_D)
     lse2 = padded_lse2(lse_ptrs, m_ok, HAS_KEY_BIAS)

@@ -107,10 +107,11 @@ SMEM_BUDGET = 170 * 1024  # bytes of the estimate, leaving room below H100's 227
 H100_SMEM = 227 * 1024    # the opt-in shared memory per block (sm_90) the tables and SMEM_BUDGET were fitted to
 # The autotuner re-tunes when one of these changes: the real head dim (72 and 96 both pad to 128
 # but mask different columns, so their best tiles may differ), causal, varlen, a key bias (its
-# scores are scaled before the row max: other registers). The dtype needs no entry: Triton's
+# scores are scaled before the row max: other registers), one per query head (the dK/dV kernel
+# loads it in its loop: other registers again). The dtype needs no entry: Triton's
 # Autotuner.run (3.6, runtime/autotuner.py) appends str(arg.dtype) of every tensor argument to the
 # key (tests/test_flash_triton.py checks both); it skips names a kernel lacks.
-AUTOTUNE_KEY = ["HEAD_DIM", "D_PAD", "CAUSAL", "VARLEN", "HAS_KEY_BIAS"]
+AUTOTUNE_KEY = ["HEAD_DIM", "D_PAD", "CAUSAL", "VARLEN", "HAS_KEY_BIAS", "BIAS_PER_HEAD"]
 
 # Forward on tensor descriptors (forward_tma.py, ATTNLIB_FLASH_TMA=1): (BLOCK_M, BLOCK_N,
 # num_warps, num_stages, warp_specialize). The first entries are FWD_H100's tiles, so a run with

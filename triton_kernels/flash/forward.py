@@ -1,7 +1,8 @@
 """FlashAttention-2 forward in Triton: the kernel (Q tile resident, K/V streamed, base-2 online
 softmax) and its launcher. Writes O in the input dtype and lse (natural log, float32). An
-optional per-key bias (key_bias, float32 (B or 1, Sk)) is added to scale * q . k; a row whose keys
-are all -inf gets output 0 and lse -inf, as a row with no visible key.
+optional key bias (key_bias, float32 (B or 1, Sk) shared by the heads, or (B or 1, Hq or 1, Sk)
+per query head) is added to scale * q . k; a row whose keys are all -inf gets output 0 and lse
+-inf, as a row with no visible key.
 
 With ATTNLIB_FLASH_TMA=1 the launcher hands dense fp16/bf16 calls that tensor descriptors can
 express to forward_tma.py (the Hopper TMA variant, same results, no key bias); fwd_variant says
@@ -52,14 +53,16 @@ def flash_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_lb, stride_lh, stride_lm, stride_biasb,
+    stride_lb, stride_lh, stride_lm, stride_biasb, stride_biash,
     seq_q, seq_k, group, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-    PREC: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, HAS_KEY_BIAS: tl.constexpr, BIAS_PER_HEAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Grid (query blocks, query heads, batch). group = Hq // Hkv (GQA by index mapping).
     HAS_KEY_BIAS: KEY_BIAS (float32, batch stride stride_biasb) is added to the scores of every
-    head and query row (dense calls only)."""
+    query row (dense calls only); with BIAS_PER_HEAD each query head has its own (head stride
+    stride_biash, read only then: a head-shared bias compiles as before there was one per head)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -87,6 +90,8 @@ def flash_fwd_kernel(
               + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
     b_q = load_tile(q_ptrs, m_ok, d_ok, True, D_PAD != HEAD_DIM)
     key_bias = KEY_BIAS + b64 * stride_biasb
+    if BIAS_PER_HEAD:
+        key_bias += h64 * stride_biash
 
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -130,7 +135,8 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
               key_bias: Optional[torch.Tensor] = None) -> None:
     """Launch the forward kernel. q/k/v/out are bhsd views (last stride 1; packed varlen tensors
     as (1, H, total, D) views); lse is (B, Hq, Sq) float32, or (Hq, total_q) for varlen.
-    key_bias (dense only): float32 (B or 1, Sk), added to scale * q . k for every head and row."""
+    key_bias (dense only): float32 (B or 1, Sk), added to scale * q . k for every head and row, or
+    (B or 1, Hq or 1, Sk), query head h's bias added to that head's rows (common.key_bias_args)."""
     batch, max_q, max_k = geometry(q, k, varlen)
     heads_q, heads_kv, head_dim = q.shape[1], k.shape[1], q.shape[3]
     if batch == 0 or max_q == 0 or heads_q == 0:
@@ -139,7 +145,7 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         out.zero_()
         lse.fill_(float("-inf"))
         return
-    bias, stride_biasb, has_bias = key_bias_args(key_bias, q, k, lse, varlen)
+    bias, stride_biasb, stride_biash, has_bias = key_bias_args(key_bias, q, k, lse, varlen)
     if fwd_variant(q, k, v, out, varlen, key_bias)[0] == "tma":
         from .forward_tma import flash_fwd_tma
         flash_fwd_tma(q, k, v, out, lse, causal=causal, scale=scale)
@@ -152,8 +158,9 @@ def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     flash_fwd_kernel[grid](
         q, k, v, out, lse, cu_q, cu_k, bias,
         *strides4(q, varlen), *strides4(k, varlen), *strides4(v, varlen), *strides4(out, varlen),
-        *strides3(lse, varlen), stride_biasb,
+        *strides3(lse, varlen), stride_biasb, stride_biash,
         max_q, max_k, heads_q // heads_kv, scale * LOG2E,
         HEAD_DIM=head_dim, D_PAD=configs.padded_head_dim(head_dim), CAUSAL=causal,
         VARLEN=varlen is not None, PREC=dot_precision(q.dtype), HAS_KEY_BIAS=has_bias,
+        BIAS_PER_HEAD=stride_biash != 0,
     )
