@@ -10,6 +10,7 @@ from . import dispatch, ops
 from .dispatch import check_method
 from .inputs import AttentionInputs, from_bhsd, make_inputs, plain_number
 from .kernels.flash_sdpa import may_serve_graph
+from .key_mask import refuse_mask_gradient
 from .options import NO_LSE, NO_SCALE, check_option_names, validate_options
 
 
@@ -44,6 +45,8 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
     """
     check_method(method)
     check_option_names(method, method_options)  # names only: the op's schema would drop unknown ones
+    if method == "flash":  # the op validates with grad mode off, where a learned mask would pass
+        refuse_mask_gradient(method_options.get("key_mask"))
     scale = plain_number(scale)
     eager = not torch.compiler.is_compiling()
     # resolved here (use_backend's thread-local override, ATTNLIB_BACKEND) and passed on, so the

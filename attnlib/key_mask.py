@@ -9,7 +9,10 @@ scale * q . k before the softmax, as SDPA's float attn_mask; -inf masks a key). 
 every query row. The kernels read it as ``key_bias``: float32 (B or 1, Hq or 1, Sk) contiguous,
 0 / -inf for a bool mask. A query row that sees no key (every key masked) gives output 0 and lse
 -inf, as rows with no visible key do under causal masking, and no gradient (torch 2.13's SDPA gives
-0 there too).
+0 there too). A large bias shared by all of a row's visible keys (-1e4 on every key of a row, as
+LTX-Video's additive mask gives an all-padding prompt) moves that row's lse by as much: kernels
+that re-form P from the saved lse in the backward (flash-triton, in base 2) then carry about
+|bias| * 2^-23 relative error in P (fp32: ~1e-3 at 1e4; below fp16/bf16 rounding).
 """
 from __future__ import annotations
 
@@ -38,10 +41,17 @@ def check_key_mask(mask: Any, inp: AttentionInputs) -> Optional[torch.Tensor]:
                          f"(batch, query heads, keys), got {tuple(mask.shape)}")
     if mask.device != inp.device:
         raise ValueError(f"key_mask must be on {inp.device}, got {mask.device}")
-    if mask.requires_grad and torch.is_grad_enabled():
+    refuse_mask_gradient(mask)
+    return mask
+
+
+def refuse_mask_gradient(mask: Any) -> None:
+    """A ValueError for a key mask that requires grad where autograd records: attnlib gives it no
+    gradient, which a learned bias would silently miss. Asked by the public call before anything
+    runs (check_key_mask runs again inside attnlib's op, where grad mode is off)."""
+    if isinstance(mask, torch.Tensor) and mask.requires_grad and torch.is_grad_enabled():
         raise ValueError("key_mask must not require grad: attnlib gives no gradient for it (detach it, or use "
                          "torch's scaled_dot_product_attention for a learned bias)")
-    return mask
 
 
 def per_head(mask: torch.Tensor) -> torch.Tensor:
@@ -58,12 +68,25 @@ def key_bias(inp: AttentionInputs) -> Optional[torch.Tensor]:
 
 
 def bias_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A key mask as float32 scores to add, of its shape: 0 / -inf for bool, the values for
-    floating."""
+    """A key mask as float32 scores to add, of its shape, with row-major strides (size-1 dims
+    too: torch counts a tensor with any stride there as contiguous, and the kernels step by
+    them): 0 / -inf for bool, the values for floating."""
     if mask.dtype == torch.bool:
         zero = torch.zeros((), dtype=torch.float32, device=mask.device)
-        return torch.where(mask, zero, torch.full_like(zero, float("-inf"))).contiguous()
-    return mask.detach().to(torch.float32).contiguous()
+        bias = torch.where(mask, zero, torch.full_like(zero, float("-inf")))
+    else:
+        bias = mask.detach().to(torch.float32)
+    if bias.stride() != _row_major(bias.shape):
+        bias = bias.clone(memory_format=torch.contiguous_format)
+    return bias
+
+
+def _row_major(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 def key_only_mask(attn_mask: torch.Tensor, batch: int, heads: int, seq_k: int) -> Optional[torch.Tensor]:

@@ -139,6 +139,37 @@ def test_bad_key_masks_raise_naming_the_argument():
         attnlib.attention(q, k, v, method="linear", key_mask=good)
 
 
+@pytest.mark.parametrize("dtype,return_lse,q_grad", [(torch.float32, False, True), (torch.float32, True, True),
+                                                     (torch.float16, False, True), (torch.bfloat16, False, False)])
+def test_mask_requiring_grad_is_refused_on_every_path(dtype, return_lse, q_grad):
+    """attnlib gives a key mask no gradient, so one that requires grad is refused wherever autograd
+    records, whichever kernel would serve the call: before, only the fp32 path that checks torch
+    SDPA first refused it, and fp16 / bf16 / return_lse calls left a learned bias without a
+    gradient (review of the per-head masks). Under no_grad it runs."""
+    q, k, v = make_qkv(2, 4, 8, 16, kv_heads=2, seq_k=9, dtype=dtype, device=DEVICE, seed=16, requires_grad=q_grad)
+    bias = torch.zeros(2, 4, 9, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="key_mask must not require grad"):
+        attnlib.flash_attention(q, k, v, key_mask=bias, return_lse=return_lse)
+    with torch.no_grad():
+        out = attnlib.flash_attention(q, k, v, key_mask=bias, return_lse=return_lse)
+    ref = flash_reference(q.detach().double(), k.detach().double(), v.detach().double(), key_mask=bias.detach())
+    torch.testing.assert_close((out[0] if return_lse else out).double(), ref, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masks_with_any_stride_on_size_one_dims(backend):
+    """torch counts a tensor with any stride on its size-1 dims as contiguous; the kernels step by
+    those strides, so the bias handed to them is re-laid out (flash-triton refused a permuted
+    (B, Hq, 1) float mask at Sk = 1 before: review of the per-head masks)."""
+    q, k, v = make_qkv(2, 3, 16, 64, seq_k=1, device=DEVICE, seed=17)
+    for mask in (torch.randn(1, 2, 3).permute(1, 2, 0), torch.randn(1, 2).t(),
+                 torch.randn(1, 1, 5)[..., 1::2][..., :1], torch.rand(1, 2, 3).permute(1, 2, 0) > 0.5):
+        mask = mask.to(DEVICE)
+        out = attnlib.flash_attention(q, k, v, key_mask=mask, backend=backend)
+        ref = flash_reference(q.double(), k.double(), v.double(), key_mask=mask)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+
+
 def test_auto_serves_key_masks_and_torch_sdpa_is_never_given_one_with_causal():
     q, k, v = make_qkv(1, 2, 33, 64, seed=6, device=DEVICE)
     mask = make_mask("bool", 1, 33, seed=6)
