@@ -134,16 +134,23 @@ CASES = [
 
 
 def case_id(c) -> str:
-    b, hq, hkv, sq, sk, d, causal, kind, bb = c
-    return f"b{b}h{hq}kv{hkv}q{sq}k{sk}d{d}{'-causal' if causal else ''}-{kind}-bias{bb}"
+    b, hq, hkv, sq, sk, d, causal, kind, bias_shape = c
+    return f"b{b}h{hq}kv{hkv}q{sq}k{sk}d{d}{'-causal' if causal else ''}-{kind}-bias{bias_shape}"
 
 
 def case_inputs(case, dtype):
-    b, hq, hkv, sq, sk, d, causal, kind, bias_batch = case
-    seed = sq * 1000 + sk + d
+    """q, k, v, bias, causal, seed of a CASES row (bias (B or 1, Sk)) or a HEAD_CASES row (bias
+    (B or 1, Hq or 1, Sk): its last field has two letters)."""
+    b, hq, hkv, sq, sk, d, causal, kind, bias_shape = case
+    per_head = len(str(bias_shape)) == 2
+    seed = sq * 1000 + sk + d + (7 if per_head else 0)
     q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, dtype=dtype, device=DEVICE, seed=seed)
-    bias = make_bias(kind, b if bias_batch == "B" else 1, sk, seed).to(DEVICE)
-    return q, k, v, bias, causal, seed
+    bb = b if str(bias_shape)[0] == "B" else 1
+    if per_head:
+        bias = make_head_bias(kind, bb, hq if bias_shape[1] == "H" else 1, sk, seed)
+    else:
+        bias = make_bias(kind, bb, sk, seed)
+    return q, k, v, bias.to(DEVICE), causal, seed
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -157,9 +164,12 @@ def test_forward_backward_with_key_bias(case, dtype):
         assert torch.isfinite(lse[0]).any(), "batch element 0 should see keys"
 
 
-def test_atomic_dq_with_key_bias(monkeypatch):
-    """deterministic=False with ATTNLIB_FLASH_ATOMIC_DQ=1: dQ formed inside the dK/dV kernel
-    (its own specialisation of the bias) matches the dQ kernel's, fully masked rows included."""
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per-head"])
+def test_atomic_dq_with_key_bias(per_head, monkeypatch):
+    """deterministic=False with ATTNLIB_FLASH_ATOMIC_DQ=1: dQ formed inside the dK/dV kernel (its
+    own specialisation of the bias; per head, at GQA group 2, its loop over the group's query
+    heads reloads the bias per head) matches the dQ kernel's and the float64 reference, fully
+    masked rows included."""
     import attnlib.triton_kernels.flash.backward as bw
 
     monkeypatch.setenv("ATTNLIB_FLASH_ATOMIC_DQ", "1")
@@ -167,7 +177,10 @@ def test_atomic_dq_with_key_bias(monkeypatch):
     real = bw.bwd_dkdv
     monkeypatch.setattr(bw, "bwd_dkdv", lambda *a, **kw: launches.append(kw.get("dq_acc") is not None)
                         or real(*a, **kw))
-    q, k, v, bias, causal, _ = case_inputs(CASES[9], torch.float32)
+    if per_head:
+        q, k, v, bias, causal, _ = case_inputs(HEAD_CASES[4], torch.float32)
+    else:
+        q, k, v, bias, causal, _ = case_inputs(CASES[9], torch.float32)
     scale = q.shape[-1] ** -0.5
     out, lse = flash_attn_func(q, k, v, causal=causal, scale=scale, key_bias=bias)
     dout = torch.randn_like(out)
@@ -177,25 +190,37 @@ def test_atomic_dq_with_key_bias(monkeypatch):
     for name, a, d in zip(("dq", "dk", "dv"), atomic, det):
         assert torch.isfinite(a).all(), f"{name} has non-finite values"
         torch.testing.assert_close(a, d, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-    assert torch.all(atomic[0][1] == 0)
+    assert torch.all(atomic[0][(1, 1) if per_head else 1] == 0)  # the fully masked head / batch element
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = attention_with_bias(*leaves, bias.double(), causal=causal, scale=scale)[0]
+    want = torch.autograd.grad(ref, leaves, dout.double())
+    for name, a, w in zip(("dq", "dk", "dv"), atomic, want):
+        torch.testing.assert_close(a.double(), w, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
-def test_launchers_write_every_element_with_key_bias():
-    """NaN-filled buffers for every launcher: all of out, lse, dq, dk, dv is written, finite
-    (lse -inf on the fully masked batch element), with the reference's values."""
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per-head"])
+def test_launchers_write_every_element_with_key_bias(per_head):
+    """NaN-filled buffers for every launcher: all of out, lse, dq, dk, dv is written, finite, with
+    the reference's values. Shared: a bias that masks every key of batch element 1 (lse -inf,
+    output and gradients 0 there). Per head: one that masks every key of head 1 of batch element
+    1: that head gives output 0, lse -inf and zero dQ, while its kv head's dK/dV (GQA group 2) are
+    the other head's alone."""
     from attnlib.triton_kernels.flash.backward import bwd_dkdv, bwd_dq, bwd_preprocess
     from attnlib.triton_kernels.flash.forward import flash_fwd
 
-    q, k, v = make_qkv(2, 4, 37, 40, kv_heads=2, seq_k=21, device=DEVICE, seed=5)
-    bias = make_bias("all_masked", 2, 21, 5).to(DEVICE)
+    q, k, v = make_qkv(2, 4, 37, 40, kv_heads=2, seq_k=21, device=DEVICE, seed=5 + per_head)
+    if per_head:
+        bias, empty = make_head_bias("one_head_empty", 2, 4, 21, 6).to(DEVICE), (1, 1)
+    else:
+        bias, empty = make_bias("all_masked", 2, 21, 5).to(DEVICE), (1,)
     scale = 40 ** -0.5
     out, lse = poison_(torch.empty_like(q)), poison_(torch.empty(q.shape[:3], device=DEVICE))
     flash_fwd(q, k, v, out, lse, causal=True, scale=scale, key_bias=bias)
     ref, ref_lse = attention_with_bias(q.double(), k.double(), v.double(), bias, causal=True, scale=scale)
     assert torch.isfinite(out).all() and not torch.isnan(lse).any()
-    assert torch.all(lse[1] == NEG_INF) and torch.all(out[1] == 0)
+    assert torch.all(lse[empty] == NEG_INF) and torch.all(out[empty] == 0)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
-    assert torch.equal(lse == NEG_INF, ref_lse == NEG_INF)
+    assert torch.equal(lse == NEG_INF, ref_lse == NEG_INF) and torch.isfinite(lse[0]).any()
     torch.testing.assert_close(lse.double().nan_to_num(neginf=0), ref_lse.nan_to_num(neginf=0), atol=1e-5, rtol=0)
     dout = torch.randn_like(out)
     delta = poison_(torch.empty_like(lse))
@@ -209,7 +234,11 @@ def test_launchers_write_every_element_with_key_bias():
     for name, t, w in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
         assert torch.isfinite(t).all(), f"{name} not fully written"
         torch.testing.assert_close(t.double(), w, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
-        assert torch.all(t[1] == 0), f"{name} of the fully masked batch element"
+    assert torch.all(dq[empty] == 0)
+    if per_head:  # head 0 of the pair still attends
+        assert (dq[1, 0] != 0).any() and (dk[1, 0] != 0).any() and (dv[1, 0] != 0).any()
+    else:
+        assert torch.all(dk[1] == 0) and torch.all(dv[1] == 0)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -329,23 +358,10 @@ HEAD_CASES = [
 ]
 
 
-def head_case_id(c) -> str:
-    b, hq, hkv, sq, sk, d, causal, kind, shape = c
-    return f"b{b}h{hq}kv{hkv}q{sq}k{sk}d{d}{'-causal' if causal else ''}-{kind}-bias{shape}"
-
-
-def head_case_inputs(case, dtype):
-    b, hq, hkv, sq, sk, d, causal, kind, shape = case
-    seed = sq * 1000 + sk + d + 7
-    q, k, v = make_qkv(b, hq, sq, d, kv_heads=hkv, seq_k=sk, dtype=dtype, device=DEVICE, seed=seed)
-    bias = make_head_bias(kind, b if shape[0] == "B" else 1, hq if shape[1] == "H" else 1, sk, seed).to(DEVICE)
-    return q, k, v, bias, causal, seed
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("case", HEAD_CASES, ids=head_case_id)
+@pytest.mark.parametrize("case", HEAD_CASES, ids=case_id)
 def test_forward_backward_with_per_head_key_bias(case, dtype):
-    q, k, v, bias, causal, seed = head_case_inputs(case, dtype)
+    q, k, v, bias, causal, seed = case_inputs(case, dtype)
     out, lse, dq, dk, dv = check_all(q, k, v, bias, causal=causal, seed=seed)
     if case[7] == "one_head_empty":  # batch element 1, head 1 sees no key; its other heads do
         assert torch.all(out[1, 1] == 0) and torch.all(lse[1, 1] == NEG_INF) and torch.all(dq[1, 1] == 0)
@@ -354,69 +370,6 @@ def test_forward_backward_with_per_head_key_bias(case, dtype):
     if case[7] == "left_pad":  # query rows that see no key in some heads and keys in others
         empty = lse == NEG_INF
         assert (empty.any(1) & ~empty.all(1)).any()
-
-
-def test_per_head_key_bias_rows_fully_masked_in_one_head():
-    """The launchers one by one into NaN-filled buffers, a per-head bias that masks every key of
-    one head of one batch element: that head gives output 0, lse -inf and zero dQ; its kv head's
-    dK/dV (GQA group 2) are the other head's alone, every element written and as the reference."""
-    from attnlib.triton_kernels.flash.backward import bwd_dkdv, bwd_dq, bwd_preprocess
-    from attnlib.triton_kernels.flash.forward import flash_fwd
-
-    q, k, v = make_qkv(2, 4, 37, 40, kv_heads=2, seq_k=21, device=DEVICE, seed=6)
-    bias = make_head_bias("one_head_empty", 2, 4, 21, 6).to(DEVICE)
-    scale = 40 ** -0.5
-    out, lse = poison_(torch.empty_like(q)), poison_(torch.empty(q.shape[:3], device=DEVICE))
-    flash_fwd(q, k, v, out, lse, causal=True, scale=scale, key_bias=bias)
-    ref, ref_lse = attention_with_bias(q.double(), k.double(), v.double(), bias, causal=True, scale=scale)
-    assert torch.isfinite(out).all() and not torch.isnan(lse).any()
-    assert torch.all(out[1, 1] == 0) and torch.all(lse[1, 1] == NEG_INF)
-    assert torch.equal(lse == NEG_INF, ref_lse == NEG_INF) and torch.isfinite(lse[1, 0]).any()
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(lse.double().nan_to_num(neginf=0), ref_lse.nan_to_num(neginf=0), atol=1e-5, rtol=0)
-    dout = torch.randn_like(out)
-    delta = poison_(torch.empty_like(lse))
-    bwd_preprocess(out, dout, delta, None)
-    dq, dk, dv = (poison_(torch.empty_like(t)) for t in (q, k, v))
-    bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, causal=True, scale=scale, varlen=None, key_bias=bias)
-    bwd_dq(q, k, v, dout, lse, delta, dq, causal=True, scale=scale, varlen=None, key_bias=bias)
-    leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = attention_with_bias(*leaves, bias.double(), causal=True, scale=scale)[0]
-    want = torch.autograd.grad(ref, leaves, dout.double())
-    for name, t, w in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
-        assert torch.isfinite(t).all(), f"{name} not fully written"
-        torch.testing.assert_close(t.double(), w, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
-    assert torch.all(dq[1, 1] == 0) and (dq[1, 0] != 0).any()
-    assert (dk[1, 0] != 0).any() and (dv[1, 0] != 0).any()  # head 0 of the pair still attends
-
-
-def test_atomic_dq_with_per_head_key_bias(monkeypatch):
-    """The atomic-dQ dK/dV kernel (its loop over the group's query heads reloads the bias per
-    head) matches the deterministic kernels with a per-head bias at GQA group 2, the fully masked
-    head included."""
-    import attnlib.triton_kernels.flash.backward as bw
-
-    monkeypatch.setenv("ATTNLIB_FLASH_ATOMIC_DQ", "1")
-    launches = []
-    real = bw.bwd_dkdv
-    monkeypatch.setattr(bw, "bwd_dkdv", lambda *a, **kw: launches.append(kw.get("dq_acc") is not None)
-                        or real(*a, **kw))
-    q, k, v, bias, causal, _ = head_case_inputs(HEAD_CASES[4], torch.float32)
-    scale = q.shape[-1] ** -0.5
-    out, lse = flash_attn_func(q, k, v, causal=causal, scale=scale, key_bias=bias)
-    dout = torch.randn_like(out)
-    det = flash_bwd(dout, q, k, v, out, lse, causal=causal, scale=scale, key_bias=bias)
-    atomic = flash_bwd(dout, q, k, v, out, lse, causal=causal, scale=scale, key_bias=bias, deterministic=False)
-    assert launches == [False, True]
-    for name, a, d in zip(("dq", "dk", "dv"), atomic, det):
-        assert torch.isfinite(a).all(), f"{name} has non-finite values"
-        torch.testing.assert_close(a, d, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-    assert torch.all(atomic[0][1, 1] == 0)
-    leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = attention_with_bias(*leaves, bias.double(), causal=causal, scale=scale)[0]
-    want = torch.autograd.grad(ref, leaves, dout.double())
-    for name, a, w in zip(("dq", "dk", "dv"), atomic, want):
-        torch.testing.assert_close(a.double(), w, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
 def test_head_shared_3d_key_bias_is_the_2d_one():
@@ -442,7 +395,7 @@ def test_head_shared_3d_key_bias_is_the_2d_one():
 
 
 def test_autograd_passes_a_per_head_bias_to_the_backward():
-    q, k, v, bias, causal, _ = head_case_inputs(HEAD_CASES[3], torch.float32)
+    q, k, v, bias, causal, _ = case_inputs(HEAD_CASES[3], torch.float32)
     scale = q.shape[-1] ** -0.5
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse = flash_attn_func(*leaves, causal=causal, scale=scale, key_bias=bias)
