@@ -20,6 +20,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -47,37 +48,17 @@ def _median_ms(step, reps: int) -> float:
 
 def _forced(form: str):
     """A context forcing block_sparse_gather's form (masked or gathered), restoring the threshold."""
-    import contextlib
-
     from attnlib.kernels import block_sparse_gather as gather
 
-    @contextlib.contextmanager
-    def ctx():
-        old = gather.GATHER_MAX_DENSITY
-        gather.GATHER_MAX_DENSITY = 0.0 if form == "masked" else 1.0
-        try:
-            yield
-        finally:
-            gather.GATHER_MAX_DENSITY = old
-    return ctx()
+    return mock.patch.object(gather, "GATHER_MAX_DENSITY", 0.0 if form == "masked" else 1.0)
 
 
 def _chunked_training():
     """A context in which fp32 CPU training calls of flash run flash-torch-chunked (attnlib's own
     backward), not torch SDPA with its autograd (kernels/flash_sdpa.py: cpu_backward_ok)."""
-    import contextlib
-
     from attnlib.kernels import flash_sdpa
 
-    @contextlib.contextmanager
-    def ctx():
-        old = flash_sdpa.cpu_backward_ok
-        flash_sdpa.cpu_backward_ok = lambda inp: False
-        try:
-            yield
-        finally:
-            flash_sdpa.cpu_backward_ok = old
-    return ctx()
+    return mock.patch.object(flash_sdpa, "cpu_backward_ok", lambda inp: False)
 
 
 def run(workload: str = DEFAULT_WORKLOAD, seq: int | None = None, reps: int = 3, log=print) -> dict:
