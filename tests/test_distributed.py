@@ -8,14 +8,12 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import attnlib
 from attnlib.distributed import (make_groups, merge_attention, ring_attention, ulysses_attention, usp_attention,
@@ -23,6 +21,7 @@ from attnlib.distributed import (make_groups, merge_attention, ring_attention, u
 from attnlib.reference import flash_reference
 from attnlib.reference._common import causal_mask, masked_softmax_attention
 from attnlib.testing import assert_flash_rule, make_qkv, metrics
+from spawn_job import run_job
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
@@ -402,33 +401,9 @@ def _worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
-def run_job(world=WORLD, timeout_s=JOB_TIMEOUT_S):
-    """Spawn ``world`` gloo ranks that run every check; return ({rank: results}, failure or None)."""
-    tmp = tempfile.mkdtemp(prefix="attnlib-sp-")
-    ctx = mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline, failure = time.monotonic() + timeout_s, None
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                failure = f"job timed out after {timeout_s} s"
-                break
-    except Exception as e:  # a worker died
-        failure = f"job failed: {e}"
-    results = {}
-    for rank in range(world):
-        path = os.path.join(tmp, f"rank{rank}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results[rank] = json.load(f)
-    return results, failure
-
-
 @pytest.fixture(scope="module")
 def spawned_results():
-    return run_job()
+    return run_job(_worker, WORLD, JOB_TIMEOUT_S, prefix="attnlib-sp-")
 
 
 @pytest.mark.parametrize("size,name", [(w, n) for n, (_, ws) in CHECKS.items() for w in ws])

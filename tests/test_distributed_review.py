@@ -6,19 +6,18 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from attnlib.distributed import (merge_attention, ring_attention, ulysses_attention, usp_attention, usp_shard,
                                  zigzag_shard)
 from attnlib.reference import flash_reference
 from attnlib.testing import assert_flash_rule, make_qkv
+from spawn_job import run_job
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
@@ -192,32 +191,9 @@ def _worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
-def run_job(world=WORLD, timeout_s=JOB_TIMEOUT_S):
-    tmp = tempfile.mkdtemp(prefix="attnlib-sp-review-")
-    ctx = mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline, failure = time.monotonic() + timeout_s, None
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                failure = f"job timed out after {timeout_s} s"
-                break
-    except Exception as e:  # a worker died
-        failure = f"job failed: {e}"
-    results = {}
-    for rank in range(world):
-        path = os.path.join(tmp, f"rank{rank}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results[rank] = json.load(f)
-    return results, failure
-
-
 @pytest.fixture(scope="module")
 def spawned_results():
-    return run_job()
+    return run_job(_worker, WORLD, JOB_TIMEOUT_S, prefix="attnlib-sp-review-")
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
