@@ -37,7 +37,7 @@ def _attnlib_triton_tma(case: Case, q, k, v):
     from attnlib.triton_kernels.flash.forward import fwd_variant
 
     step = runner.PROVIDERS["attnlib-triton"].make(case, q, k, v)  # same skip reasons
-    qb, kb, vb = (t if case.layout == "bhsd" else t.transpose(1, 2) for t in (q, k, v))
+    qb, kb, vb = (runner._bhsd(t, case.layout) for t in (q, k, v))
     with _env("ATTNLIB_FLASH_TMA", "1"):
         variant, reasons = fwd_variant(qb, kb, vb, torch.empty_like(qb))
     if variant != "tma":
@@ -215,13 +215,11 @@ def _sdpa_key_mask(case: Case, q, k, v):
     the key-mask calls ran on before attnlib took them, and flash-torch-sdpa's rank with a mask."""
     _key_mask_case(case)
     mask = _padded_prompt_mask(case, q)[:, None, None, :]
-    heads_dim = 1 if case.layout == "bhsd" else 2
+    qb, kb, vb = (runner._bhsd(t, case.layout) for t in (q, k, v))
 
-    def step():
-        qb, kb, vb = (t if heads_dim == 1 else t.transpose(1, 2) for t in (q, k, v))
-        out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask,
-                                                               enable_gqa=qb.shape[1] != kb.shape[1])
-        return out if heads_dim == 1 else out.transpose(1, 2)
+    def step():  # the output in the case's layout, as attnlib's
+        out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=case.is_gqa)
+        return runner._bhsd(out, case.layout)
     return step
 
 
