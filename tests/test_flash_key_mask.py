@@ -12,6 +12,7 @@ import torch
 import attnlib
 from attnlib import dispatch
 from attnlib.api import build_inputs
+from attnlib.inputs import to_bhsd
 from attnlib.reference import flash_reference
 from attnlib.testing import assert_flash_rule, make_qkv
 
@@ -61,10 +62,6 @@ def _grid():
             yield pytest.param(kernel, case, id=f"{kernel.name}-{case[0]}")
 
 
-def _bhsd(t, layout):
-    return t if layout == "bhsd" else t.transpose(1, 2)
-
-
 @pytest.mark.parametrize("kernel,case", list(_grid()))
 def test_kernel_with_key_mask_against_float64_reference(kernel, case):
     name, b, h, hkv, sq, sk, d, dtype, layout, causal, kind, mb = case
@@ -78,9 +75,9 @@ def test_kernel_with_key_mask_against_float64_reference(kernel, case):
     want_lse = kernel.supports_lse
     res = kernel.forward(replace(inp, return_lse=want_lse, grad=True))
     out, lse = res if want_lse else (res, None)
-    q64, k64, v64 = (_bhsd(t, layout).detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = (to_bhsd(t, layout).detach().double().requires_grad_() for t in (q, k, v))
     ref, ref_lse = flash_reference(q64, k64, v64, causal=causal, key_mask=mask, return_lse=True)
-    qs, ks, vs = (_bhsd(t, layout).detach().requires_grad_() for t in (q, k, v))
+    qs, ks, vs = (to_bhsd(t, layout).detach().requires_grad_() for t in (q, k, v))
     same, same_lse = flash_reference(qs, ks, vs, causal=causal, key_mask=mask, return_lse=True)
     assert_flash_rule(out, ref, same)
     if lse is not None:
@@ -97,7 +94,7 @@ def test_kernel_with_key_mask_against_float64_reference(kernel, case):
         if lse is not None:
             assert torch.all(lse[1] == float("-inf"))
     if kind == "heads-one-empty":  # only batch element 0's head 1 sees no key
-        o, dq = _bhsd(out, layout), _bhsd(grads[0], layout)
+        o, dq = to_bhsd(out, layout), to_bhsd(grads[0], layout)
         assert torch.all(o[0, 1] == 0) and torch.all(dq[0, 1] == 0)
         assert (o[0, 0] != 0).any() and (o[1, 1] != 0).any()
         if lse is not None:
