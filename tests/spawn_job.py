@@ -1,4 +1,5 @@
-"""Run a gloo job of ``world`` spawned ranks for the multi-process tests (test_distributed*.py).
+"""Run a gloo job of ``world`` spawned ranks for the multi-process tests (test_distributed*.py,
+test_integration_edges.py).
 
 Each rank runs ``worker(rank, world, init_file, out_dir)`` and writes ``out_dir/rank{r}.json``;
 :func:`run_job` waits at most ``timeout_s`` seconds, kills the ranks past it, and returns
