@@ -170,6 +170,22 @@ def test_non_bool_is_causal_raises_torchs_error():
             attnlib.scaled_dot_product_attention(q, k, v, **kw)
 
 
+@pytest.mark.parametrize("shape", ["4d", "3d"])
+def test_key_value_length_mismatch_raises_naming_both(shape):
+    """Keys and values of different lengths: torch's CPU flash kernel answers anyway (over the
+    shorter one); the drop-in refuses it, patched or not, before any kernel runs."""
+    q, k, v = make_qkv(1, 2, 8, 16)
+    v = torch.randn(1, 2, 7, 16)
+    if shape == "3d":
+        q, k, v = q[0], k[0], v[0]
+    with pytest.raises(ValueError, match=r"key and value must have the same sequence length.*key has 8 "
+                                         r"tokens.*value 7"):
+        attnlib.scaled_dot_product_attention(q, k, v)
+    with attnlib.patch_sdpa():
+        with pytest.raises(ValueError, match="key and value must have the same sequence length"):
+            call_sdpa(q, k, v)
+
+
 def test_linear_patch_with_an_explicit_scale_falls_back_to_torch(caplog, monkeypatch):
     monkeypatch.setattr(sdpa_module, "_logged_reasons", set())
     q, k, v = make_qkv(1, 2, 16, 16)

@@ -212,6 +212,7 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
            method_options: dict[str, Any], fallback: Callable | None = None, fallback_name: str = "torch"):
     """attnlib for what it serves exactly, else ``fallback`` (torch's builtin by default, same
     arguments); method, backend and the options' tensor-free checks were done by the caller."""
+    _check_key_value_lengths(key, value)
     original = (query, key, value)  # what a fallback gets: torch's (or diffusers') autocast casts them itself
     query, key, value = _autocast_inputs(query, key, value)
     reason = _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, method)
@@ -253,6 +254,18 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         return fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                       scale=scale, enable_gqa=enable_gqa)
+
+
+def _check_key_value_lengths(key, value) -> None:
+    """Keys and values pair up token by token, so their sequence lengths must agree. torch's
+    math kernel refuses a mismatch, but its CPU flash kernel (torch 2.13) returns an answer
+    computed over the shorter one, so this is refused before anything runs."""
+    if (isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor) and not key.is_nested
+            and not value.is_nested and key.dim() >= 2 and value.dim() >= 2
+            and key.shape[-2] != value.shape[-2]):
+        raise ValueError(f"key and value must have the same sequence length (dim -2): key has "
+                         f"{key.shape[-2]} tokens ({tuple(key.shape)}), value {value.shape[-2]} "
+                         f"({tuple(value.shape)})")
 
 
 def _serve_direct(inp, kernel: dispatch.Kernel, query: torch.Tensor) -> torch.Tensor:
