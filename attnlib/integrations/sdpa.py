@@ -213,7 +213,6 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
            method_options: dict[str, Any], fallback: Callable | None = None, fallback_name: str = "torch"):
     """attnlib for what it serves exactly, else ``fallback`` (torch's builtin by default, same
     arguments); method, backend and the options' tensor-free checks were done by the caller."""
-    _check_key_value_lengths(key, value)
     original = (query, key, value)  # what a fallback gets: torch's (or diffusers') autocast casts them itself
     query, key, value = _autocast_inputs(query, key, value)
     reason = _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, method)
@@ -249,6 +248,8 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
                     # a second time (half of a small call's host time)
                     return _serve_direct(inp, kernel, query)
                 return api.attention(query, key, value, **call)
+    # only here: a call attnlib serves has passed _fallback_reason's shape check (equal lengths)
+    _check_key_value_lengths(key, value)
     _log_fallback(reason, fallback_name)
     query, key, value = original
     if fallback is not None:
@@ -260,7 +261,7 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 def _check_key_value_lengths(key, value) -> None:
     """Keys and values pair up token by token, so their sequence lengths must agree. torch's
     math kernel refuses a mismatch, but its CPU flash kernel (torch 2.13) returns an answer
-    computed over the shorter one, so this is refused before anything runs."""
+    computed over the shorter one, so a call bound for the fallback is refused before it runs."""
     if (isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor) and not key.is_nested
             and not value.is_nested and key.dim() >= 2 and value.dim() >= 2
             and key.shape[-2] != value.shape[-2]):
