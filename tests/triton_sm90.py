@@ -21,7 +21,20 @@ from triton.backends.compiler import GPUTarget
 
 H100_SMEM_BYTES = 227 * 1024  # per thread block, opt-in maximum on sm_90
 SM90 = GPUTarget("cuda", 90, 32)
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _ptxas_for_sm90() -> str:
+    """The ptxas Triton itself runs for sm_90: its bundled `ptxas` up to 3.8; from 3.9 the newer
+    `ptxas-blackwell` (the plain one, CUDA 12.9, rejects the PTX 9.x that 3.9 emits)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(90).path
+    except (ImportError, AttributeError, RuntimeError):
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+PTXAS = _ptxas_for_sm90()
 
 _TENSORS = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
 _FP32_POINTERS = ("LSE", "DELTA", "DQ_ACC", "KEY_BIAS")
@@ -414,7 +427,7 @@ def main() -> None:
         compiled = compile_kernel(kernel, dtype, dict(const, WARP_SPEC=ws, BLOCK_M=bm, BLOCK_N=bn), warps, stages)
         ptx = compiled.asm["ptx"]
         r = _ptxas_report(compiled)
-        r.update(tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx)),
+        r.update(tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared::(?:cluster|cta)\.global", ptx)),
                  tma_stores=len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared", ptx)),
                  wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), ld_global=len(re.findall(r"ld\.global", ptx)),
                  total_warps=compiled.metadata.num_warps, setmaxnreg=len(re.findall(r"setmaxnreg", ptx)))

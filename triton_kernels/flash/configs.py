@@ -110,7 +110,8 @@ H100_SMEM = 227 * 1024    # the opt-in shared memory per block (sm_90) the table
 # scores are scaled before the row max: other registers), one per query head (the dK/dV kernel
 # loads it in its loop: other registers again). The dtype needs no entry: Triton's
 # Autotuner.run (3.6, runtime/autotuner.py) appends str(arg.dtype) of every tensor argument to the
-# key (tests/test_flash_triton.py checks both); it skips names a kernel lacks.
+# key (tests/test_flash_triton.py checks both; 3.8 and 3.9 too). Every kernel tuned on this key
+# takes all its names as arguments: 3.6 skipped a name a kernel lacks, 3.9 refuses it.
 AUTOTUNE_KEY = ["HEAD_DIM", "D_PAD", "CAUSAL", "VARLEN", "HAS_KEY_BIAS", "BIAS_PER_HEAD"]
 
 # Forward on tensor descriptors (forward_tma.py, ATTNLIB_FLASH_TMA=1): (BLOCK_M, BLOCK_N,

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from ..flash import configs as flash_configs
+from ..masks import gated
 from ..switches import interpreting
 from ..hostmath import cdiv, next_power_of_2
 
@@ -347,8 +348,8 @@ def linear_prefix_kernel(IN, OUT, n_units, skip, group, E,
             x = tl.zeros([BLOCK], dtype=tl.float32)
             for g in range(0, group):
                 x += tl.load(IN + (tl.cast(u, tl.int64) * n_out * group + bh * group + g) * E + offs,
-                             mask=ok & (u < n_units - 1), other=0.0)
-            tl.store(OUT + (tl.cast(u - skip, tl.int64) * n_out + bh) * E + offs, acc, mask=ok & (u >= skip))
+                             mask=gated(ok, u < n_units - 1), other=0.0)
+            tl.store(OUT + (tl.cast(u - skip, tl.int64) * n_out + bh) * E + offs, acc, mask=gated(ok, u >= skip))
             acc += x
 
 

@@ -41,6 +41,7 @@ import triton.language as tl
 
 from ..flash.common import load_tile
 from ..hostmath import cdiv, next_power_of_2
+from ..masks import gated
 
 # tl.constexpr: compiled Triton reads module globals only when they are constexpr (the CPU
 # interpreter does not check this; compiling for sm_90 here does, tests/triton_sm90.py)
@@ -168,7 +169,7 @@ def reduce_stats_kernel(
     acc = tl.zeros([CHANNELS], dtype=tl.float32)  # + 0.0 and max(., 0) leave every value as is
     for blk0 in range(0, n_blocks, UNROLL):
         for i in tl.static_range(UNROLL):
-            part = tl.load(base + (blk0 + i) * HEAD_DIM, mask=c_ok & (blk0 + i < n_blocks), other=0.0)
+            part = tl.load(base + (blk0 + i) * HEAD_DIM, mask=gated(c_ok, blk0 + i < n_blocks), other=0.0)
             if ABSMAX:
                 acc = tl.maximum(acc, part)
             else:

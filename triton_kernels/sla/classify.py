@@ -32,6 +32,7 @@ import triton.language as tl
 from ..device_constants import device_constant
 from ..flash.common import row_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
+from ..masks import gated
 from ..switches import autotune_enabled, interpreting
 from ..hostmath import cdiv, next_power_of_2
 
@@ -169,7 +170,7 @@ def key_block_kernel(K, V, PK, H, Z,
                            stride_kn, stride_kd), mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     first = chunk == 0
     count = tl.minimum(seq_k - pid_n * BLOCK_N, BLOCK_N).to(tl.float32)
-    tl.store(PK + blk * HEAD_DIM + offs_d, tl.sum(b_k, 0) / count, mask=d_ok & first)
+    tl.store(PK + blk * HEAD_DIM + offs_d, tl.sum(b_k, 0) / count, mask=gated(d_ok, first))
     if LINEAR:
         offs_e = chunk * BLOCK_E + tl.arange(0, BLOCK_E)
         e_ok = offs_e < DV
@@ -182,7 +183,7 @@ def key_block_kernel(K, V, PK, H, Z,
             b_h = tl.dot(tl.trans(phi_k), b_v.to(tl.float32), input_precision="tf32x3")
         tl.store(H + blk * HEAD_DIM * DV + offs_d[:, None] * DV + offs_e[None, :], b_h,
                  mask=d_ok[:, None] & e_ok[None, :])
-        tl.store(Z + blk * HEAD_DIM + offs_d, tl.sum(phi_k, 0), mask=d_ok & first)
+        tl.store(Z + blk * HEAD_DIM + offs_d, tl.sum(phi_k, 0), mask=gated(d_ok, first))
 
 
 # (BLOCK_E, num_warps) for the linear preprocess at Dv 128 (wider pads take the first): the whole

@@ -29,6 +29,7 @@ from ..block_sparse.configs import launch_config
 from ..block_sparse.forward import attend_listed, count_listed_below, kv_tile_bases, query_tile
 from ..flash.common import LOG2E, dot_precision, load_tile, query_key_range, row_tile, store_tile
 from ..linear.kernels import FEATURE_IDS, feature_map
+from ..masks import gated
 from .classify import BlockIndex, padded
 from ..hostmath import cdiv, next_power_of_2
 
@@ -207,7 +208,7 @@ def sla_fwd_kernel(
         b_do = load_tile(row_tile(DO + b64 * stride_dob + h64 * stride_doh, start_m, offs_i, offs_d, stride_dom,
                                   stride_dod), m_ok, d_ok, True, CHECK_D)
         if WITH_REDO:
-            tl.store(DELTA + lse_off, tl.sum(b_do.to(tl.float32) * o_s, 1), mask=m_ok & redo)
+            tl.store(DELTA + lse_off, tl.sum(b_do.to(tl.float32) * o_s, 1), mask=gated(m_ok, redo))
         else:
             tl.store(DELTA + lse_off, tl.sum(b_do.to(tl.float32) * o_s, 1), mask=m_ok)
     else:
