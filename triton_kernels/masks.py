@@ -8,5 +8,5 @@ def gated(block_ok, cond):
     """block_ok where the scalar cond holds, else all False: `block_ok & cond` for a load or
     store mask. Triton 3.9's interpreter gives `block & runtime scalar` int32 data, which its
     tl.load / tl.store then refuse as a mask ("mask has unsupported dtype"); a select keeps the
-    mask boolean there, and compiles as the `&` does (3.6, 3.8 and 3.9)."""
+    mask boolean there. Compiled kernels take either form (the sm_90 compile checks hold on 3.6)."""
     return tl.where(cond, block_ok, False)
