@@ -7,12 +7,12 @@ positive scale, at least one head) go through the dispatcher; every other
 call goes to torch's own kernel (the builtin, never a patched function), with the reason logged
 once at INFO. So whatever torch computes is computed, and whatever torch refuses raises torch's
 error. One exception: keys and values of different sequence lengths raise attnlib's ValueError
-(torch's CPU flash kernel returns an answer for them instead of refusing). Under torch.autocast the inputs are cast as autocast casts them for torch's SDPA (so the
-output has torch's dtype); calls under torch.func transforms or forward-mode AD, on tensor
-subclasses with their own __torch_function__ or under a TorchFunctionMode (the device context
-aside), and calls of a forward-only method (sage) that build a graph go to torch, also when
-compiled (the fallback's log is skipped while tracing: dynamo cannot trace logging). patch_sdpa
-contexts may end in any order.
+(torch's CPU flash kernel returns an answer for them instead of refusing). Under torch.autocast
+the inputs are cast as autocast casts them for torch's SDPA (so the output has torch's dtype);
+calls under torch.func transforms or forward-mode AD, on tensor subclasses with their own
+__torch_function__ or under a TorchFunctionMode (the device context aside), and calls of a
+forward-only method (sage) that build a graph go to torch, also when compiled (the fallback's log
+is skipped while tracing: dynamo cannot trace logging). patch_sdpa contexts may end in any order.
 torch's SDPA backend selection is honoured: attnlib stands in for torch's fused kernels, so a call
 for which the user switched every fused backend of its device off goes to torch, which then runs
 its math path (double backward, the reference numerics, debugging) or raises its "no available
