@@ -80,7 +80,7 @@ setup(
         # pick the CuPy wheel that matches your CUDA major version: cupy-cuda12x or cupy-cuda13x
         "cuda": ["cupy-cuda13x"],
         "cuda12": ["cupy-cuda12x"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis"],
         "diffusers": ["diffusers>=0.42,<0.43"],
     },
     entry_points={"console_scripts": ["attnlib=attnlib.__main__:run_main"]},

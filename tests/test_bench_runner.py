@@ -224,7 +224,10 @@ def test_failure_log_is_written_as_failures_happen(tmp_path):
     (tmp_path / "test_f.py").write_text("def test_ok():\n    pass\n\ndef test_bad():\n    assert 1 + 1 == 3\n")
     (tmp_path / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
     log = tmp_path / "failures.log"
-    env = dict(os.environ, ATTNLIB_FAILURE_LOG=str(log))
+    # a plain inner run: started from an xdist worker it would inherit PYTEST_XDIST_WORKER and
+    # leave the log to a controller that does not exist
+    env = {n: v for n, v in os.environ.items() if not n.startswith("PYTEST_XDIST_")}
+    env["ATTNLIB_FAILURE_LOG"] = str(log)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_f.py")],
                        cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 1, r.stdout
