@@ -19,6 +19,12 @@ TINY = dict(workload="tiny", batch=1, heads=2, seq_q=32, head_dim=16, dtype="fp3
 FAST = runner.TimingConfig(target_s=0.0, min_reps=2, max_reps=2, warmup=1)
 
 
+def _no_xdist_worker(env: dict) -> dict:
+    """env without pytest-xdist's PYTEST_XDIST_* variables: a pytest started from this test (itself
+    perhaps in an xdist worker) is then a plain run, no worker."""
+    return {n: v for n, v in env.items() if not n.startswith("PYTEST_XDIST_")}
+
+
 def test_flops_forward_formula():
     assert runner.flops(2, 3, 5, 7, 11) == 4 * 2 * 3 * 5 * 7 * 11
     assert runner.flops(1, 16, 4096, 4096, 128, causal=False, mode="fwd") == 4 * 16 * 4096 ** 2 * 128
@@ -224,10 +230,8 @@ def test_failure_log_is_written_as_failures_happen(tmp_path):
     (tmp_path / "test_f.py").write_text("def test_ok():\n    pass\n\ndef test_bad():\n    assert 1 + 1 == 3\n")
     (tmp_path / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
     log = tmp_path / "failures.log"
-    # a plain inner run: started from an xdist worker it would inherit PYTEST_XDIST_WORKER and
-    # leave the log to a controller that does not exist
-    env = {n: v for n, v in os.environ.items() if not n.startswith("PYTEST_XDIST_")}
-    env["ATTNLIB_FAILURE_LOG"] = str(log)
+    # a plain inner run: with PYTEST_XDIST_WORKER it would leave the log to a controller that does not exist
+    env = _no_xdist_worker(dict(os.environ, ATTNLIB_FAILURE_LOG=str(log)))
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_f.py")],
                        cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 1, r.stdout
@@ -394,8 +398,7 @@ def _collect(args, env_extra, cwd):
     env = dict(os.environ, PYTHONPATH=str(gpu_check.REPO), **env_extra)
     if "ATTNLIB_GPU_SELECT" not in env_extra:
         env.pop("ATTNLIB_GPU_SELECT", None)
-    for name in [n for n in env if n.startswith("PYTEST_XDIST_")]:  # run under xdist: the inner
-        env.pop(name)  # pytest is no worker (the plugin writes the plan only from gw0 or no worker)
+    env = _no_xdist_worker(env)  # the plugin writes the plan only from gw0 or no worker
     r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                         "-p", "bench.gpu_test_order", *args], cwd=cwd, env=env, capture_output=True, text=True)
     return r, [ln.strip() for ln in r.stdout.splitlines() if "::" in ln]
