@@ -238,7 +238,7 @@ def _match_make(case, q, k, v):
     from attnlib.asymrnr import match, partition
 
     part = partition(_grid(case), device=q.device)
-    qb, vb = runner._bhsd(q, case.layout), runner._bhsd(v, case.layout)
+    qb, vb = runner.to_bhsd(q, case.layout), runner.to_bhsd(v, case.layout)
 
     def step():  # what one refresh costs: Q matched on Q, K/V on V
         return match(qb, part), match(vb, part)

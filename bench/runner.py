@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
+from attnlib.inputs import to_bhsd
+
 MODES = ("fwd", "bwd", "full")
 # backward = 2 x forward for dQ, dK/dV matmuls plus recomputing P: the convention of
 # flash-attention's benchmarks (benchmark_flash_attention.py: bwd = 2.5 x fwd).
@@ -188,10 +190,6 @@ def provider_names() -> list[str]:
     return list(PROVIDERS)
 
 
-def _bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
-    return t if layout == "bhsd" else t.transpose(1, 2)
-
-
 def _attnlib_explain(case: Case, q, k, v, backend: str):
     import attnlib
 
@@ -240,7 +238,7 @@ def _sdpa_factory(backend_name: str) -> Factory:
             if gib > 8:
                 raise Skip(f"sdpa-math materialises the (B, H, Sq, Sk) scores: ~{gib:.0f} GiB here; "
                            "skipped above 8 GiB")
-        qb, kb, vb = (_bhsd(t, case.layout) for t in (q, k, v))
+        qb, kb, vb = (to_bhsd(t, case.layout) for t in (q, k, v))
         gqa = case.is_gqa
 
         def step():
@@ -278,7 +276,7 @@ def _flex_make(case: Case, q, k, v) -> Step:
             _flex_masks[key] = create_block_mask(causal_mod, B=None, H=None, Q_LEN=case.seq_q,
                                                  KV_LEN=case.seq_k, device=q.device)
         block_mask = _flex_masks[key]
-    qb, kb, vb = (_bhsd(t, case.layout) for t in (q, k, v))
+    qb, kb, vb = (to_bhsd(t, case.layout) for t in (q, k, v))
     fn, gqa = _flex_compiled, case.is_gqa
 
     def step():
@@ -359,9 +357,9 @@ def check_output(case: Case, step: Step, q, k, v) -> dict:
         out = step()
         if isinstance(out, tuple):
             out = out[0]
-        qb, kb, vb = (_bhsd(t.detach(), case.layout) for t in (q, k, v))
+        qb, kb, vb = (to_bhsd(t.detach(), case.layout) for t in (q, k, v))
         ref = F.scaled_dot_product_attention(qb, kb, vb, is_causal=case.causal, enable_gqa=case.is_gqa)
-        err = (_bhsd(out, case.layout).float() - ref.float()).abs().max().item()
+        err = (to_bhsd(out, case.layout).float() - ref.float()).abs().max().item()
     tol = CHECK_ATOL.get(case.dtype, 1e-2)
     return {"check_max_abs": err, "check_ok": bool(err <= tol), "check_atol": tol}
 

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import attnlib
+from attnlib.inputs import to_bhsd
 from attnlib.reference import flash_reference, sage_reference
 from attnlib.reference.sage import K_BLOCK, Q_BLOCK, Q_WARP_BLOCK, quantize_per_block
 from attnlib.testing import assert_verbose_allclose, describe_mismatch, make_qkv, metrics, poison_
@@ -55,10 +56,6 @@ FP8_SIM_REL_L1, FP8_SIM_LSE_ATOL = 3e-2, 1e-3
 BF16_OUT_REL_L1 = 2.0 ** -8
 
 
-def _bhsd(t, layout):
-    return t if layout == "bhsd" else t.transpose(1, 2)
-
-
 def _skip_unless_supported(q, k, v, **kw):
     """Skip with the dispatcher's reasons when sage-triton cannot run this case."""
     ex = attnlib.explain(q, k, v, method="sage", backend="triton", **kw)
@@ -72,11 +69,11 @@ def check_case(q, k, v, *, causal, layout="bhsd", pv="fp16", qk_granularity="per
     _skip_unless_supported(q, k, v, return_lse=True, **kw)
     out, lse = attnlib.sage_attention(q, k, v, return_lse=True, backend="triton", **kw)
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
-    qb, kb, vb = (_bhsd(t, layout) for t in (q, k, v))
+    qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
     sim, sim_lse = sage_reference(qb, kb, vb, causal=causal, return_lse=True, pv=pv,
                                   qk_granularity=qk_granularity, smooth_k=smooth_k)
     exact, exact_lse = flash_reference(qb.double(), kb.double(), vb.double(), causal=causal, return_lse=True)
-    o = _bhsd(out, layout)
+    o = to_bhsd(out, layout)
     assert torch.isfinite(o).all(), describe_mismatch(o, sim)
     m_sim = metrics(o, sim)
     sim_l1, sim_lse_atol = (FP8_SIM_REL_L1, FP8_SIM_LSE_ATOL) if pv == "fp8" else (SIM_REL_L1, SIM_LSE_ATOL)
@@ -136,9 +133,9 @@ def test_bf16_output_rounding(case):
     assert attnlib.explain(q, k, v, method="sage", backend="triton", **kw).chosen.name == "sage-triton"
     out, lse = attnlib.sage_attention(q, k, v, return_lse=True, backend="triton", **kw)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
-    qb, kb, vb = (_bhsd(t, layout).float() for t in (q, k, v))  # bf16 -> fp32 is exact
+    qb, kb, vb = (to_bhsd(t, layout).float() for t in (q, k, v))  # bf16 -> fp32 is exact
     sim, sim_lse = sage_reference(qb, kb, vb, causal=causal, return_lse=True, pv=pv, qk_granularity=gran)
-    o = _bhsd(out, layout)
+    o = to_bhsd(out, layout)
     m_sim = metrics(o, sim)
     assert m_sim["rel_l1"] <= SIM_REL_L1 + BF16_OUT_REL_L1, describe_mismatch(o, sim) + f"\n  {m_sim}"
     assert_verbose_allclose(lse, sim_lse, atol=SIM_LSE_ATOL, name="lse vs simulation")  # float32: no rounding
