@@ -14,6 +14,7 @@ import triton.language as tl
 from ..flash.common import dot_precision
 from ..switches import autotune_enabled, interpreting
 from ..hostmath import cdiv, next_power_of_2
+from ..stage_fallback import launch_fitting
 
 METRIC_IDS = {"euclidean": 0, "cosine": 1, "dot": 2}
 COSINE_EPS = 1e-12  # as the reference's clamp on the norms
@@ -186,12 +187,13 @@ def match_fwd(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, metric: str
             *x.stride(), xd.stride(0), xd.stride(1), dnorm.stride(0), dnorm.stride(1), *node.stride(),
             n_src, n_dst, H)
     meta = dict(HEAD_DIM=D, D_PAD=d_pad, METRIC=METRIC_IDS[metric], PREC=dot_precision(x.dtype))
+    named = config is not None
     if config is None and not autotune_enabled("asymrnr"):
         config = INTERPRET if interpreting() else candidates(d_pad, x.element_size())[0]
-    if config is not None:  # one named config: BLOCK_M, BLOCK_N, num_warps, num_stages, RUNNING
+    if config is not None:  # one config: BLOCK_M, BLOCK_N, num_warps, num_stages, RUNNING
         bm, bn, warps, stages, running = config
-        match_kernel[(cdiv(n_src, bm), B * H)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, RUNNING=running,
-                                                       num_warps=warps, num_stages=stages)
+        launch_fitting(match_kernel, (cdiv(n_src, bm), B * H), *args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                       RUNNING=running, num_warps=warps, num_stages=stages, stages_fixed=named)
     else:
         match_kernel_tuned[lambda m: (cdiv(n_src, m["BLOCK_M"]), B * H)](*args, **meta)
     return node, score

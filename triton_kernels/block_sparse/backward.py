@@ -19,6 +19,7 @@ from .configs import launch_config, padded_head_dim
 from .forward import (count_listed_below, key_tile, kv_tile_bases, listed_block, listed_key_range, listed_tile,
                       query_tile, strides_bhm)
 from ..hostmath import cdiv, next_power_of_2
+from ..stage_fallback import launch_fitting
 
 
 @triton.jit
@@ -195,14 +196,16 @@ def block_sparse_bwd(dout, q, k, v, out, lse, row_form, col_form, *, block_size:
     kv_num, kv_idx = row_form
     q_num, q_idx = col_form
     tile = launch_config(bm, bn, head_dim, "dkdv", q.element_size(), flash_configs.device_smem_limit(q))
-    block_sparse_dkdv_kernel[(cdiv(seq_k, tile.block_n), heads_kv, batch)](
+    launch_fitting(
+        block_sparse_dkdv_kernel, (cdiv(seq_k, tile.block_n), heads_kv, batch),
         q, k, v, dout, lse, delta, dk, dv, q_num, q_idx,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *lse.stride(),
         *strides_bhm(q_num), *strides_bhm(q_idx),
         seq_q, seq_k, heads_q // heads_kv, scale, scale * LOG2E, SLOTS=_slots(q_idx), BLOCK_M=tile.block_m,
         BLOCK_N=tile.block_n, num_warps=tile.num_warps, num_stages=tile.num_stages, **common)
     tile = launch_config(bm, bn, head_dim, "dq", q.element_size(), flash_configs.device_smem_limit(q))
-    block_sparse_dq_kernel[(cdiv(seq_q, tile.block_m), heads_q, batch)](
+    launch_fitting(
+        block_sparse_dq_kernel, (cdiv(seq_q, tile.block_m), heads_q, batch),
         q, k, v, dout, lse, delta, dq, kv_num, kv_idx,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *lse.stride(),
         *strides_bhm(kv_num), *strides_bhm(kv_idx),

@@ -18,6 +18,7 @@ from ..flash.common import (LOG2E, attend_key_block, dot_precision, load_tile, q
 from ..flash import configs as flash_configs
 from .configs import launch_config, padded_head_dim
 from ..hostmath import cdiv, next_power_of_2
+from ..stage_fallback import launch_fitting
 
 
 @triton.jit
@@ -183,7 +184,8 @@ def block_sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     bm, bn = block_size
     tile = launch_config(bm, bn, head_dim, "fwd", q.element_size(), flash_configs.device_smem_limit(q))
     grid = (cdiv(seq_q, tile.block_m), heads_q, batch)
-    block_sparse_fwd_kernel[grid](
+    launch_fitting(
+        block_sparse_fwd_kernel, grid,
         q, k, v, out, lse, kv_num_blocks, kv_indices,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         *strides_bhm(kv_num_blocks), *strides_bhm(kv_indices),

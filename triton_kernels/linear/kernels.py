@@ -53,6 +53,7 @@ from ..flash import configs as flash_configs
 from ..masks import gated
 from ..switches import interpreting
 from ..hostmath import cdiv, next_power_of_2
+from ..stage_fallback import launch_fitting
 
 FEATURE_IDS = {"identity": 0, "elu": 1, "relu": 2, "softmax": 3}
 CHUNK = 64  # causal chunk (issue 6): quadratic inside, state across
@@ -698,11 +699,14 @@ def super_chunk(seq: int, programs_per_span: int, device: torch.device) -> int:
 
 def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, rows: int, splits: int,
                 weights: tuple[torch.Tensor, torch.Tensor] | None = None, vt_first: bool = False,
-                config: tuple[int, int, int, int] | None = None, z_dot: bool = False) -> torch.Tensor:
+                config: tuple[int, int, int, int] | None = None, z_dot: bool = False,
+                stages_fixed: bool | None = None) -> torch.Tensor:
     """(splits, B*H, DK*DV + DK) fp32: split i sums the rows [first + i*rows, first + (i+1)*rows);
     weights (row scale of v, weights of z), each (B*H, N) fp32, for the backward's reverse states;
     vt_first: the kernel's V^T phi(K) form (see linear_state_kernel; unweighted only); config:
-    (value block, warps, rows per step, stages) in place of launch_config's (bench/sweep_linear.py)."""
+    (value block, warps, rows per step, stages) in place of launch_config's (bench/sweep_linear.py);
+    stages_fixed (default: whether config is given): no fewer stages where the device refuses the
+    config's (stage_fallback)."""
     if vt_first and weights is not None:
         raise ValueError("vt_first takes no weights")
     batch, heads, seq, dk = k.shape
@@ -713,11 +717,12 @@ def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, r
     bv, warps, block_n, stages = config or launch_config("state", pad(dk), dv, k.dtype,
                                                          flash_configs.device_smem_limit(k))[0]
     rscale, zw = weights if weights is not None else (out, out)
-    linear_state_kernel[(cdiv(dv, bv) * splits * batch * heads,)](
+    launch_fitting(
+        linear_state_kernel, (cdiv(dv, bv) * splits * batch * heads,),
         k, v, out, rscale, zw, *k.stride(), *v.stride(), heads, seq, first, rows, splits,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], WEIGHTED=weights is not None,
         BLOCK_N=block_n, MODE=dot_mode(k.dtype), num_warps=warps, num_stages=stages, VT_FIRST=vt_first,
-        Z_DOT=z_dot)
+        Z_DOT=z_dot, stages_fixed=config is not None if stages_fixed is None else stages_fixed)
     return out
 
 
@@ -938,6 +943,7 @@ def state(k: torch.Tensor, v: torch.Tensor, feature: str, *, vt_first: bool = Fa
     if seq == 0 or batch * heads == 0:
         return (k.new_zeros(batch, heads, dk, dv, dtype=torch.float32),
                 k.new_zeros(batch, heads, dk, dtype=torch.float32))
+    named = config is not None
     config = config or launch_config("state", pad(dk), dv, k.dtype, flash_configs.device_smem_limit(k))[0]
     block_n = config[2]
     splits_per_sm = splits_per_sm or state_splits_per_sm(pad(dk), dv, k.dtype)
@@ -946,7 +952,7 @@ def state(k: torch.Tensor, v: torch.Tensor, feature: str, *, vt_first: bool = Fa
     rows = max(block_n, cdiv(cdiv(seq, wanted), block_n) * block_n)
     z_dot = STATE_Z_DOT if z_dot is None else z_dot
     sums = _chunk_sums(k, v, feature, first=0, rows=rows, splits=cdiv(seq, rows), vt_first=vt_first and not z_dot,
-                       config=config, z_dot=z_dot).sum(0)
+                       config=config, z_dot=z_dot, stages_fixed=named).sum(0)
     return sums[:, :dk * dv].view(batch, heads, dk, dv), sums[:, dk * dv:].view(batch, heads, dk)
 
 
@@ -982,10 +988,11 @@ def apply(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, out: torch.T
     # a few programs per SM in all, each streaming whole tiles (interpreter: two tiles each)
     want = 2 if interpreting() else max(1, programs_per_sm * _sm_count(q.device) // max(1, batch * heads * n_vb))
     rows = max(block_m, cdiv(cdiv(seq, want), block_m) * block_m)
-    linear_apply_kernel[(cdiv(seq, rows), batch * heads, n_vb)](
+    launch_fitting(
+        linear_apply_kernel, (cdiv(seq, rows), batch * heads, n_vb),
         q, s, z, out, *q.stride(), *out.stride(), heads, heads // s.shape[1], seq, rows, stride_sh, stride_zh, eps,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], NORMALIZE=z is not s,
-        BLOCK_M=block_m, MODE=dot_mode(q.dtype), num_warps=warps, num_stages=stages)
+        BLOCK_M=block_m, MODE=dot_mode(q.dtype), num_warps=warps, num_stages=stages, stages_fixed=config is not None)
     return out
 
 

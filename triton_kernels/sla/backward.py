@@ -33,6 +33,7 @@ from .classify import BlockIndex, padded
 from .forward import LINEAR_EPS, query_block_state, state_chunk, state_precision
 from .row_states import column_states
 from ..hostmath import cdiv
+from ..stage_fallback import launch_fitting
 
 TOTAL_SPLITS = 16  # partial sums per (batch, head) of the dH, dZ totals
 
@@ -340,7 +341,8 @@ def sla_linear_dq(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, h: torch.Te
     hq, zq, ht, zt = (*rows_hz, q, q) if by_rows else (h, z, h.sum(2), z.sum(2))
     with_ol = o_l is not None
     block_m = _dq_block_m(tile.block_m, d_pad, q.element_size(), with_ol, by_rows)
-    sla_linear_dq_kernel[(cdiv(seq_q, block_m), heads_q, batch)](
+    launch_fitting(
+        sla_linear_dq_kernel, (cdiv(seq_q, block_m), heads_q, batch),
         q, g, dd, hq, zq, ht, zt, rows.n_crit, rows.n_marg, rows.idx, dq, o_l if with_ol else g,
         gol if with_ol else dd, *q.stride(), *dq.stride(),
         seq_q, heads_q // heads_kv, mq, mk, LINEAR_EPS, BLOCK_M=block_m, ROW_STATES=by_rows,
@@ -371,7 +373,8 @@ def sla_linear_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dn: torch
     splits = mq if by_rows else min(TOTAL_SPLITS, cdiv(seq_q, tile.block_m))
     dh_part = torch.empty(batch, heads_q, splits, d, d, dtype=torch.float32, device=q.device)
     dz_part = torch.empty(batch, heads_q, splits, d, dtype=torch.float32, device=q.device)
-    sla_linear_total_kernel[(splits, heads_q, batch)](
+    launch_fitting(
+        sla_linear_total_kernel, (splits, heads_q, batch),
         q, dn, dd, dh_part, dz_part, *q.stride(), seq_q, mq, BLOCK_M=tile.block_m, PER_BLOCK=by_rows,
         num_warps=tile.num_warps, num_stages=tile.num_stages, **common)
     if by_rows:
@@ -380,7 +383,8 @@ def sla_linear_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dn: torch
         dh_in, dz_in = dh_part.sum(2), dz_part.sum(2)
     del dh_part, dz_part
     tile_k = launch_config(bm, bn, d, "linear_k", q.element_size())
-    sla_linear_dkdv_kernel[(cdiv(seq_k, tile_k.block_n), heads_kv, batch)](
+    launch_fitting(
+        sla_linear_dkdv_kernel, (cdiv(seq_k, tile_k.block_n), heads_kv, batch),
         q, k, v, dn, dd, dh_in, dz_in, cols.n_crit, cols.n_marg, cols.idx, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),
         seq_q, seq_k, heads_q // heads_kv, mq, mk, BLOCK_M=tile_k.block_m, BLOCK_N=tile_k.block_n, MASK_N=bn,

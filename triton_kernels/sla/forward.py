@@ -32,6 +32,7 @@ from ..linear.kernels import FEATURE_IDS, feature_map
 from ..masks import gated
 from .classify import BlockIndex, padded
 from ..hostmath import cdiv, next_power_of_2
+from ..stage_fallback import launch_fitting
 
 LINEAR_EPS = 1e-6  # attnlib.reference.sla.LINEAR_EPS
 
@@ -281,7 +282,8 @@ def sla_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_sparse: Optio
     stats = lse if lse is not None else delta
     tile = launch_config(bm, bn, head_dim, "sla_fwd", q.element_size())
     d_pad = padded(head_dim)
-    sla_fwd_kernel[(cdiv(seq_q, tile.block_m), heads_q, batch)](
+    launch_fitting(
+        sla_fwd_kernel, (cdiv(seq_q, tile.block_m), heads_q, batch),
         q, k, v, os_arg, o_l if o_l is not None else dummy, lse if lse is not None else dummy,
         dout if with_delta else dummy, delta if with_delta else dummy,
         h if linear else dummy, z if linear else dummy,

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ..switches import autotune_enabled, interpreting
 from ..hostmath import cdiv
+from ..stage_fallback import launch_fitting
 
 
 @triton.jit
@@ -138,8 +139,9 @@ def _masked_sum(classes: torch.Tensor, states: torch.Tensor, prec: str, heads_kv
                                            batch * out_heads)](*args, **strides, **split)
         return out
     bm, bn, bk, warps, stages = config or ((16, 32, 16, 1, 1) if interpreting() else MASKED_SUM_CANDIDATES[0])
-    masked_sum_kernel[(cdiv(rows, bm), cdiv(width, bn), batch * out_heads)](
-        *args, **strides, **split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    launch_fitting(masked_sum_kernel, (cdiv(rows, bm), cdiv(width, bn), batch * out_heads),
+                   *args, **strides, **split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                   num_stages=stages, stages_fixed=config is not None)
     return out
 
 
