@@ -111,3 +111,71 @@ def test_linear_triton_with_one_stage_gives_the_same_result(monkeypatch, causal)
                            causal=causal)
     err = ((got[0].double() - ref).norm() / ref.norm()).item()
     assert err <= 1e-3, err
+
+
+# Run in a subprocess (triton.compile must not see TRITON_INTERPRET; see tests/triton_sm90.py).
+# Every launch compiles for sm_89 instead of running, and one whose compiled shared memory is over
+# the card's 101376 bytes raises OutOfResources, as Triton's load does on the card. The launchers
+# see no device limit, so they take the H100's configs, as they would with a Triton that allocates
+# more than the bytes their sm_89 fits were taken from.
+_SM89_LAUNCHES = r"""
+import json, sys
+from unittest import mock
+sys.path[:0] = sys.argv[1:3]
+import torch
+import triton_sm90
+from triton.runtime.errors import OutOfResources
+from triton.runtime.jit import JITFunction
+from attnlib.triton_kernels.flash import configs
+from attnlib.triton_kernels.linear.attention import linear_fwd
+
+target, limit = triton_sm90.SMALL_SMEM_TARGETS["sm_89"]
+records = []
+torch.manual_seed(0)
+q, k = (torch.randn(1, 2, 2048, 256).half() for _ in range(2))
+v, o = (torch.randn(1, 2, 2048, 16).half() for _ in range(2))
+with mock.patch.object(configs, "device_smem_limit", lambda t: None), \
+        triton_sm90.compile_launches(records, target=target, report=lambda c: {"shared": c.metadata.shared}):
+    compile_only = JITFunction.run
+
+    def load(self, *args, **kwargs):
+        compile_only(self, *args, **kwargs)
+        if records[-1].get("shared", 0) > limit:
+            raise OutOfResources(records[-1]["shared"], limit, "shared memory")
+
+    with mock.patch.object(JITFunction, "run", load):
+        linear_fwd(q, k, v, o, feature="elu", causal=False, eps=1e-6)
+print(json.dumps({"limit": limit, "records": records}))
+"""
+
+
+def test_compiled_for_sm89_with_the_h100_configs_the_launches_step_down_and_fit():
+    """linear-triton's non-causal forward at key head dim 256, value head dim 16, fp16, with the
+    H100's configs on an sm_89 card: with Triton 3.6 the state kernel's 3 stages compile to 102912
+    bytes and the apply kernel's 4 stages to 139264 (kernels._SMEM), over the card's 101376;
+    launch_fitting takes them down a stage at a time to the first that fits (2 stages, 67840 and
+    73728 bytes, what kernels.fit picks for sm_89). With Triton 3.8 the 2 stages kernels.fit
+    picks for the state kernel take 102400 bytes there and 1 stage 65536: the same step, one
+    stage lower."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _SM89_LAUNCHES, str(here), str(here.parent)], capture_output=True,
+                       text=True, env=env, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    limit, recs = result["limit"], result["records"]
+    assert not [x for x in recs if "error" in x], recs
+    for kernel, asked in (("linear_state_kernel", 3), ("linear_apply_kernel", 4)):
+        tries = [x for x in recs if x["kernel"] == kernel]
+        stages = [x["config"][-1] for x in tries]
+        assert stages == list(range(asked, asked - len(tries), -1)), (kernel, tries)  # one stage at a time
+        assert len(tries) > 1 and all(x["shared"] > limit for x in tries[:-1]), (kernel, tries)
+        assert tries[-1]["shared"] <= limit, (kernel, tries)  # the one launched fits
+        said = [line for line in r.stderr.splitlines() if kernel in line and "launched with" in line]
+        assert len(said) == 1 and f"with {stages[-1]}" in said[0], r.stderr[-2000:]
