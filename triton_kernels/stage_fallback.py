@@ -30,7 +30,8 @@ def _name(kernel: Any) -> str:
     return getattr(fn, "__name__", type(kernel).__name__)
 
 
-def launch_fitting(kernel: Any, grid: Any, *args: Any, num_stages: int, stages_fixed: bool = False, **kwargs: Any) -> None:
+def launch_fitting(kernel: Any, grid: Any, *args: Any, num_stages: int, stages_fixed: bool = False,
+                   **kwargs: Any) -> None:
     """kernel[grid](*args, num_stages=num_stages, **kwargs); on OutOfResources for shared memory,
     again with one stage fewer each time down to 1 (then Triton's error stands). stages_fixed: no
     retry (a config the caller named, as a sweep times it, runs as named or fails). Each stepped
