@@ -700,13 +700,13 @@ def super_chunk(seq: int, programs_per_span: int, device: torch.device) -> int:
 def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, rows: int, splits: int,
                 weights: tuple[torch.Tensor, torch.Tensor] | None = None, vt_first: bool = False,
                 config: tuple[int, int, int, int] | None = None, z_dot: bool = False,
-                stages_fixed: bool | None = None) -> torch.Tensor:
+                stages_fixed: bool = False) -> torch.Tensor:
     """(splits, B*H, DK*DV + DK) fp32: split i sums the rows [first + i*rows, first + (i+1)*rows);
     weights (row scale of v, weights of z), each (B*H, N) fp32, for the backward's reverse states;
     vt_first: the kernel's V^T phi(K) form (see linear_state_kernel; unweighted only); config:
     (value block, warps, rows per step, stages) in place of launch_config's (bench/sweep_linear.py);
-    stages_fixed (default: whether config is given): no fewer stages where the device refuses the
-    config's (stage_fallback)."""
+    stages_fixed: no fewer stages where the device refuses the config's (stage_fallback; state()
+    sets it for a config its caller named)."""
     if vt_first and weights is not None:
         raise ValueError("vt_first takes no weights")
     batch, heads, seq, dk = k.shape
@@ -722,7 +722,7 @@ def _chunk_sums(k: torch.Tensor, v: torch.Tensor, feature: str, *, first: int, r
         k, v, out, rscale, zw, *k.stride(), *v.stride(), heads, seq, first, rows, splits,
         DK=dk, DK_PAD=pad(dk), DV=dv, BV=bv, FEAT=FEATURE_IDS[feature], WEIGHTED=weights is not None,
         BLOCK_N=block_n, MODE=dot_mode(k.dtype), num_warps=warps, num_stages=stages, VT_FIRST=vt_first,
-        Z_DOT=z_dot, stages_fixed=config is not None if stages_fixed is None else stages_fixed)
+        Z_DOT=z_dot, stages_fixed=stages_fixed)
     return out
 
 
