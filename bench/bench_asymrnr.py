@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import runner  # noqa: E402
+from attnlib.inputs import to_bhsd  # noqa: E402
 
 RATIOS = (0.3, 0.5, 0.7)
 PAPER_RATIOS = (0.5, 0.3)  # (q, kv): the Wan2.1 target setting
@@ -238,7 +239,7 @@ def _match_make(case, q, k, v):
     from attnlib.asymrnr import match, partition
 
     part = partition(_grid(case), device=q.device)
-    qb, vb = runner.to_bhsd(q, case.layout), runner.to_bhsd(v, case.layout)
+    qb, vb = to_bhsd(q, case.layout), to_bhsd(v, case.layout)
 
     def step():  # what one refresh costs: Q matched on Q, K/V on V
         return match(qb, part), match(vb, part)

@@ -26,6 +26,7 @@ try:  # the suite runs without pytest (python -m attnlib bench); the tests below
 except ImportError:  # pragma: no cover
     pytest = None
 
+from attnlib.inputs import from_bhsd, to_bhsd
 from bench import runner
 from bench.runner import Case
 from bench.runner import env_var as _env
@@ -37,7 +38,7 @@ def _attnlib_triton_tma(case: Case, q, k, v):
     from attnlib.triton_kernels.flash.forward import fwd_variant
 
     step = runner.PROVIDERS["attnlib-triton"].make(case, q, k, v)  # same skip reasons
-    qb, kb, vb = (runner.to_bhsd(t, case.layout) for t in (q, k, v))
+    qb, kb, vb = (to_bhsd(t, case.layout) for t in (q, k, v))
     with _env("ATTNLIB_FLASH_TMA", "1"):
         variant, reasons = fwd_variant(qb, kb, vb, torch.empty_like(qb))
     if variant != "tma":
@@ -215,11 +216,11 @@ def _sdpa_key_mask(case: Case, q, k, v):
     the key-mask calls ran on before attnlib took them, and flash-torch-sdpa's rank with a mask."""
     _key_mask_case(case)
     mask = _padded_prompt_mask(case, q)[:, None, None, :]
-    qb, kb, vb = (runner.to_bhsd(t, case.layout) for t in (q, k, v))
+    qb, kb, vb = (to_bhsd(t, case.layout) for t in (q, k, v))
 
     def step():  # the output in the case's layout, as attnlib's
         out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=case.is_gqa)
-        return runner.to_bhsd(out, case.layout)
+        return from_bhsd(out, case.layout)
     return step
 
 

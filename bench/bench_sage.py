@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from attnlib.inputs import to_bhsd
 from bench import runner
 from bench.runner import Case, Skip
 
@@ -69,7 +70,7 @@ def _exact_rows(q, k, v, causal: bool, scale: float) -> torch.Tensor:
 def _accuracy(out_bhsd: torch.Tensor, case: Case, q, k, v) -> dict:
     from attnlib.testing import metrics
 
-    qb, kb, vb = (runner.to_bhsd(t, case.layout) for t in (q, k, v))
+    qb, kb, vb = (to_bhsd(t, case.layout) for t in (q, k, v))
     ref = _exact_rows(qb, kb, vb, case.causal, case.head_dim ** -0.5)
     m = metrics(out_bhsd[0, 0, :ref.shape[0]], ref)
     return {"cos_sim": m["cos_sim"], "rel_l1": m["rel_l1"]}
@@ -97,7 +98,7 @@ def _sage_v16_make(case: Case, q, k, v):
     from attnlib.reference.sage import K_BLOCK, Q_BLOCK
     from attnlib.triton_kernels.sage.forward import sage_forward
 
-    qb, kb, vb = (runner.to_bhsd(t, case.layout) for t in (q, k, v))
+    qb, kb, vb = (to_bhsd(t, case.layout) for t in (q, k, v))
 
     def step():
         return sage_forward(qb, kb, vb.to(torch.float16), causal=case.causal, scale=case.head_dim ** -0.5,
@@ -118,7 +119,7 @@ def _attnlib_sage_info(backend: str, pv: str = "fp16"):
         try:
             make = _attnlib_sage(backend, pv)(case, q, k, v)
             with torch.no_grad():
-                return _accuracy(runner.to_bhsd(make(), case.layout), case, q, k, v)
+                return _accuracy(to_bhsd(make(), case.layout), case, q, k, v)
         except Exception:  # noqa: BLE001 - info only; the timing records the failure
             return {}
     return info
@@ -139,7 +140,7 @@ def _sageattention_make(case: Case, q, k, v):
 def _sageattention_info(case: Case, q, k, v) -> dict:
     try:
         out = _sageattention_make(case, q, k, v)()
-        return dict(_accuracy(runner.to_bhsd(out, case.layout), case, q, k, v),
+        return dict(_accuracy(to_bhsd(out, case.layout), case, q, k, v),
                     note="K clone inside the timed region")
     except Exception:  # noqa: BLE001
         return {}

@@ -8,7 +8,12 @@ end-to-end result against the unwrapped run and the float64 reference.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,12 +162,6 @@ def test_compiled_for_sm89_with_the_h100_configs_the_launches_step_down_and_fit(
     73728 bytes, what kernels.fit picks for sm_89). With Triton 3.8 the 2 stages kernels.fit
     picks for the state kernel take 102400 bytes there and 1 stage 65536: the same step, one
     stage lower."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     here = Path(__file__).resolve().parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _SM89_LAUNCHES, str(here), str(here.parent)], capture_output=True,
