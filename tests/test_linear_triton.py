@@ -8,9 +8,6 @@ for fp16 (bf16 on GPU: 2e-2, its 8-bit mantissa); gradients the same per tensor.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from attnlib.reference.linear import feature_map_fn
 from attnlib.testing import make_qkv, poison_
 
 triton = pytest.importorskip("triton")
+from triton_sm90 import run_uninterpreted  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HERE = Path(__file__).resolve().parent
@@ -578,10 +576,8 @@ def compile_linear_launches(cases, arch: str, limit):
     """(launch records, the _SMEM entries that changed a config) of every kernel launch of the
     forward and backward at each [dk, dv, dtype, causal, feature] case, compiled for arch on the CPU
     with the launchers seeing limit bytes of shared memory per block."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _LAUNCHES, str(HERE), str(HERE.parent), json.dumps(cases), arch,
-                        json.dumps(limit)], capture_output=True, text=True, env=env, timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_uninterpreted(["-c", _LAUNCHES, HERE, HERE.parent, json.dumps(cases), arch, json.dumps(limit)],
+                          timeout=1200)
     recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     return [x for x in recs if "kernel" in x], {tuple(key) for key in recs[-1]["changed"]}
 

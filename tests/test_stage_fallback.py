@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 from triton.runtime.errors import OutOfResources  # noqa: E402
+from triton_sm90 import run_uninterpreted  # noqa: E402
 
 import attnlib  # noqa: E402
 from attnlib.reference import linear_reference  # noqa: E402
@@ -163,10 +161,7 @@ def test_compiled_for_sm89_with_the_h100_configs_the_launches_step_down_and_fit(
     picks for the state kernel take 102400 bytes there and 1 stage 65536: the same step, one
     stage lower."""
     here = Path(__file__).resolve().parent
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _SM89_LAUNCHES, str(here), str(here.parent)], capture_output=True,
-                       text=True, env=env, timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_uninterpreted(["-c", _SM89_LAUNCHES, here, here.parent], timeout=1200)
     result = json.loads(r.stdout.strip().splitlines()[-1])
     limit, recs = result["limit"], result["records"]
     assert not [x for x in recs if "error" in x], recs

@@ -2,12 +2,10 @@
 is off, fit its shared memory (fp16, bf16 and fp32), and the fp16/bf16 configs do not spill
 registers: checked without a GPU (see triton_sm90.py)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from triton_sm90 import run_uninterpreted
 
 HERE = Path(__file__).resolve().parent
 H100_SMEM_BYTES = 227 * 1024
@@ -16,10 +14,7 @@ H100_SMEM_BYTES = 227 * 1024
 @pytest.fixture(scope="module")
 def compiled():
     """One subprocess compiles every case: triton.jit must not be in interpreter mode there."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(HERE / "triton_sm90.py"), "--suite", "flash"], capture_output=True, text=True, env=env,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_uninterpreted([HERE / "triton_sm90.py", "--suite", "flash"], timeout=600)
     recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     return {(x["kernel"], x["dtype"], x["head_dim"], x["causal"]): x for x in recs}
 
@@ -77,10 +72,8 @@ def _case_id(c):
 
 @pytest.fixture(scope="module")
 def compiled_extra():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     only = ",".join(_case_id(c) for c in EXTRA_CASES)
-    r = subprocess.run([sys.executable, str(HERE / "triton_sm90.py"), "--suite", "extra", "--only", only],
-                       capture_output=True, text=True, env=env, timeout=900)
+    r = run_uninterpreted([HERE / "triton_sm90.py", "--suite", "extra", "--only", only], timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = {}
     for line in r.stdout.splitlines():
@@ -142,10 +135,7 @@ def test_other_kernels_compile_for_sm90_and_fit(compiled_extra, case):
 # sm_90 with TMA loads and stores and wgmma (no plain global loads of Q/K/V), fit, and do not spill.
 @pytest.fixture(scope="module")
 def compiled_tma():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(HERE / "triton_sm90.py"), "--suite", "flash", "--tma"],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_uninterpreted([HERE / "triton_sm90.py", "--suite", "flash", "--tma"], timeout=600)
     return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
 
 
@@ -176,10 +166,7 @@ def test_default_h100_config_keeps_loads_in_flight(compiled, which, causal, head
 # block-sparse launchers' tiles, compiled for that card, fit it. Until stop 22 the candidates' budget never went below the H100's, so on a 99 KB card
 # the hd128 forward's default needed 128 KB and failed at launch.
 def test_flash_defaults_fit_cards_with_less_shared_memory():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(HERE / "triton_sm90.py"), "--suite", "small-smem"], capture_output=True,
-                       text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_uninterpreted([HERE / "triton_sm90.py", "--suite", "small-smem"], timeout=600)
     recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     flash = [x for x in recs if "block" not in x]
     # 2 cards x 4 kernels x 3 head dims x 2 dtypes, less the fp32 atomic dK/dV kernel (not run there)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import triton
@@ -223,6 +224,16 @@ def async_waits(ttgir: str) -> list[int]:
     in flight; one that waits with num = 0 at the top of each iteration overlaps no load with
     compute (what a block index loaded inside the loop did to the block-sparse loops)."""
     return [int(n) for n in re.findall(r"ttg\.async_wait[^{]*\{num = (\d+)", ttgir)]
+
+
+def run_uninterpreted(args: list, timeout: float) -> "subprocess.CompletedProcess":
+    """`python *args` with TRITON_INTERPRET taken out of the environment (triton.compile needs
+    triton.jit out of interpreter mode, which the test process is in), its output captured as text.
+    Asserts it exited 0 (the failure shows its stderr's tail) and returns the finished process."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 @contextlib.contextmanager
