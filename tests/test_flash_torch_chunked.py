@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import attnlib
+from attnlib.inputs import to_bhsd
 from attnlib.kernels import flash_sdpa as chunked_sdpa
 from attnlib.kernels import flash_torch_chunked as chunked
 from attnlib.reference import flash_reference
@@ -30,10 +31,6 @@ def _chunked_for_fp32_training(flash_training_on_chunked):
 
 def dtype_id(d: torch.dtype) -> str:
     return str(d).split(".")[-1]
-
-
-def to_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
-    return x if layout == "bhsd" else x.transpose(1, 2)
 
 
 def torch_same_dtype(q, k, v, *, causal: bool, scale: float):

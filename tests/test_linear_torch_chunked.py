@@ -18,11 +18,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import attnlib
 from attnlib.api import build_inputs
 from attnlib.dispatch import kernels
+from attnlib.inputs import to_bhsd
 from attnlib.kernels import linear_torch_chunked as chunked
 from attnlib.reference import linear_reference
 from attnlib.testing import assert_flash_rule, input_grads, make_qkv
 
-from test_flash_torch_chunked import case_id, dtype_id, peak_cpu_bytes, to_bhsd
+from test_flash_torch_chunked import case_id, dtype_id, peak_cpu_bytes
 
 KERNEL = "linear-torch-chunked"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

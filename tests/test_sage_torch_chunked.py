@@ -16,12 +16,13 @@ import torch
 
 import attnlib
 import attnlib.reference.sage as sage_ref
+from attnlib.inputs import to_bhsd
 from attnlib.kernels import flash_torch_chunked as flash_chunked
 from attnlib.kernels import sage_torch_chunked as chunked
 from attnlib.reference import flash_reference, sage_reference
 from attnlib.testing import describe_mismatch, make_qkv, metrics, poison_
 
-from test_flash_torch_chunked import dtype_id, peak_cpu_bytes, to_bhsd
+from test_flash_torch_chunked import dtype_id, peak_cpu_bytes
 
 KERNEL = "sage-torch-chunked"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

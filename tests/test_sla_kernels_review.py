@@ -9,16 +9,13 @@ import pytest
 import torch
 
 import attnlib
+from attnlib.inputs import to_bhsd
 from attnlib.reference import sla_reference
 from attnlib.testing import assert_sla_rule, make_qkv, poison_, sla_float64_reference
 
 pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def to_bhsd(x, layout):
-    return x if layout == "bhsd" else x.transpose(1, 2)
 
 
 def check_strict(q, k, v, w, b, *, layout, causal, backend, **kw):

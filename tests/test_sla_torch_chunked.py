@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import attnlib
+from attnlib.inputs import to_bhsd
 from attnlib.kernels import block_sparse_gather as gather
 from attnlib.kernels import flash_torch_chunked as chunked
 from attnlib.kernels import sla_torch_chunked as sla_chunked
@@ -31,10 +32,6 @@ SMALL_BUDGET = 48 << 10  # about ten query rows of scores and one query block's 
 @pytest.fixture(autouse=True)
 def small_budget(monkeypatch):
     monkeypatch.setattr(chunked, "SCORE_BUDGET_BYTES", SMALL_BUDGET)
-
-
-def to_bhsd(x, layout):
-    return x if layout == "bhsd" else x.transpose(1, 2)
 
 
 def make_proj(dv, dtype=torch.float32, seed=0):

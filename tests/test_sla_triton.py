@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import attnlib
+from attnlib.inputs import to_bhsd
 from attnlib.reference import flash_reference, linear_reference, sla_block_classes, sla_reference
 from attnlib.reference._common import block_mask_to_tokens, causal_mask, expand_kv
 from attnlib.reference.linear import feature_map_fn
@@ -22,10 +23,6 @@ from attnlib.testing import (assert_flash_rule, assert_sla_rule, assert_verbose_
 triton = pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def to_bhsd(x, layout):
-    return x if layout == "bhsd" else x.transpose(1, 2)
 
 
 def make_proj(d, dtype=torch.float32, seed=0, requires_grad=True):
