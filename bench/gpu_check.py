@@ -1,7 +1,7 @@
 """The one command a GPU task runs: environment, GPU tests, benchmarks, results by card.
 
-Next GPU run: exact commands (H100, 15 minutes of device time in all, start-up included)
-----------------------------------------------------------------------------------------
+Next GPU run: exact commands (H100 or H200, 15 minutes of device time in all, start-up included)
+-----------------------------------------------------------------------------------------------
 Here first (no device time): ``sh scripts/fetch_gpu_wheels.sh`` (sageattention 1.0.6 and fla-core
 into the git-ignored ``.whl/``; without them those two baselines are recorded as skipped, with
 why), then ``timeout 900 .venv/bin/python -m pytest -q -p no:cacheprovider
@@ -27,7 +27,8 @@ for 30 s only; a fresh start costs 1-2 minutes), then ``give_back``:
    end to end, and with kernels.STATE_Z_DOT: take it as the default if faster), sla (issue 7, up to 90 s: critical 0.05 at blocks (64, 64) and (128, 64)) and the
    kernel profile (stop 23 moved SLA's masked state sum and key-block preprocess to 16-bit tensor
    cores: the profile's SLA rows give their kernel times against 1.25 / 0.61 ms on the H200 and
-   1.82 / 0.63 ms on the H100 before). Sage (issue 5, blocked at stop 24) and the causal linear
+   1.82 / 0.63 ms on the H100 before; its cases with the linear branch off, negligible 0.95, give
+   that branch's share of sla_fwd_kernel and of the training step by difference). Sage (issue 5, blocked at stop 24) and the causal linear
    sweep are left out; name them in --suites to run them after;
    run(timeout_s=400, carry=[".whl"], command=
    ``export PYTHONUNBUFFERED=1; python3 -m pip install -q --no-index --no-deps --no-compile

@@ -8,8 +8,10 @@ and the device kernels it launches with their summed time from torch.profiler. C
 
 - sla at critical 0.05 on the Wan2.1-1.3B shape, forward, at block sizes (64, 64) and (128, 64):
   the linear branch took 62% of the forward at stop 19 (the per-tile aggregation, 1.75x slower
-  there, is no longer profiled);
-- the SLA forward and backward together (a training step of the attention alone);
+  there, is no longer profiled); then at (64, 64) with the linear branch off (negligible 0.95:
+  the same critical blocks, no marginal ones), so the difference is the linear branch's cost;
+- the SLA forward and backward together (a training step of the attention alone), and the same
+  with the linear branch off;
 - flash auto vs torch SDPA (bf16, no grad) at the Wan2.1-1.3B shape: auto should now be SDPA;
 - block_sparse at density 0.05 and 0.1 (bench_block_sparse's shape): the H100 run of 2026-11-27
   measured 0.65 ms at 0.05, no less than 0.62 ms at 0.1, where FlexAttention took 0.34 ms;
@@ -103,18 +105,26 @@ def cases(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, *, sla_shap
         yield (f"sla fwd critical 0.05 Wan2.1-1.3B, block_size {block}",
                lambda b=block: attnlib.sla_attention(q, k, v, pw, pb, critical=0.05, negligible=bsla.NEGLIGIBLE,
                                                      block_size=b, backend="triton"))
+    # the same critical blocks with no marginal ones (negligible = 1 - critical): _runs_linear is
+    # false, so no key-block states, no row-state sums and sla_fwd_kernel without LINEAR; the gap
+    # to the (64, 64) case above is the linear branch's cost, each kernel's share in its table
+    yield (f"sla fwd critical 0.05 Wan2.1-1.3B, block_size {bsla.BLOCK}, linear branch off (negligible 0.95)",
+           lambda: attnlib.sla_attention(q, k, v, pw, pb, critical=0.05, negligible=0.95, block_size=bsla.BLOCK,
+                                         backend="triton"))
     qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
     pwg = pw.detach().clone().requires_grad_()
     dout = torch.randn_like(q)
 
-    def sla_train_step():  # forward and backward (run 1: backward 3.36x faster than dense, target 5x)
+    def sla_train_step(negligible=bsla.NEGLIGIBLE):  # run 1: backward 3.36x faster than dense, target 5x
         with torch.enable_grad():
-            out = attnlib.sla_attention(qg, kg, vg, pwg, pb, critical=0.05, negligible=bsla.NEGLIGIBLE,
+            out = attnlib.sla_attention(qg, kg, vg, pwg, pb, critical=0.05, negligible=negligible,
                                         block_size=bsla.BLOCK, backend="triton")
             out.backward(dout)
         for t in (qg, kg, vg, pwg):
             t.grad = None
     yield ("sla fwd+bwd critical 0.05 Wan2.1-1.3B (row states)", sla_train_step)
+    yield ("sla fwd+bwd critical 0.05 Wan2.1-1.3B, linear branch off (negligible 0.95)",
+           lambda: sla_train_step(0.95))
     yield ("flash auto (bf16, no grad) Wan2.1-1.3B", lambda: attnlib.flash_attention(q, k, v))
     yield ("flash triton Wan2.1-1.3B", lambda: attnlib.flash_attention(q, k, v, backend="triton"))
     yield ("torch SDPA default Wan2.1-1.3B", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))

@@ -186,7 +186,16 @@ def test_profile_cases_run_on_cpu():
         with torch.no_grad():
             fn()
         names.append(name)
-    assert len(names) == 11 and any(n.startswith("asymrnr matching") for n in names), names
+    assert len(names) == 13 and any(n.startswith("asymrnr matching") for n in names), names
+    # the "linear branch off" cases split the SLA forward's time only if, at the benchmark's shape,
+    # negligible 0.95 leaves no marginal block and the benchmark's own negligible leaves some
+    from bench import bench_sla as bsla
+    from attnlib.triton_kernels.sla.classify import has_marginal_blocks
+
+    assert sum("linear branch off (negligible 0.95)" in n for n in names) == 2, names
+    seq = bsla.SHAPE["seq"]
+    assert not has_marginal_blocks(seq, seq, bsla.BLOCK, False, 0.05, 0.95)
+    assert has_marginal_blocks(seq, seq, bsla.BLOCK, False, 0.05, bsla.NEGLIGIBLE)
 
 
 def test_torch_cpu_suite_runs_and_writes_its_table(tmp_path):
