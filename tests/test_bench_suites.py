@@ -190,12 +190,15 @@ def test_profile_cases_run_on_cpu():
     # the "linear branch off" cases split the SLA forward's time only if, at the benchmark's shape,
     # negligible 0.95 leaves no marginal block and the benchmark's own negligible leaves some
     from bench import bench_sla as bsla
-    from attnlib.triton_kernels.sla.classify import has_marginal_blocks
+    from attnlib.triton_kernels.sla.classify import has_marginal_blocks, row_counts
 
     assert sum("linear branch off (negligible 0.95)" in n for n in names) == 2, names
     seq = bsla.SHAPE["seq"]
     assert not has_marginal_blocks(seq, seq, bsla.BLOCK, False, 0.05, 0.95)
     assert has_marginal_blocks(seq, seq, bsla.BLOCK, False, 0.05, bsla.NEGLIGIBLE)
+    crit_on = row_counts(seq, seq, bsla.BLOCK, False, 0.05, bsla.NEGLIGIBLE, "cpu")[:, 1]
+    crit_off = row_counts(seq, seq, bsla.BLOCK, False, 0.05, 0.95, "cpu")[:, 1]
+    assert torch.equal(crit_on, crit_off)  # the same critical blocks per row: the gap is the linear branch
 
 
 def test_torch_cpu_suite_runs_and_writes_its_table(tmp_path):
