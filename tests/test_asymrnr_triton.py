@@ -16,6 +16,7 @@ import torch
 import attnlib
 from attnlib import dispatch
 from attnlib.asymrnr import AsymRnR, match, partition, plan_reduction, reduce, restore
+from attnlib.inputs import to_bhsd
 from attnlib.reference.asymrnr import asymrnr_match_reference, asymrnr_similarity
 from attnlib.testing import assert_verbose_allclose, make_qkv, metrics
 
@@ -55,7 +56,7 @@ def check_match(x, part, metric, rtol, config=None):
 def test_match_equals_reference(metric, grid, stride, head_dim, layout, config):
     n = grid[0] * grid[1] * grid[2]
     x = make_qkv(2, 2, n, head_dim, seed=1, layout=layout, device=DEVICE)[0]
-    xb = x if layout == "bhsd" else x.transpose(1, 2)
+    xb = to_bhsd(x, layout)
     part = partition(grid, stride, seed=3, device=DEVICE)
     assert check_match(xb, part, metric, rtol=1e-5, config=config) == 0.0  # no near-ties in these seeded inputs
 

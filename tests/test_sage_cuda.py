@@ -9,6 +9,7 @@ import torch
 
 import attnlib
 from attnlib.cuda import loader, specs
+from attnlib.inputs import to_bhsd
 from attnlib.reference import flash_reference, sage_reference
 from attnlib.reference.sage import K_BLOCK, Q_BLOCK, Q_WARP_BLOCK, quantize_per_block
 from attnlib.testing import assert_verbose_allclose, make_qkv, metrics
@@ -292,7 +293,7 @@ def test_quantize_k_parallel_gpu(seq, layout, dtype, d):
 
     _, k, _ = make_qkv(2, 6, 16, d, kv_heads=2, seq_k=seq, dtype=dtype, device="cuda", layout=layout,
                        k_bias=10.0, seed=seq + d)
-    kb = k if layout == "bhsd" else k.transpose(1, 2)
+    kb = to_bhsd(k, layout)
     before = k.clone()
     ki, dk, mean = quantize_k_cuda(kb, K_BLOCK, smooth=True)
     torch.cuda.synchronize()
