@@ -41,12 +41,11 @@ def launch_fitting(kernel: Any, grid: Any, *args: Any, num_stages: int, stages_f
     while True:
         try:
             kernel[grid](*args, num_stages=stages, **kwargs)
+            break
         except OutOfResources as e:
             if stages_fixed or e.name != "shared memory" or stages <= 1:
                 raise
             stages -= 1
-            continue
-        break
     if stages != num_stages:
         key = (_name(kernel), num_stages, stages)
         if key not in _reported:
