@@ -19,7 +19,7 @@ from attnlib.reference.linear import feature_map_fn
 from attnlib.testing import make_qkv, poison_
 
 triton = pytest.importorskip("triton")
-from triton_sm90 import run_uninterpreted  # noqa: E402
+from triton_sm90 import json_lines, run_uninterpreted  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HERE = Path(__file__).resolve().parent
@@ -578,7 +578,7 @@ def compile_linear_launches(cases, arch: str, limit):
     with the launchers seeing limit bytes of shared memory per block."""
     r = run_uninterpreted(["-c", _LAUNCHES, HERE, HERE.parent, json.dumps(cases), arch, json.dumps(limit)],
                           timeout=1200)
-    recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    recs = json_lines(r.stdout)
     return [x for x in recs if "kernel" in x], {tuple(key) for key in recs[-1]["changed"]}
 
 

@@ -1,11 +1,10 @@
 """The Triton flash kernels compile for H100 (sm_90) with the config they launch when autotuning
 is off, fit its shared memory (fp16, bf16 and fp32), and the fp16/bf16 configs do not spill
 registers: checked without a GPU (see triton_sm90.py)."""
-import json
 from pathlib import Path
 
 import pytest
-from triton_sm90 import run_uninterpreted
+from triton_sm90 import json_lines, run_uninterpreted
 
 HERE = Path(__file__).resolve().parent
 H100_SMEM_BYTES = 227 * 1024
@@ -15,7 +14,7 @@ H100_SMEM_BYTES = 227 * 1024
 def compiled():
     """One subprocess compiles every case: triton.jit must not be in interpreter mode there."""
     r = run_uninterpreted([HERE / "triton_sm90.py", "--suite", "flash"], timeout=600)
-    recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    recs = json_lines(r.stdout)
     return {(x["kernel"], x["dtype"], x["head_dim"], x["causal"]): x for x in recs}
 
 
@@ -75,10 +74,8 @@ def compiled_extra():
     only = ",".join(_case_id(c) for c in EXTRA_CASES)
     r = run_uninterpreted([HERE / "triton_sm90.py", "--suite", "extra", "--only", only], timeout=900)
     recs = {}
-    for line in r.stdout.splitlines():
-        if line.startswith("{"):
-            x = json.loads(line)
-            recs.setdefault(x["case"], []).append(x)
+    for x in json_lines(r.stdout):
+        recs.setdefault(x["case"], []).append(x)
     return recs
 
 
@@ -135,7 +132,7 @@ def test_other_kernels_compile_for_sm90_and_fit(compiled_extra, case):
 @pytest.fixture(scope="module")
 def compiled_tma():
     r = run_uninterpreted([HERE / "triton_sm90.py", "--suite", "flash", "--tma"], timeout=600)
-    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return json_lines(r.stdout)
 
 
 def test_tma_forward_compiles_with_tma_and_wgmma(compiled_tma):
@@ -166,7 +163,7 @@ def test_default_h100_config_keeps_loads_in_flight(compiled, which, causal, head
 # the hd128 forward's default needed 128 KB and failed at launch.
 def test_flash_defaults_fit_cards_with_less_shared_memory():
     r = run_uninterpreted([HERE / "triton_sm90.py", "--suite", "small-smem"], timeout=600)
-    recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    recs = json_lines(r.stdout)
     flash = [x for x in recs if "block" not in x]
     # 2 cards x 4 kernels x 3 head dims x 2 dtypes, less the fp32 atomic dK/dV kernel (not run there)
     assert len(flash) == 2 * (4 * 3 * 2 - 3), r.stdout[-2000:]

@@ -236,6 +236,11 @@ def run_uninterpreted(args: list, timeout: float) -> "subprocess.CompletedProces
     return r
 
 
+def json_lines(text: str) -> list[dict]:
+    """The records a compile subprocess printed: each stdout line that starts with '{', parsed."""
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
 @contextlib.contextmanager
 def compile_launches(records: list, target=None, report=None):
     """Within: a Triton launch compiles for sm_90 instead of running. The arguments are the
