@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import attnlib
-from attnlib.dispatch import NoKernelError
+from attnlib.inputs import from_bhsd, to_bhsd
 from attnlib.reference.block_sparse import block_sparse_reference
 from attnlib.reference.flash import flash_reference
 from attnlib.reference.linear import linear_reference
@@ -61,7 +61,7 @@ def draw_case(seed: int, backend: str) -> dict:
         if rng.random() < 0.3:
             shape = rng.choice([(case["batch"], case["seq_k"]), (1, case["seq_k"]),
                                 (case["batch"], case["heads"], case["seq_k"]), (1, 1, case["seq_k"])])
-            opts["key_mask"] = ("bool", shape, rng.random())
+            opts["key_mask"] = shape
     elif case["method"] == "block_sparse":
         bs = rng.choice([(64, 64), (128, 64)])
         blocks = (-(-case["seq_q"] // bs[0]), -(-case["seq_k"] // bs[1]))
@@ -87,7 +87,8 @@ def case_id(c: dict) -> str:
 
 
 def materialise(c: dict, gen: torch.Generator):
-    """q, k, v (float64, bhsd, already rounded to the case's dtype) and the method's tensors."""
+    """q, k, v (float64, bhsd, already rounded to the case's dtype) and the method's options
+    (attnlib.attention's keywords) with their tensors."""
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(c["dtype"]).double()
 
@@ -97,8 +98,7 @@ def materialise(c: dict, gen: torch.Generator):
     v = rnd(b, c["kv_heads"], c["seq_k"], dv)
     opts = dict(c["options"])
     if "key_mask" in opts:
-        _, shape, _ = opts["key_mask"]
-        opts["key_mask"] = torch.rand(shape, generator=gen) < 0.7
+        opts["key_mask"] = torch.rand(opts["key_mask"], generator=gen) < 0.7
     if "block_mask" in opts:
         shape, density = opts["block_mask"]
         opts["block_mask"] = torch.rand(shape, generator=gen) < density
@@ -125,21 +125,6 @@ def reference(c: dict, q, k, v, opts):
                          feature_map=opts["feature_map"], scale=c["scale"], **kw)
 
 
-def call_attnlib(c: dict, backend: str, q, k, v, opts):
-    kw = dict(causal=c["causal"], layout=c["layout"], backend=backend)
-    m = c["method"]
-    if m == "flash":
-        return attnlib.attention(q, k, v, method="flash", scale=c["scale"], **opts, **kw)
-    if m == "block_sparse":
-        return attnlib.block_sparse_attention(q, k, v, opts["block_mask"], block_size=opts["block_size"],
-                                              scale=c["scale"], **kw)
-    if m == "linear":
-        return attnlib.linear_attention(q, k, v, feature_map=opts["feature_map"], **kw)
-    return attnlib.sla_attention(q, k, v, opts["proj_weight"], opts["proj_bias"], critical=opts["critical"],
-                                 negligible=opts["negligible"], block_size=opts["block_size"],
-                                 feature_map=opts["feature_map"], scale=c["scale"], **kw)
-
-
 def relative_rmse(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
     o, r = out.detach().double().cpu(), ref.detach().double().cpu()
     if not bool(torch.isfinite(o).all()):
@@ -161,24 +146,25 @@ def test_random_combination_matches_float64_reference(backend, case):
         if t is None or not t.is_floating_point():
             return None if t is None else t.to(DEVICE)
         t = t.to(device=DEVICE, dtype=dtype)
-        if in_layout and layout == "bshd":
-            t = t.transpose(1, 2).contiguous()
+        if in_layout:
+            t = from_bhsd(t, layout).contiguous()
         return t.requires_grad_(case["grad"])
 
     q, k, v = (to_kernel(t, True) for t in (q64, k64, v64))
     opts = {name: to_kernel(t) if isinstance(t, torch.Tensor) else t for name, t in opts64.items()}
-    try:
-        out = call_attnlib(case, backend, q, k, v, opts)
-    except NoKernelError as e:
-        reasons = [line.strip() for line in str(e).splitlines() if line.strip().startswith("- ")]
-        pytest.skip("; ".join(reasons) or str(e))
+    call = dict(method=case["method"], backend=backend, layout=layout, causal=case["causal"], scale=case["scale"],
+                **opts)
+    explained = attnlib.explain(q, k, v, **call)
+    if explained.chosen is None:
+        pytest.skip("; ".join(r for _, reasons in explained.rejected for r in reasons))
+    out = attnlib.attention(q, k, v, **call)
     leaves64 = {"q": q64, "k": k64, "v": v64, "proj_weight": opts64.get("proj_weight"),
                 "proj_bias": opts64.get("proj_bias")}
     for t in leaves64.values():
         if t is not None:
             t.requires_grad_(case["grad"])
     ref = reference(case, q64, k64, v64, opts64)
-    out_bhsd = out.transpose(1, 2) if layout == "bshd" else out
+    out_bhsd = to_bhsd(out, layout)
     assert out.dtype == dtype and out_bhsd.shape == ref.shape
     err = relative_rmse(out_bhsd, ref)
     assert err <= FWD_RTOL[dtype], f"forward relative RMSE {err:.3g} > {FWD_RTOL[dtype]}\n" + \
@@ -196,8 +182,8 @@ def test_random_combination_matches_float64_reference(backend, case):
     # rounding-sized dS, so dq = scale dS K is rounding-sized too, not 0
     floor = 0.1 * want[names.index("v")].norm().item()
     for name, g, w in zip(names, got, want):
-        if name in "qkv" and layout == "bshd":
-            g = g.transpose(1, 2)
+        if name in ("q", "k", "v"):
+            g = to_bhsd(g, layout)
         err = relative_rmse(g, w, floor)
         assert err <= BWD_RTOL[dtype], f"d{name}: relative RMSE {err:.3g} > {BWD_RTOL[dtype]}\n" + \
             describe_mismatch(g.cpu(), w)
