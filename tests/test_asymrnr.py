@@ -15,6 +15,7 @@ import torch
 import attnlib
 from attnlib.asymrnr import AsymRnR, Partition, match, partition, plan_reduction, reduce, restore
 from attnlib.asymrnr.config import removed_count
+from attnlib.inputs import to_bhsd
 from attnlib.reference.asymrnr import asymrnr_similarity
 from attnlib.testing import assert_verbose_allclose, make_qkv
 
@@ -288,10 +289,10 @@ def test_dispatcher_matches_loop_reference(heads, kv_heads, layout, mode, metric
     q, k, v = make_qkv(1, heads, S + text, 8, kv_heads=kv_heads, seed=8, layout=layout, dtype=torch.float64)
     got = attnlib.attention(q, k, v, method="asymrnr", grid=GRID, q_ratio=0.5, kv_ratio=0.3, metric=metric,
                             mode=mode, text_tokens=text, text_side=side, seed=3, layout=layout, backend="torch")
-    qb, kb, vb = (t if layout == "bhsd" else t.transpose(1, 2) for t in (q, k, v))
+    qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
     want = loop_reference(qb, kb, vb, GRID, q_ratio=0.5, kv_ratio=0.3, seed=3, metric=metric, mode=mode,
                           text_tokens=text, text_side=side)
-    assert_verbose_allclose(got if layout == "bhsd" else got.transpose(1, 2), want, atol=1e-12)
+    assert_verbose_allclose(to_bhsd(got, layout), want, atol=1e-12)
     if layout == "bhsd" and kv_heads == heads:  # fp32 through the same path
         got32 = attnlib.attention(q.float(), k.float(), v.float(), method="asymrnr", grid=GRID, metric=metric,
                                   mode=mode, text_tokens=text, text_side=side, seed=3, backend="torch")

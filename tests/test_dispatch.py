@@ -1,4 +1,5 @@
 """The registry: selection, explanations, forced backends, overrides, logging."""
+import functools
 import logging
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 import attnlib
 from attnlib import dispatch
+from attnlib.inputs import to_bhsd
 from attnlib.testing import make_qkv
 
 
@@ -367,7 +369,7 @@ def test_nondeterministic_training_runs_sdpa_with_its_own_autograd(sdpa_on_cpu, 
     from attnlib.reference import flash_reference
 
     q, k, v = make_qkv(1, 4, 37, 32, kv_heads=2, dtype=torch.bfloat16, layout=layout, requires_grad=True, seed=41)
-    t = (lambda x: x) if layout == "bhsd" else (lambda x: x.transpose(1, 2))  # noqa: E731
+    t = functools.partial(to_bhsd, layout=layout)  # its own inverse: also bhsd -> layout
     leaves = [t(x).detach().double().requires_grad_() for x in (q, k, v)]
     ref = flash_reference(*leaves, causal=True)
     dout = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -412,7 +414,7 @@ def test_auto_runs_torch_sdpa_for_half_inference_and_triton_for_training(layout,
     from attnlib.testing import assert_flash_rule
 
     q, k, v = make_qkv(2, 8, 333, 64, kv_heads=2, dtype=dtype, device="cuda", layout=layout, seed=31)
-    t = (lambda x: x) if layout == "bhsd" else (lambda x: x.transpose(1, 2))  # noqa: E731
+    t = functools.partial(to_bhsd, layout=layout)
     for causal in (False, True):
         assert attnlib.explain(q, k, v, causal=causal, layout=layout).chosen.name == "flash-torch-sdpa"
         out = attnlib.flash_attention(q, k, v, causal=causal, layout=layout)

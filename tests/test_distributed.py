@@ -18,6 +18,7 @@ import torch.distributed as dist
 import attnlib
 from attnlib.distributed import (make_groups, merge_attention, ring_attention, ulysses_attention, usp_attention,
                                  usp_shard, usp_unshard, zigzag_shard, zigzag_unshard)
+from attnlib.inputs import from_bhsd, to_bhsd
 from attnlib.reference import flash_reference
 from attnlib.reference._common import causal_mask, masked_softmax_attention
 from attnlib.testing import assert_flash_rule, make_qkv, metrics
@@ -438,9 +439,9 @@ def test_merge_attention_equals_full(layout):
         owner = torch.randint(0, 4, (8,), generator=gen)
         owner[owner == 3] = 2   # part 3 stays empty
         parts = [_partial(q, k, v, mask, (owner == i).nonzero().flatten()) for i in range(4)]
-        outs = [o if layout == "bhsd" else o.transpose(1, 2) for o, _ in parts]
+        outs = [from_bhsd(o, layout) for o, _ in parts]
         out, lse = merge_attention(outs, [l for _, l in parts], layout=layout)
-        out_b = out if layout == "bhsd" else out.transpose(1, 2)
+        out_b = to_bhsd(out, layout)
         torch.testing.assert_close(out_b, ref_out, atol=1e-12, rtol=1e-10)
         torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=1e-10)
         assert torch.isneginf(lse[..., :4]).all() and (out_b[:, :, :4] == 0).all()

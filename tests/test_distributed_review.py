@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from attnlib.distributed import (merge_attention, ring_attention, ulysses_attention, usp_attention, usp_shard,
                                  zigzag_shard)
+from attnlib.inputs import from_bhsd, to_bhsd
 from attnlib.reference import flash_reference
 from attnlib.testing import assert_flash_rule, make_qkv
 from spawn_job import run_job
@@ -54,12 +55,11 @@ def _check_against_float64(attn, shard, *, world, heads, kv_heads, seq, causal, 
         o, l = flash_reference(qq, kk, vv, causal=causal, return_lse=True)
         ((o * dout.to(dtype)).sum() + (l * dlse.to(dtype)).sum()).backward()
         refs[dtype] = {"out": o.detach(), "lse": l.detach(), "dq": qq.grad, "dk": kk.grad, "dv": vv.grad}
-    to_layout = (lambda t: t) if layout == "bhsd" else (lambda t: t.transpose(1, 2))
-    ql, kl, vl = (to_layout(shard(t, 2)).detach().requires_grad_() for t in (q, k, v))
+    ql, kl, vl = (from_bhsd(shard(t, 2), layout).detach().requires_grad_() for t in (q, k, v))
     out, lse = attn(ql, kl, vl, layout=layout)
-    ((to_layout(out) * shard(dout, 2)).sum() + (lse * shard(dlse, 2)).sum()).backward()
-    got = {"out": to_layout(out), "lse": lse, "dq": to_layout(ql.grad), "dk": to_layout(kl.grad),
-           "dv": to_layout(vl.grad)}
+    ((to_bhsd(out, layout) * shard(dout, 2)).sum() + (lse * shard(dlse, 2)).sum()).backward()
+    got = {"out": to_bhsd(out, layout), "lse": lse, "dq": to_bhsd(ql.grad, layout), "dk": to_bhsd(kl.grad, layout),
+           "dv": to_bhsd(vl.grad, layout)}
     for name, x in got.items():
         assert_flash_rule(x, shard(refs[torch.float64][name], 2), shard(refs[torch.float32][name], 2), name=name)
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import attnlib
+from attnlib.inputs import to_bhsd
 from attnlib.reference import linear_reference
 from attnlib.reference.linear import feature_map_fn
 from attnlib.testing import make_qkv, poison_
@@ -73,10 +74,6 @@ def recurrent(q, k, v, feature, eps=1e-6):
     return torch.stack(outs, dim=2)
 
 
-def bhsd(x, layout):
-    return x if layout == "bhsd" else x.transpose(1, 2)
-
-
 # (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, head_dim_v, layout)
 SHAPES = [
     (1, 2, 2, 77, 77, 32, 32, "bhsd"),
@@ -102,17 +99,17 @@ def test_forward_and_gradients_fp32(shape, causal, feature):
     assert attnlib.explain(q, k, v, method="linear", layout=layout, causal=causal,
                            feature_map=feature).chosen.name == "linear-triton"
     out = attnlib.linear_attention(q, k, v, feature_map=feature, causal=causal, layout=layout)
-    leaves = [bhsd(t, layout).detach().double().requires_grad_() for t in (q, k, v)]
+    leaves = [to_bhsd(t, layout).detach().double().requires_grad_() for t in (q, k, v)]
     ref = linear_reference(*leaves, feature_map=feature, causal=causal)
     quad = quadratic(*leaves, feature, causal)
-    assert rel_rmse(bhsd(out, layout), quad) <= 1e-3
+    assert rel_rmse(to_bhsd(out, layout), quad) <= 1e-3
     assert rel_rmse(ref, quad) <= 1e-9
     dout = torch.randn_like(out)
     out.backward(dout)
-    ref.backward(bhsd(dout, layout).double())
+    ref.backward(to_bhsd(dout, layout).double())
     for name, t, leaf in zip(("dq", "dk", "dv"), (q, k, v), leaves):
         assert torch.isfinite(t.grad).all(), name
-        assert rel_rmse(bhsd(t.grad, layout), leaf.grad) <= 1e-3, name
+        assert rel_rmse(to_bhsd(t.grad, layout), leaf.grad) <= 1e-3, name
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attnlib
+from attnlib.inputs import to_bhsd
 from attnlib.reference import block_sparse_reference, flash_reference
 from attnlib.testing import assert_verbose_allclose, make_qkv
 
@@ -125,11 +126,11 @@ def test_attention_api_torch_backend(dtype, layout):
     mask = _random_mask((2, 1, 4, 3))
     out, lse = attnlib.attention(q, k, v, method="block_sparse", backend="torch", layout=layout, causal=True,
                                  return_lse=True, block_mask=mask, block_size=(16, 32))
-    qb, kb, vb = ((t.transpose(1, 2) if layout == "bshd" else t) for t in (q, k, v))
+    qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
     ref, ref_lse = _loop_formula(qb, kb, vb, mask, (16, 32), True, 32 ** -0.5)
     atol = ATOL64 if dtype == torch.float64 else ATOL32
     assert out.dtype == dtype and out.shape == q.shape
-    assert_verbose_allclose(out if layout == "bhsd" else out.transpose(1, 2), ref, atol=atol)
+    assert_verbose_allclose(to_bhsd(out, layout), ref, atol=atol)
     assert_verbose_allclose(lse, ref_lse, atol=atol, name="lse")
 
 

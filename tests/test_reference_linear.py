@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import attnlib
 import attnlib.reference.linear as linear_mod
+from attnlib.inputs import to_bhsd
 from attnlib.reference import linear_reference
 from attnlib.reference.linear import feature_map_fn
 from attnlib.testing import assert_verbose_allclose, make_qkv
@@ -110,14 +111,14 @@ def test_attention_api_torch_backend(dtype, layout):
     q, k, v = make_qkv(1, 4, 11, 8, kv_heads=2, seq_k=14, dtype=dtype, layout=layout)
     out = attnlib.attention(q, k, v, method="linear", backend="torch", layout=layout, causal=True,
                             feature_map="relu", eps=1e-3)
-    qb, kb, vb = ((t.transpose(1, 2) if layout == "bshd" else t) for t in (q, k, v))
+    qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
     ref = _loop_formula(qb, kb, vb, "relu", True, eps=1e-3)
     assert out.dtype == dtype and out.shape == q.shape
     rtol, atol = (RTOL64, ATOL64) if dtype == torch.float64 else (RTOL32, ATOL32)
-    assert_verbose_allclose(out if layout == "bhsd" else out.transpose(1, 2), ref, atol=atol, rtol=rtol)
+    assert_verbose_allclose(to_bhsd(out, layout), ref, atol=atol, rtol=rtol)
     out2 = attnlib.linear_attention(q, k, v, layout=layout, backend="torch")  # defaults: elu, non-causal
     ref2 = _loop_formula(qb, kb, vb, "elu", False)
-    assert_verbose_allclose(out2 if layout == "bhsd" else out2.transpose(1, 2), ref2, atol=atol, rtol=rtol)
+    assert_verbose_allclose(to_bhsd(out2, layout), ref2, atol=atol, rtol=rtol)
 
 
 def test_attention_api_backward_matches_reference():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attnlib
+from attnlib.inputs import to_bhsd
 from attnlib.reference import flash_reference, sage_reference
 from attnlib.reference.sage import quantize_per_block, round_half_away
 from attnlib.testing import assert_verbose_allclose, make_qkv, metrics
@@ -212,13 +213,13 @@ def test_attention_api_torch_backend(dtype, layout):
     q, k, v = make_qkv(1, 4, 50, 32, kv_heads=2, seq_k=70, dtype=dtype, layout=layout)
     out, lse = attnlib.attention(q, k, v, method="sage", backend="torch", layout=layout, causal=True,
                                  return_lse=True)
-    qb, kb, vb = ((t.transpose(1, 2) if layout == "bshd" else t) for t in (q, k, v))
+    qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
     ref, ref_lse = sage_reference(qb, kb, vb, causal=True, return_lse=True)
     assert out.dtype == dtype and out.shape == q.shape
-    assert torch.equal(out if layout == "bhsd" else out.transpose(1, 2), ref) and torch.equal(lse, ref_lse)
+    assert torch.equal(to_bhsd(out, layout), ref) and torch.equal(lse, ref_lse)
     no_smooth = attnlib.sage_attention(q, k, v, layout=layout, smooth_k=False, backend="torch")
     ref_ns = sage_reference(qb, kb, vb, smooth_k=False)
-    assert torch.equal(no_smooth if layout == "bhsd" else no_smooth.transpose(1, 2), ref_ns)
+    assert torch.equal(to_bhsd(no_smooth, layout), ref_ns)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)

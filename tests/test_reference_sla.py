@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attnlib
+from attnlib.inputs import to_bhsd
 from attnlib.reference import block_sparse_reference, flash_reference, sla_block_classes, sla_reference
 from attnlib.reference.sla import sla_block_counts
 from attnlib.testing import assert_verbose_allclose, make_qkv
@@ -206,12 +207,12 @@ def test_attention_api_torch_backend(dtype, layout):
     opts = dict(critical=0.3, negligible=0.2, block_size=(16, 16))
     out = attnlib.attention(q, k, v, method="sla", backend="torch", layout=layout, causal=True,
                             proj_weight=w, proj_bias=b, **opts)
-    qb, kb, vb = ((t.transpose(1, 2) if layout == "bshd" else t) for t in (q, k, v))
+    qb, kb, vb = (to_bhsd(t, layout) for t in (q, k, v))
     ref = sla_reference(qb, kb, vb, w, b, causal=True, **opts)
     assert out.dtype == dtype and out.shape == q.shape
     same = torch.equal if dtype == torch.float64 else (
         lambda x, y: torch.allclose(x, y, atol=ATOL32, rtol=1e-6))
-    assert same(out if layout == "bhsd" else out.transpose(1, 2), ref)
+    assert same(to_bhsd(out, layout), ref)
     out2 = attnlib.sla_attention(q, k, v, layout=layout, backend="torch", **opts)  # zero projection
     ref2 = sla_reference(qb, kb, vb, **opts)
     assert same(out2 if layout == "bhsd" else out2.transpose(1, 2), ref2)

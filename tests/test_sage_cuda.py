@@ -3,6 +3,8 @@ needed); a CPU emulation of the INT8 tile swizzle and of the ldmatrix -> mma.m16
 addressing (mirrors csrc/sage line by line) and of the smoothed-K mean's launches (per-block
 channel sums into the scratch, their fold in block order); GPU checks against the simulation
 (relative L1 <= 1e-3, lse 1e-4) and exact attention (cos >= 0.999, rel L1 <= 0.02), quantization bit-exact."""
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -234,7 +236,7 @@ def poisoned_outputs(monkeypatch):
 def _check(q, k, v, *, causal, pv="fp16", qk_granularity="per_block", layout="bhsd"):
     out, lse = attnlib.sage_attention(q, k, v, causal=causal, pv=pv, qk_granularity=qk_granularity, layout=layout,
                                       return_lse=True, backend="cuda")
-    t = (lambda x: x) if layout == "bhsd" else (lambda x: x.transpose(1, 2))  # noqa: E731
+    t = functools.partial(to_bhsd, layout=layout)
     sim, sim_lse = sage_reference(t(q), t(k), t(v), causal=causal, pv=pv, qk_granularity=qk_granularity,
                                   return_lse=True)
     exact, exact_lse = flash_reference(t(q).double(), t(k).double(), t(v).double(), causal=causal, return_lse=True)
