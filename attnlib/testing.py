@@ -60,6 +60,15 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(torch.iinfo(t.dtype).max)
 
 
+def relative_rmse(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """||out - ref|| / max(||ref||, floor), in float64 (the RMS ratio): inf when out is not finite.
+    floor: the size to measure against when ref is (near) zero in exact arithmetic."""
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not bool(torch.isfinite(o).all()):
+        return float("inf")
+    return ((o - r).norm() / max(r.norm().item(), floor, 1e-30)).item()
+
+
 def metrics(out: torch.Tensor, ref: torch.Tensor) -> dict:
     """max abs error, cosine similarity and relative L1 (sum|o - r| / sum|r|), in float64."""
     o, r = out.detach().double().flatten(), ref.detach().double().flatten()

@@ -19,15 +19,10 @@ import torch
 
 import attnlib
 from attnlib.reference import linear_reference
-from attnlib.testing import make_qkv
+from attnlib.testing import make_qkv, relative_rmse
 
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rel_rmse(out, ref) -> float:
-    o, r = out.detach().double(), ref.detach().double()
-    return ((o - r).pow(2).mean().sqrt() / r.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def worst_row(out, ref) -> float:
@@ -52,7 +47,7 @@ def test_causal_fp16_backward_rows_with_tiny_denominators(seq):
     ref.backward(dout.double())
     for name, t, leaf in zip(("dk", "dv"), (k, v), leaves[1:]):
         assert torch.isfinite(t.grad).all(), name
-        assert rel_rmse(t.grad, leaf.grad) <= 5e-3, (name, rel_rmse(t.grad, leaf.grad))
+        assert relative_rmse(t.grad, leaf.grad) <= 5e-3, (name, relative_rmse(t.grad, leaf.grad))
     # dq: rows 3..5 themselves are off intrinsically (phi(q) is one fp16 subnormal step, 10%
     # from exp(-16.5)); every other row must keep its own accuracy
     rows = torch.ones(seq, dtype=torch.bool)

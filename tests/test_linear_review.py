@@ -15,17 +15,13 @@ import torch
 
 import attnlib
 from attnlib.reference import linear_reference
+from attnlib.testing import relative_rmse
 
 pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # relative RMSE against float64: the contract of tests/test_linear_triton.py
 REL_RMSE = {torch.float32: 1e-3, torch.float16: 5e-3}
-
-
-def rel_rmse(out, ref) -> float:
-    o, r = out.detach().double(), ref.detach().double()
-    return ((o - r).pow(2).mean().sqrt() / r.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def _check(feature, causal, eps, *, hq=4, hkv=2, seq_q=500, seq_k=500, d=32, dv=24, v_mean=3.0,
@@ -43,10 +39,10 @@ def _check(feature, causal, eps, *, hq=4, hkv=2, seq_q=500, seq_k=500, d=32, dv=
     out = attnlib.linear_attention(*ours, feature_map=feature, causal=causal, eps=eps, backend="triton")
     out.backward(dout)
     tol = REL_RMSE[dtype]
-    assert rel_rmse(out, ref) <= tol, "out"
+    assert relative_rmse(out, ref) <= tol, "out"
     for name, ours_t, leaf in zip(("dq", "dk", "dv"), ours, leaves):
         assert ours_t.grad is not None and torch.isfinite(ours_t.grad).all(), name
-        assert rel_rmse(ours_t.grad, leaf.grad) <= tol, (name, rel_rmse(ours_t.grad, leaf.grad))
+        assert relative_rmse(ours_t.grad, leaf.grad) <= tol, (name, relative_rmse(ours_t.grad, leaf.grad))
 
 
 # eps = 1: the causal dq kernel's eps term (O - mu = O(V - mu) - mu eps / den) carries weight

@@ -17,7 +17,7 @@ import attnlib
 from attnlib.inputs import to_bhsd
 from attnlib.reference import linear_reference
 from attnlib.reference.linear import feature_map_fn
-from attnlib.testing import make_qkv, poison_
+from attnlib.testing import make_qkv, poison_, relative_rmse
 
 triton = pytest.importorskip("triton")
 from triton_sm90 import json_lines, run_uninterpreted  # noqa: E402
@@ -35,11 +35,6 @@ def _release_cuda_cache():
     yield
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
-
-
-def rel_rmse(out, ref) -> float:
-    o, r = out.detach().double(), ref.detach().double()
-    return ((o - r).pow(2).mean().sqrt() / r.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def quadratic(q, k, v, feature, causal, eps=1e-6):
@@ -102,14 +97,14 @@ def test_forward_and_gradients_fp32(shape, causal, feature):
     leaves = [to_bhsd(t, layout).detach().double().requires_grad_() for t in (q, k, v)]
     ref = linear_reference(*leaves, feature_map=feature, causal=causal)
     quad = quadratic(*leaves, feature, causal)
-    assert rel_rmse(to_bhsd(out, layout), quad) <= 1e-3
-    assert rel_rmse(ref, quad) <= 1e-9
+    assert relative_rmse(to_bhsd(out, layout), quad) <= 1e-3
+    assert relative_rmse(ref, quad) <= 1e-9
     dout = torch.randn_like(out)
     out.backward(dout)
     ref.backward(to_bhsd(dout, layout).double())
     for name, t, leaf in zip(("dq", "dk", "dv"), (q, k, v), leaves):
         assert torch.isfinite(t.grad).all(), name
-        assert rel_rmse(to_bhsd(t.grad, layout), leaf.grad) <= 1e-3, name
+        assert relative_rmse(to_bhsd(t.grad, layout), leaf.grad) <= 1e-3, name
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -119,12 +114,12 @@ def test_fp16(causal):
     assert out.dtype == torch.float16
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = linear_reference(*leaves, causal=causal)
-    assert rel_rmse(out, ref) <= REL_RMSE[torch.float16]
+    assert relative_rmse(out, ref) <= REL_RMSE[torch.float16]
     dout = torch.randn_like(out)
     out.backward(dout)
     ref.backward(dout.double())
     for name, t, leaf in zip(("dq", "dk", "dv"), (q, k, v), leaves):
-        assert rel_rmse(t.grad, leaf.grad) <= REL_RMSE[torch.float16], name
+        assert relative_rmse(t.grad, leaf.grad) <= REL_RMSE[torch.float16], name
 
 
 @pytest.mark.parametrize("head_dim_v", [96, 160])
@@ -136,14 +131,14 @@ def test_fp16_value_widths(head_dim_v):
                        seed=head_dim_v)
     out = attnlib.linear_attention(q, k, v)
     assert out.dtype == torch.float16 and out.shape[-1] == head_dim_v
-    assert rel_rmse(out, linear_reference(q.double(), k.double(), v.double())) <= REL_RMSE[torch.float16]
+    assert relative_rmse(out, linear_reference(q.double(), k.double(), v.double())) <= REL_RMSE[torch.float16]
 
 
 @pytest.mark.parametrize("seq", [1, 63, 64, 65, 150])
 def test_causal_chunked_equals_recurrent(seq):
     q, k, v = make_qkv(1, 2, seq, 16, device=DEVICE, seed=seq)
     out = attnlib.linear_attention(q, k, v, causal=True, feature_map="elu")
-    assert rel_rmse(out, recurrent(q, k, v, "elu")) <= 1e-5
+    assert relative_rmse(out, recurrent(q, k, v, "elu")) <= 1e-5
 
 
 def test_relu_all_zero_rows_are_finite():
@@ -180,8 +175,8 @@ def test_elu_of_very_negative_rows(backend, causal):
     out = attnlib.linear_attention(*ours, feature_map="elu", causal=causal, eps=1e-6, backend=backend)
     out.sum().backward()
     for row in (1, 2, 3):  # per row, so the tiny rows are not hidden by the rest
-        assert rel_rmse(out[0, 0, row].cpu(), ref[0, 0, row]) <= 1e-5, row
-        assert rel_rmse(ours[0].grad[0, 0, row].cpu(), exact[0].grad[0, 0, row]) <= 1e-3, row
+        assert relative_rmse(out[0, 0, row].cpu(), ref[0, 0, row]) <= 1e-5, row
+        assert relative_rmse(ours[0].grad[0, 0, row].cpu(), exact[0].grad[0, 0, row]) <= 1e-3, row
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -205,7 +200,7 @@ def test_relu_eps_zero_backends_agree(causal):
         res[backend] = (out, qq.grad, kk.grad, vv.grad)
     assert torch.all(res["torch"][0][:, :, ::3] == 0)
     for name, a, b in zip(("out", "dq", "dk", "dv"), res["torch"], res["triton"]):
-        assert torch.isfinite(a).all() and rel_rmse(b, a) <= 1e-5, name
+        assert torch.isfinite(a).all() and relative_rmse(b, a) <= 1e-5, name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -224,9 +219,9 @@ def test_state_z_by_product_is_the_same_sum(dk, dv, seq, dtype):
         s0, z0 = kernels.state(k, v, feature)
         s1, z1 = kernels.state(k, v, feature, z_dot=True)
         assert torch.equal(s0, s1), feature
-        assert rel_rmse(z1, z0) <= 1e-6, feature
+        assert relative_rmse(z1, z0) <= 1e-6, feature
         z64 = feature_map_fn(feature)(k.double()).sum(2)
-        assert rel_rmse(z1, z64) <= (1e-5 if dtype == torch.float32 else 2e-3), feature
+        assert relative_rmse(z1, z64) <= (1e-5 if dtype == torch.float32 else 2e-3), feature
 
 
 def test_narrow_causal_backward_is_refused_on_gpus():
@@ -271,7 +266,7 @@ def test_relu_eps_zero_causal_with_the_gpu_configs(monkeypatch, d):
     ref.backward(dout)
     assert torch.all(out[:, :, ::3] == 0)
     for name, a, b in zip(("out", "dq", "dk", "dv"), (ref, *(t.grad for t in leaves)), (out, *grads)):
-        assert torch.isfinite(b).all() and rel_rmse(b, a) <= 1e-5, name
+        assert torch.isfinite(b).all() and relative_rmse(b, a) <= 1e-5, name
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -284,7 +279,7 @@ def test_long_sequence_is_finite(causal):
     out = attnlib.linear_attention(q, k, v, causal=causal)
     assert torch.isfinite(out).all()
     ref = linear_reference(q.double(), k.double(), v.double(), causal=causal)
-    assert rel_rmse(out, ref) <= REL_RMSE[torch.float16]
+    assert relative_rmse(out, ref) <= REL_RMSE[torch.float16]
 
 
 def test_launchers_write_every_element():
@@ -324,10 +319,10 @@ def _check_against_reference(q, k, v, feature, out, dout, grads, tol):
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = linear_reference(*leaves, feature_map=feature, causal=True)
     ref.backward(dout.double())
-    assert rel_rmse(out, ref) <= tol, "out"
+    assert relative_rmse(out, ref) <= tol, "out"
     for name, g, leaf in zip(("dq", "dk", "dv"), grads, leaves):
         assert torch.isfinite(g).all(), name
-        assert rel_rmse(g, leaf.grad) <= tol, name
+        assert relative_rmse(g, leaf.grad) <= tol, name
 
 
 # (heads_q, heads_kv, seq_q, seq_k, span): several super-chunks and a ragged last one; keys before
@@ -658,7 +653,7 @@ def test_gpu_128k_finite_and_accurate(dtype, causal):
     assert torch.isfinite(out).all()
     sl = slice(-256, None)  # check the last rows (longest prefix) against the float32 reference
     ref = linear_reference(q, k, v, causal=causal)
-    assert rel_rmse(out[:, :, sl], ref[:, :, sl]) <= REL_RMSE[dtype]
+    assert relative_rmse(out[:, :, sl], ref[:, :, sl]) <= REL_RMSE[dtype]
 
 
 def check_forward_and_gradients(q, k, v, causal: bool, dtype: torch.dtype) -> None:
@@ -666,12 +661,12 @@ def check_forward_and_gradients(q, k, v, causal: bool, dtype: torch.dtype) -> No
     out = attnlib.linear_attention(q, k, v, causal=causal)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = linear_reference(*leaves, causal=causal)
-    assert rel_rmse(out, ref) <= REL_RMSE[dtype]
+    assert relative_rmse(out, ref) <= REL_RMSE[dtype]
     dout = torch.randn_like(out)
     out.backward(dout)
     ref.backward(dout.double())
     for name, t, leaf in zip(("dq", "dk", "dv"), (q, k, v), leaves):
-        assert rel_rmse(t.grad, leaf.grad) <= REL_RMSE[dtype], name
+        assert relative_rmse(t.grad, leaf.grad) <= REL_RMSE[dtype], name
 
 
 @pytest.mark.gpu
@@ -732,7 +727,7 @@ def test_noncausal_backward_bf16_plumbing_with_emulated_kernels(monkeypatch):
     grads = attention.linear_bwd(dout, q, k, v, out, feature="elu", causal=False, eps=1e-6)
     for name, g, leaf in zip(("dq", "dk", "dv"), grads, leaves):
         assert g.dtype == torch.bfloat16 and g.shape == leaf.shape, name
-        assert rel_rmse(g, leaf.grad) <= REL_RMSE[torch.bfloat16], name
+        assert relative_rmse(g, leaf.grad) <= REL_RMSE[torch.bfloat16], name
 
 
 def test_cards_with_less_shared_memory_refuse_only_what_no_config_fits(monkeypatch):
@@ -808,9 +803,9 @@ def test_configs_fitted_to_cards_with_less_shared_memory_compute_the_same(monkey
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = linear_reference(*leaves, feature_map="elu")
     ref.backward(dout.double())
-    assert rel_rmse(out, ref) <= REL_RMSE[dtype], "out"
+    assert relative_rmse(out, ref) <= REL_RMSE[dtype], "out"
     for name, g, leaf in zip(("dq", "dk", "dv"), grads, leaves):
-        assert rel_rmse(g, leaf.grad) <= REL_RMSE[dtype], name
+        assert relative_rmse(g, leaf.grad) <= REL_RMSE[dtype], name
 
 
 def _launch_configs(kernels, dk, dv, dtype):

@@ -8,15 +8,10 @@ import torch
 import attnlib
 from attnlib.predict import _visible_blocks
 from attnlib.reference import linear_reference
-from attnlib.testing import make_qkv
+from attnlib.testing import make_qkv, relative_rmse
 
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rel_rmse(out, ref) -> float:
-    o, r = out.detach().double(), ref.detach().double()
-    return ((o - r).pow(2).mean().sqrt() / r.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 # ---- predict_block_mask(cdf_threshold=...) ---------------------------------------------------
@@ -52,10 +47,10 @@ def _linear_grads_vs_reference(q, k, v, feature, seed):
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
     out.backward(dout)
     ref.backward(dout.double())
-    errs = {"out": rel_rmse(out, ref)}
+    errs = {"out": relative_rmse(out, ref)}
     for name, t, leaf in zip(("dq", "dk", "dv"), (q, k, v), leaves):
         assert torch.isfinite(t.grad).all(), name
-        errs[name] = rel_rmse(t.grad, leaf.grad)
+        errs[name] = relative_rmse(t.grad, leaf.grad)
     return errs
 
 

@@ -21,7 +21,7 @@ from attnlib.reference.block_sparse import block_sparse_reference
 from attnlib.reference.flash import flash_reference
 from attnlib.reference.linear import linear_reference
 from attnlib.reference.sla import sla_reference
-from attnlib.testing import describe_mismatch, triton_interpreting
+from attnlib.testing import describe_mismatch, relative_rmse, triton_interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu" and triton_interpreting()
@@ -123,13 +123,6 @@ def reference(c: dict, q, k, v, opts):
     return sla_reference(q, k, v, opts["proj_weight"], opts["proj_bias"], critical=opts["critical"],
                          negligible=opts["negligible"], block_size=opts["block_size"],
                          feature_map=opts["feature_map"], scale=c["scale"], **kw)
-
-
-def relative_rmse(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
-    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
-    if not bool(torch.isfinite(o).all()):
-        return float("inf")
-    return ((o - r).norm() / max(r.norm().item(), floor, 1e-30)).item()
 
 
 CASES = [("torch", draw_case(1000 + i, "torch")) for i in range(N_TORCH)] + \
