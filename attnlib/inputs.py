@@ -150,9 +150,20 @@ def from_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x if layout == "bhsd" else x.transpose(1, 2)
 
 
+def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """x, or a contiguous copy of it when its last dim is strided (a transposed or a [..., ::2]
+    view): the fused kernels load head-dim rows as unit-stride vectors, and flash_attn's
+    interface copies such inputs the same way, where refusing them would send the call to the
+    slow torch kernels. Autograd passes the copy's gradient back to x."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] <= 1 or x.stride(-1) == 1:
+        return x  # (anything else is for the caller's checks to refuse)
+    return x.contiguous()
+
+
 @dataclass(frozen=True)
 class AttentionInputs:
-    """A validated attention call. q, k, v are bhsd views of the caller's tensors."""
+    """A validated attention call. q, k, v are bhsd views of the caller's tensors (contiguous
+    copies of those whose last dim is strided: see unit_last_stride)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -294,6 +305,7 @@ def make_inputs(q, k, v, *, method: str, layout: str = "bhsd", causal: bool = Fa
                 return_lse: bool = False, options: Mapping[str, Any] | None = None,
                 same_head_dim_v: bool = False) -> AttentionInputs:
     qb, kb, vb = validate_qkv(q, k, v, layout, same_head_dim_v=same_head_dim_v)
+    qb, kb, vb = unit_last_stride(qb), unit_last_stride(kb), unit_last_stride(vb)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type_name(causal)}")
     if not isinstance(return_lse, bool):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from .dispatch import NoKernelError, effective_backend
-from .inputs import FLOAT_DTYPES, AttentionInputs, check_dense, check_scale, plain_number, type_name
+from .inputs import (FLOAT_DTYPES, AttentionInputs, check_dense, check_scale, plain_number, type_name,
+                     unit_last_stride)
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -161,6 +162,8 @@ def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     backend = effective_backend(backend)
     if not torch.compiler.is_compiling():  # the fake implementation checks shapes while tracing
         check_packed(q, k, v)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)  # see inputs.unit_last_stride
+    if not torch.compiler.is_compiling():
         from .ops import forward_mode_transform_active, grad_transform_differentiates
 
         if forward_mode_transform_active():

@@ -69,9 +69,11 @@ def float64_grads(method: str, leaves, options, dout: torch.Tensor, causal: bool
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("method", list(CASES))
-def test_strided_view_inputs_forward_and_backward(method, causal):
+def test_strided_view_inputs_forward_and_backward(method, causal, flash_training_on_chunked):
     """A q whose last-dim stride is 20 and k, v with batch stride 0 run without a copy error and
-    give the reference's out and gradients (the expanded k, v sum their batches' gradients)."""
+    give the reference's out and gradients (the expanded k, v sum their batches' gradients).
+    (attnlib.inputs copies the strided q to a contiguous one before any kernel sees it, which
+    makes torch's SDPA a fused candidate for flash: the fixture keeps flash on the chunked kernel.)"""
     gen = torch.Generator().manual_seed(1)
     q, k, v, leaves, options = inputs(method, gen)
     assert q.stride(-1) != 1 and k.stride(0) == 0
