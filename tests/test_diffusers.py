@@ -334,6 +334,45 @@ def test_legacy_attention_processor_via_functional(attnlib_calls):
         assert torch.equal(attn(x, encoder_hidden_states=ctx), native)
 
 
+def test_processors_that_attend_in_a_module_helper_are_routed(attnlib_calls):
+    """Flux2's KV-cache processors call attention in a module-level function
+    (_flux2_kv_causal_attention), not in __call__: apply() used to count them as switched while
+    every such call stayed native, without a word."""
+    from diffusers import Flux2Transformer2DModel
+    from diffusers.models.transformers import transformer_flux2
+
+    helper = transformer_flux2._flux2_kv_causal_attention
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                    timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4)).eval()
+    model.transformer_blocks[0].attn.set_processor(transformer_flux2.Flux2KVAttnProcessor())
+    model.single_transformer_blocks[0].attn.set_processor(transformer_flux2.Flux2KVParallelSelfAttnProcessor())
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 20, 4, generator=g),
+                  encoder_hidden_states=torch.randn(1, 6, 24, generator=g), timestep=torch.tensor([0.5]), img_ids=torch.randn(20, 4, generator=g), txt_ids=torch.zeros(6, 4),
+                  guidance=torch.tensor([3.0]), return_dict=False)
+    extract = dict(inputs, kv_cache_mode="extract", num_ref_tokens=4)
+
+    def both_modes():
+        with torch.no_grad():
+            out, cache = model(**extract)
+            return out, model(**dict(inputs, kv_cache_mode="cached", kv_cache=cache))[0]
+
+    native = both_modes()
+    assert attnlib_diffusers.apply(model, method="flash") == 2
+    try:
+        routed = both_modes()
+        # extract: (text + image, reference) per block; cached: one call per block
+        assert attnlib_calls == ["flash"] * 6
+    finally:
+        attnlib_diffusers.remove(model)
+    assert transformer_flux2._flux2_kv_causal_attention is helper  # the module itself is untouched
+    for got, want in zip(routed, native):
+        assert_verbose_allclose(got, want, atol=FLASH_ATOL, rtol=FLASH_RTOL)
+    assert all(torch.equal(a, b) for a, b in zip(both_modes(), native))
+
+
 def test_bad_arguments_switch_nothing():
     model, _, _ = tiny_flux()
     before = processors(model)

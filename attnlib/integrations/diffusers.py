@@ -14,7 +14,10 @@ of Liger's ``monkey_patch`` (STYLE habit 11); no diffusers or torch module is mo
   as a shadow module, because torch.compile looks globals up there), in which the one name the
   processor calls attention through is rebound to an attnlib router: ``dispatch_attention_fn``
   (every ``AttentionModuleMixin`` processor: Wan, Flux, ...) or ``F`` (legacy ``Attention``
-  processors of UNets and VAEs, which call ``F.scaled_dot_product_attention``). Code and
+  processors of UNets and VAEs, which call ``F.scaled_dot_product_attention``). Module-level
+  functions of the processor's module through which ``__call__`` reaches that name (Flux2's
+  KV-cache processors attend in ``_flux2_kv_causal_attention``) are copied onto the same globals,
+  so their calls are routed too. Code and
   signature are the original's, so diffusers' kwarg filtering (by ``inspect.signature``) and
   everything else the processor does are unchanged. The copy is taken at apply() time;
 * instance level: each processor's ``__class__`` is set to that subclass (identity, attributes
@@ -209,13 +212,46 @@ def _code_names(code: types.CodeType) -> set[str]:
     return names
 
 
+def _helpers(call: types.FunctionType) -> dict[str, types.FunctionType]:
+    """The module-level Python functions of call's module that call reaches by name, directly or
+    through one another (Flux2's KV-cache processors attend in _flux2_kv_causal_attention)."""
+    g, found, todo = call.__globals__, {}, [call]
+    while todo:
+        for n in _code_names(todo.pop().__code__):
+            f = g.get(n)
+            if isinstance(f, types.FunctionType) and f.__globals__ is g and n not in found:
+                found[n] = f
+                todo.append(f)
+    return found
+
+
+def _helpers_reaching(call: types.FunctionType, names: tuple[str, ...]) -> dict[str, types.FunctionType]:
+    """Those of _helpers(call) from which every one of names is reached (in their own code or in
+    the helpers they call): the functions a routed class must run on its shadow module's globals."""
+    helpers = _helpers(call)
+    own = {n: _code_names(f.__code__) for n, f in helpers.items()}
+    reach = {n: set(own[n]) for n in helpers}
+    changed = True
+    while changed:  # the names each helper reaches through the helpers it calls (cycles allowed)
+        changed = False
+        for n in helpers:
+            more = set().union(*(reach[m] for m in own[n] if m in reach)) - reach[n]
+            if more:
+                reach[n] |= more
+                changed = True
+    return {n: f for n, f in helpers.items() if all(x in reach[n] for x in names)}
+
+
 def _rebinding(cls: type) -> tuple[str, Callable] | tuple[None, str]:
-    """(global name, router factory) through which cls.__call__ reaches attention, or (None, why not)."""
+    """(global name, router factory) through which cls.__call__ reaches attention (in its own code
+    or in module-level functions of its module that it calls), or (None, why not)."""
     from diffusers.models import attention_dispatch
     call = cls.__call__
     if not isinstance(call, types.FunctionType) or not call.__module__.startswith("diffusers."):
         return None, "its __call__ is not a Python function defined in diffusers"
     names, g = _code_names(call.__code__), call.__globals__
+    for f in _helpers(call).values():
+        names |= _code_names(f.__code__)
     if _DISPATCH_NAME in names:
         if g.get(_DISPATCH_NAME) is attention_dispatch.dispatch_attention_fn:
             return _DISPATCH_NAME, _dispatch_router
@@ -302,12 +338,11 @@ def _routed_class(cls: type, name: str, factory: Callable, route: _Route, module
     shadow.__dict__.update(original_call.__globals__)
     shadow.__dict__.update(__name__=module_name, __spec__=None, __loader__=None)
     shadow.__dict__[name] = factory(original_call.__globals__[name], route)
-    call = types.FunctionType(original_call.__code__, shadow.__dict__, original_call.__name__,
-                              original_call.__defaults__, original_call.__closure__)
-    call.__kwdefaults__ = original_call.__kwdefaults__
-    call.__qualname__, call.__doc__ = original_call.__qualname__, original_call.__doc__
-    call.__annotations__ = dict(original_call.__annotations__)
-    call.__dict__.update(original_call.__dict__)
+    # helpers that attend for __call__ look the router up in the shadow module too
+    needs = ("F", "scaled_dot_product_attention") if name == "F" else (name,)
+    for helper_name, helper in _helpers_reaching(original_call, needs).items():
+        shadow.__dict__[helper_name] = _rebound(helper, shadow.__dict__)
+    call = _rebound(original_call, shadow.__dict__)
     routed = type(cls.__name__, (cls,), {
         "__call__": call, "__module__": cls.__module__, "__doc__": cls.__doc__,
         "__qualname__": f"{cls.__qualname__}[attnlib {route.method}]", "__reduce_ex__": _processor_reduce_ex,
@@ -315,6 +350,16 @@ def _routed_class(cls: type, name: str, factory: Callable, route: _Route, module
         "_attnlib_original_class": cls, "_attnlib_shadow": shadow, "_attnlib_route": route,
     })
     return routed
+
+
+def _rebound(f: types.FunctionType, globals_: dict) -> types.FunctionType:
+    """f's code, defaults, closure and attributes with globals_ as its globals."""
+    g = types.FunctionType(f.__code__, globals_, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__ = f.__kwdefaults__
+    g.__qualname__, g.__doc__ = f.__qualname__, f.__doc__
+    g.__annotations__ = dict(f.__annotations__)
+    g.__dict__.update(f.__dict__)
+    return g
 
 
 def _register_routed(routed: type) -> type:
