@@ -373,6 +373,23 @@ def test_processors_that_attend_in_a_module_helper_are_routed(attnlib_calls):
     assert all(torch.equal(a, b) for a, b in zip(both_modes(), native))
 
 
+def test_modules_attending_outside_a_processor_are_named(caplog, monkeypatch):
+    """Mochi's attention pool calls SDPA in its own forward: apply() cannot switch it, and says so
+    (once, at INFO) instead of leaving those calls on torch without a word."""
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(0)
+    model = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+                                    pooled_projection_dim=16, in_channels=4, text_embed_dim=24, time_embed_dim=8,
+                                    max_sequence_length=8).eval()
+    monkeypatch.setattr(attnlib_diffusers, "_logged", set())
+    with caplog.at_level("INFO", logger="attnlib"):
+        assert attnlib_diffusers.apply(model, method="flash") == 1
+    attnlib_diffusers.remove(model)
+    assert "module MochiAttentionPool (x1) left as is" in caplog.text
+    assert "MochiAttention " not in caplog.text  # the processor's module is switched, not named
+
+
 def test_bad_arguments_switch_nothing():
     model, _, _ = tiny_flux()
     before = processors(model)

@@ -458,12 +458,17 @@ def _models(model_or_pipeline) -> list[torch.nn.Module]:
     return models
 
 
-def _attention_modules(models: list[torch.nn.Module]):
-    """Modules that hold a diffusers attention processor (as diffusers' set_attention_backend finds them)."""
+def _processor_module_classes() -> tuple[type, ...]:
+    """The classes of diffusers' attention modules that hold a processor."""
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models import attention_processor
-    classes = tuple(c for c in (AttentionModuleMixin, getattr(attention_processor, "Attention", None),
-                                getattr(attention_processor, "MochiAttention", None)) if c is not None)
+    return tuple(c for c in (AttentionModuleMixin, getattr(attention_processor, "Attention", None),
+                             getattr(attention_processor, "MochiAttention", None)) if c is not None)
+
+
+def _attention_modules(models: list[torch.nn.Module]):
+    """Modules that hold a diffusers attention processor (as diffusers' set_attention_backend finds them)."""
+    classes = _processor_module_classes()
     seen: set[int] = set()
     for model in models:
         for module in model.modules():
@@ -472,6 +477,30 @@ def _attention_modules(models: list[torch.nn.Module]):
             seen.add(id(module))
             if getattr(module, "processor", None) is not None:
                 yield module
+
+
+def _attends_natively(cls: type) -> bool:
+    """Whether cls (not an attention module with a processor) calls attention in its own forward,
+    or in module-level functions of its module that forward calls: Mochi's and HunyuanDiT's
+    attention pools, SanaWM's softmax attention. apply() does not switch those (nor torch's
+    nn.MultiheadAttention modules); it says so."""
+    forward = getattr(cls, "forward", None)
+    if not isinstance(forward, types.FunctionType) or not forward.__module__.startswith("diffusers."):
+        return False
+    names = _code_names(forward.__code__)
+    for f in _helpers(forward).values():
+        names |= _code_names(f.__code__)
+    return bool(names & {"scaled_dot_product_attention", "multi_head_attention_forward", _DISPATCH_NAME})
+
+
+def _log_native_modules(models: list[torch.nn.Module]) -> None:
+    with_processor = _processor_module_classes()
+    found = Counter(type(m).__name__ for model in models for m in model.modules()
+                    if not isinstance(m, with_processor)
+                    and (isinstance(m, torch.nn.MultiheadAttention) or _attends_natively(type(m))))
+    for name, count in sorted(found.items()):
+        _log_once("attnlib: diffusers module %s (x%d) left as is: it calls attention in its own forward, "
+                  "not through a processor", name, count)
 
 
 # --------------------------------------------------------------------------- public API
@@ -484,7 +513,9 @@ def apply(model_or_pipeline, method: str = "flash", backend: str = "auto", **met
     (approximate methods only when named); ``method_options`` are that method's options (e.g.
     ``smooth_k`` for sage, ``critical``/``negligible``/``block_size`` for sla). Calls attnlib cannot
     serve exactly (attention masks, dropout, context parallelism) stay with diffusers/torch and are
-    logged once at INFO. Applying again replaces the method and options.
+    logged once at INFO, as are processors left as they are and modules that call attention in
+    their own forward rather than through a processor (Mochi's and HunyuanDiT's attention pools,
+    SanaWM's softmax attention), which stay on torch. Applying again replaces the method and options.
     """
     dispatch.check_method(method)
     if method not in METHODS:
@@ -525,6 +556,7 @@ def apply(model_or_pipeline, method: str = "flash", backend: str = "auto", **met
             _hook(module)
     log.info("attnlib: diffusers %s -> %s (%s)", ", ".join(type(m).__name__ for m in models), method,
              ", ".join(f"{n} x{c}" for n, c in sorted(switched.items())))
+    _log_native_modules(models)
     return total
 
 
