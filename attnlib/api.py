@@ -41,8 +41,8 @@ def attention(q, k, v, *, method: str = "flash", backend: str = "auto", layout: 
 
     q: (B, Hq, Sq, D) for layout "bhsd" or (B, Sq, Hq, D) for "bshd"; k, v likewise with Hkv
     heads (Hq a multiple of Hkv). causal is bottom-right aligned. Returns the output in the
-    input's layout and dtype, or (out, lse) with lse float32 (B, Hq, Sq) when return_lse.
-    """
+    input's layout and dtype, or (out, lse) with lse (B, Hq, Sq) when return_lse: float32
+    (float64 for float64 inputs)."""
     check_method(method)
     check_option_names(method, method_options)  # names only: the op's schema would drop unknown ones
     if method == "flash":  # the op validates with grad mode off, where a learned mask would pass

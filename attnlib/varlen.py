@@ -129,7 +129,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     q (total_q, Hq, D), k/v (total_k, Hkv, D) with Hq a multiple of Hkv; sequence b owns rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k/v (int32,
     length batch + 1; empty sequences allowed). causal is bottom-right aligned per sequence.
-    Returns out (total_q, Hq, D), or (out, lse) with lse float32 (Hq, total_q). backend "auto"
+    Returns out (total_q, Hq, D), or (out, lse) with lse (Hq, total_q), float32 (float64 for
+    float64 inputs). backend "auto"
     runs Triton on CUDA tensors (or under TRITON_INTERPRET=1), else torch: flash-torch-chunked's
     functions sequence by sequence (the float64 reference for float64).
 

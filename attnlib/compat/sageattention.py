@@ -13,7 +13,8 @@ options.
 Differences, all deliberate:
 - the inputs are never modified (1.0.6 subtracts K's mean from K in place);
 - it runs on every device attnlib has a sage kernel for (CPU through the reference) instead
-  of raising for GPUs outside the package's list, and on head dims 8..256 (multiples of 8);
+  of raising for GPUs outside the package's list, and on any head dim (the Triton kernel takes
+  multiples of 8 up to 256, the CUDA one 64 and 128; other head dims run on the torch simulation);
 - is_causal is bottom-right aligned; for equal query and key lengths (the package's case)
   that is its mask too;
 - inputs that require grad raise (sage is forward-only; use attnlib.flash_attention), where
