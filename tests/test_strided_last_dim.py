@@ -32,7 +32,9 @@ CASES = {
             lambda q, k, v, o, c: sla_reference(q, k, v, o["proj_weight"], None, critical=0.5, negligible=0.0,
                                                 block_size=(64, 64), causal=c)),
 }
-REL_FP32 = {"flash": 1e-5, "block_sparse": 1e-5, "linear": 1e-4, "sla": 1e-4}
+# fp32 relative RMSE to float64: room for a GPU's tf32x3 (flash, block_sparse) and tf32 (the linear
+# states of linear and sla; the 1e-3 contract); a wrong copy misses by O(1)
+REL_FP32 = {"flash": 1e-4, "block_sparse": 1e-4, "linear": 1e-3, "sla": 1e-3}
 
 
 def strided_views(gen: torch.Generator, dtype: torch.dtype):
