@@ -225,21 +225,18 @@ def _helpers(call: types.FunctionType) -> dict[str, types.FunctionType]:
     return found
 
 
+def _reached_names(fn: types.FunctionType) -> set[str]:
+    """The global names fn's code uses, and those of the module-level functions it reaches (_helpers)."""
+    names = _code_names(fn.__code__)
+    for f in _helpers(fn).values():
+        names |= _code_names(f.__code__)
+    return names
+
+
 def _helpers_reaching(call: types.FunctionType, names: tuple[str, ...]) -> dict[str, types.FunctionType]:
     """Those of _helpers(call) from which every one of names is reached (in their own code or in
     the helpers they call): the functions a routed class must run on its shadow module's globals."""
-    helpers = _helpers(call)
-    own = {n: _code_names(f.__code__) for n, f in helpers.items()}
-    reach = {n: set(own[n]) for n in helpers}
-    changed = True
-    while changed:  # the names each helper reaches through the helpers it calls (cycles allowed)
-        changed = False
-        for n in helpers:
-            more = set().union(*(reach[m] for m in own[n] if m in reach)) - reach[n]
-            if more:
-                reach[n] |= more
-                changed = True
-    return {n: f for n, f in helpers.items() if all(x in reach[n] for x in names)}
+    return {n: f for n, f in _helpers(call).items() if set(names) <= _reached_names(f)}
 
 
 def _rebinding(cls: type) -> tuple[str, Callable] | tuple[None, str]:
@@ -249,9 +246,7 @@ def _rebinding(cls: type) -> tuple[str, Callable] | tuple[None, str]:
     call = cls.__call__
     if not isinstance(call, types.FunctionType) or not call.__module__.startswith("diffusers."):
         return None, "its __call__ is not a Python function defined in diffusers"
-    names, g = _code_names(call.__code__), call.__globals__
-    for f in _helpers(call).values():
-        names |= _code_names(f.__code__)
+    names, g = _reached_names(call), call.__globals__
     if _DISPATCH_NAME in names:
         if g.get(_DISPATCH_NAME) is attention_dispatch.dispatch_attention_fn:
             return _DISPATCH_NAME, _dispatch_router
@@ -487,18 +482,16 @@ def _attends_natively(cls: type) -> bool:
     forward = getattr(cls, "forward", None)
     if not isinstance(forward, types.FunctionType) or not forward.__module__.startswith("diffusers."):
         return False
-    names = _code_names(forward.__code__)
-    for f in _helpers(forward).values():
-        names |= _code_names(f.__code__)
-    return bool(names & {"scaled_dot_product_attention", "multi_head_attention_forward", _DISPATCH_NAME})
+    return bool(_reached_names(forward) & {"scaled_dot_product_attention", "multi_head_attention_forward",
+                                           _DISPATCH_NAME})
 
 
 def _log_native_modules(models: list[torch.nn.Module]) -> None:
     with_processor = _processor_module_classes()
-    found = Counter(type(m).__name__ for model in models for m in model.modules()
-                    if not isinstance(m, with_processor)
-                    and (isinstance(m, torch.nn.MultiheadAttention) or _attends_natively(type(m))))
-    for name, count in sorted(found.items()):
+    counts = Counter(type(m) for model in models for m in model.modules())  # each class inspected once
+    found = sorted((cls.__name__, n) for cls, n in counts.items() if not issubclass(cls, with_processor)
+                   and (issubclass(cls, torch.nn.MultiheadAttention) or _attends_natively(cls)))
+    for name, count in found:
         _log_once("attnlib: diffusers module %s (x%d) left as is: it calls attention in its own forward, "
                   "not through a processor", name, count)
 
