@@ -166,12 +166,14 @@ def direct_call_ok(tensors) -> bool:
     core, more than validation, selection and launch together). Only for plain tensors with no
     torch-function or torch-dispatch mode active: FakeTensor, FunctionalTensor, make_fx and
     torch.jit tracing, DTensor and other subclasses, vmap / grad transforms, FlopCounterMode and
-    the like all see the op itself. torch.compile does too (callers check is_compiling first)."""
+    the like all see the op itself. torch.compile does too (callers check is_compiling first), and
+    meta tensors (no kernel runs on them: the op's Meta kernel, its fake implementation, gives
+    outputs of the right shapes as torch SDPA does)."""
     if torch.jit.is_tracing() or torch._C._is_torch_function_mode_enabled():
         return False
     if torch._C._len_torch_dispatch_stack() or torch.overrides.has_torch_function(tensors):
         return False
-    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    return not any(t.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def attention_direct(q, k, v, method: str, backend: str, layout: str, causal: bool, scale, return_lse: bool,

@@ -233,7 +233,8 @@ def _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
             reason = f"attnlib refuses the inputs: {e}"
         else:  # option errors (a projection of the wrong shape) are attnlib's: they raise
             api.with_options(inp, method_options)
-            if dispatch.effective_backend(backend) != "auto":  # forced: attnlib's error if none fits
+            if dispatch.effective_backend(backend) != "auto" or query.is_meta:
+                # forced: attnlib's error if none fits; meta tensors: the op's Meta kernel
                 return api.attention(query, key, value, **call)
             tensors = ops.call_tensors(query, key, value, method_options)
             needs_grad = ops.builds_graph(tensors)

@@ -167,12 +167,13 @@ CPU_TRAINING_DTYPES = (torch.float32,)
 def may_serve_graph(q, deterministic, return_lse: bool) -> bool:
     """Cheap pre-check for api.attention: whether a graph-building flash call on q might select
     this kernel (then it runs outside attnlib's op, see api._sdpa_with_its_autograd). Calls that
-    ask for lse never do (supports_lse): they skip the second validation and selection."""
-    if return_lse is True:
+    ask for lse never do (supports_lse): they skip the second validation and selection, as do
+    meta tensors (the op's Meta kernel serves them)."""
+    if return_lse is True or not isinstance(q, torch.Tensor) or q.is_meta:
         return False
     if deterministic is False:
         return True
-    return isinstance(q, torch.Tensor) and not q.is_cuda and q.dtype in CPU_TRAINING_DTYPES
+    return not q.is_cuda and q.dtype in CPU_TRAINING_DTYPES
 
 
 def nondeterministic_ok(inp: AttentionInputs) -> bool:
