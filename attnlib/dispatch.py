@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from .inputs import BACKENDS, DTYPE_NAMES, AttentionInputs, check_backend
+from .recompute import vjp as func_vjp
 
 log = logging.getLogger("attnlib")
 
@@ -177,7 +178,8 @@ class Kernel:
             return tuple(res) if with_lse else (res,)
 
         # torch.func.vjp, not torch.autograd: this runs inside a custom op, where autograd is off
-        outs, vjp = torch.func.vjp(f, inp.q, inp.k, inp.v, *(opts[n] for n in extra))
+        # (recompute.vjp: also from a TorchDispatchMode's handler)
+        outs, vjp = func_vjp(f, inp.q, inp.k, inp.v, *(opts[n] for n in extra))
         cot = (dout.to(outs[0].dtype), dlse.to(outs[1].dtype)) if with_lse else (dout.to(outs[0].dtype),)
         grads = vjp(cot)
         proj = {n: g for n, g in zip(extra, grads[3:])}

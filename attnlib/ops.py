@@ -336,11 +336,17 @@ def _dense_shapes(names: tuple, args: tuple, kwargs: dict):
     return a["method"], *(tuple(to_bhsd(a[n], a["layout"]).shape) for n in ("q", "k", "v"))
 
 
+# methods whose kernels compute QK^T and PV over every (query, key) pair, as dense attention does
+DENSE_PRODUCT_METHODS = ("flash", "sage")
+
+
 def _register_flop_formulas() -> None:
     """FlopCounterMode (how training scripts measure MFU) counts attnlib's ops like torch's SDPA
-    (torch's own formulas: QK^T and PV forward, with the recompute backward), for method flash;
-    the op is opaque to it otherwise and counted 0. Sparse, quantized and linear methods do less
-    or other work than dense attention and get no formula rather than a wrong one."""
+    (torch's own formulas: QK^T and PV over all Sq x Sk pairs forward, with the recompute
+    backward), for methods flash and sage (INT8 QK^T and fp16/fp8 PV: the same products at lower
+    precision, as SageAttention's own throughput figures count them); the op is opaque to it
+    otherwise and counted 0. Sparse, token-reducing and linear methods do less or other work
+    than dense attention and get no formula rather than a wrong one. Varlen: varlen.py."""
     try:
         from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
     except ImportError:  # pragma: no cover - a torch without them
@@ -349,12 +355,12 @@ def _register_flop_formulas() -> None:
     @register_flop_formula(torch.ops.attnlib.attention, get_raw=True)
     def _attention_flops(*args, out_val=None, **kwargs) -> int:
         method, q, k, v = _dense_shapes(_FWD_NAMES, args, kwargs)
-        return sdpa_flop_count(q, k, v) if method == "flash" else 0
+        return sdpa_flop_count(q, k, v) if method in DENSE_PRODUCT_METHODS else 0
 
     @register_flop_formula(torch.ops.attnlib.attention_backward, get_raw=True)
     def _attention_backward_flops(*args, out_val=None, **kwargs) -> int:
         method, q, k, v = _dense_shapes(_BWD_NAMES, args, kwargs)
-        return sdpa_backward_flop_count((*q[:3], v[3]), q, k, v) if method == "flash" else 0
+        return sdpa_backward_flop_count((*q[:3], v[3]), q, k, v) if method in DENSE_PRODUCT_METHODS else 0
 
 
 _register_flop_formulas()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import NoKernelError, effective_backend
+from .recompute import vjp as func_vjp
 from .inputs import (FLOAT_DTYPES, AttentionInputs, check_dense, check_scale, plain_number, type_name,
                      unit_last_stride)
 
@@ -271,7 +272,7 @@ def _flash_varlen_backward_impl(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q
         def f(q_, k_, v_):
             return flash_varlen_reference(q_, k_, v_, cu_q, cu_k, causal=causal, scale=scale, return_lse=True)
 
-        (o, l), vjp = torch.func.vjp(f, q, k, v)
+        (o, l), vjp = func_vjp(f, q, k, v)
         cot = (dout.to(o.dtype), dlse.to(l.dtype) if dlse is not None else torch.zeros_like(l))
         return [g.contiguous() for g in vjp(cot)]
     from .triton_kernels.flash.backward import flash_bwd
@@ -313,3 +314,48 @@ def _refuse_double_backward() -> None:
 
 
 _refuse_double_backward()
+
+_VARLEN_NAMES = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+
+
+def _sequence_lengths(cu: torch.Tensor, max_len: int) -> list[int]:
+    """Each sequence's length from cu_seqlens; max_len for each where its values cannot be read
+    (fake or meta tensors while tracing), as torch's varlen formula bounds them."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if isinstance(cu, (FakeTensor, FunctionalTensor)) or cu.is_meta:
+        return [max_len] * (cu.shape[0] - 1)
+    return cu.diff().tolist()
+
+
+def _varlen_flops(a: dict, backward: bool) -> int:
+    """torch's SDPA formulas summed over the sequences: 2 * Hq * Sq_i * Sk_i * (D + Dv) forward,
+    (3 * D + 2 * Dv) backward (scores recomputed, dP, dV, dQ, dK); causal counted in full, as
+    torch counts it. Rows past cu_seqlens_q[-1] (padding) are not counted."""
+    lq = _sequence_lengths(a["cu_seqlens_q"], a["max_seqlen_q"])
+    lk = _sequence_lengths(a["cu_seqlens_k"], a["max_seqlen_k"])
+    pairs = sum(x * y for x, y in zip(lq, lk))
+    d, dv = a["q"].shape[-1], a["v"].shape[-1]
+    return 2 * a["q"].shape[1] * pairs * ((3 * d + 2 * dv) if backward else (d + dv))
+
+
+def _register_flop_formulas() -> None:
+    """FlopCounterMode counts the varlen ops as torch counts its own varlen flash attention
+    (ops._register_flop_formulas for the dense op); without a formula they count 0."""
+    try:
+        from torch.utils.flop_counter import register_flop_formula
+    except ImportError:  # pragma: no cover - a torch without it
+        return
+
+    @register_flop_formula(torch.ops.attnlib.flash_varlen, get_raw=True)
+    def _forward(*args, out_val=None, **kwargs) -> int:
+        return _varlen_flops(dict(zip(_VARLEN_NAMES, args), **kwargs), backward=False)
+
+    @register_flop_formula(torch.ops.attnlib.flash_varlen_backward, get_raw=True)
+    def _backward_flops(*args, out_val=None, **kwargs) -> int:
+        names = ("dout", "dlse", "q", "k", "v", "out", "lse") + _VARLEN_NAMES[3:]
+        return _varlen_flops(dict(zip(names, args), **kwargs), backward=True)
+
+
+_register_flop_formulas()

@@ -7,6 +7,7 @@ import torch
 
 from ..dispatch import Kernel, register
 from ..inputs import AttentionInputs
+from ..recompute import vjp as func_vjp
 
 
 class AsymrnrKernel(Kernel):
@@ -60,7 +61,7 @@ class AsymrnrTorch(AsymrnrKernel):
             res = self._run(inp, q=q, k=k, v=v, return_lse=with_lse, inner=_flash_reference_inner)
             return tuple(res) if with_lse else (res,)
 
-        outs, vjp = torch.func.vjp(f, inp.q, inp.k, inp.v)
+        outs, vjp = func_vjp(f, inp.q, inp.k, inp.v)
         cot = (dout.to(outs[0].dtype), dlse.to(outs[1].dtype)) if with_lse else (dout.to(outs[0].dtype),)
         dq, dk, dv = vjp(cot)
         return dq, dk, dv, None, None

@@ -30,6 +30,7 @@ import torch
 
 from ..dispatch import register
 from ..inputs import AttentionInputs
+from ..recompute import vjp as func_vjp
 from .families import CudaKernel
 
 LOG2E = 1.4426950408889634
@@ -146,7 +147,7 @@ def _reference_backward(inp: AttentionInputs, dout: torch.Tensor, dlse: torch.Te
     def f(q, k, v):
         return flash_reference(q, k, v, causal=inp.causal, scale=inp.scale, return_lse=True)
 
-    (o, lse), vjp = torch.func.vjp(f, inp.q, inp.k, inp.v)
+    (o, lse), vjp = func_vjp(f, inp.q, inp.k, inp.v)
     dl = torch.zeros_like(lse) if dlse is None else torch.where(torch.isfinite(lse), dlse.to(lse.dtype), 0.0)
     return vjp((dout.to(o.dtype), dl))
 
