@@ -82,7 +82,7 @@ def _axis_positions(size: int, stride: int, u: torch.Tensor, axis: int) -> torch
     tile's real cells (edge tiles are clipped). u holds one draw per tile, shaped like the tiles."""
     shape = [1, 1, 1]
     shape[axis] = u.shape[axis]
-    start = torch.arange(u.shape[axis], dtype=torch.int64).reshape(shape) * stride
+    start = torch.arange(u.shape[axis], dtype=torch.int64, device="cpu").reshape(shape) * stride
     extent = torch.clamp(size - start, max=stride)
     return start + torch.minimum((u * extent).floor().to(torch.int64), extent - 1)
 
@@ -112,10 +112,10 @@ def _cached_partition(grid, stride, seed: int, n_text: int, side: str, dev: torc
     F, H, W = grid
     tiles = [math.ceil(g / s) for g, s in zip(grid, stride)]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    u = torch.rand(*tiles, 3, generator=gen, dtype=torch.float64)
+    u = torch.rand(*tiles, 3, generator=gen, dtype=torch.float64, device="cpu")
     f, h, w = (_axis_positions(size, st, u[..., a], a) for a, (size, st) in enumerate(zip(grid, stride)))
     dst = ((f * H + h) * W + w).flatten().sort().values
-    is_dst = torch.zeros(F * H * W, dtype=torch.bool)
+    is_dst = torch.zeros(F * H * W, dtype=torch.bool, device="cpu")
     is_dst[dst] = True
     src = (~is_dst).nonzero().flatten()
     offset = n_text if side == "start" else 0

@@ -88,7 +88,7 @@ def _check_tensors(q, k_cache, v_cache, k, v) -> None:
 def _layout(q, k_cache, cache_batch_idx, block_table) -> _CacheLayout:
     batch = q.shape[0]
     if block_table is None:
-        rows = torch.arange(batch)
+        rows = torch.arange(batch, device="cpu")
         if cache_batch_idx is not None:
             rows = _tensor("cache_batch_idx", cache_batch_idx, ("batch",), torch.int32)
             _same_device(q, cache_batch_idx=rows)
@@ -119,9 +119,9 @@ def _cache_lengths(cache_seqlens, q, layout: _CacheLayout, new_tokens: int) -> t
         if new_tokens:
             raise ValueError("cache_seqlens: appending k/v needs cache_seqlens (None means every row's cache "
                              f"is full, {layout.capacity} positions)")
-        lengths = torch.full((batch,), layout.capacity)
+        lengths = torch.full((batch,), layout.capacity, device="cpu")
     elif isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
-        lengths = torch.full((batch,), int(cache_seqlens))
+        lengths = torch.full((batch,), int(cache_seqlens), device="cpu")
     elif isinstance(cache_seqlens, torch.Tensor):
         _tensor("cache_seqlens", cache_seqlens, ("batch",), torch.int32)
         _same_device(q, cache_seqlens=cache_seqlens)
@@ -135,7 +135,7 @@ def _cache_lengths(cache_seqlens, q, layout: _CacheLayout, new_tokens: int) -> t
                          f"[0, {layout.capacity}], the positions a cache row holds")
     if layout.table is not None:  # the pages a row reads must exist; the rest of its table is not read
         pages = torch.div(lengths + new_tokens + layout.page - 1, layout.page, rounding_mode="floor")
-        used = layout.table[torch.arange(layout.table.shape[1]) < pages[:, None]]
+        used = layout.table[torch.arange(layout.table.shape[1], device="cpu") < pages[:, None]]
         if used.numel() and not (0 <= int(used.min()) and int(used.max()) < layout.blocks):
             raise ValueError(f"block_table: the blocks rows read must index k_cache's {layout.blocks} "
                              f"blocks, got values {sorted(set(used.tolist()))}")
@@ -180,7 +180,7 @@ def _rotate(x, cos, sin, interleaved: bool):
 
 def _positions(lengths: torch.Tensor, count: int, same: bool = False) -> torch.Tensor:
     """(B, count) positions lengths[b] + j, or lengths[b] for every j when same."""
-    steps = torch.zeros(count, dtype=torch.long) if same else torch.arange(count)
+    steps = torch.zeros(count, dtype=torch.long, device="cpu") if same else torch.arange(count, device="cpu")
     return lengths[:, None] + steps
 
 
@@ -246,7 +246,7 @@ def _check_backend(q, k_cache, v_cache, causal: bool, softmax_scale) -> None:
     def row(t):  # one (1, heads, dim) row, copied (a reshape of a strided cache would copy it whole)
         return t[0, 0].unsqueeze(0).contiguous()
 
-    batch_slots = torch.empty(q.shape[0] + 1, dtype=torch.int32)
+    batch_slots = torch.empty(q.shape[0] + 1, dtype=torch.int32, device="cpu")
     scale = check_scale(_scale(softmax_scale), q.shape[-1])
     varlen._pick_backend("auto", row(q), row(k_cache), row(v_cache), batch_slots, causal, scale)
 
@@ -254,7 +254,7 @@ def _check_backend(q, k_cache, v_cache, causal: bool, softmax_scale) -> None:
 def _append(k_cache, v_cache, k, v, layout: _CacheLayout, lengths, rotary_cos, rotary_sin, interleaved) -> None:
     batch, new_tokens = k.shape[:2]
     positions = _positions(lengths, new_tokens)
-    rows = torch.arange(batch)[:, None].expand_as(positions)
+    rows = torch.arange(batch, device="cpu")[:, None].expand_as(positions)
     i0, i1 = (i.to(k_cache.device) for i in layout.slots(rows, positions))
     if rotary_cos is not None:
         pos = positions.to(k.device)
@@ -266,13 +266,13 @@ def _append(k_cache, v_cache, k, v, layout: _CacheLayout, lengths, rotary_cos, r
 def _attend(q, k_cache, v_cache, layout: _CacheLayout, key_lengths, causal, softmax_scale, return_lse):
     batch, seq_q, heads, dim = q.shape
     total = int(key_lengths.sum())
-    rows = torch.repeat_interleave(torch.arange(batch), key_lengths, output_size=total)
+    rows = torch.repeat_interleave(torch.arange(batch, device="cpu"), key_lengths, output_size=total)
     starts = torch.cumsum(key_lengths, 0) - key_lengths
-    positions = torch.arange(total) - starts[rows]
+    positions = torch.arange(total, device="cpu") - starts[rows]
     i0, i1 = (i.to(k_cache.device) for i in layout.slots(rows, positions))
     device = q.device
     cu_k = torch.cat([key_lengths.new_zeros(1), torch.cumsum(key_lengths, 0)]).to(device, torch.int32)
-    cu_q = (torch.arange(batch + 1) * seq_q).to(device, torch.int32)
+    cu_q = (torch.arange(batch + 1, device="cpu") * seq_q).to(device, torch.int32)
     # cu_q / cu_k come from host lengths checked in _cache_lengths: varlen need not read them back
     out, lse = varlen.packed_attention(q.reshape(batch * seq_q, heads, dim), k_cache[i0, i1], v_cache[i0, i1],
                                        cu_q, cu_k, seq_q, int(key_lengths.max()), causal=causal,
