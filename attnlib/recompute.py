@@ -20,13 +20,19 @@ import torch
 _KEYS = torch._C.DispatchKey
 
 
-def _top_level_exclusions() -> "torch._C.DispatchKeySet":
-    """What a call outside any handler may have excluded: the autocast keys (autocast off)."""
-    keys = [getattr(_KEYS, n) for n in dir(_KEYS) if n.startswith("Autocast")]
-    ks = torch._C.DispatchKeySet(keys[0])
-    for k in keys[1:]:
-        ks = ks.add(k)
-    return ks
+def _top_level_exclusions():
+    """What a call outside any handler may have excluded: the autocast keys (autocast off). None
+    on a torch whose dispatcher bindings differ (then vjp runs as torch.func.vjp)."""
+    try:
+        keys = [getattr(_KEYS, n) for n in dir(_KEYS) if n.startswith("Autocast")]
+        ks = torch._C.DispatchKeySet(keys[0])
+        for k in keys[1:]:
+            ks = ks.add(k)
+        torch._C._dispatch_tls_local_exclude_set().has(_KEYS.FuncTorchDynamicLayerFrontMode)
+        torch._C._ForceDispatchKeyGuard  # noqa: B018  (present)
+        return ks
+    except (AttributeError, IndexError, TypeError, RuntimeError):
+        return None
 
 
 _TOP_LEVEL = _top_level_exclusions()
@@ -34,6 +40,8 @@ _TOP_LEVEL = _top_level_exclusions()
 
 def _functorch_usable():
     """A context in which functorch transforms work: a no-op context where nothing blocks them."""
+    if _TOP_LEVEL is None:
+        return contextlib.nullcontext()
     excluded = torch._C._dispatch_tls_local_exclude_set()
     if not excluded.has(_KEYS.FuncTorchDynamicLayerFrontMode):
         return contextlib.nullcontext()
