@@ -45,7 +45,20 @@ def check_dense(name: str, x: torch.Tensor) -> torch.Tensor:
         kind = "nested" if x.is_nested else str(x.layout)
         raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor: call .to_dense() "
                         "(or torch.nested.to_padded_tensor; flash_attention_varlen takes packed sequences)")
+    if type(x) is not torch.Tensor and is_dtensor(x):
+        raise TypeError(f"{name} is a DTensor (placements {tuple(x.placements)}): attnlib's op has no sharding "
+                        "rules; pass each rank's local tensor (.to_local(): attention sharded over batch or "
+                        "heads is local), or use attnlib.ulysses_attention / ring_attention for sequence "
+                        "shards")
     return x
+
+
+def is_dtensor(x: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(x, DTensor)
 
 
 def check_layout(layout: Any) -> str:

@@ -168,12 +168,21 @@ def direct_call_ok(tensors) -> bool:
     torch.jit tracing, DTensor and other subclasses, vmap / grad transforms, FlopCounterMode and
     the like all see the op itself. torch.compile does too (callers check is_compiling first), and
     meta tensors (no kernel runs on them: the op's Meta kernel, its fake implementation, gives
-    outputs of the right shapes as torch SDPA does)."""
+    outputs of the right shapes as torch SDPA does). Subclasses are told by their dispatch key:
+    has_torch_function misses those that disable __torch_function__ (DTensor, wrapper subclasses),
+    whose own __torch_dispatch__ must see the op; run directly, the kernels got the wrappers."""
     if torch.jit.is_tracing() or torch._C._is_torch_function_mode_enabled():
         return False
     if torch._C._len_torch_dispatch_stack() or torch.overrides.has_torch_function(tensors):
         return False
-    return not any(t.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    return not any(t.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(t) or dispatch_subclass(t)
+                   for t in tensors)
+
+
+def dispatch_subclass(t: Tensor) -> bool:
+    """Whether t is a tensor subclass with its own __torch_dispatch__ (the dispatcher's Python
+    key: DTensor, a quantized or logging wrapper, a FakeTensor); nn.Parameter is not one."""
+    return type(t) is not Tensor and torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python)
 
 
 def attention_direct(q, k, v, method: str, backend: str, layout: str, causal: bool, scale, return_lse: bool,

@@ -40,7 +40,7 @@ import torch
 import torch.autograd.forward_ad as _fwAD
 
 from .. import api, dispatch, ops
-from ..inputs import is_real_number, make_inputs, scale_in_range
+from ..inputs import is_dtensor, is_real_number, make_inputs, scale_in_range
 from ..key_mask import key_only_mask
 from ..options import NO_SCALE, check_method_options
 
@@ -71,6 +71,8 @@ def _fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, 
         # it (attnlib's op would compute plain attention past it)
         if _overriding_subclass(ts):
             return "a tensor subclass with __torch_function__"
+        if _distributed_tensor(ts):
+            return "DTensor inputs (torch's SDPA has sharding rules; attnlib's op has none)"
         if _overriding_function_mode():
             return "a TorchFunctionMode is active"
         # attnlib's op has no functorch rules (torch.func.grad/vjp raise, jvp gives a zero tangent,
@@ -156,6 +158,11 @@ def _overriding_subclass(ts) -> bool:
     if not torch.overrides.has_torch_function(ts):
         return False
     return any(type(a) is not torch.Tensor for a in torch.overrides._get_overloaded_args(ts))
+
+
+def _distributed_tensor(ts) -> bool:
+    """Whether a tensor of ts is a DTensor (plain tensors cost a type comparison)."""
+    return any(type(t) is not torch.Tensor and is_dtensor(t) for t in ts)
 
 
 def _overriding_function_mode() -> bool:
