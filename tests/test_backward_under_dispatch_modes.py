@@ -87,3 +87,24 @@ def test_autocast_state_kept_inside_recompute():
         got = _grads(call, [q, k, v], OpLog())
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["flash fp64", "asymrnr torch.float32", "sla fp64"])
+def test_selective_activation_checkpointing(name):
+    """torch.utils.checkpoint with a selective policy (SAC: its forward and recompute run under
+    TorchDispatchModes) that saves attnlib's outputs and recomputes the rest: the same gradients."""
+    from functools import partial
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    call, leaves = CASES[name]
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if "attnlib" in str(op) else CheckpointPolicy.PREFER_RECOMPUTE
+
+    def step(*ignored):
+        return call().float().square().sum()
+    want = torch.autograd.grad(step(), leaves)
+    loss = checkpoint(step, *leaves, use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, policy))
+    for g, w in zip(torch.autograd.grad(loss, leaves), want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
