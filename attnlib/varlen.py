@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from .dispatch import NoKernelError, effective_backend
-from .recompute import vjp as func_vjp
 from .inputs import (FLOAT_DTYPES, AttentionInputs, check_dense, check_scale, plain_number, type_name,
                      unit_last_stride)
+from .recompute import vjp as func_vjp
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -329,24 +329,24 @@ def _sequence_lengths(cu: torch.Tensor, max_len: int) -> list[int]:
     return cu.diff().tolist()
 
 
-def _varlen_flops(a: dict, backward: bool) -> int:
-    """torch's SDPA formulas summed over the sequences: 2 * Hq * Sq_i * Sk_i * (D + Dv) forward,
-    (3 * D + 2 * Dv) backward (scores recomputed, dP, dV, dQ, dK); causal counted in full, as
-    torch counts it. Rows past cu_seqlens_q[-1] (padding) are not counted."""
-    lq = _sequence_lengths(a["cu_seqlens_q"], a["max_seqlen_q"])
-    lk = _sequence_lengths(a["cu_seqlens_k"], a["max_seqlen_k"])
-    pairs = sum(x * y for x, y in zip(lq, lk))
-    d, dv = a["q"].shape[-1], a["v"].shape[-1]
-    return 2 * a["q"].shape[1] * pairs * ((3 * d + 2 * dv) if backward else (d + dv))
-
-
 def _register_flop_formulas() -> None:
-    """FlopCounterMode counts the varlen ops as torch counts its own varlen flash attention
-    (ops._register_flop_formulas for the dense op); without a formula they count 0."""
+    """FlopCounterMode counts the varlen ops as torch counts its own varlen flash attention: its
+    SDPA formulas (as ops._register_flop_formulas for the dense op) summed over the sequences,
+    causal counted in full; rows past cu_seqlens_q[-1] (padding) are not counted. Without a
+    formula they count 0."""
     try:
-        from torch.utils.flop_counter import register_flop_formula
+        from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
     except ImportError:  # pragma: no cover - a torch without it
         return
+
+    def _varlen_flops(a: dict, backward: bool) -> int:
+        hq, d, dv = a["q"].shape[1], a["q"].shape[-1], a["v"].shape[-1]
+        total = 0
+        for sq, sk in zip(_sequence_lengths(a["cu_seqlens_q"], a["max_seqlen_q"]),
+                          _sequence_lengths(a["cu_seqlens_k"], a["max_seqlen_k"])):
+            q, k, v = (1, hq, sq, d), (1, hq, sk, d), (1, hq, sk, dv)
+            total += sdpa_backward_flop_count((1, hq, sq, dv), q, k, v) if backward else sdpa_flop_count(q, k, v)
+        return total
 
     @register_flop_formula(torch.ops.attnlib.flash_varlen, get_raw=True)
     def _forward(*args, out_val=None, **kwargs) -> int:
