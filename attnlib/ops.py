@@ -80,13 +80,37 @@ def _build(q, k, v, method, layout, causal, scale, return_lse, grad, options) ->
     return inp
 
 
+def _autocast_device_types() -> frozenset:
+    found = set()
+    for dev in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla", "ipu", "privateuseone"):
+        try:
+            if torch.amp.is_autocast_available(dev):
+                found.add(dev)
+        except RuntimeError:  # a device type this torch does not know
+            pass
+    return frozenset(found)
+
+
+# Asked once, at import: torch.amp.is_autocast_available is a builtin that Dynamo cannot trace in
+# torch 2.11 (the GPU machines' version), and autocast_enabled runs in the SDPA drop-in under
+# torch.compile(fullgraph=True), where a graph break is an error.
+AUTOCAST_DEVICE_TYPES = _autocast_device_types()
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is on for device_type (False for a device autocast does not know)."""
+    if device_type in AUTOCAST_DEVICE_TYPES:
+        return torch.is_autocast_enabled(device_type)
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def no_autocast(q: Tensor):
     """A context in which kernels run with torch.autocast off for q's device (a no-op context when
     it is off): the op returns its inputs' dtype and kernels compute at their own precision, so a
     torch-backend kernel (torch SDPA casts under autocast, references' matmuls would run in the
     autocast dtype) gives what it gives outside autocast, and what the fake implementation says."""
     dev = q.device.type
-    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+    if autocast_enabled(dev):
         return torch.autocast(dev, enabled=False)
     return contextlib.nullcontext()
 
@@ -340,9 +364,12 @@ def attention_with_grad(q, k, v, method: str, backend: str, layout: str, causal:
 
 
 def _dense_shapes(names: tuple, args: tuple, kwargs: dict):
-    """(method, q, k, v shapes as bhsd) of an op call as a dispatch mode sees it."""
+    """(method, q, k, v shapes as bhsd) of an op call as a dispatch mode sees it, k and v with the
+    query's head count: under GQA every query head forms its own QK^T and PV (the count torch
+    2.13's formulas give for GQA shapes; those of torch 2.11 refuse unequal head counts)."""
     a = dict(zip(names, args), **kwargs)
-    return a["method"], *(tuple(to_bhsd(a[n], a["layout"]).shape) for n in ("q", "k", "v"))
+    q, k, v = (tuple(to_bhsd(a[n], a["layout"]).shape) for n in ("q", "k", "v"))
+    return a["method"], q, (k[0], q[1], *k[2:]), (v[0], q[1], *v[2:])
 
 
 # methods whose kernels compute QK^T and PV over every (query, key) pair, as dense attention does

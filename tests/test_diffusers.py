@@ -18,6 +18,7 @@ from diffusers.models.transformers import transformer_flux, transformer_wan  # n
 from attnlib.integrations import diffusers as attnlib_diffusers  # noqa: E402
 from attnlib.integrations import sdpa as attnlib_sdpa  # noqa: E402
 from attnlib.testing import assert_verbose_allclose, metrics  # noqa: E402
+from conftest import TORCH_CPU_SDPA_DIES_ON_ZERO_HEADS  # noqa: E402
 
 # flash in fp32 against diffusers' native SDPA: the same math, different summation order
 FLASH_ATOL, FLASH_RTOL = 2e-5, 1e-5
@@ -457,6 +458,8 @@ def test_functional_router_computes_what_torch_computes(kw):
     q, k, v = (t.transpose(1, 2) for t in _bshd_qkv())
     assert_verbose_allclose(router.scaled_dot_product_attention(q, k, v, **kw), attnlib_sdpa.TORCH_SDPA(q, k, v, **kw),
                             atol=2e-6, rtol=1e-5)
+    if TORCH_CPU_SDPA_DIES_ON_ZERO_HEADS:
+        return
     empty = q[:, :0]  # zero heads: torch returns an empty result
     assert router.scaled_dot_product_attention(empty, empty, empty, **kw).shape == empty.shape
 

@@ -10,6 +10,7 @@ import attnlib
 from attnlib.integrations import sdpa as sdpa_module
 from attnlib.integrations.sdpa import TORCH_SDPA
 from attnlib.testing import assert_verbose_allclose, make_qkv
+from conftest import TORCH_CPU_SDPA_DIES_ON_ZERO_HEADS
 
 ORIGINAL = F.scaled_dot_product_attention
 
@@ -131,6 +132,8 @@ def test_what_attnlib_refuses_and_torch_computes_goes_to_torch(case, caplog, mon
     if case == "scale=1e300":
         q, k, v = (t.double() for t in (q, k, v))  # beyond attnlib's float32 scores, fine for torch in fp64
     if case == "heads=0":
+        if TORCH_CPU_SDPA_DIES_ON_ZERO_HEADS:
+            pytest.skip(f"torch {torch.__version__}'s CPU SDPA dies (SIGFPE) on zero heads")
         q, k, v = q[:, :0], k[:, :0], v[:, :0]
     if case == "head_dim=0":
         q, k, v = q[..., :0], k[..., :0], v[..., :0]

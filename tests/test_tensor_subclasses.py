@@ -9,6 +9,8 @@ naming the argument, and the SDPA drop-in leaves it to torch's SDPA, which has t
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,7 +105,12 @@ def test_dtensor(one_rank_mesh, placement):
         attnlib.attention(q, k, v)
     if placement != "replicate":
         return  # torch's head-sharded SDPA strategy takes ~10 s to set up on its first call here
+    try:
+        want = F.scaled_dot_product_attention(q, k, v)
+    except NotImplementedError as e:  # torch 2.11: no sharding rule for its CPU flash kernel
+        with pytest.raises(NotImplementedError, match=re.escape(str(e)[:60])):
+            attnlib.scaled_dot_product_attention(q, k, v)  # torch's error, as torch raises it
+        return
     got = attnlib.scaled_dot_product_attention(q, k, v)  # torch's SDPA, with its sharding rules
     assert isinstance(got, DTensor) and got.placements == (place,)
-    torch.testing.assert_close(got.full_tensor(), F.scaled_dot_product_attention(q, k, v).full_tensor(),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(got.full_tensor(), want.full_tensor(), rtol=0, atol=0)

@@ -183,7 +183,7 @@ def _autocast_inputs(query, key, value):
     if not isinstance(query, torch.Tensor):
         return query, key, value
     dev = query.device.type
-    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+    if not ops.autocast_enabled(dev):
         return query, key, value
     dtype = torch.get_autocast_dtype(dev)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == dev
