@@ -72,7 +72,7 @@ setup(
     package_data={"attnlib._csrc": ["*.cu", "*.cuh", "*.h", "**/*.cu", "**/*.cuh", "**/*.h"]},
     include_package_data=False,
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.8",
         "numpy",
         "triton; platform_system == 'Linux'",
     ],
