@@ -50,6 +50,21 @@ def test_sdpa_under_cpu_autocast_has_torchs_dtype_values_and_gradients():
         torch.testing.assert_close(g, w, atol=BF16_ATOL, rtol=BF16_RTOL, msg=name)
 
 
+def test_autocast_check_never_asks_torch_per_call(monkeypatch):
+    """The drop-in's autocast check runs under torch.compile(fullgraph=True), where torch 2.11's
+    Dynamo cannot trace torch.amp.is_autocast_available (a graph break, so an error; the test above
+    failed there). Known device types are asked once at import; a call must not ask again."""
+    def refuse(device_type):
+        raise AssertionError(f"is_autocast_available({device_type!r}) asked per call")
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", refuse)
+    q, k, v = make_qkv(1, 2, 17, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attnlib.scaled_dot_product_attention(q, k, v).dtype == torch.bfloat16
+        assert attnlib.attention(q, k, v).dtype == torch.float32  # the op keeps its inputs' dtype
+    assert attnlib.scaled_dot_product_attention(q, k, v).dtype == torch.float32
+
+
 def test_op_keeps_its_inputs_dtype_under_autocast(monkeypatch):
     """attnlib.attention returns its inputs' dtype under autocast, also on a kernel made of torch
     ops that autocast would cast (torch's SDPA kernel, registered for CPU here as on a GPU):
