@@ -269,8 +269,10 @@ def _flash_varlen_backward_impl(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q
                                                              causal=causal, scale=scale)]
         from .reference.flash_varlen import flash_varlen_reference
 
+        cq, ck = cu_q.tolist(), cu_k.tolist()  # read here: torch 2.8's functorch refuses it inside vjp
+
         def f(q_, k_, v_):
-            return flash_varlen_reference(q_, k_, v_, cu_q, cu_k, causal=causal, scale=scale, return_lse=True)
+            return flash_varlen_reference(q_, k_, v_, cq, ck, causal=causal, scale=scale, return_lse=True)
 
         (o, l), vjp = func_vjp(f, q, k, v)
         cot = (dout.to(o.dtype), dlse.to(l.dtype) if dlse is not None else torch.zeros_like(l))

@@ -7,7 +7,7 @@ import torch
 import attnlib
 from attnlib.inputs import to_bhsd
 from attnlib.reference import block_sparse_reference, flash_reference, sla_block_classes, sla_reference
-from attnlib.reference.sla import sla_block_counts
+from attnlib.reference.sla import _causal_block_structure, _eligible_counts, sla_block_counts
 from attnlib.testing import assert_verbose_allclose, make_qkv
 
 ATOL64, ATOL32 = 1e-12, 2e-6
@@ -235,3 +235,16 @@ def test_attention_api_backward_matches_reference():
     for name, ga, gr in zip("qkvwb", grads, grads_ref):
         # dW, db sum 40 rows of entries ~10 in float32: a few ulps of that (was flaky at 1e-6)
         assert_verbose_allclose(ga, gr, atol=ATOL32, rtol=1e-5, name=f"d{name}")
+
+
+def test_eligible_counts_from_shapes_equal_the_causal_structure():
+    """The classification counts each row's eligible blocks from the shapes (no host read of a
+    tensor inside torch.func); it must equal the fully-visible mask's row sums, for every length
+    relation (Sq < Sk, Sq > Sk, ragged last blocks, empty sequences)."""
+    for bq, bk in ((64, 64), (128, 64), (16, 32), (32, 16)):
+        for sq in (0, 1, 15, 16, 17, 63, 64, 65, 130, 200):
+            for sk in (0, 1, 15, 16, 17, 63, 64, 65, 130, 200):
+                full, _ = _causal_block_structure(sq, sk, (bq, bk), "cpu")
+                assert _eligible_counts(sq, sk, (bq, bk), True) == full.sum(-1).tolist(), (bq, bk, sq, sk)
+                mk = full.shape[1]
+                assert _eligible_counts(sq, sk, (bq, bk), False) == [mk] * full.shape[0]

@@ -62,6 +62,24 @@ def _causal_block_structure(seq_q: int, seq_k: int, block_size: tuple[int, int],
     return full, some & ~full
 
 
+def _eligible_counts(seq_q: int, seq_k: int, block_size: tuple[int, int], causal: bool) -> list[int]:
+    """Per query-block row, how many key blocks are eligible (fully visible under the bottom-right
+    causal mask; all of them without it): _causal_block_structure's first mask summed over a row,
+    computed from the shapes alone, so no tensor is read on the host (torch 2.8's functorch refuses
+    .tolist() inside the vjp that recomputes the reference)."""
+    bq, bk = block_size
+    mq, mk = num_blocks(seq_q, bq), num_blocks(seq_k, bk)
+    if not causal:
+        return [mk] * mq
+    counts = []
+    for i in range(mq):
+        # key block j is fully visible iff its last key, min((j+1) bk, Sk) - 1, is at most the
+        # block's first query position plus Sk - Sq
+        reach = i * bq + seq_k - seq_q + 1
+        counts.append(mk if reach >= seq_k else max(0, reach // bk))
+    return counts
+
+
 @torch.no_grad()
 def sla_block_classes(q: torch.Tensor, k: torch.Tensor, *, critical: float = 0.05, negligible: float = 0.10,
                       block_size: tuple[int, int] = (64, 64), scale: float | None = None,
@@ -95,8 +113,9 @@ def sla_block_classes(q: torch.Tensor, k: torch.Tensor, *, critical: float = 0.0
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(mk, device=q.device).expand_as(order).contiguous())
 
-    n = eligible.sum(dim=-1)  # (Mq,)
-    counts = [sla_block_counts(int(x), critical, negligible) for x in n.tolist()]
+    row_counts = _eligible_counts(sq, sk, block_size, causal)  # eligible.sum(-1), from the shapes
+    n = torch.tensor(row_counts, dtype=torch.long, device=q.device)  # (Mq,)
+    counts = [sla_block_counts(x, critical, negligible) for x in row_counts]
     n_crit = torch.tensor([c for c, _ in counts], device=q.device)[:, None]
     n_neg = torch.tensor([g for _, g in counts], device=q.device)[:, None]
     is_crit = eligible & (rank < n_crit)
