@@ -45,7 +45,7 @@ def check_dense(name: str, x: torch.Tensor) -> torch.Tensor:
         kind = "nested" if x.is_nested else str(x.layout)
         raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor: call .to_dense() "
                         "(or torch.nested.to_padded_tensor; flash_attention_varlen takes packed sequences)")
-    if type(x) is not torch.Tensor and is_dtensor(x):
+    if is_dtensor(x):
         raise TypeError(f"{name} is a DTensor (placements {tuple(x.placements)}): attnlib's op has no sharding "
                         "rules; pass each rank's local tensor (.to_local(): attention sharded over batch or "
                         "heads is local), or use attnlib.ulysses_attention / ring_attention for sequence "
@@ -54,6 +54,9 @@ def check_dense(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def is_dtensor(x: Any) -> bool:
+    """Whether x is a DTensor (a plain tensor costs a type comparison)."""
+    if type(x) is torch.Tensor:
+        return False
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch built without distributed

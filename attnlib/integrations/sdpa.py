@@ -161,8 +161,8 @@ def _overriding_subclass(ts) -> bool:
 
 
 def _distributed_tensor(ts) -> bool:
-    """Whether a tensor of ts is a DTensor (plain tensors cost a type comparison)."""
-    return any(type(t) is not torch.Tensor and is_dtensor(t) for t in ts)
+    """Whether a tensor of ts is a DTensor."""
+    return any(is_dtensor(t) for t in ts)
 
 
 def _overriding_function_mode() -> bool:

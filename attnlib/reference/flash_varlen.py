@@ -33,8 +33,8 @@ def flash_varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
                            cu_seqlens_k: torch.Tensor, *, causal: bool = False, scale: float | None = None,
                            return_lse: bool = False):
     """q (total_q, Hq, D), k/v (total_k, Hkv, D[v]); sequence b is rows cu[b]:cu[b+1] (cu_seqlens
-    as int tensors or lists); a sequence with no keys gives 0 and -inf. Output (total_q, Hq, Dv) in q's dtype; lse (Hq, total_q),
-    float32 (float64 for float64)."""
+    as int tensors or lists); a sequence with no keys gives 0 and -inf. Output (total_q, Hq, Dv)
+    in q's dtype; lse (Hq, total_q), float32 (float64 for float64)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if len(cu_seqlens_q) < 2:  # no sequence
         out = q.new_zeros(0, q.shape[1], v.shape[2])
